@@ -1,0 +1,51 @@
+//! `walkabout`: the command line. Every subcommand is a thin shell over a crate.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+/// Live migration, failover and placement for QEMU virtual machines.
+#[derive(Parser)]
+#[command(name = "walkabout", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the host daemon that owns this host's VMs.
+    Agent(cli::agent::AgentArgs),
+    /// Create, inspect and control VMs on an agent.
+    #[command(subcommand)]
+    Vm(cli::vm::VmCommand),
+    /// Build and inspect the guest image (kernel + initramfs).
+    #[command(subcommand)]
+    Image(cli::image::ImageCommand),
+    /// Plan a safe order of migrations from a current to a target placement (offline).
+    Plan(cli::plan::PlanArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WALKABOUT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Agent(a) => cli::agent::run(a),
+        Command::Vm(c) => cli::vm::run(c),
+        Command::Image(c) => cli::image::run(c),
+        Command::Plan(a) => cli::plan::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("walkabout: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
