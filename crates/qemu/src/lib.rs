@@ -1,1 +1,17 @@
-//! placeholder
+//! QEMU underneath Walkabout: a typed async QMP client, the QEMU process of one VM, the
+//! version gate and the accelerator choice.
+//!
+//! This crate knows nothing of clusters or agents: it starts, watches and talks to one
+//! QEMU at a time.
+
+pub mod accel;
+pub mod error;
+pub mod process;
+pub mod qmp;
+pub mod version;
+
+pub use accel::{Accel, AccelChoice};
+pub use error::{QemuError, QmpError};
+pub use process::{QemuConfig, QemuProcess};
+pub use qmp::{Event, Qmp};
+pub use version::QemuVersion;

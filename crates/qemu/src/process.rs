@@ -1,0 +1,271 @@
+//! The QEMU process of one VM: its command line, start, re-attach after an agent
+//! restart, and stop.
+//!
+//! QEMU runs daemonized (`-daemonize -pidfile`) so it outlives the agent that started it:
+//! an agent restart must not take its VMs down. Every file of the VM (QMP socket, serial
+//! console log, pid file) lives in the VM's run directory, so a restarted agent finds
+//! them again from its database.
+
+use crate::{Accel, QemuError};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Longest path a Unix socket address can hold (108 bytes with the terminating NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// Everything needed to start the QEMU of one VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QemuConfig {
+    /// The QEMU binary (`qemu-system-x86_64` or a path).
+    pub binary: String,
+    /// The VM's name (shown in `ps` and QMP).
+    pub name: String,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// QEMU CPU model (`qemu64`, `Skylake-Server`, `max`, ...).
+    pub cpu_model: String,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Kernel image (bzImage).
+    pub kernel: PathBuf,
+    /// Initramfs, if any.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Directory holding the VM's QMP socket, console log and pid file.
+    pub run_dir: PathBuf,
+    /// `-incoming` URI when this QEMU is a migration destination (e.g. `defer`).
+    #[serde(default)]
+    pub incoming: Option<String>,
+}
+
+impl QemuConfig {
+    /// Path of the QMP socket.
+    pub fn qmp_path(&self) -> PathBuf {
+        self.run_dir.join("qmp.sock")
+    }
+    /// Path of the serial console log.
+    pub fn console_path(&self) -> PathBuf {
+        self.run_dir.join("console.log")
+    }
+    /// Path of the pid file.
+    pub fn pid_path(&self) -> PathBuf {
+        self.run_dir.join("qemu.pid")
+    }
+
+    /// The QEMU command line (without the binary).
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            self.name.clone(),
+            "-machine".into(),
+            "q35".into(),
+            "-accel".into(),
+            match self.accel {
+                Accel::Kvm => "kvm".into(),
+                // Bounded translation cache: many small guests share a host.
+                Accel::Tcg => "tcg,tb-size=128".into(),
+            },
+            "-cpu".into(),
+            self.cpu_model.clone(),
+            "-m".into(),
+            format!("{}M", self.memory_mib),
+            "-smp".into(),
+            self.vcpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-kernel".into(),
+            self.kernel.display().to_string(),
+            "-append".into(),
+            self.cmdline.clone(),
+            "-serial".into(),
+            format!("file:{}", self.console_path().display()),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", self.qmp_path().display()),
+            "-pidfile".into(),
+            self.pid_path().display().to_string(),
+            "-daemonize".into(),
+        ];
+        if let Some(i) = &self.initrd {
+            a.push("-initrd".into());
+            a.push(i.display().to_string());
+        }
+        if let Some(inc) = &self.incoming {
+            a.push("-incoming".into());
+            a.push(inc.clone());
+        }
+        a
+    }
+}
+
+/// A running (daemonized) QEMU process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QemuProcess {
+    /// Its process id.
+    pub pid: i32,
+    /// Its QMP socket.
+    pub qmp_path: PathBuf,
+    /// Its serial console log.
+    pub console_path: PathBuf,
+}
+
+impl QemuProcess {
+    /// Starts QEMU for `cfg` and returns once it has daemonized (its QMP socket exists).
+    ///
+    /// Errors carry what QEMU printed, e.g. a kernel it could not load.
+    pub async fn spawn(cfg: &QemuConfig) -> Result<QemuProcess, QemuError> {
+        let qmp_path = cfg.qmp_path();
+        let len = qmp_path.as_os_str().len();
+        if len > SUN_PATH_MAX {
+            return Err(QemuError::SocketPathTooLong { path: qmp_path, len });
+        }
+        std::fs::create_dir_all(&cfg.run_dir)
+            .map_err(|e| QemuError::io(format!("creating {}", cfg.run_dir.display()), e))?;
+        for p in [cfg.qmp_path(), cfg.pid_path()] {
+            let _ = std::fs::remove_file(p);
+        }
+        tracing::debug!(vm = %cfg.name, args = ?cfg.args(), "starting QEMU");
+        let out = tokio::process::Command::new(&cfg.binary)
+            .args(cfg.args())
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(false)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(60), out)
+            .await
+            .map_err(|_| QemuError::StartFailed { vm: cfg.name.clone(), stderr: "QEMU did not daemonize within 60 s".into() })?
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    QemuError::Missing { binary: cfg.binary.clone() }
+                } else {
+                    QemuError::io(format!("running {}", cfg.binary), e)
+                }
+            })?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(QemuError::StartFailed {
+                vm: cfg.name.clone(),
+                stderr: if stderr.is_empty() { format!("QEMU exited with {}", out.status) } else { stderr },
+            });
+        }
+        let pid = read_pid(&cfg.pid_path())?;
+        Ok(QemuProcess { pid, qmp_path, console_path: cfg.console_path() })
+    }
+
+    /// Re-attaches to a QEMU that an earlier agent started, if it still runs.
+    ///
+    /// The pid alone is not trusted (pids are reused): the process must still be a QEMU
+    /// serving this QMP socket.
+    pub fn attach(pid: i32, qmp_path: &Path, console_path: &Path) -> Option<QemuProcess> {
+        let p = QemuProcess { pid, qmp_path: qmp_path.to_path_buf(), console_path: console_path.to_path_buf() };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let needle = qmp_path.display().to_string();
+        let matches = cmdline.split(|b| *b == 0).any(|arg| String::from_utf8_lossy(arg).contains(&needle));
+        (matches && p.is_alive()).then_some(p)
+    }
+
+    /// True while the process exists and is not a zombie.
+    pub fn is_alive(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
+            // Field 3, after the parenthesised command name, is the state.
+            Ok(stat) => stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')).unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    /// Waits until the process has exited, up to `timeout`. True if it exited.
+    pub async fn wait_exit(&self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while self.is_alive() {
+            if start.elapsed() > timeout {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: i32) {
+        if self.pid <= 1 {
+            return;
+        }
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours; the pid was
+        // checked above not to be 0, -1 or init, so this cannot signal a process group.
+        unsafe {
+            libc::kill(self.pid, signal);
+        }
+    }
+
+    /// Stops the process: SIGTERM, then SIGKILL if it is still there after `grace`.
+    pub async fn kill(&self, grace: Duration) {
+        if !self.is_alive() {
+            return;
+        }
+        self.signal(libc::SIGTERM);
+        if !self.wait_exit(grace).await {
+            self.signal(libc::SIGKILL);
+            self.wait_exit(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+fn read_pid(path: &Path) -> Result<i32, QemuError> {
+    let text = std::fs::read_to_string(path).map_err(|e| QemuError::io(format!("reading {}", path.display()), e))?;
+    text.trim().parse().map_err(|_| {
+        QemuError::io(
+            format!("reading {}", path.display()),
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not a pid: {text:?}")),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> QemuConfig {
+        QemuConfig {
+            binary: "qemu-system-x86_64".into(),
+            name: "vm1".into(),
+            memory_mib: 512,
+            vcpus: 2,
+            cpu_model: "qemu64".into(),
+            accel: Accel::Tcg,
+            kernel: "/k".into(),
+            initrd: Some("/i".into()),
+            cmdline: "console=ttyS0".into(),
+            run_dir: "/run/wa/vm1".into(),
+            incoming: Some("defer".into()),
+        }
+    }
+
+    #[test]
+    fn command_line_names_every_file_in_the_run_dir() {
+        let a = cfg().args().join(" ");
+        assert!(a.contains("-qmp unix:/run/wa/vm1/qmp.sock,server=on,wait=off"), "{a}");
+        assert!(a.contains("-serial file:/run/wa/vm1/console.log"), "{a}");
+        assert!(a.contains("-pidfile /run/wa/vm1/qemu.pid -daemonize"), "{a}");
+        assert!(a.contains("-m 512M -smp 2"), "{a}");
+        assert!(a.contains("-incoming defer"), "{a}");
+    }
+
+    #[tokio::test]
+    async fn socket_path_too_long_is_refused_before_starting() {
+        let mut c = cfg();
+        c.run_dir = PathBuf::from(format!("/tmp/{}", "x".repeat(120)));
+        let err = QemuProcess::spawn(&c).await.expect_err("too long");
+        assert!(matches!(err, QemuError::SocketPathTooLong { .. }), "{err}");
+    }
+
+    #[test]
+    fn attach_refuses_a_pid_that_is_not_our_qemu() {
+        let me = std::process::id() as i32;
+        assert!(QemuProcess::attach(me, Path::new("/nonexistent/qmp.sock"), Path::new("/x")).is_none());
+    }
+}
