@@ -115,8 +115,18 @@ pub async fn choose(binary: &str, request: AccelRequest, work_dir: &Path) -> Res
                 });
             };
             let limit = (tcg * 4).max(Duration::from_secs(2));
-            let kvm = run_calibration(binary, "kvm", &img, work_dir, limit).await?;
             let tcg_ms = Some(ms(tcg));
+            let kvm = match run_calibration(binary, "kvm", &img, work_dir, limit).await {
+                Ok(k) => k,
+                Err(e) => {
+                    return Ok(AccelChoice {
+                        accel: Accel::Tcg,
+                        reason: format!("auto: KVM could not run the calibration ({e}), so TCG"),
+                        tcg_ms,
+                        kvm_ms: None,
+                    })
+                }
+            };
             Ok(match kvm {
                 Some(k) if k <= tcg => AccelChoice {
                     accel: Accel::Kvm,
@@ -168,12 +178,12 @@ async fn run_calibration(
     let mut child = tokio::process::Command::new(binary)
         .args(["-accel", accel, "-nodefaults", "-no-user-config", "-display", "none", "-m", "16"])
         .arg("-drive")
-        .arg(format!("file={},format=raw,if=ide,readonly=on", img.display()))
+        .arg(format!("file={},format=raw,if=ide", img.display()))
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| {
@@ -190,8 +200,16 @@ async fn run_calibration(
         if start.elapsed() > limit {
             break None;
         }
-        if let Ok(Some(_)) = child.try_wait() {
-            break None;
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = e.read_to_string(&mut err).await;
+            }
+            return Err(QemuError::AccelUnusable {
+                accel: accel.into(),
+                reason: format!("QEMU exited ({status}) during calibration: {}", err.trim()),
+            });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };

@@ -10,7 +10,7 @@ pub mod process;
 pub mod qmp;
 pub mod version;
 
-pub use accel::{Accel, AccelChoice};
+pub use accel::{Accel, AccelChoice, AccelRequest};
 pub use error::{QemuError, QmpError};
 pub use process::{QemuConfig, QemuProcess};
 pub use qmp::{Event, Qmp};

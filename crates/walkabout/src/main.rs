@@ -19,6 +19,9 @@ enum Command {
     /// Create, inspect and control VMs on an agent.
     #[command(subcommand)]
     Vm(cli::vm::VmCommand),
+    /// Show what a host offers.
+    #[command(subcommand)]
+    Host(cli::host::HostCommand),
     /// Build and inspect the guest image (kernel + initramfs).
     #[command(subcommand)]
     Image(cli::image::ImageCommand),
@@ -38,6 +41,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Agent(a) => cli::agent::run(a),
         Command::Vm(c) => cli::vm::run(c),
+        Command::Host(c) => cli::host::run(c),
         Command::Image(c) => cli::image::run(c),
         Command::Plan(a) => cli::plan::run(a),
     };

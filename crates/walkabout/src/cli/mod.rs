@@ -1,6 +1,8 @@
 //! One module per subcommand group.
 
 pub mod agent;
+pub mod client;
+pub mod host;
 pub mod image;
 pub mod plan;
 pub mod vm;

@@ -1,0 +1,94 @@
+//! Errors of the agent, each naming the VM and the cause, and the HTTP status each maps to.
+
+use crate::spec::VmState;
+use crate::store::StoreError;
+use walkabout_qemu::QemuError;
+
+/// Errors of agent operations.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// No VM of that name on this agent.
+    #[error("no VM named `{vm}` on this agent")]
+    NotFound {
+        /// The VM name.
+        vm: String,
+    },
+    /// A VM of that name exists already.
+    #[error("a VM named `{vm}` already exists on this agent")]
+    Duplicate {
+        /// The VM name.
+        vm: String,
+    },
+    /// Not enough free memory for the VM.
+    #[error("cannot start `{vm}`: it needs {need_mib} MiB but this host has {free_mib} MiB free ({capacity_mib} MiB capacity, {used_mib} MiB given to other VMs)")]
+    InsufficientMemory {
+        /// The VM name.
+        vm: String,
+        /// Memory it needs.
+        need_mib: u64,
+        /// Memory free for VMs.
+        free_mib: u64,
+        /// The host's capacity for VMs.
+        capacity_mib: u64,
+        /// Memory used by active VMs.
+        used_mib: u64,
+    },
+    /// The spec is invalid.
+    #[error("invalid spec for VM `{vm}`: {reason}")]
+    InvalidSpec {
+        /// The VM name.
+        vm: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The operation does not apply in the VM's current state.
+    #[error("cannot {op} VM `{vm}`: it is {state:?}")]
+    InvalidState {
+        /// The VM name.
+        vm: String,
+        /// The operation.
+        op: &'static str,
+        /// Its state.
+        state: VmState,
+    },
+    /// QEMU failed for this VM.
+    #[error("VM `{vm}`: {source}")]
+    Qemu {
+        /// The VM name.
+        vm: String,
+        /// What failed.
+        source: QemuError,
+    },
+    /// The agent's database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl AgentError {
+    /// The HTTP status this error is served with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            AgentError::NotFound { .. } => 404,
+            AgentError::Duplicate { .. } | AgentError::InvalidState { .. } | AgentError::InsufficientMemory { .. } => 409,
+            AgentError::InvalidSpec { .. } => 422,
+            AgentError::Qemu { .. } | AgentError::Store(_) => 500,
+        }
+    }
+
+    /// A short machine-readable kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentError::NotFound { .. } => "not_found",
+            AgentError::Duplicate { .. } => "duplicate",
+            AgentError::InsufficientMemory { .. } => "insufficient_memory",
+            AgentError::InvalidSpec { .. } => "invalid_spec",
+            AgentError::InvalidState { .. } => "invalid_state",
+            AgentError::Qemu { .. } => "qemu",
+            AgentError::Store(_) => "store",
+        }
+    }
+
+    pub(crate) fn qemu(vm: &str) -> impl FnOnce(QemuError) -> AgentError + '_ {
+        move |source| AgentError::Qemu { vm: vm.to_string(), source }
+    }
+}

@@ -1,0 +1,572 @@
+//! The VMs of this host: create, pause, resume, stop, delete, re-attach, and the watch
+//! that notices a QEMU that exited on its own.
+//!
+//! Locking: the table (a std mutex, never held across an await) maps names to per-VM
+//! async mutexes and holds the memory given to each active VM, so the capacity check and
+//! the name reservation of `create` are one atomic step. Slow work (starting QEMU, QMP
+//! calls) happens under the VM's own lock only, so one slow VM never blocks the others.
+
+use crate::console::GuestStatus;
+use crate::error::AgentError;
+use crate::host::{self, HostInfo};
+use crate::spec::{VmRecord, VmSpec, VmState, RECORD_VERSION};
+use crate::store::Store;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use walkabout_qemu::{AccelChoice, AccelRequest, QemuConfig, QemuProcess, QemuVersion, Qmp};
+
+/// How the agent is set up.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Directory for the database and the VMs' run directories.
+    pub data_dir: PathBuf,
+    /// QEMU binary.
+    pub qemu_binary: String,
+    /// Accelerator request (`auto` measures).
+    pub accel: AccelRequest,
+    /// Memory VMs may use, in MiB; default: physical memory minus `reserve_mib`.
+    pub capacity_mib: Option<u64>,
+    /// Memory kept for the host when the capacity is derived.
+    pub reserve_mib: u64,
+    /// Default kernel for VMs that name none; default: the Walkabout guest image.
+    pub kernel: Option<PathBuf>,
+    /// Default initramfs, with `kernel`.
+    pub initrd: Option<PathBuf>,
+    /// Cache directory of the guest image.
+    pub image_cache: Option<PathBuf>,
+}
+
+impl AgentConfig {
+    /// A config with defaults for everything but the data directory.
+    pub fn new(data_dir: PathBuf) -> AgentConfig {
+        AgentConfig {
+            data_dir,
+            qemu_binary: "qemu-system-x86_64".into(),
+            accel: AccelRequest::Auto,
+            capacity_mib: None,
+            reserve_mib: 1024,
+            kernel: None,
+            initrd: None,
+            image_cache: None,
+        }
+    }
+}
+
+/// Errors while starting the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// QEMU is missing, too old, or the accelerator is unusable.
+    #[error(transparent)]
+    Qemu(#[from] walkabout_qemu::QemuError),
+    /// The database could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The guest image could not be built.
+    #[error("cannot build the default guest image: {0}")]
+    Image(String),
+    /// The data directory is unusable.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// A VM as the API reports it: its record and what its guest says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// The stored record.
+    #[serde(flatten)]
+    pub record: VmRecord,
+    /// The guest's status from its console.
+    pub guest: GuestStatus,
+}
+
+/// A slice of a VM's serial console.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConsoleChunk {
+    /// Byte offset the text starts at.
+    pub offset: u64,
+    /// Offset to ask for next.
+    pub next: u64,
+    /// The text (lossily decoded).
+    pub text: String,
+}
+
+struct Vm {
+    record: VmRecord,
+    process: Option<QemuProcess>,
+    qmp: Option<Qmp>,
+}
+
+#[derive(Default)]
+struct Table {
+    vms: BTreeMap<String, Arc<tokio::sync::Mutex<Vm>>>,
+    /// Memory given to each active VM.
+    active_mib: BTreeMap<String, u64>,
+}
+
+struct Inner {
+    config: AgentConfig,
+    store: Store,
+    accel: AccelChoice,
+    qemu: QemuVersion,
+    capacity_mib: u64,
+    default_kernel: Option<PathBuf>,
+    default_initrd: Option<PathBuf>,
+    table: Mutex<Table>,
+}
+
+/// The agent: owns the VMs of one host. Cheap to clone.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The table stays consistent across a panic elsewhere: every update is one statement.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && name.len() <= 63
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Agent {
+    /// Starts the agent: checks QEMU, picks the accelerator, opens the database, finds
+    /// the default guest image and re-attaches to VMs that kept running.
+    pub async fn start(config: AgentConfig) -> Result<Agent, StartError> {
+        std::fs::create_dir_all(config.data_dir.join("vms"))
+            .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
+        let data_dir = std::fs::canonicalize(&config.data_dir)
+            .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
+        let config = AgentConfig { data_dir, ..config };
+        let qemu = QemuVersion::check(&config.qemu_binary)?;
+        let store = Store::open(&config.data_dir.join("agent.redb"))?;
+        let accel = walkabout_qemu::accel::choose(&config.qemu_binary, config.accel, &config.data_dir.join("calibrate")).await?;
+        tracing::info!(accel = %accel.accel, reason = %accel.reason, qemu = %qemu, "agent starting");
+        let (default_kernel, default_initrd) = match &config.kernel {
+            Some(k) => (Some(k.clone()), config.initrd.clone()),
+            None => {
+                let cache = config.image_cache.clone().unwrap_or_else(walkabout_image::default_cache_dir);
+                let img = tokio::task::spawn_blocking(move || walkabout_image::build(&cache))
+                    .await
+                    .map_err(|e| StartError::Image(e.to_string()))?
+                    .map_err(|e| StartError::Image(e.to_string()))?;
+                (Some(img.kernel), Some(img.initrd))
+            }
+        };
+        let total = host::meminfo_mib("MemTotal").unwrap_or(0);
+        let capacity_mib = config.capacity_mib.unwrap_or(total.saturating_sub(config.reserve_mib));
+        let agent = Agent {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                accel,
+                qemu,
+                capacity_mib,
+                default_kernel,
+                default_initrd,
+                table: Mutex::default(),
+            }),
+        };
+        agent.reattach().await?;
+        Ok(agent)
+    }
+
+    /// The host's resources and setup.
+    pub fn host_info(&self) -> HostInfo {
+        let i = &self.inner;
+        let t = lock(&i.table);
+        let used: u64 = t.active_mib.values().sum();
+        HostInfo {
+            hostname: host::hostname(),
+            cpu_model: host::cpu_model_name(),
+            cpus: host::cpus(),
+            memory_total_mib: host::meminfo_mib("MemTotal").unwrap_or(0),
+            capacity_mib: i.capacity_mib,
+            used_mib: used,
+            free_mib: i.capacity_mib.saturating_sub(used),
+            vms: t.active_mib.len(),
+            accel: i.accel.clone(),
+            qemu: i.qemu.clone(),
+        }
+    }
+
+    fn vm(&self, name: &str) -> Result<Arc<tokio::sync::Mutex<Vm>>, AgentError> {
+        lock(&self.inner.table).vms.get(name).cloned().ok_or_else(|| AgentError::NotFound { vm: name.into() })
+    }
+
+    fn set_active(&self, name: &str, mib: Option<u64>) {
+        let mut t = lock(&self.inner.table);
+        match mib {
+            Some(m) => t.active_mib.insert(name.to_string(), m),
+            None => t.active_mib.remove(name),
+        };
+    }
+
+    fn validate(&self, spec: &VmSpec) -> Result<(), AgentError> {
+        let bad = |reason: String| AgentError::InvalidSpec { vm: spec.name.clone(), reason };
+        if !valid_name(&spec.name) {
+            return Err(bad(format!(
+                "name {:?} must be 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit",
+                spec.name
+            )));
+        }
+        if spec.memory_mib < 64 {
+            return Err(bad(format!("memory {} MiB is below the 64 MiB minimum", spec.memory_mib)));
+        }
+        if spec.vcpus == 0 || spec.vcpus > 255 {
+            return Err(bad(format!("vcpus {} must be between 1 and 255", spec.vcpus)));
+        }
+        spec.workload.parse::<walkabout_guest::workload::Workload>().map_err(|e| bad(e.to_string()))?;
+        let (kernel, initrd) = self.boot_files(spec);
+        let kernel = kernel.ok_or_else(|| bad("no kernel given and the agent has no default".into()))?;
+        walkabout_image::check_kernel(&kernel).map_err(|e| bad(e.to_string()))?;
+        if let Some(i) = initrd {
+            walkabout_image::check_initrd(&i).map_err(|e| bad(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn boot_files(&self, spec: &VmSpec) -> (Option<PathBuf>, Option<PathBuf>) {
+        match &spec.kernel {
+            Some(k) => (Some(k.clone()), spec.initrd.clone()),
+            None => (self.inner.default_kernel.clone(), spec.initrd.clone().or(self.inner.default_initrd.clone())),
+        }
+    }
+
+    fn qemu_config(&self, rec: &VmRecord) -> QemuConfig {
+        let (kernel, initrd) = self.boot_files(&rec.spec);
+        // The spec was validated at create; a stored spec that no longer parses runs idle.
+        let workload = rec.spec.workload.parse().unwrap_or(walkabout_guest::workload::Workload::Idle);
+        let mut cmdline = walkabout_image::cmdline(&workload);
+        if let Some(extra) = &rec.spec.cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        QemuConfig {
+            binary: self.inner.config.qemu_binary.clone(),
+            name: rec.spec.name.clone(),
+            memory_mib: rec.spec.memory_mib,
+            vcpus: rec.spec.vcpus,
+            cpu_model: rec.spec.cpu_model().to_string(),
+            accel: rec.accel,
+            kernel: kernel.unwrap_or_default(),
+            initrd,
+            cmdline,
+            run_dir: rec.run_dir.clone(),
+            incoming: None,
+        }
+    }
+
+    /// Creates and starts a VM. Returns once QEMU runs (the guest may still be booting).
+    pub async fn create(&self, spec: VmSpec) -> Result<VmInfo, AgentError> {
+        self.validate(&spec)?;
+        let name = spec.name.clone();
+        let rec = VmRecord {
+            version: RECORD_VERSION,
+            run_dir: self.inner.config.data_dir.join("vms").join(&name),
+            spec,
+            state: VmState::Starting,
+            reason: None,
+            accel: self.inner.accel.accel,
+            pid: None,
+            created_at_ms: now_ms(),
+        };
+        let vm = Arc::new(tokio::sync::Mutex::new(Vm { record: rec.clone(), process: None, qmp: None }));
+        // Reserve the name and the memory in one step.
+        {
+            let mut t = lock(&self.inner.table);
+            if t.vms.contains_key(&name) {
+                return Err(AgentError::Duplicate { vm: name });
+            }
+            let used: u64 = t.active_mib.values().sum();
+            let free = self.inner.capacity_mib.saturating_sub(used);
+            if rec.spec.memory_mib > free {
+                return Err(AgentError::InsufficientMemory {
+                    vm: name,
+                    need_mib: rec.spec.memory_mib,
+                    free_mib: free,
+                    capacity_mib: self.inner.capacity_mib,
+                    used_mib: used,
+                });
+            }
+            t.vms.insert(name.clone(), vm.clone());
+            t.active_mib.insert(name.clone(), rec.spec.memory_mib);
+        }
+        let mut guard = vm.lock().await;
+        if let Err(e) = self.boot(&mut guard).await {
+            let mut t = lock(&self.inner.table);
+            t.vms.remove(&name);
+            t.active_mib.remove(&name);
+            let _ = std::fs::remove_dir_all(&guard.record.run_dir);
+            return Err(e);
+        }
+        self.inner.store.put(&guard.record)?;
+        tracing::info!(vm = %name, pid = ?guard.record.pid, "VM started");
+        Ok(self.info_of(&guard))
+    }
+
+    /// Starts QEMU for the VM and connects to it; on failure nothing is left running.
+    async fn boot(&self, vm: &mut Vm) -> Result<(), AgentError> {
+        let name = vm.record.spec.name.clone();
+        let cfg = self.qemu_config(&vm.record);
+        let _ = std::fs::remove_file(cfg.console_path());
+        let process = QemuProcess::spawn(&cfg).await.map_err(AgentError::qemu(&name))?;
+        let qmp = match Qmp::connect(&process.qmp_path, walkabout_qemu::qmp::DEFAULT_TIMEOUT).await {
+            Ok(q) => q,
+            Err(e) => {
+                process.kill(Duration::from_secs(2)).await;
+                return Err(AgentError::Qemu { vm: name, source: e.into() });
+            }
+        };
+        vm.record.pid = Some(process.pid);
+        vm.record.state = VmState::Running;
+        vm.record.reason = None;
+        self.watch(&name, qmp.clone(), process.clone());
+        vm.process = Some(process);
+        vm.qmp = Some(qmp);
+        Ok(())
+    }
+
+    /// Watches a VM's QMP connection; when it closes without the agent asking, the VM is
+    /// marked stopped with the reason QEMU gave.
+    fn watch(&self, name: &str, qmp: Qmp, process: QemuProcess) {
+        let agent = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let mut events = qmp.events();
+            let mut shutdown_reason: Option<String> = None;
+            loop {
+                tokio::select! {
+                    ev = events.recv() => {
+                        if let Ok(ev) = ev {
+                            if ev.event == "SHUTDOWN" {
+                                shutdown_reason = ev.data.get("reason").and_then(|r| r.as_str()).map(String::from);
+                            }
+                        }
+                    }
+                    _ = qmp.closed() => break,
+                }
+            }
+            process.wait_exit(Duration::from_secs(5)).await;
+            let Ok(vm) = agent.vm(&name) else { return };
+            let mut vm = vm.lock().await;
+            // Only the QEMU this watch was started for; a stop by the agent has already
+            // recorded its own reason.
+            if vm.record.pid != Some(process.pid) || !vm.record.state.is_active() {
+                return;
+            }
+            let why = match shutdown_reason.as_deref() {
+                Some("guest-panic") => "the guest kernel panicked".to_string(),
+                Some(r) => format!("QEMU shut down on its own ({r})"),
+                None => "QEMU exited on its own".to_string(),
+            };
+            tracing::warn!(vm = %name, reason = %why, "VM stopped");
+            vm.record.state = VmState::Stopped;
+            vm.record.reason = Some(why);
+            vm.record.pid = None;
+            vm.process = None;
+            vm.qmp = None;
+            agent.set_active(&name, None);
+            if let Err(e) = agent.inner.store.put(&vm.record) {
+                tracing::error!(vm = %name, error = %e, "cannot record VM stop");
+            }
+        });
+    }
+
+    /// Finds the VMs of an earlier run of this agent and re-attaches to those whose QEMU
+    /// still runs.
+    async fn reattach(&self) -> Result<(), StartError> {
+        for mut rec in self.inner.store.list()? {
+            let name = rec.spec.name.clone();
+            let mut vm = Vm { record: rec.clone(), process: None, qmp: None };
+            if rec.state.is_active() {
+                let cfg = self.qemu_config(&rec);
+                let attached = match rec.pid.and_then(|pid| QemuProcess::attach(pid, &cfg.qmp_path(), &cfg.console_path())) {
+                    Some(p) => match Qmp::connect(&p.qmp_path, walkabout_qemu::qmp::DEFAULT_TIMEOUT).await {
+                        Ok(q) => Some((p, q)),
+                        Err(e) => {
+                            tracing::warn!(vm = %name, error = %e, "QEMU runs but its QMP does not answer; stopping it");
+                            p.kill(Duration::from_secs(2)).await;
+                            None
+                        }
+                    },
+                    None => None,
+                };
+                match attached {
+                    Some((p, q)) => {
+                        rec.state = match q.query_status().await {
+                            Ok(s) if s.running => VmState::Running,
+                            Ok(_) => VmState::Paused,
+                            Err(_) => rec.state,
+                        };
+                        tracing::info!(vm = %name, pid = p.pid, state = ?rec.state, "re-attached to running VM");
+                        self.watch(&name, q.clone(), p.clone());
+                        vm.process = Some(p);
+                        vm.qmp = Some(q);
+                        self.set_active(&name, Some(rec.spec.memory_mib));
+                    }
+                    None => {
+                        tracing::warn!(vm = %name, "VM's QEMU exited while the agent was down");
+                        rec.state = VmState::Stopped;
+                        rec.reason = Some("QEMU exited while the agent was down".into());
+                        rec.pid = None;
+                    }
+                }
+                self.inner.store.put(&rec)?;
+                vm.record = rec;
+            }
+            lock(&self.inner.table).vms.insert(name, Arc::new(tokio::sync::Mutex::new(vm)));
+        }
+        Ok(())
+    }
+
+    fn info_of(&self, vm: &Vm) -> VmInfo {
+        let log = std::fs::read(vm.record.run_dir.join("console.log")).unwrap_or_default();
+        VmInfo { record: vm.record.clone(), guest: GuestStatus::parse(&String::from_utf8_lossy(&log)) }
+    }
+
+    /// One VM.
+    pub async fn get(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let vm = self.vm(name)?;
+        let vm = vm.lock().await;
+        Ok(self.info_of(&vm))
+    }
+
+    /// All VMs, by name.
+    pub async fn list(&self) -> Vec<VmInfo> {
+        let vms: Vec<_> = lock(&self.inner.table).vms.values().cloned().collect();
+        let mut out = Vec::with_capacity(vms.len());
+        for vm in vms {
+            out.push(self.info_of(&*vm.lock().await));
+        }
+        out
+    }
+
+    /// Pauses a running VM's vCPUs.
+    pub async fn pause(&self, name: &str) -> Result<VmInfo, AgentError> {
+        self.transition(name, "pause", VmState::Running, VmState::Paused).await
+    }
+
+    /// Resumes a paused VM.
+    pub async fn resume(&self, name: &str) -> Result<VmInfo, AgentError> {
+        self.transition(name, "resume", VmState::Paused, VmState::Running).await
+    }
+
+    async fn transition(&self, name: &str, op: &'static str, from: VmState, to: VmState) -> Result<VmInfo, AgentError> {
+        let vm = self.vm(name)?;
+        let mut vm = vm.lock().await;
+        if vm.record.state != from {
+            return Err(AgentError::InvalidState { vm: name.into(), op, state: vm.record.state });
+        }
+        let qmp = vm.qmp.clone().ok_or(AgentError::InvalidState { vm: name.into(), op, state: vm.record.state })?;
+        let r = if to == VmState::Paused { qmp.stop().await } else { qmp.cont().await };
+        r.map_err(|e| AgentError::Qemu { vm: name.into(), source: e.into() })?;
+        vm.record.state = to;
+        self.inner.store.put(&vm.record)?;
+        Ok(self.info_of(&vm))
+    }
+
+    /// Stops a VM: its QEMU exits; the record stays.
+    pub async fn stop(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let vm = self.vm(name)?;
+        let mut vm = vm.lock().await;
+        if !vm.record.state.is_active() {
+            return Err(AgentError::InvalidState { vm: name.into(), op: "stop", state: vm.record.state });
+        }
+        self.halt(&mut vm, "stopped by the user").await?;
+        Ok(self.info_of(&vm))
+    }
+
+    async fn halt(&self, vm: &mut Vm, reason: &str) -> Result<(), AgentError> {
+        let name = vm.record.spec.name.clone();
+        vm.record.state = VmState::Stopped;
+        vm.record.reason = Some(reason.into());
+        vm.record.pid = None;
+        if let Some(q) = vm.qmp.take() {
+            let _ = q.quit().await;
+        }
+        if let Some(p) = vm.process.take() {
+            if !p.wait_exit(Duration::from_secs(5)).await {
+                p.kill(Duration::from_secs(2)).await;
+            }
+        }
+        self.set_active(&name, None);
+        self.inner.store.put(&vm.record)?;
+        tracing::info!(vm = %name, reason, "VM stopped");
+        Ok(())
+    }
+
+    /// Deletes a VM, stopping it first if it runs.
+    pub async fn delete(&self, name: &str) -> Result<(), AgentError> {
+        let vm = self.vm(name)?;
+        let mut vm = vm.lock().await;
+        if vm.record.state.is_active() {
+            self.halt(&mut vm, "deleted").await?;
+        }
+        self.inner.store.delete(name)?;
+        let _ = std::fs::remove_dir_all(&vm.record.run_dir);
+        lock(&self.inner.table).vms.remove(name);
+        Ok(())
+    }
+
+    /// Reads the VM's serial console from `offset`, at most `max` bytes.
+    pub async fn console(&self, name: &str, offset: u64, max: u64) -> Result<ConsoleChunk, AgentError> {
+        let vm = self.vm(name)?;
+        let path = vm.lock().await.record.run_dir.join("console.log");
+        Ok(read_chunk(&path, offset, max))
+    }
+}
+
+fn read_chunk(path: &Path, offset: u64, max: u64) -> ConsoleChunk {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        if f.seek(SeekFrom::Start(offset)).is_ok() {
+            let _ = f.take(max).read_to_end(&mut buf);
+        }
+    }
+    let next = offset + u64::try_from(buf.len()).unwrap_or(0);
+    ConsoleChunk { offset, next, text: String::from_utf8_lossy(&buf).into_owned() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("vm-1.a_b"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("-x"));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn console_chunks_resume_at_next() {
+        let p = std::env::temp_dir().join(format!("wa-console-{}", std::process::id()));
+        std::fs::write(&p, "hello world").expect("write");
+        let a = read_chunk(&p, 0, 5);
+        let b = read_chunk(&p, a.next, 100);
+        assert_eq!((a.text.as_str(), b.text.as_str(), b.next), ("hello", " world", 11));
+        std::fs::remove_file(&p).ok();
+    }
+}

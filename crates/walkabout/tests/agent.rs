@@ -1,0 +1,133 @@
+//! The agent runs real Linux guests under QEMU: boot, heartbeats, pause/resume, stop,
+//! re-attach after an agent restart, and clear errors for bad input.
+
+mod common;
+
+use common::{alive, AgentProc};
+use std::time::Duration;
+
+#[test]
+fn boots_guests_with_one_and_two_vcpus_that_report_their_cpus() {
+    let agent = AgentProc::start(&[]);
+    let one = agent.cli(&["vm", "create", "--name", "one", "--memory", "256M", "--vcpus", "1", "--workload", "dirty:32:16"]);
+    let two = agent.cli(&["vm", "create", "--name", "two", "--memory", "256M", "--vcpus", "2"]);
+    assert_eq!(one["guest"]["cpus"], 1, "{one}");
+    assert_eq!(two["guest"]["cpus"], 2, "{two}");
+    for name in ["one", "two"] {
+        let v = agent.wait_heartbeats(name, 20);
+        assert_eq!(v["guest"]["corrupt_pages"], 0, "{v}");
+        assert_eq!(v["guest"]["seq_breaks"], 0, "{v}");
+        assert_eq!(v["guest"]["kernel_trouble"], false, "{v}");
+        assert_eq!(v["state"], "running");
+    }
+}
+
+#[test]
+fn pause_stops_the_heartbeat_and_resume_continues_the_sequence() {
+    let agent = AgentProc::start(&[]);
+    agent.cli(&["vm", "create", "--name", "p", "--memory", "256M", "--workload", "dirty:16:8"]);
+    agent.wait_heartbeats("p", 5);
+    let paused = agent.cli(&["vm", "pause", "p"]);
+    assert_eq!(paused["state"], "paused");
+    let before = agent.info("p")["guest"]["last_seq"].as_u64().expect("seq");
+    std::thread::sleep(Duration::from_millis(1500));
+    let during = agent.info("p")["guest"]["last_seq"].as_u64().expect("seq");
+    assert_eq!(before, during, "heartbeats advanced while paused");
+    agent.cli(&["vm", "resume", "p"]);
+    let after = agent.wait_heartbeats("p", during + 10);
+    assert!(after["guest"]["last_seq"].as_u64().expect("seq") > during);
+    assert_eq!(after["guest"]["seq_breaks"], 0, "sequence broke across pause: {after}");
+    assert_eq!(after["guest"]["corrupt_pages"], 0);
+}
+
+#[test]
+fn stop_ends_the_qemu_process_and_delete_forgets_the_vm() {
+    let agent = AgentProc::start(&[]);
+    let v = agent.cli(&["vm", "create", "--name", "s", "--memory", "256M"]);
+    let pid = v["pid"].as_i64().expect("pid");
+    assert!(alive(pid));
+    let stopped = agent.cli(&["vm", "stop", "s"]);
+    assert_eq!(stopped["state"], "stopped");
+    assert!(!alive(pid), "QEMU {pid} still runs after stop");
+    agent.cli(&["vm", "delete", "s"]);
+    let err = agent.cli_fails(&["vm", "info", "s"]);
+    assert!(err.contains("no VM named `s`"), "{err}");
+}
+
+#[test]
+fn a_restarted_agent_reattaches_to_the_vm_that_kept_running() {
+    let mut agent = AgentProc::start(&[]);
+    let v = agent.cli(&["vm", "create", "--name", "r", "--memory", "256M", "--workload", "dirty:16:8"]);
+    let pid = v["pid"].as_i64().expect("pid");
+    agent.wait_heartbeats("r", 5);
+    agent.kill();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(alive(pid), "the VM died with its agent");
+    agent.spawn(&[]);
+    let v = agent.info("r");
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["pid"].as_i64(), Some(pid));
+    let seen = v["guest"]["heartbeats"].as_u64().expect("hb");
+    // The re-attached QMP works: pause and resume through it.
+    assert_eq!(agent.cli(&["vm", "pause", "r"])["state"], "paused");
+    assert_eq!(agent.cli(&["vm", "resume", "r"])["state"], "running");
+    let v = agent.wait_heartbeats("r", seen + 10);
+    assert_eq!(v["guest"]["seq_breaks"], 0, "{v}");
+    assert_eq!(v["guest"]["corrupt_pages"], 0, "{v}");
+}
+
+#[test]
+fn bad_input_gets_a_specific_error_and_other_vms_keep_running() {
+    let agent = AgentProc::start(&["--capacity", "1G"]);
+    agent.cli(&["vm", "create", "--name", "ok", "--memory", "256M"]);
+    let seq0 = agent.wait_heartbeats("ok", 3)["guest"]["last_seq"].as_u64().expect("seq");
+
+    let e = agent.cli_fails(&["vm", "info", "ghost"]);
+    assert!(e.contains("no VM named `ghost`"), "{e}");
+    let e = agent.cli_fails(&["vm", "create", "--name", "ok", "--memory", "256M"]);
+    assert!(e.contains("a VM named `ok` already exists"), "{e}");
+    let e = agent.cli_fails(&["vm", "create", "--name", "big", "--memory", "2G"]);
+    assert!(e.contains("needs 2048 MiB but this host has 768 MiB free"), "{e}");
+    let e = agent.cli_fails(&["vm", "create", "--name", "w", "--memory", "256M", "--workload", "spin:9"]);
+    assert!(e.contains("unknown workload") && e.contains("spin:9"), "{e}");
+    let notkernel = common::TempDir::new("nk");
+    let fake = notkernel.0.join("vmlinuz");
+    std::fs::write(&fake, b"this is not a kernel").expect("write");
+    let e = agent.cli_fails(&["vm", "create", "--name", "k", "--memory", "256M", "--kernel", fake.to_str().expect("utf8")]);
+    assert!(e.contains("not a Linux kernel") || e.contains("bzImage"), "{e}");
+
+    let v = agent.wait_heartbeats("ok", seq0 + 10);
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["guest"]["seq_breaks"], 0);
+    let listed = agent.cli(&["vm", "list"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "failed creates left records: {listed}");
+}
+
+#[test]
+fn qemu_too_old_or_missing_is_refused_at_agent_start() {
+    let dir = common::TempDir::new("oldqemu");
+    let fake = dir.0.join("qemu-system-x86_64");
+    std::fs::write(&fake, "#!/bin/sh\necho 'QEMU emulator version 7.2.0 (Debian 1:7.2+dfsg-7)'\n").expect("write");
+    std::process::Command::new("chmod").args(["+x", fake.to_str().expect("utf8")]).status().expect("chmod");
+    let data = dir.0.join("data");
+    let d = data.to_str().expect("utf8");
+    let e = common::fails(&["agent", "--listen", "127.0.0.1:0", "--data-dir", d, "--qemu", fake.to_str().expect("utf8")]);
+    assert!(e.contains("QEMU 7.2.0") && e.contains("too old") && e.contains(">= 10"), "{e}");
+    let e = common::fails(&["agent", "--listen", "127.0.0.1:0", "--data-dir", d, "--qemu", "/nonexistent/qemu"]);
+    assert!(e.contains("`/nonexistent/qemu` not found"), "{e}");
+}
+
+#[test]
+fn auto_accelerator_follows_the_measurement_and_says_why() {
+    let agent = AgentProc::start(&["--accel", "auto"]);
+    let host = agent.cli(&["host", "info"]);
+    let accel = &host["accel"];
+    let tcg = accel["tcg_ms"].as_u64().expect("TCG was measured");
+    let expected = match accel["kvm_ms"].as_u64() {
+        Some(kvm) if kvm <= tcg => "kvm",
+        _ => "tcg",
+    };
+    assert_eq!(accel["accel"], expected, "{host}");
+    assert!(accel["reason"].as_str().is_some_and(|r| r.starts_with("auto:")), "{host}");
+    assert!(host["qemu"]["major"].as_u64() >= Some(10));
+}
