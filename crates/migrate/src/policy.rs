@@ -1,0 +1,376 @@
+//! Migration policy: pick a strategy from what was measured, then watch every sample and
+//! decide when to adapt. Pure: no I/O, no clock; the executor feeds it samples.
+//!
+//! The model: pre-copy sends the guest's memory while the guest keeps dirtying it. Each
+//! pass must resend what was dirtied during the previous one, so with a dirty rate `d`
+//! and a link of bandwidth `b` the remaining bytes shrink geometrically when `d < b` and
+//! stop shrinking when `d >= b`. QEMU finishes when the remainder fits in the downtime
+//! limit. So:
+//! - the bandwidth cap is lifted unless the operator set one (QEMU's default cap of
+//!   128 MiB/s alone makes a guest dirtying at 128 MiB/s never finish);
+//! - a *stall* is the remaining bytes not falling for [`STALL_ITERATIONS`] passes, judged
+//!   on what QEMU reports, not on a timer;
+//! - in `auto` mode a stall, a failed prediction after the first full pass, or half the
+//!   time budget spent switches to post-copy, which always finishes (each page moves
+//!   once) at the price of the VM depending on both hosts until it does;
+//! - in `precopy` mode a predicted non-convergence turns on auto-converge (vCPU
+//!   throttling) from the start, and an exhausted budget cancels the migration: the VM
+//!   stays on its source.
+
+use serde::{Deserialize, Serialize};
+
+/// Passes with no progress that make a stall.
+pub const STALL_ITERATIONS: usize = 3;
+/// A pass "makes progress" when it gets the remainder below this fraction of the best so far.
+const PROGRESS_FRACTION: f64 = 0.95;
+/// Pre-copy is predicted to converge when the dirty rate is below this share of the bandwidth.
+const CONVERGE_SHARE: f64 = 0.8;
+/// The bandwidth QEMU is given when the operator sets no cap: the link is the limit.
+pub const UNCAPPED_BPS: u64 = 100 << 30;
+
+/// What the operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Walkabout picks and adapts; may switch to post-copy.
+    #[default]
+    Auto,
+    /// Pre-copy only (with throttling if needed); never post-copy.
+    Precopy,
+    /// Switch to post-copy after the first full pass. The VM depends on both hosts
+    /// until post-copy completes: losing either host then loses the VM.
+    Postcopy,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "precopy" => Ok(Mode::Precopy),
+            "postcopy" => Ok(Mode::Postcopy),
+            o => Err(format!("unknown migration mode '{o}': expected auto, precopy or postcopy")),
+        }
+    }
+}
+
+/// The operator's limits for one migration.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Longest acceptable pause of the guest, ms.
+    pub max_downtime_ms: u64,
+    /// Bandwidth cap in bytes/s, if any.
+    pub max_bandwidth_bps: Option<u64>,
+    /// Time allowed per GiB of guest memory, ms.
+    pub budget_per_gib_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_downtime_ms: 300, max_bandwidth_bps: None, budget_per_gib_ms: 30_000 }
+    }
+}
+
+/// How QEMU is set up at the start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Strategy {
+    /// Short name: `precopy`, `precopy+postcopy-ready`, `precopy+auto-converge`, `postcopy`.
+    pub name: String,
+    /// Enable QEMU's `postcopy-ram` capability (both ends) so a switch is possible.
+    pub postcopy_ready: bool,
+    /// Enable QEMU's `auto-converge` (vCPU throttling).
+    pub auto_converge: bool,
+    /// `max-bandwidth` given to QEMU, bytes/s.
+    pub bandwidth_bps: u64,
+    /// `downtime-limit` given to QEMU, ms.
+    pub downtime_ms: u64,
+    /// Why this strategy.
+    pub reason: String,
+}
+
+/// One reading of QEMU's migration statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Time since the migration started, ms.
+    pub elapsed_ms: u64,
+    /// Completed dirty-bitmap syncs (pre-copy passes).
+    pub iteration: u64,
+    /// Bytes still to send.
+    pub remaining_bytes: u64,
+    /// Bytes sent so far.
+    pub transferred_bytes: u64,
+    /// Guest dirty rate, bytes/s.
+    pub dirty_rate_bps: u64,
+    /// Transfer rate, bytes/s.
+    pub transfer_rate_bps: u64,
+    /// QEMU's expected downtime, ms.
+    pub expected_downtime_ms: u64,
+}
+
+/// What the executor should do after a sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Action {
+    /// Keep going.
+    Continue,
+    /// Switch to post-copy now.
+    StartPostcopy {
+        /// Why.
+        reason: String,
+    },
+    /// Give up: cancel, leaving the VM on its source.
+    GiveUp {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A recorded change of strategy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Switch {
+    /// When, ms after the start.
+    pub at_ms: u64,
+    /// What it switched to.
+    pub to: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// The policy for one migration.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    mode: Mode,
+    limits: Limits,
+    strategy: Strategy,
+    deadline_ms: u64,
+    /// Remaining bytes at the end of each pass seen, in order.
+    passes: Vec<u64>,
+    last_iteration: u64,
+    postcopy: bool,
+    predicted_to_converge: Option<bool>,
+}
+
+fn mib(bps: u64) -> u64 {
+    bps >> 20
+}
+
+impl Policy {
+    /// Picks the strategy for a guest of `guest_bytes`, given the dirty rate measured
+    /// before the start (bytes/s), if any.
+    pub fn new(mode: Mode, limits: Limits, guest_bytes: u64, dirty_rate_bps: Option<u64>) -> Policy {
+        let gib = (guest_bytes as f64 / f64::from(1u32 << 30)).max(0.25);
+        let deadline_ms = (limits.budget_per_gib_ms as f64 * gib) as u64;
+        let bandwidth_bps = limits.max_bandwidth_bps.unwrap_or(UNCAPPED_BPS);
+        let predicted = match (dirty_rate_bps, limits.max_bandwidth_bps) {
+            (Some(d), Some(b)) => Some((d as f64) < CONVERGE_SHARE * b as f64),
+            // With no cap, the link speed is learnt from the first pass.
+            _ => None,
+        };
+        let cap = match limits.max_bandwidth_bps {
+            Some(b) => format!("bandwidth capped at {} MiB/s as asked", mib(b)),
+            None => "bandwidth uncapped (QEMU's default 128 MiB/s cap lifted; the link is the limit)".into(),
+        };
+        let dirty = dirty_rate_bps.map(|d| format!("dirty rate {} MiB/s", mib(d))).unwrap_or_else(|| "dirty rate unknown".into());
+        let (name, postcopy_ready, auto_converge, why) = match (mode, predicted) {
+            (Mode::Postcopy, _) => ("postcopy", true, false, "post-copy requested: switch after the first pass".to_string()),
+            (Mode::Auto, Some(false)) => (
+                "precopy+postcopy-ready",
+                true,
+                false,
+                format!("{dirty} exceeds {}% of the cap: pre-copy predicted not to converge; post-copy after the first pass", (CONVERGE_SHARE * 100.0) as u32),
+            ),
+            (Mode::Auto, _) => ("precopy+postcopy-ready", true, false, format!("{dirty}: pre-copy first, post-copy if it stalls or half the budget goes")),
+            (Mode::Precopy, Some(false)) => (
+                "precopy+auto-converge",
+                false,
+                true,
+                format!("{dirty} exceeds {}% of the cap: vCPU throttling from the start", (CONVERGE_SHARE * 100.0) as u32),
+            ),
+            (Mode::Precopy, _) => ("precopy", false, false, format!("{dirty}: plain pre-copy")),
+        };
+        Policy {
+            mode,
+            limits,
+            strategy: Strategy {
+                name: name.into(),
+                postcopy_ready,
+                auto_converge,
+                bandwidth_bps,
+                downtime_ms: limits.max_downtime_ms,
+                reason: format!("{why}; {cap}; downtime limit {} ms; budget {} ms", limits.max_downtime_ms, deadline_ms),
+            },
+            deadline_ms,
+            passes: vec![],
+            last_iteration: 0,
+            postcopy: false,
+            predicted_to_converge: predicted,
+        }
+    }
+
+    /// The strategy chosen at the start.
+    pub fn strategy(&self) -> &Strategy {
+        &self.strategy
+    }
+
+    /// The time budget, ms.
+    pub fn deadline_ms(&self) -> u64 {
+        self.deadline_ms
+    }
+
+    /// Feeds one sample; returns what to do.
+    pub fn observe(&mut self, s: &Sample) -> Action {
+        if self.postcopy {
+            return Action::Continue;
+        }
+        let new_pass = s.iteration > self.last_iteration;
+        if new_pass {
+            self.last_iteration = s.iteration;
+            self.passes.push(s.remaining_bytes);
+        }
+        let can_postcopy = self.strategy.postcopy_ready;
+        // A full pass is done once QEMU has synced the dirty bitmap twice.
+        let first_pass_done = s.iteration >= 2;
+        if self.mode == Mode::Postcopy && first_pass_done {
+            return self.go_postcopy("post-copy requested; first pass done".into());
+        }
+        if can_postcopy && first_pass_done && new_pass {
+            if self.predicted_to_converge == Some(false) {
+                return self.go_postcopy(format!(
+                    "predicted not to converge (dirty {} MiB/s vs cap {} MiB/s); first pass done",
+                    mib(s.dirty_rate_bps),
+                    mib(self.strategy.bandwidth_bps)
+                ));
+            }
+            if let Some(why) = self.stalled(s) {
+                return self.go_postcopy(why);
+            }
+        }
+        if can_postcopy && first_pass_done && s.elapsed_ms * 2 >= self.deadline_ms {
+            return self.go_postcopy(format!(
+                "half the {} ms budget spent with {} MiB still to send",
+                self.deadline_ms,
+                mib(s.remaining_bytes)
+            ));
+        }
+        if !can_postcopy && s.elapsed_ms >= self.deadline_ms {
+            return Action::GiveUp {
+                reason: format!(
+                    "pre-copy did not finish within its {} ms budget ({} MiB left, dirty {} MiB/s, sending {} MiB/s); the VM stays on its source",
+                    self.deadline_ms,
+                    mib(s.remaining_bytes),
+                    mib(s.dirty_rate_bps),
+                    mib(s.transfer_rate_bps)
+                ),
+            };
+        }
+        Action::Continue
+    }
+
+    fn go_postcopy(&mut self, reason: String) -> Action {
+        self.postcopy = true;
+        Action::StartPostcopy { reason }
+    }
+
+    /// A stall: the last [`STALL_ITERATIONS`] passes did not get the remainder meaningfully
+    /// below the best seen before them.
+    fn stalled(&self, s: &Sample) -> Option<String> {
+        let n = self.passes.len();
+        if n <= STALL_ITERATIONS {
+            return None;
+        }
+        let (before, recent) = self.passes.split_at(n - STALL_ITERATIONS);
+        let best_before = before.iter().copied().min()?;
+        let best_recent = recent.iter().copied().min()?;
+        // The first entries include the initial full pass; a later pass at or above
+        // 95% of the best before is no progress.
+        (best_recent as f64 >= PROGRESS_FRACTION * best_before as f64).then(|| {
+            format!(
+                "stalled: remaining {} MiB has not fallen over {} passes (dirty {} MiB/s, sending {} MiB/s, expected downtime {} ms > {} ms)",
+                mib(s.remaining_bytes),
+                STALL_ITERATIONS,
+                mib(s.dirty_rate_bps),
+                mib(s.transfer_rate_bps),
+                s.expected_downtime_ms,
+                self.limits.max_downtime_ms
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    fn pass(iteration: u64, remaining_mib: u64, elapsed_ms: u64) -> Sample {
+        Sample {
+            elapsed_ms,
+            iteration,
+            remaining_bytes: remaining_mib * MIB,
+            dirty_rate_bps: 500 * MIB,
+            transfer_rate_bps: 100 * MIB,
+            expected_downtime_ms: 2000,
+            ..Sample::default()
+        }
+    }
+
+    #[test]
+    fn uncapped_by_default_and_capped_when_asked() {
+        let p = Policy::new(Mode::Auto, Limits::default(), GIB, None);
+        assert_eq!(p.strategy().bandwidth_bps, UNCAPPED_BPS);
+        let limits = Limits { max_bandwidth_bps: Some(100 * MIB), ..Limits::default() };
+        assert_eq!(Policy::new(Mode::Auto, limits, GIB, None).strategy().bandwidth_bps, 100 * MIB);
+    }
+
+    #[test]
+    fn auto_switches_to_postcopy_when_remaining_stops_falling() {
+        let mut p = Policy::new(Mode::Auto, Limits::default(), GIB, None);
+        let mut actions = vec![];
+        for (i, rem) in [(1, 900), (2, 200), (3, 210), (4, 205), (5, 199)] {
+            actions.push(p.observe(&pass(i, rem, i * 100)));
+        }
+        assert_eq!(actions[..4], vec![Action::Continue; 4]);
+        assert!(matches!(&actions[4], Action::StartPostcopy { reason } if reason.starts_with("stalled")), "{actions:?}");
+    }
+
+    #[test]
+    fn converging_precopy_is_left_alone() {
+        let mut p = Policy::new(Mode::Auto, Limits::default(), GIB, None);
+        for (i, rem) in [(1, 900), (2, 400), (3, 150), (4, 60), (5, 20)] {
+            assert_eq!(p.observe(&pass(i, rem, i * 100)), Action::Continue);
+        }
+    }
+
+    #[test]
+    fn predicted_non_convergence_switches_after_first_pass() {
+        let limits = Limits { max_bandwidth_bps: Some(100 * MIB), ..Limits::default() };
+        let mut p = Policy::new(Mode::Auto, limits, GIB, Some(500 * MIB));
+        assert!(p.strategy().postcopy_ready);
+        assert_eq!(p.observe(&pass(1, 900, 100)), Action::Continue);
+        assert!(matches!(p.observe(&pass(2, 300, 200)), Action::StartPostcopy { .. }));
+    }
+
+    #[test]
+    fn precopy_mode_throttles_when_predicted_to_fail_and_gives_up_at_budget() {
+        let limits = Limits { max_bandwidth_bps: Some(100 * MIB), budget_per_gib_ms: 10_000, ..Limits::default() };
+        let mut p = Policy::new(Mode::Precopy, limits, GIB, Some(500 * MIB));
+        assert!(p.strategy().auto_converge && !p.strategy().postcopy_ready);
+        assert_eq!(p.observe(&pass(5, 200, 9_000)), Action::Continue);
+        assert!(matches!(p.observe(&pass(6, 200, 10_000)), Action::GiveUp { .. }));
+    }
+
+    #[test]
+    fn half_the_budget_spent_switches_auto_to_postcopy() {
+        let limits = Limits { budget_per_gib_ms: 10_000, ..Limits::default() };
+        let mut p = Policy::new(Mode::Auto, limits, GIB, None);
+        assert_eq!(p.observe(&pass(2, 500, 4_000)), Action::Continue);
+        assert!(matches!(p.observe(&pass(2, 450, 5_000)), Action::StartPostcopy { reason } if reason.contains("budget")));
+    }
+
+    #[test]
+    fn mode_parsing_names_the_bad_value() {
+        assert_eq!("postcopy".parse::<Mode>(), Ok(Mode::Postcopy));
+        assert!("fast".parse::<Mode>().expect_err("bad").contains("'fast'"));
+    }
+}

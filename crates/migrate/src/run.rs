@@ -1,0 +1,189 @@
+//! Running a migration through QEMU: the destination listens, the source sends, and the
+//! [`Policy`] watches every sample and adapts.
+//!
+//! Order matters: capabilities that must match (`postcopy-ram`) are set on the
+//! destination before it listens and on the source before `migrate`; QEMU refuses to
+//! change capabilities once a migration runs, which is why the strategy is picked up
+//! front and only parameters (and the post-copy switch) change on the way.
+
+use crate::error::MigrateError;
+use crate::phase::Phase;
+use crate::policy::{Action, Policy, Strategy, Switch};
+use crate::progress::{phase_of, Progress};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use walkabout_qemu::Qmp;
+
+/// How often QEMU's statistics are read.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How a migration ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outcome {
+    /// `Completed`, `Failed` or `Cancelled`.
+    pub phase: Phase,
+    /// Why it failed or was cancelled.
+    pub reason: Option<String>,
+    /// Wall time from `migrate` to the end, ms.
+    pub total_ms: u64,
+    /// Guest pause at switchover as QEMU measured it, ms (0 unless completed).
+    pub downtime_ms: u64,
+    /// Bytes sent.
+    pub transferred_bytes: u64,
+    /// Pre-copy passes.
+    pub iterations: u64,
+    /// The strategy picked at the start.
+    pub strategy: Strategy,
+    /// Every change of strategy, with its reason.
+    pub switches: Vec<Switch>,
+}
+
+fn caps(strategy: &Strategy, source: bool) -> Value {
+    let mut c = vec![
+        json!({"capability": "events", "state": true}),
+        json!({"capability": "postcopy-ram", "state": strategy.postcopy_ready}),
+    ];
+    if source {
+        c.push(json!({"capability": "auto-converge", "state": strategy.auto_converge}));
+    }
+    json!({ "capabilities": c })
+}
+
+/// Prepares a destination QEMU started with `-incoming defer`: sets the capabilities
+/// the strategy needs and listens on `listen_host` (port chosen by the kernel).
+/// Returns the URI the source must send to.
+pub async fn listen_incoming(qmp: &Qmp, strategy: &Strategy, listen_host: &str) -> Result<String, MigrateError> {
+    qmp.execute_raw("migrate-set-capabilities", Some(caps(strategy, false))).await.map_err(MigrateError::destination)?;
+    qmp.execute_raw("migrate-incoming", Some(json!({ "uri": format!("tcp:{listen_host}:0") })))
+        .await
+        .map_err(MigrateError::destination)?;
+    let info = qmp.execute_raw("query-migrate", None).await.map_err(MigrateError::destination)?;
+    let addr = info["socket-address"]
+        .as_array()
+        .and_then(|a| a.first())
+        .ok_or_else(|| MigrateError::NoIncomingAddress(info.to_string()))?;
+    let port = addr["port"].as_str().map(String::from).or_else(|| addr["port"].as_u64().map(|p| p.to_string()));
+    let port = port.ok_or_else(|| MigrateError::NoIncomingAddress(info.to_string()))?;
+    Ok(format!("tcp:{listen_host}:{port}"))
+}
+
+/// Measures the guest's dirty rate over `ms` milliseconds (QEMU's page sampling),
+/// in bytes/s; `None` if QEMU could not measure it.
+pub async fn measure_dirty_rate(qmp: &Qmp, ms: u64) -> Option<u64> {
+    let args = json!({"calc-time": ms, "calc-time-unit": "millisecond", "mode": "page-sampling"});
+    if let Err(e) = qmp.execute_raw("calc-dirty-rate", Some(args)).await {
+        tracing::debug!(error = %e, "calc-dirty-rate unavailable");
+        return None;
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(ms + 3000) {
+        tokio::time::sleep(Duration::from_millis(ms.min(200))).await;
+        let v = qmp.execute_raw("query-dirty-rate", None).await.ok()?;
+        if v["status"] == "measured" {
+            // QEMU reports MB/s (MiB/s).
+            return v["dirty-rate"].as_u64().map(|r| r << 20);
+        }
+    }
+    None
+}
+
+/// Runs the migration from the source QEMU to `uri` until it completes, fails or is
+/// cancelled (`cancel` set to true; honoured only before switchover). `report` sees
+/// every sample and every switch.
+pub async fn run(
+    qmp: &Qmp,
+    uri: &str,
+    mut policy: Policy,
+    mut cancel: watch::Receiver<bool>,
+    mut report: impl FnMut(&Progress, Option<&Switch>),
+) -> Result<Outcome, MigrateError> {
+    let strategy = policy.strategy().clone();
+    let started = Instant::now();
+    let src = MigrateError::source;
+    qmp.execute_raw("migrate-set-capabilities", Some(caps(&strategy, true))).await.map_err(src)?;
+    let mut params = json!({
+        "downtime-limit": strategy.downtime_ms,
+        "max-bandwidth": strategy.bandwidth_bps,
+    });
+    if strategy.auto_converge {
+        params["cpu-throttle-initial"] = json!(20);
+        params["cpu-throttle-increment"] = json!(10);
+        params["cpu-throttle-tailslow"] = json!(true);
+    }
+    qmp.execute_raw("migrate-set-parameters", Some(params)).await.map_err(src)?;
+    qmp.execute_raw("migrate", Some(json!({ "uri": uri }))).await.map_err(src)?;
+    tracing::info!(uri, strategy = %strategy.name, reason = %strategy.reason, "migration started");
+
+    let mut switches: Vec<Switch> = vec![];
+    let mut cancel_reason: Option<String> = None;
+    let mut give_up: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SAMPLE_INTERVAL) => {}
+            changed = cancel.changed() => {
+                if changed.is_ok() && *cancel.borrow() && cancel_reason.is_none() {
+                    cancel_reason = Some("cancelled by request".into());
+                    request_cancel(qmp).await?;
+                }
+            }
+        }
+        let info = qmp.execute_raw("query-migrate", None).await.map_err(src)?;
+        let mut progress = Progress::from_query(&info);
+        let phase = phase_of(&progress.qemu_status);
+        progress.phase = Some(phase);
+        if phase.is_final() {
+            report(&progress, None);
+            let reason = match phase {
+                Phase::Completed => None,
+                Phase::Cancelled => Some(give_up.clone().or(cancel_reason.clone()).unwrap_or_else(|| "cancelled".into())),
+                _ => Some(format!(
+                    "QEMU reports the migration failed: {}",
+                    info["error-desc"].as_str().unwrap_or("no reason given")
+                )),
+            };
+            // A give-up is a failure to finish, not a user's cancel.
+            let phase = if phase == Phase::Cancelled && give_up.is_some() { Phase::Failed } else { phase };
+            return Ok(Outcome {
+                phase,
+                reason,
+                total_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+                transferred_bytes: progress.transferred_bytes,
+                iterations: progress.iteration,
+                strategy,
+                switches,
+            });
+        }
+        if phase != Phase::Running || cancel_reason.is_some() || give_up.is_some() {
+            report(&progress, None);
+            continue;
+        }
+        match policy.observe(&progress.sample()) {
+            Action::Continue => report(&progress, None),
+            Action::StartPostcopy { reason } => {
+                qmp.execute_raw("migrate-start-postcopy", None).await.map_err(src)?;
+                let sw = Switch { at_ms: progress.elapsed_ms, to: "postcopy".into(), reason };
+                tracing::info!(reason = %sw.reason, "switching to post-copy");
+                report(&progress, Some(&sw));
+                switches.push(sw);
+            }
+            Action::GiveUp { reason } => {
+                tracing::warn!(%reason, "giving up");
+                let sw = Switch { at_ms: progress.elapsed_ms, to: "cancel".into(), reason: reason.clone() };
+                report(&progress, Some(&sw));
+                switches.push(sw);
+                give_up = Some(reason);
+                request_cancel(qmp).await?;
+            }
+        }
+    }
+}
+
+async fn request_cancel(qmp: &Qmp) -> Result<(), MigrateError> {
+    match qmp.execute_raw("migrate_cancel", None).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(MigrateError::source(e)),
+    }
+}
