@@ -1,15 +1,94 @@
-//! `walkabout image`: build the guest image.
+//! `walkabout image`: build the guest image, or show the cached one.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use anyhow::Context;
+use walkabout_image::{GuestImage, Workload};
+
+use super::client::{print_json, Output};
+
+/// Where the image lives and how to print it.
+#[derive(clap::Args)]
+pub struct ImageArgs {
+    /// The image cache [default: $WALKABOUT_CACHE, else $XDG_CACHE_HOME/walkabout, else
+    /// ~/.cache/walkabout].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// The workload the printed kernel command line starts (idle or dirty:<MiB>:<MiB/s>).
+    #[arg(long, default_value = "idle")]
+    workload: Workload,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
 
 /// `walkabout image ...`
 #[derive(clap::Subcommand)]
 pub enum ImageCommand {
-    /// Build (or reuse from the cache) the kernel + initramfs guest image.
-    Build,
+    /// Build (or reuse from the cache) the kernel + initramfs guest image and print its
+    /// paths. Fetches the kernel and busybox Debian packages (never installs them).
+    Build(ImageArgs),
+    /// Print the paths of the cached guest image, without building or fetching anything.
+    Path(ImageArgs),
+}
+
+/// What `walkabout image` reports.
+#[derive(serde::Serialize)]
+struct Report<'a> {
+    #[serde(flatten)]
+    image: &'a GuestImage,
+    cmdline: String,
+}
+
+fn print(image: &GuestImage, args: &ImageArgs) -> anyhow::Result<()> {
+    let report = Report {
+        image,
+        cmdline: walkabout_image::cmdline(&args.workload),
+    };
+    match args.output {
+        Output::Json => print_json(&report),
+        Output::Text => {
+            println!(
+                "kernel  {} (Linux {})",
+                image.kernel.display(),
+                image.kernel_version
+            );
+            println!("initrd  {}", image.initrd.display());
+            println!("cmdline {}", report.cmdline);
+            Ok(())
+        }
+    }
 }
 
 /// Runs `walkabout image ...`.
-pub fn run(_cmd: ImageCommand) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not implemented yet")
+pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ImageCommand::Build(args) => {
+            let dir = args
+                .cache_dir
+                .clone()
+                .unwrap_or_else(walkabout_image::default_cache_dir);
+            let image = walkabout_image::build(&dir)
+                .with_context(|| format!("building the guest image in {}", dir.display()))?;
+            print(&image, &args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::Path(args) => {
+            let dir = args
+                .cache_dir
+                .clone()
+                .unwrap_or_else(walkabout_image::default_cache_dir);
+            let cached = walkabout_image::cached(&dir)
+                .with_context(|| format!("reading the image cache {}", dir.display()))?;
+            let image = cached.with_context(|| {
+                format!(
+                    "no guest image for this walkabout in {}; run `walkabout image build`",
+                    dir.display()
+                )
+            })?;
+            print(&image, &args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
