@@ -464,12 +464,28 @@ fn ensure_initrd(cache_dir: &Path, apt: &mut Apt) -> Result<PathBuf, ImageError>
 mod tests {
     use super::*;
 
-    fn temp_dir(name: &str) -> PathBuf {
+    /// A scratch directory for one test, removed when dropped.
+    struct TempDir(PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn temp_dir(name: &str) -> TempDir {
         let dir =
             std::env::temp_dir().join(format!("walkabout-image-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("create temp dir");
-        dir
+        TempDir(dir)
     }
 
     fn file_with(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
