@@ -7,11 +7,19 @@
 //! | GET, DELETE | /v1/vms/{name} | one VM with its guest status; delete |
 //! | POST | /v1/vms/{name}/pause, /resume, /stop | lifecycle |
 //! | GET | /v1/vms/{name}/console?offset=N | serial console from byte N |
+//! | GET, POST | /v1/migrations | list; start a migration of a VM here (202) |
+//! | GET | /v1/migrations/{id} | one migration: phase, progress, strategy, switches |
+//! | GET | /v1/migrations/{id}/events | server-sent events: the migration's progress until it ends |
+//! | POST | /v1/migrations/{id}/cancel | cancel (before switchover only; idempotent) |
+//! | POST, GET, DELETE | /v1/incoming[/{name}] | destination side, agent to agent |
+//! | POST | /v1/incoming/{name}/commit | ownership hand-over after switchover |
+//! | GET | /metrics | Prometheus metrics |
 //!
 //! Errors are `{"error": "<sentence naming the VM and cause>", "kind": "<kind>"}` with a
 //! 4xx/5xx status.
 
 use crate::error::AgentError;
+use crate::migration::{IncomingRequest, MigrationRequest};
 use crate::spec::VmSpec;
 use crate::vms::Agent;
 use axum::extract::{Path, Query, State};
@@ -39,6 +47,14 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/vms/{name}/resume", post(resume))
         .route("/v1/vms/{name}/stop", post(stop))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/migrations", get(migrations).post(migrate))
+        .route("/v1/migrations/{id}", get(migration))
+        .route("/v1/migrations/{id}/events", get(migration_events))
+        .route("/v1/migrations/{id}/cancel", post(cancel))
+        .route("/v1/incoming", post(incoming_prepare))
+        .route("/v1/incoming/{name}", get(incoming).delete(incoming_abort))
+        .route("/v1/incoming/{name}/commit", post(incoming_commit))
+        .route("/metrics", get(metrics))
         .with_state(agent)
 }
 
@@ -50,13 +66,20 @@ async fn list(State(a): State<Agent>) -> Response {
     Json(a.list().await).into_response()
 }
 
-async fn create(State(a): State<Agent>, body: Result<Json<VmSpec>, axum::extract::rejection::JsonRejection>) -> Response {
-    let spec = match body {
-        Ok(Json(s)) => s,
-        Err(e) => {
-            return (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "error": format!("invalid VM spec: {}", e.body_text()), "kind": "invalid_spec" })))
-                .into_response()
-        }
+type Body<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+
+/// The body, or a 422 naming what is wrong with it.
+fn body<T>(b: Body<T>, what: &str) -> Result<T, Response> {
+    b.map(|Json(v)| v).map_err(|e| {
+        (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "error": format!("invalid {what}: {}", e.body_text()), "kind": "invalid_request" })))
+            .into_response()
+    })
+}
+
+async fn create(State(a): State<Agent>, b: Body<VmSpec>) -> Response {
+    let spec = match body(b, "VM spec") {
+        Ok(s) => s,
+        Err(r) => return r,
     };
     match a.create(spec).await {
         Ok(info) => (StatusCode::CREATED, Json(info)).into_response(),
@@ -108,4 +131,93 @@ fn default_max() -> u64 {
 
 async fn console(State(a): State<Agent>, Path(name): Path<String>, Query(q): Query<ConsoleQuery>) -> Response {
     reply(a.console(&name, q.offset, q.max.min(default_max())).await)
+}
+
+async fn migrations(State(a): State<Agent>) -> Response {
+    Json(a.migrations()).into_response()
+}
+
+async fn migrate(State(a): State<Agent>, b: Body<MigrationRequest>) -> Response {
+    let req = match body(b, "migration request") {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match a.start_migration(req).await {
+        Ok(rec) => (StatusCode::ACCEPTED, Json(rec)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn migration(State(a): State<Agent>, Path(id): Path<String>) -> Response {
+    reply(a.migration(&id))
+}
+
+async fn cancel(State(a): State<Agent>, Path(id): Path<String>) -> Response {
+    match a.cancel_migration(&id) {
+        Ok(rec) => (StatusCode::ACCEPTED, Json(rec)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Server-sent events: the migration's record every time its progress changes, until
+/// it is final.
+async fn migration_events(State(a): State<Agent>, Path(id): Path<String>) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    if let Err(e) = a.migration(&id) {
+        return e.into_response();
+    }
+    let stream = futures_util::stream::unfold((a, id, None::<String>, false), |(a, id, last, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            let rec = a.migration(&id).ok()?;
+            let text = serde_json::to_string(&rec).ok()?;
+            if last.as_deref() != Some(text.as_str()) {
+                let fin = rec.phase.is_final();
+                let ev = Event::default().event("migration").data(text.clone());
+                return Some((Ok::<_, std::convert::Infallible>(ev), (a, id, Some(text), fin)));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+async fn incoming_prepare(State(a): State<Agent>, b: Body<IncomingRequest>) -> Response {
+    let req = match body(b, "incoming migration request") {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match a.prepare_incoming(req).await {
+        Ok(r) => (StatusCode::CREATED, Json(r)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn incoming(State(a): State<Agent>, Path(name): Path<String>) -> Response {
+    reply(a.incoming(&name).await)
+}
+
+#[derive(Deserialize, Default)]
+struct CommitBody {
+    #[serde(default)]
+    guest: Option<crate::console::GuestStatus>,
+}
+
+async fn incoming_commit(State(a): State<Agent>, Path(name): Path<String>, b: Option<Json<CommitBody>>) -> Response {
+    let guest = b.and_then(|Json(c)| c.guest);
+    reply(a.commit_incoming(&name, guest).await)
+}
+
+async fn incoming_abort(State(a): State<Agent>, Path(name): Path<String>) -> Response {
+    match a.abort_incoming(&name).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn metrics(State(a): State<Agent>) -> Response {
+    let body = crate::metrics::render(&a.host_info(), &a.list().await, &a.migrations());
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

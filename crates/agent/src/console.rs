@@ -33,7 +33,13 @@ const MAX_ALERTS: usize = 20;
 impl GuestStatus {
     /// Parses a whole console log.
     pub fn parse(log: &str) -> GuestStatus {
-        let mut s = GuestStatus::default();
+        GuestStatus::parse_after(GuestStatus::default(), log)
+    }
+
+    /// Parses a console log that continues `before` (the same guest's status on the host
+    /// it migrated from), so heartbeat continuity is judged across hosts.
+    pub fn parse_after(before: GuestStatus, log: &str) -> GuestStatus {
+        let mut s = before;
         for line in log.lines() {
             s.feed(line.trim_end_matches('\r'));
         }
@@ -94,6 +100,15 @@ mod tests {
         assert_eq!(s.seq_breaks, 1);
         assert_eq!(s.corrupt_pages, 1);
         assert_eq!(s.alerts.len(), 1);
+    }
+
+    #[test]
+    fn continuity_is_judged_across_a_migration() {
+        let before = GuestStatus::parse("WALKABOUT READY cpus=1\nhb 0 1 0\nhb 1 2 0\n");
+        let ok = GuestStatus::parse_after(before.clone(), "hb 2 3 0\nhb 3 4 0\n");
+        assert_eq!((ok.ready, ok.heartbeats, ok.seq_breaks), (true, 4, 0));
+        let gap = GuestStatus::parse_after(before, "hb 7 3 0\n");
+        assert_eq!(gap.seq_breaks, 1);
     }
 
     #[test]

@@ -51,6 +51,48 @@ pub enum AgentError {
         /// Its state.
         state: VmState,
     },
+    /// A request is malformed or cannot be carried out as asked.
+    #[error("{reason}")]
+    InvalidRequest {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The destination lacks CPU features the VM's CPU model has.
+    #[error("cannot migrate {vm} to {host}: {host} lacks CPU features {missing} (its most capable CPU model is {ceiling})")]
+    CpuIncompatible {
+        /// The VM name.
+        vm: String,
+        /// This host.
+        host: String,
+        /// The host's CPU ceiling model.
+        ceiling: String,
+        /// The missing features, comma-separated.
+        missing: String,
+    },
+    /// No migration with that id.
+    #[error("no migration `{id}` on this agent")]
+    MigrationNotFound {
+        /// The id.
+        id: String,
+    },
+    /// The VM is already being migrated.
+    #[error("VM `{vm}` is already being migrated ({id})")]
+    MigrationInProgress {
+        /// The VM.
+        vm: String,
+        /// The running migration.
+        id: String,
+    },
+    /// Cancel after switchover.
+    #[error("cannot cancel migration {id} of `{vm}`: it is past its switchover ({phase:?}); the VM now belongs to the destination")]
+    NotCancellable {
+        /// The id.
+        id: String,
+        /// The VM.
+        vm: String,
+        /// Its phase.
+        phase: walkabout_migrate::Phase,
+    },
     /// QEMU failed for this VM.
     #[error("VM `{vm}`: {source}")]
     Qemu {
@@ -68,9 +110,14 @@ impl AgentError {
     /// The HTTP status this error is served with.
     pub fn http_status(&self) -> u16 {
         match self {
-            AgentError::NotFound { .. } => 404,
-            AgentError::Duplicate { .. } | AgentError::InvalidState { .. } | AgentError::InsufficientMemory { .. } => 409,
-            AgentError::InvalidSpec { .. } => 422,
+            AgentError::NotFound { .. } | AgentError::MigrationNotFound { .. } => 404,
+            AgentError::Duplicate { .. }
+            | AgentError::InvalidState { .. }
+            | AgentError::InsufficientMemory { .. }
+            | AgentError::CpuIncompatible { .. }
+            | AgentError::MigrationInProgress { .. }
+            | AgentError::NotCancellable { .. } => 409,
+            AgentError::InvalidSpec { .. } | AgentError::InvalidRequest { .. } => 422,
             AgentError::Qemu { .. } | AgentError::Store(_) => 500,
         }
     }
@@ -83,6 +130,11 @@ impl AgentError {
             AgentError::InsufficientMemory { .. } => "insufficient_memory",
             AgentError::InvalidSpec { .. } => "invalid_spec",
             AgentError::InvalidState { .. } => "invalid_state",
+            AgentError::InvalidRequest { .. } => "invalid_request",
+            AgentError::CpuIncompatible { .. } => "cpu_incompatible",
+            AgentError::MigrationNotFound { .. } => "migration_not_found",
+            AgentError::MigrationInProgress { .. } => "migration_in_progress",
+            AgentError::NotCancellable { .. } => "not_cancellable",
             AgentError::Qemu { .. } => "qemu",
             AgentError::Store(_) => "store",
         }

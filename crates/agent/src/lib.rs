@@ -6,6 +6,8 @@ pub mod api;
 pub mod console;
 pub mod error;
 pub mod host;
+pub mod metrics;
+pub mod migration;
 pub mod spec;
 pub mod store;
 pub mod vms;
@@ -13,6 +15,7 @@ pub mod vms;
 pub use console::GuestStatus;
 pub use error::AgentError;
 pub use host::HostInfo;
+pub use migration::{MigrationRecord, MigrationRequest};
 pub use spec::{VmRecord, VmSpec, VmState};
 pub use vms::{Agent, AgentConfig, ConsoleChunk, StartError, VmInfo};
 

@@ -63,6 +63,11 @@ pub enum VmState {
     Running,
     /// The guest's vCPUs are paused.
     Paused,
+    /// The VM runs here and is being migrated away.
+    Migrating,
+    /// A migration destination: QEMU waits for (or receives) the VM; the guest does
+    /// not run here until the migration's switchover.
+    Incoming,
     /// QEMU is not running (stopped by the user, or it exited; see `reason`).
     Stopped,
 }
@@ -70,7 +75,7 @@ pub enum VmState {
 impl VmState {
     /// True when a QEMU process exists for the VM.
     pub fn is_active(self) -> bool {
-        matches!(self, VmState::Starting | VmState::Running | VmState::Paused)
+        matches!(self, VmState::Starting | VmState::Running | VmState::Paused | VmState::Migrating | VmState::Incoming)
     }
 }
 
@@ -95,6 +100,10 @@ pub struct VmRecord {
     pub run_dir: PathBuf,
     /// Creation time, ms since the Unix epoch.
     pub created_at_ms: u64,
+    /// The guest's status as its previous hosts' consoles left it (migrated VMs): this
+    /// host's console continues it.
+    #[serde(default)]
+    pub guest_before: Option<crate::console::GuestStatus>,
 }
 
 #[cfg(test)]

@@ -1,11 +1,16 @@
 //! The agent's embedded database (redb): VM records by name, so a restarted agent knows
-//! its VMs and re-attaches to them.
+//! its VMs and re-attaches to them, and the migrations it drove, so it can finish or
+//! undo one that its restart interrupted.
 
+use crate::migration::MigrationRecord;
 use crate::spec::VmRecord;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use redb::{ReadableTable, TableDefinition};
 use std::path::Path;
 
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
+const MIGRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("migrations");
 
 /// Errors of the agent's database.
 #[derive(Debug, thiserror::Error)]
@@ -22,9 +27,9 @@ pub enum StoreError {
     #[error("agent database error: {0}")]
     Db(String),
     /// A stored record could not be decoded.
-    #[error("stored record of VM `{name}` is unreadable: {detail}")]
+    #[error("stored record `{name}` is unreadable: {detail}")]
     Corrupt {
-        /// The VM name.
+        /// The record's key (VM name or migration id).
         name: String,
         /// The decode error.
         detail: String,
@@ -52,22 +57,17 @@ impl Store {
         })?;
         let txn = db.begin_write().map_err(db_err)?;
         txn.open_table(VMS).map_err(db_err)?;
+        txn.open_table(MIGRATIONS).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         Ok(Store { db })
     }
 
-    /// Inserts or replaces a record.
+    /// Inserts or replaces a VM record.
     pub fn put(&self, rec: &VmRecord) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(rec).map_err(db_err)?;
-        let txn = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut t = txn.open_table(VMS).map_err(db_err)?;
-            t.insert(rec.spec.name.as_str(), bytes.as_slice()).map_err(db_err)?;
-        }
-        txn.commit().map_err(db_err)
+        self.put_in(VMS, &rec.spec.name, rec)
     }
 
-    /// Removes a record.
+    /// Removes a VM record.
     pub fn delete(&self, name: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         {
@@ -77,10 +77,34 @@ impl Store {
         txn.commit().map_err(db_err)
     }
 
-    /// All records.
+    /// All VM records.
     pub fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
+        self.list_in(VMS)
+    }
+
+    /// Inserts or replaces a migration record.
+    pub fn put_migration(&self, rec: &MigrationRecord) -> Result<(), StoreError> {
+        self.put_in(MIGRATIONS, &rec.id, rec)
+    }
+
+    /// All migration records.
+    pub fn list_migrations(&self) -> Result<Vec<MigrationRecord>, StoreError> {
+        self.list_in(MIGRATIONS)
+    }
+
+    fn put_in<T: Serialize>(&self, table: TableDefinition<&str, &[u8]>, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(db_err)?;
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = txn.open_table(table).map_err(db_err)?;
+            t.insert(key, bytes.as_slice()).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    fn list_in<T: DeserializeOwned>(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<T>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
-        let t = txn.open_table(VMS).map_err(db_err)?;
+        let t = txn.open_table(table).map_err(db_err)?;
         let mut out = vec![];
         for item in t.iter().map_err(db_err)? {
             let (k, v) = item.map_err(db_err)?;
@@ -107,6 +131,7 @@ mod tests {
             pid: Some(42),
             run_dir: "/x".into(),
             created_at_ms: 1,
+            guest_before: None,
         }
     }
 

@@ -37,6 +37,9 @@ pub struct AgentConfig {
     pub initrd: Option<PathBuf>,
     /// Cache directory of the guest image.
     pub image_cache: Option<PathBuf>,
+    /// The most capable CPU model this host offers guests; VMs whose CPU model needs a
+    /// feature outside it are refused (default: `max` under TCG, `host` under KVM).
+    pub cpu_ceiling: Option<String>,
 }
 
 impl AgentConfig {
@@ -51,6 +54,7 @@ impl AgentConfig {
             kernel: None,
             initrd: None,
             image_cache: None,
+            cpu_ceiling: None,
         }
     }
 }
@@ -98,10 +102,10 @@ pub struct ConsoleChunk {
     pub text: String,
 }
 
-struct Vm {
-    record: VmRecord,
-    process: Option<QemuProcess>,
-    qmp: Option<Qmp>,
+pub(crate) struct Vm {
+    pub(crate) record: VmRecord,
+    pub(crate) process: Option<QemuProcess>,
+    pub(crate) qmp: Option<Qmp>,
 }
 
 #[derive(Default)]
@@ -111,29 +115,33 @@ struct Table {
     active_mib: BTreeMap<String, u64>,
 }
 
-struct Inner {
-    config: AgentConfig,
-    store: Store,
-    accel: AccelChoice,
+pub(crate) struct Inner {
+    pub(crate) config: AgentConfig,
+    pub(crate) store: Store,
+    pub(crate) accel: AccelChoice,
     qemu: QemuVersion,
     capacity_mib: u64,
     default_kernel: Option<PathBuf>,
     default_initrd: Option<PathBuf>,
     table: Mutex<Table>,
+    /// Migrations this agent drives as their source.
+    pub(crate) migrations: Mutex<BTreeMap<String, crate::migration::Migration>>,
+    /// Client for other agents.
+    pub(crate) http: reqwest::Client,
 }
 
 /// The agent: owns the VMs of one host. Cheap to clone.
 #[derive(Clone)]
 pub struct Agent {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The table stays consistent across a panic elsewhere: every update is one statement.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -183,9 +191,16 @@ impl Agent {
                 default_kernel,
                 default_initrd,
                 table: Mutex::default(),
+                migrations: Mutex::default(),
+                http: reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(2))
+                    .timeout(Duration::from_secs(90))
+                    .build()
+                    .map_err(|e| StartError::Image(format!("HTTP client: {e}")))?,
             }),
         };
         agent.reattach().await?;
+        agent.recover_migrations().await;
         Ok(agent)
     }
 
@@ -208,11 +223,11 @@ impl Agent {
         }
     }
 
-    fn vm(&self, name: &str) -> Result<Arc<tokio::sync::Mutex<Vm>>, AgentError> {
+    pub(crate) fn vm(&self, name: &str) -> Result<Arc<tokio::sync::Mutex<Vm>>, AgentError> {
         lock(&self.inner.table).vms.get(name).cloned().ok_or_else(|| AgentError::NotFound { vm: name.into() })
     }
 
-    fn set_active(&self, name: &str, mib: Option<u64>) {
+    pub(crate) fn set_active(&self, name: &str, mib: Option<u64>) {
         let mut t = lock(&self.inner.table);
         match mib {
             Some(m) => t.active_mib.insert(name.to_string(), m),
@@ -220,7 +235,7 @@ impl Agent {
         };
     }
 
-    fn validate(&self, spec: &VmSpec) -> Result<(), AgentError> {
+    pub(crate) fn validate(&self, spec: &VmSpec) -> Result<(), AgentError> {
         let bad = |reason: String| AgentError::InvalidSpec { vm: spec.name.clone(), reason };
         if !valid_name(&spec.name) {
             return Err(bad(format!(
@@ -251,7 +266,7 @@ impl Agent {
         }
     }
 
-    fn qemu_config(&self, rec: &VmRecord) -> QemuConfig {
+    pub(crate) fn qemu_config(&self, rec: &VmRecord) -> QemuConfig {
         let (kernel, initrd) = self.boot_files(&rec.spec);
         // The spec was validated at create; a stored spec that no longer parses runs idle.
         let workload = rec.spec.workload.parse().unwrap_or(walkabout_guest::workload::Workload::Idle);
@@ -272,6 +287,7 @@ impl Agent {
             cmdline,
             run_dir: rec.run_dir.clone(),
             incoming: None,
+            start_paused: false,
         }
     }
 
@@ -279,43 +295,10 @@ impl Agent {
     pub async fn create(&self, spec: VmSpec) -> Result<VmInfo, AgentError> {
         self.validate(&spec)?;
         let name = spec.name.clone();
-        let rec = VmRecord {
-            version: RECORD_VERSION,
-            run_dir: self.inner.config.data_dir.join("vms").join(&name),
-            spec,
-            state: VmState::Starting,
-            reason: None,
-            accel: self.inner.accel.accel,
-            pid: None,
-            created_at_ms: now_ms(),
-        };
-        let vm = Arc::new(tokio::sync::Mutex::new(Vm { record: rec.clone(), process: None, qmp: None }));
-        // Reserve the name and the memory in one step.
-        {
-            let mut t = lock(&self.inner.table);
-            if t.vms.contains_key(&name) {
-                return Err(AgentError::Duplicate { vm: name });
-            }
-            let used: u64 = t.active_mib.values().sum();
-            let free = self.inner.capacity_mib.saturating_sub(used);
-            if rec.spec.memory_mib > free {
-                return Err(AgentError::InsufficientMemory {
-                    vm: name,
-                    need_mib: rec.spec.memory_mib,
-                    free_mib: free,
-                    capacity_mib: self.inner.capacity_mib,
-                    used_mib: used,
-                });
-            }
-            t.vms.insert(name.clone(), vm.clone());
-            t.active_mib.insert(name.clone(), rec.spec.memory_mib);
-        }
+        let vm = self.reserve(spec, VmState::Starting)?;
         let mut guard = vm.lock().await;
-        if let Err(e) = self.boot(&mut guard).await {
-            let mut t = lock(&self.inner.table);
-            t.vms.remove(&name);
-            t.active_mib.remove(&name);
-            let _ = std::fs::remove_dir_all(&guard.record.run_dir);
+        if let Err(e) = self.boot(&mut guard, false).await {
+            self.unreserve(&name, &guard.record.run_dir);
             return Err(e);
         }
         self.inner.store.put(&guard.record)?;
@@ -323,10 +306,63 @@ impl Agent {
         Ok(self.info_of(&guard))
     }
 
+    /// Reserves the name and the memory of a new VM in one step.
+    pub(crate) fn reserve(&self, spec: VmSpec, state: VmState) -> Result<Arc<tokio::sync::Mutex<Vm>>, AgentError> {
+        let name = spec.name.clone();
+        let rec = VmRecord {
+            version: RECORD_VERSION,
+            run_dir: self.inner.config.data_dir.join("vms").join(&name),
+            spec,
+            state,
+            reason: None,
+            accel: self.inner.accel.accel,
+            pid: None,
+            created_at_ms: now_ms(),
+            guest_before: None,
+        };
+        let mut t = lock(&self.inner.table);
+        if t.vms.contains_key(&name) {
+            return Err(AgentError::Duplicate { vm: name });
+        }
+        let used: u64 = t.active_mib.values().sum();
+        let free = self.inner.capacity_mib.saturating_sub(used);
+        if rec.spec.memory_mib > free {
+            return Err(AgentError::InsufficientMemory {
+                vm: name,
+                need_mib: rec.spec.memory_mib,
+                free_mib: free,
+                capacity_mib: self.inner.capacity_mib,
+                used_mib: used,
+            });
+        }
+        t.active_mib.insert(name.clone(), rec.spec.memory_mib);
+        let vm = Arc::new(tokio::sync::Mutex::new(Vm { record: rec, process: None, qmp: None }));
+        t.vms.insert(name, vm.clone());
+        Ok(vm)
+    }
+
+    /// Forgets a VM entirely: table, memory, database and files.
+    pub(crate) fn unreserve(&self, name: &str, run_dir: &Path) {
+        {
+            let mut t = lock(&self.inner.table);
+            t.vms.remove(name);
+            t.active_mib.remove(name);
+        }
+        if let Err(e) = self.inner.store.delete(name) {
+            tracing::error!(vm = %name, error = %e, "cannot delete VM record");
+        }
+        let _ = std::fs::remove_dir_all(run_dir);
+    }
+
     /// Starts QEMU for the VM and connects to it; on failure nothing is left running.
-    async fn boot(&self, vm: &mut Vm) -> Result<(), AgentError> {
+    /// An `incoming` VM waits, paused, for a migration instead of booting.
+    pub(crate) async fn boot(&self, vm: &mut Vm, incoming: bool) -> Result<(), AgentError> {
         let name = vm.record.spec.name.clone();
-        let cfg = self.qemu_config(&vm.record);
+        let mut cfg = self.qemu_config(&vm.record);
+        if incoming {
+            cfg.incoming = Some("defer".into());
+            cfg.start_paused = true;
+        }
         let _ = std::fs::remove_file(cfg.console_path());
         let process = QemuProcess::spawn(&cfg).await.map_err(AgentError::qemu(&name))?;
         let qmp = match Qmp::connect(&process.qmp_path, walkabout_qemu::qmp::DEFAULT_TIMEOUT).await {
@@ -337,7 +373,7 @@ impl Agent {
             }
         };
         vm.record.pid = Some(process.pid);
-        vm.record.state = VmState::Running;
+        vm.record.state = if incoming { VmState::Incoming } else { VmState::Running };
         vm.record.reason = None;
         self.watch(&name, qmp.clone(), process.clone());
         vm.process = Some(process);
@@ -373,6 +409,14 @@ impl Agent {
             if vm.record.pid != Some(process.pid) || !vm.record.state.is_active() {
                 return;
             }
+            if vm.record.state == VmState::Incoming {
+                // The migration into this host failed; the VM never ran here.
+                tracing::info!(vm = %name, "incoming QEMU exited; forgetting the VM");
+                let run_dir = vm.record.run_dir.clone();
+                drop(vm);
+                agent.unreserve(&name, &run_dir);
+                return;
+            }
             let why = match shutdown_reason.as_deref() {
                 Some("guest-panic") => "the guest kernel panicked".to_string(),
                 Some(r) => format!("QEMU shut down on its own ({r})"),
@@ -397,6 +441,37 @@ impl Agent {
         for mut rec in self.inner.store.list()? {
             let name = rec.spec.name.clone();
             let mut vm = Vm { record: rec.clone(), process: None, qmp: None };
+            if rec.state == VmState::Incoming {
+                // A migration into this host was under way when the agent stopped. If the
+                // guest already runs here, the migration completed (the source passed its
+                // switchover gate and never resumes its copy): adopt it. Otherwise the
+                // source has given up by now (it probes the destination) and the guest
+                // never ran here: tear it down.
+                let cfg = self.qemu_config(&rec);
+                if let Some(p) = rec.pid.and_then(|pid| QemuProcess::attach(pid, &cfg.qmp_path(), &cfg.console_path())) {
+                    let q = Qmp::connect(&p.qmp_path, walkabout_qemu::qmp::DEFAULT_TIMEOUT).await.ok();
+                    let runs = match &q {
+                        Some(q) => q.query_status().await.map(|s| s.running).unwrap_or(false),
+                        None => false,
+                    };
+                    if let (true, Some(q)) = (runs, q) {
+                        rec.state = VmState::Running;
+                        rec.reason = Some("migrated in while this agent was down".into());
+                        self.inner.store.put(&rec)?;
+                        tracing::info!(vm = %name, "adopted a VM whose migration completed while the agent was down");
+                        self.watch(&name, q.clone(), p.clone());
+                        self.set_active(&name, Some(rec.spec.memory_mib));
+                        let vm = Vm { record: rec, process: Some(p), qmp: Some(q) };
+                        lock(&self.inner.table).vms.insert(name, Arc::new(tokio::sync::Mutex::new(vm)));
+                        continue;
+                    }
+                    p.kill(Duration::from_secs(2)).await;
+                }
+                tracing::info!(vm = %name, "dropped an incoming VM left by an unfinished migration");
+                self.inner.store.delete(&name)?;
+                let _ = std::fs::remove_dir_all(&rec.run_dir);
+                continue;
+            }
             if rec.state.is_active() {
                 let cfg = self.qemu_config(&rec);
                 let attached = match rec.pid.and_then(|pid| QemuProcess::attach(pid, &cfg.qmp_path(), &cfg.console_path())) {
@@ -412,11 +487,14 @@ impl Agent {
                 };
                 match attached {
                     Some((p, q)) => {
-                        rec.state = match q.query_status().await {
-                            Ok(s) if s.running => VmState::Running,
-                            Ok(_) => VmState::Paused,
-                            Err(_) => rec.state,
-                        };
+                        // A VM that was migrating is sorted out by `recover_migrations`.
+                        if rec.state != VmState::Migrating {
+                            rec.state = match q.query_status().await {
+                                Ok(s) if s.running => VmState::Running,
+                                Ok(_) => VmState::Paused,
+                                Err(_) => rec.state,
+                            };
+                        }
                         tracing::info!(vm = %name, pid = p.pid, state = ?rec.state, "re-attached to running VM");
                         self.watch(&name, q.clone(), p.clone());
                         vm.process = Some(p);
@@ -438,9 +516,10 @@ impl Agent {
         Ok(())
     }
 
-    fn info_of(&self, vm: &Vm) -> VmInfo {
+    pub(crate) fn info_of(&self, vm: &Vm) -> VmInfo {
         let log = std::fs::read(vm.record.run_dir.join("console.log")).unwrap_or_default();
-        VmInfo { record: vm.record.clone(), guest: GuestStatus::parse(&String::from_utf8_lossy(&log)) }
+        let before = vm.record.guest_before.clone().unwrap_or_default();
+        VmInfo { record: vm.record.clone(), guest: GuestStatus::parse_after(before, &String::from_utf8_lossy(&log)) }
     }
 
     /// One VM.
@@ -495,7 +574,7 @@ impl Agent {
         Ok(self.info_of(&vm))
     }
 
-    async fn halt(&self, vm: &mut Vm, reason: &str) -> Result<(), AgentError> {
+    pub(crate) async fn halt(&self, vm: &mut Vm, reason: &str) -> Result<(), AgentError> {
         let name = vm.record.spec.name.clone();
         vm.record.state = VmState::Stopped;
         vm.record.reason = Some(reason.into());

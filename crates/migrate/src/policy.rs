@@ -6,6 +6,11 @@
 //! and a link of bandwidth `b` the remaining bytes shrink geometrically when `d < b` and
 //! stop shrinking when `d >= b`. QEMU finishes when the remainder fits in the downtime
 //! limit. So:
+//! - the least downtime first: QEMU switches over as soon as the remainder fits its
+//!   downtime limit, and on a fast link that is after one pass with a big remainder. So
+//!   the limit starts at a tenth of the operator's maximum ([`initial_downtime_ms`]) and
+//!   is raised to the maximum only when passes stall while QEMU expects the remainder to
+//!   fit in it;
 //! - the bandwidth cap is lifted unless the operator set one (QEMU's default cap of
 //!   128 MiB/s alone makes a guest dirtying at 128 MiB/s never finish);
 //! - a *stall* is the remaining bytes not falling for [`STALL_ITERATIONS`] passes, judged
@@ -107,11 +112,24 @@ pub struct Sample {
     pub expected_downtime_ms: u64,
 }
 
+/// The downtime limit a migration starts with: a tenth of the operator's maximum, at
+/// least 10 ms (and never above the maximum).
+pub fn initial_downtime_ms(max_downtime_ms: u64) -> u64 {
+    (max_downtime_ms / 10).max(10).min(max_downtime_ms)
+}
+
 /// What the executor should do after a sample.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Action {
     /// Keep going.
     Continue,
+    /// Raise QEMU's downtime limit.
+    SetDowntime {
+        /// The new limit, ms.
+        ms: u64,
+        /// Why.
+        reason: String,
+    },
     /// Switch to post-copy now.
     StartPostcopy {
         /// Why.
@@ -147,6 +165,7 @@ pub struct Policy {
     last_iteration: u64,
     postcopy: bool,
     predicted_to_converge: Option<bool>,
+    downtime_ms: u64,
 }
 
 fn mib(bps: u64) -> u64 {
@@ -195,14 +214,20 @@ impl Policy {
                 postcopy_ready,
                 auto_converge,
                 bandwidth_bps,
-                downtime_ms: limits.max_downtime_ms,
-                reason: format!("{why}; {cap}; downtime limit {} ms; budget {} ms", limits.max_downtime_ms, deadline_ms),
+                downtime_ms: initial_downtime_ms(limits.max_downtime_ms),
+                reason: format!(
+                    "{why}; {cap}; downtime limit {} ms, raised up to {} ms only if passes stall; budget {} ms",
+                    initial_downtime_ms(limits.max_downtime_ms),
+                    limits.max_downtime_ms,
+                    deadline_ms
+                ),
             },
             deadline_ms,
             passes: vec![],
             last_iteration: 0,
             postcopy: false,
             predicted_to_converge: predicted,
+            downtime_ms: initial_downtime_ms(limits.max_downtime_ms),
         }
     }
 
@@ -241,6 +266,9 @@ impl Policy {
                 ));
             }
             if let Some(why) = self.stalled(s) {
+                if let Some(raise) = self.raise_downtime(s, &why) {
+                    return raise;
+                }
                 return self.go_postcopy(why);
             }
         }
@@ -250,6 +278,13 @@ impl Policy {
                 self.deadline_ms,
                 mib(s.remaining_bytes)
             ));
+        }
+        if !can_postcopy && first_pass_done && new_pass {
+            if let Some(why) = self.stalled(s) {
+                if let Some(raise) = self.raise_downtime(s, &why) {
+                    return raise;
+                }
+            }
         }
         if !can_postcopy && s.elapsed_ms >= self.deadline_ms {
             return Action::GiveUp {
@@ -263,6 +298,21 @@ impl Policy {
             };
         }
         Action::Continue
+    }
+
+    /// On a stall, the downtime limit goes to the operator's maximum if QEMU expects the
+    /// remainder to fit in it; the pass history restarts so a later stall is judged anew.
+    fn raise_downtime(&mut self, s: &Sample, stall: &str) -> Option<Action> {
+        let max = self.limits.max_downtime_ms;
+        if self.downtime_ms >= max || s.expected_downtime_ms > max {
+            return None;
+        }
+        self.downtime_ms = max;
+        self.passes.clear();
+        Some(Action::SetDowntime {
+            ms: max,
+            reason: format!("{stall}; QEMU expects {} ms, within the allowed {max} ms: downtime limit raised", s.expected_downtime_ms),
+        })
     }
 
     fn go_postcopy(&mut self, reason: String) -> Action {
@@ -332,6 +382,22 @@ mod tests {
         }
         assert_eq!(actions[..4], vec![Action::Continue; 4]);
         assert!(matches!(&actions[4], Action::StartPostcopy { reason } if reason.starts_with("stalled")), "{actions:?}");
+    }
+
+    #[test]
+    fn a_stall_that_fits_the_allowed_downtime_raises_the_limit_before_postcopy() {
+        let mut p = Policy::new(Mode::Auto, Limits::default(), GIB, None);
+        assert_eq!(p.strategy().downtime_ms, 30);
+        let fits = |i, rem| Sample { expected_downtime_ms: 120, ..pass(i, rem, i * 100) };
+        for (i, rem) in [(1, 900), (2, 200), (3, 210), (4, 205)] {
+            assert_eq!(p.observe(&fits(i, rem)), Action::Continue);
+        }
+        assert!(matches!(p.observe(&fits(5, 199)), Action::SetDowntime { ms: 300, .. }));
+        // Stalling again after the raise: now post-copy.
+        for (i, rem) in [(6, 200), (7, 201), (8, 199)] {
+            assert_eq!(p.observe(&fits(i, rem)), Action::Continue);
+        }
+        assert!(matches!(p.observe(&fits(9, 200)), Action::StartPostcopy { .. }));
     }
 
     #[test]

@@ -1,6 +1,16 @@
 //! Running a migration through QEMU: the destination listens, the source sends, and the
 //! [`Policy`] watches every sample and adapts.
 //!
+//! The switchover is gated: the source runs with QEMU's `pause-before-switchover`, so
+//! when pre-copy is ready to finish (or post-copy to start) QEMU pauses the guest and
+//! waits for us. We continue only if the destination answered its liveness probe within
+//! [`GATE_FRESHNESS`]; otherwise the migration is cancelled and the guest resumes on its
+//! source. The check is a read of the probe's last answer, not a round trip, because the
+//! guest is paused while we decide. (The destination may be armed to run the guest as
+//! soon as it has loaded it: it cannot load it before we pass the gate.) Before the gate
+//! every failure leaves the VM on its source; after it, the source never resumes on its
+//! own, so two copies never run.
+//!
 //! Order matters: capabilities that must match (`postcopy-ram`) are set on the
 //! destination before it listens and on the source before `migrate`; QEMU refuses to
 //! change capabilities once a migration runs, which is why the strategy is picked up
@@ -18,6 +28,19 @@ use walkabout_qemu::Qmp;
 
 /// How often QEMU's statistics are read.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+/// A destination silent for longer than this is taken for gone while memory moves.
+pub const PEER_TIMEOUT: Duration = Duration::from_millis(1500);
+/// At the switchover gate the destination must have answered within this.
+pub const GATE_FRESHNESS: Duration = Duration::from_millis(1000);
+
+/// The destination, as the source's migration sees it.
+pub trait Peer {
+    /// Time since the destination (its agent and its QEMU) last answered a probe.
+    fn since_alive(&self) -> Duration;
+}
+
+/// The reason recorded for a cancel the operator asked for.
+pub const CANCELLED_BY_REQUEST: &str = "cancelled by request";
 
 /// How a migration ended.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,22 +63,25 @@ pub struct Outcome {
     pub switches: Vec<Switch>,
 }
 
-fn caps(strategy: &Strategy, source: bool) -> Value {
+/// Capabilities: `postcopy-ram` must match on both ends; `auto_converge` (source only,
+/// `None` on the destination) and the switchover gate are the source's.
+fn caps(postcopy_ready: bool, auto_converge: Option<bool>) -> Value {
     let mut c = vec![
         json!({"capability": "events", "state": true}),
-        json!({"capability": "postcopy-ram", "state": strategy.postcopy_ready}),
+        json!({"capability": "postcopy-ram", "state": postcopy_ready}),
     ];
-    if source {
-        c.push(json!({"capability": "auto-converge", "state": strategy.auto_converge}));
+    if let Some(ac) = auto_converge {
+        c.push(json!({"capability": "auto-converge", "state": ac}));
+        c.push(json!({"capability": "pause-before-switchover", "state": true}));
     }
     json!({ "capabilities": c })
 }
 
 /// Prepares a destination QEMU started with `-incoming defer`: sets the capabilities
-/// the strategy needs and listens on `listen_host` (port chosen by the kernel).
+/// the source's strategy needs and listens on `listen_host` (port chosen by the kernel).
 /// Returns the URI the source must send to.
-pub async fn listen_incoming(qmp: &Qmp, strategy: &Strategy, listen_host: &str) -> Result<String, MigrateError> {
-    qmp.execute_raw("migrate-set-capabilities", Some(caps(strategy, false))).await.map_err(MigrateError::destination)?;
+pub async fn listen_incoming(qmp: &Qmp, postcopy_ready: bool, listen_host: &str) -> Result<String, MigrateError> {
+    qmp.execute_raw("migrate-set-capabilities", Some(caps(postcopy_ready, None))).await.map_err(MigrateError::destination)?;
     qmp.execute_raw("migrate-incoming", Some(json!({ "uri": format!("tcp:{listen_host}:0") })))
         .await
         .map_err(MigrateError::destination)?;
@@ -96,13 +122,14 @@ pub async fn run(
     qmp: &Qmp,
     uri: &str,
     mut policy: Policy,
+    peer: &impl Peer,
     mut cancel: watch::Receiver<bool>,
     mut report: impl FnMut(&Progress, Option<&Switch>),
 ) -> Result<Outcome, MigrateError> {
     let strategy = policy.strategy().clone();
     let started = Instant::now();
     let src = MigrateError::source;
-    qmp.execute_raw("migrate-set-capabilities", Some(caps(&strategy, true))).await.map_err(src)?;
+    qmp.execute_raw("migrate-set-capabilities", Some(caps(strategy.postcopy_ready, Some(strategy.auto_converge)))).await.map_err(src)?;
     let mut params = json!({
         "downtime-limit": strategy.downtime_ms,
         "max-bandwidth": strategy.bandwidth_bps,
@@ -113,18 +140,28 @@ pub async fn run(
         params["cpu-throttle-tailslow"] = json!(true);
     }
     qmp.execute_raw("migrate-set-parameters", Some(params)).await.map_err(src)?;
+    // Subscribe before starting, so the pre-switchover pause is seen at once: the guest
+    // is paused while it waits for us, and every millisecond here is downtime.
+    let mut events = qmp.events();
     qmp.execute_raw("migrate", Some(json!({ "uri": uri }))).await.map_err(src)?;
     tracing::info!(uri, strategy = %strategy.name, reason = %strategy.reason, "migration started");
 
     let mut switches: Vec<Switch> = vec![];
     let mut cancel_reason: Option<String> = None;
     let mut give_up: Option<String> = None;
+    let mut gate_passed = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(SAMPLE_INTERVAL) => {}
+            ev = events.recv() => {
+                // Any MIGRATION event wakes the loop; other events are of no interest.
+                if !matches!(&ev, Ok(e) if e.event == "MIGRATION") {
+                    continue;
+                }
+            }
             changed = cancel.changed() => {
                 if changed.is_ok() && *cancel.borrow() && cancel_reason.is_none() {
-                    cancel_reason = Some("cancelled by request".into());
+                    cancel_reason = Some(CANCELLED_BY_REQUEST.into());
                     request_cancel(qmp).await?;
                 }
             }
@@ -137,6 +174,8 @@ pub async fn run(
             report(&progress, None);
             let reason = match phase {
                 Phase::Completed => None,
+                // A failure after our own cancel request is the cancel's doing.
+                Phase::Failed if cancel_reason.is_some() || give_up.is_some() => give_up.clone().or(cancel_reason.clone()),
                 Phase::Cancelled => Some(give_up.clone().or(cancel_reason.clone()).unwrap_or_else(|| "cancelled".into())),
                 _ => Some(format!(
                     "QEMU reports the migration failed: {}",
@@ -144,7 +183,12 @@ pub async fn run(
                 )),
             };
             // A give-up is a failure to finish, not a user's cancel.
-            let phase = if phase == Phase::Cancelled && give_up.is_some() { Phase::Failed } else { phase };
+            let phase = match (phase, &give_up, &cancel_reason) {
+                (Phase::Cancelled, Some(_), _) => Phase::Failed,
+                // Cancelled by us because the destination went away: a failure.
+                (Phase::Cancelled, None, Some(r)) if r != CANCELLED_BY_REQUEST => Phase::Failed,
+                (p, _, _) => p,
+            };
             return Ok(Outcome {
                 phase,
                 reason,
@@ -156,12 +200,46 @@ pub async fn run(
                 switches,
             });
         }
+        if gate_passed {
+            // Past the gate the migration is QEMU's to finish; only its end matters.
+            progress.phase = Some(Phase::Switchover);
+            report(&progress, None);
+            continue;
+        }
+        if progress.qemu_status == "pre-switchover" && !gate_passed && cancel_reason.is_none() && give_up.is_none() {
+            // The guest is paused on the source; nothing has run on the destination.
+            let silent = peer.since_alive();
+            if silent <= GATE_FRESHNESS {
+                qmp.execute_raw("migrate-continue", Some(json!({"state": "pre-switchover"}))).await.map_err(src)?;
+                gate_passed = true;
+                progress.phase = Some(Phase::Switchover);
+            } else {
+                cancel_reason = Some(format!("the destination had not answered for {} ms at switchover", silent.as_millis()));
+                request_cancel(qmp).await?;
+            }
+            report(&progress, None);
+            continue;
+        }
         if phase != Phase::Running || cancel_reason.is_some() || give_up.is_some() {
+            report(&progress, None);
+            continue;
+        }
+        let silent = peer.since_alive();
+        if silent > PEER_TIMEOUT {
+            cancel_reason = Some(format!("the destination stopped answering ({} ms)", silent.as_millis()));
+            request_cancel(qmp).await?;
             report(&progress, None);
             continue;
         }
         match policy.observe(&progress.sample()) {
             Action::Continue => report(&progress, None),
+            Action::SetDowntime { ms, reason } => {
+                qmp.execute_raw("migrate-set-parameters", Some(json!({"downtime-limit": ms}))).await.map_err(src)?;
+                let sw = Switch { at_ms: progress.elapsed_ms, to: format!("downtime-limit {ms} ms"), reason };
+                tracing::info!(reason = %sw.reason, "raising the downtime limit");
+                report(&progress, Some(&sw));
+                switches.push(sw);
+            }
             Action::StartPostcopy { reason } => {
                 qmp.execute_raw("migrate-start-postcopy", None).await.map_err(src)?;
                 let sw = Switch { at_ms: progress.elapsed_ms, to: "postcopy".into(), reason };

@@ -5,6 +5,7 @@
 //! QEMU at a time.
 
 pub mod accel;
+pub mod cpu;
 pub mod error;
 pub mod process;
 pub mod qmp;

@@ -40,6 +40,10 @@ pub struct QemuConfig {
     /// `-incoming` URI when this QEMU is a migration destination (e.g. `defer`).
     #[serde(default)]
     pub incoming: Option<String>,
+    /// Start with vCPUs stopped (`-S`): a migration destination runs the guest only
+    /// when told to, so two copies never run at once.
+    #[serde(default)]
+    pub start_paused: bool,
 }
 
 impl QemuConfig {
@@ -95,6 +99,9 @@ impl QemuConfig {
         if let Some(i) = &self.initrd {
             a.push("-initrd".into());
             a.push(i.display().to_string());
+        }
+        if self.start_paused {
+            a.push("-S".into());
         }
         if let Some(inc) = &self.incoming {
             a.push("-incoming".into());
@@ -242,6 +249,7 @@ mod tests {
             cmdline: "console=ttyS0".into(),
             run_dir: "/run/wa/vm1".into(),
             incoming: Some("defer".into()),
+            start_paused: true,
         }
     }
 
@@ -252,7 +260,7 @@ mod tests {
         assert!(a.contains("-serial file:/run/wa/vm1/console.log"), "{a}");
         assert!(a.contains("-pidfile /run/wa/vm1/qemu.pid -daemonize"), "{a}");
         assert!(a.contains("-m 512M -smp 2"), "{a}");
-        assert!(a.contains("-incoming defer"), "{a}");
+        assert!(a.contains("-S -incoming defer"), "{a}");
     }
 
     #[tokio::test]

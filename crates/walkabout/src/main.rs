@@ -25,6 +25,11 @@ enum Command {
     /// Build and inspect the guest image (kernel + initramfs).
     #[command(subcommand)]
     Image(cli::image::ImageCommand),
+    /// Live-migrate a VM from one agent to another.
+    Migrate(cli::migrate::MigrateArgs),
+    /// List, show or cancel migrations.
+    #[command(subcommand)]
+    Migration(cli::migrate::MigrationCommand),
     /// Plan a safe order of migrations from a current to a target placement (offline).
     Plan(cli::plan::PlanArgs),
 }
@@ -44,6 +49,8 @@ fn main() -> std::process::ExitCode {
         Command::Host(c) => cli::host::run(c),
         Command::Image(c) => cli::image::run(c),
         Command::Plan(a) => cli::plan::run(a),
+        Command::Migrate(a) => cli::migrate::run(a),
+        Command::Migration(c) => cli::migrate::run_migration(c),
     };
     match result {
         Ok(code) => code,

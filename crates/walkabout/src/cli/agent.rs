@@ -38,6 +38,10 @@ pub struct AgentArgs {
     /// Cache directory of the guest image.
     #[arg(long, env = "WALKABOUT_CACHE")]
     image_cache: Option<PathBuf>,
+    /// The most capable CPU model this host offers guests (like an EVC baseline); VMs
+    /// needing a feature outside it are refused. Default: max (TCG) or host (KVM).
+    #[arg(long)]
+    cpu_ceiling: Option<String>,
 }
 
 /// Runs the agent until Ctrl-C or SIGTERM. VMs keep running after it stops.
@@ -52,6 +56,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             kernel: a.kernel,
             initrd: a.initrd,
             image_cache: a.image_cache,
+            cpu_ceiling: a.cpu_ceiling,
             ..AgentConfig::new(a.data_dir)
         };
         let listener = tokio::net::TcpListener::bind(&a.listen)

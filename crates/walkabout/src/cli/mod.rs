@@ -4,5 +4,6 @@ pub mod agent;
 pub mod client;
 pub mod host;
 pub mod image;
+pub mod migrate;
 pub mod plan;
 pub mod vm;
