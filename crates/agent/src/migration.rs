@@ -16,6 +16,10 @@
 //!   quit source QEMU, forget the VM
 //! ```
 //!
+//! The destination holds a lease renewed by the source's probes: if they stop (source
+//! agent gone, link cut), the destination tears its QEMU down by itself, or adopts the
+//! guest if it already runs there.
+//!
 //! Up to the gate the guest has only ever run on the source, and any failure
 //! (destination gone, link cut, cancel, QEMU error) cancels, tears the destination down
 //! and resumes the guest on the source. After it the source never resumes on its own.
@@ -130,6 +134,9 @@ fn api_error(status: reqwest::StatusCode, body: &[u8]) -> String {
 
 /// How often the source probes the destination during a migration.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// An incoming VM whose source has not probed for this long is torn down (or adopted,
+/// if its guest already runs here): the source's probes are the destination's lease.
+pub const INCOMING_LEASE: Duration = Duration::from_secs(4);
 
 /// The destination agent, reached over HTTP.
 struct Destination {
@@ -514,6 +521,10 @@ impl Agent {
             Ok(IncomingReply { uri })
         }
         .await;
+        if result.is_ok() {
+            lock(&self.inner.leases).insert(name.clone(), std::time::Instant::now());
+            self.spawn_lease_watch(name.clone(), guard.record.pid);
+        }
         if result.is_err() {
             if let Some(p) = guard.process.take() {
                 p.kill(Duration::from_secs(2)).await;
@@ -595,13 +606,51 @@ impl Agent {
         Ok(())
     }
 
-    /// The incoming VM, while it is incoming (the source's liveness probe).
+    /// The incoming VM, while it is incoming: the source's liveness probe, which also
+    /// renews the destination's lease.
     pub async fn incoming(&self, name: &str) -> Result<crate::vms::VmInfo, AgentError> {
         let vm = self.incoming_vm(name)?;
         let vm = vm.lock().await;
-        if vm.record.state != VmState::Incoming {
+        if !matches!(vm.record.state, VmState::Incoming | VmState::Running) || vm.record.reason.as_deref() == Some("migrated in") {
             return Err(AgentError::InvalidState { vm: name.into(), op: "receive", state: vm.record.state });
         }
+        lock(&self.inner.leases).insert(name.to_string(), std::time::Instant::now());
         Ok(self.info_of(&vm))
+    }
+
+    /// Watches an incoming VM's lease until the migration is committed or aborted.
+    fn spawn_lease_watch(&self, name: String, pid: Option<i32>) {
+        let agent = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Ok(vm) = agent.vm(&name) else { break };
+                let mut vm = vm.lock().await;
+                if vm.record.pid != pid || vm.record.state != VmState::Incoming {
+                    break;
+                }
+                let renewed = lock(&agent.inner.leases).get(&name).copied();
+                if renewed.is_some_and(|t| t.elapsed() < INCOMING_LEASE) {
+                    continue;
+                }
+                let runs = match &vm.qmp {
+                    Some(q) => q.query_status().await.map(|s| s.running).unwrap_or(false),
+                    None => false,
+                };
+                if runs {
+                    // Past the switchover: the guest lives here now, whatever the source knows.
+                    vm.record.state = VmState::Running;
+                    vm.record.reason = Some("migrated in; the source went silent before confirming".into());
+                    let _ = agent.inner.store.put(&vm.record);
+                    tracing::warn!(vm = %name, "source went silent after switchover; the VM runs here");
+                    break;
+                }
+                tracing::warn!(vm = %name, lease_ms = INCOMING_LEASE.as_millis() as u64, "source went silent; tearing the incoming VM down");
+                drop(vm);
+                let _ = agent.abort_incoming(&name).await;
+                break;
+            }
+            lock(&agent.inner.leases).remove(&name);
+        });
     }
 }

@@ -128,6 +128,8 @@ pub(crate) struct Inner {
     pub(crate) migrations: Mutex<BTreeMap<String, crate::migration::Migration>>,
     /// Client for other agents.
     pub(crate) http: reqwest::Client,
+    /// Incoming VMs: when their source last probed.
+    pub(crate) leases: Mutex<BTreeMap<String, std::time::Instant>>,
 }
 
 /// The agent: owns the VMs of one host. Cheap to clone.
@@ -192,6 +194,7 @@ impl Agent {
                 default_initrd,
                 table: Mutex::default(),
                 migrations: Mutex::default(),
+                leases: Mutex::default(),
                 http: reqwest::Client::builder()
                     .connect_timeout(Duration::from_secs(2))
                     .timeout(Duration::from_secs(90))

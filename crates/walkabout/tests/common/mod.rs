@@ -63,21 +63,48 @@ pub fn guest_image() {
     });
 }
 
-/// A running agent process with its own data directory.
+/// A running agent process with its own data directory, optionally inside a network
+/// namespace (a host of its own).
 pub struct AgentProc {
     pub url: String,
     pub data: PathBuf,
     child: Option<Child>,
     _dir: Option<TempDir>,
+    netns: Option<String>,
+    listen: String,
+}
+
+/// `cmd` prefixed with `ip netns exec NS` when `netns` is set.
+fn in_netns(netns: &Option<String>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 impl AgentProc {
     /// Starts an agent on a free loopback port under TCG with `extra` arguments.
     pub fn start(extra: &[&str]) -> AgentProc {
+        AgentProc::start_at(None, "127.0.0.1:0", extra)
+    }
+
+    /// Starts an agent listening on `listen`, inside network namespace `netns` if given.
+    pub fn start_at(netns: Option<&str>, listen: &str, extra: &[&str]) -> AgentProc {
         guest_image();
         let dir = TempDir::new("agent");
         let data = dir.0.clone();
-        let mut a = AgentProc { url: String::new(), data, child: None, _dir: Some(dir) };
+        let mut a = AgentProc {
+            url: String::new(),
+            data,
+            child: None,
+            _dir: Some(dir),
+            netns: netns.map(String::from),
+            listen: listen.to_string(),
+        };
         a.spawn(extra);
         a
     }
@@ -85,7 +112,8 @@ impl AgentProc {
     /// (Re)starts the agent process on this data directory.
     pub fn spawn(&mut self, extra: &[&str]) {
         let _ = std::fs::remove_file(self.data.join("agent.url"));
-        let mut args = vec!["agent", "--listen", "127.0.0.1:0", "--data-dir"];
+        let listen = self.listen.clone();
+        let mut args = vec!["agent", "--listen", &listen, "--data-dir"];
         let data = self.data.display().to_string();
         args.push(&data);
         if !extra.iter().any(|a| *a == "--accel") {
@@ -93,7 +121,7 @@ impl AgentProc {
         }
         args.extend(extra);
         let log = std::fs::File::create(self.data.join("agent.log")).expect("agent log");
-        let child = Command::new(bin())
+        let child = in_netns(&self.netns, bin())
             .args(&args)
             .stdout(Stdio::null())
             .stderr(log)
@@ -127,18 +155,90 @@ impl AgentProc {
         }
     }
 
+    /// `walkabout ARGS --agent URL` (in the agent's namespace).
+    pub fn run(&self, args: &[&str]) -> Output {
+        in_netns(&self.netns, bin())
+            .args(args)
+            .args(["--agent", &self.url])
+            .env("WALKABOUT_LOG", "warn")
+            .output()
+            .expect("run walkabout")
+    }
+
     /// `walkabout ARGS --agent URL --output json`.
     pub fn cli(&self, args: &[&str]) -> Value {
         let mut a = args.to_vec();
-        a.extend(["--agent", &self.url]);
-        json(&a)
+        a.extend(["--output", "json"]);
+        let out = self.run(&a);
+        assert!(out.status.success(), "walkabout {a:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("walkabout {a:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
     }
 
     /// `walkabout ARGS --agent URL`, expecting failure; returns stderr.
     pub fn cli_fails(&self, args: &[&str]) -> String {
-        let mut a = args.to_vec();
-        a.extend(["--agent", &self.url]);
-        fails(&a)
+        let out = self.run(args);
+        assert!(!out.status.success(), "walkabout {args:?} should have failed but printed {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// `walkabout migrate VM --to DEST --wait --output json EXTRA...`: the final summary,
+    /// whether or not the migration completed.
+    pub fn migrate(&self, vm: &str, dest: &AgentProc, extra: &[&str]) -> Value {
+        let mut a = vec!["migrate", vm, "--to", &dest.url, "--wait", "--output", "json"];
+        a.extend(extra);
+        let out = self.run(&a);
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("migrate {vm}: bad JSON ({e}): {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+
+    /// Starts a migration without waiting; returns its id.
+    pub fn start_migration(&self, vm: &str, dest: &AgentProc, extra: &[&str]) -> String {
+        let mut a = vec!["migrate", vm, "--to", &dest.url];
+        a.extend(extra);
+        let rec = self.cli(&a);
+        rec["id"].as_str().expect("migration id").to_string()
+    }
+
+    /// `walkabout migration show ID`: the migration's record.
+    pub fn migration(&self, id: &str) -> Value {
+        self.cli(&["migration", "show", id])
+    }
+
+    /// Waits until migration `id` has sent at least `bytes`.
+    pub fn wait_transferred(&self, id: &str, bytes: u64) -> Value {
+        let start = Instant::now();
+        loop {
+            let m = self.migration(id);
+            if m["progress"]["transferred_bytes"].as_u64().unwrap_or(0) >= bytes {
+                return m;
+            }
+            assert!(!matches!(m["phase"].as_str(), Some("completed" | "failed" | "cancelled")), "migration ended early: {m}");
+            assert!(start.elapsed() < Duration::from_secs(60), "migration {id} is not moving: {m}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until migration `id` is final; returns its record.
+    pub fn wait_final(&self, id: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let m = self.migration(id);
+            if matches!(m["phase"].as_str(), Some("completed" | "failed" | "cancelled")) {
+                return m;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "migration {id} never ended: {m}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Pids of the QEMUs this agent's data directory holds pid files for, still alive.
+    pub fn qemu_pids(&self) -> Vec<i64> {
+        let Ok(vms) = std::fs::read_dir(self.data.join("vms")) else { return vec![] };
+        vms.flatten()
+            .filter_map(|vm| std::fs::read_to_string(vm.path().join("qemu.pid")).ok())
+            .filter_map(|p| p.trim().parse().ok())
+            .filter(|p| alive(*p))
+            .collect()
     }
 
     /// `walkabout vm info NAME`.
@@ -182,4 +282,84 @@ pub fn alive(pid: i64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')).unwrap_or(false))
         .unwrap_or(false)
+}
+
+/// Asserts a guest has been healthy all along: continuous heartbeats (across hosts),
+/// no corrupt page, no kernel trouble.
+pub fn assert_healthy(vm: &Value) {
+    let g = &vm["guest"];
+    assert_eq!(g["corrupt_pages"], 0, "corrupt pages: {vm}");
+    assert_eq!(g["seq_breaks"], 0, "heartbeat sequence broke: {vm}");
+    assert_eq!(g["kernel_trouble"], false, "kernel trouble: {vm}");
+    assert_eq!(g["ready"], true, "guest not ready: {vm}");
+}
+
+/// Waits until `pid` has exited, up to `secs`.
+pub fn wait_gone(pid: i64, secs: u64) -> bool {
+    let start = Instant::now();
+    while alive(pid) {
+        if start.elapsed() > Duration::from_secs(secs) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
+/// Two hosts of their own: network namespaces joined by a veth pair, addresses
+/// 10.251.N.1 and 10.251.N.2. Removed on drop.
+pub struct NetPair {
+    pub a: String,
+    pub b: String,
+    pub addr_a: String,
+    pub addr_b: String,
+    pub veth_a: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl NetPair {
+    /// Creates the pair; `n` makes names and addresses unique per test.
+    pub fn new(n: u8) -> NetPair {
+        let id = std::process::id() % 10000;
+        let (a, b) = (format!("wa{id}-{n}a"), format!("wa{id}-{n}b"));
+        let (va, vb) = (format!("wa{id}v{n}a"), format!("wa{id}v{n}b"));
+        let (addr_a, addr_b) = (format!("10.251.{n}.1"), format!("10.251.{n}.2"));
+        for ns in [&a, &b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        ip(&["link", "add", &va, "netns", &a, "type", "veth", "peer", "name", &vb, "netns", &b]);
+        ip(&["-n", &a, "addr", "add", &format!("{addr_a}/24"), "dev", &va]);
+        ip(&["-n", &b, "addr", "add", &format!("{addr_b}/24"), "dev", &vb]);
+        ip(&["-n", &a, "link", "set", &va, "up"]);
+        ip(&["-n", &b, "link", "set", &vb, "up"]);
+        NetPair { a, b, addr_a, addr_b, veth_a: va }
+    }
+
+    /// Rate-limits A's egress (the migration stream's direction) with a token bucket.
+    pub fn limit_a(&self, rate: &str) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.a, "tc", "qdisc", "add", "dev", &self.veth_a, "root", "tbf", "rate", rate, "burst", "256kb", "latency", "100ms"])
+            .output()
+            .expect("tc");
+        assert!(out.status.success(), "tc: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Cuts the link (A's end down).
+    pub fn cut(&self) {
+        ip(&["-n", &self.a, "link", "set", &self.veth_a, "down"]);
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
 }
