@@ -14,6 +14,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Three local agents, real guests walking between them: the main job.
+    Demo(cli::demo::DemoArgs),
     /// Run the host daemon that owns this host's VMs.
     Agent(cli::agent::AgentArgs),
     /// Create, inspect and control VMs on an agent.
@@ -45,6 +47,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent(a) => cli::agent::run(a),
+        Command::Demo(a) => cli::demo::run(a),
         Command::Vm(c) => cli::vm::run(c),
         Command::Host(c) => cli::host::run(c),
         Command::Image(c) => cli::image::run(c),

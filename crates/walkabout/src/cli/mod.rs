@@ -2,8 +2,10 @@
 
 pub mod agent;
 pub mod client;
+pub mod demo;
 pub mod host;
 pub mod image;
+pub mod local;
 pub mod migrate;
 pub mod plan;
 pub mod vm;

@@ -1,0 +1,163 @@
+//! `walkabout demo`: three agents on this machine, real guests walking from host to host
+//! by live migration, each hop's downtime and the guests' heartbeat continuity printed,
+//! then everything cleaned up.
+
+use super::client::{print_json, runtime, Client, Output};
+use super::local::{LocalCluster, LocalOptions};
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Arguments of `walkabout demo`.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Hops per guest.
+    #[arg(long, default_value_t = 6)]
+    hops: usize,
+    /// Number of guests.
+    #[arg(long, default_value_t = 2)]
+    guests: usize,
+    /// Guest memory.
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    /// In-guest workload (each guest keeps memory in a self-checking pattern).
+    #[arg(long, default_value = "dirty:64:32")]
+    workload: String,
+    /// Accelerator for the agents (`auto` measures KVM against TCG).
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    /// First loopback port of the three agents.
+    #[arg(long, default_value_t = 7711)]
+    base_port: u16,
+    /// Output format (json: one object with every hop).
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+/// Runs the demo; Ctrl-C stops it and cleans up.
+pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async move {
+        let text = a.output == Output::Text;
+        let say = |s: String| {
+            if text {
+                println!("{s}");
+            }
+        };
+        say("walkabout demo: building the guest image (cached after the first run)...".into());
+        let cache = walkabout_image::default_cache_dir();
+        let img = tokio::task::spawn_blocking(move || walkabout_image::build(&cache)).await??;
+        say(format!("  guest: Linux {} + busybox + the Walkabout guest program", img.kernel_version));
+        let root = std::env::temp_dir().join(format!("walkabout-demo-{}", std::process::id()));
+        let opts = LocalOptions { hosts: 3, base_port: a.base_port, accel: a.accel.clone(), capacity: None, netns: false, root };
+        say("starting three agents on loopback (each measures its accelerator)...".into());
+        let mut cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&opts)).await??;
+        let result = tokio::select! {
+            r = walk(&cluster, &a, &say) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        };
+        say("cleaning up: deleting guests, stopping agents...".into());
+        cluster.shutdown().await;
+        let report = result?;
+        if !text {
+            print_json(&report)?;
+        }
+        Ok(if report["ok"] == true { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    })
+}
+
+async fn walk(cluster: &LocalCluster, a: &DemoArgs, say: &impl Fn(String)) -> anyhow::Result<Value> {
+    let first = cluster.agents.first().context("no agents")?;
+    let host: Value = Client::new(&first.url)?.get("/v1/host").await?;
+    say(format!("  accelerator: {} ({})", host["accel"]["accel"].as_str().unwrap_or("?"), host["accel"]["reason"].as_str().unwrap_or("")));
+    for agent in &cluster.agents {
+        say(format!("  {} at {}", agent.name, agent.url));
+    }
+    let n = cluster.agents.len();
+    let memory_mib = super::client::parse_mib(&a.memory).map_err(|e| anyhow::anyhow!(e))?;
+    let mut place: Vec<usize> = vec![];
+    for g in 0..a.guests {
+        let name = format!("g{}", g + 1);
+        let at = g % n;
+        let agent = &cluster.agents[at];
+        let start = Instant::now();
+        let spec = json!({"name": name, "memory_mib": memory_mib, "vcpus": 1, "workload": a.workload});
+        Client::new(&agent.url)?.post::<Value>("/v1/vms", Some(&spec)).await?;
+        wait_ready(&agent.url, &name).await?;
+        say(format!("booted {name} on {} ({}, {}) in {} ms", agent.name, a.memory, a.workload, start.elapsed().as_millis()));
+        place.push(at);
+    }
+    let mut hops = vec![];
+    let mut downtimes = vec![];
+    let mut ok = true;
+    for round in 1..=a.hops {
+        for (g, at) in place.iter_mut().enumerate() {
+            let name = format!("g{}", g + 1);
+            let to = (*at + 1) % n;
+            let (src, dst) = (&cluster.agents[*at], &cluster.agents[to]);
+            let m = migrate(&src.url, &dst.url, &name).await?;
+            let completed = m["phase"] == "completed";
+            let vm: Value = Client::new(if completed { &dst.url } else { &src.url })?.get(&format!("/v1/vms/{name}")).await?;
+            let guest = &vm["guest"];
+            let continuous = guest["seq_breaks"] == 0 && guest["corrupt_pages"] == 0 && guest["kernel_trouble"] == false;
+            ok &= completed && continuous;
+            let down = m["downtime_ms"].as_u64().unwrap_or(0);
+            if completed {
+                downtimes.push(down);
+                *at = to;
+            }
+            say(format!(
+                "hop {round}: {name} {} -> {}  {}  total {} ms  downtime {} ms  heartbeat seq {} {}  corrupt pages {}",
+                src.name,
+                dst.name,
+                m["phase"].as_str().unwrap_or("?"),
+                m["total_ms"],
+                down,
+                guest["last_seq"],
+                if continuous { "continuous" } else { "BROKEN" },
+                guest["corrupt_pages"],
+            ));
+            hops.push(json!({"round": round, "vm": name, "from": src.name, "to": dst.name, "result": m["phase"],
+                "total_ms": m["total_ms"], "downtime_ms": m["downtime_ms"], "strategy": m["strategy"]["name"],
+                "last_seq": guest["last_seq"], "heartbeat_continuous": continuous, "corrupt_pages": guest["corrupt_pages"]}));
+        }
+    }
+    downtimes.sort_unstable();
+    let median = downtimes.get(downtimes.len() / 2).copied();
+    say(format!(
+        "{} hops, {}; downtime median {} ms, max {} ms",
+        hops.len(),
+        if ok { "every heartbeat continuous, 0 corrupt pages" } else { "SOMETHING WAS LOST (see above)" },
+        median.unwrap_or(0),
+        downtimes.last().copied().unwrap_or(0)
+    ));
+    Ok(json!({"ok": ok, "hops": hops, "downtime_median_ms": median, "downtime_max_ms": downtimes.last()}))
+}
+
+async fn wait_ready(url: &str, name: &str) -> anyhow::Result<()> {
+    let c = Client::new(url)?;
+    let start = Instant::now();
+    loop {
+        let vm: Value = c.get(&format!("/v1/vms/{name}")).await?;
+        if vm["guest"]["ready"] == true {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(180) {
+            bail!("{name} did not boot within 180 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn migrate(src: &str, dst: &str, vm: &str) -> anyhow::Result<Value> {
+    let c = Client::new(src)?;
+    let rec: Value = c.post("/v1/migrations", Some(&json!({"vm": vm, "destination": dst}))).await?;
+    let id = rec["id"].as_str().context("migration id")?.to_string();
+    loop {
+        let m: Value = c.get(&format!("/v1/migrations/{id}")).await?;
+        if matches!(m["phase"].as_str(), Some("completed" | "failed" | "cancelled")) {
+            return Ok(m);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
