@@ -129,3 +129,26 @@ fn a_destination_lacking_cpu_features_is_refused_before_any_memory_moves() {
     assert!(b.qemu_pids().is_empty(), "destination QEMU left behind");
     assert_eq!(a.info("modern")["state"], "running");
 }
+
+#[test]
+fn a_source_agent_restart_mid_migration_ends_it_with_the_vm_running_at_home() {
+    let (mut a, b) = two_agents(&[]);
+    a.cli(&["vm", "create", "--name", "sr", "--memory", "256M", "--workload", "dirty:128:512"]);
+    a.wait_heartbeats("sr", 10);
+    let id = a.start_migration("sr", &b, SLOW);
+    a.wait_transferred(&id, 32 << 20);
+    let dest = b.qemu_pids();
+    assert_eq!(dest.len(), 1);
+    a.kill();
+    // Without its source's probes the destination's lease runs out.
+    assert!(wait_gone(dest[0], 20), "destination QEMU outlived its silent source");
+    a.spawn(&[]);
+    let m = a.migration(&id);
+    assert_eq!(m["phase"], "failed", "{m}");
+    assert!(m["reason"].as_str().unwrap_or("").contains("restarted"), "{m}");
+    let v = a.info("sr");
+    assert_eq!(v["state"], "running", "{v}");
+    let seen = v["guest"]["heartbeats"].as_u64().expect("hb");
+    assert_healthy(&a.wait_heartbeats("sr", seen + 10));
+    assert!(b.cli(&["vm", "list"]).as_array().is_some_and(Vec::is_empty), "destination still lists the VM");
+}
