@@ -3,6 +3,7 @@
 //! | method | path | what |
 //! |---|---|---|
 //! | GET | /v1/host | host resources, accelerator (and why), QEMU version |
+//! | GET | /v1/host/cpu | CPU models this host's QEMU knows, their features, and the host's ceiling |
 //! | GET, POST | /v1/vms | list; create from a [`VmSpec`](crate::spec::VmSpec) (201) |
 //! | GET, DELETE | /v1/vms/{name} | one VM with its guest status; delete |
 //! | POST | /v1/vms/{name}/pause, /resume, /stop | lifecycle |
@@ -41,6 +42,7 @@ impl IntoResponse for AgentError {
 pub fn router(agent: Agent) -> Router {
     Router::new()
         .route("/v1/host", get(host))
+        .route("/v1/host/cpu", get(host_cpu))
         .route("/v1/vms", get(list).post(create))
         .route("/v1/vms/{name}", get(show).delete(delete))
         .route("/v1/vms/{name}/pause", post(pause))
@@ -60,6 +62,10 @@ pub fn router(agent: Agent) -> Router {
 
 async fn host(State(a): State<Agent>) -> Response {
     Json(a.host_info()).into_response()
+}
+
+async fn host_cpu(State(a): State<Agent>) -> Response {
+    reply(a.cpu_catalog().await)
 }
 
 async fn list(State(a): State<Agent>) -> Response {

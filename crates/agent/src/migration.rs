@@ -538,10 +538,7 @@ impl Agent {
     }
 
     async fn check_cpu(&self, name: &str, qmp: &Qmp, needed: &[String]) -> Result<(), AgentError> {
-        let ceiling = self.inner.config.cpu_ceiling.clone().unwrap_or_else(|| match self.inner.accel.accel {
-            walkabout_qemu::Accel::Kvm => "host".into(),
-            walkabout_qemu::Accel::Tcg => "max".into(),
-        });
+        let ceiling = self.cpu_ceiling();
         let offered = cpu::features(qmp, &ceiling)
             .await
             .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot read CPU model {ceiling}: {e}") })?;

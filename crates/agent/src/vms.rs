@@ -130,6 +130,8 @@ pub(crate) struct Inner {
     pub(crate) http: reqwest::Client,
     /// Incoming VMs: when their source last probed.
     pub(crate) leases: Mutex<BTreeMap<String, std::time::Instant>>,
+    /// This host's CPU models, probed once on first request.
+    cpu_catalog: tokio::sync::OnceCell<walkabout_qemu::cpu::CpuCatalog>,
 }
 
 /// The agent: owns the VMs of one host. Cheap to clone.
@@ -195,6 +197,7 @@ impl Agent {
                 table: Mutex::default(),
                 migrations: Mutex::default(),
                 leases: Mutex::default(),
+                cpu_catalog: tokio::sync::OnceCell::new(),
                 http: reqwest::Client::builder()
                     .connect_timeout(Duration::from_secs(2))
                     .timeout(Duration::from_secs(90))
@@ -224,6 +227,25 @@ impl Agent {
             accel: i.accel.clone(),
             qemu: i.qemu.clone(),
         }
+    }
+
+    /// The most capable CPU model this host offers guests.
+    pub(crate) fn cpu_ceiling(&self) -> String {
+        self.inner.config.cpu_ceiling.clone().unwrap_or_else(|| match self.inner.accel.accel {
+            walkabout_qemu::Accel::Kvm => "host".into(),
+            walkabout_qemu::Accel::Tcg => "max".into(),
+        })
+    }
+
+    /// This host's CPU models and what it offers guests (probed once, then cached).
+    pub async fn cpu_catalog(&self) -> Result<walkabout_qemu::cpu::CpuCatalog, AgentError> {
+        let i = &self.inner;
+        let (ceiling, dir) = (self.cpu_ceiling(), i.config.data_dir.join("calibrate"));
+        i.cpu_catalog
+            .get_or_try_init(|| walkabout_qemu::cpu::catalog(&i.config.qemu_binary, i.accel.accel, &ceiling, &dir))
+            .await
+            .cloned()
+            .map_err(|source| AgentError::Qemu { vm: "(CPU probe)".into(), source })
     }
 
     pub(crate) fn vm(&self, name: &str) -> Result<Arc<tokio::sync::Mutex<Vm>>, AgentError> {

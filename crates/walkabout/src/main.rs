@@ -21,6 +21,9 @@ enum Command {
     /// Create, inspect and control VMs on an agent.
     #[command(subcommand)]
     Vm(cli::vm::VmCommand),
+    /// CPU models across hosts: the cluster baseline.
+    #[command(subcommand)]
+    Cpu(cli::cpu::CpuCommand),
     /// Show what a host offers.
     #[command(subcommand)]
     Host(cli::host::HostCommand),
@@ -50,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => cli::demo::run(a),
         Command::Vm(c) => cli::vm::run(c),
         Command::Host(c) => cli::host::run(c),
+        Command::Cpu(c) => cli::cpu::run(c),
         Command::Image(c) => cli::image::run(c),
         Command::Plan(a) => cli::plan::run(a),
         Command::Migrate(a) => cli::migrate::run(a),

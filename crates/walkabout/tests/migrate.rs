@@ -152,3 +152,15 @@ fn a_source_agent_restart_mid_migration_ends_it_with_the_vm_running_at_home() {
     assert_healthy(&a.wait_heartbeats("sr", seen + 10));
     assert!(b.cli(&["vm", "list"]).as_array().is_some_and(Vec::is_empty), "destination still lists the VM");
 }
+
+#[test]
+fn a_vm_on_the_cluster_cpu_baseline_moves_to_the_least_capable_host() {
+    let (a, b) = two_agents(&["--cpu-ceiling", "Nehalem"]);
+    let out = common::json(&["cpu", "baseline", "--agent", &a.url, "--agent", &b.url]);
+    let model = out["model"].as_str().expect("a baseline model").to_string();
+    assert!(out["model_features"].as_u64() <= out["common_features"].as_u64(), "{out}");
+    a.cli(&["vm", "create", "--name", "evc", "--memory", "256M", "--cpu-model", &model]);
+    let m = a.migrate("evc", &b, &[]);
+    assert_eq!(m["result"], "completed", "baseline {model} could not move: {m}");
+    assert_eq!(b.info("evc")["spec"]["cpu_model"], model.as_str());
+}

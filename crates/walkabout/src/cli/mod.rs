@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod cpu;
 pub mod demo;
 pub mod host;
 pub mod image;
