@@ -74,18 +74,15 @@ async fn list(State(a): State<Agent>) -> Response {
 
 type Body<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
 
-/// The body, or a 422 naming what is wrong with it.
-fn body<T>(b: Body<T>, what: &str) -> Result<T, Response> {
-    b.map(|Json(v)| v).map_err(|e| {
-        (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "error": format!("invalid {what}: {}", e.body_text()), "kind": "invalid_request" })))
-            .into_response()
-    })
+/// The body, or an error (422) naming what is wrong with it.
+fn body<T>(b: Body<T>, what: &str) -> Result<T, AgentError> {
+    b.map(|Json(v)| v).map_err(|e| AgentError::InvalidRequest { reason: format!("invalid {what}: {}", e.body_text()) })
 }
 
 async fn create(State(a): State<Agent>, b: Body<VmSpec>) -> Response {
     let spec = match body(b, "VM spec") {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     match a.create(spec).await {
         Ok(info) => (StatusCode::CREATED, Json(info)).into_response(),
@@ -146,7 +143,7 @@ async fn migrations(State(a): State<Agent>) -> Response {
 async fn migrate(State(a): State<Agent>, b: Body<MigrationRequest>) -> Response {
     let req = match body(b, "migration request") {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     match a.start_migration(req).await {
         Ok(rec) => (StatusCode::ACCEPTED, Json(rec)).into_response(),
@@ -193,7 +190,7 @@ async fn migration_events(State(a): State<Agent>, Path(id): Path<String>) -> Res
 async fn incoming_prepare(State(a): State<Agent>, b: Body<IncomingRequest>) -> Response {
     let req = match body(b, "incoming migration request") {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     match a.prepare_incoming(req).await {
         Ok(r) => (StatusCode::CREATED, Json(r)).into_response(),

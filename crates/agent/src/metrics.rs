@@ -41,7 +41,8 @@ pub fn render(host: &HostInfo, vms: &[VmInfo], migrations: &[MigrationRecord]) -
         o.sample("walkabout_vm_guest_corrupt_pages", &[("vm", &v.record.spec.name)], v.guest.corrupt_pages as f64);
     }
     let active: Vec<_> = migrations.iter().filter(|m| !m.phase.is_final()).collect();
-    let gauges: [(&str, &str, fn(&MigrationRecord) -> u64); 5] = [
+    type Gauge = (&'static str, &'static str, fn(&MigrationRecord) -> u64);
+    let gauges: [Gauge; 5] = [
         ("walkabout_migration_data_remaining_bytes", "Bytes still to send.", |m| m.progress.remaining_bytes),
         ("walkabout_migration_data_processed_bytes", "Bytes sent so far.", |m| m.progress.transferred_bytes),
         ("walkabout_migration_data_total_bytes", "Guest memory to migrate.", |m| m.progress.total_bytes),
