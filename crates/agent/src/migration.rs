@@ -294,7 +294,9 @@ impl Agent {
         if let Some(m) = ms.get_mut(id) {
             let before = m.record.phase;
             f(&mut m.record);
-            debug_assert!(before.can_become(m.record.phase), "{before:?} -> {:?}", m.record.phase);
+            if !before.can_become(m.record.phase) {
+                tracing::error!(id, from = ?before, to = ?m.record.phase, "illegal migration phase transition");
+            }
             if m.record.phase != before || m.record.phase.is_final() {
                 if let Err(e) = self.inner.store.put_migration(&m.record) {
                     tracing::error!(id, error = %e, "cannot persist migration");
