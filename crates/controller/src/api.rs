@@ -1,0 +1,279 @@
+//! The controller's HTTP/JSON API. Operations that take time return `202 Accepted` with
+//! a resource to poll (a plan, a walk), as Nova does.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | GET | /v1/cluster | summary: hosts, VMs, running plan, limits |
+//! | GET, POST | /v1/hosts | list; register an agent `{"url", "name"?}` (201) |
+//! | GET | /v1/hosts/{name} | one host: status (down since when, why), maintenance, capacity, VMs |
+//! | POST | /v1/hosts/{name}/drain | maintenance + drain plan, executed (202 plan); 409 with per-VM reasons if impossible |
+//! | POST | /v1/hosts/{name}/undrain | back in service (cancels its drain) |
+//! | GET, POST | /v1/vms | list; create `{"host"?, ...agent VM spec}` (201) |
+//! | GET, DELETE | /v1/vms/{name} | one VM (where, guest health); delete |
+//! | POST | /v1/vms/{name}/move | `{"to": HOST}`: a place plan, executed (202 plan) |
+//! | GET | /v1/migrations[/{id}] | migrations the controller ordered |
+//! | POST | /v1/migrations/{id}/cancel | cancel one (before switchover) |
+//! | GET, POST | /v1/plans | list; plan a goal, dry run (201): `{"goal":"drain","host":"h1"}`, `{"goal":"rebalance"}`, `{"goal":"consolidate"}`, `{"goal":"place","vm","host"}` |
+//! | GET | /v1/plans/{id} | one plan: steps with their migrations, problems |
+//! | POST | /v1/plans/{id}:execute, /v1/plans/{id}/execute | execute a proposed plan (202) |
+//! | POST | /v1/plans/{id}:cancel, /v1/plans/{id}/cancel | cancel (202) |
+//! | GET, POST | /v1/walks | list; start a walk `{"duration_ms", "parallel"?}` (202) |
+//! | POST | /v1/games/musical-chairs | start a game `{"duration_ms" (per round), "parallel"?}` (202) |
+//! | GET | /v1/walks/{id} | a walk or game: hops with downtime, rounds, survivors |
+//! | POST | /v1/walks/{id}/stop | stop it |
+//! | GET | /v1/events?since=N | server-sent events: everything that changes |
+//! | GET | /metrics | Prometheus metrics |
+//!
+//! Nova's `POST /plans/{id}:execute` form is served as written (the `{id}` segment is
+//! split at its `:`); `/plans/{id}/execute` is the same call.
+//!
+//! Errors are `{"error": "<sentence naming the thing and cause>", "kind": "<kind>"}`;
+//! an impossible goal adds `"blocked": [{"vm", "needs", "why"}]` and `"plan"`.
+
+use crate::cluster::{Cluster, HostStatus};
+use crate::error::ControllerError;
+use crate::plans::{Goal, PlanStatus};
+use crate::walk::WalkOptions;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+impl IntoResponse for ControllerError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut body = json!({ "error": self.to_string(), "kind": self.kind() });
+        if let ControllerError::Impossible { blocked, plan, .. } = &self {
+            body["blocked"] = serde_json::to_value(blocked).unwrap_or_default();
+            body["plan"] = json!(plan);
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+/// The API's routes over `cluster`.
+pub fn router(cluster: Cluster) -> Router {
+    Router::new()
+        .route("/v1/cluster", get(summary))
+        .route("/v1/hosts", get(hosts).post(add_host))
+        .route("/v1/hosts/{name}", get(host))
+        .route("/v1/hosts/{name}/drain", post(drain))
+        .route("/v1/hosts/{name}/undrain", post(undrain))
+        .route("/v1/vms", get(vms).post(create_vm))
+        .route("/v1/vms/{name}", get(vm).delete(delete_vm))
+        .route("/v1/vms/{name}/move", post(move_vm))
+        .route("/v1/migrations", get(migrations))
+        .route("/v1/migrations/{id}", get(migration))
+        .route("/v1/migrations/{id}/cancel", post(cancel_migration))
+        .route("/v1/plans", get(plans).post(propose))
+        .route("/v1/plans/{id}", get(plan).post(plan_action))
+        .route("/v1/plans/{id}/execute", post(execute))
+        .route("/v1/plans/{id}/cancel", post(cancel))
+        .route("/v1/walks", get(walks).post(start_walk))
+        .route("/v1/games/musical-chairs", post(start_game))
+        .route("/v1/walks/{id}", get(walk))
+        .route("/v1/walks/{id}/stop", post(stop_walk))
+        .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
+        .with_state(cluster)
+}
+
+type Body<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+
+fn body<T>(b: Body<T>, what: &str) -> Result<T, ControllerError> {
+    b.map(|Json(v)| v).map_err(|e| ControllerError::Invalid(format!("invalid {what}: {}", e.body_text())))
+}
+
+fn reply<T: serde::Serialize>(r: Result<T, ControllerError>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn with_status<T: serde::Serialize>(status: StatusCode, r: Result<T, ControllerError>) -> Response {
+    match r {
+        Ok(v) => (status, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn summary(State(c): State<Cluster>) -> Response {
+    let running: Vec<String> = c.plans().into_iter().filter(|p| p.status == PlanStatus::Running).map(|p| p.id).collect();
+    Json(json!({
+        "hosts": c.hosts(),
+        "vms": c.vms(),
+        "running_plans": running,
+        "limits": c.limits(),
+    }))
+    .into_response()
+}
+
+async fn hosts(State(c): State<Cluster>) -> Response {
+    Json(c.hosts()).into_response()
+}
+
+#[derive(Deserialize)]
+struct AddHost {
+    url: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn add_host(State(c): State<Cluster>, b: Body<AddHost>) -> Response {
+    let r = async {
+        let a = body(b, "host registration")?;
+        c.add_host(&a.url, a.name.as_deref()).await
+    }
+    .await;
+    with_status(StatusCode::CREATED, r)
+}
+
+async fn host(State(c): State<Cluster>, Path(name): Path<String>) -> Response {
+    reply(c.host(&name))
+}
+
+async fn drain(State(c): State<Cluster>, Path(name): Path<String>) -> Response {
+    with_status(StatusCode::ACCEPTED, c.drain(&name))
+}
+
+async fn undrain(State(c): State<Cluster>, Path(name): Path<String>) -> Response {
+    reply(c.undrain(&name).await)
+}
+
+async fn vms(State(c): State<Cluster>) -> Response {
+    Json(c.vms()).into_response()
+}
+
+async fn vm(State(c): State<Cluster>, Path(name): Path<String>) -> Response {
+    reply(c.vm(&name))
+}
+
+async fn create_vm(State(c): State<Cluster>, b: Body<serde_json::Value>) -> Response {
+    let r = async {
+        let mut spec = body(b, "VM spec")?;
+        let host = spec.as_object_mut().and_then(|o| o.remove("host")).and_then(|h| h.as_str().map(String::from));
+        c.create_vm(spec, host.as_deref()).await
+    }
+    .await;
+    with_status(StatusCode::CREATED, r)
+}
+
+async fn delete_vm(State(c): State<Cluster>, Path(name): Path<String>) -> Response {
+    match c.delete_vm(&name).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct MoveTo {
+    to: String,
+}
+
+async fn move_vm(State(c): State<Cluster>, Path(name): Path<String>, b: Body<MoveTo>) -> Response {
+    let r = body(b, "move request").and_then(|m| {
+        let plan = c.propose(Goal::Place { vm: name, host: m.to })?;
+        c.execute(&plan.id)
+    });
+    with_status(StatusCode::ACCEPTED, r)
+}
+
+async fn migrations(State(c): State<Cluster>) -> Response {
+    Json(c.migrations()).into_response()
+}
+
+async fn migration(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
+    reply(c.migration(&id))
+}
+
+async fn cancel_migration(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
+    with_status(StatusCode::ACCEPTED, c.cancel_migration(&id).await)
+}
+
+async fn plans(State(c): State<Cluster>) -> Response {
+    Json(c.plans()).into_response()
+}
+
+async fn propose(State(c): State<Cluster>, b: Body<Goal>) -> Response {
+    with_status(StatusCode::CREATED, body(b, "goal").and_then(|g| c.propose(g)))
+}
+
+async fn plan(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
+    reply(c.plan(&id))
+}
+
+/// `POST /v1/plans/{id}:execute` and `:cancel`, Nova style.
+async fn plan_action(State(c): State<Cluster>, Path(id_action): Path<String>) -> Response {
+    match id_action.split_once(':') {
+        Some((id, "execute")) => with_status(StatusCode::ACCEPTED, c.execute(id)),
+        Some((id, "cancel")) => with_status(StatusCode::ACCEPTED, c.cancel_plan(id).await),
+        _ => ControllerError::Invalid(format!("unknown plan action in {id_action:?}: use {{id}}:execute or {{id}}:cancel")).into_response(),
+    }
+}
+
+async fn execute(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
+    with_status(StatusCode::ACCEPTED, c.execute(&id))
+}
+
+async fn cancel(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
+    with_status(StatusCode::ACCEPTED, c.cancel_plan(&id).await)
+}
+
+async fn walks(State(c): State<Cluster>) -> Response {
+    Json(c.walks()).into_response()
+}
+
+async fn start_walk(State(c): State<Cluster>, b: Body<WalkOptions>) -> Response {
+    with_status(StatusCode::ACCEPTED, body(b, "walk").and_then(|o| c.start_walk(o)))
+}
+
+async fn start_game(State(c): State<Cluster>, b: Body<WalkOptions>) -> Response {
+    with_status(StatusCode::ACCEPTED, body(b, "game").and_then(|o| c.start_musical_chairs(o)))
+}
+
+async fn walk(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
+    reply(c.walk(&id))
+}
+
+async fn stop_walk(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
+    with_status(StatusCode::ACCEPTED, c.stop_walk(&id))
+}
+
+#[derive(Deserialize)]
+struct Since {
+    #[serde(default)]
+    since: Option<u64>,
+}
+
+async fn events(State(c): State<Cluster>, Query(q): Query<Since>) -> Response {
+    crate::events::sse(c.events(), q.since)
+}
+
+async fn metrics(State(c): State<Cluster>) -> Response {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP walkabout_cluster_host_up Whether the host's agent answers.\n# TYPE walkabout_cluster_host_up gauge");
+    for h in c.hosts() {
+        let _ = writeln!(out, "walkabout_cluster_host_up{{host=\"{}\"}} {}", h.name, u8::from(h.status == HostStatus::Up));
+    }
+    let _ = writeln!(out, "# HELP walkabout_cluster_host_free_mib Memory free for VMs.\n# TYPE walkabout_cluster_host_free_mib gauge");
+    for h in c.hosts() {
+        let _ = writeln!(out, "walkabout_cluster_host_free_mib{{host=\"{}\"}} {}", h.name, h.free_mib);
+    }
+    let _ = writeln!(out, "# HELP walkabout_cluster_vms VMs known to the controller.\n# TYPE walkabout_cluster_vms gauge");
+    let _ = writeln!(out, "walkabout_cluster_vms {}", c.vms().len());
+    let migs = c.migrations();
+    let _ = writeln!(out, "# HELP walkabout_cluster_migrations_total Migrations ordered, by result.\n# TYPE walkabout_cluster_migrations_total counter");
+    for phase in ["completed", "failed", "cancelled"] {
+        let n = migs.iter().filter(|m| format!("{:?}", m.phase).to_lowercase() == phase).count();
+        let _ = writeln!(out, "walkabout_cluster_migrations_total{{result=\"{phase}\"}} {n}");
+    }
+    let running = migs.iter().filter(|m| !m.phase.is_final()).count();
+    let _ = writeln!(out, "# HELP walkabout_cluster_migrations_running Migrations under way.\n# TYPE walkabout_cluster_migrations_running gauge");
+    let _ = writeln!(out, "walkabout_cluster_migrations_running {running}");
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,74 @@
+//! Errors of controller operations, each naming the thing and the cause, and the HTTP
+//! status each is served with.
+
+use crate::agents::AgentCallError;
+use crate::store::StoreError;
+
+/// Errors of controller operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// No such host, VM, plan or migration.
+    #[error("no {what} named `{name}`")]
+    NotFound {
+        /// `host`, `VM`, `plan`, `migration`, `walk`.
+        what: &'static str,
+        /// The name or id asked for.
+        name: String,
+    },
+    /// The request conflicts with the cluster's state (a plan already runs, a host is
+    /// down, a plan is not in a state to execute...).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// No plan exists for the goal; `blocked` says why, per VM.
+    #[error("{reason}: {}", blocked_text(.blocked))]
+    Impossible {
+        /// One sentence for the whole goal.
+        reason: String,
+        /// Each VM that cannot go where the goal needs it, with why.
+        blocked: Vec<walkabout_plan::Blocked>,
+        /// The plan recorded for review, if one was.
+        plan: Option<String>,
+    },
+    /// An agent failed or refused.
+    #[error(transparent)]
+    Agent(#[from] AgentCallError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn blocked_text(b: &[walkabout_plan::Blocked]) -> String {
+    b.iter().map(|b| format!("{} needs {}: {}", b.vm, b.needs, b.why)).collect::<Vec<_>>().join("; ")
+}
+
+impl ControllerError {
+    /// The HTTP status this error is served with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ControllerError::NotFound { .. } => 404,
+            ControllerError::Conflict(_) | ControllerError::Impossible { .. } => 409,
+            ControllerError::Invalid(_) => 422,
+            ControllerError::Agent(_) => 502,
+            ControllerError::Store(_) => 500,
+        }
+    }
+
+    /// A short machine-readable kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ControllerError::NotFound { .. } => "not_found",
+            ControllerError::Conflict(_) => "conflict",
+            ControllerError::Invalid(_) => "invalid_request",
+            ControllerError::Impossible { .. } => "impossible",
+            ControllerError::Agent(_) => "agent",
+            ControllerError::Store(_) => "store",
+        }
+    }
+
+    pub(crate) fn not_found(what: &'static str, name: &str) -> ControllerError {
+        ControllerError::NotFound { what, name: name.to_string() }
+    }
+}

@@ -1,0 +1,120 @@
+//! The event log: every change the controller sees or makes (hosts up and down, VMs
+//! placed, plans and migrations moving through their phases), numbered, stored, and
+//! served as server-sent events.
+
+use crate::store::Store;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::broadcast;
+
+/// Version of [`Event`]'s stored layout.
+pub const EVENT_VERSION: u32 = 1;
+/// Events kept in the database.
+const KEEP: u64 = 20_000;
+
+/// What an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Subject {
+    /// A host.
+    Host,
+    /// A VM.
+    Vm,
+    /// A plan.
+    Plan,
+    /// A migration.
+    Migration,
+    /// A walk or a game.
+    Walk,
+}
+
+/// One change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Layout version.
+    pub version: u32,
+    /// Sequence number, from 1, never reused.
+    pub seq: u64,
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+    /// What kind of thing changed.
+    pub subject: Subject,
+    /// Which one (host name, VM name, plan or migration id).
+    pub name: String,
+    /// What happened, in one sentence.
+    pub message: String,
+    /// The thing as it is now.
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+/// Publishes events: to the database and to live subscribers.
+pub struct Events {
+    store: Arc<Store>,
+    seq: AtomicU64,
+    tx: broadcast::Sender<Event>,
+}
+
+impl Events {
+    /// Continues the numbering after what `store` holds.
+    pub fn new(store: Arc<Store>) -> Events {
+        let last = store.last_event_seq().unwrap_or(0);
+        let (tx, _) = broadcast::channel(4096);
+        Events { store, seq: AtomicU64::new(last), tx }
+    }
+
+    /// Records and publishes one event.
+    pub fn emit(&self, subject: Subject, name: &str, message: String, data: serde_json::Value) {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let ev = Event { version: EVENT_VERSION, seq, at_ms: crate::now_ms(), subject, name: name.to_string(), message, data };
+        tracing::info!(seq, subject = ?ev.subject, name, "{}", ev.message);
+        if let Err(e) = self.store.put_event(seq, &ev, KEEP) {
+            tracing::warn!(error = %e, "cannot store event");
+        }
+        let _ = self.tx.send(ev);
+    }
+
+    /// A live subscription (events from now on).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+
+    /// Stored events after `seq`.
+    pub fn since(&self, seq: u64) -> Vec<Event> {
+        self.store.events_after(seq).unwrap_or_default()
+    }
+}
+
+/// The SSE response for `GET /v1/events?since=N`: stored events after N, then live ones
+/// as they happen. Each SSE message has the event's `seq` as its id and its subject as
+/// its event type.
+pub fn sse(events: &Events, since: Option<u64>) -> axum::response::Response {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    use axum::response::IntoResponse;
+    let rx = events.subscribe();
+    let backlog = since.map(|s| events.since(s)).unwrap_or_default();
+    let last = backlog.last().map(|e| e.seq).unwrap_or(since.unwrap_or(0));
+    let to_sse = |e: &Event| {
+        let kind = serde_json::to_value(e.subject).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        SseEvent::default().id(e.seq.to_string()).event(kind).data(serde_json::to_string(e).unwrap_or_default())
+    };
+    let backlog: Vec<_> = backlog.iter().map(to_sse).collect();
+    let live = futures_util::stream::unfold((rx, last), move |(mut rx, last)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) if e.seq <= last => continue,
+                Ok(e) => {
+                    let kind = serde_json::to_value(e.subject).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+                    let ev = SseEvent::default().id(e.seq.to_string()).event(kind).data(serde_json::to_string(&e).unwrap_or_default());
+                    return Some((Ok::<_, std::convert::Infallible>(ev), (rx, e.seq)));
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    use futures_util::StreamExt;
+    let stream = futures_util::stream::iter(backlog.into_iter().map(Ok::<_, std::convert::Infallible>)).chain(live);
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}

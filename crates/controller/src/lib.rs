@@ -1,0 +1,72 @@
+//! The Walkabout controller: the cluster view (hosts, VMs, placement), kept in an
+//! embedded database; goals (drain, rebalance, consolidate, place) turned into plans by
+//! `walkabout-plan` and executed through the agents with limits, retries and re-plans;
+//! an HTTP/JSON API with an event stream; and the walkabout games.
+//!
+//! ```text
+//!  walkabout CLI ──HTTP──> controller ──HTTP──> agent h1 ── QEMU
+//!                          │  cluster view   ├─> agent h2 ── QEMU
+//!                          │  plans, events  └─> agent h3 ── QEMU
+//!                          └─ redb (data-dir/controller.redb)
+//! ```
+
+pub mod agents;
+pub mod api;
+pub mod cluster;
+pub mod error;
+pub mod events;
+pub mod execute;
+#[cfg(test)]
+mod fake;
+pub mod plans;
+pub mod store;
+pub mod walk;
+
+pub use cluster::{Cluster, ControllerConfig, Host, HostStatus, Maintenance, Vm};
+pub use error::ControllerError;
+pub use execute::{ExecLimits, Migration};
+pub use plans::{Goal, PlanRecord, PlanStatus};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Locks a mutex, recovering it if a thread panicked while holding it (the data is
+/// plain records, consistent at every await point).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Opens the controller on `config` with agents over HTTP and serves its API on
+/// `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: ControllerConfig,
+    agent_urls: &[String],
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ControllerError> {
+    let cluster = start(config, agent_urls).await?;
+    let app = api::router(cluster.clone());
+    let r = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    cluster.stop();
+    r.map_err(|e| ControllerError::Invalid(format!("serving the API: {e}")))
+}
+
+/// Opens the controller with agents over HTTP and registers `agent_urls` (each `URL` or
+/// `NAME=URL`).
+pub async fn start(config: ControllerConfig, agent_urls: &[String]) -> Result<Cluster, ControllerError> {
+    let api = agents::HttpAgents::new()?;
+    let cluster = Cluster::open(config, std::sync::Arc::new(api)).await?;
+    for a in agent_urls {
+        let (name, url) = match a.split_once('=') {
+            Some((n, u)) if !n.contains('/') => (Some(n), u),
+            _ => (None, a.as_str()),
+        };
+        cluster.add_host(url, name).await?;
+    }
+    Ok(cluster)
+}

@@ -1,0 +1,555 @@
+//! Goals become plans: the cluster view is turned into the planner's [`Case`], a
+//! [`Goal`] into a target placement (through `walkabout-plan`'s policies), and the
+//! planner's answer into a [`PlanRecord`] of steps in waves, each with its reason — or
+//! a refusal naming every VM that cannot go anywhere, and why.
+//!
+//! Rules the case encodes:
+//! - hosts that are down or powered off are not in the case; VMs on a down host are
+//!   reported (they cannot be migrated) and left out;
+//! - `drain HOST` empties HOST and keeps every host already draining or drained empty,
+//!   so a drain never picks a host that is itself draining or down;
+//! - rebalance and consolidate rearrange only hosts in service; VMs on draining hosts
+//!   stay for their drain;
+//! - VMs a running plan gave up on (retries exhausted) are pinned where they are.
+
+use crate::cluster::{Cluster, HostStatus, Maintenance, View};
+use crate::error::ControllerError;
+use crate::events::Subject;
+use crate::store::Table;
+use crate::{lock, now_ms};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use walkabout_plan::policy::{target_for, Policy};
+use walkabout_plan::{Blocked, Case, Limits, Outcome};
+
+/// Version of [`PlanRecord`]'s stored layout.
+pub const PLAN_VERSION: u32 = 1;
+
+/// What the operator wants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "goal", rename_all = "snake_case")]
+pub enum Goal {
+    /// Move every VM off `host` (maintenance).
+    Drain {
+        /// The host.
+        host: String,
+    },
+    /// Even out memory use across hosts in service.
+    Rebalance,
+    /// Run everything on as few hosts as possible.
+    Consolidate,
+    /// Move one VM to a host (what a drag-and-drop asks).
+    Place {
+        /// The VM.
+        vm: String,
+        /// Where it should run.
+        host: String,
+    },
+}
+
+impl Goal {
+    /// The goal in a few words.
+    pub fn describe(&self) -> String {
+        match self {
+            Goal::Drain { host } => format!("drain {host}"),
+            Goal::Rebalance => "rebalance".into(),
+            Goal::Consolidate => "consolidate".into(),
+            Goal::Place { vm, host } => format!("move {vm} to {host}"),
+        }
+    }
+}
+
+/// Where a plan is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanStatus {
+    /// Planned, not executed (a dry run): review it, then execute or cancel it.
+    Proposed,
+    /// No plan reaches the goal; `blocked` says why per VM. Cannot be executed.
+    Impossible,
+    /// Being executed.
+    Running,
+    /// Every step done; the goal is reached.
+    Completed,
+    /// Ended with the goal not (fully) reached; `problems` names each VM and why.
+    Failed,
+    /// Cancelled by the operator.
+    Cancelled,
+}
+
+impl PlanStatus {
+    /// True once nothing more will happen.
+    pub fn is_final(self) -> bool {
+        matches!(self, PlanStatus::Impossible | PlanStatus::Completed | PlanStatus::Failed | PlanStatus::Cancelled)
+    }
+}
+
+/// Where a step is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Not started.
+    Pending,
+    /// Its migration runs.
+    Running,
+    /// Done: the VM runs at `to`.
+    Completed,
+    /// Its migration failed (see `reason`); the plan was re-planned.
+    Failed,
+    /// Dropped by a re-plan before it started.
+    Superseded,
+    /// Dropped by a cancel before it started, or cancelled while running.
+    Cancelled,
+}
+
+/// One live migration of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// The VM.
+    pub vm: String,
+    /// From host.
+    pub from: String,
+    /// To host.
+    pub to: String,
+    /// Wave (from 1) within its round; the waves of a round run one after the other.
+    pub wave: u32,
+    /// Round: 0 for the plan as proposed, N for its N-th re-plan.
+    pub round: u32,
+    /// Why the planner put it there.
+    pub why: String,
+    /// Where it is.
+    pub status: StepStatus,
+    /// Its migration (controller id), once started.
+    #[serde(default)]
+    pub migration: Option<String>,
+    /// Why it failed or was dropped.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A VM the plan could not take where the goal wanted it, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// The VM.
+    pub vm: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// A plan, as stored and served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanRecord {
+    /// Layout version.
+    pub version: u32,
+    /// Its id (`p1`...).
+    pub id: String,
+    /// The goal.
+    pub goal: Goal,
+    /// Where it is.
+    pub status: PlanStatus,
+    /// One sentence on how it ended (or why it is impossible).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Created, ms since the epoch.
+    pub created_ms: u64,
+    /// Execution started.
+    #[serde(default)]
+    pub started_ms: Option<u64>,
+    /// Ended.
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+    /// Every step of every round, in order.
+    pub steps: Vec<Step>,
+    /// Where each VM should end.
+    #[serde(default)]
+    pub target: BTreeMap<String, String>,
+    /// Why no plan exists, per VM (status `impossible`).
+    #[serde(default)]
+    pub blocked: Vec<Blocked>,
+    /// VMs the plan could not move as the goal wanted, each with why.
+    #[serde(default)]
+    pub problems: Vec<Problem>,
+    /// Re-plans so far.
+    #[serde(default)]
+    pub round: u32,
+    /// Failed migrations per VM.
+    #[serde(default)]
+    pub attempts: BTreeMap<String, u32>,
+    /// VMs given up on (pinned where they are).
+    #[serde(default)]
+    pub gave_up: Vec<String>,
+    /// No plan needs fewer migrations than this (round 0).
+    #[serde(default)]
+    pub lower_bound: usize,
+    /// Round 0's migration count is proven minimal.
+    #[serde(default)]
+    pub optimal: bool,
+}
+
+impl PlanRecord {
+    /// Steps of the current round not yet started.
+    pub fn pending(&self) -> impl Iterator<Item = (usize, &Step)> {
+        self.steps.iter().enumerate().filter(move |(_, s)| s.status == StepStatus::Pending && s.round == self.round)
+    }
+
+    /// Steps whose migration runs.
+    pub fn running(&self) -> impl Iterator<Item = (usize, &Step)> {
+        self.steps.iter().enumerate().filter(|(_, s)| s.status == StepStatus::Running)
+    }
+}
+
+/// The planner's case for the cluster as it is, and the VMs left out of it (on hosts
+/// that are down) with why.
+pub fn case_of(view: &View, max_parallel_per_host: u32) -> (Case, Vec<Problem>) {
+    let mut case = Case {
+        hosts: vec![],
+        vms: vec![],
+        current: BTreeMap::new(),
+        target: BTreeMap::new(),
+        limits: Some(Limits { max_parallel_per_host: max_parallel_per_host.max(1) }),
+        groups: vec![],
+    };
+    let mut left_out = vec![];
+    for h in view.hosts.values() {
+        if h.status == HostStatus::Up && h.maintenance != Maintenance::Off {
+            case.hosts.push(walkabout_plan::Host {
+                name: h.name.clone(),
+                memory_mib: h.capacity_mib,
+                vcpus: None,
+                arch: None,
+                guest_archs: None,
+                cpu_features: vec![],
+                reserved_mib: 0,
+            });
+        }
+    }
+    for v in view.vms.values() {
+        let Some(host) = v.host.as_deref() else { continue };
+        let h = &view.hosts.get(host);
+        if h.is_some_and(|h| h.status != HostStatus::Up) {
+            let reason = h
+                .map(|h| format!("{} is on {host}, which is down ({})", v.name, h.down_reason.as_deref().unwrap_or("not answering")))
+                .unwrap_or_default();
+            left_out.push(Problem { vm: v.name.clone(), reason });
+            continue;
+        }
+        if !v.active() || !case.hosts.iter().any(|h| h.name == host) {
+            continue;
+        }
+        case.vms.push(walkabout_plan::Vm { name: v.name.clone(), memory_mib: v.memory_mib, vcpus: None, arch: None, cpu_features: vec![] });
+        case.current.insert(v.name.clone(), host.to_string());
+    }
+    (case, left_out)
+}
+
+/// What planning a goal gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Planned {
+    /// Steps (round-local waves), the target, the lower bound and whether optimal.
+    Steps {
+        /// The steps.
+        steps: Vec<Step>,
+        /// The target.
+        target: BTreeMap<String, String>,
+        /// Lower bound on the number of migrations.
+        lower_bound: usize,
+        /// Proven minimal.
+        optimal: bool,
+    },
+    /// No plan: the reason and the blocked VMs.
+    Impossible {
+        /// One sentence.
+        reason: String,
+        /// Per VM.
+        blocked: Vec<Blocked>,
+    },
+}
+
+/// Plans `goal` on `case` (from [`case_of`]), keeping `pinned` VMs where they are.
+pub fn plan_goal(view: &View, case: &Case, goal: &Goal, pinned: &[String], round: u32) -> Result<Planned, ControllerError> {
+    let invalid = |e: walkabout_plan::InputError| ControllerError::Invalid(format!("cannot plan {}: {e}", goal.describe()));
+    let in_case = |h: &str| case.hosts.iter().any(|x| x.name == h);
+    let target = match goal {
+        Goal::Drain { host } => {
+            if !view.hosts.contains_key(host) {
+                return Err(ControllerError::not_found("host", host));
+            }
+            if !in_case(host) {
+                return Err(ControllerError::Conflict(format!("cannot drain {host}: it is down, so its VMs cannot be migrated")));
+            }
+            let mut hosts: Vec<String> = vec![host.clone()];
+            for h in view.hosts.values() {
+                if in_case(&h.name) && &h.name != host && matches!(h.maintenance, Maintenance::Draining | Maintenance::Drained) {
+                    hosts.push(h.name.clone());
+                }
+            }
+            let mut c = case.clone();
+            pin(&mut c, pinned, &hosts);
+            match target_for(&c, &Policy::Drain { hosts: hosts.clone() }).map_err(invalid)? {
+                Ok(t) => t,
+                Err(blocked) => {
+                    return Ok(Planned::Impossible { reason: format!("cannot drain {host}: not enough room for its VMs elsewhere"), blocked })
+                }
+            }
+        }
+        Goal::Rebalance | Goal::Consolidate => {
+            let in_service: Vec<String> =
+                view.hosts.values().filter(|h| in_case(&h.name) && h.maintenance.accepts_vms()).map(|h| h.name.clone()).collect();
+            let mut sub = case.clone();
+            sub.hosts.retain(|h| in_service.contains(&h.name));
+            let movable: Vec<String> =
+                sub.current.iter().filter(|(vm, h)| in_service.contains(h) && !pinned.contains(vm)).map(|(vm, _)| vm.clone()).collect();
+            sub.vms.retain(|v| movable.contains(&v.name));
+            sub.current.retain(|vm, _| movable.contains(vm));
+            // Pinned VMs take their room on their hosts.
+            for h in sub.hosts.iter_mut() {
+                h.reserved_mib += case
+                    .vms
+                    .iter()
+                    .filter(|v| pinned.contains(&v.name) && case.current.get(&v.name) == Some(&h.name))
+                    .map(|v| v.memory_mib)
+                    .sum::<u64>();
+            }
+            let policy = if *goal == Goal::Rebalance { Policy::Balance } else { Policy::Consolidate };
+            let mut t = match target_for(&sub, &policy).map_err(invalid)? {
+                Ok(t) => t,
+                Err(blocked) => return Ok(Planned::Impossible { reason: format!("cannot {}", goal.describe()), blocked }),
+            };
+            for (vm, h) in &case.current {
+                t.entry(vm.clone()).or_insert_with(|| h.clone());
+            }
+            t
+        }
+        Goal::Place { vm, host } => {
+            let Some(from) = case.current.get(vm) else {
+                return match view.vms.get(vm) {
+                    None => Err(ControllerError::not_found("VM", vm)),
+                    Some(v) => Err(ControllerError::Conflict(format!(
+                        "cannot move {vm}: it is {} on {}",
+                        v.state,
+                        v.host.as_deref().unwrap_or("no host")
+                    ))),
+                };
+            };
+            let h = view.hosts.get(host).ok_or_else(|| ControllerError::not_found("host", host))?;
+            if !h.accepts_vms() {
+                return Err(ControllerError::Conflict(format!(
+                    "cannot move {vm} to {host}: {host} takes no VMs (it is {})",
+                    if h.status != HostStatus::Up { "down".to_string() } else { format!("{:?}", h.maintenance).to_lowercase() }
+                )));
+            }
+            if from == host {
+                return Err(ControllerError::Conflict(format!("{vm} already runs on {host}")));
+            }
+            let mut t = case.current.clone();
+            t.insert(vm.clone(), host.clone());
+            t
+        }
+    };
+    let mut target = target;
+    for p in pinned {
+        if let Some(h) = case.current.get(p) {
+            target.insert(p.clone(), h.clone());
+        }
+    }
+    let mut with_target = case.clone();
+    with_target.target = target.clone();
+    match walkabout_plan::plan(&with_target).map_err(|e| match e {
+        walkabout_plan::InputError::Overfilled { ref host, needs, usable, .. } => ControllerError::Conflict(format!(
+            "cannot {}: the goal would put {needs} MiB on {host}, which holds {usable} MiB",
+            goal.describe()
+        )),
+        e => invalid(e),
+    })? {
+        Outcome::Ok(p) => Ok(Planned::Steps {
+            steps: p
+                .migrations
+                .into_iter()
+                .map(|m| Step {
+                    vm: m.vm,
+                    from: m.from,
+                    to: m.to,
+                    wave: m.wave,
+                    round,
+                    why: m.why,
+                    status: StepStatus::Pending,
+                    migration: None,
+                    reason: None,
+                })
+                .collect(),
+            target,
+            lower_bound: p.lower_bound,
+            optimal: p.optimal,
+        }),
+        Outcome::Impossible(i) | Outcome::Unsolved(i) => Ok(Planned::Impossible { reason: i.reason, blocked: i.blocked }),
+    }
+}
+
+/// Pinned VMs on hosts being drained stay there: take them out of the case, and the
+/// room they hold with them, so the drain policy does not try to move them.
+fn pin(case: &mut Case, pinned: &[String], _drained: &[String]) {
+    for p in pinned {
+        let Some(h) = case.current.remove(p) else { continue };
+        let mem = case.vms.iter().find(|v| &v.name == p).map(|v| v.memory_mib).unwrap_or(0);
+        case.vms.retain(|v| &v.name != p);
+        if let Some(host) = case.hosts.iter_mut().find(|x| x.name == h) {
+            host.reserved_mib += mem;
+        }
+    }
+}
+
+impl Cluster {
+    /// Plans `goal` against the cluster as it is now and records the plan (a dry run:
+    /// nothing moves). An impossible goal is recorded too, with its per-VM reasons.
+    pub fn propose(&self, goal: Goal) -> Result<PlanRecord, ControllerError> {
+        let view = self.view();
+        let (case, left_out) = case_of(&view, self.limits().planner_parallel_per_host);
+        let planned = plan_goal(&view, &case, &goal, &[], 0)?;
+        let id = format!("p{}", self.inner.store.next("plan")?);
+        let mut rec = PlanRecord {
+            version: PLAN_VERSION,
+            id: id.clone(),
+            goal: goal.clone(),
+            status: PlanStatus::Proposed,
+            reason: None,
+            created_ms: now_ms(),
+            started_ms: None,
+            finished_ms: None,
+            steps: vec![],
+            target: BTreeMap::new(),
+            blocked: vec![],
+            problems: left_out,
+            round: 0,
+            attempts: BTreeMap::new(),
+            gave_up: vec![],
+            lower_bound: 0,
+            optimal: false,
+        };
+        match planned {
+            Planned::Steps { steps, target, lower_bound, optimal } => {
+                rec.steps = steps;
+                rec.target = target;
+                rec.lower_bound = lower_bound;
+                rec.optimal = optimal;
+            }
+            Planned::Impossible { reason, blocked } => {
+                rec.status = PlanStatus::Impossible;
+                rec.reason = Some(reason);
+                rec.blocked = blocked;
+            }
+        }
+        let msg = match rec.status {
+            PlanStatus::Impossible => format!("plan {id} ({}) is impossible: {}", goal.describe(), rec.reason.as_deref().unwrap_or("")),
+            _ => format!("plan {id} ({}) proposed: {} migration(s)", goal.describe(), rec.steps.len()),
+        };
+        self.save_plan(&rec, Some(msg))?;
+        Ok(rec)
+    }
+
+    /// All plans, oldest first.
+    pub fn plans(&self) -> Vec<PlanRecord> {
+        let mut v: Vec<_> = lock(&self.inner.plans).values().cloned().collect();
+        v.sort_by_key(|p| (p.created_ms, p.id.clone()));
+        v
+    }
+
+    /// One plan.
+    pub fn plan(&self, id: &str) -> Result<PlanRecord, ControllerError> {
+        lock(&self.inner.plans).get(id).cloned().ok_or_else(|| ControllerError::not_found("plan", id))
+    }
+
+    /// Stores a plan, and publishes `message` about it if given.
+    pub(crate) fn save_plan(&self, rec: &PlanRecord, message: Option<String>) -> Result<(), ControllerError> {
+        self.inner.store.put(Table::Plans, &rec.id, rec)?;
+        lock(&self.inner.plans).insert(rec.id.clone(), rec.clone());
+        if let Some(m) = message {
+            self.inner.events.emit(Subject::Plan, &rec.id, m, serde_json::to_value(rec).unwrap_or_default());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{Host, Vm};
+
+    pub(crate) fn view(hosts: &[(&str, u64, Maintenance, HostStatus)], vms: &[(&str, u64, &str)]) -> View {
+        let mut v = View::default();
+        for (name, cap, m, st) in hosts {
+            let h: Host = serde_json::from_value(serde_json::json!({
+                "version": 1, "name": name, "url": format!("http://{name}"), "status": st, "status_since_ms": 0,
+                "maintenance": m, "capacity_mib": cap, "free_mib": cap,
+            }))
+            .expect("host");
+            v.hosts.insert(name.to_string(), h);
+        }
+        for (name, mem, host) in vms {
+            let vm: Vm = serde_json::from_value(serde_json::json!({
+                "version": 1, "name": name, "host": host, "memory_mib": mem, "vcpus": 1, "workload": "idle", "state": "running",
+            }))
+            .expect("vm");
+            v.vms.insert(name.to_string(), vm);
+        }
+        v
+    }
+
+    use HostStatus::{Down, Up};
+    use Maintenance::{Active, Draining};
+
+    #[test]
+    fn drain_never_picks_a_host_that_is_draining_or_down() {
+        let v = view(
+            &[("h1", 1024, Active, Up), ("h2", 1024, Draining, Up), ("h3", 1024, Active, Down), ("h4", 1024, Active, Up)],
+            &[("a", 256, "h1"), ("b", 256, "h1")],
+        );
+        let (case, _) = case_of(&v, 1);
+        let Planned::Steps { steps, .. } = plan_goal(&v, &case, &Goal::Drain { host: "h1".into() }, &[], 0).expect("plans") else {
+            panic!("drain should be possible")
+        };
+        assert!(steps.iter().all(|s| s.to == "h4"), "{steps:?}");
+        assert_eq!(steps.len(), 2);
+    }
+
+    #[test]
+    fn impossible_drain_names_each_vm_and_why() {
+        let v = view(&[("h1", 1024, Active, Up), ("h2", 300, Active, Up)], &[("a", 256, "h1"), ("b", 256, "h1")]);
+        let (case, _) = case_of(&v, 1);
+        let Planned::Impossible { blocked, .. } = plan_goal(&v, &case, &Goal::Drain { host: "h1".into() }, &[], 0).expect("plans") else {
+            panic!("drain should be impossible")
+        };
+        assert_eq!(blocked.len(), 1, "{blocked:?}");
+        assert!(!blocked[0].why.is_empty());
+    }
+
+    #[test]
+    fn vms_on_a_down_host_are_reported_not_planned() {
+        let v = view(&[("h1", 1024, Active, Down), ("h2", 1024, Active, Up)], &[("a", 256, "h1")]);
+        let (case, left_out) = case_of(&v, 1);
+        assert!(case.vms.is_empty());
+        assert_eq!(left_out.len(), 1);
+        assert!(left_out[0].reason.contains("down"), "{left_out:?}");
+    }
+
+    #[test]
+    fn a_pinned_vm_stays_on_the_drained_host() {
+        let v = view(&[("h1", 1024, Active, Up), ("h2", 1024, Active, Up)], &[("a", 256, "h1"), ("b", 256, "h1")]);
+        let (case, _) = case_of(&v, 1);
+        let Planned::Steps { steps, target, .. } =
+            plan_goal(&v, &case, &Goal::Drain { host: "h1".into() }, &["a".to_string()], 1).expect("plans")
+        else {
+            panic!("plan")
+        };
+        assert_eq!(steps.len(), 1);
+        assert_eq!(steps[0].vm, "b");
+        assert_eq!(target.get("a").map(String::as_str), Some("h1"));
+    }
+
+    #[test]
+    fn place_refuses_a_draining_host() {
+        let v = view(&[("h1", 1024, Active, Up), ("h2", 1024, Draining, Up)], &[("a", 256, "h1")]);
+        let (case, _) = case_of(&v, 1);
+        let e = plan_goal(&v, &case, &Goal::Place { vm: "a".into(), host: "h2".into() }, &[], 0).expect_err("refused");
+        assert!(e.to_string().contains("draining"), "{e}");
+    }
+}
