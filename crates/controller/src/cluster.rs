@@ -253,6 +253,16 @@ impl Cluster {
         let _ = self.inner.shutdown.send(true);
     }
 
+    /// Resolves once [`Cluster::stop`] has been called.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopping();
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// A receiver that turns true when the controller stops.
     pub(crate) fn stopping(&self) -> watch::Receiver<bool> {
         self.inner.shutdown.subscribe()

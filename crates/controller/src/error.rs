@@ -41,7 +41,10 @@ pub enum ControllerError {
 }
 
 fn blocked_text(b: &[walkabout_plan::Blocked]) -> String {
-    b.iter().map(|b| format!("{} needs {}: {}", b.vm, b.needs, b.why)).collect::<Vec<_>>().join("; ")
+    b.iter()
+        .map(|b| if b.why.starts_with(&b.vm) { b.why.clone() } else { format!("{} needs {}: {}", b.vm, b.needs, b.why) })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl ControllerError {

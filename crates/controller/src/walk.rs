@@ -348,9 +348,9 @@ impl Cluster {
             let plan = match self.drain(&host) {
                 Ok(p) => p,
                 Err(e) => {
-                    let result = format!("round {round}: the VMs no longer fit without {host}: {e}");
+                    let result = format!("the VMs no longer fit without {host}: {e}");
                     self.update_walk(id, |w| w.rounds.push(Round { round, host: host.clone(), plan: None, result: result.clone() }));
-                    return result;
+                    return format!("game over in round {round}: {result}");
                 }
             };
             let status = loop {
@@ -364,9 +364,9 @@ impl Cluster {
                 }
             };
             if status.status != PlanStatus::Completed {
-                let result = format!("round {round}: draining {host} failed: {}", status.reason.unwrap_or_default());
+                let result = format!("draining {host} failed: {}", status.reason.unwrap_or_default());
                 self.update_walk(id, |w| w.rounds.push(Round { round, host: host.clone(), plan: Some(plan.id.clone()), result: result.clone() }));
-                return result;
+                return format!("game over in round {round}: {result}");
             }
             let _ = self.set_maintenance(&host, Maintenance::Off);
             let result = format!("{host} drained and powered off");

@@ -37,6 +37,18 @@ enum Command {
     Migration(cli::migrate::MigrationCommand),
     /// Plan a safe order of migrations from a current to a target placement (offline).
     Plan(cli::plan::PlanArgs),
+    /// A controller, three agents and four guests walking about, on this machine.
+    Up(cli::up::UpArgs),
+    /// Run the cluster controller: hosts, placement, plans, limits, events.
+    Controller(cli::controller::ControllerArgs),
+    /// Rebalance, consolidate, and review or run plans (against a controller).
+    #[command(subcommand)]
+    Cluster(cli::cluster::ClusterCommand),
+    /// Let VMs wander: each hop a live migration to a random host with room.
+    Walk(cli::walk::WalkArgs),
+    /// Walkabout games.
+    #[command(subcommand)]
+    Game(cli::walk::GameCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,6 +70,11 @@ fn main() -> std::process::ExitCode {
         Command::Plan(a) => cli::plan::run(a),
         Command::Migrate(a) => cli::migrate::run(a),
         Command::Migration(c) => cli::migrate::run_migration(c),
+        Command::Up(a) => cli::up::run(a),
+        Command::Controller(a) => cli::controller::run(a),
+        Command::Cluster(c) => cli::cluster::run(c),
+        Command::Walk(a) => cli::walk::run_walk(a),
+        Command::Game(c) => cli::walk::run_game(c),
     };
     match result {
         Ok(code) => code,

@@ -1,4 +1,5 @@
-//! `walkabout host`: what a host offers.
+//! `walkabout host`: what a host offers (from its agent); the cluster's hosts and their
+//! maintenance (from the controller).
 
 use super::client::{print_json, runtime, Client, Output};
 use serde_json::Value;
@@ -16,11 +17,35 @@ pub enum HostCommand {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// List the cluster's hosts: up or down (since when, why), maintenance, memory, VMs.
+    List(super::cluster::CtlArgs),
+    /// Put a host in maintenance and move its VMs elsewhere, following the plan; refused
+    /// up front, with each VM and why, when they do not fit elsewhere.
+    Drain(HostAction),
+    /// Take a host out of maintenance (cancels its drain if one runs).
+    Undrain(HostAction),
+}
+
+/// A command on one host of the cluster.
+#[derive(clap::Args)]
+pub struct HostAction {
+    #[command(flatten)]
+    ctl: super::cluster::CtlArgs,
+    /// The host's name (`walkabout host list`).
+    host: String,
+    /// Return once the drain runs instead of following it.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 /// Runs `walkabout host ...`.
 pub fn run(cmd: HostCommand) -> anyhow::Result<ExitCode> {
-    let HostCommand::Info { agent, output } = cmd;
+    let (agent, output) = match cmd {
+        HostCommand::Info { agent, output } => (agent, output),
+        HostCommand::List(c) => return runtime()?.block_on(list(c)),
+        HostCommand::Drain(a) => return runtime()?.block_on(drain(a)),
+        HostCommand::Undrain(a) => return runtime()?.block_on(undrain(a)),
+    };
     runtime()?.block_on(async move {
         let h: Value = Client::new(&agent)?.get("/v1/host").await?;
         match output {
@@ -38,4 +63,48 @@ pub fn run(cmd: HostCommand) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+async fn list(c: super::cluster::CtlArgs) -> anyhow::Result<ExitCode> {
+    let hosts = super::cluster::Ctl::new(&c.controller)?.get("/v1/hosts").await?;
+    match c.output {
+        Output::Json => print_json(&hosts)?,
+        Output::Text => {
+            println!("{:<6} {:<8} {:<9} {:>9} {:>9}  {:<26} VMS", "NAME", "STATUS", "MAINT", "CAPACITY", "FREE", "URL");
+            for h in hosts.as_array().into_iter().flatten() {
+                let vms: Vec<&str> = h["vms"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                println!(
+                    "{:<6} {:<8} {:<9} {:>8}M {:>8}M  {:<26} {}",
+                    h["name"].as_str().unwrap_or("?"),
+                    h["status"].as_str().unwrap_or("?"),
+                    h["maintenance"].as_str().unwrap_or("?"),
+                    h["capacity_mib"].to_string(),
+                    h["free_mib"].to_string(),
+                    h["url"].as_str().unwrap_or("?"),
+                    vms.join(",")
+                );
+                if let Some(r) = h["down_reason"].as_str() {
+                    println!("       down since {} ms after the epoch: {r}", h["status_since_ms"]);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn drain(a: HostAction) -> anyhow::Result<ExitCode> {
+    let ctl = super::cluster::Ctl::new(&a.ctl.controller)?;
+    match ctl.post(&format!("/v1/hosts/{}/drain", a.host), None).await {
+        Ok(plan) => super::cluster::finish(&ctl, plan, &a.ctl, a.no_wait).await,
+        Err(e) => super::cluster::print_refusal(&e, a.ctl.output),
+    }
+}
+
+async fn undrain(a: HostAction) -> anyhow::Result<ExitCode> {
+    let h = super::cluster::Ctl::new(&a.ctl.controller)?.post(&format!("/v1/hosts/{}/undrain", a.host), None).await?;
+    match a.ctl.output {
+        Output::Json => print_json(&h)?,
+        Output::Text => println!("host {} is {}", a.host, h["maintenance"].as_str().unwrap_or("?")),
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -2,6 +2,8 @@
 
 pub mod agent;
 pub mod client;
+pub mod cluster;
+pub mod controller;
 pub mod cpu;
 pub mod demo;
 pub mod host;
@@ -9,4 +11,6 @@ pub mod image;
 pub mod local;
 pub mod migrate;
 pub mod plan;
+pub mod up;
 pub mod vm;
+pub mod walk;

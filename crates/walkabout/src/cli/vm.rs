@@ -46,6 +46,24 @@ pub enum VmCommand {
     Delete(Named),
     /// Print a VM's serial console.
     Console(ConsoleArgs),
+    /// Move a VM to another host of the cluster (through the controller: a plan with
+    /// its reason, executed with the cluster's limits), following it to its end.
+    Move(MoveArgs),
+}
+
+/// Arguments of `walkabout vm move`.
+#[derive(clap::Args)]
+pub struct MoveArgs {
+    #[command(flatten)]
+    ctl: super::cluster::CtlArgs,
+    /// The VM.
+    vm: String,
+    /// The host to move it to (`walkabout host list`).
+    #[arg(long)]
+    to: String,
+    /// Return once the move runs instead of following it.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 /// Arguments of `walkabout vm create`.
@@ -123,6 +141,13 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             VmCommand::Console(a) => console(a).await,
+            VmCommand::Move(a) => {
+                let ctl = super::cluster::Ctl::new(&a.ctl.controller)?;
+                match ctl.post(&format!("/v1/vms/{}/move", a.vm), Some(json!({"to": a.to}))).await {
+                    Ok(plan) => super::cluster::finish(&ctl, plan, &a.ctl, a.no_wait).await,
+                    Err(e) => super::cluster::print_refusal(&e, a.ctl.output),
+                }
+            }
         }
     })
 }

@@ -1,0 +1,74 @@
+//! `walkabout controller`: the cluster controller daemon.
+
+use anyhow::Context;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use walkabout_controller::{ControllerConfig, ExecLimits};
+
+/// Arguments of `walkabout controller`.
+#[derive(clap::Args)]
+pub struct ControllerArgs {
+    /// Address to serve the API on (port 0 picks one; the URL is printed and written to
+    /// DATA_DIR/controller.url).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    listen: String,
+    /// Directory of the controller's database (the cluster view, plans, migrations,
+    /// events); a restarted controller resumes from it.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// An agent to register as a host: `URL` (named h1, h2... in order) or `NAME=URL`.
+    /// Repeatable; more can be added later with `POST /v1/hosts`.
+    #[arg(long = "agent")]
+    agents: Vec<String>,
+    /// Migrations out of one host at once.
+    #[arg(long, default_value_t = 1)]
+    per_host_out: u32,
+    /// Migrations into one host at once.
+    #[arg(long, default_value_t = 1)]
+    per_host_in: u32,
+    /// Migrations in the whole cluster at once.
+    #[arg(long, default_value_t = 2)]
+    per_cluster: u32,
+    /// Failed migrations of one VM before a plan gives it up and reports it.
+    #[arg(long, default_value_t = 2)]
+    max_attempts: u32,
+    /// Migration mode asked of agents: auto, precopy or postcopy.
+    #[arg(long, default_value = "auto")]
+    mode: String,
+}
+
+impl ControllerArgs {
+    /// The controller's configuration from these arguments.
+    pub fn config(&self) -> anyhow::Result<ControllerConfig> {
+        self.mode.parse::<walkabout_migrate::Mode>().map_err(|e| anyhow::anyhow!(e))?;
+        let limits = ExecLimits {
+            per_host_out: self.per_host_out.max(1),
+            per_host_in: self.per_host_in.max(1),
+            per_cluster: self.per_cluster.max(1),
+            planner_parallel_per_host: self.per_host_out.max(self.per_host_in).max(1),
+            max_attempts: self.max_attempts.max(1),
+            ..ExecLimits::default()
+        };
+        Ok(ControllerConfig { limits, mode: self.mode.clone(), ..ControllerConfig::new(self.data_dir.clone()) })
+    }
+}
+
+/// Runs the controller until Ctrl-C or SIGTERM. Agents and VMs carry on without it.
+pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
+    super::client::runtime()?.block_on(async move {
+        let config = a.config()?;
+        std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
+        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let cluster = walkabout_controller::start(config, &a.agents).await?;
+        std::fs::write(a.data_dir.join("controller.url"), &url).context("writing controller.url")?;
+        println!("walkabout controller listening on {url} ({} host(s))", cluster.hosts().len());
+        axum::serve(listener, walkabout_controller::api::router(cluster.clone()))
+            .with_graceful_shutdown(super::agent::shutdown_signal())
+            .await
+            .context("serving the API")?;
+        cluster.stop();
+        tracing::info!("controller stopped; agents and VMs carry on");
+        Ok(ExitCode::SUCCESS)
+    })
+}
