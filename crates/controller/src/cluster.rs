@@ -174,12 +174,14 @@ pub struct ControllerConfig {
     pub limits: ExecLimits,
     /// Migration mode asked of agents (`auto`).
     pub mode: String,
+    /// Bandwidth cap per migration asked of agents, bytes/s (default: none).
+    pub max_bandwidth_bps: Option<u64>,
 }
 
 impl ControllerConfig {
     /// Defaults with `data_dir`.
     pub fn new(data_dir: PathBuf) -> ControllerConfig {
-        ControllerConfig { data_dir, limits: ExecLimits::default(), mode: "auto".into() }
+        ControllerConfig { data_dir, limits: ExecLimits::default(), mode: "auto".into(), max_bandwidth_bps: None }
     }
 }
 

@@ -279,7 +279,7 @@ impl Cluster {
             tracing::info!(id = %m.id, agent_id = %rec.id, "adopting the agent's migration");
             return Ok(Some(rec));
         }
-        let req = MigrateRequest { vm: m.vm.clone(), destination: to_url, mode: self.inner.config.mode.clone(), max_downtime_ms: None, max_bandwidth_bps: None };
+        let req = MigrateRequest { vm: m.vm.clone(), destination: to_url, mode: self.inner.config.mode.clone(), max_downtime_ms: None, max_bandwidth_bps: self.inner.config.max_bandwidth_bps };
         self.inner.api.start_migration(from_url.to_string(), req).await.map(Some)
     }
 
@@ -493,6 +493,8 @@ impl Cluster {
                 continue;
             }
             let s = &mut rec.steps[i];
+            s.finished_ms = m.finished_ms;
+            s.downtime_ms = m.downtime_ms;
             match m.phase {
                 Phase::Completed => {
                     s.status = StepStatus::Completed;
@@ -557,6 +559,7 @@ impl Cluster {
             // A migration of this VM that a previous controller started: adopt it.
             if let Some(m) = self.migrations().into_iter().find(|m| m.vm == vm && m.plan.as_deref() == Some(&rec.id) && !m.phase.is_final()) {
                 rec.steps[i].status = StepStatus::Running;
+                rec.steps[i].started_ms = Some(m.started_ms);
                 rec.steps[i].migration = Some(m.id);
                 continue;
             }
@@ -573,6 +576,7 @@ impl Cluster {
                 Ok(Some(m)) => {
                     rec.steps[i].status = StepStatus::Running;
                     rec.steps[i].migration = Some(m.id.clone());
+                    rec.steps[i].started_ms = Some(m.started_ms);
                     messages.push(format!("{vm}: {from} -> {to} started ({})", m.id));
                 }
                 Ok(None) => {}

@@ -125,6 +125,15 @@ pub struct Step {
     /// Why it failed or was dropped.
     #[serde(default)]
     pub reason: Option<String>,
+    /// When its migration was ordered, ms since the epoch.
+    #[serde(default)]
+    pub started_ms: Option<u64>,
+    /// When its migration ended.
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+    /// The guest's pause at switchover, ms.
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
 }
 
 /// A VM the plan could not take where the goal wanted it, and why.
@@ -375,6 +384,9 @@ pub fn plan_goal(view: &View, case: &Case, goal: &Goal, pinned: &[String], round
                     status: StepStatus::Pending,
                     migration: None,
                     reason: None,
+                    started_ms: None,
+                    finished_ms: None,
+                    downtime_ms: None,
                 })
                 .collect(),
             target,

@@ -35,6 +35,9 @@ pub struct ControllerArgs {
     /// Migration mode asked of agents: auto, precopy or postcopy.
     #[arg(long, default_value = "auto")]
     mode: String,
+    /// Bandwidth cap per migration (e.g. 100M, 1G); default: none.
+    #[arg(long, value_parser = super::client::parse_mib)]
+    max_bandwidth: Option<u64>,
 }
 
 impl ControllerArgs {
@@ -49,7 +52,12 @@ impl ControllerArgs {
             max_attempts: self.max_attempts.max(1),
             ..ExecLimits::default()
         };
-        Ok(ControllerConfig { limits, mode: self.mode.clone(), ..ControllerConfig::new(self.data_dir.clone()) })
+        Ok(ControllerConfig {
+            limits,
+            mode: self.mode.clone(),
+            max_bandwidth_bps: self.max_bandwidth.map(|m| m << 20),
+            ..ControllerConfig::new(self.data_dir.clone())
+        })
     }
 }
 

@@ -363,3 +363,164 @@ impl Drop for NetPair {
         }
     }
 }
+
+/// A running controller process (`walkabout controller`) with its own data directory,
+/// killed on drop.
+pub struct ControllerProc {
+    pub url: String,
+    pub data: PathBuf,
+    child: Option<Child>,
+    args: Vec<String>,
+    _dir: TempDir,
+}
+
+impl ControllerProc {
+    /// Starts a controller on a free loopback port with `agents` registered as h1, h2...
+    /// in order, and `extra` arguments; waits until every host has been polled.
+    pub fn start(agents: &[&AgentProc], extra: &[&str]) -> ControllerProc {
+        let dir = TempDir::new("ctl");
+        let mut args: Vec<String> = vec![];
+        for (i, a) in agents.iter().enumerate() {
+            args.push("--agent".into());
+            args.push(format!("h{}={}", i + 1, a.url));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut c = ControllerProc { url: String::new(), data: dir.0.clone(), child: None, args, _dir: dir };
+        c.spawn();
+        c
+    }
+
+    /// (Re)starts the controller process on this data directory.
+    pub fn spawn(&mut self) {
+        let _ = std::fs::remove_file(self.data.join("controller.url"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data.join("controller.log")).expect("controller log");
+        let child = Command::new(bin())
+            .args(["controller", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&self.data)
+            .args(&self.args)
+            .env("WALKABOUT_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn controller");
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Ok(url) = std::fs::read_to_string(self.data.join("controller.url")) {
+                self.url = url;
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("controller exited with {status}: {}", self.log());
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "controller did not start: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The controller's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.join("controller.log")).unwrap_or_default()
+    }
+
+    /// Kills the controller (SIGKILL); agents and VMs carry on.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `walkabout ARGS --controller URL`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(bin()).args(args).args(["--controller", &self.url]).env("WALKABOUT_LOG", "warn").output().expect("run walkabout")
+    }
+
+    /// `walkabout ARGS --controller URL --output json`, whatever the exit status.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        let out = self.run(&a);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("walkabout {a:?}: bad JSON ({e}): {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        })
+    }
+
+    /// `walkabout ARGS --controller URL --output json`, which must succeed.
+    pub fn cli(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        let out = self.run(&a);
+        assert!(out.status.success(), "walkabout {a:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("walkabout {a:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// The cluster's hosts by name.
+    pub fn host(&self, name: &str) -> Value {
+        let hosts = self.cli(&["host", "list"]);
+        hosts.as_array().and_then(|h| h.iter().find(|h| h["name"] == name).cloned()).unwrap_or_else(|| panic!("no host {name}: {hosts}"))
+    }
+
+    /// Waits until the controller sees `n` VMs whose guests are ready.
+    pub fn wait_vms(&self, n: usize) {
+        let start = Instant::now();
+        loop {
+            let hosts = self.cli(&["host", "list"]);
+            let seen: usize = hosts.as_array().into_iter().flatten().map(|h| h["vms"].as_array().map_or(0, Vec::len)).sum();
+            if seen >= n {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "controller sees {seen} of {n} VMs: {hosts}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until plan `id` has ended; returns it.
+    pub fn wait_plan(&self, id: &str, secs: u64) -> Value {
+        let start = Instant::now();
+        loop {
+            let p = self.cli(&["cluster", "plan-show", id]);
+            if !matches!(p["status"].as_str(), Some("running" | "proposed")) {
+                return p;
+            }
+            assert!(start.elapsed() < Duration::from_secs(secs), "plan {id} still {} after {secs} s: {p}\n{}", p["status"], self.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until plan `id` has a running step; returns that step.
+    pub fn wait_running_step(&self, id: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let p = self.cli(&["cluster", "plan-show", id]);
+            if let Some(s) = p["steps"].as_array().and_then(|s| s.iter().find(|s| s["status"] == "running")) {
+                return s.clone();
+            }
+            assert!(p["status"] == "running", "plan {id} ended before a step ran: {p}");
+            assert!(start.elapsed() < Duration::from_secs(60), "no step of {id} started: {p}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for ControllerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Pids of live processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<i64> {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return vec![] };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i64>().ok()))
+        .filter(|pid| alive(*pid))
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).contains(needle)).unwrap_or(false))
+        .collect()
+}

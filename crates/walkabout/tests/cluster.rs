@@ -1,0 +1,247 @@
+//! The cluster with real agents and real guests: a controller drains a host in a safe
+//! order within its limits, survives its own restart mid-plan, reports the VMs of an
+//! agent killed mid-plan instead of hanging, refuses impossible drains up front; and
+//! `walkabout up` leaves nothing behind after Ctrl-C.
+
+mod common;
+
+use common::{assert_healthy, now_ms, processes_mentioning, AgentProc, ControllerProc};
+use serde_json::Value;
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Slow enough to interrupt a migration: a 256 MiB guest takes seconds at this cap.
+const SLOW: &[&str] = &["--max-bandwidth", "24M"];
+
+/// Three hosts where the drain of h1 (three 256 MiB guests) is tight: h2 (640 MiB)
+/// has the most room, and sending all three there — the naive choice — would overfill
+/// it (768 > 640); h3 takes at most two.
+fn tight_cluster(workload: &str) -> (AgentProc, AgentProc, AgentProc) {
+    let h1 = AgentProc::start(&["--capacity", "768M"]);
+    let h2 = AgentProc::start(&["--capacity", "640M"]);
+    let h3 = AgentProc::start(&["--capacity", "512M"]);
+    for vm in ["a", "b", "c"] {
+        h1.cli(&["vm", "create", "--name", vm, "--memory", "256M", "--workload", workload]);
+    }
+    (h1, h2, h3)
+}
+
+fn steps(plan: &Value) -> Vec<Value> {
+    plan["steps"].as_array().cloned().unwrap_or_default()
+}
+
+/// Asserts no two steps out of (or into) one host overlapped in time.
+fn assert_one_at_a_time_per_host(plan: &Value) {
+    let done: Vec<Value> = steps(plan).into_iter().filter(|s| s["status"] == "completed").collect();
+    for (i, x) in done.iter().enumerate() {
+        for y in &done[i + 1..] {
+            let shared = x["from"] == y["from"] || x["to"] == y["to"];
+            let (xs, xe) = (x["started_ms"].as_u64().unwrap_or(0), x["finished_ms"].as_u64().unwrap_or(u64::MAX));
+            let (ys, ye) = (y["started_ms"].as_u64().unwrap_or(0), y["finished_ms"].as_u64().unwrap_or(u64::MAX));
+            assert!(!shared || xe <= ys || ye <= xs, "steps overlap on a host: {x} {y}");
+        }
+    }
+}
+
+/// Agent migrations of every VM, over all agents: (vm, phase).
+fn agent_migrations(agents: &[&AgentProc]) -> Vec<(String, String)> {
+    agents
+        .iter()
+        .flat_map(|a| a.cli(&["migration", "list"]).as_array().cloned().unwrap_or_default())
+        .map(|m| (m["vm"].as_str().unwrap_or("").to_string(), m["phase"].as_str().unwrap_or("").to_string()))
+        .collect()
+}
+
+/// The agent among `agents` that runs `vm`.
+fn home<'a>(agents: &[&'a AgentProc], vm: &str) -> &'a AgentProc {
+    agents
+        .iter()
+        .copied()
+        .find(|a| a.run(&["vm", "info", vm]).status.success())
+        .unwrap_or_else(|| panic!("no agent runs {vm}: lost"))
+}
+
+fn assert_still_healthy(a: &AgentProc, vm: &str) {
+    let seen = a.info(vm)["guest"]["heartbeats"].as_u64().expect("heartbeats");
+    let v = a.wait_heartbeats(vm, seen + 5);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_healthy(&v);
+}
+
+#[test]
+fn a_drain_of_three_dirtying_guests_fits_a_tight_cluster_one_migration_per_host_at_a_time() {
+    let (h1, h2, h3) = tight_cluster("dirty:64:32");
+    let ctl = ControllerProc::start(&[&h1, &h2, &h3], &[]);
+    ctl.wait_vms(3);
+    assert!(3 * 256 > ctl.host("h2")["capacity_mib"].as_u64().unwrap_or(0), "the naive all-to-h2 order must overfill h2");
+
+    let plan = ctl.cli(&["host", "drain", "h1"]);
+
+    assert_eq!(plan["status"], "completed", "{plan}");
+    assert_eq!(plan["round"], 0, "no retry or re-plan was needed: {plan}");
+    assert_eq!(steps(&plan).len(), 3, "{plan}");
+    assert!(steps(&plan).iter().all(|s| !s["why"].as_str().unwrap_or("").is_empty()), "every migration has its reason: {plan}");
+    assert_one_at_a_time_per_host(&plan);
+    assert_eq!(ctl.host("h1")["maintenance"], "drained");
+    assert!(h1.qemu_pids().is_empty(), "QEMU left on the drained host");
+    let on_h2 = ["a", "b", "c"].iter().filter(|vm| h2.run(&["vm", "info", vm]).status.success()).count();
+    assert!(on_h2 <= 2, "h2 overfilled");
+    for vm in ["a", "b", "c"] {
+        assert_still_healthy(home(&[&h2, &h3], vm), vm);
+    }
+}
+
+#[test]
+fn a_controller_restarted_mid_plan_resumes_it_runs_no_migration_twice_and_loses_no_vm() {
+    let (h1, h2, h3) = tight_cluster("dirty:64:4");
+    let mut ctl = ControllerProc::start(&[&h1, &h2, &h3], SLOW);
+    ctl.wait_vms(3);
+    let id = ctl.json(&["host", "drain", "h1", "--no-wait"])["id"].as_str().expect("plan id").to_string();
+    ctl.wait_running_step(&id);
+
+    ctl.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    ctl.spawn();
+    let plan = ctl.wait_plan(&id, 120);
+
+    assert_eq!(plan["status"], "completed", "{plan}\n{}", ctl.log());
+    assert!(ctl.log().contains("resumes after a controller restart"), "{}", ctl.log());
+    let migs = agent_migrations(&[&h1, &h2, &h3]);
+    assert_eq!(migs.len(), 3, "each VM migrated exactly once: {migs:?}");
+    for vm in ["a", "b", "c"] {
+        assert_eq!(migs.iter().filter(|(v, p)| v == vm && p == "completed").count(), 1, "{vm}: {migs:?}");
+        assert_still_healthy(home(&[&h2, &h3], vm), vm);
+    }
+}
+
+#[test]
+fn an_agent_killed_during_a_plan_is_marked_down_within_seconds_and_the_plan_reports_its_vms() {
+    let (h1, mut h2, mut h3) = tight_cluster("dirty:64:4");
+    let ctl = ControllerProc::start(&[&h1, &h2, &h3], SLOW);
+    ctl.wait_vms(3);
+    let id = ctl.json(&["host", "drain", "h1", "--no-wait"])["id"].as_str().expect("plan id").to_string();
+    let step = ctl.wait_running_step(&id);
+    let victim = step["to"].as_str().expect("destination").to_string();
+
+    let killed_at = now_ms();
+    if victim == "h2" { h2.kill() } else { h3.kill() }
+    let start = Instant::now();
+    while ctl.host(&victim)["status"] != "down" {
+        assert!(start.elapsed() < Duration::from_secs(10), "{victim} not marked down: {}", ctl.host(&victim));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let host = ctl.host(&victim);
+    let plan = ctl.wait_plan(&id, 90);
+
+    assert!(host["status_since_ms"].as_u64().unwrap_or(0) - killed_at < 5_000, "{host}");
+    assert!(!host["down_reason"].as_str().unwrap_or("").is_empty(), "{host}");
+    assert_eq!(plan["status"], "failed", "{plan}");
+    let problems = plan["problems"].as_array().cloned().unwrap_or_default();
+    assert!(!problems.is_empty(), "the plan names the VMs it could not move: {plan}");
+    assert!(problems.iter().all(|p| p["vm"].is_string() && !p["reason"].as_str().unwrap_or("").is_empty()), "{plan}");
+    let dead_url = if victim == "h2" { h2.url.clone() } else { h3.url.clone() };
+    let alive: Vec<&AgentProc> = [&h1, &h2, &h3].into_iter().filter(|a| a.url != dead_url).collect();
+    for vm in ["a", "b", "c"] {
+        if let Some(a) = alive.iter().find(|a| a.run(&["vm", "info", vm]).status.success()) {
+            assert_still_healthy(a, vm);
+        }
+    }
+}
+
+#[test]
+fn an_impossible_drain_is_refused_up_front_with_each_vm_and_why() {
+    let h1 = AgentProc::start(&["--capacity", "768M"]);
+    let h2 = AgentProc::start(&["--capacity", "256M"]);
+    for vm in ["a", "b"] {
+        h1.cli(&["vm", "create", "--name", vm, "--memory", "256M", "--workload", "idle"]);
+    }
+    let ctl = ControllerProc::start(&[&h1, &h2], &[]);
+    ctl.wait_vms(2);
+
+    let out = ctl.run(&["host", "drain", "h1", "--output", "json"]);
+
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let refusal: Value = serde_json::from_slice(&out.stdout).expect("JSON refusal");
+    let blocked = refusal["blocked"].as_array().cloned().unwrap_or_default();
+    assert_eq!(blocked.len(), 1, "{refusal}");
+    assert!(blocked[0]["why"].as_str().unwrap_or("").contains("256 MiB"), "{refusal}");
+    assert!(refusal["error"].as_str().unwrap_or("").contains("cannot drain h1"), "{refusal}");
+    assert_eq!(ctl.host("h1")["maintenance"], "active");
+    assert!(agent_migrations(&[&h1]).is_empty(), "nothing moved");
+    let text = ctl.run(&["host", "drain", "h1"]);
+    assert!(String::from_utf8_lossy(&text.stderr).contains("needs 256 MiB"), "{}", String::from_utf8_lossy(&text.stderr));
+}
+
+/// `walkabout up` as a child; on drop (a failed test) it is interrupted and anything
+/// left of it killed.
+struct Up {
+    child: std::process::Child,
+    root: String,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+            let start = Instant::now();
+            while matches!(self.child.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for pid in processes_mentioning(&self.root) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+#[test]
+fn walkabout_up_walks_four_guests_and_leaves_no_process_behind_after_ctrl_c() {
+    common::guest_image();
+    let base = 30_000 + (std::process::id() % 5_000) * 4;
+    let mut child = Command::new(common::bin())
+        .args(["up", "--accel", "tcg", "--listen", &format!("127.0.0.1:{base}"), "--base-port", &(base + 1).to_string(), "--pause", "1s"])
+        .env("WALKABOUT_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn walkabout up");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut up = Up { root: format!("walkabout-up-{}", child.id()), child };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = vec![];
+    let start = Instant::now();
+    while !seen.iter().any(|l: &String| l.starts_with("hop 2:")) {
+        assert!(start.elapsed() < Duration::from_secs(240), "no hops from walkabout up: {seen:#?}");
+        if let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) {
+            seen.push(line);
+        }
+    }
+
+    let _ = Command::new("kill").args(["-INT", &up.child.id().to_string()]).status();
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(s)) = up.child.try_wait() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "walkabout up did not stop after Ctrl-C");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+        seen.push(line);
+    }
+
+    assert!(status.success(), "{status}: {seen:#?}");
+    assert_eq!(seen.iter().filter(|l| l.starts_with("booted g")).count(), 4, "{seen:#?}");
+    assert!(seen.iter().any(|l| l.contains("/metrics")), "{seen:#?}");
+    assert!(seen.iter().filter(|l| l.starts_with("hop ")).all(|l| l.contains("completed") && l.contains("0 breaks, 0 corrupt")), "{seen:#?}");
+    assert_eq!(processes_mentioning(&up.root), Vec::<i64>::new(), "processes left behind");
+    assert!(!std::path::Path::new("/tmp").join(&up.root).exists(), "data left behind");
+}
