@@ -291,10 +291,9 @@ impl Cluster {
         if rec.phase.is_final() {
             return self.finish_migration(id, rec.phase, rec.reason.clone(), Some(rec));
         }
+        // The source agent is the authority on its migration's phase.
         let moved = m.phase != rec.phase;
-        if m.phase.can_become(rec.phase) {
-            m.phase = rec.phase;
-        }
+        m.phase = rec.phase;
         if first || moved {
             let msg = format!("migration {id} of {} is {}", m.vm, format!("{:?}", m.phase).to_lowercase());
             self.save_migration(&m, Some(msg));
@@ -416,6 +415,9 @@ impl Cluster {
         let mut stop = self.stopping();
         // Why the plan must be re-planned, kept until nothing of it runs.
         let mut want_replan: Option<String> = None;
+        let mut replan_since: Option<std::time::Instant> = None;
+        // Hosts of failed steps: a re-plan waits until they answer or are marked down.
+        let mut suspects: std::collections::BTreeSet<String> = Default::default();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
@@ -434,8 +436,14 @@ impl Cluster {
             let before = rec.clone();
             let cancelled = *cancel.borrow();
             let mut messages = vec![];
+            let before_steps = rec.steps.clone();
             if let Some(why) = self.settle(&mut rec, cancelled, &mut messages) {
                 want_replan = Some(why);
+                for (old, new) in before_steps.iter().zip(&rec.steps) {
+                    if old.status == StepStatus::Running && new.status == StepStatus::Failed {
+                        suspects.extend([new.from.clone(), new.to.clone()]);
+                    }
+                }
             }
             let running = rec.running().count();
             if cancelled {
@@ -451,13 +459,20 @@ impl Cluster {
                 if let Some(why) = self.host_gone(&rec) {
                     want_replan.get_or_insert(why);
                 }
-                if running == 0 {
+                // A failure often comes just before its cause is known (a host that
+                // stopped answering is marked down after a few polls): wait for that
+                // before re-planning, so the new round does not pick the dead host.
+                let settling = want_replan.is_some() && self.any_silent(&suspects).await;
+                let hold = settling && replan_since.get_or_insert_with(std::time::Instant::now).elapsed() < crate::agents::DOWN_AFTER * 2;
+                if running == 0 && !hold {
+                    replan_since = None;
+                    suspects.clear();
                     if let Some(why) = want_replan.take() {
                         tracing::info!(plan = id, why, "re-planning from the actual state");
                         self.replan(&mut rec, &mut messages);
                     }
                 }
-                if !rec.status.is_final() {
+                if !rec.status.is_final() && !hold && want_replan.is_none() {
                     if let Err(why) = self.start_steps(&mut rec, &mut messages) {
                         want_replan = Some(why);
                     }
@@ -530,13 +545,25 @@ impl Cluster {
         replan
     }
 
+    /// True when one of `hosts` is still up in the view but does not answer now (it is
+    /// probably going down; the watcher will say so shortly).
+    async fn any_silent(&self, hosts: &std::collections::BTreeSet<String>) -> bool {
+        for name in hosts {
+            let Ok(h) = self.host(name) else { continue };
+            if h.status == HostStatus::Up && self.inner.api.host(h.url).await.is_err() {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Why a pending step can no longer run as planned: one of its hosts went down.
     fn host_gone(&self, rec: &PlanRecord) -> Option<String> {
         let view = self.view();
         rec.pending().find_map(|(_, s)| {
             [&s.from, &s.to]
                 .into_iter()
-                .find(|h| view.hosts.get(h.as_str()).map_or(true, |h| h.status == HostStatus::Down))
+                .find(|h| !view.hosts.get(h.as_str()).is_some_and(|h| h.status != HostStatus::Down))
                 .map(|h| format!("host {h} went down"))
         })
     }
@@ -611,30 +638,46 @@ impl Cluster {
         rec.round += 1;
         let view = self.view();
         let (case, left_out) = case_of(&view, self.limits().planner_parallel_per_host);
+        // VMs on hosts that went down concern this plan if the goal wanted them moved.
         for p in left_out {
-            if rec.target.get(&p.vm) != view.vms.get(&p.vm).and_then(|v| v.host.as_ref()) || matches!(rec.goal, Goal::Drain { .. }) {
-                if !rec.problems.iter().any(|x| x.vm == p.vm) {
-                    rec.problems.push(p);
-                }
+            let at = view.vms.get(&p.vm).and_then(|v| v.host.as_ref());
+            let concerned = match &rec.goal {
+                Goal::Drain { host } => at == Some(host),
+                _ => rec.target.get(&p.vm).is_some_and(|t| Some(t) != at),
+            };
+            if concerned && !rec.problems.iter().any(|x| x.vm == p.vm) {
+                rec.problems.push(p);
             }
         }
-        match plan_goal(&view, &case, &rec.goal, &rec.gave_up, rec.round) {
-            Ok(Planned::Steps { steps, target, .. }) => {
-                messages.push(format!("re-planned (round {}): {} migration(s)", rec.round, steps.len()));
-                rec.steps.extend(steps);
-                rec.target = target;
-            }
-            Ok(Planned::Impossible { reason, blocked }) => {
-                for b in &blocked {
-                    rec.problems.retain(|p| p.vm != b.vm);
-                    rec.problems.push(Problem { vm: b.vm.clone(), reason: format!("needs {}: {}", b.needs, b.why) });
+        // Move what still can move: a VM that fits nowhere now is reported with why and
+        // pinned, and the rest planned again (at most once per VM).
+        for _ in 0..=case.vms.len() {
+            match plan_goal(&view, &case, &rec.goal, &rec.gave_up, rec.round) {
+                Ok(Planned::Steps { steps, target, .. }) => {
+                    messages.push(format!("re-planned (round {}): {} migration(s)", rec.round, steps.len()));
+                    rec.steps.extend(steps);
+                    rec.target = target;
+                    return;
                 }
-                rec.blocked = blocked;
-                self.end_plan(rec, PlanStatus::Failed, format!("re-plan found no way: {reason}"));
-            }
-            Err(e) => {
-                self.unreached(rec, &e.to_string());
-                self.end_plan(rec, PlanStatus::Failed, format!("re-plan failed: {e}"));
+                Ok(Planned::Impossible { reason, blocked }) => {
+                    let fresh: Vec<_> = blocked.iter().filter(|b| !rec.gave_up.contains(&b.vm)).cloned().collect();
+                    if fresh.is_empty() {
+                        self.end_plan(rec, PlanStatus::Failed, format!("re-plan found no way: {reason}"));
+                        return;
+                    }
+                    for b in fresh {
+                        messages.push(format!("{} cannot go anywhere now: {}", b.vm, b.why));
+                        rec.problems.retain(|p| p.vm != b.vm);
+                        rec.problems.push(Problem { vm: b.vm.clone(), reason: format!("needs {}: {}", b.needs, b.why) });
+                        rec.gave_up.push(b.vm.clone());
+                        rec.blocked.push(b);
+                    }
+                }
+                Err(e) => {
+                    self.unreached(rec, &e.to_string());
+                    self.end_plan(rec, PlanStatus::Failed, format!("re-plan failed: {e}"));
+                    return;
+                }
             }
         }
     }

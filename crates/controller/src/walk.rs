@@ -312,7 +312,7 @@ impl Cluster {
         let vms: Vec<_> = view
             .vms
             .values()
-            .filter(|v| v.state == "running" && !moving.contains(&v.name) && rested.get(&v.name).map_or(true, |t| *t <= now))
+            .filter(|v| v.state == "running" && !moving.contains(&v.name) && !rested.get(&v.name).is_some_and(|t| *t > now))
             .filter(|v| v.host.as_deref().and_then(|h| view.hosts.get(h)).is_some_and(|h| h.status == HostStatus::Up))
             .collect();
         if vms.is_empty() {

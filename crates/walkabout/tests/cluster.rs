@@ -140,6 +140,8 @@ fn an_agent_killed_during_a_plan_is_marked_down_within_seconds_and_the_plan_repo
     let problems = plan["problems"].as_array().cloned().unwrap_or_default();
     assert!(!problems.is_empty(), "the plan names the VMs it could not move: {plan}");
     assert!(problems.iter().all(|p| p["vm"].is_string() && !p["reason"].as_str().unwrap_or("").is_empty()), "{plan}");
+    assert!(steps(&plan).iter().filter(|s| s["round"] != 0).all(|s| s["to"] != victim.as_str()), "a re-plan picked the dead host: {plan}");
+    assert!(plan["finished_ms"].as_u64().unwrap_or(u64::MAX) - killed_at < 60_000, "the plan hung: {plan}");
     let dead_url = if victim == "h2" { h2.url.clone() } else { h3.url.clone() };
     let alive: Vec<&AgentProc> = [&h1, &h2, &h3].into_iter().filter(|a| a.url != dead_url).collect();
     for vm in ["a", "b", "c"] {

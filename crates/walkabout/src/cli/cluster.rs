@@ -253,7 +253,7 @@ async fn draw(ctl: &Ctl, plan: &Value) {
                 Ok(m) => {
                     let t = m["progress"]["total_bytes"].as_u64().unwrap_or(0);
                     let r = m["progress"]["remaining_bytes"].as_u64().unwrap_or(t).min(t);
-                    let pct = if t == 0 { 0 } else { (t - r) * 100 / t };
+                    let pct = ((t - r) * 100).checked_div(t).unwrap_or(0);
                     format!("{} {pct}%", m["phase"].as_str().unwrap_or("?"))
                 }
                 Err(_) => "?".into(),
