@@ -170,12 +170,16 @@ impl AgentApi for Fake {
         }
         let mut s = self.state();
         let failing = s.failing.clone();
+        let down = s.down.clone();
         let Some((rec, _, left)) = s.migs.get_mut(&id) else {
             return ready(Err(AgentCallError::Refused { status: 404, kind: "migration_not_found".into(), message: format!("no migration `{id}`") }));
         };
         if !rec.phase.is_final() {
             *left = left.saturating_sub(1);
-            if *left == 0 {
+            if down.contains(&rec.destination) {
+                rec.phase = Phase::Failed;
+                rec.reason = Some(format!("destination agent {} unreachable", rec.destination));
+            } else if *left == 0 {
                 if failing.contains(&rec.vm) {
                     rec.phase = Phase::Failed;
                     rec.reason = Some(format!("migration of {} failed: destination QEMU exited", rec.vm));
