@@ -406,9 +406,12 @@ impl ControllerProc {
         self.child = Some(child);
         let start = Instant::now();
         loop {
-            if let Ok(url) = std::fs::read_to_string(self.data.join("controller.url")) {
-                self.url = url;
-                return;
+            match std::fs::read_to_string(self.data.join("controller.url")) {
+                Ok(url) if url.starts_with("http://") => {
+                    self.url = url;
+                    return;
+                }
+                _ => {}
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("controller exited with {status}: {}", self.log());
