@@ -154,7 +154,10 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
             let v = serde_json::to_value(h).unwrap_or_default();
             let health = cluster
                 .vm(&h.vm)
-                .map(|vm| format!("  heartbeat seq {:?}, {} breaks, {} corrupt pages", vm.guest.last_seq, vm.guest.seq_breaks, vm.guest.corrupt_pages))
+                .map(|vm| {
+                    let seq = vm.guest.last_seq.map_or_else(|| "-".to_string(), |s| s.to_string());
+                    format!("  heartbeat seq {seq}, {} breaks, {} corrupt pages", vm.guest.seq_breaks, vm.guest.corrupt_pages)
+                })
                 .unwrap_or_default();
             println!("{}{health}", hop_line(shown, &v));
         }
