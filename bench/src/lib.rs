@@ -1,1 +1,346 @@
-//! Shared helpers of the benchmarks.
+//! Shared helpers of the benchmarks: where the workspace, the built `walkabout` binary
+//! and the QEMU peer live; agents on loopback that clean up after themselves; plain
+//! child processes killed on drop; small statistics.
+//!
+//! The benchmarks shell out to the real binaries and scripts, as an operator would.
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root (the directory holding the top `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Cargo's target directory: `$CARGO_TARGET_DIR`, else `target/` under the workspace root.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => {
+            let p = PathBuf::from(d);
+            if p.is_absolute() {
+                p
+            } else {
+                workspace_root().join(p)
+            }
+        }
+        _ => workspace_root().join("target"),
+    }
+}
+
+/// The `walkabout` binary a benchmark runs: a private copy, so that a rebuild of
+/// `target/release/walkabout` during a long run cannot change the binary under it.
+/// The copy is removed on drop.
+pub struct WalkaboutBin {
+    /// The copy's path.
+    pub path: PathBuf,
+    /// Where it was copied from, and what it was built from.
+    pub provenance: Value,
+}
+
+impl Drop for WalkaboutBin {
+    fn drop(&mut self) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Builds the release `walkabout` binary (`cargo build --release -p walkabout`, a no-op
+/// when it is up to date; skipped when `build` is false) and returns a private copy of
+/// `target/release/walkabout`.
+pub fn build_walkabout(build: bool) -> Result<WalkaboutBin> {
+    let bin = target_dir().join("release").join("walkabout");
+    if build {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        eprintln!("bench: cargo build --release -p walkabout");
+        let status = Command::new(cargo)
+            .args(["build", "--release", "-p", "walkabout"])
+            .current_dir(workspace_root())
+            .stdout(Stdio::null())
+            .status()
+            .context("running cargo build --release -p walkabout")?;
+        if !status.success() {
+            bail!(
+                "cargo build --release -p walkabout failed ({status}); to bench the binary already at {}, pass --no-build",
+                bin.display()
+            );
+        }
+    }
+    if !bin.is_file() {
+        bail!("{} is missing: build it with `cargo build --release -p walkabout`", bin.display());
+    }
+    let dir = PathBuf::from(format!("/tmp/wab-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("walkabout");
+    std::fs::copy(&bin, &path).with_context(|| format!("copying {}", bin.display()))?;
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(workspace_root())
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    let provenance = json!({
+        "binary": bin.display().to_string(),
+        "built_unix_s": built.map(|d| d.as_secs()),
+        "git_head_when_benched": git(&["rev-parse", "--short", "HEAD"]),
+        "uncommitted_changes_in_crates": !git(&["status", "--porcelain", "--", "crates", "Cargo.toml", "Cargo.lock"]).is_empty(),
+    });
+    Ok(WalkaboutBin { path, provenance })
+}
+
+/// The QEMU peer's scripts: `../shared/peers/qemu/` relative to the workspace root.
+pub fn peer_dir() -> Result<PathBuf> {
+    let d = workspace_root().join("../shared/peers/qemu");
+    if !d.join("migrate-bench.py").is_file() || !d.join("build-guest.sh").is_file() {
+        bail!("the QEMU peer is missing: expected build-guest.sh and migrate-bench.py in {}", d.display());
+    }
+    Ok(d.canonicalize().unwrap_or(d))
+}
+
+/// The peer's guest (vmlinuz + initrd.gz), built by the peer's own `build-guest.sh` into
+/// `target/bench/qemu-peer-guest` the first time and reused after.
+pub fn peer_guest() -> Result<PathBuf> {
+    let out = target_dir().join("bench").join("qemu-peer-guest");
+    if out.join("vmlinuz").is_file() && out.join("initrd.gz").is_file() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let script = peer_dir()?.join("build-guest.sh");
+    eprintln!("bench: building the peer's guest: {} {}", script.display(), out.display());
+    let status = Command::new(&script).arg(&out).stdout(Stdio::null()).status().context("running build-guest.sh")?;
+    if !status.success() || !out.join("vmlinuz").is_file() {
+        bail!("{} {} failed ({status})", script.display(), out.display());
+    }
+    Ok(out)
+}
+
+/// `qemu-system-x86_64 --version`, first line.
+pub fn qemu_version() -> String {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// What the results depend on: date, CPUs, load, QEMU version, kernel, git commit.
+pub fn environment() -> Value {
+    let sh = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .current_dir(workspace_root())
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    json!({
+        "date": sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "loadavg_at_start": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "kernel": sh("uname", &["-r"]),
+        "qemu": qemu_version(),
+        "accel": "tcg",
+    })
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Output of a command run with a deadline.
+pub struct Ran {
+    /// Exit status; `None` when it was killed at the deadline.
+    pub status: Option<ExitStatus>,
+    /// Its stdout.
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+    /// Wall time from spawn to exit.
+    pub wall: Duration,
+}
+
+/// Runs `cmd` to its end or kills it after `limit`; stdout and stderr go to temporary
+/// files (so nothing blocks on a full pipe) and are read back.
+pub fn run_with_deadline(mut cmd: Command, limit: Duration, scratch: &Path, tag: &str) -> Result<Ran> {
+    let out_path = scratch.join(format!("{tag}.out"));
+    let err_path = scratch.join(format!("{tag}.err"));
+    let out = std::fs::File::create(&out_path)?;
+    let err = std::fs::File::create(&err_path)?;
+    let start = Instant::now();
+    let child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    let mut p = Proc(child);
+    let status = loop {
+        if let Some(s) = p.0.try_wait()? {
+            break Some(s);
+        }
+        if start.elapsed() > limit {
+            break None; // Proc's drop kills it
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let wall = start.elapsed();
+    drop(p);
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let _ = std::fs::remove_file(out_path);
+    let _ = std::fs::remove_file(err_path);
+    Ok(Ran { status, stdout, stderr, wall })
+}
+
+/// A scratch directory under /tmp (short: QMP sockets live in it), removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// Creates `/tmp/wab-<tag>-<pid>`.
+    pub fn new(tag: &str) -> Result<Scratch> {
+        let p = PathBuf::from(format!("/tmp/wab-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        Ok(Scratch(p))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `walkabout agent` on a free loopback port under TCG, with its own data directory.
+/// On drop the agent is killed, then every QEMU its data directory holds a pid file for,
+/// then the directory is removed.
+pub struct Agent {
+    /// The agent's URL.
+    pub url: String,
+    /// The `walkabout` binary.
+    pub bin: PathBuf,
+    /// The agent's data directory.
+    pub data: PathBuf,
+    child: Option<Proc>,
+}
+
+impl Agent {
+    /// Starts an agent (`walkabout agent --listen 127.0.0.1:0 --data-dir ... --accel tcg`).
+    pub fn start(bin: &Path, tag: &str) -> Result<Agent> {
+        let data = PathBuf::from(format!("/tmp/wab-agent-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        std::fs::create_dir_all(&data)?;
+        let log = std::fs::File::create(data.join("agent.log"))?;
+        let child = Command::new(bin)
+            .args(["agent", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .args(["--accel", "tcg"])
+            .env("WALKABOUT_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning walkabout agent")?;
+        let mut a = Agent { url: String::new(), bin: bin.to_path_buf(), data, child: Some(Proc(child)) };
+        let start = Instant::now();
+        loop {
+            if let Ok(url) = std::fs::read_to_string(a.data.join("agent.url")) {
+                if !url.trim().is_empty() {
+                    a.url = url.trim().to_string();
+                    return Ok(a);
+                }
+            }
+            if let Some(Some(status)) = a.child.as_mut().map(|c| c.0.try_wait().ok().flatten()) {
+                bail!("agent exited with {status}: {}", a.log());
+            }
+            if start.elapsed() > Duration::from_secs(180) {
+                bail!("agent did not start within 180 s: {}", a.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.join("agent.log")).unwrap_or_default()
+    }
+
+    /// A `walkabout ARGS --agent URL` command.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(args).args(["--agent", &self.url]).env("WALKABOUT_LOG", "warn");
+        c
+    }
+
+    /// `walkabout ARGS --agent URL --output json`, parsed; an error carries stderr.
+    pub fn cli(&self, args: &[&str]) -> Result<Value> {
+        let out = self.command(args).args(["--output", "json"]).stdin(Stdio::null()).output()?;
+        if !out.status.success() {
+            bail!("walkabout {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("walkabout {}: bad JSON: {}", args.join(" "), String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Kills every QEMU this agent's data directory holds a pid file for.
+    pub fn kill_qemus(&self) {
+        let Ok(vms) = std::fs::read_dir(self.data.join("vms")) else { return };
+        for vm in vms.flatten() {
+            if let Ok(pid) = std::fs::read_to_string(vm.path().join("qemu.pid")) {
+                let pid = pid.trim();
+                if !pid.is_empty() && pid.chars().all(|c| c.is_ascii_digit()) {
+                    let _ = Command::new("kill").args(["-9", pid]).stderr(Stdio::null()).status();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.child.take(); // kills the agent
+        self.kill_qemus();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// Median, minimum and maximum of `xs` (the median of an even count is the mean of the
+/// middle two); `None` when empty.
+pub fn stats(xs: &[f64]) -> Option<(f64, f64, f64)> {
+    if xs.is_empty() {
+        return None;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let med = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    Some((med, v[0], v[n - 1]))
+}
+
+/// The median of `xs`, `None` when empty.
+pub fn median(xs: &[f64]) -> Option<f64> {
+    stats(xs).map(|s| s.0)
+}
+
+/// `a / b` rounded to 3 decimals, `None` unless both are known and `b > 0`.
+pub fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(round3(a / b)),
+        _ => None,
+    }
+}
+
+/// Rounds to 3 decimals.
+pub fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}

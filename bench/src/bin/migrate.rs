@@ -1,0 +1,490 @@
+//! Migration benchmark: Walkabout's `--mode auto` against QEMU's defaults (the peer's
+//! `migrate-bench.py`), cell by cell in the same run: guest memory x workload x bandwidth,
+//! completion rate, total time, downtime and bytes (medians over the runs that
+//! completed), and for Walkabout the guest's health after every migration (heartbeat
+//! sequence unbroken, no corrupt page, no kernel trouble) — a migration that completed
+//! but hurt the guest counts as a failure.
+//!
+//! `cargo run --release -p walkabout-bench --bin migrate -- [--quick] [--out FILE]`
+//! (see `--help`). One JSON document on stdout; progress on stderr; with `--out` the
+//! document is also rewritten after every cell, so a cut run leaves what it measured.
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use walkabout_bench::{build_walkabout, environment, median, peer_dir, peer_guest, ratio, round3, run_with_deadline, stats, Agent, Scratch};
+
+const USAGE: &str = "usage: migrate [--quick] [--mem 512,2048] [--workload idle,dirty:64:32,...] \
+[--bandwidth default,100] [--runs 3] [--give-up-s 30] [--only walkabout|qemu] [--out FILE] [--no-build]
+
+  --quick        512 MiB only, 1 run per cell (a smoke check)
+  --mem          guest sizes in MiB (default 512,2048)
+  --workload     guest workloads (default idle,dirty:64:32,dirty:64:128,dirty:64:512)
+  --bandwidth    'default' (each side's own default) and/or a cap in MiB/s (default default,100)
+  --runs         migrations per cell and side (default 3)
+  --give-up-s    the peer cancels a run that has not completed after this long (default 30)
+  --only         measure one side only
+  --out FILE     also write the document to FILE after every cell
+  --no-build     bench target/release/walkabout as it is (no cargo build first)";
+
+struct Args {
+    mems: Vec<u64>,
+    workloads: Vec<String>,
+    bandwidths: Vec<Option<u64>>,
+    runs: usize,
+    give_up_s: u64,
+    only: Option<String>,
+    out: Option<PathBuf>,
+    quick: bool,
+    build: bool,
+}
+
+fn parse_args() -> Result<Option<Args>> {
+    let mut a = Args {
+        mems: vec![512, 2048],
+        workloads: ["idle", "dirty:64:32", "dirty:64:128", "dirty:64:512"].map(String::from).to_vec(),
+        bandwidths: vec![None, Some(100)],
+        runs: 3,
+        give_up_s: 30,
+        only: None,
+        out: None,
+        quick: false,
+        build: true,
+    };
+    let (mut mems, mut runs) = (None, None);
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = |name: &str| it.next().with_context(|| format!("{name} needs a value\n{USAGE}"));
+        match arg.as_str() {
+            "--quick" => a.quick = true,
+            "--no-build" => a.build = false,
+            "--mem" => mems = Some(val("--mem")?.split(',').map(|m| m.trim().parse::<u64>()).collect::<Result<Vec<_>, _>>().context("--mem: MiB")?),
+            "--workload" => a.workloads = val("--workload")?.split(',').map(|w| w.trim().to_string()).collect(),
+            "--bandwidth" => {
+                a.bandwidths = val("--bandwidth")?
+                    .split(',')
+                    .map(|b| match b.trim() {
+                        "default" => Ok(None),
+                        n => n.parse::<u64>().map(Some).context("--bandwidth: 'default' or MiB/s"),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            "--runs" => runs = Some(val("--runs")?.parse::<usize>().context("--runs N")?),
+            "--give-up-s" => a.give_up_s = val("--give-up-s")?.parse().context("--give-up-s N")?,
+            "--only" => {
+                let o = val("--only")?;
+                if o != "walkabout" && o != "qemu" {
+                    bail!("--only walkabout|qemu");
+                }
+                a.only = Some(o);
+            }
+            "--out" => a.out = Some(PathBuf::from(val("--out")?)),
+            "-h" | "--help" => {
+                eprintln!("{USAGE}");
+                return Ok(None);
+            }
+            other => bail!("unknown argument {other}\n{USAGE}"),
+        }
+    }
+    if a.quick {
+        a.mems = vec![512];
+        a.runs = 1;
+    }
+    if let Some(m) = mems {
+        a.mems = m;
+    }
+    if let Some(r) = runs {
+        a.runs = r;
+    }
+    Ok(Some(a))
+}
+
+fn main() -> Result<()> {
+    let Some(args) = parse_args()? else { return Ok(()) };
+    let started = Instant::now();
+    let mut env = environment();
+    let wbin = build_walkabout(args.build)?;
+    let bin = wbin.path.clone();
+    let peer = peer_dir()?;
+    let guest = peer_guest()?;
+    let out = Command::new(&bin).args(["image", "build"]).env("WALKABOUT_LOG", "warn").output()?;
+    if !out.status.success() {
+        bail!("walkabout image build failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    env["walkabout_binary"] = wbin.provenance.clone();
+    let scratch = Scratch::new("migrate")?;
+    let want_wa = args.only.as_deref() != Some("qemu");
+    let want_qe = args.only.as_deref() != Some("walkabout");
+    let agents = if want_wa { Some((Agent::start(&bin, "a")?, Agent::start(&bin, "b")?)) } else { None };
+
+    let mut cells: Vec<Value> = vec![];
+    let total_cells = args.mems.len() * args.bandwidths.len() * args.workloads.len();
+    for &mem in &args.mems {
+        for &bw in &args.bandwidths {
+            for wl in &args.workloads {
+                let label = format!("{mem} MiB, {wl}, bandwidth {}", bw.map(|b| format!("{b} MiB/s")).unwrap_or("default".into()));
+                eprintln!("[{}/{total_cells}] {label} ({:.0} s in)", cells.len() + 1, started.elapsed().as_secs_f64());
+                let wa = match &agents {
+                    Some((a, b)) => walkabout_cell(a, b, mem, wl, bw, args.runs).unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
+                    None => Value::Null,
+                };
+                if want_wa {
+                    eprintln!("  walkabout: {}", brief(&wa));
+                }
+                let qe = if want_qe {
+                    qemu_cell(&peer, &guest, &scratch.0, mem, wl, bw, args.runs, args.give_up_s).unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
+                } else {
+                    Value::Null
+                };
+                if want_qe {
+                    eprintln!("  qemu:      {}", brief(&qe));
+                }
+                let compare = compare(&wa, &qe);
+                cells.push(json!({
+                    "memory_mib": mem, "workload": wl,
+                    "bandwidth": bw.map(|b| json!(b)).unwrap_or(json!("default")),
+                    "walkabout": wa, "qemu": qe, "compare": compare,
+                }));
+                if let Some(path) = &args.out {
+                    let doc = document(&env, &args, &peer, &cells, false, started.elapsed());
+                    std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+                }
+            }
+        }
+    }
+    drop(agents);
+    let doc = document(&env, &args, &peer, &cells, true, started.elapsed());
+    let text = serde_json::to_string_pretty(&doc)? + "\n";
+    if let Some(path) = &args.out {
+        std::fs::write(path, &text)?;
+    }
+    print!("{text}");
+    Ok(())
+}
+
+/// One line for the progress log.
+fn brief(side: &Value) -> String {
+    if let Some(e) = side["error"].as_str() {
+        return format!("error: {e}");
+    }
+    format!(
+        "{}/{} ok, total {} ms, downtime {} ms, {} MiB",
+        side["completed"], side["runs"], side["total_ms"]["median"], side["downtime_ms"]["median"],
+        side["transferred_bytes"]["median"].as_f64().map(|b| (b / 1048576.0).round().to_string()).unwrap_or("-".into())
+    )
+}
+
+/// Median/min/max of a field over the completed runs.
+fn field_stats(runs: &[Value], key: &str) -> Value {
+    let xs: Vec<f64> = runs.iter().filter(|r| r["ok"] == true).filter_map(|r| r[key].as_f64()).collect();
+    match stats(&xs) {
+        Some((m, lo, hi)) => json!({"median": m, "min": lo, "max": hi}),
+        None => Value::Null,
+    }
+}
+
+/// Completion and medians of one side's runs.
+fn side_summary(runs: Vec<Value>, extra: Value) -> Value {
+    let ok = runs.iter().filter(|r| r["ok"] == true).count();
+    let mut v = json!({
+        "runs": runs.len(),
+        "completed": ok,
+        "completion_rate": if runs.is_empty() { Value::Null } else { json!(round3(ok as f64 / runs.len() as f64)) },
+        "total_ms": field_stats(&runs, "total_ms"),
+        "downtime_ms": field_stats(&runs, "downtime_ms"),
+        "transferred_bytes": field_stats(&runs, "transferred_bytes"),
+        "per_run": runs,
+    });
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        for (k, x) in e {
+            o.insert(k.clone(), x.clone());
+        }
+    }
+    v
+}
+
+/// The guest's health counters from `vm info`.
+fn health(info: &Value) -> (u64, u64, u64, bool) {
+    let g = &info["guest"];
+    (
+        g["heartbeats"].as_u64().unwrap_or(0),
+        g["seq_breaks"].as_u64().unwrap_or(0),
+        g["corrupt_pages"].as_u64().unwrap_or(0),
+        g["kernel_trouble"].as_bool().unwrap_or(false),
+    )
+}
+
+/// Waits until the VM on `agent` has logged at least `n` heartbeats; its last info.
+fn wait_heartbeats(agent: &Agent, name: &str, n: u64, limit: Duration) -> Result<Value> {
+    let start = Instant::now();
+    loop {
+        let v = agent.cli(&["vm", "info", name])?;
+        if health(&v).0 >= n || start.elapsed() > limit {
+            return Ok(v);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Walkabout: boots the guest once on A, then migrates it A->B->A... `runs` times with
+/// `--mode auto`, checking the guest after each migration; deletes it at the end.
+fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, runs: usize) -> Result<Value> {
+    let name = format!("m{mem}-{}-{}", wl.replace(':', "-"), bw.map(|b| b.to_string()).unwrap_or("def".into()));
+    let agents = [a, b];
+    let create = a.cli(&["vm", "create", "--name", &name, "--memory", &format!("{mem}M"), "--vcpus", "1", "--workload", wl, "--timeout", "300"]);
+    let create = match create {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = a.cli(&["vm", "delete", &name]);
+            return Err(e);
+        }
+    };
+    let mut holder = 0usize;
+    let result = (|| -> Result<Vec<Value>> {
+        // Settle: two seconds of heartbeats, as the peer waits two seconds after READY.
+        wait_heartbeats(a, &name, 20, Duration::from_secs(60))?;
+        let mut out = vec![];
+        for run in 0..runs {
+            let src = holder;
+            let (from, to) = (agents[src], agents[1 - src]);
+            let before = from.cli(&["vm", "info", &name])?;
+            let (_, breaks0, _, _) = health(&before);
+            let mut cmd = from.command(&["migrate", &name, "--to", &to.url, "--mode", "auto", "--wait", "--output", "json"]);
+            if let Some(b) = bw {
+                cmd.args(["--max-bandwidth", &format!("{b}M")]);
+            }
+            let ran = run_with_deadline(cmd, Duration::from_secs(900), &from.data, "migrate")?;
+            let summary: Option<Value> = serde_json::from_str(ran.stdout.trim()).ok();
+            // Where is the VM now? The destination if it completed, else its source.
+            let (now, info) = match to.cli(&["vm", "info", &name]) {
+                Ok(v) => (1 - src, v),
+                Err(_) => (src, from.cli(&["vm", "info", &name]).context("the VM is on neither agent")?),
+            };
+            holder = now;
+            // The guest must keep its heartbeat going on whichever host holds it.
+            let (hb_now, _, _, _) = health(&info);
+            let after = wait_heartbeats(agents[holder], &name, hb_now + 10, Duration::from_secs(30))?;
+            let (hb_after, breaks, corrupt, trouble) = health(&after);
+            let result = summary
+                .as_ref()
+                .and_then(|s| s["result"].as_str())
+                .unwrap_or(if ran.status.is_none() { "timed-out" } else { "no-summary" })
+                .to_string();
+            let mut problems: Vec<String> = vec![];
+            if result != "completed" {
+                let why = summary.as_ref().and_then(|s| s["reason"].as_str()).map(String::from).unwrap_or_else(|| ran.stderr.trim().chars().take(300).collect());
+                problems.push(format!("migration {result}: {why}"));
+            }
+            if breaks > breaks0 {
+                problems.push(format!("heartbeat sequence broke {} time(s)", breaks - breaks0));
+            }
+            if hb_after < hb_now + 10 {
+                problems.push(format!("heartbeat stopped ({hb_now} -> {hb_after} in 30 s)"));
+            }
+            if corrupt > 0 {
+                problems.push(format!("{corrupt} corrupt page(s)"));
+            }
+            if trouble {
+                problems.push(format!("kernel trouble: {}", after["guest"]["alerts"]));
+            }
+            if result == "completed" && now == src {
+                problems.push("reported completed but the VM is still on its source".into());
+            }
+            if result != "completed" && now != src {
+                problems.push(format!("reported {result} but the VM moved to the destination"));
+            }
+            let s = summary.unwrap_or(Value::Null);
+            let switches: Vec<Value> = s["switches"].as_array().cloned().unwrap_or_default();
+            out.push(json!({
+                "run": run,
+                "direction": if to.url == b.url { "A->B" } else { "B->A" },
+                "result": result,
+                "ok": problems.is_empty(),
+                "problems": problems,
+                "total_ms": s["total_ms"],
+                "downtime_ms": s["downtime_ms"],
+                "transferred_bytes": s["transferred_bytes"],
+                "iterations": s["iterations"],
+                "dirty_rate_bps": s["dirty_rate_bps"],
+                "strategy": s["strategy"]["name"],
+                "switches": switches.iter().map(|w| json!({"to": w["to"], "at_ms": w["at_ms"], "reason": w["reason"]})).collect::<Vec<_>>(),
+                "cli_wall_ms": ran.wall.as_millis() as u64,
+                "guest_after": {"heartbeats": hb_after, "seq_breaks": breaks, "corrupt_pages": corrupt, "kernel_trouble": trouble},
+            }));
+            eprintln!(
+                "    run {run}: {result} total {} ms downtime {} ms strategy {} {}",
+                s["total_ms"], s["downtime_ms"], s["strategy"]["name"],
+                if problems.is_empty() { String::new() } else { format!("PROBLEMS: {problems:?}") }
+            );
+        }
+        Ok(out)
+    })();
+    // Whatever happened, the VM goes.
+    if agents[holder].cli(&["vm", "delete", &name]).is_err() {
+        let _ = agents[1 - holder].cli(&["vm", "delete", &name]);
+    }
+    let per_run = result?;
+    let dirty: Vec<f64> = per_run.iter().filter_map(|r| r["dirty_rate_bps"].as_f64()).collect();
+    Ok(side_summary(
+        per_run,
+        json!({
+            "create_ms": create["create_ms"],
+            "measured_dirty_rate_mib_s": median(&dirty).map(|d| round3(d / 1048576.0)),
+        }),
+    ))
+}
+
+/// The peer: `migrate-bench.py` boots its own guest per run and prints one JSON line
+/// per run. A run counts as completed when QEMU says so and the heartbeat continued at
+/// the destination.
+#[allow(clippy::too_many_arguments)]
+fn qemu_cell(peer: &Path, guest: &Path, scratch: &Path, mem: u64, wl: &str, bw: Option<u64>, runs: usize, give_up_s: u64) -> Result<Value> {
+    // Its temporary directories (serial files, QMP sockets) land in our scratch dir.
+    let tmp = scratch.join(format!("qemu-{mem}-{}-{}", wl.replace(':', "-"), bw.unwrap_or(0)));
+    std::fs::create_dir_all(&tmp)?;
+    let mut cmd = Command::new("python3");
+    cmd.arg(peer.join("migrate-bench.py"))
+        .arg("--guest")
+        .arg(guest)
+        .args(["--mem", &mem.to_string(), "--workload", wl, "--accel", "tcg"])
+        .args(["--bandwidth-mib", &bw.unwrap_or(0).to_string(), "--runs", &runs.to_string(), "--give-up-s", &give_up_s.to_string()])
+        .env("TMPDIR", &tmp);
+    let limit = Duration::from_secs(runs as u64 * (give_up_s + 240));
+    let ran = run_with_deadline(cmd, limit, scratch, "peer");
+    // If the script was cut off, its QEMUs (whose command lines name our directory) go too.
+    kill_procs_mentioning(&tmp);
+    let _ = std::fs::remove_dir_all(&tmp);
+    let ran = ran?;
+    let mut per_run: Vec<Value> = ran
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .enumerate()
+        .map(|(i, r)| {
+            let ok = r["status"] == "completed" && r["hb_continues"] == true;
+            json!({
+                "run": i,
+                "result": r["status"],
+                "ok": ok,
+                "total_ms": r["total_ms"],
+                "downtime_ms": r["downtime_ms"],
+                "transferred_bytes": r["transferred_mib"].as_f64().map(|m| (m * 1048576.0).round()),
+                "dirty_syncs": r["dirty_syncs"],
+                "guest_hb_gap_ms": r["guest_hb_gap_ms"],
+                "hb_continues": r["hb_continues"],
+                "boot_s": r["boot_s"],
+            })
+        })
+        .collect();
+    let mut extra = json!({});
+    if per_run.len() < runs {
+        let why = if ran.status.is_none() { format!("killed after {} s", limit.as_secs()) } else { format!("exited {:?}", ran.status) };
+        extra = json!({"error": format!("the peer printed {} of {runs} runs ({why}): {}", per_run.len(),
+            ran.stderr.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | "))});
+        // Runs it never printed count as not completed.
+        for i in per_run.len()..runs {
+            per_run.push(json!({"run": i, "result": "missing", "ok": false}));
+        }
+    }
+    Ok(side_summary(per_run, extra))
+}
+
+/// Kills (SIGKILL) every process whose command line contains `dir`: only QEMUs the
+/// peer script started for us name our scratch directory.
+fn kill_procs_mentioning(dir: &Path) {
+    let needle = dir.display().to_string();
+    let me = std::process::id().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    for p in procs.flatten() {
+        let pid = p.file_name().to_string_lossy().to_string();
+        if !pid.chars().all(|c| c.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&needle) {
+                let _ = Command::new("kill").args(["-9", &pid]).status();
+            }
+        }
+    }
+}
+
+/// Walkabout against QEMU in one cell.
+fn compare(wa: &Value, qe: &Value) -> Value {
+    if wa["runs"].is_null() || qe["runs"].is_null() {
+        return Value::Null;
+    }
+    let rate = |s: &Value| s["completion_rate"].as_f64();
+    let med = |s: &Value, k: &str| s[k]["median"].as_f64();
+    let both = wa["completed"].as_u64().unwrap_or(0) > 0 && qe["completed"].as_u64().unwrap_or(0) > 0;
+    let (wr, qr) = (rate(wa).unwrap_or(0.0), rate(qe).unwrap_or(0.0));
+    let verdict = match (wr >= 1.0, qr >= 1.0) {
+        (true, true) => "both complete",
+        (true, false) => "walkabout completes where qemu does not",
+        (false, true) => "walkabout fails where qemu completes",
+        (false, false) => "both fail (some or all runs)",
+    };
+    let dr = if both { ratio(med(wa, "downtime_ms"), med(qe, "downtime_ms")) } else { None };
+    json!({
+        "verdict": verdict,
+        "completion": {"walkabout": wr, "qemu": qr},
+        "downtime_ratio": dr,
+        "total_time_ratio": if both { ratio(med(wa, "total_ms"), med(qe, "total_ms")) } else { None },
+        "bytes_ratio": if both { ratio(med(wa, "transferred_bytes"), med(qe, "transferred_bytes")) } else { None },
+        "walkabout_downtime_worse": dr.map(|r| r > 1.0),
+    })
+}
+
+/// The whole document: settings, cells, and the summary across cells.
+fn document(env: &Value, a: &Args, peer: &Path, cells: &[Value], complete: bool, elapsed: Duration) -> Value {
+    let label = |c: &Value| format!("{} MiB {} bw {}", c["memory_mib"], c["workload"].as_str().unwrap_or("?"), c["bandwidth"]);
+    let ratios: Vec<f64> = cells.iter().filter_map(|c| c["compare"]["downtime_ratio"].as_f64()).collect();
+    let cells_label = |pred: &dyn Fn(&Value) -> bool| -> Vec<Value> {
+        cells
+            .iter()
+            .filter(|c| pred(c))
+            .map(|c| {
+                json!({"cell": label(c), "walkabout_completion": c["compare"]["completion"]["walkabout"], "qemu_completion": c["compare"]["completion"]["qemu"],
+                       "walkabout_downtime_ms": c["walkabout"]["downtime_ms"]["median"], "qemu_downtime_ms": c["qemu"]["downtime_ms"]["median"],
+                       "downtime_ratio": c["compare"]["downtime_ratio"]})
+            })
+            .collect()
+    };
+    let qemu_fails = cells_label(&|c| c["compare"]["completion"]["qemu"].as_f64().is_some_and(|r| r < 1.0));
+    let wa_fails = cells_label(&|c| c["compare"]["completion"]["walkabout"].as_f64().is_some_and(|r| r < 1.0));
+    let worse = cells_label(&|c| c["compare"]["walkabout_downtime_worse"] == true);
+    let completes_where_qemu_fails = cells
+        .iter()
+        .filter(|c| c["compare"]["completion"]["qemu"].as_f64().is_some_and(|r| r < 1.0))
+        .filter(|c| c["compare"]["completion"]["walkabout"].as_f64().is_some_and(|r| r >= 1.0))
+        .count();
+    json!({
+        "bench": "migrate",
+        "complete": complete,
+        "elapsed_s": elapsed.as_secs(),
+        "environment": env,
+        "settings": {
+            "quick": a.quick, "runs_per_cell": a.runs, "memory_mib": a.mems, "workloads": a.workloads,
+            "bandwidth": a.bandwidths.iter().map(|b| b.map(|b| json!(b)).unwrap_or(json!("default"))).collect::<Vec<_>>(),
+            "walkabout": "walkabout migrate --mode auto (max downtime 300 ms, budget 30 s per GiB: the CLI's defaults) [--max-bandwidth NM], two agents on loopback, TCG, 1 vCPU; the guest boots once per cell and walks A->B->A...; after each migration the bench waits for 10 more heartbeats and checks seq_breaks, corrupt_pages, kernel_trouble",
+            "qemu": format!("python3 {}/migrate-bench.py --mem M --workload W --bandwidth-mib B (0 = QEMU's default) --runs N --give-up-s {} --accel tcg: QEMU's defaults (pre-copy, downtime-limit 300 ms), one fresh pair of QEMUs per run", peer.display(), a.give_up_s),
+            "medians": "total_ms, downtime_ms, transferred_bytes: median (min, max) over the runs that completed; a run completes when the migration completed and the guest's heartbeat continued (Walkabout also: no sequence break, no corrupt page, no kernel trouble)",
+        },
+        "cells": cells,
+        "summary": {
+            "cells": cells.len(),
+            "cells_both_complete_some": ratios.len(),
+            "downtime_ratio_walkabout_over_qemu": {
+                "median": median(&ratios).map(round3),
+                "min": ratios.iter().copied().reduce(f64::min),
+                "max": ratios.iter().copied().reduce(f64::max),
+            },
+            "cells_walkabout_downtime_worse": worse,
+            "cells_qemu_fails": qemu_fails,
+            "walkabout_completes_all_runs_where_qemu_fails": format!("{completes_where_qemu_fails} of {}", cells.iter().filter(|c| c["compare"]["completion"]["qemu"].as_f64().is_some_and(|r| r < 1.0)).count()),
+            "cells_walkabout_fails": wa_fails,
+        },
+    })
+}
