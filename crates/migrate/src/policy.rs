@@ -165,6 +165,8 @@ pub struct Policy {
     last_iteration: u64,
     postcopy: bool,
     predicted_to_converge: Option<bool>,
+    /// The dirty rate measured before the start, bytes/s: the prediction's basis.
+    measured_dirty_bps: Option<u64>,
     downtime_ms: u64,
 }
 
@@ -227,6 +229,7 @@ impl Policy {
             last_iteration: 0,
             postcopy: false,
             predicted_to_converge: predicted,
+            measured_dirty_bps: dirty_rate_bps,
             downtime_ms: initial_downtime_ms(limits.max_downtime_ms),
         }
     }
@@ -259,8 +262,11 @@ impl Policy {
         }
         if can_postcopy && first_pass_done && new_pass {
             if self.predicted_to_converge == Some(false) {
+                // Quote what the prediction rests on (the measurement before the start)
+                // and, beside it, QEMU's live figure, which may differ.
                 return self.go_postcopy(format!(
-                    "predicted not to converge (dirty {} MiB/s vs cap {} MiB/s); first pass done",
+                    "predicted not to converge: dirty {} MiB/s measured before the start (QEMU now sees {} MiB/s) vs cap {} MiB/s; first pass done",
+                    mib(self.measured_dirty_bps.unwrap_or(0)),
                     mib(s.dirty_rate_bps),
                     mib(self.strategy.bandwidth_bps)
                 ));
@@ -414,7 +420,11 @@ mod tests {
         let mut p = Policy::new(Mode::Auto, limits, GIB, Some(500 * MIB));
         assert!(p.strategy().postcopy_ready);
         assert_eq!(p.observe(&pass(1, 900, 100)), Action::Continue);
-        assert!(matches!(p.observe(&pass(2, 300, 200)), Action::StartPostcopy { .. }));
+        let live_zero = Sample { dirty_rate_bps: 0, ..pass(2, 300, 200) };
+        assert!(
+            matches!(p.observe(&live_zero), Action::StartPostcopy { reason } if reason.contains("dirty 500 MiB/s measured before the start")),
+            "the reason must quote the measurement the prediction rests on"
+        );
     }
 
     #[test]
