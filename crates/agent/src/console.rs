@@ -38,9 +38,13 @@ impl GuestStatus {
 
     /// Parses a console log that continues `before` (the same guest's status on the host
     /// it migrated from), so heartbeat continuity is judged across hosts.
+    ///
+    /// Only complete lines count: the guest writes its console a byte at a time, so the
+    /// log's last line may still be arriving (a `WALKABOUT READY` without its `cpus=`).
     pub fn parse_after(before: GuestStatus, log: &str) -> GuestStatus {
         let mut s = before;
-        for line in log.lines() {
+        let complete = log.rfind('\n').map_or("", |end| &log[..end]);
+        for line in complete.lines() {
             s.feed(line.trim_end_matches('\r'));
         }
         s
@@ -92,6 +96,14 @@ mod tests {
         assert!(s.ready);
         assert_eq!(s.cpus, Some(2));
         assert_eq!((s.heartbeats, s.last_seq, s.seq_breaks, s.corrupt_pages), (3, Some(2), 0, 0));
+    }
+
+    #[test]
+    fn a_line_still_arriving_is_not_read() {
+        let s = GuestStatus::parse("hb 0 1 0\nWALKABOUT READY");
+        assert!(!s.ready);
+        let s = GuestStatus::parse("hb 0 1 0\nhb 1 2 1");
+        assert_eq!((s.heartbeats, s.corrupt_pages), (1, 0));
     }
 
     #[test]
