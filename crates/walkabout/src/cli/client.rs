@@ -80,19 +80,34 @@ impl Client {
     }
 }
 
-/// Parses a memory size: `512M`, `2G`, `512MiB`, `1GiB`, or a bare number of MiB.
-pub fn parse_mib(s: &str) -> Result<u64, String> {
+/// Parses `<number><unit>` into the number times the unit's multiplier; `what` names the
+/// kind of value in errors ("size", "duration"), `units` lists each unit (lowercase for
+/// `fold`) with its multiplier, the empty unit included.
+fn scaled(s: &str, what: &str, fold: bool, units: &[(&[&str], u64)]) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 512M, 2G)"))?;
-    let mult = match unit.to_ascii_lowercase().as_str() {
-        "" | "m" | "mb" | "mib" => 1,
-        "g" | "gb" | "gib" => 1024,
-        "t" | "tb" | "tib" => 1024 * 1024,
-        other => return Err(format!("unknown size unit '{other}' in '{s}': use M or G")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a {what}"))?;
+    let unit = if fold { unit.to_ascii_lowercase() } else { unit.to_string() };
+    let mult = units
+        .iter()
+        .find(|(names, _)| names.contains(&unit.as_str()))
+        .map(|(_, m)| *m)
+        .ok_or_else(|| format!("unknown {what} unit '{unit}' in '{s}'"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("{what} '{s}' is too large"))
+}
+
+/// Parses a memory size: `512M`, `2G`, `512MiB`, `1GiB`, or a bare number of MiB.
+pub fn parse_mib(s: &str) -> Result<u64, String> {
+    let units: &[(&[&str], u64)] =
+        &[(&["", "m", "mb", "mib"], 1), (&["g", "gb", "gib"], 1024), (&["t", "tb", "tib"], 1024 * 1024)];
+    scaled(s, "size", true, units).map_err(|e| format!("{e} (e.g. 512M, 2G)"))
+}
+
+/// Parses a duration into ms: `50ms`, `30s`, `2m`, or a bare number of ms.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let units: &[(&[&str], u64)] = &[(&["", "ms"], 1), (&["s"], 1000), (&["m", "min"], 60_000)];
+    scaled(s, "duration", false, units).map_err(|e| format!("{e} (e.g. 50ms, 30s)"))
 }
 
 /// Prints a value as pretty JSON.
@@ -111,12 +126,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_in_mib() {
+    fn sizes_and_durations_parse_with_their_units() {
         assert_eq!(parse_mib("512M"), Ok(512));
         assert_eq!(parse_mib("2G"), Ok(2048));
         assert_eq!(parse_mib("1GiB"), Ok(1024));
         assert_eq!(parse_mib("300"), Ok(300));
         assert!(parse_mib("12Q").expect_err("unit").contains("unknown size unit"));
         assert!(parse_mib("lots").is_err());
+        assert_eq!(parse_duration_ms("50ms"), Ok(50));
+        assert_eq!(parse_duration_ms("30s"), Ok(30_000));
+        assert_eq!(parse_duration_ms("2m"), Ok(120_000));
+        assert!(parse_duration_ms("5h").expect_err("unit").contains("unknown duration unit"));
     }
 }

@@ -1,6 +1,6 @@
 //! `walkabout migrate` and `walkabout migration`: live migration between agents.
 
-use super::client::{parse_mib, print_json, runtime, Client, Output};
+use super::client::{parse_duration_ms, parse_mib, print_json, runtime, Client, Output};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::process::ExitCode;
@@ -68,21 +68,6 @@ pub struct MigrationId {
     common: MigrationCommon,
     /// The migration id.
     id: String,
-}
-
-/// Parses a duration into ms: `50ms`, `30s`, `2m`, or a bare number of ms.
-pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration (e.g. 50ms, 30s)"))?;
-    let mult = match unit {
-        "" | "ms" => 1,
-        "s" => 1000,
-        "m" | "min" => 60_000,
-        other => return Err(format!("unknown duration unit '{other}' in '{s}': use ms, s or m")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("duration '{s}' is too large"))
 }
 
 /// Runs `walkabout migrate`.
@@ -220,17 +205,4 @@ pub fn run_migration(cmd: MigrationCommand) -> anyhow::Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_in_ms() {
-        assert_eq!(parse_duration_ms("50ms"), Ok(50));
-        assert_eq!(parse_duration_ms("30s"), Ok(30_000));
-        assert_eq!(parse_duration_ms("2m"), Ok(120_000));
-        assert!(parse_duration_ms("5h").expect_err("unit").contains("unknown duration unit"));
-    }
 }

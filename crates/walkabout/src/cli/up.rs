@@ -44,10 +44,10 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 7701)]
     base_port: u16,
     /// Rest of each guest between two of its hops.
-    #[arg(long, value_parser = super::migrate::parse_duration_ms, default_value = "3s")]
+    #[arg(long, value_parser = super::client::parse_duration_ms, default_value = "3s")]
     pause: u64,
     /// Stop by itself after this long (default: run until Ctrl-C).
-    #[arg(long, value_parser = super::migrate::parse_duration_ms)]
+    #[arg(long, value_parser = super::client::parse_duration_ms)]
     duration: Option<u64>,
 }
 

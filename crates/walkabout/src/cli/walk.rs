@@ -3,7 +3,7 @@
 
 use super::client::{print_json, runtime, Output};
 use super::cluster::{Ctl, CtlArgs};
-use super::migrate::parse_duration_ms;
+use super::client::parse_duration_ms;
 use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::time::Duration;
