@@ -99,6 +99,14 @@ pub struct MigrationRecord {
     pub finished_at_ms: Option<u64>,
 }
 
+/// How a migration that did not complete ended.
+struct Ended {
+    phase: Phase,
+    reason: String,
+    /// The source had passed its switchover gate: its copy must never be resumed.
+    past_switchover: bool,
+}
+
 /// A migration the agent is driving, with its cancel switch.
 pub(crate) struct Migration {
     pub(crate) record: MigrationRecord,
@@ -313,11 +321,11 @@ impl Agent {
         let result = self.drive_inner(&id, &rec, &dest, cancel).await;
         let (phase, reason) = match result {
             Ok(()) => (Phase::Completed, None),
-            Err((phase, reason)) => (phase, Some(reason)),
+            Err(Ended { phase, reason, past_switchover }) => {
+                self.settle_on_source(&rec.vm, phase, was_running, past_switchover, &reason, &dest).await;
+                (phase, Some(reason))
+            }
         };
-        if phase != Phase::Completed {
-            self.settle_on_source(&rec.vm, phase, was_running, reason.as_deref(), &dest).await;
-        }
         tracing::info!(id, vm = %rec.vm, ?phase, reason = ?reason, "migration finished");
         self.update(&id, |r| {
             r.phase = phase;
@@ -327,15 +335,15 @@ impl Agent {
         });
     }
 
-    /// Returns the final phase and reason on anything but completion.
+    /// Returns how it ended on anything but completion.
     async fn drive_inner(
         &self,
         id: &str,
         rec: &MigrationRecord,
         dest: &Destination,
         mut cancel: watch::Receiver<bool>,
-    ) -> Result<(), (Phase, String)> {
-        let fail = |r: String| (Phase::Failed, r);
+    ) -> Result<(), Ended> {
+        let fail = |reason: String| Ended { phase: Phase::Failed, reason, past_switchover: false };
         self.update(id, |r| r.phase = Phase::Preparing);
         let (qmp, spec) = {
             let vm = self.vm(&rec.vm).map_err(|e| fail(e.to_string()))?;
@@ -361,7 +369,7 @@ impl Agent {
         let prepared = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?;
         let uri = prepared["uri"].as_str().map(String::from).ok_or_else(|| fail(format!("destination gave no URI: {prepared}")))?;
         if *cancel.borrow_and_update() {
-            return Err((Phase::Cancelled, walkabout_migrate::run::CANCELLED_BY_REQUEST.into()));
+            return Err(Ended { phase: Phase::Cancelled, reason: walkabout_migrate::run::CANCELLED_BY_REQUEST.into(), past_switchover: false });
         }
         let policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty);
         let strategy = policy.strategy().clone();
@@ -395,7 +403,8 @@ impl Agent {
             r.switches = outcome.switches.clone();
         });
         if outcome.phase != Phase::Completed {
-            return Err((outcome.phase, outcome.reason.unwrap_or_else(|| format!("{:?}", outcome.phase))));
+            let reason = outcome.reason.unwrap_or_else(|| format!("{:?}", outcome.phase));
+            return Err(Ended { phase: outcome.phase, reason, past_switchover: false });
         }
         // The guest now runs on the destination; make it the VM's owner, then let go.
         // The source's console is complete (its guest is stopped): hand its status over.
@@ -410,10 +419,14 @@ impl Agent {
                 self.forget_migrated(&rec.vm).await;
                 Ok(())
             }
-            Err(e) => Err(fail(format!(
-                "switchover done but the destination did not confirm the VM runs there ({e}); the source copy of {} is kept paused for recovery",
-                rec.vm
-            ))),
+            Err(e) => Err(Ended {
+                phase: Phase::Failed,
+                reason: format!(
+                    "switchover done but the destination did not confirm the VM runs there ({e}); the source copy of {} is kept paused for recovery",
+                    rec.vm
+                ),
+                past_switchover: true,
+            }),
         }
     }
 
@@ -432,8 +445,7 @@ impl Agent {
     /// After a migration that did not complete: tear the destination down and make sure
     /// the VM runs (or stays paused, as it was) on this host — unless the switchover
     /// had passed, when the source copy stays paused so that two never run.
-    async fn settle_on_source(&self, name: &str, phase: Phase, was_running: bool, reason: Option<&str>, dest: &Destination) {
-        let past_switchover = reason.is_some_and(|r| r.starts_with("switchover done"));
+    async fn settle_on_source(&self, name: &str, phase: Phase, was_running: bool, past_switchover: bool, reason: &str, dest: &Destination) {
         if !past_switchover {
             dest.abort().await;
         }
@@ -449,7 +461,7 @@ impl Agent {
         }
         let running = qmp.query_status().await.map(|s| s.running).unwrap_or(false);
         vm.record.state = if running { VmState::Running } else { VmState::Paused };
-        vm.record.reason = Some(format!("migration {}: {}", format!("{phase:?}").to_lowercase(), reason.unwrap_or("")));
+        vm.record.reason = Some(format!("migration {}: {reason}", format!("{phase:?}").to_lowercase()));
         if let Err(e) = self.inner.store.put(&vm.record) {
             tracing::error!(vm = %name, error = %e, "cannot record VM state");
         }
@@ -487,10 +499,9 @@ impl Agent {
                         }
                     }
                 }
-                let reason_final = if past { format!("switchover done: {reason}") } else { reason };
-                self.settle_on_source(&rec.vm, Phase::Failed, !past, Some(&reason_final), &dest).await;
+                self.settle_on_source(&rec.vm, Phase::Failed, !past, past, &reason, &dest).await;
                 rec.phase = Phase::Failed;
-                rec.reason = Some(reason_final);
+                rec.reason = Some(reason);
                 rec.finished_at_ms = Some(now_ms());
                 let _ = self.inner.store.put_migration(&rec);
             }
