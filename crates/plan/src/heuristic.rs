@@ -207,7 +207,7 @@ impl<'a> Greedy<'a> {
                 .all(|&w| self.pos[w as usize] as usize == t);
             let free = self.p.cap[t].mem - self.load[t].mem;
             let key = (slack_ok, quiet, free, usize::MAX - t);
-            if best.map_or(true, |b| key > b) {
+            if best.is_none_or(|b| key > b) {
                 best = Some(key);
             }
         }
@@ -261,7 +261,7 @@ impl<'a> Greedy<'a> {
             for &w in &self.waiting[s] {
                 let w = w as usize;
                 let lack = (self.load[s].mem + self.p.req[w].mem).saturating_sub(self.p.cap[s].mem);
-                if best.map_or(true, |(l, _, _)| lack < l) {
+                if best.is_none_or(|(l, _, _)| lack < l) {
                     best = Some((lack, s, w));
                 }
             }

@@ -100,7 +100,7 @@ fn solve(p: &Problem, opts: &Options) -> Outcome {
     let mut best: Option<Vec<Move>> = None;
     for &order in orders {
         if let Some(moves) = heuristic::plan(p, order) {
-            if best.as_ref().map_or(true, |b| cost(p, &moves) < cost(p, b)) {
+            if best.as_ref().is_none_or(|b| cost(p, &moves) < cost(p, b)) {
                 best = Some(moves);
             }
         }

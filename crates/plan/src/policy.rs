@@ -443,7 +443,7 @@ impl Layout {
                     let delta = score(la - m, self.cap_mem[a]) + score(lb + m, self.cap_mem[b])
                         - score(la, self.cap_mem[a])
                         - score(lb, self.cap_mem[b]);
-                    if delta < -1.0 && best.map_or(true, |(d, _, _)| delta < d) {
+                    if delta < -1.0 && best.is_none_or(|(d, _, _)| delta < d) {
                         self.unplace(u);
                         let ok = self.can_place(u, b);
                         self.place(u, a);

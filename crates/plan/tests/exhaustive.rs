@@ -70,7 +70,7 @@ fn place(r: &Raw, choice: &[usize]) -> Vec<Option<usize>> {
             let x = (c + k) % h;
             let ok = (!r.vm_avx[v] || r.host_avx[x])
                 && mem[x] + r.vm_units[v] <= r.host_units[x]
-                && r.host_vcpus[x].map_or(true, |c| cpu[x] + r.vm_vcpus[v] <= c);
+                && r.host_vcpus[x].is_none_or(|c| cpu[x] + r.vm_vcpus[v] <= c);
             if ok {
                 at = Some(x);
                 break;
@@ -248,7 +248,7 @@ fn check_against_bfs(r: &Raw) -> Result<(), TestCaseError> {
         }
         (Some("impossible"), None) => {
             prop_assert!(
-                !out["blocked"].as_array().map_or(true, Vec::is_empty),
+                !out["blocked"].as_array().is_none_or(Vec::is_empty),
                 "no blocked VMs: {}",
                 out
             );
@@ -285,12 +285,12 @@ proptest! {
         let out = common::run(&case);
         match out["status"].as_str() {
             Some("ok") => common::simulate(&case, &out).map_err(|e| TestCaseError::fail(format!("invalid plan: {e}\n{case}\n{out}")))?,
-            Some("impossible") => prop_assert!(!out["blocked"].as_array().map_or(true, Vec::is_empty)),
+            Some("impossible") => prop_assert!(!out["blocked"].as_array().is_none_or(Vec::is_empty)),
             // Too big for the exact search to settle: the planner must say so plainly,
             // never pass a guess off as a plan or as a proof.
             Some("unsolved") => {
                 prop_assert!(out["reason"].as_str().is_some_and(|r| r.contains("not a proof")), "{}", out);
-                prop_assert!(!out["blocked"].as_array().map_or(true, Vec::is_empty), "{}", out);
+                prop_assert!(!out["blocked"].as_array().is_none_or(Vec::is_empty), "{}", out);
             }
             other => return Err(TestCaseError::fail(format!("status {other:?}: {out}"))),
         }

@@ -137,7 +137,7 @@ pub fn simulate(case: &Value, plan: &Value) -> Result<(), String> {
     };
     let fits = |h: &str, mem: u64, cpu: u64| -> bool {
         let host = &hosts[h];
-        mem <= host.mem && host.cpu.map_or(true, |c| cpu <= c)
+        mem <= host.mem && host.cpu.is_none_or(|c| cpu <= c)
     };
     let compatible = |vm: &Vm, h: &Host| -> bool {
         let arch_ok = match (&vm.arch, &h.archs) {
@@ -162,7 +162,7 @@ pub fn simulate(case: &Value, plan: &Value) -> Result<(), String> {
         if !vms.contains_key(&vm) || !hosts.contains_key(&from) || !hosts.contains_key(&to) {
             return Err(format!("unknown name in {m}"));
         }
-        if m["why"].as_str().map_or(true, str::is_empty) {
+        if m["why"].as_str().is_none_or(str::is_empty) {
             return Err(format!("migration without a reason: {m}"));
         }
         steps.push((vm, from, to, wave));
@@ -252,7 +252,7 @@ pub fn simulate(case: &Value, plan: &Value) -> Result<(), String> {
     }
     if plan["lower_bound"]
         .as_u64()
-        .map_or(true, |lb| lb > steps.len() as u64)
+        .is_none_or(|lb| lb > steps.len() as u64)
     {
         return Err("lower_bound above count".into());
     }
