@@ -36,6 +36,11 @@ pub struct VmSpec {
     /// The in-guest workload: `idle` or `dirty:<MiB>:<MiB/s>`.
     #[serde(default = "default_workload")]
     pub workload: String,
+    /// Machine type. The agent pins it at creation to the versioned type its QEMU's
+    /// `q35` stands for (e.g. `pc-q35-10.0`), and it travels with the VM, so every host
+    /// it migrates to builds the same virtual hardware.
+    #[serde(default)]
+    pub machine: Option<String>,
 }
 
 fn default_vcpus() -> u32 {

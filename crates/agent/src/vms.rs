@@ -121,6 +121,8 @@ pub(crate) struct Inner {
     pub(crate) accel: AccelChoice,
     qemu: QemuVersion,
     capacity_mib: u64,
+    /// The versioned machine type new VMs are pinned to.
+    default_machine: String,
     default_kernel: Option<PathBuf>,
     default_initrd: Option<PathBuf>,
     table: Mutex<Table>,
@@ -183,6 +185,7 @@ impl Agent {
                 (Some(img.kernel), Some(img.initrd))
             }
         };
+        let default_machine = walkabout_qemu::process::resolve_machine(&config.qemu_binary, "q35")?;
         let total = host::meminfo_mib("MemTotal").unwrap_or(0);
         let capacity_mib = config.capacity_mib.unwrap_or(total.saturating_sub(config.reserve_mib));
         let agent = Agent {
@@ -192,6 +195,7 @@ impl Agent {
                 accel,
                 qemu,
                 capacity_mib,
+                default_machine,
                 default_kernel,
                 default_initrd,
                 table: Mutex::default(),
@@ -306,6 +310,7 @@ impl Agent {
             memory_mib: rec.spec.memory_mib,
             vcpus: rec.spec.vcpus,
             cpu_model: rec.spec.cpu_model().to_string(),
+            machine: rec.spec.machine.clone().unwrap_or_else(|| self.inner.default_machine.clone()),
             accel: rec.accel,
             kernel: kernel.unwrap_or_default(),
             initrd,
@@ -317,8 +322,9 @@ impl Agent {
     }
 
     /// Creates and starts a VM. Returns once QEMU runs (the guest may still be booting).
-    pub async fn create(&self, spec: VmSpec) -> Result<VmInfo, AgentError> {
+    pub async fn create(&self, mut spec: VmSpec) -> Result<VmInfo, AgentError> {
         self.validate(&spec)?;
+        spec.machine.get_or_insert_with(|| self.inner.default_machine.clone());
         let name = spec.name.clone();
         let vm = self.reserve(spec, VmState::Starting)?;
         let mut guard = vm.lock().await;

@@ -27,6 +27,10 @@ pub struct QemuConfig {
     pub vcpus: u32,
     /// QEMU CPU model (`qemu64`, `Skylake-Server`, `max`, ...).
     pub cpu_model: String,
+    /// Machine type; a versioned one (`pc-q35-10.0`) so both ends of a migration build
+    /// the same virtual hardware even when their QEMUs differ.
+    #[serde(default = "default_machine")]
+    pub machine: String,
     /// Accelerator.
     pub accel: Accel,
     /// Kernel image (bzImage).
@@ -44,6 +48,29 @@ pub struct QemuConfig {
     /// when told to, so two copies never run at once.
     #[serde(default)]
     pub start_paused: bool,
+}
+
+fn default_machine() -> String {
+    "q35".into()
+}
+
+/// Resolves a machine-type alias (`q35`) to the versioned type it stands for on this
+/// QEMU (`pc-q35-10.0`), from `-machine help`; a type that is no alias is returned as is.
+pub fn resolve_machine(binary: &str, machine: &str) -> Result<String, QemuError> {
+    let out = std::process::Command::new(binary)
+        .args(["-machine", "help"])
+        .output()
+        .map_err(|e| QemuError::io(format!("running `{binary} -machine help`"), e))?;
+    Ok(alias_target(&String::from_utf8_lossy(&out.stdout), machine).unwrap_or_else(|| machine.to_string()))
+}
+
+/// In `-machine help` output, the type `alias` stands for.
+fn alias_target(help: &str, alias: &str) -> Option<String> {
+    help.lines()
+        .find(|l| l.split_whitespace().next() == Some(alias))
+        .and_then(|l| l.split("(alias of ").nth(1))
+        .and_then(|rest| rest.split(')').next())
+        .map(str::to_string)
 }
 
 impl QemuConfig {
@@ -66,7 +93,7 @@ impl QemuConfig {
             "-name".into(),
             self.name.clone(),
             "-machine".into(),
-            "q35".into(),
+            self.machine.clone(),
             "-accel".into(),
             match self.accel {
                 Accel::Kvm => "kvm".into(),
@@ -243,6 +270,7 @@ mod tests {
             memory_mib: 512,
             vcpus: 2,
             cpu_model: "qemu64".into(),
+            machine: "pc-q35-10.0".into(),
             accel: Accel::Tcg,
             kernel: "/k".into(),
             initrd: Some("/i".into()),
@@ -260,7 +288,15 @@ mod tests {
         assert!(a.contains("-serial file:/run/wa/vm1/console.log"), "{a}");
         assert!(a.contains("-pidfile /run/wa/vm1/qemu.pid -daemonize"), "{a}");
         assert!(a.contains("-m 512M -smp 2"), "{a}");
+        assert!(a.contains("-machine pc-q35-10.0"), "{a}");
         assert!(a.contains("-S -incoming defer"), "{a}");
+    }
+
+    #[test]
+    fn machine_aliases_resolve_to_their_versioned_type() {
+        let help = "Supported machines are:\nq35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-10.0)\npc-q35-10.0          Standard PC (Q35 + ICH9, 2009)\n";
+        assert_eq!(alias_target(help, "q35").as_deref(), Some("pc-q35-10.0"));
+        assert_eq!(alias_target(help, "pc-q35-10.0"), None);
     }
 
     #[tokio::test]

@@ -88,11 +88,14 @@ fn cancel_mid_migration_leaves_the_vm_on_its_source_and_is_idempotent() {
 }
 
 #[test]
-fn cancel_after_completion_is_refused_clearly() {
+fn cancel_after_completion_is_refused_clearly_and_the_pinned_machine_type_travels() {
     let (a, b) = two_agents(&[]);
-    a.cli(&["vm", "create", "--name", "done", "--memory", "256M"]);
+    let created = a.cli(&["vm", "create", "--name", "done", "--memory", "256M"]);
+    let machine = created["spec"]["machine"].as_str().expect("machine pinned at creation").to_string();
+    assert!(machine.starts_with("pc-q35-"), "not a versioned machine type: {machine}");
     let m = a.migrate("done", &b, &[]);
     assert_eq!(m["result"], "completed", "{m}");
+    assert_eq!(b.info("done")["spec"]["machine"], machine.as_str());
     let e = a.cli_fails(&["migration", "cancel", m["id"].as_str().expect("id")]);
     assert!(e.contains("past its switchover"), "{e}");
 }
