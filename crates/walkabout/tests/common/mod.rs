@@ -63,6 +63,36 @@ pub fn guest_image() {
     });
 }
 
+/// Waits until the daemon `child` (an agent or controller) has written a whole URL to
+/// `url_file`; panics with its log if it exits first or takes longer than `limit`.
+fn wait_url(what: &str, child: &mut Option<Child>, url_file: &Path, log_file: &Path, limit: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        match std::fs::read_to_string(url_file) {
+            Ok(url) if url.starts_with("http://") => return url,
+            _ => {}
+        }
+        if let Some(Ok(Some(status))) = child.as_mut().map(|c| c.try_wait()) {
+            panic!("{what} exited with {status}: {}", read_log(log_file));
+        }
+        assert!(start.elapsed() < limit, "{what} did not start: {}", read_log(log_file));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A daemon's log so far.
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Kills (SIGKILL) and reaps a daemon we started, if it still runs.
+fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 /// A running agent process with its own data directory, optionally inside a network
 /// namespace (a host of its own).
 pub struct AgentProc {
@@ -128,31 +158,17 @@ impl AgentProc {
             .spawn()
             .expect("spawn agent");
         self.child = Some(child);
-        let start = Instant::now();
-        loop {
-            if let Ok(url) = std::fs::read_to_string(self.data.join("agent.url")) {
-                self.url = url;
-                return;
-            }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("agent exited with {status}: {}", self.log());
-            }
-            assert!(start.elapsed() < Duration::from_secs(120), "agent did not start: {}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.url = wait_url("agent", &mut self.child, &self.data.join("agent.url"), &self.data.join("agent.log"), Duration::from_secs(120));
     }
 
     /// The agent's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.data.join("agent.log")).unwrap_or_default()
+        read_log(&self.data.join("agent.log"))
     }
 
     /// Kills the agent process (SIGKILL); its VMs keep running.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_child(&mut self.child);
     }
 
     /// `walkabout ARGS --agent URL` (in the agent's namespace).
@@ -404,34 +420,23 @@ impl ControllerProc {
             .spawn()
             .expect("spawn controller");
         self.child = Some(child);
-        let start = Instant::now();
-        loop {
-            match std::fs::read_to_string(self.data.join("controller.url")) {
-                Ok(url) if url.starts_with("http://") => {
-                    self.url = url;
-                    return;
-                }
-                _ => {}
-            }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("controller exited with {status}: {}", self.log());
-            }
-            assert!(start.elapsed() < Duration::from_secs(60), "controller did not start: {}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.url = wait_url(
+            "controller",
+            &mut self.child,
+            &self.data.join("controller.url"),
+            &self.data.join("controller.log"),
+            Duration::from_secs(60),
+        );
     }
 
     /// The controller's log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.data.join("controller.log")).unwrap_or_default()
+        read_log(&self.data.join("controller.log"))
     }
 
     /// Kills the controller (SIGKILL); agents and VMs carry on.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_child(&mut self.child);
     }
 
     /// `walkabout ARGS --controller URL`.
