@@ -121,6 +121,29 @@ pub fn peer_guest() -> Result<PathBuf> {
     Ok(out)
 }
 
+/// What the QEMU-side benches need before anything is timed.
+pub struct Prepared {
+    /// The walkabout binary benched.
+    pub walkabout: WalkaboutBin,
+    /// The QEMU peer's scripts.
+    pub peer: PathBuf,
+    /// The peer's guest.
+    pub guest: PathBuf,
+}
+
+/// Builds (or finds) the walkabout binary, the peer's guest, and Walkabout's own guest
+/// image (built or found in its cache), so none of it lands in a timed run.
+pub fn prepare(build: bool) -> Result<Prepared> {
+    let walkabout = build_walkabout(build)?;
+    let peer = peer_dir()?;
+    let guest = peer_guest()?;
+    let out = Command::new(&walkabout.path).args(["image", "build"]).env("WALKABOUT_LOG", "warn").output()?;
+    if !out.status.success() {
+        bail!("walkabout image build failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(Prepared { walkabout, peer, guest })
+}
+
 /// `qemu-system-x86_64 --version`, first line.
 pub fn qemu_version() -> String {
     Command::new("qemu-system-x86_64")

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use walkabout_bench::{build_walkabout, environment, peer_dir, peer_guest, round3, stats, Agent, Proc, Scratch};
+use walkabout_bench::{environment, prepare, round3, stats, Agent, Prepared, Proc, Scratch};
 
 const MEMORY_MIB: u64 = 512;
 
@@ -29,15 +29,8 @@ fn main() -> Result<()> {
         }
     }
     let mut env = environment();
-    let wbin = build_walkabout(build)?;
+    let Prepared { walkabout: wbin, peer, guest } = prepare(build)?;
     let bin = wbin.path.clone();
-    let peer = peer_dir()?;
-    let guest = peer_guest()?;
-    // The Walkabout guest image is built (or found in the cache) before anything is timed.
-    let out = Command::new(&bin).args(["image", "build"]).env("WALKABOUT_LOG", "warn").output()?;
-    if !out.status.success() {
-        bail!("walkabout image build failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
     env["walkabout_binary"] = wbin.provenance.clone();
     let scratch = Scratch::new("boot")?;
     let agent = Agent::start(&bin, "boot")?;

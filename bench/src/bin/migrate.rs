@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use walkabout_bench::{build_walkabout, environment, median, peer_dir, peer_guest, ratio, round3, run_with_deadline, stats, Agent, Scratch};
+use walkabout_bench::{environment, median, prepare, ratio, round3, run_with_deadline, stats, Agent, Prepared, Scratch};
 
 const USAGE: &str = "usage: migrate [--quick] [--mem 512,2048] [--workload idle,dirty:64:32,...] \
 [--bandwidth default,100] [--runs 3] [--give-up-s 30] [--only walkabout|qemu] [--out FILE] [--no-build]
@@ -105,14 +105,8 @@ fn main() -> Result<()> {
     let Some(args) = parse_args()? else { return Ok(()) };
     let started = Instant::now();
     let mut env = environment();
-    let wbin = build_walkabout(args.build)?;
+    let Prepared { walkabout: wbin, peer, guest } = prepare(args.build)?;
     let bin = wbin.path.clone();
-    let peer = peer_dir()?;
-    let guest = peer_guest()?;
-    let out = Command::new(&bin).args(["image", "build"]).env("WALKABOUT_LOG", "warn").output()?;
-    if !out.status.success() {
-        bail!("walkabout image build failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
     env["walkabout_binary"] = wbin.provenance.clone();
     let scratch = Scratch::new("migrate")?;
     let want_wa = args.only.as_deref() != Some("qemu");
