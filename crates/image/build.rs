@@ -31,12 +31,12 @@ fn rustc(rustc: &OsString, args: &[&std::ffi::OsStr]) {
         Ok(s) if s.success() => {}
         Ok(s) => {
             panic!(
-            "compiling the guest program failed: `{} {}` exited with {s} (its errors are above; \
+                "compiling the guest program failed: `{} {}` exited with {s} (its errors are above; \
              the guest needs the Rust standard library for {GUEST_TARGET} and a static glibc, \
              libc6-dev on Debian)",
-            rustc.to_string_lossy(),
-            args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
-        )
+                rustc.to_string_lossy(),
+                args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+            )
         }
         Err(e) => panic!("cannot run {}: {e}", rustc.to_string_lossy()),
     }
@@ -86,12 +86,7 @@ fn main() {
     let os = |s: &'static str| std::ffi::OsStr::new(s);
     let lib_src = guest_src.join("lib.rs");
     let mut lib_args: Vec<&std::ffi::OsStr> = common.iter().map(|s| os(s)).collect();
-    lib_args.extend([
-        os("--crate-type"),
-        os("rlib"),
-        os("--out-dir"),
-        out_dir.as_os_str(),
-    ]);
+    lib_args.extend([os("--crate-type"), os("rlib"), os("--out-dir"), out_dir.as_os_str()]);
     lib_args.push(lib_src.as_os_str());
     rustc(&rustc_path, &lib_args);
 
@@ -129,13 +124,7 @@ fn main() {
              the initramfs has no dynamic loader",
             binary.display()
         ),
-        None => panic!(
-            "the guest program {} is not a 64-bit ELF file",
-            binary.display()
-        ),
+        None => panic!("the guest program {} is not a 64-bit ELF file", binary.display()),
     }
-    println!(
-        "cargo:rustc-env=WALKABOUT_GUEST_BINARY={}",
-        binary.display()
-    );
+    println!("cargo:rustc-env=WALKABOUT_GUEST_BINARY={}", binary.display());
 }

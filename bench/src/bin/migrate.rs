@@ -60,7 +60,9 @@ fn parse_args() -> Result<Option<Args>> {
         match arg.as_str() {
             "--quick" => a.quick = true,
             "--no-build" => a.build = false,
-            "--mem" => mems = Some(val("--mem")?.split(',').map(|m| m.trim().parse::<u64>()).collect::<Result<Vec<_>, _>>().context("--mem: MiB")?),
+            "--mem" => {
+                mems = Some(val("--mem")?.split(',').map(|m| m.trim().parse::<u64>()).collect::<Result<Vec<_>, _>>().context("--mem: MiB")?)
+            }
             "--workload" => a.workloads = val("--workload")?.split(',').map(|w| w.trim().to_string()).collect(),
             "--bandwidth" => {
                 a.bandwidths = val("--bandwidth")?
@@ -128,7 +130,8 @@ fn main() -> Result<()> {
                     eprintln!("  walkabout: {}", brief(&wa));
                 }
                 let qe = if want_qe {
-                    qemu_cell(&peer, &guest, &scratch.0, mem, wl, bw, args.runs, args.give_up_s).unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
+                    qemu_cell(&peer, &guest, &scratch.0, mem, wl, bw, args.runs, args.give_up_s)
+                        .unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
                 } else {
                     Value::Null
                 };
@@ -143,7 +146,8 @@ fn main() -> Result<()> {
                 }));
                 if let Some(path) = &args.out {
                     let doc = document(&env, &args, &peer, &cells, false, started.elapsed());
-                    std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+                    std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+                        .with_context(|| format!("writing {}", path.display()))?;
                 }
             }
         }
@@ -165,7 +169,10 @@ fn brief(side: &Value) -> String {
     }
     format!(
         "{}/{} ok, total {} ms, downtime {} ms, {} MiB",
-        side["completed"], side["runs"], side["total_ms"]["median"], side["downtime_ms"]["median"],
+        side["completed"],
+        side["runs"],
+        side["total_ms"]["median"],
+        side["downtime_ms"]["median"],
         side["transferred_bytes"]["median"].as_f64().map(|b| (b / 1048576.0).round().to_string()).unwrap_or("-".into())
     )
 }
@@ -227,7 +234,8 @@ fn wait_heartbeats(agent: &Agent, name: &str, n: u64, limit: Duration) -> Result
 fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, runs: usize) -> Result<Value> {
     let name = format!("m{mem}-{}-{}", wl.replace(':', "-"), bw.map(|b| b.to_string()).unwrap_or("def".into()));
     let agents = [a, b];
-    let create = a.cli(&["vm", "create", "--name", &name, "--memory", &format!("{mem}M"), "--vcpus", "1", "--workload", wl, "--timeout", "300"]);
+    let create =
+        a.cli(&["vm", "create", "--name", &name, "--memory", &format!("{mem}M"), "--vcpus", "1", "--workload", wl, "--timeout", "300"]);
     let create = match create {
         Ok(v) => v,
         Err(e) => {
@@ -268,7 +276,11 @@ fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, run
                 .to_string();
             let mut problems: Vec<String> = vec![];
             if result != "completed" {
-                let why = summary.as_ref().and_then(|s| s["reason"].as_str()).map(String::from).unwrap_or_else(|| ran.stderr.trim().chars().take(300).collect());
+                let why = summary
+                    .as_ref()
+                    .and_then(|s| s["reason"].as_str())
+                    .map(String::from)
+                    .unwrap_or_else(|| ran.stderr.trim().chars().take(300).collect());
                 problems.push(format!("migration {result}: {why}"));
             }
             if breaks > breaks0 {
@@ -309,7 +321,9 @@ fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, run
             }));
             eprintln!(
                 "    run {run}: {result} total {} ms downtime {} ms strategy {} {}",
-                s["total_ms"], s["downtime_ms"], s["strategy"]["name"],
+                s["total_ms"],
+                s["downtime_ms"],
+                s["strategy"]["name"],
                 if problems.is_empty() { String::new() } else { format!("PROBLEMS: {problems:?}") }
             );
         }

@@ -55,10 +55,7 @@ fn input_of(case: &Value) -> Result<Case> {
 }
 
 fn misplaced(case: &Case) -> usize {
-    case.target
-        .iter()
-        .filter(|(v, h)| case.current.get(*v).is_some_and(|c| c != *h))
-        .count()
+    case.target.iter().filter(|(v, h)| case.current.get(*v).is_some_and(|c| c != *h)).count()
 }
 
 fn random_cases() -> Result<(Vec<Value>, Value)> {
@@ -67,9 +64,7 @@ fn random_cases() -> Result<(Vec<Value>, Value)> {
         format!("peer data missing: cannot read {} (expected ../shared/peers/migrationpaths beside the repository)", path.display())
     })?;
     let doc: Value = serde_json::from_str(&text)?;
-    let Some(cases) = doc["cases"].as_array() else {
-        bail!("{} has no cases", path.display())
-    };
+    let Some(cases) = doc["cases"].as_array() else { bail!("{} has no cases", path.display()) };
     let mut rows = Vec::new();
     let (mut ratios, mut ours_t, mut peer_t) = (Vec::new(), Vec::new(), Vec::new());
     let (mut shorter, mut equal, mut longer, mut unsolved) = (0, 0, 0, 0);
@@ -167,11 +162,7 @@ fn big_case(hosts: usize, per_host: usize, fill: f64, seed: u64) -> Case {
         });
         let weights: Vec<u64> = (0..per_host).map(|_| 1 + rng.below(4)).collect();
         let total: u64 = weights.iter().sum();
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss
-        )]
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
         let budget = (usable as f64 * fill) as u64;
         for w in weights {
             sizes.push(budget * w / total);
@@ -195,15 +186,8 @@ fn big_case(hosts: usize, per_host: usize, fill: f64, seed: u64) -> Case {
     }
     for (v, &s) in sizes.iter().enumerate() {
         let name = format!("vm{v:05}");
-        case.vms.push(Vm {
-            name: name.clone(),
-            memory_mib: s,
-            vcpus: None,
-            arch: Some("x86_64".into()),
-            cpu_features: Vec::new(),
-        });
-        case.current
-            .insert(name.clone(), case.hosts[home[v]].name.clone());
+        case.vms.push(Vm { name: name.clone(), memory_mib: s, vcpus: None, arch: Some("x86_64".into()), cpu_features: Vec::new() });
+        case.current.insert(name.clone(), case.hosts[home[v]].name.clone());
         case.target.insert(name, case.hosts[target[v]].name.clone());
     }
     case

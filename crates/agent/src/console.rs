@@ -65,10 +65,7 @@ impl GuestStatus {
             }
         } else if let Some(rest) = line.strip_prefix("WALKABOUT READY") {
             self.ready = true;
-            self.cpus = rest
-                .split_whitespace()
-                .find_map(|kv| kv.strip_prefix("cpus="))
-                .and_then(|v| v.parse().ok());
+            self.cpus = rest.split_whitespace().find_map(|kv| kv.strip_prefix("cpus=")).and_then(|v| v.parse().ok());
         } else if line.starts_with("WALKABOUT ERROR") || line.starts_with("CORRUPT") {
             if self.alerts.len() < MAX_ALERTS {
                 self.alerts.push(line.to_string());

@@ -217,9 +217,8 @@ fn new_id() -> String {
 impl Agent {
     /// Starts migrating a VM of this agent; returns at once with the migration's record.
     pub async fn start_migration(&self, req: MigrationRequest) -> Result<MigrationRecord, AgentError> {
-        let dest = reqwest::Url::parse(&req.destination).map_err(|e| AgentError::InvalidRequest {
-            reason: format!("destination {:?} is not a URL: {e}", req.destination),
-        })?;
+        let dest = reqwest::Url::parse(&req.destination)
+            .map_err(|e| AgentError::InvalidRequest { reason: format!("destination {:?} is not a URL: {e}", req.destination) })?;
         if dest.host_str().is_none() {
             return Err(AgentError::InvalidRequest { reason: format!("destination {:?} has no host", req.destination) });
         }
@@ -277,10 +276,7 @@ impl Agent {
 
     /// One migration.
     pub fn migration(&self, id: &str) -> Result<MigrationRecord, AgentError> {
-        lock(&self.inner.migrations)
-            .get(id)
-            .map(|m| m.record.clone())
-            .ok_or_else(|| AgentError::MigrationNotFound { id: id.into() })
+        lock(&self.inner.migrations).get(id).map(|m| m.record.clone()).ok_or_else(|| AgentError::MigrationNotFound { id: id.into() })
     }
 
     /// Cancels a migration before its switchover; idempotent. Refused after switchover.
@@ -353,13 +349,10 @@ impl Agent {
         };
         let guest_bytes = spec.memory_mib << 20;
         let postcopy_ready = Policy::new(rec.mode, rec.limits, guest_bytes, None).strategy().postcopy_ready;
-        let features = cpu::features(&qmp, spec.cpu_model())
-            .await
-            .map_err(|e| fail(format!("cannot read the CPU features of {}: {e}", rec.vm)))?;
-        let listen_host = reqwest::Url::parse(&rec.destination)
-            .ok()
-            .and_then(|u| u.host_str().map(String::from))
-            .unwrap_or_else(|| "127.0.0.1".into());
+        let features =
+            cpu::features(&qmp, spec.cpu_model()).await.map_err(|e| fail(format!("cannot read the CPU features of {}: {e}", rec.vm)))?;
+        let listen_host =
+            reqwest::Url::parse(&rec.destination).ok().and_then(|u| u.host_str().map(String::from)).unwrap_or_else(|| "127.0.0.1".into());
         let incoming = IncomingRequest { spec: spec.clone(), postcopy_ready, cpu_features: features.into_iter().collect(), listen_host };
         // Measure the guest while the destination gets ready.
         let (dirty, prepared) = tokio::join!(
@@ -369,7 +362,11 @@ impl Agent {
         let prepared = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?;
         let uri = prepared["uri"].as_str().map(String::from).ok_or_else(|| fail(format!("destination gave no URI: {prepared}")))?;
         if *cancel.borrow_and_update() {
-            return Err(Ended { phase: Phase::Cancelled, reason: walkabout_migrate::run::CANCELLED_BY_REQUEST.into(), past_switchover: false });
+            return Err(Ended {
+                phase: Phase::Cancelled,
+                reason: walkabout_migrate::run::CANCELLED_BY_REQUEST.into(),
+                past_switchover: false,
+            });
         }
         let policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty);
         let strategy = policy.strategy().clone();
@@ -521,7 +518,8 @@ impl Agent {
         let mut guard = vm.lock().await;
         let result = async {
             self.boot(&mut guard, true).await?;
-            let qmp = guard.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: name.clone(), op: "receive", state: guard.record.state })?;
+            let qmp =
+                guard.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: name.clone(), op: "receive", state: guard.record.state })?;
             self.check_cpu(&name, &qmp, &req.cpu_features).await?;
             let uri = walkabout_migrate::run::listen_incoming(&qmp, req.postcopy_ready, &req.listen_host)
                 .await
@@ -569,7 +567,11 @@ impl Agent {
 
     /// Confirms the VM runs here and makes this agent its owner; `guest_before` is the
     /// guest's status as the source's console left it.
-    pub async fn commit_incoming(&self, name: &str, guest_before: Option<crate::console::GuestStatus>) -> Result<crate::vms::VmInfo, AgentError> {
+    pub async fn commit_incoming(
+        &self,
+        name: &str,
+        guest_before: Option<crate::console::GuestStatus>,
+    ) -> Result<crate::vms::VmInfo, AgentError> {
         let vm = self.incoming_vm(name)?;
         let mut vm = vm.lock().await;
         if vm.record.state == VmState::Running {
@@ -585,7 +587,9 @@ impl Agent {
                 Ok(s) if s.running => break,
                 Ok(_) if start.elapsed() < Duration::from_secs(60) => tokio::time::sleep(Duration::from_millis(20)).await,
                 Ok(s) => {
-                    return Err(AgentError::InvalidRequest { reason: format!("{name} did not start here after switchover (QEMU state {})", s.status) })
+                    return Err(AgentError::InvalidRequest {
+                        reason: format!("{name} did not start here after switchover (QEMU state {})", s.status),
+                    })
                 }
                 Err(e) => return Err(AgentError::Qemu { vm: name.into(), source: e.into() }),
             }

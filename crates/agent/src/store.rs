@@ -4,9 +4,9 @@
 
 use crate::migration::MigrationRecord;
 use crate::spec::VmRecord;
+use redb::{ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use redb::{ReadableTable, TableDefinition};
 use std::path::Path;
 
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");

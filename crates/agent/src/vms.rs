@@ -167,8 +167,8 @@ impl Agent {
     pub async fn start(config: AgentConfig) -> Result<Agent, StartError> {
         std::fs::create_dir_all(config.data_dir.join("vms"))
             .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
-        let data_dir = std::fs::canonicalize(&config.data_dir)
-            .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
+        let data_dir =
+            std::fs::canonicalize(&config.data_dir).map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
         let config = AgentConfig { data_dir, ..config };
         let qemu = QemuVersion::check(&config.qemu_binary)?;
         let store = Store::open(&config.data_dir.join("agent.redb"))?;

@@ -285,7 +285,8 @@ impl AgentApi for HttpAgents {
         self.call(reqwest::Method::GET, url, "/v1/migrations".into(), None, POLL_TIMEOUT * 3)
     }
     fn cancel_migration(&self, url: String, id: String) -> BoxFut<Result<(), AgentCallError>> {
-        let f = self.call::<serde_json::Value>(reqwest::Method::POST, url, format!("/v1/migrations/{id}/cancel"), None, Duration::from_secs(5));
+        let f =
+            self.call::<serde_json::Value>(reqwest::Method::POST, url, format!("/v1/migrations/{id}/cancel"), None, Duration::from_secs(5));
         Box::pin(async move { f.await.map(|_| ()) })
     }
 }

@@ -267,13 +267,19 @@ async fn metrics(State(c): State<Cluster>) -> Response {
     let _ = writeln!(out, "# HELP walkabout_cluster_vms VMs known to the controller.\n# TYPE walkabout_cluster_vms gauge");
     let _ = writeln!(out, "walkabout_cluster_vms {}", c.vms().len());
     let migs = c.migrations();
-    let _ = writeln!(out, "# HELP walkabout_cluster_migrations_total Migrations ordered, by result.\n# TYPE walkabout_cluster_migrations_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP walkabout_cluster_migrations_total Migrations ordered, by result.\n# TYPE walkabout_cluster_migrations_total counter"
+    );
     for phase in ["completed", "failed", "cancelled"] {
         let n = migs.iter().filter(|m| format!("{:?}", m.phase).to_lowercase() == phase).count();
         let _ = writeln!(out, "walkabout_cluster_migrations_total{{result=\"{phase}\"}} {n}");
     }
     let running = migs.iter().filter(|m| !m.phase.is_final()).count();
-    let _ = writeln!(out, "# HELP walkabout_cluster_migrations_running Migrations under way.\n# TYPE walkabout_cluster_migrations_running gauge");
+    let _ = writeln!(
+        out,
+        "# HELP walkabout_cluster_migrations_running Migrations under way.\n# TYPE walkabout_cluster_migrations_running gauge"
+    );
     let _ = writeln!(out, "walkabout_cluster_migrations_running {running}");
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

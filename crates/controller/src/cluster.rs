@@ -224,7 +224,8 @@ impl Cluster {
         for v in store.list::<Vm>(Table::Vms)? {
             view.vms.insert(v.name.clone(), v);
         }
-        let migrations: BTreeMap<String, Migration> = store.list::<Migration>(Table::Migrations)?.into_iter().map(|m| (m.id.clone(), m)).collect();
+        let migrations: BTreeMap<String, Migration> =
+            store.list::<Migration>(Table::Migrations)?.into_iter().map(|m| (m.id.clone(), m)).collect();
         let plans: BTreeMap<String, PlanRecord> = store.list::<PlanRecord>(Table::Plans)?.into_iter().map(|p| (p.id.clone(), p)).collect();
         let (shutdown, _) = watch::channel(false);
         let cluster = Cluster {
@@ -346,7 +347,12 @@ impl Cluster {
             h
         };
         self.inner.store.put(Table::Hosts, &host.name, &host)?;
-        self.inner.events.emit(Subject::Host, &host.name, format!("host {} registered ({url})", host.name), serde_json::to_value(&host).unwrap_or_default());
+        self.inner.events.emit(
+            Subject::Host,
+            &host.name,
+            format!("host {} registered ({url})", host.name),
+            serde_json::to_value(&host).unwrap_or_default(),
+        );
         let polled = agents::poll(self.inner.api.as_ref(), &url).await;
         self.observe(&host.name, polled);
         self.watch_host(host.name.clone());
@@ -454,7 +460,8 @@ impl Cluster {
                     }
                 }
             }
-            let names: Vec<String> = view.vms.values().filter(|v| v.host.as_deref() == Some(name) && v.state != "missing").map(|v| v.name.clone()).collect();
+            let names: Vec<String> =
+                view.vms.values().filter(|v| v.host.as_deref() == Some(name) && v.state != "missing").map(|v| v.name.clone()).collect();
             if let Some(h) = view.hosts.get_mut(name) {
                 h.vms = names;
             }

@@ -168,11 +168,8 @@ impl Cluster {
             if !within_limits(&limits, migs.values(), &from, to) {
                 return Ok(None);
             }
-            let incoming: u64 = migs
-                .values()
-                .filter(|m| !m.phase.is_final() && m.to == to)
-                .filter_map(|m| view.vms.get(&m.vm).map(|v| v.memory_mib))
-                .sum();
+            let incoming: u64 =
+                migs.values().filter(|m| !m.phase.is_final() && m.to == to).filter_map(|m| view.vms.get(&m.vm).map(|v| v.memory_mib)).sum();
             let free = view.free_mib(to).saturating_sub(incoming);
             if free < v.memory_mib {
                 return Err(ControllerError::Conflict(format!(
@@ -240,12 +237,8 @@ impl Cluster {
                 Err(e) => return self.finish_migration(&id, Phase::Failed, Some(e.to_string()), None),
             };
             if !from_up {
-                let why = format!(
-                    "its source host {} went down ({}); {} is unreachable there",
-                    m.from,
-                    from_reason.unwrap_or_default(),
-                    m.vm
-                );
+                let why =
+                    format!("its source host {} went down ({}); {} is unreachable there", m.from, from_reason.unwrap_or_default(), m.vm);
                 return self.finish_migration(&id, Phase::Failed, Some(why), None);
             }
             let step = match &m.agent_id {
@@ -274,12 +267,20 @@ impl Cluster {
         // Only an agent migration no record of ours claims: an earlier, failed attempt
         // of the same hop is not this one.
         let claimed: Vec<String> = lock(&self.inner.migrations).values().filter_map(|x| x.agent_id.clone()).collect();
-        let ours = |r: &AgentMigration| r.vm == m.vm && r.destination == to_url && r.created_at_ms + 2_000 >= m.started_ms && !claimed.contains(&r.id);
+        let ours = |r: &AgentMigration| {
+            r.vm == m.vm && r.destination == to_url && r.created_at_ms + 2_000 >= m.started_ms && !claimed.contains(&r.id)
+        };
         if let Some(rec) = known.into_iter().find(ours) {
             tracing::info!(id = %m.id, agent_id = %rec.id, "adopting the agent's migration");
             return Ok(Some(rec));
         }
-        let req = MigrateRequest { vm: m.vm.clone(), destination: to_url, mode: self.inner.config.mode.clone(), max_downtime_ms: None, max_bandwidth_bps: self.inner.config.max_bandwidth_bps };
+        let req = MigrateRequest {
+            vm: m.vm.clone(),
+            destination: to_url,
+            mode: self.inner.config.mode.clone(),
+            max_downtime_ms: None,
+            max_bandwidth_bps: self.inner.config.max_bandwidth_bps,
+        };
         self.inner.api.start_migration(from_url.to_string(), req).await.map(Some)
     }
 
@@ -321,7 +322,9 @@ impl Cluster {
                 m.total_ms.unwrap_or(0),
                 m.downtime_ms.unwrap_or(0)
             ),
-            p => format!("migration {id} of {} to {} {}: {}", m.vm, m.to, format!("{p:?}").to_lowercase(), m.reason.as_deref().unwrap_or("")),
+            p => {
+                format!("migration {id} of {} to {} {}: {}", m.vm, m.to, format!("{p:?}").to_lowercase(), m.reason.as_deref().unwrap_or(""))
+            }
         };
         if phase == Phase::Completed {
             self.placed(&m.vm, &m.to);
@@ -406,7 +409,12 @@ impl Cluster {
             tokio::spawn(async move { c.drive(id).await });
         }
         for p in self.plans().into_iter().filter(|p| p.status == PlanStatus::Running) {
-            self.inner.events.emit(Subject::Plan, &p.id, format!("plan {} resumes after a controller restart", p.id), serde_json::Value::Null);
+            self.inner.events.emit(
+                Subject::Plan,
+                &p.id,
+                format!("plan {} resumes after a controller restart", p.id),
+                serde_json::Value::Null,
+            );
             self.spawn_plan(p.id);
         }
     }
@@ -533,7 +541,8 @@ impl Cluster {
                         }
                         let tries = *n;
                         rec.problems.retain(|p| p.vm != vm);
-                        rec.problems.push(Problem { vm: vm.clone(), reason: format!("gave up after {tries} failed migration(s): {reason}") });
+                        rec.problems
+                            .push(Problem { vm: vm.clone(), reason: format!("gave up after {tries} failed migration(s): {reason}") });
                         messages.push(format!("gave up on {vm}: {reason}"));
                     } else {
                         messages.push(format!("migration of {vm} failed ({reason}); will re-plan"));
@@ -584,7 +593,8 @@ impl Cluster {
                 (s.vm.clone(), s.from.clone(), s.to.clone(), s.why.clone())
             };
             // A migration of this VM that a previous controller started: adopt it.
-            if let Some(m) = self.migrations().into_iter().find(|m| m.vm == vm && m.plan.as_deref() == Some(&rec.id) && !m.phase.is_final()) {
+            if let Some(m) = self.migrations().into_iter().find(|m| m.vm == vm && m.plan.as_deref() == Some(&rec.id) && !m.phase.is_final())
+            {
                 rec.steps[i].status = StepStatus::Running;
                 rec.steps[i].started_ms = Some(m.started_ms);
                 rec.steps[i].migration = Some(m.id);
@@ -688,7 +698,8 @@ impl Cluster {
         for (vm, want) in rec.target.clone() {
             let at = view.vms.get(&vm).and_then(|v| v.host.clone());
             if at.as_deref() != Some(want.as_str()) && !rec.problems.iter().any(|p| p.vm == vm) {
-                rec.problems.push(Problem { vm: vm.clone(), reason: format!("{vm} is on {} instead of {want}: {why}", at.unwrap_or_default()) });
+                rec.problems
+                    .push(Problem { vm: vm.clone(), reason: format!("{vm} is on {} instead of {want}: {why}", at.unwrap_or_default()) });
             }
         }
     }

@@ -87,7 +87,14 @@ impl AgentApi for Fake {
             let s = self.state();
             let cap = s.capacity[&u];
             let used = used(&s, &u);
-            AgentHost { hostname: "fake".into(), cpu_model: "fake".into(), cpus: 2, capacity_mib: cap, used_mib: used, free_mib: cap.saturating_sub(used) }
+            AgentHost {
+                hostname: "fake".into(),
+                cpu_model: "fake".into(),
+                cpus: 2,
+                capacity_mib: cap,
+                used_mib: used,
+                free_mib: cap.saturating_sub(used),
+            }
         });
         ready(r)
     }
@@ -132,7 +139,11 @@ impl AgentApi for Fake {
         }
         let mut s = self.state();
         let Some((at, mem)) = s.vms.get(&req.vm).cloned() else {
-            return ready(Err(AgentCallError::Refused { status: 404, kind: "not_found".into(), message: format!("no VM named `{}`", req.vm) }));
+            return ready(Err(AgentCallError::Refused {
+                status: 404,
+                kind: "not_found".into(),
+                message: format!("no VM named `{}`", req.vm),
+            }));
         };
         assert_eq!(at, u, "migration asked of a host that does not run {}", req.vm);
         let cap = s.capacity.get(&req.destination).copied().unwrap_or(0);
@@ -172,7 +183,11 @@ impl AgentApi for Fake {
         let failing = s.failing.clone();
         let down = s.down.clone();
         let Some((rec, _, left)) = s.migs.get_mut(&id) else {
-            return ready(Err(AgentCallError::Refused { status: 404, kind: "migration_not_found".into(), message: format!("no migration `{id}`") }));
+            return ready(Err(AgentCallError::Refused {
+                status: 404,
+                kind: "migration_not_found".into(),
+                message: format!("no migration `{id}`"),
+            }));
         };
         if !rec.phase.is_final() {
             *left = left.saturating_sub(1);

@@ -297,7 +297,10 @@ pub fn plan_goal(view: &View, case: &Case, goal: &Goal, pinned: &[String], round
             match target_for(&c, &Policy::Drain { hosts: hosts.clone() }).map_err(invalid)? {
                 Ok(t) => t,
                 Err(blocked) => {
-                    return Ok(Planned::Impossible { reason: format!("cannot drain {host}: not enough room for its VMs elsewhere"), blocked })
+                    return Ok(Planned::Impossible {
+                        reason: format!("cannot drain {host}: not enough room for its VMs elsewhere"),
+                        blocked,
+                    })
                 }
             }
         }

@@ -122,8 +122,8 @@ impl Store {
         let mut out = vec![];
         for item in t.iter().map_err(db_err)? {
             let (k, v) = item.map_err(db_err)?;
-            let rec = serde_json::from_slice(v.value())
-                .map_err(|e| StoreError::Corrupt { key: k.value().to_string(), detail: e.to_string() })?;
+            let rec =
+                serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt { key: k.value().to_string(), detail: e.to_string() })?;
             out.push(rec);
         }
         Ok(out)

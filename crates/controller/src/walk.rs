@@ -205,7 +205,12 @@ impl Cluster {
     /// once; poll the walk.
     pub fn start_walk(&self, opts: WalkOptions) -> Result<WalkRecord, ControllerError> {
         let w = self.new_walk(WalkKind::Walk)?;
-        self.inner.events.emit(Subject::Walk, &w.id, format!("walk {} starts for {} s", w.id, opts.duration_ms / 1000), serde_json::Value::Null);
+        self.inner.events.emit(
+            Subject::Walk,
+            &w.id,
+            format!("walk {} starts for {} s", w.id, opts.duration_ms / 1000),
+            serde_json::Value::Null,
+        );
         let c = self.clone();
         let id = w.id.clone();
         tokio::spawn(async move {
@@ -338,13 +343,22 @@ impl Cluster {
             if !self.running(id) {
                 return format!("stopped in round {round}");
             }
-            let chairs: Vec<String> =
-                self.hosts().into_iter().filter(|h| h.status == HostStatus::Up && h.maintenance == Maintenance::Active).map(|h| h.name).collect();
+            let chairs: Vec<String> = self
+                .hosts()
+                .into_iter()
+                .filter(|h| h.status == HostStatus::Up && h.maintenance == Maintenance::Active)
+                .map(|h| h.name)
+                .collect();
             if chairs.is_empty() {
                 return format!("no host left in round {round}");
             }
             let host = chairs[rng.below(chairs.len())].clone();
-            self.inner.events.emit(Subject::Walk, id, format!("round {round}: the music stops; {host} is drained and powered off"), serde_json::Value::Null);
+            self.inner.events.emit(
+                Subject::Walk,
+                id,
+                format!("round {round}: the music stops; {host} is drained and powered off"),
+                serde_json::Value::Null,
+            );
             let plan = match self.drain(&host) {
                 Ok(p) => p,
                 Err(e) => {
@@ -365,7 +379,9 @@ impl Cluster {
             };
             if status.status != PlanStatus::Completed {
                 let result = format!("draining {host} failed: {}", status.reason.unwrap_or_default());
-                self.update_walk(id, |w| w.rounds.push(Round { round, host: host.clone(), plan: Some(plan.id.clone()), result: result.clone() }));
+                self.update_walk(id, |w| {
+                    w.rounds.push(Round { round, host: host.clone(), plan: Some(plan.id.clone()), result: result.clone() })
+                });
                 return format!("game over in round {round}: {result}");
             }
             let _ = self.set_maintenance(&host, Maintenance::Off);

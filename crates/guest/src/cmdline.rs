@@ -10,10 +10,7 @@ pub const WORKLOAD_PARAM: &str = "walkabout.workload";
 /// The last occurrence wins, as for the kernel's own parameters, so a caller can append
 /// an override to a default command line.
 pub fn workload_param(cmdline: &str) -> Option<&str> {
-    cmdline
-        .split_ascii_whitespace()
-        .filter_map(|word| word.strip_prefix(WORKLOAD_PARAM)?.strip_prefix('='))
-        .next_back()
+    cmdline.split_ascii_whitespace().filter_map(|word| word.strip_prefix(WORKLOAD_PARAM)?.strip_prefix('=')).next_back()
 }
 
 /// The workload selected by `cmdline`: [`Workload::Idle`] when the parameter is absent,
@@ -35,13 +32,7 @@ mod tests {
     #[test]
     fn parameter_is_found_among_others() {
         let w = workload_from_cmdline("console=ttyS0 walkabout.workload=dirty:16:32 quiet\n");
-        assert_eq!(
-            w,
-            Ok(Workload::Dirty {
-                mib: 16,
-                rate_mib_s: 32
-            })
-        );
+        assert_eq!(w, Ok(Workload::Dirty { mib: 16, rate_mib_s: 32 }));
     }
 
     #[test]
@@ -59,11 +50,6 @@ mod tests {
     #[test]
     fn bogus_workload_is_an_error() {
         let err = workload_from_cmdline("walkabout.workload=bogus").expect_err("must be refused");
-        assert_eq!(
-            err,
-            ParseWorkloadError::UnknownKind {
-                text: "bogus".into()
-            }
-        );
+        assert_eq!(err, ParseWorkloadError::UnknownKind { text: "bogus".into() });
     }
 }

@@ -56,10 +56,7 @@ mod clock {
 
     /// CLOCK_MONOTONIC, in nanoseconds.
     pub fn monotonic_ns() -> u64 {
-        let mut ts = Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let mut ts = Timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: `ts` is a valid, writable `struct timespec` (same layout as the C
         // type on x86_64 Linux) that outlives the call; CLOCK_MONOTONIC always exists,
         // so the call cannot fail and only writes `ts`.
@@ -90,9 +87,7 @@ impl Console {
     fn stdout() -> std::io::Result<Console> {
         use std::os::fd::AsFd;
         let fd = std::io::stdout().as_fd().try_clone_to_owned()?;
-        Ok(Console {
-            out: Mutex::new(File::from(fd)),
-        })
+        Ok(Console { out: Mutex::new(File::from(fd)) })
     }
 
     fn say(&self, line: impl std::fmt::Display) {
@@ -123,17 +118,11 @@ fn parse_options(args: impl Iterator<Item = String>) -> Result<Options, String> 
             "--workload" => options.workload = Some(value("--workload")?),
             "--seconds" => {
                 let v = value("--seconds")?;
-                options.seconds = Some(
-                    v.parse()
-                        .map_err(|_| format!("--seconds '{v}' is not a number"))?,
-                );
+                options.seconds = Some(v.parse().map_err(|_| format!("--seconds '{v}' is not a number"))?);
             }
             "--corrupt-page" => {
                 let v = value("--corrupt-page")?;
-                options.corrupt_page = Some(
-                    v.parse()
-                        .map_err(|_| format!("--corrupt-page '{v}' is not a number"))?,
-                );
+                options.corrupt_page = Some(v.parse().map_err(|_| format!("--corrupt-page '{v}' is not a number"))?);
             }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument '{other}'")),
@@ -147,8 +136,7 @@ fn requested_workload(options: &Options) -> Result<Workload, String> {
     match &options.workload {
         Some(text) => text.parse().map_err(|e| format!("{e}")),
         None => {
-            let cmdline = std::fs::read_to_string("/proc/cmdline")
-                .map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
+            let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
             workload_from_cmdline(&cmdline).map_err(|e| format!("{e}"))
         }
     }
@@ -181,9 +169,7 @@ fn allocate_region(workload: Workload) -> Result<Option<Region>, String> {
     }
     let pages = usize::try_from(workload.region_bytes() / PAGE_SIZE as u64)
         .map_err(|_| format!("workload {workload}: region too large for this machine"))?;
-    Region::new(pages)
-        .map(Some)
-        .map_err(|e| format!("workload {workload}: cannot allocate {mib} MiB: {e}"))
+    Region::new(pages).map(Some).map_err(|e| format!("workload {workload}: cannot allocate {mib} MiB: {e}"))
 }
 
 /// The writer: rewrites pages in order at `rate_mib_s`, verifying each before.
@@ -209,10 +195,7 @@ fn run_writer(region: &Region, rate_mib_s: u32, console: &Console) {
         let elapsed = now.saturating_sub(window_start);
         if elapsed >= RATE_REPORT_NS {
             let achieved_mib_s = mib_per_sec(window_pages, elapsed);
-            console.say(ConsoleLine::Rate {
-                achieved_mib_s,
-                requested_mib_s: rate_mib_s,
-            });
+            console.say(ConsoleLine::Rate { achieved_mib_s, requested_mib_s: rate_mib_s });
             (window_start, window_pages) = (now, 0);
         }
     }
@@ -253,11 +236,7 @@ fn run_heartbeat(console: &Console, region: Option<&Region>, seconds: Option<u64
             continue;
         }
         let corrupt_pages = region.map_or(0, Region::corrupt_pages);
-        console.say(Heartbeat {
-            seq,
-            monotonic_ns: now,
-            corrupt_pages,
-        });
+        console.say(Heartbeat { seq, monotonic_ns: now, corrupt_pages });
         seq += 1;
         next += HEARTBEAT_INTERVAL_NS;
         if next <= now {
@@ -304,15 +283,8 @@ fn main() -> ExitCode {
     }
 
     let mem_mib = meminfo("MemTotal").unwrap_or(0);
-    console.say(Ready {
-        cpus: online_cpus(),
-        workload,
-        mem_mib,
-    });
-    if let Some(page) = options
-        .corrupt_page
-        .and_then(|i| region.as_deref()?.page(i))
-    {
+    console.say(Ready { cpus: online_cpus(), workload, mem_mib });
+    if let Some(page) = options.corrupt_page.and_then(|i| region.as_deref()?.page(i)) {
         page.flip_bits(PAGE_SIZE / 2, 0x01);
     }
 

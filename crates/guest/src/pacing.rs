@@ -49,11 +49,7 @@ impl Pacer {
     /// A pacer for `rate_mib_s` MiB/s of 4 KiB pages, starting at `start_ns` (a
     /// monotonic clock reading).
     pub fn new(rate_mib_s: u32, start_ns: u64) -> Self {
-        Pacer {
-            pages_per_sec: u64::from(rate_mib_s) * PAGES_PER_MIB,
-            start_ns,
-            credited: 0,
-        }
+        Pacer { pages_per_sec: u64::from(rate_mib_s) * PAGES_PER_MIB, start_ns, credited: 0 }
     }
 
     /// Pages per second this pacer aims for.
@@ -63,11 +59,7 @@ impl Pacer {
 
     /// Pages that should have been written by `now_ns` since the start.
     pub fn due(&self, now_ns: u64) -> u64 {
-        mul_div(
-            now_ns.saturating_sub(self.start_ns),
-            self.pages_per_sec,
-            NS_PER_SEC,
-        )
+        mul_div(now_ns.saturating_sub(self.start_ns), self.pages_per_sec, NS_PER_SEC)
     }
 
     /// Pages written in one slice at this rate (at least 1).
@@ -89,9 +81,7 @@ impl Pacer {
         let target = self.credited.saturating_add(self.batch());
         let target_ns = mul_div(target, NS_PER_SEC, self.pages_per_sec).saturating_add(1);
         let elapsed = now_ns.saturating_sub(self.start_ns);
-        Step::Sleep(Duration::from_nanos(
-            target_ns.saturating_sub(elapsed).clamp(1, SLICE_NS),
-        ))
+        Step::Sleep(Duration::from_nanos(target_ns.saturating_sub(elapsed).clamp(1, SLICE_NS)))
     }
 
     /// Records that `pages` pages were written.

@@ -107,9 +107,7 @@ impl Default for Page {
 impl Page {
     /// A page of zeros (which does not verify as any index or generation).
     pub const fn zeroed() -> Self {
-        Page {
-            words: [const { AtomicU64::new(0) }; PAGE_WORDS],
-        }
+        Page { words: [const { AtomicU64::new(0) }; PAGE_WORDS] }
     }
 
     /// Writes the pattern of page `index` at `generation` into the page.
@@ -143,11 +141,7 @@ impl Page {
         if checksum_ok && found_index == index && found_gen == expected_gen {
             Ok(())
         } else {
-            Err(Mismatch {
-                found_index,
-                found_gen,
-                checksum_ok,
-            })
+            Err(Mismatch { found_index, found_gen, checksum_ok })
         }
     }
 
@@ -192,14 +186,7 @@ mod tests {
     fn flipped_body_byte_breaks_the_checksum() {
         let page = written(7, 3);
         page.flip_bits(1000, 0x10);
-        assert_eq!(
-            page.verify(7, 3),
-            Err(Mismatch {
-                found_index: 7,
-                found_gen: 3,
-                checksum_ok: false
-            })
-        );
+        assert_eq!(page.verify(7, 3), Err(Mismatch { found_index: 7, found_gen: 3, checksum_ok: false }));
     }
 
     #[test]
@@ -219,40 +206,19 @@ mod tests {
     #[test]
     fn stale_generation_is_detected_with_a_good_checksum() {
         let page = written(7, 3);
-        assert_eq!(
-            page.verify(7, 4),
-            Err(Mismatch {
-                found_index: 7,
-                found_gen: 3,
-                checksum_ok: true
-            })
-        );
+        assert_eq!(page.verify(7, 4), Err(Mismatch { found_index: 7, found_gen: 3, checksum_ok: true }));
     }
 
     #[test]
     fn page_at_the_wrong_index_is_detected() {
         let page = written(8, 3);
-        assert_eq!(
-            page.verify(7, 3),
-            Err(Mismatch {
-                found_index: 8,
-                found_gen: 3,
-                checksum_ok: true
-            })
-        );
+        assert_eq!(page.verify(7, 3), Err(Mismatch { found_index: 8, found_gen: 3, checksum_ok: true }));
     }
 
     #[test]
     fn zeroed_page_never_verifies() {
         let page = Page::zeroed();
-        assert_eq!(
-            page.verify(0, FIRST_GENERATION),
-            Err(Mismatch {
-                found_index: 0,
-                found_gen: 0,
-                checksum_ok: false
-            })
-        );
+        assert_eq!(page.verify(0, FIRST_GENERATION), Err(Mismatch { found_index: 0, found_gen: 0, checksum_ok: false }));
     }
 
     #[test]

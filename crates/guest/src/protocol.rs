@@ -61,21 +61,13 @@ pub enum ConsoleLine {
 
 impl fmt::Display for Ready {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{READY_MARKER} cpus={} workload={} mem_mib={}",
-            self.cpus, self.workload, self.mem_mib
-        )
+        write!(f, "{READY_MARKER} cpus={} workload={} mem_mib={}", self.cpus, self.workload, self.mem_mib)
     }
 }
 
 impl fmt::Display for Heartbeat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "hb {} {} {}",
-            self.seq, self.monotonic_ns, self.corrupt_pages
-        )
+        write!(f, "hb {} {} {}", self.seq, self.monotonic_ns, self.corrupt_pages)
     }
 }
 
@@ -85,10 +77,7 @@ impl fmt::Display for ConsoleLine {
             ConsoleLine::Ready(r) => r.fmt(f),
             ConsoleLine::Heartbeat(h) => h.fmt(f),
             ConsoleLine::Error(message) => write!(f, "{ERROR_MARKER} {message}"),
-            ConsoleLine::Rate {
-                achieved_mib_s,
-                requested_mib_s,
-            } => {
+            ConsoleLine::Rate { achieved_mib_s, requested_mib_s } => {
                 write!(f, "rate {achieved_mib_s:.1} requested={requested_mib_s}")
             }
             ConsoleLine::Corrupt(line) => f.write_str(line),
@@ -117,20 +106,13 @@ impl ConsoleLine {
         match words.next()? {
             "hb" => {
                 let mut n = || words.next()?.parse::<u64>().ok();
-                let hb = Heartbeat {
-                    seq: n()?,
-                    monotonic_ns: n()?,
-                    corrupt_pages: n()?,
-                };
+                let hb = Heartbeat { seq: n()?, monotonic_ns: n()?, corrupt_pages: n()? };
                 words.next().is_none().then_some(ConsoleLine::Heartbeat(hb))
             }
             "rate" => {
                 let achieved_mib_s = words.next()?.parse().ok()?;
                 let requested_mib_s = words.next()?.strip_prefix("requested=")?.parse().ok()?;
-                Some(ConsoleLine::Rate {
-                    achieved_mib_s,
-                    requested_mib_s,
-                })
+                Some(ConsoleLine::Rate { achieved_mib_s, requested_mib_s })
             }
             _ => None,
         }
@@ -140,11 +122,7 @@ impl ConsoleLine {
 fn parse_ready(fields: &str) -> Option<Ready> {
     let mut words = fields.split_whitespace();
     let mut field = |name: &str| words.next()?.strip_prefix(name)?.strip_prefix('=');
-    Some(Ready {
-        cpus: field("cpus")?.parse().ok()?,
-        workload: field("workload")?.parse().ok()?,
-        mem_mib: field("mem_mib")?.parse().ok()?,
-    })
+    Some(Ready { cpus: field("cpus")?.parse().ok()?, workload: field("workload")?.parse().ok()?, mem_mib: field("mem_mib")?.parse().ok()? })
 }
 
 #[cfg(test)]
@@ -153,29 +131,15 @@ mod tests {
 
     #[test]
     fn ready_line_round_trips() {
-        let ready = Ready {
-            cpus: 2,
-            workload: Workload::Dirty {
-                mib: 16,
-                rate_mib_s: 32,
-            },
-            mem_mib: 241,
-        };
+        let ready = Ready { cpus: 2, workload: Workload::Dirty { mib: 16, rate_mib_s: 32 }, mem_mib: 241 };
         let line = ready.to_string();
-        assert_eq!(
-            line,
-            "WALKABOUT READY cpus=2 workload=dirty:16:32 mem_mib=241"
-        );
+        assert_eq!(line, "WALKABOUT READY cpus=2 workload=dirty:16:32 mem_mib=241");
         assert_eq!(ConsoleLine::parse(&line), Some(ConsoleLine::Ready(ready)));
     }
 
     #[test]
     fn heartbeat_line_round_trips() {
-        let hb = Heartbeat {
-            seq: 41,
-            monotonic_ns: 1_234_567_890,
-            corrupt_pages: 0,
-        };
+        let hb = Heartbeat { seq: 41, monotonic_ns: 1_234_567_890, corrupt_pages: 0 };
         let line = hb.to_string();
         assert_eq!(line, "hb 41 1234567890 0");
         assert_eq!(ConsoleLine::parse(&line), Some(ConsoleLine::Heartbeat(hb)));
@@ -184,14 +148,7 @@ mod tests {
     #[test]
     fn heartbeat_with_carriage_return_parses() {
         let parsed = ConsoleLine::parse("hb 1 2 3\r");
-        assert_eq!(
-            parsed,
-            Some(ConsoleLine::Heartbeat(Heartbeat {
-                seq: 1,
-                monotonic_ns: 2,
-                corrupt_pages: 3
-            }))
-        );
+        assert_eq!(parsed, Some(ConsoleLine::Heartbeat(Heartbeat { seq: 1, monotonic_ns: 2, corrupt_pages: 3 })));
     }
 
     #[test]
@@ -201,17 +158,8 @@ mod tests {
 
     #[test]
     fn ready_after_kernel_noise_parses() {
-        let parsed = ConsoleLine::parse(
-            "[    1.2] random: crng WALKABOUT READY cpus=1 workload=idle mem_mib=9",
-        );
-        assert_eq!(
-            parsed,
-            Some(ConsoleLine::Ready(Ready {
-                cpus: 1,
-                workload: Workload::Idle,
-                mem_mib: 9
-            }))
-        );
+        let parsed = ConsoleLine::parse("[    1.2] random: crng WALKABOUT READY cpus=1 workload=idle mem_mib=9");
+        assert_eq!(parsed, Some(ConsoleLine::Ready(Ready { cpus: 1, workload: Workload::Idle, mem_mib: 9 })));
     }
 
     #[test]
@@ -222,27 +170,19 @@ mod tests {
 
     #[test]
     fn rate_line_round_trips() {
-        let line = ConsoleLine::Rate {
-            achieved_mib_s: 31.5,
-            requested_mib_s: 32,
-        };
+        let line = ConsoleLine::Rate { achieved_mib_s: 31.5, requested_mib_s: 32 };
         assert_eq!(line.to_string(), "rate 31.5 requested=32");
         assert_eq!(ConsoleLine::parse("rate 31.5 requested=32"), Some(line));
     }
 
     #[test]
     fn corrupt_line_is_recognised() {
-        let parsed = ConsoleLine::parse(
-            "CORRUPT page=1 addr=0x10 expected_gen=2 found_index=1 found_gen=1 checksum_ok=true",
-        );
+        let parsed = ConsoleLine::parse("CORRUPT page=1 addr=0x10 expected_gen=2 found_index=1 found_gen=1 checksum_ok=true");
         assert!(matches!(parsed, Some(ConsoleLine::Corrupt(_))));
     }
 
     #[test]
     fn other_lines_are_ignored() {
-        assert_eq!(
-            ConsoleLine::parse("[    0.000000] Linux version 6.1.0"),
-            None
-        );
+        assert_eq!(ConsoleLine::parse("[    0.000000] Linux version 6.1.0"), None);
     }
 }

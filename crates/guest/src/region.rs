@@ -49,12 +49,7 @@ impl fmt::Display for Corruption {
         write!(
             f,
             "CORRUPT page={} addr={:#x} expected_gen={} found_index={} found_gen={} checksum_ok={}",
-            self.page,
-            self.addr,
-            self.expected_gen,
-            self.found.found_index,
-            self.found.found_gen,
-            self.found.checksum_ok
+            self.page, self.addr, self.expected_gen, self.found.found_index, self.found.found_gen, self.found.checksum_ok
         )
     }
 }
@@ -81,11 +76,7 @@ impl Region {
             page_vec.push(page);
             table.push(AtomicU64::new(FIRST_GENERATION << GEN_SHIFT));
         }
-        Ok(Region {
-            pages: page_vec,
-            table,
-            corrupt: AtomicU64::new(0),
-        })
+        Ok(Region { pages: page_vec, table, corrupt: AtomicU64::new(0) })
     }
 
     /// Number of pages.
@@ -150,34 +141,17 @@ impl Region {
         let mismatch = result.err()?;
         // Only if nobody changed the entry since: flag the page as counted.
         entry
-            .compare_exchange(
-                before,
-                before | CORRUPT,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            )
+            .compare_exchange(before, before | CORRUPT, Ordering::Relaxed, Ordering::Relaxed)
             .ok()
             .and_then(|prev| self.count_if_new(prev, index, page, generation, mismatch))
     }
 
-    fn count_if_new(
-        &self,
-        previous_state: u64,
-        index: usize,
-        page: &Page,
-        expected_gen: u64,
-        found: Mismatch,
-    ) -> Option<Corruption> {
+    fn count_if_new(&self, previous_state: u64, index: usize, page: &Page, expected_gen: u64, found: Mismatch) -> Option<Corruption> {
         if previous_state & CORRUPT != 0 {
             return None;
         }
         self.corrupt.fetch_add(1, Ordering::Relaxed);
-        Some(Corruption {
-            page: index,
-            addr: page.address(),
-            expected_gen,
-            found,
-        })
+        Some(Corruption { page: index, addr: page.address(), expected_gen, found })
     }
 }
 
@@ -195,10 +169,7 @@ mod tests {
     fn rewritten_region_checks_clean() {
         let region = Region::new(4).expect("4 pages");
         let found: Vec<_> = (0..8).filter_map(|i| region.rewrite(i % 4)).collect();
-        assert_eq!(
-            (found.len(), (0..4).filter_map(|i| region.check(i)).count()),
-            (0, 0)
-        );
+        assert_eq!((found.len(), (0..4).filter_map(|i| region.check(i)).count()), (0, 0));
     }
 
     #[test]
@@ -212,11 +183,7 @@ mod tests {
                 page: 2,
                 addr: page.address(),
                 expected_gen: FIRST_GENERATION,
-                found: Mismatch {
-                    found_index: 2,
-                    found_gen: 1,
-                    checksum_ok: false
-                },
+                found: Mismatch { found_index: 2, found_gen: 1, checksum_ok: false },
             })
         );
     }
@@ -253,11 +220,7 @@ mod tests {
             page: 5,
             addr: 0x7f00_0000_5000,
             expected_gen: 9,
-            found: Mismatch {
-                found_index: 5,
-                found_gen: 8,
-                checksum_ok: true,
-            },
+            found: Mismatch { found_index: 5, found_gen: 8, checksum_ok: true },
         };
         assert_eq!(
             c.to_string(),

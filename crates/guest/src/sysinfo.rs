@@ -11,10 +11,7 @@ pub fn count_cpu_list(list: &str) -> Option<usize> {
     }
     list.split(',').try_fold(0usize, |total, range| {
         let (first, last) = match range.split_once('-') {
-            Some((a, b)) => (
-                a.trim().parse::<usize>().ok()?,
-                b.trim().parse::<usize>().ok()?,
-            ),
+            Some((a, b)) => (a.trim().parse::<usize>().ok()?, b.trim().parse::<usize>().ok()?),
             None => {
                 let n = range.trim().parse::<usize>().ok()?;
                 (n, n)

@@ -97,19 +97,12 @@ impl fmt::Display for ParseWorkloadError {
             ParseWorkloadError::WrongArity { text } => {
                 write!(f, "malformed workload '{text}': {SYNTAX}")
             }
-            ParseWorkloadError::NotANumber { text, field, value } => write!(
-                f,
-                "malformed workload '{text}': {field} '{value}' is not a whole number; {SYNTAX}"
-            ),
-            ParseWorkloadError::OutOfRange {
-                text,
-                field,
-                value,
-                max,
-            } => write!(
-                f,
-                "malformed workload '{text}': {field} {value} is out of range (1..={max})"
-            ),
+            ParseWorkloadError::NotANumber { text, field, value } => {
+                write!(f, "malformed workload '{text}': {field} '{value}' is not a whole number; {SYNTAX}")
+            }
+            ParseWorkloadError::OutOfRange { text, field, value, max } => {
+                write!(f, "malformed workload '{text}': {field} {value} is out of range (1..={max})")
+            }
         }
     }
 }
@@ -129,37 +122,19 @@ impl FromStr for Workload {
                 mib: parse_field(text, "size", args[0], MAX_DIRTY_MIB)?,
                 rate_mib_s: parse_field(text, "rate", args[1], MAX_DIRTY_RATE_MIB_S)?,
             }),
-            "idle" | "dirty" => Err(ParseWorkloadError::WrongArity {
-                text: text.to_owned(),
-            }),
-            _ => Err(ParseWorkloadError::UnknownKind {
-                text: text.to_owned(),
-            }),
+            "idle" | "dirty" => Err(ParseWorkloadError::WrongArity { text: text.to_owned() }),
+            _ => Err(ParseWorkloadError::UnknownKind { text: text.to_owned() }),
         }
     }
 }
 
-fn parse_field(
-    text: &str,
-    field: &'static str,
-    value: &str,
-    max: u32,
-) -> Result<u32, ParseWorkloadError> {
+fn parse_field(text: &str, field: &'static str, value: &str, max: u32) -> Result<u32, ParseWorkloadError> {
     let digits_only = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
-    let not_a_number = || ParseWorkloadError::NotANumber {
-        text: text.to_owned(),
-        field,
-        value: value.to_owned(),
-    };
+    let not_a_number = || ParseWorkloadError::NotANumber { text: text.to_owned(), field, value: value.to_owned() };
     if !digits_only {
         return Err(not_a_number());
     }
-    let out_of_range = |n: u64| ParseWorkloadError::OutOfRange {
-        text: text.to_owned(),
-        field,
-        value: n,
-        max,
-    };
+    let out_of_range = |n: u64| ParseWorkloadError::OutOfRange { text: text.to_owned(), field, value: n, max };
     // More digits than u64 holds is still a number, just far out of range.
     let n = value.parse::<u64>().map_err(|_| out_of_range(u64::MAX))?;
     match u32::try_from(n) {
@@ -179,137 +154,73 @@ mod tests {
 
     #[test]
     fn dirty_parses_size_and_rate() {
-        assert_eq!(
-            "dirty:64:32".parse::<Workload>(),
-            Ok(Workload::Dirty {
-                mib: 64,
-                rate_mib_s: 32
-            })
-        );
+        assert_eq!("dirty:64:32".parse::<Workload>(), Ok(Workload::Dirty { mib: 64, rate_mib_s: 32 }));
     }
 
     #[test]
     fn display_round_trips() {
-        let w = Workload::Dirty {
-            mib: 512,
-            rate_mib_s: 128,
-        };
+        let w = Workload::Dirty { mib: 512, rate_mib_s: 128 };
         assert_eq!(w.to_string().parse::<Workload>(), Ok(w));
-        assert_eq!(
-            Workload::Idle.to_string().parse::<Workload>(),
-            Ok(Workload::Idle)
-        );
+        assert_eq!(Workload::Idle.to_string().parse::<Workload>(), Ok(Workload::Idle));
     }
 
     #[test]
     fn unknown_kind_names_the_text_and_the_syntax() {
         let err = "foo".parse::<Workload>().expect_err("must be refused");
-        assert_eq!(
-            err.to_string(),
-            "unknown workload 'foo': expected idle or dirty:<MiB>:<MiB/s>"
-        );
+        assert_eq!(err.to_string(), "unknown workload 'foo': expected idle or dirty:<MiB>:<MiB/s>");
     }
 
     #[test]
     fn empty_text_is_an_unknown_workload() {
         let err = "".parse::<Workload>().expect_err("must be refused");
-        assert_eq!(
-            err,
-            ParseWorkloadError::UnknownKind {
-                text: String::new()
-            }
-        );
+        assert_eq!(err, ParseWorkloadError::UnknownKind { text: String::new() });
     }
 
     #[test]
     fn dirty_with_one_field_is_malformed() {
         let err = "dirty:64".parse::<Workload>().expect_err("must be refused");
-        assert_eq!(
-            err,
-            ParseWorkloadError::WrongArity {
-                text: "dirty:64".into()
-            }
-        );
+        assert_eq!(err, ParseWorkloadError::WrongArity { text: "dirty:64".into() });
     }
 
     #[test]
     fn idle_with_arguments_is_malformed() {
         let err = "idle:3".parse::<Workload>().expect_err("must be refused");
-        assert_eq!(
-            err,
-            ParseWorkloadError::WrongArity {
-                text: "idle:3".into()
-            }
-        );
+        assert_eq!(err, ParseWorkloadError::WrongArity { text: "idle:3".into() });
     }
 
     #[test]
     fn zero_size_is_rejected() {
-        let err = "dirty:0:32"
-            .parse::<Workload>()
-            .expect_err("must be refused");
-        assert_eq!(
-            err.to_string(),
-            "malformed workload 'dirty:0:32': size 0 is out of range (1..=1048576)"
-        );
+        let err = "dirty:0:32".parse::<Workload>().expect_err("must be refused");
+        assert_eq!(err.to_string(), "malformed workload 'dirty:0:32': size 0 is out of range (1..=1048576)");
     }
 
     #[test]
     fn zero_rate_is_rejected() {
-        let err = "dirty:64:0"
-            .parse::<Workload>()
-            .expect_err("must be refused");
-        assert!(matches!(
-            err,
-            ParseWorkloadError::OutOfRange {
-                field: "rate",
-                value: 0,
-                ..
-            }
-        ));
+        let err = "dirty:64:0".parse::<Workload>().expect_err("must be refused");
+        assert!(matches!(err, ParseWorkloadError::OutOfRange { field: "rate", value: 0, .. }));
     }
 
     #[test]
     fn overflowing_size_is_rejected() {
-        let err = "dirty:99999999999999999999999:1"
-            .parse::<Workload>()
-            .expect_err("must be refused");
-        assert!(matches!(
-            err,
-            ParseWorkloadError::OutOfRange { field: "size", .. }
-        ));
+        let err = "dirty:99999999999999999999999:1".parse::<Workload>().expect_err("must be refused");
+        assert!(matches!(err, ParseWorkloadError::OutOfRange { field: "size", .. }));
     }
 
     #[test]
     fn size_above_maximum_is_rejected() {
-        let err = "dirty:1048577:1"
-            .parse::<Workload>()
-            .expect_err("must be refused");
-        assert!(matches!(
-            err,
-            ParseWorkloadError::OutOfRange {
-                value: 1_048_577,
-                ..
-            }
-        ));
+        let err = "dirty:1048577:1".parse::<Workload>().expect_err("must be refused");
+        assert!(matches!(err, ParseWorkloadError::OutOfRange { value: 1_048_577, .. }));
     }
 
     #[test]
     fn signs_and_spaces_are_not_numbers() {
-        let err = "dirty:+64: 32"
-            .parse::<Workload>()
-            .expect_err("must be refused");
-        assert!(matches!(
-            err,
-            ParseWorkloadError::NotANumber { field: "size", .. }
-        ));
+        let err = "dirty:+64: 32".parse::<Workload>().expect_err("must be refused");
+        assert!(matches!(err, ParseWorkloadError::NotANumber { field: "size", .. }));
     }
 
     #[test]
     fn fractional_rate_is_not_a_number() {
-        let err = "dirty:64:1.5"
-            .parse::<Workload>()
-            .expect_err("must be refused");
+        let err = "dirty:64:1.5".parse::<Workload>().expect_err("must be refused");
         assert_eq!(
             err.to_string(),
             "malformed workload 'dirty:64:1.5': rate '1.5' is not a whole number; \
@@ -319,10 +230,7 @@ mod tests {
 
     #[test]
     fn region_bytes_is_mib_times_two_to_the_twenty() {
-        let w = Workload::Dirty {
-            mib: 3,
-            rate_mib_s: 1,
-        };
+        let w = Workload::Dirty { mib: 3, rate_mib_s: 1 };
         assert_eq!(w.region_bytes(), 3 * 1024 * 1024);
     }
 }

@@ -36,71 +36,35 @@ struct Header<'a> {
 impl Archive {
     /// An empty archive.
     pub fn new() -> Self {
-        Archive {
-            bytes: Vec::new(),
-            next_inode: 1,
-        }
+        Archive { bytes: Vec::new(), next_inode: 1 }
     }
 
     /// Adds a directory (`name` without a leading `/`, e.g. `dev`), mode 0755.
     pub fn dir(&mut self, name: &str) {
-        self.entry(
-            Header {
-                name,
-                mode: S_IFDIR | 0o755,
-                nlink: 2,
-                rdev: (0, 0),
-                size: 0,
-            },
-            &[],
-        );
+        self.entry(Header { name, mode: S_IFDIR | 0o755, nlink: 2, rdev: (0, 0), size: 0 }, &[]);
     }
 
     /// Adds a regular file with permission bits `perm` (e.g. `0o755`).
     pub fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
-        let header = Header {
-            name,
-            mode: S_IFREG | (perm & 0o7777),
-            nlink: 1,
-            rdev: (0, 0),
-            size: data.len(),
-        };
+        let header = Header { name, mode: S_IFREG | (perm & 0o7777), nlink: 1, rdev: (0, 0), size: data.len() };
         self.entry(header, data);
     }
 
     /// Adds a symbolic link `name` pointing to `target`.
     pub fn symlink(&mut self, name: &str, target: &str) {
-        let header = Header {
-            name,
-            mode: S_IFLNK | 0o777,
-            nlink: 1,
-            rdev: (0, 0),
-            size: target.len(),
-        };
+        let header = Header { name, mode: S_IFLNK | 0o777, nlink: 1, rdev: (0, 0), size: target.len() };
         self.entry(header, target.as_bytes());
     }
 
     /// Adds a character device node `name` (major, minor), mode 0600.
     pub fn char_device(&mut self, name: &str, major: u32, minor: u32) {
-        let header = Header {
-            name,
-            mode: S_IFCHR | 0o600,
-            nlink: 1,
-            rdev: (major, minor),
-            size: 0,
-        };
+        let header = Header { name, mode: S_IFCHR | 0o600, nlink: 1, rdev: (major, minor), size: 0 };
         self.entry(header, &[]);
     }
 
     /// Ends the archive with its trailer and returns its bytes.
     pub fn finish(mut self) -> Vec<u8> {
-        let header = Header {
-            name: TRAILER,
-            mode: 0,
-            nlink: 1,
-            rdev: (0, 0),
-            size: 0,
-        };
+        let header = Header { name: TRAILER, mode: 0, nlink: 1, rdev: (0, 0), size: 0 };
         self.next_inode = 0;
         self.entry(header, &[]);
         self.bytes
@@ -112,13 +76,10 @@ impl Archive {
         // Sizes above 4 GiB cannot be represented; nothing in a guest image comes close.
         let size = u32::try_from(h.size).unwrap_or(u32::MAX);
         let name_size = u32::try_from(h.name.len() + 1).unwrap_or(u32::MAX);
-        let fields = [
-            inode, h.mode, 0, 0, h.nlink, 0, size, 0, 0, h.rdev.0, h.rdev.1, name_size, 0,
-        ];
+        let fields = [inode, h.mode, 0, 0, h.nlink, 0, size, 0, 0, h.rdev.0, h.rdev.1, name_size, 0];
         self.bytes.extend_from_slice(MAGIC.as_bytes());
         for field in fields {
-            self.bytes
-                .extend_from_slice(format!("{field:08x}").as_bytes());
+            self.bytes.extend_from_slice(format!("{field:08x}").as_bytes());
         }
         self.bytes.extend_from_slice(h.name.as_bytes());
         self.bytes.push(0);
@@ -143,15 +104,13 @@ mod tests {
         let mut at = 0;
         while at < bytes.len() {
             let hex = |i: usize| {
-                let s =
-                    std::str::from_utf8(&bytes[at + 6 + 8 * i..at + 14 + 8 * i]).expect("ascii");
+                let s = std::str::from_utf8(&bytes[at + 6 + 8 * i..at + 14 + 8 * i]).expect("ascii");
                 u32::from_str_radix(s, 16).expect("hex field")
             };
             assert_eq!(&bytes[at..at + 6], b"070701");
             let (mode, size, major, minor, namesize) = (hex(1), hex(6), hex(9), hex(10), hex(11));
             let name_at = at + 110;
-            let name = String::from_utf8(bytes[name_at..name_at + namesize as usize - 1].to_vec())
-                .expect("utf-8 name");
+            let name = String::from_utf8(bytes[name_at..name_at + namesize as usize - 1].to_vec()).expect("utf-8 name");
             let data_at = (name_at + namesize as usize).next_multiple_of(4);
             let data = bytes[data_at..data_at + size as usize].to_vec();
             at = (data_at + size as usize).next_multiple_of(4);

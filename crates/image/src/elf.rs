@@ -64,18 +64,12 @@ pub fn note_segments(head: &[u8]) -> Option<Vec<(u64, u64)>> {
 /// Whether a notes segment holds Xen's PVH entry point note.
 pub fn has_pvh_entry_note(notes: &[u8]) -> bool {
     let mut at = 0usize;
-    while let (Some(namesz), Some(descsz), Some(kind)) = (
-        read_u32(notes, at),
-        read_u32(notes, at + 4),
-        read_u32(notes, at + 8),
-    ) {
+    while let (Some(namesz), Some(descsz), Some(kind)) = (read_u32(notes, at), read_u32(notes, at + 4), read_u32(notes, at + 8)) {
         let (Ok(namesz), Ok(descsz)) = (usize::try_from(namesz), usize::try_from(descsz)) else {
             return false;
         };
         let name_at = at + 12;
-        if kind == XEN_ELFNOTE_PHYS32_ENTRY
-            && notes.get(name_at..name_at + namesz) == Some(b"Xen\0")
-        {
+        if kind == XEN_ELFNOTE_PHYS32_ENTRY && notes.get(name_at..name_at + namesz) == Some(b"Xen\0") {
             return true;
         }
         at = name_at + namesz.next_multiple_of(4) + descsz.next_multiple_of(4);

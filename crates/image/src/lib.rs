@@ -146,22 +146,14 @@ pub enum ImageError {
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageError {
     let path = path.to_owned();
-    move |source| ImageError::Io {
-        action,
-        path,
-        source,
-    }
+    move |source| ImageError::Io { action, path, source }
 }
 
 /// The default cache directory: `$WALKABOUT_CACHE`, else `$XDG_CACHE_HOME/walkabout`,
 /// else `~/.cache/walkabout` (else `walkabout-cache` in the temporary directory when
 /// there is no home either).
 pub fn default_cache_dir() -> PathBuf {
-    let non_empty = |name: &str| {
-        std::env::var_os(name)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
+    let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(dir) = non_empty("WALKABOUT_CACHE") {
         return dir;
     }
@@ -178,10 +170,7 @@ pub fn default_cache_dir() -> PathBuf {
 /// quiet boot, and a kernel panic ends the VM (with QEMU's `-no-reboot`) instead of
 /// rebooting it.
 pub fn cmdline(workload: &Workload) -> String {
-    format!(
-        "console=ttyS0 quiet panic=-1 {}={workload}",
-        walkabout_guest::cmdline::WORKLOAD_PARAM
-    )
+    format!("console=ttyS0 quiet panic=-1 {}={workload}", walkabout_guest::cmdline::WORKLOAD_PARAM)
 }
 
 /// The guest program embedded in this crate (a static x86_64 Linux executable).
@@ -197,11 +186,7 @@ pub fn build(cache_dir: &Path) -> Result<GuestImage, ImageError> {
     let mut apt = Apt::default();
     let (kernel, kernel_version) = ensure_kernel(cache_dir, &mut apt)?;
     let initrd = ensure_initrd(cache_dir, &mut apt)?;
-    Ok(GuestImage {
-        kernel,
-        initrd,
-        kernel_version,
-    })
+    Ok(GuestImage { kernel, initrd, kernel_version })
 }
 
 /// The image in `cache_dir` if [`build`] already made it for this guest program, without
@@ -214,11 +199,7 @@ pub fn cached(cache_dir: &Path) -> Result<Option<GuestImage>, ImageError> {
     if !initrd.is_file() {
         return Ok(None);
     }
-    Ok(Some(GuestImage {
-        kernel,
-        initrd,
-        kernel_version,
-    }))
+    Ok(Some(GuestImage { kernel, initrd, kernel_version }))
 }
 
 /// Checks that `path` is an x86 Linux kernel QEMU can boot with `-kernel`: a bzImage
@@ -226,14 +207,11 @@ pub fn cached(cache_dir: &Path) -> Result<Option<GuestImage>, ImageError> {
 /// an x86-64 ELF `vmlinux` with a Xen PVH entry note.
 pub fn check_kernel(path: &Path) -> Result<(), ImageError> {
     let head = read_head(path, 0x206, "read kernel")?;
-    let is_bzimage =
-        head.len() == 0x206 && head[0x1FE..0x200] == [0x55, 0xAA] && &head[0x202..0x206] == b"HdrS";
+    let is_bzimage = head.len() == 0x206 && head[0x1FE..0x200] == [0x55, 0xAA] && &head[0x202..0x206] == b"HdrS";
     if is_bzimage || (head.starts_with(b"\x7fELF") && vmlinux::is_pvh_vmlinux(path)?) {
         Ok(())
     } else {
-        Err(ImageError::NotAKernel {
-            path: path.to_owned(),
-        })
+        Err(ImageError::NotAKernel { path: path.to_owned() })
     }
 }
 
@@ -255,9 +233,7 @@ pub fn check_initrd(path: &Path) -> Result<(), ImageError> {
     if MAGICS.iter().any(|magic| head.starts_with(magic)) {
         Ok(())
     } else {
-        Err(ImageError::NotAnInitrd {
-            path: path.to_owned(),
-        })
+        Err(ImageError::NotAnInitrd { path: path.to_owned() })
     }
 }
 
@@ -265,9 +241,7 @@ pub fn check_initrd(path: &Path) -> Result<(), ImageError> {
 fn read_head(path: &Path, len: u64, action: &'static str) -> Result<Vec<u8>, ImageError> {
     let file = fs::File::open(path).map_err(io_error(action, path))?;
     let mut head = Vec::new();
-    file.take(len)
-        .read_to_end(&mut head)
-        .map_err(io_error(action, path))?;
+    file.take(len).read_to_end(&mut head).map_err(io_error(action, path))?;
     Ok(head)
 }
 
@@ -276,18 +250,12 @@ fn fnv1a64(parts: &[&[u8]]) -> u64 {
     parts
         .iter()
         .flat_map(|part| part.iter())
-        .fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
+        .fold(0xcbf2_9ce4_8422_2325, |hash, &byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// Where the initramfs for this guest program and /init lives in `cache_dir`.
 fn initrd_path(cache_dir: &Path) -> PathBuf {
-    let key = fnv1a64(&[
-        INITRAMFS_LAYOUT.as_bytes(),
-        INIT_SCRIPT.as_bytes(),
-        GUEST_PROGRAM,
-    ]);
+    let key = fnv1a64(&[INITRAMFS_LAYOUT.as_bytes(), INIT_SCRIPT.as_bytes(), GUEST_PROGRAM]);
     cache_dir.join(format!("initrd-{key:016x}.cpio"))
 }
 
@@ -333,8 +301,7 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), ImageErr
     use std::os::unix::fs::PermissionsExt;
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     fs::write(&tmp, bytes).map_err(io_error("write", &tmp))?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
-        .map_err(io_error("set permissions of", &tmp))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(io_error("set permissions of", &tmp))?;
     fs::rename(&tmp, path).map_err(io_error("rename into place", path))
 }
 
@@ -374,21 +341,14 @@ fn fetch_bzimage(cache_dir: &Path, apt: &mut Apt) -> Result<(PathBuf, String), I
     let deb = apt.download(&package, &scratch.0)?;
     let unpacked = scratch.0.join("root");
     debian::unpack(&deb, &unpacked)?;
-    let (vmlinuz, version) =
-        debian::find_vmlinuz(&unpacked)?.ok_or_else(|| ImageError::MissingInPackage {
-            package: package.clone(),
-            wanted: "boot/vmlinuz-*".to_owned(),
-        })?;
+    let (vmlinuz, version) = debian::find_vmlinuz(&unpacked)?
+        .ok_or_else(|| ImageError::MissingInPackage { package: package.clone(), wanted: "boot/vmlinuz-*".to_owned() })?;
     check_kernel(&vmlinuz)?;
     let dir = cache_dir.join("kernel");
     fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
     let bzimage = dir.join(format!("vmlinuz-{version}"));
     fs::rename(&vmlinuz, &bzimage).map_err(io_error("rename into place", &bzimage))?;
-    write_atomically(
-        &dir.join("VERSION"),
-        format!("{version}\n").as_bytes(),
-        0o644,
-    )?;
+    write_atomically(&dir.join("VERSION"), format!("{version}\n").as_bytes(), 0o644)?;
     tracing::info!(kernel = %bzimage.display(), %version, "kernel cached");
     Ok((bzimage, version))
 }
@@ -433,10 +393,8 @@ fn ensure_busybox(cache_dir: &Path, apt: &mut Apt) -> Result<Vec<u8>, ImageError
     let unpacked = scratch.0.join("root");
     debian::unpack(&deb, &unpacked)?;
     let found = unpacked.join("bin").join("busybox");
-    let bytes = fs::read(&found).map_err(|_| ImageError::MissingInPackage {
-        package: BUSYBOX_PACKAGE.to_owned(),
-        wanted: "bin/busybox".to_owned(),
-    })?;
+    let bytes = fs::read(&found)
+        .map_err(|_| ImageError::MissingInPackage { package: BUSYBOX_PACKAGE.to_owned(), wanted: "bin/busybox".to_owned() })?;
     if elf::is_static_elf64(&bytes) != Some(true) {
         return Err(ImageError::MissingInPackage {
             package: BUSYBOX_PACKAGE.to_owned(),
@@ -481,8 +439,7 @@ mod tests {
     }
 
     fn temp_dir(name: &str) -> TempDir {
-        let dir =
-            std::env::temp_dir().join(format!("walkabout-image-{name}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("walkabout-image-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("create temp dir");
         TempDir(dir)
@@ -527,20 +484,13 @@ mod tests {
     fn elf_without_pvh_entry_is_not_a_kernel() {
         let dir = temp_dir("elfnotkernel");
         let path = file_with(&dir, "walkabout-guest", guest_program());
-        assert!(matches!(
-            check_kernel(&path),
-            Err(ImageError::NotAKernel { .. })
-        ));
+        assert!(matches!(check_kernel(&path), Err(ImageError::NotAKernel { .. })));
     }
 
     #[test]
     fn missing_kernel_names_the_path() {
         let err = check_kernel(Path::new("/nonexistent/vmlinuz")).expect_err("must be refused");
-        assert!(
-            err.to_string()
-                .starts_with("cannot read kernel /nonexistent/vmlinuz: "),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("cannot read kernel /nonexistent/vmlinuz: "), "{err}");
     }
 
     #[test]
@@ -549,19 +499,14 @@ mod tests {
         let cpio = file_with(&dir, "a.cpio", &cpio::Archive::new().finish());
         let gz = file_with(&dir, "b.gz", &[0x1F, 0x8B, 8, 0, 0, 0]);
         let zst = file_with(&dir, "c.zst", &[0x28, 0xB5, 0x2F, 0xFD, 0, 0]);
-        assert!(
-            check_initrd(&cpio).is_ok() && check_initrd(&gz).is_ok() && check_initrd(&zst).is_ok()
-        );
+        assert!(check_initrd(&cpio).is_ok() && check_initrd(&gz).is_ok() && check_initrd(&zst).is_ok());
     }
 
     #[test]
     fn kernel_is_not_an_initrd() {
         let dir = temp_dir("notinitrd");
         let path = file_with(&dir, "vmlinuz", &fake_bzimage());
-        assert!(matches!(
-            check_initrd(&path),
-            Err(ImageError::NotAnInitrd { .. })
-        ));
+        assert!(matches!(check_initrd(&path), Err(ImageError::NotAnInitrd { .. })));
     }
 
     #[test]
@@ -571,22 +516,13 @@ mod tests {
 
     #[test]
     fn cmdline_names_the_workload_and_the_serial_console() {
-        let line = cmdline(&Workload::Dirty {
-            mib: 16,
-            rate_mib_s: 32,
-        });
-        assert_eq!(
-            line,
-            "console=ttyS0 quiet panic=-1 walkabout.workload=dirty:16:32"
-        );
+        let line = cmdline(&Workload::Dirty { mib: 16, rate_mib_s: 32 });
+        assert_eq!(line, "console=ttyS0 quiet panic=-1 walkabout.workload=dirty:16:32");
     }
 
     #[test]
     fn cmdline_workload_is_what_the_guest_reads() {
-        let workload = Workload::Dirty {
-            mib: 64,
-            rate_mib_s: 8,
-        };
+        let workload = Workload::Dirty { mib: 64, rate_mib_s: 8 };
         let read = walkabout_guest::cmdline::workload_from_cmdline(&cmdline(&workload));
         assert_eq!(read, Ok(workload));
     }
@@ -615,13 +551,7 @@ mod tests {
     fn default_cache_dir_ends_in_walkabout() {
         // Whatever the environment, the directory is Walkabout's own.
         let dir = default_cache_dir();
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        assert!(
-            name.contains("walkabout") || std::env::var_os("WALKABOUT_CACHE").is_some(),
-            "{dir:?}"
-        );
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        assert!(name.contains("walkabout") || std::env::var_os("WALKABOUT_CACHE").is_some(), "{dir:?}");
     }
 }

@@ -26,17 +26,8 @@ impl Exclusive {
     /// Opens (creating it if needed) `path` and waits until this process holds an
     /// exclusive lock on it.
     pub(crate) fn acquire(path: &Path) -> Result<Exclusive, ImageError> {
-        let io_error = |source| ImageError::Io {
-            action: "lock",
-            path: path.to_owned(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(io_error)?;
+        let io_error = |source| ImageError::Io { action: "lock", path: path.to_owned(), source };
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io_error)?;
         loop {
             // SAFETY: flock(2) only reads its two integer arguments; the descriptor is
             // open (owned by `file`, which outlives the call).

@@ -21,21 +21,14 @@ const MAX_NOTES: u64 = 1 << 20;
 pub(crate) fn is_pvh_vmlinux(path: &Path) -> Result<bool, ImageError> {
     let mut file = File::open(path).map_err(io_error("read kernel", path))?;
     let mut head = Vec::new();
-    (&mut file)
-        .take(4096)
-        .read_to_end(&mut head)
-        .map_err(io_error("read kernel", path))?;
+    (&mut file).take(4096).read_to_end(&mut head).map_err(io_error("read kernel", path))?;
     let Some(segments) = elf::note_segments(&head) else {
         return Ok(false);
     };
     for (offset, size) in segments {
         let mut notes = Vec::new();
-        file.seek(SeekFrom::Start(offset))
-            .map_err(io_error("read kernel", path))?;
-        (&mut file)
-            .take(size.min(MAX_NOTES))
-            .read_to_end(&mut notes)
-            .map_err(io_error("read kernel", path))?;
+        file.seek(SeekFrom::Start(offset)).map_err(io_error("read kernel", path))?;
+        (&mut file).take(size.min(MAX_NOTES)).read_to_end(&mut notes).map_err(io_error("read kernel", path))?;
         if elf::has_pvh_entry_note(&notes) {
             return Ok(true);
         }
@@ -47,11 +40,7 @@ pub(crate) fn is_pvh_vmlinux(path: &Path) -> Result<bool, ImageError> {
 /// `setup_sects` at 0x1F1, `payload_offset` and `payload_length` at 0x248 and 0x24C,
 /// relative to the protected-mode code after the setup sectors).
 pub(crate) fn bzimage_payload(bzimage: &[u8]) -> Option<&[u8]> {
-    let u32_at = |at: usize| {
-        Some(u32::from_le_bytes(
-            bzimage.get(at..at + 4)?.try_into().ok()?,
-        ))
-    };
+    let u32_at = |at: usize| Some(u32::from_le_bytes(bzimage.get(at..at + 4)?.try_into().ok()?));
     let setup_sects = match *bzimage.get(0x1F1)? {
         0 => 4,
         n => usize::from(n),
@@ -79,13 +68,11 @@ fn decompressor(payload: &[u8]) -> Option<(&'static str, &'static [&'static str]
 /// Fails (and the caller boots the bzImage instead) if the compression is not one the
 /// host can undo, or the result has no PVH entry.
 pub(crate) fn extract(bzimage: &Path, out: &Path, scratch: &Path) -> Result<(), String> {
-    let bytes =
-        std::fs::read(bzimage).map_err(|e| format!("cannot read {}: {e}", bzimage.display()))?;
+    let bytes = std::fs::read(bzimage).map_err(|e| format!("cannot read {}: {e}", bzimage.display()))?;
     let payload = bzimage_payload(&bytes).ok_or("its setup header has no payload location")?;
     let (program, args) = decompressor(payload).ok_or("its payload is not xz, zstd or gzip")?;
     let payload_path = scratch.join("payload");
-    std::fs::write(&payload_path, payload)
-        .map_err(|e| format!("cannot write {}: {e}", payload_path.display()))?;
+    std::fs::write(&payload_path, payload).map_err(|e| format!("cannot write {}: {e}", payload_path.display()))?;
     let output = File::create(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     let result = Command::new(program)
         .args(args)
@@ -96,12 +83,7 @@ pub(crate) fn extract(bzimage: &Path, out: &Path, scratch: &Path) -> Result<(), 
         .map_err(|e| format!("cannot run {program}: {e}"))?;
     if !result.status.success() {
         let stderr = String::from_utf8_lossy(&result.stderr);
-        return Err(format!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
-            result.status,
-            stderr.trim()
-        ));
+        return Err(format!("`{program} {}` failed ({}): {}", args.join(" "), result.status, stderr.trim()));
     }
     match is_pvh_vmlinux(out) {
         Ok(true) => Ok(()),

@@ -31,20 +31,10 @@ struct Vm {
 impl Vm {
     fn boot(name: &str, vcpus: u32, append: &str) -> Vm {
         let image = image();
-        let log =
-            std::env::temp_dir().join(format!("walkabout-boot-{name}-{}.log", std::process::id()));
+        let log = std::env::temp_dir().join(format!("walkabout-boot-{name}-{}.log", std::process::id()));
         let _ = std::fs::remove_file(&log);
         let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "tcg",
-                "-machine",
-                "pc",
-                "-m",
-                "256",
-                "-smp",
-                &vcpus.to_string(),
-            ])
+            .args(["-accel", "tcg", "-machine", "pc", "-m", "256", "-smp", &vcpus.to_string()])
             .args(["-nodefaults", "-display", "none", "-no-reboot"])
             .arg("-kernel")
             .arg(&image.kernel)
@@ -57,27 +47,17 @@ impl Vm {
             .stdout(Stdio::null())
             .spawn()
             .expect("qemu-system-x86_64 starts");
-        Vm {
-            child,
-            log,
-            started: Instant::now(),
-        }
+        Vm { child, log, started: Instant::now() }
     }
 
     fn console(&self) -> String {
-        std::fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        std::fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     /// Waits until the console's protocol lines satisfy `done`, and returns them.
     fn wait_for(&mut self, done: impl Fn(&[ConsoleLine]) -> bool) -> Vec<ConsoleLine> {
         while self.started.elapsed() < BOOT_TIMEOUT {
-            let lines: Vec<ConsoleLine> = self
-                .console()
-                .lines()
-                .filter_map(ConsoleLine::parse)
-                .collect();
+            let lines: Vec<ConsoleLine> = self.console().lines().filter_map(ConsoleLine::parse).collect();
             if done(&lines) {
                 return lines;
             }
@@ -86,10 +66,7 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        panic!(
-            "guest did not get there within {BOOT_TIMEOUT:?}; console:\n{}",
-            self.console()
-        );
+        panic!("guest did not get there within {BOOT_TIMEOUT:?}; console:\n{}", self.console());
     }
 }
 
@@ -120,10 +97,7 @@ fn ready(lines: &[ConsoleLine]) -> Option<Ready> {
 
 #[test]
 fn dirty_guest_reports_two_cpus_and_beats_without_corruption() {
-    let workload = Workload::Dirty {
-        mib: 16,
-        rate_mib_s: 32,
-    };
+    let workload = Workload::Dirty { mib: 16, rate_mib_s: 32 };
     let mut vm = Vm::boot("dirty", 2, &cmdline(&workload));
 
     let lines = vm.wait_for(|lines| heartbeats(lines).len() >= 20);
@@ -131,42 +105,20 @@ fn dirty_guest_reports_two_cpus_and_beats_without_corruption() {
     let hbs = heartbeats(&lines);
     let boot_secs = vm.started.elapsed().as_secs_f64();
     eprintln!("20 heartbeats {boot_secs:.1} s after starting QEMU");
-    assert_eq!(
-        ready(&lines).map(|r| (r.cpus, r.workload)),
-        Some((2, workload))
-    );
-    assert_eq!(
-        hbs.iter().map(|hb| hb.seq).collect::<Vec<_>>(),
-        (0..hbs.len() as u64).collect::<Vec<_>>()
-    );
-    assert!(
-        hbs.iter().all(|hb| hb.corrupt_pages == 0),
-        "console:\n{}",
-        vm.console()
-    );
+    assert_eq!(ready(&lines).map(|r| (r.cpus, r.workload)), Some((2, workload)));
+    assert_eq!(hbs.iter().map(|hb| hb.seq).collect::<Vec<_>>(), (0..hbs.len() as u64).collect::<Vec<_>>());
+    assert!(hbs.iter().all(|hb| hb.corrupt_pages == 0), "console:\n{}", vm.console());
     assert!(!lines.iter().any(|l| matches!(l, ConsoleLine::Corrupt(_))));
 }
 
 #[test]
 fn bogus_workload_is_reported_and_the_guest_runs_idle() {
-    let mut vm = Vm::boot(
-        "bogus",
-        1,
-        "console=ttyS0 quiet panic=-1 walkabout.workload=bogus",
-    );
+    let mut vm = Vm::boot("bogus", 1, "console=ttyS0 quiet panic=-1 walkabout.workload=bogus");
 
     let lines = vm.wait_for(|lines| heartbeats(lines).len() >= 5);
 
-    assert_eq!(
-        lines.first(),
-        Some(&ConsoleLine::Error(
-            "unknown workload 'bogus': expected idle or dirty:<MiB>:<MiB/s>".into()
-        ))
-    );
-    assert_eq!(
-        ready(&lines).map(|r| (r.cpus, r.workload)),
-        Some((1, Workload::Idle))
-    );
+    assert_eq!(lines.first(), Some(&ConsoleLine::Error("unknown workload 'bogus': expected idle or dirty:<MiB>:<MiB/s>".into())));
+    assert_eq!(ready(&lines).map(|r| (r.cpus, r.workload)), Some((1, Workload::Idle)));
 }
 
 #[test]
@@ -177,11 +129,7 @@ fn second_build_reuses_the_cached_image() {
     let second = build(&default_cache_dir()).expect("cached build");
 
     assert_eq!(second, first);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "cached build took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "cached build took {:?}", started.elapsed());
 }
 
 fn fresh_dir(name: &str) -> PathBuf {
@@ -214,10 +162,7 @@ fn fresh_cache_builds_once_for_two_concurrent_builders() {
 
     let (a, b) = (a.expect("builder a builds"), b.expect("builder b builds"));
     assert_eq!(a, b);
-    assert!(
-        walkabout_image::check_kernel(&a.kernel).is_ok()
-            && walkabout_image::check_initrd(&a.initrd).is_ok()
-    );
+    assert!(walkabout_image::check_kernel(&a.kernel).is_ok() && walkabout_image::check_initrd(&a.initrd).is_ok());
     assert_eq!(leftovers(&dir), Vec::<String>::new());
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -235,9 +180,7 @@ fn image_kernel_and_initrd_pass_the_checks_the_agent_makes() {
 #[test]
 fn packaged_bzimage_is_kept_and_recognised() {
     let image = image();
-    let bzimage = image
-        .kernel
-        .with_file_name(format!("vmlinuz-{}", image.kernel_version));
+    let bzimage = image.kernel.with_file_name(format!("vmlinuz-{}", image.kernel_version));
 
     assert!(walkabout_image::check_kernel(&bzimage).is_ok());
 }

@@ -197,9 +197,14 @@ impl Policy {
                 "precopy+postcopy-ready",
                 true,
                 false,
-                format!("{dirty} exceeds {}% of the cap: pre-copy predicted not to converge; post-copy after the first pass", (CONVERGE_SHARE * 100.0) as u32),
+                format!(
+                    "{dirty} exceeds {}% of the cap: pre-copy predicted not to converge; post-copy after the first pass",
+                    (CONVERGE_SHARE * 100.0) as u32
+                ),
             ),
-            (Mode::Auto, _) => ("precopy+postcopy-ready", true, false, format!("{dirty}: pre-copy first, post-copy if it stalls or half the budget goes")),
+            (Mode::Auto, _) => {
+                ("precopy+postcopy-ready", true, false, format!("{dirty}: pre-copy first, post-copy if it stalls or half the budget goes"))
+            }
             (Mode::Precopy, Some(false)) => (
                 "precopy+auto-converge",
                 false,

@@ -66,10 +66,7 @@ pub struct Outcome {
 /// Capabilities: `postcopy-ram` must match on both ends; `auto_converge` (source only,
 /// `None` on the destination) and the switchover gate are the source's.
 fn caps(postcopy_ready: bool, auto_converge: Option<bool>) -> Value {
-    let mut c = vec![
-        json!({"capability": "events", "state": true}),
-        json!({"capability": "postcopy-ram", "state": postcopy_ready}),
-    ];
+    let mut c = vec![json!({"capability": "events", "state": true}), json!({"capability": "postcopy-ram", "state": postcopy_ready})];
     if let Some(ac) = auto_converge {
         c.push(json!({"capability": "auto-converge", "state": ac}));
         c.push(json!({"capability": "pause-before-switchover", "state": true}));
@@ -82,14 +79,10 @@ fn caps(postcopy_ready: bool, auto_converge: Option<bool>) -> Value {
 /// Returns the URI the source must send to.
 pub async fn listen_incoming(qmp: &Qmp, postcopy_ready: bool, listen_host: &str) -> Result<String, MigrateError> {
     qmp.execute_raw("migrate-set-capabilities", Some(caps(postcopy_ready, None))).await.map_err(MigrateError::destination)?;
-    qmp.execute_raw("migrate-incoming", Some(json!({ "uri": format!("tcp:{listen_host}:0") })))
-        .await
-        .map_err(MigrateError::destination)?;
+    qmp.execute_raw("migrate-incoming", Some(json!({ "uri": format!("tcp:{listen_host}:0") }))).await.map_err(MigrateError::destination)?;
     let info = qmp.execute_raw("query-migrate", None).await.map_err(MigrateError::destination)?;
-    let addr = info["socket-address"]
-        .as_array()
-        .and_then(|a| a.first())
-        .ok_or_else(|| MigrateError::NoIncomingAddress(info.to_string()))?;
+    let addr =
+        info["socket-address"].as_array().and_then(|a| a.first()).ok_or_else(|| MigrateError::NoIncomingAddress(info.to_string()))?;
     let port = addr["port"].as_str().map(String::from).or_else(|| addr["port"].as_u64().map(|p| p.to_string()));
     let port = port.ok_or_else(|| MigrateError::NoIncomingAddress(info.to_string()))?;
     Ok(format!("tcp:{listen_host}:{port}"))
@@ -177,10 +170,7 @@ pub async fn run(
                 // A failure after our own cancel request is the cancel's doing.
                 Phase::Failed if cancel_reason.is_some() || give_up.is_some() => give_up.clone().or(cancel_reason.clone()),
                 Phase::Cancelled => Some(give_up.clone().or(cancel_reason.clone()).unwrap_or_else(|| "cancelled".into())),
-                _ => Some(format!(
-                    "QEMU reports the migration failed: {}",
-                    info["error-desc"].as_str().unwrap_or("no reason given")
-                )),
+                _ => Some(format!("QEMU reports the migration failed: {}", info["error-desc"].as_str().unwrap_or("no reason given"))),
             };
             // A give-up is a failure to finish, not a user's cancel.
             let phase = match (phase, &give_up, &cancel_reason) {

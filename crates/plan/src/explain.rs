@@ -21,9 +21,7 @@ pub(crate) fn pinned(p: &Problem) -> Vec<Blocked> {
                 continue;
             }
             let s = p.start[v] as usize;
-            let can = (0..p.n_hosts()).any(|h| {
-                h != s && p.compatible(v, h) && pinned_load[h].fits_with(p.req[v], p.cap[h])
-            });
+            let can = (0..p.n_hosts()).any(|h| h != s && p.compatible(v, h) && pinned_load[h].fits_with(p.req[v], p.cap[h]));
             if can {
                 movable[v] = true;
                 pinned_load[s] = pinned_load[s].sub(p.req[v]);
@@ -51,18 +49,13 @@ pub(crate) fn pinned(p: &Problem) -> Vec<Blocked> {
 /// Blocked VMs after an exhaustive search found no plan: those whose target never had
 /// room for them in any reachable state, or else every misplaced VM.
 pub(crate) fn unreachable(p: &Problem, reach: &[Reach], states: usize) -> Vec<Blocked> {
-    let misplaced: Vec<usize> = (0..p.n_vms())
-        .filter(|&v| p.start[v] != p.goal[v])
-        .collect();
+    let misplaced: Vec<usize> = (0..p.n_vms()).filter(|&v| p.start[v] != p.goal[v]).collect();
     let never: Vec<Blocked> = misplaced
         .iter()
         .filter(|&&v| !reach[v].at_goal)
         .map(|&v| {
             let g = p.goal[v] as usize;
-            let most = Res {
-                mem: reach[v].max_free_mem,
-                cpu: p.cap[g].cpu,
-            };
+            let most = Res { mem: reach[v].max_free_mem, cpu: p.cap[g].cpu };
             blocked_vm(p, v, most, "ever has")
         })
         .collect();
@@ -84,36 +77,20 @@ pub(crate) fn unreachable(p: &Problem, reach: &[Reach], states: usize) -> Vec<Bl
 }
 
 fn needs(p: &Problem, v: usize) -> String {
-    format!(
-        "{} MiB on {}",
-        p.req[v].mem, p.host_names[p.goal[v] as usize]
-    )
+    format!("{} MiB on {}", p.req[v].mem, p.host_names[p.goal[v] as usize])
 }
 
 fn blocked_vm(p: &Problem, v: usize, most: Res, ever: &str) -> Blocked {
     let g = p.goal[v] as usize;
     let (vm, host) = (&p.vm_names[v], &p.host_names[g]);
     let why = if p.req[v].mem > most.mem {
-        format!(
-            "{vm} needs {} MiB on {host}; the most {host} {ever} free is {}",
-            p.req[v].mem, most.mem
-        )
+        format!("{vm} needs {} MiB on {host}; the most {host} {ever} free is {}", p.req[v].mem, most.mem)
     } else if p.req[v].cpu > most.cpu {
-        format!(
-            "{vm} needs {} vCPUs on {host}; the most {host} {ever} free is {}",
-            p.req[v].cpu, most.cpu
-        )
+        format!("{vm} needs {} vCPUs on {host}; the most {host} {ever} free is {}", p.req[v].cpu, most.cpu)
     } else {
-        format!(
-            "{vm} can never leave {}: no other host ever has room for it",
-            { &p.host_names[p.start[v] as usize] }
-        )
+        format!("{vm} can never leave {}: no other host ever has room for it", { &p.host_names[p.start[v] as usize] })
     };
-    Blocked {
-        vm: vm.clone(),
-        needs: needs(p, v),
-        why,
-    }
+    Blocked { vm: vm.clone(), needs: needs(p, v), why }
 }
 
 /// A short human reason for each migration of a sequential plan.
@@ -139,21 +116,14 @@ pub(crate) fn reasons(p: &Problem, moves: &[Move]) -> Vec<String> {
         .map(|(i, m)| {
             let v = m.vm as usize;
             if last[v] == i && m.to == p.goal[v] {
-                return if count[v] > 1 {
-                    "to target, after a temporary stay".into()
-                } else {
-                    "to target".into()
-                };
+                return if count[v] > 1 { "to target, after a temporary stay".into() } else { "to target".into() };
             }
             let from = m.from as usize;
             let Some(j) = next_into(from, i) else {
                 return format!("temporary: makes room on {}", p.host_names[from]);
             };
             let w = moves[j].vm as usize;
-            let mut why = format!(
-                "temporary: frees {} MiB on {} for {}",
-                p.req[v].mem, p.host_names[from], p.vm_names[w]
-            );
+            let mut why = format!("temporary: frees {} MiB on {} for {}", p.req[v].mem, p.host_names[from], p.vm_names[w]);
             let mut chain = vec![format!("{}->{}", p.vm_names[w], p.host_names[from])];
             let (mut at, mut host) = (j, moves[j].from as usize);
             let mut closed = false;
@@ -196,10 +166,7 @@ mod tests {
         .expect("valid")
         .problem;
         let blocked = pinned(&p);
-        assert_eq!(
-            blocked[0].why,
-            "vm1 needs 3256 MiB on h2; the most h2 ever has free is 584"
-        );
+        assert_eq!(blocked[0].why, "vm1 needs 3256 MiB on h2; the most h2 ever has free is 584");
     }
 
     #[test]
@@ -215,28 +182,9 @@ mod tests {
         )
         .expect("valid")
         .problem;
-        let moves = [
-            Move {
-                vm: 1,
-                from: 1,
-                to: 2,
-            },
-            Move {
-                vm: 0,
-                from: 0,
-                to: 1,
-            },
-            Move {
-                vm: 1,
-                from: 2,
-                to: 0,
-            },
-        ];
+        let moves = [Move { vm: 1, from: 1, to: 2 }, Move { vm: 0, from: 0, to: 1 }, Move { vm: 1, from: 2, to: 0 }];
         let why = reasons(&p, &moves);
-        assert_eq!(
-            why[0],
-            "temporary: frees 2048 MiB on h2 for vm5 (cycle vm5->h2, vm7->h1)"
-        );
+        assert_eq!(why[0], "temporary: frees 2048 MiB on h2 for vm5 (cycle vm5->h2, vm7->h1)");
         assert_eq!(why[1], "to target");
         assert_eq!(why[2], "to target, after a temporary stay");
     }

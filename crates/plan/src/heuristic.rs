@@ -131,11 +131,7 @@ impl<'a> Greedy<'a> {
             }
             _ => {}
         }
-        self.moves.push(Move {
-            vm: v as u32,
-            from: from as u32,
-            to: to as u32,
-        });
+        self.moves.push(Move { vm: v as u32, from: from as u32, to: to as u32 });
     }
 
     /// Queues the VMs waiting for `h` that now fit there.
@@ -202,9 +198,7 @@ impl<'a> Greedy<'a> {
                 continue;
             }
             let slack_ok = self.target_load[t].fits_with(req, self.p.cap[t]);
-            let quiet = self.waiting[t]
-                .iter()
-                .all(|&w| self.pos[w as usize] as usize == t);
+            let quiet = self.waiting[t].iter().all(|&w| self.pos[w as usize] as usize == t);
             let free = self.p.cap[t].mem - self.load[t].mem;
             let key = (slack_ok, quiet, free, usize::MAX - t);
             if best.is_none_or(|b| key > b) {
@@ -271,10 +265,7 @@ impl<'a> Greedy<'a> {
         while !self.fits(w, s) {
             let mut cands: Vec<usize> = self.on_host[s].iter().map(|&v| v as usize).collect();
             cands.sort_by_key(|&v| (self.pos[v] == self.p.goal[v], u64::MAX - self.p.req[v].mem));
-            let Some((v, t)) = cands
-                .into_iter()
-                .find_map(|v| self.temp_host(v, s).map(|t| (v, t)))
-            else {
+            let Some((v, t)) = cands.into_iter().find_map(|v| self.temp_host(v, s).map(|t| (v, t))) else {
                 return moved;
             };
             self.apply(v, t);

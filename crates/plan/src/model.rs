@@ -85,9 +85,7 @@ fn one() -> u32 {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_parallel_per_host: 1,
-        }
+        Limits { max_parallel_per_host: 1 }
     }
 }
 
@@ -147,18 +145,9 @@ impl Host {
                 return Some(format!("{} does not run {arch} guests", self.name));
             }
         }
-        let missing: Vec<&str> = vm
-            .cpu_features
-            .iter()
-            .filter(|f| !self.cpu_features.contains(f))
-            .map(String::as_str)
-            .collect();
+        let missing: Vec<&str> = vm.cpu_features.iter().filter(|f| !self.cpu_features.contains(f)).map(String::as_str).collect();
         if !missing.is_empty() {
-            return Some(format!(
-                "{} lacks CPU features {}",
-                self.name,
-                missing.join(", ")
-            ));
+            return Some(format!("{} lacks CPU features {}", self.name, missing.join(", ")));
         }
         None
     }

@@ -36,11 +36,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options {
-            exact_max_vms: 64,
-            node_budget: 300_000,
-            variants_max_vms: 2_000,
-        }
+        Options { exact_max_vms: 64, node_budget: 300_000, variants_max_vms: 2_000 }
     }
 }
 
@@ -56,11 +52,7 @@ pub fn plan_with(case: &Case, opts: &Options) -> Result<Outcome, InputError> {
         let blocked: Vec<_> = compiled
             .incompatible
             .iter()
-            .map(|i| crate::output::Blocked {
-                vm: i.vm.clone(),
-                needs: i.needs.clone(),
-                why: i.why.clone(),
-            })
+            .map(|i| crate::output::Blocked { vm: i.vm.clone(), needs: i.needs.clone(), why: i.why.clone() })
             .collect();
         return Ok(Outcome::Impossible(Impossible {
             reason: format!("{} VM(s) cannot run on their target host", blocked.len()),
@@ -84,19 +76,13 @@ fn solve(p: &Problem, opts: &Options) -> Outcome {
     let blocked = explain::pinned(p);
     if !blocked.is_empty() {
         return Outcome::Impossible(Impossible {
-            reason: format!(
-                "no order of migrations reaches the target: {} VM(s) can never get there",
-                blocked.len()
-            ),
+            reason: format!("no order of migrations reaches the target: {} VM(s) can never get there", blocked.len()),
             blocked,
             target: None,
         });
     }
-    let orders: &[Order] = if p.n_vms() <= opts.variants_max_vms {
-        &[Order::Fifo, Order::Largest, Order::Smallest]
-    } else {
-        &[Order::Fifo]
-    };
+    let orders: &[Order] =
+        if p.n_vms() <= opts.variants_max_vms { &[Order::Fifo, Order::Largest, Order::Smallest] } else { &[Order::Fifo] };
     let mut best: Option<Vec<Move>> = None;
     for &order in orders {
         if let Some(moves) = heuristic::plan(p, order) {
@@ -116,10 +102,7 @@ fn solve(p: &Problem, opts: &Options) -> Outcome {
     if !small {
         return match best {
             Some(moves) => finish(p, moves, lower, false),
-            None => unsolved(
-                p,
-                "the fast planner got stuck in a deadlock it could not break",
-            ),
+            None => unsolved(p, "the fast planner got stuck in a deadlock it could not break"),
         };
     }
     let bound = best.as_ref().map(|b| cost(p, b));
@@ -146,10 +129,7 @@ fn solve(p: &Problem, opts: &Options) -> Outcome {
             lower = lower.max(lower_bound as usize);
             match best {
                 Some(moves) => finish(p, moves, lower, false),
-                None => unsolved(
-                    p,
-                    "the fast planner got stuck and the exact search ran out of budget",
-                ),
+                None => unsolved(p, "the fast planner got stuck and the exact search ran out of budget"),
             }
         }
     }
@@ -160,18 +140,11 @@ fn unsolved(p: &Problem, why: &str) -> Outcome {
         .filter(|&v| p.start[v] != p.goal[v])
         .map(|v| crate::output::Blocked {
             vm: p.vm_names[v].clone(),
-            needs: format!(
-                "{} MiB on {}",
-                p.req[v].mem, p.host_names[p.goal[v] as usize]
-            ),
+            needs: format!("{} MiB on {}", p.req[v].mem, p.host_names[p.goal[v] as usize]),
             why: "not placed by the plan found so far".into(),
         })
         .collect();
-    Outcome::Unsolved(Impossible {
-        reason: format!("no plan found ({why}); this is not a proof that none exists"),
-        blocked,
-        target: None,
-    })
+    Outcome::Unsolved(Impossible { reason: format!("no plan found ({why}); this is not a proof that none exists"), blocked, target: None })
 }
 
 fn finish(p: &Problem, moves: Vec<Move>, lower_bound: usize, optimal: bool) -> Outcome {

@@ -40,11 +40,7 @@ pub fn plan_policy(case: &Case, policy: &Policy, opts: &Options) -> Result<Outco
                 Policy::Consolidate => "cannot place every VM on any set of hosts".into(),
                 Policy::Balance => "cannot place every VM".into(),
             };
-            return Ok(Outcome::Impossible(Impossible {
-                reason,
-                blocked,
-                target: None,
-            }));
+            return Ok(Outcome::Impossible(Impossible { reason, blocked, target: None }));
         }
     };
     let mut with_target = case.clone();
@@ -58,20 +54,13 @@ pub fn plan_policy(case: &Case, policy: &Policy, opts: &Options) -> Result<Outco
 }
 
 /// The target placement `policy` asks for, or the VMs it cannot place.
-pub fn target_for(
-    case: &Case,
-    policy: &Policy,
-) -> Result<Result<BTreeMap<String, String>, Vec<Blocked>>, InputError> {
+pub fn target_for(case: &Case, policy: &Policy) -> Result<Result<BTreeMap<String, String>, Vec<Blocked>>, InputError> {
     let mut layout = Layout::new(case)?;
     let result = match policy {
         Policy::Drain { hosts } => {
             let mut banned = vec![false; case.hosts.len()];
             for name in hosts {
-                let h = case
-                    .hosts
-                    .iter()
-                    .position(|x| &x.name == name)
-                    .ok_or_else(|| InputError::UnknownPolicyHost(name.clone()))?;
+                let h = case.hosts.iter().position(|x| &x.name == name).ok_or_else(|| InputError::UnknownPolicyHost(name.clone()))?;
                 banned[h] = true;
             }
             layout.keep_current(&banned);
@@ -105,21 +94,9 @@ fn consolidate(layout: &mut Layout) -> Result<(), Vec<Blocked>> {
     let total: u64 = layout.unit_mem.iter().sum();
     let orders: [Vec<usize>; 2] = {
         let mut by_load: Vec<usize> = (0..n).collect();
-        by_load.sort_by_key(|&h| {
-            (
-                std::cmp::Reverse(current_load[h]),
-                std::cmp::Reverse(layout.cap_mem[h]),
-                h,
-            )
-        });
+        by_load.sort_by_key(|&h| (std::cmp::Reverse(current_load[h]), std::cmp::Reverse(layout.cap_mem[h]), h));
         let mut by_cap: Vec<usize> = (0..n).collect();
-        by_cap.sort_by_key(|&h| {
-            (
-                std::cmp::Reverse(layout.cap_mem[h]),
-                std::cmp::Reverse(current_load[h]),
-                h,
-            )
-        });
+        by_cap.sort_by_key(|&h| (std::cmp::Reverse(layout.cap_mem[h]), std::cmp::Reverse(current_load[h]), h));
         [by_load, by_cap]
     };
     let base = layout.clone();
@@ -187,18 +164,8 @@ struct Layout {
 
 impl Layout {
     fn new(case: &Case) -> Result<Layout, InputError> {
-        let vm_ix: HashMap<&str, usize> = case
-            .vms
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v.name.as_str(), i))
-            .collect();
-        let host_ix: HashMap<&str, usize> = case
-            .hosts
-            .iter()
-            .enumerate()
-            .map(|(i, h)| (h.name.as_str(), i))
-            .collect();
+        let vm_ix: HashMap<&str, usize> = case.vms.iter().enumerate().map(|(i, v)| (v.name.as_str(), i)).collect();
+        let host_ix: HashMap<&str, usize> = case.hosts.iter().enumerate().map(|(i, h)| (h.name.as_str(), i)).collect();
         // Union-find over affinity groups.
         let mut parent: Vec<usize> = (0..case.vms.len()).collect();
         fn root(p: &mut [usize], mut x: usize) -> usize {
@@ -212,18 +179,11 @@ impl Layout {
             vm_ix
                 .get(v.as_str())
                 .copied()
-                .ok_or_else(|| InputError::BadGroup {
-                    group: g.name.clone(),
-                    cause: format!("unknown VM \"{v}\""),
-                })
+                .ok_or_else(|| InputError::BadGroup { group: g.name.clone(), cause: format!("unknown VM \"{v}\"") })
         };
         let mut anti_of_vm: Vec<Vec<usize>> = vec![Vec::new(); case.vms.len()];
         for (gi, g) in case.groups.iter().enumerate() {
-            let members = g
-                .vms
-                .iter()
-                .map(|v| member(g, v))
-                .collect::<Result<Vec<_>, _>>()?;
+            let members = g.vms.iter().map(|v| member(g, v)).collect::<Result<Vec<_>, _>>()?;
             match g.kind {
                 GroupKind::Affinity => {
                     for w in members.windows(2) {
@@ -251,16 +211,8 @@ impl Layout {
         let mut layout = Layout {
             names: case.vms.iter().map(|v| v.name.clone()).collect(),
             host_names: case.hosts.iter().map(|h| h.name.clone()).collect(),
-            cap_mem: case
-                .hosts
-                .iter()
-                .map(crate::model::Host::usable_mib)
-                .collect(),
-            cap_cpu: case
-                .hosts
-                .iter()
-                .map(|h| h.vcpus.unwrap_or(u64::MAX / 4))
-                .collect(),
+            cap_mem: case.hosts.iter().map(crate::model::Host::usable_mib).collect(),
+            cap_cpu: case.hosts.iter().map(|h| h.vcpus.unwrap_or(u64::MAX / 4)).collect(),
             unit_mem: Vec::new(),
             unit_cpu: Vec::new(),
             compat: Vec::new(),
@@ -273,41 +225,16 @@ impl Layout {
             units: Vec::new(),
         };
         for members in &units {
-            layout
-                .unit_mem
-                .push(members.iter().map(|&v| case.vms[v].memory_mib).sum());
-            layout.unit_cpu.push(
-                members
-                    .iter()
-                    .map(|&v| case.vms[v].vcpus.unwrap_or(0))
-                    .sum(),
-            );
-            layout.compat.push(
-                case.hosts
-                    .iter()
-                    .map(|h| members.iter().all(|&v| h.can_run(&case.vms[v])))
-                    .collect(),
-            );
-            let mut anti: Vec<usize> = members
-                .iter()
-                .flat_map(|&v| anti_of_vm[v].iter().copied())
-                .collect();
+            layout.unit_mem.push(members.iter().map(|&v| case.vms[v].memory_mib).sum());
+            layout.unit_cpu.push(members.iter().map(|&v| case.vms[v].vcpus.unwrap_or(0)).sum());
+            layout.compat.push(case.hosts.iter().map(|h| members.iter().all(|&v| h.can_run(&case.vms[v]))).collect());
+            let mut anti: Vec<usize> = members.iter().flat_map(|&v| anti_of_vm[v].iter().copied()).collect();
             anti.sort_unstable();
             anti.dedup();
             layout.anti.push(anti);
-            let hosts: Vec<Option<usize>> = members
-                .iter()
-                .map(|&v| {
-                    case.current
-                        .get(&case.vms[v].name)
-                        .and_then(|h| host_ix.get(h.as_str()).copied())
-                })
-                .collect();
-            let same = hosts
-                .first()
-                .copied()
-                .flatten()
-                .filter(|h| hosts.iter().all(|x| *x == Some(*h)));
+            let hosts: Vec<Option<usize>> =
+                members.iter().map(|&v| case.current.get(&case.vms[v].name).and_then(|h| host_ix.get(h.as_str()).copied())).collect();
+            let same = hosts.first().copied().flatten().filter(|h| hosts.iter().all(|x| *x == Some(*h)));
             layout.current.push(same);
         }
         layout.units = units;
@@ -318,9 +245,7 @@ impl Layout {
         self.compat[u][h]
             && self.load_mem[h] + self.unit_mem[u] <= self.cap_mem[h]
             && self.load_cpu[h] + self.unit_cpu[u] <= self.cap_cpu[h]
-            && self.anti[u]
-                .iter()
-                .all(|g| self.anti_count[h].get(g).copied().unwrap_or(0) == 0)
+            && self.anti[u].iter().all(|g| self.anti_count[h].get(g).copied().unwrap_or(0) == 0)
     }
 
     fn place(&mut self, u: usize, h: usize) {
@@ -357,19 +282,15 @@ impl Layout {
 
     /// Places the units without a host, largest first.
     fn place_rest(&mut self, banned: &[bool], fit: Fit) -> Result<(), Vec<Blocked>> {
-        let mut rest: Vec<usize> = (0..self.units.len())
-            .filter(|&u| self.at[u].is_none())
-            .collect();
+        let mut rest: Vec<usize> = (0..self.units.len()).filter(|&u| self.at[u].is_none()).collect();
         rest.sort_by_key(|&u| (std::cmp::Reverse(self.unit_mem[u]), u));
         let mut blocked = Vec::new();
         for u in rest {
             let room = |s: &Layout, h: usize| s.cap_mem[h] - s.load_mem[h] - s.unit_mem[u];
-            let choice = (0..self.cap_mem.len())
-                .filter(|&h| !banned[h] && self.can_place(u, h))
-                .min_by_key(|&h| match fit {
-                    Fit::Worst => (u64::MAX - room(self, h), h),
-                    Fit::Best => (room(self, h), h),
-                });
+            let choice = (0..self.cap_mem.len()).filter(|&h| !banned[h] && self.can_place(u, h)).min_by_key(|&h| match fit {
+                Fit::Worst => (u64::MAX - room(self, h), h),
+                Fit::Best => (room(self, h), h),
+            });
             match choice {
                 Some(h) => self.place(u, h),
                 None => blocked.push(self.blocked(u, banned)),
@@ -383,31 +304,16 @@ impl Layout {
     }
 
     fn blocked(&self, u: usize, banned: &[bool]) -> Blocked {
-        let names: Vec<&str> = self.units[u]
-            .iter()
-            .map(|&v| self.names[v].as_str())
-            .collect();
-        let most = (0..self.cap_mem.len())
-            .filter(|&h| !banned[h] && self.compat[u][h])
-            .map(|h| self.cap_mem[h] - self.load_mem[h])
-            .max();
+        let names: Vec<&str> = self.units[u].iter().map(|&v| self.names[v].as_str()).collect();
+        let most = (0..self.cap_mem.len()).filter(|&h| !banned[h] && self.compat[u][h]).map(|h| self.cap_mem[h] - self.load_mem[h]).max();
         let why = match most {
             None => format!("no allowed host can run {}", names.join(", ")),
-            Some(m) if m < self.unit_mem[u] => format!(
-                "{} needs {} MiB on one host; the most any allowed host has free is {m}",
-                names.join(", "),
-                self.unit_mem[u]
-            ),
-            Some(_) => {
-                "every host with room holds a VM of one of its anti-affinity groups, or lacks vCPUs"
-                    .to_string()
+            Some(m) if m < self.unit_mem[u] => {
+                format!("{} needs {} MiB on one host; the most any allowed host has free is {m}", names.join(", "), self.unit_mem[u])
             }
+            Some(_) => "every host with room holds a VM of one of its anti-affinity groups, or lacks vCPUs".to_string(),
         };
-        Blocked {
-            vm: names.join("+"),
-            needs: format!("{} MiB on one host", self.unit_mem[u]),
-            why,
-        }
+        Blocked { vm: names.join("+"), needs: format!("{} MiB on one host", self.unit_mem[u]), why }
     }
 
     /// Moves units from fuller to emptier hosts while that lowers the sum over hosts

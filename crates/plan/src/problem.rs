@@ -12,16 +12,10 @@ pub(crate) struct Res {
 
 impl Res {
     pub fn add(self, o: Res) -> Res {
-        Res {
-            mem: self.mem + o.mem,
-            cpu: self.cpu + o.cpu,
-        }
+        Res { mem: self.mem + o.mem, cpu: self.cpu + o.cpu }
     }
     pub fn sub(self, o: Res) -> Res {
-        Res {
-            mem: self.mem - o.mem,
-            cpu: self.cpu - o.cpu,
-        }
+        Res { mem: self.mem - o.mem, cpu: self.cpu - o.cpu }
     }
     /// Whether `self + extra` fits in `cap`.
     pub fn fits_with(self, extra: Res, cap: Res) -> bool {
@@ -72,19 +66,7 @@ impl Problem {
         max_parallel: u32,
     ) -> Problem {
         let (vm_class, host_class, compat, host_classes) = classes;
-        Problem {
-            host_names,
-            vm_names,
-            cap,
-            req,
-            start,
-            goal,
-            compat,
-            host_classes,
-            vm_class,
-            host_class,
-            max_parallel,
-        }
+        Problem { host_names, vm_names, cap, req, start, goal, compat, host_classes, vm_class, host_class, max_parallel }
     }
 
     pub fn n_hosts(&self) -> usize {

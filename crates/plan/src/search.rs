@@ -67,13 +67,7 @@ struct Seen {
 
 impl Seen {
     /// Finds the node holding `state`, or the free key to insert it under.
-    fn find(
-        &self,
-        states: &[u16],
-        n: usize,
-        hash: u64,
-        state: &dyn Fn(usize) -> u16,
-    ) -> (u64, Option<u32>) {
+    fn find(&self, states: &[u16], n: usize, hash: u64, state: &dyn Fn(usize) -> u16) -> (u64, Option<u32>) {
         let mut key = hash;
         loop {
             match self.map.get(&key) {
@@ -102,29 +96,15 @@ pub(crate) fn astar(p: &Problem, bound: Option<Cost>, budget: usize) -> Found {
 
     let mut states: Vec<u16> = Vec::new();
     let mut nodes: Vec<Node> = Vec::new();
-    let mut seen = Seen {
-        map: HashMap::default(),
-    };
+    let mut seen = Seen { map: HashMap::default() };
     // (f migrations, h migrations, f memory, deadlock term applied, node): among equal
     // f the deepest state first, so the search dives instead of widening.
     let mut heap: BinaryHeap<Reverse<(u32, u32, u64, bool, u32)>> = BinaryHeap::new();
 
     let (m0, mm0) = misplaced(p, &start, &goal);
-    let h0: u64 = start
-        .iter()
-        .enumerate()
-        .fold(0, |a, (v, &h)| a ^ zobrist(v, h));
+    let h0: u64 = start.iter().enumerate().fold(0, |a, (v, &h)| a ^ zobrist(v, h));
     states.extend_from_slice(&start);
-    nodes.push(Node {
-        parent: u32::MAX,
-        mv: Move {
-            vm: 0,
-            from: 0,
-            to: 0,
-        },
-        g: (0, 0),
-        hash: h0,
-    });
+    nodes.push(Node { parent: u32::MAX, mv: Move { vm: 0, from: 0, to: 0 }, g: (0, 0), hash: h0 });
     seen.map.insert(h0, 0);
     heap.push(Reverse((m0, m0, mm0, false, 0)));
 
@@ -158,9 +138,7 @@ pub(crate) fn astar(p: &Problem, bound: Option<Cost>, budget: usize) -> Found {
             }
         }
         if nodes.len() > budget {
-            return Found::Budget {
-                lower_bound: fc.min(bound.0),
-            };
+            return Found::Budget { lower_bound: fc.min(bound.0) };
         }
         let (mis, mis_mem) = misplaced(p, &pos, &goal);
         let hash = nodes[id as usize].hash;
@@ -169,10 +147,7 @@ pub(crate) fn astar(p: &Problem, bound: Option<Cost>, budget: usize) -> Found {
             let from = pos[v];
             let cg = (g.0 + 1, g.1 + req.mem);
             for to in 0..p.n_hosts() {
-                if to == from as usize
-                    || !p.compatible(v, to)
-                    || !load[to].fits_with(req, p.cap[to])
-                {
+                if to == from as usize || !p.compatible(v, to) || !load[to].fits_with(req, p.cap[to]) {
                     continue;
                 }
                 let to16 = to16(to as u32);
@@ -182,8 +157,7 @@ pub(crate) fn astar(p: &Problem, bound: Option<Cost>, budget: usize) -> Found {
                     continue;
                 }
                 let ch = hash ^ zobrist(v, from) ^ zobrist(v, to16);
-                let (key, found) =
-                    seen.find(&states, n, ch, &|i| if i == v { to16 } else { pos[i] });
+                let (key, found) = seen.find(&states, n, ch, &|i| if i == v { to16 } else { pos[i] });
                 if let Some(old) = found {
                     if nodes[old as usize].g <= cg {
                         continue;
@@ -194,25 +168,13 @@ pub(crate) fn astar(p: &Problem, bound: Option<Cost>, budget: usize) -> Found {
                 let at = states.len();
                 states.extend_from_slice(&pos);
                 states[at + v] = to16;
-                let mv = Move {
-                    vm: v as u32,
-                    from: u32::from(from),
-                    to: to as u32,
-                };
-                nodes.push(Node {
-                    parent: id,
-                    mv,
-                    g: cg,
-                    hash: ch,
-                });
+                let mv = Move { vm: v as u32, from: u32::from(from), to: to as u32 };
+                nodes.push(Node { parent: id, mv, g: cg, hash: ch });
                 heap.push(Reverse((f.0, cm, f.1, false, child)));
             }
         }
     }
-    Found::Exhausted {
-        states: seen.map.len(),
-        reach,
-    }
+    Found::Exhausted { states: seen.map.len(), reach }
 }
 
 fn note_reach(p: &Problem, pos: &[u16], goal: &[u16], load: &[Res], reach: &mut [Reach]) {
@@ -353,9 +315,7 @@ impl Sinks {
                 state[c] = 1;
             }
         }
-        let count = (0..comps as usize)
-            .filter(|&c| sink[c] && state[c] == 1)
-            .count();
+        let count = (0..comps as usize).filter(|&c| sink[c] && state[c] == 1).count();
         u32::try_from(count).unwrap_or(u32::MAX)
     }
 }

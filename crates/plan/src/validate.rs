@@ -55,9 +55,7 @@ pub(crate) fn compile(case: &Case) -> Result<Compiled, InputError> {
         }
     }
 
-    let active: Vec<usize> = (0..case.vms.len())
-        .filter(|&v| current[v].is_some() && target[v].is_some())
-        .collect();
+    let active: Vec<usize> = (0..case.vms.len()).filter(|&v| current[v].is_some() && target[v].is_some()).collect();
     let cap = case.hosts.iter().map(host_cap).collect();
     let req = active.iter().map(|&v| vm_req(&case.vms[v])).collect();
     let as_u32 = |h: Option<usize>| h.map_or(0, |h| u32::try_from(h).unwrap_or(u32::MAX));
@@ -74,10 +72,7 @@ pub(crate) fn compile(case: &Case) -> Result<Compiled, InputError> {
         classes(&case.hosts, &active_vms),
         case.max_parallel_per_host(),
     );
-    Ok(Compiled {
-        problem,
-        incompatible,
-    })
+    Ok(Compiled { problem, incompatible })
 }
 
 fn index_hosts(hosts: &[Host]) -> Result<HashMap<&str, usize>, InputError> {
@@ -87,11 +82,7 @@ fn index_hosts(hosts: &[Host]) -> Result<HashMap<&str, usize>, InputError> {
             return Err(InputError::DuplicateHost(h.name.clone()));
         }
         if h.reserved_mib > h.memory_mib {
-            return Err(InputError::ReservedExceedsMemory {
-                host: h.name.clone(),
-                reserved_mib: h.reserved_mib,
-                memory_mib: h.memory_mib,
-            });
+            return Err(InputError::ReservedExceedsMemory { host: h.name.clone(), reserved_mib: h.reserved_mib, memory_mib: h.memory_mib });
         }
     }
     Ok(ix)
@@ -115,19 +106,9 @@ fn resolve(
 ) -> Result<Vec<Option<usize>>, InputError> {
     let mut out = vec![None; vm_ix.len()];
     for (vm, host) in placement {
-        let v = *vm_ix
-            .get(vm.as_str())
-            .ok_or_else(|| InputError::UnknownVm {
-                vm: vm.clone(),
-                placement: which,
-            })?;
-        let h = *host_ix
-            .get(host.as_str())
-            .ok_or_else(|| InputError::UnknownHost {
-                host: host.clone(),
-                vm: vm.clone(),
-                placement: which,
-            })?;
+        let v = *vm_ix.get(vm.as_str()).ok_or_else(|| InputError::UnknownVm { vm: vm.clone(), placement: which })?;
+        let h =
+            *host_ix.get(host.as_str()).ok_or_else(|| InputError::UnknownHost { host: host.clone(), vm: vm.clone(), placement: which })?;
         out[v] = Some(h);
     }
     Ok(out)
@@ -143,13 +124,7 @@ fn check_fill(case: &Case, at: &[Option<usize>], which: &'static str) -> Result<
         }
     }
     for (h, host) in case.hosts.iter().enumerate() {
-        let over = |needs, usable, unit| InputError::Overfilled {
-            placement: which,
-            host: host.name.clone(),
-            needs,
-            usable,
-            unit,
-        };
+        let over = |needs, usable, unit| InputError::Overfilled { placement: which, host: host.name.clone(), needs, usable, unit };
         if mem[h] > host.usable_mib() {
             return Err(over(mem[h], host.usable_mib(), "MiB"));
         }
@@ -163,24 +138,17 @@ fn check_fill(case: &Case, at: &[Option<usize>], which: &'static str) -> Result<
 }
 
 fn host_cap(h: &Host) -> Res {
-    Res {
-        mem: h.usable_mib(),
-        cpu: h.vcpus.unwrap_or(u64::MAX / 4),
-    }
+    Res { mem: h.usable_mib(), cpu: h.vcpus.unwrap_or(u64::MAX / 4) }
 }
 
 fn vm_req(v: &Vm) -> Res {
-    Res {
-        mem: v.memory_mib,
-        cpu: v.vcpus.unwrap_or(0),
-    }
+    Res { mem: v.memory_mib, cpu: v.vcpus.unwrap_or(0) }
 }
 
 /// Groups hosts and VMs into compatibility classes and builds the class matrix,
 /// so a 1,000 x 10,000 cluster needs a handful of comparisons, not ten million.
 fn classes(hosts: &[Host], vms: &[&Vm]) -> (Vec<u32>, Vec<u32>, Vec<bool>, usize) {
-    let mut host_keys: HashMap<(Option<Vec<String>>, Option<String>, Vec<String>), u32> =
-        HashMap::new();
+    let mut host_keys: HashMap<(Option<Vec<String>>, Option<String>, Vec<String>), u32> = HashMap::new();
     let mut host_rep: Vec<usize> = Vec::new();
     let host_class = hosts
         .iter()
@@ -238,10 +206,7 @@ mod tests {
                "current":{{"vm3":"h9"}},"target":{{"vm3":"h1"}}}}"#
         ));
         let err = compile(&c).expect_err("unknown host");
-        assert_eq!(
-            err.to_string(),
-            "unknown host \"h9\" in current of vm \"vm3\""
-        );
+        assert_eq!(err.to_string(), "unknown host \"h9\" in current of vm \"vm3\"");
     }
 
     #[test]
@@ -251,10 +216,7 @@ mod tests {
                "current":{{"a":"h1","b":"h1"}},"target":{{"a":"h2","b":"h2"}}}}"#
         ));
         let err = compile(&c).expect_err("overfilled target");
-        assert_eq!(
-            err.to_string(),
-            "target overfills host \"h2\": needs 2500 MiB, usable 2048"
-        );
+        assert_eq!(err.to_string(), "target overfills host \"h2\": needs 2500 MiB, usable 2048");
     }
 
     #[test]
@@ -263,21 +225,13 @@ mod tests {
             r#"{{{HOSTS},"vms":[{{"name":"a","memory_mib":1}},{{"name":"a","memory_mib":2}}],
                "current":{{"a":"h1"}},"target":{{"a":"h1"}}}}"#
         ));
-        assert_eq!(
-            compile(&c).expect_err("duplicate"),
-            InputError::DuplicateVm("a".into())
-        );
+        assert_eq!(compile(&c).expect_err("duplicate"), InputError::DuplicateVm("a".into()));
     }
 
     #[test]
     fn vm_in_neither_placement_is_refused() {
-        let c = case(&format!(
-            r#"{{{HOSTS},"vms":[{{"name":"a","memory_mib":1}}],"current":{{}},"target":{{}}}}"#
-        ));
-        assert_eq!(
-            compile(&c).expect_err("unplaced"),
-            InputError::VmUnplaced("a".into())
-        );
+        let c = case(&format!(r#"{{{HOSTS},"vms":[{{"name":"a","memory_mib":1}}],"current":{{}},"target":{{}}}}"#));
+        assert_eq!(compile(&c).expect_err("unplaced"), InputError::VmUnplaced("a".into()));
     }
 
     #[test]
@@ -300,9 +254,6 @@ mod tests {
                 "current":{"vm7":"h1"},"target":{"vm7":"h2"}}"#,
         );
         let compiled = compile(&c).expect("valid input");
-        assert_eq!(
-            compiled.incompatible[0].why,
-            "cannot run vm7 on h2: h2 lacks CPU features avx512f, vaes"
-        );
+        assert_eq!(compiled.incompatible[0].why, "cannot run vm7 on h2: h2 lacks CPU features avx512f, vaes");
     }
 }

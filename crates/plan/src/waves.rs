@@ -41,11 +41,7 @@ impl Profile {
 
 /// The wave (0-based) of each move, and the number of waves.
 pub(crate) fn pack(p: &Problem, moves: &[Move]) -> (Vec<u32>, u32) {
-    let mut prof = Profile {
-        peak: vec![Vec::new(); p.n_hosts()],
-        parts: vec![Vec::new(); p.n_hosts()],
-        end: p.loads(&p.start),
-    };
+    let mut prof = Profile { peak: vec![Vec::new(); p.n_hosts()], parts: vec![Vec::new(); p.n_hosts()], end: p.loads(&p.start) };
     let mut last_wave: Vec<Option<usize>> = vec![None; p.n_vms()];
     let mut waves = 0usize;
     let mut out = Vec::with_capacity(moves.len());
@@ -93,9 +89,7 @@ mod tests {
     use crate::validate::compile;
 
     fn problem(json: &str) -> Problem {
-        compile(&Case::from_json(json).expect("parses"))
-            .expect("valid")
-            .problem
+        compile(&Case::from_json(json).expect("parses")).expect("valid").problem
     }
 
     const FOUR: &str = r#"[{"name":"h1","memory_mib":4096},{"name":"h2","memory_mib":4096},
@@ -107,18 +101,7 @@ mod tests {
             r#"{{"hosts":{FOUR},"vms":[{{"name":"a","memory_mib":1024}},{{"name":"b","memory_mib":1024}}],
                "current":{{"a":"h1","b":"h3"}},"target":{{"a":"h2","b":"h4"}}}}"#
         ));
-        let moves = [
-            Move {
-                vm: 0,
-                from: 0,
-                to: 1,
-            },
-            Move {
-                vm: 1,
-                from: 2,
-                to: 3,
-            },
-        ];
+        let moves = [Move { vm: 0, from: 0, to: 1 }, Move { vm: 1, from: 2, to: 3 }];
         assert_eq!(pack(&p, &moves), (vec![0, 0], 1));
     }
 
@@ -128,18 +111,7 @@ mod tests {
             r#"{{"hosts":{FOUR},"vms":[{{"name":"a","memory_mib":1024}},{{"name":"b","memory_mib":1024}}],
                "current":{{"a":"h1","b":"h1"}},"target":{{"a":"h2","b":"h3"}}}}"#
         ));
-        let moves = [
-            Move {
-                vm: 0,
-                from: 0,
-                to: 1,
-            },
-            Move {
-                vm: 1,
-                from: 0,
-                to: 2,
-            },
-        ];
+        let moves = [Move { vm: 0, from: 0, to: 1 }, Move { vm: 1, from: 0, to: 2 }];
         assert_eq!(pack(&p, &moves), (vec![0, 1], 2));
     }
 
@@ -152,18 +124,7 @@ mod tests {
                 "vms":[{"name":"a","memory_mib":2000},{"name":"b","memory_mib":2000}],
                 "current":{"a":"h2","b":"h3"},"target":{"a":"h1","b":"h2"}}"#,
         );
-        let moves = [
-            Move {
-                vm: 0,
-                from: 1,
-                to: 0,
-            },
-            Move {
-                vm: 1,
-                from: 2,
-                to: 1,
-            },
-        ];
+        let moves = [Move { vm: 0, from: 1, to: 0 }, Move { vm: 1, from: 2, to: 1 }];
         assert_eq!(pack(&p, &moves), (vec![0, 1], 2));
     }
 }

@@ -24,10 +24,7 @@ struct Raw {
     parallel: u32,
 }
 
-fn raw(
-    hosts: std::ops::RangeInclusive<usize>,
-    vms: std::ops::RangeInclusive<usize>,
-) -> impl Strategy<Value = Raw> {
+fn raw(hosts: std::ops::RangeInclusive<usize>, vms: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Raw> {
     (hosts, vms).prop_flat_map(|(h, v)| {
         (
             proptest::collection::vec(3u64..=10, h),
@@ -41,20 +38,18 @@ fn raw(
             proptest::collection::vec(proptest::bool::weighted(0.1), v),
             1u32..=2,
         )
-            .prop_map(
-                |(hu, ha, hc, vu, va, vc, cur, tgt, started, parallel)| Raw {
-                    host_units: hu,
-                    host_avx: ha,
-                    host_vcpus: hc,
-                    vm_units: vu,
-                    vm_avx: va,
-                    vm_vcpus: vc,
-                    cur,
-                    tgt,
-                    started,
-                    parallel,
-                },
-            )
+            .prop_map(|(hu, ha, hc, vu, va, vc, cur, tgt, started, parallel)| Raw {
+                host_units: hu,
+                host_avx: ha,
+                host_vcpus: hc,
+                vm_units: vu,
+                vm_avx: va,
+                vm_vcpus: vc,
+                cur,
+                tgt,
+                started,
+                parallel,
+            })
     })
 }
 
@@ -144,52 +139,29 @@ fn case_of(r: &Raw) -> Value {
 /// placements; `None` if the target is unreachable.
 fn bfs(case: &Value) -> Option<usize> {
     let hosts = case["hosts"].as_array()?;
-    let names: Vec<&str> = hosts
-        .iter()
-        .map(|h| h["name"].as_str().unwrap_or(""))
-        .collect();
+    let names: Vec<&str> = hosts.iter().map(|h| h["name"].as_str().unwrap_or("")).collect();
     let cap: Vec<(u64, u64)> = hosts
         .iter()
         .map(|h| {
-            let mem =
-                h["memory_mib"].as_u64().unwrap_or(0) - h["reserved_mib"].as_u64().unwrap_or(0);
+            let mem = h["memory_mib"].as_u64().unwrap_or(0) - h["reserved_mib"].as_u64().unwrap_or(0);
             (mem, h["vcpus"].as_u64().unwrap_or(u64::MAX / 2))
         })
         .collect();
     let feats = |v: &Value| -> Vec<String> {
-        v["cpu_features"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default()
+        v["cpu_features"].as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default()
     };
     let host_feats: Vec<Vec<String>> = hosts.iter().map(feats).collect();
     // Only VMs running now and wanted at the end migrate.
     let mut vms = Vec::new();
     for vm in case["vms"].as_array()? {
         let name = vm["name"].as_str()?;
-        let (Some(c), Some(t)) = (
-            case["current"][name].as_str(),
-            case["target"][name].as_str(),
-        ) else {
+        let (Some(c), Some(t)) = (case["current"][name].as_str(), case["target"][name].as_str()) else {
             continue;
         };
         let need = feats(vm);
-        let ok: Vec<bool> = host_feats
-            .iter()
-            .map(|hf| need.iter().all(|f| hf.contains(f)))
-            .collect();
+        let ok: Vec<bool> = host_feats.iter().map(|hf| need.iter().all(|f| hf.contains(f))).collect();
         let ix = |n: &str| names.iter().position(|x| *x == n);
-        vms.push((
-            vm["memory_mib"].as_u64()?,
-            vm["vcpus"].as_u64().unwrap_or(0),
-            ok,
-            ix(c)?,
-            ix(t)?,
-        ));
+        vms.push((vm["memory_mib"].as_u64()?, vm["vcpus"].as_u64().unwrap_or(0), ok, ix(c)?, ix(t)?));
     }
     let start: Vec<usize> = vms.iter().map(|v| v.3).collect();
     let goal: Vec<usize> = vms.iter().map(|v| v.4).collect();
@@ -235,28 +207,15 @@ fn check_against_bfs(r: &Raw) -> Result<(), TestCaseError> {
     let truth = bfs(&case);
     match (out["status"].as_str(), truth) {
         (Some("ok"), Some(min)) => {
-            common::simulate(&case, &out)
-                .map_err(|e| TestCaseError::fail(format!("invalid plan: {e}\n{case}\n{out}")))?;
-            prop_assert_eq!(
-                out["count"].as_u64(),
-                Some(min as u64),
-                "not minimal\n{}\n{}",
-                case,
-                out
-            );
+            common::simulate(&case, &out).map_err(|e| TestCaseError::fail(format!("invalid plan: {e}\n{case}\n{out}")))?;
+            prop_assert_eq!(out["count"].as_u64(), Some(min as u64), "not minimal\n{}\n{}", case, out);
             prop_assert_eq!(&out["optimal"], &json!(true));
         }
         (Some("impossible"), None) => {
-            prop_assert!(
-                !out["blocked"].as_array().is_none_or(Vec::is_empty),
-                "no blocked VMs: {}",
-                out
-            );
+            prop_assert!(!out["blocked"].as_array().is_none_or(Vec::is_empty), "no blocked VMs: {}", out);
         }
         (status, truth) => {
-            return Err(TestCaseError::fail(format!(
-                "planner says {status:?}, BFS says {truth:?}\n{case}\n{out}"
-            )));
+            return Err(TestCaseError::fail(format!("planner says {status:?}, BFS says {truth:?}\n{case}\n{out}")));
         }
     }
     Ok(())

@@ -13,10 +13,7 @@ fn every_fixed_case_is_solved_no_longer_than_the_peer_and_optimal_where_known() 
         let optimum = case["optimum"].as_i64();
         if optimum == Some(-1) {
             if out["status"] != "impossible" {
-                failures.push(format!(
-                    "{name}: expected impossible, got {}",
-                    out["status"]
-                ));
+                failures.push(format!("{name}: expected impossible, got {}", out["status"]));
             }
             continue;
         }
@@ -38,10 +35,7 @@ fn every_fixed_case_is_solved_no_longer_than_the_peer_and_optimal_where_known() 
                 failures.push(format!("{name}: {count} migrations, optimum {opt}"));
             }
         }
-        eprintln!(
-            "{name}: count {count} lb {} optimal {} waves {}",
-            out["lower_bound"], out["optimal"], out["waves"]
-        );
+        eprintln!("{name}: count {count} lb {} optimal {} waves {}", out["lower_bound"], out["optimal"], out["waves"]);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
@@ -69,10 +63,7 @@ fn every_random_case_is_solved_and_never_longer_than_the_peer() {
                 failures.push(format!("{name}: {count} migrations, peer {peer}"));
             }
         }
-        eprintln!(
-            "{name}: count {count} lb {} optimal {} peer {}",
-            out["lower_bound"], out["optimal"], case["peer_result"]["count"]
-        );
+        eprintln!("{name}: count {count} lb {} optimal {} peer {}", out["lower_bound"], out["optimal"], case["peer_result"]["count"]);
     }
     eprintln!("total ours {ours_total} peer {peer_total}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));

@@ -47,12 +47,7 @@ fn groups_hold(t: &BTreeMap<String, String>) {
 
 #[test]
 fn drain_empties_the_host_and_moves_nothing_else() {
-    let (out, _) = run(
-        &cluster(),
-        Policy::Drain {
-            hosts: vec!["h4".into()],
-        },
-    );
+    let (out, _) = run(&cluster(), Policy::Drain { hosts: vec!["h4".into()] });
     let t = target(&out);
     assert!(t.values().all(|h| h != "h4"), "{t:?}");
     for vm in ["a", "b", "c", "d"] {
@@ -65,14 +60,7 @@ fn drain_empties_the_host_and_moves_nothing_else() {
 #[test]
 fn drain_of_an_unknown_host_is_an_input_error() {
     let case: Case = serde_json::from_value(cluster()).expect("parses");
-    let err = plan_policy(
-        &case,
-        &Policy::Drain {
-            hosts: vec!["h9".into()],
-        },
-        &Options::default(),
-    )
-    .expect_err("unknown host");
+    let err = plan_policy(&case, &Policy::Drain { hosts: vec!["h9".into()] }, &Options::default()).expect_err("unknown host");
     assert_eq!(err.to_string(), "unknown host \"h9\" given to the policy");
 }
 
@@ -81,14 +69,7 @@ fn drain_that_cannot_fit_is_impossible_and_says_who() {
     let mut c = cluster();
     c["vms"][3]["memory_mib"] = json!(7000); // d+c = 8024 MiB: fits only where it is
     let case: Case = serde_json::from_value(c).expect("parses");
-    let out = plan_policy(
-        &case,
-        &Policy::Drain {
-            hosts: vec!["h3".into()],
-        },
-        &Options::default(),
-    )
-    .expect("valid");
+    let out = plan_policy(&case, &Policy::Drain { hosts: vec!["h3".into()] }, &Options::default()).expect("valid");
     let out = serde_json::to_value(out).expect("serialises");
     assert_eq!(out["status"], "impossible", "{out}");
     assert_eq!(out["blocked"][0]["vm"], "c+d");
@@ -115,10 +96,7 @@ fn balance_narrows_the_spread_of_memory_use() {
     });
     let (out, _) = run(&c, Policy::Balance);
     let t = target(&out);
-    let per_host: BTreeSet<usize> = ["h1", "h2", "h3"]
-        .iter()
-        .map(|h| t.values().filter(|x| x == h).count())
-        .collect();
+    let per_host: BTreeSet<usize> = ["h1", "h2", "h3"].iter().map(|h| t.values().filter(|x| x == h).count()).collect();
     assert_eq!(per_host, BTreeSet::from([1, 2]), "{t:?}");
     assert_eq!(out["count"], 1);
 }

@@ -86,16 +86,11 @@ fn boot_sector() -> Vec<u8> {
 pub async fn choose(binary: &str, request: AccelRequest, work_dir: &Path) -> Result<AccelChoice, QemuError> {
     let kvm_opens = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     match request {
-        AccelRequest::Tcg => {
-            Ok(AccelChoice { accel: Accel::Tcg, reason: "tcg requested".into(), tcg_ms: None, kvm_ms: None })
+        AccelRequest::Tcg => Ok(AccelChoice { accel: Accel::Tcg, reason: "tcg requested".into(), tcg_ms: None, kvm_ms: None }),
+        AccelRequest::Kvm if !kvm_opens => {
+            Err(QemuError::AccelUnusable { accel: "kvm".into(), reason: "/dev/kvm cannot be opened read-write".into() })
         }
-        AccelRequest::Kvm if !kvm_opens => Err(QemuError::AccelUnusable {
-            accel: "kvm".into(),
-            reason: "/dev/kvm cannot be opened read-write".into(),
-        }),
-        AccelRequest::Kvm => {
-            Ok(AccelChoice { accel: Accel::Kvm, reason: "kvm requested".into(), tcg_ms: None, kvm_ms: None })
-        }
+        AccelRequest::Kvm => Ok(AccelChoice { accel: Accel::Kvm, reason: "kvm requested".into(), tcg_ms: None, kvm_ms: None }),
         AccelRequest::Auto if !kvm_opens => Ok(AccelChoice {
             accel: Accel::Tcg,
             reason: "auto: /dev/kvm cannot be opened read-write, so TCG".into(),
@@ -103,8 +98,7 @@ pub async fn choose(binary: &str, request: AccelRequest, work_dir: &Path) -> Res
             kvm_ms: None,
         }),
         AccelRequest::Auto => {
-            std::fs::create_dir_all(work_dir)
-                .map_err(|e| QemuError::io(format!("creating {}", work_dir.display()), e))?;
+            std::fs::create_dir_all(work_dir).map_err(|e| QemuError::io(format!("creating {}", work_dir.display()), e))?;
             let img = work_dir.join("calibrate.img");
             std::fs::write(&img, boot_sector()).map_err(|e| QemuError::io(format!("writing {}", img.display()), e))?;
             let tcg = run_calibration(binary, "tcg", &img, work_dir, Duration::from_secs(60)).await?;
@@ -165,13 +159,7 @@ fn ms(d: Duration) -> u64 {
 
 /// Boots the calibration sector under `accel`; the time until its byte appears, or None
 /// if it did not within `limit`.
-async fn run_calibration(
-    binary: &str,
-    accel: &str,
-    img: &Path,
-    dir: &Path,
-    limit: Duration,
-) -> Result<Option<Duration>, QemuError> {
+async fn run_calibration(binary: &str, accel: &str, img: &Path, dir: &Path, limit: Duration) -> Result<Option<Duration>, QemuError> {
     let serial = dir.join(format!("calibrate-{accel}.out"));
     let _ = std::fs::remove_file(&serial);
     let start = Instant::now();

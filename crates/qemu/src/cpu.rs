@@ -77,17 +77,12 @@ pub fn baseline(hosts: &[CpuCatalog]) -> Option<(String, BTreeSet<String>)> {
 /// The CPU features (flags set to true) of `model` as this QEMU and accelerator expand
 /// it (`query-cpu-model-expansion`, type `full`).
 pub async fn features(qmp: &Qmp, model: &str) -> Result<BTreeSet<String>, QmpError> {
-    let v = qmp
-        .execute_raw("query-cpu-model-expansion", Some(json!({"type": "full", "model": {"name": model}})))
-        .await?;
+    let v = qmp.execute_raw("query-cpu-model-expansion", Some(json!({"type": "full", "model": {"name": model}}))).await?;
     Ok(true_flags(&v["model"]["props"]))
 }
 
 fn true_flags(props: &Value) -> BTreeSet<String> {
-    props
-        .as_object()
-        .map(|m| m.iter().filter(|(_, v)| v.as_bool() == Some(true)).map(|(k, _)| k.clone()).collect())
-        .unwrap_or_default()
+    props.as_object().map(|m| m.iter().filter(|(_, v)| v.as_bool() == Some(true)).map(|(k, _)| k.clone()).collect()).unwrap_or_default()
 }
 
 /// Features in `needed` that `offered` lacks.

@@ -159,17 +159,13 @@ impl QemuProcess {
         if len > SUN_PATH_MAX {
             return Err(QemuError::SocketPathTooLong { path: qmp_path, len });
         }
-        std::fs::create_dir_all(&cfg.run_dir)
-            .map_err(|e| QemuError::io(format!("creating {}", cfg.run_dir.display()), e))?;
+        std::fs::create_dir_all(&cfg.run_dir).map_err(|e| QemuError::io(format!("creating {}", cfg.run_dir.display()), e))?;
         for p in [cfg.qmp_path(), cfg.pid_path()] {
             let _ = std::fs::remove_file(p);
         }
         tracing::debug!(vm = %cfg.name, args = ?cfg.args(), "starting QEMU");
-        let out = tokio::process::Command::new(&cfg.binary)
-            .args(cfg.args())
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(false)
-            .output();
+        let out =
+            tokio::process::Command::new(&cfg.binary).args(cfg.args()).stdin(std::process::Stdio::null()).kill_on_drop(false).output();
         let out = tokio::time::timeout(Duration::from_secs(60), out)
             .await
             .map_err(|_| QemuError::StartFailed { vm: cfg.name.clone(), stderr: "QEMU did not daemonize within 60 s".into() })?

@@ -65,17 +65,15 @@ pub struct StatusInfo {
 impl Qmp {
     /// Connects to a QMP socket, reads the greeting and negotiates capabilities.
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| QmpError::Connect { path: path.to_path_buf(), source })?;
+        let stream = UnixStream::connect(path).await.map_err(|source| QmpError::Connect { path: path.to_path_buf(), source })?;
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
         let greeting = tokio::time::timeout(timeout, lines.next_line())
             .await
             .map_err(|_| QmpError::Timeout { command: "greeting".into(), timeout_ms: timeout.as_millis() })??
             .ok_or_else(|| QmpError::Closed { command: "greeting".into() })?;
-        let g: Value = serde_json::from_str(&greeting)
-            .map_err(|e| QmpError::Protocol { context: "greeting".into(), detail: e.to_string() })?;
+        let g: Value =
+            serde_json::from_str(&greeting).map_err(|e| QmpError::Protocol { context: "greeting".into(), detail: e.to_string() })?;
         if g.get("QMP").is_none() {
             return Err(QmpError::Protocol { context: "greeting".into(), detail: format!("no QMP banner in {greeting}") });
         }
@@ -126,12 +124,7 @@ impl Qmp {
     }
 
     /// Runs a command with an explicit timeout.
-    pub async fn execute_raw_timeout(
-        &self,
-        command: &str,
-        args: Option<Value>,
-        timeout: Duration,
-    ) -> Result<Value, QmpError> {
+    pub async fn execute_raw_timeout(&self, command: &str, args: Option<Value>, timeout: Duration) -> Result<Value, QmpError> {
         if self.is_closed() {
             return Err(QmpError::Closed { command: command.into() });
         }
@@ -164,8 +157,7 @@ impl Qmp {
 
     /// Runs a command with typed arguments and a typed reply.
     pub async fn execute<A: Serialize, R: DeserializeOwned>(&self, command: &str, args: &A) -> Result<R, QmpError> {
-        let a = serde_json::to_value(args)
-            .map_err(|e| QmpError::Protocol { context: command.into(), detail: e.to_string() })?;
+        let a = serde_json::to_value(args).map_err(|e| QmpError::Protocol { context: command.into(), detail: e.to_string() })?;
         let a = if a.is_null() { None } else { Some(a) };
         let v = self.execute_raw(command, a).await?;
         serde_json::from_value(v).map_err(|e| QmpError::Protocol { context: command.into(), detail: e.to_string() })
@@ -195,19 +187,13 @@ impl Qmp {
     }
 
     /// Waits for the next event named `name`, up to `timeout`.
-    pub async fn wait_event(
-        rx: &mut broadcast::Receiver<Event>,
-        name: &str,
-        timeout: Duration,
-    ) -> Result<Event, QmpError> {
+    pub async fn wait_event(rx: &mut broadcast::Receiver<Event>, name: &str, timeout: Duration) -> Result<Event, QmpError> {
         let fut = async {
             loop {
                 match rx.recv().await {
                     Ok(e) if e.event == name => return Ok(e),
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return Err(QmpError::Closed { command: format!("event {name}") })
-                    }
+                    Err(broadcast::error::RecvError::Closed) => return Err(QmpError::Closed { command: format!("event {name}") }),
                 }
             }
         };

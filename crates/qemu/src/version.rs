@@ -49,10 +49,8 @@ impl QemuVersion {
             }
         })?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let v = QemuVersion::parse(&text).ok_or_else(|| QemuError::UnknownVersion {
-            binary: binary.to_string(),
-            output: text.trim().chars().take(200).collect(),
-        })?;
+        let v = QemuVersion::parse(&text)
+            .ok_or_else(|| QemuError::UnknownVersion { binary: binary.to_string(), output: text.trim().chars().take(200).collect() })?;
         if v.major < MIN_MAJOR {
             return Err(QemuError::TooOld { binary: binary.to_string(), found: v.to_string(), need: MIN_MAJOR });
         }
@@ -66,8 +64,7 @@ mod tests {
 
     #[test]
     fn parses_debian_backports_banner() {
-        let v = QemuVersion::parse("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright")
-            .expect("parses");
+        let v = QemuVersion::parse("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright").expect("parses");
         assert_eq!((v.major, v.minor, v.micro), (10, 0, 2));
     }
 

@@ -55,11 +55,7 @@ fn agent_migrations(agents: &[&AgentProc]) -> Vec<(String, String)> {
 
 /// The agent among `agents` that runs `vm`.
 fn home<'a>(agents: &[&'a AgentProc], vm: &str) -> &'a AgentProc {
-    agents
-        .iter()
-        .copied()
-        .find(|a| a.run(&["vm", "info", vm]).status.success())
-        .unwrap_or_else(|| panic!("no agent runs {vm}: lost"))
+    agents.iter().copied().find(|a| a.run(&["vm", "info", vm]).status.success()).unwrap_or_else(|| panic!("no agent runs {vm}: lost"))
 }
 
 fn assert_still_healthy(a: &AgentProc, vm: &str) {
@@ -125,7 +121,11 @@ fn an_agent_killed_during_a_plan_is_marked_down_within_seconds_and_the_plan_repo
     let victim = step["to"].as_str().expect("destination").to_string();
 
     let killed_at = now_ms();
-    if victim == "h2" { h2.kill() } else { h3.kill() }
+    if victim == "h2" {
+        h2.kill()
+    } else {
+        h3.kill()
+    }
     let start = Instant::now();
     while ctl.host(&victim)["status"] != "down" {
         assert!(start.elapsed() < Duration::from_secs(10), "{victim} not marked down: {}", ctl.host(&victim));
@@ -243,7 +243,10 @@ fn walkabout_up_walks_four_guests_and_leaves_no_process_behind_after_ctrl_c() {
     assert!(status.success(), "{status}: {seen:#?}");
     assert_eq!(seen.iter().filter(|l| l.starts_with("booted g")).count(), 4, "{seen:#?}");
     assert!(seen.iter().any(|l| l.contains("/metrics")), "{seen:#?}");
-    assert!(seen.iter().filter(|l| l.starts_with("hop ")).all(|l| l.contains("completed") && l.contains("0 breaks, 0 corrupt")), "{seen:#?}");
+    assert!(
+        seen.iter().filter(|l| l.starts_with("hop ")).all(|l| l.contains("completed") && l.contains("0 breaks, 0 corrupt")),
+        "{seen:#?}"
+    );
     assert_eq!(processes_mentioning(&up.root), Vec::<i64>::new(), "processes left behind");
     assert!(!std::path::Path::new("/tmp").join(&up.root).exists(), "data left behind");
 }

@@ -26,10 +26,7 @@ pub fn peer_cases(file: &str) -> Vec<Value> {
         )
     });
     let doc: Value = serde_json::from_str(&text).expect("peer file is JSON");
-    doc["cases"]
-        .as_array()
-        .expect("peer file has cases")
-        .clone()
+    doc["cases"].as_array().expect("peer file has cases").clone()
 }
 
 /// Just the planner input of a peer case (drops the peer's fields).
@@ -58,23 +55,11 @@ struct Vm {
 }
 
 fn strings(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
+    v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect()).unwrap_or_default()
 }
 
 fn placement(v: &Value) -> BTreeMap<String, String> {
-    v.as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, h)| (k.clone(), h.as_str().unwrap_or("").to_string()))
-                .collect()
-        })
-        .unwrap_or_default()
+    v.as_object().map(|m| m.iter().map(|(k, h)| (k.clone(), h.as_str().unwrap_or("").to_string())).collect()).unwrap_or_default()
 }
 
 /// Replays `plan` (the planner's JSON output, status ok) on `case` (the input JSON),
@@ -87,19 +72,13 @@ pub fn simulate(case: &Value, plan: &Value) -> Result<(), String> {
         .ok_or("no hosts")?
         .iter()
         .map(|h| {
-            let mem =
-                h["memory_mib"].as_u64().unwrap_or(0) - h["reserved_mib"].as_u64().unwrap_or(0);
+            let mem = h["memory_mib"].as_u64().unwrap_or(0) - h["reserved_mib"].as_u64().unwrap_or(0);
             let archs = if h.get("guest_archs").is_some_and(|g| !g.is_null()) {
                 Some(strings(&h["guest_archs"]))
             } else {
                 h["arch"].as_str().map(|a| vec![a.to_string()])
             };
-            let host = Host {
-                mem,
-                cpu: h["vcpus"].as_u64(),
-                archs,
-                features: strings(&h["cpu_features"]).into_iter().collect(),
-            };
+            let host = Host { mem, cpu: h["vcpus"].as_u64(), archs, features: strings(&h["cpu_features"]).into_iter().collect() };
             (h["name"].as_str().unwrap_or("").to_string(), host)
         })
         .collect();
@@ -118,14 +97,9 @@ pub fn simulate(case: &Value, plan: &Value) -> Result<(), String> {
         })
         .collect();
     let target = placement(&case["target"]);
-    let limit = case["limits"]["max_parallel_per_host"]
-        .as_u64()
-        .unwrap_or(1);
+    let limit = case["limits"]["max_parallel_per_host"].as_u64().unwrap_or(1);
     // Shut down what the target does not want, before the first migration.
-    let start: BTreeMap<String, String> = placement(&case["current"])
-        .into_iter()
-        .filter(|(v, _)| target.contains_key(v))
-        .collect();
+    let start: BTreeMap<String, String> = placement(&case["current"]).into_iter().filter(|(v, _)| target.contains_key(v)).collect();
     let load_of = |at: &BTreeMap<String, String>| {
         let mut load: HashMap<String, (u64, u64)> = HashMap::new();
         for (v, h) in at {
@@ -147,16 +121,11 @@ pub fn simulate(case: &Value, plan: &Value) -> Result<(), String> {
         arch_ok && vm.features.iter().all(|f| h.features.contains(f))
     };
 
-    let migrations = plan["migrations"]
-        .as_array()
-        .ok_or("plan has no migrations")?;
+    let migrations = plan["migrations"].as_array().ok_or("plan has no migrations")?;
     let mut steps = Vec::new();
     for m in migrations {
         let vm = m["vm"].as_str().ok_or("migration without vm")?.to_string();
-        let from = m["from"]
-            .as_str()
-            .ok_or("migration without from")?
-            .to_string();
+        let from = m["from"].as_str().ok_or("migration without from")?.to_string();
         let to = m["to"].as_str().ok_or("migration without to")?.to_string();
         let wave = m["wave"].as_u64().ok_or("migration without wave")?;
         if !vms.contains_key(&vm) || !hosts.contains_key(&from) || !hosts.contains_key(&to) {
@@ -209,9 +178,7 @@ pub fn simulate(case: &Value, plan: &Value) -> Result<(), String> {
                 return Err(format!("wave {w}: {vm} migrates twice"));
             }
             if at.get(vm) != Some(from) {
-                return Err(format!(
-                    "wave {w}: {vm} is not on {from} when the wave starts"
-                ));
+                return Err(format!("wave {w}: {vm} is not on {from} when the wave starts"));
             }
             let e = peak.entry(to.clone()).or_default();
             e.0 += vms[vm].mem;
@@ -221,15 +188,11 @@ pub fn simulate(case: &Value, plan: &Value) -> Result<(), String> {
         }
         for (h, (mem, cpu)) in &peak {
             if !fits(h, *mem, *cpu) {
-                return Err(format!(
-                    "wave {w}: {h} holds {mem} MiB / {cpu} vCPUs at its peak"
-                ));
+                return Err(format!("wave {w}: {h} holds {mem} MiB / {cpu} vCPUs at its peak"));
             }
         }
         if let Some((h, n)) = parts.iter().find(|(_, &n)| n > limit) {
-            return Err(format!(
-                "wave {w}: {h} takes part in {n} migrations (limit {limit})"
-            ));
+            return Err(format!("wave {w}: {h} takes part in {n} migrations (limit {limit})"));
         }
         for (vm, _, to, _) in &this {
             at.insert(vm.clone(), to.clone());
@@ -250,10 +213,7 @@ pub fn simulate(case: &Value, plan: &Value) -> Result<(), String> {
     if plan["moved_mib"].as_u64() != Some(moved) {
         return Err("moved_mib differs from the migrations".into());
     }
-    if plan["lower_bound"]
-        .as_u64()
-        .is_none_or(|lb| lb > steps.len() as u64)
-    {
+    if plan["lower_bound"].as_u64().is_none_or(|lb| lb > steps.len() as u64) {
         return Err("lower_bound above count".into());
     }
     Ok(())

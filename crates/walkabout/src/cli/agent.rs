@@ -59,9 +59,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             cpu_ceiling: a.cpu_ceiling,
             ..AgentConfig::new(a.data_dir)
         };
-        let listener = tokio::net::TcpListener::bind(&a.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", a.listen))?;
+        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         let agent = Agent::start(config).await?;
         let url = format!("http://{}", listener.local_addr()?);
         std::fs::write(data_dir.join("agent.url"), &url).context("writing agent.url")?;

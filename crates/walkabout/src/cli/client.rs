@@ -27,10 +27,7 @@ impl Client {
         if !base.starts_with("http://") && !base.starts_with("https://") {
             anyhow::bail!("agent URL {base:?} must start with http:// (e.g. http://127.0.0.1:7701)");
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .build()
-            .context("building HTTP client")?;
+        let http = reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(5)).build().context("building HTTP client")?;
         Ok(Client { base, http })
     }
 
@@ -99,8 +96,7 @@ fn scaled(s: &str, what: &str, fold: bool, units: &[(&[&str], u64)]) -> Result<u
 
 /// Parses a memory size: `512M`, `2G`, `512MiB`, `1GiB`, or a bare number of MiB.
 pub fn parse_mib(s: &str) -> Result<u64, String> {
-    let units: &[(&[&str], u64)] =
-        &[(&["", "m", "mb", "mib"], 1), (&["g", "gb", "gib"], 1024), (&["t", "tb", "tib"], 1024 * 1024)];
+    let units: &[(&[&str], u64)] = &[(&["", "m", "mb", "mib"], 1), (&["g", "gb", "gib"], 1024), (&["t", "tb", "tib"], 1024 * 1024)];
     scaled(s, "size", true, units).map_err(|e| format!("{e} (e.g. 512M, 2G)"))
 }
 

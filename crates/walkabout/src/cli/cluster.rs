@@ -135,7 +135,8 @@ impl Ctl {
         let bytes = resp.bytes().await.with_context(|| format!("reading reply from {}{path}", self.base))?;
         let v: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
         if !status.is_success() {
-            let message = v["error"].as_str().map(String::from).unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
+            let message =
+                v["error"].as_str().map(String::from).unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
             return Err(Refusal { message, body: v }.into());
         }
         Ok(v)
@@ -260,7 +261,12 @@ async fn draw(ctl: &Ctl, plan: &Value) {
             },
             None => "starting".into(),
         };
-        running.push(format!("{} {}->{} {pct}", s["vm"].as_str().unwrap_or("?"), s["from"].as_str().unwrap_or("?"), s["to"].as_str().unwrap_or("?")));
+        running.push(format!(
+            "{} {}->{} {pct}",
+            s["vm"].as_str().unwrap_or("?"),
+            s["from"].as_str().unwrap_or("?"),
+            s["to"].as_str().unwrap_or("?")
+        ));
     }
     let filled = done * 30 / total;
     eprint!(
@@ -307,7 +313,12 @@ pub fn print_plan(p: &Value) {
         );
     }
     for b in p["blocked"].as_array().into_iter().flatten() {
-        println!("  blocked: {} needs {}: {}", b["vm"].as_str().unwrap_or("?"), b["needs"].as_str().unwrap_or("?"), b["why"].as_str().unwrap_or(""));
+        println!(
+            "  blocked: {} needs {}: {}",
+            b["vm"].as_str().unwrap_or("?"),
+            b["needs"].as_str().unwrap_or("?"),
+            b["why"].as_str().unwrap_or("")
+        );
     }
     for x in p["problems"].as_array().into_iter().flatten() {
         println!("  problem: {}: {}", x["vm"].as_str().unwrap_or("?"), x["reason"].as_str().unwrap_or(""));
@@ -326,7 +337,12 @@ pub fn print_refusal(e: &anyhow::Error, output: Output) -> anyhow::Result<ExitCo
         Output::Text => {
             eprintln!("walkabout: {}", r.body["error"].as_str().unwrap_or(&r.message));
             for b in r.body["blocked"].as_array().into_iter().flatten() {
-                eprintln!("  {} needs {}: {}", b["vm"].as_str().unwrap_or("?"), b["needs"].as_str().unwrap_or("?"), b["why"].as_str().unwrap_or(""));
+                eprintln!(
+                    "  {} needs {}: {}",
+                    b["vm"].as_str().unwrap_or("?"),
+                    b["needs"].as_str().unwrap_or("?"),
+                    b["why"].as_str().unwrap_or("")
+                );
             }
         }
     }

@@ -42,18 +42,11 @@ struct Report<'a> {
 }
 
 fn print(image: &GuestImage, args: &ImageArgs) -> anyhow::Result<()> {
-    let report = Report {
-        image,
-        cmdline: walkabout_image::cmdline(&args.workload),
-    };
+    let report = Report { image, cmdline: walkabout_image::cmdline(&args.workload) };
     match args.output {
         Output::Json => print_json(&report),
         Output::Text => {
-            println!(
-                "kernel  {} (Linux {})",
-                image.kernel.display(),
-                image.kernel_version
-            );
+            println!("kernel  {} (Linux {})", image.kernel.display(), image.kernel_version);
             println!("initrd  {}", image.initrd.display());
             println!("cmdline {}", report.cmdline);
             Ok(())
@@ -65,28 +58,16 @@ fn print(image: &GuestImage, args: &ImageArgs) -> anyhow::Result<()> {
 pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         ImageCommand::Build(args) => {
-            let dir = args
-                .cache_dir
-                .clone()
-                .unwrap_or_else(walkabout_image::default_cache_dir);
-            let image = walkabout_image::build(&dir)
-                .with_context(|| format!("building the guest image in {}", dir.display()))?;
+            let dir = args.cache_dir.clone().unwrap_or_else(walkabout_image::default_cache_dir);
+            let image = walkabout_image::build(&dir).with_context(|| format!("building the guest image in {}", dir.display()))?;
             print(&image, &args)?;
             Ok(ExitCode::SUCCESS)
         }
         ImageCommand::Path(args) => {
-            let dir = args
-                .cache_dir
-                .clone()
-                .unwrap_or_else(walkabout_image::default_cache_dir);
-            let cached = walkabout_image::cached(&dir)
-                .with_context(|| format!("reading the image cache {}", dir.display()))?;
-            let image = cached.with_context(|| {
-                format!(
-                    "no guest image for this walkabout in {}; run `walkabout image build`",
-                    dir.display()
-                )
-            })?;
+            let dir = args.cache_dir.clone().unwrap_or_else(walkabout_image::default_cache_dir);
+            let cached = walkabout_image::cached(&dir).with_context(|| format!("reading the image cache {}", dir.display()))?;
+            let image =
+                cached.with_context(|| format!("no guest image for this walkabout in {}; run `walkabout image build`", dir.display()))?;
             print(&image, &args)?;
             Ok(ExitCode::SUCCESS)
         }

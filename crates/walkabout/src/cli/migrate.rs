@@ -97,7 +97,12 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             if show_bar {
                 if let Some(sw) = rec["switches"].as_array() {
                     for s in &sw[last_switches.min(sw.len())..] {
-                        eprintln!("\r\x1b[2K  switch to {} at {} ms: {}", s["to"].as_str().unwrap_or("?"), s["at_ms"], s["reason"].as_str().unwrap_or(""));
+                        eprintln!(
+                            "\r\x1b[2K  switch to {} at {} ms: {}",
+                            s["to"].as_str().unwrap_or("?"),
+                            s["at_ms"],
+                            s["reason"].as_str().unwrap_or("")
+                        );
                     }
                     last_switches = sw.len();
                 }

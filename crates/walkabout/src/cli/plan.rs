@@ -63,22 +63,15 @@ struct ClusterIo {
 pub fn run(args: PlanArgs) -> anyhow::Result<ExitCode> {
     let opts = Options::default();
     let (input, output, policy) = match args.policy {
-        Some(PolicyCommand::Drain { hosts, io }) => {
-            (io.cluster, io.output, Some(Policy::Drain { hosts }))
-        }
-        Some(PolicyCommand::Consolidate { io }) => {
-            (io.cluster, io.output, Some(Policy::Consolidate))
-        }
+        Some(PolicyCommand::Drain { hosts, io }) => (io.cluster, io.output, Some(Policy::Drain { hosts })),
+        Some(PolicyCommand::Consolidate { io }) => (io.cluster, io.output, Some(Policy::Consolidate)),
         Some(PolicyCommand::Balance { io }) => (io.cluster, io.output, Some(Policy::Balance)),
         None => {
-            let case = args
-                .case
-                .context("missing CASE.json (or a policy: drain, consolidate, balance)")?;
+            let case = args.case.context("missing CASE.json (or a policy: drain, consolidate, balance)")?;
             (case, args.output, None)
         }
     };
-    let text = std::fs::read_to_string(&input)
-        .with_context(|| format!("cannot read {}", input.display()))?;
+    let text = std::fs::read_to_string(&input).with_context(|| format!("cannot read {}", input.display()))?;
     let outcome = Case::from_json(&text).and_then(|case| match &policy {
         Some(p) => plan_policy(&case, p, &opts),
         None => plan_with(&case, &opts),
@@ -103,9 +96,7 @@ fn write(outcome: &Outcome, output: Option<&Path>) -> anyhow::Result<()> {
     let mut json = serde_json::to_string_pretty(outcome)?;
     json.push('\n');
     match output {
-        Some(path) => {
-            std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))
-        }
+        Some(path) => std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display())),
         None => {
             print!("{json}");
             Ok(())

@@ -135,7 +135,13 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        println!("booted {name} on {} ({}, {}) in {} ms", host.as_deref().unwrap_or("?"), a.memory, a.workload, start.elapsed().as_millis());
+        println!(
+            "booted {name} on {} ({}, {}) in {} ms",
+            host.as_deref().unwrap_or("?"),
+            a.memory,
+            a.workload,
+            start.elapsed().as_millis()
+        );
     }
     println!();
     println!("controller API   {api_url}/v1/cluster  (hosts, vms, plans, migrations, walks)");

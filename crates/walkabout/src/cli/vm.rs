@@ -128,9 +128,7 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
             }
             VmCommand::Info(n) => one(n, |c, name| async move { c.get(&format!("/v1/vms/{name}")).await }).await,
             VmCommand::Pause(n) => one(n, |c, name| async move { c.post(&format!("/v1/vms/{name}/pause"), None).await }).await,
-            VmCommand::Resume(n) => {
-                one(n, |c, name| async move { c.post(&format!("/v1/vms/{name}/resume"), None).await }).await
-            }
+            VmCommand::Resume(n) => one(n, |c, name| async move { c.post(&format!("/v1/vms/{name}/resume"), None).await }).await,
             VmCommand::Stop(n) => one(n, |c, name| async move { c.post(&format!("/v1/vms/{name}/stop"), None).await }).await,
             VmCommand::Delete(n) => {
                 Client::new(&n.common.agent)?.delete(&format!("/v1/vms/{}", n.name)).await?;
@@ -267,7 +265,12 @@ fn print_vm(v: &Value) {
     let g = &v["guest"];
     println!("name:      {}", v["spec"]["name"].as_str().unwrap_or("?"));
     println!("state:     {}{}", v["state"].as_str().unwrap_or("?"), v["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default());
-    println!("memory:    {} MiB, {} vCPU(s), cpu model {}", v["spec"]["memory_mib"], v["spec"]["vcpus"], v["spec"]["cpu_model"].as_str().unwrap_or("qemu64"));
+    println!(
+        "memory:    {} MiB, {} vCPU(s), cpu model {}",
+        v["spec"]["memory_mib"],
+        v["spec"]["vcpus"],
+        v["spec"]["cpu_model"].as_str().unwrap_or("qemu64")
+    );
     println!("accel:     {}   pid: {}", v["accel"].as_str().unwrap_or("?"), v["pid"]);
     println!("workload:  {}", v["spec"]["workload"].as_str().unwrap_or("?"));
     println!(

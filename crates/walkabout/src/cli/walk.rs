@@ -1,9 +1,9 @@
 //! `walkabout walk` and `walkabout game musical-chairs`: VMs wandering about the
 //! cluster by live migration, each hop printed with its downtime.
 
+use super::client::parse_duration_ms;
 use super::client::{print_json, runtime, Output};
 use super::cluster::{Ctl, CtlArgs};
-use super::client::parse_duration_ms;
 use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::time::Duration;

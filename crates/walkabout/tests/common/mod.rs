@@ -44,7 +44,8 @@ pub fn json(args: &[&str]) -> Value {
     a.extend(["--output", "json"]);
     let out = walkabout(&a);
     assert!(out.status.success(), "walkabout {a:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("walkabout {a:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("walkabout {a:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 /// Runs `walkabout ARGS` expecting failure; returns stderr.
@@ -151,12 +152,7 @@ impl AgentProc {
         }
         args.extend(extra);
         let log = std::fs::File::create(self.data.join("agent.log")).expect("agent log");
-        let child = in_netns(&self.netns, bin())
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn agent");
+        let child = in_netns(&self.netns, bin()).args(&args).stdout(Stdio::null()).stderr(log).spawn().expect("spawn agent");
         self.child = Some(child);
         self.url = wait_url("agent", &mut self.child, &self.data.join("agent.url"), &self.data.join("agent.log"), Duration::from_secs(120));
     }
@@ -173,12 +169,7 @@ impl AgentProc {
 
     /// `walkabout ARGS --agent URL` (in the agent's namespace).
     pub fn run(&self, args: &[&str]) -> Output {
-        in_netns(&self.netns, bin())
-            .args(args)
-            .args(["--agent", &self.url])
-            .env("WALKABOUT_LOG", "warn")
-            .output()
-            .expect("run walkabout")
+        in_netns(&self.netns, bin()).args(args).args(["--agent", &self.url]).env("WALKABOUT_LOG", "warn").output().expect("run walkabout")
     }
 
     /// `walkabout ARGS --agent URL --output json`.
@@ -187,7 +178,8 @@ impl AgentProc {
         a.extend(["--output", "json"]);
         let out = self.run(&a);
         assert!(out.status.success(), "walkabout {a:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("walkabout {a:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("walkabout {a:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
     }
 
     /// `walkabout ARGS --agent URL`, expecting failure; returns stderr.
@@ -203,8 +195,9 @@ impl AgentProc {
         let mut a = vec!["migrate", vm, "--to", &dest.url, "--wait", "--output", "json"];
         a.extend(extra);
         let out = self.run(&a);
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("migrate {vm}: bad JSON ({e}): {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("migrate {vm}: bad JSON ({e}): {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        })
     }
 
     /// Starts a migration without waiting; returns its id.
@@ -360,7 +353,24 @@ impl NetPair {
     /// Rate-limits A's egress (the migration stream's direction) with a token bucket.
     pub fn limit_a(&self, rate: &str) {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.a, "tc", "qdisc", "add", "dev", &self.veth_a, "root", "tbf", "rate", rate, "burst", "256kb", "latency", "100ms"])
+            .args([
+                "netns",
+                "exec",
+                &self.a,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                &self.veth_a,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "256kb",
+                "latency",
+                "100ms",
+            ])
             .output()
             .expect("tc");
         assert!(out.status.success(), "tc: {}", String::from_utf8_lossy(&out.stderr));
@@ -460,7 +470,8 @@ impl ControllerProc {
         a.extend(["--output", "json"]);
         let out = self.run(&a);
         assert!(out.status.success(), "walkabout {a:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("walkabout {a:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("walkabout {a:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
     }
 
     /// The cluster's hosts by name.
