@@ -1,0 +1,299 @@
+//! The cluster as the controller sees it: hosts, VMs and where they run, the migrations
+//! it ordered, and the limits it runs them under.
+
+use crate::migration::{Phase, Progress};
+use crate::vm::{GuestStatus, VmSpec, VmState};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Version of [`Host`]'s and [`ClusterVm`]'s stored layout.
+pub const VIEW_VERSION: u32 = 1;
+/// Version of [`ClusterMigration`]'s stored layout.
+pub const CLUSTER_MIGRATION_VERSION: u32 = 1;
+
+/// Whether a host answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HostStatus {
+    /// Not polled yet.
+    Unknown,
+    /// Its agent answers.
+    Up,
+    /// Its agent stopped answering (see `down_reason`).
+    Down,
+}
+
+/// What the operator wants of a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Maintenance {
+    /// In service: VMs may be placed here.
+    Active,
+    /// Being emptied: nothing is placed here.
+    Draining,
+    /// Emptied and out of service.
+    Drained,
+    /// A drain that could not empty the host: nothing is placed here, and
+    /// `maintenance_reason` says which VMs stayed and why. Drain again or undrain.
+    DrainFailed,
+}
+
+impl Maintenance {
+    /// True when VMs may be placed on the host.
+    pub fn accepts_vms(self) -> bool {
+        self == Maintenance::Active
+    }
+}
+
+/// A host of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Host {
+    /// Layout version.
+    pub version: u32,
+    /// Its name in the cluster (`h1`...).
+    pub name: String,
+    /// Its agent's URL.
+    pub url: String,
+    /// Whether it answers.
+    pub status: HostStatus,
+    /// Since when (ms since the epoch) it has had that status.
+    pub status_since_ms: u64,
+    /// Why it is down.
+    #[serde(default)]
+    pub down_reason: Option<String>,
+    /// Maintenance mode.
+    pub maintenance: Maintenance,
+    /// Why it is in that maintenance mode, when that needs saying (a failed drain).
+    #[serde(default)]
+    pub maintenance_reason: Option<String>,
+    /// When its agent last answered.
+    #[serde(default)]
+    pub last_seen_ms: Option<u64>,
+    /// Its machine's host name.
+    #[serde(default)]
+    pub hostname: String,
+    /// CPU model.
+    #[serde(default)]
+    pub cpu_model: String,
+    /// CPUs.
+    #[serde(default)]
+    pub cpus: u32,
+    /// Memory for VMs, MiB.
+    #[serde(default)]
+    pub capacity_mib: u64,
+    /// Memory in use by VMs (incoming included), MiB.
+    #[serde(default)]
+    pub used_mib: u64,
+    /// Free memory, MiB.
+    #[serde(default)]
+    pub free_mib: u64,
+    /// Names of the VMs it runs.
+    #[serde(default)]
+    pub vms: Vec<String>,
+}
+
+impl Host {
+    /// True when plans may send VMs here.
+    pub fn accepts_vms(&self) -> bool {
+        self.status == HostStatus::Up && self.maintenance.accepts_vms()
+    }
+}
+
+/// A registration of an agent with the controller (`POST /v1/hosts`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AddHost {
+    /// The agent's URL.
+    pub url: String,
+    /// The host's name in the cluster; default `hN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// Where a VM of the cluster is, as the controller knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterVmState {
+    /// QEMU is being started.
+    Starting,
+    /// The guest runs.
+    Running,
+    /// The guest's vCPUs are paused.
+    Paused,
+    /// Being migrated away from its host.
+    Migrating,
+    /// Only seen as an incoming migration on some host (not yet owned there).
+    Incoming,
+    /// Its QEMU is not running.
+    Stopped,
+    /// No host lists it any more.
+    Missing,
+    /// Its host is down: it may or may not still run.
+    Unreachable,
+}
+
+impl From<VmState> for ClusterVmState {
+    fn from(s: VmState) -> Self {
+        match s {
+            VmState::Starting => ClusterVmState::Starting,
+            VmState::Running => ClusterVmState::Running,
+            VmState::Paused => ClusterVmState::Paused,
+            VmState::Migrating => ClusterVmState::Migrating,
+            VmState::Incoming => ClusterVmState::Incoming,
+            VmState::Stopped => ClusterVmState::Stopped,
+        }
+    }
+}
+
+impl ClusterVmState {
+    /// True when it holds memory on its host.
+    pub fn is_active(self) -> bool {
+        matches!(self, ClusterVmState::Starting | ClusterVmState::Running | ClusterVmState::Paused | ClusterVmState::Migrating)
+    }
+}
+
+impl std::fmt::Display for ClusterVmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClusterVmState::Starting => "starting",
+            ClusterVmState::Running => "running",
+            ClusterVmState::Paused => "paused",
+            ClusterVmState::Migrating => "migrating",
+            ClusterVmState::Incoming => "incoming",
+            ClusterVmState::Stopped => "stopped",
+            ClusterVmState::Missing => "missing",
+            ClusterVmState::Unreachable => "unreachable",
+        })
+    }
+}
+
+/// A VM of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterVm {
+    /// Layout version.
+    pub version: u32,
+    /// Its name.
+    pub name: String,
+    /// The host it runs on (last known, if that host is down).
+    pub host: Option<String>,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// In-guest workload.
+    pub workload: String,
+    /// Where it is.
+    pub state: ClusterVmState,
+    /// Why, when the agent said.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// What its guest reports (continuity carried across migrations by the agents).
+    #[serde(default)]
+    pub guest: GuestStatus,
+    /// When an agent last listed it.
+    #[serde(default)]
+    pub seen_ms: u64,
+}
+
+impl ClusterVm {
+    /// True when it holds memory on its host.
+    pub fn is_active(&self) -> bool {
+        self.state.is_active()
+    }
+}
+
+/// A VM to create through the controller (`POST /v1/vms`): the agent's spec, and
+/// optionally the host (default: the planner's choice of a host with room).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CreateVm {
+    /// The VM.
+    #[serde(flatten)]
+    pub spec: VmSpec,
+    /// Where to create it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+}
+
+/// A request to move one VM (`POST /v1/vms/{name}/move`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MoveVm {
+    /// The host it should run on.
+    pub to: String,
+}
+
+/// Limits on what runs at once, and on retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecLimits {
+    /// Migrations out of one host at once.
+    pub per_host_out: u32,
+    /// Migrations into one host at once.
+    pub per_host_in: u32,
+    /// Migrations in the whole cluster at once.
+    pub per_cluster: u32,
+    /// Migrations one host takes part in per wave, as the planner packs waves.
+    pub planner_parallel_per_host: u32,
+    /// Failed migrations of one VM before a plan gives it up.
+    pub max_attempts: u32,
+    /// Re-plans of one plan before it gives up.
+    pub max_replans: u32,
+}
+
+impl Default for ExecLimits {
+    fn default() -> Self {
+        ExecLimits { per_host_out: 1, per_host_in: 1, per_cluster: 2, planner_parallel_per_host: 1, max_attempts: 2, max_replans: 4 }
+    }
+}
+
+/// The cluster at a glance (`GET /v1/cluster`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterSummary {
+    /// Every host.
+    pub hosts: Vec<Host>,
+    /// Every VM.
+    pub vms: Vec<ClusterVm>,
+    /// Plans being executed.
+    pub running_plans: Vec<String>,
+    /// The limits migrations run under.
+    pub limits: ExecLimits,
+}
+
+/// A migration the controller ordered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterMigration {
+    /// Layout version.
+    pub version: u32,
+    /// Its id (`m1`...).
+    pub id: String,
+    /// The VM.
+    pub vm: String,
+    /// Source host.
+    pub from: String,
+    /// Destination host.
+    pub to: String,
+    /// The plan it belongs to, if any (walks have none).
+    #[serde(default)]
+    pub plan: Option<String>,
+    /// Why.
+    pub why: String,
+    /// Phase.
+    pub phase: Phase,
+    /// Why it failed or was cancelled.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The source agent's migration id, once the agent took it.
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    /// Progress as the agent last reported it.
+    #[serde(default)]
+    pub progress: Progress,
+    /// Guest pause at switchover, ms.
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Wall time, ms (the agent's).
+    #[serde(default)]
+    pub total_ms: Option<u64>,
+    /// Ordered, ms since the epoch.
+    pub started_ms: u64,
+    /// Ended.
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+}

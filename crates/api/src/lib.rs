@@ -1,0 +1,42 @@
+//! The contract between Walkabout's processes: every request, reply and event of the
+//! agent's and the controller's HTTP/JSON APIs, as plain serde types (states are enums
+//! with `is_final()` where they end), and one typed async client per server
+//! ([`AgentClient`], [`ControllerClient`]) with timeouts on every call.
+//!
+//! The OpenAPI documents ([`openapi::agent`], [`openapi::controller`]) are generated
+//! from these types and the route list in [`openapi`]; the checked-in copies under
+//! `docs/api/` are kept equal to them by a test, and each server serves its own at
+//! `/v1/openapi.json`.
+//!
+//! ```text
+//!  walkabout CLI ──ControllerClient──> controller ──AgentClient──> agent ──AgentClient──> agent
+//!        └────────────AgentClient──────────────────────────────────┘   (peer, /v1/incoming)
+//! ```
+//!
+//! Compatibility: fields are added with `#[serde(default)]`; a field or path is never
+//! renamed in place. Stored records carry a `version` and are upgraded when read.
+
+pub mod client;
+pub mod cluster;
+pub mod error;
+pub mod event;
+pub mod host;
+pub mod migration;
+pub mod openapi;
+pub mod plan;
+pub mod vm;
+pub mod walk;
+
+pub use client::{AgentClient, ClientError, ClientOptions, ControllerClient};
+pub use cluster::{
+    AddHost, ClusterMigration, ClusterSummary, ClusterVm, ClusterVmState, CreateVm, ExecLimits, Host, HostStatus, Maintenance, MoveVm,
+};
+pub use error::{ErrorBody, ErrorKind};
+pub use event::{Event, Subject};
+pub use host::{Accel, AccelChoice, CpuCatalog, HostInfo, QemuVersion};
+pub use migration::{
+    CommitRequest, IncomingReply, IncomingRequest, Limits, MigrationRecord, MigrationRequest, Mode, Phase, Progress, Strategy, Switch,
+};
+pub use plan::{Blocked, Goal, PlanRecord, PlanStatus, Problem, Step, StepStatus};
+pub use vm::{ConsoleChunk, GuestStatus, VmInfo, VmRecord, VmSpec, VmState};
+pub use walk::{Hop, Round, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus};

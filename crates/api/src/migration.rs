@@ -1,0 +1,325 @@
+//! A live migration between two agents: the request, the phases, the strategy and its
+//! switches, progress, and the source-to-destination hand-shake (`/v1/incoming`).
+//!
+//! ```text
+//! Pending -> Preparing -> Running -> Switchover -> Completed
+//!    \           \           \            \
+//!     +-----------+-----------+-> Failed    +-> Failed (post-copy only: the VM is lost)
+//!     +-----------+-----------+-> Cancelled
+//! ```
+//!
+//! Before `Switchover` the source still owns the VM: a failure or a cancel leaves it
+//! running there. `Switchover` starts when the source's vCPUs stop for the last time
+//! (pre-copy's final copy) or when post-copy starts; from then on cancel is refused.
+
+use crate::vm::{GuestStatus, VmSpec};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Version of [`MigrationRecord`]'s stored layout.
+pub const MIGRATION_VERSION: u32 = 1;
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Accepted, nothing done yet.
+    Pending,
+    /// Checking the destination and preparing its QEMU.
+    Preparing,
+    /// Memory is being copied while the VM runs on the source.
+    Running,
+    /// The VM is switching over to the destination (or runs there in post-copy).
+    Switchover,
+    /// The VM runs on the destination; the source copy is gone.
+    Completed,
+    /// The migration failed; see the reason. Before switchover the VM runs on the source.
+    Failed,
+    /// Cancelled before switchover; the VM runs on the source.
+    Cancelled,
+}
+
+impl Phase {
+    /// True once nothing more will happen.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Completed | Phase::Failed | Phase::Cancelled)
+    }
+
+    /// True while a cancel can still return the VM to its source.
+    pub fn cancellable(self) -> bool {
+        matches!(self, Phase::Pending | Phase::Preparing | Phase::Running)
+    }
+
+    /// Whether `self -> next` is a legal transition.
+    pub fn can_become(self, next: Phase) -> bool {
+        use Phase::*;
+        match (self, next) {
+            (a, b) if a == b => true,
+            (Pending, Preparing) | (Preparing, Running) | (Running, Switchover) | (Switchover, Completed) => true,
+            (Pending | Preparing | Running, Cancelled) => true,
+            (Pending | Preparing | Running | Switchover, Failed) => true,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Pending => "pending",
+            Phase::Preparing => "preparing",
+            Phase::Running => "running",
+            Phase::Switchover => "switchover",
+            Phase::Completed => "completed",
+            Phase::Failed => "failed",
+            Phase::Cancelled => "cancelled",
+        })
+    }
+}
+
+/// The migration mode the operator asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Walkabout picks and adapts; may switch to post-copy.
+    #[default]
+    Auto,
+    /// Pre-copy only (with throttling if needed); never post-copy.
+    Precopy,
+    /// Switch to post-copy after the first full pass. The VM depends on both hosts
+    /// until post-copy completes: losing either host then loses the VM.
+    Postcopy,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "precopy" => Ok(Mode::Precopy),
+            "postcopy" => Ok(Mode::Postcopy),
+            o => Err(format!("unknown migration mode '{o}': expected auto, precopy or postcopy")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Auto => "auto",
+            Mode::Precopy => "precopy",
+            Mode::Postcopy => "postcopy",
+        })
+    }
+}
+
+/// The operator's limits for one migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Limits {
+    /// Longest acceptable pause of the guest, ms.
+    pub max_downtime_ms: u64,
+    /// Bandwidth cap in bytes/s, if any.
+    pub max_bandwidth_bps: Option<u64>,
+    /// Time allowed per GiB of guest memory, ms.
+    pub budget_per_gib_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_downtime_ms: 300, max_bandwidth_bps: None, budget_per_gib_ms: 30_000 }
+    }
+}
+
+/// How QEMU is set up at the start of a migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Strategy {
+    /// Short name: `precopy`, `precopy+postcopy-ready`, `precopy+auto-converge`, `postcopy`.
+    pub name: String,
+    /// Enable QEMU's `postcopy-ram` capability (both ends) so a switch is possible.
+    pub postcopy_ready: bool,
+    /// Enable QEMU's `auto-converge` (vCPU throttling).
+    pub auto_converge: bool,
+    /// `max-bandwidth` given to QEMU, bytes/s.
+    pub bandwidth_bps: u64,
+    /// `downtime-limit` given to QEMU, ms.
+    pub downtime_ms: u64,
+    /// Why this strategy.
+    pub reason: String,
+}
+
+/// A recorded change of strategy during a migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Switch {
+    /// When, ms after the start.
+    pub at_ms: u64,
+    /// What it switched to.
+    pub to: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// A live view of a migration, updated after every sample of QEMU's statistics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Progress {
+    /// Phase, when known.
+    pub phase: Option<Phase>,
+    /// QEMU's own status string (`active`, `postcopy-active`, `completed`, ...).
+    pub qemu_status: String,
+    /// Pre-copy passes (dirty-bitmap syncs).
+    pub iteration: u64,
+    /// Bytes sent.
+    pub transferred_bytes: u64,
+    /// Bytes still to send.
+    pub remaining_bytes: u64,
+    /// Guest RAM size.
+    pub total_bytes: u64,
+    /// Guest dirty rate, bytes/s.
+    pub dirty_rate_bps: u64,
+    /// Transfer rate, bytes/s.
+    pub transfer_rate_bps: u64,
+    /// QEMU's expected downtime, ms.
+    pub expected_downtime_ms: u64,
+    /// Time since start, ms.
+    pub elapsed_ms: u64,
+    /// vCPU throttle applied by auto-converge, percent.
+    pub throttle_pct: u64,
+}
+
+impl Progress {
+    /// Estimated time to the end of the current pass at the current transfer rate, ms
+    /// (`None` while the rate is unknown).
+    pub fn eta_ms(&self) -> Option<u64> {
+        (self.transfer_rate_bps > 0).then(|| self.remaining_bytes.saturating_mul(1000) / self.transfer_rate_bps)
+    }
+}
+
+/// A request to migrate a VM of an agent to another agent (`POST /v1/migrations`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationRequest {
+    /// The VM.
+    pub vm: String,
+    /// The destination agent's URL.
+    pub destination: String,
+    /// Strategy mode.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Longest acceptable guest pause, ms (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_downtime_ms: Option<u64>,
+    /// Bandwidth cap, bytes/s (default: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth_bps: Option<u64>,
+    /// Time budget per GiB of guest memory, ms (default 30 000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_per_gib_ms: Option<u64>,
+}
+
+impl MigrationRequest {
+    /// A request with every limit at its default.
+    pub fn new(vm: impl Into<String>, destination: impl Into<String>, mode: Mode) -> MigrationRequest {
+        MigrationRequest {
+            vm: vm.into(),
+            destination: destination.into(),
+            mode,
+            max_downtime_ms: None,
+            max_bandwidth_bps: None,
+            budget_per_gib_ms: None,
+        }
+    }
+}
+
+/// A migration as the source agent records and reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationRecord {
+    /// Layout version.
+    pub version: u32,
+    /// Its id.
+    pub id: String,
+    /// The VM.
+    pub vm: String,
+    /// The destination agent's URL.
+    pub destination: String,
+    /// Mode asked for.
+    pub mode: Mode,
+    /// Limits in force.
+    pub limits: Limits,
+    /// Where it is.
+    pub phase: Phase,
+    /// Why it failed or was cancelled.
+    pub reason: Option<String>,
+    /// Dirty rate measured before the start, bytes/s.
+    pub dirty_rate_bps: Option<u64>,
+    /// The strategy picked.
+    pub strategy: Option<Strategy>,
+    /// Every change of strategy, with its reason.
+    pub switches: Vec<Switch>,
+    /// Latest progress.
+    pub progress: Progress,
+    /// Wall time, ms, once final.
+    pub total_ms: Option<u64>,
+    /// Guest pause at switchover, ms, once completed.
+    pub downtime_ms: Option<u64>,
+    /// Start, ms since the epoch.
+    pub created_at_ms: u64,
+    /// End, ms since the epoch.
+    pub finished_at_ms: Option<u64>,
+}
+
+/// What the source asks of the destination (`POST /v1/incoming`, agent to agent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IncomingRequest {
+    /// The VM's spec (the destination starts an identical QEMU).
+    pub spec: VmSpec,
+    /// Whether the source may switch to post-copy (a capability both ends must share).
+    pub postcopy_ready: bool,
+    /// CPU features the VM's CPU model has on the source.
+    pub cpu_features: Vec<String>,
+    /// The address the destination QEMU listens on (the host the source reaches it by).
+    pub listen_host: String,
+}
+
+/// The destination's answer: where to send the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IncomingReply {
+    /// QEMU migration URI, e.g. `tcp:10.0.0.2:40123`.
+    pub uri: String,
+}
+
+/// The ownership hand-over after switchover (`POST /v1/incoming/{name}/commit`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CommitRequest {
+    /// The guest's status as the source's (complete) console left it.
+    #[serde(default)]
+    pub guest: Option<GuestStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Phase::*;
+
+    #[test]
+    fn cancel_is_possible_only_before_switchover() {
+        assert!(Running.cancellable());
+        assert!(!Switchover.cancellable());
+        assert!(!Completed.cancellable());
+        assert!(Running.can_become(Cancelled));
+        assert!(!Switchover.can_become(Cancelled));
+    }
+
+    #[test]
+    fn final_phases_do_not_move() {
+        for p in [Completed, Failed, Cancelled] {
+            assert!(p.is_final());
+            assert!(!p.can_become(Running));
+        }
+        assert!(!Completed.can_become(Failed));
+    }
+
+    #[test]
+    fn phase_display_is_its_wire_spelling() {
+        for p in [Pending, Preparing, Running, Switchover, Completed, Failed, Cancelled] {
+            assert_eq!(serde_json::to_value(p).ok(), Some(serde_json::Value::String(p.to_string())));
+        }
+    }
+}

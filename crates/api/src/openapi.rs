@@ -1,0 +1,381 @@
+//! The OpenAPI documents of both servers, generated from the types of this crate and the
+//! route declarations below (the one place each path, its method, body and replies are
+//! written down). `docs/api/agent.json` and `docs/api/controller.json` are these
+//! documents, checked in; a test fails when they differ from what is generated here.
+//!
+//! The route declarations are bodiless functions: utoipa reads their attributes, the
+//! servers implement them. Each server's own test checks that it serves exactly these
+//! paths.
+#![allow(dead_code)]
+
+use utoipa::OpenApi;
+
+/// The agent's API document.
+pub fn agent() -> utoipa::openapi::OpenApi {
+    AgentDoc::openapi()
+}
+
+/// The controller's API document.
+pub fn controller() -> utoipa::openapi::OpenApi {
+    ControllerDoc::openapi()
+}
+
+/// A document as the pretty JSON checked in under `docs/api/` (ends with a newline).
+pub fn to_json(doc: &utoipa::openapi::OpenApi) -> String {
+    let mut s = doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    s.push('\n');
+    s
+}
+
+/// Every `(method, path)` of a document, sorted, with methods in upper case: what a
+/// server's router is compared with.
+pub fn routes(doc: &utoipa::openapi::OpenApi) -> Vec<(String, String)> {
+    let mut v = vec![];
+    let json = serde_json::to_value(doc).unwrap_or_default();
+    if let Some(paths) = json.get("paths").and_then(|p| p.as_object()) {
+        for (path, item) in paths {
+            if let Some(ops) = item.as_object() {
+                for m in ["get", "put", "post", "delete", "patch"] {
+                    if ops.contains_key(m) {
+                        v.push((m.to_uppercase(), path.clone()));
+                    }
+                }
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+mod agent_routes {
+    use crate::error::ErrorBody;
+    use crate::host::{CpuCatalog, HostInfo};
+    use crate::migration::{CommitRequest, IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest};
+    use crate::vm::{ConsoleChunk, VmInfo, VmSpec};
+
+    /// The host: resources, accelerator (and why), QEMU version.
+    #[utoipa::path(get, path = "/v1/host", tag = "host", responses((status = 200, body = HostInfo)))]
+    fn host() {}
+
+    /// CPU models this host's QEMU knows, their features, and the host's ceiling.
+    #[utoipa::path(get, path = "/v1/host/cpu", tag = "host", responses((status = 200, body = CpuCatalog), (status = 500, body = ErrorBody)))]
+    fn host_cpu() {}
+
+    /// The VMs of this host, incoming ones included.
+    #[utoipa::path(get, path = "/v1/vms", tag = "vms", responses((status = 200, body = Vec<VmInfo>)))]
+    fn list_vms() {}
+
+    /// Creates and starts a VM; answers once QEMU runs.
+    #[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = VmSpec, responses(
+        (status = 201, body = VmInfo), (status = 409, description = "duplicate name or not enough memory", body = ErrorBody),
+        (status = 422, description = "invalid spec", body = ErrorBody)))]
+    fn create_vm() {}
+
+    /// One VM with its guest status.
+    #[utoipa::path(get, path = "/v1/vms/{name}", tag = "vms", params(("name" = String, Path, description = "VM name")),
+        responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody)))]
+    fn get_vm() {}
+
+    /// Stops and forgets a VM.
+    #[utoipa::path(delete, path = "/v1/vms/{name}", tag = "vms", params(("name" = String, Path, description = "VM name")),
+        responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn delete_vm() {}
+
+    /// Pauses the guest's vCPUs.
+    #[utoipa::path(post, path = "/v1/vms/{name}/pause", tag = "vms", params(("name" = String, Path, description = "VM name")),
+        responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn pause_vm() {}
+
+    /// Resumes a paused guest.
+    #[utoipa::path(post, path = "/v1/vms/{name}/resume", tag = "vms", params(("name" = String, Path, description = "VM name")),
+        responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn resume_vm() {}
+
+    /// Stops QEMU; the record stays.
+    #[utoipa::path(post, path = "/v1/vms/{name}/stop", tag = "vms", params(("name" = String, Path, description = "VM name")),
+        responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn stop_vm() {}
+
+    /// The serial console from byte `offset` (at most `max` bytes, 1 MiB by default).
+    #[utoipa::path(get, path = "/v1/vms/{name}/console", tag = "vms", params(("name" = String, Path, description = "VM name"),
+        ("offset" = Option<u64>, Query, description = "first byte"), ("max" = Option<u64>, Query, description = "most bytes")),
+        responses((status = 200, body = ConsoleChunk), (status = 404, body = ErrorBody)))]
+    fn console() {}
+
+    /// Migrations this agent drove as their source, oldest first.
+    #[utoipa::path(get, path = "/v1/migrations", tag = "migrations", responses((status = 200, body = Vec<MigrationRecord>)))]
+    fn list_migrations() {}
+
+    /// Starts migrating a VM of this host; answers at once with the record to poll.
+    #[utoipa::path(post, path = "/v1/migrations", tag = "migrations", request_body = MigrationRequest, responses(
+        (status = 202, body = MigrationRecord), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+    fn start_migration() {}
+
+    /// One migration: phase, progress, strategy, switches.
+    #[utoipa::path(get, path = "/v1/migrations/{id}", tag = "migrations", params(("id" = String, Path, description = "migration id")),
+        responses((status = 200, body = MigrationRecord), (status = 404, body = ErrorBody)))]
+    fn get_migration() {}
+
+    /// Server-sent events: the migration's record (JSON, event `migration`) each time it
+    /// changes, until it is final.
+    #[utoipa::path(get, path = "/v1/migrations/{id}/events", tag = "migrations", params(("id" = String, Path, description = "migration id")),
+        responses((status = 200, content_type = "text/event-stream", body = MigrationRecord), (status = 404, body = ErrorBody)))]
+    fn migration_events() {}
+
+    /// Cancels a migration before its switchover (idempotent); refused after it.
+    #[utoipa::path(post, path = "/v1/migrations/{id}/cancel", tag = "migrations", params(("id" = String, Path, description = "migration id")),
+        responses((status = 202, body = MigrationRecord), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn cancel_migration() {}
+
+    /// Agent to agent: prepares this host to receive a VM (a paused QEMU waiting for the
+    /// stream) and says where to send it.
+    #[utoipa::path(post, path = "/v1/incoming", tag = "incoming", request_body = IncomingRequest, responses(
+        (status = 201, body = IncomingReply), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn prepare_incoming() {}
+
+    /// Agent to agent: the source's liveness probe; renews the destination's lease.
+    #[utoipa::path(get, path = "/v1/incoming/{name}", tag = "incoming", params(("name" = String, Path, description = "VM name")),
+        responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn incoming() {}
+
+    /// Agent to agent: tears down an incoming VM that never ran here (idempotent).
+    #[utoipa::path(delete, path = "/v1/incoming/{name}", tag = "incoming", params(("name" = String, Path, description = "VM name")),
+        responses((status = 204), (status = 409, body = ErrorBody)))]
+    fn abort_incoming() {}
+
+    /// Agent to agent: after switchover, makes this host the VM's owner.
+    #[utoipa::path(post, path = "/v1/incoming/{name}/commit", tag = "incoming", params(("name" = String, Path, description = "VM name")),
+        request_body = CommitRequest, responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn commit_incoming() {}
+
+    /// Prometheus metrics (text exposition format).
+    #[utoipa::path(get, path = "/metrics", tag = "metrics", responses((status = 200, content_type = "text/plain", body = String)))]
+    fn metrics() {}
+
+    /// This document.
+    #[utoipa::path(get, path = "/v1/openapi.json", tag = "meta", responses((status = 200, content_type = "application/json", body = Object)))]
+    fn openapi() {}
+}
+
+/// The agent's API: one host's VMs, its migrations as their source, and the
+/// destination side of migrations (`/v1/incoming`, agent to agent).
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Walkabout agent API", description = "One host's VMs and live migrations. Errors are `ErrorBody` with a 4xx/5xx status."),
+    paths(
+        agent_routes::host, agent_routes::host_cpu, agent_routes::list_vms, agent_routes::create_vm, agent_routes::get_vm,
+        agent_routes::delete_vm, agent_routes::pause_vm, agent_routes::resume_vm, agent_routes::stop_vm, agent_routes::console,
+        agent_routes::list_migrations, agent_routes::start_migration, agent_routes::get_migration, agent_routes::migration_events,
+        agent_routes::cancel_migration, agent_routes::prepare_incoming, agent_routes::incoming, agent_routes::abort_incoming,
+        agent_routes::commit_incoming, agent_routes::metrics, agent_routes::openapi
+    ),
+    components(schemas(crate::vm::VmState, crate::migration::Phase, crate::error::ErrorKind))
+)]
+struct AgentDoc;
+
+mod controller_routes {
+    use crate::cluster::{AddHost, ClusterMigration, ClusterSummary, ClusterVm, CreateVm, Host, MoveVm};
+    use crate::error::ErrorBody;
+    use crate::event::Event;
+    use crate::plan::{Goal, PlanRecord};
+    use crate::walk::{WalkOptions, WalkRecord};
+
+    /// Summary: hosts, VMs, running plans, limits.
+    #[utoipa::path(get, path = "/v1/cluster", tag = "cluster", responses((status = 200, body = ClusterSummary)))]
+    fn cluster() {}
+
+    /// Hosts: up or down (since when, why), maintenance, capacity, VMs.
+    #[utoipa::path(get, path = "/v1/hosts", tag = "hosts", responses((status = 200, body = Vec<Host>)))]
+    fn list_hosts() {}
+
+    /// Registers an agent.
+    #[utoipa::path(post, path = "/v1/hosts", tag = "hosts", request_body = AddHost, responses(
+        (status = 201, body = Host), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn add_host() {}
+
+    /// One host.
+    #[utoipa::path(get, path = "/v1/hosts/{name}", tag = "hosts", params(("name" = String, Path, description = "host name")),
+        responses((status = 200, body = Host), (status = 404, body = ErrorBody)))]
+    fn get_host() {}
+
+    /// Takes a host that runs no VM out of the cluster (it is no longer polled).
+    #[utoipa::path(delete, path = "/v1/hosts/{name}", tag = "hosts", params(("name" = String, Path, description = "host name")),
+        responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn remove_host() {}
+
+    /// Maintenance: the host takes no new VMs and a drain plan empties it (executed at
+    /// once; 409 with per-VM reasons if impossible). Migrations in flight are waited for.
+    #[utoipa::path(post, path = "/v1/hosts/{name}/drain", tag = "hosts", params(("name" = String, Path, description = "host name")),
+        responses((status = 202, body = PlanRecord), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn drain() {}
+
+    /// Back in service (cancels its drain).
+    #[utoipa::path(post, path = "/v1/hosts/{name}/undrain", tag = "hosts", params(("name" = String, Path, description = "host name")),
+        responses((status = 200, body = Host), (status = 404, body = ErrorBody)))]
+    fn undrain() {}
+
+    /// Every VM of the cluster and its host.
+    #[utoipa::path(get, path = "/v1/vms", tag = "vms", responses((status = 200, body = Vec<ClusterVm>)))]
+    fn list_vms() {}
+
+    /// Creates a VM on a host (given, or one with room).
+    #[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = CreateVm, responses(
+        (status = 201, body = ClusterVm), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn create_vm() {}
+
+    /// One VM: where it runs, its guest's health.
+    #[utoipa::path(get, path = "/v1/vms/{name}", tag = "vms", params(("name" = String, Path, description = "VM name")),
+        responses((status = 200, body = ClusterVm), (status = 404, body = ErrorBody)))]
+    fn get_vm() {}
+
+    /// Deletes a VM on its host.
+    #[utoipa::path(delete, path = "/v1/vms/{name}", tag = "vms", params(("name" = String, Path, description = "VM name")),
+        responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn delete_vm() {}
+
+    /// Moves a VM: a `place` plan, executed.
+    #[utoipa::path(post, path = "/v1/vms/{name}/move", tag = "vms", params(("name" = String, Path, description = "VM name")),
+        request_body = MoveVm, responses((status = 202, body = PlanRecord), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn move_vm() {}
+
+    /// Migrations the controller ordered.
+    #[utoipa::path(get, path = "/v1/migrations", tag = "migrations", responses((status = 200, body = Vec<ClusterMigration>)))]
+    fn list_migrations() {}
+
+    /// One migration.
+    #[utoipa::path(get, path = "/v1/migrations/{id}", tag = "migrations", params(("id" = String, Path, description = "migration id")),
+        responses((status = 200, body = ClusterMigration), (status = 404, body = ErrorBody)))]
+    fn get_migration() {}
+
+    /// Cancels a migration (before switchover).
+    #[utoipa::path(post, path = "/v1/migrations/{id}/cancel", tag = "migrations", params(("id" = String, Path, description = "migration id")),
+        responses((status = 202, body = ClusterMigration), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn cancel_migration() {}
+
+    /// Plans, newest last.
+    #[utoipa::path(get, path = "/v1/plans", tag = "plans", responses((status = 200, body = Vec<PlanRecord>)))]
+    fn list_plans() {}
+
+    /// Plans a goal (a dry run): review, then execute or cancel.
+    #[utoipa::path(post, path = "/v1/plans", tag = "plans", request_body = Goal, responses(
+        (status = 201, body = PlanRecord), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn propose() {}
+
+    /// One plan: its steps with their migrations, its problems.
+    #[utoipa::path(get, path = "/v1/plans/{id}", tag = "plans", params(("id" = String, Path, description = "plan id")),
+        responses((status = 200, body = PlanRecord), (status = 404, body = ErrorBody)))]
+    fn get_plan() {}
+
+    /// Executes a proposed plan.
+    #[utoipa::path(post, path = "/v1/plans/{id}/execute", tag = "plans", params(("id" = String, Path, description = "plan id")),
+        responses((status = 202, body = PlanRecord), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn execute_plan() {}
+
+    /// Cancels a plan: nothing more starts; running migrations are cancelled.
+    #[utoipa::path(post, path = "/v1/plans/{id}/cancel", tag = "plans", params(("id" = String, Path, description = "plan id")),
+        responses((status = 202, body = PlanRecord), (status = 404, body = ErrorBody)))]
+    fn cancel_plan() {}
+
+    /// Walks and games.
+    #[utoipa::path(get, path = "/v1/walks", tag = "walks", responses((status = 200, body = Vec<WalkRecord>)))]
+    fn list_walks() {}
+
+    /// Starts a walk: VMs wander by live migration.
+    #[utoipa::path(post, path = "/v1/walks", tag = "walks", request_body = WalkOptions, responses(
+        (status = 202, body = WalkRecord), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn start_walk() {}
+
+    /// Starts musical chairs: each round a host is drained and taken out of the cluster.
+    #[utoipa::path(post, path = "/v1/games/musical-chairs", tag = "walks", request_body = WalkOptions, responses(
+        (status = 202, body = WalkRecord), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn start_musical_chairs() {}
+
+    /// A walk or game: hops with downtime, rounds, survivors.
+    #[utoipa::path(get, path = "/v1/walks/{id}", tag = "walks", params(("id" = String, Path, description = "walk id")),
+        responses((status = 200, body = WalkRecord), (status = 404, body = ErrorBody)))]
+    fn get_walk() {}
+
+    /// Stops a walk or game.
+    #[utoipa::path(post, path = "/v1/walks/{id}/stop", tag = "walks", params(("id" = String, Path, description = "walk id")),
+        responses((status = 202, body = WalkRecord), (status = 404, body = ErrorBody)))]
+    fn stop_walk() {}
+
+    /// Server-sent events: stored events after `since`, then live ones; each message's
+    /// id is the event's `seq` and its event type the subject.
+    #[utoipa::path(get, path = "/v1/events", tag = "events", params(("since" = Option<u64>, Query, description = "replay events after this seq")),
+        responses((status = 200, content_type = "text/event-stream", body = Event)))]
+    fn events() {}
+
+    /// Prometheus metrics (text exposition format).
+    #[utoipa::path(get, path = "/metrics", tag = "metrics", responses((status = 200, content_type = "text/plain", body = String)))]
+    fn metrics() {}
+
+    /// This document.
+    #[utoipa::path(get, path = "/v1/openapi.json", tag = "meta", responses((status = 200, content_type = "application/json", body = Object)))]
+    fn openapi() {}
+}
+
+/// The controller's API: the cluster, plans, migrations, walks and games, events.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Walkabout controller API", description = "The cluster: hosts, VMs, plans, migrations, walks, events. Long operations answer 202 with the resource to poll. Errors are `ErrorBody` with a 4xx/5xx status."),
+    paths(
+        controller_routes::cluster, controller_routes::list_hosts, controller_routes::add_host, controller_routes::get_host,
+        controller_routes::remove_host, controller_routes::drain, controller_routes::undrain, controller_routes::list_vms,
+        controller_routes::create_vm, controller_routes::get_vm, controller_routes::delete_vm, controller_routes::move_vm,
+        controller_routes::list_migrations, controller_routes::get_migration, controller_routes::cancel_migration,
+        controller_routes::list_plans, controller_routes::propose, controller_routes::get_plan, controller_routes::execute_plan,
+        controller_routes::cancel_plan, controller_routes::list_walks, controller_routes::start_walk,
+        controller_routes::start_musical_chairs, controller_routes::get_walk, controller_routes::stop_walk, controller_routes::events,
+        controller_routes::metrics, controller_routes::openapi
+    ),
+    components(schemas(crate::cluster::ClusterVmState, crate::plan::PlanStatus, crate::error::ErrorKind, crate::event::Subject))
+)]
+struct ControllerDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn checked_in(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/api").join(name)
+    }
+
+    /// Set `WALKABOUT_BLESS=1` to rewrite the checked-in documents.
+    fn compare(name: &str, generated: String) {
+        let path = checked_in(name);
+        if std::env::var_os("WALKABOUT_BLESS").is_some() {
+            std::fs::write(&path, &generated).expect("write the document");
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == generated,
+            "{} differs from the document generated from crates/api; regenerate it with \
+             `WALKABOUT_BLESS=1 cargo test -p walkabout-api openapi` and review the diff",
+            path.display()
+        );
+    }
+
+    #[test]
+    fn checked_in_agent_openapi_matches_the_types() {
+        compare("agent.json", to_json(&agent()));
+    }
+
+    #[test]
+    fn checked_in_controller_openapi_matches_the_types() {
+        compare("controller.json", to_json(&controller()));
+    }
+
+    #[test]
+    fn every_path_has_one_spelling() {
+        for doc in [agent(), controller()] {
+            let routes = routes(&doc);
+            assert!(routes.iter().all(|(_, p)| !p.contains(':')), "Nova-style ':action' paths are not spelled here: {routes:?}");
+            let mut dedup = routes.clone();
+            dedup.dedup();
+            assert_eq!(dedup, routes);
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Walks and games: VMs wandering by live migration, and musical chairs. They are
+//! clients of the controller's plans and migrations; these are their records.
+
+use crate::migration::Phase;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Which game.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WalkKind {
+    /// VMs wander for a while.
+    Walk,
+    /// Musical chairs.
+    MusicalChairs,
+}
+
+/// Where a walk is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WalkStatus {
+    /// Under way.
+    Running,
+    /// Ended (its time ran out, or the game is over).
+    Finished,
+    /// Stopped by the operator.
+    Stopped,
+}
+
+impl WalkStatus {
+    /// True once nothing more will happen.
+    pub fn is_final(self) -> bool {
+        self != WalkStatus::Running
+    }
+}
+
+/// One hop: a live migration of the walk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Hop {
+    /// The controller's migration id.
+    pub migration: String,
+    /// The VM.
+    pub vm: String,
+    /// From host.
+    pub from: String,
+    /// To host.
+    pub to: String,
+    /// `completed`, `failed` or `cancelled`.
+    pub result: Phase,
+    /// Guest pause, ms.
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Migration time, ms.
+    #[serde(default)]
+    pub total_ms: Option<u64>,
+    /// Why it failed.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// One round of musical chairs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Round {
+    /// Round number, from 1.
+    pub round: u32,
+    /// The host drained (and taken out of the game if the drain completed).
+    pub host: String,
+    /// The drain's plan, if one was made.
+    #[serde(default)]
+    pub plan: Option<String>,
+    /// What happened.
+    pub result: String,
+}
+
+/// A VM at the end, with its guest's health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Survivor {
+    /// The VM.
+    pub vm: String,
+    /// Where it runs.
+    pub host: Option<String>,
+    /// Heartbeats counted over its life, across hosts.
+    pub heartbeats: u64,
+    /// Heartbeat sequence breaks.
+    pub seq_breaks: u64,
+    /// Corrupt pages its checker found.
+    pub corrupt_pages: u64,
+}
+
+/// A walk or a game, as served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WalkRecord {
+    /// Its id (`w1`...).
+    pub id: String,
+    /// Which.
+    pub kind: WalkKind,
+    /// Where it is.
+    pub status: WalkStatus,
+    /// Started, ms since the epoch.
+    pub started_ms: u64,
+    /// Ended.
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+    /// Every hop, in the order they finished.
+    pub hops: Vec<Hop>,
+    /// Musical chairs' rounds.
+    #[serde(default)]
+    pub rounds: Vec<Round>,
+    /// VMs still running at the end, and their health.
+    #[serde(default)]
+    pub survivors: Vec<Survivor>,
+    /// How it ended.
+    #[serde(default)]
+    pub result: Option<String>,
+}
+
+/// How to walk (`POST /v1/walks`, `POST /v1/games/musical-chairs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WalkOptions {
+    /// How long VMs wander (a walk), or circulate per round (musical chairs), ms.
+    pub duration_ms: u64,
+    /// Hops at once (the controller's limits apply too).
+    #[serde(default = "one")]
+    #[schema(default = 1)]
+    pub parallel: u32,
+    /// Pause between the end of a VM's hop and its next, ms.
+    #[serde(default)]
+    pub pause_ms: u64,
+}
+
+fn one() -> u32 {
+    1
+}
