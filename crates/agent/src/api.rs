@@ -20,7 +20,6 @@
 //! 4xx/5xx status.
 
 use crate::error::AgentError;
-use crate::migration::{IncomingRequest, MigrationRequest};
 use crate::spec::VmSpec;
 use crate::vms::Agent;
 use axum::extract::{Path, Query, State};
@@ -29,12 +28,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
+use walkabout_api::{CommitRequest, IncomingRequest, MigrationRequest};
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(json!({ "error": self.to_string(), "kind": self.kind() }))).into_response()
+        (status, Json(self.body())).into_response()
     }
 }
 
@@ -57,6 +56,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/incoming/{name}", get(incoming).delete(incoming_abort))
         .route("/v1/incoming/{name}/commit", post(incoming_commit))
         .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
         .with_state(agent)
 }
 
@@ -202,13 +202,7 @@ async fn incoming(State(a): State<Agent>, Path(name): Path<String>) -> Response 
     reply(a.incoming(&name).await)
 }
 
-#[derive(Deserialize, Default)]
-struct CommitBody {
-    #[serde(default)]
-    guest: Option<crate::console::GuestStatus>,
-}
-
-async fn incoming_commit(State(a): State<Agent>, Path(name): Path<String>, b: Option<Json<CommitBody>>) -> Response {
+async fn incoming_commit(State(a): State<Agent>, Path(name): Path<String>, b: Option<Json<CommitRequest>>) -> Response {
     let guest = b.and_then(|Json(c)| c.guest);
     reply(a.commit_incoming(&name, guest).await)
 }
@@ -223,4 +217,45 @@ async fn incoming_abort(State(a): State<Agent>, Path(name): Path<String>) -> Res
 async fn metrics(State(a): State<Agent>) -> Response {
     let body = crate::metrics::render(&a.host_info(), &a.list().await, &a.migrations());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// The agent's OpenAPI document, generated once from `walkabout-api`.
+async fn openapi() -> Response {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    Json(DOC.get_or_init(|| serde_json::to_value(walkabout_api::openapi::agent()).unwrap_or_default())).into_response()
+}
+
+/// Every `(METHOD, path)` the router serves, as the OpenAPI document spells paths.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/host"),
+    ("GET", "/v1/host/cpu"),
+    ("GET", "/v1/vms"),
+    ("POST", "/v1/vms"),
+    ("GET", "/v1/vms/{name}"),
+    ("DELETE", "/v1/vms/{name}"),
+    ("POST", "/v1/vms/{name}/pause"),
+    ("POST", "/v1/vms/{name}/resume"),
+    ("POST", "/v1/vms/{name}/stop"),
+    ("GET", "/v1/vms/{name}/console"),
+    ("GET", "/v1/migrations"),
+    ("POST", "/v1/migrations"),
+    ("GET", "/v1/migrations/{id}"),
+    ("GET", "/v1/migrations/{id}/events"),
+    ("POST", "/v1/migrations/{id}/cancel"),
+    ("POST", "/v1/incoming"),
+    ("GET", "/v1/incoming/{name}"),
+    ("DELETE", "/v1/incoming/{name}"),
+    ("POST", "/v1/incoming/{name}/commit"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/openapi.json"),
+];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_router_serves_exactly_the_documented_paths() {
+        let mut served: Vec<(String, String)> = super::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        served.sort();
+        assert_eq!(served, walkabout_api::openapi::routes(&walkabout_api::openapi::agent()));
+    }
 }

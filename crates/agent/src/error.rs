@@ -2,6 +2,7 @@
 
 use crate::spec::VmState;
 use crate::store::StoreError;
+use walkabout_api::{ErrorBody, ErrorKind};
 use walkabout_qemu::QemuError;
 
 /// Errors of agent operations.
@@ -122,22 +123,27 @@ impl AgentError {
         }
     }
 
-    /// A short machine-readable kind.
-    pub fn kind(&self) -> &'static str {
+    /// The machine-readable kind clients match on.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            AgentError::NotFound { .. } => "not_found",
-            AgentError::Duplicate { .. } => "duplicate",
-            AgentError::InsufficientMemory { .. } => "insufficient_memory",
-            AgentError::InvalidSpec { .. } => "invalid_spec",
-            AgentError::InvalidState { .. } => "invalid_state",
-            AgentError::InvalidRequest { .. } => "invalid_request",
-            AgentError::CpuIncompatible { .. } => "cpu_incompatible",
-            AgentError::MigrationNotFound { .. } => "migration_not_found",
-            AgentError::MigrationInProgress { .. } => "migration_in_progress",
-            AgentError::NotCancellable { .. } => "not_cancellable",
-            AgentError::Qemu { .. } => "qemu",
-            AgentError::Store(_) => "store",
+            AgentError::NotFound { .. } => ErrorKind::NotFound,
+            AgentError::Duplicate { .. } => ErrorKind::Duplicate,
+            AgentError::InsufficientMemory { .. } => ErrorKind::InsufficientMemory,
+            AgentError::InvalidSpec { .. } => ErrorKind::InvalidSpec,
+            AgentError::InvalidState { .. } => ErrorKind::InvalidState,
+            AgentError::InvalidRequest { .. } => ErrorKind::InvalidRequest,
+            AgentError::CpuIncompatible { .. } => ErrorKind::CpuIncompatible,
+            AgentError::MigrationNotFound { .. } => ErrorKind::MigrationNotFound,
+            AgentError::MigrationInProgress { .. } => ErrorKind::MigrationInProgress,
+            AgentError::NotCancellable { .. } => ErrorKind::NotCancellable,
+            AgentError::Qemu { .. } => ErrorKind::Qemu,
+            AgentError::Store(_) => ErrorKind::Store,
         }
+    }
+
+    /// The error as served.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody::new(self.kind(), self.to_string())
     }
 
     pub(crate) fn qemu(vm: &str) -> impl FnOnce(QemuError) -> AgentError + '_ {

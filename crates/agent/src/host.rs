@@ -1,32 +1,6 @@
 //! What this host offers: memory, vCPUs, CPU model, accelerator and QEMU version.
 
-use serde::{Deserialize, Serialize};
-use walkabout_qemu::{AccelChoice, QemuVersion};
-
-/// The host as the agent reports it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HostInfo {
-    /// Host name.
-    pub hostname: String,
-    /// CPU model name from /proc/cpuinfo.
-    pub cpu_model: String,
-    /// Online CPUs.
-    pub cpus: u32,
-    /// Physical memory in MiB.
-    pub memory_total_mib: u64,
-    /// Memory the agent may give to VMs, in MiB.
-    pub capacity_mib: u64,
-    /// Memory given to active VMs, in MiB.
-    pub used_mib: u64,
-    /// `capacity_mib - used_mib`.
-    pub free_mib: u64,
-    /// Active VMs.
-    pub vms: usize,
-    /// The accelerator VMs use, and why.
-    pub accel: AccelChoice,
-    /// The QEMU underneath.
-    pub qemu: QemuVersion,
-}
+pub use walkabout_api::HostInfo;
 
 /// Reads a `/proc/meminfo` field in MiB.
 pub fn meminfo_mib(field: &str) -> Option<u64> {

@@ -28,76 +28,17 @@
 //! before it completes loses the VM.
 
 use crate::error::AgentError;
-use crate::spec::{VmSpec, VmState};
+use crate::spec::VmState;
 use crate::vms::{lock, now_ms, Agent};
-use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio::sync::watch;
+use walkabout_api::{AgentClient, ClientOptions};
 use walkabout_migrate::progress::Progress;
 use walkabout_migrate::run::Peer;
-use walkabout_migrate::{Limits, Mode, Phase, Policy, Strategy, Switch};
+use walkabout_migrate::{Limits, Phase, Policy, Switch};
 use walkabout_qemu::{cpu, Qmp};
 
-/// Version of [`MigrationRecord`]'s stored layout.
-pub const MIGRATION_VERSION: u32 = 1;
-
-/// A request to migrate a VM of this agent to another agent.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MigrationRequest {
-    /// The VM.
-    pub vm: String,
-    /// The destination agent's URL.
-    pub destination: String,
-    /// Strategy mode.
-    #[serde(default)]
-    pub mode: Mode,
-    /// Longest acceptable guest pause, ms (default 300).
-    #[serde(default)]
-    pub max_downtime_ms: Option<u64>,
-    /// Bandwidth cap, bytes/s (default: none).
-    #[serde(default)]
-    pub max_bandwidth_bps: Option<u64>,
-    /// Time budget per GiB of guest memory, ms (default 30 000).
-    #[serde(default)]
-    pub budget_per_gib_ms: Option<u64>,
-}
-
-/// A migration as the source agent records and reports it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MigrationRecord {
-    /// Layout version.
-    pub version: u32,
-    /// Its id.
-    pub id: String,
-    /// The VM.
-    pub vm: String,
-    /// The destination agent's URL.
-    pub destination: String,
-    /// Mode asked for.
-    pub mode: Mode,
-    /// Limits in force.
-    pub limits: Limits,
-    /// Where it is.
-    pub phase: Phase,
-    /// Why it failed or was cancelled.
-    pub reason: Option<String>,
-    /// Dirty rate measured before the start, bytes/s.
-    pub dirty_rate_bps: Option<u64>,
-    /// The strategy picked.
-    pub strategy: Option<Strategy>,
-    /// Every change of strategy, with its reason.
-    pub switches: Vec<Switch>,
-    /// Latest progress.
-    pub progress: Progress,
-    /// Wall time, ms, once final.
-    pub total_ms: Option<u64>,
-    /// Guest pause at switchover, ms, once completed.
-    pub downtime_ms: Option<u64>,
-    /// Start, ms since the epoch.
-    pub created_at_ms: u64,
-    /// End, ms since the epoch.
-    pub finished_at_ms: Option<u64>,
-}
+pub use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest, MIGRATION_VERSION};
 
 /// How a migration that did not complete ended.
 struct Ended {
@@ -113,87 +54,37 @@ pub(crate) struct Migration {
     cancel: watch::Sender<bool>,
 }
 
-/// What the source asks of the destination.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct IncomingRequest {
-    /// The VM's spec (the destination starts an identical QEMU).
-    pub spec: VmSpec,
-    /// Whether the source may switch to post-copy (a capability both ends must share).
-    pub postcopy_ready: bool,
-    /// CPU features the VM's CPU model has on the source.
-    pub cpu_features: Vec<String>,
-    /// The address the destination QEMU listens on (the host the source reaches it by).
-    pub listen_host: String,
-}
-
-/// The destination's answer: where to send the VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct IncomingReply {
-    /// QEMU migration URI, e.g. `tcp:10.0.0.2:40123`.
-    pub uri: String,
-}
-
-fn api_error(status: reqwest::StatusCode, body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["error"].as_str().map(String::from))
-        .unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(body).trim()))
-}
-
 /// How often the source probes the destination during a migration.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// An incoming VM whose source has not probed for this long is torn down (or adopted,
 /// if its guest already runs here): the source's probes are the destination's lease.
 pub const INCOMING_LEASE: Duration = Duration::from_secs(4);
 
-/// The destination agent, reached over HTTP.
+/// The destination agent, reached through its typed client.
 struct Destination {
-    http: reqwest::Client,
-    url: String,
+    client: AgentClient,
     vm: String,
     /// When the destination last answered a probe.
     alive_at: std::sync::Arc<std::sync::Mutex<std::time::Instant>>,
 }
 
 impl Destination {
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> Result<serde_json::Value, String> {
-        let mut req = self.http.request(method, format!("{}{path}", self.url));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.map_err(|e| format!("destination agent {} unreachable: {e}", self.url))?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| format!("destination agent {}: {e}", self.url))?;
-        if !status.is_success() {
-            return Err(api_error(status, &bytes));
-        }
-        Ok(serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+    fn new(client: AgentClient, vm: &str) -> Destination {
+        Destination { client, vm: vm.to_string(), alive_at: std::sync::Arc::new(std::sync::Mutex::new(std::time::Instant::now())) }
     }
 
     async fn abort(&self) {
-        if let Err(e) = self.call(reqwest::Method::DELETE, &format!("/v1/incoming/{}", self.vm), None).await {
+        if let Err(e) = self.client.abort_incoming(&self.vm).await {
             tracing::warn!(vm = %self.vm, error = %e, "could not tear the destination down (it tears itself down when the stream ends)");
-        }
-    }
-}
-
-impl Destination {
-    fn new(http: reqwest::Client, url: &str, vm: &str) -> Destination {
-        Destination {
-            http,
-            url: url.to_string(),
-            vm: vm.to_string(),
-            alive_at: std::sync::Arc::new(std::sync::Mutex::new(std::time::Instant::now())),
         }
     }
 
     /// Probes the destination in the background until the returned handle is aborted.
     fn probe(&self) -> tokio::task::JoinHandle<()> {
-        let (http, url, alive_at) = (self.http.clone(), format!("{}/v1/incoming/{}", self.url, self.vm), self.alive_at.clone());
+        let (client, vm, alive_at) = (self.client.with_timeout(Duration::from_secs(1)), self.vm.clone(), self.alive_at.clone());
         tokio::spawn(async move {
             loop {
-                let r = http.get(&url).timeout(Duration::from_secs(1)).send().await;
-                if matches!(r, Ok(resp) if resp.status().is_success()) {
+                if client.incoming(&vm).await.is_ok() {
                     *lock(&alive_at) = std::time::Instant::now();
                 }
                 tokio::time::sleep(PROBE_INTERVAL).await;
@@ -313,12 +204,19 @@ impl Agent {
     async fn drive(self, id: String, was_running: bool, cancel: watch::Receiver<bool>) {
         let rec = self.migration(&id).ok();
         let Some(rec) = rec else { return };
-        let dest = Destination::new(self.inner.http.clone(), &rec.destination, &rec.vm);
-        let result = self.drive_inner(&id, &rec, &dest, cancel).await;
+        let dest = self.peer(&rec.destination).map(|c| Destination::new(c, &rec.vm));
+        let result = match &dest {
+            Ok(dest) => self.drive_inner(&id, &rec, dest, cancel).await,
+            Err(e) => Err(Ended {
+                phase: Phase::Failed,
+                reason: format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination),
+                past_switchover: false,
+            }),
+        };
         let (phase, reason) = match result {
             Ok(()) => (Phase::Completed, None),
             Err(Ended { phase, reason, past_switchover }) => {
-                self.settle_on_source(&rec.vm, phase, was_running, past_switchover, &reason, &dest).await;
+                self.settle_on_source(&rec.vm, phase, was_running, past_switchover, &reason, dest.as_ref().ok()).await;
                 (phase, Some(reason))
             }
         };
@@ -355,12 +253,9 @@ impl Agent {
             reqwest::Url::parse(&rec.destination).ok().and_then(|u| u.host_str().map(String::from)).unwrap_or_else(|| "127.0.0.1".into());
         let incoming = IncomingRequest { spec: spec.clone(), postcopy_ready, cpu_features: features.into_iter().collect(), listen_host };
         // Measure the guest while the destination gets ready.
-        let (dirty, prepared) = tokio::join!(
-            walkabout_migrate::run::measure_dirty_rate(&qmp, 500),
-            dest.call(reqwest::Method::POST, "/v1/incoming", Some(serde_json::to_value(&incoming).unwrap_or_default())),
-        );
-        let prepared = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?;
-        let uri = prepared["uri"].as_str().map(String::from).ok_or_else(|| fail(format!("destination gave no URI: {prepared}")))?;
+        let (dirty, prepared) =
+            tokio::join!(walkabout_migrate::run::measure_dirty_rate(&qmp, 500), dest.client.prepare_incoming(&incoming),);
+        let uri = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?.uri;
         if *cancel.borrow_and_update() {
             return Err(Ended {
                 phase: Phase::Cancelled,
@@ -406,12 +301,8 @@ impl Agent {
         // The guest now runs on the destination; make it the VM's owner, then let go.
         // The source's console is complete (its guest is stopped): hand its status over.
         self.update(id, |r| r.phase = Phase::Switchover);
-        let guest = match self.get(&rec.vm).await {
-            Ok(info) => serde_json::to_value(&info.guest).unwrap_or_default(),
-            Err(_) => serde_json::Value::Null,
-        };
-        let commit = serde_json::json!({ "guest": guest });
-        match dest.call(reqwest::Method::POST, &format!("/v1/incoming/{}/commit", rec.vm), Some(commit)).await {
+        let guest = self.get(&rec.vm).await.ok().map(|info| info.guest);
+        match dest.client.with_timeout(Duration::from_secs(90)).commit_incoming(&rec.vm, guest).await {
             Ok(_) => {
                 self.forget_migrated(&rec.vm).await;
                 Ok(())
@@ -425,6 +316,11 @@ impl Agent {
                 past_switchover: true,
             }),
         }
+    }
+
+    /// The typed client of a peer agent.
+    fn peer(&self, url: &str) -> Result<AgentClient, walkabout_api::ClientError> {
+        AgentClient::new(url, ClientOptions { connect_timeout: Duration::from_secs(2), request_timeout: Duration::from_secs(30) })
     }
 
     /// After a successful migration: stop the source QEMU and forget the VM here.
@@ -442,8 +338,16 @@ impl Agent {
     /// After a migration that did not complete: tear the destination down and make sure
     /// the VM runs (or stays paused, as it was) on this host — unless the switchover
     /// had passed, when the source copy stays paused so that two never run.
-    async fn settle_on_source(&self, name: &str, phase: Phase, was_running: bool, past_switchover: bool, reason: &str, dest: &Destination) {
-        if !past_switchover {
+    async fn settle_on_source(
+        &self,
+        name: &str,
+        phase: Phase,
+        was_running: bool,
+        past_switchover: bool,
+        reason: &str,
+        dest: Option<&Destination>,
+    ) {
+        if let Some(dest) = dest.filter(|_| !past_switchover) {
             dest.abort().await;
         }
         let Ok(vm) = self.vm(name) else { return };
@@ -476,7 +380,7 @@ impl Agent {
         };
         for mut rec in records {
             if !rec.phase.is_final() {
-                let dest = Destination::new(self.inner.http.clone(), &rec.destination, &rec.vm);
+                let dest = self.peer(&rec.destination).map(|c| Destination::new(c, &rec.vm));
                 let vm_qmp = match self.vm(&rec.vm) {
                     Ok(vm) => vm.lock().await.qmp.clone(),
                     Err(_) => None,
@@ -496,7 +400,7 @@ impl Agent {
                         }
                     }
                 }
-                self.settle_on_source(&rec.vm, Phase::Failed, !past, past, &reason, &dest).await;
+                self.settle_on_source(&rec.vm, Phase::Failed, !past, past, &reason, dest.as_ref().ok()).await;
                 rec.phase = Phase::Failed;
                 rec.reason = Some(reason);
                 rec.finished_at_ms = Some(now_ms());

@@ -6,12 +6,10 @@
 //! the name reservation of `create` are one atomic step. Slow work (starting QEMU, QMP
 //! calls) happens under the VM's own lock only, so one slow VM never blocks the others.
 
-use crate::console::GuestStatus;
 use crate::error::AgentError;
 use crate::host::{self, HostInfo};
 use crate::spec::{VmRecord, VmSpec, VmState, RECORD_VERSION};
 use crate::store::Store;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -81,26 +79,7 @@ pub enum StartError {
     },
 }
 
-/// A VM as the API reports it: its record and what its guest says.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmInfo {
-    /// The stored record.
-    #[serde(flatten)]
-    pub record: VmRecord,
-    /// The guest's status from its console.
-    pub guest: GuestStatus,
-}
-
-/// A slice of a VM's serial console.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ConsoleChunk {
-    /// Byte offset the text starts at.
-    pub offset: u64,
-    /// Offset to ask for next.
-    pub next: u64,
-    /// The text (lossily decoded).
-    pub text: String,
-}
+pub use walkabout_api::{ConsoleChunk, VmInfo};
 
 pub(crate) struct Vm {
     pub(crate) record: VmRecord,
@@ -128,8 +107,6 @@ pub(crate) struct Inner {
     table: Mutex<Table>,
     /// Migrations this agent drives as their source.
     pub(crate) migrations: Mutex<BTreeMap<String, crate::migration::Migration>>,
-    /// Client for other agents.
-    pub(crate) http: reqwest::Client,
     /// Incoming VMs: when their source last probed.
     pub(crate) leases: Mutex<BTreeMap<String, std::time::Instant>>,
     /// This host's CPU models, probed once on first request.
@@ -170,7 +147,7 @@ impl Agent {
         let data_dir =
             std::fs::canonicalize(&config.data_dir).map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
         let config = AgentConfig { data_dir, ..config };
-        let qemu = QemuVersion::check(&config.qemu_binary)?;
+        let qemu = walkabout_qemu::version::check(&config.qemu_binary)?;
         let store = Store::open(&config.data_dir.join("agent.redb"))?;
         let accel = walkabout_qemu::accel::choose(&config.qemu_binary, config.accel, &config.data_dir.join("calibrate")).await?;
         tracing::info!(accel = %accel.accel, reason = %accel.reason, qemu = %qemu, "agent starting");
@@ -202,11 +179,6 @@ impl Agent {
                 migrations: Mutex::default(),
                 leases: Mutex::default(),
                 cpu_catalog: tokio::sync::OnceCell::new(),
-                http: reqwest::Client::builder()
-                    .connect_timeout(Duration::from_secs(2))
-                    .timeout(Duration::from_secs(90))
-                    .build()
-                    .map_err(|e| StartError::Image(format!("HTTP client: {e}")))?,
             }),
         };
         agent.reattach().await?;
@@ -227,7 +199,7 @@ impl Agent {
             capacity_mib: i.capacity_mib,
             used_mib: used,
             free_mib: i.capacity_mib.saturating_sub(used),
-            vms: t.active_mib.len(),
+            vms: t.active_mib.len() as u64,
             accel: i.accel.clone(),
             qemu: i.qemu.clone(),
         }
@@ -550,7 +522,7 @@ impl Agent {
     pub(crate) fn info_of(&self, vm: &Vm) -> VmInfo {
         let log = std::fs::read(vm.record.run_dir.join("console.log")).unwrap_or_default();
         let before = vm.record.guest_before.clone().unwrap_or_default();
-        VmInfo { record: vm.record.clone(), guest: GuestStatus::parse_after(before, &String::from_utf8_lossy(&log)) }
+        VmInfo { record: vm.record.clone(), guest: crate::console::parse_after(before, &String::from_utf8_lossy(&log)) }
     }
 
     /// One VM.

@@ -33,65 +33,7 @@ const CONVERGE_SHARE: f64 = 0.8;
 /// The bandwidth QEMU is given when the operator sets no cap: the link is the limit.
 pub const UNCAPPED_BPS: u64 = 100 << 30;
 
-/// What the operator asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Walkabout picks and adapts; may switch to post-copy.
-    #[default]
-    Auto,
-    /// Pre-copy only (with throttling if needed); never post-copy.
-    Precopy,
-    /// Switch to post-copy after the first full pass. The VM depends on both hosts
-    /// until post-copy completes: losing either host then loses the VM.
-    Postcopy,
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Mode::Auto),
-            "precopy" => Ok(Mode::Precopy),
-            "postcopy" => Ok(Mode::Postcopy),
-            o => Err(format!("unknown migration mode '{o}': expected auto, precopy or postcopy")),
-        }
-    }
-}
-
-/// The operator's limits for one migration.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Limits {
-    /// Longest acceptable pause of the guest, ms.
-    pub max_downtime_ms: u64,
-    /// Bandwidth cap in bytes/s, if any.
-    pub max_bandwidth_bps: Option<u64>,
-    /// Time allowed per GiB of guest memory, ms.
-    pub budget_per_gib_ms: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits { max_downtime_ms: 300, max_bandwidth_bps: None, budget_per_gib_ms: 30_000 }
-    }
-}
-
-/// How QEMU is set up at the start.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Strategy {
-    /// Short name: `precopy`, `precopy+postcopy-ready`, `precopy+auto-converge`, `postcopy`.
-    pub name: String,
-    /// Enable QEMU's `postcopy-ram` capability (both ends) so a switch is possible.
-    pub postcopy_ready: bool,
-    /// Enable QEMU's `auto-converge` (vCPU throttling).
-    pub auto_converge: bool,
-    /// `max-bandwidth` given to QEMU, bytes/s.
-    pub bandwidth_bps: u64,
-    /// `downtime-limit` given to QEMU, ms.
-    pub downtime_ms: u64,
-    /// Why this strategy.
-    pub reason: String,
-}
+pub use walkabout_api::{Limits, Mode, Strategy, Switch};
 
 /// One reading of QEMU's migration statistics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -140,17 +82,6 @@ pub enum Action {
         /// Why.
         reason: String,
     },
-}
-
-/// A recorded change of strategy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Switch {
-    /// When, ms after the start.
-    pub at_ms: u64,
-    /// What it switched to.
-    pub to: String,
-    /// Why.
-    pub reason: String,
 }
 
 /// The policy for one migration.

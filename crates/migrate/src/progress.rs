@@ -2,69 +2,41 @@
 
 use crate::phase::Phase;
 use crate::policy::Sample;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// A live view of a migration, reported after every sample.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Progress {
-    /// Phase, when known.
-    pub phase: Option<Phase>,
-    /// QEMU's own status string (`active`, `postcopy-active`, `completed`, ...).
-    pub qemu_status: String,
-    /// Pre-copy passes (dirty-bitmap syncs).
-    pub iteration: u64,
-    /// Bytes sent.
-    pub transferred_bytes: u64,
-    /// Bytes still to send.
-    pub remaining_bytes: u64,
-    /// Guest RAM size.
-    pub total_bytes: u64,
-    /// Guest dirty rate, bytes/s.
-    pub dirty_rate_bps: u64,
-    /// Transfer rate, bytes/s.
-    pub transfer_rate_bps: u64,
-    /// QEMU's expected downtime, ms.
-    pub expected_downtime_ms: u64,
-    /// Time since start, ms.
-    pub elapsed_ms: u64,
-    /// vCPU throttle applied by auto-converge, percent.
-    pub throttle_pct: u64,
+pub use walkabout_api::Progress;
+
+/// Builds progress from a `query-migrate` reply.
+pub fn from_query(v: &Value) -> Progress {
+    let ram = &v["ram"];
+    let u = |x: &Value| x.as_u64().unwrap_or(0);
+    let page = u(&ram["page-size"]).max(4096);
+    Progress {
+        phase: None,
+        qemu_status: v["status"].as_str().unwrap_or("none").to_string(),
+        iteration: u(&ram["dirty-sync-count"]),
+        transferred_bytes: u(&ram["transferred"]),
+        remaining_bytes: u(&ram["remaining"]),
+        total_bytes: u(&ram["total"]),
+        dirty_rate_bps: u(&ram["dirty-pages-rate"]) * page,
+        // `mbps` is megabits per second.
+        transfer_rate_bps: (ram["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0) as u64,
+        expected_downtime_ms: u(&v["expected-downtime"]),
+        elapsed_ms: u(&v["total-time"]),
+        throttle_pct: u(&v["cpu-throttle-percentage"]),
+    }
 }
 
-impl Progress {
-    /// Builds progress from a `query-migrate` reply.
-    pub fn from_query(v: &Value) -> Progress {
-        let ram = &v["ram"];
-        let u = |x: &Value| x.as_u64().unwrap_or(0);
-        let page = u(&ram["page-size"]).max(4096);
-        Progress {
-            phase: None,
-            qemu_status: v["status"].as_str().unwrap_or("none").to_string(),
-            iteration: u(&ram["dirty-sync-count"]),
-            transferred_bytes: u(&ram["transferred"]),
-            remaining_bytes: u(&ram["remaining"]),
-            total_bytes: u(&ram["total"]),
-            dirty_rate_bps: u(&ram["dirty-pages-rate"]) * page,
-            // `mbps` is megabits per second.
-            transfer_rate_bps: (ram["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0) as u64,
-            expected_downtime_ms: u(&v["expected-downtime"]),
-            elapsed_ms: u(&v["total-time"]),
-            throttle_pct: u(&v["cpu-throttle-percentage"]),
-        }
-    }
-
-    /// The policy's view of this progress.
-    pub fn sample(&self) -> Sample {
-        Sample {
-            elapsed_ms: self.elapsed_ms,
-            iteration: self.iteration,
-            remaining_bytes: self.remaining_bytes,
-            transferred_bytes: self.transferred_bytes,
-            dirty_rate_bps: self.dirty_rate_bps,
-            transfer_rate_bps: self.transfer_rate_bps,
-            expected_downtime_ms: self.expected_downtime_ms,
-        }
+/// The policy's view of a progress report.
+pub fn sample(p: &Progress) -> Sample {
+    Sample {
+        elapsed_ms: p.elapsed_ms,
+        iteration: p.iteration,
+        remaining_bytes: p.remaining_bytes,
+        transferred_bytes: p.transferred_bytes,
+        dirty_rate_bps: p.dirty_rate_bps,
+        transfer_rate_bps: p.transfer_rate_bps,
+        expected_downtime_ms: p.expected_downtime_ms,
     }
 }
 
@@ -91,7 +63,7 @@ mod tests {
             "ram": {"transferred": 1000, "remaining": 2000, "total": 4096, "dirty-sync-count": 3,
                     "dirty-pages-rate": 10, "page-size": 4096, "mbps": 800.0}
         });
-        let p = Progress::from_query(&v);
+        let p = from_query(&v);
         assert_eq!((p.iteration, p.remaining_bytes, p.dirty_rate_bps), (3, 2000, 40960));
         assert_eq!(p.transfer_rate_bps, 100_000_000);
         assert_eq!(phase_of(&p.qemu_status), Phase::Running);

@@ -160,7 +160,7 @@ pub async fn run(
             }
         }
         let info = qmp.execute_raw("query-migrate", None).await.map_err(src)?;
-        let mut progress = Progress::from_query(&info);
+        let mut progress = crate::progress::from_query(&info);
         let phase = phase_of(&progress.qemu_status);
         progress.phase = Some(phase);
         if phase.is_final() {
@@ -221,7 +221,7 @@ pub async fn run(
             report(&progress, None);
             continue;
         }
-        match policy.observe(&progress.sample()) {
+        match policy.observe(&crate::progress::sample(&progress)) {
             Action::Continue => report(&progress, None),
             Action::SetDowntime { ms, reason } => {
                 qmp.execute_raw("migrate-set-parameters", Some(json!({"downtime-limit": ms}))).await.map_err(src)?;

@@ -11,24 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// An accelerator QEMU can use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    /// Linux KVM: hardware virtualization.
-    Kvm,
-    /// QEMU's Tiny Code Generator: software emulation.
-    Tcg,
-}
-
-impl std::fmt::Display for Accel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        })
-    }
-}
+pub use walkabout_api::{Accel, AccelChoice};
 
 /// What the operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,19 +35,6 @@ impl std::str::FromStr for AccelRequest {
             other => Err(format!("unknown accelerator '{other}': expected auto, kvm or tcg")),
         }
     }
-}
-
-/// The accelerator chosen, and why.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AccelChoice {
-    /// The accelerator VMs will use.
-    pub accel: Accel,
-    /// A sentence saying why.
-    pub reason: String,
-    /// Calibration time under TCG in ms, if measured.
-    pub tcg_ms: Option<u64>,
-    /// Calibration time under KVM in ms, if measured and finished.
-    pub kvm_ms: Option<u64>,
 }
 
 /// Iterations of the calibration loop: ~0.05 s natively, ~0.3 s under TCG.

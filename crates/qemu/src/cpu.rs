@@ -3,22 +3,12 @@
 //! the most capable named model every host can run.
 
 use crate::{Accel, QemuError, Qmp, QmpError};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The CPU models one host's QEMU knows, with their features, and what the host offers.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CpuCatalog {
-    /// The host's most capable model (e.g. `max`, `host`, or an operator's ceiling).
-    pub ceiling: String,
-    /// Features of the ceiling model: what guests on this host may use.
-    pub ceiling_features: BTreeSet<String>,
-    /// Every non-deprecated named model and its features.
-    pub models: BTreeMap<String, BTreeSet<String>>,
-}
+pub use walkabout_api::CpuCatalog;
 
 /// Asks a throwaway QEMU (`-machine none`, as libvirt probes) for its CPU catalog under
 /// `accel`, with `ceiling` as the host's most capable model. `work_dir` holds its socket.
