@@ -386,18 +386,15 @@ fn check_header(path: &Path) -> Result<(), StoreError> {
     use std::io::Read;
     let damaged = |detail: String| StoreError::Damaged { path: path.to_path_buf(), detail };
     let open_failed = |e: std::io::Error| StoreError::Open { path: path.to_path_buf(), detail: e.to_string() };
-    let mut file = std::fs::File::open(path).map_err(open_failed)?;
+    let file = std::fs::File::open(path).map_err(open_failed)?;
     let len = file.metadata().map_err(open_failed)?.len();
-    let mut head = [0u8; 32];
-    match file.read_exact(&mut head) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(damaged(format!("it is {len} bytes long, shorter than a redb header")))
-        }
-        Err(e) => return Err(open_failed(e)),
-    }
-    if head[..REDB_MAGIC.len()] != REDB_MAGIC {
+    let mut head = Vec::with_capacity(32);
+    file.take(32).read_to_end(&mut head).map_err(open_failed)?;
+    if !head.starts_with(&REDB_MAGIC) {
         return Err(damaged("it does not start with redb's magic number (not a redb database, or overwritten)".into()));
+    }
+    if head.len() < 32 {
+        return Err(damaged(format!("it is {len} bytes long, shorter than a redb header")));
     }
     let field = |at: usize| u64::from(u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]));
     let (page, region_header, region_data, full_regions, trailing_data) = (field(12), field(16), field(20), field(24), field(28));

@@ -205,11 +205,16 @@ struct LegacyEvent {
     seq: u64,
 }
 
+/// A legacy database in a fresh directory, opened with this crate.
+fn open_legacy(tag: &str) -> (Store, TempDir) {
+    let dir = TempDir::new(tag);
+    write_legacy_database(&dir.db());
+    (Store::open(&dir.db()).expect("open legacy db"), dir)
+}
+
 #[test]
 fn a_database_written_by_the_old_stores_opens_and_reads() {
-    let dir = TempDir::new("legacy");
-    write_legacy_database(&dir.db());
-    let s = Store::open(&dir.db()).expect("open legacy db");
+    let (s, _dir) = open_legacy("legacy");
     let vms_v1 = Table::new("vms", 1, no_upgrades);
     let events_v1 = Log::new("events", 1, no_upgrades);
     assert_eq!(s.list::<LegacyVm>(&vms_v1).expect("list"), vec![LegacyVm { version: 1, name: "g1".into(), mib: 256 }]);
@@ -222,17 +227,15 @@ fn a_database_written_by_the_old_stores_opens_and_reads() {
 
 #[test]
 fn a_legacy_record_is_upgraded_from_its_inline_version_which_then_follows() {
-    let dir = TempDir::new("legacy-upgrade");
-    write_legacy_database(&dir.db());
-    let s = Store::open(&dir.db()).expect("open legacy db");
+    let (s, _dir) = open_legacy("legacy-upgrade");
     let vms_v2 = Table::new("vms", 2, upgrade_recs);
     let got: Value = s.get(&vms_v2, "g1").expect("get").expect("present");
     assert_eq!(got, serde_json::json!({"version": 2, "name": "g1", "memory_mib": 256}));
 }
 
-#[test]
-fn a_truncated_file_is_refused_as_damaged_naming_it() {
-    let dir = TempDir::new("truncated");
+/// Writes a database of 200 records, then cuts its file to `keep(len)` bytes.
+fn truncated(tag: &str, keep: fn(u64) -> u64) -> TempDir {
+    let dir = TempDir::new(tag);
     {
         let s = Store::open(&dir.db()).expect("open");
         for i in 0..200 {
@@ -241,19 +244,37 @@ fn a_truncated_file_is_refused_as_damaged_naming_it() {
     }
     let file = std::fs::OpenOptions::new().write(true).open(dir.db()).expect("open file");
     let len = file.metadata().expect("metadata").len();
-    file.set_len(len / 2).expect("truncate");
-    drop(file);
+    file.set_len(keep(len)).expect("truncate");
+    dir
+}
+
+#[test]
+fn a_truncated_file_is_refused_as_damaged_naming_it() {
+    let dir = truncated("half", |len| len / 2);
     let err = Store::open(&dir.db()).err().expect("a truncated database must not open");
     assert!(matches!(err, StoreError::Damaged { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.starts_with(&format!("database {} is damaged: ", dir.db().display())), "{msg}");
+    assert!(msg.contains("the file was cut short"), "{msg}");
+}
+
+#[test]
+fn a_file_missing_only_its_last_byte_is_refused_as_damaged() {
+    let dir = truncated("last-byte", |len| len - 1);
+    let err = Store::open(&dir.db()).err().expect("a truncated database must not open");
+    assert!(matches!(err, StoreError::Damaged { ref detail, .. } if detail.contains("the file was cut short")), "{err:?}");
+}
+
+/// Writes `contents` as the database file and opens it, which must fail.
+fn refused(tag: &str, contents: &[u8]) -> (StoreError, TempDir) {
+    let dir = TempDir::new(tag);
+    std::fs::write(dir.db(), contents).expect("write");
+    (Store::open(&dir.db()).err().expect("the file must not open"), dir)
 }
 
 #[test]
 fn a_zero_byte_file_is_refused_not_started_empty() {
-    let dir = TempDir::new("empty");
-    std::fs::write(dir.db(), b"").expect("touch");
-    let err = Store::open(&dir.db()).err().expect("a zero-byte file must not open");
+    let (err, dir) = refused("empty", b"");
     assert!(matches!(err, StoreError::EmptyFile { .. }), "{err:?}");
     assert!(err.to_string().starts_with(&format!("database {} is an empty file (0 bytes)", dir.db().display())), "{err}");
     assert_eq!(std::fs::metadata(dir.db()).expect("still there").len(), 0, "the empty file is left as it was");
@@ -261,10 +282,14 @@ fn a_zero_byte_file_is_refused_not_started_empty() {
 
 #[test]
 fn a_file_that_is_not_a_database_is_refused_as_damaged() {
-    let dir = TempDir::new("garbage");
-    std::fs::write(dir.db(), b"{\"this is\": \"not redb\"}\n").expect("write");
-    let err = Store::open(&dir.db()).err().expect("a text file must not open");
-    assert!(matches!(err, StoreError::Damaged { .. }), "{err:?}");
+    let (err, _dir) = refused("garbage", b"{\"this is\": \"not redb\"}\n");
+    assert!(matches!(err, StoreError::Damaged { ref detail, .. } if detail.contains("magic number")), "{err:?}");
+}
+
+#[test]
+fn a_file_shorter_than_a_header_is_refused_as_damaged() {
+    let (err, _dir) = refused("short", &REDB_MAGIC);
+    assert!(matches!(err, StoreError::Damaged { ref detail, .. } if detail.contains("shorter than a redb header")), "{err:?}");
 }
 
 #[test]
