@@ -1,125 +1,61 @@
-//! The agent's embedded database (redb): VM records by name, so a restarted agent knows
-//! its VMs and re-attaches to them, and the migrations it drove, so it can finish or
-//! undo one that its restart interrupted.
+//! The agent's embedded database: VM records by name, so a restarted agent knows its VMs
+//! and re-attaches to them, and the migrations it drove, so it can finish or undo one that
+//! its restart interrupted. Storage, versions and upgrades are `walkabout-store`'s; this
+//! module names the agent's tables and keys its records.
 
-use crate::migration::MigrationRecord;
-use crate::spec::VmRecord;
-use redb::{ReadableTable, TableDefinition};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use crate::migration::{MigrationRecord, MIGRATION_VERSION};
+use crate::spec::{VmRecord, RECORD_VERSION};
 use std::path::Path;
+use walkabout_store::{no_upgrades, Table};
 
-const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
-const MIGRATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("migrations");
+pub use walkabout_store::StoreError;
 
-/// Errors of the agent's database.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The database could not be opened (another agent may hold it).
-    #[error("cannot open agent database {path}: {detail}")]
-    Open {
-        /// The database file.
-        path: String,
-        /// What redb said.
-        detail: String,
-    },
-    /// A read or write failed.
-    #[error("agent database error: {0}")]
-    Db(String),
-    /// A stored record could not be decoded.
-    #[error("stored record `{name}` is unreadable: {detail}")]
-    Corrupt {
-        /// The record's key (VM name or migration id).
-        name: String,
-        /// The decode error.
-        detail: String,
-    },
-}
+/// VM records by VM name.
+pub const VMS: Table = Table::new("vms", RECORD_VERSION, no_upgrades);
+/// Migration records by migration id.
+pub const MIGRATIONS: Table = Table::new("migrations", MIGRATION_VERSION, no_upgrades);
 
-fn db_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Db(e.to_string())
-}
-
-/// VM records, persisted.
+/// The agent's VM and migration records, persisted.
 pub struct Store {
-    db: redb::Database,
+    db: walkabout_store::Store,
 }
 
 impl Store {
-    /// Opens (or creates) the database at `path`.
+    /// Opens the database at `path`, creating it only if the file does not exist.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = redb::Database::create(path).map_err(|e| StoreError::Open {
-            path: path.display().to_string(),
-            detail: match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => "it is in use by another agent".into(),
-                other => other.to_string(),
-            },
-        })?;
-        let txn = db.begin_write().map_err(db_err)?;
-        txn.open_table(VMS).map_err(db_err)?;
-        txn.open_table(MIGRATIONS).map_err(db_err)?;
-        txn.commit().map_err(db_err)?;
-        Ok(Store { db })
+        Ok(Store { db: walkabout_store::Store::open(path)? })
     }
 
     /// Inserts or replaces a VM record.
     pub fn put(&self, rec: &VmRecord) -> Result<(), StoreError> {
-        self.put_in(VMS, &rec.spec.name, rec)
+        self.db.put(&VMS, &rec.spec.name, rec)
     }
 
     /// Removes a VM record.
     pub fn delete(&self, name: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut t = txn.open_table(VMS).map_err(db_err)?;
-            t.remove(name).map_err(db_err)?;
-        }
-        txn.commit().map_err(db_err)
+        self.db.delete(&VMS, name)
     }
 
     /// All VM records.
     pub fn list(&self) -> Result<Vec<VmRecord>, StoreError> {
-        self.list_in(VMS)
+        self.db.list(&VMS)
     }
 
     /// Inserts or replaces a migration record.
     pub fn put_migration(&self, rec: &MigrationRecord) -> Result<(), StoreError> {
-        self.put_in(MIGRATIONS, &rec.id, rec)
+        self.db.put(&MIGRATIONS, &rec.id, rec)
     }
 
     /// All migration records.
     pub fn list_migrations(&self) -> Result<Vec<MigrationRecord>, StoreError> {
-        self.list_in(MIGRATIONS)
-    }
-
-    fn put_in<T: Serialize>(&self, table: TableDefinition<&str, &[u8]>, key: &str, value: &T) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value).map_err(db_err)?;
-        let txn = self.db.begin_write().map_err(db_err)?;
-        {
-            let mut t = txn.open_table(table).map_err(db_err)?;
-            t.insert(key, bytes.as_slice()).map_err(db_err)?;
-        }
-        txn.commit().map_err(db_err)
-    }
-
-    fn list_in<T: DeserializeOwned>(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<T>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
-        let t = txn.open_table(table).map_err(db_err)?;
-        let mut out = vec![];
-        for item in t.iter().map_err(db_err)? {
-            let (k, v) = item.map_err(db_err)?;
-            let rec = serde_json::from_slice(v.value())
-                .map_err(|e| StoreError::Corrupt { name: k.value().to_string(), detail: e.to_string() })?;
-            out.push(rec);
-        }
-        Ok(out)
+        self.db.list(&MIGRATIONS)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{VmState, RECORD_VERSION};
+    use crate::spec::VmState;
 
     fn rec(name: &str) -> VmRecord {
         VmRecord {
@@ -149,6 +85,27 @@ mod tests {
         let s = Store::open(&path).expect("reopen");
         let names: Vec<String> = s.list().expect("list").into_iter().map(|r| r.spec.name).collect();
         assert_eq!(names, vec!["b".to_string()]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_database_written_before_walkabout_store_still_reads() {
+        let dir = std::env::temp_dir().join(format!("wa-store-legacy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("agent.redb");
+        {
+            // The layout of the agent's store.rs up to 0392632: untagged JSON by VM name.
+            const OLD_VMS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("vms");
+            let db = redb::Database::create(&path).expect("create");
+            let txn = db.begin_write().expect("txn");
+            let json = serde_json::to_vec(&rec("old")).expect("json");
+            txn.open_table(OLD_VMS).expect("table").insert("old", json.as_slice()).expect("insert");
+            txn.commit().expect("commit");
+        }
+        let s = Store::open(&path).expect("open");
+        let names: Vec<String> = s.list().expect("list").into_iter().map(|r| r.spec.name).collect();
+        assert_eq!(names, vec!["old".to_string()]);
+        assert_eq!(s.list_migrations().expect("migrations").len(), 0);
         std::fs::remove_dir_all(&dir).ok();
     }
 }

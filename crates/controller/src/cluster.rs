@@ -7,7 +7,7 @@ use crate::error::ControllerError;
 use crate::events::{Events, Subject};
 use crate::execute::{ExecLimits, Migration};
 use crate::plans::PlanRecord;
-use crate::store::{Store, Table};
+use crate::store::{Store, HOSTS, MIGRATIONS, PLANS, VMS};
 use crate::{lock, now_ms};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -218,15 +218,15 @@ impl Cluster {
             .map_err(|e| ControllerError::Invalid(format!("cannot create data directory {}: {e}", config.data_dir.display())))?;
         let store = Arc::new(Store::open(&config.data_dir.join("controller.redb"))?);
         let mut view = View::default();
-        for h in store.list::<Host>(Table::Hosts)? {
+        for h in store.list::<Host>(&HOSTS)? {
             view.hosts.insert(h.name.clone(), Host { status: HostStatus::Unknown, ..h });
         }
-        for v in store.list::<Vm>(Table::Vms)? {
+        for v in store.list::<Vm>(&VMS)? {
             view.vms.insert(v.name.clone(), v);
         }
         let migrations: BTreeMap<String, Migration> =
-            store.list::<Migration>(Table::Migrations)?.into_iter().map(|m| (m.id.clone(), m)).collect();
-        let plans: BTreeMap<String, PlanRecord> = store.list::<PlanRecord>(Table::Plans)?.into_iter().map(|p| (p.id.clone(), p)).collect();
+            store.list::<Migration>(&MIGRATIONS)?.into_iter().map(|m| (m.id.clone(), m)).collect();
+        let plans: BTreeMap<String, PlanRecord> = store.list::<PlanRecord>(&PLANS)?.into_iter().map(|p| (p.id.clone(), p)).collect();
         let (shutdown, _) = watch::channel(false);
         let cluster = Cluster {
             inner: Arc::new(Inner {
@@ -346,7 +346,7 @@ impl Cluster {
             view.hosts.insert(name, h.clone());
             h
         };
-        self.inner.store.put(Table::Hosts, &host.name, &host)?;
+        self.inner.store.put(&HOSTS, &host.name, &host)?;
         self.inner.events.emit(
             Subject::Host,
             &host.name,
@@ -468,7 +468,7 @@ impl Cluster {
         }
         if !changed_hosts.is_empty() {
             if let Ok(h) = self.host(name) {
-                if let Err(e) = self.inner.store.put(Table::Hosts, name, &h) {
+                if let Err(e) = self.inner.store.put(&HOSTS, name, &h) {
                     tracing::warn!(host = name, error = %e, "cannot store host");
                 }
                 for msg in changed_hosts.into_iter().filter(|m| !m.is_empty()) {
@@ -477,7 +477,7 @@ impl Cluster {
             }
         }
         for (vm, msg) in changed_vms {
-            if let Err(e) = self.inner.store.put(Table::Vms, &vm.name, &vm) {
+            if let Err(e) = self.inner.store.put(&VMS, &vm.name, &vm) {
                 tracing::warn!(vm = %vm.name, error = %e, "cannot store VM");
             }
             self.inner.events.emit(Subject::Vm, &vm.name, msg, serde_json::to_value(&vm).unwrap_or_default());
@@ -495,7 +495,7 @@ impl Cluster {
             h.maintenance = m;
             h.clone()
         };
-        self.inner.store.put(Table::Hosts, name, &h)?;
+        self.inner.store.put(&HOSTS, name, &h)?;
         let what = match m {
             Maintenance::Active => "back in service",
             Maintenance::Draining => "draining",
@@ -518,7 +518,7 @@ impl Cluster {
             v.state = "running".into();
             v.clone()
         };
-        let _ = self.inner.store.put(Table::Vms, vm, &v);
+        let _ = self.inner.store.put(&VMS, vm, &v);
         self.inner.events.emit(Subject::Vm, vm, format!("VM {vm} runs on {host}"), serde_json::to_value(&v).unwrap_or_default());
     }
 
@@ -571,7 +571,7 @@ impl Cluster {
             }
         }
         lock(&self.inner.view).vms.remove(name);
-        self.inner.store.delete(Table::Vms, name)?;
+        self.inner.store.delete(&VMS, name)?;
         self.inner.events.emit(Subject::Vm, name, format!("VM {name} deleted"), serde_json::Value::Null);
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! placed, plans and migrations moving through their phases), numbered, stored, and
 //! served as server-sent events.
 
-use crate::store::Store;
+use crate::store::{Store, EVENTS};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -59,7 +59,7 @@ pub struct Events {
 impl Events {
     /// Continues the numbering after what `store` holds.
     pub fn new(store: Arc<Store>) -> Events {
-        let last = store.last_event_seq().unwrap_or(0);
+        let last = store.last_event_seq(&EVENTS).unwrap_or(0);
         let (tx, _) = broadcast::channel(4096);
         Events { store, seq: AtomicU64::new(last), tx }
     }
@@ -69,7 +69,7 @@ impl Events {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let ev = Event { version: EVENT_VERSION, seq, at_ms: crate::now_ms(), subject, name: name.to_string(), message, data };
         tracing::info!(seq, subject = ?ev.subject, name, "{}", ev.message);
-        if let Err(e) = self.store.put_event(seq, &ev, KEEP) {
+        if let Err(e) = self.store.put_event(&EVENTS, seq, &ev, KEEP) {
             tracing::warn!(error = %e, "cannot store event");
         }
         let _ = self.tx.send(ev);
@@ -82,7 +82,7 @@ impl Events {
 
     /// Stored events after `seq`.
     pub fn since(&self, seq: u64) -> Vec<Event> {
-        self.store.events_after(seq).unwrap_or_default()
+        self.store.events_after(&EVENTS, seq).unwrap_or_default()
     }
 }
 

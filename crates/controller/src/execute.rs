@@ -27,7 +27,7 @@ use crate::cluster::{Cluster, HostStatus, Maintenance};
 use crate::error::ControllerError;
 use crate::events::Subject;
 use crate::plans::{case_of, plan_goal, Goal, PlanRecord, PlanStatus, Planned, Problem, StepStatus};
-use crate::store::Table;
+use crate::store::MIGRATIONS;
 use crate::{lock, now_ms};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -129,7 +129,7 @@ impl Cluster {
     }
 
     fn save_migration(&self, m: &Migration, message: Option<String>) {
-        if let Err(e) = self.inner.store.put(Table::Migrations, &m.id, m) {
+        if let Err(e) = self.inner.store.put(&MIGRATIONS, &m.id, m) {
             tracing::error!(id = %m.id, error = %e, "cannot store migration");
         }
         lock(&self.inner.migrations).insert(m.id.clone(), m.clone());

@@ -15,7 +15,7 @@
 use crate::cluster::{Cluster, HostStatus, Maintenance, View};
 use crate::error::ControllerError;
 use crate::events::Subject;
-use crate::store::Table;
+use crate::store::PLANS;
 use crate::{lock, now_ms};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -475,7 +475,7 @@ impl Cluster {
 
     /// Stores a plan, and publishes `message` about it if given.
     pub(crate) fn save_plan(&self, rec: &PlanRecord, message: Option<String>) -> Result<(), ControllerError> {
-        self.inner.store.put(Table::Plans, &rec.id, rec)?;
+        self.inner.store.put(&PLANS, &rec.id, rec)?;
         lock(&self.inner.plans).insert(rec.id.clone(), rec.clone());
         if let Some(m) = message {
             self.inner.events.emit(Subject::Plan, &rec.id, m, serde_json::to_value(rec).unwrap_or_default());
