@@ -2,12 +2,11 @@
 //! production, faked in unit tests) and the watcher that polls each host and marks it
 //! down, with the time and the reason, when it stops answering.
 
-use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
-use walkabout_agent::GuestStatus;
-use walkabout_migrate::Phase;
+use walkabout_api::{AgentClient, ClientError, ClientOptions, HostInfo, MigrationRecord, MigrationRequest, VmInfo, VmSpec};
 
 /// A boxed future, for the object-safe [`AgentApi`].
 pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -22,272 +21,89 @@ pub const DOWN_AFTER: Duration = Duration::from_millis(2000);
 /// Consecutive failed polls before a host can be marked down.
 pub const DOWN_AFTER_FAILURES: u32 = 2;
 
-/// Errors of calls to an agent.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum AgentCallError {
-    /// The agent did not answer (connection refused, timeout).
-    #[error("agent {url} does not answer: {detail}")]
-    Unreachable {
-        /// The agent.
-        url: String,
-        /// What the transport said.
-        detail: String,
-    },
-    /// The agent answered with an error.
-    #[error("{message}")]
-    Refused {
-        /// HTTP status.
-        status: u16,
-        /// The agent's error kind (`not_found`, `insufficient_memory`...).
-        kind: String,
-        /// The agent's sentence.
-        message: String,
-    },
-    /// The agent's answer could not be understood.
-    #[error("agent {url} answered something unexpected: {detail}")]
-    Decode {
-        /// The agent.
-        url: String,
-        /// The decode error.
-        detail: String,
-    },
-}
-
-/// A host as its agent reports it (the fields the controller uses).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentHost {
-    /// The machine's host name.
-    pub hostname: String,
-    /// CPU model name.
-    pub cpu_model: String,
-    /// Online CPUs.
-    pub cpus: u32,
-    /// Memory the agent gives VMs, MiB.
-    pub capacity_mib: u64,
-    /// Memory given to active VMs (incoming ones included), MiB.
-    pub used_mib: u64,
-    /// Free memory for VMs, MiB.
-    pub free_mib: u64,
-}
-
-/// The part of a VM's spec the controller uses.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentVmSpec {
-    /// The VM's name.
-    pub name: String,
-    /// Guest memory, MiB.
-    pub memory_mib: u64,
-    /// vCPUs.
-    #[serde(default = "one")]
-    pub vcpus: u32,
-    /// The in-guest workload.
-    #[serde(default)]
-    pub workload: String,
-}
-
-fn one() -> u32 {
-    1
-}
-
-/// A VM as an agent reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentVm {
-    /// Its spec.
-    pub spec: AgentVmSpec,
-    /// `starting`, `running`, `paused`, `migrating`, `incoming` or `stopped`.
-    pub state: String,
-    /// Why it is in that state.
-    #[serde(default)]
-    pub reason: Option<String>,
-    /// What its guest reports.
-    #[serde(default)]
-    pub guest: GuestStatus,
-}
-
-impl AgentVm {
-    /// True when the VM belongs to this host and holds memory here: an incoming VM
-    /// still belongs to its source.
-    pub fn owned(&self) -> bool {
-        self.state != "incoming"
-    }
-
-    /// True when QEMU runs for it (it holds memory).
-    pub fn active(&self) -> bool {
-        matches!(self.state.as_str(), "starting" | "running" | "paused" | "migrating")
-    }
-}
-
-/// Progress of an agent's migration (the fields the controller shows).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentProgress {
-    /// Pass over memory.
-    #[serde(default)]
-    pub iteration: u64,
-    /// Bytes sent.
-    #[serde(default)]
-    pub transferred_bytes: u64,
-    /// Bytes left.
-    #[serde(default)]
-    pub remaining_bytes: u64,
-    /// Guest memory.
-    #[serde(default)]
-    pub total_bytes: u64,
-}
-
-/// A migration as its source agent reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentMigration {
-    /// The agent's id.
-    pub id: String,
-    /// The VM.
-    pub vm: String,
-    /// Destination agent URL.
-    pub destination: String,
-    /// Phase.
-    pub phase: Phase,
-    /// Why it failed or was cancelled.
-    #[serde(default)]
-    pub reason: Option<String>,
-    /// Progress.
-    #[serde(default)]
-    pub progress: AgentProgress,
-    /// Guest pause at switchover, ms.
-    #[serde(default)]
-    pub downtime_ms: Option<u64>,
-    /// Wall time, ms.
-    #[serde(default)]
-    pub total_ms: Option<u64>,
-    /// Start, ms since the epoch.
-    #[serde(default)]
-    pub created_at_ms: u64,
-}
-
-/// A request to migrate (the agent's `POST /v1/migrations` body).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrateRequest {
-    /// The VM.
-    pub vm: String,
-    /// Destination agent URL.
-    pub destination: String,
-    /// `auto`, `precopy` or `postcopy`.
-    pub mode: String,
-    /// Longest acceptable pause, ms.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_downtime_ms: Option<u64>,
-    /// Bandwidth cap, bytes/s.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_bandwidth_bps: Option<u64>,
-}
-
-/// The calls the controller makes to agents, each to the agent at `url`.
+/// The calls the controller makes to agents, each to the agent at `url`: the agent's
+/// API as [`AgentClient`] speaks it, behind a trait so unit tests can fake the agents.
 pub trait AgentApi: Send + Sync + 'static {
     /// `GET /v1/host`.
-    fn host(&self, url: String) -> BoxFut<Result<AgentHost, AgentCallError>>;
+    fn host(&self, url: String) -> BoxFut<Result<HostInfo, ClientError>>;
     /// `GET /v1/vms`.
-    fn vms(&self, url: String) -> BoxFut<Result<Vec<AgentVm>, AgentCallError>>;
+    fn vms(&self, url: String) -> BoxFut<Result<Vec<VmInfo>, ClientError>>;
     /// `POST /v1/vms`.
-    fn create_vm(&self, url: String, spec: serde_json::Value) -> BoxFut<Result<AgentVm, AgentCallError>>;
+    fn create_vm(&self, url: String, spec: VmSpec) -> BoxFut<Result<VmInfo, ClientError>>;
     /// `DELETE /v1/vms/{name}`.
-    fn delete_vm(&self, url: String, name: String) -> BoxFut<Result<(), AgentCallError>>;
+    fn delete_vm(&self, url: String, name: String) -> BoxFut<Result<(), ClientError>>;
     /// `POST /v1/migrations`.
-    fn start_migration(&self, url: String, req: MigrateRequest) -> BoxFut<Result<AgentMigration, AgentCallError>>;
+    fn start_migration(&self, url: String, req: MigrationRequest) -> BoxFut<Result<MigrationRecord, ClientError>>;
     /// `GET /v1/migrations/{id}`.
-    fn migration(&self, url: String, id: String) -> BoxFut<Result<AgentMigration, AgentCallError>>;
+    fn migration(&self, url: String, id: String) -> BoxFut<Result<MigrationRecord, ClientError>>;
     /// `GET /v1/migrations`.
-    fn migrations(&self, url: String) -> BoxFut<Result<Vec<AgentMigration>, AgentCallError>>;
+    fn migrations(&self, url: String) -> BoxFut<Result<Vec<MigrationRecord>, ClientError>>;
     /// `POST /v1/migrations/{id}/cancel`.
-    fn cancel_migration(&self, url: String, id: String) -> BoxFut<Result<(), AgentCallError>>;
+    fn cancel_migration(&self, url: String, id: String) -> BoxFut<Result<(), ClientError>>;
 }
 
-/// [`AgentApi`] over HTTP.
-#[derive(Clone)]
+/// [`AgentApi`] over HTTP: one [`AgentClient`] per agent, with short connect timeouts
+/// (a dead host must not stall the controller).
+#[derive(Default)]
 pub struct HttpAgents {
-    http: reqwest::Client,
+    clients: std::sync::Mutex<BTreeMap<String, AgentClient>>,
 }
 
 impl HttpAgents {
-    /// A client with short connect timeouts (a dead host must not stall the controller).
-    pub fn new() -> Result<HttpAgents, AgentCallError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| AgentCallError::Unreachable { url: String::new(), detail: e.to_string() })?;
-        Ok(HttpAgents { http })
+    /// No clients yet; one is made for each agent on first use.
+    pub fn new() -> HttpAgents {
+        HttpAgents::default()
     }
 
-    fn call<T: serde::de::DeserializeOwned + Send + 'static>(
-        &self,
-        method: reqwest::Method,
-        url: String,
-        path: String,
-        body: Option<serde_json::Value>,
-        timeout: Duration,
-    ) -> BoxFut<Result<T, AgentCallError>> {
-        let http = self.http.clone();
-        Box::pin(async move {
-            let mut req = http.request(method, format!("{url}{path}")).timeout(timeout);
-            if let Some(b) = body {
-                req = req.json(&b);
+    fn client(&self, url: &str, timeout: Duration) -> Result<AgentClient, ClientError> {
+        let mut clients = crate::lock(&self.clients);
+        let c = match clients.get(url) {
+            Some(c) => c.clone(),
+            None => {
+                let opts = ClientOptions { connect_timeout: POLL_TIMEOUT, request_timeout: Duration::from_secs(30) };
+                let c = AgentClient::new(url, opts)?;
+                clients.insert(url.to_string(), c.clone());
+                c
             }
-            let resp = req.send().await.map_err(|e| AgentCallError::Unreachable { url: url.clone(), detail: transport(&e) })?;
-            let status = resp.status();
-            let bytes = resp.bytes().await.map_err(|e| AgentCallError::Unreachable { url: url.clone(), detail: transport(&e) })?;
-            if !status.is_success() {
-                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                return Err(AgentCallError::Refused {
-                    status: status.as_u16(),
-                    kind: v["kind"].as_str().unwrap_or("error").to_string(),
-                    message: v["error"]
-                        .as_str()
-                        .map(String::from)
-                        .unwrap_or_else(|| format!("agent {url} answered HTTP {status}: {}", String::from_utf8_lossy(&bytes).trim())),
-                });
-            }
-            let bytes = if bytes.is_empty() { "null".as_bytes().into() } else { bytes };
-            serde_json::from_slice(&bytes).map_err(|e| AgentCallError::Decode { url, detail: e.to_string() })
-        })
+        };
+        Ok(c.with_timeout(timeout))
     }
-}
 
-fn transport(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".into()
-    } else if e.is_connect() {
-        "connection refused".into()
-    } else {
-        e.to_string()
+    fn call<T: Send + 'static, F>(&self, url: &str, timeout: Duration, f: impl FnOnce(AgentClient) -> F) -> BoxFut<Result<T, ClientError>>
+    where
+        F: Future<Output = Result<T, ClientError>> + Send + 'static,
+    {
+        match self.client(url, timeout) {
+            Ok(c) => Box::pin(f(c)),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
 }
 
 impl AgentApi for HttpAgents {
-    fn host(&self, url: String) -> BoxFut<Result<AgentHost, AgentCallError>> {
-        self.call(reqwest::Method::GET, url, "/v1/host".into(), None, POLL_TIMEOUT)
+    fn host(&self, url: String) -> BoxFut<Result<HostInfo, ClientError>> {
+        self.call(&url, POLL_TIMEOUT, |c| async move { c.host().await })
     }
-    fn vms(&self, url: String) -> BoxFut<Result<Vec<AgentVm>, AgentCallError>> {
-        self.call(reqwest::Method::GET, url, "/v1/vms".into(), None, POLL_TIMEOUT * 3)
+    fn vms(&self, url: String) -> BoxFut<Result<Vec<VmInfo>, ClientError>> {
+        self.call(&url, POLL_TIMEOUT * 3, |c| async move { c.vms().await })
     }
-    fn create_vm(&self, url: String, spec: serde_json::Value) -> BoxFut<Result<AgentVm, AgentCallError>> {
-        self.call(reqwest::Method::POST, url, "/v1/vms".into(), Some(spec), Duration::from_secs(60))
+    fn create_vm(&self, url: String, spec: VmSpec) -> BoxFut<Result<VmInfo, ClientError>> {
+        self.call(&url, Duration::from_secs(60), |c| async move { c.create_vm(&spec).await })
     }
-    fn delete_vm(&self, url: String, name: String) -> BoxFut<Result<(), AgentCallError>> {
-        let f = self.call::<serde_json::Value>(reqwest::Method::DELETE, url, format!("/v1/vms/{name}"), None, Duration::from_secs(30));
-        Box::pin(async move { f.await.map(|_| ()) })
+    fn delete_vm(&self, url: String, name: String) -> BoxFut<Result<(), ClientError>> {
+        self.call(&url, Duration::from_secs(30), |c| async move { c.delete_vm(&name).await })
     }
-    fn start_migration(&self, url: String, req: MigrateRequest) -> BoxFut<Result<AgentMigration, AgentCallError>> {
-        let body = serde_json::to_value(&req).unwrap_or_default();
-        self.call(reqwest::Method::POST, url, "/v1/migrations".into(), Some(body), Duration::from_secs(10))
+    fn start_migration(&self, url: String, req: MigrationRequest) -> BoxFut<Result<MigrationRecord, ClientError>> {
+        self.call(&url, Duration::from_secs(10), |c| async move { c.start_migration(&req).await })
     }
-    fn migration(&self, url: String, id: String) -> BoxFut<Result<AgentMigration, AgentCallError>> {
-        self.call(reqwest::Method::GET, url, format!("/v1/migrations/{id}"), None, POLL_TIMEOUT * 2)
+    fn migration(&self, url: String, id: String) -> BoxFut<Result<MigrationRecord, ClientError>> {
+        self.call(&url, POLL_TIMEOUT * 2, |c| async move { c.migration(&id).await })
     }
-    fn migrations(&self, url: String) -> BoxFut<Result<Vec<AgentMigration>, AgentCallError>> {
-        self.call(reqwest::Method::GET, url, "/v1/migrations".into(), None, POLL_TIMEOUT * 3)
+    fn migrations(&self, url: String) -> BoxFut<Result<Vec<MigrationRecord>, ClientError>> {
+        self.call(&url, POLL_TIMEOUT * 3, |c| async move { c.migrations().await })
     }
-    fn cancel_migration(&self, url: String, id: String) -> BoxFut<Result<(), AgentCallError>> {
-        let f =
-            self.call::<serde_json::Value>(reqwest::Method::POST, url, format!("/v1/migrations/{id}/cancel"), None, Duration::from_secs(5));
-        Box::pin(async move { f.await.map(|_| ()) })
+    fn cancel_migration(&self, url: String, id: String) -> BoxFut<Result<(), ClientError>> {
+        self.call(&url, Duration::from_secs(5), |c| async move { c.cancel_migration(&id).await.map(|_| ()) })
     }
 }
 
@@ -297,9 +113,9 @@ pub enum Poll {
     /// The agent answered.
     Answered {
         /// Its host.
-        host: AgentHost,
+        host: HostInfo,
         /// Its VMs.
-        vms: Vec<AgentVm>,
+        vms: Vec<VmInfo>,
     },
     /// It did not.
     Failed {
@@ -376,18 +192,5 @@ mod tests {
         let mut l = Liveness::default();
         assert!(!l.failed(0));
         assert!(l.failed(2000));
-    }
-
-    #[test]
-    fn vm_records_of_the_agent_decode() {
-        let v: AgentVm = serde_json::from_value(serde_json::json!({
-            "version": 1, "spec": {"name": "a", "memory_mib": 256, "vcpus": 1, "workload": "idle"},
-            "state": "incoming", "accel": "tcg", "run_dir": "/x", "created_at_ms": 1,
-            "guest": {"ready": true, "cpus": 1, "heartbeats": 3, "last_seq": 2, "seq_breaks": 0,
-                      "corrupt_pages": 0, "kernel_trouble": false, "alerts": []}
-        }))
-        .expect("decodes");
-        assert!(!v.owned());
-        assert_eq!(v.guest.heartbeats, 3);
     }
 }

@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | GET | /v1/cluster | summary: hosts, VMs, running plan, limits |
 //! | GET, POST | /v1/hosts | list; register an agent `{"url", "name"?}` (201) |
-//! | GET | /v1/hosts/{name} | one host: status (down since when, why), maintenance, capacity, VMs |
+//! | GET, DELETE | /v1/hosts/{name} | one host: status (down since when, why), maintenance, capacity, VMs; remove a host without VMs |
 //! | POST | /v1/hosts/{name}/drain | maintenance + drain plan, executed (202 plan); 409 with per-VM reasons if impossible |
 //! | POST | /v1/hosts/{name}/undrain | back in service (cancels its drain) |
 //! | GET, POST | /v1/vms | list; create `{"host"?, ...agent VM spec}` (201) |
@@ -15,42 +15,34 @@
 //! | POST | /v1/migrations/{id}/cancel | cancel one (before switchover) |
 //! | GET, POST | /v1/plans | list; plan a goal, dry run (201): `{"goal":"drain","host":"h1"}`, `{"goal":"rebalance"}`, `{"goal":"consolidate"}`, `{"goal":"place","vm","host"}` |
 //! | GET | /v1/plans/{id} | one plan: steps with their migrations, problems |
-//! | POST | /v1/plans/{id}:execute, /v1/plans/{id}/execute | execute a proposed plan (202) |
-//! | POST | /v1/plans/{id}:cancel, /v1/plans/{id}/cancel | cancel (202) |
+//! | POST | /v1/plans/{id}/execute | execute a proposed plan (202) |
+//! | POST | /v1/plans/{id}/cancel | cancel (202) |
 //! | GET, POST | /v1/walks | list; start a walk `{"duration_ms", "parallel"?}` (202) |
 //! | POST | /v1/games/musical-chairs | start a game `{"duration_ms" (per round), "parallel"?}` (202) |
 //! | GET | /v1/walks/{id} | a walk or game: hops with downtime, rounds, survivors |
 //! | POST | /v1/walks/{id}/stop | stop it |
 //! | GET | /v1/events?since=N | server-sent events: everything that changes |
 //! | GET | /metrics | Prometheus metrics |
+//! | GET | /v1/openapi.json | this API's OpenAPI document |
 //!
-//! Nova's `POST /plans/{id}:execute` form is served as written (the `{id}` segment is
-//! split at its `:`); `/plans/{id}/execute` is the same call.
-//!
-//! Errors are `{"error": "<sentence naming the thing and cause>", "kind": "<kind>"}`;
-//! an impossible goal adds `"blocked": [{"vm", "needs", "why"}]` and `"plan"`.
+//! Every body is a type of `walkabout-api`; errors are its `ErrorBody` (`error`, `kind`,
+//! and for an impossible goal `blocked` per VM and `plan`).
 
 use crate::cluster::{Cluster, HostStatus};
 use crate::error::ControllerError;
 use crate::plans::{Goal, PlanStatus};
-use crate::walk::WalkOptions;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
+use walkabout_api::{AddHost, ClusterSummary, CreateVm, MoveVm, Phase, WalkOptions};
 
 impl IntoResponse for ControllerError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut body = json!({ "error": self.to_string(), "kind": self.kind() });
-        if let ControllerError::Impossible { blocked, plan, .. } = &self {
-            body["blocked"] = serde_json::to_value(blocked).unwrap_or_default();
-            body["plan"] = json!(plan);
-        }
-        (status, Json(body)).into_response()
+        (status, Json(self.body())).into_response()
     }
 }
 
@@ -59,7 +51,7 @@ pub fn router(cluster: Cluster) -> Router {
     Router::new()
         .route("/v1/cluster", get(summary))
         .route("/v1/hosts", get(hosts).post(add_host))
-        .route("/v1/hosts/{name}", get(host))
+        .route("/v1/hosts/{name}", get(host).delete(remove_host))
         .route("/v1/hosts/{name}/drain", post(drain))
         .route("/v1/hosts/{name}/undrain", post(undrain))
         .route("/v1/vms", get(vms).post(create_vm))
@@ -69,7 +61,7 @@ pub fn router(cluster: Cluster) -> Router {
         .route("/v1/migrations/{id}", get(migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
         .route("/v1/plans", get(plans).post(propose))
-        .route("/v1/plans/{id}", get(plan).post(plan_action))
+        .route("/v1/plans/{id}", get(plan))
         .route("/v1/plans/{id}/execute", post(execute))
         .route("/v1/plans/{id}/cancel", post(cancel))
         .route("/v1/walks", get(walks).post(start_walk))
@@ -78,6 +70,7 @@ pub fn router(cluster: Cluster) -> Router {
         .route("/v1/walks/{id}/stop", post(stop_walk))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
         .with_state(cluster)
 }
 
@@ -102,25 +95,12 @@ fn with_status<T: serde::Serialize>(status: StatusCode, r: Result<T, ControllerE
 }
 
 async fn summary(State(c): State<Cluster>) -> Response {
-    let running: Vec<String> = c.plans().into_iter().filter(|p| p.status == PlanStatus::Running).map(|p| p.id).collect();
-    Json(json!({
-        "hosts": c.hosts(),
-        "vms": c.vms(),
-        "running_plans": running,
-        "limits": c.limits(),
-    }))
-    .into_response()
+    let running_plans: Vec<String> = c.plans().into_iter().filter(|p| p.status == PlanStatus::Running).map(|p| p.id).collect();
+    Json(ClusterSummary { hosts: c.hosts(), vms: c.vms(), running_plans, limits: c.limits() }).into_response()
 }
 
 async fn hosts(State(c): State<Cluster>) -> Response {
     Json(c.hosts()).into_response()
-}
-
-#[derive(Deserialize)]
-struct AddHost {
-    url: String,
-    #[serde(default)]
-    name: Option<String>,
 }
 
 async fn add_host(State(c): State<Cluster>, b: Body<AddHost>) -> Response {
@@ -134,6 +114,13 @@ async fn add_host(State(c): State<Cluster>, b: Body<AddHost>) -> Response {
 
 async fn host(State(c): State<Cluster>, Path(name): Path<String>) -> Response {
     reply(c.host(&name))
+}
+
+async fn remove_host(State(c): State<Cluster>, Path(name): Path<String>) -> Response {
+    match c.remove_host(&name) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn drain(State(c): State<Cluster>, Path(name): Path<String>) -> Response {
@@ -152,11 +139,10 @@ async fn vm(State(c): State<Cluster>, Path(name): Path<String>) -> Response {
     reply(c.vm(&name))
 }
 
-async fn create_vm(State(c): State<Cluster>, b: Body<serde_json::Value>) -> Response {
+async fn create_vm(State(c): State<Cluster>, b: Body<CreateVm>) -> Response {
     let r = async {
-        let mut spec = body(b, "VM spec")?;
-        let host = spec.as_object_mut().and_then(|o| o.remove("host")).and_then(|h| h.as_str().map(String::from));
-        c.create_vm(spec, host.as_deref()).await
+        let req = body(b, "VM spec")?;
+        c.create_vm(req.spec, req.host.as_deref()).await
     }
     .await;
     with_status(StatusCode::CREATED, r)
@@ -169,12 +155,7 @@ async fn delete_vm(State(c): State<Cluster>, Path(name): Path<String>) -> Respon
     }
 }
 
-#[derive(Deserialize)]
-struct MoveTo {
-    to: String,
-}
-
-async fn move_vm(State(c): State<Cluster>, Path(name): Path<String>, b: Body<MoveTo>) -> Response {
+async fn move_vm(State(c): State<Cluster>, Path(name): Path<String>, b: Body<MoveVm>) -> Response {
     let r = body(b, "move request").and_then(|m| {
         let plan = c.propose(Goal::Place { vm: name, host: m.to })?;
         c.execute(&plan.id)
@@ -204,15 +185,6 @@ async fn propose(State(c): State<Cluster>, b: Body<Goal>) -> Response {
 
 async fn plan(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
     reply(c.plan(&id))
-}
-
-/// `POST /v1/plans/{id}:execute` and `:cancel`, Nova style.
-async fn plan_action(State(c): State<Cluster>, Path(id_action): Path<String>) -> Response {
-    match id_action.split_once(':') {
-        Some((id, "execute")) => with_status(StatusCode::ACCEPTED, c.execute(id)),
-        Some((id, "cancel")) => with_status(StatusCode::ACCEPTED, c.cancel_plan(id).await),
-        _ => ControllerError::Invalid(format!("unknown plan action in {id_action:?}: use {{id}}:execute or {{id}}:cancel")).into_response(),
-    }
 }
 
 async fn execute(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
@@ -271,8 +243,8 @@ async fn metrics(State(c): State<Cluster>) -> Response {
         out,
         "# HELP walkabout_cluster_migrations_total Migrations ordered, by result.\n# TYPE walkabout_cluster_migrations_total counter"
     );
-    for phase in ["completed", "failed", "cancelled"] {
-        let n = migs.iter().filter(|m| format!("{:?}", m.phase).to_lowercase() == phase).count();
+    for phase in [Phase::Completed, Phase::Failed, Phase::Cancelled] {
+        let n = migs.iter().filter(|m| m.phase == phase).count();
         let _ = writeln!(out, "walkabout_cluster_migrations_total{{result=\"{phase}\"}} {n}");
     }
     let running = migs.iter().filter(|m| !m.phase.is_final()).count();
@@ -282,4 +254,52 @@ async fn metrics(State(c): State<Cluster>) -> Response {
     );
     let _ = writeln!(out, "walkabout_cluster_migrations_running {running}");
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// The controller's OpenAPI document, generated once from `walkabout-api`.
+async fn openapi() -> Response {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    Json(DOC.get_or_init(|| serde_json::to_value(walkabout_api::openapi::controller()).unwrap_or_default())).into_response()
+}
+
+/// Every `(METHOD, path)` the router serves, as the OpenAPI document spells paths.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/cluster"),
+    ("GET", "/v1/hosts"),
+    ("POST", "/v1/hosts"),
+    ("GET", "/v1/hosts/{name}"),
+    ("DELETE", "/v1/hosts/{name}"),
+    ("POST", "/v1/hosts/{name}/drain"),
+    ("POST", "/v1/hosts/{name}/undrain"),
+    ("GET", "/v1/vms"),
+    ("POST", "/v1/vms"),
+    ("GET", "/v1/vms/{name}"),
+    ("DELETE", "/v1/vms/{name}"),
+    ("POST", "/v1/vms/{name}/move"),
+    ("GET", "/v1/migrations"),
+    ("GET", "/v1/migrations/{id}"),
+    ("POST", "/v1/migrations/{id}/cancel"),
+    ("GET", "/v1/plans"),
+    ("POST", "/v1/plans"),
+    ("GET", "/v1/plans/{id}"),
+    ("POST", "/v1/plans/{id}/execute"),
+    ("POST", "/v1/plans/{id}/cancel"),
+    ("GET", "/v1/walks"),
+    ("POST", "/v1/walks"),
+    ("POST", "/v1/games/musical-chairs"),
+    ("GET", "/v1/walks/{id}"),
+    ("POST", "/v1/walks/{id}/stop"),
+    ("GET", "/v1/events"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/openapi.json"),
+];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_router_serves_exactly_the_documented_paths() {
+        let mut served: Vec<(String, String)> = super::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        served.sort();
+        assert_eq!(served, walkabout_api::openapi::routes(&walkabout_api::openapi::controller()));
+    }
 }

@@ -2,7 +2,7 @@
 //! (where each runs, what its guest says), kept current by one watcher per host and
 //! stored so a restarted controller starts from what it knew.
 
-use crate::agents::{self, AgentApi, AgentVm, Liveness, Poll};
+use crate::agents::{self, AgentApi, Liveness, Poll};
 use crate::error::ControllerError;
 use crate::events::{Events, Subject};
 use crate::execute::{ExecLimits, Migration};
@@ -14,132 +14,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
-use walkabout_agent::GuestStatus;
+use walkabout_api::{Mode, VmInfo, VmSpec};
 
-/// Version of [`Host`]'s and [`Vm`]'s stored layout.
-pub const VIEW_VERSION: u32 = 1;
-
-/// Whether a host answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HostStatus {
-    /// Not polled yet.
-    Unknown,
-    /// Its agent answers.
-    Up,
-    /// Its agent stopped answering (see `down_reason`).
-    Down,
-}
-
-/// What the operator wants of a host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Maintenance {
-    /// In service: VMs may be placed here.
-    Active,
-    /// Being emptied: nothing is placed here.
-    Draining,
-    /// Emptied and out of service.
-    Drained,
-    /// Emptied and powered off (musical chairs): out of the game for good.
-    Off,
-}
-
-impl Maintenance {
-    /// True when VMs may be placed on the host.
-    pub fn accepts_vms(self) -> bool {
-        self == Maintenance::Active
-    }
-}
-
-/// A host of the cluster.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Host {
-    /// Layout version.
-    pub version: u32,
-    /// Its name in the cluster (`h1`...).
-    pub name: String,
-    /// Its agent's URL.
-    pub url: String,
-    /// Whether it answers.
-    pub status: HostStatus,
-    /// Since when (ms since the epoch) it has had that status.
-    pub status_since_ms: u64,
-    /// Why it is down.
-    #[serde(default)]
-    pub down_reason: Option<String>,
-    /// Maintenance mode.
-    pub maintenance: Maintenance,
-    /// When its agent last answered.
-    #[serde(default)]
-    pub last_seen_ms: Option<u64>,
-    /// Its machine's host name.
-    #[serde(default)]
-    pub hostname: String,
-    /// CPU model.
-    #[serde(default)]
-    pub cpu_model: String,
-    /// CPUs.
-    #[serde(default)]
-    pub cpus: u32,
-    /// Memory for VMs, MiB.
-    #[serde(default)]
-    pub capacity_mib: u64,
-    /// Memory in use by VMs (incoming included), MiB.
-    #[serde(default)]
-    pub used_mib: u64,
-    /// Free memory, MiB.
-    #[serde(default)]
-    pub free_mib: u64,
-    /// Names of the VMs it runs.
-    #[serde(default)]
-    pub vms: Vec<String>,
-    #[serde(skip)]
-    liveness: Liveness,
-}
-
-impl Host {
-    /// True when plans may send VMs here.
-    pub fn accepts_vms(&self) -> bool {
-        self.status == HostStatus::Up && self.maintenance.accepts_vms()
-    }
-}
-
-/// A VM of the cluster.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Vm {
-    /// Layout version.
-    pub version: u32,
-    /// Its name.
-    pub name: String,
-    /// The host it runs on (last known, if that host is down).
-    pub host: Option<String>,
-    /// Guest memory, MiB.
-    pub memory_mib: u64,
-    /// vCPUs.
-    pub vcpus: u32,
-    /// In-guest workload.
-    pub workload: String,
-    /// Agent state (`running`, `migrating`...), or `missing` when no host lists it,
-    /// `unreachable` when its host is down.
-    pub state: String,
-    /// Why, when the agent said.
-    #[serde(default)]
-    pub reason: Option<String>,
-    /// What its guest reports (continuity carried across migrations by the agents).
-    #[serde(default)]
-    pub guest: GuestStatus,
-    /// When an agent last listed it.
-    #[serde(default)]
-    pub seen_ms: u64,
-}
-
-impl Vm {
-    /// True when it holds memory on its host.
-    pub fn active(&self) -> bool {
-        matches!(self.state.as_str(), "starting" | "running" | "paused" | "migrating")
-    }
-}
+pub use walkabout_api::cluster::VIEW_VERSION;
+pub use walkabout_api::{ClusterVm, ClusterVmState, Host, HostStatus, Maintenance};
 
 /// The cluster as the controller sees it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -147,13 +25,16 @@ pub struct View {
     /// Hosts by name.
     pub hosts: BTreeMap<String, Host>,
     /// VMs by name.
-    pub vms: BTreeMap<String, Vm>,
+    pub vms: BTreeMap<String, ClusterVm>,
+    /// Each host's recent polls, for deciding when it is down.
+    #[serde(skip)]
+    liveness: BTreeMap<String, Liveness>,
 }
 
 impl View {
     /// VMs placed on `host`, active ones only.
-    pub fn vms_on<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Vm> + 'a {
-        self.vms.values().filter(move |v| v.host.as_deref() == Some(host) && v.active())
+    pub fn vms_on<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a ClusterVm> + 'a {
+        self.vms.values().filter(move |v| v.host.as_deref() == Some(host) && v.is_active())
     }
 
     /// Memory a host can still take: its capacity less its VMs, and less what the
@@ -173,7 +54,7 @@ pub struct ControllerConfig {
     /// Execution limits.
     pub limits: ExecLimits,
     /// Migration mode asked of agents (`auto`).
-    pub mode: String,
+    pub mode: Mode,
     /// Bandwidth cap per migration asked of agents, bytes/s (default: none).
     pub max_bandwidth_bps: Option<u64>,
 }
@@ -181,7 +62,7 @@ pub struct ControllerConfig {
 impl ControllerConfig {
     /// Defaults with `data_dir`.
     pub fn new(data_dir: PathBuf) -> ControllerConfig {
-        ControllerConfig { data_dir, limits: ExecLimits::default(), mode: "auto".into(), max_bandwidth_bps: None }
+        ControllerConfig { data_dir, limits: ExecLimits::default(), mode: Mode::Auto, max_bandwidth_bps: None }
     }
 }
 
@@ -221,7 +102,7 @@ impl Cluster {
         for h in store.list::<Host>(&HOSTS)? {
             view.hosts.insert(h.name.clone(), Host { status: HostStatus::Unknown, ..h });
         }
-        for v in store.list::<Vm>(&VMS)? {
+        for v in store.list::<ClusterVm>(&VMS)? {
             view.vms.insert(v.name.clone(), v);
         }
         let migrations: BTreeMap<String, Migration> =
@@ -297,12 +178,12 @@ impl Cluster {
     }
 
     /// All VMs.
-    pub fn vms(&self) -> Vec<Vm> {
+    pub fn vms(&self) -> Vec<ClusterVm> {
         lock(&self.inner.view).vms.values().cloned().collect()
     }
 
     /// One VM.
-    pub fn vm(&self, name: &str) -> Result<Vm, ControllerError> {
+    pub fn vm(&self, name: &str) -> Result<ClusterVm, ControllerError> {
         lock(&self.inner.view).vms.get(name).cloned().ok_or_else(|| ControllerError::not_found("VM", name))
     }
 
@@ -333,6 +214,7 @@ impl Cluster {
                 status_since_ms: now_ms(),
                 down_reason: None,
                 maintenance: Maintenance::Active,
+                maintenance_reason: None,
                 last_seen_ms: None,
                 hostname: String::new(),
                 cpu_model: String::new(),
@@ -341,7 +223,6 @@ impl Cluster {
                 used_mib: 0,
                 free_mib: 0,
                 vms: vec![],
-                liveness: Liveness::default(),
             };
             view.hosts.insert(name, h.clone());
             h
@@ -386,14 +267,14 @@ impl Cluster {
     pub fn observe(&self, name: &str, polled: Poll) {
         let now = now_ms();
         let mut changed_hosts = vec![];
-        let mut changed_vms: Vec<(Vm, String)> = vec![];
+        let mut changed_vms: Vec<(ClusterVm, String)> = vec![];
         {
             let mut guard = lock(&self.inner.view);
             let view = &mut *guard;
             let Some(h) = view.hosts.get_mut(name) else { return };
             match polled {
                 Poll::Answered { host, vms } => {
-                    h.liveness.ok(now);
+                    view.liveness.entry(name.to_string()).or_default().ok(now);
                     h.last_seen_ms = Some(now);
                     let was = h.status;
                     let capacity_changed = (h.capacity_mib, h.used_mib, h.cpus) != (host.capacity_mib, host.used_mib, host.cpus);
@@ -411,27 +292,29 @@ impl Cluster {
                     } else if capacity_changed {
                         changed_hosts.push(String::new());
                     }
-                    let owned: Vec<&AgentVm> = vms.iter().filter(|v| v.owned()).collect();
+                    let owned: Vec<&VmInfo> = vms.iter().filter(|v| v.record.state.is_owned()).collect();
                     for v in &owned {
-                        let entry = view.vms.entry(v.spec.name.clone()).or_insert_with(|| Vm {
+                        let spec = &v.record.spec;
+                        let state = ClusterVmState::from(v.record.state);
+                        let entry = view.vms.entry(spec.name.clone()).or_insert_with(|| ClusterVm {
                             version: VIEW_VERSION,
-                            name: v.spec.name.clone(),
+                            name: spec.name.clone(),
                             host: None,
-                            memory_mib: v.spec.memory_mib,
-                            vcpus: v.spec.vcpus,
-                            workload: v.spec.workload.clone(),
-                            state: String::new(),
+                            memory_mib: spec.memory_mib,
+                            vcpus: spec.vcpus,
+                            workload: spec.workload.clone(),
+                            state,
                             reason: None,
-                            guest: GuestStatus::default(),
+                            guest: Default::default(),
                             seen_ms: now,
                         });
                         let moved = entry.host.as_deref() != Some(name);
-                        let restated = entry.state != v.state;
+                        let restated = entry.state != state;
                         entry.host = Some(name.to_string());
-                        entry.state = v.state.clone();
-                        entry.reason = v.reason.clone();
+                        entry.state = state;
+                        entry.reason = v.record.reason.clone();
                         entry.guest = v.guest.clone();
-                        entry.memory_mib = v.spec.memory_mib;
+                        entry.memory_mib = spec.memory_mib;
                         entry.seen_ms = now;
                         if moved {
                             changed_vms.push((entry.clone(), format!("VM {} runs on {name} ({})", entry.name, entry.state)));
@@ -440,28 +323,32 @@ impl Cluster {
                         }
                     }
                     for vm in view.vms.values_mut() {
-                        let listed = owned.iter().any(|v| v.spec.name == vm.name);
-                        if vm.host.as_deref() == Some(name) && !listed && vm.state != "missing" {
-                            vm.state = "missing".into();
+                        let listed = owned.iter().any(|v| v.record.spec.name == vm.name);
+                        if vm.host.as_deref() == Some(name) && !listed && vm.state != ClusterVmState::Missing {
+                            vm.state = ClusterVmState::Missing;
                             changed_vms.push((vm.clone(), format!("VM {} is no longer listed by {name}", vm.name)));
                         }
                     }
                 }
                 Poll::Failed { reason } => {
-                    if h.liveness.failed(now) && h.status != HostStatus::Down {
+                    if view.liveness.entry(name.to_string()).or_default().failed(now) && h.status != HostStatus::Down {
                         h.status = HostStatus::Down;
                         h.status_since_ms = now;
                         h.down_reason = Some(reason.clone());
                         changed_hosts.push(format!("host {name} is down: {reason}"));
                         for vm in view.vms.values_mut().filter(|v| v.host.as_deref() == Some(name)) {
-                            vm.state = "unreachable".into();
+                            vm.state = ClusterVmState::Unreachable;
                             changed_vms.push((vm.clone(), format!("VM {} is unreachable: its host {name} is down", vm.name)));
                         }
                     }
                 }
             }
-            let names: Vec<String> =
-                view.vms.values().filter(|v| v.host.as_deref() == Some(name) && v.state != "missing").map(|v| v.name.clone()).collect();
+            let names: Vec<String> = view
+                .vms
+                .values()
+                .filter(|v| v.host.as_deref() == Some(name) && v.state != ClusterVmState::Missing)
+                .map(|v| v.name.clone())
+                .collect();
             if let Some(h) = view.hosts.get_mut(name) {
                 h.vms = names;
             }
@@ -486,13 +373,19 @@ impl Cluster {
 
     /// Sets a host's maintenance mode.
     pub fn set_maintenance(&self, name: &str, m: Maintenance) -> Result<Host, ControllerError> {
+        self.set_maintenance_because(name, m, None)
+    }
+
+    /// Sets a host's maintenance mode, saying why when that needs saying.
+    pub fn set_maintenance_because(&self, name: &str, m: Maintenance, reason: Option<String>) -> Result<Host, ControllerError> {
         let h = {
             let mut view = lock(&self.inner.view);
             let h = view.hosts.get_mut(name).ok_or_else(|| ControllerError::not_found("host", name))?;
-            if h.maintenance == m {
+            if h.maintenance == m && h.maintenance_reason == reason {
                 return Ok(h.clone());
             }
             h.maintenance = m;
+            h.maintenance_reason = reason;
             h.clone()
         };
         self.inner.store.put(&HOSTS, name, &h)?;
@@ -500,10 +393,36 @@ impl Cluster {
             Maintenance::Active => "back in service",
             Maintenance::Draining => "draining",
             Maintenance::Drained => "drained",
-            Maintenance::Off => "powered off",
+            Maintenance::DrainFailed => "not drained: its drain failed",
         };
-        self.inner.events.emit(Subject::Host, name, format!("host {name} is {what}"), serde_json::to_value(&h).unwrap_or_default());
+        let why = h.maintenance_reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+        self.inner.events.emit(Subject::Host, name, format!("host {name} is {what}{why}"), serde_json::to_value(&h).unwrap_or_default());
         Ok(h)
+    }
+
+    /// Takes a host out of the cluster: it is no longer polled, planned for or shown.
+    /// Refused while a VM runs there or a migration involves it.
+    pub fn remove_host(&self, name: &str) -> Result<(), ControllerError> {
+        {
+            let mut view = lock(&self.inner.view);
+            if !view.hosts.contains_key(name) {
+                return Err(ControllerError::not_found("host", name));
+            }
+            let vms: Vec<&str> = view.vms_on(name).map(|v| v.name.as_str()).collect();
+            if !vms.is_empty() {
+                return Err(ControllerError::Conflict(format!("host {name} still runs {}: drain it first", vms.join(", "))));
+            }
+            let migs = lock(&self.inner.migrations);
+            if let Some(m) = migs.values().find(|m| !m.phase.is_final() && (m.from == name || m.to == name)) {
+                return Err(ControllerError::Conflict(format!("host {name} takes part in migration {} of {}", m.id, m.vm)));
+            }
+            drop(migs);
+            view.hosts.remove(name);
+            view.liveness.remove(name);
+        }
+        self.inner.store.delete(&HOSTS, name)?;
+        self.inner.events.emit(Subject::Host, name, format!("host {name} removed from the cluster"), serde_json::Value::Null);
+        Ok(())
     }
 
     /// Records that a migration moved `vm` to `host` (before the next poll says so).
@@ -515,7 +434,7 @@ impl Cluster {
                 return;
             }
             v.host = Some(host.to_string());
-            v.state = "running".into();
+            v.state = ClusterVmState::Running;
             v.clone()
         };
         let _ = self.inner.store.put(&VMS, vm, &v);
@@ -524,12 +443,11 @@ impl Cluster {
 
     /// Creates a VM from an agent spec on `host`, or on the active host with the most
     /// free memory.
-    pub async fn create_vm(&self, spec: serde_json::Value, host: Option<&str>) -> Result<Vm, ControllerError> {
-        let name = spec["name"].as_str().ok_or_else(|| ControllerError::Invalid("the VM spec has no name".into()))?.to_string();
-        let memory = spec["memory_mib"].as_u64().ok_or_else(|| ControllerError::Invalid(format!("VM {name}: memory_mib is missing")))?;
+    pub async fn create_vm(&self, spec: VmSpec, host: Option<&str>) -> Result<ClusterVm, ControllerError> {
+        let (name, memory) = (spec.name.clone(), spec.memory_mib);
         let (host, url) = {
             let view = lock(&self.inner.view);
-            if view.vms.get(&name).is_some_and(|v| v.state != "missing") {
+            if view.vms.get(&name).is_some_and(|v| v.state != ClusterVmState::Missing) {
                 return Err(ControllerError::Conflict(format!("a VM named {name} already exists")));
             }
             let h = match host {
@@ -566,7 +484,7 @@ impl Cluster {
             let url = self.host(h)?.url;
             match self.inner.api.delete_vm(url, name.to_string()).await {
                 Ok(()) => {}
-                Err(crate::agents::AgentCallError::Refused { status: 404, .. }) => {}
+                Err(e) if e.status() == Some(404) => {}
                 Err(e) => return Err(e.into()),
             }
         }

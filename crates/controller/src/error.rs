@@ -1,8 +1,8 @@
 //! Errors of controller operations, each naming the thing and the cause, and the HTTP
 //! status each is served with.
 
-use crate::agents::AgentCallError;
 use crate::store::StoreError;
+use walkabout_api::{Blocked, ClientError, ErrorBody, ErrorKind};
 
 /// Errors of controller operations.
 #[derive(Debug, thiserror::Error)]
@@ -28,19 +28,19 @@ pub enum ControllerError {
         /// One sentence for the whole goal.
         reason: String,
         /// Each VM that cannot go where the goal needs it, with why.
-        blocked: Vec<walkabout_plan::Blocked>,
+        blocked: Vec<Blocked>,
         /// The plan recorded for review, if one was.
         plan: Option<String>,
     },
     /// An agent failed or refused.
     #[error(transparent)]
-    Agent(#[from] AgentCallError),
+    Agent(#[from] ClientError),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-fn blocked_text(b: &[walkabout_plan::Blocked]) -> String {
+fn blocked_text(b: &[Blocked]) -> String {
     b.iter()
         .map(|b| if b.why.starts_with(&b.vm) { b.why.clone() } else { format!("{} needs {}: {}", b.vm, b.needs, b.why) })
         .collect::<Vec<_>>()
@@ -54,21 +54,31 @@ impl ControllerError {
             ControllerError::NotFound { .. } => 404,
             ControllerError::Conflict(_) | ControllerError::Impossible { .. } => 409,
             ControllerError::Invalid(_) => 422,
-            ControllerError::Agent(_) => 502,
+            ControllerError::Agent(e) => e.status().unwrap_or(502),
             ControllerError::Store(_) => 500,
         }
     }
 
-    /// A short machine-readable kind.
-    pub fn kind(&self) -> &'static str {
+    /// The machine-readable kind clients match on (an agent's refusal keeps its kind).
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            ControllerError::NotFound { .. } => "not_found",
-            ControllerError::Conflict(_) => "conflict",
-            ControllerError::Invalid(_) => "invalid_request",
-            ControllerError::Impossible { .. } => "impossible",
-            ControllerError::Agent(_) => "agent",
-            ControllerError::Store(_) => "store",
+            ControllerError::NotFound { .. } => ErrorKind::NotFound,
+            ControllerError::Conflict(_) => ErrorKind::Conflict,
+            ControllerError::Invalid(_) => ErrorKind::InvalidRequest,
+            ControllerError::Impossible { .. } => ErrorKind::Impossible,
+            ControllerError::Agent(e) => e.kind().unwrap_or(ErrorKind::Agent),
+            ControllerError::Store(_) => ErrorKind::Store,
         }
+    }
+
+    /// The error as served.
+    pub fn body(&self) -> ErrorBody {
+        let mut body = ErrorBody::new(self.kind(), self.to_string());
+        if let ControllerError::Impossible { blocked, plan, .. } = self {
+            body.blocked = blocked.clone();
+            body.plan = plan.clone();
+        }
+        body
     }
 
     pub(crate) fn not_found(what: &'static str, name: &str) -> ControllerError {

@@ -3,51 +3,15 @@
 //! served as server-sent events.
 
 use crate::store::{Store, EVENTS};
-use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::broadcast;
 
-/// Version of [`Event`]'s stored layout.
-pub const EVENT_VERSION: u32 = 1;
+pub use walkabout_api::event::EVENT_VERSION;
+pub use walkabout_api::{Event, Subject};
+
 /// Events kept in the database.
 const KEEP: u64 = 20_000;
-
-/// What an event is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Subject {
-    /// A host.
-    Host,
-    /// A VM.
-    Vm,
-    /// A plan.
-    Plan,
-    /// A migration.
-    Migration,
-    /// A walk or a game.
-    Walk,
-}
-
-/// One change.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    /// Layout version.
-    pub version: u32,
-    /// Sequence number, from 1, never reused.
-    pub seq: u64,
-    /// When, ms since the epoch.
-    pub at_ms: u64,
-    /// What kind of thing changed.
-    pub subject: Subject,
-    /// Which one (host name, VM name, plan or migration id).
-    pub name: String,
-    /// What happened, in one sentence.
-    pub message: String,
-    /// The thing as it is now.
-    #[serde(default)]
-    pub data: serde_json::Value,
-}
 
 /// Publishes events: to the database and to live subscribers.
 pub struct Events {

@@ -22,87 +22,22 @@
 //!   its last round completed and nothing was given up; otherwise `failed`, with each
 //!   VM that did not get where the goal wanted and why.
 
-use crate::agents::{AgentCallError, AgentMigration, AgentProgress, MigrateRequest};
 use crate::cluster::{Cluster, HostStatus, Maintenance};
 use crate::error::ControllerError;
 use crate::events::Subject;
 use crate::plans::{case_of, plan_goal, Goal, PlanRecord, PlanStatus, Planned, Problem, StepStatus};
 use crate::store::MIGRATIONS;
 use crate::{lock, now_ms};
-use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use tokio::sync::watch;
-use walkabout_migrate::Phase;
+use walkabout_api::Phase;
+use walkabout_api::{ClientError, ClusterVmState, MigrationRecord, MigrationRequest, Progress};
 
-/// Version of [`Migration`]'s stored layout.
-pub const MIGRATION_VERSION: u32 = 1;
+pub use walkabout_api::cluster::CLUSTER_MIGRATION_VERSION as MIGRATION_VERSION;
+pub use walkabout_api::{ClusterMigration as Migration, ExecLimits};
+
 /// How often running migrations and plans are looked at.
 const TICK: Duration = Duration::from_millis(300);
-
-/// Limits on what runs at once, and on retries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExecLimits {
-    /// Migrations out of one host at once.
-    pub per_host_out: u32,
-    /// Migrations into one host at once.
-    pub per_host_in: u32,
-    /// Migrations in the whole cluster at once.
-    pub per_cluster: u32,
-    /// Migrations one host takes part in per wave, as the planner packs waves.
-    pub planner_parallel_per_host: u32,
-    /// Failed migrations of one VM before a plan gives it up.
-    pub max_attempts: u32,
-    /// Re-plans of one plan before it gives up.
-    pub max_replans: u32,
-}
-
-impl Default for ExecLimits {
-    fn default() -> Self {
-        ExecLimits { per_host_out: 1, per_host_in: 1, per_cluster: 2, planner_parallel_per_host: 1, max_attempts: 2, max_replans: 4 }
-    }
-}
-
-/// A migration the controller ordered.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Migration {
-    /// Layout version.
-    pub version: u32,
-    /// Its id (`m1`...).
-    pub id: String,
-    /// The VM.
-    pub vm: String,
-    /// Source host.
-    pub from: String,
-    /// Destination host.
-    pub to: String,
-    /// The plan it belongs to, if any (walks have none).
-    #[serde(default)]
-    pub plan: Option<String>,
-    /// Why.
-    pub why: String,
-    /// Phase.
-    pub phase: Phase,
-    /// Why it failed or was cancelled.
-    #[serde(default)]
-    pub reason: Option<String>,
-    /// The source agent's migration id, once the agent took it.
-    #[serde(default)]
-    pub agent_id: Option<String>,
-    /// Progress as the agent last reported it.
-    #[serde(default)]
-    pub progress: AgentProgress,
-    /// Guest pause at switchover, ms.
-    #[serde(default)]
-    pub downtime_ms: Option<u64>,
-    /// Wall time, ms (the agent's).
-    #[serde(default)]
-    pub total_ms: Option<u64>,
-    /// Ordered, ms since the epoch.
-    pub started_ms: u64,
-    /// Ended.
-    #[serde(default)]
-    pub finished_ms: Option<u64>,
-}
 
 /// Whether `from -> to` may start now under `limits`, given the migrations running.
 pub fn within_limits<'a>(limits: &ExecLimits, running: impl Iterator<Item = &'a Migration>, from: &str, to: &str) -> bool {
@@ -148,7 +83,7 @@ impl Cluster {
             let mut migs = lock(&self.inner.migrations);
             let v = view.vms.get(vm).ok_or_else(|| ControllerError::not_found("VM", vm))?;
             let from = v.host.clone().ok_or_else(|| ControllerError::Conflict(format!("cannot move {vm}: it runs nowhere")))?;
-            if !v.active() {
+            if !v.is_active() {
                 return Err(ControllerError::Conflict(format!("cannot move {vm}: it is {} on {from}", v.state)));
             }
             if let Some(m) = migs.values().find(|m| m.vm == vm && !m.phase.is_final()) {
@@ -159,7 +94,7 @@ impl Cluster {
             if src.status != HostStatus::Up {
                 return Err(ControllerError::Conflict(format!("cannot move {vm}: its host {from} is down")));
             }
-            if dst.status != HostStatus::Up || dst.maintenance == Maintenance::Off {
+            if dst.status != HostStatus::Up {
                 return Err(ControllerError::Conflict(format!("cannot move {vm} to {to}: {to} is down")));
             }
             if from == to {
@@ -189,7 +124,7 @@ impl Cluster {
                 phase: Phase::Pending,
                 reason: None,
                 agent_id: None,
-                progress: AgentProgress::default(),
+                progress: Progress::default(),
                 downtime_ms: None,
                 total_ms: None,
                 started_ms: now_ms(),
@@ -248,8 +183,8 @@ impl Cluster {
             match step {
                 Ok(Some(rec)) => self.follow(&id, rec),
                 Ok(None) => {}
-                Err(AgentCallError::Refused { message, status, .. }) if m.agent_id.is_none() || status == 404 => {
-                    return self.finish_migration(&id, Phase::Failed, Some(message), None);
+                Err(e @ ClientError::Api { .. }) if m.agent_id.is_none() || e.status() == Some(404) => {
+                    return self.finish_migration(&id, Phase::Failed, Some(e.to_string()), None);
                 }
                 Err(e) => tracing::debug!(id, error = %e, "source agent did not answer; retrying"),
             }
@@ -261,30 +196,27 @@ impl Cluster {
     }
 
     /// Gives the migration to its source agent, unless the agent already has it.
-    async fn hand_over(&self, m: &Migration, from_url: &str) -> Result<Option<AgentMigration>, AgentCallError> {
+    async fn hand_over(&self, m: &Migration, from_url: &str) -> Result<Option<MigrationRecord>, ClientError> {
         let to_url = self.host(&m.to).map(|h| h.url).unwrap_or_default();
         let known = self.inner.api.migrations(from_url.to_string()).await?;
         // Only an agent migration no record of ours claims: an earlier, failed attempt
         // of the same hop is not this one.
         let claimed: Vec<String> = lock(&self.inner.migrations).values().filter_map(|x| x.agent_id.clone()).collect();
-        let ours = |r: &AgentMigration| {
+        let ours = |r: &MigrationRecord| {
             r.vm == m.vm && r.destination == to_url && r.created_at_ms + 2_000 >= m.started_ms && !claimed.contains(&r.id)
         };
         if let Some(rec) = known.into_iter().find(ours) {
             tracing::info!(id = %m.id, agent_id = %rec.id, "adopting the agent's migration");
             return Ok(Some(rec));
         }
-        let req = MigrateRequest {
-            vm: m.vm.clone(),
-            destination: to_url,
-            mode: self.inner.config.mode.clone(),
-            max_downtime_ms: None,
+        let req = MigrationRequest {
             max_bandwidth_bps: self.inner.config.max_bandwidth_bps,
+            ..MigrationRequest::new(m.vm.clone(), to_url, self.inner.config.mode)
         };
         self.inner.api.start_migration(from_url.to_string(), req).await.map(Some)
     }
 
-    fn follow(&self, id: &str, rec: AgentMigration) {
+    fn follow(&self, id: &str, rec: MigrationRecord) {
         let Ok(mut m) = self.migration(id) else { return };
         let first = m.agent_id.is_none();
         m.agent_id = Some(rec.id.clone());
@@ -296,14 +228,14 @@ impl Cluster {
         let moved = m.phase != rec.phase;
         m.phase = rec.phase;
         if first || moved {
-            let msg = format!("migration {id} of {} is {}", m.vm, format!("{:?}", m.phase).to_lowercase());
+            let msg = format!("migration {id} of {} is {}", m.vm, m.phase);
             self.save_migration(&m, Some(msg));
         } else {
             lock(&self.inner.migrations).insert(id.to_string(), m);
         }
     }
 
-    fn finish_migration(&self, id: &str, phase: Phase, reason: Option<String>, rec: Option<AgentMigration>) {
+    fn finish_migration(&self, id: &str, phase: Phase, reason: Option<String>, rec: Option<MigrationRecord>) {
         let Ok(mut m) = self.migration(id) else { return };
         m.phase = phase;
         m.reason = reason;
@@ -323,7 +255,7 @@ impl Cluster {
                 m.downtime_ms.unwrap_or(0)
             ),
             p => {
-                format!("migration {id} of {} to {} {}: {}", m.vm, m.to, format!("{p:?}").to_lowercase(), m.reason.as_deref().unwrap_or(""))
+                format!("migration {id} of {} to {} {}: {}", m.vm, m.to, p, m.reason.as_deref().unwrap_or(""))
             }
         };
         if phase == Phase::Completed {
@@ -534,7 +466,7 @@ impl Cluster {
                     let vm = s.vm.clone();
                     let n = rec.attempts.entry(vm.clone()).or_insert(0);
                     *n += 1;
-                    let vm_down = self.vm(&vm).map(|v| v.state == "unreachable").unwrap_or(false);
+                    let vm_down = self.vm(&vm).map(|v| v.state == ClusterVmState::Unreachable).unwrap_or(false);
                     if *n >= max_attempts || vm_down {
                         if !rec.gave_up.contains(&vm) {
                             rec.gave_up.push(vm.clone());
@@ -714,6 +646,11 @@ impl Cluster {
         } else {
             let vms: Vec<&str> = rec.problems.iter().map(|p| p.vm.as_str()).collect();
             let why = format!("{} not reached for {}", rec.goal.describe(), vms.join(", "));
+            if let Goal::Drain { host } = &rec.goal {
+                let detail: Vec<String> = rec.problems.iter().map(|p| format!("{}: {}", p.vm, p.reason)).collect();
+                let reason = format!("plan {}: {} stayed ({})", rec.id, vms.join(", "), detail.join("; "));
+                let _ = self.set_maintenance_because(host, Maintenance::DrainFailed, Some(reason));
+            }
             self.end_plan(rec, PlanStatus::Failed, why);
         }
     }
@@ -722,7 +659,7 @@ impl Cluster {
         rec.status = status;
         rec.finished_ms = Some(now_ms());
         rec.reason = Some(reason.clone());
-        let msg = format!("plan {} {}: {reason}", rec.id, format!("{status:?}").to_lowercase());
+        let msg = format!("plan {} {status}: {reason}", rec.id);
         if let Err(e) = self.save_plan(rec, Some(msg)) {
             tracing::error!(plan = %rec.id, error = %e, "cannot store plan");
         }
@@ -732,9 +669,6 @@ impl Cluster {
     /// and why, and the host left as it was) when no plan exists, else executes.
     pub fn drain(&self, host: &str) -> Result<PlanRecord, ControllerError> {
         let before = self.host(host)?.maintenance;
-        if before == Maintenance::Off {
-            return Err(ControllerError::Conflict(format!("host {host} is powered off")));
-        }
         let plan = self.propose(Goal::Drain { host: host.to_string() })?;
         if plan.status == PlanStatus::Impossible {
             return Err(ControllerError::Impossible {
@@ -782,7 +716,7 @@ mod tests {
             phase,
             reason: None,
             agent_id: None,
-            progress: AgentProgress::default(),
+            progress: Progress::default(),
             downtime_ms: None,
             total_ms: None,
             started_ms: 0,

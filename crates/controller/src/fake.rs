@@ -3,11 +3,14 @@
 //! hosts that stop answering. Memory is held on both ends while a migration runs,
 //! and an overfilling migration is refused, as the real agent does.
 
-use crate::agents::{AgentApi, AgentCallError, AgentHost, AgentMigration, AgentProgress, AgentVm, AgentVmSpec, BoxFut, MigrateRequest};
+use crate::agents::{AgentApi, BoxFut};
 use crate::lock;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use walkabout_migrate::Phase;
+use walkabout_api::{
+    Accel, AccelChoice, ClientError, ErrorBody, ErrorKind, HostInfo, Limits, MigrationRecord, MigrationRequest, Phase, Progress,
+    QemuVersion, VmInfo, VmRecord, VmSpec, VmState,
+};
 
 #[derive(Default)]
 pub(crate) struct State {
@@ -18,7 +21,7 @@ pub(crate) struct State {
     /// VM -> (URL, MiB).
     pub vms: BTreeMap<String, (String, u64)>,
     /// Migrations by id: (record, from URL, polls left).
-    pub migs: BTreeMap<String, (AgentMigration, String, u32)>,
+    pub migs: BTreeMap<String, (MigrationRecord, String, u32)>,
     /// VMs whose migrations fail.
     pub failing: Vec<String>,
     /// Every migration started: (VM, from URL, to URL).
@@ -68,103 +71,111 @@ fn used(s: &State, u: &str) -> u64 {
     placed + incoming
 }
 
+fn refused(status: u16, kind: ErrorKind, message: String) -> ClientError {
+    ClientError::Api { status, body: ErrorBody::new(kind, message) }
+}
+
+fn vm_info(name: &str, mem: u64) -> VmInfo {
+    VmInfo {
+        record: VmRecord {
+            version: 1,
+            spec: VmSpec::new(name, mem),
+            state: VmState::Running,
+            reason: None,
+            accel: Accel::Tcg,
+            pid: None,
+            run_dir: "/fake".into(),
+            created_at_ms: 0,
+            guest_before: None,
+        },
+        guest: Default::default(),
+    }
+}
+
 fn ready<T: Send + 'static>(v: T) -> BoxFut<T> {
     Box::pin(async move { v })
 }
 
 impl Fake {
-    fn check(&self, u: &str) -> Result<(), AgentCallError> {
+    fn check(&self, u: &str) -> Result<(), ClientError> {
         if self.state().down.iter().any(|d| d == u) || !self.state().capacity.contains_key(u) {
-            return Err(AgentCallError::Unreachable { url: u.into(), detail: "connection refused".into() });
+            return Err(ClientError::Unreachable { url: u.into(), detail: "connection refused".into() });
         }
         Ok(())
     }
 }
 
 impl AgentApi for Fake {
-    fn host(&self, u: String) -> BoxFut<Result<AgentHost, AgentCallError>> {
+    fn host(&self, u: String) -> BoxFut<Result<HostInfo, ClientError>> {
         let r = self.check(&u).map(|()| {
             let s = self.state();
             let cap = s.capacity[&u];
             let used = used(&s, &u);
-            AgentHost {
+            HostInfo {
                 hostname: "fake".into(),
                 cpu_model: "fake".into(),
                 cpus: 2,
+                memory_total_mib: cap,
                 capacity_mib: cap,
                 used_mib: used,
                 free_mib: cap.saturating_sub(used),
+                vms: 0,
+                accel: AccelChoice { accel: Accel::Tcg, reason: "fake".into(), tcg_ms: None, kvm_ms: None },
+                qemu: QemuVersion { major: 10, minor: 0, micro: 2, banner: "fake".into() },
             }
         });
         ready(r)
     }
 
-    fn vms(&self, u: String) -> BoxFut<Result<Vec<AgentVm>, AgentCallError>> {
+    fn vms(&self, u: String) -> BoxFut<Result<Vec<VmInfo>, ClientError>> {
         let r = self.check(&u).map(|()| {
             let s = self.state();
-            s.vms
-                .iter()
-                .filter(|(_, (h, _))| *h == u)
-                .map(|(name, (_, mem))| AgentVm {
-                    spec: AgentVmSpec { name: name.clone(), memory_mib: *mem, vcpus: 1, workload: "idle".into() },
-                    state: "running".into(),
-                    reason: None,
-                    guest: Default::default(),
-                })
-                .collect()
+            s.vms.iter().filter(|(_, (h, _))| *h == u).map(|(name, (_, mem))| vm_info(name, *mem)).collect()
         });
         ready(r)
     }
 
-    fn create_vm(&self, u: String, spec: serde_json::Value) -> BoxFut<Result<AgentVm, AgentCallError>> {
-        let name = spec["name"].as_str().unwrap_or_default().to_string();
-        let mem = spec["memory_mib"].as_u64().unwrap_or(0);
-        self.state().vms.insert(name.clone(), (u, mem));
-        ready(Ok(AgentVm {
-            spec: AgentVmSpec { name, memory_mib: mem, vcpus: 1, workload: "idle".into() },
-            state: "running".into(),
-            reason: None,
-            guest: Default::default(),
-        }))
+    fn create_vm(&self, u: String, spec: VmSpec) -> BoxFut<Result<VmInfo, ClientError>> {
+        self.state().vms.insert(spec.name.clone(), (u, spec.memory_mib));
+        ready(Ok(vm_info(&spec.name, spec.memory_mib)))
     }
 
-    fn delete_vm(&self, _u: String, name: String) -> BoxFut<Result<(), AgentCallError>> {
+    fn delete_vm(&self, _u: String, name: String) -> BoxFut<Result<(), ClientError>> {
         self.state().vms.remove(&name);
         ready(Ok(()))
     }
 
-    fn start_migration(&self, u: String, req: MigrateRequest) -> BoxFut<Result<AgentMigration, AgentCallError>> {
+    fn start_migration(&self, u: String, req: MigrationRequest) -> BoxFut<Result<MigrationRecord, ClientError>> {
         if let Err(e) = self.check(&u) {
             return ready(Err(e));
         }
         let mut s = self.state();
         let Some((at, mem)) = s.vms.get(&req.vm).cloned() else {
-            return ready(Err(AgentCallError::Refused {
-                status: 404,
-                kind: "not_found".into(),
-                message: format!("no VM named `{}`", req.vm),
-            }));
+            return ready(Err(refused(404, ErrorKind::NotFound, format!("no VM named `{}`", req.vm))));
         };
         assert_eq!(at, u, "migration asked of a host that does not run {}", req.vm);
         let cap = s.capacity.get(&req.destination).copied().unwrap_or(0);
         if used(&s, &req.destination) + mem > cap {
-            return ready(Err(AgentCallError::Refused {
-                status: 409,
-                kind: "insufficient_memory".into(),
-                message: format!("{} would overfill {}", req.vm, req.destination),
-            }));
+            return ready(Err(refused(409, ErrorKind::InsufficientMemory, format!("{} would overfill {}", req.vm, req.destination))));
         }
         let id = format!("agent-mig-{}", s.migs.len() + 1);
-        let rec = AgentMigration {
+        let rec = MigrationRecord {
+            version: 1,
             id: id.clone(),
             vm: req.vm.clone(),
             destination: req.destination.clone(),
+            mode: req.mode,
+            limits: Limits::default(),
             phase: Phase::Running,
             reason: None,
-            progress: AgentProgress::default(),
-            downtime_ms: None,
+            dirty_rate_bps: None,
+            strategy: None,
+            switches: vec![],
+            progress: Progress::default(),
             total_ms: None,
+            downtime_ms: None,
             created_at_ms: crate::now_ms(),
+            finished_at_ms: None,
         };
         let polls = s.polls;
         s.migs.insert(id, (rec.clone(), u.clone(), polls));
@@ -175,7 +186,7 @@ impl AgentApi for Fake {
         ready(Ok(rec))
     }
 
-    fn migration(&self, u: String, id: String) -> BoxFut<Result<AgentMigration, AgentCallError>> {
+    fn migration(&self, u: String, id: String) -> BoxFut<Result<MigrationRecord, ClientError>> {
         if let Err(e) = self.check(&u) {
             return ready(Err(e));
         }
@@ -183,11 +194,7 @@ impl AgentApi for Fake {
         let failing = s.failing.clone();
         let down = s.down.clone();
         let Some((rec, _, left)) = s.migs.get_mut(&id) else {
-            return ready(Err(AgentCallError::Refused {
-                status: 404,
-                kind: "migration_not_found".into(),
-                message: format!("no migration `{id}`"),
-            }));
+            return ready(Err(refused(404, ErrorKind::MigrationNotFound, format!("no migration `{id}`"))));
         };
         if !rec.phase.is_final() {
             *left = left.saturating_sub(1);
@@ -214,7 +221,7 @@ impl AgentApi for Fake {
         ready(Ok(rec))
     }
 
-    fn migrations(&self, u: String) -> BoxFut<Result<Vec<AgentMigration>, AgentCallError>> {
+    fn migrations(&self, u: String) -> BoxFut<Result<Vec<MigrationRecord>, ClientError>> {
         if let Err(e) = self.check(&u) {
             return ready(Err(e));
         }
@@ -222,7 +229,7 @@ impl AgentApi for Fake {
         ready(Ok(s.migs.values().filter(|(_, from, _)| *from == u).map(|(m, _, _)| m.clone()).collect()))
     }
 
-    fn cancel_migration(&self, _u: String, id: String) -> BoxFut<Result<(), AgentCallError>> {
+    fn cancel_migration(&self, _u: String, id: String) -> BoxFut<Result<(), ClientError>> {
         let mut s = self.state();
         if let Some((rec, _, _)) = s.migs.get_mut(&id) {
             if !rec.phase.is_final() {

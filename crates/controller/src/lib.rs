@@ -22,10 +22,9 @@ pub mod plans;
 pub mod store;
 pub mod walk;
 
-pub use cluster::{Cluster, ControllerConfig, Host, HostStatus, Maintenance, Vm};
+pub use cluster::{Cluster, ControllerConfig};
 pub use error::ControllerError;
-pub use execute::{ExecLimits, Migration};
-pub use plans::{Goal, PlanRecord, PlanStatus};
+pub use execute::within_limits;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -59,7 +58,7 @@ pub async fn serve(
 /// Opens the controller with agents over HTTP and registers `agent_urls` (each `URL` or
 /// `NAME=URL`).
 pub async fn start(config: ControllerConfig, agent_urls: &[String]) -> Result<Cluster, ControllerError> {
-    let api = agents::HttpAgents::new()?;
+    let api = agents::HttpAgents::new();
     let cluster = Cluster::open(config, std::sync::Arc::new(api)).await?;
     for a in agent_urls {
         let (name, url) = match a.split_once('=') {

@@ -12,199 +12,21 @@
 //!   stay for their drain;
 //! - VMs a running plan gave up on (retries exhausted) are pinned where they are.
 
-use crate::cluster::{Cluster, HostStatus, Maintenance, View};
+use crate::cluster::{Cluster, HostStatus, View};
 use crate::error::ControllerError;
 use crate::events::Subject;
 use crate::store::PLANS;
 use crate::{lock, now_ms};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use walkabout_plan::policy::{target_for, Policy};
-use walkabout_plan::{Blocked, Case, Limits, Outcome};
+use walkabout_plan::{Case, Limits, Outcome};
 
-/// Version of [`PlanRecord`]'s stored layout.
-pub const PLAN_VERSION: u32 = 1;
+pub use walkabout_api::plan::PLAN_VERSION;
+pub use walkabout_api::{Blocked, Goal, PlanRecord, PlanStatus, Problem, Step, StepStatus};
 
-/// What the operator wants.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "goal", rename_all = "snake_case")]
-pub enum Goal {
-    /// Move every VM off `host` (maintenance).
-    Drain {
-        /// The host.
-        host: String,
-    },
-    /// Even out memory use across hosts in service.
-    Rebalance,
-    /// Run everything on as few hosts as possible.
-    Consolidate,
-    /// Move one VM to a host (what a drag-and-drop asks).
-    Place {
-        /// The VM.
-        vm: String,
-        /// Where it should run.
-        host: String,
-    },
-}
-
-impl Goal {
-    /// The goal in a few words.
-    pub fn describe(&self) -> String {
-        match self {
-            Goal::Drain { host } => format!("drain {host}"),
-            Goal::Rebalance => "rebalance".into(),
-            Goal::Consolidate => "consolidate".into(),
-            Goal::Place { vm, host } => format!("move {vm} to {host}"),
-        }
-    }
-}
-
-/// Where a plan is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PlanStatus {
-    /// Planned, not executed (a dry run): review it, then execute or cancel it.
-    Proposed,
-    /// No plan reaches the goal; `blocked` says why per VM. Cannot be executed.
-    Impossible,
-    /// Being executed.
-    Running,
-    /// Every step done; the goal is reached.
-    Completed,
-    /// Ended with the goal not (fully) reached; `problems` names each VM and why.
-    Failed,
-    /// Cancelled by the operator.
-    Cancelled,
-}
-
-impl PlanStatus {
-    /// True once nothing more will happen.
-    pub fn is_final(self) -> bool {
-        matches!(self, PlanStatus::Impossible | PlanStatus::Completed | PlanStatus::Failed | PlanStatus::Cancelled)
-    }
-}
-
-/// Where a step is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StepStatus {
-    /// Not started.
-    Pending,
-    /// Its migration runs.
-    Running,
-    /// Done: the VM runs at `to`.
-    Completed,
-    /// Its migration failed (see `reason`); the plan was re-planned.
-    Failed,
-    /// Dropped by a re-plan before it started.
-    Superseded,
-    /// Dropped by a cancel before it started, or cancelled while running.
-    Cancelled,
-}
-
-/// One live migration of a plan.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Step {
-    /// The VM.
-    pub vm: String,
-    /// From host.
-    pub from: String,
-    /// To host.
-    pub to: String,
-    /// Wave (from 1) within its round; the waves of a round run one after the other.
-    pub wave: u32,
-    /// Round: 0 for the plan as proposed, N for its N-th re-plan.
-    pub round: u32,
-    /// Why the planner put it there.
-    pub why: String,
-    /// Where it is.
-    pub status: StepStatus,
-    /// Its migration (controller id), once started.
-    #[serde(default)]
-    pub migration: Option<String>,
-    /// Why it failed or was dropped.
-    #[serde(default)]
-    pub reason: Option<String>,
-    /// When its migration was ordered, ms since the epoch.
-    #[serde(default)]
-    pub started_ms: Option<u64>,
-    /// When its migration ended.
-    #[serde(default)]
-    pub finished_ms: Option<u64>,
-    /// The guest's pause at switchover, ms.
-    #[serde(default)]
-    pub downtime_ms: Option<u64>,
-}
-
-/// A VM the plan could not take where the goal wanted it, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Problem {
-    /// The VM.
-    pub vm: String,
-    /// Why.
-    pub reason: String,
-}
-
-/// A plan, as stored and served.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PlanRecord {
-    /// Layout version.
-    pub version: u32,
-    /// Its id (`p1`...).
-    pub id: String,
-    /// The goal.
-    pub goal: Goal,
-    /// Where it is.
-    pub status: PlanStatus,
-    /// One sentence on how it ended (or why it is impossible).
-    #[serde(default)]
-    pub reason: Option<String>,
-    /// Created, ms since the epoch.
-    pub created_ms: u64,
-    /// Execution started.
-    #[serde(default)]
-    pub started_ms: Option<u64>,
-    /// Ended.
-    #[serde(default)]
-    pub finished_ms: Option<u64>,
-    /// Every step of every round, in order.
-    pub steps: Vec<Step>,
-    /// Where each VM should end.
-    #[serde(default)]
-    pub target: BTreeMap<String, String>,
-    /// Why no plan exists, per VM (status `impossible`).
-    #[serde(default)]
-    pub blocked: Vec<Blocked>,
-    /// VMs the plan could not move as the goal wanted, each with why.
-    #[serde(default)]
-    pub problems: Vec<Problem>,
-    /// Re-plans so far.
-    #[serde(default)]
-    pub round: u32,
-    /// Failed migrations per VM.
-    #[serde(default)]
-    pub attempts: BTreeMap<String, u32>,
-    /// VMs given up on (pinned where they are).
-    #[serde(default)]
-    pub gave_up: Vec<String>,
-    /// No plan needs fewer migrations than this (round 0).
-    #[serde(default)]
-    pub lower_bound: usize,
-    /// Round 0's migration count is proven minimal.
-    #[serde(default)]
-    pub optimal: bool,
-}
-
-impl PlanRecord {
-    /// Steps of the current round not yet started.
-    pub fn pending(&self) -> impl Iterator<Item = (usize, &Step)> {
-        self.steps.iter().enumerate().filter(move |(_, s)| s.status == StepStatus::Pending && s.round == self.round)
-    }
-
-    /// Steps whose migration runs.
-    pub fn running(&self) -> impl Iterator<Item = (usize, &Step)> {
-        self.steps.iter().enumerate().filter(|(_, s)| s.status == StepStatus::Running)
-    }
+/// The planner's per-VM proof that a goal is impossible, as the API reports it.
+fn wire(blocked: Vec<walkabout_plan::Blocked>) -> Vec<Blocked> {
+    blocked.into_iter().map(|b| Blocked { vm: b.vm, needs: b.needs, why: b.why }).collect()
 }
 
 /// The planner's case for the cluster as it is, and the VMs left out of it (on hosts
@@ -220,7 +42,7 @@ pub fn case_of(view: &View, max_parallel_per_host: u32) -> (Case, Vec<Problem>) 
     };
     let mut left_out = vec![];
     for h in view.hosts.values() {
-        if h.status == HostStatus::Up && h.maintenance != Maintenance::Off {
+        if h.status == HostStatus::Up {
             case.hosts.push(walkabout_plan::Host {
                 name: h.name.clone(),
                 memory_mib: h.capacity_mib,
@@ -242,7 +64,7 @@ pub fn case_of(view: &View, max_parallel_per_host: u32) -> (Case, Vec<Problem>) 
             left_out.push(Problem { vm: v.name.clone(), reason });
             continue;
         }
-        if !v.active() || !case.hosts.iter().any(|h| h.name == host) {
+        if !v.is_active() || !case.hosts.iter().any(|h| h.name == host) {
             continue;
         }
         case.vms.push(walkabout_plan::Vm { name: v.name.clone(), memory_mib: v.memory_mib, vcpus: None, arch: None, cpu_features: vec![] });
@@ -261,7 +83,7 @@ pub enum Planned {
         /// The target.
         target: BTreeMap<String, String>,
         /// Lower bound on the number of migrations.
-        lower_bound: usize,
+        lower_bound: u64,
         /// Proven minimal.
         optimal: bool,
     },
@@ -288,7 +110,7 @@ pub fn plan_goal(view: &View, case: &Case, goal: &Goal, pinned: &[String], round
             }
             let mut hosts: Vec<String> = vec![host.clone()];
             for h in view.hosts.values() {
-                if in_case(&h.name) && &h.name != host && matches!(h.maintenance, Maintenance::Draining | Maintenance::Drained) {
+                if in_case(&h.name) && &h.name != host && !h.maintenance.accepts_vms() {
                     hosts.push(h.name.clone());
                 }
             }
@@ -299,7 +121,7 @@ pub fn plan_goal(view: &View, case: &Case, goal: &Goal, pinned: &[String], round
                 Err(blocked) => {
                     return Ok(Planned::Impossible {
                         reason: format!("cannot drain {host}: not enough room for its VMs elsewhere"),
-                        blocked,
+                        blocked: wire(blocked),
                     })
                 }
             }
@@ -325,7 +147,7 @@ pub fn plan_goal(view: &View, case: &Case, goal: &Goal, pinned: &[String], round
             let policy = if *goal == Goal::Rebalance { Policy::Balance } else { Policy::Consolidate };
             let mut t = match target_for(&sub, &policy).map_err(invalid)? {
                 Ok(t) => t,
-                Err(blocked) => return Ok(Planned::Impossible { reason: format!("cannot {}", goal.describe()), blocked }),
+                Err(blocked) => return Ok(Planned::Impossible { reason: format!("cannot {}", goal.describe()), blocked: wire(blocked) }),
             };
             for (vm, h) in &case.current {
                 t.entry(vm.clone()).or_insert_with(|| h.clone());
@@ -393,10 +215,10 @@ pub fn plan_goal(view: &View, case: &Case, goal: &Goal, pinned: &[String], round
                 })
                 .collect(),
             target,
-            lower_bound: p.lower_bound,
+            lower_bound: p.lower_bound as u64,
             optimal: p.optimal,
         }),
-        Outcome::Impossible(i) | Outcome::Unsolved(i) => Ok(Planned::Impossible { reason: i.reason, blocked: i.blocked }),
+        Outcome::Impossible(i) | Outcome::Unsolved(i) => Ok(Planned::Impossible { reason: i.reason, blocked: wire(i.blocked) }),
     }
 }
 
@@ -487,7 +309,7 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{Host, Vm};
+    use crate::cluster::{ClusterVm as Vm, Host, Maintenance};
 
     pub(crate) fn view(hosts: &[(&str, u64, Maintenance, HostStatus)], vms: &[(&str, u64, &str)]) -> View {
         let mut v = View::default();

@@ -3,133 +3,14 @@
 //! round after round, a random host is drained and powered off, until the VMs no
 //! longer fit. Both record every hop's downtime; the game reports its survivors.
 
-use crate::cluster::{Cluster, HostStatus, Maintenance};
+use crate::cluster::{Cluster, ClusterVmState, HostStatus, Maintenance};
 use crate::error::ControllerError;
 use crate::events::Subject;
 use crate::plans::PlanStatus;
 use crate::{lock, now_ms};
-use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
-use walkabout_migrate::Phase;
 
-/// Which game.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WalkKind {
-    /// VMs wander for a while.
-    Walk,
-    /// Musical chairs.
-    MusicalChairs,
-}
-
-/// Where a walk is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WalkStatus {
-    /// Under way.
-    Running,
-    /// Ended (its time ran out, or the game is over).
-    Finished,
-    /// Stopped by the operator.
-    Stopped,
-}
-
-/// One hop: a live migration of the walk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Hop {
-    /// The controller's migration id.
-    pub migration: String,
-    /// The VM.
-    pub vm: String,
-    /// From host.
-    pub from: String,
-    /// To host.
-    pub to: String,
-    /// `completed`, `failed` or `cancelled`.
-    pub result: Phase,
-    /// Guest pause, ms.
-    #[serde(default)]
-    pub downtime_ms: Option<u64>,
-    /// Migration time, ms.
-    #[serde(default)]
-    pub total_ms: Option<u64>,
-    /// Why it failed.
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-/// One round of musical chairs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Round {
-    /// Round number, from 1.
-    pub round: u32,
-    /// The host drained (and powered off if the drain completed).
-    pub host: String,
-    /// The drain's plan, if one was made.
-    #[serde(default)]
-    pub plan: Option<String>,
-    /// What happened.
-    pub result: String,
-}
-
-/// A VM at the end, with its guest's health.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Survivor {
-    /// The VM.
-    pub vm: String,
-    /// Where it runs.
-    pub host: Option<String>,
-    /// Heartbeats counted over its life, across hosts.
-    pub heartbeats: u64,
-    /// Heartbeat sequence breaks.
-    pub seq_breaks: u64,
-    /// Corrupt pages its checker found.
-    pub corrupt_pages: u64,
-}
-
-/// A walk or a game, as served.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WalkRecord {
-    /// Its id (`w1`...).
-    pub id: String,
-    /// Which.
-    pub kind: WalkKind,
-    /// Where it is.
-    pub status: WalkStatus,
-    /// Started, ms since the epoch.
-    pub started_ms: u64,
-    /// Ended.
-    #[serde(default)]
-    pub finished_ms: Option<u64>,
-    /// Every hop, in the order they finished.
-    pub hops: Vec<Hop>,
-    /// Musical chairs' rounds.
-    #[serde(default)]
-    pub rounds: Vec<Round>,
-    /// VMs still running at the end, and their health.
-    #[serde(default)]
-    pub survivors: Vec<Survivor>,
-    /// How it ended.
-    #[serde(default)]
-    pub result: Option<String>,
-}
-
-/// How to walk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WalkOptions {
-    /// How long VMs wander (a walk), or circulate per round (musical chairs), ms.
-    pub duration_ms: u64,
-    /// Hops at once (the controller's limits apply too).
-    #[serde(default = "one")]
-    pub parallel: u32,
-    /// Pause between the end of a VM's hop and its next, ms.
-    #[serde(default)]
-    pub pause_ms: u64,
-}
-
-fn one() -> u32 {
-    1
-}
+pub use walkabout_api::{Hop, Round, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus};
 
 /// A small xorshift generator: the walk needs variety, not cryptography.
 #[derive(Debug, Clone)]
@@ -242,7 +123,7 @@ impl Cluster {
         let survivors = self
             .vms()
             .into_iter()
-            .filter(|v| v.active())
+            .filter(|v| v.is_active())
             .map(|v| Survivor {
                 vm: v.name,
                 host: v.host,
@@ -317,7 +198,7 @@ impl Cluster {
         let vms: Vec<_> = view
             .vms
             .values()
-            .filter(|v| v.state == "running" && !moving.contains(&v.name) && !rested.get(&v.name).is_some_and(|t| *t > now))
+            .filter(|v| v.state == ClusterVmState::Running && !moving.contains(&v.name) && !rested.get(&v.name).is_some_and(|t| *t > now))
             .filter(|v| v.host.as_deref().and_then(|h| view.hosts.get(h)).is_some_and(|h| h.status == HostStatus::Up))
             .collect();
         if vms.is_empty() {
@@ -384,8 +265,10 @@ impl Cluster {
                 });
                 return format!("game over in round {round}: {result}");
             }
-            let _ = self.set_maintenance(&host, Maintenance::Off);
-            let result = format!("{host} drained and powered off");
+            let result = match self.remove_host(&host) {
+                Ok(()) => format!("{host} drained and taken out of the cluster"),
+                Err(e) => format!("{host} drained but not taken out: {e}"),
+            };
             self.update_walk(id, |w| w.rounds.push(Round { round, host: host.clone(), plan: Some(plan.id.clone()), result }));
         }
         String::new()
