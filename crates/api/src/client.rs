@@ -161,7 +161,13 @@ impl Http {
         ClientError::Unreachable { url: self.base.clone(), detail }
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<Vec<u8>>, timeout: Option<Duration>) -> Result<reqwest::Response, ClientError> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, ClientError> {
         let mut req = self.http.request(method.clone(), format!("{}{path}", self.base));
         if let Some(t) = timeout.or(Some(self.timeout)) {
             req = req.timeout(t);
@@ -244,7 +250,8 @@ impl<T: DeserializeOwned> SseStream<T> {
             if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
                 let msg: Vec<u8> = self.buf.drain(..end + 2).collect();
                 let text = String::from_utf8_lossy(&msg);
-                let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| d.strip_prefix(' ').unwrap_or(d)).collect();
+                let data: Vec<&str> =
+                    text.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| d.strip_prefix(' ').unwrap_or(d)).collect();
                 if data.is_empty() {
                     continue; // a keep-alive comment
                 }

@@ -164,11 +164,27 @@ mod agent_routes {
 #[openapi(
     info(title = "Walkabout agent API", description = "One host's VMs and live migrations. Errors are `ErrorBody` with a 4xx/5xx status."),
     paths(
-        agent_routes::host, agent_routes::host_cpu, agent_routes::list_vms, agent_routes::create_vm, agent_routes::get_vm,
-        agent_routes::delete_vm, agent_routes::pause_vm, agent_routes::resume_vm, agent_routes::stop_vm, agent_routes::console,
-        agent_routes::list_migrations, agent_routes::start_migration, agent_routes::get_migration, agent_routes::migration_events,
-        agent_routes::cancel_migration, agent_routes::prepare_incoming, agent_routes::incoming, agent_routes::abort_incoming,
-        agent_routes::commit_incoming, agent_routes::metrics, agent_routes::openapi
+        agent_routes::host,
+        agent_routes::host_cpu,
+        agent_routes::list_vms,
+        agent_routes::create_vm,
+        agent_routes::get_vm,
+        agent_routes::delete_vm,
+        agent_routes::pause_vm,
+        agent_routes::resume_vm,
+        agent_routes::stop_vm,
+        agent_routes::console,
+        agent_routes::list_migrations,
+        agent_routes::start_migration,
+        agent_routes::get_migration,
+        agent_routes::migration_events,
+        agent_routes::cancel_migration,
+        agent_routes::prepare_incoming,
+        agent_routes::incoming,
+        agent_routes::abort_incoming,
+        agent_routes::commit_incoming,
+        agent_routes::metrics,
+        agent_routes::openapi
     ),
     components(schemas(crate::vm::VmState, crate::migration::Phase, crate::error::ErrorKind))
 )]
@@ -319,16 +335,39 @@ mod controller_routes {
 /// The controller's API: the cluster, plans, migrations, walks and games, events.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Walkabout controller API", description = "The cluster: hosts, VMs, plans, migrations, walks, events. Long operations answer 202 with the resource to poll. Errors are `ErrorBody` with a 4xx/5xx status."),
+    info(
+        title = "Walkabout controller API",
+        description = "The cluster: hosts, VMs, plans, migrations, walks, events. Long operations answer 202 with the resource to poll. Errors are `ErrorBody` with a 4xx/5xx status."
+    ),
     paths(
-        controller_routes::cluster, controller_routes::list_hosts, controller_routes::add_host, controller_routes::get_host,
-        controller_routes::remove_host, controller_routes::drain, controller_routes::undrain, controller_routes::list_vms,
-        controller_routes::create_vm, controller_routes::get_vm, controller_routes::delete_vm, controller_routes::move_vm,
-        controller_routes::list_migrations, controller_routes::get_migration, controller_routes::cancel_migration,
-        controller_routes::list_plans, controller_routes::propose, controller_routes::get_plan, controller_routes::execute_plan,
-        controller_routes::cancel_plan, controller_routes::list_walks, controller_routes::start_walk,
-        controller_routes::start_musical_chairs, controller_routes::get_walk, controller_routes::stop_walk, controller_routes::events,
-        controller_routes::metrics, controller_routes::openapi
+        controller_routes::cluster,
+        controller_routes::list_hosts,
+        controller_routes::add_host,
+        controller_routes::get_host,
+        controller_routes::remove_host,
+        controller_routes::drain,
+        controller_routes::undrain,
+        controller_routes::list_vms,
+        controller_routes::create_vm,
+        controller_routes::get_vm,
+        controller_routes::delete_vm,
+        controller_routes::move_vm,
+        controller_routes::list_migrations,
+        controller_routes::get_migration,
+        controller_routes::cancel_migration,
+        controller_routes::list_plans,
+        controller_routes::propose,
+        controller_routes::get_plan,
+        controller_routes::execute_plan,
+        controller_routes::cancel_plan,
+        controller_routes::list_walks,
+        controller_routes::start_walk,
+        controller_routes::start_musical_chairs,
+        controller_routes::get_walk,
+        controller_routes::stop_walk,
+        controller_routes::events,
+        controller_routes::metrics,
+        controller_routes::openapi
     ),
     components(schemas(crate::cluster::ClusterVmState, crate::plan::PlanStatus, crate::error::ErrorKind, crate::event::Subject))
 )]

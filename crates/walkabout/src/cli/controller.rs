@@ -3,7 +3,8 @@
 use anyhow::Context;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use walkabout_controller::{ControllerConfig, ExecLimits};
+use walkabout_api::ExecLimits;
+use walkabout_controller::ControllerConfig;
 
 /// Arguments of `walkabout controller`.
 #[derive(clap::Args)]
@@ -43,7 +44,7 @@ pub struct ControllerArgs {
 impl ControllerArgs {
     /// The controller's configuration from these arguments.
     pub fn config(&self) -> anyhow::Result<ControllerConfig> {
-        self.mode.parse::<walkabout_migrate::Mode>().map_err(|e| anyhow::anyhow!(e))?;
+        let mode = self.mode.parse::<walkabout_api::Mode>().map_err(|e| anyhow::anyhow!(e))?;
         let limits = ExecLimits {
             per_host_out: self.per_host_out.max(1),
             per_host_in: self.per_host_in.max(1),
@@ -54,7 +55,7 @@ impl ControllerArgs {
         };
         Ok(ControllerConfig {
             limits,
-            mode: self.mode.clone(),
+            mode,
             max_bandwidth_bps: self.max_bandwidth.map(|m| m << 20),
             ..ControllerConfig::new(self.data_dir.clone())
         })

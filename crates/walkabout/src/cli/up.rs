@@ -8,7 +8,6 @@ use super::client::runtime;
 use super::local::{LocalCluster, LocalOptions};
 use super::walk::hop_line;
 use anyhow::Context;
-use serde_json::json;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use walkabout_controller::{Cluster, ControllerConfig};
@@ -123,14 +122,14 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
         let name = format!("g{}", g + 1);
         let host = hosts.get(g % hosts.len().max(1)).cloned();
         let start = Instant::now();
-        let spec = json!({"name": name, "memory_mib": memory_mib, "vcpus": 1, "workload": a.workload});
+        let spec = walkabout_api::VmSpec { workload: a.workload.clone(), ..walkabout_api::VmSpec::new(&name, memory_mib) };
         cluster.create_vm(spec, host.as_deref()).await?;
         loop {
             let vm = cluster.vm(&name)?;
             if vm.guest.ready {
                 break;
             }
-            if vm.state == "stopped" || start.elapsed() > Duration::from_secs(300) {
+            if vm.state == walkabout_api::ClusterVmState::Stopped || start.elapsed() > Duration::from_secs(300) {
                 anyhow::bail!("guest {name} did not become ready ({}): see the agent's console", vm.state);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
