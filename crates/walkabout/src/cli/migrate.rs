@@ -107,7 +107,10 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                     }
                     last_switches = sw.len();
                 }
-                p.update(&MigrationView::from_record(&rec));
+                // The end is the summary's to tell.
+                if !is_final(&rec) {
+                    p.update(&MigrationView::from_record(&rec));
+                }
             }
             if is_final(&rec) {
                 break rec;

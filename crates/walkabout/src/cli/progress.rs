@@ -78,15 +78,16 @@ impl MigrationView {
 
     /// The numbers beside the bar, or on a plain line.
     pub fn detail(&self) -> String {
+        // Most telling first: a narrow terminal cuts the end of the line.
         format!(
-            "pass {}  left {} of {} MiB  dirty {} MiB/s  send {} MiB/s  exp.downtime {} ms  ETA {}",
+            "pass {}  ETA {}  left {}/{} MiB  send {} MiB/s  dirty {} MiB/s  downtime~{} ms",
             self.pass,
+            self.eta().map_or_else(|| "?".to_string(), human_duration),
             mib(self.remaining_bytes),
             mib(self.total_bytes),
-            mib(self.dirty_rate_bps),
             mib(self.transfer_rate_bps),
+            mib(self.dirty_rate_bps),
             self.expected_downtime_ms,
-            self.eta().map_or_else(|| "?".to_string(), human_duration)
         )
     }
 }
@@ -154,7 +155,7 @@ pub struct MigrationProgress {
 impl MigrationProgress {
     /// A display for migration `id`: a bar on a terminal, plain lines elsewhere.
     pub fn new(id: &str) -> MigrationProgress {
-        let sink = Sink::detect("{prefix:10} [{bar:30}] {percent:>3}%  {msg}");
+        let sink = Sink::detect("{prefix:10} [{bar:20}] {percent:>3}%  {wide_msg}");
         MigrationProgress { id: id.to_string(), sink }
     }
 
@@ -250,7 +251,7 @@ pub struct PlanProgress {
 impl PlanProgress {
     /// A display for plan `id`: a bar with an ETA on a terminal, plain lines elsewhere.
     pub fn new(id: &str) -> PlanProgress {
-        let sink = Sink::detect("{prefix} [{bar:30}] {pos}/{len} steps  ETA {eta}  {msg}");
+        let sink = Sink::detect("{prefix} [{bar:20}] {pos}/{len} steps  ETA {eta}  {wide_msg}");
         if let Sink::Bar(b) = &sink {
             b.set_prefix(id.to_string());
         }
@@ -293,14 +294,14 @@ mod tests {
         let v = MigrationView::from_record(&rec);
         assert_eq!(v.done_bytes(), 448 << 20);
         assert_eq!(v.eta(), Some(Duration::from_secs(2)));
-        assert_eq!(v.detail(), "pass 3  left 64 of 512 MiB  dirty 8 MiB/s  send 40 MiB/s  exp.downtime 30 ms  ETA 2s");
+        assert_eq!(v.detail(), "pass 3  ETA 2s  left 64/512 MiB  send 40 MiB/s  dirty 8 MiB/s  downtime~30 ms");
     }
 
     #[test]
     fn no_eta_while_the_guest_dirties_faster_than_we_send() {
         let v = MigrationView { remaining_bytes: 1 << 30, dirty_rate_bps: 50 << 20, transfer_rate_bps: 40 << 20, ..Default::default() };
         assert_eq!(v.eta(), None);
-        assert!(v.detail().ends_with("ETA ?"), "{}", v.detail());
+        assert!(v.detail().contains("ETA ?"), "{}", v.detail());
     }
 
     #[test]
