@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "walkabout",
     version,
-    about,
     after_help = "Start with `walkabout up`: a whole cluster on this machine, guests walking about, \
                   then try `walkabout host list` and `walkabout host drain h1` in another terminal."
 )]
@@ -34,7 +33,7 @@ enum Command {
     /// CPU models across hosts: the cluster baseline.
     #[command(subcommand)]
     Cpu(cli::cpu::CpuCommand),
-    /// Show what a host offers.
+    /// Hosts: what one offers (from its agent); the cluster's hosts, drain, undrain.
     #[command(subcommand)]
     Host(cli::host::HostCommand),
     /// Build and inspect the guest image (kernel + initramfs).
