@@ -216,7 +216,7 @@ async fn incoming_abort(State(a): State<Agent>, Path(name): Path<String>) -> Res
 
 async fn metrics(State(a): State<Agent>) -> Response {
     let body = crate::metrics::render(&a.host_info(), &a.list().await, &a.migrations());
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 /// The agent's OpenAPI document, generated once from `walkabout-api`.

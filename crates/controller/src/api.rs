@@ -37,7 +37,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use walkabout_api::{AddHost, ClusterSummary, CreateVm, MoveVm, Phase, WalkOptions};
+use walkabout_api::{AddHost, ClusterSummary, CreateVm, MoveVm, WalkOptions};
 
 impl IntoResponse for ControllerError {
     fn into_response(self) -> Response {
@@ -226,34 +226,12 @@ async fn events(State(c): State<Cluster>, Query(q): Query<Since>) -> Response {
 }
 
 async fn metrics(State(c): State<Cluster>) -> Response {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(out, "# HELP walkabout_cluster_host_up Whether the host's agent answers.\n# TYPE walkabout_cluster_host_up gauge");
-    for h in c.hosts() {
-        let _ = writeln!(out, "walkabout_cluster_host_up{{host=\"{}\"}} {}", h.name, u8::from(h.status == HostStatus::Up));
-    }
-    let _ = writeln!(out, "# HELP walkabout_cluster_host_free_mib Memory free for VMs.\n# TYPE walkabout_cluster_host_free_mib gauge");
-    for h in c.hosts() {
-        let _ = writeln!(out, "walkabout_cluster_host_free_mib{{host=\"{}\"}} {}", h.name, h.free_mib);
-    }
-    let _ = writeln!(out, "# HELP walkabout_cluster_vms VMs known to the controller.\n# TYPE walkabout_cluster_vms gauge");
-    let _ = writeln!(out, "walkabout_cluster_vms {}", c.vms().len());
-    let migs = c.migrations();
-    let _ = writeln!(
-        out,
-        "# HELP walkabout_cluster_migrations_total Migrations ordered, by result.\n# TYPE walkabout_cluster_migrations_total counter"
-    );
-    for phase in [Phase::Completed, Phase::Failed, Phase::Cancelled] {
-        let n = migs.iter().filter(|m| m.phase == phase).count();
-        let _ = writeln!(out, "walkabout_cluster_migrations_total{{result=\"{phase}\"}} {n}");
-    }
-    let running = migs.iter().filter(|m| !m.phase.is_final()).count();
-    let _ = writeln!(
-        out,
-        "# HELP walkabout_cluster_migrations_running Migrations under way.\n# TYPE walkabout_cluster_migrations_running gauge"
-    );
-    let _ = writeln!(out, "walkabout_cluster_migrations_running {running}");
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let hosts = c.hosts();
+    let samples: Vec<_> =
+        hosts.iter().map(|h| crate::metrics::HostSample { name: &h.name, up: h.status == HostStatus::Up, free_mib: h.free_mib }).collect();
+    let phases: Vec<_> = c.migrations().iter().map(|m| m.phase).collect();
+    let body = crate::metrics::render(&samples, c.vms().len(), &phases);
+    ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 /// The controller's OpenAPI document, generated once from `walkabout-api`.

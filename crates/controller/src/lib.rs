@@ -18,6 +18,7 @@ pub mod events;
 pub mod execute;
 #[cfg(test)]
 mod fake;
+pub mod metrics;
 pub mod plans;
 pub mod store;
 pub mod walk;

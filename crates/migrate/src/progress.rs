@@ -27,6 +27,26 @@ pub fn from_query(v: &Value) -> Progress {
     }
 }
 
+/// Builds progress from a `query-migrate` reply that follows the sample `last`.
+/// QEMU reports RAM statistics only while a migration runs and once it completed; a
+/// failed or cancelled one answers with its status alone. What was sent and in how
+/// many passes then carries over from `last`, instead of reading as zero (a failed
+/// migration's summary once said "0 MiB sent in 0 passes" after 68 MiB had gone);
+/// the rates are zero, since nothing moves any more.
+pub fn from_query_after(v: &Value, last: &Progress) -> Progress {
+    let mut p = from_query(v);
+    if v.get("ram").is_none() {
+        p.iteration = last.iteration;
+        p.transferred_bytes = last.transferred_bytes;
+        p.remaining_bytes = last.remaining_bytes;
+        p.total_bytes = last.total_bytes;
+    }
+    if v.get("total-time").is_none() {
+        p.elapsed_ms = last.elapsed_ms;
+    }
+    p
+}
+
 /// The policy's view of a progress report.
 pub fn sample(p: &Progress) -> Sample {
     Sample {
@@ -69,5 +89,27 @@ mod tests {
         assert_eq!(phase_of(&p.qemu_status), Phase::Running);
         assert_eq!(phase_of("postcopy-active"), Phase::Switchover);
         assert_eq!(phase_of("failed"), Phase::Failed);
+    }
+
+    #[test]
+    fn a_failed_migration_keeps_what_it_had_sent() {
+        let running = serde_json::json!({
+            "status": "active", "total-time": 4000,
+            "ram": {"transferred": 68u64 << 20, "remaining": 10u64 << 20, "total": 256u64 << 20, "dirty-sync-count": 3, "mbps": 200.0}
+        });
+        let last = from_query(&running);
+        // What QEMU answers once the migration failed: its status, no RAM statistics.
+        let failed = serde_json::json!({"status": "failed", "error-desc": "Unable to write to socket: Broken pipe"});
+        let p = from_query_after(&failed, &last);
+        assert_eq!((p.transferred_bytes, p.iteration, p.total_bytes, p.elapsed_ms), (68 << 20, 3, 256 << 20, 4000));
+        assert_eq!((p.qemu_status.as_str(), p.transfer_rate_bps), ("failed", 0));
+    }
+
+    #[test]
+    fn a_reply_with_ram_statistics_is_read_as_it_is() {
+        let last = Progress { transferred_bytes: 1 << 30, iteration: 9, ..Progress::default() };
+        let done = serde_json::json!({"status": "completed", "total-time": 900, "ram": {"transferred": 300, "dirty-sync-count": 2}});
+        let p = from_query_after(&done, &last);
+        assert_eq!((p.transferred_bytes, p.iteration), (300, 2));
     }
 }

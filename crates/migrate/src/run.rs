@@ -143,6 +143,7 @@ pub async fn run(
     let mut cancel_reason: Option<String> = None;
     let mut give_up: Option<String> = None;
     let mut gate_passed = false;
+    let mut last = Progress::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(SAMPLE_INTERVAL) => {}
@@ -160,7 +161,8 @@ pub async fn run(
             }
         }
         let info = qmp.execute_raw("query-migrate", None).await.map_err(src)?;
-        let mut progress = crate::progress::from_query(&info);
+        let mut progress = crate::progress::from_query_after(&info, &last);
+        last = progress.clone();
         let phase = phase_of(&progress.qemu_status);
         progress.phase = Some(phase);
         if phase.is_final() {

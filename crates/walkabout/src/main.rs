@@ -6,7 +6,12 @@ use clap::{Parser, Subcommand};
 
 /// Live migration, failover and placement for QEMU virtual machines.
 #[derive(Parser)]
-#[command(name = "walkabout", version, about)]
+#[command(
+    name = "walkabout",
+    version,
+    after_help = "Start with `walkabout up`: a whole cluster on this machine, guests walking about, \
+                  then try `walkabout host list` and `walkabout host drain h1` in another terminal."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -14,7 +19,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Three local agents, real guests walking between them: the main job.
+    /// A controller, three agents and four guests walking about, on this machine: the
+    /// main job (see also `demo`, a shorter tour without a controller).
+    Up(cli::up::UpArgs),
+    /// Three local agents and real guests hopping between them a set number of times,
+    /// each hop's downtime printed; then everything is cleaned up.
     Demo(cli::demo::DemoArgs),
     /// Run the host daemon that owns this host's VMs.
     Agent(cli::agent::AgentArgs),
@@ -24,7 +33,7 @@ enum Command {
     /// CPU models across hosts: the cluster baseline.
     #[command(subcommand)]
     Cpu(cli::cpu::CpuCommand),
-    /// Show what a host offers.
+    /// Hosts: what one offers (from its agent); the cluster's hosts, drain, undrain.
     #[command(subcommand)]
     Host(cli::host::HostCommand),
     /// Build and inspect the guest image (kernel + initramfs).
@@ -37,8 +46,6 @@ enum Command {
     Migration(cli::migrate::MigrationCommand),
     /// Plan a safe order of migrations from a current to a target placement (offline).
     Plan(cli::plan::PlanArgs),
-    /// A controller, three agents and four guests walking about, on this machine.
-    Up(cli::up::UpArgs),
     /// Run the cluster controller: hosts, placement, plans, limits, events.
     Controller(cli::controller::ControllerArgs),
     /// Rebalance, consolidate, and review or run plans (against a controller).
@@ -53,6 +60,11 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // `walkabout vm list | head`: a closed stdout ends a client command quietly. Servers
+    // and supervisors keep SIGPIPE ignored and stop cleanly instead (see `cli::out`).
+    if !matches!(cli.command, Command::Agent(_) | Command::Controller(_) | Command::Up(_) | Command::Demo(_)) {
+        cli::out::end_quietly_on_closed_pipe();
+    }
     // The interactive jobs print their own story; their logs default to warnings only.
     let default_level = match cli.command {
         Command::Up(_) | Command::Demo(_) => "warn",
@@ -83,6 +95,7 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if cli::out::is_closed_pipe(&e) => std::process::ExitCode::from(cli::out::CLOSED_PIPE_STATUS),
         Err(e) => {
             eprintln!("walkabout: {e:#}");
             std::process::ExitCode::from(2)

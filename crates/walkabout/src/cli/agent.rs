@@ -64,7 +64,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         let url = format!("http://{}", listener.local_addr()?);
         std::fs::write(data_dir.join("agent.url"), &url).context("writing agent.url")?;
         let host = agent.host_info();
-        println!("walkabout agent listening on {url} (accel {}: {})", host.accel.accel, host.accel.reason);
+        let _ = super::out::line(format_args!("walkabout agent listening on {url} (accel {}: {})", host.accel.accel, host.accel.reason));
         walkabout_agent::serve(agent, listener, shutdown_signal()).await?;
         tracing::info!("agent stopped; its VMs keep running");
         Ok(ExitCode::SUCCESS)

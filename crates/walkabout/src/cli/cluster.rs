@@ -3,9 +3,10 @@
 //! following a plan with a progress bar, printing plans.
 
 use super::client::{print_json, runtime, Output};
+use super::progress::{MigrationView, PlanProgress, PlanView, RunningStep};
+use super::table::{clean, num, Align, Table};
 use anyhow::{anyhow, Context};
 use serde_json::{json, Value};
-use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -154,18 +155,25 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
                 match c.output {
                     Output::Json => print_json(&plans)?,
                     Output::Text => {
-                        println!("{:<6} {:<11} {:<24} {:>6} {:>6}  REASON", "ID", "STATUS", "GOAL", "STEPS", "ROUND");
+                        let mut t = Table::new(&[
+                            ("ID", Align::Left),
+                            ("STATUS", Align::Left),
+                            ("GOAL", Align::Left),
+                            ("STEPS", Align::Right),
+                            ("ROUND", Align::Right),
+                            ("REASON", Align::Left),
+                        ]);
                         for p in plans.as_array().into_iter().flatten() {
-                            println!(
-                                "{:<6} {:<11} {:<24} {:>6} {:>6}  {}",
-                                p["id"].as_str().unwrap_or("?"),
-                                p["status"].as_str().unwrap_or("?"),
+                            t.row([
+                                p["id"].as_str().unwrap_or("?").to_string(),
+                                p["status"].as_str().unwrap_or("?").to_string(),
                                 describe_goal(&p["goal"]),
-                                p["steps"].as_array().map_or(0, Vec::len),
-                                p["round"].to_string(),
-                                p["reason"].as_str().unwrap_or("")
-                            );
+                                p["steps"].as_array().map_or(0, Vec::len).to_string(),
+                                num(&p["round"]),
+                                p["reason"].as_str().unwrap_or("").to_string(),
+                            ]);
                         }
+                        t.print();
                     }
                 }
                 Ok(ExitCode::SUCCESS)
@@ -223,68 +231,53 @@ pub async fn finish(ctl: &Ctl, plan: Value, args: &CtlArgs, no_wait: bool) -> an
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-/// Polls a plan until it ends, drawing a progress bar on stderr when `bar`.
+/// Polls a plan until it ends, showing its progress on stderr when `bar` (a bar on a
+/// terminal, plain lines elsewhere).
 pub async fn follow(ctl: &Ctl, plan: Value, bar: bool) -> anyhow::Result<Value> {
     let id = plan["id"].as_str().unwrap_or_default().to_string();
+    let mut progress = bar.then(|| PlanProgress::new(&id));
     let mut plan = plan;
     loop {
         if !matches!(plan["status"].as_str(), Some("running")) {
-            if bar {
-                eprintln!();
+            if let Some(p) = &progress {
+                p.finish();
             }
             return Ok(plan);
         }
-        if bar {
-            draw(ctl, &plan).await;
+        if let Some(p) = &mut progress {
+            p.update(&view(ctl, &plan).await);
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         plan = ctl.get(&format!("/v1/plans/{id}")).await?;
     }
 }
 
-async fn draw(ctl: &Ctl, plan: &Value) {
-    let steps: Vec<&Value> = plan["steps"].as_array().map(|s| s.iter().collect()).unwrap_or_default();
-    let live: Vec<&&Value> = steps.iter().filter(|s| !matches!(s["status"].as_str(), Some("superseded" | "cancelled"))).collect();
-    let done = live.iter().filter(|s| s["status"] == "completed").count();
-    let total = live.len().max(1);
-    let mut running = vec![];
-    for s in steps.iter().filter(|s| s["status"] == "running") {
-        let pct = match s["migration"].as_str() {
+/// The plan's progress, with each running step's migration phase and share done.
+async fn view(ctl: &Ctl, plan: &Value) -> PlanView {
+    let mut v = PlanView::from_plan(plan);
+    for s in plan["steps"].as_array().into_iter().flatten().filter(|s| s["status"] == "running") {
+        let state = match s["migration"].as_str() {
             Some(mid) => match ctl.get(&format!("/v1/migrations/{mid}")).await {
                 Ok(m) => {
-                    let t = m["progress"]["total_bytes"].as_u64().unwrap_or(0);
-                    let r = m["progress"]["remaining_bytes"].as_u64().unwrap_or(t).min(t);
-                    let pct = ((t - r) * 100).checked_div(t).unwrap_or(0);
-                    format!("{} {pct}%", m["phase"].as_str().unwrap_or("?"))
+                    let m = MigrationView::from_record(&m);
+                    let pct = (m.done_bytes() * 100).checked_div(m.total_bytes).unwrap_or(0);
+                    format!("{} {pct}%", m.phase)
                 }
                 Err(_) => "?".into(),
             },
             None => "starting".into(),
         };
-        running.push(format!(
-            "{} {}->{} {pct}",
-            s["vm"].as_str().unwrap_or("?"),
-            s["from"].as_str().unwrap_or("?"),
-            s["to"].as_str().unwrap_or("?")
-        ));
+        let text = |x: &Value| clean(x.as_str().unwrap_or("?")).into_owned();
+        v.running.push(RunningStep { vm: text(&s["vm"]), from: text(&s["from"]), to: text(&s["to"]), state });
     }
-    let filled = done * 30 / total;
-    eprint!(
-        "\r\x1b[2K{} [{}{}] {done}/{total} round {}  {}",
-        plan["id"].as_str().unwrap_or("?"),
-        "#".repeat(filled),
-        ".".repeat(30 - filled),
-        plan["round"],
-        running.join("  ")
-    );
-    let _ = std::io::stderr().flush();
+    v
 }
 
 /// A goal in a few words.
 pub fn describe_goal(g: &Value) -> String {
     match g["goal"].as_str() {
-        Some("drain") => format!("drain {}", g["host"].as_str().unwrap_or("?")),
-        Some("place") => format!("move {} to {}", g["vm"].as_str().unwrap_or("?"), g["host"].as_str().unwrap_or("?")),
+        Some("drain") => format!("drain {}", clean(g["host"].as_str().unwrap_or("?"))),
+        Some("place") => format!("move {} to {}", clean(g["vm"].as_str().unwrap_or("?")), clean(g["host"].as_str().unwrap_or("?"))),
         Some(other) => other.to_string(),
         None => "?".into(),
     }
@@ -294,9 +287,9 @@ pub fn describe_goal(g: &Value) -> String {
 pub fn print_plan(p: &Value) {
     println!(
         "plan {} ({}): {}{}",
-        p["id"].as_str().unwrap_or("?"),
+        clean(p["id"].as_str().unwrap_or("?")),
         describe_goal(&p["goal"]),
-        p["status"].as_str().unwrap_or("?"),
+        clean(p["status"].as_str().unwrap_or("?")),
         p["reason"].as_str().map(|r| format!(" — {r}")).unwrap_or_default()
     );
     for s in p["steps"].as_array().into_iter().flatten() {
@@ -304,27 +297,27 @@ pub fn print_plan(p: &Value) {
             "  round {} wave {}: {:<10} {} -> {}  {:<10} {}{}",
             s["round"],
             s["wave"],
-            s["vm"].as_str().unwrap_or("?"),
-            s["from"].as_str().unwrap_or("?"),
-            s["to"].as_str().unwrap_or("?"),
-            s["status"].as_str().unwrap_or("?"),
-            s["why"].as_str().unwrap_or(""),
+            clean(s["vm"].as_str().unwrap_or("?")),
+            clean(s["from"].as_str().unwrap_or("?")),
+            clean(s["to"].as_str().unwrap_or("?")),
+            clean(s["status"].as_str().unwrap_or("?")),
+            clean(s["why"].as_str().unwrap_or("")),
             s["reason"].as_str().map(|r| format!(" [{r}]")).unwrap_or_default()
         );
     }
     for b in p["blocked"].as_array().into_iter().flatten() {
         println!(
             "  blocked: {} needs {}: {}",
-            b["vm"].as_str().unwrap_or("?"),
-            b["needs"].as_str().unwrap_or("?"),
-            b["why"].as_str().unwrap_or("")
+            clean(b["vm"].as_str().unwrap_or("?")),
+            clean(b["needs"].as_str().unwrap_or("?")),
+            clean(b["why"].as_str().unwrap_or(""))
         );
     }
     for x in p["problems"].as_array().into_iter().flatten() {
-        println!("  problem: {}: {}", x["vm"].as_str().unwrap_or("?"), x["reason"].as_str().unwrap_or(""));
+        println!("  problem: {}: {}", clean(x["vm"].as_str().unwrap_or("?")), clean(x["reason"].as_str().unwrap_or("")));
     }
     if p["status"] == "proposed" {
-        println!("  execute with: walkabout cluster plan-execute {}", p["id"].as_str().unwrap_or("?"));
+        println!("  execute with: walkabout cluster plan-execute {}", clean(p["id"].as_str().unwrap_or("?")));
     }
 }
 
@@ -339,9 +332,9 @@ pub fn print_refusal(e: &anyhow::Error, output: Output) -> anyhow::Result<ExitCo
             for b in r.body["blocked"].as_array().into_iter().flatten() {
                 eprintln!(
                     "  {} needs {}: {}",
-                    b["vm"].as_str().unwrap_or("?"),
-                    b["needs"].as_str().unwrap_or("?"),
-                    b["why"].as_str().unwrap_or("")
+                    clean(b["vm"].as_str().unwrap_or("?")),
+                    clean(b["needs"].as_str().unwrap_or("?")),
+                    clean(b["why"].as_str().unwrap_or(""))
                 );
             }
         }

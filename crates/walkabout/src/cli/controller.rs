@@ -74,7 +74,7 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
         let tmp = a.data_dir.join("controller.url.tmp");
         std::fs::write(&tmp, &url).context("writing controller.url")?;
         std::fs::rename(&tmp, a.data_dir.join("controller.url")).context("writing controller.url")?;
-        println!("walkabout controller listening on {url} ({} host(s))", cluster.hosts().len());
+        let _ = super::out::line(format_args!("walkabout controller listening on {url} ({} host(s))", cluster.hosts().len()));
         axum::serve(listener, walkabout_controller::api::router(cluster.clone()))
             .with_graceful_shutdown(super::agent::shutdown_signal())
             .await

@@ -2,8 +2,9 @@
 //! by live migration, each hop's downtime and the guests' heartbeat continuity printed,
 //! then everything cleaned up.
 
-use super::client::{print_json, runtime, Client, Output};
+use super::client::{runtime, Client, Output};
 use super::local::{LocalCluster, LocalOptions};
+use super::out;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use std::process::ExitCode;
@@ -39,39 +40,36 @@ pub struct DemoArgs {
 pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
         let text = a.output == Output::Text;
-        let say = |s: String| {
-            if text {
-                println!("{s}");
-            }
-        };
-        say("walkabout demo: building the guest image (cached after the first run)...".into());
+        // A closed stdout stops the demo (cleanly, see `out`) instead of running it unseen.
+        let say = |s: String| if text { out::line(s) } else { Ok(()) };
+        say("walkabout demo: building the guest image (cached after the first run)...".into())?;
         let cache = walkabout_image::default_cache_dir();
         let img = tokio::task::spawn_blocking(move || walkabout_image::build(&cache)).await??;
-        say(format!("  guest: Linux {} + busybox + the Walkabout guest program", img.kernel_version));
+        say(format!("  guest: Linux {} + busybox + the Walkabout guest program", img.kernel_version))?;
         let root = std::env::temp_dir().join(format!("walkabout-demo-{}", std::process::id()));
         let opts = LocalOptions { hosts: 3, base_port: a.base_port, accel: a.accel.clone(), capacity: None, netns: false, root };
-        say("starting three agents on loopback (each measures its accelerator)...".into());
+        say("starting three agents on loopback (each measures its accelerator)...".into())?;
         let mut cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&opts)).await??;
         let result = tokio::select! {
             r = walk(&cluster, &a, &say) => r,
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         };
-        say("cleaning up: deleting guests, stopping agents...".into());
+        let _ = say("cleaning up: deleting guests, stopping agents...".into());
         cluster.shutdown().await;
         let report = result?;
         if !text {
-            print_json(&report)?;
+            out::line(serde_json::to_string_pretty(&report)?)?;
         }
         Ok(if report["ok"] == true { ExitCode::SUCCESS } else { ExitCode::from(1) })
     })
 }
 
-async fn walk(cluster: &LocalCluster, a: &DemoArgs, say: &impl Fn(String)) -> anyhow::Result<Value> {
+async fn walk(cluster: &LocalCluster, a: &DemoArgs, say: &impl Fn(String) -> std::io::Result<()>) -> anyhow::Result<Value> {
     let first = cluster.agents.first().context("no agents")?;
     let host: Value = Client::new(&first.url)?.get("/v1/host").await?;
-    say(format!("  accelerator: {} ({})", host["accel"]["accel"].as_str().unwrap_or("?"), host["accel"]["reason"].as_str().unwrap_or("")));
+    say(format!("  accelerator: {} ({})", host["accel"]["accel"].as_str().unwrap_or("?"), host["accel"]["reason"].as_str().unwrap_or("")))?;
     for agent in &cluster.agents {
-        say(format!("  {} at {}", agent.name, agent.url));
+        say(format!("  {} at {}", agent.name, agent.url))?;
     }
     let n = cluster.agents.len();
     let memory_mib = super::client::parse_mib(&a.memory).map_err(|e| anyhow::anyhow!(e))?;
@@ -84,7 +82,7 @@ async fn walk(cluster: &LocalCluster, a: &DemoArgs, say: &impl Fn(String)) -> an
         let spec = json!({"name": name, "memory_mib": memory_mib, "vcpus": 1, "workload": a.workload});
         Client::new(&agent.url)?.post::<Value>("/v1/vms", Some(&spec)).await?;
         wait_ready(&agent.url, &name).await?;
-        say(format!("booted {name} on {} ({}, {}) in {} ms", agent.name, a.memory, a.workload, start.elapsed().as_millis()));
+        say(format!("booted {name} on {} ({}, {}) in {} ms", agent.name, a.memory, a.workload, start.elapsed().as_millis()))?;
         place.push(at);
     }
     let mut hops = vec![];
@@ -116,7 +114,7 @@ async fn walk(cluster: &LocalCluster, a: &DemoArgs, say: &impl Fn(String)) -> an
                 guest["last_seq"],
                 if continuous { "continuous" } else { "BROKEN" },
                 guest["corrupt_pages"],
-            ));
+            ))?;
             hops.push(json!({"round": round, "vm": name, "from": src.name, "to": dst.name, "result": m["phase"],
                 "total_ms": m["total_ms"], "downtime_ms": m["downtime_ms"], "strategy": m["strategy"]["name"],
                 "last_seq": guest["last_seq"], "heartbeat_continuous": continuous, "corrupt_pages": guest["corrupt_pages"]}));
@@ -130,7 +128,7 @@ async fn walk(cluster: &LocalCluster, a: &DemoArgs, say: &impl Fn(String)) -> an
         if ok { "every heartbeat continuous, 0 corrupt pages" } else { "SOMETHING WAS LOST (see above)" },
         median.unwrap_or(0),
         downtimes.last().copied().unwrap_or(0)
-    ));
+    ))?;
     Ok(json!({"ok": ok, "hops": hops, "downtime_median_ms": median, "downtime_max_ms": downtimes.last()}))
 }
 

@@ -2,6 +2,7 @@
 //! maintenance (from the controller).
 
 use super::client::{print_json, runtime, Client, Output};
+use super::table::{clean, num, Align, Table};
 use serde_json::Value;
 use std::process::ExitCode;
 
@@ -70,22 +71,40 @@ async fn list(c: super::cluster::CtlArgs) -> anyhow::Result<ExitCode> {
     match c.output {
         Output::Json => print_json(&hosts)?,
         Output::Text => {
-            println!("{:<6} {:<8} {:<9} {:>9} {:>9}  {:<26} VMS", "NAME", "STATUS", "MAINT", "CAPACITY", "FREE", "URL");
+            let mut t = Table::new(&[
+                ("NAME", Align::Left),
+                ("STATUS", Align::Left),
+                ("MAINT", Align::Left),
+                ("CAPACITY", Align::Right),
+                ("FREE", Align::Right),
+                ("URL", Align::Left),
+                ("VMS", Align::Left),
+            ]);
+            let mut down = vec![];
             for h in hosts.as_array().into_iter().flatten() {
+                let text = |x: &Value| x.as_str().unwrap_or("?").to_string();
                 let vms: Vec<&str> = h["vms"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-                println!(
-                    "{:<6} {:<8} {:<9} {:>8}M {:>8}M  {:<26} {}",
-                    h["name"].as_str().unwrap_or("?"),
-                    h["status"].as_str().unwrap_or("?"),
-                    h["maintenance"].as_str().unwrap_or("?"),
-                    h["capacity_mib"].to_string(),
-                    h["free_mib"].to_string(),
-                    h["url"].as_str().unwrap_or("?"),
-                    vms.join(",")
-                );
+                t.row([
+                    text(&h["name"]),
+                    text(&h["status"]),
+                    text(&h["maintenance"]),
+                    format!("{}M", num(&h["capacity_mib"])),
+                    format!("{}M", num(&h["free_mib"])),
+                    text(&h["url"]),
+                    vms.join(","),
+                ]);
                 if let Some(r) = h["down_reason"].as_str() {
-                    println!("       down since {} ms after the epoch: {r}", h["status_since_ms"]);
+                    down.push(format!(
+                        "{} down since {} ms after the epoch: {}",
+                        clean(&text(&h["name"])),
+                        num(&h["status_since_ms"]),
+                        clean(r)
+                    ));
                 }
+            }
+            t.print();
+            for d in down {
+                println!("{d}");
             }
         }
     }

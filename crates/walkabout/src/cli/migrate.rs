@@ -1,8 +1,9 @@
 //! `walkabout migrate` and `walkabout migration`: live migration between agents.
 
 use super::client::{parse_duration_ms, parse_mib, print_json, runtime, Client, Output};
+use super::progress::{mib, MigrationProgress, MigrationView};
+use super::table::{clean, num, Align, Table};
 use serde_json::{json, Value};
-use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -90,36 +91,39 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        let show_bar = a.output == Output::Text;
+        let mut progress = (a.output == Output::Text).then(|| MigrationProgress::new(&id));
         let mut last_switches = 0;
         let rec = loop {
             let rec: Value = client.get(&format!("/v1/migrations/{id}")).await?;
-            if show_bar {
+            if let Some(p) = &mut progress {
                 if let Some(sw) = rec["switches"].as_array() {
                     for s in &sw[last_switches.min(sw.len())..] {
-                        eprintln!(
-                            "\r\x1b[2K  switch to {} at {} ms: {}",
-                            s["to"].as_str().unwrap_or("?"),
+                        p.note(&format!(
+                            "  switch to {} at {} ms: {}",
+                            clean(s["to"].as_str().unwrap_or("?")),
                             s["at_ms"],
-                            s["reason"].as_str().unwrap_or("")
-                        );
+                            clean(s["reason"].as_str().unwrap_or(""))
+                        ));
                     }
                     last_switches = sw.len();
                 }
-                draw_bar(&rec);
+                // The end is the summary's to tell.
+                if !is_final(&rec) {
+                    p.update(&MigrationView::from_record(&rec));
+                }
             }
             if is_final(&rec) {
                 break rec;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        if show_bar {
-            eprintln!();
+        if let Some(p) = &progress {
+            p.finish();
         }
         let summary = summarize(&rec);
         match a.output {
             Output::Json => print_json(&summary)?,
-            Output::Text => print_summary(&summary),
+            Output::Text => println!("{}", Summary::from_record(&rec)),
         }
         Ok(if summary["result"] == "completed" { ExitCode::SUCCESS } else { ExitCode::from(1) })
     })
@@ -142,40 +146,67 @@ fn summarize(rec: &Value) -> Value {
     })
 }
 
-fn print_summary(s: &Value) {
-    println!(
-        "{} {} -> {}: {} in {} ms, downtime {} ms, {} MiB sent in {} passes, strategy {}",
-        s["id"].as_str().unwrap_or("?"),
-        s["vm"].as_str().unwrap_or("?"),
-        s["to"].as_str().unwrap_or("?"),
-        s["result"].as_str().unwrap_or("?"),
-        s["total_ms"],
-        s["downtime_ms"],
-        s["transferred_bytes"].as_u64().unwrap_or(0) >> 20,
-        s["iterations"],
-        s["strategy"]["name"].as_str().unwrap_or("-"),
-    );
-    if let Some(r) = s["reason"].as_str() {
-        println!("  reason: {r}");
+/// What the last line of `walkabout migrate --wait` (and `migration show`) says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// The migration's id.
+    pub id: String,
+    /// The VM.
+    pub vm: String,
+    /// The destination.
+    pub to: String,
+    /// `completed`, `failed`, `cancelled` (or the phase it is in).
+    pub result: String,
+    /// Why it failed or was cancelled.
+    pub reason: Option<String>,
+    /// Wall time, ms, once it ended.
+    pub total_ms: Option<u64>,
+    /// Guest pause, ms, once completed.
+    pub downtime_ms: Option<u64>,
+    /// Bytes sent.
+    pub transferred_bytes: u64,
+    /// Pre-copy passes.
+    pub passes: u64,
+    /// The strategy picked.
+    pub strategy: Option<String>,
+}
+
+impl Summary {
+    /// Reads a summary from a migration record as the agent reports it.
+    pub fn from_record(rec: &Value) -> Summary {
+        let text = |v: &Value| v.as_str().map(|s| clean(s).into_owned());
+        Summary {
+            id: text(&rec["id"]).unwrap_or_else(|| "?".into()),
+            vm: text(&rec["vm"]).unwrap_or_else(|| "?".into()),
+            to: text(&rec["destination"]).unwrap_or_else(|| "?".into()),
+            result: text(&rec["phase"]).unwrap_or_else(|| "?".into()),
+            reason: text(&rec["reason"]),
+            total_ms: rec["total_ms"].as_u64(),
+            downtime_ms: rec["downtime_ms"].as_u64(),
+            transferred_bytes: rec["progress"]["transferred_bytes"].as_u64().unwrap_or(0),
+            passes: rec["progress"]["iteration"].as_u64().unwrap_or(0),
+            strategy: text(&rec["strategy"]["name"]),
+        }
     }
 }
 
-fn draw_bar(rec: &Value) {
-    let p = &rec["progress"];
-    let total = p["total_bytes"].as_u64().unwrap_or(0).max(1);
-    let remaining = p["remaining_bytes"].as_u64().unwrap_or(0).min(total);
-    let done = ((total - remaining) * 30 / total) as usize;
-    let bar = format!("{}{}", "#".repeat(done), ".".repeat(30 - done));
-    eprint!(
-        "\r\x1b[2K{:<10} [{bar}] pass {:>3}  left {:>6} MiB  dirty {:>5} MiB/s  send {:>5} MiB/s  exp.downtime {:>5} ms",
-        rec["phase"].as_str().unwrap_or("?"),
-        p["iteration"],
-        remaining >> 20,
-        p["dirty_rate_bps"].as_u64().unwrap_or(0) >> 20,
-        p["transfer_rate_bps"].as_u64().unwrap_or(0) >> 20,
-        p["expected_downtime_ms"],
-    );
-    let _ = std::io::stderr().flush();
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} -> {}: {}", self.id, self.vm, self.to, self.result)?;
+        if let Some(ms) = self.total_ms {
+            write!(f, " in {ms} ms")?;
+        }
+        if let Some(ms) = self.downtime_ms {
+            write!(f, ", downtime {ms} ms")?;
+        }
+        let passes = if self.passes == 1 { "pass" } else { "passes" };
+        write!(f, ", {} MiB sent in {} {passes}", mib(self.transferred_bytes), self.passes)?;
+        write!(f, ", strategy {}", self.strategy.as_deref().unwrap_or("-"))?;
+        if let Some(r) = &self.reason {
+            write!(f, "\n  reason: {r}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs `walkabout migration ...`.
@@ -192,22 +223,55 @@ pub fn run_migration(cmd: MigrationCommand) -> anyhow::Result<ExitCode> {
             Output::Json => print_json(&v)?,
             Output::Text => match v.as_array() {
                 Some(list) => {
-                    println!("{:<24} {:<14} {:<10} {:>9} {:>9}  DESTINATION", "ID", "VM", "PHASE", "TOTAL_MS", "DOWN_MS");
+                    let mut t = Table::new(&[
+                        ("ID", Align::Left),
+                        ("VM", Align::Left),
+                        ("PHASE", Align::Left),
+                        ("TOTAL_MS", Align::Right),
+                        ("DOWN_MS", Align::Right),
+                        ("DESTINATION", Align::Left),
+                    ]);
                     for m in list {
-                        println!(
-                            "{:<24} {:<14} {:<10} {:>9} {:>9}  {}",
-                            m["id"].as_str().unwrap_or("?"),
-                            m["vm"].as_str().unwrap_or("?"),
-                            m["phase"].as_str().unwrap_or("?"),
-                            m["total_ms"].to_string(),
-                            m["downtime_ms"].to_string(),
-                            m["destination"].as_str().unwrap_or("?")
-                        );
+                        let text = |k: &str| m[k].as_str().unwrap_or("?").to_string();
+                        t.row([text("id"), text("vm"), text("phase"), num(&m["total_ms"]), num(&m["downtime_ms"]), text("destination")]);
                     }
+                    t.print();
                 }
-                None => print_summary(&summarize(&v)),
+                None => println!("{}", Summary::from_record(&v)),
             },
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_of_a_failed_migration_counts_what_was_sent() {
+        let rec = json!({"id": "m20", "vm": "g4", "destination": "http://h1:7701", "phase": "failed",
+            "reason": "the destination went away", "total_ms": 4100, "downtime_ms": null,
+            "progress": {"transferred_bytes": 68u64 << 20, "iteration": 3}, "strategy": {"name": "precopy"}});
+        assert_eq!(
+            Summary::from_record(&rec).to_string(),
+            "m20 g4 -> http://h1:7701: failed in 4100 ms, 68 MiB sent in 3 passes, strategy precopy\n  reason: the destination went away"
+        );
+    }
+
+    #[test]
+    fn the_summary_of_a_completed_migration_gives_its_downtime() {
+        let rec = json!({"id": "m3", "vm": "g1", "destination": "h2", "phase": "completed", "total_ms": 2345,
+            "downtime_ms": 23, "progress": {"transferred_bytes": 300u64 << 20, "iteration": 1}, "strategy": {"name": "auto"}});
+        assert_eq!(
+            Summary::from_record(&rec).to_string(),
+            "m3 g1 -> h2: completed in 2345 ms, downtime 23 ms, 300 MiB sent in 1 pass, strategy auto"
+        );
+    }
+
+    #[test]
+    fn a_summary_shows_control_characters_in_names_instead_of_obeying_them() {
+        let rec = json!({"id": "m1", "vm": "g\u{1b}[2J1", "destination": "h2", "phase": "completed"});
+        assert!(!Summary::from_record(&rec).to_string().contains('\u{1b}'));
+    }
 }

@@ -6,6 +6,7 @@
 
 use super::client::runtime;
 use super::local::{LocalCluster, LocalOptions};
+use super::out;
 use super::walk::hop_line;
 use anyhow::Context;
 use std::process::ExitCode;
@@ -53,10 +54,10 @@ pub struct UpArgs {
 /// Runs `walkabout up` until Ctrl-C, SIGTERM or `--duration`.
 pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
-        println!("walkabout up: building the guest image (cached after the first run)...");
+        out::line("walkabout up: building the guest image (cached after the first run)...")?;
         let cache = walkabout_image::default_cache_dir();
         let img = tokio::task::spawn_blocking(move || walkabout_image::build(&cache)).await??;
-        println!("  guest: Linux {} + busybox + the Walkabout guest program", img.kernel_version);
+        out::line(format_args!("  guest: Linux {} + busybox + the Walkabout guest program", img.kernel_version))?;
         let root = std::env::temp_dir().join(format!("walkabout-up-{}", std::process::id()));
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         let api_url = format!("http://{}", listener.local_addr()?);
@@ -68,7 +69,11 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
             netns: a.netns,
             root: root.clone(),
         };
-        println!("starting {} agents{}...", a.hosts, if a.netns { ", each in its own network namespace" } else { " on loopback" });
+        out::line(format_args!(
+            "starting {} agents{}...",
+            a.hosts,
+            if a.netns { ", each in its own network namespace" } else { " on loopback" }
+        ))?;
         let mut local = tokio::task::spawn_blocking(move || LocalCluster::start(&opts)).await??;
         let urls: Vec<String> = local.agents.iter().map(|x| format!("{}={}", x.name, x.url)).collect();
         let started = async {
@@ -92,9 +97,9 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
         };
         let result = tokio::select! {
             r = show(&cluster, &local, &a, &api_url) => r,
-            _ = super::agent::shutdown_signal() => { println!("\ninterrupted"); Ok(()) }
+            _ = super::agent::shutdown_signal() => { let _ = out::line("\ninterrupted"); Ok(()) }
         };
-        println!("stopping: the walk, the guests, the agents, the controller...");
+        let _ = out::line("stopping: the walk, the guests, the agents, the controller...");
         if let Some(w) = cluster.walks().into_iter().find(|w| w.status == walkabout_controller::walk::WalkStatus::Running) {
             let _ = cluster.stop_walk(&w.id);
         }
@@ -106,7 +111,7 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
         cluster.stop();
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
         local.shutdown().await;
-        println!("stopped; nothing left running");
+        let _ = out::line("stopped; nothing left running");
         result.map(|()| ExitCode::SUCCESS)
     })
 }
@@ -115,7 +120,7 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
 async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str) -> anyhow::Result<()> {
     let memory_mib = super::client::parse_mib(&a.memory).map_err(|e| anyhow::anyhow!(e))?;
     for agent in &local.agents {
-        println!("  host {} at {} (metrics {}/metrics)", agent.name, agent.url, agent.url);
+        out::line(format_args!("  host {} at {} (metrics {}/metrics)", agent.name, agent.url, agent.url))?;
     }
     let hosts: Vec<String> = cluster.hosts().into_iter().map(|h| h.name).collect();
     for g in 0..a.guests {
@@ -134,21 +139,21 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        println!(
+        out::line(format_args!(
             "booted {name} on {} ({}, {}) in {} ms",
             host.as_deref().unwrap_or("?"),
             a.memory,
             a.workload,
             start.elapsed().as_millis()
-        );
+        ))?;
     }
-    println!();
-    println!("controller API   {api_url}/v1/cluster  (hosts, vms, plans, migrations, walks)");
-    println!("events (SSE)     {api_url}/v1/events");
-    println!("metrics          {api_url}/metrics");
-    println!("try              walkabout host list · walkabout host drain h1 · walkabout cluster rebalance --dry-run");
-    println!("Ctrl-C stops everything.");
-    println!();
+    out::line("")?;
+    out::line(format_args!("controller API   {api_url}/v1/cluster  (hosts, vms, plans, migrations, walks)"))?;
+    out::line(format_args!("events (SSE)     {api_url}/v1/events"))?;
+    out::line(format_args!("metrics          {api_url}/metrics"))?;
+    out::line("try              walkabout host list · walkabout host drain h1 · walkabout cluster rebalance --dry-run")?;
+    out::line("Ctrl-C stops everything.")?;
+    out::line("")?;
     let duration_ms = a.duration.unwrap_or(u64::MAX / 4);
     let walk = cluster.start_walk(walkabout_controller::walk::WalkOptions { duration_ms, parallel: 1, pause_ms: a.pause })?;
     let mut shown = 0usize;
@@ -164,7 +169,7 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
                     format!("  heartbeat seq {seq}, {} breaks, {} corrupt pages", vm.guest.seq_breaks, vm.guest.corrupt_pages)
                 })
                 .unwrap_or_default();
-            println!("{}{health}", hop_line(shown, &v));
+            out::line(format_args!("{}{health}", hop_line(shown, &v)))?;
         }
         if w.finished_ms.is_some() {
             return Ok(());

@@ -1,6 +1,7 @@
 //! `walkabout vm`: create, inspect and control VMs on an agent.
 
 use super::client::{parse_mib, print_json, runtime, Client, Output};
+use super::table::{clean, num, Align, Table};
 use anyhow::Context;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -246,33 +247,46 @@ async fn console(a: ConsoleArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn print_table(vms: &[Value]) {
-    println!("{:<20} {:<9} {:>8} {:>5} {:<22} {:>8} {:>8}", "NAME", "STATE", "MEMORY", "VCPUS", "WORKLOAD", "HB", "CORRUPT");
+    let mut t = Table::new(&[
+        ("NAME", Align::Left),
+        ("STATE", Align::Left),
+        ("MEMORY", Align::Right),
+        ("VCPUS", Align::Right),
+        ("WORKLOAD", Align::Left),
+        ("HB", Align::Right),
+        ("CORRUPT", Align::Right),
+    ]);
     for v in vms {
-        println!(
-            "{:<20} {:<9} {:>7}M {:>5} {:<22} {:>8} {:>8}",
-            v["spec"]["name"].as_str().unwrap_or("?"),
-            v["state"].as_str().unwrap_or("?"),
-            v["spec"]["memory_mib"].to_string(),
-            v["spec"]["vcpus"].to_string(),
-            v["spec"]["workload"].as_str().unwrap_or("?"),
-            v["guest"]["last_seq"].to_string(),
-            v["guest"]["corrupt_pages"].to_string(),
-        );
+        let text = |x: &Value| x.as_str().unwrap_or("?").to_string();
+        t.row([
+            text(&v["spec"]["name"]),
+            text(&v["state"]),
+            format!("{}M", num(&v["spec"]["memory_mib"])),
+            num(&v["spec"]["vcpus"]),
+            text(&v["spec"]["workload"]),
+            num(&v["guest"]["last_seq"]),
+            num(&v["guest"]["corrupt_pages"]),
+        ]);
     }
+    t.print();
 }
 
 fn print_vm(v: &Value) {
     let g = &v["guest"];
-    println!("name:      {}", v["spec"]["name"].as_str().unwrap_or("?"));
-    println!("state:     {}{}", v["state"].as_str().unwrap_or("?"), v["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default());
+    println!("name:      {}", clean(v["spec"]["name"].as_str().unwrap_or("?")));
+    println!(
+        "state:     {}{}",
+        clean(v["state"].as_str().unwrap_or("?")),
+        v["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default()
+    );
     println!(
         "memory:    {} MiB, {} vCPU(s), cpu model {}",
         v["spec"]["memory_mib"],
         v["spec"]["vcpus"],
-        v["spec"]["cpu_model"].as_str().unwrap_or("qemu64")
+        clean(v["spec"]["cpu_model"].as_str().unwrap_or("qemu64"))
     );
-    println!("accel:     {}   pid: {}", v["accel"].as_str().unwrap_or("?"), v["pid"]);
-    println!("workload:  {}", v["spec"]["workload"].as_str().unwrap_or("?"));
+    println!("accel:     {}   pid: {}", clean(v["accel"].as_str().unwrap_or("?")), v["pid"]);
+    println!("workload:  {}", clean(v["spec"]["workload"].as_str().unwrap_or("?")));
     println!(
         "guest:     ready={} cpus={} heartbeats={} last_seq={} corrupt_pages={} kernel_trouble={}",
         g["ready"], g["cpus"], g["heartbeats"], g["last_seq"], g["corrupt_pages"], g["kernel_trouble"]

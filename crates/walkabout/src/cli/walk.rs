@@ -4,6 +4,7 @@
 use super::client::parse_duration_ms;
 use super::client::{print_json, runtime, Output};
 use super::cluster::{Ctl, CtlArgs};
+use super::table::clean;
 use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -112,10 +113,10 @@ pub async fn follow(ctl: &Ctl, id: &str, text: bool) -> anyhow::Result<Value> {
 pub fn hop_line(n: usize, h: &Value) -> String {
     format!(
         "hop {n}: {} {} -> {}  {}  total {} ms  downtime {} ms{}",
-        h["vm"].as_str().unwrap_or("?"),
-        h["from"].as_str().unwrap_or("?"),
-        h["to"].as_str().unwrap_or("?"),
-        h["result"].as_str().unwrap_or("?"),
+        clean(h["vm"].as_str().unwrap_or("?")),
+        clean(h["from"].as_str().unwrap_or("?")),
+        clean(h["to"].as_str().unwrap_or("?")),
+        clean(h["result"].as_str().unwrap_or("?")),
         h["total_ms"],
         h["downtime_ms"],
         h["reason"].as_str().map(|r| format!("  ({r})")).unwrap_or_default()
@@ -129,7 +130,7 @@ fn print_summary(w: &Value) {
     let median = downs.get(downs.len() / 2).copied().unwrap_or(0);
     println!(
         "{}: {} hop(s), {} completed; downtime median {median} ms, max {} ms",
-        w["result"].as_str().unwrap_or("ended"),
+        clean(w["result"].as_str().unwrap_or("ended")),
         hops.len(),
         downs.len(),
         downs.last().copied().unwrap_or(0)
@@ -137,8 +138,8 @@ fn print_summary(w: &Value) {
     for s in w["survivors"].as_array().into_iter().flatten() {
         println!(
             "survivor {} on {}: {} heartbeats, {} sequence breaks, {} corrupt pages",
-            s["vm"].as_str().unwrap_or("?"),
-            s["host"].as_str().unwrap_or("?"),
+            clean(s["vm"].as_str().unwrap_or("?")),
+            clean(s["host"].as_str().unwrap_or("?")),
             s["heartbeats"],
             s["seq_breaks"],
             s["corrupt_pages"]
