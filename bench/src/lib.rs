@@ -82,15 +82,7 @@ pub fn walkabout_copy(bin: &Path, build: bool) -> Result<WalkaboutBin> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("walkabout");
     std::fs::copy(bin, &path).with_context(|| format!("copying {}", bin.display()))?;
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(args)
-            .current_dir(workspace_root())
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
+    let git = |args: &[&str]| stdout_of("git", args);
     let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
     let provenance = json!({
         "binary": bin.display().to_string(),
@@ -166,17 +158,20 @@ pub fn qemu_version() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// The trimmed stdout of `cmd ARGS` run in the workspace root; empty when it cannot run.
+fn stdout_of(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
 /// What the results depend on: date, CPUs, load, QEMU version, kernel, git commit.
 pub fn environment() -> Value {
-    let sh = |cmd: &str, args: &[&str]| {
-        Command::new(cmd)
-            .args(args)
-            .current_dir(workspace_root())
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
+    let sh = stdout_of;
     json!({
         "date": sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),

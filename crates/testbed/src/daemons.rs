@@ -26,7 +26,7 @@ pub fn walkabout_command(bin: &Path, netns: Option<&str>) -> Command {
 pub struct AgentSpec {
     /// The `walkabout` binary.
     pub bin: PathBuf,
-    /// Its name in messages and in a cluster (`h1`...).
+    /// Its name in messages and in a cluster (`h1`...; may be empty).
     pub name: String,
     /// `--listen` (port 0 picks a free one).
     pub listen: String,
@@ -48,7 +48,7 @@ impl AgentSpec {
     pub fn new(bin: impl Into<PathBuf>) -> AgentSpec {
         AgentSpec {
             bin: bin.into(),
-            name: "agent".into(),
+            name: String::new(),
             listen: "127.0.0.1:0".into(),
             netns: None,
             accel: "tcg".into(),
@@ -93,7 +93,7 @@ impl AgentSpec {
 /// if the testbed created it.
 #[derive(Debug)]
 pub struct Agent {
-    /// Its name (`h1`...; `agent` by default).
+    /// Its name (`h1`...; empty unless its spec gave one).
     pub name: String,
     /// Its API URL, as it wrote it to `agent.url`.
     pub url: String,
@@ -127,7 +127,7 @@ impl Agent {
     fn spawn(&mut self) -> Result<()> {
         let _ = std::fs::remove_file(self.data.join("agent.url"));
         self.url.clear();
-        let what = format!("agent {}", self.name);
+        let what = format!("agent {}", self.name).trim_end().to_string();
         self.daemon = Some(Daemon::spawn(&what, self.spec.command(&self.data), &self.data.join("agent.log"))?);
         Ok(())
     }
@@ -137,7 +137,8 @@ impl Agent {
     pub fn wait_url(&mut self) -> Result<&str> {
         let file = self.data.join("agent.url");
         let limit = self.spec.start_limit;
-        let daemon = self.daemon.as_mut().ok_or_else(|| TestbedError::NotRunning { what: format!("agent {}", self.name) })?;
+        let daemon =
+            self.daemon.as_mut().ok_or_else(|| TestbedError::NotRunning { what: format!("agent {}", self.name).trim_end().to_string() })?;
         self.url = daemon.wait_url(&file, limit)?;
         Ok(&self.url)
     }

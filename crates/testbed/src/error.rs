@@ -22,29 +22,15 @@ pub enum TestbedError {
         /// What it said on stderr (or how it could not be run).
         stderr: String,
     },
-    /// A daemon exited before it wrote its URL file.
-    #[error("{what} exited ({status}) before writing {}; last lines of {}:\n{log}", file.display(), log_file.display())]
-    Exited {
+    /// A daemon did not announce its URL: it exited first, or took too long.
+    #[error("{what} did not write its URL to {}: {why}; last lines of {}:\n{log}", file.display(), log_file.display())]
+    NoUrl {
         /// Which daemon (`agent h1`, `controller`).
         what: String,
-        /// Its exit status.
-        status: String,
+        /// Why not: `exited (exit status: 2)`, `nothing after 60 s`.
+        why: String,
         /// The URL file it should have written.
         file: PathBuf,
-        /// Its log file.
-        log_file: PathBuf,
-        /// The tail of its log.
-        log: String,
-    },
-    /// A daemon did not write its URL file in time.
-    #[error("{what} did not write a URL to {} within {secs} s; last lines of {}:\n{log}", file.display(), log_file.display())]
-    Timeout {
-        /// Which daemon.
-        what: String,
-        /// The URL file it should have written.
-        file: PathBuf,
-        /// How long we waited.
-        secs: u64,
         /// Its log file.
         log_file: PathBuf,
         /// The tail of its log.

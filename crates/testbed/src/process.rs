@@ -129,25 +129,21 @@ impl Daemon {
             if let Some(url) = read_url(file) {
                 return Ok(url);
             }
-            if let Some(status) = self.exited() {
-                return Err(TestbedError::Exited {
-                    what: self.what.clone(),
-                    status: status.to_string(),
-                    file: file.to_path_buf(),
-                    log_file: self.log.clone(),
-                    log: log_tail(&self.log, LOG_TAIL_LINES),
-                });
-            }
-            if start.elapsed() > limit {
-                return Err(TestbedError::Timeout {
-                    what: self.what.clone(),
-                    file: file.to_path_buf(),
-                    secs: limit.as_secs(),
-                    log_file: self.log.clone(),
-                    log: log_tail(&self.log, LOG_TAIL_LINES),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            let why = match self.exited() {
+                Some(status) => format!("exited ({status})"),
+                None if start.elapsed() > limit => format!("nothing after {} s", limit.as_secs()),
+                None => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            return Err(TestbedError::NoUrl {
+                what: self.what.clone(),
+                why,
+                file: file.to_path_buf(),
+                log_file: self.log.clone(),
+                log: log_tail(&self.log, LOG_TAIL_LINES),
+            });
         }
     }
 
@@ -229,7 +225,12 @@ mod tests {
         let mut d = Daemon::spawn("agent h9", cmd, &dir.path().join("agent.log")).expect("spawn");
         let e = d.wait_url(&dir.path().join("agent.url"), Duration::from_secs(10)).expect_err("it exited");
         let msg = e.to_string();
-        assert!(msg.contains("agent h9 exited") && msg.contains("cannot listen on 1.2.3.4"), "{msg}");
+        assert!(
+            msg.contains("agent h9 did not write its URL")
+                && msg.contains("exited (exit status: 3)")
+                && msg.contains("cannot listen on 1.2.3.4"),
+            "{msg}"
+        );
     }
 
     #[test]

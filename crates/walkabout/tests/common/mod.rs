@@ -14,19 +14,21 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_walkabout")
 }
 
+/// `walkabout ARGS`, logging warnings only.
+fn command(args: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.args(args).env("WALKABOUT_LOG", "warn");
+    c
+}
+
 /// Runs `walkabout ARGS`, returning its output.
 pub fn walkabout(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).env("WALKABOUT_LOG", "warn").output().expect("run walkabout")
+    command(args).output().expect("run walkabout")
 }
 
 /// Runs `walkabout ARGS --output json` and parses stdout; panics with stderr on failure.
 pub fn json(args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.extend(["--output", "json"]);
-    let out = walkabout(&a);
-    assert!(out.status.success(), "walkabout {a:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("walkabout {a:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    cli_json(command(args), args)
 }
 
 /// Runs `walkabout ARGS` expecting failure; returns stderr.
@@ -45,22 +47,45 @@ pub fn guest_image() {
     });
 }
 
+/// `$wrapper` (a tuple struct around a testbed `$inner`) reads as its inner value.
+macro_rules! wraps {
+    ($wrapper:ident, $inner:ty) => {
+        impl Deref for $wrapper {
+            type Target = $inner;
+            fn deref(&self) -> &$inner {
+                &self.0
+            }
+        }
+
+        impl DerefMut for $wrapper {
+            fn deref_mut(&mut self) -> &mut $inner {
+                &mut self.0
+            }
+        }
+    };
+}
+
+/// Runs `cmd` (`walkabout ARGS --output json` toward an agent or a controller) and
+/// parses stdout, whatever the exit status.
+fn output_json(mut cmd: Command, args: &[&str]) -> Value {
+    let out = cmd.args(["--output", "json"]).output().expect("run walkabout");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("walkabout {args:?}: bad JSON ({e}): {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// Runs `cmd` with `--output json`, which must succeed; its parsed stdout.
+fn cli_json(mut cmd: Command, args: &[&str]) -> Value {
+    let out = cmd.args(["--output", "json"]).output().expect("run walkabout");
+    assert!(out.status.success(), "walkabout {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("walkabout {args:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
 /// A running agent process with its own data directory, optionally inside a network
 /// namespace (a host of its own), with the CLI calls the tests make against it.
 pub struct AgentProc(pub Agent);
-
-impl Deref for AgentProc {
-    type Target = Agent;
-    fn deref(&self) -> &Agent {
-        &self.0
-    }
-}
-
-impl DerefMut for AgentProc {
-    fn deref_mut(&mut self) -> &mut Agent {
-        &mut self.0
-    }
-}
+wraps!(AgentProc, Agent);
 
 impl AgentProc {
     /// Starts an agent on a free loopback port under TCG with `extra` arguments.
@@ -81,12 +106,7 @@ impl AgentProc {
 
     /// `walkabout ARGS --agent URL --output json`.
     pub fn cli(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["--output", "json"]);
-        let out = self.run(&a);
-        assert!(out.status.success(), "walkabout {a:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("walkabout {a:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+        cli_json(self.command(args), args)
     }
 
     /// `walkabout ARGS --agent URL`, expecting failure; returns stderr.
@@ -99,12 +119,9 @@ impl AgentProc {
     /// `walkabout migrate VM --to DEST --wait --output json EXTRA...`: the final summary,
     /// whether or not the migration completed.
     pub fn migrate(&self, vm: &str, dest: &AgentProc, extra: &[&str]) -> Value {
-        let mut a = vec!["migrate", vm, "--to", &dest.url, "--wait", "--output", "json"];
+        let mut a = vec!["migrate", vm, "--to", &dest.url, "--wait"];
         a.extend(extra);
-        let out = self.run(&a);
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("migrate {vm}: bad JSON ({e}): {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-        })
+        output_json(self.command(&a), &a)
     }
 
     /// Starts a migration without waiting; returns its id.
@@ -179,19 +196,7 @@ pub fn assert_healthy(vm: &Value) {
 /// A running controller process (`walkabout controller`) with its own data directory,
 /// killed on drop, with the CLI calls the tests make against it.
 pub struct ControllerProc(pub Controller);
-
-impl Deref for ControllerProc {
-    type Target = Controller;
-    fn deref(&self) -> &Controller {
-        &self.0
-    }
-}
-
-impl DerefMut for ControllerProc {
-    fn deref_mut(&mut self) -> &mut Controller {
-        &mut self.0
-    }
-}
+wraps!(ControllerProc, Controller);
 
 impl ControllerProc {
     /// Starts a controller on a free loopback port with `agents` registered as h1, h2...
@@ -208,22 +213,12 @@ impl ControllerProc {
 
     /// `walkabout ARGS --controller URL --output json`, whatever the exit status.
     pub fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["--output", "json"]);
-        let out = self.run(&a);
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("walkabout {a:?}: bad JSON ({e}): {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-        })
+        output_json(self.command(args), args)
     }
 
     /// `walkabout ARGS --controller URL --output json`, which must succeed.
     pub fn cli(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["--output", "json"]);
-        let out = self.run(&a);
-        assert!(out.status.success(), "walkabout {a:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("walkabout {a:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+        cli_json(self.command(args), args)
     }
 
     /// The cluster's hosts by name.
