@@ -1,14 +1,15 @@
 //! Shared helpers of the benchmarks: where the workspace, the built `walkabout` binary
-//! and the QEMU peer live; agents on loopback that clean up after themselves; plain
-//! child processes killed on drop; small statistics.
+//! and the QEMU peer live; agents from the testbed driven through the CLI; commands run
+//! with a deadline; small statistics.
 //!
 //! The benchmarks shell out to the real binaries and scripts, as an operator would.
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+use walkabout_testbed::{Agent, AgentSpec, KillOnDrop};
 
 /// The workspace root (the directory holding the top `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
@@ -52,7 +53,12 @@ impl Drop for WalkaboutBin {
 /// when it is up to date; skipped when `build` is false) and returns a private copy of
 /// `target/release/walkabout`.
 pub fn build_walkabout(build: bool) -> Result<WalkaboutBin> {
-    let bin = target_dir().join("release").join("walkabout");
+    walkabout_copy(&target_dir().join("release").join("walkabout"), build)
+}
+
+/// A private copy of the `walkabout` binary at `bin`, built first with
+/// `cargo build --release -p walkabout` when `build` is true.
+pub fn walkabout_copy(bin: &Path, build: bool) -> Result<WalkaboutBin> {
     if build {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         eprintln!("bench: cargo build --release -p walkabout");
@@ -75,17 +81,9 @@ pub fn build_walkabout(build: bool) -> Result<WalkaboutBin> {
     let dir = PathBuf::from(format!("/tmp/wab-bin-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("walkabout");
-    std::fs::copy(&bin, &path).with_context(|| format!("copying {}", bin.display()))?;
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(args)
-            .current_dir(workspace_root())
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
-    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    std::fs::copy(bin, &path).with_context(|| format!("copying {}", bin.display()))?;
+    let git = |args: &[&str]| stdout_of("git", args);
+    let built = std::fs::metadata(bin).and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
     let provenance = json!({
         "binary": bin.display().to_string(),
         "built_unix_s": built.map(|d| d.as_secs()),
@@ -137,11 +135,17 @@ pub fn prepare(build: bool) -> Result<Prepared> {
     let walkabout = build_walkabout(build)?;
     let peer = peer_dir()?;
     let guest = peer_guest()?;
-    let out = Command::new(&walkabout.path).args(["image", "build"]).env("WALKABOUT_LOG", "warn").output()?;
+    guest_image(&walkabout.path)?;
+    Ok(Prepared { walkabout, peer, guest })
+}
+
+/// Builds Walkabout's own guest image with `bin image build` (or finds it in its cache).
+pub fn guest_image(bin: &Path) -> Result<()> {
+    let out = Command::new(bin).args(["image", "build"]).env("WALKABOUT_LOG", "warn").output()?;
     if !out.status.success() {
         bail!("walkabout image build failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(Prepared { walkabout, peer, guest })
+    Ok(())
 }
 
 /// `qemu-system-x86_64 --version`, first line.
@@ -154,17 +158,20 @@ pub fn qemu_version() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// The trimmed stdout of `cmd ARGS` run in the workspace root; empty when it cannot run.
+fn stdout_of(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
 /// What the results depend on: date, CPUs, load, QEMU version, kernel, git commit.
 pub fn environment() -> Value {
-    let sh = |cmd: &str, args: &[&str]| {
-        Command::new(cmd)
-            .args(args)
-            .current_dir(workspace_root())
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default()
-    };
+    let sh = stdout_of;
     json!({
         "date": sh("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -173,16 +180,6 @@ pub fn environment() -> Value {
         "qemu": qemu_version(),
         "accel": "tcg",
     })
-}
-
-/// A child process killed (SIGKILL) and reaped on drop.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Output of a command run with a deadline.
@@ -206,13 +203,13 @@ pub fn run_with_deadline(mut cmd: Command, limit: Duration, scratch: &Path, tag:
     let err = std::fs::File::create(&err_path)?;
     let start = Instant::now();
     let child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().with_context(|| format!("spawning {cmd:?}"))?;
-    let mut p = Proc(child);
+    let mut p = KillOnDrop(child);
     let status = loop {
         if let Some(s) = p.0.try_wait()? {
             break Some(s);
         }
         if start.elapsed() > limit {
-            break None; // Proc's drop kills it
+            break None; // KillOnDrop kills it
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -225,115 +222,27 @@ pub fn run_with_deadline(mut cmd: Command, limit: Duration, scratch: &Path, tag:
     Ok(Ran { status, stdout, stderr, wall })
 }
 
-/// A scratch directory under /tmp (short: QMP sockets live in it), removed on drop.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    /// Creates `/tmp/wab-<tag>-<pid>`.
-    pub fn new(tag: &str) -> Result<Scratch> {
-        let p = PathBuf::from(format!("/tmp/wab-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
-        Ok(Scratch(p))
-    }
+/// Starts a `walkabout agent` of `bin` on a free loopback port under TCG, in a
+/// temporary data directory; on drop the testbed kills it, its QEMUs, and removes the
+/// directory.
+pub fn start_agent(bin: &Path) -> Result<Agent> {
+    Ok(Agent::start(AgentSpec::new(bin).env("WALKABOUT_LOG", "warn"))?)
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A `walkabout agent` on a free loopback port under TCG, with its own data directory.
-/// On drop the agent is killed, then every QEMU its data directory holds a pid file for,
-/// then the directory is removed.
-pub struct Agent {
-    /// The agent's URL.
-    pub url: String,
-    /// The `walkabout` binary.
-    pub bin: PathBuf,
-    /// The agent's data directory.
-    pub data: PathBuf,
-    child: Option<Proc>,
-}
-
-impl Agent {
-    /// Starts an agent (`walkabout agent --listen 127.0.0.1:0 --data-dir ... --accel tcg`).
-    pub fn start(bin: &Path, tag: &str) -> Result<Agent> {
-        let data = PathBuf::from(format!("/tmp/wab-agent-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&data);
-        std::fs::create_dir_all(&data)?;
-        let log = std::fs::File::create(data.join("agent.log"))?;
-        let child = Command::new(bin)
-            .args(["agent", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data)
-            .args(["--accel", "tcg"])
-            .env("WALKABOUT_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawning walkabout agent")?;
-        let mut a = Agent { url: String::new(), bin: bin.to_path_buf(), data, child: Some(Proc(child)) };
-        let start = Instant::now();
-        loop {
-            if let Ok(url) = std::fs::read_to_string(a.data.join("agent.url")) {
-                if !url.trim().is_empty() {
-                    a.url = url.trim().to_string();
-                    return Ok(a);
-                }
-            }
-            if let Some(Some(status)) = a.child.as_mut().map(|c| c.0.try_wait().ok().flatten()) {
-                bail!("agent exited with {status}: {}", a.log());
-            }
-            if start.elapsed() > Duration::from_secs(180) {
-                bail!("agent did not start within 180 s: {}", a.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The agent's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.data.join("agent.log")).unwrap_or_default()
-    }
-
-    /// A `walkabout ARGS --agent URL` command.
-    pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.bin);
-        c.args(args).args(["--agent", &self.url]).env("WALKABOUT_LOG", "warn");
-        c
-    }
-
+/// The CLI calls the benchmarks make against an agent.
+pub trait AgentCli {
     /// `walkabout ARGS --agent URL --output json`, parsed; an error carries stderr.
-    pub fn cli(&self, args: &[&str]) -> Result<Value> {
+    fn cli(&self, args: &[&str]) -> Result<Value>;
+}
+
+impl AgentCli for Agent {
+    fn cli(&self, args: &[&str]) -> Result<Value> {
         let out = self.command(args).args(["--output", "json"]).stdin(Stdio::null()).output()?;
         if !out.status.success() {
             bail!("walkabout {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
         }
         serde_json::from_slice(&out.stdout)
             .with_context(|| format!("walkabout {}: bad JSON: {}", args.join(" "), String::from_utf8_lossy(&out.stdout)))
-    }
-
-    /// Kills every QEMU this agent's data directory holds a pid file for.
-    pub fn kill_qemus(&self) {
-        let Ok(vms) = std::fs::read_dir(self.data.join("vms")) else { return };
-        for vm in vms.flatten() {
-            if let Ok(pid) = std::fs::read_to_string(vm.path().join("qemu.pid")) {
-                let pid = pid.trim();
-                if !pid.is_empty() && pid.chars().all(|c| c.is_ascii_digit()) {
-                    let _ = Command::new("kill").args(["-9", pid]).stderr(Stdio::null()).status();
-                }
-            }
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.child.take(); // kills the agent
-        self.kill_qemus();
-        let _ = std::fs::remove_dir_all(&self.data);
     }
 }
 

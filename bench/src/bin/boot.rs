@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use walkabout_bench::{environment, prepare, round3, stats, Agent, Prepared, Proc, Scratch};
+use walkabout_bench::{environment, prepare, round3, start_agent, stats, AgentCli, Prepared};
+use walkabout_testbed::{Agent, KillOnDrop, TempDir};
 
 const MEMORY_MIB: u64 = 512;
 
@@ -32,22 +33,22 @@ fn main() -> Result<()> {
     let Prepared { walkabout: wbin, peer, guest } = prepare(build)?;
     let bin = wbin.path.clone();
     env["walkabout_binary"] = wbin.provenance.clone();
-    let scratch = Scratch::new("boot")?;
-    let agent = Agent::start(&bin, "boot")?;
+    let scratch = TempDir::new("boot")?;
+    let agent = start_agent(&bin)?;
 
     // One warm-up each (page cache, agent's first VM), then the runs, alternating which
     // side goes first so drift in the machine's load falls on both.
     let mut wa: Vec<Value> = vec![];
     let mut qe: Vec<Value> = vec![];
     let wa_warm = walkabout_boot(&agent, "warmup")?;
-    let qe_warm = qemu_boot(&guest, &scratch.0, "warmup")?;
+    let qe_warm = qemu_boot(&guest, scratch.path(), "warmup")?;
     eprintln!("warm-up: walkabout {} ms, qemu {} ms", wa_warm["create_ms"], qe_warm["ready_ms"]);
     for i in 0..runs {
         let (w, q) = if i % 2 == 0 {
             let w = walkabout_boot(&agent, &format!("boot{i}"))?;
-            (w, qemu_boot(&guest, &scratch.0, &format!("run{i}"))?)
+            (w, qemu_boot(&guest, scratch.path(), &format!("run{i}"))?)
         } else {
-            let q = qemu_boot(&guest, &scratch.0, &format!("run{i}"))?;
+            let q = qemu_boot(&guest, scratch.path(), &format!("run{i}"))?;
             (walkabout_boot(&agent, &format!("boot{i}"))?, q)
         };
         eprintln!("run {i}: walkabout {} ms, qemu {} ms", w["create_ms"], q["ready_ms"]);
@@ -143,7 +144,7 @@ fn qemu_boot(guest: &Path, scratch: &Path, tag: &str) -> Result<Value> {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let start = Instant::now();
-    let mut p = Proc(cmd.spawn().context("spawning qemu-system-x86_64")?);
+    let mut p = KillOnDrop(cmd.spawn().context("spawning qemu-system-x86_64")?);
     let mut guest_ready_ms = None;
     let ready_ms = loop {
         let text = std::fs::read_to_string(&serial).unwrap_or_default();

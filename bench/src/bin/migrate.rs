@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use walkabout_bench::{environment, median, prepare, ratio, round3, run_with_deadline, stats, Agent, Prepared, Scratch};
+use walkabout_bench::{environment, median, prepare, ratio, round3, run_with_deadline, start_agent, stats, AgentCli, Prepared};
+use walkabout_testbed::{kill9, processes_mentioning, Agent, TempDir};
 
 const USAGE: &str = "usage: migrate [--quick] [--mem 512,2048] [--workload idle,dirty:64:32,...] \
 [--bandwidth default,100] [--runs 3] [--give-up-s 30] [--only walkabout|qemu] [--out FILE] [--no-build]
@@ -110,10 +111,10 @@ fn main() -> Result<()> {
     let Prepared { walkabout: wbin, peer, guest } = prepare(args.build)?;
     let bin = wbin.path.clone();
     env["walkabout_binary"] = wbin.provenance.clone();
-    let scratch = Scratch::new("migrate")?;
+    let scratch = TempDir::new("migrate")?;
     let want_wa = args.only.as_deref() != Some("qemu");
     let want_qe = args.only.as_deref() != Some("walkabout");
-    let agents = if want_wa { Some((Agent::start(&bin, "a")?, Agent::start(&bin, "b")?)) } else { None };
+    let agents = if want_wa { Some((start_agent(&bin)?, start_agent(&bin)?)) } else { None };
 
     let mut cells: Vec<Value> = vec![];
     let total_cells = args.mems.len() * args.bandwidths.len() * args.workloads.len();
@@ -130,7 +131,7 @@ fn main() -> Result<()> {
                     eprintln!("  walkabout: {}", brief(&wa));
                 }
                 let qe = if want_qe {
-                    qemu_cell(&peer, &guest, &scratch.0, mem, wl, bw, args.runs, args.give_up_s)
+                    qemu_cell(&peer, &guest, scratch.path(), mem, wl, bw, args.runs, args.give_up_s)
                         .unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
                 } else {
                     Value::Null
@@ -402,20 +403,8 @@ fn qemu_cell(peer: &Path, guest: &Path, scratch: &Path, mem: u64, wl: &str, bw: 
 /// Kills (SIGKILL) every process whose command line contains `dir`: only QEMUs the
 /// peer script started for us name our scratch directory.
 fn kill_procs_mentioning(dir: &Path) {
-    let needle = dir.display().to_string();
-    let me = std::process::id().to_string();
-    let Ok(procs) = std::fs::read_dir("/proc") else { return };
-    for p in procs.flatten() {
-        let pid = p.file_name().to_string_lossy().to_string();
-        if !pid.chars().all(|c| c.is_ascii_digit()) || pid == me {
-            continue;
-        }
-        if let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(&needle) {
-                let _ = Command::new("kill").args(["-9", &pid]).status();
-            }
-        }
+    for pid in processes_mentioning(&dir.display().to_string()) {
+        kill9(pid);
     }
 }
 

@@ -3,8 +3,9 @@
 
 mod common;
 
-use common::{alive, AgentProc};
+use common::AgentProc;
 use std::time::Duration;
+use walkabout_testbed::{alive, TempDir};
 
 #[test]
 fn boots_guests_with_one_and_two_vcpus_that_report_their_cpus() {
@@ -63,7 +64,7 @@ fn a_restarted_agent_reattaches_to_the_vm_that_kept_running() {
     agent.kill();
     std::thread::sleep(Duration::from_millis(1000));
     assert!(alive(pid), "the VM died with its agent");
-    agent.spawn(&[]);
+    agent.restart().expect("restart the agent");
     let v = agent.info("r");
     assert_eq!(v["state"], "running", "{v}");
     assert_eq!(v["pid"].as_i64(), Some(pid));
@@ -90,8 +91,8 @@ fn bad_input_gets_a_specific_error_and_other_vms_keep_running() {
     assert!(e.contains("needs 2048 MiB but this host has 768 MiB free"), "{e}");
     let e = agent.cli_fails(&["vm", "create", "--name", "w", "--memory", "256M", "--workload", "spin:9"]);
     assert!(e.contains("unknown workload") && e.contains("spin:9"), "{e}");
-    let notkernel = common::TempDir::new("nk");
-    let fake = notkernel.0.join("vmlinuz");
+    let notkernel = TempDir::new("nk").expect("temp dir");
+    let fake = notkernel.path().join("vmlinuz");
     std::fs::write(&fake, b"this is not a kernel").expect("write");
     let e = agent.cli_fails(&["vm", "create", "--name", "k", "--memory", "256M", "--kernel", fake.to_str().expect("utf8")]);
     assert!(e.contains("not a Linux kernel") || e.contains("bzImage"), "{e}");
@@ -105,11 +106,11 @@ fn bad_input_gets_a_specific_error_and_other_vms_keep_running() {
 
 #[test]
 fn qemu_too_old_or_missing_is_refused_at_agent_start() {
-    let dir = common::TempDir::new("oldqemu");
-    let fake = dir.0.join("qemu-system-x86_64");
+    let dir = TempDir::new("oldqemu").expect("temp dir");
+    let fake = dir.path().join("qemu-system-x86_64");
     std::fs::write(&fake, "#!/bin/sh\necho 'QEMU emulator version 7.2.0 (Debian 1:7.2+dfsg-7)'\n").expect("write");
     std::process::Command::new("chmod").args(["+x", fake.to_str().expect("utf8")]).status().expect("chmod");
-    let data = dir.0.join("data");
+    let data = dir.path().join("data");
     let d = data.to_str().expect("utf8");
     let e = common::fails(&["agent", "--listen", "127.0.0.1:0", "--data-dir", d, "--qemu", fake.to_str().expect("utf8")]);
     assert!(e.contains("QEMU 7.2.0") && e.contains("too old") && e.contains(">= 10"), "{e}");

@@ -5,11 +5,10 @@
 
 mod common;
 
-use common::{assert_healthy, now_ms, processes_mentioning, AgentProc, ControllerProc};
+use common::{assert_healthy, now_ms, AgentProc, ControllerProc};
 use serde_json::Value;
-use std::io::BufRead;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use walkabout_testbed::UpSession;
 
 /// Slow enough to interrupt a migration: a 256 MiB guest takes seconds at this cap.
 const SLOW: &[&str] = &["--max-bandwidth", "24M"];
@@ -98,7 +97,7 @@ fn a_controller_restarted_mid_plan_resumes_it_runs_no_migration_twice_and_loses_
 
     ctl.kill();
     std::thread::sleep(Duration::from_secs(1));
-    ctl.spawn();
+    ctl.restart().expect("restart the controller");
     let plan = ctl.wait_plan(&id, 120);
 
     assert_eq!(plan["status"], "completed", "{plan}\n{}", ctl.log());
@@ -175,68 +174,20 @@ fn an_impossible_drain_is_refused_up_front_with_each_vm_and_why() {
     assert!(String::from_utf8_lossy(&text.stderr).contains("needs 256 MiB"), "{}", String::from_utf8_lossy(&text.stderr));
 }
 
-/// `walkabout up` as a child; on drop (a failed test) it is interrupted and anything
-/// left of it killed.
-struct Up {
-    child: std::process::Child,
-    root: String,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
-            let start = Instant::now();
-            while matches!(self.child.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(30) {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        for pid in processes_mentioning(&self.root) {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        }
-    }
-}
-
 #[test]
 fn walkabout_up_walks_four_guests_and_leaves_no_process_behind_after_ctrl_c() {
     common::guest_image();
-    let base = 30_000 + (std::process::id() % 5_000) * 4;
-    let mut child = Command::new(common::bin())
-        .args(["up", "--accel", "tcg", "--listen", &format!("127.0.0.1:{base}"), "--base-port", &(base + 1).to_string(), "--pause", "1s"])
-        .env("WALKABOUT_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn walkabout up");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut up = Up { root: format!("walkabout-up-{}", child.id()), child };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let mut up = UpSession::start(common::bin().as_ref(), 3, &["--accel", "tcg", "--pause", "1s"], None).expect("start walkabout up");
     let mut seen = vec![];
     let start = Instant::now();
     while !seen.iter().any(|l: &String| l.starts_with("hop 2:")) {
         assert!(start.elapsed() < Duration::from_secs(240), "no hops from walkabout up: {seen:#?}");
-        if let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) {
-            seen.push(line);
-        }
+        seen.extend(up.line(Duration::from_secs(1)));
     }
 
-    let _ = Command::new("kill").args(["-INT", &up.child.id().to_string()]).status();
-    let start = Instant::now();
-    let status = loop {
-        if let Ok(Some(s)) = up.child.try_wait() {
-            break s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "walkabout up did not stop after Ctrl-C");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+    assert!(up.interrupt(), "could not send Ctrl-C to walkabout up");
+    let status = up.wait(Duration::from_secs(60)).expect("walkabout up did not stop after Ctrl-C");
+    while let Some(line) = up.line(Duration::from_millis(200)) {
         seen.push(line);
     }
 
@@ -247,6 +198,6 @@ fn walkabout_up_walks_four_guests_and_leaves_no_process_behind_after_ctrl_c() {
         seen.iter().filter(|l| l.starts_with("hop ")).all(|l| l.contains("completed") && l.contains("0 breaks, 0 corrupt")),
         "{seen:#?}"
     );
-    assert_eq!(processes_mentioning(&up.root), Vec::<i64>::new(), "processes left behind");
-    assert!(!std::path::Path::new("/tmp").join(&up.root).exists(), "data left behind");
+    assert_eq!(up.leftovers(), Vec::<i64>::new(), "processes left behind");
+    assert!(!up.root.exists(), "data left behind");
 }

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{assert_healthy, wait_gone, AgentProc};
+use common::{assert_healthy, AgentProc};
+use std::time::Duration;
+use walkabout_testbed::wait_gone;
 
 /// A migration slow enough to interrupt: a guest dirtying far faster than a 40 MiB/s
 /// cap, pre-copy only, with a long budget.
@@ -80,7 +82,7 @@ fn cancel_mid_migration_leaves_the_vm_on_its_source_and_is_idempotent() {
     assert_eq!(m["phase"], "cancelled", "{m}");
     // A second cancel is no error.
     assert_eq!(a.cli(&["migration", "cancel", &id])["phase"], "cancelled");
-    assert!(wait_gone(dest_pids[0], 10), "destination QEMU still runs after cancel");
+    assert!(wait_gone(dest_pids[0], Duration::from_secs(10)), "destination QEMU still runs after cancel");
     let v = a.info("c");
     assert_eq!(v["state"], "running", "{v}");
     let seen = v["guest"]["heartbeats"].as_u64().expect("hb");
@@ -113,7 +115,7 @@ fn killing_the_destination_agent_mid_migration_leaves_the_vm_on_its_source() {
     let m = a.wait_final(&id);
     assert_eq!(m["phase"], "failed", "{m}");
     assert!(m["reason"].as_str().unwrap_or("").contains("destination stopped answering"), "{m}");
-    assert!(wait_gone(dest_pids[0], 10), "destination QEMU still runs");
+    assert!(wait_gone(dest_pids[0], Duration::from_secs(10)), "destination QEMU still runs");
     let v = a.info("k");
     assert_eq!(v["state"], "running", "{v}");
     let seen = v["guest"]["heartbeats"].as_u64().expect("hb");
@@ -144,8 +146,8 @@ fn a_source_agent_restart_mid_migration_ends_it_with_the_vm_running_at_home() {
     assert_eq!(dest.len(), 1);
     a.kill();
     // Without its source's probes the destination's lease runs out.
-    assert!(wait_gone(dest[0], 20), "destination QEMU outlived its silent source");
-    a.spawn(&[]);
+    assert!(wait_gone(dest[0], Duration::from_secs(20)), "destination QEMU outlived its silent source");
+    a.restart().expect("restart the agent");
     let m = a.migration(&id);
     assert_eq!(m["phase"], "failed", "{m}");
     assert!(m["reason"].as_str().unwrap_or("").contains("restarted"), "{m}");

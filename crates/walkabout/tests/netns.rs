@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{assert_healthy, wait_gone, AgentProc, NetPair};
+use common::{assert_healthy, AgentProc};
+use std::time::Duration;
+use walkabout_testbed::{wait_gone, NetPair};
 
 fn hosts(net: &NetPair) -> (AgentProc, AgentProc) {
     let a = AgentProc::start_at(Some(&net.a), &format!("{}:7701", net.addr_a), &[]);
@@ -13,8 +15,8 @@ fn hosts(net: &NetPair) -> (AgentProc, AgentProc) {
 
 #[test]
 fn migration_completes_over_a_rate_limited_link_with_nothing_lost() {
-    let net = NetPair::new(1);
-    net.limit_a("400mbit");
+    let net = NetPair::new(1).expect("network namespaces (needs root)");
+    net.limit_a("400mbit").expect("tc tbf");
     let (a, b) = hosts(&net);
     a.cli(&["vm", "create", "--name", "n1", "--memory", "256M", "--workload", "dirty:32:8"]);
     a.wait_heartbeats("n1", 10);
@@ -30,7 +32,7 @@ fn migration_completes_over_a_rate_limited_link_with_nothing_lost() {
 
 #[test]
 fn a_link_cut_mid_migration_leaves_the_vm_on_its_source_and_nothing_at_the_destination() {
-    let net = NetPair::new(2);
+    let net = NetPair::new(2).expect("network namespaces (needs root)");
     let (a, b) = hosts(&net);
     a.cli(&["vm", "create", "--name", "n2", "--memory", "256M", "--workload", "dirty:128:512"]);
     a.wait_heartbeats("n2", 10);
@@ -38,12 +40,12 @@ fn a_link_cut_mid_migration_leaves_the_vm_on_its_source_and_nothing_at_the_desti
     a.wait_transferred(&id, 32 << 20);
     let dest = b.qemu_pids();
     assert_eq!(dest.len(), 1, "destination QEMU should be receiving");
-    net.cut();
+    net.cut().expect("cut the link");
     let m = a.wait_final(&id);
     assert_eq!(m["phase"], "failed", "{m}");
     assert!(m["reason"].as_str().unwrap_or("").contains("destination stopped answering"), "{m}");
     // The destination's lease runs out and it tears its QEMU down by itself.
-    assert!(wait_gone(dest[0], 20), "destination QEMU still runs after the cut");
+    assert!(wait_gone(dest[0], Duration::from_secs(20)), "destination QEMU still runs after the cut");
     let v = a.info("n2");
     assert_eq!(v["state"], "running", "{v}");
     let seen = v["guest"]["heartbeats"].as_u64().expect("hb");

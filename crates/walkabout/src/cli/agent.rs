@@ -62,7 +62,8 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         let agent = Agent::start(config).await?;
         let url = format!("http://{}", listener.local_addr()?);
-        std::fs::write(data_dir.join("agent.url"), &url).context("writing agent.url")?;
+        // Written whole, then renamed: a reader never sees it half-written.
+        walkabout_testbed::write_atomic(&data_dir.join("agent.url"), url.as_bytes()).context("writing agent.url")?;
         let host = agent.host_info();
         let _ = super::out::line(format_args!("walkabout agent listening on {url} (accel {}: {})", host.accel.accel, host.accel.reason));
         walkabout_agent::serve(agent, listener, shutdown_signal()).await?;

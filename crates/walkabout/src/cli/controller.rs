@@ -71,9 +71,7 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
         let url = format!("http://{}", listener.local_addr()?);
         let cluster = walkabout_controller::start(config, &a.agents).await?;
         // Written whole, then renamed: a reader never sees it half-written.
-        let tmp = a.data_dir.join("controller.url.tmp");
-        std::fs::write(&tmp, &url).context("writing controller.url")?;
-        std::fs::rename(&tmp, a.data_dir.join("controller.url")).context("writing controller.url")?;
+        walkabout_testbed::write_atomic(&a.data_dir.join("controller.url"), url.as_bytes()).context("writing controller.url")?;
         let _ = super::out::line(format_args!("walkabout controller listening on {url} ({} host(s))", cluster.hosts().len()));
         axum::serve(listener, walkabout_controller::api::router(cluster.clone()))
             .with_graceful_shutdown(super::agent::shutdown_signal())

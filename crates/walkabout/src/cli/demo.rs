@@ -3,12 +3,12 @@
 //! then everything cleaned up.
 
 use super::client::{runtime, Client, Output};
-use super::local::{LocalCluster, LocalOptions};
 use super::out;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+use walkabout_testbed::{LocalCluster, LocalOptions};
 
 /// Arguments of `walkabout demo`.
 #[derive(clap::Args)]
@@ -46,8 +46,15 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         let cache = walkabout_image::default_cache_dir();
         let img = tokio::task::spawn_blocking(move || walkabout_image::build(&cache)).await??;
         say(format!("  guest: Linux {} + busybox + the Walkabout guest program", img.kernel_version))?;
-        let root = std::env::temp_dir().join(format!("walkabout-demo-{}", std::process::id()));
-        let opts = LocalOptions { hosts: 3, base_port: a.base_port, accel: a.accel.clone(), capacity: None, netns: false, root };
+        let opts = LocalOptions {
+            bin: std::env::current_exe().context("finding the walkabout binary")?,
+            hosts: 3,
+            base_port: a.base_port,
+            accel: a.accel.clone(),
+            capacity: None,
+            netns: false,
+            root: walkabout_testbed::session_root("demo", std::process::id()),
+        };
         say("starting three agents on loopback (each measures its accelerator)...".into())?;
         let mut cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&opts)).await??;
         let result = tokio::select! {
@@ -55,13 +62,30 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
         };
         let _ = say("cleaning up: deleting guests, stopping agents...".into());
-        cluster.shutdown().await;
+        delete_guests(&cluster).await;
+        cluster.shutdown();
         let report = result?;
         if !text {
             out::line(serde_json::to_string_pretty(&report)?)?;
         }
         Ok(if report["ok"] == true { ExitCode::SUCCESS } else { ExitCode::from(1) })
     })
+}
+
+/// Deletes every VM of the local cluster's agents through their API, so the guests end
+/// gracefully before the testbed stops the agents (and kills what is left).
+pub(super) async fn delete_guests(cluster: &LocalCluster) {
+    for a in &cluster.agents {
+        if let Ok(c) = Client::new(&a.url) {
+            if let Ok(vms) = c.get::<Vec<Value>>("/v1/vms").await {
+                for v in vms {
+                    if let Some(n) = v["spec"]["name"].as_str() {
+                        let _ = c.delete(&format!("/v1/vms/{n}")).await;
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn walk(cluster: &LocalCluster, a: &DemoArgs, say: &impl Fn(String) -> std::io::Result<()>) -> anyhow::Result<Value> {

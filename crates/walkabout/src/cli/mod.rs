@@ -8,7 +8,6 @@ pub mod cpu;
 pub mod demo;
 pub mod host;
 pub mod image;
-pub mod local;
 pub mod migrate;
 pub mod out;
 pub mod plan;

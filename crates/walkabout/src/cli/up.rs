@@ -5,13 +5,13 @@
 //! and removes what it created: no process is left behind.
 
 use super::client::runtime;
-use super::local::{LocalCluster, LocalOptions};
 use super::out;
 use super::walk::hop_line;
 use anyhow::Context;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use walkabout_controller::{Cluster, ControllerConfig};
+use walkabout_testbed::{LocalCluster, LocalOptions};
 
 /// Arguments of `walkabout up`.
 #[derive(clap::Args)]
@@ -58,10 +58,11 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
         let cache = walkabout_image::default_cache_dir();
         let img = tokio::task::spawn_blocking(move || walkabout_image::build(&cache)).await??;
         out::line(format_args!("  guest: Linux {} + busybox + the Walkabout guest program", img.kernel_version))?;
-        let root = std::env::temp_dir().join(format!("walkabout-up-{}", std::process::id()));
+        let root = walkabout_testbed::session_root("up", std::process::id());
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         let api_url = format!("http://{}", listener.local_addr()?);
         let opts = LocalOptions {
+            bin: std::env::current_exe().context("finding the walkabout binary")?,
             hosts: a.hosts,
             base_port: a.base_port,
             accel: a.accel.clone(),
@@ -84,7 +85,8 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
         let cluster = match started {
             Ok(c) => c,
             Err(e) => {
-                local.shutdown().await;
+                super::demo::delete_guests(&local).await;
+                local.shutdown();
                 return Err(e);
             }
         };
@@ -110,7 +112,8 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
         }
         cluster.stop();
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-        local.shutdown().await;
+        super::demo::delete_guests(&local).await;
+        local.shutdown();
         let _ = out::line("stopped; nothing left running");
         result.map(|()| ExitCode::SUCCESS)
     })

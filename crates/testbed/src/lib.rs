@@ -1,0 +1,24 @@
+//! The testbed: local clusters on one machine for `walkabout up`, `walkabout demo`, the
+//! end-to-end tests and the benchmarks, as processes (never linked in): agents and a
+//! controller on loopback or in network namespaces, the files they announce their URLs
+//! in (written atomically, read whole), temporary directories, kill and liveness helpers.
+//!
+//! It knows the `walkabout` command line only as far as starting daemons goes; the
+//! binary to run is always a parameter (the tests' `CARGO_BIN_EXE_walkabout`, the CLI's
+//! own `current_exe()`, the benchmark's copied release build).
+
+pub mod daemons;
+pub mod error;
+pub mod files;
+pub mod local;
+pub mod net;
+pub mod process;
+pub mod up;
+
+pub use daemons::{walkabout_command, Agent, AgentSpec, Controller, ControllerSpec};
+pub use error::{Result, TestbedError};
+pub use files::{read_url, session_root, write_atomic, TempDir};
+pub use local::{LocalCluster, LocalOptions};
+pub use net::{BridgeNet, NetPair};
+pub use process::{alive, free_ports, kill9, kill_qemus, processes_mentioning, qemu_pids, wait_gone, Daemon, KillOnDrop};
+pub use up::UpSession;

@@ -1,0 +1,159 @@
+//! Network namespaces as hosts of their own (needs root: `ip netns`): several on one
+//! bridge (the local cluster's `--netns` layout), or two joined by one veth pair whose
+//! link can be rate-limited (`tc tbf`; these kernels have no netem) and cut.
+
+use crate::error::{Result, TestbedError};
+use std::process::Command;
+
+/// Runs `program ARGS`; an error carries its stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<()> {
+    let command = format!("{program} {}", args.join(" "));
+    let out =
+        Command::new(program).args(args).output().map_err(|e| TestbedError::Command { command: command.clone(), stderr: e.to_string() })?;
+    if !out.status.success() {
+        return Err(TestbedError::Command { command, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+    }
+    Ok(())
+}
+
+/// Deletes namespace `ns` if it exists (ignoring "not found").
+fn del_netns(ns: &str) {
+    let _ = Command::new("ip").args(["netns", "del", ns]).output();
+}
+
+/// Namespaces `PREFIX1..PREFIXn`, each with `eth0` at `SUBNET.N/24`, all joined by
+/// one bridge on this machine at `SUBNET.254`. Namespaces and bridge are removed on drop.
+#[derive(Debug)]
+pub struct BridgeNet {
+    bridge: String,
+    subnet: String,
+    namespaces: Vec<String>,
+}
+
+impl BridgeNet {
+    /// The local cluster's layout: bridge `wabr0`, namespaces `wa-h1`.., subnet 10.252.0.
+    pub fn local_cluster(hosts: usize) -> Result<BridgeNet> {
+        BridgeNet::new("wabr0", "wa-h", "10.252.0", hosts)
+    }
+
+    /// Creates the bridge and `hosts` namespaces (stale ones of the same names are
+    /// removed first).
+    pub fn new(bridge: &str, prefix: &str, subnet: &str, hosts: usize) -> Result<BridgeNet> {
+        let _ = Command::new("ip").args(["link", "del", bridge]).output();
+        let mut net = BridgeNet { bridge: bridge.to_string(), subnet: subnet.to_string(), namespaces: vec![] };
+        run("ip", &["link", "add", bridge, "type", "bridge"])?;
+        run("ip", &["addr", "add", &format!("{subnet}.254/24"), "dev", bridge])?;
+        run("ip", &["link", "set", bridge, "up"])?;
+        for n in 1..=hosts {
+            let ns = format!("{prefix}{n}");
+            del_netns(&ns);
+            run("ip", &["netns", "add", &ns])?;
+            net.namespaces.push(ns.clone());
+            // The host end of the veth is named like the namespace.
+            run("ip", &["link", "add", &ns, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            run("ip", &["link", "set", &ns, "master", bridge, "up"])?;
+            run("ip", &["-n", &ns, "addr", "add", &format!("{subnet}.{n}/24"), "dev", "eth0"])?;
+            run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
+            run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(net)
+    }
+
+    /// Host `n`'s namespace (1-based).
+    pub fn namespace(&self, n: usize) -> Option<&str> {
+        self.namespaces.get(n.checked_sub(1)?).map(String::as_str)
+    }
+
+    /// Host `n`'s address (1-based).
+    pub fn addr(&self, n: usize) -> String {
+        format!("{}.{n}", self.subnet)
+    }
+}
+
+impl Drop for BridgeNet {
+    fn drop(&mut self) {
+        for ns in self.namespaces.drain(..) {
+            del_netns(&ns);
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+    }
+}
+
+/// Two hosts of their own: namespaces `a` and `b` joined by a veth pair, addresses
+/// 10.251.N.1 and 10.251.N.2. Removed on drop.
+#[derive(Debug)]
+pub struct NetPair {
+    /// Namespace A.
+    pub a: String,
+    /// Namespace B.
+    pub b: String,
+    /// A's address.
+    pub addr_a: String,
+    /// B's address.
+    pub addr_b: String,
+    /// A's end of the veth pair.
+    pub veth_a: String,
+}
+
+impl NetPair {
+    /// Creates the pair; `n` makes names and addresses unique among concurrent pairs.
+    pub fn new(n: u8) -> Result<NetPair> {
+        let id = std::process::id() % 10000;
+        let (va, vb) = (format!("wa{id}v{n}a"), format!("wa{id}v{n}b"));
+        let pair = NetPair {
+            a: format!("wa{id}-{n}a"),
+            b: format!("wa{id}-{n}b"),
+            addr_a: format!("10.251.{n}.1"),
+            addr_b: format!("10.251.{n}.2"),
+            veth_a: va.clone(),
+        };
+        for ns in [&pair.a, &pair.b] {
+            del_netns(ns);
+            run("ip", &["netns", "add", ns])?;
+            run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        run("ip", &["link", "add", &va, "netns", &pair.a, "type", "veth", "peer", "name", &vb, "netns", &pair.b])?;
+        run("ip", &["-n", &pair.a, "addr", "add", &format!("{}/24", pair.addr_a), "dev", &va])?;
+        run("ip", &["-n", &pair.b, "addr", "add", &format!("{}/24", pair.addr_b), "dev", &vb])?;
+        run("ip", &["-n", &pair.a, "link", "set", &va, "up"])?;
+        run("ip", &["-n", &pair.b, "link", "set", &vb, "up"])?;
+        Ok(pair)
+    }
+
+    /// Rate-limits A's egress (the migration stream's direction) with a token bucket.
+    pub fn limit_a(&self, rate: &str) -> Result<()> {
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &self.a,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                &self.veth_a,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "256kb",
+                "latency",
+                "100ms",
+            ],
+        )
+    }
+
+    /// Cuts the link (A's end down).
+    pub fn cut(&self) -> Result<()> {
+        run("ip", &["-n", &self.a, "link", "set", &self.veth_a, "down"])
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        del_netns(&self.a);
+        del_netns(&self.b);
+    }
+}
