@@ -20,6 +20,32 @@ pub fn controller() -> utoipa::openapi::OpenApi {
     ControllerDoc::openapi()
 }
 
+/// The agent's document as JSON, generated once: what `GET /v1/openapi.json` serves.
+pub fn agent_json() -> &'static serde_json::Value {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| serde_json::to_value(agent()).unwrap_or_default())
+}
+
+/// The controller's document as JSON, generated once: what `GET /v1/openapi.json` serves.
+pub fn controller_json() -> &'static serde_json::Value {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| serde_json::to_value(controller()).unwrap_or_default())
+}
+
+/// Compares the `(METHOD, path)` pairs a server's router serves with a document's:
+/// the differences, each named, or `Ok` when they are the same set.
+pub fn compare_routes(served: &[(&str, &str)], doc: &utoipa::openapi::OpenApi) -> Result<(), String> {
+    let mut served: Vec<(String, String)> = served.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    served.sort();
+    let documented = routes(doc);
+    let undocumented: Vec<_> = served.iter().filter(|r| !documented.contains(r)).collect();
+    let unserved: Vec<_> = documented.iter().filter(|r| !served.contains(r)).collect();
+    if undocumented.is_empty() && unserved.is_empty() {
+        return Ok(());
+    }
+    Err(format!("served but not documented: {undocumented:?}; documented but not served: {unserved:?}"))
+}
+
 /// A document as the pretty JSON checked in under `docs/api/` (ends with a newline).
 pub fn to_json(doc: &utoipa::openapi::OpenApi) -> String {
     let mut s = doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
