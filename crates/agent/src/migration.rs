@@ -116,6 +116,10 @@ impl AgentSide for Books {
     async fn keep_vm(&self, running: bool, reason: String) {
         let Ok(vm) = self.agent.vm(&self.vm) else { return };
         let mut vm = vm.lock().await;
+        if vm.record.state != VmState::Migrating {
+            // Stopped or deleted meanwhile (its QEMU gone): nothing left to settle.
+            return;
+        }
         vm.record.state = if running { VmState::Running } else { VmState::Paused };
         vm.record.reason = Some(reason);
         if let Err(e) = self.agent.inner.store.put(&vm.record) {

@@ -9,7 +9,7 @@ pub mod error;
 pub mod phase;
 pub mod policy;
 pub mod progress;
-pub mod qmp;
+mod qmp;
 pub mod run;
 
 pub use error::MigrateError;
