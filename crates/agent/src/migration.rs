@@ -27,26 +27,22 @@
 //! destination while part of its memory is still on the source, so losing either host
 //! before it completes loses the VM.
 
+mod driver;
+#[cfg(test)]
+mod fake;
+
 use crate::error::AgentError;
 use crate::spec::VmState;
 use crate::vms::{lock, now_ms, Agent};
+use driver::{AgentSide, Driver, PeerAgent};
 use std::time::Duration;
 use tokio::sync::watch;
-use walkabout_api::{AgentClient, ClientOptions};
+use walkabout_api::{AgentClient, ClientError, ClientOptions, GuestStatus};
 use walkabout_migrate::progress::Progress;
-use walkabout_migrate::run::Peer;
-use walkabout_migrate::{Limits, Phase, Policy, Switch};
+use walkabout_migrate::{Limits, Phase};
 use walkabout_qemu::{cpu, Qmp};
 
 pub use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest, MIGRATION_VERSION};
-
-/// How a migration that did not complete ended.
-struct Ended {
-    phase: Phase,
-    reason: String,
-    /// The source had passed its switchover gate: its copy must never be resumed.
-    past_switchover: bool,
-}
 
 /// A migration the agent is driving, with its cancel switch.
 pub(crate) struct Migration {
@@ -54,48 +50,81 @@ pub(crate) struct Migration {
     cancel: watch::Sender<bool>,
 }
 
-/// How often the source probes the destination during a migration.
-const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// An incoming VM whose source has not probed for this long is torn down (or adopted,
 /// if its guest already runs here): the source's probes are the destination's lease.
 pub const INCOMING_LEASE: Duration = Duration::from_secs(4);
 
-/// The destination agent, reached through its typed client.
-struct Destination {
-    client: AgentClient,
+/// The destination agent through its typed client.
+impl PeerAgent for AgentClient {
+    async fn prepare_incoming(&self, req: &IncomingRequest) -> Result<IncomingReply, ClientError> {
+        AgentClient::prepare_incoming(self, req).await
+    }
+
+    async fn probe(&self, vm: &str) -> Result<(), ClientError> {
+        self.with_timeout(Duration::from_secs(1)).incoming(vm).await.map(drop)
+    }
+
+    async fn commit_incoming(&self, vm: &str, guest: Option<GuestStatus>) -> Result<(), ClientError> {
+        // The destination waits (up to a minute) for the guest to start there.
+        self.with_timeout(Duration::from_secs(90)).commit_incoming(vm, guest).await.map(drop)
+    }
+
+    async fn abort_incoming(&self, vm: &str) -> Result<(), ClientError> {
+        AgentClient::abort_incoming(self, vm).await
+    }
+}
+
+/// A peer whose client could not be made: every call fails with that error.
+impl<P: PeerAgent> PeerAgent for Result<P, ClientError> {
+    async fn prepare_incoming(&self, req: &IncomingRequest) -> Result<IncomingReply, ClientError> {
+        self.as_ref().map_err(Clone::clone)?.prepare_incoming(req).await
+    }
+
+    async fn probe(&self, vm: &str) -> Result<(), ClientError> {
+        self.as_ref().map_err(Clone::clone)?.probe(vm).await
+    }
+
+    async fn commit_incoming(&self, vm: &str, guest: Option<GuestStatus>) -> Result<(), ClientError> {
+        self.as_ref().map_err(Clone::clone)?.commit_incoming(vm, guest).await
+    }
+
+    async fn abort_incoming(&self, vm: &str) -> Result<(), ClientError> {
+        self.as_ref().map_err(Clone::clone)?.abort_incoming(vm).await
+    }
+}
+
+/// This agent, as the driver of one migration of one of its VMs sees it.
+struct Books {
+    agent: Agent,
+    id: String,
     vm: String,
-    /// When the destination last answered a probe.
-    alive_at: std::sync::Arc<std::sync::Mutex<std::time::Instant>>,
 }
 
-impl Destination {
-    fn new(client: AgentClient, vm: &str) -> Destination {
-        Destination { client, vm: vm.to_string(), alive_at: std::sync::Arc::new(std::sync::Mutex::new(std::time::Instant::now())) }
+impl AgentSide for Books {
+    fn update(&self, f: impl FnOnce(&mut MigrationRecord)) {
+        self.agent.update(&self.id, f);
     }
 
-    async fn abort(&self) {
-        if let Err(e) = self.client.abort_incoming(&self.vm).await {
-            tracing::warn!(vm = %self.vm, error = %e, "could not tear the destination down (it tears itself down when the stream ends)");
+    async fn guest_status(&self) -> Option<GuestStatus> {
+        self.agent.get(&self.vm).await.ok().map(|info| info.guest)
+    }
+
+    async fn forget_vm(&self) {
+        self.agent.forget_migrated(&self.vm).await;
+    }
+
+    async fn keep_vm(&self, running: bool, reason: String) {
+        let Ok(vm) = self.agent.vm(&self.vm) else { return };
+        let mut vm = vm.lock().await;
+        if vm.record.state != VmState::Migrating {
+            // Stopped or deleted meanwhile (its QEMU gone): nothing left to settle.
+            return;
         }
-    }
-
-    /// Probes the destination in the background until the returned handle is aborted.
-    fn probe(&self) -> tokio::task::JoinHandle<()> {
-        let (client, vm, alive_at) = (self.client.with_timeout(Duration::from_secs(1)), self.vm.clone(), self.alive_at.clone());
-        tokio::spawn(async move {
-            loop {
-                if client.incoming(&vm).await.is_ok() {
-                    *lock(&alive_at) = std::time::Instant::now();
-                }
-                tokio::time::sleep(PROBE_INTERVAL).await;
-            }
-        })
-    }
-}
-
-impl Peer for Destination {
-    fn since_alive(&self) -> Duration {
-        lock(&self.alive_at).elapsed()
+        vm.record.state = if running { VmState::Running } else { VmState::Paused };
+        vm.record.reason = Some(reason);
+        if let Err(e) = self.agent.inner.store.put(&vm.record) {
+            tracing::error!(vm = %self.vm, error = %e, "cannot record VM state");
+        }
     }
 }
 
@@ -108,11 +137,7 @@ fn new_id() -> String {
 impl Agent {
     /// Starts migrating a VM of this agent; returns at once with the migration's record.
     pub async fn start_migration(&self, req: MigrationRequest) -> Result<MigrationRecord, AgentError> {
-        let dest = reqwest::Url::parse(&req.destination)
-            .map_err(|e| AgentError::InvalidRequest { reason: format!("destination {:?} is not a URL: {e}", req.destination) })?;
-        if dest.host_str().is_none() {
-            return Err(AgentError::InvalidRequest { reason: format!("destination {:?} has no host", req.destination) });
-        }
+        let peer = self.peer(&req.destination).map_err(|e| AgentError::InvalidRequest { reason: format!("destination: {e}") })?;
         let vm = self.vm(&req.vm)?;
         let mut vm = vm.lock().await;
         if let Some(m) = lock(&self.inner.migrations).values().find(|m| m.record.vm == req.vm && !m.record.phase.is_final()) {
@@ -121,6 +146,7 @@ impl Agent {
         if !matches!(vm.record.state, VmState::Running | VmState::Paused) {
             return Err(AgentError::InvalidState { vm: req.vm.clone(), op: "migrate", state: vm.record.state });
         }
+        let qmp = vm.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: req.vm.clone(), op: "migrate", state: vm.record.state })?;
         let defaults = Limits::default();
         let limits = Limits {
             max_downtime_ms: req.max_downtime_ms.unwrap_or(defaults.max_downtime_ms),
@@ -151,10 +177,11 @@ impl Agent {
         self.inner.store.put_migration(&record)?;
         let (tx, rx) = watch::channel(false);
         lock(&self.inner.migrations).insert(record.id.clone(), Migration { record: record.clone(), cancel: tx });
+        let spec = vm.record.spec.clone();
         drop(vm);
-        let agent = self.clone();
-        let id = record.id.clone();
-        tokio::spawn(async move { agent.drive(id, was_running, rx).await });
+        let agent = Books { agent: self.clone(), id: record.id.clone(), vm: record.vm.clone() };
+        let driver = Driver { qmp, peer, agent, record: record.clone(), spec, was_running };
+        tokio::spawn(async move { driver.drive(rx).await });
         Ok(record)
     }
 
@@ -174,14 +201,7 @@ impl Agent {
     pub fn cancel_migration(&self, id: &str) -> Result<MigrationRecord, AgentError> {
         let ms = lock(&self.inner.migrations);
         let m = ms.get(id).ok_or_else(|| AgentError::MigrationNotFound { id: id.into() })?;
-        match m.record.phase {
-            Phase::Cancelled => Ok(m.record.clone()),
-            p if p.cancellable() => {
-                let _ = m.cancel.send(true);
-                Ok(m.record.clone())
-            }
-            p => Err(AgentError::NotCancellable { id: id.into(), vm: m.record.vm.clone(), phase: p }),
-        }
+        driver::request_cancel(&m.record, &m.cancel)
     }
 
     fn update(&self, id: &str, f: impl FnOnce(&mut MigrationRecord)) {
@@ -200,126 +220,8 @@ impl Agent {
         }
     }
 
-    /// Drives one migration to its end and leaves exactly one running copy of the VM.
-    async fn drive(self, id: String, was_running: bool, cancel: watch::Receiver<bool>) {
-        let rec = self.migration(&id).ok();
-        let Some(rec) = rec else { return };
-        let dest = self.peer(&rec.destination).map(|c| Destination::new(c, &rec.vm));
-        let result = match &dest {
-            Ok(dest) => self.drive_inner(&id, &rec, dest, cancel).await,
-            Err(e) => Err(Ended {
-                phase: Phase::Failed,
-                reason: format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination),
-                past_switchover: false,
-            }),
-        };
-        let (phase, reason) = match result {
-            Ok(()) => (Phase::Completed, None),
-            Err(Ended { phase, reason, past_switchover }) => {
-                self.settle_on_source(&rec.vm, phase, was_running, past_switchover, &reason, dest.as_ref().ok()).await;
-                (phase, Some(reason))
-            }
-        };
-        tracing::info!(id, vm = %rec.vm, ?phase, reason = ?reason, "migration finished");
-        self.update(&id, |r| {
-            r.phase = phase;
-            r.reason = reason;
-            r.finished_at_ms = Some(now_ms());
-            r.total_ms.get_or_insert(now_ms().saturating_sub(r.created_at_ms));
-        });
-    }
-
-    /// Returns how it ended on anything but completion.
-    async fn drive_inner(
-        &self,
-        id: &str,
-        rec: &MigrationRecord,
-        dest: &Destination,
-        mut cancel: watch::Receiver<bool>,
-    ) -> Result<(), Ended> {
-        let fail = |reason: String| Ended { phase: Phase::Failed, reason, past_switchover: false };
-        self.update(id, |r| r.phase = Phase::Preparing);
-        let (qmp, spec) = {
-            let vm = self.vm(&rec.vm).map_err(|e| fail(e.to_string()))?;
-            let vm = vm.lock().await;
-            let qmp = vm.qmp.clone().ok_or_else(|| fail(format!("VM {} has no QMP connection", rec.vm)))?;
-            (qmp, vm.record.spec.clone())
-        };
-        let guest_bytes = spec.memory_mib << 20;
-        let postcopy_ready = Policy::new(rec.mode, rec.limits, guest_bytes, None).strategy().postcopy_ready;
-        let features =
-            cpu::features(&qmp, spec.cpu_model()).await.map_err(|e| fail(format!("cannot read the CPU features of {}: {e}", rec.vm)))?;
-        let listen_host =
-            reqwest::Url::parse(&rec.destination).ok().and_then(|u| u.host_str().map(String::from)).unwrap_or_else(|| "127.0.0.1".into());
-        let incoming = IncomingRequest { spec: spec.clone(), postcopy_ready, cpu_features: features.into_iter().collect(), listen_host };
-        // Measure the guest while the destination gets ready.
-        let (dirty, prepared) =
-            tokio::join!(walkabout_migrate::run::measure_dirty_rate(&qmp, 500), dest.client.prepare_incoming(&incoming),);
-        let uri = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?.uri;
-        if *cancel.borrow_and_update() {
-            return Err(Ended {
-                phase: Phase::Cancelled,
-                reason: walkabout_migrate::run::CANCELLED_BY_REQUEST.into(),
-                past_switchover: false,
-            });
-        }
-        let policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty);
-        let strategy = policy.strategy().clone();
-        self.update(id, |r| {
-            r.phase = Phase::Running;
-            r.dirty_rate_bps = dirty;
-            r.strategy = Some(strategy);
-        });
-        let me = self.clone();
-        let report = move |p: &Progress, sw: Option<&Switch>| {
-            me.update(id, |r| {
-                if let Some(ph) = p.phase {
-                    if !ph.is_final() && r.phase.can_become(ph) {
-                        r.phase = ph;
-                    }
-                }
-                r.progress = p.clone();
-                if let Some(s) = sw {
-                    r.switches.push(s.clone());
-                }
-            })
-        };
-        *lock(&dest.alive_at) = std::time::Instant::now();
-        let probe = dest.probe();
-        let outcome = walkabout_migrate::run::run(&qmp, &uri, policy, dest, cancel, report).await;
-        probe.abort();
-        let outcome = outcome.map_err(|e| fail(format!("migration of {} failed: {e}", rec.vm)))?;
-        self.update(id, |r| {
-            r.total_ms = Some(outcome.total_ms);
-            r.downtime_ms = (outcome.phase == Phase::Completed).then_some(outcome.downtime_ms);
-            r.switches = outcome.switches.clone();
-        });
-        if outcome.phase != Phase::Completed {
-            let reason = outcome.reason.unwrap_or_else(|| format!("{:?}", outcome.phase));
-            return Err(Ended { phase: outcome.phase, reason, past_switchover: false });
-        }
-        // The guest now runs on the destination; make it the VM's owner, then let go.
-        // The source's console is complete (its guest is stopped): hand its status over.
-        self.update(id, |r| r.phase = Phase::Switchover);
-        let guest = self.get(&rec.vm).await.ok().map(|info| info.guest);
-        match dest.client.with_timeout(Duration::from_secs(90)).commit_incoming(&rec.vm, guest).await {
-            Ok(_) => {
-                self.forget_migrated(&rec.vm).await;
-                Ok(())
-            }
-            Err(e) => Err(Ended {
-                phase: Phase::Failed,
-                reason: format!(
-                    "switchover done but the destination did not confirm the VM runs there ({e}); the source copy of {} is kept paused for recovery",
-                    rec.vm
-                ),
-                past_switchover: true,
-            }),
-        }
-    }
-
     /// The typed client of a peer agent.
-    fn peer(&self, url: &str) -> Result<AgentClient, walkabout_api::ClientError> {
+    fn peer(&self, url: &str) -> Result<AgentClient, ClientError> {
         AgentClient::new(url, ClientOptions { connect_timeout: Duration::from_secs(2), request_timeout: Duration::from_secs(30) })
     }
 
@@ -335,39 +237,6 @@ impl Agent {
         self.unreserve(name, &run_dir);
     }
 
-    /// After a migration that did not complete: tear the destination down and make sure
-    /// the VM runs (or stays paused, as it was) on this host — unless the switchover
-    /// had passed, when the source copy stays paused so that two never run.
-    async fn settle_on_source(
-        &self,
-        name: &str,
-        phase: Phase,
-        was_running: bool,
-        past_switchover: bool,
-        reason: &str,
-        dest: Option<&Destination>,
-    ) {
-        if let Some(dest) = dest.filter(|_| !past_switchover) {
-            dest.abort().await;
-        }
-        let Ok(vm) = self.vm(name) else { return };
-        let mut vm = vm.lock().await;
-        let Some(qmp) = vm.qmp.clone() else { return };
-        let status = qmp.query_status().await;
-        let resume = was_running && !past_switchover && matches!(&status, Ok(s) if !s.running);
-        if resume {
-            if let Err(e) = qmp.cont().await {
-                tracing::error!(vm = %name, error = %e, "cannot resume the VM on its source");
-            }
-        }
-        let running = qmp.query_status().await.map(|s| s.running).unwrap_or(false);
-        vm.record.state = if running { VmState::Running } else { VmState::Paused };
-        vm.record.reason = Some(format!("migration {}: {reason}", format!("{phase:?}").to_lowercase()));
-        if let Err(e) = self.inner.store.put(&vm.record) {
-            tracing::error!(vm = %name, error = %e, "cannot record VM state");
-        }
-    }
-
     /// At start: migrations a previous run of this agent left unfinished are ended, and
     /// their VMs settled on this host (resumed, unless the switchover had passed).
     pub(crate) async fn recover_migrations(&self) {
@@ -380,27 +249,27 @@ impl Agent {
         };
         for mut rec in records {
             if !rec.phase.is_final() {
-                let dest = self.peer(&rec.destination).map(|c| Destination::new(c, &rec.vm));
-                let vm_qmp = match self.vm(&rec.vm) {
-                    Ok(vm) => vm.lock().await.qmp.clone(),
+                let peer = self.peer(&rec.destination);
+                let vm = match self.vm(&rec.vm) {
+                    Ok(vm) => {
+                        let vm = vm.lock().await;
+                        vm.qmp.clone().map(|q| (q, vm.record.spec.clone()))
+                    }
                     Err(_) => None,
                 };
-                let mut reason = "the source agent restarted mid-migration".to_string();
-                let mut past = false;
-                if let Some(q) = vm_qmp {
-                    let status = q.execute_raw("query-migrate", None).await.map(|v| v["status"].as_str().unwrap_or("none").to_string());
-                    match status.as_deref() {
-                        Ok("completed" | "device" | "postcopy-active") => {
-                            past = true;
-                            reason = "switchover done but the source agent restarted before the destination confirmed; the source copy is kept paused for recovery".into();
-                        }
-                        _ => {
-                            let _ = q.execute_raw("migrate_cancel", None).await;
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                        }
+                let reason = match vm {
+                    Some((qmp, spec)) => {
+                        let agent = Books { agent: self.clone(), id: rec.id.clone(), vm: rec.vm.clone() };
+                        Driver { qmp, peer, agent, record: rec.clone(), spec, was_running: true }.recover().await
                     }
-                }
-                self.settle_on_source(&rec.vm, Phase::Failed, !past, past, &reason, dest.as_ref().ok()).await;
+                    None => {
+                        // No QEMU here to settle; the destination also lets go when its lease ends.
+                        if let Err(e) = peer.abort_incoming(&rec.vm).await {
+                            tracing::warn!(vm = %rec.vm, error = %e, "could not tear the destination down");
+                        }
+                        "the source agent restarted mid-migration".to_string()
+                    }
+                };
                 rec.phase = Phase::Failed;
                 rec.reason = Some(reason);
                 rec.finished_at_ms = Some(now_ms());

@@ -9,10 +9,12 @@ pub mod error;
 pub mod phase;
 pub mod policy;
 pub mod progress;
+mod qmp;
 pub mod run;
 
 pub use error::MigrateError;
 pub use phase::Phase;
 pub use policy::{Limits, Mode, Policy, Strategy, Switch};
 pub use progress::Progress;
+pub use qmp::MigrationQmp;
 pub use run::Outcome;

@@ -20,11 +20,11 @@ use crate::error::MigrateError;
 use crate::phase::Phase;
 use crate::policy::{Action, Policy, Strategy, Switch};
 use crate::progress::{phase_of, Progress};
+use crate::qmp::MigrationQmp;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use walkabout_qemu::Qmp;
 
 /// How often QEMU's statistics are read.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
@@ -77,10 +77,10 @@ fn caps(postcopy_ready: bool, auto_converge: Option<bool>) -> Value {
 /// Prepares a destination QEMU started with `-incoming defer`: sets the capabilities
 /// the source's strategy needs and listens on `listen_host` (port chosen by the kernel).
 /// Returns the URI the source must send to.
-pub async fn listen_incoming(qmp: &Qmp, postcopy_ready: bool, listen_host: &str) -> Result<String, MigrateError> {
-    qmp.execute_raw("migrate-set-capabilities", Some(caps(postcopy_ready, None))).await.map_err(MigrateError::destination)?;
-    qmp.execute_raw("migrate-incoming", Some(json!({ "uri": format!("tcp:{listen_host}:0") }))).await.map_err(MigrateError::destination)?;
-    let info = qmp.execute_raw("query-migrate", None).await.map_err(MigrateError::destination)?;
+pub async fn listen_incoming(qmp: &impl MigrationQmp, postcopy_ready: bool, listen_host: &str) -> Result<String, MigrateError> {
+    qmp.execute("migrate-set-capabilities", Some(caps(postcopy_ready, None))).await.map_err(MigrateError::destination)?;
+    qmp.execute("migrate-incoming", Some(json!({ "uri": format!("tcp:{listen_host}:0") }))).await.map_err(MigrateError::destination)?;
+    let info = qmp.execute("query-migrate", None).await.map_err(MigrateError::destination)?;
     let addr =
         info["socket-address"].as_array().and_then(|a| a.first()).ok_or_else(|| MigrateError::NoIncomingAddress(info.to_string()))?;
     let port = addr["port"].as_str().map(String::from).or_else(|| addr["port"].as_u64().map(|p| p.to_string()));
@@ -90,16 +90,16 @@ pub async fn listen_incoming(qmp: &Qmp, postcopy_ready: bool, listen_host: &str)
 
 /// Measures the guest's dirty rate over `ms` milliseconds (QEMU's page sampling),
 /// in bytes/s; `None` if QEMU could not measure it.
-pub async fn measure_dirty_rate(qmp: &Qmp, ms: u64) -> Option<u64> {
+pub async fn measure_dirty_rate(qmp: &impl MigrationQmp, ms: u64) -> Option<u64> {
     let args = json!({"calc-time": ms, "calc-time-unit": "millisecond", "mode": "page-sampling"});
-    if let Err(e) = qmp.execute_raw("calc-dirty-rate", Some(args)).await {
+    if let Err(e) = qmp.execute("calc-dirty-rate", Some(args)).await {
         tracing::debug!(error = %e, "calc-dirty-rate unavailable");
         return None;
     }
     let start = Instant::now();
     while start.elapsed() < Duration::from_millis(ms + 3000) {
         tokio::time::sleep(Duration::from_millis(ms.min(200))).await;
-        let v = qmp.execute_raw("query-dirty-rate", None).await.ok()?;
+        let v = qmp.execute("query-dirty-rate", None).await.ok()?;
         if v["status"] == "measured" {
             // QEMU reports MB/s (MiB/s).
             return v["dirty-rate"].as_u64().map(|r| r << 20);
@@ -112,7 +112,7 @@ pub async fn measure_dirty_rate(qmp: &Qmp, ms: u64) -> Option<u64> {
 /// cancelled (`cancel` set to true; honoured only before switchover). `report` sees
 /// every sample and every switch.
 pub async fn run(
-    qmp: &Qmp,
+    qmp: &impl MigrationQmp,
     uri: &str,
     mut policy: Policy,
     peer: &impl Peer,
@@ -122,7 +122,7 @@ pub async fn run(
     let strategy = policy.strategy().clone();
     let started = Instant::now();
     let src = MigrateError::source;
-    qmp.execute_raw("migrate-set-capabilities", Some(caps(strategy.postcopy_ready, Some(strategy.auto_converge)))).await.map_err(src)?;
+    qmp.execute("migrate-set-capabilities", Some(caps(strategy.postcopy_ready, Some(strategy.auto_converge)))).await.map_err(src)?;
     let mut params = json!({
         "downtime-limit": strategy.downtime_ms,
         "max-bandwidth": strategy.bandwidth_bps,
@@ -132,11 +132,11 @@ pub async fn run(
         params["cpu-throttle-increment"] = json!(10);
         params["cpu-throttle-tailslow"] = json!(true);
     }
-    qmp.execute_raw("migrate-set-parameters", Some(params)).await.map_err(src)?;
+    qmp.execute("migrate-set-parameters", Some(params)).await.map_err(src)?;
     // Subscribe before starting, so the pre-switchover pause is seen at once: the guest
     // is paused while it waits for us, and every millisecond here is downtime.
     let mut events = qmp.events();
-    qmp.execute_raw("migrate", Some(json!({ "uri": uri }))).await.map_err(src)?;
+    qmp.execute("migrate", Some(json!({ "uri": uri }))).await.map_err(src)?;
     tracing::info!(uri, strategy = %strategy.name, reason = %strategy.reason, "migration started");
 
     let mut switches: Vec<Switch> = vec![];
@@ -154,13 +154,15 @@ pub async fn run(
                 }
             }
             changed = cancel.changed() => {
-                if changed.is_ok() && *cancel.borrow() && cancel_reason.is_none() {
+                // Past the gate a cancel could leave the guest running on both hosts:
+                // the agent refuses it, and so does this loop.
+                if changed.is_ok() && *cancel.borrow() && cancel_reason.is_none() && !gate_passed {
                     cancel_reason = Some(CANCELLED_BY_REQUEST.into());
                     request_cancel(qmp).await?;
                 }
             }
         }
-        let info = qmp.execute_raw("query-migrate", None).await.map_err(src)?;
+        let info = qmp.execute("query-migrate", None).await.map_err(src)?;
         let mut progress = crate::progress::from_query_after(&info, &last);
         last = progress.clone();
         let phase = phase_of(&progress.qemu_status);
@@ -201,15 +203,22 @@ pub async fn run(
         if progress.qemu_status == "pre-switchover" && !gate_passed && cancel_reason.is_none() && give_up.is_none() {
             // The guest is paused on the source; nothing has run on the destination.
             let silent = peer.since_alive();
-            if silent <= GATE_FRESHNESS {
-                qmp.execute_raw("migrate-continue", Some(json!({"state": "pre-switchover"}))).await.map_err(src)?;
-                gate_passed = true;
+            if *cancel.borrow() {
+                // A cancel accepted before the gate wins, even if not yet seen above.
+                cancel_reason = Some(CANCELLED_BY_REQUEST.into());
+                request_cancel(qmp).await?;
+                report(&progress, None);
+            } else if silent <= GATE_FRESHNESS {
+                // Reported first: from the switchover on, the agent refuses cancels.
                 progress.phase = Some(Phase::Switchover);
+                report(&progress, None);
+                qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"}))).await.map_err(src)?;
+                gate_passed = true;
             } else {
                 cancel_reason = Some(format!("the destination had not answered for {} ms at switchover", silent.as_millis()));
                 request_cancel(qmp).await?;
+                report(&progress, None);
             }
-            report(&progress, None);
             continue;
         }
         if phase != Phase::Running || cancel_reason.is_some() || give_up.is_some() {
@@ -226,14 +235,14 @@ pub async fn run(
         match policy.observe(&crate::progress::sample(&progress)) {
             Action::Continue => report(&progress, None),
             Action::SetDowntime { ms, reason } => {
-                qmp.execute_raw("migrate-set-parameters", Some(json!({"downtime-limit": ms}))).await.map_err(src)?;
+                qmp.execute("migrate-set-parameters", Some(json!({"downtime-limit": ms}))).await.map_err(src)?;
                 let sw = Switch { at_ms: progress.elapsed_ms, to: format!("downtime-limit {ms} ms"), reason };
                 tracing::info!(reason = %sw.reason, "raising the downtime limit");
                 report(&progress, Some(&sw));
                 switches.push(sw);
             }
             Action::StartPostcopy { reason } => {
-                qmp.execute_raw("migrate-start-postcopy", None).await.map_err(src)?;
+                qmp.execute("migrate-start-postcopy", None).await.map_err(src)?;
                 let sw = Switch { at_ms: progress.elapsed_ms, to: "postcopy".into(), reason };
                 tracing::info!(reason = %sw.reason, "switching to post-copy");
                 report(&progress, Some(&sw));
@@ -251,8 +260,8 @@ pub async fn run(
     }
 }
 
-async fn request_cancel(qmp: &Qmp) -> Result<(), MigrateError> {
-    match qmp.execute_raw("migrate_cancel", None).await {
+async fn request_cancel(qmp: &impl MigrationQmp) -> Result<(), MigrateError> {
+    match qmp.execute("migrate_cancel", None).await {
         Ok(_) => Ok(()),
         Err(e) => Err(MigrateError::source(e)),
     }

@@ -1,0 +1,267 @@
+//! The source side of a migration, as logic over three narrow doors: the VM's QEMU
+//! ([`MigrationQmp`]), the destination agent ([`PeerAgent`]) and this agent's books
+//! ([`AgentSide`]: the migration's record and the VM's entry). The agent plugs in its
+//! QMP session, its typed client of the peer and itself; unit tests plug in fakes.
+//!
+//! The order of [`Driver::drive`], and why:
+//! - Preparing: the CPU features and the guest's dirty rate are read while the
+//!   destination starts its QEMU; nothing has left the source, so any failure or
+//!   cancel here tears the destination down and leaves the guest where it runs.
+//! - Running: [`walkabout_migrate::run`] sends memory and gates the switchover on the
+//!   destination's last answer to the probes this driver sends meanwhile (which are
+//!   also the destination's lease). Up to the gate the guest has only ever run here:
+//!   failure or cancel resumes it here and tears the destination down.
+//! - Switchover: past the gate the guest may already run on the destination, so the
+//!   source never resumes its copy, whatever happens next; cancel is refused.
+//! - Completed only once the destination confirmed (commit, carrying this console's
+//!   guest status so its heartbeat accounting continues): then the source QEMU quits and
+//!   the VM is forgotten here. A commit that fails leaves the source copy paused for
+//!   recovery; the destination adopts the guest when the source goes silent.
+
+use crate::error::AgentError;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord};
+use walkabout_api::{ClientError, GuestStatus, VmSpec};
+use walkabout_migrate::run::{Peer, CANCELLED_BY_REQUEST};
+use walkabout_migrate::{MigrationQmp, Phase, Policy, Progress, Switch};
+
+/// How often the source probes the destination during a migration.
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// How long the source measures the guest's dirty rate before choosing a strategy.
+const DIRTY_RATE_WINDOW_MS: u64 = 500;
+
+/// The destination agent, as the source's driver uses it.
+pub(crate) trait PeerAgent: Send + Sync {
+    /// `POST /v1/incoming`: start a QEMU waiting for the stream; where to send it.
+    fn prepare_incoming(&self, req: &IncomingRequest) -> impl Future<Output = Result<IncomingReply, ClientError>> + Send;
+    /// `GET /v1/incoming/{vm}` with a short timeout: the liveness probe, which also
+    /// renews the destination's lease.
+    fn probe(&self, vm: &str) -> impl Future<Output = Result<(), ClientError>> + Send;
+    /// `POST /v1/incoming/{vm}/commit`: the VM runs there now, with the source's last
+    /// guest status.
+    fn commit_incoming(&self, vm: &str, guest: Option<GuestStatus>) -> impl Future<Output = Result<(), ClientError>> + Send;
+    /// `DELETE /v1/incoming/{vm}`: tear down a destination that never ran the guest.
+    fn abort_incoming(&self, vm: &str) -> impl Future<Output = Result<(), ClientError>> + Send;
+}
+
+/// What the driver needs of the agent running it, for one migration and its VM.
+pub(crate) trait AgentSide: Send + Sync {
+    /// Changes the migration's record (kept, and persisted when its phase changes).
+    fn update(&self, f: impl FnOnce(&mut MigrationRecord));
+    /// The guest's status as this host's console shows it now.
+    fn guest_status(&self) -> impl Future<Output = Option<GuestStatus>> + Send;
+    /// The migration completed: stop the source QEMU and forget the VM here.
+    fn forget_vm(&self) -> impl Future<Output = ()> + Send;
+    /// The migration did not complete: the VM stays here, running or paused, and says why.
+    fn keep_vm(&self, running: bool, reason: String) -> impl Future<Output = ()> + Send;
+}
+
+/// Asks a migration to cancel: only before its switchover (the ownership rule); a
+/// cancelled migration answers again as it is.
+pub(crate) fn request_cancel(record: &MigrationRecord, cancel: &watch::Sender<bool>) -> Result<MigrationRecord, AgentError> {
+    match record.phase {
+        Phase::Cancelled => Ok(record.clone()),
+        p if p.cancellable() => {
+            // Stored even if the driver has not subscribed yet (or has already ended).
+            cancel.send_replace(true);
+            Ok(record.clone())
+        }
+        p => Err(AgentError::NotCancellable { id: record.id.clone(), vm: record.vm.clone(), phase: p }),
+    }
+}
+
+/// How a migration that did not complete ended.
+struct Ended {
+    phase: Phase,
+    reason: String,
+    /// The source had passed its switchover gate: its copy must never be resumed.
+    past_switchover: bool,
+}
+
+/// When the destination last answered a probe.
+struct Liveness(Mutex<Instant>);
+
+impl Liveness {
+    fn now() -> Liveness {
+        Liveness(Mutex::new(Instant::now()))
+    }
+    fn answered(&self) {
+        *crate::vms::lock(&self.0) = Instant::now();
+    }
+}
+
+impl Peer for Liveness {
+    fn since_alive(&self) -> Duration {
+        crate::vms::lock(&self.0).elapsed()
+    }
+}
+
+/// One outgoing migration: the VM's QEMU, the destination, this agent's books, and
+/// what the migration was asked to do.
+pub(crate) struct Driver<Q, P, A> {
+    /// The VM's QEMU on this host.
+    pub(crate) qmp: Q,
+    /// The destination agent.
+    pub(crate) peer: P,
+    /// This agent, for this migration and its VM.
+    pub(crate) agent: A,
+    /// The migration as started (id, VM, destination, mode, limits).
+    pub(crate) record: MigrationRecord,
+    /// The VM's spec, which the destination reproduces.
+    pub(crate) spec: VmSpec,
+    /// The guest ran when the migration started (so a failure resumes it).
+    pub(crate) was_running: bool,
+}
+
+impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
+    /// Drives the migration to its end and leaves exactly one running copy of the VM;
+    /// returns the final phase.
+    pub(crate) async fn drive(self, cancel: watch::Receiver<bool>) -> Phase {
+        let (phase, reason) = match self.migrate(cancel).await {
+            Ok(()) => (Phase::Completed, None),
+            Err(Ended { phase, reason, past_switchover }) => {
+                self.settle_on_source(phase, past_switchover, &reason).await;
+                (phase, Some(reason))
+            }
+        };
+        tracing::info!(id = %self.record.id, vm = %self.record.vm, ?phase, reason = ?reason, "migration finished");
+        self.agent.update(|r| {
+            r.phase = phase;
+            r.reason = reason;
+            r.finished_at_ms = Some(crate::vms::now_ms());
+            r.total_ms.get_or_insert(crate::vms::now_ms().saturating_sub(r.created_at_ms));
+        });
+        phase
+    }
+
+    /// Returns how it ended on anything but completion.
+    async fn migrate(&self, mut cancel: watch::Receiver<bool>) -> Result<(), Ended> {
+        let rec = &self.record;
+        let fail = |reason: String| Ended { phase: Phase::Failed, reason, past_switchover: false };
+        self.agent.update(|r| r.phase = Phase::Preparing);
+        let spec = &self.spec;
+        let guest_bytes = spec.memory_mib << 20;
+        let postcopy_ready = Policy::new(rec.mode, rec.limits, guest_bytes, None).strategy().postcopy_ready;
+        let features =
+            self.qmp.cpu_features(spec.cpu_model()).await.map_err(|e| fail(format!("cannot read the CPU features of {}: {e}", rec.vm)))?;
+        let listen_host =
+            reqwest::Url::parse(&rec.destination).ok().and_then(|u| u.host_str().map(String::from)).unwrap_or_else(|| "127.0.0.1".into());
+        let incoming = IncomingRequest { spec: spec.clone(), postcopy_ready, cpu_features: features.into_iter().collect(), listen_host };
+        // Measure the guest while the destination gets ready.
+        let (dirty, prepared) = tokio::join!(
+            walkabout_migrate::run::measure_dirty_rate(&self.qmp, DIRTY_RATE_WINDOW_MS),
+            self.peer.prepare_incoming(&incoming),
+        );
+        let uri = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?.uri;
+        if *cancel.borrow_and_update() {
+            return Err(Ended { phase: Phase::Cancelled, reason: CANCELLED_BY_REQUEST.into(), past_switchover: false });
+        }
+        let policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty);
+        let strategy = policy.strategy().clone();
+        self.agent.update(|r| {
+            r.phase = Phase::Running;
+            r.dirty_rate_bps = dirty;
+            r.strategy = Some(strategy);
+        });
+        let report = |p: &Progress, sw: Option<&Switch>| {
+            self.agent.update(|r| {
+                if let Some(ph) = p.phase {
+                    if !ph.is_final() && r.phase.can_become(ph) {
+                        r.phase = ph;
+                    }
+                }
+                r.progress = p.clone();
+                if let Some(s) = sw {
+                    r.switches.push(s.clone());
+                }
+            })
+        };
+        let alive = Liveness::now();
+        let probing = async {
+            loop {
+                if self.peer.probe(&rec.vm).await.is_ok() {
+                    alive.answered();
+                }
+                tokio::time::sleep(PROBE_INTERVAL).await;
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = walkabout_migrate::run::run(&self.qmp, &uri, policy, &alive, cancel, report) => outcome,
+            () = probing => unreachable!("probing never ends"),
+        };
+        let outcome = outcome.map_err(|e| fail(format!("migration of {} failed: {e}", rec.vm)))?;
+        self.agent.update(|r| {
+            r.total_ms = Some(outcome.total_ms);
+            r.downtime_ms = (outcome.phase == Phase::Completed).then_some(outcome.downtime_ms);
+            r.switches = outcome.switches.clone();
+        });
+        if outcome.phase != Phase::Completed {
+            let reason = outcome.reason.unwrap_or_else(|| format!("{:?}", outcome.phase));
+            return Err(Ended { phase: outcome.phase, reason, past_switchover: false });
+        }
+        // The guest now runs on the destination; make it the VM's owner, then let go.
+        // The source's console is complete (its guest is stopped): hand its status over.
+        self.agent.update(|r| r.phase = Phase::Switchover);
+        let guest = self.agent.guest_status().await;
+        match self.peer.commit_incoming(&rec.vm, guest).await {
+            Ok(()) => {
+                self.agent.forget_vm().await;
+                Ok(())
+            }
+            Err(e) => Err(Ended {
+                phase: Phase::Failed,
+                reason: format!(
+                    "switchover done but the destination did not confirm the VM runs there ({e}); the source copy of {} is kept paused for recovery",
+                    rec.vm
+                ),
+                past_switchover: true,
+            }),
+        }
+    }
+
+    /// After a migration that did not complete: tear the destination down and make sure
+    /// the VM runs (or stays paused, as it was) on this host — unless the switchover
+    /// had passed, when the source copy stays paused so that two never run.
+    async fn settle_on_source(&self, phase: Phase, past_switchover: bool, reason: &str) {
+        let vm = &self.record.vm;
+        if !past_switchover {
+            if let Err(e) = self.peer.abort_incoming(vm).await {
+                tracing::warn!(%vm, error = %e, "could not tear the destination down (it tears itself down when the stream ends)");
+            }
+        }
+        let status = self.qmp.query_status().await;
+        let resume = self.was_running && !past_switchover && matches!(&status, Ok(s) if !s.running);
+        if resume {
+            if let Err(e) = self.qmp.cont().await {
+                tracing::error!(%vm, error = %e, "cannot resume the VM on its source");
+            }
+        }
+        let running = self.qmp.query_status().await.map(|s| s.running).unwrap_or(false);
+        self.agent.keep_vm(running, format!("migration {}: {reason}", format!("{phase:?}").to_lowercase())).await;
+    }
+
+    /// After this agent restarted in the middle of the migration: ends it and settles
+    /// the VM here — resumed, unless QEMU says the switchover had passed. Returns the
+    /// reason to record.
+    pub(crate) async fn recover(&self) -> String {
+        let status = self.qmp.execute("query-migrate", None).await.map(|v| v["status"].as_str().unwrap_or("none").to_string());
+        let past = matches!(status.as_deref(), Ok("completed" | "device" | "postcopy-active"));
+        let reason = if past {
+            "switchover done but the source agent restarted before the destination confirmed; the source copy is kept paused for recovery"
+        } else {
+            if let Err(e) = self.qmp.execute("migrate_cancel", None).await {
+                tracing::debug!(vm = %self.record.vm, error = %e, "migrate_cancel after restart");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            "the source agent restarted mid-migration"
+        };
+        self.settle_on_source(Phase::Failed, past, reason).await;
+        reason.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests;

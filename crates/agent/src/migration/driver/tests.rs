@@ -1,0 +1,249 @@
+//! The source-side driver against fakes: one behaviour each, the ownership rule first.
+
+use super::super::fake::{Call, FakeAgent, FakePeer, FakeQemu};
+use super::*;
+use walkabout_api::migration::MIGRATION_VERSION;
+use walkabout_api::{ErrorBody, ErrorKind, Limits, Mode};
+
+/// Pre-copy that pauses at the gate, continues, and completes.
+const CLEAN: &[&str] = &["active", "active", "pre-switchover", "device", "completed"];
+
+fn record() -> MigrationRecord {
+    MigrationRecord {
+        version: MIGRATION_VERSION,
+        id: "mig-1".into(),
+        vm: "vm1".into(),
+        destination: "http://127.0.0.1:7702".into(),
+        mode: Mode::Precopy,
+        limits: Limits::default(),
+        phase: Phase::Pending,
+        reason: None,
+        dirty_rate_bps: None,
+        strategy: None,
+        switches: vec![],
+        progress: Progress::default(),
+        total_ms: None,
+        downtime_ms: None,
+        created_at_ms: crate::vms::now_ms(),
+        finished_at_ms: None,
+    }
+}
+
+fn spec() -> VmSpec {
+    serde_json::from_value(serde_json::json!({"name": "vm1", "memory_mib": 64})).unwrap_or_else(|e| panic!("spec: {e}"))
+}
+
+fn agent() -> FakeAgent {
+    FakeAgent::new(record(), GuestStatus::default())
+}
+
+async fn drive(qemu: &FakeQemu, peer: &FakePeer, agent: &FakeAgent) -> Phase {
+    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record: record(), spec: spec(), was_running: true };
+    driver.drive(agent.cancel_switch()).await
+}
+
+#[tokio::test]
+async fn destination_lost_before_the_gate_resumes_the_vm_on_the_source() {
+    // Memory keeps moving for 4 s; the destination answers the prepare, then nothing.
+    let mut script = vec!["active"; 40];
+    script.extend(CLEAN[2..].iter());
+    let (qemu, peer, agent) = (FakeQemu::new(&script), FakePeer::silent_from(Call::Probe), agent());
+
+    let phase = drive(&qemu, &peer, &agent).await;
+
+    assert_eq!(phase, Phase::Failed);
+    assert!(qemu.got("migrate_cancel") && !qemu.got("migrate-continue"));
+    assert!(qemu.state().running);
+    let books = agent.books();
+    assert_eq!(books.kept.as_ref().map(|k| k.0), Some(true));
+    assert!(books.record.reason.as_deref().is_some_and(|r| r.contains("destination stopped answering")), "{:?}", books.record.reason);
+}
+
+#[tokio::test]
+async fn destination_lost_before_the_gate_is_told_to_abort() {
+    let mut script = vec!["active"; 40];
+    script.extend(CLEAN[2..].iter());
+    let (qemu, peer) = (FakeQemu::new(&script), FakePeer::silent_from(Call::Probe));
+
+    drive(&qemu, &peer, &agent()).await;
+
+    assert!(peer.got(Call::Abort));
+}
+
+#[tokio::test]
+async fn destination_lost_after_the_gate_keeps_the_source_paused() {
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::silent_from(Call::Commit), agent());
+
+    let phase = drive(&qemu, &peer, &agent).await;
+
+    assert_eq!(phase, Phase::Failed);
+    assert!(qemu.got("migrate-continue") && !qemu.got("cont"));
+    assert!(!qemu.state().running);
+    assert!(!peer.got(Call::Abort));
+    let books = agent.books();
+    assert_eq!(books.kept.as_ref().map(|k| k.0), Some(false));
+    assert!(!books.forgotten);
+    assert!(books.record.reason.as_deref().is_some_and(|r| r.contains("kept paused for recovery")), "{:?}", books.record.reason);
+}
+
+#[tokio::test]
+async fn commit_refused_after_the_gate_keeps_the_source_paused() {
+    let refused = ClientError::Api {
+        status: 422,
+        body: ErrorBody {
+            error: "vm1 did not start here after switchover".into(),
+            kind: ErrorKind::InvalidRequest,
+            blocked: vec![],
+            plan: None,
+        },
+    };
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::refusing_commit(refused), agent());
+
+    let phase = drive(&qemu, &peer, &agent).await;
+
+    assert_eq!(phase, Phase::Failed);
+    assert!(!qemu.got("cont") && !qemu.state().running);
+    assert!(agent.books().record.reason.as_deref().is_some_and(|r| r.contains("did not start here") && r.contains("kept paused")));
+}
+
+#[tokio::test]
+async fn cancel_in_pending_cancels_before_any_memory_moves() {
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::default(), agent());
+    assert!(agent.cancel().is_ok());
+
+    let phase = drive(&qemu, &peer, &agent).await;
+
+    assert_eq!(phase, Phase::Cancelled);
+    assert!(!qemu.got("migrate") && qemu.state().running);
+    assert!(peer.got(Call::Abort));
+    assert_eq!(agent.books().kept.as_ref().map(|k| k.0), Some(true));
+}
+
+#[tokio::test]
+async fn cancel_in_preparing_cancels_and_tears_the_destination_down() {
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::default(), agent().cancelling_at(Phase::Preparing));
+
+    let phase = drive(&qemu, &peer, &agent).await;
+
+    assert_eq!(phase, Phase::Cancelled);
+    assert!(matches!(agent.books().cancel_answer, Some(Ok(_))));
+    assert!(!qemu.got("migrate") && qemu.state().running);
+    assert!(peer.got(Call::Prepare) && peer.got(Call::Abort));
+}
+
+#[tokio::test]
+async fn cancel_in_running_cancels_the_migration_and_keeps_the_vm_running() {
+    let (qemu, peer, agent) = (FakeQemu::new(&["active"; 30]), FakePeer::default(), agent().cancelling_at(Phase::Running));
+
+    let phase = drive(&qemu, &peer, &agent).await;
+
+    assert_eq!(phase, Phase::Cancelled);
+    assert!(qemu.got("migrate") && qemu.got("migrate_cancel"));
+    assert!(qemu.state().running && peer.got(Call::Abort));
+    let books = agent.books();
+    assert_eq!(books.kept.as_ref().map(|k| k.0), Some(true));
+    assert_eq!(books.record.reason.as_deref(), Some(CANCELLED_BY_REQUEST));
+}
+
+#[tokio::test]
+async fn cancel_while_paused_at_the_gate_resumes_the_guest_on_the_source() {
+    let agent = agent();
+    let canceller = agent.clone();
+    let qemu = FakeQemu::new(CLEAN).at_pre_switchover(move || drop(canceller.cancel()));
+
+    let phase = drive(&qemu, &FakePeer::default(), &agent).await;
+
+    assert_eq!(phase, Phase::Cancelled);
+    assert!(!qemu.got("migrate-continue"));
+    assert!(qemu.got("cont") && qemu.state().running);
+    assert_eq!(agent.books().kept.as_ref().map(|k| k.0), Some(true));
+}
+
+#[tokio::test]
+async fn cancel_at_switchover_is_refused_and_the_migration_completes() {
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::default(), agent().cancelling_at(Phase::Switchover));
+
+    let phase = drive(&qemu, &peer, &agent).await;
+
+    assert!(matches!(agent.books().cancel_answer, Some(Err(AgentError::NotCancellable { phase: Phase::Switchover, .. }))));
+    assert_eq!(phase, Phase::Completed);
+    assert!(!qemu.got("migrate_cancel"));
+}
+
+#[test]
+fn cancel_after_the_switchover_is_refused_in_every_later_phase() {
+    let (tx, _rx) = watch::channel(false);
+    let refused = |phase| {
+        let rec = MigrationRecord { phase, ..record() };
+        matches!(request_cancel(&rec, &tx), Err(AgentError::NotCancellable { phase: p, .. }) if p == phase)
+    };
+
+    assert!(refused(Phase::Switchover) && refused(Phase::Completed) && refused(Phase::Failed));
+}
+
+#[tokio::test]
+async fn completed_migration_forgets_the_vm_on_the_source() {
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::default(), agent());
+
+    let phase = drive(&qemu, &peer, &agent).await;
+
+    assert_eq!(phase, Phase::Completed);
+    let books = agent.books();
+    assert!(books.forgotten && books.kept.is_none());
+    assert_eq!(books.phases, [Phase::Pending, Phase::Preparing, Phase::Running, Phase::Switchover, Phase::Completed]);
+    assert!(books.illegal.is_empty(), "{:?}", books.illegal);
+    assert!(!peer.got(Call::Abort));
+}
+
+#[tokio::test]
+async fn completed_migration_commits_with_the_guest_status_of_the_source() {
+    let guest = GuestStatus { ready: true, heartbeats: 7, last_seq: Some(7), partial_line: "HEARTBEAT seq=".into(), ..Default::default() };
+    let (qemu, peer) = (FakeQemu::new(CLEAN), FakePeer::default());
+    let agent = FakeAgent::new(record(), guest.clone());
+
+    drive(&qemu, &peer, &agent).await;
+
+    assert_eq!(peer.state().committed, Some(Some(guest)));
+}
+
+#[tokio::test]
+async fn destination_refusing_to_prepare_fails_before_any_memory_moves() {
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::silent_from(Call::Prepare), agent());
+
+    let phase = drive(&qemu, &peer, &agent).await;
+
+    assert_eq!(phase, Phase::Failed);
+    assert!(!qemu.got("migrate") && qemu.state().running);
+    assert!(agent.books().record.reason.as_deref().is_some_and(|r| r.starts_with("cannot migrate vm1 to http://127.0.0.1:7702")));
+}
+
+#[tokio::test]
+async fn recovery_before_the_gate_cancels_and_resumes_the_source() {
+    let qemu = FakeQemu::new(&[]);
+    qemu.state().status = "pre-switchover".into();
+    qemu.state().running = false;
+    let (peer, agent) = (FakePeer::default(), agent());
+    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record: record(), spec: spec(), was_running: true };
+
+    let reason = driver.recover().await;
+
+    assert_eq!(reason, "the source agent restarted mid-migration");
+    assert!(qemu.got("migrate_cancel") && qemu.state().running);
+    assert!(peer.got(Call::Abort));
+}
+
+#[tokio::test]
+async fn recovery_after_the_gate_keeps_the_source_paused() {
+    let qemu = FakeQemu::new(&[]);
+    qemu.state().status = "device".into();
+    qemu.state().running = false;
+    let (peer, agent) = (FakePeer::default(), agent());
+    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record: record(), spec: spec(), was_running: true };
+
+    let reason = driver.recover().await;
+
+    assert!(reason.contains("kept paused for recovery"));
+    assert!(!qemu.got("migrate_cancel") && !qemu.got("cont") && !qemu.state().running);
+    assert!(!peer.got(Call::Abort));
+    assert_eq!(agent.books().kept.as_ref().map(|k| k.0), Some(false));
+}
