@@ -18,7 +18,9 @@ mod output;
 mod planner;
 pub mod policy;
 mod problem;
+mod repair;
 mod search;
+pub mod tight;
 mod validate;
 mod waves;
 
@@ -26,3 +28,4 @@ pub use error::InputError;
 pub use model::{Case, Group, GroupKind, Host, Limits, Vm};
 pub use output::{Blocked, Impossible, Migration, Outcome, Plan};
 pub use planner::{plan, plan_with, Options};
+pub use tight::{tight_case, TightCase, TightKind};
