@@ -52,7 +52,7 @@ impl Default for Options {
         Options {
             exact_max_vms: 64,
             node_budget: 300_000,
-            improve_budget: 4_000,
+            improve_budget: 1_000,
             repair_budget: 20_000,
             variants_max_vms: 2_000,
             time_limit: Some(Duration::from_millis(500)),
@@ -105,8 +105,12 @@ fn solve(p: &Problem, opts: &Options) -> Outcome {
     let orders: &[Order] = if variants { &[Order::Fifo, Order::Largest, Order::Smallest] } else { &[Order::Fifo] };
     // Moves are reversible: a plan from the target back to the start, reversed, is a
     // plan, and the greedy rules meet other deadlocks going that way.
-    let mut back = p.clone();
-    std::mem::swap(&mut back.start, &mut back.goal);
+    let backwards = || {
+        let mut back = p.clone();
+        std::mem::swap(&mut back.start, &mut back.goal);
+        back
+    };
+    let mut back: Option<Problem> = None;
     let reverse = |moves: Vec<Move>| -> Vec<Move> { moves.iter().rev().map(|m| Move { vm: m.vm, from: m.to, to: m.from }).collect() };
     let mut best: Option<Vec<Move>> = None;
     let offer = |best: &mut Option<Vec<Move>>, moves: Vec<Move>| {
@@ -121,8 +125,11 @@ fn solve(p: &Problem, opts: &Options) -> Outcome {
                 return finish(p, best.unwrap_or_default(), misplaced, true);
             }
         }
+    }
+    for &order in orders {
         if variants {
-            if let Ok(moves) = heuristic::plan_from(&back, &back.start, order) {
+            let back = back.get_or_insert_with(backwards);
+            if let Ok(moves) = heuristic::plan_from(back, &back.start, order) {
                 if offer(&mut best, reverse(moves)) {
                     return finish(p, best.unwrap_or_default(), misplaced, true);
                 }
@@ -168,7 +175,8 @@ fn solve(p: &Problem, opts: &Options) -> Outcome {
         let effort = Effort { nodes: opts.repair_budget, searches: 64, deadline };
         best = orders.iter().find_map(|&order| repair::plan(p, order, &effort));
         if best.is_none() {
-            best = repair::plan(&back, Order::Fifo, &effort).map(reverse);
+            let back = back.get_or_insert_with(backwards);
+            best = repair::plan(back, Order::Fifo, &effort).map(reverse);
         }
     }
     match best {
