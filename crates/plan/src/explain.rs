@@ -14,6 +14,8 @@ use crate::search::Reach;
 /// Memory is also bounded cluster-wide: migrations only move memory between hosts, so
 /// no host ever has more free than all hosts together have now; a VM larger than that
 /// can never move at all.
+// Indices run over several parallel arrays at once; iterators would obscure that.
+#[allow(clippy::needless_range_loop)]
 pub(crate) fn pinned(p: &Problem) -> Vec<Blocked> {
     let n = p.n_vms();
     let mut movable = vec![false; n];

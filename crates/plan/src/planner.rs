@@ -3,15 +3,21 @@
 //! Order of work, and why:
 //! 1. Check the input; a target host that cannot run its VM is a proven impossibility.
 //! 2. The cheap proof ([`explain::pinned`]) catches VMs that can never move, or never
-//!    fit their target, before any search, whatever the size.
-//! 3. The fast planner runs (several orders when the case is small enough to afford
-//!    it). If it needs no more migrations than the number of misplaced VMs it is
-//!    optimal in count and in memory moved, and we stop.
+//!    fit their target (including VMs larger than all the cluster's free memory),
+//!    before any search, whatever the size.
+//! 3. The fast planner runs (several orders, and each also from the target back to the
+//!    start, reversed, when the case is small enough to afford it). If it needs no more
+//!    migrations than the number of misplaced VMs it is optimal in count and in memory
+//!    moved, and we stop.
 //! 4. Otherwise, on small cases, the exact search runs with the fast plan's cost as its
 //!    bound: it either finds something cheaper (then optimal), proves nothing is
 //!    cheaper, proves no plan exists (when there was no bound), or runs out of budget
-//!    and raises the lower bound.
-//! 5. The sequential plan is packed into waves and every migration gets its reason.
+//!    and raises the lower bound. Its budget is small when a plan is already known, so
+//!    proving optimality never costs more than the plan is worth.
+//! 5. If the fast planner got stuck and the exact search did not settle the case, the
+//!    deadlocks are repaired by exact search on the stuck hosts ([`repair`]), forwards
+//!    and then backwards. Only if that fails too is the case `unsolved`.
+//! 6. The sequential plan is packed into waves and every migration gets its reason.
 
 use crate::error::InputError;
 use crate::explain;

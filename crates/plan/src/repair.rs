@@ -194,3 +194,46 @@ fn solve_sub(
         Found::Exhausted { .. } | Found::Budget { .. } => Sub::Failed,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tight::tight_case;
+    use crate::validate::compile;
+
+    /// Replays `moves` from the start: every destination has room, the end is the goal.
+    fn replay(p: &Problem, moves: &[Move]) -> Result<(), String> {
+        let mut pos = p.start.clone();
+        let mut load = p.loads(&pos);
+        for (i, m) in moves.iter().enumerate() {
+            let (v, to) = (m.vm as usize, m.to as usize);
+            if pos[v] != m.from || !p.compatible(v, to) || !load[to].fits_with(p.req[v], p.cap[to]) {
+                return Err(format!("step {i} ({} to {}) is not possible", p.vm_names[v], p.host_names[to]));
+            }
+            load[m.from as usize] = load[m.from as usize].sub(p.req[v]);
+            load[to] = load[to].add(p.req[v]);
+            pos[v] = m.to;
+        }
+        if pos == p.goal {
+            Ok(())
+        } else {
+            Err("the plan does not end on the target".into())
+        }
+    }
+
+    #[test]
+    fn a_deadlock_the_greedy_rules_cannot_break_is_repaired() {
+        // Generated case 183 (13 hosts, 80 VMs, 93% full): every greedy order gets stuck,
+        // forwards and backwards.
+        let p = compile(&tight_case(183).case).expect("valid case").problem;
+        let mut back = p.clone();
+        std::mem::swap(&mut back.start, &mut back.goal);
+        for order in [Order::Fifo, Order::Largest, Order::Smallest] {
+            assert!(heuristic::plan_from(&p, &p.start, order).is_err(), "{order:?} forwards");
+            assert!(heuristic::plan_from(&back, &back.start, order).is_err(), "{order:?} backwards");
+        }
+        let effort = Effort { nodes: 20_000, searches: 64, deadline: None };
+        let moves = plan(&p, Order::Fifo, &effort).expect("repaired");
+        replay(&p, &moves).expect("a valid plan");
+    }
+}

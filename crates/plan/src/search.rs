@@ -45,6 +45,9 @@ pub(crate) struct Reach {
     pub max_free_mem: u64,
 }
 
+/// A queue entry: (priority, h migrations, f memory, deadlock term applied, node).
+type Entry = (u32, u32, u64, bool, u32);
+
 struct Node {
     parent: u32,
     mv: Move,
@@ -93,6 +96,8 @@ impl Seen {
 /// `weight` above 1 makes it a weighted A* (priority g + weight x h): it dives to some
 /// plan much faster, but `Optimal` then only means "a plan" and `Budget` carries no
 /// lower bound. Exhaustion still proves that nothing under the bound exists.
+// Indices run over several parallel arrays at once; iterators would obscure that.
+#[allow(clippy::needless_range_loop)]
 pub(crate) fn astar(p: &Problem, bound: Option<Cost>, budget: usize, deadline: Option<Instant>, weight: u32) -> Found {
     let n = p.n_vms();
     let to16 = |h: u32| u16::try_from(h).unwrap_or(u16::MAX);
@@ -105,9 +110,9 @@ pub(crate) fn astar(p: &Problem, bound: Option<Cost>, budget: usize, deadline: O
     let mut states: Vec<u16> = Vec::new();
     let mut nodes: Vec<Node> = Vec::new();
     let mut seen = Seen { map: HashMap::default() };
-    // (f migrations, h migrations, f memory, deadlock term applied, node): among equal
-    // f the deepest state first, so the search dives instead of widening.
-    let mut heap: BinaryHeap<Reverse<(u32, u32, u64, bool, u32)>> = BinaryHeap::new();
+    // Priority g + weight x h (f when the weight is 1); among equal priorities the
+    // deepest state first, so the search dives instead of widening.
+    let mut heap: BinaryHeap<Reverse<Entry>> = BinaryHeap::new();
 
     let (m0, mm0) = misplaced(p, &start, &goal);
     let h0: u64 = start.iter().enumerate().fold(0, |a, (v, &h)| a ^ zobrist(v, h));
@@ -148,7 +153,7 @@ pub(crate) fn astar(p: &Problem, bound: Option<Cost>, budget: usize, deadline: O
             }
         }
         expanded += 1;
-        let late = expanded % 1024 == 0 && deadline.is_some_and(|d| Instant::now() >= d);
+        let late = expanded & 1023 == 0 && deadline.is_some_and(|d| Instant::now() >= d);
         if nodes.len() > budget || late {
             let lower_bound = if weight == 1 { fc.min(bound.0) } else { 0 };
             return Found::Budget { lower_bound };
@@ -227,6 +232,8 @@ impl Sinks {
     }
 
     /// Migrations that must come on top of one per misplaced VM, from this state.
+    // Indices run over several parallel arrays at once; iterators would obscure that.
+    #[allow(clippy::needless_range_loop)]
     pub fn deadlocks(&mut self, p: &Problem, pos: &[u32], load: &[Res]) -> u32 {
         let h = p.n_hosts();
         // Edges T -> S for misplaced VMs on T whose goal is S (CSR).
