@@ -19,10 +19,10 @@
 //!    and then backwards. Only if that fails too is the case `unsolved`.
 //! 6. The sequential plan is packed into waves and every migration gets its reason.
 
-use crate::error::InputError;
-use crate::explain;
 use std::time::{Duration, Instant};
 
+use crate::error::InputError;
+use crate::explain;
 use crate::heuristic::{self, Order};
 use crate::model::Case;
 use crate::output::{Impossible, Migration, Outcome, Plan};
