@@ -3,7 +3,8 @@
 //! Runs every case of the peer's `random.json` (its own random generator; inputs and
 //! the peer's recorded path lengths and times), timing our planner on the same input,
 //! then plans one large generated cluster (1,000 hosts x 10,000 VMs at 90% memory
-//! fill, the target scrambled by random valid moves). Prints one JSON document.
+//! fill, the target scrambled by random valid moves) and the 200 generated tight cases
+//! of the planner's tests (6-40 hosts, 88-97% fill). Prints one JSON document.
 //!
 //! Run: `cargo run --release -p walkabout-bench --bin plan`.
 
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use walkabout_plan::{plan, Case, Host, Outcome, Vm};
+use walkabout_plan::{plan, tight_case, Case, Host, Outcome, TightKind, Vm};
 
 fn peer_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/peers/migrationpaths")
@@ -113,9 +114,11 @@ fn random_cases() -> Result<(Vec<Value>, Value)> {
         "vs_peer_count": { "shorter": shorter, "equal": equal, "longer": longer },
         "total_migrations": { "ours": ours_sum, "peer": peer_sum, "lower_bound": lb_sum,
             "note": "over cases the peer solved" },
-        "median_seconds": { "ours": median(ours_t), "peer": median(peer_t) },
+        "median_seconds": { "ours": median(ours_t.clone()), "peer": median(peer_t) },
         "median_speedup": median(ratios.clone()),
         "min_speedup": ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        "slower_than_peer": ratios.iter().filter(|&&r| r < 1.0).count(),
+        "max_seconds": { "ours": ours_t.iter().copied().fold(0.0, f64::max) },
     });
     Ok((rows, summary))
 }
@@ -222,15 +225,55 @@ fn big() -> Result<Value> {
     Ok(out)
 }
 
+/// The planner tests' 200 tight cases: how many planned, proven impossible, unsolved.
+fn tight() -> Result<Value> {
+    let (mut ok, mut impossible, mut unsolved, mut wrong) = (0, 0, 0, 0);
+    let mut times = Vec::new();
+    for seed in 0..200 {
+        let t = tight_case(seed);
+        let (outcome, secs) = time(|| plan(&t.case));
+        times.push(secs);
+        let planned = match outcome.context("tight case rejected")? {
+            Outcome::Ok(_) => {
+                ok += 1;
+                true
+            }
+            Outcome::Impossible(_) => {
+                impossible += 1;
+                false
+            }
+            Outcome::Unsolved(_) => {
+                unsolved += 1;
+                false
+            }
+        };
+        // A plan for a case built without one, or none for a reachable one.
+        if planned != (t.kind == TightKind::Reachable) {
+            wrong += 1;
+        }
+    }
+    Ok(json!({
+        "cases": 200,
+        "ok": ok,
+        "impossible": impossible,
+        "unsolved": unsolved,
+        "disagree_with_construction": wrong,
+        "median_seconds": median(times.clone()),
+        "max_seconds": times.iter().copied().fold(0.0, f64::max),
+    }))
+}
+
 fn main() -> Result<()> {
     let (rows, summary) = random_cases()?;
     let big = big()?;
+    let tight = tight()?;
     let doc = json!({
         "bench": "plan",
         "peer": "aspiers/migrationpaths (recorded on a 2-core machine of this class)",
         "random": rows,
         "summary": summary,
         "large": big,
+        "tight": tight,
     });
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())

@@ -10,10 +10,17 @@ use crate::search::Reach;
 /// movable until nothing changes; by induction over any sequence of migrations, the
 /// first move of an unmarked VM would need room no host can have. A misplaced VM that
 /// can never move, or whose target never has room for it, is blocked.
+///
+/// Memory is also bounded cluster-wide: migrations only move memory between hosts, so
+/// no host ever has more free than all hosts together have now; a VM larger than that
+/// can never move at all.
+// Indices run over several parallel arrays at once; iterators would obscure that.
+#[allow(clippy::needless_range_loop)]
 pub(crate) fn pinned(p: &Problem) -> Vec<Blocked> {
     let n = p.n_vms();
     let mut movable = vec![false; n];
     let mut pinned_load = p.loads(&p.start);
+    let total_free = total_free_mem(p);
     loop {
         let mut changed = false;
         for v in 0..n {
@@ -21,7 +28,8 @@ pub(crate) fn pinned(p: &Problem) -> Vec<Blocked> {
                 continue;
             }
             let s = p.start[v] as usize;
-            let can = (0..p.n_hosts()).any(|h| h != s && p.compatible(v, h) && pinned_load[h].fits_with(p.req[v], p.cap[h]));
+            let can = p.req[v].mem <= total_free
+                && (0..p.n_hosts()).any(|h| h != s && p.compatible(v, h) && pinned_load[h].fits_with(p.req[v], p.cap[h]));
             if can {
                 movable[v] = true;
                 pinned_load[s] = pinned_load[s].sub(p.req[v]);
@@ -38,12 +46,25 @@ pub(crate) fn pinned(p: &Problem) -> Vec<Blocked> {
         if p.start[v] as usize == g {
             continue;
         }
-        let most = p.cap[g].sub(pinned_load[g]);
-        if !movable[v] || !pinned_load[g].fits_with(p.req[v], p.cap[g]) {
-            blocked.push(blocked_vm(p, v, most, "ever has"));
+        let mut most = p.cap[g].sub(pinned_load[g]);
+        let cluster_bound = most.mem > total_free;
+        most.mem = most.mem.min(total_free);
+        if !movable[v] || !pinned_load[g].fits_with(p.req[v], p.cap[g]) || p.req[v].mem > total_free {
+            let mut b = blocked_vm(p, v, most, "ever has");
+            if cluster_bound && p.req[v].mem > total_free {
+                b.why.push_str(" (all hosts together have no more free)");
+            }
+            blocked.push(b);
         }
     }
     blocked
+}
+
+/// Memory free over all hosts in the start placement: no host can ever have more free.
+fn total_free_mem(p: &Problem) -> u64 {
+    let cap: u64 = p.cap.iter().map(|c| c.mem).sum();
+    let used: u64 = p.req.iter().map(|r| r.mem).sum();
+    cap.saturating_sub(used)
 }
 
 /// Blocked VMs after an exhaustive search found no plan: those whose target never had
@@ -167,6 +188,34 @@ mod tests {
         .problem;
         let blocked = pinned(&p);
         assert_eq!(blocked[0].why, "vm1 needs 3256 MiB on h2; the most h2 ever has free is 584");
+    }
+
+    #[test]
+    fn a_swap_of_vms_larger_than_all_free_memory_is_proven_stuck() {
+        // Small VMs of 100 MiB fill the rest of three 4000 MiB hosts; each could leave,
+        // so either host could in principle take a or b, but the three hosts together
+        // have only 800 MiB free, so neither can ever move anywhere.
+        let mut vms = vec![r#"{"name":"a","memory_mib":2000}"#.to_string(), r#"{"name":"b","memory_mib":2000}"#.to_string()];
+        let mut current = vec![r#""a":"h1""#.to_string(), r#""b":"h2""#.to_string()];
+        let mut target = vec![r#""a":"h2""#.to_string(), r#""b":"h1""#.to_string()];
+        for (host, count) in [("h1", 17), ("h2", 17), ("h3", 38)] {
+            for i in 0..count {
+                vms.push(format!(r#"{{"name":"{host}s{i}","memory_mib":100}}"#));
+                current.push(format!(r#""{host}s{i}":"{host}""#));
+                target.push(format!(r#""{host}s{i}":"{host}""#));
+            }
+        }
+        let json = format!(
+            r#"{{"hosts":[{{"name":"h1","memory_mib":4000}},{{"name":"h2","memory_mib":4000}},{{"name":"h3","memory_mib":4000}}],
+                "vms":[{}],"current":{{{}}},"target":{{{}}}}}"#,
+            vms.join(","),
+            current.join(","),
+            target.join(",")
+        );
+        let p = compile(&Case::from_json(&json).expect("parses")).expect("valid").problem;
+        let blocked = pinned(&p);
+        assert_eq!(blocked.len(), 2);
+        assert_eq!(blocked[0].why, "a needs 2000 MiB on h2; the most h2 ever has free is 800 (all hosts together have no more free)");
     }
 
     #[test]

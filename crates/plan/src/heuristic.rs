@@ -66,34 +66,55 @@ struct Greedy<'a> {
     ready: Ready,
     moves: Vec<Move>,
     misplaced: usize,
+    /// The fewest misplaced VMs seen, and the number of moves that first reached it.
+    best_misplaced: usize,
+    best_len: usize,
 }
 
-/// Plans greedily from the problem's start. `None` if the greedy rules get stuck.
-pub(crate) fn plan(p: &Problem, order: Order) -> Option<Vec<Move>> {
-    let mut g = Greedy::new(p, order);
-    g.run().then_some(g.moves)
+/// Where the greedy rules got stuck: the moves made so far and the placement reached.
+pub(crate) struct Stuck {
+    pub moves: Vec<Move>,
+    pub pos: Vec<u32>,
+}
+
+/// Plans greedily from placement `start` (the problem's start or a later one). On
+/// failure, returns how far it got, so a stronger method can take over from there.
+pub(crate) fn plan_from(p: &Problem, start: &[u32], order: Order) -> Result<Vec<Move>, Stuck> {
+    let mut g = Greedy::new(p, start, order);
+    if g.run() {
+        return Ok(g.moves);
+    }
+    // Keep only the moves up to the first placement with the fewest misplaced VMs: the
+    // temporary moves after it did not help.
+    let mut moves = g.moves;
+    moves.truncate(g.best_len);
+    let mut pos = start.to_vec();
+    for m in &moves {
+        pos[m.vm as usize] = m.to;
+    }
+    Err(Stuck { moves, pos })
 }
 
 impl<'a> Greedy<'a> {
-    fn new(p: &'a Problem, order: Order) -> Greedy<'a> {
+    fn new(p: &'a Problem, start: &[u32], order: Order) -> Greedy<'a> {
         let n = p.n_hosts();
         let mut on_host = vec![Vec::new(); n];
         let mut slot = vec![0; p.n_vms()];
         let mut waiting = vec![Vec::new(); n];
         let mut misplaced = 0;
         for v in 0..p.n_vms() {
-            let h = p.start[v] as usize;
+            let h = start[v] as usize;
             slot[v] = on_host[h].len();
             on_host[h].push(v as u32);
-            if p.start[v] != p.goal[v] {
+            if start[v] != p.goal[v] {
                 waiting[p.goal[v] as usize].push(v as u32);
                 misplaced += 1;
             }
         }
         Greedy {
             p,
-            pos: p.start.clone(),
-            load: p.loads(&p.start),
+            pos: start.to_vec(),
+            load: p.loads(start),
             on_host,
             slot,
             waiting,
@@ -101,6 +122,8 @@ impl<'a> Greedy<'a> {
             ready: Ready::new(order),
             moves: Vec::new(),
             misplaced,
+            best_misplaced: misplaced,
+            best_len: 0,
         }
     }
 
@@ -132,6 +155,10 @@ impl<'a> Greedy<'a> {
             _ => {}
         }
         self.moves.push(Move { vm: v as u32, from: from as u32, to: to as u32 });
+        if self.misplaced < self.best_misplaced {
+            self.best_misplaced = self.misplaced;
+            self.best_len = self.moves.len();
+        }
     }
 
     /// Queues the VMs waiting for `h` that now fit there.

@@ -69,6 +69,24 @@ impl Problem {
         Problem { host_names, vm_names, cap, req, start, goal, compat, host_classes, vm_class, host_class, max_parallel }
     }
 
+    /// The sub-problem of `hosts` and `vms` (indices into this problem), with the given
+    /// start and goal (indices into `hosts`); compatibility carries over.
+    pub fn restrict(&self, hosts: &[usize], vms: &[usize], start: Vec<u32>, goal: Vec<u32>) -> Problem {
+        Problem {
+            host_names: hosts.iter().map(|&h| self.host_names[h].clone()).collect(),
+            vm_names: vms.iter().map(|&v| self.vm_names[v].clone()).collect(),
+            cap: hosts.iter().map(|&h| self.cap[h]).collect(),
+            req: vms.iter().map(|&v| self.req[v]).collect(),
+            start,
+            goal,
+            compat: self.compat.clone(),
+            host_classes: self.host_classes,
+            vm_class: vms.iter().map(|&v| self.vm_class[v]).collect(),
+            host_class: hosts.iter().map(|&h| self.host_class[h]).collect(),
+            max_parallel: self.max_parallel,
+        }
+    }
+
     pub fn n_hosts(&self) -> usize {
         self.cap.len()
     }

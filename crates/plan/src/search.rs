@@ -17,6 +17,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::time::Instant;
 
 use crate::fxhash::FxBuild;
 use crate::problem::{Move, Problem, Res};
@@ -43,6 +44,9 @@ pub(crate) struct Reach {
     pub at_goal: bool,
     pub max_free_mem: u64,
 }
+
+/// A queue entry: (priority, h migrations, f memory, deadlock term applied, node).
+type Entry = (u32, u32, u64, bool, u32);
 
 struct Node {
     parent: u32,
@@ -84,8 +88,17 @@ impl Seen {
     }
 }
 
-/// Searches for a plan cheaper than `bound`, creating at most `budget` states.
-pub(crate) fn astar(p: &Problem, bound: Option<Cost>, budget: usize) -> Found {
+/// Searches for a plan cheaper than `bound`, creating at most `budget` states and
+/// stopping (as if out of budget) once `deadline` has passed. The node budget is what
+/// normally ends a search, so results do not depend on the machine; the deadline is a
+/// safety net, read every 1,024 expansions.
+///
+/// `weight` above 1 makes it a weighted A* (priority g + weight x h): it dives to some
+/// plan much faster, but `Optimal` then only means "a plan" and `Budget` carries no
+/// lower bound. Exhaustion still proves that nothing under the bound exists.
+// Indices run over several parallel arrays at once; iterators would obscure that.
+#[allow(clippy::needless_range_loop)]
+pub(crate) fn astar(p: &Problem, bound: Option<Cost>, budget: usize, deadline: Option<Instant>, weight: u32) -> Found {
     let n = p.n_vms();
     let to16 = |h: u32| u16::try_from(h).unwrap_or(u16::MAX);
     let start: Vec<u16> = p.start.iter().map(|&h| to16(h)).collect();
@@ -97,22 +110,24 @@ pub(crate) fn astar(p: &Problem, bound: Option<Cost>, budget: usize) -> Found {
     let mut states: Vec<u16> = Vec::new();
     let mut nodes: Vec<Node> = Vec::new();
     let mut seen = Seen { map: HashMap::default() };
-    // (f migrations, h migrations, f memory, deadlock term applied, node): among equal
-    // f the deepest state first, so the search dives instead of widening.
-    let mut heap: BinaryHeap<Reverse<(u32, u32, u64, bool, u32)>> = BinaryHeap::new();
+    // Priority g + weight x h (f when the weight is 1); among equal priorities the
+    // deepest state first, so the search dives instead of widening.
+    let mut heap: BinaryHeap<Reverse<Entry>> = BinaryHeap::new();
 
     let (m0, mm0) = misplaced(p, &start, &goal);
     let h0: u64 = start.iter().enumerate().fold(0, |a, (v, &h)| a ^ zobrist(v, h));
     states.extend_from_slice(&start);
     nodes.push(Node { parent: u32::MAX, mv: Move { vm: 0, from: 0, to: 0 }, g: (0, 0), hash: h0 });
     seen.map.insert(h0, 0);
-    heap.push(Reverse((m0, m0, mm0, false, 0)));
+    heap.push(Reverse((weight * m0, m0, mm0, false, 0)));
 
     let mut pos = vec![0u16; n];
     let mut pos32 = vec![0u32; n];
     let mut sinks = Sinks::new(p.n_hosts());
-    while let Some(Reverse((fc, hc, fm, checked, id))) = heap.pop() {
+    let mut expanded = 0u64;
+    while let Some(Reverse((prio, hc, fm, checked, id))) = heap.pop() {
         let g = nodes[id as usize].g;
+        let fc = g.0 + hc;
         pos.copy_from_slice(&states[id as usize * n..(id as usize + 1) * n]);
         let (_, best) = seen.find(&states, n, nodes[id as usize].hash, &|i| pos[i]);
         if best.is_some_and(|b| nodes[b as usize].g < g) {
@@ -132,13 +147,16 @@ pub(crate) fn astar(p: &Problem, bound: Option<Cost>, budget: usize) -> Found {
             let extra = sinks.deadlocks(p, &pos32, &load);
             if extra > 0 {
                 if (fc + extra, fm) < bound {
-                    heap.push(Reverse((fc + extra, hc + extra, fm, true, id)));
+                    heap.push(Reverse((prio + weight * extra, hc + extra, fm, true, id)));
                 }
                 continue;
             }
         }
-        if nodes.len() > budget {
-            return Found::Budget { lower_bound: fc.min(bound.0) };
+        expanded += 1;
+        let late = expanded & 1023 == 0 && deadline.is_some_and(|d| Instant::now() >= d);
+        if nodes.len() > budget || late {
+            let lower_bound = if weight == 1 { fc.min(bound.0) } else { 0 };
+            return Found::Budget { lower_bound };
         }
         let (mis, mis_mem) = misplaced(p, &pos, &goal);
         let hash = nodes[id as usize].hash;
@@ -170,7 +188,7 @@ pub(crate) fn astar(p: &Problem, bound: Option<Cost>, budget: usize) -> Found {
                 states[at + v] = to16;
                 let mv = Move { vm: v as u32, from: u32::from(from), to: to as u32 };
                 nodes.push(Node { parent: id, mv, g: cg, hash: ch });
-                heap.push(Reverse((f.0, cm, f.1, false, child)));
+                heap.push(Reverse((cg.0 + weight * cm, cm, f.1, false, child)));
             }
         }
     }
@@ -214,6 +232,8 @@ impl Sinks {
     }
 
     /// Migrations that must come on top of one per misplaced VM, from this state.
+    // Indices run over several parallel arrays at once; iterators would obscure that.
+    #[allow(clippy::needless_range_loop)]
     pub fn deadlocks(&mut self, p: &Problem, pos: &[u32], load: &[Res]) -> u32 {
         let h = p.n_hosts();
         // Edges T -> S for misplaced VMs on T whose goal is S (CSR).

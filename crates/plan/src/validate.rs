@@ -145,10 +145,14 @@ fn vm_req(v: &Vm) -> Res {
     Res { mem: v.memory_mib, cpu: v.vcpus.unwrap_or(0) }
 }
 
+/// What makes two hosts alike for compatibility: guest architectures, own
+/// architecture, sorted CPU features.
+type HostKey = (Option<Vec<String>>, Option<String>, Vec<String>);
+
 /// Groups hosts and VMs into compatibility classes and builds the class matrix,
 /// so a 1,000 x 10,000 cluster needs a handful of comparisons, not ten million.
 fn classes(hosts: &[Host], vms: &[&Vm]) -> (Vec<u32>, Vec<u32>, Vec<bool>, usize) {
-    let mut host_keys: HashMap<(Option<Vec<String>>, Option<String>, Vec<String>), u32> = HashMap::new();
+    let mut host_keys: HashMap<HostKey, u32> = HashMap::new();
     let mut host_rep: Vec<usize> = Vec::new();
     let host_class = hosts
         .iter()
