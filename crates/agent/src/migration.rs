@@ -6,7 +6,8 @@
 //! source agent                         destination agent
 //! POST /v1/migrations (202) ──┐
 //!   VM -> Migrating           │
-//!   measure dirty rate  ──────┼──────> POST /v1/incoming: check name, memory, CPU
+//!   measure dirty rate;       │
+//!   pick the strategy   ──────┼──────> POST /v1/incoming: check name, memory, CPU
 //!                             │        features; QEMU -S -incoming defer; listen
 //!   <─────────────────────────┼─────── { uri }   (QEMU armed: run once fully loaded)
 //!   migrate uri; watch passes │        GET /v1/incoming/{vm}   (liveness, every 250 ms)
@@ -348,17 +349,18 @@ impl Agent {
             (qmp, vm.record.spec.clone())
         };
         let guest_bytes = spec.memory_mib << 20;
-        let postcopy_ready = Policy::new(rec.mode, rec.limits, guest_bytes, None).strategy().postcopy_ready;
         let features =
             cpu::features(&qmp, spec.cpu_model()).await.map_err(|e| fail(format!("cannot read the CPU features of {}: {e}", rec.vm)))?;
         let listen_host =
             reqwest::Url::parse(&rec.destination).ok().and_then(|u| u.host_str().map(String::from)).unwrap_or_else(|| "127.0.0.1".into());
+        // Measure first, then prepare the destination: whether both ends arm post-copy
+        // (a capability fixed before the stream starts, whose return path lengthens the
+        // guest's pause) depends on the dirty rate.
+        let dirty = walkabout_migrate::run::measure_dirty_rate(&qmp, 500).await;
+        let policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty);
+        let postcopy_ready = policy.strategy().postcopy_ready;
         let incoming = IncomingRequest { spec: spec.clone(), postcopy_ready, cpu_features: features.into_iter().collect(), listen_host };
-        // Measure the guest while the destination gets ready.
-        let (dirty, prepared) = tokio::join!(
-            walkabout_migrate::run::measure_dirty_rate(&qmp, 500),
-            dest.call(reqwest::Method::POST, "/v1/incoming", Some(serde_json::to_value(&incoming).unwrap_or_default())),
-        );
+        let prepared = dest.call(reqwest::Method::POST, "/v1/incoming", Some(serde_json::to_value(&incoming).unwrap_or_default())).await;
         let prepared = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?;
         let uri = prepared["uri"].as_str().map(String::from).ok_or_else(|| fail(format!("destination gave no URI: {prepared}")))?;
         if *cancel.borrow_and_update() {
@@ -368,7 +370,6 @@ impl Agent {
                 past_switchover: false,
             });
         }
-        let policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty);
         let strategy = policy.strategy().clone();
         self.update(id, |r| {
             r.phase = Phase::Running;
