@@ -28,9 +28,9 @@
 //!   until it does;
 //! - without post-copy (`precopy` mode, or `auto` for a guest that was quiet before the
 //!   start and dirties later) the fallbacks are the downtime limit raised to the maximum
-//!   on a stall, QEMU's auto-converge throttling the vCPUs, and at the budget's end a
-//!   cancel that leaves the VM on its source. In `precopy` mode a predicted
-//!   non-convergence turns on auto-converge (vCPU throttling) from the start.
+//!   on a stall that would fit it, QEMU's auto-converge throttling the vCPUs, and at the
+//!   budget's end a cancel that leaves the VM on its source. In `precopy` mode a
+//!   predicted non-convergence turns on auto-converge (vCPU throttling) from the start.
 
 use serde::{Deserialize, Serialize};
 
