@@ -6,7 +6,8 @@
 //! source agent                         destination agent
 //! POST /v1/migrations (202) ──┐
 //!   VM -> Migrating           │
-//!   measure dirty rate  ──────┼──────> POST /v1/incoming: check name, memory, CPU
+//!   measure dirty rate;       │
+//!   pick the strategy   ──────┼──────> POST /v1/incoming: check name, memory, CPU
 //!                             │        features; QEMU -S -incoming defer; listen
 //!   <─────────────────────────┼─────── { uri }   (QEMU armed: run once fully loaded)
 //!   migrate uri; watch passes │        GET /v1/incoming/{vm}   (liveness, every 250 ms)

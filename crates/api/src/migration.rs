@@ -134,6 +134,8 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Strategy {
     /// Short name: `precopy`, `precopy+postcopy-ready`, `precopy+auto-converge`, `postcopy`.
+    /// In `auto` mode, `precopy+auto-converge` is plain pre-copy for a guest found quiet
+    /// before the start, auto-converge armed in case it starts dirtying.
     pub name: String,
     /// Enable QEMU's `postcopy-ram` capability (both ends) so a switch is possible.
     pub postcopy_ready: bool,

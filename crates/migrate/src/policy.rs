@@ -13,14 +13,24 @@
 //!   fit in it;
 //! - the bandwidth cap is lifted unless the operator set one (QEMU's default cap of
 //!   128 MiB/s alone makes a guest dirtying at 128 MiB/s never finish);
+//! - post-copy readiness is not free: QEMU's `postcopy-ram` opens a return path, and the
+//!   source then waits, with the guest paused, until the destination has loaded the last
+//!   pages and closed that path (it made an idle guest's pause at 100 MiB/s twice QEMU's
+//!   default). So in `auto` mode it is armed only when the dirty rate measured before the
+//!   start is at least [`READY_SHARE`] of the expected link bandwidth (the cap, or
+//!   [`ASSUMED_LINK_BPS`] without one), or could not be measured; below that the guest
+//!   gets plain pre-copy, with auto-converge armed as its fallback;
 //! - a *stall* is the remaining bytes not falling for [`STALL_ITERATIONS`] passes, judged
 //!   on what QEMU reports, not on a timer;
-//! - in `auto` mode a stall, a failed prediction after the first full pass, or half the
-//!   time budget spent switches to post-copy, which always finishes (each page moves
-//!   once) at the price of the VM depending on both hosts until it does;
-//! - in `precopy` mode a predicted non-convergence turns on auto-converge (vCPU
-//!   throttling) from the start, and an exhausted budget cancels the migration: the VM
-//!   stays on its source.
+//! - in `auto` mode with post-copy armed, a stall, a failed prediction after the first
+//!   full pass, or half the time budget spent switches to post-copy, which always
+//!   finishes (each page moves once) at the price of the VM depending on both hosts
+//!   until it does;
+//! - without post-copy (`precopy` mode, or `auto` for a guest that was quiet before the
+//!   start and dirties later) the fallbacks are the downtime limit raised to the maximum
+//!   on a stall that would fit it, QEMU's auto-converge throttling the vCPUs, and at the
+//!   budget's end a cancel that leaves the VM on its source. In `precopy` mode a
+//!   predicted non-convergence turns on auto-converge (vCPU throttling) from the start.
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +42,14 @@ const PROGRESS_FRACTION: f64 = 0.95;
 const CONVERGE_SHARE: f64 = 0.8;
 /// The bandwidth QEMU is given when the operator sets no cap: the link is the limit.
 pub const UNCAPPED_BPS: u64 = 100 << 30;
+/// The link bandwidth assumed before the start when the operator sets no cap, bytes/s:
+/// a 10 Gbit/s migration network, rounded down (loopback is faster). Only the post-copy
+/// readiness decision uses it; the transfer itself runs at whatever the link gives.
+pub const ASSUMED_LINK_BPS: u64 = 1 << 30;
+/// In `auto` mode post-copy is armed when the dirty rate measured before the start is at
+/// least this share of the expected link bandwidth: a margin of 2 for what a 500 ms sample
+/// misses and for a guest that speeds up. Below it, plain pre-copy.
+pub const READY_SHARE: f64 = 0.5;
 
 pub use walkabout_api::{Limits, Mode, Strategy, Switch};
 
@@ -105,6 +123,46 @@ fn mib(bps: u64) -> u64 {
     bps >> 20
 }
 
+/// `auto` mode's start when pre-copy is not predicted to fail outright: post-copy armed
+/// (QEMU's `postcopy-ram`, which opens the return path the switchover then waits on) only
+/// when the measured dirty rate is at least [`READY_SHARE`] of the expected link, or
+/// unknown; otherwise plain pre-copy with auto-converge armed as the fallback. Returns
+/// the strategy's name, post-copy readiness, auto-converge, and why.
+fn auto_readiness(dirty_rate_bps: Option<u64>, cap_bps: Option<u64>, dirty: &str) -> (&'static str, bool, bool, String) {
+    let link_bps = cap_bps.unwrap_or(ASSUMED_LINK_BPS);
+    let link = match cap_bps {
+        Some(b) => format!("the {} MiB/s cap", mib(b)),
+        None => format!("the {} MiB/s link assumed without a cap", mib(ASSUMED_LINK_BPS)),
+    };
+    let share = (READY_SHARE * 100.0) as u32;
+    match dirty_rate_bps {
+        None => (
+            "precopy+postcopy-ready",
+            true,
+            false,
+            format!("{dirty}: post-copy armed as a precaution; pre-copy first, post-copy if it stalls or half the budget goes"),
+        ),
+        Some(d) if d as f64 >= READY_SHARE * link_bps as f64 => (
+            "precopy+postcopy-ready",
+            true,
+            false,
+            format!(
+                "{dirty} is at least {share}% of {link}: pre-copy may not converge, so post-copy is armed; pre-copy first, post-copy if it stalls or half the budget goes"
+            ),
+        ),
+        Some(_) => (
+            "precopy+auto-converge",
+            false,
+            true,
+            format!(
+                "{dirty} is under {share}% of {link}: plain pre-copy, post-copy not armed (its return path would lengthen the pause); \
+                 should the guest start dirtying, the fallback is auto-converge instead of post-copy (QEMU throttles the vCPUs once \
+                 a pass dirties more than half of what it sent), the downtime limit raised on a stall, and a cancel at the budget's end"
+            ),
+        ),
+    }
+}
+
 impl Policy {
     /// Picks the strategy for a guest of `guest_bytes`, given the dirty rate measured
     /// before the start (bytes/s), if any.
@@ -133,9 +191,7 @@ impl Policy {
                     (CONVERGE_SHARE * 100.0) as u32
                 ),
             ),
-            (Mode::Auto, _) => {
-                ("precopy+postcopy-ready", true, false, format!("{dirty}: pre-copy first, post-copy if it stalls or half the budget goes"))
-            }
+            (Mode::Auto, _) => auto_readiness(dirty_rate_bps, limits.max_bandwidth_bps, &dirty),
             (Mode::Precopy, Some(false)) => (
                 "precopy+auto-converge",
                 false,
@@ -231,11 +287,12 @@ impl Policy {
         if !can_postcopy && s.elapsed_ms >= self.deadline_ms {
             return Action::GiveUp {
                 reason: format!(
-                    "pre-copy did not finish within its {} ms budget ({} MiB left, dirty {} MiB/s, sending {} MiB/s); the VM stays on its source",
+                    "pre-copy did not finish within its {} ms budget ({} MiB left, dirty {} MiB/s, sending {} MiB/s){}; the VM stays on its source",
                     self.deadline_ms,
                     mib(s.remaining_bytes),
                     mib(s.dirty_rate_bps),
-                    mib(s.transfer_rate_bps)
+                    mib(s.transfer_rate_bps),
+                    self.fallback_note()
                 ),
             };
         }
@@ -253,8 +310,22 @@ impl Policy {
         self.passes.clear();
         Some(Action::SetDowntime {
             ms: max,
-            reason: format!("{stall}; QEMU expects {} ms, within the allowed {max} ms: downtime limit raised", s.expected_downtime_ms),
+            reason: format!(
+                "{stall}; QEMU expects {} ms, within the allowed {max} ms: downtime limit raised{}",
+                s.expected_downtime_ms,
+                self.fallback_note()
+            ),
         })
+    }
+
+    /// In `auto` mode without post-copy, what stands in for it, for the switch reasons;
+    /// empty otherwise.
+    fn fallback_note(&self) -> String {
+        if self.mode != Mode::Auto || self.strategy.postcopy_ready {
+            return String::new();
+        }
+        let before = self.measured_dirty_bps.map(|d| format!("dirty {} MiB/s", mib(d))).unwrap_or_else(|| "dirty rate unknown".into());
+        format!(" (post-copy not armed: {before} before the start; auto-converge throttling the vCPUs instead of post-copy)")
     }
 
     fn go_postcopy(&mut self, reason: String) -> Action {
@@ -378,6 +449,86 @@ mod tests {
         let mut p = Policy::new(Mode::Auto, limits, GIB, None);
         assert_eq!(p.observe(&pass(2, 500, 4_000)), Action::Continue);
         assert!(matches!(p.observe(&pass(2, 450, 5_000)), Action::StartPostcopy { reason } if reason.contains("budget")));
+    }
+
+    fn capped(mib_s: u64) -> Limits {
+        Limits { max_bandwidth_bps: Some(mib_s * MIB), ..Limits::default() }
+    }
+
+    /// Feeds `(iteration, remaining MiB, elapsed ms)` passes; returns every action.
+    fn feed(p: &mut Policy, passes: &[(u64, u64, u64)], expected_downtime_ms: u64) -> Vec<Action> {
+        passes.iter().map(|&(i, rem, ms)| p.observe(&Sample { expected_downtime_ms, ..pass(i, rem, ms) })).collect()
+    }
+
+    #[test]
+    fn auto_gives_an_idle_guest_plain_precopy_without_the_return_path() {
+        let p = Policy::new(Mode::Auto, capped(100), 2 * GIB, Some(0));
+        let s = p.strategy();
+        assert!(!s.postcopy_ready, "{s:?}");
+        assert!(s.auto_converge, "auto-converge must stand in for post-copy: {s:?}");
+        assert_eq!(s.name, "precopy+auto-converge");
+        assert!(s.reason.contains("post-copy not armed") && s.reason.contains("100 MiB/s cap"), "{}", s.reason);
+    }
+
+    #[test]
+    fn auto_without_a_cap_judges_the_dirty_rate_against_the_assumed_link() {
+        let quiet = Policy::new(Mode::Auto, Limits::default(), GIB, Some(200 * MIB));
+        assert!(!quiet.strategy().postcopy_ready);
+        assert!(quiet.strategy().reason.contains("link assumed without a cap"), "{}", quiet.strategy().reason);
+        let busy = Policy::new(Mode::Auto, Limits::default(), GIB, Some(ASSUMED_LINK_BPS / 2));
+        assert!(busy.strategy().postcopy_ready);
+    }
+
+    #[test]
+    fn auto_arms_postcopy_from_half_the_cap_with_no_switch_before_a_stall() {
+        let below = Policy::new(Mode::Auto, capped(100), GIB, Some(49 * MIB));
+        assert!(!below.strategy().postcopy_ready);
+        let mut at_half = Policy::new(Mode::Auto, capped(100), GIB, Some(50 * MIB));
+        assert!(at_half.strategy().postcopy_ready && !at_half.strategy().auto_converge);
+        assert_eq!(at_half.strategy().name, "precopy+postcopy-ready");
+        // Predicted to converge (under 80% of the cap): no switch after the first pass.
+        assert_eq!(feed(&mut at_half, &[(1, 900, 100), (2, 300, 200), (3, 100, 300)], 2000), vec![Action::Continue; 3]);
+    }
+
+    #[test]
+    fn auto_arms_postcopy_for_a_guest_dirtying_beyond_the_cap() {
+        let p = Policy::new(Mode::Auto, capped(100), GIB, Some(150 * MIB));
+        assert!(p.strategy().postcopy_ready);
+        assert!(p.strategy().reason.contains("predicted not to converge"), "{}", p.strategy().reason);
+    }
+
+    #[test]
+    fn auto_arms_postcopy_when_the_dirty_rate_could_not_be_measured() {
+        let p = Policy::new(Mode::Auto, capped(100), GIB, None);
+        assert!(p.strategy().postcopy_ready);
+        assert!(p.strategy().reason.contains("dirty rate unknown"), "{}", p.strategy().reason);
+    }
+
+    #[test]
+    fn a_guest_quiet_at_the_start_that_stalls_later_gets_the_downtime_raise_not_postcopy() {
+        let mut p = Policy::new(Mode::Auto, capped(100), GIB, Some(0));
+        let stall = feed(&mut p, &[(1, 900, 100), (2, 200, 2_000), (3, 210, 3_000), (4, 205, 4_000), (5, 199, 5_000)], 120);
+        assert_eq!(stall[..4], vec![Action::Continue; 4]);
+        assert!(
+            matches!(&stall[4], Action::SetDowntime { ms: 300, reason } if reason.contains("auto-converge throttling the vCPUs instead of post-copy")),
+            "{stall:?}"
+        );
+        // Throttled, the remainder falls again and fits: it finishes in pre-copy.
+        assert_eq!(feed(&mut p, &[(6, 120, 6_000), (7, 40, 7_000), (8, 10, 8_000)], 100), vec![Action::Continue; 3]);
+    }
+
+    #[test]
+    fn a_guest_quiet_at_the_start_that_never_converges_is_cancelled_at_the_budget_never_postcopied() {
+        let limits = Limits { budget_per_gib_ms: 10_000, ..capped(100) };
+        let mut p = Policy::new(Mode::Auto, limits, GIB, Some(0));
+        // Half the budget gone: with post-copy armed this would switch; here it carries on.
+        let actions = feed(&mut p, &[(2, 500, 4_000), (2, 450, 5_000), (3, 450, 9_000)], 2000);
+        assert_eq!(actions, vec![Action::Continue; 3]);
+        let end = p.observe(&pass(4, 450, 10_000));
+        assert!(
+            matches!(&end, Action::GiveUp { reason } if reason.contains("budget") && reason.contains("post-copy not armed: dirty 0 MiB/s")),
+            "{end:?}"
+        );
     }
 
     #[test]

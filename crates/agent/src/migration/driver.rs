@@ -144,22 +144,22 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         self.agent.update(|r| r.phase = Phase::Preparing);
         let spec = &self.spec;
         let guest_bytes = spec.memory_mib << 20;
-        let postcopy_ready = Policy::new(rec.mode, rec.limits, guest_bytes, None).strategy().postcopy_ready;
         let features =
             self.qmp.cpu_features(spec.cpu_model()).await.map_err(|e| fail(format!("cannot read the CPU features of {}: {e}", rec.vm)))?;
         let listen_host =
             reqwest::Url::parse(&rec.destination).ok().and_then(|u| u.host_str().map(String::from)).unwrap_or_else(|| "127.0.0.1".into());
+        // Measure first, then prepare the destination: whether both ends arm post-copy
+        // (a capability fixed before the stream starts, whose return path lengthens the
+        // guest's pause) depends on the dirty rate.
+        let dirty = walkabout_migrate::run::measure_dirty_rate(&self.qmp, DIRTY_RATE_WINDOW_MS).await;
+        let policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty);
+        let postcopy_ready = policy.strategy().postcopy_ready;
         let incoming = IncomingRequest { spec: spec.clone(), postcopy_ready, cpu_features: features.into_iter().collect(), listen_host };
-        // Measure the guest while the destination gets ready.
-        let (dirty, prepared) = tokio::join!(
-            walkabout_migrate::run::measure_dirty_rate(&self.qmp, DIRTY_RATE_WINDOW_MS),
-            self.peer.prepare_incoming(&incoming),
-        );
+        let prepared = self.peer.prepare_incoming(&incoming).await;
         let uri = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?.uri;
         if *cancel.borrow_and_update() {
             return Err(Ended { phase: Phase::Cancelled, reason: CANCELLED_BY_REQUEST.into(), past_switchover: false });
         }
-        let policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty);
         let strategy = policy.strategy().clone();
         self.agent.update(|r| {
             r.phase = Phase::Running;
