@@ -118,3 +118,123 @@ impl Cluster {
         self.view_part().set_maintenance(host, Maintenance::Active)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::cluster::Maintenance;
+    use crate::fake::{open, temp, url, wait_final, Fake};
+    use crate::plans::{PlanStatus, StepStatus};
+    use std::time::Duration;
+
+    /// Migrations started of `vm`, as the agents saw them: (from URL, to URL).
+    fn started(fake: &Fake, vm: &str) -> Vec<(String, String)> {
+        fake.state().started.iter().filter(|(v, _, _)| v == vm).map(|(_, f, t)| (f.clone(), t.clone())).collect()
+    }
+
+    fn on(fake: &Fake, host: &str) -> Vec<String> {
+        fake.state().vms.iter().filter(|(_, (h, _))| *h == url(host)).map(|(n, _)| n.clone()).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drain_while_a_migration_out_of_the_host_runs_waits_for_it_and_moves_that_vm_once() {
+        let fake = Fake::new(&[("h1", 768), ("h2", 512), ("h3", 512)], &[("a", 256, "h1"), ("b", 256, "h1"), ("c", 256, "h1")]);
+        fake.state().polls = 8;
+        let dir = temp("drain-out");
+        let c = open(&dir, &fake, &["h1", "h2", "h3"]).await;
+        let m = c.try_migrate("a", "h2", "operator").expect("migrate").expect("within limits");
+
+        let p = c.drain("h1").expect("drain");
+        let p = wait_final(&c, &p.id).await;
+
+        assert_eq!(p.status, PlanStatus::Completed, "{p:#?}");
+        assert!(p.steps.iter().all(|s| s.vm != "a" || s.status != StepStatus::Failed), "{p:#?}");
+        assert!(p.steps.iter().all(|s| s.status != StepStatus::Failed), "no step fought the migration in flight: {p:#?}");
+        assert_eq!(started(&fake, "a"), vec![(url("h1"), url("h2"))], "a moved once, by {}", m.id);
+        assert_eq!(on(&fake, "h1"), Vec::<String>::new());
+        assert_eq!(c.host("h1").expect("h1").maintenance, Maintenance::Drained);
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drain_while_a_migration_into_the_host_runs_includes_that_vm() {
+        let fake = Fake::new(&[("h1", 768), ("h2", 768), ("h3", 512)], &[("a", 256, "h1"), ("b", 256, "h2"), ("d", 256, "h3")]);
+        fake.state().polls = 8;
+        let dir = temp("drain-in");
+        let c = open(&dir, &fake, &["h1", "h2", "h3"]).await;
+        c.try_migrate("d", "h1", "operator").expect("migrate").expect("within limits");
+
+        let p = c.drain("h1").expect("drain");
+        let p = wait_final(&c, &p.id).await;
+
+        assert_eq!(p.status, PlanStatus::Completed, "{p:#?}");
+        let d = started(&fake, "d");
+        assert_eq!(d.len(), 2, "d went into h1, then out: {d:?}");
+        assert_eq!(d[0], (url("h3"), url("h1")));
+        assert_eq!(d[1].0, url("h1"));
+        assert!(p.steps.iter().any(|s| s.vm == "d" && s.status == StepStatus::Completed), "{p:#?}");
+        assert_eq!(on(&fake, "h1"), Vec::<String>::new());
+        assert_eq!(c.host("h1").expect("h1").maintenance, Maintenance::Drained);
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_new_starts_into_a_draining_host() {
+        let fake = Fake::new(&[("h1", 1024), ("h2", 1024)], &[("a", 256, "h1"), ("b", 256, "h2")]);
+        fake.state().polls = 8;
+        let dir = temp("drain-closed");
+        let c = open(&dir, &fake, &["h1", "h2"]).await;
+        c.drain("h1").expect("drain");
+
+        let e = c.try_migrate("b", "h1", "operator").expect_err("refused");
+
+        assert!(e.to_string().contains("h1 takes no VMs (it is draining)"), "{e}");
+        assert!(started(&fake, "b").is_empty());
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drain_that_cannot_finish_ends_drain_failed_with_the_reason() {
+        let fake = Fake::new(&[("h1", 768), ("h2", 512), ("h3", 512)], &[("a", 256, "h1"), ("b", 256, "h1"), ("c", 256, "h1")]);
+        fake.state().failing.push("b".into());
+        let dir = temp("drain-failed");
+        let c = open(&dir, &fake, &["h1", "h2", "h3"]).await;
+
+        let p = c.drain("h1").expect("drain");
+        let p = wait_final(&c, &p.id).await;
+
+        assert_eq!(p.status, PlanStatus::Failed, "{p:#?}");
+        let h1 = c.host("h1").expect("h1");
+        assert_eq!(h1.maintenance, Maintenance::DrainFailed, "{h1:?}");
+        let reason = h1.maintenance_reason.unwrap_or_default();
+        assert!(reason.contains(&p.id) && reason.contains("b stayed"), "{reason}");
+        assert!(reason.contains("destination QEMU exited"), "{reason}");
+        assert_eq!(on(&fake, "h1"), vec!["b".to_string()]);
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_drain_leaves_its_host_drain_failed_saying_so() {
+        let fake = Fake::new(&[("h1", 768), ("h2", 512), ("h3", 512)], &[("a", 256, "h1"), ("b", 256, "h1")]);
+        fake.state().polls = 20;
+        let dir = temp("drain-cancelled");
+        let c = open(&dir, &fake, &["h1", "h2", "h3"]).await;
+        let p = c.drain("h1").expect("drain");
+        while fake.state().started.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        c.cancel_plan(&p.id).await.expect("cancel");
+        let p = wait_final(&c, &p.id).await;
+
+        assert_eq!(p.status, PlanStatus::Cancelled, "{p:#?}");
+        let h1 = c.host("h1").expect("h1");
+        assert_eq!(h1.maintenance, Maintenance::DrainFailed, "{h1:?}");
+        assert!(h1.maintenance_reason.unwrap_or_default().contains("cancelled by the operator"));
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

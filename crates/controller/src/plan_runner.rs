@@ -572,39 +572,12 @@ impl PlanRunner {
 
 #[cfg(test)]
 mod tests {
-    use crate::controller::{Cluster, ControllerConfig};
     use crate::cluster::{HostStatus, Maintenance};
     use crate::error::ControllerError;
-    use crate::plans::{PlanRecord, PlanStatus};
+    use crate::plans::PlanStatus;
     use std::time::Duration;
     use walkabout_api::ExecLimits;
-    use crate::fake::{url, Fake};
-    use std::sync::Arc;
-
-    fn temp(tag: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("wa-ctl-exec-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        dir
-    }
-
-    async fn open(dir: &std::path::Path, fake: &Fake, hosts: &[&str]) -> Cluster {
-        let c = Cluster::open(ControllerConfig::new(dir.to_path_buf()), Arc::new(fake.clone())).await.expect("open");
-        for h in hosts {
-            c.add_host(&url(h), Some(h)).await.expect("add host");
-        }
-        c
-    }
-
-    async fn wait_final(c: &Cluster, id: &str) -> PlanRecord {
-        for _ in 0..200 {
-            let p = c.plan(id).expect("plan");
-            if p.status.is_final() {
-                return p;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("plan {id} never ended: {:?}", c.plan(id));
-    }
+    use crate::fake::{open, temp, url, wait_final, Fake};
 
     /// h1 holds three VMs; h2 and h3 have room for two each: three waves (h1 takes
     /// part in one migration at a time), each VM moved once.

@@ -4,7 +4,7 @@
 //! a refusal naming every VM that cannot go anywhere, and why.
 //!
 //! Rules the case encodes:
-//! - hosts that are down or powered off are not in the case; VMs on a down host are
+//! - hosts that are down are not in the case; VMs on a down host are
 //!   reported (they cannot be migrated) and left out;
 //! - `drain HOST` empties HOST and keeps every host already draining or drained empty,
 //!   so a drain never picks a host that is itself draining or down;

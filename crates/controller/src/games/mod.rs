@@ -241,3 +241,43 @@ async fn start_game(State(g): State<Arc<Games>>, headers: HeaderMap, b: Body<Wal
     let r = options(b, "game").and_then(|o| g.start_chairs_with(g.client(Some(&headers))?, o));
     reply(StatusCode::ACCEPTED, r)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{open, temp, url, wait_final, Fake};
+    use crate::plans::PlanStatus;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_walk_never_targets_a_draining_host() {
+        let vms = [("a", 256, "h1"), ("b", 256, "h1"), ("c", 256, "h2"), ("d", 256, "h3")];
+        let fake = Fake::new(&[("h1", 1024), ("h2", 1024), ("h3", 1024)], &vms);
+        let dir = temp("walk-drain");
+        let c = open(&dir, &fake, &["h1", "h2", "h3"]).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("listen");
+        c.games().serve_at(&format!("http://{}", listener.local_addr().expect("address"))).expect("url");
+        let app = crate::api::router(c.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let walk = c.games().start_walk(WalkOptions { duration_ms: 8_000, parallel: 2, pause_ms: 0 }).expect("walk");
+        while c.games().walk(&walk.id).expect("walk").hops.len() < 2 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        let plan = c.drain("h1").expect("drain");
+        let since = now_ms();
+        let plan = wait_final(&c, &plan.id).await;
+        let mut w = c.games().walk(&walk.id).expect("walk");
+        while w.finished_ms.is_none() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            w = c.games().walk(&walk.id).expect("walk");
+        }
+
+        assert_eq!(plan.status, PlanStatus::Completed, "{plan:#?}");
+        let into_h1: Vec<_> = c.migrations().into_iter().filter(|m| m.to == "h1" && m.started_ms >= since).collect();
+        assert!(into_h1.is_empty(), "migrations started into draining h1: {into_h1:#?}");
+        assert!(w.hops.iter().any(|h| c.migration(&h.migration).is_ok_and(|m| m.started_ms > since)), "the walk went on: {w:#?}");
+        assert!(fake.state().vms.values().all(|(h, _)| *h != url("h1")));
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
