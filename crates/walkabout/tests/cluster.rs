@@ -250,3 +250,137 @@ fn walkabout_up_walks_four_guests_and_leaves_no_process_behind_after_ctrl_c() {
     assert_eq!(processes_mentioning(&up.root), Vec::<i64>::new(), "processes left behind");
     assert!(!std::path::Path::new("/tmp").join(&up.root).exists(), "data left behind");
 }
+
+/// `walkabout up` with four 256 MiB guests on three hosts of 1 GiB, walking; returns
+/// once the walk has made its first hop, with the controller's URL and the agents' base
+/// port (host hN's agent listens on `base + N`).
+fn up_walking() -> (Up, String, u32, std::sync::mpsc::Receiver<String>) {
+    common::guest_image();
+    let base = 40_000 + (std::process::id() % 5_000) * 4;
+    let mut child = Command::new(common::bin())
+        .args(["up", "--accel", "tcg", "--listen", &format!("127.0.0.1:{base}"), "--base-port", &(base + 1).to_string()])
+        .args(["--memory", "256M", "--capacity", "1G", "--workload", "dirty:16:4", "--pause", "1s"])
+        .env("WALKABOUT_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn walkabout up");
+    let stdout = child.stdout.take().expect("stdout");
+    let up = Up { root: format!("walkabout-up-{}", child.id()), child };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let start = Instant::now();
+    let mut seen = vec![];
+    while !seen.iter().any(|l: &String| l.starts_with("hop 1:")) {
+        assert!(start.elapsed() < Duration::from_secs(150), "no hop from walkabout up: {seen:#?}");
+        if let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) {
+            seen.push(line);
+        }
+    }
+    (up, format!("http://127.0.0.1:{base}"), base, rx)
+}
+
+/// `walkabout ARGS --controller URL --output json`, whatever its exit status, and that status.
+fn ctl_json(url: &str, args: &[&str]) -> (Value, Option<i32>) {
+    let out = Command::new(common::bin())
+        .args(args)
+        .args(["--controller", url, "--output", "json"])
+        .env("WALKABOUT_LOG", "warn")
+        .output()
+        .expect("run walkabout");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("walkabout {args:?}: bad JSON ({e}): {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    (v, out.status.code())
+}
+
+/// The host running the most VMs, as the controller sees it.
+fn fullest(url: &str) -> Value {
+    let (hosts, _) = ctl_json(url, &["host", "list"]);
+    hosts.as_array().and_then(|h| h.iter().max_by_key(|h| h["vms"].as_array().map_or(0, Vec::len)).cloned()).expect("hosts")
+}
+
+/// The VMs the agent of host `name` runs (asked of the agent itself).
+fn agent_vms(base: u32, name: &str) -> Vec<Value> {
+    let n: u32 = name.trim_start_matches('h').parse().expect("host hN");
+    let out = Command::new(common::bin())
+        .args(["vm", "list", "--agent", &format!("http://127.0.0.1:{}", base + n), "--output", "json"])
+        .env("WALKABOUT_LOG", "warn")
+        .output()
+        .expect("run walkabout");
+    assert!(out.status.success(), "vm list on {name}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<Value>(&out.stdout).expect("JSON").as_array().cloned().unwrap_or_default()
+}
+
+/// Drains `host` through the CLI and checks it ends drained and stays empty while the
+/// walk goes on.
+fn assert_drains_and_stays_empty(url: &str, base: u32, host: &str) -> Value {
+    let (plan, code) = ctl_json(url, &["host", "drain", host]);
+
+    assert_eq!(code, Some(0), "{plan}");
+    assert_eq!(plan["status"], "completed", "{plan}");
+    let h = ctl_json(url, &["host", "list"]).0.as_array().and_then(|a| a.iter().find(|x| x["name"] == host).cloned()).expect("host");
+    assert_eq!(h["maintenance"], "drained", "{h}");
+    assert_eq!(h["vms"].as_array().map_or(0, Vec::len), 0, "{h}");
+    assert_eq!(agent_vms(base, host), Vec::<Value>::new(), "{host}'s agent still runs VMs");
+    // The walk goes on; nothing lands on the drained host afterwards.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(agent_vms(base, host), Vec::<Value>::new(), "a VM landed on {host} after its drain");
+    plan
+}
+
+#[test]
+fn with_a_walk_running_a_drain_of_the_fullest_host_completes_and_leaves_no_vm_on_it() {
+    let (_up, url, base, _lines) = up_walking();
+    let host = fullest(&url);
+    let name = host["name"].as_str().expect("name").to_string();
+    assert!(host["vms"].as_array().map_or(0, Vec::len) >= 2, "{host}");
+
+    let plan = assert_drains_and_stays_empty(&url, base, &name);
+
+    assert!(steps(&plan).iter().all(|s| s["status"] != "failed"), "no step fought the walk: {plan}");
+}
+
+#[test]
+fn a_drain_started_while_a_migration_into_the_host_is_in_flight_takes_that_vm_out_too() {
+    let (_up, url, base, _lines) = up_walking();
+    let host = fullest(&url);
+    let name = host["name"].as_str().expect("name").to_string();
+    let (hosts, _) = ctl_json(&url, &["host", "list"]);
+    let mover = hosts
+        .as_array()
+        .and_then(|h| h.iter().filter(|h| h["name"] != name.as_str()).find_map(|h| h["vms"].as_array().and_then(|v| v.first().cloned())))
+        .and_then(|v| v.as_str().map(String::from))
+        .expect("a VM elsewhere");
+    // Move it in; a walk hop of it may be under way, so try until the controller takes it.
+    let start = Instant::now();
+    let moving = loop {
+        let (p, code) = ctl_json(&url, &["vm", "move", &mover, "--to", &name, "--no-wait"]);
+        if code == Some(0) {
+            break p;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "cannot move {mover} to {name}: {p}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let id = moving["id"].as_str().expect("plan id").to_string();
+    let start = Instant::now();
+    loop {
+        let (p, _) = ctl_json(&url, &["cluster", "plan-show", &id]);
+        if steps(&p).iter().any(|s| s["status"] == "running") {
+            break;
+        }
+        assert!(p["status"] == "running", "the move ended before its migration ran: {p}");
+        assert!(start.elapsed() < Duration::from_secs(30), "the move's migration never started: {p}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let plan = assert_drains_and_stays_empty(&url, base, &name);
+
+    let (moved, _) = ctl_json(&url, &["cluster", "plan-show", &id]);
+    assert_eq!(moved["status"], "completed", "the move in flight landed: {moved}");
+    assert!(steps(&plan).iter().any(|s| s["vm"] == mover.as_str() && s["status"] == "completed"), "the drain took {mover} out: {plan}");
+}
