@@ -31,6 +31,10 @@ pub struct View {
     /// Each host's recent polls, for deciding when it is down.
     #[serde(skip)]
     liveness: BTreeMap<String, Liveness>,
+    /// When a finished migration last placed each VM: a poll asked before that is stale
+    /// about the VM (its source may still have listed it).
+    #[serde(skip)]
+    placed_ms: BTreeMap<String, u64>,
 }
 
 impl View {
@@ -165,8 +169,9 @@ impl ClusterView {
             format!("host {} registered ({url})", host.name),
             serde_json::to_value(&host).unwrap_or_default(),
         );
+        let asked = now_ms();
         let polled = agents::poll(self.api.as_ref(), &url).await;
-        self.observe(&host.name, polled);
+        self.observe(&host.name, polled, asked);
         self.watch_host(host.name.clone());
         self.host(&host.name)
     }
@@ -180,11 +185,12 @@ impl ClusterView {
                     Some(h) => h.url.clone(),
                     None => return,
                 };
+                let asked = now_ms();
                 let polled = tokio::select! {
                     p = agents::poll(cv.api.as_ref(), &url) => p,
                     _ = stop.changed() => return,
                 };
-                cv.observe(&name, polled);
+                cv.observe(&name, polled, asked);
                 tokio::select! {
                     _ = tokio::time::sleep(agents::POLL_INTERVAL) => {}
                     _ = stop.changed() => return,
@@ -195,7 +201,9 @@ impl ClusterView {
 
     /// Folds one poll of host `name` into the view: its status (down after
     /// [`agents::DOWN_AFTER`] of silence, with the reason), capacity and VMs.
-    pub fn observe(&self, name: &str, polled: Poll) {
+    /// A poll asked (at `asked_ms`) before a migration placed a VM says nothing about
+    /// that VM: its answer may predate the switchover.
+    pub fn observe(&self, name: &str, polled: Poll, asked_ms: u64) {
         let now = now_ms();
         let mut changed_hosts = vec![];
         let mut changed_vms: Vec<(ClusterVm, String)> = vec![];
@@ -223,8 +231,10 @@ impl ClusterView {
                     } else if capacity_changed {
                         changed_hosts.push(String::new());
                     }
+                    let placed_ms = &view.placed_ms;
+                    let stale = |vm: &str| placed_ms.get(vm).is_some_and(|t| *t >= asked_ms);
                     let owned: Vec<&VmInfo> = vms.iter().filter(|v| v.record.state.is_owned()).collect();
-                    for v in &owned {
+                    for v in owned.iter().filter(|v| !stale(&v.record.spec.name)) {
                         let spec = &v.record.spec;
                         let state = ClusterVmState::from(v.record.state);
                         let entry = view.vms.entry(spec.name.clone()).or_insert_with(|| ClusterVm {
@@ -255,7 +265,7 @@ impl ClusterView {
                     }
                     for vm in view.vms.values_mut() {
                         let listed = owned.iter().any(|v| v.record.spec.name == vm.name);
-                        if vm.host.as_deref() == Some(name) && !listed && vm.state != ClusterVmState::Missing {
+                        if vm.host.as_deref() == Some(name) && !listed && vm.state != ClusterVmState::Missing && !stale(&vm.name) {
                             vm.state = ClusterVmState::Missing;
                             changed_vms.push((vm.clone(), format!("VM {} is no longer listed by {name}", vm.name)));
                         }
@@ -370,6 +380,7 @@ impl ClusterView {
     pub(crate) fn placed(&self, vm: &str, host: &str) {
         let v = {
             let mut view = lock(&self.view);
+            view.placed_ms.insert(vm.to_string(), now_ms());
             let Some(v) = view.vms.get_mut(vm) else { return };
             if v.host.as_deref() == Some(host) {
                 return;
@@ -413,8 +424,9 @@ impl ClusterView {
             (h.name.clone(), h.url.clone())
         };
         self.api.create_vm(url.clone(), spec).await?;
+        let asked = now_ms();
         let polled = agents::poll(self.api.as_ref(), &url).await;
-        self.observe(&host, polled);
+        self.observe(&host, polled, asked);
         self.vm(&name)
     }
 
@@ -433,5 +445,30 @@ impl ClusterView {
         self.store.delete(&VMS, name)?;
         self.events.emit(Subject::Vm, name, format!("VM {name} deleted"), serde_json::Value::Null);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::agents;
+    use crate::fake::{open, temp, url, Fake};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poll_asked_before_a_migration_placed_a_vm_does_not_move_it_back() {
+        let fake = Fake::new(&[("h1", 512), ("h2", 512)], &[("a", 256, "h1")]);
+        let dir = temp("stale-poll");
+        let c = open(&dir, &fake, &["h1", "h2"]).await;
+        let asked = crate::now_ms();
+        let stale = agents::poll(&fake, &url("h1")).await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        fake.state().vms.insert("a".into(), (url("h2"), 256));
+        c.view_part().placed("a", "h2");
+
+        c.view_part().observe("h1", stale, asked);
+
+        assert_eq!(c.vm("a").expect("a").host.as_deref(), Some("h2"));
+        assert!(c.host("h1").expect("h1").vms.is_empty());
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
     }
 }
