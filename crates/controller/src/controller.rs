@@ -12,7 +12,7 @@
 //! plan runner uses both; the games only speak HTTP to the API.
 
 use crate::agents::AgentApi;
-use crate::cluster::{ClusterVm, ClusterView, Host, Maintenance, View};
+use crate::cluster::{ClusterView, ClusterVm, Host, Maintenance, View};
 use crate::error::ControllerError;
 use crate::events::Events;
 use crate::execute::{ExecConfig, ExecLimits, Executor, Migration};

@@ -61,15 +61,7 @@ impl PlanRunner {
         stop: watch::Receiver<bool>,
     ) -> Result<Arc<PlanRunner>, ControllerError> {
         let plans: BTreeMap<String, PlanRecord> = store.list::<PlanRecord>(&PLANS)?.into_iter().map(|p| (p.id.clone(), p)).collect();
-        let r = Arc::new(PlanRunner {
-            view,
-            exec,
-            store,
-            events,
-            plans: Mutex::new(plans),
-            executing: Mutex::new(BTreeMap::new()),
-            stop,
-        });
+        let r = Arc::new(PlanRunner { view, exec, store, events, plans: Mutex::new(plans), executing: Mutex::new(BTreeMap::new()), stop });
         r.resume();
         Ok(r)
     }
@@ -241,12 +233,7 @@ impl PlanRunner {
     /// At start: run the plans a previous run left unfinished.
     fn resume(self: &Arc<Self>) {
         for p in self.plans().into_iter().filter(|p| p.status == PlanStatus::Running) {
-            self.events.emit(
-                Subject::Plan,
-                &p.id,
-                format!("plan {} resumes after a controller restart", p.id),
-                serde_json::Value::Null,
-            );
+            self.events.emit(Subject::Plan, &p.id, format!("plan {} resumes after a controller restart", p.id), serde_json::Value::Null);
             self.spawn_plan(p.id);
         }
     }
@@ -574,10 +561,10 @@ impl PlanRunner {
 mod tests {
     use crate::cluster::{HostStatus, Maintenance};
     use crate::error::ControllerError;
+    use crate::fake::{open, temp, url, wait_final, Fake};
     use crate::plans::PlanStatus;
     use std::time::Duration;
     use walkabout_api::ExecLimits;
-    use crate::fake::{open, temp, url, wait_final, Fake};
 
     /// h1 holds three VMs; h2 and h3 have room for two each: three waves (h1 takes
     /// part in one migration at a time), each VM moved once.

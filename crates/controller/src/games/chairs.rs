@@ -21,11 +21,8 @@ impl Games {
                 Ok(h) => h,
                 Err(e) => return format!("round {round}: cannot list the hosts: {e}"),
             };
-            let chairs: Vec<String> = hosts
-                .into_iter()
-                .filter(|h| h.status == HostStatus::Up && h.maintenance == Maintenance::Active)
-                .map(|h| h.name)
-                .collect();
+            let chairs: Vec<String> =
+                hosts.into_iter().filter(|h| h.status == HostStatus::Up && h.maintenance == Maintenance::Active).map(|h| h.name).collect();
             if chairs.is_empty() {
                 return format!("no host left in round {round}");
             }

@@ -110,7 +110,6 @@ async fn hops(client: &ControllerClient, p: &PlanRecord) -> Vec<Hop> {
     out
 }
 
-
 /// A random running VM that is neither moving nor resting, and a random other host that
 /// is up, in service, and has room for it.
 pub(crate) fn pick_hop(
@@ -125,7 +124,7 @@ pub(crate) fn pick_hop(
         .vms
         .iter()
         .filter(|v| v.state == ClusterVmState::Running && !busy.contains(&v.name.as_str()))
-        .filter(|v| !rested.get(&v.name).is_some_and(|t| *t > now))
+        .filter(|v| rested.get(&v.name).is_none_or(|t| *t <= now))
         .filter(|v| v.host.as_deref().is_some_and(up))
         .collect();
     if vms.is_empty() {
