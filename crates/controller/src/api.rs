@@ -25,10 +25,13 @@
 //! | GET | /metrics | Prometheus metrics |
 //! | GET | /v1/openapi.json | this API's OpenAPI document |
 //!
+//! The walk and game routes are the games' own (`games::router`), merged here.
+//!
 //! Every body is a type of `walkabout-api`; errors are its `ErrorBody` (`error`, `kind`,
 //! and for an impossible goal `blocked` per VM and `plan`).
 
-use crate::cluster::{Cluster, HostStatus};
+use crate::cluster::HostStatus;
+use crate::controller::Cluster;
 use crate::error::ControllerError;
 use crate::plans::{Goal, PlanStatus};
 use axum::extract::{Path, Query, State};
@@ -37,7 +40,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use walkabout_api::{AddHost, ClusterSummary, CreateVm, MoveVm, WalkOptions};
+use walkabout_api::{AddHost, ClusterSummary, CreateVm, MoveVm};
 
 impl IntoResponse for ControllerError {
     fn into_response(self) -> Response {
@@ -64,14 +67,11 @@ pub fn router(cluster: Cluster) -> Router {
         .route("/v1/plans/{id}", get(plan))
         .route("/v1/plans/{id}/execute", post(execute))
         .route("/v1/plans/{id}/cancel", post(cancel))
-        .route("/v1/walks", get(walks).post(start_walk))
-        .route("/v1/games/musical-chairs", post(start_game))
-        .route("/v1/walks/{id}", get(walk))
-        .route("/v1/walks/{id}/stop", post(stop_walk))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
-        .with_state(cluster)
+        .with_state(cluster.clone())
+        .merge(crate::games::router(cluster.games().clone()))
 }
 
 type Body<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
@@ -156,10 +156,7 @@ async fn delete_vm(State(c): State<Cluster>, Path(name): Path<String>) -> Respon
 }
 
 async fn move_vm(State(c): State<Cluster>, Path(name): Path<String>, b: Body<MoveVm>) -> Response {
-    let r = body(b, "move request").and_then(|m| {
-        let plan = c.propose(Goal::Place { vm: name, host: m.to })?;
-        c.execute(&plan.id)
-    });
+    let r = body(b, "move request").and_then(|m| c.move_vm(&name, &m.to));
     with_status(StatusCode::ACCEPTED, r)
 }
 
@@ -193,26 +190,6 @@ async fn execute(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
 
 async fn cancel(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
     with_status(StatusCode::ACCEPTED, c.cancel_plan(&id).await)
-}
-
-async fn walks(State(c): State<Cluster>) -> Response {
-    Json(c.walks()).into_response()
-}
-
-async fn start_walk(State(c): State<Cluster>, b: Body<WalkOptions>) -> Response {
-    with_status(StatusCode::ACCEPTED, body(b, "walk").and_then(|o| c.start_walk(o)))
-}
-
-async fn start_game(State(c): State<Cluster>, b: Body<WalkOptions>) -> Response {
-    with_status(StatusCode::ACCEPTED, body(b, "game").and_then(|o| c.start_musical_chairs(o)))
-}
-
-async fn walk(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
-    reply(c.walk(&id))
-}
-
-async fn stop_walk(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
-    with_status(StatusCode::ACCEPTED, c.stop_walk(&id))
 }
 
 #[derive(Deserialize)]

@@ -1,20 +1,22 @@
 //! The cluster view: hosts (up or down, in maintenance or not, their capacity) and VMs
 //! (where each runs, what its guest says), kept current by one watcher per host and
 //! stored so a restarted controller starts from what it knew.
+//!
+//! [`ClusterView`] owns the view and its tables; the rest of the controller reads it
+//! through [`ClusterView::snapshot`] / [`ClusterView::read`] and changes it only through
+//! its methods (a host registered, removed or put in maintenance, a VM placed by a
+//! finished migration, created or deleted).
 
 use crate::agents::{self, AgentApi, Liveness, Poll};
 use crate::error::ControllerError;
 use crate::events::{Events, Subject};
-use crate::execute::{ExecLimits, Migration};
-use crate::plans::PlanRecord;
-use crate::store::{Store, HOSTS, MIGRATIONS, PLANS, VMS};
+use crate::store::{Store, HOSTS, VMS};
 use crate::{lock, now_ms};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
-use walkabout_api::{Mode, VmInfo, VmSpec};
+use walkabout_api::{VmInfo, VmSpec};
 
 pub use walkabout_api::cluster::VIEW_VERSION;
 pub use walkabout_api::{ClusterVm, ClusterVmState, Host, HostStatus, Maintenance};
@@ -29,6 +31,10 @@ pub struct View {
     /// Each host's recent polls, for deciding when it is down.
     #[serde(skip)]
     liveness: BTreeMap<String, Liveness>,
+    /// When a finished migration last placed each VM: a poll asked before that is stale
+    /// about the VM (its source may still have listed it).
+    #[serde(skip)]
+    placed_ms: BTreeMap<String, u64>,
 }
 
 impl View {
@@ -46,58 +52,24 @@ impl View {
     }
 }
 
-/// How the controller is set up.
-#[derive(Debug, Clone)]
-pub struct ControllerConfig {
-    /// Directory of its database.
-    pub data_dir: PathBuf,
-    /// Execution limits.
-    pub limits: ExecLimits,
-    /// Migration mode asked of agents (`auto`).
-    pub mode: Mode,
-    /// Bandwidth cap per migration asked of agents, bytes/s (default: none).
-    pub max_bandwidth_bps: Option<u64>,
+/// The cluster view and the watchers that keep it current. Shared as `Arc<ClusterView>`.
+pub struct ClusterView {
+    store: Arc<Store>,
+    api: Arc<dyn AgentApi>,
+    events: Arc<Events>,
+    view: Mutex<View>,
+    stop: watch::Receiver<bool>,
 }
 
-impl ControllerConfig {
-    /// Defaults with `data_dir`.
-    pub fn new(data_dir: PathBuf) -> ControllerConfig {
-        ControllerConfig { data_dir, limits: ExecLimits::default(), mode: Mode::Auto, max_bandwidth_bps: None }
-    }
-}
-
-/// The controller: the view, the store, the event log, running plans and migrations.
-/// Cheap to clone.
-#[derive(Clone)]
-pub struct Cluster {
-    pub(crate) inner: Arc<Inner>,
-}
-
-pub(crate) struct Inner {
-    pub(crate) store: Arc<Store>,
-    pub(crate) api: Arc<dyn AgentApi>,
-    pub(crate) config: ControllerConfig,
-    pub(crate) view: Mutex<View>,
-    pub(crate) events: Events,
-    /// Migrations by id (all of them; final ones too).
-    pub(crate) migrations: Mutex<BTreeMap<String, Migration>>,
-    /// Plans by id.
-    pub(crate) plans: Mutex<BTreeMap<String, PlanRecord>>,
-    /// Cancel switches of the plans being executed.
-    pub(crate) executing: Mutex<BTreeMap<String, watch::Sender<bool>>>,
-    /// Walks and games.
-    pub(crate) walks: Mutex<BTreeMap<String, crate::walk::WalkRecord>>,
-    pub(crate) shutdown: watch::Sender<bool>,
-}
-
-impl Cluster {
-    /// Opens the controller's database in `config.data_dir`, loads what it knew, starts
-    /// watching its hosts, and resumes the migrations and plans a previous run left
-    /// unfinished.
-    pub async fn open(config: ControllerConfig, api: Arc<dyn AgentApi>) -> Result<Cluster, ControllerError> {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| ControllerError::Invalid(format!("cannot create data directory {}: {e}", config.data_dir.display())))?;
-        let store = Arc::new(Store::open(&config.data_dir.join("controller.redb"))?);
+impl ClusterView {
+    /// Loads the hosts and VMs `store` knew (hosts as `unknown` until polled) and starts
+    /// watching every host; the watchers end when `stop` turns true.
+    pub fn open(
+        store: Arc<Store>,
+        api: Arc<dyn AgentApi>,
+        events: Arc<Events>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Arc<ClusterView>, ControllerError> {
         let mut view = View::default();
         for h in store.list::<Host>(&HOSTS)? {
             view.hosts.insert(h.name.clone(), Host { status: HostStatus::Unknown, ..h });
@@ -105,97 +77,60 @@ impl Cluster {
         for v in store.list::<ClusterVm>(&VMS)? {
             view.vms.insert(v.name.clone(), v);
         }
-        let migrations: BTreeMap<String, Migration> =
-            store.list::<Migration>(&MIGRATIONS)?.into_iter().map(|m| (m.id.clone(), m)).collect();
-        let plans: BTreeMap<String, PlanRecord> = store.list::<PlanRecord>(&PLANS)?.into_iter().map(|p| (p.id.clone(), p)).collect();
-        let (shutdown, _) = watch::channel(false);
-        let cluster = Cluster {
-            inner: Arc::new(Inner {
-                events: Events::new(store.clone()),
-                store,
-                api,
-                config,
-                view: Mutex::new(view),
-                migrations: Mutex::new(migrations),
-                plans: Mutex::new(plans),
-                executing: Mutex::new(BTreeMap::new()),
-                walks: Mutex::new(BTreeMap::new()),
-                shutdown,
-            }),
-        };
-        let hosts: Vec<String> = lock(&cluster.inner.view).hosts.keys().cloned().collect();
+        let cv = Arc::new(ClusterView { store, api, events, view: Mutex::new(view), stop });
+        let hosts: Vec<String> = lock(&cv.view).hosts.keys().cloned().collect();
         for h in hosts {
-            cluster.watch_host(h);
+            cv.watch_host(h);
         }
-        cluster.resume().await;
-        Ok(cluster)
+        Ok(cv)
     }
 
-    /// Stops the watchers, plans and walks of this controller (agents and their VMs
-    /// carry on; a restarted controller picks up where this one stopped).
-    pub fn stop(&self) {
-        let _ = self.inner.shutdown.send(true);
-    }
-
-    /// Resolves once [`Cluster::stop`] has been called.
-    pub async fn stopped(&self) {
-        let mut rx = self.stopping();
-        while !*rx.borrow_and_update() {
-            if rx.changed().await.is_err() {
-                return;
-            }
-        }
-    }
-
-    /// A receiver that turns true when the controller stops.
-    pub(crate) fn stopping(&self) -> watch::Receiver<bool> {
-        self.inner.shutdown.subscribe()
-    }
-
-    /// The event log.
-    pub fn events(&self) -> &Events {
-        &self.inner.events
-    }
-
-    /// The execution limits.
-    pub fn limits(&self) -> ExecLimits {
-        self.inner.config.limits
+    /// The agents' API, for the parts that talk to agents.
+    pub(crate) fn agents(&self) -> &Arc<dyn AgentApi> {
+        &self.api
     }
 
     /// A copy of the view.
-    pub fn view(&self) -> View {
-        lock(&self.inner.view).clone()
+    pub fn snapshot(&self) -> View {
+        lock(&self.view).clone()
+    }
+
+    /// Runs `f` on the view with the view held still: what `f` decides holds until it
+    /// returns (the executor reserves a migration this way, so no maintenance change
+    /// slips between its checks and its reservation).
+    pub fn read<R>(&self, f: impl FnOnce(&View) -> R) -> R {
+        f(&lock(&self.view))
     }
 
     /// All hosts.
     pub fn hosts(&self) -> Vec<Host> {
-        lock(&self.inner.view).hosts.values().cloned().collect()
+        lock(&self.view).hosts.values().cloned().collect()
     }
 
     /// One host.
     pub fn host(&self, name: &str) -> Result<Host, ControllerError> {
-        lock(&self.inner.view).hosts.get(name).cloned().ok_or_else(|| ControllerError::not_found("host", name))
+        lock(&self.view).hosts.get(name).cloned().ok_or_else(|| ControllerError::not_found("host", name))
     }
 
     /// All VMs.
     pub fn vms(&self) -> Vec<ClusterVm> {
-        lock(&self.inner.view).vms.values().cloned().collect()
+        lock(&self.view).vms.values().cloned().collect()
     }
 
     /// One VM.
     pub fn vm(&self, name: &str) -> Result<ClusterVm, ControllerError> {
-        lock(&self.inner.view).vms.get(name).cloned().ok_or_else(|| ControllerError::not_found("VM", name))
+        lock(&self.view).vms.get(name).cloned().ok_or_else(|| ControllerError::not_found("VM", name))
     }
 
     /// Registers the agent at `url` as a host named `name` (default `hN`), polls it once,
     /// and starts watching it. Registering a known URL again returns its host.
-    pub async fn add_host(&self, url: &str, name: Option<&str>) -> Result<Host, ControllerError> {
+    pub async fn add_host(self: &Arc<Self>, url: &str, name: Option<&str>) -> Result<Host, ControllerError> {
         let url = url.trim_end_matches('/').to_string();
         if !url.starts_with("http://") && !url.starts_with("https://") {
             return Err(ControllerError::Invalid(format!("agent URL {url:?} must start with http://")));
         }
         let host = {
-            let mut view = lock(&self.inner.view);
+            let mut view = lock(&self.view);
             if let Some(h) = view.hosts.values().find(|h| h.url == url) {
                 return Ok(h.clone());
             }
@@ -227,33 +162,35 @@ impl Cluster {
             view.hosts.insert(name, h.clone());
             h
         };
-        self.inner.store.put(&HOSTS, &host.name, &host)?;
-        self.inner.events.emit(
+        self.store.put(&HOSTS, &host.name, &host)?;
+        self.events.emit(
             Subject::Host,
             &host.name,
             format!("host {} registered ({url})", host.name),
             serde_json::to_value(&host).unwrap_or_default(),
         );
-        let polled = agents::poll(self.inner.api.as_ref(), &url).await;
-        self.observe(&host.name, polled);
+        let asked = now_ms();
+        let polled = agents::poll(self.api.as_ref(), &url).await;
+        self.observe(&host.name, polled, asked);
         self.watch_host(host.name.clone());
         self.host(&host.name)
     }
 
-    fn watch_host(&self, name: String) {
-        let cluster = self.clone();
-        let mut stop = self.stopping();
+    fn watch_host(self: &Arc<Self>, name: String) {
+        let cv = self.clone();
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
             loop {
-                let url = match lock(&cluster.inner.view).hosts.get(&name) {
+                let url = match lock(&cv.view).hosts.get(&name) {
                     Some(h) => h.url.clone(),
                     None => return,
                 };
+                let asked = now_ms();
                 let polled = tokio::select! {
-                    p = agents::poll(cluster.inner.api.as_ref(), &url) => p,
+                    p = agents::poll(cv.api.as_ref(), &url) => p,
                     _ = stop.changed() => return,
                 };
-                cluster.observe(&name, polled);
+                cv.observe(&name, polled, asked);
                 tokio::select! {
                     _ = tokio::time::sleep(agents::POLL_INTERVAL) => {}
                     _ = stop.changed() => return,
@@ -264,12 +201,14 @@ impl Cluster {
 
     /// Folds one poll of host `name` into the view: its status (down after
     /// [`agents::DOWN_AFTER`] of silence, with the reason), capacity and VMs.
-    pub fn observe(&self, name: &str, polled: Poll) {
+    /// A poll asked (at `asked_ms`) before a migration placed a VM says nothing about
+    /// that VM: its answer may predate the switchover.
+    pub fn observe(&self, name: &str, polled: Poll, asked_ms: u64) {
         let now = now_ms();
         let mut changed_hosts = vec![];
         let mut changed_vms: Vec<(ClusterVm, String)> = vec![];
         {
-            let mut guard = lock(&self.inner.view);
+            let mut guard = lock(&self.view);
             let view = &mut *guard;
             let Some(h) = view.hosts.get_mut(name) else { return };
             match polled {
@@ -292,8 +231,10 @@ impl Cluster {
                     } else if capacity_changed {
                         changed_hosts.push(String::new());
                     }
+                    let placed_ms = &view.placed_ms;
+                    let stale = |vm: &str| placed_ms.get(vm).is_some_and(|t| *t >= asked_ms);
                     let owned: Vec<&VmInfo> = vms.iter().filter(|v| v.record.state.is_owned()).collect();
-                    for v in &owned {
+                    for v in owned.iter().filter(|v| !stale(&v.record.spec.name)) {
                         let spec = &v.record.spec;
                         let state = ClusterVmState::from(v.record.state);
                         let entry = view.vms.entry(spec.name.clone()).or_insert_with(|| ClusterVm {
@@ -324,7 +265,7 @@ impl Cluster {
                     }
                     for vm in view.vms.values_mut() {
                         let listed = owned.iter().any(|v| v.record.spec.name == vm.name);
-                        if vm.host.as_deref() == Some(name) && !listed && vm.state != ClusterVmState::Missing {
+                        if vm.host.as_deref() == Some(name) && !listed && vm.state != ClusterVmState::Missing && !stale(&vm.name) {
                             vm.state = ClusterVmState::Missing;
                             changed_vms.push((vm.clone(), format!("VM {} is no longer listed by {name}", vm.name)));
                         }
@@ -355,19 +296,19 @@ impl Cluster {
         }
         if !changed_hosts.is_empty() {
             if let Ok(h) = self.host(name) {
-                if let Err(e) = self.inner.store.put(&HOSTS, name, &h) {
+                if let Err(e) = self.store.put(&HOSTS, name, &h) {
                     tracing::warn!(host = name, error = %e, "cannot store host");
                 }
                 for msg in changed_hosts.into_iter().filter(|m| !m.is_empty()) {
-                    self.inner.events.emit(Subject::Host, name, msg, serde_json::to_value(&h).unwrap_or_default());
+                    self.events.emit(Subject::Host, name, msg, serde_json::to_value(&h).unwrap_or_default());
                 }
             }
         }
         for (vm, msg) in changed_vms {
-            if let Err(e) = self.inner.store.put(&VMS, &vm.name, &vm) {
+            if let Err(e) = self.store.put(&VMS, &vm.name, &vm) {
                 tracing::warn!(vm = %vm.name, error = %e, "cannot store VM");
             }
-            self.inner.events.emit(Subject::Vm, &vm.name, msg, serde_json::to_value(&vm).unwrap_or_default());
+            self.events.emit(Subject::Vm, &vm.name, msg, serde_json::to_value(&vm).unwrap_or_default());
         }
     }
 
@@ -378,17 +319,29 @@ impl Cluster {
 
     /// Sets a host's maintenance mode, saying why when that needs saying.
     pub fn set_maintenance_because(&self, name: &str, m: Maintenance, reason: Option<String>) -> Result<Host, ControllerError> {
+        self.set_maintenance_if(name, |_| true, m, reason)
+    }
+
+    /// Sets a host's maintenance mode to `m` only if its mode now passes `when` (checked
+    /// and changed under one lock); otherwise leaves it and returns it as it is.
+    pub fn set_maintenance_if(
+        &self,
+        name: &str,
+        when: impl FnOnce(Maintenance) -> bool,
+        m: Maintenance,
+        reason: Option<String>,
+    ) -> Result<Host, ControllerError> {
         let h = {
-            let mut view = lock(&self.inner.view);
+            let mut view = lock(&self.view);
             let h = view.hosts.get_mut(name).ok_or_else(|| ControllerError::not_found("host", name))?;
-            if h.maintenance == m && h.maintenance_reason == reason {
+            if !when(h.maintenance) || (h.maintenance == m && h.maintenance_reason == reason) {
                 return Ok(h.clone());
             }
             h.maintenance = m;
             h.maintenance_reason = reason;
             h.clone()
         };
-        self.inner.store.put(&HOSTS, name, &h)?;
+        self.store.put(&HOSTS, name, &h)?;
         let what = match m {
             Maintenance::Active => "back in service",
             Maintenance::Draining => "draining",
@@ -396,15 +349,15 @@ impl Cluster {
             Maintenance::DrainFailed => "not drained: its drain failed",
         };
         let why = h.maintenance_reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
-        self.inner.events.emit(Subject::Host, name, format!("host {name} is {what}{why}"), serde_json::to_value(&h).unwrap_or_default());
+        self.events.emit(Subject::Host, name, format!("host {name} is {what}{why}"), serde_json::to_value(&h).unwrap_or_default());
         Ok(h)
     }
 
     /// Takes a host out of the cluster: it is no longer polled, planned for or shown.
-    /// Refused while a VM runs there or a migration involves it.
-    pub fn remove_host(&self, name: &str) -> Result<(), ControllerError> {
+    /// Refused while a VM runs there, or when `busy` says a migration involves it.
+    pub fn remove_host(&self, name: &str, busy: Option<String>) -> Result<(), ControllerError> {
         {
-            let mut view = lock(&self.inner.view);
+            let mut view = lock(&self.view);
             if !view.hosts.contains_key(name) {
                 return Err(ControllerError::not_found("host", name));
             }
@@ -412,23 +365,22 @@ impl Cluster {
             if !vms.is_empty() {
                 return Err(ControllerError::Conflict(format!("host {name} still runs {}: drain it first", vms.join(", "))));
             }
-            let migs = lock(&self.inner.migrations);
-            if let Some(m) = migs.values().find(|m| !m.phase.is_final() && (m.from == name || m.to == name)) {
-                return Err(ControllerError::Conflict(format!("host {name} takes part in migration {} of {}", m.id, m.vm)));
+            if let Some(why) = busy {
+                return Err(ControllerError::Conflict(why));
             }
-            drop(migs);
             view.hosts.remove(name);
             view.liveness.remove(name);
         }
-        self.inner.store.delete(&HOSTS, name)?;
-        self.inner.events.emit(Subject::Host, name, format!("host {name} removed from the cluster"), serde_json::Value::Null);
+        self.store.delete(&HOSTS, name)?;
+        self.events.emit(Subject::Host, name, format!("host {name} removed from the cluster"), serde_json::Value::Null);
         Ok(())
     }
 
     /// Records that a migration moved `vm` to `host` (before the next poll says so).
     pub(crate) fn placed(&self, vm: &str, host: &str) {
         let v = {
-            let mut view = lock(&self.inner.view);
+            let mut view = lock(&self.view);
+            view.placed_ms.insert(vm.to_string(), now_ms());
             let Some(v) = view.vms.get_mut(vm) else { return };
             if v.host.as_deref() == Some(host) {
                 return;
@@ -437,8 +389,8 @@ impl Cluster {
             v.state = ClusterVmState::Running;
             v.clone()
         };
-        let _ = self.inner.store.put(&VMS, vm, &v);
-        self.inner.events.emit(Subject::Vm, vm, format!("VM {vm} runs on {host}"), serde_json::to_value(&v).unwrap_or_default());
+        let _ = self.store.put(&VMS, vm, &v);
+        self.events.emit(Subject::Vm, vm, format!("VM {vm} runs on {host}"), serde_json::to_value(&v).unwrap_or_default());
     }
 
     /// Creates a VM from an agent spec on `host`, or on the active host with the most
@@ -446,7 +398,7 @@ impl Cluster {
     pub async fn create_vm(&self, spec: VmSpec, host: Option<&str>) -> Result<ClusterVm, ControllerError> {
         let (name, memory) = (spec.name.clone(), spec.memory_mib);
         let (host, url) = {
-            let view = lock(&self.inner.view);
+            let view = lock(&self.view);
             if view.vms.get(&name).is_some_and(|v| v.state != ClusterVmState::Missing) {
                 return Err(ControllerError::Conflict(format!("a VM named {name} already exists")));
             }
@@ -471,9 +423,10 @@ impl Cluster {
             }
             (h.name.clone(), h.url.clone())
         };
-        self.inner.api.create_vm(url.clone(), spec).await?;
-        let polled = agents::poll(self.inner.api.as_ref(), &url).await;
-        self.observe(&host, polled);
+        self.api.create_vm(url.clone(), spec).await?;
+        let asked = now_ms();
+        let polled = agents::poll(self.api.as_ref(), &url).await;
+        self.observe(&host, polled, asked);
         self.vm(&name)
     }
 
@@ -482,15 +435,40 @@ impl Cluster {
         let vm = self.vm(name)?;
         if let Some(h) = vm.host.as_deref() {
             let url = self.host(h)?.url;
-            match self.inner.api.delete_vm(url, name.to_string()).await {
+            match self.api.delete_vm(url, name.to_string()).await {
                 Ok(()) => {}
                 Err(e) if e.status() == Some(404) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        lock(&self.inner.view).vms.remove(name);
-        self.inner.store.delete(&VMS, name)?;
-        self.inner.events.emit(Subject::Vm, name, format!("VM {name} deleted"), serde_json::Value::Null);
+        lock(&self.view).vms.remove(name);
+        self.store.delete(&VMS, name)?;
+        self.events.emit(Subject::Vm, name, format!("VM {name} deleted"), serde_json::Value::Null);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::agents;
+    use crate::fake::{open, temp, url, Fake};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poll_asked_before_a_migration_placed_a_vm_does_not_move_it_back() {
+        let fake = Fake::new(&[("h1", 512), ("h2", 512)], &[("a", 256, "h1")]);
+        let dir = temp("stale-poll");
+        let c = open(&dir, &fake, &["h1", "h2"]).await;
+        let asked = crate::now_ms();
+        let stale = agents::poll(&fake, &url("h1")).await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        fake.state().vms.insert("a".into(), (url("h2"), 256));
+        c.view_part().placed("a", "h2");
+
+        c.view_part().observe("h1", stale, asked);
+
+        assert_eq!(c.vm("a").expect("a").host.as_deref(), Some("h2"));
+        assert!(c.host("h1").expect("h1").vms.is_empty());
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

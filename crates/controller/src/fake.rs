@@ -240,3 +240,32 @@ impl AgentApi for Fake {
         ready(Ok(()))
     }
 }
+
+/// A fresh directory for a test's controller database.
+pub(crate) fn temp(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wa-ctl-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A controller on `dir` over `fake`, with `hosts` registered under their names.
+pub(crate) async fn open(dir: &std::path::Path, fake: &Fake, hosts: &[&str]) -> crate::Cluster {
+    let config = crate::ControllerConfig::new(dir.to_path_buf());
+    let c = crate::Cluster::open(config, Arc::new(fake.clone())).await.expect("open");
+    for h in hosts {
+        c.add_host(&url(h), Some(h)).await.expect("add host");
+    }
+    c
+}
+
+/// Waits (20 s at most) for plan `id` to end.
+pub(crate) async fn wait_final(c: &crate::Cluster, id: &str) -> walkabout_api::PlanRecord {
+    for _ in 0..200 {
+        let p = c.plan(id).expect("plan");
+        if p.status.is_final() {
+            return p;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("plan {id} never ended: {:?}", c.plan(id));
+}

@@ -1,7 +1,8 @@
 //! The Walkabout controller: the cluster view (hosts, VMs, placement), kept in an
 //! embedded database; goals (drain, rebalance, consolidate, place) turned into plans by
 //! `walkabout-plan` and executed through the agents with limits, retries and re-plans;
-//! an HTTP/JSON API with an event stream; and the walkabout games.
+//! an HTTP/JSON API with an event stream; and the walkabout games, clients of that API.
+//! `controller.rs` shows how the parts fit.
 //!
 //! ```text
 //!  walkabout CLI ──HTTP──> controller ──HTTP──> agent h1 ── QEMU
@@ -13,17 +14,20 @@
 pub mod agents;
 pub mod api;
 pub mod cluster;
+pub mod controller;
+pub mod drain;
 pub mod error;
 pub mod events;
 pub mod execute;
 #[cfg(test)]
 mod fake;
+pub mod games;
 pub mod metrics;
+pub mod plan_runner;
 pub mod plans;
 pub mod store;
-pub mod walk;
 
-pub use cluster::{Cluster, ControllerConfig};
+pub use controller::{Cluster, ControllerConfig};
 pub use error::ControllerError;
 pub use execute::within_limits;
 
@@ -50,6 +54,8 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
     let cluster = start(config, agent_urls).await?;
+    let url = listener.local_addr().map(|a| format!("http://{a}")).map_err(|e| ControllerError::Invalid(format!("listener: {e}")))?;
+    cluster.games().serve_at(&url)?;
     let app = api::router(cluster.clone());
     let r = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
     cluster.stop();

@@ -4,19 +4,19 @@
 //! a refusal naming every VM that cannot go anywhere, and why.
 //!
 //! Rules the case encodes:
-//! - hosts that are down or powered off are not in the case; VMs on a down host are
+//! - hosts that are down are not in the case; VMs on a down host are
 //!   reported (they cannot be migrated) and left out;
 //! - `drain HOST` empties HOST and keeps every host already draining or drained empty,
 //!   so a drain never picks a host that is itself draining or down;
 //! - rebalance and consolidate rearrange only hosts in service; VMs on draining hosts
 //!   stay for their drain;
-//! - VMs a running plan gave up on (retries exhausted) are pinned where they are.
+//! - VMs a running plan gave up on (retries exhausted) are pinned where they are;
+//! - a plan starts from the view as it will be once the migrations under way land
+//!   ([`project`]): a VM leaving a host needs no step off it, one on its way in is there.
 
-use crate::cluster::{Cluster, HostStatus, View};
+use crate::cluster::{HostStatus, View};
 use crate::error::ControllerError;
-use crate::events::Subject;
-use crate::store::PLANS;
-use crate::{lock, now_ms};
+use crate::execute::Migration;
 use std::collections::BTreeMap;
 use walkabout_plan::policy::{target_for, Policy};
 use walkabout_plan::{Case, Limits, Outcome};
@@ -71,6 +71,19 @@ pub fn case_of(view: &View, max_parallel_per_host: u32) -> (Case, Vec<Problem>) 
         case.current.insert(v.name.clone(), host.to_string());
     }
     (case, left_out)
+}
+
+/// The view as it will be once the migrations `in_flight` land: each VM they move
+/// placed at its destination. A migration that fails leaves its VM where it was, and the
+/// plan made from this projection notices when its step finds the VM elsewhere.
+pub fn project(view: &View, in_flight: &[Migration]) -> View {
+    let mut v = view.clone();
+    for m in in_flight.iter().filter(|m| !m.phase.is_final()) {
+        if let Some(vm) = v.vms.get_mut(&m.vm) {
+            vm.host = Some(m.to.clone());
+        }
+    }
+    v
 }
 
 /// What planning a goal gave.
@@ -232,77 +245,6 @@ fn pin(case: &mut Case, pinned: &[String], _drained: &[String]) {
         if let Some(host) = case.hosts.iter_mut().find(|x| x.name == h) {
             host.reserved_mib += mem;
         }
-    }
-}
-
-impl Cluster {
-    /// Plans `goal` against the cluster as it is now and records the plan (a dry run:
-    /// nothing moves). An impossible goal is recorded too, with its per-VM reasons.
-    pub fn propose(&self, goal: Goal) -> Result<PlanRecord, ControllerError> {
-        let view = self.view();
-        let (case, left_out) = case_of(&view, self.limits().planner_parallel_per_host);
-        let planned = plan_goal(&view, &case, &goal, &[], 0)?;
-        let id = format!("p{}", self.inner.store.next("plan")?);
-        let mut rec = PlanRecord {
-            version: PLAN_VERSION,
-            id: id.clone(),
-            goal: goal.clone(),
-            status: PlanStatus::Proposed,
-            reason: None,
-            created_ms: now_ms(),
-            started_ms: None,
-            finished_ms: None,
-            steps: vec![],
-            target: BTreeMap::new(),
-            blocked: vec![],
-            problems: left_out,
-            round: 0,
-            attempts: BTreeMap::new(),
-            gave_up: vec![],
-            lower_bound: 0,
-            optimal: false,
-        };
-        match planned {
-            Planned::Steps { steps, target, lower_bound, optimal } => {
-                rec.steps = steps;
-                rec.target = target;
-                rec.lower_bound = lower_bound;
-                rec.optimal = optimal;
-            }
-            Planned::Impossible { reason, blocked } => {
-                rec.status = PlanStatus::Impossible;
-                rec.reason = Some(reason);
-                rec.blocked = blocked;
-            }
-        }
-        let msg = match rec.status {
-            PlanStatus::Impossible => format!("plan {id} ({}) is impossible: {}", goal.describe(), rec.reason.as_deref().unwrap_or("")),
-            _ => format!("plan {id} ({}) proposed: {} migration(s)", goal.describe(), rec.steps.len()),
-        };
-        self.save_plan(&rec, Some(msg))?;
-        Ok(rec)
-    }
-
-    /// All plans, oldest first.
-    pub fn plans(&self) -> Vec<PlanRecord> {
-        let mut v: Vec<_> = lock(&self.inner.plans).values().cloned().collect();
-        v.sort_by_key(|p| (p.created_ms, p.id.clone()));
-        v
-    }
-
-    /// One plan.
-    pub fn plan(&self, id: &str) -> Result<PlanRecord, ControllerError> {
-        lock(&self.inner.plans).get(id).cloned().ok_or_else(|| ControllerError::not_found("plan", id))
-    }
-
-    /// Stores a plan, and publishes `message` about it if given.
-    pub(crate) fn save_plan(&self, rec: &PlanRecord, message: Option<String>) -> Result<(), ControllerError> {
-        self.inner.store.put(&PLANS, &rec.id, rec)?;
-        lock(&self.inner.plans).insert(rec.id.clone(), rec.clone());
-        if let Some(m) = message {
-            self.inner.events.emit(Subject::Plan, &rec.id, m, serde_json::to_value(rec).unwrap_or_default());
-        }
-        Ok(())
     }
 }
 

@@ -7,6 +7,8 @@ mod common;
 
 use common::{assert_healthy, now_ms, AgentProc, ControllerProc};
 use serde_json::Value;
+use std::collections::BTreeMap;
+use std::process::Command;
 use std::time::{Duration, Instant};
 use walkabout_testbed::UpSession;
 
@@ -200,4 +202,128 @@ fn walkabout_up_walks_four_guests_and_leaves_no_process_behind_after_ctrl_c() {
     );
     assert_eq!(up.leftovers(), Vec::<i64>::new(), "processes left behind");
     assert!(!up.root.exists(), "data left behind");
+}
+
+/// `walkabout up` with four 256 MiB guests on three hosts of 1 GiB, walking; returns
+/// once the walk has made its first hop, with the controller's URL and each host's agent
+/// URL (as `up` printed them).
+fn up_walking() -> (UpSession, String, BTreeMap<String, String>) {
+    common::guest_image();
+    let args = ["--accel", "tcg", "--memory", "256M", "--capacity", "1G", "--workload", "dirty:16:4", "--pause", "1s"];
+    let up = UpSession::start(common::bin().as_ref(), 3, &args, None).expect("start walkabout up");
+    let start = Instant::now();
+    let mut seen = vec![];
+    while !seen.iter().any(|l: &String| l.starts_with("hop 1:")) {
+        assert!(start.elapsed() < Duration::from_secs(240), "no hop from walkabout up: {seen:#?}");
+        seen.extend(up.line(Duration::from_secs(1)));
+    }
+    // "  host h1 at http://127.0.0.1:P (metrics http://127.0.0.1:P/metrics)"
+    let agents = seen
+        .iter()
+        .filter_map(|l| l.trim_start().strip_prefix("host ")?.split_once(" at "))
+        .filter_map(|(name, rest)| Some((name.to_string(), rest.split_whitespace().next()?.to_string())))
+        .collect();
+    let url = up.api_url.clone();
+    (up, url, agents)
+}
+
+/// `walkabout ARGS --controller URL --output json`, whatever its exit status, and that status.
+fn ctl_json(url: &str, args: &[&str]) -> (Value, Option<i32>) {
+    let out = Command::new(common::bin())
+        .args(args)
+        .args(["--controller", url, "--output", "json"])
+        .env("WALKABOUT_LOG", "warn")
+        .output()
+        .expect("run walkabout");
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("walkabout {args:?}: bad JSON ({e}): {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    (v, out.status.code())
+}
+
+/// The host running the most VMs, as the controller sees it.
+fn fullest(url: &str) -> Value {
+    let (hosts, _) = ctl_json(url, &["host", "list"]);
+    hosts.as_array().and_then(|h| h.iter().max_by_key(|h| h["vms"].as_array().map_or(0, Vec::len)).cloned()).expect("hosts")
+}
+
+/// The VMs the agent of host `name` runs (asked of the agent itself).
+fn agent_vms(agents: &BTreeMap<String, String>, name: &str) -> Vec<Value> {
+    let url = agents.get(name).unwrap_or_else(|| panic!("no agent URL for {name} in {agents:?}"));
+    let out = Command::new(common::bin())
+        .args(["vm", "list", "--agent", url, "--output", "json"])
+        .env("WALKABOUT_LOG", "warn")
+        .output()
+        .expect("run walkabout");
+    assert!(out.status.success(), "vm list on {name}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<Value>(&out.stdout).expect("JSON").as_array().cloned().unwrap_or_default()
+}
+
+/// Drains `host` through the CLI and checks it ends drained and stays empty while the
+/// walk goes on.
+fn assert_drains_and_stays_empty(url: &str, agents: &BTreeMap<String, String>, host: &str) -> Value {
+    let (plan, code) = ctl_json(url, &["host", "drain", host]);
+
+    assert_eq!(code, Some(0), "{plan}");
+    assert_eq!(plan["status"], "completed", "{plan}");
+    let h = ctl_json(url, &["host", "list"]).0.as_array().and_then(|a| a.iter().find(|x| x["name"] == host).cloned()).expect("host");
+    assert_eq!(h["maintenance"], "drained", "{h}");
+    assert_eq!(h["vms"].as_array().map_or(0, Vec::len), 0, "{h}");
+    assert_eq!(agent_vms(agents, host), Vec::<Value>::new(), "{host}'s agent still runs VMs");
+    // The walk goes on; nothing lands on the drained host afterwards.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(agent_vms(agents, host), Vec::<Value>::new(), "a VM landed on {host} after its drain");
+    plan
+}
+
+#[test]
+fn with_a_walk_running_a_drain_of_the_fullest_host_completes_and_leaves_no_vm_on_it() {
+    let (_up, url, agents) = up_walking();
+    let host = fullest(&url);
+    let name = host["name"].as_str().expect("name").to_string();
+    assert!(host["vms"].as_array().map_or(0, Vec::len) >= 2, "{host}");
+
+    let plan = assert_drains_and_stays_empty(&url, &agents, &name);
+
+    assert!(steps(&plan).iter().all(|s| s["status"] != "failed"), "no step fought the walk: {plan}");
+}
+
+#[test]
+fn a_drain_started_while_a_migration_into_the_host_is_in_flight_takes_that_vm_out_too() {
+    let (_up, url, agents) = up_walking();
+    let host = fullest(&url);
+    let name = host["name"].as_str().expect("name").to_string();
+    let (hosts, _) = ctl_json(&url, &["host", "list"]);
+    let mover = hosts
+        .as_array()
+        .and_then(|h| h.iter().filter(|h| h["name"] != name.as_str()).find_map(|h| h["vms"].as_array().and_then(|v| v.first().cloned())))
+        .and_then(|v| v.as_str().map(String::from))
+        .expect("a VM elsewhere");
+    // Move it in; a walk hop of it may be under way, so try until the controller takes it.
+    let start = Instant::now();
+    let moving = loop {
+        let (p, code) = ctl_json(&url, &["vm", "move", &mover, "--to", &name, "--no-wait"]);
+        if code == Some(0) {
+            break p;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "cannot move {mover} to {name}: {p}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let id = moving["id"].as_str().expect("plan id").to_string();
+    let start = Instant::now();
+    loop {
+        let (p, _) = ctl_json(&url, &["cluster", "plan-show", &id]);
+        if steps(&p).iter().any(|s| s["status"] == "running") {
+            break;
+        }
+        assert!(p["status"] == "running", "the move ended before its migration ran: {p}");
+        assert!(start.elapsed() < Duration::from_secs(30), "the move's migration never started: {p}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let plan = assert_drains_and_stays_empty(&url, &agents, &name);
+
+    let (moved, _) = ctl_json(&url, &["cluster", "plan-show", &id]);
+    assert_eq!(moved["status"], "completed", "the move in flight landed: {moved}");
+    assert!(steps(&plan).iter().any(|s| s["vm"] == mover.as_str() && s["status"] == "completed"), "the drain took {mover} out: {plan}");
 }

@@ -97,13 +97,19 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
                 let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.stopped().await }).await;
             })
         };
+        // The walk is a client of the controller's API, at the address just bound.
+        if let Err(e) = cluster.games().serve_at(&api_url) {
+            cluster.stop();
+            local.shutdown();
+            return Err(e.into());
+        }
         let result = tokio::select! {
             r = show(&cluster, &local, &a, &api_url) => r,
             _ = super::agent::shutdown_signal() => { let _ = out::line("\ninterrupted"); Ok(()) }
         };
         let _ = out::line("stopping: the walk, the guests, the agents, the controller...");
-        if let Some(w) = cluster.walks().into_iter().find(|w| w.status == walkabout_controller::walk::WalkStatus::Running) {
-            let _ = cluster.stop_walk(&w.id);
+        if let Some(w) = cluster.games().walks().into_iter().find(|w| w.status == walkabout_controller::games::WalkStatus::Running) {
+            let _ = cluster.games().stop_walk(&w.id);
         }
         // Let hops under way finish (a cancel would too), briefly.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -158,10 +164,10 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
     out::line("Ctrl-C stops everything.")?;
     out::line("")?;
     let duration_ms = a.duration.unwrap_or(u64::MAX / 4);
-    let walk = cluster.start_walk(walkabout_controller::walk::WalkOptions { duration_ms, parallel: 1, pause_ms: a.pause })?;
+    let walk = cluster.games().start_walk(walkabout_controller::games::WalkOptions { duration_ms, parallel: 1, pause_ms: a.pause })?;
     let mut shown = 0usize;
     loop {
-        let w = cluster.walk(&walk.id)?;
+        let w = cluster.games().walk(&walk.id)?;
         for h in w.hops.iter().skip(shown) {
             shown += 1;
             let v = serde_json::to_value(h).unwrap_or_default();

@@ -28,8 +28,8 @@ pub struct WalkArgs {
 /// `walkabout game ...`
 #[derive(clap::Subcommand)]
 pub enum GameCommand {
-    /// VMs circulate; each round a random host is drained and powered off, until the
-    /// VMs no longer fit. Reports survivors and every hop's downtime.
+    /// VMs circulate; each round a random host is drained and taken out of the cluster,
+    /// until the VMs no longer fit. Reports survivors and every hop's downtime.
     MusicalChairs(GameArgs),
 }
 

@@ -1,0 +1,215 @@
+//! The controller as one handle: its parts, each with its own state, and the few
+//! operations that span them. [`Cluster`] holds no state of its own.
+//!
+//! ```text
+//!   api.rs ──> Cluster ──> ClusterView (cluster.rs)   hosts, VMs, one watcher per host
+//!                     ├──> Executor (execute.rs)      migrations within the limits
+//!                     ├──> PlanRunner (plan_runner.rs) goals -> plans (plans.rs), rounds, re-plans
+//!                     ├──  drain.rs                    maintenance + a drain plan, its end
+//!                     └──> Games (games/)              walks, musical chairs: clients of the API
+//! ```
+//! The view knows nothing of the others; the executor reads and updates the view; the
+//! plan runner uses both; the games only speak HTTP to the API.
+
+use crate::agents::AgentApi;
+use crate::cluster::{ClusterView, ClusterVm, Host, Maintenance, View};
+use crate::error::ControllerError;
+use crate::events::Events;
+use crate::execute::{ExecConfig, ExecLimits, Executor, Migration};
+use crate::games::Games;
+use crate::plan_runner::PlanRunner;
+use crate::plans::{Goal, PlanRecord};
+use crate::store::Store;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
+use walkabout_api::{Mode, VmSpec};
+
+/// How the controller is set up.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Directory of its database.
+    pub data_dir: PathBuf,
+    /// Execution limits.
+    pub limits: ExecLimits,
+    /// Migration mode asked of agents (`auto`).
+    pub mode: Mode,
+    /// Bandwidth cap per migration asked of agents, bytes/s (default: none).
+    pub max_bandwidth_bps: Option<u64>,
+}
+
+impl ControllerConfig {
+    /// Defaults with `data_dir`.
+    pub fn new(data_dir: PathBuf) -> ControllerConfig {
+        ControllerConfig { data_dir, limits: ExecLimits::default(), mode: Mode::Auto, max_bandwidth_bps: None }
+    }
+}
+
+/// The controller: its parts behind one cheap-to-clone handle.
+#[derive(Clone)]
+pub struct Cluster {
+    view: Arc<ClusterView>,
+    exec: Arc<Executor>,
+    plans: Arc<PlanRunner>,
+    games: Arc<Games>,
+    events: Arc<Events>,
+    shutdown: Arc<watch::Sender<bool>>,
+}
+
+impl Cluster {
+    /// Opens the controller's database in `config.data_dir`, loads what it knew, starts
+    /// watching its hosts, and resumes the migrations and plans a previous run left
+    /// unfinished.
+    pub async fn open(config: ControllerConfig, api: Arc<dyn AgentApi>) -> Result<Cluster, ControllerError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| ControllerError::Invalid(format!("cannot create data directory {}: {e}", config.data_dir.display())))?;
+        let store = Arc::new(Store::open(&config.data_dir.join("controller.redb"))?);
+        let events = Arc::new(Events::new(store.clone()));
+        let (shutdown, stop) = watch::channel(false);
+        let view = ClusterView::open(store.clone(), api, events.clone(), stop.clone())?;
+        let exec_config = ExecConfig { limits: config.limits, mode: config.mode, max_bandwidth_bps: config.max_bandwidth_bps };
+        let exec = Executor::open(view.clone(), store.clone(), events.clone(), exec_config, stop.clone())?;
+        let plans = PlanRunner::open(view.clone(), exec.clone(), store, events.clone(), stop.clone())?;
+        let games = Games::new(events.clone(), stop);
+        Ok(Cluster { view, exec, plans, games, events, shutdown: Arc::new(shutdown) })
+    }
+
+    /// Stops the watchers, plans and walks of this controller (agents and their VMs
+    /// carry on; a restarted controller picks up where this one stopped).
+    pub fn stop(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Resolves once [`Cluster::stop`] has been called.
+    pub async fn stopped(&self) {
+        let mut rx = self.shutdown.subscribe();
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub(crate) fn view_part(&self) -> &Arc<ClusterView> {
+        &self.view
+    }
+
+    /// The walks and games.
+    pub fn games(&self) -> &Arc<Games> {
+        &self.games
+    }
+
+    /// The event log.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    /// The execution limits.
+    pub fn limits(&self) -> ExecLimits {
+        self.exec.limits()
+    }
+
+    /// A copy of the view.
+    pub fn view(&self) -> View {
+        self.view.snapshot()
+    }
+
+    /// All hosts.
+    pub fn hosts(&self) -> Vec<Host> {
+        self.view.hosts()
+    }
+
+    /// One host.
+    pub fn host(&self, name: &str) -> Result<Host, ControllerError> {
+        self.view.host(name)
+    }
+
+    /// All VMs.
+    pub fn vms(&self) -> Vec<ClusterVm> {
+        self.view.vms()
+    }
+
+    /// One VM.
+    pub fn vm(&self, name: &str) -> Result<ClusterVm, ControllerError> {
+        self.view.vm(name)
+    }
+
+    /// Registers the agent at `url` as a host (see [`ClusterView::add_host`]).
+    pub async fn add_host(&self, url: &str, name: Option<&str>) -> Result<Host, ControllerError> {
+        self.view.add_host(url, name).await
+    }
+
+    /// Takes a host out of the cluster; refused while a VM runs there or a migration
+    /// involves it.
+    pub fn remove_host(&self, name: &str) -> Result<(), ControllerError> {
+        self.view.remove_host(name, self.exec.involving(name))
+    }
+
+    /// Sets a host's maintenance mode.
+    pub fn set_maintenance(&self, name: &str, m: Maintenance) -> Result<Host, ControllerError> {
+        self.view.set_maintenance(name, m)
+    }
+
+    /// Creates a VM from an agent spec on `host`, or on the active host with the most
+    /// free memory.
+    pub async fn create_vm(&self, spec: VmSpec, host: Option<&str>) -> Result<ClusterVm, ControllerError> {
+        self.view.create_vm(spec, host).await
+    }
+
+    /// Deletes a VM on its host.
+    pub async fn delete_vm(&self, name: &str) -> Result<(), ControllerError> {
+        self.view.delete_vm(name).await
+    }
+
+    /// All migrations, oldest first.
+    pub fn migrations(&self) -> Vec<Migration> {
+        self.exec.migrations()
+    }
+
+    /// One migration.
+    pub fn migration(&self, id: &str) -> Result<Migration, ControllerError> {
+        self.exec.migration(id)
+    }
+
+    /// Starts migrating `vm` to `to` now if the limits allow (`Ok(None)` when not yet),
+    /// outside any plan.
+    pub fn try_migrate(&self, vm: &str, to: &str, why: &str) -> Result<Option<Migration>, ControllerError> {
+        self.exec.try_migrate(vm, to, None, why)
+    }
+
+    /// Asks the source agent to cancel a migration (before its switchover only).
+    pub async fn cancel_migration(&self, id: &str) -> Result<Migration, ControllerError> {
+        self.exec.cancel(id).await
+    }
+
+    /// Plans `goal` (a dry run, recorded).
+    pub fn propose(&self, goal: Goal) -> Result<PlanRecord, ControllerError> {
+        self.plans.propose(goal)
+    }
+
+    /// Moves `vm` to `to`: a `place` plan, executed.
+    pub fn move_vm(&self, vm: &str, to: &str) -> Result<PlanRecord, ControllerError> {
+        let plan = self.plans.propose(Goal::Place { vm: vm.to_string(), host: to.to_string() })?;
+        self.plans.execute(&plan.id)
+    }
+
+    /// All plans, oldest first.
+    pub fn plans(&self) -> Vec<PlanRecord> {
+        self.plans.plans()
+    }
+
+    /// One plan.
+    pub fn plan(&self, id: &str) -> Result<PlanRecord, ControllerError> {
+        self.plans.plan(id)
+    }
+
+    /// Starts executing a proposed plan; returns at once (poll the plan).
+    pub fn execute(&self, id: &str) -> Result<PlanRecord, ControllerError> {
+        self.plans.execute(id)
+    }
+
+    /// Cancels a plan.
+    pub async fn cancel_plan(&self, id: &str) -> Result<PlanRecord, ControllerError> {
+        self.plans.cancel_plan(id).await
+    }
+}
