@@ -13,6 +13,11 @@ use clap::{Parser, Subcommand};
                   then try `walkabout host list` and `walkabout host drain h1` in another terminal."
 )]
 struct Cli {
+    /// Longest wait for any one answer of an agent or a controller (e.g. 500ms, 10s;
+    /// a bare number is seconds). Long waits (`--wait`, following a plan, a guest
+    /// booting) poll with short requests, each bounded by this, so they are not cut.
+    #[arg(long, global = true, value_parser = cli::client::parse_timeout, default_value = cli::client::DEFAULT_TIMEOUT, value_name = "DURATION")]
+    timeout: std::time::Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,6 +65,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    cli::client::set_timeout(cli.timeout);
     // `walkabout vm list | head`: a closed stdout ends a client command quietly. Servers
     // and supervisors keep SIGPIPE ignored and stop cleanly instead (see `cli::out`).
     if !matches!(cli.command, Command::Agent(_) | Command::Controller(_) | Command::Up(_) | Command::Demo(_)) {
@@ -100,5 +106,18 @@ fn main() -> std::process::ExitCode {
             eprintln!("walkabout: {e:#}");
             std::process::ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent_and_timeout_is_global() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["walkabout", "host", "info", "--timeout", "2s"]).expect("parses");
+        assert_eq!(cli.timeout, std::time::Duration::from_secs(2));
     }
 }

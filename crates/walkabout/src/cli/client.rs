@@ -1,8 +1,10 @@
-//! The HTTP client the CLI uses to talk to agents, and helpers shared by subcommands.
+//! What every subcommand shares: the typed clients of `walkabout_api` built with the
+//! command's timeouts, the output format, size and duration parsers, the runtime.
 
-use anyhow::{anyhow, Context};
-use serde::de::DeserializeOwned;
-use serde_json::Value;
+use anyhow::Context;
+use std::sync::OnceLock;
+use std::time::Duration;
+use walkabout_api::{AgentClient, ClientOptions, ControllerClient};
 
 /// How a command prints what it reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -14,67 +16,35 @@ pub enum Output {
     Json,
 }
 
-/// A JSON API client bound to one base URL.
-pub struct Client {
-    base: String,
-    http: reqwest::Client,
+/// The default of the global `--timeout`: the longest wait for one answer.
+pub const DEFAULT_TIMEOUT: &str = "30s";
+
+/// The longest wait for a TCP connection (shorter when `--timeout` is).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The timeouts the command line chose, set once by `main` before any command runs.
+static OPTIONS: OnceLock<ClientOptions> = OnceLock::new();
+
+/// Sets the timeouts of every client this process makes: `timeout` for a whole request,
+/// the connection within at most 5 s of it. Called once by `main` (later calls are
+/// ignored: one command, one setting).
+pub fn set_timeout(timeout: Duration) {
+    let _ = OPTIONS.set(ClientOptions { connect_timeout: CONNECT_TIMEOUT.min(timeout), request_timeout: timeout });
 }
 
-impl Client {
-    /// A client for the API at `base` (e.g. `http://127.0.0.1:7701`).
-    pub fn new(base: &str) -> anyhow::Result<Client> {
-        let base = base.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") && !base.starts_with("https://") {
-            anyhow::bail!("agent URL {base:?} must start with http:// (e.g. http://127.0.0.1:7701)");
-        }
-        let http = reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(5)).build().context("building HTTP client")?;
-        Ok(Client { base, http })
-    }
+/// The timeouts of this command's clients (the library's defaults if `main` set none).
+pub fn options() -> ClientOptions {
+    OPTIONS.get().copied().unwrap_or_default()
+}
 
-    /// GET a JSON document.
-    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.send(self.http.get(self.url(path)), path).await
-    }
+/// A typed client of the agent at `url`, with this command's timeouts.
+pub fn agent(url: &str) -> anyhow::Result<AgentClient> {
+    Ok(AgentClient::new(url, options())?)
+}
 
-    /// POST a JSON body (or none) and read JSON back.
-    pub async fn post<T: DeserializeOwned>(&self, path: &str, body: Option<&Value>) -> anyhow::Result<T> {
-        let mut req = self.http.post(self.url(path));
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        self.send(req, path).await
-    }
-
-    /// DELETE a resource.
-    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
-        let _: Value = self.send(self.http.delete(self.url(path)), path).await?;
-        Ok(())
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
-    }
-
-    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder, path: &str) -> anyhow::Result<T> {
-        let resp = req.send().await.map_err(|e| {
-            if e.is_connect() {
-                anyhow!("cannot reach {}: connection refused or unreachable (is the agent running?)", self.base)
-            } else {
-                anyhow!("request to {}{} failed: {e}", self.base, path)
-            }
-        })?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.with_context(|| format!("reading reply from {}{path}", self.base))?;
-        if !status.is_success() {
-            let msg = serde_json::from_slice::<Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get("error").and_then(Value::as_str).map(String::from))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).trim().to_string());
-            anyhow::bail!("{msg}");
-        }
-        let bytes = if bytes.is_empty() { "null".as_bytes().into() } else { bytes };
-        serde_json::from_slice(&bytes).with_context(|| format!("unexpected reply from {}{path}", self.base))
-    }
+/// A typed client of the controller at `url`, with this command's timeouts.
+pub fn controller(url: &str) -> anyhow::Result<ControllerClient> {
+    Ok(ControllerClient::new(url, options())?)
 }
 
 /// Parses `<number><unit>` into the number times the unit's multiplier; `what` names the
@@ -106,6 +76,16 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     scaled(s, "duration", false, units).map_err(|e| format!("{e} (e.g. 50ms, 30s)"))
 }
 
+/// Parses the global `--timeout`: `500ms`, `10s`, `2m`, or a bare number of seconds.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let ms =
+        if s.trim().chars().all(|c| c.is_ascii_digit()) { scaled(s, "duration", false, &[(&[""], 1000)])? } else { parse_duration_ms(s)? };
+    if ms == 0 {
+        return Err(format!("timeout '{s}' must be more than zero"));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
 /// Prints a value as pretty JSON.
 pub fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
@@ -133,5 +113,13 @@ mod tests {
         assert_eq!(parse_duration_ms("30s"), Ok(30_000));
         assert_eq!(parse_duration_ms("2m"), Ok(120_000));
         assert!(parse_duration_ms("5h").expect_err("unit").contains("unknown duration unit"));
+    }
+
+    #[test]
+    fn a_bare_timeout_is_seconds_and_zero_is_refused() {
+        assert_eq!(parse_timeout("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_timeout("300"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_timeout("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_timeout("0s").is_err());
     }
 }

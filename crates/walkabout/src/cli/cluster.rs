@@ -2,13 +2,13 @@
 //! and what `host drain`, `vm move`, `walk` and `game` share: the controller client,
 //! following a plan with a progress bar, printing plans.
 
-use super::client::{print_json, runtime, Output};
+use super::client::{self, print_json, runtime, Output};
 use super::progress::{MigrationView, PlanProgress, PlanView, RunningStep};
-use super::table::{clean, num, Align, Table};
-use anyhow::{anyhow, Context};
-use serde_json::{json, Value};
+use super::table::{clean, Align, Table};
+use serde_json::Value;
 use std::process::ExitCode;
 use std::time::Duration;
+use walkabout_api::{ClientError, ControllerClient, ErrorBody, ErrorKind, Goal, PlanRecord, PlanStatus};
 
 /// The controller's default URL (where `walkabout up` serves it).
 pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:7700";
@@ -75,39 +75,23 @@ pub struct PlanFollow {
     no_wait: bool,
 }
 
-/// A JSON client for the controller that keeps error bodies (an impossible goal's
-/// per-VM reasons are in them).
+/// A controller client that reads replies as JSON values, kept only for `walk.rs`
+/// (being moved to [`ControllerClient`] separately); everything else uses the typed
+/// client. It has the command's timeouts and answers with [`ClientError`]s.
 pub struct Ctl {
     base: String,
     http: reqwest::Client,
+    timeout: Duration,
 }
-
-/// An error answer of the controller: its sentence and its whole body.
-#[derive(Debug)]
-pub struct Refusal {
-    /// The controller's sentence.
-    pub message: String,
-    /// The whole body.
-    pub body: Value,
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Refusal {}
 
 impl Ctl {
     /// A client for the controller at `base`.
     pub fn new(base: &str) -> anyhow::Result<Ctl> {
-        let base = base.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") && !base.starts_with("https://") {
-            anyhow::bail!("controller URL {base:?} must start with http:// (e.g. {DEFAULT_CONTROLLER})");
-        }
-        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().context("building HTTP client")?;
-        Ok(Ctl { base, http })
+        // The typed client checks the URL the same way; its error says what is expected.
+        let typed = client::controller(base)?;
+        let opts = client::options();
+        let http = reqwest::Client::builder().connect_timeout(opts.connect_timeout).build()?;
+        Ok(Ctl { base: typed.url().to_string(), http, timeout: opts.request_timeout })
     }
 
     /// GET a JSON document.
@@ -121,26 +105,42 @@ impl Ctl {
     }
 
     async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base)).timeout(self.timeout);
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.map_err(|e| {
-            if e.is_connect() {
-                anyhow!("cannot reach the controller at {} (is `walkabout up` or `walkabout controller` running?)", self.base)
+        let transport = |e: reqwest::Error| {
+            if e.is_timeout() {
+                ClientError::Timeout {
+                    url: self.base.clone(),
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    timeout_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
+                }
             } else {
-                anyhow!("request to {}{path} failed: {e}", self.base)
+                ClientError::Unreachable { url: self.base.clone(), detail: e.to_string() }
             }
-        })?;
+        };
+        let resp = req.send().await.map_err(transport)?;
         let status = resp.status();
-        let bytes = resp.bytes().await.with_context(|| format!("reading reply from {}{path}", self.base))?;
-        let v: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+        let bytes = resp.bytes().await.map_err(transport)?;
         if !status.is_success() {
-            let message =
-                v["error"].as_str().map(String::from).unwrap_or_else(|| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
-            return Err(Refusal { message, body: v }.into());
+            let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| {
+                ErrorBody::new(
+                    ErrorKind::Other,
+                    format!("{} answered {path} with HTTP {status}: {}", self.base, String::from_utf8_lossy(&bytes)),
+                )
+            });
+            return Err(ClientError::Api { status: status.as_u16(), body }.into());
         }
-        Ok(v)
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        Ok(serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            url: self.base.clone(),
+            path: path.to_string(),
+            detail: e.to_string(),
+        })?)
     }
 }
 
@@ -148,38 +148,18 @@ impl Ctl {
 pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
         match cmd {
-            ClusterCommand::Rebalance(g) => goal(g, json!({"goal": "rebalance"})).await,
-            ClusterCommand::Consolidate(g) => goal(g, json!({"goal": "consolidate"})).await,
+            ClusterCommand::Rebalance(g) => goal(g, Goal::Rebalance).await,
+            ClusterCommand::Consolidate(g) => goal(g, Goal::Consolidate).await,
             ClusterCommand::Plans(c) => {
-                let plans = Ctl::new(&c.controller)?.get("/v1/plans").await?;
+                let plans = client::controller(&c.controller)?.plans().await?;
                 match c.output {
                     Output::Json => print_json(&plans)?,
-                    Output::Text => {
-                        let mut t = Table::new(&[
-                            ("ID", Align::Left),
-                            ("STATUS", Align::Left),
-                            ("GOAL", Align::Left),
-                            ("STEPS", Align::Right),
-                            ("ROUND", Align::Right),
-                            ("REASON", Align::Left),
-                        ]);
-                        for p in plans.as_array().into_iter().flatten() {
-                            t.row([
-                                p["id"].as_str().unwrap_or("?").to_string(),
-                                p["status"].as_str().unwrap_or("?").to_string(),
-                                describe_goal(&p["goal"]),
-                                p["steps"].as_array().map_or(0, Vec::len).to_string(),
-                                num(&p["round"]),
-                                p["reason"].as_str().unwrap_or("").to_string(),
-                            ]);
-                        }
-                        t.print();
-                    }
+                    Output::Text => plans_table(&plans).print(),
                 }
                 Ok(ExitCode::SUCCESS)
             }
             ClusterCommand::PlanShow(p) => {
-                let plan = Ctl::new(&p.ctl.controller)?.get(&format!("/v1/plans/{}", p.id)).await?;
+                let plan = client::controller(&p.ctl.controller)?.plan(&p.id).await?;
                 match p.ctl.output {
                     Output::Json => print_json(&plan)?,
                     Output::Text => print_plan(&plan),
@@ -187,58 +167,84 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             ClusterCommand::PlanExecute(p) => {
-                let ctl = Ctl::new(&p.ctl.controller)?;
-                let plan = ctl.post(&format!("/v1/plans/{}/execute", p.id), None).await?;
+                let ctl = client::controller(&p.ctl.controller)?;
+                let plan = ctl.execute_plan(&p.id).await?;
                 finish(&ctl, plan, &p.ctl, p.no_wait).await
             }
             ClusterCommand::PlanCancel(p) => {
-                let ctl = Ctl::new(&p.ctl.controller)?;
-                let plan = ctl.post(&format!("/v1/plans/{}/cancel", p.id), None).await?;
+                let ctl = client::controller(&p.ctl.controller)?;
+                let plan = ctl.cancel_plan(&p.id).await?;
                 finish(&ctl, plan, &p.ctl, false).await
             }
         }
     })
 }
 
-async fn goal(g: GoalArgs, goal: Value) -> anyhow::Result<ExitCode> {
-    let ctl = Ctl::new(&g.ctl.controller)?;
-    let plan = ctl.post("/v1/plans", Some(goal)).await?;
-    if g.dry_run || plan["status"] != "proposed" {
+/// The plans as a table.
+fn plans_table(plans: &[PlanRecord]) -> Table {
+    let mut t = Table::new(&[
+        ("ID", Align::Left),
+        ("STATUS", Align::Left),
+        ("GOAL", Align::Left),
+        ("STEPS", Align::Right),
+        ("ROUND", Align::Right),
+        ("REASON", Align::Left),
+    ]);
+    for p in plans {
+        t.row([
+            p.id.clone(),
+            p.status.to_string(),
+            p.goal.describe(),
+            p.steps.len().to_string(),
+            p.round.to_string(),
+            p.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    t
+}
+
+async fn goal(g: GoalArgs, goal: Goal) -> anyhow::Result<ExitCode> {
+    let ctl = client::controller(&g.ctl.controller)?;
+    let plan = ctl.propose(&goal).await?;
+    if g.dry_run || plan.status != PlanStatus::Proposed {
         match g.ctl.output {
             Output::Json => print_json(&plan)?,
             Output::Text => print_plan(&plan),
         }
-        return Ok(if plan["status"] == "impossible" { ExitCode::from(1) } else { ExitCode::SUCCESS });
+        return Ok(if plan.status == PlanStatus::Impossible { ExitCode::from(1) } else { ExitCode::SUCCESS });
     }
-    let id = plan["id"].as_str().unwrap_or_default().to_string();
-    let plan = ctl.post(&format!("/v1/plans/{id}/execute"), None).await?;
+    let plan = ctl.execute_plan(&plan.id).await?;
     finish(&ctl, plan, &g.ctl, g.no_wait).await
+}
+
+/// Whether a plan in `status` is a success: completed, or (when not waiting for its
+/// end) under way or proposed.
+fn succeeded(status: PlanStatus, no_wait: bool) -> bool {
+    match status {
+        PlanStatus::Completed => true,
+        PlanStatus::Running | PlanStatus::Proposed => no_wait,
+        PlanStatus::Impossible | PlanStatus::Failed | PlanStatus::Cancelled => false,
+    }
 }
 
 /// Follows `plan` to its end (unless `no_wait`), then prints it; exit 0 only when it
 /// completed (or, without waiting, runs).
-pub async fn finish(ctl: &Ctl, plan: Value, args: &CtlArgs, no_wait: bool) -> anyhow::Result<ExitCode> {
+pub async fn finish(ctl: &ControllerClient, plan: PlanRecord, args: &CtlArgs, no_wait: bool) -> anyhow::Result<ExitCode> {
     let plan = if no_wait { plan } else { follow(ctl, plan, args.output == Output::Text).await? };
     match args.output {
         Output::Json => print_json(&plan)?,
         Output::Text => print_plan(&plan),
     }
-    let ok = match plan["status"].as_str() {
-        Some("completed") => true,
-        Some("running" | "proposed") => no_wait,
-        _ => false,
-    };
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if succeeded(plan.status, no_wait) { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// Polls a plan until it ends, showing its progress on stderr when `bar` (a bar on a
-/// terminal, plain lines elsewhere).
-pub async fn follow(ctl: &Ctl, plan: Value, bar: bool) -> anyhow::Result<Value> {
-    let id = plan["id"].as_str().unwrap_or_default().to_string();
-    let mut progress = bar.then(|| PlanProgress::new(&id));
+/// terminal, plain lines elsewhere). Each poll is one short request.
+pub async fn follow(ctl: &ControllerClient, plan: PlanRecord, bar: bool) -> anyhow::Result<PlanRecord> {
+    let mut progress = bar.then(|| PlanProgress::new(&plan.id));
     let mut plan = plan;
     loop {
-        if !matches!(plan["status"].as_str(), Some("running")) {
+        if plan.status != PlanStatus::Running {
             if let Some(p) = &progress {
                 p.finish();
             }
@@ -248,18 +254,18 @@ pub async fn follow(ctl: &Ctl, plan: Value, bar: bool) -> anyhow::Result<Value> 
             p.update(&view(ctl, &plan).await);
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        plan = ctl.get(&format!("/v1/plans/{id}")).await?;
+        plan = ctl.plan(&plan.id).await?;
     }
 }
 
 /// The plan's progress, with each running step's migration phase and share done.
-async fn view(ctl: &Ctl, plan: &Value) -> PlanView {
+async fn view(ctl: &ControllerClient, plan: &PlanRecord) -> PlanView {
     let mut v = PlanView::from_plan(plan);
-    for s in plan["steps"].as_array().into_iter().flatten().filter(|s| s["status"] == "running") {
-        let state = match s["migration"].as_str() {
-            Some(mid) => match ctl.get(&format!("/v1/migrations/{mid}")).await {
+    for (_, s) in plan.running() {
+        let state = match &s.migration {
+            Some(mid) => match ctl.migration(mid).await {
                 Ok(m) => {
-                    let m = MigrationView::from_record(&m);
+                    let m = MigrationView::new(m.phase, &m.progress);
                     let pct = (m.done_bytes() * 100).checked_div(m.total_bytes).unwrap_or(0);
                     format!("{} {pct}%", m.phase)
                 }
@@ -267,77 +273,101 @@ async fn view(ctl: &Ctl, plan: &Value) -> PlanView {
             },
             None => "starting".into(),
         };
-        let text = |x: &Value| clean(x.as_str().unwrap_or("?")).into_owned();
-        v.running.push(RunningStep { vm: text(&s["vm"]), from: text(&s["from"]), to: text(&s["to"]), state });
+        v.running.push(RunningStep {
+            vm: clean(&s.vm).into_owned(),
+            from: clean(&s.from).into_owned(),
+            to: clean(&s.to).into_owned(),
+            state,
+        });
     }
     v
 }
 
-/// A goal in a few words.
-pub fn describe_goal(g: &Value) -> String {
-    match g["goal"].as_str() {
-        Some("drain") => format!("drain {}", clean(g["host"].as_str().unwrap_or("?"))),
-        Some("place") => format!("move {} to {}", clean(g["vm"].as_str().unwrap_or("?")), clean(g["host"].as_str().unwrap_or("?"))),
-        Some(other) => other.to_string(),
-        None => "?".into(),
+/// A plan for people.
+pub fn plan_text(p: &PlanRecord) -> String {
+    let mut out = format!(
+        "plan {} ({}): {}{}\n",
+        clean(&p.id),
+        clean(&p.goal.describe()),
+        p.status,
+        p.reason.as_deref().map(|r| format!(" — {}", clean(r))).unwrap_or_default()
+    );
+    for s in &p.steps {
+        out.push_str(&format!(
+            "  round {} wave {}: {:<10} {} -> {}  {:<10} {}{}\n",
+            s.round,
+            s.wave,
+            clean(&s.vm),
+            clean(&s.from),
+            clean(&s.to),
+            s.status.to_string(),
+            clean(&s.why),
+            s.reason.as_deref().map(|r| format!(" [{}]", clean(r))).unwrap_or_default()
+        ));
     }
+    for b in &p.blocked {
+        out.push_str(&format!("  blocked: {} needs {}: {}\n", clean(&b.vm), clean(&b.needs), clean(&b.why)));
+    }
+    for x in &p.problems {
+        out.push_str(&format!("  problem: {}: {}\n", clean(&x.vm), clean(&x.reason)));
+    }
+    if p.status == PlanStatus::Proposed {
+        out.push_str(&format!("  execute with: walkabout cluster plan-execute {}\n", clean(&p.id)));
+    }
+    out
 }
 
 /// Prints a plan for people.
-pub fn print_plan(p: &Value) {
-    println!(
-        "plan {} ({}): {}{}",
-        clean(p["id"].as_str().unwrap_or("?")),
-        describe_goal(&p["goal"]),
-        clean(p["status"].as_str().unwrap_or("?")),
-        p["reason"].as_str().map(|r| format!(" — {r}")).unwrap_or_default()
-    );
-    for s in p["steps"].as_array().into_iter().flatten() {
-        println!(
-            "  round {} wave {}: {:<10} {} -> {}  {:<10} {}{}",
-            s["round"],
-            s["wave"],
-            clean(s["vm"].as_str().unwrap_or("?")),
-            clean(s["from"].as_str().unwrap_or("?")),
-            clean(s["to"].as_str().unwrap_or("?")),
-            clean(s["status"].as_str().unwrap_or("?")),
-            clean(s["why"].as_str().unwrap_or("")),
-            s["reason"].as_str().map(|r| format!(" [{r}]")).unwrap_or_default()
-        );
-    }
-    for b in p["blocked"].as_array().into_iter().flatten() {
-        println!(
-            "  blocked: {} needs {}: {}",
-            clean(b["vm"].as_str().unwrap_or("?")),
-            clean(b["needs"].as_str().unwrap_or("?")),
-            clean(b["why"].as_str().unwrap_or(""))
-        );
-    }
-    for x in p["problems"].as_array().into_iter().flatten() {
-        println!("  problem: {}: {}", clean(x["vm"].as_str().unwrap_or("?")), clean(x["reason"].as_str().unwrap_or("")));
-    }
-    if p["status"] == "proposed" {
-        println!("  execute with: walkabout cluster plan-execute {}", clean(p["id"].as_str().unwrap_or("?")));
-    }
+pub fn print_plan(p: &PlanRecord) {
+    print!("{}", plan_text(p));
 }
 
 /// Prints a refusal: in JSON, the controller's whole error body; in text, its sentence
-/// and one line per blocked VM.
-pub fn print_refusal(e: &anyhow::Error, output: Output) -> anyhow::Result<ExitCode> {
-    let Some(r) = e.downcast_ref::<Refusal>() else { return Err(anyhow!("{e:#}")) };
+/// and one line per blocked VM. Any other error (the controller not answering) is
+/// returned as it is.
+pub fn print_refusal(e: &ClientError, output: Output) -> anyhow::Result<ExitCode> {
+    let ClientError::Api { body, .. } = e else { return Err(e.clone().into()) };
     match output {
-        Output::Json => print_json(&r.body)?,
+        Output::Json => print_json(body)?,
         Output::Text => {
-            eprintln!("walkabout: {}", r.body["error"].as_str().unwrap_or(&r.message));
-            for b in r.body["blocked"].as_array().into_iter().flatten() {
-                eprintln!(
-                    "  {} needs {}: {}",
-                    clean(b["vm"].as_str().unwrap_or("?")),
-                    clean(b["needs"].as_str().unwrap_or("?")),
-                    clean(b["why"].as_str().unwrap_or(""))
-                );
+            eprintln!("walkabout: {}", body.error);
+            for b in &body.blocked {
+                eprintln!("  {} needs {}: {}", clean(&b.vm), clean(&b.needs), clean(&b.why));
             }
         }
     }
     Ok(ExitCode::from(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(status: PlanStatus) -> PlanRecord {
+        serde_json::from_value(serde_json::json!({
+            "version": 1, "id": "p7", "goal": {"goal": "drain", "host": "h1"}, "status": status,
+            "created_ms": 0, "round": 1,
+            "steps": [{"vm": "g1", "from": "h1", "to": "h2", "wave": 0, "round": 1, "why": "drain h1", "status": "completed"}],
+            "blocked": [{"vm": "g2", "needs": "512 MiB", "why": "no host has room"}]
+        }))
+        .expect("a plan record")
+    }
+
+    #[test]
+    fn a_plan_is_shown_with_its_goal_steps_and_blocked_vms() {
+        let text = plan_text(&plan(PlanStatus::Proposed));
+        assert!(text.starts_with("plan p7 (drain h1): proposed\n"), "{text}");
+        assert!(text.contains("g1         h1 -> h2  completed  drain h1"), "{text}");
+        assert!(text.contains("blocked: g2 needs 512 MiB: no host has room"), "{text}");
+        assert!(text.contains("execute with: walkabout cluster plan-execute p7"), "{text}");
+    }
+
+    #[test]
+    fn only_a_completed_plan_succeeds_when_followed_to_its_end() {
+        assert!(succeeded(PlanStatus::Completed, false));
+        assert!(!succeeded(PlanStatus::Running, false));
+        assert!(succeeded(PlanStatus::Running, true));
+        assert!(!succeeded(PlanStatus::Failed, true));
+        assert!(!succeeded(PlanStatus::Impossible, false));
+    }
 }

@@ -1,6 +1,6 @@
 //! `walkabout cpu`: CPU models across hosts.
 
-use super::client::{print_json, runtime, Client, Output};
+use super::client::{self, print_json, runtime, Output};
 use serde_json::json;
 use std::process::ExitCode;
 use walkabout_qemu::cpu::{baseline, CpuCatalog};
@@ -26,7 +26,8 @@ pub fn run(cmd: CpuCommand) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
         let mut catalogs: Vec<CpuCatalog> = vec![];
         for a in &agents {
-            catalogs.push(Client::new(a)?.get("/v1/host/cpu").await.map_err(|e| anyhow::anyhow!("{a}: {e}"))?);
+            // The client's errors name the agent.
+            catalogs.push(client::agent(a)?.cpu().await?);
         }
         let Some((model, common)) = baseline(&catalogs) else {
             anyhow::bail!("no named CPU model runs on all {} hosts", agents.len());

@@ -2,12 +2,13 @@
 //! by live migration, each hop's downtime and the guests' heartbeat continuity printed,
 //! then everything cleaned up.
 
-use super::client::{runtime, Client, Output};
+use super::client::{self, runtime, Output};
 use super::out;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+use walkabout_api::{AgentClient, MigrationRecord, MigrationRequest, Mode, Phase, VmSpec};
 use walkabout_testbed::{LocalCluster, LocalOptions};
 
 /// Arguments of `walkabout demo`.
@@ -76,13 +77,11 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 /// gracefully before the testbed stops the agents (and kills what is left).
 pub(super) async fn delete_guests(cluster: &LocalCluster) {
     for a in &cluster.agents {
-        if let Ok(c) = Client::new(&a.url) {
-            if let Ok(vms) = c.get::<Vec<Value>>("/v1/vms").await {
-                for v in vms {
-                    if let Some(n) = v["spec"]["name"].as_str() {
-                        let _ = c.delete(&format!("/v1/vms/{n}")).await;
-                    }
-                }
+        let Ok(c) = client::agent(&a.url) else { continue };
+        let Ok(vms) = c.vms().await else { continue };
+        for v in vms {
+            if let Err(e) = c.delete_vm(&v.record.spec.name).await {
+                tracing::warn!("cleaning up: {e}");
             }
         }
     }
@@ -90,8 +89,8 @@ pub(super) async fn delete_guests(cluster: &LocalCluster) {
 
 async fn walk(cluster: &LocalCluster, a: &DemoArgs, say: &impl Fn(String) -> std::io::Result<()>) -> anyhow::Result<Value> {
     let first = cluster.agents.first().context("no agents")?;
-    let host: Value = Client::new(&first.url)?.get("/v1/host").await?;
-    say(format!("  accelerator: {} ({})", host["accel"]["accel"].as_str().unwrap_or("?"), host["accel"]["reason"].as_str().unwrap_or("")))?;
+    let host = client::agent(&first.url)?.host().await?;
+    say(format!("  accelerator: {} ({})", host.accel.accel, host.accel.reason))?;
     for agent in &cluster.agents {
         say(format!("  {} at {}", agent.name, agent.url))?;
     }
@@ -103,9 +102,10 @@ async fn walk(cluster: &LocalCluster, a: &DemoArgs, say: &impl Fn(String) -> std
         let at = g % n;
         let agent = &cluster.agents[at];
         let start = Instant::now();
-        let spec = json!({"name": name, "memory_mib": memory_mib, "vcpus": 1, "workload": a.workload});
-        Client::new(&agent.url)?.post::<Value>("/v1/vms", Some(&spec)).await?;
-        wait_ready(&agent.url, &name).await?;
+        let spec = VmSpec { workload: a.workload.clone(), ..VmSpec::new(name.clone(), memory_mib) };
+        let c = client::agent(&agent.url)?;
+        c.create_vm(&spec).await?;
+        wait_ready(&c, &name).await?;
         say(format!("booted {name} on {} ({}, {}) in {} ms", agent.name, a.memory, a.workload, start.elapsed().as_millis()))?;
         place.push(at);
     }
@@ -118,12 +118,12 @@ async fn walk(cluster: &LocalCluster, a: &DemoArgs, say: &impl Fn(String) -> std
             let to = (*at + 1) % n;
             let (src, dst) = (&cluster.agents[*at], &cluster.agents[to]);
             let m = migrate(&src.url, &dst.url, &name).await?;
-            let completed = m["phase"] == "completed";
-            let vm: Value = Client::new(if completed { &dst.url } else { &src.url })?.get(&format!("/v1/vms/{name}")).await?;
-            let guest = &vm["guest"];
-            let continuous = guest["seq_breaks"] == 0 && guest["corrupt_pages"] == 0 && guest["kernel_trouble"] == false;
+            let completed = m.phase == Phase::Completed;
+            let vm = client::agent(if completed { &dst.url } else { &src.url })?.vm(&name).await?;
+            let guest = &vm.guest;
+            let continuous = guest.seq_breaks == 0 && guest.corrupt_pages == 0 && !guest.kernel_trouble;
             ok &= completed && continuous;
-            let down = m["downtime_ms"].as_u64().unwrap_or(0);
+            let down = m.downtime_ms.unwrap_or(0);
             if completed {
                 downtimes.push(down);
                 *at = to;
@@ -132,16 +132,16 @@ async fn walk(cluster: &LocalCluster, a: &DemoArgs, say: &impl Fn(String) -> std
                 "hop {round}: {name} {} -> {}  {}  total {} ms  downtime {} ms  heartbeat seq {} {}  corrupt pages {}",
                 src.name,
                 dst.name,
-                m["phase"].as_str().unwrap_or("?"),
-                m["total_ms"],
+                m.phase,
+                super::table::num(m.total_ms),
                 down,
-                guest["last_seq"],
+                super::table::num(guest.last_seq),
                 if continuous { "continuous" } else { "BROKEN" },
-                guest["corrupt_pages"],
+                guest.corrupt_pages,
             ))?;
-            hops.push(json!({"round": round, "vm": name, "from": src.name, "to": dst.name, "result": m["phase"],
-                "total_ms": m["total_ms"], "downtime_ms": m["downtime_ms"], "strategy": m["strategy"]["name"],
-                "last_seq": guest["last_seq"], "heartbeat_continuous": continuous, "corrupt_pages": guest["corrupt_pages"]}));
+            hops.push(json!({"round": round, "vm": name, "from": src.name, "to": dst.name, "result": m.phase,
+                "total_ms": m.total_ms, "downtime_ms": m.downtime_ms, "strategy": m.strategy.as_ref().map(|s| &s.name),
+                "last_seq": guest.last_seq, "heartbeat_continuous": continuous, "corrupt_pages": guest.corrupt_pages}));
         }
     }
     downtimes.sort_unstable();
@@ -156,12 +156,10 @@ async fn walk(cluster: &LocalCluster, a: &DemoArgs, say: &impl Fn(String) -> std
     Ok(json!({"ok": ok, "hops": hops, "downtime_median_ms": median, "downtime_max_ms": downtimes.last()}))
 }
 
-async fn wait_ready(url: &str, name: &str) -> anyhow::Result<()> {
-    let c = Client::new(url)?;
+async fn wait_ready(c: &AgentClient, name: &str) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        let vm: Value = c.get(&format!("/v1/vms/{name}")).await?;
-        if vm["guest"]["ready"] == true {
+        if c.vm(name).await?.guest.ready {
             return Ok(());
         }
         if start.elapsed() > Duration::from_secs(180) {
@@ -171,13 +169,12 @@ async fn wait_ready(url: &str, name: &str) -> anyhow::Result<()> {
     }
 }
 
-async fn migrate(src: &str, dst: &str, vm: &str) -> anyhow::Result<Value> {
-    let c = Client::new(src)?;
-    let rec: Value = c.post("/v1/migrations", Some(&json!({"vm": vm, "destination": dst}))).await?;
-    let id = rec["id"].as_str().context("migration id")?.to_string();
+async fn migrate(src: &str, dst: &str, vm: &str) -> anyhow::Result<MigrationRecord> {
+    let c = client::agent(src)?;
+    let rec = c.start_migration(&MigrationRequest::new(vm, dst, Mode::Auto)).await?;
     loop {
-        let m: Value = c.get(&format!("/v1/migrations/{id}")).await?;
-        if matches!(m["phase"].as_str(), Some("completed" | "failed" | "cancelled")) {
+        let m = c.migration(&rec.id).await?;
+        if m.phase.is_final() {
             return Ok(m);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

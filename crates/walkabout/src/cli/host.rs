@@ -1,10 +1,10 @@
 //! `walkabout host`: what a host offers (from its agent); the cluster's hosts and their
 //! maintenance (from the controller).
 
-use super::client::{print_json, runtime, Client, Output};
-use super::table::{clean, num, Align, Table};
-use serde_json::Value;
+use super::client::{self, print_json, runtime, Output};
+use super::table::{clean, wire, Align, Table};
 use std::process::ExitCode;
+use walkabout_api::{Host, HostInfo};
 
 /// `walkabout host ...`
 #[derive(clap::Subcommand)]
@@ -12,7 +12,7 @@ pub enum HostCommand {
     /// Show an agent's host: memory, CPUs, CPU model, accelerator (and why), QEMU.
     Info {
         /// The agent's URL.
-        #[arg(long, env = "WALKABOUT_AGENT", default_value = "http://127.0.0.1:7701")]
+        #[arg(long, env = "WALKABOUT_AGENT", default_value = super::vm::DEFAULT_AGENT)]
         agent: String,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Text)]
@@ -48,82 +48,101 @@ pub fn run(cmd: HostCommand) -> anyhow::Result<ExitCode> {
         HostCommand::Undrain(a) => return runtime()?.block_on(undrain(a)),
     };
     runtime()?.block_on(async move {
-        let h: Value = Client::new(&agent)?.get("/v1/host").await?;
+        let h = client::agent(&agent)?.host().await?;
         match output {
             Output::Json => print_json(&h)?,
-            Output::Text => {
-                println!("host:     {}", h["hostname"].as_str().unwrap_or("?"));
-                println!("cpu:      {} x {}", h["cpus"], h["cpu_model"].as_str().unwrap_or("?"));
-                println!(
-                    "memory:   {} MiB total, {} MiB for VMs, {} MiB used, {} MiB free ({} VMs)",
-                    h["memory_total_mib"], h["capacity_mib"], h["used_mib"], h["free_mib"], h["vms"]
-                );
-                println!("accel:    {} ({})", h["accel"]["accel"].as_str().unwrap_or("?"), h["accel"]["reason"].as_str().unwrap_or(""));
-                println!("qemu:     {}", h["qemu"]["banner"].as_str().unwrap_or("?"));
-            }
+            Output::Text => print!("{}", host_text(&h)),
         }
         Ok(ExitCode::SUCCESS)
     })
 }
 
+/// An agent's host for people.
+fn host_text(h: &HostInfo) -> String {
+    format!(
+        "host:     {}\ncpu:      {} x {}\nmemory:   {} MiB total, {} MiB for VMs, {} MiB used, {} MiB free ({} VMs)\naccel:    {} ({})\nqemu:     {}\n",
+        clean(&h.hostname),
+        h.cpus,
+        clean(&h.cpu_model),
+        h.memory_total_mib,
+        h.capacity_mib,
+        h.used_mib,
+        h.free_mib,
+        h.vms,
+        h.accel.accel,
+        clean(&h.accel.reason),
+        clean(&h.qemu.banner)
+    )
+}
+
 async fn list(c: super::cluster::CtlArgs) -> anyhow::Result<ExitCode> {
-    let hosts = super::cluster::Ctl::new(&c.controller)?.get("/v1/hosts").await?;
+    let hosts = client::controller(&c.controller)?.hosts().await?;
     match c.output {
         Output::Json => print_json(&hosts)?,
-        Output::Text => {
-            let mut t = Table::new(&[
-                ("NAME", Align::Left),
-                ("STATUS", Align::Left),
-                ("MAINT", Align::Left),
-                ("CAPACITY", Align::Right),
-                ("FREE", Align::Right),
-                ("URL", Align::Left),
-                ("VMS", Align::Left),
-            ]);
-            let mut down = vec![];
-            for h in hosts.as_array().into_iter().flatten() {
-                let text = |x: &Value| x.as_str().unwrap_or("?").to_string();
-                let vms: Vec<&str> = h["vms"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-                t.row([
-                    text(&h["name"]),
-                    text(&h["status"]),
-                    text(&h["maintenance"]),
-                    format!("{}M", num(&h["capacity_mib"])),
-                    format!("{}M", num(&h["free_mib"])),
-                    text(&h["url"]),
-                    vms.join(","),
-                ]);
-                if let Some(r) = h["down_reason"].as_str() {
-                    down.push(format!(
-                        "{} down since {} ms after the epoch: {}",
-                        clean(&text(&h["name"])),
-                        num(&h["status_since_ms"]),
-                        clean(r)
-                    ));
-                }
-            }
-            t.print();
-            for d in down {
-                println!("{d}");
-            }
-        }
+        Output::Text => print!("{}", hosts_text(&hosts)),
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// The cluster's hosts as a table, then a line per host that is down and why.
+fn hosts_text(hosts: &[Host]) -> String {
+    let mut t = Table::new(&[
+        ("NAME", Align::Left),
+        ("STATUS", Align::Left),
+        ("MAINT", Align::Left),
+        ("CAPACITY", Align::Right),
+        ("FREE", Align::Right),
+        ("URL", Align::Left),
+        ("VMS", Align::Left),
+    ]);
+    let mut down = String::new();
+    for h in hosts {
+        t.row([
+            h.name.clone(),
+            wire(&h.status),
+            wire(&h.maintenance),
+            format!("{}M", h.capacity_mib),
+            format!("{}M", h.free_mib),
+            h.url.clone(),
+            h.vms.join(","),
+        ]);
+        if let Some(r) = &h.down_reason {
+            down.push_str(&format!("{} down since {} ms after the epoch: {}\n", clean(&h.name), h.status_since_ms, clean(r)));
+        }
+    }
+    t.render() + &down
+}
+
 async fn drain(a: HostAction) -> anyhow::Result<ExitCode> {
-    let ctl = super::cluster::Ctl::new(&a.ctl.controller)?;
-    match ctl.post(&format!("/v1/hosts/{}/drain", a.host), None).await {
+    let ctl = client::controller(&a.ctl.controller)?;
+    match ctl.drain(&a.host).await {
         Ok(plan) => super::cluster::finish(&ctl, plan, &a.ctl, a.no_wait).await,
         Err(e) => super::cluster::print_refusal(&e, a.ctl.output),
     }
 }
 
 async fn undrain(a: HostAction) -> anyhow::Result<ExitCode> {
-    let h = super::cluster::Ctl::new(&a.ctl.controller)?.post(&format!("/v1/hosts/{}/undrain", a.host), None).await?;
+    let h = client::controller(&a.ctl.controller)?.undrain(&a.host).await?;
     match a.ctl.output {
         Output::Json => print_json(&h)?,
-        Output::Text => println!("host {} is {}", a.host, h["maintenance"].as_str().unwrap_or("?")),
+        Output::Text => println!("host {} is {}", clean(&a.host), wire(&h.maintenance)),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_down_host_is_listed_with_its_state_in_wire_words_and_why_it_is_down() {
+        let h: Host = serde_json::from_value(serde_json::json!({"version": 1, "name": "h2", "url": "http://127.0.0.1:7702",
+            "status": "down", "status_since_ms": 1000, "down_reason": "connection refused", "maintenance": "drain_failed",
+            "capacity_mib": 2048, "free_mib": 512, "vms": ["g1", "g2"]}))
+        .expect("a host");
+        let text = hosts_text(&[h]);
+        let row: Vec<&str> = text.lines().nth(1).unwrap_or_default().split_whitespace().collect();
+        assert_eq!(row, ["h2", "down", "drain_failed", "2048M", "512M", "http://127.0.0.1:7702", "g1,g2"]);
+        assert!(text.contains("h2 down since 1000 ms after the epoch: connection refused"), "{text}");
+    }
 }

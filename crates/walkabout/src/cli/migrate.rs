@@ -1,11 +1,12 @@
 //! `walkabout migrate` and `walkabout migration`: live migration between agents.
 
-use super::client::{parse_duration_ms, parse_mib, print_json, runtime, Client, Output};
+use super::client::{self, parse_duration_ms, parse_mib, print_json, runtime, Output};
 use super::progress::{mib, MigrationProgress, MigrationView};
 use super::table::{clean, num, Align, Table};
 use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::time::Duration;
+use walkabout_api::{MigrationRecord, MigrationRequest, Mode, Phase};
 
 /// Arguments of `walkabout migrate`.
 #[derive(clap::Args)]
@@ -73,46 +74,39 @@ pub struct MigrationId {
 
 /// Runs `walkabout migrate`.
 pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
-    a.mode.parse::<walkabout_migrate::Mode>().map_err(|e| anyhow::anyhow!(e))?;
+    let mode = a.mode.parse::<Mode>().map_err(anyhow::Error::msg)?;
     runtime()?.block_on(async move {
-        let client = Client::new(&a.agent)?;
-        let req = json!({
-            "vm": a.vm, "destination": a.to, "mode": a.mode,
-            "max_downtime_ms": a.max_downtime,
-            "max_bandwidth_bps": a.max_bandwidth.map(|m| m << 20),
-            "budget_per_gib_ms": a.budget_per_gib,
-        });
-        let rec: Value = client.post("/v1/migrations", Some(&req)).await?;
-        let id = rec["id"].as_str().unwrap_or_default().to_string();
+        let client = client::agent(&a.agent)?;
+        let req = MigrationRequest {
+            max_downtime_ms: Some(a.max_downtime),
+            max_bandwidth_bps: a.max_bandwidth.map(|m| m << 20),
+            budget_per_gib_ms: Some(a.budget_per_gib),
+            ..MigrationRequest::new(a.vm.clone(), a.to.clone(), mode)
+        };
+        let rec = client.start_migration(&req).await?;
         if !a.wait {
             match a.output {
                 Output::Json => print_json(&rec)?,
-                Output::Text => println!("migration {id} of {} to {} started", a.vm, a.to),
+                Output::Text => println!("migration {} of {} to {} started", clean(&rec.id), clean(&a.vm), clean(&a.to)),
             }
             return Ok(ExitCode::SUCCESS);
         }
-        let mut progress = (a.output == Output::Text).then(|| MigrationProgress::new(&id));
+        let mut progress = (a.output == Output::Text).then(|| MigrationProgress::new(&rec.id));
         let mut last_switches = 0;
+        // Short requests, one every 100 ms, each bounded by --timeout: the wait itself is not.
         let rec = loop {
-            let rec: Value = client.get(&format!("/v1/migrations/{id}")).await?;
+            let rec = client.migration(&rec.id).await?;
             if let Some(p) = &mut progress {
-                if let Some(sw) = rec["switches"].as_array() {
-                    for s in &sw[last_switches.min(sw.len())..] {
-                        p.note(&format!(
-                            "  switch to {} at {} ms: {}",
-                            clean(s["to"].as_str().unwrap_or("?")),
-                            s["at_ms"],
-                            clean(s["reason"].as_str().unwrap_or(""))
-                        ));
-                    }
-                    last_switches = sw.len();
+                for s in rec.switches.iter().skip(last_switches) {
+                    p.note(&format!("  switch to {} at {} ms: {}", clean(&s.to), s.at_ms, clean(&s.reason)));
                 }
+                last_switches = rec.switches.len();
                 // The end is the summary's to tell.
-                if !is_final(&rec) {
+                if !rec.phase.is_final() {
                     p.update(&MigrationView::from_record(&rec));
                 }
             }
-            if is_final(&rec) {
+            if rec.phase.is_final() {
                 break rec;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -120,29 +114,24 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         if let Some(p) = &progress {
             p.finish();
         }
-        let summary = summarize(&rec);
         match a.output {
-            Output::Json => print_json(&summary)?,
+            Output::Json => print_json(&summarize(&rec))?,
             Output::Text => println!("{}", Summary::from_record(&rec)),
         }
-        Ok(if summary["result"] == "completed" { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        Ok(if rec.phase == Phase::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })
     })
 }
 
-fn is_final(rec: &Value) -> bool {
-    matches!(rec["phase"].as_str(), Some("completed" | "failed" | "cancelled"))
-}
-
 /// The one object `--output json` ends with.
-fn summarize(rec: &Value) -> Value {
+fn summarize(rec: &MigrationRecord) -> Value {
     json!({
-        "id": rec["id"], "vm": rec["vm"], "to": rec["destination"],
-        "result": rec["phase"], "reason": rec["reason"],
-        "total_ms": rec["total_ms"], "downtime_ms": rec["downtime_ms"],
-        "transferred_bytes": rec["progress"]["transferred_bytes"],
-        "iterations": rec["progress"]["iteration"],
-        "dirty_rate_bps": rec["dirty_rate_bps"],
-        "strategy": rec["strategy"], "switches": rec["switches"],
+        "id": rec.id, "vm": rec.vm, "to": rec.destination,
+        "result": rec.phase, "reason": rec.reason,
+        "total_ms": rec.total_ms, "downtime_ms": rec.downtime_ms,
+        "transferred_bytes": rec.progress.transferred_bytes,
+        "iterations": rec.progress.iteration,
+        "dirty_rate_bps": rec.dirty_rate_bps,
+        "strategy": rec.strategy, "switches": rec.switches,
     })
 }
 
@@ -173,19 +162,19 @@ pub struct Summary {
 
 impl Summary {
     /// Reads a summary from a migration record as the agent reports it.
-    pub fn from_record(rec: &Value) -> Summary {
-        let text = |v: &Value| v.as_str().map(|s| clean(s).into_owned());
+    pub fn from_record(rec: &MigrationRecord) -> Summary {
+        let text = |s: &str| clean(s).into_owned();
         Summary {
-            id: text(&rec["id"]).unwrap_or_else(|| "?".into()),
-            vm: text(&rec["vm"]).unwrap_or_else(|| "?".into()),
-            to: text(&rec["destination"]).unwrap_or_else(|| "?".into()),
-            result: text(&rec["phase"]).unwrap_or_else(|| "?".into()),
-            reason: text(&rec["reason"]),
-            total_ms: rec["total_ms"].as_u64(),
-            downtime_ms: rec["downtime_ms"].as_u64(),
-            transferred_bytes: rec["progress"]["transferred_bytes"].as_u64().unwrap_or(0),
-            passes: rec["progress"]["iteration"].as_u64().unwrap_or(0),
-            strategy: text(&rec["strategy"]["name"]),
+            id: text(&rec.id),
+            vm: text(&rec.vm),
+            to: text(&rec.destination),
+            result: rec.phase.to_string(),
+            reason: rec.reason.as_deref().map(text),
+            total_ms: rec.total_ms,
+            downtime_ms: rec.downtime_ms,
+            transferred_bytes: rec.progress.transferred_bytes,
+            passes: rec.progress.iteration,
+            strategy: rec.strategy.as_ref().map(|s| text(&s.name)),
         }
     }
 }
@@ -212,47 +201,67 @@ impl std::fmt::Display for Summary {
 /// Runs `walkabout migration ...`.
 pub fn run_migration(cmd: MigrationCommand) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
-        let (common, v): (&MigrationCommon, Value) = match &cmd {
-            MigrationCommand::List(c) => (c, Client::new(&c.agent)?.get("/v1/migrations").await?),
-            MigrationCommand::Show(m) => (&m.common, Client::new(&m.common.agent)?.get(&format!("/v1/migrations/{}", m.id)).await?),
-            MigrationCommand::Cancel(m) => {
-                (&m.common, Client::new(&m.common.agent)?.post(&format!("/v1/migrations/{}/cancel", m.id), None).await?)
+        let (common, rec) = match &cmd {
+            MigrationCommand::List(c) => {
+                let list = client::agent(&c.agent)?.migrations().await?;
+                match c.output {
+                    Output::Json => print_json(&list)?,
+                    Output::Text => migrations_table(&list).print(),
+                }
+                return Ok(ExitCode::SUCCESS);
             }
+            MigrationCommand::Show(m) => (&m.common, client::agent(&m.common.agent)?.migration(&m.id).await?),
+            MigrationCommand::Cancel(m) => (&m.common, client::agent(&m.common.agent)?.cancel_migration(&m.id).await?),
         };
         match common.output {
-            Output::Json => print_json(&v)?,
-            Output::Text => match v.as_array() {
-                Some(list) => {
-                    let mut t = Table::new(&[
-                        ("ID", Align::Left),
-                        ("VM", Align::Left),
-                        ("PHASE", Align::Left),
-                        ("TOTAL_MS", Align::Right),
-                        ("DOWN_MS", Align::Right),
-                        ("DESTINATION", Align::Left),
-                    ]);
-                    for m in list {
-                        let text = |k: &str| m[k].as_str().unwrap_or("?").to_string();
-                        t.row([text("id"), text("vm"), text("phase"), num(&m["total_ms"]), num(&m["downtime_ms"]), text("destination")]);
-                    }
-                    t.print();
-                }
-                None => println!("{}", Summary::from_record(&v)),
-            },
+            Output::Json => print_json(&rec)?,
+            Output::Text => println!("{}", Summary::from_record(&rec)),
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// An agent's migrations as a table.
+fn migrations_table(list: &[MigrationRecord]) -> Table {
+    let mut t = Table::new(&[
+        ("ID", Align::Left),
+        ("VM", Align::Left),
+        ("PHASE", Align::Left),
+        ("TOTAL_MS", Align::Right),
+        ("DOWN_MS", Align::Right),
+        ("DESTINATION", Align::Left),
+    ]);
+    for m in list {
+        t.row([m.id.clone(), m.vm.clone(), m.phase.to_string(), num(m.total_ms), num(m.downtime_ms), m.destination.clone()]);
+    }
+    t
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A migration record as an agent sends it, with `over` laid over its defaults.
+    fn record(over: Value) -> MigrationRecord {
+        let mut rec = json!({"version": 1, "id": "m1", "vm": "g1", "destination": "h2", "mode": "auto",
+            "limits": {"max_downtime_ms": 300, "max_bandwidth_bps": null, "budget_per_gib_ms": 30000},
+            "phase": "completed", "reason": null, "dirty_rate_bps": null, "strategy": null, "switches": [],
+            "progress": {}, "total_ms": null, "downtime_ms": null, "created_at_ms": 0, "finished_at_ms": null});
+        for (k, v) in over.as_object().into_iter().flatten() {
+            rec[k] = v.clone();
+        }
+        serde_json::from_value(rec).expect("a migration record")
+    }
+
+    fn strategy(name: &str) -> Value {
+        json!({"name": name, "postcopy_ready": false, "auto_converge": false, "bandwidth_bps": 0, "downtime_ms": 300, "reason": ""})
+    }
+
     #[test]
     fn the_summary_of_a_failed_migration_counts_what_was_sent() {
-        let rec = json!({"id": "m20", "vm": "g4", "destination": "http://h1:7701", "phase": "failed",
-            "reason": "the destination went away", "total_ms": 4100, "downtime_ms": null,
-            "progress": {"transferred_bytes": 68u64 << 20, "iteration": 3}, "strategy": {"name": "precopy"}});
+        let rec = record(json!({"id": "m20", "vm": "g4", "destination": "http://h1:7701", "phase": "failed",
+            "reason": "the destination went away", "total_ms": 4100,
+            "progress": {"transferred_bytes": 68u64 << 20, "iteration": 3}, "strategy": strategy("precopy")}));
         assert_eq!(
             Summary::from_record(&rec).to_string(),
             "m20 g4 -> http://h1:7701: failed in 4100 ms, 68 MiB sent in 3 passes, strategy precopy\n  reason: the destination went away"
@@ -261,8 +270,8 @@ mod tests {
 
     #[test]
     fn the_summary_of_a_completed_migration_gives_its_downtime() {
-        let rec = json!({"id": "m3", "vm": "g1", "destination": "h2", "phase": "completed", "total_ms": 2345,
-            "downtime_ms": 23, "progress": {"transferred_bytes": 300u64 << 20, "iteration": 1}, "strategy": {"name": "auto"}});
+        let rec = record(json!({"id": "m3", "vm": "g1", "destination": "h2", "phase": "completed", "total_ms": 2345,
+            "downtime_ms": 23, "progress": {"transferred_bytes": 300u64 << 20, "iteration": 1}, "strategy": strategy("auto")}));
         assert_eq!(
             Summary::from_record(&rec).to_string(),
             "m3 g1 -> h2: completed in 2345 ms, downtime 23 ms, 300 MiB sent in 1 pass, strategy auto"
@@ -271,7 +280,14 @@ mod tests {
 
     #[test]
     fn a_summary_shows_control_characters_in_names_instead_of_obeying_them() {
-        let rec = json!({"id": "m1", "vm": "g\u{1b}[2J1", "destination": "h2", "phase": "completed"});
+        let rec = record(json!({"id": "m1", "vm": "g\u{1b}[2J1", "destination": "h2", "phase": "completed"}));
         assert!(!Summary::from_record(&rec).to_string().contains('\u{1b}'));
+    }
+
+    #[test]
+    fn the_json_summary_keeps_the_keys_scripts_read() {
+        let rec = record(json!({"phase": "cancelled", "reason": "asked", "progress": {"transferred_bytes": 5, "iteration": 2}}));
+        let s = summarize(&rec);
+        assert_eq!((s["result"].as_str(), s["to"].as_str(), s["iterations"].as_u64()), (Some("cancelled"), Some("h2"), Some(2)));
     }
 }

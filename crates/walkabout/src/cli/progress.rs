@@ -3,12 +3,12 @@
 //! pass or change of state, never one per redraw.
 //!
 //! The displays take plain numbers and strings ([`MigrationView`], [`PlanView`]), read
-//! from the servers' replies by `from_record`, so a typed reply only changes those.
+//! from the servers' typed replies (`walkabout_api`) by their constructors.
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde_json::Value;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
+use walkabout_api::{MigrationRecord, Phase, PlanRecord, Progress, StepStatus};
 
 /// Least time between two plain lines that only report more of the same (a new pass).
 const PLAIN_GAP: Duration = Duration::from_secs(1);
@@ -48,19 +48,23 @@ pub struct MigrationView {
 }
 
 impl MigrationView {
-    /// Reads the view from a migration record as the agent reports it.
-    pub fn from_record(rec: &Value) -> MigrationView {
-        let p = &rec["progress"];
-        let n = |v: &Value| v.as_u64().unwrap_or(0);
+    /// The view of a migration in `phase` with `progress` (an agent's record or the
+    /// controller's).
+    pub fn new(phase: Phase, p: &Progress) -> MigrationView {
         MigrationView {
-            phase: rec["phase"].as_str().unwrap_or("?").to_string(),
-            pass: n(&p["iteration"]),
-            total_bytes: n(&p["total_bytes"]),
-            remaining_bytes: n(&p["remaining_bytes"]),
-            dirty_rate_bps: n(&p["dirty_rate_bps"]),
-            transfer_rate_bps: n(&p["transfer_rate_bps"]),
-            expected_downtime_ms: n(&p["expected_downtime_ms"]),
+            phase: phase.to_string(),
+            pass: p.iteration,
+            total_bytes: p.total_bytes,
+            remaining_bytes: p.remaining_bytes,
+            dirty_rate_bps: p.dirty_rate_bps,
+            transfer_rate_bps: p.transfer_rate_bps,
+            expected_downtime_ms: p.expected_downtime_ms,
         }
+    }
+
+    /// The view of an agent's migration record.
+    pub fn from_record(rec: &MigrationRecord) -> MigrationView {
+        MigrationView::new(rec.phase, &rec.progress)
     }
 
     /// Bytes of guest memory not left to send (the bar's position).
@@ -216,15 +220,14 @@ pub struct PlanView {
 impl PlanView {
     /// Counts a plan's steps (the controller's plan record); the running steps' states
     /// come from their migrations, so the caller adds them.
-    pub fn from_plan(plan: &Value) -> PlanView {
-        let steps = plan["steps"].as_array().map(Vec::as_slice).unwrap_or_default();
-        let live = steps.iter().filter(|s| !matches!(s["status"].as_str(), Some("superseded" | "cancelled")));
+    pub fn from_plan(plan: &PlanRecord) -> PlanView {
+        let live = plan.steps.iter().filter(|s| !matches!(s.status, StepStatus::Superseded | StepStatus::Cancelled));
         let (mut done, mut total) = (0, 0);
         for s in live {
             total += 1;
-            done += u64::from(s["status"] == "completed");
+            done += u64::from(s.status == StepStatus::Completed);
         }
-        PlanView { done, total, round: plan["round"].as_u64().unwrap_or(0), running: vec![] }
+        PlanView { done, total, round: u64::from(plan.round), running: vec![] }
     }
 
     /// The running steps in a few words.
@@ -288,10 +291,17 @@ mod tests {
 
     #[test]
     fn a_migration_view_reads_its_numbers_from_a_record() {
-        let rec = json!({"phase": "running", "progress": {"iteration": 3, "total_bytes": 512u64 << 20,
-            "remaining_bytes": 64u64 << 20, "dirty_rate_bps": 8u64 << 20, "transfer_rate_bps": 40u64 << 20,
-            "expected_downtime_ms": 30}});
-        let v = MigrationView::from_record(&rec);
+        let p = Progress {
+            iteration: 3,
+            total_bytes: 512 << 20,
+            remaining_bytes: 64 << 20,
+            dirty_rate_bps: 8 << 20,
+            transfer_rate_bps: 40 << 20,
+            expected_downtime_ms: 30,
+            ..Default::default()
+        };
+        let v = MigrationView::new(Phase::Running, &p);
+        assert_eq!(v.phase, "running");
         assert_eq!(v.done_bytes(), 448 << 20);
         assert_eq!(v.eta(), Some(Duration::from_secs(2)));
         assert_eq!(v.detail(), "pass 3  ETA 2s  left 64/512 MiB  send 40 MiB/s  dirty 8 MiB/s  downtime~30 ms");
@@ -332,8 +342,12 @@ mod tests {
 
     #[test]
     fn a_plan_view_counts_live_steps_only() {
-        let plan = json!({"round": 2, "steps": [{"status": "completed"}, {"status": "running"},
-            {"status": "superseded"}, {"status": "pending"}, {"status": "cancelled"}]});
+        let step =
+            |status: &str| json!({"vm": "g1", "from": "h1", "to": "h2", "wave": 0, "round": 2, "why": "rebalance", "status": status});
+        let plan: PlanRecord = serde_json::from_value(json!({"version": 1, "id": "p1", "goal": {"goal": "rebalance"},
+            "status": "running", "created_ms": 0, "round": 2,
+            "steps": [step("completed"), step("running"), step("superseded"), step("pending"), step("cancelled")]}))
+        .expect("a plan record");
         let v = PlanView::from_plan(&plan);
         assert_eq!((v.done, v.total, v.round), (1, 3, 2));
     }

@@ -14,9 +14,17 @@ pub fn clean(s: &str) -> Cow<'_, str> {
     Cow::Owned(s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect())
 }
 
-/// A number from a reply, or `-` when it has none.
-pub fn num(v: &serde_json::Value) -> String {
-    v.as_u64().map_or_else(|| "-".to_string(), |n| n.to_string())
+/// A number a reply may lack (a downtime not yet known), or `-` when it has none.
+pub fn num<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_string(), |n| n.to_string())
+}
+
+/// An enum's wire spelling (`drain_failed`), for states whose type has no `Display`.
+pub fn wire(v: &impl serde::Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "?".to_string(),
+    }
 }
 
 /// How a column aligns its cells.

@@ -1,22 +1,60 @@
-//! `walkabout vm`: create, inspect and control VMs on an agent.
+//! `walkabout vm`: create, inspect and control VMs on an agent; list and show the
+//! cluster's VMs through the controller.
 
-use super::client::{parse_mib, print_json, runtime, Client, Output};
+use super::client::{self, parse_mib, print_json, runtime, Output};
+use super::cluster::DEFAULT_CONTROLLER;
 use super::table::{clean, num, Align, Table};
 use anyhow::Context;
-use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+use walkabout_api::{AgentClient, ClusterVm, ControllerClient, VmInfo, VmSpec, VmState};
+
+/// The agent asked when none is named.
+pub const DEFAULT_AGENT: &str = "http://127.0.0.1:7701";
+
+/// Longest wait for the default controller before asking the default agent instead.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How `vm list` and `vm info` choose whom to ask (shown in their `--help`).
+const TARGET_HELP: &str = "Whom it asks: with --agent URL (or $WALKABOUT_AGENT), that agent, about its own VMs; \
+else with --controller URL (or $WALKABOUT_CONTROLLER), that controller, about the cluster's VMs and their hosts; \
+else the controller at http://127.0.0.1:7700 if it answers; else the agent at http://127.0.0.1:7701 \
+(a line on stderr says so).";
 
 /// Which agent, and how to print.
 #[derive(clap::Args)]
 pub struct Common {
     /// The agent's URL.
-    #[arg(long, env = "WALKABOUT_AGENT", default_value = "http://127.0.0.1:7701")]
+    #[arg(long, env = "WALKABOUT_AGENT", default_value = DEFAULT_AGENT)]
     agent: String,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+}
+
+/// An agent or the cluster's controller, and how to print (`vm list`, `vm info`).
+#[derive(clap::Args)]
+pub struct Target {
+    /// Ask this agent only: its own VMs, with their full records.
+    #[arg(long, env = "WALKABOUT_AGENT")]
+    agent: Option<String>,
+    /// Ask this controller: the cluster's VMs and the host each runs on (default: the
+    /// controller at http://127.0.0.1:7700 if it answers).
+    #[arg(long, env = "WALKABOUT_CONTROLLER")]
+    controller: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+/// `vm info` on an agent or on the cluster.
+#[derive(clap::Args)]
+pub struct TargetNamed {
+    #[command(flatten)]
+    target: Target,
+    /// The VM's name.
+    name: String,
 }
 
 /// A command on one named VM.
@@ -33,10 +71,12 @@ pub struct Named {
 pub enum VmCommand {
     /// Create and start a VM; waits until its guest is ready unless --no-wait.
     Create(CreateArgs),
-    /// List the agent's VMs.
-    List(Common),
-    /// Show one VM, with what its guest reports.
-    Info(Named),
+    /// List VMs: the cluster's, with their hosts, or one agent's.
+    #[command(after_help = TARGET_HELP)]
+    List(Target),
+    /// Show one VM, with what its guest reports (and its host, from the controller).
+    #[command(after_help = TARGET_HELP)]
+    Info(TargetNamed),
     /// Pause a VM's vCPUs.
     Pause(Named),
     /// Resume a paused VM.
@@ -99,9 +139,10 @@ pub struct CreateArgs {
     /// Return as soon as QEMU runs, without waiting for the guest to be ready.
     #[arg(long)]
     no_wait: bool,
-    /// How long to wait for the guest to be ready.
+    /// How long to wait for the guest to be ready (at least the global --timeout, so
+    /// `vm create --timeout 300` still waits 300 s).
     #[arg(long, default_value = "180", value_name = "SECONDS")]
-    timeout: u64,
+    ready_timeout: u64,
 }
 
 /// Arguments of `walkabout vm console`.
@@ -119,30 +160,32 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
         match cmd {
             VmCommand::Create(a) => create(a).await,
-            VmCommand::List(c) => {
-                let vms: Vec<Value> = Client::new(&c.agent)?.get("/v1/vms").await?;
-                match c.output {
-                    Output::Json => print_json(&vms)?,
-                    Output::Text => print_table(&vms),
-                }
-                Ok(ExitCode::SUCCESS)
+            VmCommand::List(t) => list(t).await,
+            VmCommand::Info(n) => info(n).await,
+            VmCommand::Pause(n) => {
+                let vm = client::agent(&n.common.agent)?.pause(&n.name).await?;
+                show(&vm, n.common.output)
             }
-            VmCommand::Info(n) => one(n, |c, name| async move { c.get(&format!("/v1/vms/{name}")).await }).await,
-            VmCommand::Pause(n) => one(n, |c, name| async move { c.post(&format!("/v1/vms/{name}/pause"), None).await }).await,
-            VmCommand::Resume(n) => one(n, |c, name| async move { c.post(&format!("/v1/vms/{name}/resume"), None).await }).await,
-            VmCommand::Stop(n) => one(n, |c, name| async move { c.post(&format!("/v1/vms/{name}/stop"), None).await }).await,
+            VmCommand::Resume(n) => {
+                let vm = client::agent(&n.common.agent)?.resume(&n.name).await?;
+                show(&vm, n.common.output)
+            }
+            VmCommand::Stop(n) => {
+                let vm = client::agent(&n.common.agent)?.stop(&n.name).await?;
+                show(&vm, n.common.output)
+            }
             VmCommand::Delete(n) => {
-                Client::new(&n.common.agent)?.delete(&format!("/v1/vms/{}", n.name)).await?;
+                client::agent(&n.common.agent)?.delete_vm(&n.name).await?;
                 match n.common.output {
-                    Output::Json => print_json(&json!({"deleted": n.name}))?,
-                    Output::Text => println!("deleted {}", n.name),
+                    Output::Json => print_json(&serde_json::json!({"deleted": n.name}))?,
+                    Output::Text => println!("deleted {}", clean(&n.name)),
                 }
                 Ok(ExitCode::SUCCESS)
             }
             VmCommand::Console(a) => console(a).await,
             VmCommand::Move(a) => {
-                let ctl = super::cluster::Ctl::new(&a.ctl.controller)?;
-                match ctl.post(&format!("/v1/vms/{}/move", a.vm), Some(json!({"to": a.to}))).await {
+                let ctl = client::controller(&a.ctl.controller)?;
+                match ctl.move_vm(&a.vm, &a.to).await {
                     Ok(plan) => super::cluster::finish(&ctl, plan, &a.ctl, a.no_wait).await,
                     Err(e) => super::cluster::print_refusal(&e, a.ctl.output),
                 }
@@ -151,70 +194,143 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn one<F, Fut>(n: Named, f: F) -> anyhow::Result<ExitCode>
+/// Whom `vm list` and `vm info` ask.
+enum Asked {
+    /// One agent.
+    Agent(AgentClient),
+    /// The cluster's controller.
+    Controller(ControllerClient),
+}
+
+/// Chooses whom to ask (see [`TARGET_HELP`]); `probe` asks the default controller and
+/// keeps its answer, so a controller that answers is asked once.
+async fn choose<T, F, Fut>(t: &Target, probe: F) -> anyhow::Result<(Asked, Option<T>)>
 where
-    F: FnOnce(Client, String) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Value>>,
+    F: FnOnce(ControllerClient) -> Fut,
+    Fut: std::future::Future<Output = Result<T, walkabout_api::ClientError>>,
 {
-    let v = f(Client::new(&n.common.agent)?, n.name).await?;
-    match n.common.output {
-        Output::Json => print_json(&v)?,
-        Output::Text => print_vm(&v),
+    // An empty variable (`WALKABOUT_AGENT=`) names nothing.
+    let named = |v: &Option<String>| v.clone().filter(|u| !u.trim().is_empty());
+    if let Some(url) = named(&t.agent) {
+        return Ok((Asked::Agent(client::agent(&url)?), None));
+    }
+    if let Some(url) = named(&t.controller) {
+        return Ok((Asked::Controller(client::controller(&url)?), None));
+    }
+    let ctl = client::controller(DEFAULT_CONTROLLER)?;
+    // A silent port 7700 delays the fallback by this much at most.
+    let probe_timeout = client::options().request_timeout.min(PROBE_TIMEOUT);
+    match probe(ctl.with_timeout(probe_timeout)).await {
+        Ok(answer) => Ok((Asked::Controller(ctl), Some(answer))),
+        Err(e) if e.is_transport() => {
+            tracing::debug!("no controller: {e}");
+            eprintln!("walkabout: no controller answered at {DEFAULT_CONTROLLER}; asking the agent at {DEFAULT_AGENT}");
+            Ok((Asked::Agent(client::agent(DEFAULT_AGENT)?), None))
+        }
+        // A controller answered, with an error (no such VM, ...): that is the answer.
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn list(t: Target) -> anyhow::Result<ExitCode> {
+    match choose(&t, |c| async move { c.vms().await }).await? {
+        (Asked::Agent(a), _) => {
+            let vms = a.vms().await?;
+            match t.output {
+                Output::Json => print_json(&vms)?,
+                Output::Text => agent_table(&vms).print(),
+            }
+        }
+        (Asked::Controller(c), answer) => {
+            let vms = match answer {
+                Some(v) => v,
+                None => c.vms().await?,
+            };
+            match t.output {
+                Output::Json => print_json(&vms)?,
+                Output::Text => cluster_table(&vms).print(),
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+async fn info(n: TargetNamed) -> anyhow::Result<ExitCode> {
+    let name = n.name.clone();
+    match choose(&n.target, |c| async move { c.vm(&name).await }).await? {
+        (Asked::Agent(a), _) => show(&a.vm(&n.name).await?, n.target.output),
+        (Asked::Controller(c), answer) => {
+            let vm = match answer {
+                Some(v) => v,
+                None => c.vm(&n.name).await?,
+            };
+            match n.target.output {
+                Output::Json => print_json(&vm)?,
+                Output::Text => print!("{}", cluster_vm_text(&vm)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Prints one agent VM as asked.
+fn show(vm: &VmInfo, output: Output) -> anyhow::Result<ExitCode> {
+    match output {
+        Output::Json => print_json(vm)?,
+        Output::Text => print!("{}", vm_text(vm)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `vm create --output json` prints: the VM and how long it took to be ready.
+#[derive(serde::Serialize)]
+struct Created<'a> {
+    #[serde(flatten)]
+    vm: &'a VmInfo,
+    create_ms: u64,
+}
+
 async fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::new(&a.common.agent)?;
-    let mut spec = json!({
-        "name": a.name, "memory_mib": a.memory, "vcpus": a.vcpus, "workload": a.workload,
-    });
-    for (k, v) in [("cpu_model", a.cpu_model.map(Value::from)), ("cmdline", a.cmdline.map(Value::from))] {
-        if let Some(v) = v {
-            spec[k] = v;
-        }
-    }
+    let client = client::agent(&a.common.agent)?;
+    let mut spec = VmSpec::new(a.name.clone(), a.memory);
+    spec.vcpus = a.vcpus;
+    spec.workload = a.workload;
+    spec.cpu_model = a.cpu_model;
+    spec.cmdline = a.cmdline;
     let custom_kernel = a.kernel.is_some();
-    for (k, v) in [("kernel", a.kernel), ("initrd", a.initrd)] {
-        if let Some(p) = v {
-            let abs = std::fs::canonicalize(&p).with_context(|| format!("{k} {}", p.display()))?;
-            spec[k] = Value::from(abs.display().to_string());
-        }
-    }
+    let absolute = |what: &str, p: PathBuf| std::fs::canonicalize(&p).with_context(|| format!("{what} {}", p.display()));
+    spec.kernel = a.kernel.map(|p| absolute("kernel", p)).transpose()?;
+    spec.initrd = a.initrd.map(|p| absolute("initrd", p)).transpose()?;
     let start = Instant::now();
-    let mut vm: Value = client.post("/v1/vms", Some(&spec)).await?;
+    let mut vm = client.create_vm(&spec).await?;
     // Only the Walkabout guest says READY; a custom kernel is done when QEMU runs.
     if !a.no_wait && !custom_kernel {
-        vm = wait_ready(&client, &a.name, Duration::from_secs(a.timeout)).await?;
+        let wait = Duration::from_secs(a.ready_timeout).max(client::options().request_timeout);
+        vm = wait_ready(&client, &a.name, wait).await?;
     }
     let elapsed_ms = start.elapsed().as_millis();
     match a.common.output {
-        Output::Json => {
-            vm["create_ms"] = Value::from(u64::try_from(elapsed_ms).unwrap_or(u64::MAX));
-            print_json(&vm)?
-        }
+        Output::Json => print_json(&Created { vm: &vm, create_ms: u64::try_from(elapsed_ms).unwrap_or(u64::MAX) })?,
         Output::Text => {
-            print_vm(&vm);
+            print!("{}", vm_text(&vm));
             println!("ready in {elapsed_ms} ms");
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> anyhow::Result<Value> {
+async fn wait_ready(client: &AgentClient, name: &str, timeout: Duration) -> anyhow::Result<VmInfo> {
     let start = Instant::now();
     loop {
-        let vm: Value = client.get(&format!("/v1/vms/{name}")).await?;
-        if vm["guest"]["ready"] == true {
+        let vm = client.vm(name).await?;
+        if vm.guest.ready {
             return Ok(vm);
         }
-        if vm["state"] == "stopped" {
-            anyhow::bail!("VM {name} stopped before its guest was ready: {}", vm["reason"].as_str().unwrap_or("no reason"));
+        if vm.record.state == VmState::Stopped {
+            anyhow::bail!("VM {name} stopped before its guest was ready: {}", vm.record.reason.as_deref().unwrap_or("no reason"));
         }
-        if let Some(alert) = vm["guest"]["alerts"].as_array().and_then(|a| a.first()) {
-            if vm["guest"]["kernel_trouble"] == true {
-                anyhow::bail!("VM {name}'s kernel failed while booting: {alert}");
-            }
+        if let Some(alert) = vm.guest.alerts.first().filter(|_| vm.guest.kernel_trouble) {
+            anyhow::bail!("VM {name}'s kernel failed while booting: {alert}");
         }
         if start.elapsed() > timeout {
             anyhow::bail!("VM {name} runs but its guest was not ready after {} s (see `walkabout vm console {name}`)", timeout.as_secs());
@@ -224,29 +340,29 @@ async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> anyhow::R
 }
 
 async fn console(a: ConsoleArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::new(&a.named.common.agent)?;
+    let client = client::agent(&a.named.common.agent)?;
     let mut offset = 0u64;
     loop {
-        let chunk: Value = client.get(&format!("/v1/vms/{}/console?offset={offset}", a.named.name)).await?;
-        let text = chunk["text"].as_str().unwrap_or("");
+        let chunk = client.console(&a.named.name, offset).await?;
         match a.named.common.output {
             Output::Json if !a.follow => {
                 print_json(&chunk)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            _ => print!("{text}"),
+            _ => print!("{}", chunk.text),
         }
-        offset = chunk["next"].as_u64().unwrap_or(offset);
+        offset = chunk.next;
         if !a.follow {
             return Ok(ExitCode::SUCCESS);
         }
-        if text.is_empty() {
+        if chunk.text.is_empty() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }
 
-fn print_table(vms: &[Value]) {
+/// One agent's VMs as a table.
+fn agent_table(vms: &[VmInfo]) -> Table {
     let mut t = Table::new(&[
         ("NAME", Align::Left),
         ("STATE", Align::Left),
@@ -257,43 +373,144 @@ fn print_table(vms: &[Value]) {
         ("CORRUPT", Align::Right),
     ]);
     for v in vms {
-        let text = |x: &Value| x.as_str().unwrap_or("?").to_string();
+        let spec = &v.record.spec;
         t.row([
-            text(&v["spec"]["name"]),
-            text(&v["state"]),
-            format!("{}M", num(&v["spec"]["memory_mib"])),
-            num(&v["spec"]["vcpus"]),
-            text(&v["spec"]["workload"]),
-            num(&v["guest"]["last_seq"]),
-            num(&v["guest"]["corrupt_pages"]),
+            spec.name.clone(),
+            v.record.state.to_string(),
+            format!("{}M", spec.memory_mib),
+            spec.vcpus.to_string(),
+            spec.workload.clone(),
+            num(v.guest.last_seq),
+            v.guest.corrupt_pages.to_string(),
         ]);
     }
-    t.print();
+    t
 }
 
-fn print_vm(v: &Value) {
-    let g = &v["guest"];
-    println!("name:      {}", clean(v["spec"]["name"].as_str().unwrap_or("?")));
-    println!(
-        "state:     {}{}",
-        clean(v["state"].as_str().unwrap_or("?")),
-        v["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default()
+/// The cluster's VMs as a table, each with its host.
+fn cluster_table(vms: &[ClusterVm]) -> Table {
+    let mut t = Table::new(&[
+        ("NAME", Align::Left),
+        ("HOST", Align::Left),
+        ("STATE", Align::Left),
+        ("MEMORY", Align::Right),
+        ("VCPUS", Align::Right),
+        ("WORKLOAD", Align::Left),
+        ("HB", Align::Right),
+        ("CORRUPT", Align::Right),
+    ]);
+    for v in vms {
+        t.row([
+            v.name.clone(),
+            v.host.clone().unwrap_or_else(|| "-".into()),
+            v.state.to_string(),
+            format!("{}M", v.memory_mib),
+            v.vcpus.to_string(),
+            v.workload.clone(),
+            num(v.guest.last_seq),
+            v.guest.corrupt_pages.to_string(),
+        ]);
+    }
+    t
+}
+
+/// The guest's line of a VM's description.
+fn guest_text(g: &walkabout_api::GuestStatus) -> String {
+    let mut s = format!(
+        "guest:     ready={} cpus={} heartbeats={} last_seq={} seq_breaks={} corrupt_pages={} kernel_trouble={}\n",
+        g.ready,
+        num(g.cpus),
+        g.heartbeats,
+        num(g.last_seq),
+        g.seq_breaks,
+        g.corrupt_pages,
+        g.kernel_trouble
     );
-    println!(
-        "memory:    {} MiB, {} vCPU(s), cpu model {}",
-        v["spec"]["memory_mib"],
-        v["spec"]["vcpus"],
-        clean(v["spec"]["cpu_model"].as_str().unwrap_or("qemu64"))
-    );
-    println!("accel:     {}   pid: {}", clean(v["accel"].as_str().unwrap_or("?")), v["pid"]);
-    println!("workload:  {}", clean(v["spec"]["workload"].as_str().unwrap_or("?")));
-    println!(
-        "guest:     ready={} cpus={} heartbeats={} last_seq={} corrupt_pages={} kernel_trouble={}",
-        g["ready"], g["cpus"], g["heartbeats"], g["last_seq"], g["corrupt_pages"], g["kernel_trouble"]
-    );
-    if let Some(alerts) = g["alerts"].as_array() {
-        for a in alerts {
-            println!("alert:     {}", a.as_str().unwrap_or(""));
+    for a in &g.alerts {
+        s.push_str(&format!("alert:     {}\n", clean(a)));
+    }
+    s
+}
+
+/// One agent VM for people.
+fn vm_text(v: &VmInfo) -> String {
+    let (r, spec) = (&v.record, &v.record.spec);
+    let reason = r.reason.as_deref().map(|r| format!(" ({})", clean(r))).unwrap_or_default();
+    format!(
+        "name:      {}\nstate:     {}{reason}\nmemory:    {} MiB, {} vCPU(s), cpu model {}\naccel:     {}   pid: {}\nworkload:  {}\n{}",
+        clean(&spec.name),
+        r.state,
+        spec.memory_mib,
+        spec.vcpus,
+        clean(spec.cpu_model()),
+        r.accel,
+        num(r.pid),
+        clean(&spec.workload),
+        guest_text(&v.guest)
+    )
+}
+
+/// One cluster VM for people: where it runs, its state, its guest.
+fn cluster_vm_text(v: &ClusterVm) -> String {
+    let reason = v.reason.as_deref().map(|r| format!(" ({})", clean(r))).unwrap_or_default();
+    format!(
+        "name:      {}\nhost:      {}\nstate:     {}{reason}\nmemory:    {} MiB, {} vCPU(s)\nworkload:  {}\n{}",
+        clean(&v.name),
+        clean(v.host.as_deref().unwrap_or("-")),
+        v.state,
+        v.memory_mib,
+        v.vcpus,
+        clean(&v.workload),
+        guest_text(&v.guest)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walkabout_api::{ClusterVmState, GuestStatus};
+
+    fn cluster_vm(name: &str, host: Option<&str>) -> ClusterVm {
+        ClusterVm {
+            version: 1,
+            name: name.into(),
+            host: host.map(String::from),
+            memory_mib: 256,
+            vcpus: 1,
+            workload: "idle".into(),
+            state: ClusterVmState::Running,
+            reason: None,
+            guest: GuestStatus { last_seq: Some(42), ..Default::default() },
+            seen_ms: 0,
         }
+    }
+
+    #[test]
+    fn the_cluster_table_shows_each_vm_with_its_host() {
+        let t = cluster_table(&[cluster_vm("g1", Some("h2")), cluster_vm("g2", None)]).render();
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0].split_whitespace().take(3).collect::<Vec<_>>(), ["NAME", "HOST", "STATE"]);
+        assert_eq!(lines[1].split_whitespace().take(3).collect::<Vec<_>>(), ["g1", "h2", "running"]);
+        assert_eq!(lines[2].split_whitespace().take(3).collect::<Vec<_>>(), ["g2", "-", "running"]);
+    }
+
+    #[test]
+    fn a_cluster_vm_is_shown_with_its_host_and_control_characters_escaped() {
+        let text = cluster_vm_text(&cluster_vm("g\u{1b}[2J1", Some("h1")));
+        assert!(text.contains("host:      h1\n"), "{text}");
+        assert!(text.contains("last_seq=42"), "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+    }
+
+    #[test]
+    fn vm_list_help_says_whom_it_asks() {
+        use clap::CommandFactory;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            vm: VmCommand,
+        }
+        let help = Cli::command().find_subcommand_mut("list").map(|c| c.render_help().to_string()).unwrap_or_default();
+        assert!(help.contains("127.0.0.1:7700") && help.contains("127.0.0.1:7701") && help.contains("--agent"), "{help}");
     }
 }
