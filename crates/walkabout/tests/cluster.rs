@@ -6,8 +6,8 @@
 mod common;
 
 use common::{assert_healthy, now_ms, AgentProc, ControllerProc};
-use serde_json::Value;
 use std::time::{Duration, Instant};
+use walkabout_api::{ErrorBody, ErrorKind, HostStatus, Maintenance, Phase, PlanRecord, PlanStatus, Step, StepStatus, VmState};
 use walkabout_testbed::UpSession;
 
 /// Slow enough to interrupt a migration: a 256 MiB guest takes seconds at this cap.
@@ -21,46 +21,43 @@ fn tight_cluster(workload: &str) -> (AgentProc, AgentProc, AgentProc) {
     let h2 = AgentProc::start(&["--capacity", "640M"]);
     let h3 = AgentProc::start(&["--capacity", "512M"]);
     for vm in ["a", "b", "c"] {
-        h1.cli(&["vm", "create", "--name", vm, "--memory", "256M", "--workload", workload]);
+        h1.create(&["--name", vm, "--memory", "256M", "--workload", workload]);
     }
     (h1, h2, h3)
 }
 
-fn steps(plan: &Value) -> Vec<Value> {
-    plan["steps"].as_array().cloned().unwrap_or_default()
+/// The plan's steps.
+fn steps(plan: &PlanRecord) -> Vec<Step> {
+    plan.steps.clone()
 }
 
 /// Asserts no two steps out of (or into) one host overlapped in time.
-fn assert_one_at_a_time_per_host(plan: &Value) {
-    let done: Vec<Value> = steps(plan).into_iter().filter(|s| s["status"] == "completed").collect();
+fn assert_one_at_a_time_per_host(plan: &PlanRecord) {
+    let done: Vec<Step> = steps(plan).into_iter().filter(|s| s.status == StepStatus::Completed).collect();
     for (i, x) in done.iter().enumerate() {
         for y in &done[i + 1..] {
-            let shared = x["from"] == y["from"] || x["to"] == y["to"];
-            let (xs, xe) = (x["started_ms"].as_u64().unwrap_or(0), x["finished_ms"].as_u64().unwrap_or(u64::MAX));
-            let (ys, ye) = (y["started_ms"].as_u64().unwrap_or(0), y["finished_ms"].as_u64().unwrap_or(u64::MAX));
-            assert!(!shared || xe <= ys || ye <= xs, "steps overlap on a host: {x} {y}");
+            let shared = x.from == y.from || x.to == y.to;
+            let (xs, xe) = (x.started_ms.unwrap_or(0), x.finished_ms.unwrap_or(u64::MAX));
+            let (ys, ye) = (y.started_ms.unwrap_or(0), y.finished_ms.unwrap_or(u64::MAX));
+            assert!(!shared || xe <= ys || ye <= xs, "steps overlap on a host: {x:?} {y:?}");
         }
     }
 }
 
 /// Agent migrations of every VM, over all agents: (vm, phase).
-fn agent_migrations(agents: &[&AgentProc]) -> Vec<(String, String)> {
-    agents
-        .iter()
-        .flat_map(|a| a.cli(&["migration", "list"]).as_array().cloned().unwrap_or_default())
-        .map(|m| (m["vm"].as_str().unwrap_or("").to_string(), m["phase"].as_str().unwrap_or("").to_string()))
-        .collect()
+fn agent_migrations(agents: &[&AgentProc]) -> Vec<(String, Phase)> {
+    agents.iter().flat_map(|a| a.migrations()).map(|m| (m.vm, m.phase)).collect()
 }
 
 /// The agent among `agents` that runs `vm`.
 fn home<'a>(agents: &[&'a AgentProc], vm: &str) -> &'a AgentProc {
-    agents.iter().copied().find(|a| a.run(&["vm", "info", vm]).status.success()).unwrap_or_else(|| panic!("no agent runs {vm}: lost"))
+    agents.iter().copied().find(|a| a.try_info(vm).is_some()).unwrap_or_else(|| panic!("no agent runs {vm}: lost"))
 }
 
 fn assert_still_healthy(a: &AgentProc, vm: &str) {
-    let seen = a.info(vm)["guest"]["heartbeats"].as_u64().expect("heartbeats");
+    let seen = a.info(vm).guest.heartbeats;
     let v = a.wait_heartbeats(vm, seen + 5);
-    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v.record.state, VmState::Running, "{v:?}");
     assert_healthy(&v);
 }
 
@@ -69,18 +66,20 @@ fn a_drain_of_three_dirtying_guests_fits_a_tight_cluster_one_migration_per_host_
     let (h1, h2, h3) = tight_cluster("dirty:64:32");
     let ctl = ControllerProc::start(&[&h1, &h2, &h3], &[]);
     ctl.wait_vms(3);
-    assert!(3 * 256 > ctl.host("h2")["capacity_mib"].as_u64().unwrap_or(0), "the naive all-to-h2 order must overfill h2");
+    assert!(3 * 256 > ctl.host("h2").capacity_mib, "the naive all-to-h2 order must overfill h2");
 
-    let plan = ctl.cli(&["host", "drain", "h1"]);
+    let plan: PlanRecord = ctl.cli_as(&["host", "drain", "h1"]);
 
-    assert_eq!(plan["status"], "completed", "{plan}");
-    assert_eq!(plan["round"], 0, "no retry or re-plan was needed: {plan}");
-    assert_eq!(steps(&plan).len(), 3, "{plan}");
-    assert!(steps(&plan).iter().all(|s| !s["why"].as_str().unwrap_or("").is_empty()), "every migration has its reason: {plan}");
+    assert_eq!(plan.status, PlanStatus::Completed, "{plan:?}");
+    assert_eq!(plan.round, 0, "no retry or re-plan was needed: {plan:?}");
+    assert_eq!(steps(&plan).len(), 3, "{plan:?}");
+    assert!(steps(&plan).iter().all(|s| !s.why.is_empty()), "every migration has its reason: {plan:?}");
     assert_one_at_a_time_per_host(&plan);
-    assert_eq!(ctl.host("h1")["maintenance"], "drained");
+    let stored = ctl.plan(&plan.id);
+    assert_eq!((stored.status, &stored.steps), (plan.status, &plan.steps), "the controller's record is what the CLI printed");
+    assert_eq!(ctl.host("h1").maintenance, Maintenance::Drained);
     assert!(h1.qemu_pids().is_empty(), "QEMU left on the drained host");
-    let on_h2 = ["a", "b", "c"].iter().filter(|vm| h2.run(&["vm", "info", vm]).status.success()).count();
+    let on_h2 = ["a", "b", "c"].iter().filter(|vm| h2.try_info(vm).is_some()).count();
     assert!(on_h2 <= 2, "h2 overfilled");
     for vm in ["a", "b", "c"] {
         assert_still_healthy(home(&[&h2, &h3], vm), vm);
@@ -92,7 +91,7 @@ fn a_controller_restarted_mid_plan_resumes_it_runs_no_migration_twice_and_loses_
     let (h1, h2, h3) = tight_cluster("dirty:64:4");
     let mut ctl = ControllerProc::start(&[&h1, &h2, &h3], SLOW);
     ctl.wait_vms(3);
-    let id = ctl.json(&["host", "drain", "h1", "--no-wait"])["id"].as_str().expect("plan id").to_string();
+    let id = ctl.json_as::<PlanRecord>(&["host", "drain", "h1", "--no-wait"]).id;
     ctl.wait_running_step(&id);
 
     ctl.kill();
@@ -100,12 +99,12 @@ fn a_controller_restarted_mid_plan_resumes_it_runs_no_migration_twice_and_loses_
     ctl.restart().expect("restart the controller");
     let plan = ctl.wait_plan(&id, 120);
 
-    assert_eq!(plan["status"], "completed", "{plan}\n{}", ctl.log());
+    assert_eq!(plan.status, PlanStatus::Completed, "{plan:?}\n{}", ctl.log());
     assert!(ctl.log().contains("resumes after a controller restart"), "{}", ctl.log());
     let migs = agent_migrations(&[&h1, &h2, &h3]);
     assert_eq!(migs.len(), 3, "each VM migrated exactly once: {migs:?}");
     for vm in ["a", "b", "c"] {
-        assert_eq!(migs.iter().filter(|(v, p)| v == vm && p == "completed").count(), 1, "{vm}: {migs:?}");
+        assert_eq!(migs.iter().filter(|(v, p)| v == vm && *p == Phase::Completed).count(), 1, "{vm}: {migs:?}");
         assert_still_healthy(home(&[&h2, &h3], vm), vm);
     }
 }
@@ -115,9 +114,9 @@ fn an_agent_killed_during_a_plan_is_marked_down_within_seconds_and_the_plan_repo
     let (h1, mut h2, mut h3) = tight_cluster("dirty:64:4");
     let ctl = ControllerProc::start(&[&h1, &h2, &h3], SLOW);
     ctl.wait_vms(3);
-    let id = ctl.json(&["host", "drain", "h1", "--no-wait"])["id"].as_str().expect("plan id").to_string();
+    let id = ctl.json_as::<PlanRecord>(&["host", "drain", "h1", "--no-wait"]).id;
     let step = ctl.wait_running_step(&id);
-    let victim = step["to"].as_str().expect("destination").to_string();
+    let victim = step.to.clone();
 
     let killed_at = now_ms();
     if victim == "h2" {
@@ -126,25 +125,25 @@ fn an_agent_killed_during_a_plan_is_marked_down_within_seconds_and_the_plan_repo
         h3.kill()
     }
     let start = Instant::now();
-    while ctl.host(&victim)["status"] != "down" {
-        assert!(start.elapsed() < Duration::from_secs(10), "{victim} not marked down: {}", ctl.host(&victim));
+    while ctl.host(&victim).status != HostStatus::Down {
+        assert!(start.elapsed() < Duration::from_secs(10), "{victim} not marked down: {:?}", ctl.host(&victim));
         std::thread::sleep(Duration::from_millis(200));
     }
     let host = ctl.host(&victim);
     let plan = ctl.wait_plan(&id, 90);
 
-    assert!(host["status_since_ms"].as_u64().unwrap_or(0) - killed_at < 5_000, "{host}");
-    assert!(!host["down_reason"].as_str().unwrap_or("").is_empty(), "{host}");
-    assert_eq!(plan["status"], "failed", "{plan}");
-    let problems = plan["problems"].as_array().cloned().unwrap_or_default();
-    assert!(!problems.is_empty(), "the plan names the VMs it could not move: {plan}");
-    assert!(problems.iter().all(|p| p["vm"].is_string() && !p["reason"].as_str().unwrap_or("").is_empty()), "{plan}");
-    assert!(steps(&plan).iter().filter(|s| s["round"] != 0).all(|s| s["to"] != victim.as_str()), "a re-plan picked the dead host: {plan}");
-    assert!(plan["finished_ms"].as_u64().unwrap_or(u64::MAX) - killed_at < 60_000, "the plan hung: {plan}");
+    assert!(host.status_since_ms >= killed_at && host.status_since_ms - killed_at < 5_000, "{host:?}");
+    assert!(!host.down_reason.as_deref().unwrap_or("").is_empty(), "{host:?}");
+    assert_eq!(plan.status, PlanStatus::Failed, "{plan:?}");
+    assert!(!plan.problems.is_empty(), "the plan names the VMs it could not move: {plan:?}");
+    assert!(plan.problems.iter().all(|p| !p.vm.is_empty() && !p.reason.is_empty()), "{plan:?}");
+    assert!(steps(&plan).iter().filter(|s| s.round != 0).all(|s| s.to != victim), "a re-plan picked the dead host: {plan:?}");
+    let finished = plan.finished_ms.unwrap_or(u64::MAX);
+    assert!(finished >= killed_at && finished - killed_at < 60_000, "the plan hung: {plan:?}");
     let dead_url = if victim == "h2" { h2.url.clone() } else { h3.url.clone() };
     let alive: Vec<&AgentProc> = [&h1, &h2, &h3].into_iter().filter(|a| a.url != dead_url).collect();
     for vm in ["a", "b", "c"] {
-        if let Some(a) = alive.iter().find(|a| a.run(&["vm", "info", vm]).status.success()) {
+        if let Some(a) = alive.iter().find(|a| a.try_info(vm).is_some()) {
             assert_still_healthy(a, vm);
         }
     }
@@ -155,7 +154,7 @@ fn an_impossible_drain_is_refused_up_front_with_each_vm_and_why() {
     let h1 = AgentProc::start(&["--capacity", "768M"]);
     let h2 = AgentProc::start(&["--capacity", "256M"]);
     for vm in ["a", "b"] {
-        h1.cli(&["vm", "create", "--name", vm, "--memory", "256M", "--workload", "idle"]);
+        h1.create(&["--name", vm, "--memory", "256M", "--workload", "idle"]);
     }
     let ctl = ControllerProc::start(&[&h1, &h2], &[]);
     ctl.wait_vms(2);
@@ -163,12 +162,13 @@ fn an_impossible_drain_is_refused_up_front_with_each_vm_and_why() {
     let out = ctl.run(&["host", "drain", "h1", "--output", "json"]);
 
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
-    let refusal: Value = serde_json::from_slice(&out.stdout).expect("JSON refusal");
-    let blocked = refusal["blocked"].as_array().cloned().unwrap_or_default();
-    assert_eq!(blocked.len(), 1, "{refusal}");
-    assert!(blocked[0]["why"].as_str().unwrap_or("").contains("256 MiB"), "{refusal}");
-    assert!(refusal["error"].as_str().unwrap_or("").contains("cannot drain h1"), "{refusal}");
-    assert_eq!(ctl.host("h1")["maintenance"], "active");
+    let refusal: ErrorBody = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not an ErrorBody ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(refusal.kind, ErrorKind::Impossible, "{refusal:?}");
+    assert_eq!(refusal.blocked.len(), 1, "{refusal:?}");
+    assert!(refusal.blocked[0].why.contains("256 MiB"), "{refusal:?}");
+    assert!(refusal.error.contains("cannot drain h1"), "{refusal:?}");
+    assert_eq!(ctl.host("h1").maintenance, Maintenance::Active);
     assert!(agent_migrations(&[&h1]).is_empty(), "nothing moved");
     let text = ctl.run(&["host", "drain", "h1"]);
     assert!(String::from_utf8_lossy(&text.stderr).contains("needs 256 MiB"), "{}", String::from_utf8_lossy(&text.stderr));
