@@ -162,8 +162,8 @@ fn an_impossible_drain_is_refused_up_front_with_each_vm_and_why() {
     let out = ctl.run(&["host", "drain", "h1", "--output", "json"]);
 
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
-    let refusal: ErrorBody = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not an ErrorBody ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    let refusal: ErrorBody =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not an ErrorBody ({e}): {}", String::from_utf8_lossy(&out.stdout)));
     assert_eq!(refusal.kind, ErrorKind::Impossible, "{refusal:?}");
     assert_eq!(refusal.blocked.len(), 1, "{refusal:?}");
     assert!(refusal.blocked[0].why.contains("256 MiB"), "{refusal:?}");

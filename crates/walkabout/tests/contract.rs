@@ -68,8 +68,7 @@ async fn ask(http: &reqwest::Client, base: &str, method: &str, path: &str, body:
     }
     let resp = req.send().await.unwrap_or_else(|e| panic!("{method} {base}{path}: {e}"));
     let status = resp.status().as_u16();
-    let content_type =
-        resp.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let content_type = resp.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let body = if content_type.starts_with("text/event-stream") {
         String::new()
     } else {
