@@ -234,20 +234,9 @@ fn wait_heartbeats(agent: &Agent, name: &str, n: u64, limit: Duration) -> Result
 fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, runs: usize) -> Result<Value> {
     let name = format!("m{mem}-{}-{}", wl.replace(':', "-"), bw.map(|b| b.to_string()).unwrap_or("def".into()));
     let agents = [a, b];
-    let create = a.cli::<Created>(&[
-        "vm",
-        "create",
-        "--name",
-        &name,
-        "--memory",
-        &format!("{mem}M"),
-        "--vcpus",
-        "1",
-        "--workload",
-        wl,
-        "--timeout",
-        "300",
-    ]);
+    let memory = format!("{mem}M");
+    let create =
+        a.cli::<Created>(&["vm", "create", "--name", &name, "--memory", &memory, "--vcpus", "1", "--workload", wl, "--timeout", "300"]);
     let create = match create {
         Ok(v) => v,
         Err(e) => {
