@@ -1,14 +1,17 @@
 //! Shared helpers of the benchmarks: where the workspace, the built `walkabout` binary
-//! and the QEMU peer live; agents from the testbed driven through the CLI; commands run
-//! with a deadline; small statistics.
+//! and the QEMU peer live; agents from the testbed driven through the CLI, its JSON read
+//! into `walkabout-api`'s types; commands run with a deadline; small statistics.
 //!
 //! The benchmarks shell out to the real binaries and scripts, as an operator would.
 
 use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+use walkabout_api::{Phase, Strategy, Switch, VmInfo};
 use walkabout_testbed::{Agent, AgentSpec, KillOnDrop};
 
 /// The workspace root (the directory holding the top `Cargo.toml`).
@@ -231,19 +234,77 @@ pub fn start_agent(bin: &Path) -> Result<Agent> {
 
 /// The CLI calls the benchmarks make against an agent.
 pub trait AgentCli {
-    /// `walkabout ARGS --agent URL --output json`, parsed; an error carries stderr.
-    fn cli(&self, args: &[&str]) -> Result<Value>;
+    /// `walkabout ARGS --agent URL --output json`, parsed as a `T` (`VmInfo` for
+    /// `vm info`, [`Created`] for `vm create`...); an error carries stderr.
+    fn cli<T: DeserializeOwned>(&self, args: &[&str]) -> Result<T>;
+
+    /// `walkabout ARGS --agent URL --output json`, whose output is not read (`vm delete`);
+    /// an error carries stderr.
+    fn cli_ok(&self, args: &[&str]) -> Result<()>;
 }
 
 impl AgentCli for Agent {
-    fn cli(&self, args: &[&str]) -> Result<Value> {
-        let out = self.command(args).args(["--output", "json"]).stdin(Stdio::null()).output()?;
-        if !out.status.success() {
-            bail!("walkabout {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-        }
-        serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("walkabout {}: bad JSON: {}", args.join(" "), String::from_utf8_lossy(&out.stdout)))
+    fn cli<T: DeserializeOwned>(&self, args: &[&str]) -> Result<T> {
+        let stdout = cli_stdout(self, args)?;
+        serde_json::from_slice(&stdout).with_context(|| {
+            format!("walkabout {}: not a {}: {}", args.join(" "), std::any::type_name::<T>(), String::from_utf8_lossy(&stdout))
+        })
     }
+
+    fn cli_ok(&self, args: &[&str]) -> Result<()> {
+        cli_stdout(self, args).map(drop)
+    }
+}
+
+/// Runs `walkabout ARGS --agent URL --output json` against `agent`; its stdout, or an
+/// error with stderr.
+fn cli_stdout(agent: &Agent, args: &[&str]) -> Result<Vec<u8>> {
+    let out = agent.command(args).args(["--output", "json"]).stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        bail!("walkabout {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(out.stdout)
+}
+
+/// `walkabout vm create --output json`: the VM as the agent reports it, plus the CLI's
+/// own `create_ms` (POST to the guest's READY seen).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Created {
+    /// The VM.
+    #[serde(flatten)]
+    pub vm: VmInfo,
+    /// Milliseconds from the create request to READY.
+    pub create_ms: u64,
+}
+
+/// `walkabout migrate VM --to DEST --wait --output json`: the one summary it ends with
+/// (the CLI's own shape, read strictly: every field must be there).
+#[derive(Debug, Clone, Deserialize)]
+pub struct MigrateSummary {
+    /// The migration's id.
+    pub id: String,
+    /// The VM.
+    pub vm: String,
+    /// The destination agent's URL.
+    pub to: String,
+    /// How it ended.
+    pub result: Phase,
+    /// Why it failed or was cancelled.
+    pub reason: Option<String>,
+    /// Wall time, ms.
+    pub total_ms: Option<u64>,
+    /// Guest pause, ms, once completed.
+    pub downtime_ms: Option<u64>,
+    /// Bytes sent.
+    pub transferred_bytes: u64,
+    /// Pre-copy passes.
+    pub iterations: u64,
+    /// The guest's measured dirty rate.
+    pub dirty_rate_bps: Option<u64>,
+    /// The strategy picked.
+    pub strategy: Option<Strategy>,
+    /// Strategy switches on the way.
+    pub switches: Vec<Switch>,
 }
 
 /// Median, minimum and maximum of `xs` (the median of an even count is the mean of the

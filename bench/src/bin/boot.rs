@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use walkabout_bench::{environment, prepare, round3, start_agent, stats, AgentCli, Prepared};
+use walkabout_bench::{environment, prepare, round3, start_agent, stats, AgentCli, Created, Prepared};
 use walkabout_testbed::{Agent, KillOnDrop, TempDir};
 
 const MEMORY_MIB: u64 = 512;
@@ -108,18 +108,19 @@ fn walkabout_boot(agent: &Agent, name: &str) -> Result<Value> {
         .output()?;
     let wall_ms = start.elapsed().as_secs_f64() * 1000.0;
     let result = if out.status.success() {
-        let v: Value = serde_json::from_slice(&out.stdout).context("vm create: bad JSON")?;
+        let v: Created = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("vm create: not a created VM: {}", String::from_utf8_lossy(&out.stdout)))?;
         Ok(json!({
-            "create_ms": v["create_ms"],
+            "create_ms": v.create_ms,
             "wall_ms": wall_ms.round(),
-            "ready": v["guest"]["ready"],
-            "cpus": v["guest"]["cpus"],
+            "ready": v.vm.guest.ready,
+            "cpus": v.vm.guest.cpus,
         }))
     } else {
         Err(anyhow::anyhow!("vm create {name} failed: {}", String::from_utf8_lossy(&out.stderr).trim()))
     };
     // Delete even after a failure, so nothing is left running.
-    let _ = agent.cli(&["vm", "delete", name]);
+    let _ = agent.cli_ok(&["vm", "delete", name]);
     result
 }
 

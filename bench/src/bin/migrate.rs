@@ -14,7 +14,10 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use walkabout_bench::{environment, median, prepare, ratio, round3, run_with_deadline, start_agent, stats, AgentCli, Prepared};
+use walkabout_api::{Phase, VmInfo};
+use walkabout_bench::{
+    environment, median, prepare, ratio, round3, run_with_deadline, start_agent, stats, AgentCli, Created, MigrateSummary, Prepared,
+};
 use walkabout_testbed::{kill9, processes_mentioning, Agent, TempDir};
 
 const USAGE: &str = "usage: migrate [--quick] [--mem 512,2048] [--workload idle,dirty:64:32,...] \
@@ -207,22 +210,18 @@ fn side_summary(runs: Vec<Value>, extra: Value) -> Value {
     v
 }
 
-/// The guest's health counters from `vm info`.
-fn health(info: &Value) -> (u64, u64, u64, bool) {
-    let g = &info["guest"];
-    (
-        g["heartbeats"].as_u64().unwrap_or(0),
-        g["seq_breaks"].as_u64().unwrap_or(0),
-        g["corrupt_pages"].as_u64().unwrap_or(0),
-        g["kernel_trouble"].as_bool().unwrap_or(false),
-    )
+/// The guest's health counters from `vm info`: heartbeats, sequence breaks, corrupt
+/// pages, kernel trouble.
+fn health(info: &VmInfo) -> (u64, u64, u64, bool) {
+    let g = &info.guest;
+    (g.heartbeats, g.seq_breaks, g.corrupt_pages, g.kernel_trouble)
 }
 
 /// Waits until the VM on `agent` has logged at least `n` heartbeats; its last info.
-fn wait_heartbeats(agent: &Agent, name: &str, n: u64, limit: Duration) -> Result<Value> {
+fn wait_heartbeats(agent: &Agent, name: &str, n: u64, limit: Duration) -> Result<VmInfo> {
     let start = Instant::now();
     loop {
-        let v = agent.cli(&["vm", "info", name])?;
+        let v: VmInfo = agent.cli(&["vm", "info", name])?;
         if health(&v).0 >= n || start.elapsed() > limit {
             return Ok(v);
         }
@@ -235,12 +234,13 @@ fn wait_heartbeats(agent: &Agent, name: &str, n: u64, limit: Duration) -> Result
 fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, runs: usize) -> Result<Value> {
     let name = format!("m{mem}-{}-{}", wl.replace(':', "-"), bw.map(|b| b.to_string()).unwrap_or("def".into()));
     let agents = [a, b];
+    let memory = format!("{mem}M");
     let create =
-        a.cli(&["vm", "create", "--name", &name, "--memory", &format!("{mem}M"), "--vcpus", "1", "--workload", wl, "--timeout", "300"]);
+        a.cli::<Created>(&["vm", "create", "--name", &name, "--memory", &memory, "--vcpus", "1", "--workload", wl, "--timeout", "300"]);
     let create = match create {
         Ok(v) => v,
         Err(e) => {
-            let _ = a.cli(&["vm", "delete", &name]);
+            let _ = a.cli_ok(&["vm", "delete", &name]);
             return Err(e);
         }
     };
@@ -252,16 +252,16 @@ fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, run
         for run in 0..runs {
             let src = holder;
             let (from, to) = (agents[src], agents[1 - src]);
-            let before = from.cli(&["vm", "info", &name])?;
+            let before: VmInfo = from.cli(&["vm", "info", &name])?;
             let (_, breaks0, _, _) = health(&before);
             let mut cmd = from.command(&["migrate", &name, "--to", &to.url, "--mode", "auto", "--wait", "--output", "json"]);
             if let Some(b) = bw {
                 cmd.args(["--max-bandwidth", &format!("{b}M")]);
             }
             let ran = run_with_deadline(cmd, Duration::from_secs(900), &from.data, "migrate")?;
-            let summary: Option<Value> = serde_json::from_str(ran.stdout.trim()).ok();
+            let summary: Option<MigrateSummary> = serde_json::from_str(ran.stdout.trim()).ok();
             // Where is the VM now? The destination if it completed, else its source.
-            let (now, info) = match to.cli(&["vm", "info", &name]) {
+            let (now, info) = match to.cli::<VmInfo>(&["vm", "info", &name]) {
                 Ok(v) => (1 - src, v),
                 Err(_) => (src, from.cli(&["vm", "info", &name]).context("the VM is on neither agent")?),
             };
@@ -272,16 +272,12 @@ fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, run
             let (hb_after, breaks, corrupt, trouble) = health(&after);
             let result = summary
                 .as_ref()
-                .and_then(|s| s["result"].as_str())
-                .unwrap_or(if ran.status.is_none() { "timed-out" } else { "no-summary" })
-                .to_string();
+                .map(|s| s.result.to_string())
+                .unwrap_or_else(|| (if ran.status.is_none() { "timed-out" } else { "no-summary" }).to_string());
+            let completed = summary.as_ref().is_some_and(|s| s.result == Phase::Completed);
             let mut problems: Vec<String> = vec![];
-            if result != "completed" {
-                let why = summary
-                    .as_ref()
-                    .and_then(|s| s["reason"].as_str())
-                    .map(String::from)
-                    .unwrap_or_else(|| ran.stderr.trim().chars().take(300).collect());
+            if !completed {
+                let why = summary.as_ref().and_then(|s| s.reason.clone()).unwrap_or_else(|| ran.stderr.trim().chars().take(300).collect());
                 problems.push(format!("migration {result}: {why}"));
             }
             if breaks > breaks0 {
@@ -294,52 +290,55 @@ fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, run
                 problems.push(format!("{corrupt} corrupt page(s)"));
             }
             if trouble {
-                problems.push(format!("kernel trouble: {}", after["guest"]["alerts"]));
+                problems.push(format!("kernel trouble: {:?}", after.guest.alerts));
             }
-            if result == "completed" && now == src {
+            if completed && now == src {
                 problems.push("reported completed but the VM is still on its source".into());
             }
-            if result != "completed" && now != src {
+            if !completed && now != src {
                 problems.push(format!("reported {result} but the VM moved to the destination"));
             }
-            let s = summary.unwrap_or(Value::Null);
-            let switches: Vec<Value> = s["switches"].as_array().cloned().unwrap_or_default();
+            let s = summary.as_ref();
+            let switches: Vec<Value> = s
+                .map(|s| s.switches.iter().map(|w| json!({"to": w.to, "at_ms": w.at_ms, "reason": w.reason})).collect())
+                .unwrap_or_default();
+            let strategy = s.and_then(|s| s.strategy.as_ref()).map(|st| st.name.clone());
             out.push(json!({
                 "run": run,
                 "direction": if to.url == b.url { "A->B" } else { "B->A" },
                 "result": result,
                 "ok": problems.is_empty(),
                 "problems": problems,
-                "total_ms": s["total_ms"],
-                "downtime_ms": s["downtime_ms"],
-                "transferred_bytes": s["transferred_bytes"],
-                "iterations": s["iterations"],
-                "dirty_rate_bps": s["dirty_rate_bps"],
-                "strategy": s["strategy"]["name"],
-                "switches": switches.iter().map(|w| json!({"to": w["to"], "at_ms": w["at_ms"], "reason": w["reason"]})).collect::<Vec<_>>(),
+                "total_ms": s.and_then(|s| s.total_ms),
+                "downtime_ms": s.and_then(|s| s.downtime_ms),
+                "transferred_bytes": s.map(|s| s.transferred_bytes),
+                "iterations": s.map(|s| s.iterations),
+                "dirty_rate_bps": s.and_then(|s| s.dirty_rate_bps),
+                "strategy": strategy,
+                "switches": switches,
                 "cli_wall_ms": ran.wall.as_millis() as u64,
                 "guest_after": {"heartbeats": hb_after, "seq_breaks": breaks, "corrupt_pages": corrupt, "kernel_trouble": trouble},
             }));
             eprintln!(
                 "    run {run}: {result} total {} ms downtime {} ms strategy {} {}",
-                s["total_ms"],
-                s["downtime_ms"],
-                s["strategy"]["name"],
+                json!(s.and_then(|s| s.total_ms)),
+                json!(s.and_then(|s| s.downtime_ms)),
+                json!(strategy),
                 if problems.is_empty() { String::new() } else { format!("PROBLEMS: {problems:?}") }
             );
         }
         Ok(out)
     })();
     // Whatever happened, the VM goes.
-    if agents[holder].cli(&["vm", "delete", &name]).is_err() {
-        let _ = agents[1 - holder].cli(&["vm", "delete", &name]);
+    if agents[holder].cli_ok(&["vm", "delete", &name]).is_err() {
+        let _ = agents[1 - holder].cli_ok(&["vm", "delete", &name]);
     }
     let per_run = result?;
     let dirty: Vec<f64> = per_run.iter().filter_map(|r| r["dirty_rate_bps"].as_f64()).collect();
     Ok(side_summary(
         per_run,
         json!({
-            "create_ms": create["create_ms"],
+            "create_ms": create.create_ms,
             "measured_dirty_rate_mib_s": median(&dirty).map(|d| round3(d / 1048576.0)),
         }),
     ))

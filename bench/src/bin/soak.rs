@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use walkabout_api::VmInfo;
 use walkabout_bench::{build_walkabout, environment, guest_image, stats, walkabout_copy};
 use walkabout_testbed::{TempDir, UpSession};
 
@@ -96,7 +97,7 @@ fn parse_hop(line: &str) -> Option<Hop> {
 }
 
 /// `walkabout vm info NAME --agent URL --output json`, if that agent has the VM.
-fn vm_info(bin: &std::path::Path, url: &str, name: &str) -> Option<Value> {
+fn vm_info(bin: &std::path::Path, url: &str, name: &str) -> Option<VmInfo> {
     let out = Command::new(bin)
         .args(["vm", "info", name, "--agent", url, "--output", "json"])
         .env("WALKABOUT_LOG", "warn")
@@ -109,18 +110,16 @@ fn vm_info(bin: &std::path::Path, url: &str, name: &str) -> Option<Value> {
 /// The guest's counters from whichever agent has heard most of it (during a hop both
 /// ends may list the VM; the source, still running it, has the whole history).
 fn guest_report(bin: &std::path::Path, agents: &[(String, String)], name: &str) -> Value {
-    let best = agents
-        .iter()
-        .filter_map(|(host, url)| vm_info(bin, url, name).map(|v| (host.clone(), v)))
-        .max_by_key(|(_, v)| v["guest"]["heartbeats"].as_u64().unwrap_or(0));
+    let best =
+        agents.iter().filter_map(|(host, url)| vm_info(bin, url, name).map(|v| (host.clone(), v))).max_by_key(|(_, v)| v.guest.heartbeats);
     match best {
         Some((host, v)) => {
-            let g = &v["guest"];
+            let g = &v.guest;
             json!({
-                "vm": name, "host": host, "state": v["state"],
-                "heartbeats": g["heartbeats"], "last_seq": g["last_seq"],
-                "seq_breaks": g["seq_breaks"], "corrupt_pages": g["corrupt_pages"],
-                "kernel_trouble": g["kernel_trouble"], "alerts": g["alerts"],
+                "vm": name, "host": host, "state": v.record.state,
+                "heartbeats": g.heartbeats, "last_seq": g.last_seq,
+                "seq_breaks": g.seq_breaks, "corrupt_pages": g.corrupt_pages,
+                "kernel_trouble": g.kernel_trouble, "alerts": g.alerts,
             })
         }
         None => json!({"vm": name, "error": "no agent has this VM"}),

@@ -16,6 +16,22 @@ pub fn run(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Moves the calling thread (only it) into network namespace `ns` (`/run/netns/NS`, as
+/// `ip netns add` makes it): sockets it opens from then on live in that namespace, so a
+/// test can talk to an agent listening inside it. Use a thread of its own; needs root.
+pub fn enter_netns(ns: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    let file = std::fs::File::open(&path).map_err(|e| TestbedError::io(format!("opening network namespace {path}"), e))?;
+    // SAFETY: `file` is an open descriptor of a network namespace for the whole call;
+    // setns only changes the calling thread's namespace and touches no Rust memory.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(TestbedError::io(format!("entering network namespace {ns}"), std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Deletes namespace `ns` if it exists (ignoring "not found").
 fn del_netns(ns: &str) {
     let _ = Command::new("ip").args(["netns", "del", ns]).output();

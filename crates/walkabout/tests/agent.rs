@@ -5,21 +5,22 @@ mod common;
 
 use common::AgentProc;
 use std::time::Duration;
+use walkabout_api::{Accel, VmInfo, VmState};
 use walkabout_testbed::{alive, TempDir};
 
 #[test]
 fn boots_guests_with_one_and_two_vcpus_that_report_their_cpus() {
     let agent = AgentProc::start(&[]);
-    let one = agent.cli(&["vm", "create", "--name", "one", "--memory", "256M", "--vcpus", "1", "--workload", "dirty:32:16"]);
-    let two = agent.cli(&["vm", "create", "--name", "two", "--memory", "256M", "--vcpus", "2"]);
-    assert_eq!(one["guest"]["cpus"], 1, "{one}");
-    assert_eq!(two["guest"]["cpus"], 2, "{two}");
+    let one = agent.create(&["--name", "one", "--memory", "256M", "--vcpus", "1", "--workload", "dirty:32:16"]);
+    let two = agent.create(&["--name", "two", "--memory", "256M", "--vcpus", "2"]);
+    assert_eq!(one.guest.cpus, Some(1), "{one:?}");
+    assert_eq!(two.guest.cpus, Some(2), "{two:?}");
     for name in ["one", "two"] {
         let v = agent.wait_heartbeats(name, 20);
-        assert_eq!(v["guest"]["corrupt_pages"], 0, "{v}");
-        assert_eq!(v["guest"]["seq_breaks"], 0, "{v}");
-        assert_eq!(v["guest"]["kernel_trouble"], false, "{v}");
-        assert_eq!(v["state"], "running");
+        assert_eq!(v.guest.corrupt_pages, 0, "{v:?}");
+        assert_eq!(v.guest.seq_breaks, 0, "{v:?}");
+        assert!(!v.guest.kernel_trouble, "{v:?}");
+        assert_eq!(v.record.state, VmState::Running, "{v:?}");
     }
 }
 
@@ -28,29 +29,31 @@ fn pause_stops_the_heartbeat_and_resume_continues_the_sequence() {
     let agent = AgentProc::start(&[]);
     agent.cli(&["vm", "create", "--name", "p", "--memory", "256M", "--workload", "dirty:16:8"]);
     agent.wait_heartbeats("p", 5);
-    let paused = agent.cli(&["vm", "pause", "p"]);
-    assert_eq!(paused["state"], "paused");
-    let before = agent.info("p")["guest"]["last_seq"].as_u64().expect("seq");
+    let paused: VmInfo = agent.cli_as(&["vm", "pause", "p"]);
+    assert_eq!(paused.record.state, VmState::Paused, "{paused:?}");
+    let before = agent.info("p").guest.last_seq.expect("seq");
     std::thread::sleep(Duration::from_millis(1500));
-    let during = agent.info("p")["guest"]["last_seq"].as_u64().expect("seq");
+    let during = agent.info("p").guest.last_seq.expect("seq");
     assert_eq!(before, during, "heartbeats advanced while paused");
-    agent.cli(&["vm", "resume", "p"]);
+    let resumed: VmInfo = agent.cli_as(&["vm", "resume", "p"]);
+    assert_eq!(resumed.record.state, VmState::Running, "{resumed:?}");
     let after = agent.wait_heartbeats("p", during + 10);
-    assert!(after["guest"]["last_seq"].as_u64().expect("seq") > during);
-    assert_eq!(after["guest"]["seq_breaks"], 0, "sequence broke across pause: {after}");
-    assert_eq!(after["guest"]["corrupt_pages"], 0);
+    assert!(after.guest.last_seq.expect("seq") > during, "{after:?}");
+    assert_eq!(after.guest.seq_breaks, 0, "sequence broke across pause: {after:?}");
+    assert_eq!(after.guest.corrupt_pages, 0, "{after:?}");
 }
 
 #[test]
 fn stop_ends_the_qemu_process_and_delete_forgets_the_vm() {
     let agent = AgentProc::start(&[]);
-    let v = agent.cli(&["vm", "create", "--name", "s", "--memory", "256M"]);
-    let pid = v["pid"].as_i64().expect("pid");
+    let v = agent.create(&["--name", "s", "--memory", "256M"]);
+    let pid = i64::from(v.record.pid.expect("pid"));
     assert!(alive(pid));
-    let stopped = agent.cli(&["vm", "stop", "s"]);
-    assert_eq!(stopped["state"], "stopped");
+    let stopped: VmInfo = agent.cli_as(&["vm", "stop", "s"]);
+    assert_eq!(stopped.record.state, VmState::Stopped, "{stopped:?}");
     assert!(!alive(pid), "QEMU {pid} still runs after stop");
     agent.cli(&["vm", "delete", "s"]);
+    assert_eq!(agent.try_info("s"), None, "the agent still has the deleted VM");
     let err = agent.cli_fails(&["vm", "info", "s"]);
     assert!(err.contains("no VM named `s`"), "{err}");
 }
@@ -58,30 +61,30 @@ fn stop_ends_the_qemu_process_and_delete_forgets_the_vm() {
 #[test]
 fn a_restarted_agent_reattaches_to_the_vm_that_kept_running() {
     let mut agent = AgentProc::start(&[]);
-    let v = agent.cli(&["vm", "create", "--name", "r", "--memory", "256M", "--workload", "dirty:16:8"]);
-    let pid = v["pid"].as_i64().expect("pid");
+    let v = agent.create(&["--name", "r", "--memory", "256M", "--workload", "dirty:16:8"]);
+    let pid = v.record.pid.expect("pid");
     agent.wait_heartbeats("r", 5);
     agent.kill();
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(alive(pid), "the VM died with its agent");
+    assert!(alive(i64::from(pid)), "the VM died with its agent");
     agent.restart().expect("restart the agent");
     let v = agent.info("r");
-    assert_eq!(v["state"], "running", "{v}");
-    assert_eq!(v["pid"].as_i64(), Some(pid));
-    let seen = v["guest"]["heartbeats"].as_u64().expect("hb");
+    assert_eq!(v.record.state, VmState::Running, "{v:?}");
+    assert_eq!(v.record.pid, Some(pid), "{v:?}");
+    let seen = v.guest.heartbeats;
     // The re-attached QMP works: pause and resume through it.
-    assert_eq!(agent.cli(&["vm", "pause", "r"])["state"], "paused");
-    assert_eq!(agent.cli(&["vm", "resume", "r"])["state"], "running");
+    assert_eq!(agent.cli_as::<VmInfo>(&["vm", "pause", "r"]).record.state, VmState::Paused);
+    assert_eq!(agent.cli_as::<VmInfo>(&["vm", "resume", "r"]).record.state, VmState::Running);
     let v = agent.wait_heartbeats("r", seen + 10);
-    assert_eq!(v["guest"]["seq_breaks"], 0, "{v}");
-    assert_eq!(v["guest"]["corrupt_pages"], 0, "{v}");
+    assert_eq!(v.guest.seq_breaks, 0, "{v:?}");
+    assert_eq!(v.guest.corrupt_pages, 0, "{v:?}");
 }
 
 #[test]
 fn bad_input_gets_a_specific_error_and_other_vms_keep_running() {
     let agent = AgentProc::start(&["--capacity", "1G"]);
-    agent.cli(&["vm", "create", "--name", "ok", "--memory", "256M"]);
-    let seq0 = agent.wait_heartbeats("ok", 3)["guest"]["last_seq"].as_u64().expect("seq");
+    agent.create(&["--name", "ok", "--memory", "256M"]);
+    let seq0 = agent.wait_heartbeats("ok", 3).guest.last_seq.expect("seq");
 
     let e = agent.cli_fails(&["vm", "info", "ghost"]);
     assert!(e.contains("no VM named `ghost`"), "{e}");
@@ -98,10 +101,13 @@ fn bad_input_gets_a_specific_error_and_other_vms_keep_running() {
     assert!(e.contains("not a Linux kernel") || e.contains("bzImage"), "{e}");
 
     let v = agent.wait_heartbeats("ok", seq0 + 10);
-    assert_eq!(v["state"], "running");
-    assert_eq!(v["guest"]["seq_breaks"], 0);
-    let listed = agent.cli(&["vm", "list"]);
-    assert_eq!(listed.as_array().map(Vec::len), Some(1), "failed creates left records: {listed}");
+    assert_eq!(v.record.state, VmState::Running, "{v:?}");
+    assert_eq!(v.guest.seq_breaks, 0, "{v:?}");
+    let listed = agent.vms();
+    assert_eq!(listed.len(), 1, "failed creates left records: {listed:?}");
+    // The CLI lists the same, in its JSON.
+    let cli: Vec<VmInfo> = agent.cli_as(&["vm", "list"]);
+    assert_eq!(cli.iter().map(|v| v.record.spec.name.as_str()).collect::<Vec<_>>(), ["ok"], "{cli:?}");
 }
 
 #[test]
@@ -121,14 +127,17 @@ fn qemu_too_old_or_missing_is_refused_at_agent_start() {
 #[test]
 fn auto_accelerator_follows_the_measurement_and_says_why() {
     let agent = AgentProc::start(&["--accel", "auto"]);
-    let host = agent.cli(&["host", "info"]);
-    let accel = &host["accel"];
-    let tcg = accel["tcg_ms"].as_u64().expect("TCG was measured");
-    let expected = match accel["kvm_ms"].as_u64() {
-        Some(kvm) if kvm <= tcg => "kvm",
-        _ => "tcg",
+    let host = agent.host_info();
+    let accel = &host.accel;
+    let tcg = accel.tcg_ms.expect("TCG was measured");
+    let expected = match accel.kvm_ms {
+        Some(kvm) if kvm <= tcg => Accel::Kvm,
+        _ => Accel::Tcg,
     };
-    assert_eq!(accel["accel"], expected, "{host}");
-    assert!(accel["reason"].as_str().is_some_and(|r| r.starts_with("auto:")), "{host}");
-    assert!(host["qemu"]["major"].as_u64() >= Some(10));
+    assert_eq!(accel.accel, expected, "{host:?}");
+    assert!(accel.reason.starts_with("auto:"), "{host:?}");
+    assert!(host.qemu.major >= 10, "{host:?}");
+    // `host info` prints the same document.
+    let cli: walkabout_api::HostInfo = agent.cli_as(&["host", "info"]);
+    assert_eq!(cli.accel, host.accel);
 }

@@ -6,10 +6,13 @@
 mod common;
 
 use common::{assert_healthy, now_ms, AgentProc, ControllerProc};
-use serde_json::Value;
+use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use walkabout_api::{
+    ErrorBody, ErrorKind, Host, HostStatus, Maintenance, Phase, PlanRecord, PlanStatus, Step, StepStatus, VmInfo, VmState,
+};
 use walkabout_testbed::UpSession;
 
 /// Slow enough to interrupt a migration: a 256 MiB guest takes seconds at this cap.
@@ -23,46 +26,43 @@ fn tight_cluster(workload: &str) -> (AgentProc, AgentProc, AgentProc) {
     let h2 = AgentProc::start(&["--capacity", "640M"]);
     let h3 = AgentProc::start(&["--capacity", "512M"]);
     for vm in ["a", "b", "c"] {
-        h1.cli(&["vm", "create", "--name", vm, "--memory", "256M", "--workload", workload]);
+        h1.create(&["--name", vm, "--memory", "256M", "--workload", workload]);
     }
     (h1, h2, h3)
 }
 
-fn steps(plan: &Value) -> Vec<Value> {
-    plan["steps"].as_array().cloned().unwrap_or_default()
+/// The plan's steps.
+fn steps(plan: &PlanRecord) -> Vec<Step> {
+    plan.steps.clone()
 }
 
 /// Asserts no two steps out of (or into) one host overlapped in time.
-fn assert_one_at_a_time_per_host(plan: &Value) {
-    let done: Vec<Value> = steps(plan).into_iter().filter(|s| s["status"] == "completed").collect();
+fn assert_one_at_a_time_per_host(plan: &PlanRecord) {
+    let done: Vec<Step> = steps(plan).into_iter().filter(|s| s.status == StepStatus::Completed).collect();
     for (i, x) in done.iter().enumerate() {
         for y in &done[i + 1..] {
-            let shared = x["from"] == y["from"] || x["to"] == y["to"];
-            let (xs, xe) = (x["started_ms"].as_u64().unwrap_or(0), x["finished_ms"].as_u64().unwrap_or(u64::MAX));
-            let (ys, ye) = (y["started_ms"].as_u64().unwrap_or(0), y["finished_ms"].as_u64().unwrap_or(u64::MAX));
-            assert!(!shared || xe <= ys || ye <= xs, "steps overlap on a host: {x} {y}");
+            let shared = x.from == y.from || x.to == y.to;
+            let (xs, xe) = (x.started_ms.unwrap_or(0), x.finished_ms.unwrap_or(u64::MAX));
+            let (ys, ye) = (y.started_ms.unwrap_or(0), y.finished_ms.unwrap_or(u64::MAX));
+            assert!(!shared || xe <= ys || ye <= xs, "steps overlap on a host: {x:?} {y:?}");
         }
     }
 }
 
 /// Agent migrations of every VM, over all agents: (vm, phase).
-fn agent_migrations(agents: &[&AgentProc]) -> Vec<(String, String)> {
-    agents
-        .iter()
-        .flat_map(|a| a.cli(&["migration", "list"]).as_array().cloned().unwrap_or_default())
-        .map(|m| (m["vm"].as_str().unwrap_or("").to_string(), m["phase"].as_str().unwrap_or("").to_string()))
-        .collect()
+fn agent_migrations(agents: &[&AgentProc]) -> Vec<(String, Phase)> {
+    agents.iter().flat_map(|a| a.migrations()).map(|m| (m.vm, m.phase)).collect()
 }
 
 /// The agent among `agents` that runs `vm`.
 fn home<'a>(agents: &[&'a AgentProc], vm: &str) -> &'a AgentProc {
-    agents.iter().copied().find(|a| a.run(&["vm", "info", vm]).status.success()).unwrap_or_else(|| panic!("no agent runs {vm}: lost"))
+    agents.iter().copied().find(|a| a.try_info(vm).is_some()).unwrap_or_else(|| panic!("no agent runs {vm}: lost"))
 }
 
 fn assert_still_healthy(a: &AgentProc, vm: &str) {
-    let seen = a.info(vm)["guest"]["heartbeats"].as_u64().expect("heartbeats");
+    let seen = a.info(vm).guest.heartbeats;
     let v = a.wait_heartbeats(vm, seen + 5);
-    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v.record.state, VmState::Running, "{v:?}");
     assert_healthy(&v);
 }
 
@@ -71,18 +71,20 @@ fn a_drain_of_three_dirtying_guests_fits_a_tight_cluster_one_migration_per_host_
     let (h1, h2, h3) = tight_cluster("dirty:64:32");
     let ctl = ControllerProc::start(&[&h1, &h2, &h3], &[]);
     ctl.wait_vms(3);
-    assert!(3 * 256 > ctl.host("h2")["capacity_mib"].as_u64().unwrap_or(0), "the naive all-to-h2 order must overfill h2");
+    assert!(3 * 256 > ctl.host("h2").capacity_mib, "the naive all-to-h2 order must overfill h2");
 
-    let plan = ctl.cli(&["host", "drain", "h1"]);
+    let plan: PlanRecord = ctl.cli_as(&["host", "drain", "h1"]);
 
-    assert_eq!(plan["status"], "completed", "{plan}");
-    assert_eq!(plan["round"], 0, "no retry or re-plan was needed: {plan}");
-    assert_eq!(steps(&plan).len(), 3, "{plan}");
-    assert!(steps(&plan).iter().all(|s| !s["why"].as_str().unwrap_or("").is_empty()), "every migration has its reason: {plan}");
+    assert_eq!(plan.status, PlanStatus::Completed, "{plan:?}");
+    assert_eq!(plan.round, 0, "no retry or re-plan was needed: {plan:?}");
+    assert_eq!(steps(&plan).len(), 3, "{plan:?}");
+    assert!(steps(&plan).iter().all(|s| !s.why.is_empty()), "every migration has its reason: {plan:?}");
     assert_one_at_a_time_per_host(&plan);
-    assert_eq!(ctl.host("h1")["maintenance"], "drained");
+    let stored = ctl.plan(&plan.id);
+    assert_eq!((stored.status, &stored.steps), (plan.status, &plan.steps), "the controller's record is what the CLI printed");
+    assert_eq!(ctl.host("h1").maintenance, Maintenance::Drained);
     assert!(h1.qemu_pids().is_empty(), "QEMU left on the drained host");
-    let on_h2 = ["a", "b", "c"].iter().filter(|vm| h2.run(&["vm", "info", vm]).status.success()).count();
+    let on_h2 = ["a", "b", "c"].iter().filter(|vm| h2.try_info(vm).is_some()).count();
     assert!(on_h2 <= 2, "h2 overfilled");
     for vm in ["a", "b", "c"] {
         assert_still_healthy(home(&[&h2, &h3], vm), vm);
@@ -94,7 +96,7 @@ fn a_controller_restarted_mid_plan_resumes_it_runs_no_migration_twice_and_loses_
     let (h1, h2, h3) = tight_cluster("dirty:64:4");
     let mut ctl = ControllerProc::start(&[&h1, &h2, &h3], SLOW);
     ctl.wait_vms(3);
-    let id = ctl.json(&["host", "drain", "h1", "--no-wait"])["id"].as_str().expect("plan id").to_string();
+    let id = ctl.json_as::<PlanRecord>(&["host", "drain", "h1", "--no-wait"]).id;
     ctl.wait_running_step(&id);
 
     ctl.kill();
@@ -102,12 +104,12 @@ fn a_controller_restarted_mid_plan_resumes_it_runs_no_migration_twice_and_loses_
     ctl.restart().expect("restart the controller");
     let plan = ctl.wait_plan(&id, 120);
 
-    assert_eq!(plan["status"], "completed", "{plan}\n{}", ctl.log());
+    assert_eq!(plan.status, PlanStatus::Completed, "{plan:?}\n{}", ctl.log());
     assert!(ctl.log().contains("resumes after a controller restart"), "{}", ctl.log());
     let migs = agent_migrations(&[&h1, &h2, &h3]);
     assert_eq!(migs.len(), 3, "each VM migrated exactly once: {migs:?}");
     for vm in ["a", "b", "c"] {
-        assert_eq!(migs.iter().filter(|(v, p)| v == vm && p == "completed").count(), 1, "{vm}: {migs:?}");
+        assert_eq!(migs.iter().filter(|(v, p)| v == vm && *p == Phase::Completed).count(), 1, "{vm}: {migs:?}");
         assert_still_healthy(home(&[&h2, &h3], vm), vm);
     }
 }
@@ -117,9 +119,9 @@ fn an_agent_killed_during_a_plan_is_marked_down_within_seconds_and_the_plan_repo
     let (h1, mut h2, mut h3) = tight_cluster("dirty:64:4");
     let ctl = ControllerProc::start(&[&h1, &h2, &h3], SLOW);
     ctl.wait_vms(3);
-    let id = ctl.json(&["host", "drain", "h1", "--no-wait"])["id"].as_str().expect("plan id").to_string();
+    let id = ctl.json_as::<PlanRecord>(&["host", "drain", "h1", "--no-wait"]).id;
     let step = ctl.wait_running_step(&id);
-    let victim = step["to"].as_str().expect("destination").to_string();
+    let victim = step.to.clone();
 
     let killed_at = now_ms();
     if victim == "h2" {
@@ -128,25 +130,25 @@ fn an_agent_killed_during_a_plan_is_marked_down_within_seconds_and_the_plan_repo
         h3.kill()
     }
     let start = Instant::now();
-    while ctl.host(&victim)["status"] != "down" {
-        assert!(start.elapsed() < Duration::from_secs(10), "{victim} not marked down: {}", ctl.host(&victim));
+    while ctl.host(&victim).status != HostStatus::Down {
+        assert!(start.elapsed() < Duration::from_secs(10), "{victim} not marked down: {:?}", ctl.host(&victim));
         std::thread::sleep(Duration::from_millis(200));
     }
     let host = ctl.host(&victim);
     let plan = ctl.wait_plan(&id, 90);
 
-    assert!(host["status_since_ms"].as_u64().unwrap_or(0) - killed_at < 5_000, "{host}");
-    assert!(!host["down_reason"].as_str().unwrap_or("").is_empty(), "{host}");
-    assert_eq!(plan["status"], "failed", "{plan}");
-    let problems = plan["problems"].as_array().cloned().unwrap_or_default();
-    assert!(!problems.is_empty(), "the plan names the VMs it could not move: {plan}");
-    assert!(problems.iter().all(|p| p["vm"].is_string() && !p["reason"].as_str().unwrap_or("").is_empty()), "{plan}");
-    assert!(steps(&plan).iter().filter(|s| s["round"] != 0).all(|s| s["to"] != victim.as_str()), "a re-plan picked the dead host: {plan}");
-    assert!(plan["finished_ms"].as_u64().unwrap_or(u64::MAX) - killed_at < 60_000, "the plan hung: {plan}");
+    assert!(host.status_since_ms >= killed_at && host.status_since_ms - killed_at < 5_000, "{host:?}");
+    assert!(!host.down_reason.as_deref().unwrap_or("").is_empty(), "{host:?}");
+    assert_eq!(plan.status, PlanStatus::Failed, "{plan:?}");
+    assert!(!plan.problems.is_empty(), "the plan names the VMs it could not move: {plan:?}");
+    assert!(plan.problems.iter().all(|p| !p.vm.is_empty() && !p.reason.is_empty()), "{plan:?}");
+    assert!(steps(&plan).iter().filter(|s| s.round != 0).all(|s| s.to != victim), "a re-plan picked the dead host: {plan:?}");
+    let finished = plan.finished_ms.unwrap_or(u64::MAX);
+    assert!(finished >= killed_at && finished - killed_at < 60_000, "the plan hung: {plan:?}");
     let dead_url = if victim == "h2" { h2.url.clone() } else { h3.url.clone() };
     let alive: Vec<&AgentProc> = [&h1, &h2, &h3].into_iter().filter(|a| a.url != dead_url).collect();
     for vm in ["a", "b", "c"] {
-        if let Some(a) = alive.iter().find(|a| a.run(&["vm", "info", vm]).status.success()) {
+        if let Some(a) = alive.iter().find(|a| a.try_info(vm).is_some()) {
             assert_still_healthy(a, vm);
         }
     }
@@ -157,7 +159,7 @@ fn an_impossible_drain_is_refused_up_front_with_each_vm_and_why() {
     let h1 = AgentProc::start(&["--capacity", "768M"]);
     let h2 = AgentProc::start(&["--capacity", "256M"]);
     for vm in ["a", "b"] {
-        h1.cli(&["vm", "create", "--name", vm, "--memory", "256M", "--workload", "idle"]);
+        h1.create(&["--name", vm, "--memory", "256M", "--workload", "idle"]);
     }
     let ctl = ControllerProc::start(&[&h1, &h2], &[]);
     ctl.wait_vms(2);
@@ -165,12 +167,13 @@ fn an_impossible_drain_is_refused_up_front_with_each_vm_and_why() {
     let out = ctl.run(&["host", "drain", "h1", "--output", "json"]);
 
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
-    let refusal: Value = serde_json::from_slice(&out.stdout).expect("JSON refusal");
-    let blocked = refusal["blocked"].as_array().cloned().unwrap_or_default();
-    assert_eq!(blocked.len(), 1, "{refusal}");
-    assert!(blocked[0]["why"].as_str().unwrap_or("").contains("256 MiB"), "{refusal}");
-    assert!(refusal["error"].as_str().unwrap_or("").contains("cannot drain h1"), "{refusal}");
-    assert_eq!(ctl.host("h1")["maintenance"], "active");
+    let refusal: ErrorBody =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not an ErrorBody ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(refusal.kind, ErrorKind::Impossible, "{refusal:?}");
+    assert_eq!(refusal.blocked.len(), 1, "{refusal:?}");
+    assert!(refusal.blocked[0].why.contains("256 MiB"), "{refusal:?}");
+    assert!(refusal.error.contains("cannot drain h1"), "{refusal:?}");
+    assert_eq!(ctl.host("h1").maintenance, Maintenance::Active);
     assert!(agent_migrations(&[&h1]).is_empty(), "nothing moved");
     let text = ctl.run(&["host", "drain", "h1"]);
     assert!(String::from_utf8_lossy(&text.stderr).contains("needs 256 MiB"), "{}", String::from_utf8_lossy(&text.stderr));
@@ -227,8 +230,9 @@ fn up_walking() -> (UpSession, String, BTreeMap<String, String>) {
     (up, url, agents)
 }
 
-/// `walkabout ARGS --controller URL --output json`, whatever its exit status, and that status.
-fn ctl_json(url: &str, args: &[&str]) -> (Value, Option<i32>) {
+/// `walkabout ARGS --controller URL --output json` read as `T`, whatever its exit
+/// status, and that status.
+fn ctl_json<T: DeserializeOwned>(url: &str, args: &[&str]) -> (T, Option<i32>) {
     let out = Command::new(common::bin())
         .args(args)
         .args(["--controller", url, "--output", "json"])
@@ -241,14 +245,18 @@ fn ctl_json(url: &str, args: &[&str]) -> (Value, Option<i32>) {
     (v, out.status.code())
 }
 
+/// Every host, as the controller's CLI lists them.
+fn hosts(url: &str) -> Vec<Host> {
+    ctl_json::<Vec<Host>>(url, &["host", "list"]).0
+}
+
 /// The host running the most VMs, as the controller sees it.
-fn fullest(url: &str) -> Value {
-    let (hosts, _) = ctl_json(url, &["host", "list"]);
-    hosts.as_array().and_then(|h| h.iter().max_by_key(|h| h["vms"].as_array().map_or(0, Vec::len)).cloned()).expect("hosts")
+fn fullest(url: &str) -> Host {
+    hosts(url).into_iter().max_by_key(|h| h.vms.len()).expect("hosts")
 }
 
 /// The VMs the agent of host `name` runs (asked of the agent itself).
-fn agent_vms(agents: &BTreeMap<String, String>, name: &str) -> Vec<Value> {
+fn agent_vms(agents: &BTreeMap<String, String>, name: &str) -> Vec<String> {
     let url = agents.get(name).unwrap_or_else(|| panic!("no agent URL for {name} in {agents:?}"));
     let out = Command::new(common::bin())
         .args(["vm", "list", "--agent", url, "--output", "json"])
@@ -256,23 +264,24 @@ fn agent_vms(agents: &BTreeMap<String, String>, name: &str) -> Vec<Value> {
         .output()
         .expect("run walkabout");
     assert!(out.status.success(), "vm list on {name}: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice::<Value>(&out.stdout).expect("JSON").as_array().cloned().unwrap_or_default()
+    let vms: Vec<VmInfo> = serde_json::from_slice(&out.stdout).expect("VM list");
+    vms.into_iter().map(|v| v.record.spec.name).collect()
 }
 
 /// Drains `host` through the CLI and checks it ends drained and stays empty while the
 /// walk goes on.
-fn assert_drains_and_stays_empty(url: &str, agents: &BTreeMap<String, String>, host: &str) -> Value {
-    let (plan, code) = ctl_json(url, &["host", "drain", host]);
+fn assert_drains_and_stays_empty(url: &str, agents: &BTreeMap<String, String>, host: &str) -> PlanRecord {
+    let (plan, code) = ctl_json::<PlanRecord>(url, &["host", "drain", host]);
 
-    assert_eq!(code, Some(0), "{plan}");
-    assert_eq!(plan["status"], "completed", "{plan}");
-    let h = ctl_json(url, &["host", "list"]).0.as_array().and_then(|a| a.iter().find(|x| x["name"] == host).cloned()).expect("host");
-    assert_eq!(h["maintenance"], "drained", "{h}");
-    assert_eq!(h["vms"].as_array().map_or(0, Vec::len), 0, "{h}");
-    assert_eq!(agent_vms(agents, host), Vec::<Value>::new(), "{host}'s agent still runs VMs");
+    assert_eq!(code, Some(0), "{plan:?}");
+    assert_eq!(plan.status, PlanStatus::Completed, "{plan:?}");
+    let h = hosts(url).into_iter().find(|x| x.name == host).expect("host");
+    assert_eq!(h.maintenance, Maintenance::Drained, "{h:?}");
+    assert!(h.vms.is_empty(), "{h:?}");
+    assert_eq!(agent_vms(agents, host), Vec::<String>::new(), "{host}'s agent still runs VMs");
     // The walk goes on; nothing lands on the drained host afterwards.
     std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(agent_vms(agents, host), Vec::<Value>::new(), "a VM landed on {host} after its drain");
+    assert_eq!(agent_vms(agents, host), Vec::<String>::new(), "a VM landed on {host} after its drain");
     plan
 }
 
@@ -280,50 +289,43 @@ fn assert_drains_and_stays_empty(url: &str, agents: &BTreeMap<String, String>, h
 fn with_a_walk_running_a_drain_of_the_fullest_host_completes_and_leaves_no_vm_on_it() {
     let (_up, url, agents) = up_walking();
     let host = fullest(&url);
-    let name = host["name"].as_str().expect("name").to_string();
-    assert!(host["vms"].as_array().map_or(0, Vec::len) >= 2, "{host}");
+    assert!(host.vms.len() >= 2, "{host:?}");
 
-    let plan = assert_drains_and_stays_empty(&url, &agents, &name);
+    let plan = assert_drains_and_stays_empty(&url, &agents, &host.name);
 
-    assert!(steps(&plan).iter().all(|s| s["status"] != "failed"), "no step fought the walk: {plan}");
+    assert!(steps(&plan).iter().all(|s| s.status != StepStatus::Failed), "no step fought the walk: {plan:?}");
 }
 
 #[test]
 fn a_drain_started_while_a_migration_into_the_host_is_in_flight_takes_that_vm_out_too() {
     let (_up, url, agents) = up_walking();
-    let host = fullest(&url);
-    let name = host["name"].as_str().expect("name").to_string();
-    let (hosts, _) = ctl_json(&url, &["host", "list"]);
-    let mover = hosts
-        .as_array()
-        .and_then(|h| h.iter().filter(|h| h["name"] != name.as_str()).find_map(|h| h["vms"].as_array().and_then(|v| v.first().cloned())))
-        .and_then(|v| v.as_str().map(String::from))
-        .expect("a VM elsewhere");
+    let name = fullest(&url).name;
+    let mover = hosts(&url).into_iter().filter(|h| h.name != name).find_map(|h| h.vms.first().cloned()).expect("a VM elsewhere");
     // Move it in; a walk hop of it may be under way, so try until the controller takes it.
     let start = Instant::now();
     let moving = loop {
-        let (p, code) = ctl_json(&url, &["vm", "move", &mover, "--to", &name, "--no-wait"]);
+        let (p, code) = ctl_json::<serde_json::Value>(&url, &["vm", "move", &mover, "--to", &name, "--no-wait"]);
         if code == Some(0) {
-            break p;
+            break serde_json::from_value::<PlanRecord>(p).expect("a plan");
         }
         assert!(start.elapsed() < Duration::from_secs(30), "cannot move {mover} to {name}: {p}");
         std::thread::sleep(Duration::from_millis(300));
     };
-    let id = moving["id"].as_str().expect("plan id").to_string();
+    let id = moving.id;
     let start = Instant::now();
     loop {
-        let (p, _) = ctl_json(&url, &["cluster", "plan-show", &id]);
-        if steps(&p).iter().any(|s| s["status"] == "running") {
+        let (p, _) = ctl_json::<PlanRecord>(&url, &["cluster", "plan-show", &id]);
+        if steps(&p).iter().any(|s| s.status == StepStatus::Running) {
             break;
         }
-        assert!(p["status"] == "running", "the move ended before its migration ran: {p}");
-        assert!(start.elapsed() < Duration::from_secs(30), "the move's migration never started: {p}");
+        assert_eq!(p.status, PlanStatus::Running, "the move ended before its migration ran: {p:?}");
+        assert!(start.elapsed() < Duration::from_secs(30), "the move's migration never started: {p:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
 
     let plan = assert_drains_and_stays_empty(&url, &agents, &name);
 
-    let (moved, _) = ctl_json(&url, &["cluster", "plan-show", &id]);
-    assert_eq!(moved["status"], "completed", "the move in flight landed: {moved}");
-    assert!(steps(&plan).iter().any(|s| s["vm"] == mover.as_str() && s["status"] == "completed"), "the drain took {mover} out: {plan}");
+    let (moved, _) = ctl_json::<PlanRecord>(&url, &["cluster", "plan-show", &id]);
+    assert_eq!(moved.status, PlanStatus::Completed, "the move in flight landed: {moved:?}");
+    assert!(steps(&plan).iter().any(|s| s.vm == mover && s.status == StepStatus::Completed), "the drain took {mover} out: {plan:?}");
 }
