@@ -278,7 +278,8 @@ mod controller_routes {
 
     /// Moves a VM: a `place` plan, executed.
     #[utoipa::path(post, path = "/v1/vms/{name}/move", tag = "vms", params(("name" = String, Path, description = "VM name")),
-        request_body = MoveVm, responses((status = 202, body = PlanRecord), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        request_body = MoveVm, responses((status = 202, body = PlanRecord), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, description = "malformed request", body = ErrorBody)))]
     fn move_vm() {}
 
     /// Migrations the controller ordered.

@@ -70,6 +70,8 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         let url = format!("http://{}", listener.local_addr()?);
         let cluster = walkabout_controller::start(config, &a.agents).await?;
+        // The games are clients of this API, at the address just bound.
+        cluster.games().serve_at(&url)?;
         // Written whole, then renamed: a reader never sees it half-written.
         walkabout_testbed::write_atomic(&a.data_dir.join("controller.url"), url.as_bytes()).context("writing controller.url")?;
         let _ = super::out::line(format_args!("walkabout controller listening on {url} ({} host(s))", cluster.hosts().len()));
