@@ -5,10 +5,9 @@
 use super::client::{self, print_json, runtime, Output};
 use super::progress::{MigrationView, PlanProgress, PlanView, RunningStep};
 use super::table::{clean, Align, Table};
-use serde_json::Value;
 use std::process::ExitCode;
 use std::time::Duration;
-use walkabout_api::{ClientError, ControllerClient, ErrorBody, ErrorKind, Goal, PlanRecord, PlanStatus};
+use walkabout_api::{ClientError, ControllerClient, Goal, PlanRecord, PlanStatus};
 
 /// The controller's default URL (where `walkabout up` serves it).
 pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:7700";
@@ -73,75 +72,6 @@ pub struct PlanFollow {
     /// Return once the plan runs instead of following it.
     #[arg(long)]
     no_wait: bool,
-}
-
-/// A controller client that reads replies as JSON values, kept only for `walk.rs`
-/// (being moved to [`ControllerClient`] separately); everything else uses the typed
-/// client. It has the command's timeouts and answers with [`ClientError`]s.
-pub struct Ctl {
-    base: String,
-    http: reqwest::Client,
-    timeout: Duration,
-}
-
-impl Ctl {
-    /// A client for the controller at `base`.
-    pub fn new(base: &str) -> anyhow::Result<Ctl> {
-        // The typed client checks the URL the same way; its error says what is expected.
-        let typed = client::controller(base)?;
-        let opts = client::options();
-        let http = reqwest::Client::builder().connect_timeout(opts.connect_timeout).build()?;
-        Ok(Ctl { base: typed.url().to_string(), http, timeout: opts.request_timeout })
-    }
-
-    /// GET a JSON document.
-    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        self.send(reqwest::Method::GET, path, None).await
-    }
-
-    /// POST a JSON body (or none).
-    pub async fn post(&self, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        self.send(reqwest::Method::POST, path, body).await
-    }
-
-    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base)).timeout(self.timeout);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let transport = |e: reqwest::Error| {
-            if e.is_timeout() {
-                ClientError::Timeout {
-                    url: self.base.clone(),
-                    method: method.to_string(),
-                    path: path.to_string(),
-                    timeout_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
-                }
-            } else {
-                ClientError::Unreachable { url: self.base.clone(), detail: e.to_string() }
-            }
-        };
-        let resp = req.send().await.map_err(transport)?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(transport)?;
-        if !status.is_success() {
-            let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| {
-                ErrorBody::new(
-                    ErrorKind::Other,
-                    format!("{} answered {path} with HTTP {status}: {}", self.base, String::from_utf8_lossy(&bytes)),
-                )
-            });
-            return Err(ClientError::Api { status: status.as_u16(), body }.into());
-        }
-        if bytes.is_empty() {
-            return Ok(Value::Null);
-        }
-        Ok(serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
-            url: self.base.clone(),
-            path: path.to_string(),
-            detail: e.to_string(),
-        })?)
-    }
 }
 
 /// Runs `walkabout cluster ...`.

@@ -170,7 +170,6 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
         let w = cluster.games().walk(&walk.id)?;
         for h in w.hops.iter().skip(shown) {
             shown += 1;
-            let v = serde_json::to_value(h).unwrap_or_default();
             let health = cluster
                 .vm(&h.vm)
                 .map(|vm| {
@@ -178,7 +177,7 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
                     format!("  heartbeat seq {seq}, {} breaks, {} corrupt pages", vm.guest.seq_breaks, vm.guest.corrupt_pages)
                 })
                 .unwrap_or_default();
-            out::line(format_args!("{}{health}", hop_line(shown, &v)))?;
+            out::line(format_args!("{}{health}", hop_line(shown, h)))?;
         }
         if w.finished_ms.is_some() {
             return Ok(());

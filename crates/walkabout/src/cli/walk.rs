@@ -3,11 +3,11 @@
 
 use super::client::parse_duration_ms;
 use super::client::{print_json, runtime, Output};
-use super::cluster::{Ctl, CtlArgs};
+use super::cluster::CtlArgs;
 use super::table::clean;
-use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::time::Duration;
+use walkabout_api::{ControllerClient, Hop, Phase, WalkOptions, WalkRecord, WalkStatus};
 
 /// Arguments of `walkabout walk`.
 #[derive(clap::Args)]
@@ -48,52 +48,59 @@ pub struct GameArgs {
 
 /// Runs `walkabout walk`.
 pub fn run_walk(a: WalkArgs) -> anyhow::Result<ExitCode> {
-    let body = json!({"duration_ms": a.duration, "parallel": a.parallel, "pause_ms": a.pause});
-    runtime()?.block_on(play(a.ctl, "/v1/walks", body))
+    let opts = WalkOptions { duration_ms: a.duration, parallel: a.parallel, pause_ms: a.pause };
+    runtime()?.block_on(play(a.ctl, Game::Walk, opts))
 }
 
 /// Runs `walkabout game ...`.
 pub fn run_game(cmd: GameCommand) -> anyhow::Result<ExitCode> {
     let GameCommand::MusicalChairs(a) = cmd;
-    let body = json!({"duration_ms": a.round, "parallel": a.parallel});
-    runtime()?.block_on(play(a.ctl, "/v1/games/musical-chairs", body))
+    let opts = WalkOptions { duration_ms: a.round, parallel: a.parallel, pause_ms: 0 };
+    runtime()?.block_on(play(a.ctl, Game::MusicalChairs, opts))
 }
 
-async fn play(ctl_args: CtlArgs, path: &str, body: Value) -> anyhow::Result<ExitCode> {
-    let ctl = Ctl::new(&ctl_args.controller)?;
-    let w = ctl.post(path, Some(body)).await?;
-    let id = w["id"].as_str().unwrap_or_default().to_string();
+/// Which of the controller's games to start.
+enum Game {
+    Walk,
+    MusicalChairs,
+}
+
+async fn play(ctl_args: CtlArgs, game: Game, opts: WalkOptions) -> anyhow::Result<ExitCode> {
+    let ctl = super::client::controller(&ctl_args.controller)?;
+    let w = match game {
+        Game::Walk => ctl.start_walk(&opts).await?,
+        Game::MusicalChairs => ctl.start_musical_chairs(&opts).await?,
+    };
     let text = ctl_args.output == Output::Text;
-    let w = follow(&ctl, &id, text).await?;
+    let w = follow(&ctl, &w.id, text).await?;
     match ctl_args.output {
         Output::Json => print_json(&w)?,
         Output::Text => print_summary(&w),
     }
-    let ok = w["hops"].as_array().into_iter().flatten().all(|h| h["result"] == "completed")
-        && w["survivors"].as_array().into_iter().flatten().all(|s| s["corrupt_pages"] == 0 && s["seq_breaks"] == 0);
+    let ok = w.hops.iter().all(|h| h.result == Phase::Completed) && w.survivors.iter().all(|s| s.corrupt_pages == 0 && s.seq_breaks == 0);
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// Polls walk `id` to its end, printing hops and rounds as they land when `text`;
 /// Ctrl-C stops the walk (hops under way finish).
-pub async fn follow(ctl: &Ctl, id: &str, text: bool) -> anyhow::Result<Value> {
+pub async fn follow(ctl: &ControllerClient, id: &str, text: bool) -> anyhow::Result<WalkRecord> {
     let (mut hops, mut rounds) = (0usize, 0usize);
     let mut stopping = false;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
-        let w = ctl.get(&format!("/v1/walks/{id}")).await?;
+        let w = ctl.walk(id).await?;
         if text {
-            for h in w["hops"].as_array().into_iter().flatten().skip(hops) {
+            for h in w.hops.iter().skip(hops) {
                 hops += 1;
                 println!("{}", hop_line(hops, h));
             }
-            for r in w["rounds"].as_array().into_iter().flatten().skip(rounds) {
+            for r in w.rounds.iter().skip(rounds) {
                 rounds += 1;
-                println!("round {}: {} — {}", r["round"], r["host"].as_str().unwrap_or("?"), r["result"].as_str().unwrap_or(""));
+                println!("round {}: {} — {}", r.round, clean(&r.host), clean(&r.result));
             }
         }
-        if w["status"] != "running" && w["finished_ms"].is_u64() {
+        if w.status != WalkStatus::Running && w.finished_ms.is_some() {
             return Ok(w);
         }
         tokio::select! {
@@ -103,46 +110,46 @@ pub async fn follow(ctl: &Ctl, id: &str, text: bool) -> anyhow::Result<Value> {
                 if text {
                     println!("stopping: hops under way finish first...");
                 }
-                ctl.post(&format!("/v1/walks/{id}/stop"), None).await?;
+                ctl.stop_walk(id).await?;
             }
         }
     }
 }
 
 /// One line for one hop.
-pub fn hop_line(n: usize, h: &Value) -> String {
+pub fn hop_line(n: usize, h: &Hop) -> String {
+    let ms = |v: Option<u64>| v.map_or_else(|| "null".to_string(), |v| v.to_string());
     format!(
         "hop {n}: {} {} -> {}  {}  total {} ms  downtime {} ms{}",
-        clean(h["vm"].as_str().unwrap_or("?")),
-        clean(h["from"].as_str().unwrap_or("?")),
-        clean(h["to"].as_str().unwrap_or("?")),
-        clean(h["result"].as_str().unwrap_or("?")),
-        h["total_ms"],
-        h["downtime_ms"],
-        h["reason"].as_str().map(|r| format!("  ({r})")).unwrap_or_default()
+        clean(&h.vm),
+        clean(&h.from),
+        clean(&h.to),
+        h.result,
+        ms(h.total_ms),
+        ms(h.downtime_ms),
+        h.reason.as_deref().map(|r| format!("  ({})", clean(r))).unwrap_or_default()
     )
 }
 
-fn print_summary(w: &Value) {
-    let hops: Vec<&Value> = w["hops"].as_array().map(|h| h.iter().collect()).unwrap_or_default();
-    let mut downs: Vec<u64> = hops.iter().filter(|h| h["result"] == "completed").filter_map(|h| h["downtime_ms"].as_u64()).collect();
+fn print_summary(w: &WalkRecord) {
+    let mut downs: Vec<u64> = w.hops.iter().filter(|h| h.result == Phase::Completed).filter_map(|h| h.downtime_ms).collect();
     downs.sort_unstable();
     let median = downs.get(downs.len() / 2).copied().unwrap_or(0);
     println!(
         "{}: {} hop(s), {} completed; downtime median {median} ms, max {} ms",
-        clean(w["result"].as_str().unwrap_or("ended")),
-        hops.len(),
+        clean(w.result.as_deref().unwrap_or("ended")),
+        w.hops.len(),
         downs.len(),
         downs.last().copied().unwrap_or(0)
     );
-    for s in w["survivors"].as_array().into_iter().flatten() {
+    for s in &w.survivors {
         println!(
             "survivor {} on {}: {} heartbeats, {} sequence breaks, {} corrupt pages",
-            clean(s["vm"].as_str().unwrap_or("?")),
-            clean(s["host"].as_str().unwrap_or("?")),
-            s["heartbeats"],
-            s["seq_breaks"],
-            s["corrupt_pages"]
+            clean(&s.vm),
+            clean(s.host.as_deref().unwrap_or("?")),
+            s.heartbeats,
+            s.seq_breaks,
+            s.corrupt_pages
         );
     }
 }
