@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-use walkabout_api::{Phase, Strategy, Switch, VmInfo};
+use walkabout_api::VmInfo;
 use walkabout_testbed::{Agent, AgentSpec, KillOnDrop};
 
 /// The workspace root (the directory holding the top `Cargo.toml`).
@@ -277,35 +277,8 @@ pub struct Created {
     pub create_ms: u64,
 }
 
-/// `walkabout migrate VM --to DEST --wait --output json`: the one summary it ends with
-/// (the CLI's own shape, read strictly: every field must be there).
-#[derive(Debug, Clone, Deserialize)]
-pub struct MigrateSummary {
-    /// The migration's id.
-    pub id: String,
-    /// The VM.
-    pub vm: String,
-    /// The destination agent's URL.
-    pub to: String,
-    /// How it ended.
-    pub result: Phase,
-    /// Why it failed or was cancelled.
-    pub reason: Option<String>,
-    /// Wall time, ms.
-    pub total_ms: Option<u64>,
-    /// Guest pause, ms, once completed.
-    pub downtime_ms: Option<u64>,
-    /// Bytes sent.
-    pub transferred_bytes: u64,
-    /// Pre-copy passes.
-    pub iterations: u64,
-    /// The guest's measured dirty rate.
-    pub dirty_rate_bps: Option<u64>,
-    /// The strategy picked.
-    pub strategy: Option<Strategy>,
-    /// Strategy switches on the way.
-    pub switches: Vec<Switch>,
-}
+/// `walkabout migrate VM --to DEST --wait --output json`: the one summary it ends with.
+pub use walkabout_api::MigrationSummary as MigrateSummary;
 
 /// Median, minimum and maximum of `xs` (the median of an even count is the mean of the
 /// middle two); `None` when empty.

@@ -268,6 +268,55 @@ pub struct MigrationRecord {
     pub finished_at_ms: Option<u64>,
 }
 
+/// How a migration ended, in one object: what `walkabout migrate --wait --output json`
+/// prints last (read by the benches and tests as it is written here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationSummary {
+    /// The migration's id.
+    pub id: String,
+    /// The VM.
+    pub vm: String,
+    /// The destination agent's URL.
+    pub to: String,
+    /// How it ended.
+    pub result: Phase,
+    /// Why it failed or was cancelled.
+    pub reason: Option<String>,
+    /// Wall time, ms.
+    pub total_ms: Option<u64>,
+    /// Guest pause, ms, once completed.
+    pub downtime_ms: Option<u64>,
+    /// Bytes sent.
+    pub transferred_bytes: u64,
+    /// Pre-copy passes.
+    pub iterations: u64,
+    /// The guest's dirty rate measured before the start, bytes/s.
+    pub dirty_rate_bps: Option<u64>,
+    /// The strategy picked.
+    pub strategy: Option<Strategy>,
+    /// Strategy switches on the way.
+    pub switches: Vec<Switch>,
+}
+
+impl From<&MigrationRecord> for MigrationSummary {
+    fn from(rec: &MigrationRecord) -> Self {
+        MigrationSummary {
+            id: rec.id.clone(),
+            vm: rec.vm.clone(),
+            to: rec.destination.clone(),
+            result: rec.phase,
+            reason: rec.reason.clone(),
+            total_ms: rec.total_ms,
+            downtime_ms: rec.downtime_ms,
+            transferred_bytes: rec.progress.transferred_bytes,
+            iterations: rec.progress.iteration,
+            dirty_rate_bps: rec.dirty_rate_bps,
+            strategy: rec.strategy.clone(),
+            switches: rec.switches.clone(),
+        }
+    }
+}
+
 /// What the source asks of the destination (`POST /v1/incoming`, agent to agent).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct IncomingRequest {

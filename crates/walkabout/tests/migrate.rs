@@ -38,8 +38,8 @@ fn a_dirtying_guest_walks_back_and_forth_ten_times_without_losing_a_heartbeat() 
     for hop in 0..20 {
         let (from, to) = (hosts[0], hosts[1]);
         let m = from.migrate("walker", to, &[]);
-        assert_eq!(m.result, Phase::Completed, "hop {hop}: {m}");
-        assert!(m.downtime_ms.is_some(), "hop {hop}: {m}");
+        assert_eq!(m.result, Phase::Completed, "hop {hop}: {m:?}");
+        assert!(m.downtime_ms.is_some(), "hop {hop}: {m:?}");
         // Exactly one host has the VM, and no QEMU is left at the source.
         assert_eq!(from.try_info("walker"), None, "hop {hop}: source still lists the VM");
         assert!(from.qemu_pids().is_empty(), "hop {hop}: QEMU left at the source");
@@ -57,9 +57,9 @@ fn auto_finishes_a_guest_dirtying_faster_than_the_link_and_records_why() {
     a.create(&["--name", "fast", "--memory", "512M", "--workload", "dirty:256:512"]);
     a.wait_heartbeats("fast", 20);
     let m = a.migrate("fast", &b, &["--max-bandwidth", "100M", "--mode", "auto"]);
-    assert_eq!(m.result, Phase::Completed, "{m}");
-    let to_postcopy = m.switches.iter().find(|s| s.to == "postcopy").unwrap_or_else(|| panic!("no post-copy switch: {m}"));
-    assert!(!to_postcopy.reason.is_empty(), "{m}");
+    assert_eq!(m.result, Phase::Completed, "{m:?}");
+    let to_postcopy = m.switches.iter().find(|s| s.to == "postcopy").unwrap_or_else(|| panic!("no post-copy switch: {m:?}"));
+    assert!(!to_postcopy.reason.is_empty(), "{m:?}");
     // The agent's record says the same as the CLI's summary.
     let rec = a.migration(&m.id);
     assert_eq!((rec.phase, &rec.switches), (Phase::Completed, &m.switches), "{rec:?}");
@@ -73,8 +73,8 @@ fn precopy_that_cannot_finish_gives_up_at_its_budget_and_the_vm_stays_home() {
     a.create(&["--name", "stuck", "--memory", "256M", "--workload", "dirty:128:512"]);
     a.wait_heartbeats("stuck", 10);
     let m = a.migrate("stuck", &b, &["--mode", "precopy", "--max-bandwidth", "40M", "--budget-per-gib", "16s"]);
-    assert_eq!(m.result, Phase::Failed, "{m}");
-    assert!(m.reason.as_deref().unwrap_or("").contains("budget"), "{m}");
+    assert_eq!(m.result, Phase::Failed, "{m:?}");
+    assert!(m.reason.as_deref().unwrap_or("").contains("budget"), "{m:?}");
     assert!(b.qemu_pids().is_empty(), "destination QEMU left behind");
     let v = a.info("stuck");
     assert_eq!(v.record.state, VmState::Running, "{v:?}");
@@ -111,7 +111,7 @@ fn cancel_after_completion_is_refused_clearly_and_the_pinned_machine_type_travel
     let machine = created.record.spec.machine.clone().expect("machine pinned at creation");
     assert!(machine.starts_with("pc-q35-"), "not a versioned machine type: {machine}");
     let m = a.migrate("done", &b, &[]);
-    assert_eq!(m.result, Phase::Completed, "{m}");
+    assert_eq!(m.result, Phase::Completed, "{m:?}");
     assert_eq!(b.info("done").record.spec.machine.as_deref(), Some(machine.as_str()));
     let e = a.cli_fails(&["migration", "cancel", &m.id]);
     assert!(e.contains("past its switchover"), "{e}");
@@ -142,10 +142,10 @@ fn a_destination_lacking_cpu_features_is_refused_before_any_memory_moves() {
     let (a, b) = two_agents(&["--cpu-ceiling", "qemu64"]);
     a.create(&["--name", "modern", "--memory", "256M", "--cpu-model", "max"]);
     let m = a.migrate("modern", &b, &[]);
-    assert_eq!(m.result, Phase::Failed, "{m}");
+    assert_eq!(m.result, Phase::Failed, "{m:?}");
     let reason = m.reason.as_deref().unwrap_or("");
-    assert!(reason.contains("cannot migrate modern") && reason.contains("lacks CPU features"), "{m}");
-    assert_eq!(m.transferred_bytes, 0, "memory moved before the CPU check: {m}");
+    assert!(reason.contains("cannot migrate modern") && reason.contains("lacks CPU features"), "{m:?}");
+    assert_eq!(m.transferred_bytes, 0, "memory moved before the CPU check: {m:?}");
     assert!(b.qemu_pids().is_empty(), "destination QEMU left behind");
     assert_eq!(a.info("modern").record.state, VmState::Running);
 }
@@ -182,6 +182,6 @@ fn a_vm_on_the_cluster_cpu_baseline_moves_to_the_least_capable_host() {
     assert!(out.model_features <= out.common_features, "{out:?}");
     a.create(&["--name", "evc", "--memory", "256M", "--cpu-model", &model]);
     let m = a.migrate("evc", &b, &[]);
-    assert_eq!(m.result, Phase::Completed, "baseline {model} could not move: {m}");
+    assert_eq!(m.result, Phase::Completed, "baseline {model} could not move: {m:?}");
     assert_eq!(b.info("evc").record.spec.cpu_model.as_deref(), Some(model.as_str()));
 }

@@ -22,12 +22,12 @@ fn migration_completes_over_a_rate_limited_link_with_nothing_lost() {
     a.create(&["--name", "n1", "--memory", "256M", "--workload", "dirty:32:8"]);
     a.wait_heartbeats("n1", 10);
     let m = a.migrate("n1", &b, &[]);
-    assert_eq!(m.result, Phase::Completed, "{m}");
+    assert_eq!(m.result, Phase::Completed, "{m:?}");
     // The stream really crossed the limited link: no faster than 400 Mbit/s (+20%).
     let bytes = m.transferred_bytes as f64;
     let secs = m.total_ms.expect("ms") as f64 / 1000.0;
-    assert!(bytes > 0.0, "{m}");
-    assert!(bytes / secs <= 400e6 / 8.0 * 1.2, "{} MB/s is faster than the link: {m}", bytes / secs / 1e6);
+    assert!(bytes > 0.0, "{m:?}");
+    assert!(bytes / secs <= 400e6 / 8.0 * 1.2, "{} MB/s is faster than the link: {m:?}", bytes / secs / 1e6);
     let seen = b.info("n1").guest.heartbeats;
     assert_healthy(&b.wait_heartbeats("n1", seen + 10));
 }

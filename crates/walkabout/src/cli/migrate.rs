@@ -3,7 +3,6 @@
 use super::client::{self, parse_duration_ms, parse_mib, print_json, runtime, Output};
 use super::progress::{mib, MigrationProgress, MigrationView};
 use super::table::{clean, num, Align, Table};
-use serde_json::{json, Value};
 use std::process::ExitCode;
 use std::time::Duration;
 use walkabout_api::{MigrationRecord, MigrationRequest, Mode, Phase};
@@ -123,16 +122,8 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The one object `--output json` ends with.
-fn summarize(rec: &MigrationRecord) -> Value {
-    json!({
-        "id": rec.id, "vm": rec.vm, "to": rec.destination,
-        "result": rec.phase, "reason": rec.reason,
-        "total_ms": rec.total_ms, "downtime_ms": rec.downtime_ms,
-        "transferred_bytes": rec.progress.transferred_bytes,
-        "iterations": rec.progress.iteration,
-        "dirty_rate_bps": rec.dirty_rate_bps,
-        "strategy": rec.strategy, "switches": rec.switches,
-    })
+fn summarize(rec: &MigrationRecord) -> walkabout_api::MigrationSummary {
+    walkabout_api::MigrationSummary::from(rec)
 }
 
 /// What the last line of `walkabout migrate --wait` (and `migration show`) says.
@@ -240,6 +231,7 @@ fn migrations_table(list: &[MigrationRecord]) -> Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
 
     /// A migration record as an agent sends it, with `over` laid over its defaults.
     fn record(over: Value) -> MigrationRecord {
@@ -287,7 +279,7 @@ mod tests {
     #[test]
     fn the_json_summary_keeps_the_keys_scripts_read() {
         let rec = record(json!({"phase": "cancelled", "reason": "asked", "progress": {"transferred_bytes": 5, "iteration": 2}}));
-        let s = summarize(&rec);
+        let s = serde_json::to_value(summarize(&rec)).expect("JSON");
         assert_eq!((s["result"].as_str(), s["to"].as_str(), s["iterations"].as_u64()), (Some("cancelled"), Some("h2"), Some(2)));
     }
 }

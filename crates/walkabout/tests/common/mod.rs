@@ -5,15 +5,14 @@
 #![allow(dead_code)]
 
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::Value;
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use walkabout_api::{
-    AgentClient, ClientError, ClientOptions, ControllerClient, ErrorKind, Host, HostInfo, MigrationRecord, Phase, PlanRecord, PlanStatus,
-    Step, StepStatus, Strategy, Switch, VmInfo,
+    AgentClient, ClientError, ClientOptions, ControllerClient, ErrorKind, Host, HostInfo, MigrationRecord, PlanRecord, PlanStatus, Step,
+    StepStatus, VmInfo,
 };
 use walkabout_testbed::{Agent, AgentSpec, Controller, ControllerSpec};
 
@@ -133,40 +132,7 @@ fn options() -> ClientOptions {
 }
 
 /// `walkabout migrate VM --to DEST --wait --output json`: the one summary it ends with.
-/// The CLI's own shape (not an API type), parsed strictly: every field must be there.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct MigrateSummary {
-    /// The migration's id.
-    pub id: String,
-    /// The VM.
-    pub vm: String,
-    /// The destination agent's URL.
-    pub to: String,
-    /// How it ended.
-    pub result: Phase,
-    /// Why it failed or was cancelled.
-    pub reason: Option<String>,
-    /// Wall time, ms.
-    pub total_ms: Option<u64>,
-    /// Guest pause, ms, once completed.
-    pub downtime_ms: Option<u64>,
-    /// Bytes sent.
-    pub transferred_bytes: u64,
-    /// Pre-copy passes.
-    pub iterations: u64,
-    /// The guest's measured dirty rate.
-    pub dirty_rate_bps: Option<u64>,
-    /// The strategy picked.
-    pub strategy: Option<Strategy>,
-    /// Strategy switches on the way.
-    pub switches: Vec<Switch>,
-}
-
-impl std::fmt::Display for MigrateSummary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self:?}")
-    }
-}
+pub use walkabout_api::MigrationSummary as MigrateSummary;
 
 /// A running agent process with its own data directory, optionally inside a network
 /// namespace (a host of its own), with the CLI calls the tests make against it and its
