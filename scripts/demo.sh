@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: installs what is missing, builds Walkabout, and runs `walkabout demo`
+# A shorter tour than the main job (scripts/up.sh): installs what is missing, builds Walkabout, and runs `walkabout demo`
 # (agents on loopback, real guests walking from host to host). Extra arguments go to
 # `walkabout demo`.
 set -euo pipefail
