@@ -39,8 +39,7 @@ use driver::{AgentSide, Driver, PeerAgent};
 use std::time::Duration;
 use tokio::sync::watch;
 use walkabout_api::{AgentClient, ClientError, ClientOptions, GuestStatus};
-use walkabout_migrate::progress::Progress;
-use walkabout_migrate::{Limits, Phase};
+use walkabout_migrate::Phase;
 use walkabout_qemu::{cpu, Qmp};
 
 pub use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest, MIGRATION_VERSION};
@@ -148,30 +147,7 @@ impl Agent {
             return Err(AgentError::InvalidState { vm: req.vm.clone(), op: "migrate", state: vm.record.state });
         }
         let qmp = vm.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: req.vm.clone(), op: "migrate", state: vm.record.state })?;
-        let defaults = Limits::default();
-        let limits = Limits {
-            max_downtime_ms: req.max_downtime_ms.unwrap_or(defaults.max_downtime_ms),
-            max_bandwidth_bps: req.max_bandwidth_bps,
-            budget_per_gib_ms: req.budget_per_gib_ms.unwrap_or(defaults.budget_per_gib_ms),
-        };
-        let record = MigrationRecord {
-            version: MIGRATION_VERSION,
-            id: new_id(),
-            vm: req.vm.clone(),
-            destination: req.destination.trim_end_matches('/').to_string(),
-            mode: req.mode,
-            limits,
-            phase: Phase::Pending,
-            reason: None,
-            dirty_rate_bps: None,
-            strategy: None,
-            switches: vec![],
-            progress: Progress::default(),
-            total_ms: None,
-            downtime_ms: None,
-            created_at_ms: now_ms(),
-            finished_at_ms: None,
-        };
+        let record = MigrationRecord::pending(new_id(), &req, now_ms());
         let was_running = vm.record.state == VmState::Running;
         vm.record.state = VmState::Migrating;
         self.inner.store.put(&vm.record)?;

@@ -268,6 +268,36 @@ pub struct MigrationRecord {
     pub finished_at_ms: Option<u64>,
 }
 
+impl MigrationRecord {
+    /// A migration accepted for `req`, nothing done yet: phase `pending`, the request's
+    /// limits filled in with the defaults, the destination without a trailing `/`.
+    pub fn pending(id: impl Into<String>, req: &MigrationRequest, created_at_ms: u64) -> MigrationRecord {
+        let defaults = Limits::default();
+        MigrationRecord {
+            version: MIGRATION_VERSION,
+            id: id.into(),
+            vm: req.vm.clone(),
+            destination: req.destination.trim_end_matches('/').to_string(),
+            mode: req.mode,
+            limits: Limits {
+                max_downtime_ms: req.max_downtime_ms.unwrap_or(defaults.max_downtime_ms),
+                max_bandwidth_bps: req.max_bandwidth_bps,
+                budget_per_gib_ms: req.budget_per_gib_ms.unwrap_or(defaults.budget_per_gib_ms),
+            },
+            phase: Phase::Pending,
+            reason: None,
+            dirty_rate_bps: None,
+            strategy: None,
+            switches: vec![],
+            progress: Progress::default(),
+            total_ms: None,
+            downtime_ms: None,
+            created_at_ms,
+            finished_at_ms: None,
+        }
+    }
+}
+
 /// How a migration ended, in one object: what `walkabout migrate --wait --output json`
 /// prints last (read by the benches and tests as it is written here).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

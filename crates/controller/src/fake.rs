@@ -8,8 +8,8 @@ use crate::lock;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use walkabout_api::{
-    Accel, AccelChoice, ClientError, ErrorBody, ErrorKind, HostInfo, Limits, MigrationRecord, MigrationRequest, Phase, Progress,
-    QemuVersion, VmInfo, VmRecord, VmSpec, VmState,
+    Accel, AccelChoice, ClientError, ErrorBody, ErrorKind, HostInfo, MigrationRecord, MigrationRequest, Phase, QemuVersion, VmInfo,
+    VmRecord, VmSpec, VmState,
 };
 
 #[derive(Default)]
@@ -159,24 +159,7 @@ impl AgentApi for Fake {
             return ready(Err(refused(409, ErrorKind::InsufficientMemory, format!("{} would overfill {}", req.vm, req.destination))));
         }
         let id = format!("agent-mig-{}", s.migs.len() + 1);
-        let rec = MigrationRecord {
-            version: 1,
-            id: id.clone(),
-            vm: req.vm.clone(),
-            destination: req.destination.clone(),
-            mode: req.mode,
-            limits: Limits::default(),
-            phase: Phase::Running,
-            reason: None,
-            dirty_rate_bps: None,
-            strategy: None,
-            switches: vec![],
-            progress: Progress::default(),
-            total_ms: None,
-            downtime_ms: None,
-            created_at_ms: crate::now_ms(),
-            finished_at_ms: None,
-        };
+        let rec = MigrationRecord { phase: Phase::Running, ..MigrationRecord::pending(id.clone(), &req, crate::now_ms()) };
         let polls = s.polls;
         s.migs.insert(id, (rec.clone(), u.clone(), polls));
         s.started.push((req.vm, u.clone(), req.destination));

@@ -2,31 +2,14 @@
 
 use super::super::fake::{Call, FakeAgent, FakePeer, FakeQemu};
 use super::*;
-use walkabout_api::migration::MIGRATION_VERSION;
-use walkabout_api::{ErrorBody, ErrorKind, Limits, Mode};
+use walkabout_api::{ErrorBody, ErrorKind, MigrationRequest, Mode};
 
 /// Pre-copy that pauses at the gate, continues, and completes.
 const CLEAN: &[&str] = &["active", "active", "pre-switchover", "device", "completed"];
 
 fn record() -> MigrationRecord {
-    MigrationRecord {
-        version: MIGRATION_VERSION,
-        id: "mig-1".into(),
-        vm: "vm1".into(),
-        destination: "http://127.0.0.1:7702".into(),
-        mode: Mode::Precopy,
-        limits: Limits::default(),
-        phase: Phase::Pending,
-        reason: None,
-        dirty_rate_bps: None,
-        strategy: None,
-        switches: vec![],
-        progress: Progress::default(),
-        total_ms: None,
-        downtime_ms: None,
-        created_at_ms: crate::vms::now_ms(),
-        finished_at_ms: None,
-    }
+    let req = MigrationRequest::new("vm1", "http://127.0.0.1:7702", Mode::Precopy);
+    MigrationRecord::pending("mig-1", &req, crate::vms::now_ms())
 }
 
 fn spec() -> VmSpec {
