@@ -4,20 +4,30 @@
 //! with many VMs, so the listing is larger than a pipe holds and the reader closes
 //! while the CLI is still writing.
 
-use serde_json::json;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
+use walkabout_api::{Accel, GuestStatus, VmInfo, VmRecord, VmSpec, VmState};
 
 /// Serves one `GET /v1/vms` with `n` VMs, then closes; returns the agent's URL.
 fn agent_with_vms(n: usize) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
     let url = format!("http://{}", listener.local_addr().expect("local address"));
-    let vms: Vec<_> = (0..n)
-        .map(|i| {
-            json!({"spec": {"name": format!("vm{i}"), "memory_mib": 256, "vcpus": 1, "workload": "idle"},
-                "state": "running", "guest": {"last_seq": i, "corrupt_pages": 0}})
+    let vms: Vec<VmInfo> = (0..n)
+        .map(|i| VmInfo {
+            record: VmRecord {
+                version: 1,
+                spec: VmSpec::new(format!("vm{i}"), 256),
+                state: VmState::Running,
+                reason: None,
+                accel: Accel::Tcg,
+                pid: None,
+                run_dir: "/nonexistent".into(),
+                created_at_ms: 0,
+                guest_before: None,
+            },
+            guest: GuestStatus { last_seq: Some(i as u64), ..GuestStatus::default() },
         })
         .collect();
     let body = serde_json::to_string(&vms).expect("VMs as JSON");
