@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use walkabout_plan::tight::Rng;
 use walkabout_plan::{plan, tight_case, Case, Host, Outcome, TightKind, Vm};
 
 fn peer_dir() -> PathBuf {
@@ -121,22 +122,6 @@ fn random_cases() -> Result<(Vec<Value>, Value)> {
         "max_seconds": { "ours": ours_t.iter().copied().fold(0.0, f64::max) },
     });
     Ok((rows, summary))
-}
-
-/// A deterministic pseudo-random stream (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// 1,000 hosts of 64 GiB usable, 10 VMs each filling 90%, target by random valid moves.
