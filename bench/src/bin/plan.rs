@@ -128,14 +128,7 @@ fn random_cases() -> Result<(Vec<Value>, Value)> {
 fn big_case(hosts: usize, per_host: usize, fill: f64, seed: u64) -> Case {
     let mut rng = Rng(seed);
     let usable = 65_536u64;
-    let mut case = Case {
-        hosts: Vec::new(),
-        vms: Vec::new(),
-        current: Default::default(),
-        target: Default::default(),
-        limits: None,
-        groups: Vec::new(),
-    };
+    let mut case = Case::default();
     let mut sizes = Vec::new();
     let mut home = Vec::new();
     for h in 0..hosts {

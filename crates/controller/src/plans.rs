@@ -32,14 +32,7 @@ fn wire(blocked: Vec<walkabout_plan::Blocked>) -> Vec<Blocked> {
 /// The planner's case for the cluster as it is, and the VMs left out of it (on hosts
 /// that are down) with why.
 pub fn case_of(view: &View, max_parallel_per_host: u32) -> (Case, Vec<Problem>) {
-    let mut case = Case {
-        hosts: vec![],
-        vms: vec![],
-        current: BTreeMap::new(),
-        target: BTreeMap::new(),
-        limits: Some(Limits { max_parallel_per_host: max_parallel_per_host.max(1) }),
-        groups: vec![],
-    };
+    let mut case = Case { limits: Some(Limits { max_parallel_per_host: max_parallel_per_host.max(1) }), ..Case::default() };
     let mut left_out = vec![];
     for h in view.hosts.values() {
         if h.status == HostStatus::Up {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::InputError;
 
 /// One planning case: the cluster, where every VM is, and where it should be.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Case {
     /// The hosts.
     pub hosts: Vec<Host>,

@@ -156,14 +156,7 @@ pub fn tight_case(seed: u64) -> TightCase {
             kind = TightKind::Reachable;
         }
     }
-    let mut case = Case {
-        hosts: Vec::new(),
-        vms: Vec::new(),
-        current: Default::default(),
-        target: Default::default(),
-        limits: None,
-        groups: Vec::new(),
-    };
+    let mut case = Case::default();
     for (h, &cap) in caps.iter().enumerate() {
         case.hosts.push(Host {
             name: format!("h{h:02}"),
