@@ -131,6 +131,24 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The disks of a created VM as QEMU opens them. Every disk of a created VM has a path
+/// and a format (pinned at creation); a stored spec missing them has its disk left out
+/// rather than handed to QEMU half-described.
+fn qemu_disks(spec: &VmSpec) -> Vec<walkabout_qemu::QemuDisk> {
+    spec.disks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| {
+            Some(walkabout_qemu::QemuDisk {
+                node_name: walkabout_api::DiskSpec::node_name(i),
+                path: d.path.clone()?,
+                format: d.format?,
+                bus: d.bus,
+            })
+        })
+        .collect()
+}
+
 fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
@@ -290,6 +308,8 @@ impl Agent {
             run_dir: rec.run_dir.clone(),
             incoming: None,
             start_paused: false,
+            disks: qemu_disks(&rec.spec),
+            nics: vec![],
         }
     }
 

@@ -18,10 +18,12 @@
 
 pub mod client;
 pub mod cluster;
+pub mod disk;
 pub mod error;
 pub mod event;
 pub mod host;
 pub mod migration;
+pub mod nic;
 pub mod openapi;
 pub mod plan;
 pub mod vm;
@@ -31,6 +33,7 @@ pub use client::{AgentClient, ClientError, ClientOptions, ControllerClient};
 pub use cluster::{
     AddHost, ClusterMigration, ClusterSummary, ClusterVm, ClusterVmState, CreateVm, ExecLimits, Host, HostStatus, Maintenance, MoveVm,
 };
+pub use disk::{DiskBus, DiskFormat, DiskSpec, StorageMode};
 pub use error::{ErrorBody, ErrorKind};
 pub use event::{Event, Subject};
 pub use host::{Accel, AccelChoice, CpuCatalog, HostInfo, QemuVersion};
@@ -38,6 +41,7 @@ pub use migration::{
     CommitRequest, IncomingReply, IncomingRequest, Limits, MigrationRecord, MigrationRequest, MigrationSummary, Mode, Phase, Progress,
     Strategy, Switch,
 };
+pub use nic::NicSpec;
 pub use plan::{Blocked, Goal, PlanRecord, PlanStatus, Problem, Step, StepStatus};
 pub use vm::{ConsoleChunk, GuestStatus, VmInfo, VmRecord, VmSpec, VmState};
 pub use walk::{Hop, Round, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus};

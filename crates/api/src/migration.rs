@@ -12,6 +12,7 @@
 //! running there. `Switchover` starts when the source's vCPUs stop for the last time
 //! (pre-copy's final copy) or when post-copy starts; from then on cancel is refused.
 
+use crate::disk::StorageMode;
 use crate::vm::{GuestStatus, VmSpec};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -215,6 +216,9 @@ pub struct MigrationRequest {
     /// Time budget per GiB of guest memory, ms (default 30 000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_per_gib_ms: Option<u64>,
+    /// How the VM's disks move (default `auto`; irrelevant for a VM without disks).
+    #[serde(default)]
+    pub storage: StorageMode,
 }
 
 impl MigrationRequest {
@@ -227,6 +231,7 @@ impl MigrationRequest {
             max_downtime_ms: None,
             max_bandwidth_bps: None,
             budget_per_gib_ms: None,
+            storage: StorageMode::Auto,
         }
     }
 }

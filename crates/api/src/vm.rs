@@ -1,7 +1,9 @@
 //! A VM on one agent: what the user asks for ([`VmSpec`]), what the agent records
 //! ([`VmRecord`]), and what the guest says on its console ([`GuestStatus`]).
 
+use crate::disk::DiskSpec;
 use crate::host::Accel;
+use crate::nic::NicSpec;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use utoipa::ToSchema;
@@ -46,6 +48,12 @@ pub struct VmSpec {
     /// it migrates to builds the same virtual hardware.
     #[serde(default)]
     pub machine: Option<String>,
+    /// Disks, in order (the first virtio-blk one is `/dev/vda`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskSpec>,
+    /// Network interfaces, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicSpec>,
 }
 
 fn default_vcpus() -> u32 {
@@ -69,6 +77,8 @@ impl VmSpec {
             cmdline: None,
             workload: default_workload(),
             machine: None,
+            disks: vec![],
+            nics: vec![],
         }
     }
 
@@ -192,6 +202,9 @@ pub struct GuestStatus {
     pub seq_breaks: u64,
     /// Corrupt pages the guest's checker has counted (from the last heartbeat).
     pub corrupt_pages: u64,
+    /// Corrupt disk blocks the guest's disk checker has counted (from the last heartbeat).
+    #[serde(default)]
+    pub corrupt_blocks: u64,
     /// The kernel printed an oops, a BUG or a panic.
     pub kernel_trouble: bool,
     /// Lines the guest program flagged (`WALKABOUT ERROR`, `CORRUPT`), at most 20.
@@ -205,8 +218,8 @@ pub struct GuestStatus {
 
 impl GuestStatus {
     /// True when nothing the guest said is wrong: heartbeats continuous, no corrupt
-    /// page, no kernel trouble, no alert.
+    /// page or block, no kernel trouble, no alert.
     pub fn is_healthy(&self) -> bool {
-        self.seq_breaks == 0 && self.corrupt_pages == 0 && !self.kernel_trouble && self.alerts.is_empty()
+        self.seq_breaks == 0 && self.corrupt_pages == 0 && self.corrupt_blocks == 0 && !self.kernel_trouble && self.alerts.is_empty()
     }
 }

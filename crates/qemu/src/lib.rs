@@ -13,6 +13,6 @@ pub mod version;
 
 pub use accel::{Accel, AccelChoice, AccelRequest};
 pub use error::{QemuError, QmpError};
-pub use process::{QemuConfig, QemuProcess};
+pub use process::{QemuConfig, QemuDisk, QemuNic, QemuProcess};
 pub use qmp::{Event, Qmp};
 pub use version::QemuVersion;

@@ -48,6 +48,41 @@ pub struct QemuConfig {
     /// when told to, so two copies never run at once.
     #[serde(default)]
     pub start_paused: bool,
+    /// Disks, attached with `-blockdev` (one node per image) in this order.
+    #[serde(default)]
+    pub disks: Vec<QemuDisk>,
+    /// NICs: virtio-net on tap devices the agent created beforehand.
+    #[serde(default)]
+    pub nics: Vec<QemuNic>,
+}
+
+/// One disk as QEMU opens it: a `file` protocol node under a format node named
+/// `node_name`, and a guest device `<node_name>-dev` on `bus`.
+///
+/// Node names are the same on every host, so a migration's storage copy and QEMU's
+/// device state line up between source and destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuDisk {
+    /// Format node name (`disk0`).
+    pub node_name: String,
+    /// The image file on this host.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: walkabout_api::DiskFormat,
+    /// The controller the disk hangs off.
+    pub bus: walkabout_api::DiskBus,
+}
+
+/// One NIC as QEMU opens it: netdev `id` on the existing tap `ifname`, and a
+/// virtio-net device `<id>-dev` with a fixed MAC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuNic {
+    /// Netdev id (`net0`).
+    pub id: String,
+    /// The host tap device (created and attached to its bridge by the agent).
+    pub ifname: String,
+    /// The guest-visible MAC.
+    pub mac: String,
 }
 
 fn default_machine() -> String {
@@ -130,11 +165,41 @@ impl QemuConfig {
         if self.start_paused {
             a.push("-S".into());
         }
+        self.push_disks(&mut a);
+        for n in &self.nics {
+            // JSON syntax: no name or path reaches QEMU's comma-separated option parser.
+            let netdev = serde_json::json!({"type": "tap", "id": n.id, "ifname": n.ifname, "script": "no", "downscript": "no"});
+            let dev = serde_json::json!({"driver": "virtio-net-pci", "netdev": n.id, "id": format!("{}-dev", n.id), "mac": n.mac});
+            a.extend(["-netdev".into(), netdev.to_string(), "-device".into(), dev.to_string()]);
+        }
         if let Some(inc) = &self.incoming {
             a.push("-incoming".into());
             a.push(inc.clone());
         }
         a
+    }
+
+    /// `-blockdev` nodes and their devices, in JSON syntax so that no path reaches
+    /// QEMU's comma-separated option parser. One virtio-scsi controller serves every
+    /// virtio-scsi disk.
+    fn push_disks(&self, a: &mut Vec<String>) {
+        use walkabout_api::DiskBus;
+        if self.disks.iter().any(|d| d.bus == DiskBus::VirtioScsi) {
+            a.extend(["-device".into(), serde_json::json!({"driver": "virtio-scsi-pci", "id": "scsi0"}).to_string()]);
+        }
+        for d in &self.disks {
+            let node = serde_json::json!({
+                "node-name": d.node_name,
+                "driver": d.format.as_str(),
+                "file": {"driver": "file", "filename": d.path, "node-name": format!("{}-file", d.node_name)},
+            });
+            let id = format!("{}-dev", d.node_name);
+            let dev = match d.bus {
+                DiskBus::VirtioBlk => serde_json::json!({"driver": "virtio-blk-pci", "drive": d.node_name, "id": id}),
+                DiskBus::VirtioScsi => serde_json::json!({"driver": "scsi-hd", "bus": "scsi0.0", "drive": d.node_name, "id": id}),
+            };
+            a.extend(["-blockdev".into(), node.to_string(), "-device".into(), dev.to_string()]);
+        }
     }
 }
 
@@ -274,7 +339,32 @@ mod tests {
             run_dir: "/run/wa/vm1".into(),
             incoming: Some("defer".into()),
             start_paused: true,
+            disks: vec![],
+            nics: vec![],
         }
+    }
+
+    #[test]
+    fn disks_and_nics_are_json_nodes_with_stable_names() {
+        use walkabout_api::{DiskBus, DiskFormat};
+        let mut c = cfg();
+        c.disks = vec![
+            QemuDisk { node_name: "disk0".into(), path: "/img/a,b.qcow2".into(), format: DiskFormat::Qcow2, bus: DiskBus::VirtioBlk },
+            QemuDisk { node_name: "disk1".into(), path: "/img/c.raw".into(), format: DiskFormat::Raw, bus: DiskBus::VirtioScsi },
+        ];
+        c.nics = vec![QemuNic { id: "net0".into(), ifname: "wk0".into(), mac: "52:54:00:00:00:01".into() }];
+        let a = c.args();
+        let after = |flag: &str| -> Vec<serde_json::Value> {
+            a.windows(2).filter(|w| w[0] == flag).filter_map(|w| serde_json::from_str(&w[1]).ok()).collect()
+        };
+        let nodes = after("-blockdev");
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[0]["file"]["filename"], "/img/a,b.qcow2", "a comma in a path stays in the path");
+        assert_eq!((nodes[0]["driver"].as_str(), nodes[1]["driver"].as_str()), (Some("qcow2"), Some("raw")));
+        let devs: Vec<String> = after("-device").iter().map(|d| d["driver"].as_str().unwrap_or("").to_string()).collect();
+        assert_eq!(devs, ["virtio-scsi-pci", "virtio-blk-pci", "scsi-hd", "virtio-net-pci"]);
+        let net = after("-netdev");
+        assert_eq!((net[0]["ifname"].as_str(), net[0]["script"].as_str()), (Some("wk0"), Some("no")));
     }
 
     #[test]
