@@ -131,6 +131,7 @@ impl Agent {
             spec.disks[i] = resolved;
         }
         self.refuse_shared_disks(spec).await?;
+        refuse_disk_workload_without_disk(spec, root)?;
         if let Some(i) = root {
             let has_root = spec.cmdline.as_deref().is_some_and(|c| c.split_whitespace().any(|w| w.starts_with("root=")));
             if !has_root {
@@ -225,6 +226,27 @@ impl Agent {
     }
 }
 
+/// Refuses a disk workload with no disk to write: every disk is the root (or there is
+/// none) and `walkabout.disk=` names none. The workload overwrites its disk, so it never
+/// falls back to the root.
+fn refuse_disk_workload_without_disk(spec: &VmSpec, root: Option<usize>) -> Result<(), AgentError> {
+    let Ok(workload) = spec.workload.parse::<walkabout_guest::workload::Workload>() else {
+        return Ok(());
+    };
+    let named = spec.cmdline.as_deref().is_some_and(|c| c.split_whitespace().any(|w| w.starts_with("walkabout.disk=")));
+    let scratch = spec.disks.iter().enumerate().any(|(i, _)| Some(i) != root);
+    if workload.disk.is_some() && !named && !scratch {
+        return Err(AgentError::InvalidSpec {
+            vm: spec.name.clone(),
+            reason: format!(
+                "workload {} writes a disk, but the VM has no disk besides its root (add one: --disk size=1G; it is overwritten)",
+                spec.workload
+            ),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +260,19 @@ mod tests {
         let disks = [disk(DiskBus::VirtioBlk), disk(DiskBus::VirtioScsi), disk(DiskBus::VirtioBlk)];
         let names: Vec<String> = (0..3).map(|i| guest_device(&disks, i)).collect();
         assert_eq!(names, ["/dev/vda", "/dev/sda", "/dev/vdb"]);
+    }
+
+    #[test]
+    fn a_disk_workload_needs_a_disk_besides_the_root() {
+        let mut spec = VmSpec::new("v", 256);
+        spec.workload = "dirty:8:8,disk:8:8".into();
+        spec.disks = vec![disk(DiskBus::VirtioBlk)];
+
+        let only_root = refuse_disk_workload_without_disk(&spec, Some(0));
+        let scratch = refuse_disk_workload_without_disk(&spec, None);
+
+        assert!(only_root.is_err_and(|e| e.to_string().contains("no disk besides its root")));
+        assert!(scratch.is_ok());
     }
 
     #[test]

@@ -214,3 +214,14 @@ fn a_guest_boots_from_an_overlay_on_the_root_disk_and_runs_the_disk_workload_on_
     assert!(!overlay.exists(), "the overlay outlived its VM");
     assert_eq!(std::fs::read(&image.rootfs).expect("read base"), base_before, "the shared base changed");
 }
+
+#[test]
+fn a_disk_workload_with_only_a_root_disk_is_refused_before_anything_starts() {
+    let agent = AgentProc::start(&[]);
+
+    let err = agent.cli_fails(&["vm", "create", "--name", "nodisk", "--memory", "256M", "--disk", "image:guest", "--workload", "disk:8:8"]);
+
+    assert!(err.contains("invalid spec for VM `nodisk`") && err.contains("no disk besides its root"), "{err}");
+    assert_eq!(agent.vms().len(), 0);
+    assert_eq!(files_in(&agent.data.join("images")), Vec::<String>::new(), "the root overlay was left behind");
+}
