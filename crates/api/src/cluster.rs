@@ -288,6 +288,14 @@ pub struct ClusterMigration {
     /// Guest pause at switchover, ms.
     #[serde(default)]
     pub downtime_ms: Option<u64>,
+    /// Downtime as the guest's users saw it: the longest gap between replies of the
+    /// guest's TCP echo to the controller's probe during the migration, ms (guests with
+    /// an address only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_downtime_ms: Option<u64>,
+    /// Why the controller's probe of the guest failed (its connection reset, no reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_error: Option<String>,
     /// Wall time, ms (the agent's).
     #[serde(default)]
     pub total_ms: Option<u64>,

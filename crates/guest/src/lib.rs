@@ -18,9 +18,11 @@
 //! hb <seq> <monotonic_ns> <corrupt_pages>       (every 100 ms, seq from 0)
 //! rate <achieved MiB/s> requested=<MiB/s>       (dirty workload, every 10 s)
 //! CORRUPT page=<i> addr=0x<hex> expected_gen=<g> found_index=<i> found_gen=<g> checksum_ok=<b>
+//! net <dev> <address> echo <port>                (with walkabout.ip=; `net error <why>` if not)
 //! ```
 
 pub mod cmdline;
+pub mod net;
 pub mod pacing;
 pub mod pattern;
 pub mod protocol;
