@@ -172,8 +172,8 @@ impl NetPair {
 /// The guests' L2 segment: a bridge named `bridge` in the root namespace with address
 /// `SUBNET.254/24` (so the root namespace reaches the guests: tests, `up` and the
 /// controller probe them from there), and a bridge of the same name in each host
-/// namespace, joined to the root one by a veth pair (root end `<bridge>p<N>`, host end
-/// `uplink`). A VM's NIC names the bridge; whichever host it runs on, its tap joins the
+/// namespace (host N's at `SUBNET.(240+N)`, so a CLI run there reaches them too), joined
+/// to the root one by a veth pair (root end `<bridge>p<N>`, host end `uplink`). A VM's NIC names the bridge; whichever host it runs on, its tap joins the
 /// same segment, so its MAC and address stay valid across hosts. Agents in the root
 /// namespace (the loopback cluster) use the root bridge itself. Removed on drop.
 #[derive(Debug)]
@@ -185,7 +185,8 @@ pub struct GuestNet {
 
 impl GuestNet {
     /// The segment for the hosts in `namespaces` (none: root-namespace agents only);
-    /// `bridge` is at most 12 characters, `subnet` the first three octets (`10.77.0`).
+    /// `bridge` is at most 12 characters, `subnet` the first three octets (`10.77.0`);
+    /// at most 13 hosts.
     /// Stale links of the same names are removed first.
     pub fn new(bridge: &str, subnet: &str, namespaces: &[&str]) -> Result<GuestNet> {
         if bridge.is_empty() || bridge.len() > 12 {
@@ -205,6 +206,7 @@ impl GuestNet {
             net.namespaces.push((*ns).to_string());
             run("ip", &["-n", ns, "link", "add", bridge, "type", "bridge"])?;
             run("ip", &["-n", ns, "link", "set", bridge, "type", "bridge", "forward_delay", "0"])?;
+            run("ip", &["-n", ns, "addr", "add", &format!("{subnet}.{}/24", 241 + i), "dev", bridge])?;
             run("ip", &["-n", ns, "link", "set", bridge, "up"])?;
             run("ip", &["link", "add", &root_end, "type", "veth", "peer", "name", "uplink", "netns", ns])?;
             run("ip", &["link", "set", &root_end, "master", bridge, "up"])?;
@@ -218,7 +220,7 @@ impl GuestNet {
         &self.bridge
     }
 
-    /// Guest `n`'s address with its prefix (`SUBNET.N/24`; 1-253).
+    /// Guest `n`'s address with its prefix (`SUBNET.N/24`; 1-240).
     pub fn guest_address(&self, n: u8) -> String {
         format!("{}.{n}/24", self.subnet)
     }
