@@ -181,6 +181,9 @@ pub struct ClusterVm {
     pub vcpus: u32,
     /// In-guest workload.
     pub workload: String,
+    /// Its NICs (bridge, pinned MAC, address), as its agent reports them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<crate::NicSpec>,
     /// Where it is.
     pub state: ClusterVmState,
     /// Why, when the agent said.

@@ -26,7 +26,7 @@ fn hosts(net: &NetPair) -> (AgentProc, AgentProc) {
 /// The guests' segment for `net`'s two hosts, named for this process.
 fn segment(net: &NetPair) -> GuestNet {
     let id = std::process::id() % 1000;
-    GuestNet::new(&format!("wg{id}"), &format!("10.77.{}", id % 250), &[&net.a, &net.b]).expect("guest segment (needs root)")
+    GuestNet::new(&format!("wg{id}"), &format!("10.78.{}", id % 250), &[&net.a, &net.b]).expect("guest segment (needs root)")
 }
 
 /// The links enslaved to `bridge` in namespace `ns`.

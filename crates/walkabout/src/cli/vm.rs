@@ -501,6 +501,7 @@ mod tests {
             memory_mib: 256,
             vcpus: 1,
             workload: "idle".into(),
+            nics: vec![],
             state: ClusterVmState::Running,
             reason: None,
             guest: GuestStatus { last_seq: Some(42), ..Default::default() },
