@@ -290,8 +290,10 @@ impl Executor {
             };
             match step {
                 Ok(Some(rec)) => {
-                    if let (true, Some(p)) = (rec.phase.is_final(), probe.take()) {
-                        self.close_probe(&id, p).await;
+                    if rec.phase.is_final() {
+                        if let Some(p) = probe.take() {
+                            self.close_probe(&id, p).await;
+                        }
                     }
                     self.follow(&id, rec)
                 }
