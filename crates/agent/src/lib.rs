@@ -9,6 +9,7 @@ pub mod error;
 pub mod host;
 pub mod metrics;
 pub mod migration;
+pub mod nics;
 pub mod spec;
 pub mod store;
 pub mod vms;

@@ -274,6 +274,12 @@ impl Agent {
             let uri = walkabout_migrate::run::listen_incoming(&qmp, req.postcopy_ready, &req.listen_host)
                 .await
                 .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot receive {name}: {e}") })?;
+            if !req.spec.nics.is_empty() {
+                // QEMU announces the guest the moment it starts here, with these.
+                crate::nics::arm_announce(&qmp, &self.inner.config.announce)
+                    .await
+                    .map_err(|e| AgentError::Qemu { vm: name.clone(), source: e.into() })?;
+            }
             // Arm: `cont` on an incoming QEMU means "run the guest once it is fully
             // loaded", which cannot happen before the source passes its switchover gate.
             // Arming now keeps that hand-over out of the guest's downtime.
@@ -342,6 +348,13 @@ impl Agent {
                     })
                 }
                 Err(e) => return Err(AgentError::Qemu { vm: name.into(), source: e.into() }),
+            }
+        }
+        if !vm.record.spec.nics.is_empty() {
+            // Once more now that the source is gone: the segment learns the new port even
+            // if the announcements at the start were lost.
+            if let Err(e) = crate::nics::announce(&qmp, &self.inner.config.announce).await {
+                tracing::warn!(vm = %name, error = %e, "cannot announce the guest's NICs");
             }
         }
         vm.record.state = VmState::Running;

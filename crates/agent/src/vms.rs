@@ -41,6 +41,8 @@ pub struct AgentConfig {
     /// The most capable CPU model this host offers guests; VMs whose CPU model needs a
     /// feature outside it are refused (default: `max` under TCG, `host` under KVM).
     pub cpu_ceiling: Option<String>,
+    /// How a VM migrated in is announced on its NICs' segments.
+    pub announce: crate::nics::Announce,
 }
 
 impl AgentConfig {
@@ -57,6 +59,7 @@ impl AgentConfig {
             image_cache: None,
             storage_dir: None,
             cpu_ceiling: None,
+            announce: crate::nics::Announce::default(),
         }
     }
 }
@@ -273,6 +276,7 @@ impl Agent {
             return Err(bad(format!("vcpus {} must be between 1 and 255", spec.vcpus)));
         }
         spec.workload.parse::<walkabout_guest::workload::Workload>().map_err(|e| bad(e.to_string()))?;
+        crate::nics::validate(&spec.nics).map_err(bad)?;
         let (kernel, initrd) = self.boot_files(spec);
         let kernel = kernel.ok_or_else(|| bad("no kernel given and the agent has no default".into()))?;
         walkabout_image::check_kernel(&kernel).map_err(|e| bad(e.to_string()))?;
@@ -294,6 +298,10 @@ impl Agent {
         // The spec was validated at create; a stored spec that no longer parses runs idle.
         let workload = rec.spec.workload.parse().unwrap_or(walkabout_guest::workload::Workload::IDLE);
         let mut cmdline = walkabout_image::cmdline(&workload);
+        if let Some(ip) = crate::nics::cmdline_param(&rec.spec) {
+            cmdline.push(' ');
+            cmdline.push_str(&ip);
+        }
         if let Some(extra) = &rec.spec.cmdline {
             cmdline.push(' ');
             cmdline.push_str(extra);
@@ -313,8 +321,19 @@ impl Agent {
             incoming: None,
             start_paused: false,
             disks: qemu_disks(&rec.spec),
-            nics: vec![],
+            nics: crate::nics::qemu_nics(&self.nic_salt(), &rec.spec),
         }
+    }
+
+    /// What makes this agent's tap names its own: its data directory.
+    pub(crate) fn nic_salt(&self) -> String {
+        self.inner.config.data_dir.to_string_lossy().into_owned()
+    }
+
+    /// The MACs of this agent's VMs, as stored.
+    fn macs_in_use(&self) -> Result<std::collections::BTreeSet<String>, AgentError> {
+        let recs = self.inner.store.list()?;
+        Ok(recs.iter().flat_map(|r| r.spec.nics.iter().filter_map(|n| n.mac.clone())).collect())
     }
 
     /// Creates and starts a VM. Returns once QEMU runs (the guest may still be booting).
@@ -326,6 +345,9 @@ impl Agent {
         // Images made here are removed again if the VM is not created.
         let made = self.prepare_disks(&mut spec).await?;
         spec.machine.get_or_insert_with(|| self.inner.default_machine.clone());
+        let taken = self.macs_in_use()?;
+        crate::nics::pin_macs(&mut spec, &self.nic_salt(), &taken)
+            .map_err(|reason| AgentError::InvalidSpec { vm: spec.name.clone(), reason })?;
         let name = spec.name.clone();
         let vm = self.reserve(spec, VmState::Starting)?;
         let mut guard = vm.lock().await;
@@ -381,6 +403,7 @@ impl Agent {
             t.vms.remove(name);
             t.active_mib.remove(name);
         }
+        crate::nics::delete_taps(&self.nic_salt(), name);
         if let Err(e) = self.inner.store.delete(name) {
             tracing::error!(vm = %name, error = %e, "cannot delete VM record");
         }
@@ -397,11 +420,21 @@ impl Agent {
             cfg.start_paused = true;
         }
         let _ = std::fs::remove_file(cfg.console_path());
-        let process = QemuProcess::spawn(&cfg).await.map_err(AgentError::qemu(&name))?;
+        let salt = self.nic_salt();
+        crate::nics::create_taps(&salt, &vm.record.spec)
+            .map_err(|reason| AgentError::InvalidRequest { reason: format!("{name}: {reason}") })?;
+        let process = match QemuProcess::spawn(&cfg).await {
+            Ok(p) => p,
+            Err(e) => {
+                crate::nics::delete_taps(&salt, &name);
+                return Err(AgentError::qemu(&name)(e));
+            }
+        };
         let qmp = match Qmp::connect(&process.qmp_path, walkabout_qemu::qmp::DEFAULT_TIMEOUT).await {
             Ok(q) => q,
             Err(e) => {
                 process.kill(Duration::from_secs(2)).await;
+                crate::nics::delete_taps(&salt, &name);
                 return Err(AgentError::Qemu { vm: name, source: e.into() });
             }
         };
@@ -456,6 +489,7 @@ impl Agent {
                 None => "QEMU exited on its own".to_string(),
             };
             tracing::warn!(vm = %name, reason = %why, "VM stopped");
+            crate::nics::delete_taps(&agent.nic_salt(), &name);
             vm.record.state = VmState::Stopped;
             vm.record.reason = Some(why);
             vm.record.pid = None;
@@ -536,6 +570,7 @@ impl Agent {
                     }
                     None => {
                         tracing::warn!(vm = %name, "VM's QEMU exited while the agent was down");
+                        crate::nics::delete_taps(&self.nic_salt(), &name);
                         rec.state = VmState::Stopped;
                         rec.reason = Some("QEMU exited while the agent was down".into());
                         rec.pid = None;
@@ -620,6 +655,7 @@ impl Agent {
                 p.kill(Duration::from_secs(2)).await;
             }
         }
+        crate::nics::delete_taps(&self.nic_salt(), &name);
         self.set_active(&name, None);
         self.inner.store.put(&vm.record)?;
         tracing::info!(vm = %name, reason, "VM stopped");

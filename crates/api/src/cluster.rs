@@ -181,6 +181,9 @@ pub struct ClusterVm {
     pub vcpus: u32,
     /// In-guest workload.
     pub workload: String,
+    /// Its NICs (bridge, pinned MAC, address), as its agent reports them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<crate::NicSpec>,
     /// Where it is.
     pub state: ClusterVmState,
     /// Why, when the agent said.
@@ -288,6 +291,14 @@ pub struct ClusterMigration {
     /// Guest pause at switchover, ms.
     #[serde(default)]
     pub downtime_ms: Option<u64>,
+    /// Downtime as the guest's users saw it: the longest gap between replies of the
+    /// guest's TCP echo to the controller's probe during the migration, ms (guests with
+    /// an address only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_downtime_ms: Option<u64>,
+    /// Why the controller's probe of the guest failed (its connection reset, no reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_error: Option<String>,
     /// Wall time, ms (the agent's).
     #[serde(default)]
     pub total_ms: Option<u64>,

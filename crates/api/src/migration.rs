@@ -331,6 +331,15 @@ pub struct MigrationSummary {
     pub strategy: Option<Strategy>,
     /// Strategy switches on the way.
     pub switches: Vec<Switch>,
+    /// The longest gap between two replies of the guest's TCP echo seen by a client that
+    /// kept one connection open to it through the migration (a request every 10 ms), ms:
+    /// the downtime as the guest's users see it. Absent when the guest was not probed.
+    #[serde(default)]
+    pub observed_downtime_ms: Option<u64>,
+    /// Why that probe failed (the connection reset or closed, no reply for too long);
+    /// absent when it was not probed or the connection held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_error: Option<String>,
 }
 
 impl From<&MigrationRecord> for MigrationSummary {
@@ -348,6 +357,8 @@ impl From<&MigrationRecord> for MigrationSummary {
             dirty_rate_bps: rec.dirty_rate_bps,
             strategy: rec.strategy.clone(),
             switches: rec.switches.clone(),
+            observed_downtime_ms: None,
+            probe_error: None,
         }
     }
 }

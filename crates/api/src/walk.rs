@@ -50,6 +50,12 @@ pub struct Hop {
     /// Guest pause, ms.
     #[serde(default)]
     pub downtime_ms: Option<u64>,
+    /// Downtime as the guest's users saw it (longest gap between echo replies), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_downtime_ms: Option<u64>,
+    /// Why the probe of the guest failed (connection reset, no reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_error: Option<String>,
     /// Migration time, ms.
     #[serde(default)]
     pub total_ms: Option<u64>,

@@ -207,7 +207,11 @@ async fn metrics(State(c): State<Cluster>) -> Response {
     let samples: Vec<_> =
         hosts.iter().map(|h| crate::metrics::HostSample { name: &h.name, up: h.status == HostStatus::Up, free_mib: h.free_mib }).collect();
     let phases: Vec<_> = c.migrations().iter().map(|m| m.phase).collect();
-    let body = crate::metrics::render(&samples, c.vms().len(), &phases);
+    let mut probed: Vec<(u64, u64)> =
+        c.migrations().iter().filter_map(|m| Some((m.finished_ms.unwrap_or(0), m.observed_downtime_ms?))).collect();
+    probed.sort_unstable();
+    let observed: Vec<u64> = probed.into_iter().map(|(_, ms)| ms).collect();
+    let body = crate::metrics::render(&samples, c.vms().len(), &phases, &observed);
     ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 

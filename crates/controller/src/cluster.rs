@@ -244,6 +244,7 @@ impl ClusterView {
                             memory_mib: spec.memory_mib,
                             vcpus: spec.vcpus,
                             workload: spec.workload.clone(),
+                            nics: spec.nics.clone(),
                             state,
                             reason: None,
                             guest: Default::default(),
@@ -256,6 +257,7 @@ impl ClusterView {
                         entry.reason = v.record.reason.clone();
                         entry.guest = v.guest.clone();
                         entry.memory_mib = spec.memory_mib;
+                        entry.nics.clone_from(&spec.nics);
                         entry.seen_ms = now;
                         if moved {
                             changed_vms.push((entry.clone(), format!("VM {} runs on {name} ({})", entry.name, entry.state)));

@@ -13,6 +13,12 @@
 //!   coming in are counted) and its reservation happen with the view held still, so a
 //!   host put in maintenance is either seen here or sees this migration: nothing new
 //!   ever starts into a draining host.
+//! - A VM with an address is probed through its migration (one TCP connection to its
+//!   echo, from this process: `walkabout up` runs the controller in the root namespace,
+//!   which reaches the guests' segment). The connection opens beside the hand-over, so
+//!   an unreachable guest never delays a migration, and its window closes before the
+//!   migration's final phase is recorded: whoever reads a final migration reads its
+//!   observed downtime too. A guest this process cannot reach is simply not probed.
 
 use crate::cluster::{ClusterView, HostStatus};
 use crate::error::ControllerError;
@@ -24,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use walkabout_api::{ClientError, MigrationRecord, MigrationRequest, Mode, Phase, Progress};
+use walkabout_probe::{ProbeError, ProbeOptions, Prober};
 
 pub use walkabout_api::cluster::CLUSTER_MIGRATION_VERSION as MIGRATION_VERSION;
 pub use walkabout_api::{ClusterMigration as Migration, ExecLimits};
@@ -189,6 +196,8 @@ impl Executor {
                 agent_id: None,
                 progress: Progress::default(),
                 downtime_ms: None,
+                observed_downtime_ms: None,
+                probe_error: None,
                 total_ms: None,
                 started_ms: now_ms(),
                 finished_ms: None,
@@ -219,9 +228,44 @@ impl Executor {
         self.migration(id)
     }
 
+    /// Opens the probe of migration `id`'s guest, if it has an address (in the
+    /// background: the result is awaited when the migration ends).
+    fn open_probe(&self, id: &str) -> Option<tokio::task::JoinHandle<Result<Prober, ProbeError>>> {
+        let m = self.migration(id).ok().filter(|m| m.agent_id.is_none())?;
+        let vm = self.view.read(|view| view.vms.get(&m.vm).cloned())?;
+        let target = vm.nics.iter().find_map(|n| n.address.as_deref()).and_then(walkabout_probe::echo_target)?;
+        let options = ProbeOptions { connect_timeout: Duration::from_secs(1), settle: Duration::from_secs(10), ..ProbeOptions::default() };
+        Some(tokio::task::spawn_blocking(move || {
+            let p = Prober::connect(target, options)?;
+            p.start_window();
+            Ok(p)
+        }))
+    }
+
+    /// Closes the probe's window now that the agent reports the migration final, and
+    /// notes what it saw on the migration (recorded with its final phase).
+    async fn close_probe(&self, id: &str, probe: tokio::task::JoinHandle<Result<Prober, ProbeError>>) {
+        let seen = match probe.await {
+            Ok(Ok(p)) => tokio::task::spawn_blocking(move || p.end_window()).await.ok(),
+            Ok(Err(e)) => {
+                tracing::debug!(id, error = %e, "guest not probed");
+                None
+            }
+            Err(_) => None,
+        };
+        let Some(seen) = seen else { return };
+        if let Some(m) = lock(&self.migrations).get_mut(id) {
+            match seen {
+                Ok(w) => m.observed_downtime_ms = Some(w.max_gap_ms),
+                Err(e) => m.probe_error = Some(e.to_string()),
+            }
+        }
+    }
+
     /// Drives migration `id` to its end: hands it to the source agent (or adopts the
     /// agent's migration if a previous controller already did), then follows it.
     async fn drive(self: Arc<Self>, id: String) {
+        let mut probe = self.open_probe(&id);
         let mut stop = self.stop.clone();
         loop {
             if *stop.borrow() {
@@ -245,7 +289,14 @@ impl Executor {
                 Some(agent_id) => self.view.agents().migration(from_url.clone(), agent_id.clone()).await.map(Some),
             };
             match step {
-                Ok(Some(rec)) => self.follow(&id, rec),
+                Ok(Some(rec)) => {
+                    if rec.phase.is_final() {
+                        if let Some(p) = probe.take() {
+                            self.close_probe(&id, p).await;
+                        }
+                    }
+                    self.follow(&id, rec)
+                }
                 Ok(None) => {}
                 Err(e @ ClientError::Api { .. }) if m.agent_id.is_none() || e.status() == Some(404) => {
                     return self.finish_migration(&id, Phase::Failed, Some(e.to_string()), None);
@@ -312,11 +363,12 @@ impl Executor {
         }
         let msg = match phase {
             Phase::Completed => format!(
-                "migration {id} of {} to {} completed in {} ms, downtime {} ms",
+                "migration {id} of {} to {} completed in {} ms, downtime {} ms{}",
                 m.vm,
                 m.to,
                 m.total_ms.unwrap_or(0),
-                m.downtime_ms.unwrap_or(0)
+                m.downtime_ms.unwrap_or(0),
+                observed_text(&m)
             ),
             p => {
                 format!("migration {id} of {} to {} {}: {}", m.vm, m.to, p, m.reason.as_deref().unwrap_or(""))
@@ -326,6 +378,15 @@ impl Executor {
             self.view.placed(&m.vm, &m.to);
         }
         self.save_migration(&m, Some(msg));
+    }
+}
+
+/// What the probe of a migration's guest saw, for its event (empty if not probed).
+fn observed_text(m: &Migration) -> String {
+    match (m.observed_downtime_ms, &m.probe_error) {
+        (_, Some(e)) => format!(", probe of the guest FAILED: {e}"),
+        (Some(ms), None) => format!(", observed downtime {ms} ms"),
+        (None, None) => String::new(),
     }
 }
 
@@ -347,6 +408,8 @@ mod tests {
             agent_id: None,
             progress: Progress::default(),
             downtime_ms: None,
+            observed_downtime_ms: None,
+            probe_error: None,
             total_ms: None,
             started_ms: 0,
             finished_ms: None,

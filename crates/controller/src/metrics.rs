@@ -1,5 +1,6 @@
 //! The controller's Prometheus metrics, in OpenMetrics text (`walkabout-metrics`): hosts
-//! up and their free memory, VMs known, migrations by result and under way.
+//! up and their free memory, VMs known, migrations by result and under way, and the
+//! downtime the guests' users saw (migrations whose guest was probed).
 
 use walkabout_api::Phase;
 use walkabout_metrics::{count, labels, set, Scrape};
@@ -17,9 +18,10 @@ pub struct HostSample<'a> {
     pub free_mib: u64,
 }
 
-/// Renders the controller's metrics from its hosts, the number of VMs it knows and the
-/// phase of each migration it ordered.
-pub fn render(hosts: &[HostSample<'_>], vms: usize, migrations: &[Phase]) -> String {
+/// Renders the controller's metrics from its hosts, the number of VMs it knows, the
+/// phase of each migration it ordered and the observed downtimes (ms, oldest first) of
+/// those whose guest was probed.
+pub fn render(hosts: &[HostSample<'_>], vms: usize, migrations: &[Phase], observed_ms: &[u64]) -> String {
     let mut s = Scrape::new();
     let up = s.gauges("walkabout_cluster_host_up", "Whether the host's agent answers");
     let free = s.gauges("walkabout_cluster_host_free_mib", "Memory free for VMs");
@@ -35,6 +37,11 @@ pub fn render(hosts: &[HostSample<'_>], vms: usize, migrations: &[Phase]) -> Str
     }
     let running = migrations.iter().filter(|p| !p.is_final()).count();
     s.gauge("walkabout_cluster_migrations_running", "Migrations under way", running as u64);
+    s.counter("walkabout_cluster_migrations_probed", "Migrations whose guest was probed", observed_ms.len() as u64);
+    let last = observed_ms.last().copied().unwrap_or(0);
+    s.gauge("walkabout_cluster_observed_downtime_last_ms", "Observed downtime of the last probed migration", last);
+    let max = observed_ms.iter().max().copied().unwrap_or(0);
+    s.gauge("walkabout_cluster_observed_downtime_max_ms", "Longest observed downtime of a probed migration", max);
     s.render()
 }
 
@@ -45,7 +52,7 @@ mod tests {
     #[test]
     fn a_host_name_with_a_newline_cannot_inject_a_line() {
         let hosts = [HostSample { name: "h1\nwalkabout_cluster_vms 999", up: true, free_mib: 512 }];
-        let text = render(&hosts, 2, &[]);
+        let text = render(&hosts, 2, &[], &[]);
         assert!(!text.lines().any(|l| l.starts_with("walkabout_cluster_vms 999")), "{text}");
         assert!(text.contains("walkabout_cluster_host_up{host=\"h1\\nwalkabout_cluster_vms 999\"} 1\n"), "{text}");
         assert!(text.contains("walkabout_cluster_vms 2\n"), "{text}");
@@ -53,10 +60,18 @@ mod tests {
 
     #[test]
     fn migrations_are_counted_by_result_and_running_ones_gauged() {
-        let text = render(&[], 0, &[Phase::Completed, Phase::Completed, Phase::Failed, Phase::Running]);
+        let text = render(&[], 0, &[Phase::Completed, Phase::Completed, Phase::Failed, Phase::Running], &[]);
         assert!(text.contains("walkabout_cluster_migrations_total{result=\"completed\"} 2\n"), "{text}");
         assert!(text.contains("walkabout_cluster_migrations_total{result=\"failed\"} 1\n"), "{text}");
         assert!(text.contains("walkabout_cluster_migrations_total{result=\"cancelled\"} 0\n"), "{text}");
         assert!(text.contains("walkabout_cluster_migrations_running 1\n"), "{text}");
+    }
+
+    #[test]
+    fn observed_downtimes_are_counted_with_their_last_and_longest() {
+        let text = render(&[], 0, &[Phase::Completed, Phase::Completed], &[420, 180]);
+        assert!(text.contains("walkabout_cluster_migrations_probed_total 2\n"), "{text}");
+        assert!(text.contains("walkabout_cluster_observed_downtime_last_ms 180\n"), "{text}");
+        assert!(text.contains("walkabout_cluster_observed_downtime_max_ms 420\n"), "{text}");
     }
 }

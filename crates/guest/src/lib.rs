@@ -21,10 +21,12 @@
 //! rate <achieved MiB/s> requested=<MiB/s>       (dirty workload, every 10 s)
 //! CORRUPT page=<i> addr=0x<hex> expected_gen=<g> found_index=<i> found_gen=<g> checksum_ok=<b>
 //! CORRUPT block=<i> dev=<device> <what it holds instead>
+//! net <dev> <address> echo <port>                (with walkabout.ip=; `net error <why>` if not)
 //! ```
 
 pub mod cmdline;
 pub mod disk;
+pub mod net;
 pub mod pacing;
 pub mod pattern;
 pub mod protocol;

@@ -286,6 +286,29 @@ fn start_disk(workload: Workload, options: &Options, console: &Arc<Console>) -> 
     Ok(Some(stats))
 }
 
+/// In a guest: takes the address from the kernel command line, configures the first
+/// network interface and serves the echo (nothing without `walkabout.ip=`).
+fn run_network(console: &Console) {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cidr = match walkabout_guest::net::ip_from_cmdline(&cmdline) {
+        None => return,
+        Some(Ok(cidr)) => cidr,
+        Some(Err(e)) => return console.say(format_args!("net error {e}")),
+    };
+    let dev = match walkabout_guest::net::configure(cidr) {
+        Ok(dev) => dev,
+        Err(e) => return console.say(format_args!("net error {e}")),
+    };
+    let port = walkabout_guest::net::ECHO_PORT;
+    match std::net::TcpListener::bind(("0.0.0.0", port)) {
+        Ok(listener) => {
+            console.say(format_args!("net {dev} {cidr} echo {port}"));
+            walkabout_guest::net::serve_echo(listener);
+        }
+        Err(e) => console.say(format_args!("net error cannot listen on port {port}: {e}")),
+    }
+}
+
 fn main() -> ExitCode {
     let options = match parse_options(std::env::args().skip(1)) {
         Ok(options) => options,
@@ -330,6 +353,10 @@ fn main() -> ExitCode {
         thread::spawn(move || run_checker(&r, &c));
     }
 
+    if options.workload.is_none() {
+        let c = Arc::clone(&console);
+        thread::spawn(move || run_network(&c));
+    }
     let mem_mib = meminfo("MemTotal").unwrap_or(0);
     console.say(Ready { cpus: online_cpus(), workload, mem_mib });
     if let Some(page) = options.corrupt_page.and_then(|i| region.as_deref()?.page(i)) {

@@ -19,6 +19,6 @@ pub use daemons::{walkabout_command, Agent, AgentSpec, Controller, ControllerSpe
 pub use error::{Result, TestbedError};
 pub use files::{read_url, session_root, write_atomic, TempDir};
 pub use local::{LocalCluster, LocalOptions};
-pub use net::{enter_netns, BridgeNet, NetPair};
+pub use net::{enter_netns, BridgeNet, GuestNet, NetPair};
 pub use process::{alive, free_ports, kill9, kill_qemus, processes_mentioning, qemu_pids, wait_gone, Daemon, KillOnDrop};
 pub use up::UpSession;

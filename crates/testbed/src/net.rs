@@ -1,6 +1,8 @@
 //! Network namespaces as hosts of their own (needs root: `ip netns`): several on one
 //! bridge (the local cluster's `--netns` layout), or two joined by one veth pair whose
-//! link can be rate-limited (`tc tbf`; these kernels have no netem) and cut.
+//! link can be rate-limited (`tc tbf`; these kernels have no netem) and cut. And the
+//! guests' own segment ([`GuestNet`]): a bridge of one name on every host, all joined
+//! into one L2 segment that the root namespace reaches.
 
 use crate::error::{Result, TestbedError};
 use std::process::Command;
@@ -164,6 +166,73 @@ impl NetPair {
     /// Cuts the link (A's end down).
     pub fn cut(&self) -> Result<()> {
         run("ip", &["-n", &self.a, "link", "set", &self.veth_a, "down"])
+    }
+}
+
+/// The guests' L2 segment: a bridge named `bridge` in the root namespace with address
+/// `SUBNET.254/24` (so the root namespace reaches the guests: tests, `up` and the
+/// controller probe them from there), and a bridge of the same name in each host
+/// namespace (host N's at `SUBNET.(240+N)`, so a CLI run there reaches them too), joined
+/// to the root one by a veth pair (root end `<bridge>p<N>`, host end `uplink`). A VM's NIC names the bridge; whichever host it runs on, its tap joins the
+/// same segment, so its MAC and address stay valid across hosts. Agents in the root
+/// namespace (the loopback cluster) use the root bridge itself. Removed on drop.
+#[derive(Debug)]
+pub struct GuestNet {
+    bridge: String,
+    subnet: String,
+    namespaces: Vec<String>,
+}
+
+impl GuestNet {
+    /// The segment for the hosts in `namespaces` (none: root-namespace agents only);
+    /// `bridge` is at most 12 characters, `subnet` the first three octets (`10.77.0`);
+    /// at most 13 hosts.
+    /// Stale links of the same names are removed first.
+    pub fn new(bridge: &str, subnet: &str, namespaces: &[&str]) -> Result<GuestNet> {
+        if bridge.is_empty() || bridge.len() > 12 {
+            return Err(TestbedError::Command { command: format!("guest bridge {bridge:?}"), stderr: "needs 1-12 characters".into() });
+        }
+        let _ = Command::new("ip").args(["link", "del", bridge]).output();
+        let mut net = GuestNet { bridge: bridge.to_string(), subnet: subnet.to_string(), namespaces: vec![] };
+        run("ip", &["link", "add", bridge, "type", "bridge"])?;
+        // Learn a MAC's new port from the first frame seen there, and forward at once.
+        run("ip", &["link", "set", bridge, "type", "bridge", "forward_delay", "0"])?;
+        run("ip", &["addr", "add", &format!("{subnet}.254/24"), "dev", bridge])?;
+        run("ip", &["link", "set", bridge, "up"])?;
+        for (i, ns) in namespaces.iter().enumerate() {
+            let root_end = format!("{bridge}p{}", i + 1);
+            let _ = Command::new("ip").args(["link", "del", &root_end]).output();
+            let _ = Command::new("ip").args(["-n", ns, "link", "del", bridge]).output();
+            net.namespaces.push((*ns).to_string());
+            run("ip", &["-n", ns, "link", "add", bridge, "type", "bridge"])?;
+            run("ip", &["-n", ns, "link", "set", bridge, "type", "bridge", "forward_delay", "0"])?;
+            run("ip", &["-n", ns, "addr", "add", &format!("{subnet}.{}/24", 241 + i), "dev", bridge])?;
+            run("ip", &["-n", ns, "link", "set", bridge, "up"])?;
+            run("ip", &["link", "add", &root_end, "type", "veth", "peer", "name", "uplink", "netns", ns])?;
+            run("ip", &["link", "set", &root_end, "master", bridge, "up"])?;
+            run("ip", &["-n", ns, "link", "set", "uplink", "master", bridge, "up"])?;
+        }
+        Ok(net)
+    }
+
+    /// The bridge's name (the same on every host).
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
+    /// Guest `n`'s address with its prefix (`SUBNET.N/24`; 1-240).
+    pub fn guest_address(&self, n: u8) -> String {
+        format!("{}.{n}/24", self.subnet)
+    }
+}
+
+impl Drop for GuestNet {
+    fn drop(&mut self) {
+        for (i, ns) in self.namespaces.drain(..).enumerate() {
+            let _ = Command::new("ip").args(["link", "del", &format!("{}p{}", self.bridge, i + 1)]).output();
+            let _ = Command::new("ip").args(["-n", &ns, "link", "del", &self.bridge]).output();
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
     }
 }
 

@@ -100,6 +100,8 @@ async fn hops(client: &ControllerClient, p: &PlanRecord) -> Vec<Hop> {
                 to: m.to,
                 result: m.phase,
                 downtime_ms: m.downtime_ms,
+                observed_downtime_ms: m.observed_downtime_ms,
+                probe_error: m.probe_error,
                 total_ms: m.total_ms,
                 reason: m.reason,
             }),

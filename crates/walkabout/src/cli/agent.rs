@@ -46,6 +46,10 @@ pub struct AgentArgs {
     /// needing a feature outside it are refused. Default: max (TCG) or host (KVM).
     #[arg(long)]
     cpu_ceiling: Option<String>,
+    /// How a VM migrated in is announced on its NICs' segments (gratuitous RARPs):
+    /// `rounds=5,initial=50,max=550,step=100` (ms; any subset).
+    #[arg(long, default_value = "rounds=5,initial=50,max=550,step=100")]
+    announce: walkabout_agent::nics::Announce,
 }
 
 /// Runs the agent until Ctrl-C or SIGTERM. VMs keep running after it stops.
@@ -62,6 +66,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             image_cache: a.image_cache,
             storage_dir: a.storage_dir,
             cpu_ceiling: a.cpu_ceiling,
+            announce: a.announce,
             ..AgentConfig::new(a.data_dir)
         };
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;

@@ -38,6 +38,15 @@ pub struct MigrateArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// With --wait: keep one TCP connection to the guest's echo at ADDR:PORT through the
+    /// migration (a request every 10 ms) and report the longest gap between replies as
+    /// the observed downtime; a reset connection fails the command. Default: the address
+    /// of the VM's NIC, when it has one and answers from here.
+    #[arg(long, value_name = "ADDR:PORT")]
+    probe: Option<std::net::SocketAddr>,
+    /// Do not probe the guest.
+    #[arg(long, conflicts_with = "probe")]
+    no_probe: bool,
 }
 
 /// `walkabout migration ...`
@@ -82,6 +91,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             budget_per_gib_ms: Some(a.budget_per_gib),
             ..MigrationRequest::new(a.vm.clone(), a.to.clone(), mode)
         };
+        let probe = if a.wait && !a.no_probe { open_probe(&client, &a).await? } else { None };
         let rec = client.start_migration(&req).await?;
         if !a.wait {
             match a.output {
@@ -113,12 +123,59 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         if let Some(p) = &progress {
             p.finish();
         }
-        match a.output {
-            Output::Json => print_json(&summarize(&rec))?,
-            Output::Text => println!("{}", Summary::from_record(&rec)),
+        let mut summary = summarize(&rec);
+        if let Some(probe) = probe {
+            match tokio::task::spawn_blocking(move || probe.end_window()).await? {
+                Ok(w) => summary.observed_downtime_ms = Some(w.max_gap_ms),
+                Err(e) => summary.probe_error = Some(e.to_string()),
+            }
         }
-        Ok(if rec.phase == Phase::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        match a.output {
+            Output::Json => print_json(&summary)?,
+            Output::Text => {
+                println!("{}", Summary::from_record(&rec));
+                if let Some(ms) = summary.observed_downtime_ms {
+                    println!(
+                        "observed downtime {ms} ms (longest gap between the guest's echo replies; QEMU's: {} ms)",
+                        num(summary.downtime_ms)
+                    );
+                }
+                if let Some(e) = &summary.probe_error {
+                    println!("probe FAILED: {}", clean(e));
+                }
+            }
+        }
+        let ok = rec.phase == Phase::Completed && summary.probe_error.is_none();
+        Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
     })
+}
+
+/// The probe of the guest, connected and its window started: at `--probe`, else at the
+/// address of the VM's NIC if it answers (quietly none if it does not).
+async fn open_probe(client: &walkabout_api::AgentClient, a: &MigrateArgs) -> anyhow::Result<Option<walkabout_probe::Prober>> {
+    let (target, explicit) = match a.probe {
+        Some(t) => (t, true),
+        None => {
+            let vm = client.vm(&a.vm).await?;
+            match vm.record.spec.nics.iter().find_map(|n| n.address.as_deref()).and_then(walkabout_probe::echo_target) {
+                Some(t) => (t, false),
+                None => return Ok(None),
+            }
+        }
+    };
+    let options =
+        walkabout_probe::ProbeOptions { connect_timeout: Duration::from_secs(if explicit { 10 } else { 2 }), ..Default::default() };
+    match tokio::task::spawn_blocking(move || walkabout_probe::Prober::connect(target, options)).await? {
+        Ok(p) => {
+            p.start_window();
+            Ok(Some(p))
+        }
+        Err(e) if explicit => Err(anyhow::anyhow!("--probe: {e}")),
+        Err(e) => {
+            tracing::info!(error = %e, "not probing the guest");
+            Ok(None)
+        }
+    }
 }
 
 /// The one object `--output json` ends with.

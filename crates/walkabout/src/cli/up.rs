@@ -3,6 +3,11 @@
 //! booted and walked about by live migration, the API and metrics printed. Ctrl-C (or
 //! SIGTERM) stops the walk, deletes the guests, stops the agents and the controller,
 //! and removes what it created: no process is left behind.
+//!
+//! The guests have a NIC each on the guests' segment (bridge `wavm0` on every host,
+//! joined into one segment the root namespace reaches at 10.77.0.254; needs root) with
+//! an address (10.77.0.11, .12...): the controller, in this process, probes each guest's
+//! echo through its hops, and every hop line shows QEMU's and the observed downtime.
 
 use super::client::runtime;
 use super::out;
@@ -11,7 +16,11 @@ use anyhow::Context;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use walkabout_controller::{Cluster, ControllerConfig};
-use walkabout_testbed::{LocalCluster, LocalOptions};
+use walkabout_testbed::{GuestNet, LocalCluster, LocalOptions};
+
+/// The guests' bridge on every host of `up`, and their subnet.
+const GUEST_BRIDGE: &str = "wavm0";
+const GUEST_SUBNET: &str = "10.77.0";
 
 /// Arguments of `walkabout up`.
 #[derive(clap::Args)]
@@ -76,6 +85,19 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
             if a.netns { ", each in its own network namespace" } else { " on loopback" }
         ))?;
         let mut local = tokio::task::spawn_blocking(move || LocalCluster::start(&opts)).await??;
+        let namespaces: Vec<String> = local.agents.iter().filter_map(|x| x.netns().map(String::from)).collect();
+        let guest_net = match GuestNet::new(GUEST_BRIDGE, GUEST_SUBNET, &namespaces.iter().map(String::as_str).collect::<Vec<_>>()) {
+            Ok(n) => {
+                out::line(format_args!(
+                    "  guests' segment: bridge {GUEST_BRIDGE} on every host, {GUEST_SUBNET}.0/24, this host at {GUEST_SUBNET}.254"
+                ))?;
+                Some(n)
+            }
+            Err(e) => {
+                out::line(format_args!("  guests without NICs (cannot make their segment: {e})"))?;
+                None
+            }
+        };
         let urls: Vec<String> = local.agents.iter().map(|x| format!("{}={}", x.name, x.url)).collect();
         let started = async {
             let cluster = walkabout_controller::start(ControllerConfig::new(root.join("controller")), &urls).await?;
@@ -104,7 +126,7 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
             return Err(e.into());
         }
         let result = tokio::select! {
-            r = show(&cluster, &local, &a, &api_url) => r,
+            r = show(&cluster, &local, &a, &api_url, guest_net.as_ref()) => r,
             _ = super::agent::shutdown_signal() => { let _ = out::line("\ninterrupted"); Ok(()) }
         };
         let _ = out::line("stopping: the walk, the guests, the agents, the controller...");
@@ -120,13 +142,14 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
         super::demo::delete_guests(&local).await;
         local.shutdown();
+        drop(guest_net);
         let _ = out::line("stopped; nothing left running");
         result.map(|()| ExitCode::SUCCESS)
     })
 }
 
 /// Boots the guests, prints where everything is, and walks the guests about.
-async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str) -> anyhow::Result<()> {
+async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str, net: Option<&GuestNet>) -> anyhow::Result<()> {
     let memory_mib = super::client::parse_mib(&a.memory).map_err(|e| anyhow::anyhow!(e))?;
     for agent in &local.agents {
         out::line(format_args!("  host {} at {} (metrics {}/metrics)", agent.name, agent.url, agent.url))?;
@@ -136,7 +159,12 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
         let name = format!("g{}", g + 1);
         let host = hosts.get(g % hosts.len().max(1)).cloned();
         let start = Instant::now();
-        let spec = walkabout_api::VmSpec { workload: a.workload.clone(), ..walkabout_api::VmSpec::new(&name, memory_mib) };
+        let address = net.map(|n| n.guest_address(u8::try_from(11 + g).unwrap_or(240).min(240)));
+        let nics: Vec<_> = net
+            .map(|n| walkabout_api::NicSpec { address: address.clone(), ..walkabout_api::NicSpec::on(n.bridge()) })
+            .into_iter()
+            .collect();
+        let spec = walkabout_api::VmSpec { workload: a.workload.clone(), nics, ..walkabout_api::VmSpec::new(&name, memory_mib) };
         cluster.create_vm(spec, host.as_deref()).await?;
         loop {
             let vm = cluster.vm(&name)?;
@@ -149,10 +177,11 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         out::line(format_args!(
-            "booted {name} on {} ({}, {}) in {} ms",
+            "booted {name} on {} ({}, {}{}) in {} ms",
             host.as_deref().unwrap_or("?"),
             a.memory,
             a.workload,
+            address.map(|x| format!(", {x}")).unwrap_or_default(),
             start.elapsed().as_millis()
         ))?;
     }
@@ -177,7 +206,12 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
                     format!("  heartbeat seq {seq}, {} breaks, {} corrupt pages", vm.guest.seq_breaks, vm.guest.corrupt_pages)
                 })
                 .unwrap_or_default();
-            out::line(format_args!("{}{health}", hop_line(shown, h)))?;
+            let observed = match (&h.probe_error, h.observed_downtime_ms) {
+                (Some(e), _) => format!("  probe FAILED: {}", super::table::clean(e)),
+                (None, Some(ms)) => format!("  observed {ms} ms"),
+                (None, None) => String::new(),
+            };
+            out::line(format_args!("{}{observed}{health}", hop_line(shown, h)))?;
         }
         if w.finished_ms.is_some() {
             return Ok(());

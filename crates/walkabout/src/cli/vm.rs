@@ -152,6 +152,11 @@ pub struct CreateArgs {
     /// `vm create --timeout 300` still waits 300 s).
     #[arg(long, default_value = "180", value_name = "SECONDS")]
     ready_timeout: u64,
+    /// A NIC: virtio-net on a tap joining the host bridge BR (which every host the VM
+    /// may move to has); the MAC is pinned at creation (chosen by the agent unless given)
+    /// and the guest sets its own address if one is given. Repeatable.
+    #[arg(long, value_parser = parse_nic, value_name = "bridge=BR[,mac=52:54:00:..][,address=10.77.0.12/24]")]
+    nic: Vec<walkabout_api::NicSpec>,
 }
 
 /// Parses `--disk`: `PATH[,format=F][,bus=B]`, `size=SIZE[,bus=B]` or `image:NAME[,bus=B]`.
@@ -360,6 +365,7 @@ async fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
     spec.cpu_model = a.cpu_model;
     spec.cmdline = a.cmdline;
     spec.disks = a.disks;
+    spec.nics = a.nic;
     let custom_kernel = a.kernel.is_some();
     let absolute = |what: &str, p: PathBuf| std::fs::canonicalize(&p).with_context(|| format!("{what} {}", p.display()));
     spec.kernel = a.kernel.map(|p| absolute("kernel", p)).transpose()?;
@@ -534,6 +540,23 @@ fn cluster_vm_text(v: &ClusterVm) -> String {
     )
 }
 
+/// Parses `--nic bridge=BR[,mac=..][,address=..]`.
+fn parse_nic(text: &str) -> Result<walkabout_api::NicSpec, String> {
+    let mut nic = walkabout_api::NicSpec::on("");
+    for part in text.split(',') {
+        match part.split_once('=') {
+            Some(("bridge", v)) => nic.bridge = v.to_string(),
+            Some(("mac", v)) => nic.mac = Some(v.to_string()),
+            Some(("address", v)) => nic.address = Some(v.to_string()),
+            _ => return Err(format!("{part:?}: expected bridge=BR, mac=MAC or address=IP/PREFIX")),
+        }
+    }
+    if nic.bridge.is_empty() {
+        return Err("a NIC needs bridge=BR".into());
+    }
+    Ok(nic)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,6 +570,7 @@ mod tests {
             memory_mib: 256,
             vcpus: 1,
             workload: "idle".into(),
+            nics: vec![],
             state: ClusterVmState::Running,
             reason: None,
             guest: GuestStatus { last_seq: Some(42), ..Default::default() },
@@ -607,5 +631,22 @@ mod tests {
         }
         let help = Cli::command().find_subcommand_mut("list").map(|c| c.render_help().to_string()).unwrap_or_default();
         assert!(help.contains("127.0.0.1:7700") && help.contains("127.0.0.1:7701") && help.contains("--agent"), "{help}");
+    }
+}
+
+#[cfg(test)]
+mod nic_tests {
+    use super::parse_nic;
+
+    #[test]
+    fn a_nic_with_every_field_parses() {
+        let n = parse_nic("bridge=br0,mac=52:54:00:00:00:01,address=10.77.0.12/24").expect("parses");
+        assert_eq!((n.bridge.as_str(), n.mac.as_deref(), n.address.as_deref()), ("br0", Some("52:54:00:00:00:01"), Some("10.77.0.12/24")));
+    }
+
+    #[test]
+    fn a_nic_without_a_bridge_is_refused() {
+        assert!(parse_nic("mac=52:54:00:00:00:01").is_err());
+        assert!(parse_nic("bridge=br0,speed=10").is_err());
     }
 }
