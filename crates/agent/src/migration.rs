@@ -42,7 +42,7 @@ use walkabout_api::{AgentClient, ClientError, ClientOptions, GuestStatus};
 use walkabout_migrate::Phase;
 use walkabout_qemu::{cpu, Qmp};
 
-pub use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest, MIGRATION_VERSION};
+pub use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest, RecoverRequest, MIGRATION_VERSION};
 
 /// A migration the agent is driving, with its cancel switch.
 pub(crate) struct Migration {
@@ -69,6 +69,10 @@ impl PeerAgent for AgentClient {
         self.with_timeout(Duration::from_secs(90)).commit_incoming(vm, guest).await.map(drop)
     }
 
+    async fn recover_incoming(&self, vm: &str, req: &RecoverRequest) -> Result<IncomingReply, ClientError> {
+        self.with_timeout(Duration::from_secs(10)).recover_incoming(vm, req).await
+    }
+
     async fn abort_incoming(&self, vm: &str) -> Result<(), ClientError> {
         AgentClient::abort_incoming(self, vm).await
     }
@@ -86,6 +90,10 @@ impl<P: PeerAgent> PeerAgent for Result<P, ClientError> {
 
     async fn commit_incoming(&self, vm: &str, guest: Option<GuestStatus>) -> Result<(), ClientError> {
         self.as_ref().map_err(Clone::clone)?.commit_incoming(vm, guest).await
+    }
+
+    async fn recover_incoming(&self, vm: &str, req: &RecoverRequest) -> Result<IncomingReply, ClientError> {
+        self.as_ref().map_err(Clone::clone)?.recover_incoming(vm, req).await
     }
 
     async fn abort_incoming(&self, vm: &str) -> Result<(), ClientError> {
@@ -271,7 +279,13 @@ impl Agent {
             let qmp =
                 guard.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: name.clone(), op: "receive", state: guard.record.state })?;
             self.check_cpu(&name, &qmp, &req.cpu_features).await?;
-            let uri = walkabout_migrate::run::listen_incoming(&qmp, req.postcopy_ready, &req.listen_host)
+            let stream = walkabout_migrate::Stream {
+                postcopy_ready: req.postcopy_ready,
+                postcopy_preempt: req.postcopy_preempt,
+                multifd_channels: req.multifd_channels,
+                compression: req.compression,
+            };
+            let uri = walkabout_migrate::run::listen_incoming(&qmp, &stream, &req.listen_host)
                 .await
                 .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot receive {name}: {e}") })?;
             // Arm: `cont` on an incoming QEMU means "run the guest once it is fully
@@ -370,6 +384,24 @@ impl Agent {
         Ok(())
     }
 
+    /// A paused post-copy of an incoming VM listens again for its stream (paused first
+    /// if its QEMU has not noticed the old one is gone); returns where the source
+    /// resumes sending. Renews the lease.
+    pub async fn recover_incoming(&self, name: &str, req: RecoverRequest) -> Result<IncomingReply, AgentError> {
+        let vm = self.incoming_vm(name)?;
+        let vm = vm.lock().await;
+        if vm.record.state != VmState::Incoming {
+            return Err(AgentError::InvalidState { vm: name.into(), op: "recover the post-copy of", state: vm.record.state });
+        }
+        let qmp = vm.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: name.into(), op: "recover", state: vm.record.state })?;
+        lock(&self.inner.leases).insert(name.to_string(), std::time::Instant::now());
+        let uri = walkabout_migrate::run::recover_incoming(&qmp, &req.listen_host)
+            .await
+            .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot recover the post-copy of {name}: {e}") })?;
+        tracing::info!(vm = %name, %uri, "post-copy listening again");
+        Ok(IncomingReply { uri })
+    }
+
     /// The incoming VM, while it is incoming: the source's liveness probe, which also
     /// renews the destination's lease.
     pub async fn incoming(&self, name: &str) -> Result<crate::vms::VmInfo, AgentError> {
@@ -396,6 +428,23 @@ impl Agent {
                 let renewed = lock(&agent.inner.leases).get(&name).copied();
                 if renewed.is_some_and(|t| t.elapsed() < INCOMING_LEASE) {
                     continue;
+                }
+                // Post-copy not finished: the guest runs here but needs pages still at
+                // the source. Never torn down nor adopted: paused, to be recovered.
+                if let Some(q) = &vm.qmp {
+                    match walkabout_migrate::run::pause_incoming_postcopy(q).await {
+                        Ok(status) if walkabout_migrate::run::is_postcopy(&status) => {
+                            let reason = "post-copy paused: the source went silent; waiting for it to re-establish the stream";
+                            if vm.record.reason.as_deref() != Some(reason) {
+                                tracing::warn!(vm = %name, status, "source silent during post-copy: post-copy paused, the VM kept here");
+                                vm.record.reason = Some(reason.into());
+                                let _ = agent.inner.store.put(&vm.record);
+                            }
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(vm = %name, error = %e, "cannot read the incoming migration's status"),
+                    }
                 }
                 let runs = match &vm.qmp {
                     Some(q) => q.query_status().await.map(|s| s.running).unwrap_or(false),
