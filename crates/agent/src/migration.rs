@@ -298,7 +298,8 @@ impl Agent {
         .await;
         if result.is_ok() {
             lock(&self.inner.leases).insert(name.clone(), std::time::Instant::now());
-            self.spawn_lease_watch(name.clone(), guard.record.pid);
+            let events = guard.qmp.as_ref().map(Qmp::events);
+            self.spawn_lease_watch(name.clone(), guard.record.pid, events);
         }
         if result.is_err() {
             if let Some(p) = guard.process.take() {
@@ -415,11 +416,19 @@ impl Agent {
     }
 
     /// Watches an incoming VM's lease until the migration is committed or aborted.
-    fn spawn_lease_watch(&self, name: String, pid: Option<i32>) {
+    /// The incoming migration's status is followed by QEMU's events (`query-migrate`
+    /// would wait on a main loop that a post-copy page fault may hold).
+    fn spawn_lease_watch(&self, name: String, pid: Option<i32>, mut events: Option<tokio::sync::broadcast::Receiver<walkabout_qemu::Event>>) {
         let agent = self.clone();
         tokio::spawn(async move {
+            let mut status = String::from("setup");
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                while let Some(Ok(ev)) = events.as_mut().map(|e| e.try_recv()) {
+                    if let Some(s) = walkabout_migrate::run::migration_event_status(&ev) {
+                        status = s.to_string();
+                    }
+                }
                 let Ok(vm) = agent.vm(&name) else { break };
                 let mut vm = vm.lock().await;
                 if vm.record.pid != pid || vm.record.state != VmState::Incoming {
@@ -431,20 +440,21 @@ impl Agent {
                 }
                 // Post-copy not finished: the guest runs here but needs pages still at
                 // the source. Never torn down nor adopted: paused, to be recovered.
-                if let Some(q) = &vm.qmp {
-                    match walkabout_migrate::run::pause_incoming_postcopy(q).await {
-                        Ok(status) if walkabout_migrate::run::is_postcopy(&status) => {
-                            let reason = "post-copy paused: the source went silent; waiting for it to re-establish the stream";
-                            if vm.record.reason.as_deref() != Some(reason) {
-                                tracing::warn!(vm = %name, status, "source silent during post-copy: post-copy paused, the VM kept here");
-                                vm.record.reason = Some(reason.into());
-                                let _ = agent.inner.store.put(&vm.record);
+                if walkabout_migrate::run::is_postcopy(&status) {
+                    let reason = "post-copy paused: the source went silent; waiting for it to re-establish the stream";
+                    if status != "postcopy-paused" {
+                        if let Some(q) = &vm.qmp {
+                            if let Err(e) = walkabout_migrate::run::pause_incoming_postcopy(q).await {
+                                tracing::debug!(vm = %name, error = %e, status, "migrate-pause");
                             }
-                            continue;
                         }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(vm = %name, error = %e, "cannot read the incoming migration's status"),
                     }
+                    if vm.record.reason.as_deref() != Some(reason) {
+                        tracing::warn!(vm = %name, status, "source silent during post-copy: post-copy paused, the VM kept here");
+                        vm.record.reason = Some(reason.into());
+                        let _ = agent.inner.store.put(&vm.record);
+                    }
+                    continue;
                 }
                 let runs = match &vm.qmp {
                     Some(q) => q.query_status().await.map(|s| s.running).unwrap_or(false),

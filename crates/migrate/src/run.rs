@@ -167,40 +167,31 @@ pub async fn listen_incoming(qmp: &impl MigrationQmp, stream: &Stream, listen_ho
     Ok(format!("tcp:{listen_host}:{port}"))
 }
 
-/// The incoming migration's status at the destination (`postcopy-active`, ...).
-pub async fn incoming_status(qmp: &impl MigrationQmp) -> Result<String, MigrateError> {
-    let info = qmp.execute("query-migrate", None).await.map_err(MigrateError::destination)?;
-    Ok(info["status"].as_str().unwrap_or("none").to_string())
-}
-
 /// True for the statuses of a post-copy not yet completed (active, paused, recovering).
 pub fn is_postcopy(status: &str) -> bool {
     status.starts_with("postcopy-")
 }
 
+/// The status a `MIGRATION` event announces, if it is one. At a post-copy destination
+/// events are how its status is known: `query-migrate` waits on QEMU's main loop, which
+/// a vCPU waiting for a page may hold.
+pub fn migration_event_status(ev: &walkabout_qemu::Event) -> Option<&str> {
+    (ev.event == "MIGRATION").then(|| ev.data["status"].as_str()).flatten()
+}
+
 /// At the destination, when its source went silent during post-copy: pauses post-copy
-/// (QEMU would otherwise wait on the dead connection for minutes), so it can be
-/// recovered on a new stream. Returns the status found; a no-op unless post-copy runs.
-pub async fn pause_incoming_postcopy(qmp: &impl MigrationQmp) -> Result<String, MigrateError> {
-    let status = incoming_status(qmp).await?;
-    if matches!(status.as_str(), "postcopy-active" | "postcopy-recover") {
-        qmp.execute("migrate-pause", None).await.map_err(MigrateError::destination)?;
-    }
-    Ok(status)
+/// (out of band; QEMU would otherwise wait on the dead connection for minutes), so it
+/// can be recovered on a new stream. QEMU refuses it unless post-copy runs.
+pub async fn pause_incoming_postcopy(qmp: &impl MigrationQmp) -> Result<(), MigrateError> {
+    qmp.execute_oob("migrate-pause", None).await.map(drop).map_err(MigrateError::destination)
 }
 
 /// At the destination: makes a paused post-copy listen again on `listen_host` (pausing
-/// it first if it has not noticed its stream is gone). Returns the URI the source must
-/// resume sending to.
+/// it first if it has not noticed its stream is gone), all out of band. Returns the URI
+/// the source must resume sending to.
 pub async fn recover_incoming(qmp: &impl MigrationQmp, listen_host: &str) -> Result<String, MigrateError> {
-    let mut status = pause_incoming_postcopy(qmp).await?;
-    let start = Instant::now();
-    while status != "postcopy-paused" && is_postcopy(&status) && start.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        status = incoming_status(qmp).await?;
-    }
-    if status != "postcopy-paused" {
-        return Err(MigrateError::NotPaused(status));
+    if let Err(e) = pause_incoming_postcopy(qmp).await {
+        tracing::debug!(error = %e, "migrate-pause before recovery (already paused?)");
     }
     // A port picked here: QEMU's listing of its listening addresses keeps the first
     // stream's beside the new one.
@@ -209,8 +200,18 @@ pub async fn recover_incoming(qmp: &impl MigrationQmp, listen_host: &str) -> Res
         .map_err(|e| MigrateError::NoIncomingAddress(format!("no free port on {listen_host}: {e}")))?
         .port();
     let uri = format!("tcp:{listen_host}:{port}");
-    qmp.execute("migrate-recover", Some(json!({ "uri": uri }))).await.map_err(MigrateError::destination)?;
-    Ok(uri)
+    // The pause takes effect asynchronously: QEMU refuses to recover until it has.
+    let start = Instant::now();
+    loop {
+        match qmp.execute_oob("migrate-recover", Some(json!({ "uri": uri }))).await {
+            Ok(_) => return Ok(uri),
+            Err(e) if start.elapsed() < Duration::from_secs(5) => {
+                tracing::debug!(error = %e, "migrate-recover not yet possible");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(MigrateError::NotPaused(e.to_string())),
+        }
+    }
 }
 
 /// Measures the guest's dirty rate over `ms` milliseconds (QEMU's page sampling),
@@ -503,7 +504,7 @@ impl Recovery {
             // so a new one can be made when the destination is back.
             tracing::warn!(silent_ms = silent.as_millis() as u64, status, "destination silent during post-copy: pausing it");
             self.pause_requested = true;
-            if let Err(e) = qmp.execute("migrate-pause", None).await {
+            if let Err(e) = qmp.execute_oob("migrate-pause", None).await {
                 tracing::warn!(error = %e, "migrate-pause");
             }
             return RecoveryStep::Nothing;
