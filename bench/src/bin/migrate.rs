@@ -154,7 +154,9 @@ fn main() -> Result<()> {
                 let label = format!("{mem} MiB, {wl}, bandwidth {}", bw.map(|b| format!("{b} MiB/s")).unwrap_or("default".into()));
                 eprintln!("[{}/{total_cells}] {label} ({:.0} s in)", cells.len() + 1, started.elapsed().as_secs_f64());
                 let wa = match &agents {
-                    Some((a, b)) => walkabout_cell(a, b, mem, wl, bw, args.runs, &[]).unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
+                    Some((a, b)) => {
+                        walkabout_cell(a, b, mem, wl, bw, args.runs, &[]).unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
+                    }
                     None => Value::Null,
                 };
                 if want_wa {
@@ -474,7 +476,7 @@ fn max_heartbeat_gap_ms(console: &Path) -> Option<f64> {
     let ns: Vec<u64> = text
         .lines()
         .filter_map(|l| {
-            let mut f = l.trim().split_whitespace();
+            let mut f = l.split_whitespace();
             (f.next() == Some("hb")).then(|| f.nth(1).and_then(|x| x.parse().ok())).flatten()
         })
         .collect();
@@ -585,10 +587,38 @@ mod engine {
     }
 
     const CELLS: &[Cell] = &[
-        Cell { name: "postcopy_preempt", mem: 512, workload: "dirty:256:512", walkabout: &["--mode", "postcopy", "--postcopy-preempt", "true"], qemu: &["--postcopy"], link_mbit: None },
-        Cell { name: "postcopy_no_preempt", mem: 512, workload: "dirty:256:512", walkabout: &["--mode", "postcopy", "--postcopy-preempt", "false"], qemu: &["--postcopy"], link_mbit: None },
-        Cell { name: "link20_auto", mem: 512, workload: "dirty:64:32", walkabout: &["--max-bandwidth", "20M"], qemu: &[], link_mbit: Some(160) },
-        Cell { name: "link20_zstd", mem: 512, workload: "dirty:64:32", walkabout: &["--mode", "precopy", "--max-bandwidth", "20M", "--compression", "zstd", "--multifd-channels", "2"], qemu: &[], link_mbit: Some(160) },
+        Cell {
+            name: "postcopy_preempt",
+            mem: 512,
+            workload: "dirty:256:512",
+            walkabout: &["--mode", "postcopy", "--postcopy-preempt", "true"],
+            qemu: &["--postcopy"],
+            link_mbit: None,
+        },
+        Cell {
+            name: "postcopy_no_preempt",
+            mem: 512,
+            workload: "dirty:256:512",
+            walkabout: &["--mode", "postcopy", "--postcopy-preempt", "false"],
+            qemu: &["--postcopy"],
+            link_mbit: None,
+        },
+        Cell {
+            name: "link20_auto",
+            mem: 512,
+            workload: "dirty:64:32",
+            walkabout: &["--max-bandwidth", "20M"],
+            qemu: &[],
+            link_mbit: Some(160),
+        },
+        Cell {
+            name: "link20_zstd",
+            mem: 512,
+            workload: "dirty:64:32",
+            walkabout: &["--mode", "precopy", "--max-bandwidth", "20M", "--compression", "zstd", "--multifd-channels", "2"],
+            qemu: &[],
+            link_mbit: Some(160),
+        },
         Cell { name: "mem4g_idle", mem: 4096, workload: "idle", walkabout: &[], qemu: &[], link_mbit: None },
         Cell { name: "mem4g_dirty256", mem: 4096, workload: "dirty:256:64", walkabout: &[], qemu: &[], link_mbit: None },
         Cell { name: "mem8g_idle", mem: 8192, workload: "idle", walkabout: &[], qemu: &[], link_mbit: None },
@@ -608,7 +638,10 @@ mod engine {
             let rate = format!("{mbit}mbit");
             walkabout_testbed::net::run(
                 "ip",
-                &["netns", "exec", &ns.0, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", &rate, "burst", "256kb", "latency", "100ms"],
+                &[
+                    "netns", "exec", &ns.0, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", &rate, "burst", "256kb", "latency",
+                    "100ms",
+                ],
             )?;
             Ok(ns)
         }

@@ -418,7 +418,12 @@ impl Agent {
     /// Watches an incoming VM's lease until the migration is committed or aborted.
     /// The incoming migration's status is followed by QEMU's events (`query-migrate`
     /// would wait on a main loop that a post-copy page fault may hold).
-    fn spawn_lease_watch(&self, name: String, pid: Option<i32>, mut events: Option<tokio::sync::broadcast::Receiver<walkabout_qemu::Event>>) {
+    fn spawn_lease_watch(
+        &self,
+        name: String,
+        pid: Option<i32>,
+        mut events: Option<tokio::sync::broadcast::Receiver<walkabout_qemu::Event>>,
+    ) {
         let agent = self.clone();
         tokio::spawn(async move {
             let mut status = String::from("setup");

@@ -18,7 +18,11 @@ pub trait MigrationQmp: Send + Sync {
     /// Runs one command out of band where QEMU allows it (`migrate-pause`,
     /// `migrate-recover`): served even while QEMU's main loop waits for a page a
     /// paused post-copy cannot bring.
-    fn execute_oob(&self, command: &str, args: Option<serde_json::Value>) -> impl Future<Output = Result<serde_json::Value, QmpError>> + Send {
+    fn execute_oob(
+        &self,
+        command: &str,
+        args: Option<serde_json::Value>,
+    ) -> impl Future<Output = Result<serde_json::Value, QmpError>> + Send {
         self.execute(command, args)
     }
 
@@ -47,7 +51,11 @@ impl MigrationQmp for Qmp {
         self.execute_raw(command, args)
     }
 
-    fn execute_oob(&self, command: &str, args: Option<serde_json::Value>) -> impl Future<Output = Result<serde_json::Value, QmpError>> + Send {
+    fn execute_oob(
+        &self,
+        command: &str,
+        args: Option<serde_json::Value>,
+    ) -> impl Future<Output = Result<serde_json::Value, QmpError>> + Send {
         Qmp::execute_oob(self, command, args)
     }
 

@@ -29,13 +29,13 @@
 use crate::error::MigrateError;
 use crate::phase::Phase;
 use crate::policy::{Action, Compression, Policy, Strategy, Switch};
-use walkabout_api::PostcopyPause;
 use crate::progress::{phase_of, Progress};
 use crate::qmp::MigrationQmp;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use walkabout_api::PostcopyPause;
 
 /// How often QEMU's statistics are read.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
@@ -499,7 +499,10 @@ impl Recovery {
             return RecoveryStep::Switched(sw);
         }
         let silent = peer.since_alive();
-        if matches!(status, "postcopy-active" | "postcopy-recover" | "postcopy-recover-setup") && silent > PEER_TIMEOUT && !self.pause_requested {
+        if matches!(status, "postcopy-active" | "postcopy-recover" | "postcopy-recover-setup")
+            && silent > PEER_TIMEOUT
+            && !self.pause_requested
+        {
             // The link may be gone without TCP knowing for minutes: end this stream now,
             // so a new one can be made when the destination is back.
             tracing::warn!(silent_ms = silent.as_millis() as u64, status, "destination silent during post-copy: pausing it");
@@ -514,12 +517,21 @@ impl Recovery {
         }
         let Some((since, last_attempt)) = self.paused else {
             let cause = if self.pause_requested {
-                format!("the destination stopped answering ({} ms) during post-copy; its stream was ended to be re-established", silent.as_millis())
+                format!(
+                    "the destination stopped answering ({} ms) during post-copy; its stream was ended to be re-established",
+                    silent.as_millis()
+                )
             } else {
                 "QEMU lost post-copy's stream".to_string()
             };
             self.paused = Some((Instant::now(), None));
-            self.pauses.push(PostcopyPause { paused_at_ms: now_ms(), resumed_at_ms: None, attempts: 0, cause: cause.clone(), last_error: None });
+            self.pauses.push(PostcopyPause {
+                paused_at_ms: now_ms(),
+                resumed_at_ms: None,
+                attempts: 0,
+                cause: cause.clone(),
+                last_error: None,
+            });
             tracing::warn!(%cause, "post-copy paused");
             let reason = format!(
                 "{cause}; the guest waits at the destination for the pages still here; re-establishing within {} ms",

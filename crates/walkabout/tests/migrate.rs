@@ -57,8 +57,10 @@ fn multifd_with_zstd_and_xbzrle_each_carry_a_dirtying_guest_ten_hops_without_a_c
     a.create(&["--name", "packed", "--memory", "512M", "--workload", "dirty:64:32"]);
     a.wait_heartbeats("packed", 5);
     let mut hosts = [&a, &b];
-    let ways: [(&[&str], u8, Compression); 2] =
-        [(&["--multifd-channels", "2", "--compression", "zstd"], 2, Compression::Zstd), (&["--compression", "xbzrle"], 0, Compression::Xbzrle)];
+    let ways: [(&[&str], u8, Compression); 2] = [
+        (&["--multifd-channels", "2", "--compression", "zstd"], 2, Compression::Zstd),
+        (&["--compression", "xbzrle"], 0, Compression::Xbzrle),
+    ];
     for (args, channels, compression) in ways {
         for hop in 0..10 {
             let (from, to) = (hosts[0], hosts[1]);

@@ -265,12 +265,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             let mut reason = outcome.reason.unwrap_or_else(|| format!("{:?}", outcome.phase));
             if outcome.past_switchover {
                 // Name the hosts: the pieces of the VM are on both.
-                reason = format!(
-                    "{}: destination {}, source {} (this agent): {reason}",
-                    rec.vm,
-                    rec.destination,
-                    crate::host::hostname()
-                );
+                reason = format!("{}: destination {}, source {} (this agent): {reason}", rec.vm, rec.destination, crate::host::hostname());
             }
             return Err(Ended { phase: outcome.phase, reason, past_switchover: outcome.past_switchover });
         }
@@ -320,7 +315,8 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
     /// reason to record.
     pub(crate) async fn recover(&self) -> String {
         let status = self.qmp.execute("query-migrate", None).await.map(|v| v["status"].as_str().unwrap_or("none").to_string());
-        let past = matches!(status.as_deref(), Ok("completed" | "device")) || status.as_deref().is_ok_and(walkabout_migrate::run::is_postcopy);
+        let past =
+            matches!(status.as_deref(), Ok("completed" | "device")) || status.as_deref().is_ok_and(walkabout_migrate::run::is_postcopy);
         let reason = if past {
             "switchover done but the source agent restarted before the destination confirmed; the source copy is kept paused for recovery"
         } else {

@@ -215,7 +215,10 @@ impl Summary {
                         None => "not recovered".into(),
                     };
                     let last = p.last_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default();
-                    text(&format!("postcopy-paused at {} ms after the epoch, {} attempts, {end}: {}{last}", p.paused_at_ms, p.attempts, p.cause))
+                    text(&format!(
+                        "postcopy-paused at {} ms after the epoch, {} attempts, {end}: {}{last}",
+                        p.paused_at_ms, p.attempts, p.cause
+                    ))
                 })
                 .collect(),
         }

@@ -78,7 +78,10 @@ async fn postcopy_whose_link_never_returns_ends_at_its_budget_with_both_halves_k
     assert_eq!(books.kept.as_ref().map(|k| k.0), Some(false), "the source's half must stay paused");
     assert!(!books.forgotten);
     let reason = books.record.reason.clone().unwrap_or_default();
-    assert!(reason.contains("destination http://127.0.0.1:7702") && reason.contains("the destination holds the VM's running state"), "{reason}");
+    assert!(
+        reason.contains("destination http://127.0.0.1:7702") && reason.contains("the destination holds the VM's running state"),
+        "{reason}"
+    );
     assert!(reason.contains("the source holds the remaining"), "{reason}");
     assert_eq!(books.record.postcopy_pauses.last().map(|p| p.resumed_at_ms), Some(None));
 }
@@ -106,7 +109,10 @@ fn cancel_while_postcopy_is_paused_is_refused_with_the_reason() {
 
     let answer = request_cancel(&rec, &tx);
 
-    assert!(matches!(&answer, Err(AgentError::NotCancellable { why, .. }) if why.contains("post-copy is paused (since 1000 ms")), "{answer:?}");
+    assert!(
+        matches!(&answer, Err(AgentError::NotCancellable { why, .. }) if why.contains("post-copy is paused (since 1000 ms")),
+        "{answer:?}"
+    );
     assert!(!*tx.borrow());
 }
 
