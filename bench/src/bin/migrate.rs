@@ -604,6 +604,22 @@ mod engine {
             link_mbit: None,
         },
         Cell {
+            name: "postcopy_preempt_link25",
+            mem: 512,
+            workload: "dirty:256:512",
+            walkabout: &["--mode", "postcopy", "--postcopy-preempt", "true"],
+            qemu: &["--postcopy"],
+            link_mbit: Some(200),
+        },
+        Cell {
+            name: "postcopy_no_preempt_link25",
+            mem: 512,
+            workload: "dirty:256:512",
+            walkabout: &["--mode", "postcopy", "--postcopy-preempt", "false"],
+            qemu: &["--postcopy"],
+            link_mbit: Some(200),
+        },
+        Cell {
             name: "link20_auto",
             mem: 512,
             workload: "dirty:64:32",

@@ -60,10 +60,14 @@ pub use walkabout_api::{Compression, Limits, Mode, Strategy, Switch, Tuning};
 pub const SINGLE_STREAM_BPS: u64 = 1 << 30;
 /// Most multifd channels the policy picks by itself.
 pub const MAX_AUTO_CHANNELS: u8 = 4;
-/// Post-copy preempt is on by default when post-copy is armed: measured, a guest's
-/// page faults during post-copy otherwise queue behind the bulk stream (bench cells
-/// `postcopy_preempt` / `postcopy_no_preempt`).
-pub const PREEMPT_BY_DEFAULT: bool = true;
+/// Post-copy preempt gives page faults a channel (and a thread at each end) of their
+/// own, so they do not queue behind the bulk stream. That queue is long only on a slow
+/// link: the policy turns preempt on by itself only when the operator's cap says the
+/// link is slower than this and a core is spare. Measured on the 2-core TCG hosts over
+/// loopback (bench/results/migrate-engine.json, cells `postcopy_preempt` and
+/// `postcopy_no_preempt`), preempt lengthened the guest's longest stall (median 523 ms
+/// against 190 ms) and the whole migration.
+pub const PREEMPT_BELOW_BPS: u64 = ASSUMED_LINK_BPS;
 
 /// Facts about the source host the stream settings depend on.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -346,12 +350,21 @@ impl Policy {
             }
         }
         let compression = if channels < 2 && compression == Compression::Zstd { Compression::None } else { compression };
-        let preempt = self.strategy.postcopy_ready && tuning.postcopy_preempt.unwrap_or(PREEMPT_BY_DEFAULT);
+        let slow_link = link_bps.filter(|&l| l < PREEMPT_BELOW_BPS);
+        let spare = host.spare_cores();
+        let preempt = self.strategy.postcopy_ready && tuning.postcopy_preempt.unwrap_or(slow_link.is_some() && spare >= 1);
         if self.strategy.postcopy_ready {
-            why.push(match (preempt, tuning.postcopy_preempt) {
-                (true, Some(_)) => "post-copy preempt as asked".into(),
-                (true, None) => "post-copy preempt: page faults travel beside the bulk stream, not behind it".into(),
-                (false, _) => "no post-copy preempt, as asked".into(),
+            why.push(match (preempt, tuning.postcopy_preempt, slow_link) {
+                (true, Some(_), _) => "post-copy preempt as asked".into(),
+                (false, Some(_), _) => "no post-copy preempt, as asked".into(),
+                (true, None, Some(l)) => format!(
+                    "post-copy preempt: on the {} MiB/s link page faults would queue behind the bulk stream, and {spare} cores are spare for its channel",
+                    mib(l)
+                ),
+                (false, None, Some(_)) => "no post-copy preempt: no core spare for its channel".into(),
+                (_, None, None) => {
+                    "no post-copy preempt: the link is not known to be slow (no cap), and on fast links its extra channel lengthened the guest's stalls".into()
+                }
             });
         }
         if why.is_empty() {
@@ -712,11 +725,21 @@ mod tests {
     }
 
     #[test]
-    fn postcopy_mode_keeps_postcopy_over_forced_multifd_with_preempt_by_default() {
+    fn postcopy_mode_keeps_postcopy_over_forced_multifd() {
         let tuning = Tuning { multifd_channels: Some(2), ..Tuning::default() };
         let p = Policy::new(Mode::Postcopy, Limits::default(), GIB, None).tuned(&tuning, &BUSY_HOST);
         let s = p.strategy();
-        assert!(s.postcopy_ready && s.postcopy_preempt && s.multifd_channels == 0, "{s:?}");
+        assert!(s.postcopy_ready && s.multifd_channels == 0, "{s:?}");
+    }
+
+    #[test]
+    fn preempt_is_picked_for_a_slow_link_with_a_spare_core_only() {
+        let slow = Policy::new(Mode::Postcopy, capped(100), GIB, None).tuned(&Tuning::default(), &IDLE_HOST);
+        assert!(slow.strategy().postcopy_preempt, "{:?}", slow.strategy());
+        let fast = Policy::new(Mode::Postcopy, Limits::default(), GIB, None).tuned(&Tuning::default(), &IDLE_HOST);
+        assert!(!fast.strategy().postcopy_preempt && fast.strategy().stream_reason.contains("not known to be slow"));
+        let busy = Policy::new(Mode::Postcopy, capped(100), GIB, None).tuned(&Tuning::default(), &BUSY_HOST);
+        assert!(!busy.strategy().postcopy_preempt && busy.strategy().stream_reason.contains("no core spare"));
     }
 
     #[test]

@@ -579,3 +579,40 @@ impl Recovery {
         RecoveryStep::Nothing
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cap(v: &Value, name: &str) -> Option<bool> {
+        v["capabilities"].as_array()?.iter().find(|c| c["capability"] == name).and_then(|c| c["state"].as_bool())
+    }
+
+    #[test]
+    fn zstd_on_two_channels_sets_multifd_on_both_ends_and_its_compression() {
+        let s = Stream { multifd_channels: 2, compression: Compression::Zstd, ..Stream::default() };
+
+        let (dest, source) = (caps(&s, None), caps(&s, Some(false)));
+
+        assert_eq!((cap(&dest, "multifd"), cap(&source, "multifd"), cap(&source, "xbzrle")), (Some(true), Some(true), Some(false)));
+        assert_eq!(s.params(false), Some(json!({"multifd-channels": 2, "multifd-compression": "zstd"})));
+    }
+
+    #[test]
+    fn xbzrle_is_the_sources_alone_with_its_cache() {
+        let s = Stream { postcopy_ready: true, compression: Compression::Xbzrle, ..Stream::default() };
+
+        assert_eq!(cap(&caps(&s, None), "xbzrle"), None);
+        assert_eq!(cap(&caps(&s, Some(false)), "xbzrle"), Some(true));
+        assert_eq!(s.params(false), None);
+        assert_eq!(s.params(true), Some(json!({"xbzrle-cache-size": XBZRLE_CACHE_BYTES})));
+    }
+
+    #[test]
+    fn preempt_is_never_asked_without_postcopy() {
+        let strategy = crate::Policy::new(crate::Mode::Precopy, crate::Limits::default(), 1 << 30, None).strategy().clone();
+        let s = Stream::of(&Strategy { postcopy_preempt: true, ..strategy });
+
+        assert!(!s.postcopy_preempt && cap(&caps(&s, None), "postcopy-preempt") == Some(false));
+    }
+}
