@@ -26,7 +26,9 @@
 //! and resumes the guest on the source. After it the source never resumes on its own.
 //! Post-copy is the exception that cannot be undone: once it starts the guest runs on the
 //! destination while part of its memory is still on the source, so losing either host
-//! before it completes loses the VM.
+//! before it completes loses the VM. Losing the link between them does not: both ends
+//! pause post-copy and keep their halves, and the source re-establishes the stream
+//! (`/v1/incoming/{vm}/recover`) when the destination answers again, within a budget.
 
 mod driver;
 #[cfg(test)]

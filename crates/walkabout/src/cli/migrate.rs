@@ -193,12 +193,17 @@ impl Summary {
             transferred_bytes: rec.progress.transferred_bytes,
             passes: rec.progress.iteration,
             strategy: rec.strategy.as_ref().map(|s| text(&s.name)),
-            stream: rec.strategy.as_ref().map(|s| {
-                text(&format!(
-                    "multifd {}, compression {}, preempt {}, recovery budget {} ms: {}",
-                    s.multifd_channels, s.compression, s.postcopy_preempt, s.recovery_budget_ms, s.stream_reason
-                ))
-            }),
+            // Said only when it is more than one plain stream.
+            stream: rec
+                .strategy
+                .as_ref()
+                .filter(|s| s.multifd_channels >= 2 || s.compression != walkabout_api::Compression::None || s.postcopy_preempt)
+                .map(|s| {
+                    text(&format!(
+                        "multifd {}, compression {}, preempt {}, recovery budget {} ms: {}",
+                        s.multifd_channels, s.compression, s.postcopy_preempt, s.recovery_budget_ms, s.stream_reason
+                    ))
+                }),
             qemu_status: (!rec.phase.is_final() && !rec.progress.qemu_status.is_empty()).then(|| {
                 let mut q = text(&rec.progress.qemu_status);
                 if let Some(since) = rec.progress.postcopy_paused_since_ms {
@@ -331,6 +336,29 @@ mod tests {
         assert_eq!(
             Summary::from_record(&rec).to_string(),
             "m3 g1 -> h2: completed in 2345 ms, downtime 23 ms, 300 MiB sent in 1 pass, strategy auto"
+        );
+    }
+
+    #[test]
+    fn the_summary_of_a_postcopy_that_recovered_shows_the_pause() {
+        let rec = record(json!({"id": "m4", "vm": "g1", "destination": "h2", "phase": "completed", "total_ms": 9000,
+            "downtime_ms": 20, "progress": {"transferred_bytes": 600u64 << 20, "iteration": 2}, "strategy": strategy("postcopy"),
+            "postcopy_pauses": [{"paused_at_ms": 1000, "resumed_at_ms": 6500, "attempts": 2, "cause": "the destination stopped answering", "last_error": null}]}));
+        assert_eq!(
+            Summary::from_record(&rec).to_string(),
+            "m4 g1 -> h2: completed in 9000 ms, downtime 20 ms, 600 MiB sent in 2 passes, strategy postcopy\n  \
+             postcopy-paused at 1000 ms after the epoch, 2 attempts, recovered after 5500 ms: the destination stopped answering"
+        );
+    }
+
+    #[test]
+    fn the_summary_of_a_paused_postcopy_says_since_when() {
+        let rec = record(json!({"phase": "switchover", "strategy": strategy("postcopy"),
+            "progress": {"qemu_status": "postcopy-paused", "postcopy_paused_since_ms": 1000, "recovery_attempts": 3}}));
+        assert!(
+            Summary::from_record(&rec).to_string().contains("QEMU: postcopy-paused since 1000 ms after the epoch, 3 recovery attempts"),
+            "{}",
+            Summary::from_record(&rec)
         );
     }
 
