@@ -54,10 +54,11 @@ pub const READY_SHARE: f64 = 0.5;
 pub use walkabout_api::{Compression, Limits, Mode, Strategy, Switch, Tuning};
 
 /// What one migration stream (QEMU's single migration thread) carries at most on this
-/// kind of host, bytes/s: measured on the project's 2-core TCG hosts over loopback
-/// (bench/results/migrate.json, `single_stream` cell). A link faster than this is
-/// worth multifd channels, if cores are spare to run them.
-pub const SINGLE_STREAM_BPS: u64 = 1 << 30;
+/// kind of host, bytes/s: measured on the project's 2-core TCG hosts over loopback with
+/// 1 GiB of non-zero pages (`bench/single-stream.py`; bench/results/migrate-engine.json,
+/// `single_stream`): 66-104 MiB/s for one stream, 539-648 MiB/s for 2 multifd channels.
+/// A link faster than this is worth multifd channels, if cores are spare to run them.
+pub const SINGLE_STREAM_BPS: u64 = 100 << 20;
 /// Most multifd channels the policy picks by itself.
 pub const MAX_AUTO_CHANNELS: u8 = 4;
 /// Post-copy preempt gives page faults a channel (and a thread at each end) of their
