@@ -445,19 +445,15 @@ impl Agent {
                 if renewed.is_some_and(|t| t.elapsed() < INCOMING_LEASE) {
                     continue;
                 }
-                // Post-copy not finished: the guest runs here but needs pages still at
-                // the source. Never torn down nor adopted: paused, to be recovered.
+                // Post-copy not finished: the guest runs here but needs pages still at the
+                // source. Kept, neither torn down nor adopted. Not paused here either: a
+                // silent source agent is not a lost stream (QEMU's stream may well flow);
+                // the source pauses a stream that stalled, and its recovery request
+                // pauses this end before listening again.
                 if walkabout_migrate::run::is_postcopy(&status) {
-                    let reason = "post-copy paused: the source went silent; waiting for it to re-establish the stream";
-                    if status != "postcopy-paused" {
-                        if let Some(q) = &vm.qmp {
-                            if let Err(e) = walkabout_migrate::run::pause_incoming_postcopy(q).await {
-                                tracing::debug!(vm = %name, error = %e, status, "migrate-pause");
-                            }
-                        }
-                    }
+                    let reason = "post-copy under way with its source silent: kept here, waiting for the source to complete or re-establish the stream";
                     if vm.record.reason.as_deref() != Some(reason) {
-                        tracing::warn!(vm = %name, status, "source silent during post-copy: post-copy paused, the VM kept here");
+                        tracing::warn!(vm = %name, status, "source silent during post-copy: the VM is kept here");
                         vm.record.reason = Some(reason.into());
                         let _ = agent.inner.store.put(&vm.record);
                     }

@@ -14,7 +14,8 @@
 //! Post-copy that loses its stream (a link cut) is not the end: QEMU (>= 10) pauses it
 //! (`postcopy-paused`), the guest waits at the destination for the pages still at the
 //! source, and a new stream resumes it. A cut link may not break the TCP connection for
-//! minutes, so when the destination stops answering during post-copy the source pauses
+//! minutes, so when the destination stops answering and the stream stops moving during
+//! post-copy, the source pauses
 //! QEMU itself (`migrate-pause`); then, as soon as the destination answers again, it asks
 //! the destination to listen anew ([`Peer::recover`]: `migrate-recover`) and resumes
 //! sending (`migrate` with `resume`). Attempts repeat until the recovery budget runs out;
@@ -457,11 +458,20 @@ struct Recovery {
     /// `migrate-pause` sent for the current silence.
     pause_requested: bool,
     attempts: u32,
+    /// Bytes sent at the last sample that saw them grow, and when.
+    moved: (u64, Instant),
 }
 
 impl Recovery {
     fn new(budget_ms: u64) -> Recovery {
-        Recovery { budget: Duration::from_millis(budget_ms), pauses: vec![], paused: None, pause_requested: false, attempts: 0 }
+        Recovery {
+            budget: Duration::from_millis(budget_ms),
+            pauses: vec![],
+            paused: None,
+            pause_requested: false,
+            attempts: 0,
+            moved: (0, Instant::now()),
+        }
     }
 
     /// Writes the pause (since when) and the attempts into a progress report.
@@ -499,8 +509,15 @@ impl Recovery {
             return RecoveryStep::Switched(sw);
         }
         let silent = peer.since_alive();
+        if p.transferred_bytes > self.moved.0 {
+            self.moved = (p.transferred_bytes, Instant::now());
+        }
+        // Lost is a destination silent *and* a stream that stopped moving: a silent
+        // agent beside a flowing stream (restarting, say) is no reason to pause.
+        let stalled = self.moved.1.elapsed() > PEER_TIMEOUT;
         if matches!(status, "postcopy-active" | "postcopy-recover" | "postcopy-recover-setup")
             && silent > PEER_TIMEOUT
+            && stalled
             && !self.pause_requested
         {
             // The link may be gone without TCP knowing for minutes: end this stream now,

@@ -26,10 +26,14 @@ pub(crate) struct QemuState {
     pub script: VecDeque<String>,
     /// Every command received, by name, in order.
     pub commands: Vec<String>,
+    /// In post-copy, the stream stops moving (a cut link): bytes sent stay put.
+    pub postcopy_stalls: bool,
     /// Called once when the migration reaches `pre-switchover`.
     pub at_pre_switchover: Option<Box<dyn FnMut() + Send>>,
     /// `query-migrate` replies so far (the pass counter).
     polls: u64,
+    /// MiB sent, as reported.
+    sent: u64,
 }
 
 /// A scripted QEMU: a migration that walks through the given statuses.
@@ -47,10 +51,18 @@ impl FakeQemu {
             status: "none".into(),
             script: script.iter().map(|s| s.to_string()).collect(),
             commands: vec![],
+            postcopy_stalls: false,
             at_pre_switchover: None,
             polls: 0,
+            sent: 0,
         };
         FakeQemu { state: Arc::new(Mutex::new(state)), events: broadcast::channel(16).0 }
+    }
+
+    /// A QEMU whose post-copy stream stops moving (its link is cut).
+    pub fn stalling_in_postcopy(self) -> FakeQemu {
+        lock(&self.state).postcopy_stalls = true;
+        self
     }
 
     /// Calls `f` when the migration reaches `pre-switchover`.
@@ -114,9 +126,13 @@ impl FakeQemu {
                 }
                 s.polls += 1;
                 let polls = s.polls;
+                if !(s.postcopy_stalls && s.status.starts_with("postcopy-")) {
+                    s.sent = polls;
+                }
+                let sent = s.sent;
                 Ok(json!({
                     "status": s.status, "total-time": polls * 100, "expected-downtime": 10, "downtime": 12,
-                    "ram": {"total": 64 << 20, "transferred": polls << 20, "remaining": (64u64 << 20).saturating_sub(polls << 20),
+                    "ram": {"total": 64 << 20, "transferred": sent << 20, "remaining": (64u64 << 20).saturating_sub(sent << 20),
                             "dirty-sync-count": polls, "page-size": 4096, "dirty-pages-rate": 0, "mbps": 800.0}
                 }))
             }

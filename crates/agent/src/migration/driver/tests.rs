@@ -47,7 +47,7 @@ fn record_with_recovery_budget(budget_ms: u64) -> MigrationRecord {
 #[tokio::test]
 async fn postcopy_whose_link_is_cut_pauses_recovers_on_a_new_stream_and_completes() {
     // Answers 3 probes (through the gate), then nothing for 2.5 s, then again.
-    let (qemu, peer) = (FakeQemu::new(&postcopy_script()), FakePeer::outage(3, Some(Duration::from_millis(2500))));
+    let (qemu, peer) = (FakeQemu::new(&postcopy_script()).stalling_in_postcopy(), FakePeer::outage(3, Some(Duration::from_millis(2500))));
     let agent = FakeAgent::new(record_with_recovery_budget(30_000), GuestStatus::default());
 
     let phase = drive_record(&qemu, &peer, &agent, record_with_recovery_budget(30_000)).await;
@@ -66,7 +66,7 @@ async fn postcopy_whose_link_is_cut_pauses_recovers_on_a_new_stream_and_complete
 
 #[tokio::test]
 async fn postcopy_whose_link_never_returns_ends_at_its_budget_with_both_halves_kept() {
-    let (qemu, peer) = (FakeQemu::new(&postcopy_script()), FakePeer::outage(3, None));
+    let (qemu, peer) = (FakeQemu::new(&postcopy_script()).stalling_in_postcopy(), FakePeer::outage(3, None));
     let agent = FakeAgent::new(record_with_recovery_budget(1_500), GuestStatus::default());
 
     let phase = drive_record(&qemu, &peer, &agent, record_with_recovery_budget(1_500)).await;
@@ -88,7 +88,7 @@ async fn postcopy_whose_link_never_returns_ends_at_its_budget_with_both_halves_k
 
 #[tokio::test]
 async fn cancel_of_a_postcopy_that_never_recovered_is_refused_with_the_reason() {
-    let (qemu, peer) = (FakeQemu::new(&postcopy_script()), FakePeer::outage(3, None));
+    let (qemu, peer) = (FakeQemu::new(&postcopy_script()).stalling_in_postcopy(), FakePeer::outage(3, None));
     let agent = FakeAgent::new(record_with_recovery_budget(1_500), GuestStatus::default());
     drive_record(&qemu, &peer, &agent, record_with_recovery_budget(1_500)).await;
 
@@ -98,6 +98,19 @@ async fn cancel_of_a_postcopy_that_never_recovered_is_refused_with_the_reason() 
         matches!(&answer, Err(AgentError::NotCancellable { why, .. }) if why.contains("post-copy is paused") && why.contains("cannot be undone")),
         "{answer:?}"
     );
+}
+
+#[tokio::test]
+async fn a_silent_destination_beside_a_flowing_postcopy_stream_is_not_paused() {
+    // The destination agent is silent (restarting, say) but QEMU's stream still moves.
+    let (qemu, peer) = (FakeQemu::new(&postcopy_script()), FakePeer::outage(3, None));
+    let agent = FakeAgent::new(record_with_recovery_budget(1_500), GuestStatus::default());
+
+    let phase = drive_record(&qemu, &peer, &agent, record_with_recovery_budget(1_500)).await;
+
+    assert!(!qemu.got("migrate-pause"));
+    assert!(agent.books().record.postcopy_pauses.is_empty());
+    assert_eq!(phase, Phase::Failed, "the commit cannot reach a silent destination");
 }
 
 #[test]
