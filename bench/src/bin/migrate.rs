@@ -21,7 +21,7 @@ use walkabout_bench::{
 use walkabout_testbed::{kill9, processes_mentioning, Agent, TempDir};
 
 const USAGE: &str = "usage: migrate [--quick] [--mem 512,2048] [--workload idle,dirty:64:32,...] \
-[--bandwidth default,100] [--runs 3] [--give-up-s 30] [--only walkabout|qemu] [--out FILE] [--no-build]
+[--bandwidth default,100] [--runs 3] [--give-up-s 30] [--only walkabout|qemu] [--out FILE] [--no-build] [--bin PATH] [--engine [--cells a,b]]
 
   --quick        512 MiB only, 1 run per cell (a smoke check)
   --mem          guest sizes in MiB (default 512,2048)
@@ -31,7 +31,12 @@ const USAGE: &str = "usage: migrate [--quick] [--mem 512,2048] [--workload idle,
   --give-up-s    the peer cancels a run that has not completed after this long (default 30)
   --only         measure one side only
   --out FILE     also write the document to FILE after every cell
-  --no-build     bench target/release/walkabout as it is (no cargo build first)";
+  --no-build     bench target/release/walkabout as it is (no cargo build first)
+  --bin PATH     bench this walkabout binary (implies --no-build)
+  --engine       instead of the grid, the migration engine's cells (issue #15): post-copy with and
+                 without preempt (the guest's stall), a 20 MiB/s tbf link with compression, 4 and
+                 8 GiB guests idle and dirtying 256 MiB; QEMU's defaults beside each
+  --cells        with --engine, only the cells whose names are listed";
 
 struct Args {
     mems: Vec<u64>,
@@ -43,6 +48,9 @@ struct Args {
     out: Option<PathBuf>,
     quick: bool,
     build: bool,
+    bin: Option<PathBuf>,
+    engine: bool,
+    cells: Option<Vec<String>>,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -56,6 +64,9 @@ fn parse_args() -> Result<Option<Args>> {
         out: None,
         quick: false,
         build: true,
+        bin: None,
+        engine: false,
+        cells: None,
     };
     let (mut mems, mut runs) = (None, None);
     let mut it = std::env::args().skip(1);
@@ -64,6 +75,12 @@ fn parse_args() -> Result<Option<Args>> {
         match arg.as_str() {
             "--quick" => a.quick = true,
             "--no-build" => a.build = false,
+            "--bin" => {
+                a.bin = Some(PathBuf::from(val("--bin")?));
+                a.build = false;
+            }
+            "--engine" => a.engine = true,
+            "--cells" => a.cells = Some(val("--cells")?.split(',').map(|c| c.trim().to_string()).collect()),
             "--mem" => {
                 mems = Some(val("--mem")?.split(',').map(|m| m.trim().parse::<u64>()).collect::<Result<Vec<_>, _>>().context("--mem: MiB")?)
             }
@@ -111,10 +128,20 @@ fn main() -> Result<()> {
     let Some(args) = parse_args()? else { return Ok(()) };
     let started = Instant::now();
     let mut env = environment();
-    let Prepared { walkabout: wbin, peer, guest } = prepare(args.build)?;
+    let Prepared { walkabout: wbin, peer, guest } = match &args.bin {
+        Some(b) => {
+            let walkabout = walkabout_bench::walkabout_copy(b, false)?;
+            walkabout_bench::guest_image(&walkabout.path)?;
+            Prepared { walkabout, peer: walkabout_bench::peer_dir()?, guest: walkabout_bench::peer_guest()? }
+        }
+        None => prepare(args.build)?,
+    };
     let bin = wbin.path.clone();
     env["walkabout_binary"] = wbin.provenance.clone();
     let scratch = TempDir::new("migrate")?;
+    if args.engine {
+        return engine::run(&args, &env, &bin, &peer, &guest, scratch.path(), started);
+    }
     let want_wa = args.only.as_deref() != Some("qemu");
     let want_qe = args.only.as_deref() != Some("walkabout");
     let agents = if want_wa { Some((start_agent(&bin)?, start_agent(&bin)?)) } else { None };
@@ -127,14 +154,16 @@ fn main() -> Result<()> {
                 let label = format!("{mem} MiB, {wl}, bandwidth {}", bw.map(|b| format!("{b} MiB/s")).unwrap_or("default".into()));
                 eprintln!("[{}/{total_cells}] {label} ({:.0} s in)", cells.len() + 1, started.elapsed().as_secs_f64());
                 let wa = match &agents {
-                    Some((a, b)) => walkabout_cell(a, b, mem, wl, bw, args.runs).unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
+                    Some((a, b)) => {
+                        walkabout_cell(a, b, mem, wl, bw, args.runs, &[]).unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
+                    }
                     None => Value::Null,
                 };
                 if want_wa {
                     eprintln!("  walkabout: {}", brief(&wa));
                 }
                 let qe = if want_qe {
-                    qemu_cell(&peer, &guest, scratch.path(), mem, wl, bw, args.runs, args.give_up_s)
+                    qemu_cell(&peer, &guest, scratch.path(), mem, wl, bw, args.runs, args.give_up_s, &Peer::default())
                         .unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
                 } else {
                     Value::Null
@@ -231,7 +260,7 @@ fn wait_heartbeats(agent: &Agent, name: &str, n: u64, limit: Duration) -> Result
 
 /// Walkabout: boots the guest once on A, then migrates it A->B->A... `runs` times with
 /// `--mode auto`, checking the guest after each migration; deletes it at the end.
-fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, runs: usize) -> Result<Value> {
+fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, runs: usize, extra: &[&str]) -> Result<Value> {
     let name = format!("m{mem}-{}-{}", wl.replace(':', "-"), bw.map(|b| b.to_string()).unwrap_or("def".into()));
     let agents = [a, b];
     let memory = format!("{mem}M");
@@ -254,7 +283,11 @@ fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, run
             let (from, to) = (agents[src], agents[1 - src]);
             let before: VmInfo = from.cli(&["vm", "info", &name])?;
             let (_, breaks0, _, _) = health(&before);
-            let mut cmd = from.command(&["migrate", &name, "--to", &to.url, "--mode", "auto", "--wait", "--output", "json"]);
+            let mut cmd = from.command(&["migrate", &name, "--to", &to.url, "--wait", "--output", "json"]);
+            if !extra.contains(&"--mode") {
+                cmd.args(["--mode", "auto"]);
+            }
+            cmd.args(extra);
             if let Some(b) = bw {
                 cmd.args(["--max-bandwidth", &format!("{b}M")]);
             }
@@ -269,6 +302,7 @@ fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, run
             // The guest must keep its heartbeat going on whichever host holds it.
             let (hb_now, _, _, _) = health(&info);
             let after = wait_heartbeats(agents[holder], &name, hb_now + 10, Duration::from_secs(30))?;
+            let stall_ms = max_heartbeat_gap_ms(&after.record.run_dir.join("console.log"));
             let (hb_after, breaks, corrupt, trouble) = health(&after);
             let result = summary
                 .as_ref()
@@ -303,6 +337,9 @@ fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, run
                 .map(|s| s.switches.iter().map(|w| json!({"to": w.to, "at_ms": w.at_ms, "reason": w.reason})).collect())
                 .unwrap_or_default();
             let strategy = s.and_then(|s| s.strategy.as_ref()).map(|st| st.name.clone());
+            let stream = s.and_then(|s| s.strategy.as_ref()).map(|st| {
+                json!({"multifd_channels": st.multifd_channels, "compression": st.compression, "postcopy_preempt": st.postcopy_preempt, "why": st.stream_reason})
+            });
             out.push(json!({
                 "run": run,
                 "direction": if to.url == b.url { "A->B" } else { "B->A" },
@@ -315,6 +352,8 @@ fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, run
                 "iterations": s.map(|s| s.iterations),
                 "dirty_rate_bps": s.and_then(|s| s.dirty_rate_bps),
                 "strategy": strategy,
+                "stream": stream,
+                "guest_max_hb_gap_ms": stall_ms,
                 "switches": switches,
                 "cli_wall_ms": ran.wall.as_millis() as u64,
                 "guest_after": {"heartbeats": hb_after, "seq_breaks": breaks, "corrupt_pages": corrupt, "kernel_trouble": trouble},
@@ -335,9 +374,11 @@ fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, run
     }
     let per_run = result?;
     let dirty: Vec<f64> = per_run.iter().filter_map(|r| r["dirty_rate_bps"].as_f64()).collect();
+    let stall = field_stats(&per_run, "guest_max_hb_gap_ms");
     Ok(side_summary(
         per_run,
         json!({
+            "guest_max_hb_gap_ms": stall,
             "create_ms": create.create_ms,
             "measured_dirty_rate_mib_s": median(&dirty).map(|d| round3(d / 1048576.0)),
         }),
@@ -348,16 +389,34 @@ fn walkabout_cell(a: &Agent, b: &Agent, mem: u64, wl: &str, bw: Option<u64>, run
 /// per run. A run counts as completed when QEMU says so and the heartbeat continued at
 /// the destination.
 #[allow(clippy::too_many_arguments)]
-fn qemu_cell(peer: &Path, guest: &Path, scratch: &Path, mem: u64, wl: &str, bw: Option<u64>, runs: usize, give_up_s: u64) -> Result<Value> {
+fn qemu_cell(
+    peer: &Path,
+    guest: &Path,
+    scratch: &Path,
+    mem: u64,
+    wl: &str,
+    bw: Option<u64>,
+    runs: usize,
+    give_up_s: u64,
+    how: &Peer,
+) -> Result<Value> {
     // Its temporary directories (serial files, QMP sockets) land in our scratch dir.
-    let tmp = scratch.join(format!("qemu-{mem}-{}-{}", wl.replace(':', "-"), bw.unwrap_or(0)));
+    let tmp = scratch.join(format!("qemu-{mem}-{}-{}-{}", wl.replace(':', "-"), bw.unwrap_or(0), how.args.join("")));
     std::fs::create_dir_all(&tmp)?;
-    let mut cmd = Command::new("python3");
+    let mut cmd = match &how.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "python3"]);
+            c
+        }
+        None => Command::new("python3"),
+    };
     cmd.arg(peer.join("migrate-bench.py"))
         .arg("--guest")
         .arg(guest)
         .args(["--mem", &mem.to_string(), "--workload", wl, "--accel", "tcg"])
         .args(["--bandwidth-mib", &bw.unwrap_or(0).to_string(), "--runs", &runs.to_string(), "--give-up-s", &give_up_s.to_string()])
+        .args(&how.args)
         .env("TMPDIR", &tmp);
     let limit = Duration::from_secs(runs as u64 * (give_up_s + 240));
     let ran = run_with_deadline(cmd, limit, scratch, "peer");
@@ -381,6 +440,7 @@ fn qemu_cell(peer: &Path, guest: &Path, scratch: &Path, mem: u64, wl: &str, bw: 
                 "transferred_bytes": r["transferred_mib"].as_f64().map(|m| (m * 1048576.0).round()),
                 "dirty_syncs": r["dirty_syncs"],
                 "guest_hb_gap_ms": r["guest_hb_gap_ms"],
+                "postcopy": r["postcopy"],
                 "hb_continues": r["hb_continues"],
                 "boot_s": r["boot_s"],
             })
@@ -397,6 +457,30 @@ fn qemu_cell(peer: &Path, guest: &Path, scratch: &Path, mem: u64, wl: &str, bw: 
         }
     }
     Ok(side_summary(per_run, extra))
+}
+
+/// How the peer runs: in a network namespace (a tbf-limited loopback), with extra
+/// arguments of its script (`--postcopy`).
+#[derive(Default)]
+struct Peer {
+    netns: Option<String>,
+    args: Vec<String>,
+}
+
+/// The guest's longest pause as the guest saw it: the largest gap, in its own
+/// CLOCK_MONOTONIC, between consecutive heartbeats (`hb <seq> <ns> <corrupt>`, every
+/// 100 ms) on a console; vCPUs stopped by QEMU do not count (the guest's clock stops
+/// with them), vCPUs waiting for post-copy pages do. `None` without two heartbeats.
+fn max_heartbeat_gap_ms(console: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(console).ok()?;
+    let ns: Vec<u64> = text
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            (f.next() == Some("hb")).then(|| f.nth(1).and_then(|x| x.parse().ok())).flatten()
+        })
+        .collect();
+    ns.windows(2).map(|w| w[1].saturating_sub(w[0]) as f64 / 1e6).reduce(f64::max).map(round3)
 }
 
 /// Kills (SIGKILL) every process whose command line contains `dir`: only QEMUs the
@@ -483,4 +567,167 @@ fn document(env: &Value, a: &Args, peer: &Path, cells: &[Value], complete: bool,
             "cells_walkabout_fails": wa_fails,
         },
     })
+}
+
+/// The migration engine's cells (issue #15), each beside QEMU's defaults in the same run.
+mod engine {
+    use super::*;
+
+    /// One cell.
+    struct Cell {
+        name: &'static str,
+        mem: u64,
+        workload: &'static str,
+        /// `walkabout migrate` arguments.
+        walkabout: &'static [&'static str],
+        /// The peer script's extra arguments (`--postcopy`: QEMU's post-copy, no preempt).
+        qemu: &'static [&'static str],
+        /// Both sides on a loopback limited by `tc tbf` to this rate (in a namespace).
+        link_mbit: Option<u32>,
+    }
+
+    const CELLS: &[Cell] = &[
+        Cell {
+            name: "postcopy_preempt",
+            mem: 512,
+            workload: "dirty:256:512",
+            walkabout: &["--mode", "postcopy", "--postcopy-preempt", "true"],
+            qemu: &["--postcopy"],
+            link_mbit: None,
+        },
+        Cell {
+            name: "postcopy_no_preempt",
+            mem: 512,
+            workload: "dirty:256:512",
+            walkabout: &["--mode", "postcopy", "--postcopy-preempt", "false"],
+            qemu: &["--postcopy"],
+            link_mbit: None,
+        },
+        Cell {
+            name: "postcopy_preempt_link25",
+            mem: 512,
+            workload: "dirty:256:512",
+            walkabout: &["--mode", "postcopy", "--postcopy-preempt", "true"],
+            qemu: &["--postcopy"],
+            link_mbit: Some(200),
+        },
+        Cell {
+            name: "postcopy_no_preempt_link25",
+            mem: 512,
+            workload: "dirty:256:512",
+            walkabout: &["--mode", "postcopy", "--postcopy-preempt", "false"],
+            qemu: &["--postcopy"],
+            link_mbit: Some(200),
+        },
+        Cell {
+            name: "link20_auto",
+            mem: 512,
+            workload: "dirty:64:32",
+            walkabout: &["--max-bandwidth", "20M"],
+            qemu: &[],
+            link_mbit: Some(160),
+        },
+        Cell {
+            name: "link20_zstd",
+            mem: 512,
+            workload: "dirty:64:32",
+            walkabout: &["--mode", "precopy", "--max-bandwidth", "20M", "--compression", "zstd", "--multifd-channels", "2"],
+            qemu: &[],
+            link_mbit: Some(160),
+        },
+        Cell { name: "mem4g_idle", mem: 4096, workload: "idle", walkabout: &[], qemu: &[], link_mbit: None },
+        Cell { name: "mem4g_dirty256", mem: 4096, workload: "dirty:256:64", walkabout: &[], qemu: &[], link_mbit: None },
+        Cell { name: "mem8g_idle", mem: 8192, workload: "idle", walkabout: &[], qemu: &[], link_mbit: None },
+        Cell { name: "mem8g_dirty256", mem: 8192, workload: "dirty:256:64", walkabout: &[], qemu: &[], link_mbit: None },
+    ];
+
+    /// A namespace whose loopback is limited to `mbit` Mbit/s; removed on drop.
+    struct SlowLoopback(String);
+
+    impl SlowLoopback {
+        fn new(mbit: u32) -> Result<SlowLoopback> {
+            let ns = format!("wab-slow-{}", std::process::id());
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+            walkabout_testbed::net::run("ip", &["netns", "add", &ns])?;
+            let ns = SlowLoopback(ns);
+            walkabout_testbed::net::run("ip", &["-n", &ns.0, "link", "set", "lo", "up"])?;
+            let rate = format!("{mbit}mbit");
+            walkabout_testbed::net::run(
+                "ip",
+                &[
+                    "netns", "exec", &ns.0, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", &rate, "burst", "256kb", "latency",
+                    "100ms",
+                ],
+            )?;
+            Ok(ns)
+        }
+    }
+
+    impl Drop for SlowLoopback {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        }
+    }
+
+    fn agents(bin: &Path, netns: Option<&str>) -> Result<(Agent, Agent)> {
+        let spec = || walkabout_testbed::AgentSpec::new(bin).env("WALKABOUT_LOG", "warn").at(netns, "127.0.0.1:0");
+        Ok((Agent::start(spec())?, Agent::start(spec())?))
+    }
+
+    /// Runs the cells; prints (and writes) one JSON document.
+    pub(super) fn run(args: &Args, env: &Value, bin: &Path, peer: &Path, guest: &Path, scratch: &Path, started: Instant) -> Result<()> {
+        let mut out: Vec<Value> = vec![];
+        let wanted = |c: &Cell| args.cells.as_ref().is_none_or(|l| l.iter().any(|n| n == c.name));
+        let cells: Vec<&Cell> = CELLS.iter().filter(|c| wanted(c)).collect();
+        for (i, c) in cells.iter().enumerate() {
+            eprintln!("[{}/{}] {} ({:.0} s in)", i + 1, cells.len(), c.name, started.elapsed().as_secs_f64());
+            let link = c.link_mbit.map(SlowLoopback::new).transpose()?;
+            let ns = link.as_ref().map(|l| l.0.clone());
+            let wa = if args.only.as_deref() == Some("qemu") {
+                Value::Null
+            } else {
+                match agents(bin, ns.as_deref()) {
+                    Ok((a, b)) => walkabout_cell(&a, &b, c.mem, c.workload, None, args.runs, c.walkabout)
+                        .unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
+                    Err(e) => json!({"error": format!("{e:#}")}),
+                }
+            };
+            eprintln!("  walkabout: {}", brief(&wa));
+            let how = Peer { netns: ns.clone(), args: c.qemu.iter().map(|s| s.to_string()).collect() };
+            let qe = if args.only.as_deref() == Some("walkabout") {
+                Value::Null
+            } else {
+                qemu_cell(peer, guest, scratch, c.mem, c.workload, None, args.runs, args.give_up_s, &how)
+                    .unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
+            };
+            eprintln!("  qemu:      {}", brief(&qe));
+            let compare = compare(&wa, &qe);
+            out.push(json!({
+                "cell": c.name, "memory_mib": c.mem, "workload": c.workload,
+                "link": c.link_mbit.map(|m| format!("tc tbf {m} Mbit/s ({} MiB/s) on a namespace's loopback, both sides", m / 8)).unwrap_or("loopback".into()),
+                "walkabout_args": c.walkabout, "qemu_args": c.qemu,
+                "walkabout": wa, "qemu": qe, "compare": compare,
+            }));
+            let doc = json!({
+                "bench": "migrate --engine",
+                "complete": i + 1 == cells.len(),
+                "elapsed_s": started.elapsed().as_secs(),
+                "environment": env,
+                "settings": {
+                    "runs_per_cell": args.runs,
+                    "walkabout": "walkabout migrate --wait with the cell's arguments (--mode auto unless given), two agents (TCG, 1 vCPU), the guest boots once per cell and walks A->B->A; guest_max_hb_gap_ms: the largest gap in the guest's own clock between consecutive heartbeats on the destination's console (post-copy page waits count, QEMU's stop does not)",
+                    "qemu": "the peer migrate-bench.py: QEMU's defaults (pre-copy, or --postcopy: post-copy after the first pass, no preempt), a fresh QEMU pair per run; guest_hb_gap_ms: guest clock between the last heartbeat at the source and the first at the destination",
+                },
+                "cells": out,
+            });
+            let text = serde_json::to_string_pretty(&doc)? + "\n";
+            if let Some(p) = &args.out {
+                std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
+            }
+            if i + 1 == cells.len() {
+                print!("{text}");
+            }
+        }
+        Ok(())
+    }
 }

@@ -14,6 +14,7 @@
 //! | POST | /v1/migrations/{id}/cancel | cancel (before switchover only; idempotent) |
 //! | POST, GET, DELETE | /v1/incoming[/{name}] | destination side, agent to agent |
 //! | POST | /v1/incoming/{name}/commit | ownership hand-over after switchover |
+//! | POST | /v1/incoming/{name}/recover | a paused post-copy listens again |
 //! | GET | /metrics | Prometheus metrics |
 //!
 //! Errors are `{"error": "<sentence naming the VM and cause>", "kind": "<kind>"}` with a
@@ -28,7 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use walkabout_api::{CommitRequest, IncomingRequest, MigrationRequest};
+use walkabout_api::{CommitRequest, IncomingRequest, MigrationRequest, RecoverRequest};
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
@@ -55,6 +56,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/incoming", post(incoming_prepare))
         .route("/v1/incoming/{name}", get(incoming).delete(incoming_abort))
         .route("/v1/incoming/{name}/commit", post(incoming_commit))
+        .route("/v1/incoming/{name}/recover", post(incoming_recover))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .with_state(agent)
@@ -207,6 +209,14 @@ async fn incoming_commit(State(a): State<Agent>, Path(name): Path<String>, b: Op
     reply(a.commit_incoming(&name, guest).await)
 }
 
+async fn incoming_recover(State(a): State<Agent>, Path(name): Path<String>, b: Body<RecoverRequest>) -> Response {
+    let req = match body(b, "post-copy recovery request") {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    reply(a.recover_incoming(&name, req).await)
+}
+
 async fn incoming_abort(State(a): State<Agent>, Path(name): Path<String>) -> Response {
     match a.abort_incoming(&name).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
@@ -245,6 +255,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/incoming/{name}"),
     ("DELETE", "/v1/incoming/{name}"),
     ("POST", "/v1/incoming/{name}/commit"),
+    ("POST", "/v1/incoming/{name}/recover"),
     ("GET", "/metrics"),
     ("GET", "/v1/openapi.json"),
 ];

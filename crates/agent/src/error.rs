@@ -85,7 +85,7 @@ pub enum AgentError {
         id: String,
     },
     /// Cancel after switchover.
-    #[error("cannot cancel migration {id} of `{vm}`: it is past its switchover ({phase:?}); the VM now belongs to the destination")]
+    #[error("cannot cancel migration {id} of `{vm}`: it is past its switchover ({phase:?}); {why}")]
     NotCancellable {
         /// The id.
         id: String,
@@ -93,6 +93,8 @@ pub enum AgentError {
         vm: String,
         /// Its phase.
         phase: walkabout_migrate::Phase,
+        /// Why it cannot be undone (post-copy paused, or the VM belongs to the destination).
+        why: String,
     },
     /// QEMU failed for this VM.
     #[error("VM `{vm}`: {source}")]

@@ -26,7 +26,9 @@
 //! and resumes the guest on the source. After it the source never resumes on its own.
 //! Post-copy is the exception that cannot be undone: once it starts the guest runs on the
 //! destination while part of its memory is still on the source, so losing either host
-//! before it completes loses the VM.
+//! before it completes loses the VM. Losing the link between them does not: both ends
+//! pause post-copy and keep their halves, and the source re-establishes the stream
+//! (`/v1/incoming/{vm}/recover`) when the destination answers again, within a budget.
 
 mod driver;
 #[cfg(test)]
@@ -42,7 +44,7 @@ use walkabout_api::{AgentClient, ClientError, ClientOptions, GuestStatus};
 use walkabout_migrate::Phase;
 use walkabout_qemu::{cpu, Qmp};
 
-pub use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest, MIGRATION_VERSION};
+pub use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest, RecoverRequest, MIGRATION_VERSION};
 
 /// A migration the agent is driving, with its cancel switch.
 pub(crate) struct Migration {
@@ -69,6 +71,10 @@ impl PeerAgent for AgentClient {
         self.with_timeout(Duration::from_secs(90)).commit_incoming(vm, guest).await.map(drop)
     }
 
+    async fn recover_incoming(&self, vm: &str, req: &RecoverRequest) -> Result<IncomingReply, ClientError> {
+        self.with_timeout(Duration::from_secs(10)).recover_incoming(vm, req).await
+    }
+
     async fn abort_incoming(&self, vm: &str) -> Result<(), ClientError> {
         AgentClient::abort_incoming(self, vm).await
     }
@@ -86,6 +92,10 @@ impl<P: PeerAgent> PeerAgent for Result<P, ClientError> {
 
     async fn commit_incoming(&self, vm: &str, guest: Option<GuestStatus>) -> Result<(), ClientError> {
         self.as_ref().map_err(Clone::clone)?.commit_incoming(vm, guest).await
+    }
+
+    async fn recover_incoming(&self, vm: &str, req: &RecoverRequest) -> Result<IncomingReply, ClientError> {
+        self.as_ref().map_err(Clone::clone)?.recover_incoming(vm, req).await
     }
 
     async fn abort_incoming(&self, vm: &str) -> Result<(), ClientError> {
@@ -271,7 +281,13 @@ impl Agent {
             let qmp =
                 guard.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: name.clone(), op: "receive", state: guard.record.state })?;
             self.check_cpu(&name, &qmp, &req.cpu_features).await?;
-            let uri = walkabout_migrate::run::listen_incoming(&qmp, req.postcopy_ready, &req.listen_host)
+            let stream = walkabout_migrate::Stream {
+                postcopy_ready: req.postcopy_ready,
+                postcopy_preempt: req.postcopy_preempt,
+                multifd_channels: req.multifd_channels,
+                compression: req.compression,
+            };
+            let uri = walkabout_migrate::run::listen_incoming(&qmp, &stream, &req.listen_host)
                 .await
                 .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot receive {name}: {e}") })?;
             if !req.spec.nics.is_empty() {
@@ -290,7 +306,8 @@ impl Agent {
         .await;
         if result.is_ok() {
             lock(&self.inner.leases).insert(name.clone(), std::time::Instant::now());
-            self.spawn_lease_watch(name.clone(), guard.record.pid);
+            let events = guard.qmp.as_ref().map(Qmp::events);
+            self.spawn_lease_watch(name.clone(), guard.record.pid, events);
         }
         if result.is_err() {
             if let Some(p) = guard.process.take() {
@@ -383,6 +400,24 @@ impl Agent {
         Ok(())
     }
 
+    /// A paused post-copy of an incoming VM listens again for its stream (paused first
+    /// if its QEMU has not noticed the old one is gone); returns where the source
+    /// resumes sending. Renews the lease.
+    pub async fn recover_incoming(&self, name: &str, req: RecoverRequest) -> Result<IncomingReply, AgentError> {
+        let vm = self.incoming_vm(name)?;
+        let vm = vm.lock().await;
+        if vm.record.state != VmState::Incoming {
+            return Err(AgentError::InvalidState { vm: name.into(), op: "recover the post-copy of", state: vm.record.state });
+        }
+        let qmp = vm.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: name.into(), op: "recover", state: vm.record.state })?;
+        lock(&self.inner.leases).insert(name.to_string(), std::time::Instant::now());
+        let uri = walkabout_migrate::run::recover_incoming(&qmp, &req.listen_host)
+            .await
+            .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot recover the post-copy of {name}: {e}") })?;
+        tracing::info!(vm = %name, %uri, "post-copy listening again");
+        Ok(IncomingReply { uri })
+    }
+
     /// The incoming VM, while it is incoming: the source's liveness probe, which also
     /// renews the destination's lease.
     pub async fn incoming(&self, name: &str) -> Result<crate::vms::VmInfo, AgentError> {
@@ -396,11 +431,24 @@ impl Agent {
     }
 
     /// Watches an incoming VM's lease until the migration is committed or aborted.
-    fn spawn_lease_watch(&self, name: String, pid: Option<i32>) {
+    /// The incoming migration's status is followed by QEMU's events (`query-migrate`
+    /// would wait on a main loop that a post-copy page fault may hold).
+    fn spawn_lease_watch(
+        &self,
+        name: String,
+        pid: Option<i32>,
+        mut events: Option<tokio::sync::broadcast::Receiver<walkabout_qemu::Event>>,
+    ) {
         let agent = self.clone();
         tokio::spawn(async move {
+            let mut status = String::from("setup");
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                while let Some(Ok(ev)) = events.as_mut().map(|e| e.try_recv()) {
+                    if let Some(s) = walkabout_migrate::run::migration_event_status(&ev) {
+                        status = s.to_string();
+                    }
+                }
                 let Ok(vm) = agent.vm(&name) else { break };
                 let mut vm = vm.lock().await;
                 if vm.record.pid != pid || vm.record.state != VmState::Incoming {
@@ -408,6 +456,20 @@ impl Agent {
                 }
                 let renewed = lock(&agent.inner.leases).get(&name).copied();
                 if renewed.is_some_and(|t| t.elapsed() < INCOMING_LEASE) {
+                    continue;
+                }
+                // Post-copy not finished: the guest runs here but needs pages still at the
+                // source. Kept, neither torn down nor adopted. Not paused here either: a
+                // silent source agent is not a lost stream (QEMU's stream may well flow);
+                // the source pauses a stream that stalled, and its recovery request
+                // pauses this end before listening again.
+                if walkabout_migrate::run::is_postcopy(&status) {
+                    let reason = "post-copy under way with its source silent: kept here, waiting for the source to complete or re-establish the stream";
+                    if vm.record.reason.as_deref() != Some(reason) {
+                        tracing::warn!(vm = %name, status, "source silent during post-copy: the VM is kept here");
+                        vm.record.reason = Some(reason.into());
+                        let _ = agent.inner.store.put(&vm.record);
+                    }
                     continue;
                 }
                 let runs = match &vm.qmp {

@@ -9,7 +9,7 @@ use crate::cluster::{AddHost, ClusterMigration, ClusterSummary, ClusterVm, Creat
 use crate::error::{ErrorBody, ErrorKind};
 use crate::event::Event;
 use crate::host::{CpuCatalog, HostInfo};
-use crate::migration::{CommitRequest, IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest};
+use crate::migration::{CommitRequest, IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest, RecoverRequest};
 use crate::plan::{Goal, PlanRecord};
 use crate::vm::{ConsoleChunk, GuestStatus, VmInfo, VmSpec};
 use crate::walk::{WalkOptions, WalkRecord};
@@ -363,6 +363,11 @@ impl AgentClient {
     /// `POST /v1/incoming/{name}/commit`: the ownership hand-over after switchover.
     pub async fn commit_incoming(&self, name: &str, guest: Option<GuestStatus>) -> Result<VmInfo, ClientError> {
         self.http.post(&format!("/v1/incoming/{}/commit", seg(name)), Some(&CommitRequest { guest })).await
+    }
+    /// `POST /v1/incoming/{name}/recover`: a paused post-copy listens again; where to
+    /// resume sending.
+    pub async fn recover_incoming(&self, name: &str, req: &RecoverRequest) -> Result<IncomingReply, ClientError> {
+        self.http.post(&format!("/v1/incoming/{}/recover", seg(name)), Some(req)).await
     }
     /// `DELETE /v1/incoming/{name}`: tears down an incoming VM that never ran there.
     pub async fn abort_incoming(&self, name: &str) -> Result<(), ClientError> {

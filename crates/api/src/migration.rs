@@ -148,6 +148,105 @@ pub struct Strategy {
     pub downtime_ms: u64,
     /// Why this strategy.
     pub reason: String,
+    /// QEMU's `postcopy-preempt` (both ends): page faults during post-copy travel on a
+    /// channel of their own instead of queueing behind the bulk stream.
+    #[serde(default)]
+    pub postcopy_preempt: bool,
+    /// multifd channels (both ends); 0 means one stream, no multifd.
+    #[serde(default)]
+    pub multifd_channels: u8,
+    /// Compression of the stream.
+    #[serde(default)]
+    pub compression: Compression,
+    /// How long a paused post-copy (link lost) may wait for its stream to be
+    /// re-established before the migration is declared stuck, ms.
+    #[serde(default = "default_recovery_budget_ms")]
+    pub recovery_budget_ms: u64,
+    /// Why these stream settings (preempt, multifd, compression), beside `reason`.
+    #[serde(default)]
+    pub stream_reason: String,
+}
+
+/// The default budget for re-establishing a paused post-copy, ms.
+pub const DEFAULT_RECOVERY_BUDGET_MS: u64 = 120_000;
+
+fn default_recovery_budget_ms() -> u64 {
+    DEFAULT_RECOVERY_BUDGET_MS
+}
+
+/// Compression of the migration stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// None: pages go as they are (zero pages are always skipped).
+    #[default]
+    None,
+    /// zstd over multifd channels (both ends; not with post-copy, which QEMU 10 cannot
+    /// combine with multifd).
+    Zstd,
+    /// XBZRLE: pages rewritten since they were last sent go as deltas against a cache
+    /// (source only; works beside post-copy).
+    Xbzrle,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Compression::None),
+            "zstd" => Ok(Compression::Zstd),
+            "xbzrle" => Ok(Compression::Xbzrle),
+            o => Err(format!("unknown compression '{o}': expected none, zstd or xbzrle")),
+        }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+            Compression::Xbzrle => "xbzrle",
+        })
+    }
+}
+
+/// Stream settings an operator may force; whatever is left unset the policy decides
+/// (and says why in [`Strategy::stream_reason`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct Tuning {
+    /// multifd channels (0 or 1: one stream). QEMU 10 cannot combine multifd with
+    /// post-copy: forcing channels >= 2 keeps post-copy unarmed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multifd_channels: Option<u8>,
+    /// Compression of the stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+    /// Post-copy preempt channel on or off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy_preempt: Option<bool>,
+    /// Budget for re-establishing a paused post-copy, ms (default 120 000).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_budget_ms: Option<u64>,
+}
+
+/// One interruption of post-copy (its stream lost while the guest ran at the
+/// destination with part of its memory still at the source), and its recovery.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PostcopyPause {
+    /// When post-copy paused, ms since the epoch.
+    pub paused_at_ms: u64,
+    /// When the stream was re-established and post-copy went on, ms since the epoch;
+    /// `None` while paused, or if it never was.
+    pub resumed_at_ms: Option<u64>,
+    /// Attempts to re-establish the stream (`migrate-recover` at the destination,
+    /// `migrate` with `resume` at the source).
+    pub attempts: u32,
+    /// Why it paused.
+    pub cause: String,
+    /// The last failed attempt's error, if any.
+    pub last_error: Option<String>,
 }
 
 /// A recorded change of strategy during a migration.
@@ -187,6 +286,11 @@ pub struct Progress {
     pub elapsed_ms: u64,
     /// vCPU throttle applied by auto-converge, percent.
     pub throttle_pct: u64,
+    /// Since when post-copy is paused (stream lost), ms since the epoch; `None` unless
+    /// QEMU reports `postcopy-paused` (or is re-establishing the stream).
+    pub postcopy_paused_since_ms: Option<u64>,
+    /// Attempts to re-establish post-copy's stream, over the whole migration.
+    pub recovery_attempts: u32,
 }
 
 impl Progress {
@@ -219,6 +323,10 @@ pub struct MigrationRequest {
     /// How the VM's disks move (default `auto`; irrelevant for a VM without disks).
     #[serde(default)]
     pub storage: StorageMode,
+    /// Stream settings forced by the operator (multifd, compression, preempt, the
+    /// post-copy recovery budget); unset ones are the policy's.
+    #[serde(flatten)]
+    pub tuning: Tuning,
 }
 
 impl MigrationRequest {
@@ -232,6 +340,7 @@ impl MigrationRequest {
             max_bandwidth_bps: None,
             budget_per_gib_ms: None,
             storage: StorageMode::Auto,
+            tuning: Tuning::default(),
         }
     }
 }
@@ -271,6 +380,12 @@ pub struct MigrationRecord {
     pub created_at_ms: u64,
     /// End, ms since the epoch.
     pub finished_at_ms: Option<u64>,
+    /// Stream settings the operator forced.
+    #[serde(default)]
+    pub tuning: Tuning,
+    /// Every interruption of post-copy and its recovery, in order.
+    #[serde(default)]
+    pub postcopy_pauses: Vec<PostcopyPause>,
 }
 
 impl MigrationRecord {
@@ -299,6 +414,8 @@ impl MigrationRecord {
             downtime_ms: None,
             created_at_ms,
             finished_at_ms: None,
+            tuning: req.tuning,
+            postcopy_pauses: vec![],
         }
     }
 }
@@ -340,6 +457,9 @@ pub struct MigrationSummary {
     /// absent when it was not probed or the connection held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_error: Option<String>,
+    /// Interruptions of post-copy and their recoveries.
+    #[serde(default)]
+    pub postcopy_pauses: Vec<PostcopyPause>,
 }
 
 impl From<&MigrationRecord> for MigrationSummary {
@@ -359,6 +479,7 @@ impl From<&MigrationRecord> for MigrationSummary {
             switches: rec.switches.clone(),
             observed_downtime_ms: None,
             probe_error: None,
+            postcopy_pauses: rec.postcopy_pauses.clone(),
         }
     }
 }
@@ -373,6 +494,23 @@ pub struct IncomingRequest {
     /// CPU features the VM's CPU model has on the source.
     pub cpu_features: Vec<String>,
     /// The address the destination QEMU listens on (the host the source reaches it by).
+    pub listen_host: String,
+    /// Post-copy preempt channel (both ends must agree).
+    #[serde(default)]
+    pub postcopy_preempt: bool,
+    /// multifd channels (0: one stream; both ends must agree).
+    #[serde(default)]
+    pub multifd_channels: u8,
+    /// Compression (zstd must be set on both ends; xbzrle is the source's alone).
+    #[serde(default)]
+    pub compression: Compression,
+}
+
+/// The source asks the destination to listen again for a paused post-copy's stream
+/// (`POST /v1/incoming/{name}/recover`); answered with an [`IncomingReply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RecoverRequest {
+    /// The address the destination QEMU listens on.
     pub listen_host: String,
 }
 

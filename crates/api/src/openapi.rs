@@ -76,7 +76,7 @@ pub fn routes(doc: &utoipa::openapi::OpenApi) -> Vec<(String, String)> {
 mod agent_routes {
     use crate::error::ErrorBody;
     use crate::host::{CpuCatalog, HostInfo};
-    use crate::migration::{CommitRequest, IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest};
+    use crate::migration::{CommitRequest, IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest, RecoverRequest};
     use crate::vm::{ConsoleChunk, VmInfo, VmSpec};
 
     /// The host: resources, accelerator (and why), QEMU version.
@@ -175,6 +175,12 @@ mod agent_routes {
         request_body = CommitRequest, responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
     fn commit_incoming() {}
 
+    /// Agent to agent: a post-copy whose stream was lost listens again (`migrate-pause`
+    /// if it had not noticed, then `migrate-recover`); where the source resumes sending.
+    #[utoipa::path(post, path = "/v1/incoming/{name}/recover", tag = "incoming", params(("name" = String, Path, description = "VM name")),
+        request_body = RecoverRequest, responses((status = 200, body = IncomingReply), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn recover_incoming() {}
+
     /// Prometheus metrics (text exposition format).
     #[utoipa::path(get, path = "/metrics", tag = "metrics", responses((status = 200, content_type = "text/plain", body = String)))]
     fn metrics() {}
@@ -209,6 +215,7 @@ mod agent_routes {
         agent_routes::incoming,
         agent_routes::abort_incoming,
         agent_routes::commit_incoming,
+        agent_routes::recover_incoming,
         agent_routes::metrics,
         agent_routes::openapi
     ),

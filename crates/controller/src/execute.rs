@@ -279,7 +279,9 @@ impl Executor {
                 Ok(h) => (h.url, h.status != HostStatus::Down, h.down_reason),
                 Err(e) => return self.finish_migration(&id, Phase::Failed, Some(e.to_string()), None),
             };
-            if !from_up {
+            // Past the switchover (post-copy perhaps paused on a lost link) nothing can be
+            // undone and the source agent alone ends the migration: keep following it.
+            if !from_up && m.phase != Phase::Switchover {
                 let why =
                     format!("its source host {} went down ({}); {} is unreachable there", m.from, from_reason.unwrap_or_default(), m.vm);
                 return self.finish_migration(&id, Phase::Failed, Some(why), None);

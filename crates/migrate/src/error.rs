@@ -16,6 +16,9 @@ pub enum MigrateError {
     /// QEMU reported the migration failed.
     #[error("QEMU reports the migration failed: {0}")]
     Failed(String),
+    /// A paused post-copy could not listen again (not paused, or QEMU refused).
+    #[error("destination QEMU's post-copy could not listen again: {0}")]
+    NotPaused(String),
     /// The destination did not say where to connect.
     #[error("destination QEMU did not report its listening address: {0}")]
     NoIncomingAddress(String),

@@ -14,7 +14,7 @@ pub mod run;
 
 pub use error::MigrateError;
 pub use phase::Phase;
-pub use policy::{Limits, Mode, Policy, Strategy, Switch};
+pub use policy::{Compression, HostFacts, Limits, Mode, Policy, Strategy, Switch, Tuning};
 pub use progress::Progress;
 pub use qmp::MigrationQmp;
-pub use run::Outcome;
+pub use run::{Outcome, Stream};

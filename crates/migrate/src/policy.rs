@@ -51,7 +51,43 @@ pub const ASSUMED_LINK_BPS: u64 = 1 << 30;
 /// misses and for a guest that speeds up. Below it, plain pre-copy.
 pub const READY_SHARE: f64 = 0.5;
 
-pub use walkabout_api::{Limits, Mode, Strategy, Switch};
+pub use walkabout_api::{Compression, Limits, Mode, Strategy, Switch, Tuning};
+
+/// What one migration stream (QEMU's single migration thread) carries at most on this
+/// kind of host, bytes/s: measured on the project's 2-core TCG hosts over loopback with
+/// 1 GiB of non-zero pages (`bench/single-stream.py`; bench/results/migrate-engine.json,
+/// `single_stream`): 66-104 MiB/s for one stream, 539-648 MiB/s for 2 multifd channels.
+/// A link faster than this is worth multifd channels, if cores are spare to run them.
+pub const SINGLE_STREAM_BPS: u64 = 100 << 20;
+/// Most multifd channels the policy picks by itself.
+pub const MAX_AUTO_CHANNELS: u8 = 4;
+/// Post-copy preempt gives page faults a channel (and a thread at each end) of their
+/// own, so they do not queue behind the bulk stream. That queue is long only on a slow
+/// link: the policy turns preempt on by itself only when the operator's cap says the
+/// link is slower than this and a core is spare. Measured on the 2-core TCG hosts over
+/// loopback (bench/results/migrate-engine.json, cells `postcopy_preempt` and
+/// `postcopy_no_preempt`), preempt lengthened the guest's longest stall (median 523 ms
+/// against 190 ms) and the whole migration.
+pub const PREEMPT_BELOW_BPS: u64 = ASSUMED_LINK_BPS;
+
+/// Facts about the source host the stream settings depend on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HostFacts {
+    /// CPUs of the host.
+    pub cores: u32,
+    /// CPUs busy now (the 1-minute load average).
+    pub busy_cores: f64,
+    /// What one migration stream carries at most, bytes/s.
+    pub single_stream_bps: u64,
+}
+
+impl HostFacts {
+    /// Cores not busy, rounded down.
+    pub fn spare_cores(&self) -> u32 {
+        let busy = self.busy_cores.max(0.0).ceil() as u32;
+        self.cores.saturating_sub(busy)
+    }
+}
 
 /// One reading of QEMU's migration statistics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -117,6 +153,7 @@ pub struct Policy {
     /// The dirty rate measured before the start, bytes/s: the prediction's basis.
     measured_dirty_bps: Option<u64>,
     downtime_ms: u64,
+    guest_bytes: u64,
 }
 
 fn mib(bps: u64) -> u64 {
@@ -215,6 +252,11 @@ impl Policy {
                     limits.max_downtime_ms,
                     deadline_ms
                 ),
+                postcopy_preempt: false,
+                multifd_channels: 0,
+                compression: Compression::None,
+                recovery_budget_ms: walkabout_api::migration::DEFAULT_RECOVERY_BUDGET_MS,
+                stream_reason: "one stream, no compression".into(),
             },
             deadline_ms,
             passes: vec![],
@@ -223,7 +265,118 @@ impl Policy {
             predicted_to_converge: predicted,
             measured_dirty_bps: dirty_rate_bps,
             downtime_ms: initial_downtime_ms(limits.max_downtime_ms),
+            guest_bytes,
         }
+    }
+
+    /// Picks the stream settings (multifd, compression, post-copy preempt, the recovery
+    /// budget) from what the operator forced, the link, the guest's dirty rate and the
+    /// host's spare cores; every choice is said in [`Strategy::stream_reason`].
+    ///
+    /// QEMU 10 cannot combine multifd with post-copy, so multifd (and with it zstd) is
+    /// for strategies that do not arm post-copy, unless the operator forces it, which
+    /// then disarms post-copy (in `postcopy` mode post-copy wins and multifd is dropped).
+    pub fn tuned(mut self, tuning: &Tuning, host: &HostFacts) -> Policy {
+        let mut why: Vec<String> = vec![];
+        let link_bps = self.limits.max_bandwidth_bps;
+        let dirty = self.measured_dirty_bps;
+        // Compression wanted? Forced, or a link slower than the guest rewrites memory
+        // while the guest rewrites a working set smaller than itself (its pages repeat).
+        let compression = match tuning.compression {
+            Some(c) => {
+                why.push(format!("compression {c} as asked"));
+                c
+            }
+            None => match (link_bps, dirty) {
+                (Some(l), Some(d)) if d > l && d < self.guest_bytes => {
+                    why.push(format!(
+                        "the {} MiB/s link is slower than the guest rewrites memory ({} MiB/s, a working set under its {} MiB): pages repeat, so they are compressed",
+                        mib(l),
+                        mib(d),
+                        mib(self.guest_bytes)
+                    ));
+                    Compression::Xbzrle
+                }
+                _ => Compression::None,
+            },
+        };
+        let mut channels = match tuning.multifd_channels {
+            Some(n) if n >= 2 => {
+                why.push(format!("{n} multifd channels as asked"));
+                n
+            }
+            Some(_) => 0,
+            None if self.strategy.postcopy_ready => 0,
+            None => {
+                let link = link_bps.unwrap_or(ASSUMED_LINK_BPS);
+                let spare = host.spare_cores();
+                if link > host.single_stream_bps && spare >= 2 {
+                    let n = u8::try_from(spare).unwrap_or(u8::MAX).min(MAX_AUTO_CHANNELS);
+                    why.push(format!(
+                        "{n} multifd channels: the {} MiB/s link is faster than one stream carries ({} MiB/s) and {spare} cores are spare",
+                        mib(link),
+                        mib(host.single_stream_bps)
+                    ));
+                    n
+                } else {
+                    0
+                }
+            }
+        };
+        // zstd rides on multifd; a compression the policy chose (not forced) becomes
+        // zstd when multifd runs anyway, since XBZRLE cannot run beside multifd.
+        let compression = match compression {
+            Compression::Zstd if channels < 2 => {
+                channels = 2;
+                why.push("zstd runs on multifd: 2 channels".into());
+                Compression::Zstd
+            }
+            Compression::Xbzrle if channels >= 2 && tuning.compression.is_none() => Compression::Zstd,
+            Compression::Xbzrle if channels >= 2 => {
+                why.push("XBZRLE cannot run beside multifd: multifd dropped".into());
+                channels = 0;
+                Compression::Xbzrle
+            }
+            c => c,
+        };
+        if channels >= 2 && self.strategy.postcopy_ready {
+            if self.mode == Mode::Postcopy {
+                why.push("post-copy requested, which QEMU 10 cannot combine with multifd: one stream".into());
+                channels = 0;
+            } else {
+                why.push("post-copy not armed: QEMU 10 cannot combine it with multifd".into());
+                self.strategy.postcopy_ready = false;
+                self.strategy.auto_converge = true;
+                self.strategy.name = "precopy+auto-converge".into();
+            }
+        }
+        let compression = if channels < 2 && compression == Compression::Zstd { Compression::None } else { compression };
+        let slow_link = link_bps.filter(|&l| l < PREEMPT_BELOW_BPS);
+        let spare = host.spare_cores();
+        let preempt = self.strategy.postcopy_ready && tuning.postcopy_preempt.unwrap_or(slow_link.is_some() && spare >= 1);
+        if self.strategy.postcopy_ready {
+            why.push(match (preempt, tuning.postcopy_preempt, slow_link) {
+                (true, Some(_), _) => "post-copy preempt as asked".into(),
+                (false, Some(_), _) => "no post-copy preempt, as asked".into(),
+                (true, None, Some(l)) => format!(
+                    "post-copy preempt: on the {} MiB/s link page faults would queue behind the bulk stream, and {spare} cores are spare for its channel",
+                    mib(l)
+                ),
+                (false, None, Some(_)) => "no post-copy preempt: no core spare for its channel".into(),
+                (_, None, None) => {
+                    "no post-copy preempt: the link is not known to be slow (no cap), and on fast links its extra channel lengthened the guest's stalls".into()
+                }
+            });
+        }
+        if why.is_empty() {
+            why.push("one stream, no compression".into());
+        }
+        self.strategy.multifd_channels = channels;
+        self.strategy.compression = compression;
+        self.strategy.postcopy_preempt = preempt;
+        self.strategy.recovery_budget_ms = tuning.recovery_budget_ms.unwrap_or(walkabout_api::migration::DEFAULT_RECOVERY_BUDGET_MS);
+        self.strategy.stream_reason = why.join("; ");
+        self
     }
 
     /// The strategy chosen at the start.
@@ -529,6 +682,72 @@ mod tests {
             matches!(&end, Action::GiveUp { reason } if reason.contains("budget") && reason.contains("post-copy not armed: dirty 0 MiB/s")),
             "{end:?}"
         );
+    }
+
+    const IDLE_HOST: HostFacts = HostFacts { cores: 8, busy_cores: 1.0, single_stream_bps: GIB };
+    const BUSY_HOST: HostFacts = HostFacts { cores: 2, busy_cores: 1.5, single_stream_bps: GIB };
+
+    #[test]
+    fn multifd_is_picked_for_a_link_faster_than_one_stream_when_cores_are_spare() {
+        let limits = Limits { max_bandwidth_bps: Some(4 * GIB), ..Limits::default() };
+        let p = Policy::new(Mode::Auto, limits, GIB, Some(0)).tuned(&Tuning::default(), &IDLE_HOST);
+        assert_eq!(p.strategy().multifd_channels, 4, "{:?}", p.strategy());
+        assert!(p.strategy().stream_reason.contains("faster than one stream"), "{}", p.strategy().stream_reason);
+    }
+
+    #[test]
+    fn multifd_is_not_picked_without_spare_cores() {
+        let limits = Limits { max_bandwidth_bps: Some(4 * GIB), ..Limits::default() };
+        let p = Policy::new(Mode::Auto, limits, GIB, Some(0)).tuned(&Tuning::default(), &BUSY_HOST);
+        assert_eq!(p.strategy().multifd_channels, 0);
+    }
+
+    #[test]
+    fn a_slow_link_under_a_repeating_rewrite_rate_gets_compression() {
+        let p = Policy::new(Mode::Auto, capped(20), GIB, Some(256 * MIB)).tuned(&Tuning::default(), &BUSY_HOST);
+        assert_eq!(p.strategy().compression, Compression::Xbzrle, "{:?}", p.strategy());
+        assert!(p.strategy().postcopy_ready, "XBZRLE runs beside post-copy");
+    }
+
+    #[test]
+    fn forced_multifd_disarms_postcopy_in_auto_and_says_why() {
+        let tuning = Tuning { multifd_channels: Some(2), compression: Some(Compression::Zstd), ..Tuning::default() };
+        let p = Policy::new(Mode::Auto, capped(100), GIB, Some(500 * MIB)).tuned(&tuning, &BUSY_HOST);
+        let s = p.strategy();
+        assert_eq!((s.multifd_channels, s.compression, s.postcopy_ready, s.postcopy_preempt), (2, Compression::Zstd, false, false));
+        assert!(s.stream_reason.contains("cannot combine"), "{}", s.stream_reason);
+    }
+
+    #[test]
+    fn forced_zstd_alone_brings_two_multifd_channels() {
+        let tuning = Tuning { compression: Some(Compression::Zstd), ..Tuning::default() };
+        let p = Policy::new(Mode::Precopy, capped(20), GIB, Some(0)).tuned(&tuning, &BUSY_HOST);
+        assert_eq!((p.strategy().multifd_channels, p.strategy().compression), (2, Compression::Zstd));
+    }
+
+    #[test]
+    fn postcopy_mode_keeps_postcopy_over_forced_multifd() {
+        let tuning = Tuning { multifd_channels: Some(2), ..Tuning::default() };
+        let p = Policy::new(Mode::Postcopy, Limits::default(), GIB, None).tuned(&tuning, &BUSY_HOST);
+        let s = p.strategy();
+        assert!(s.postcopy_ready && s.multifd_channels == 0, "{s:?}");
+    }
+
+    #[test]
+    fn preempt_is_picked_for_a_slow_link_with_a_spare_core_only() {
+        let slow = Policy::new(Mode::Postcopy, capped(100), GIB, None).tuned(&Tuning::default(), &IDLE_HOST);
+        assert!(slow.strategy().postcopy_preempt, "{:?}", slow.strategy());
+        let fast = Policy::new(Mode::Postcopy, Limits::default(), GIB, None).tuned(&Tuning::default(), &IDLE_HOST);
+        assert!(!fast.strategy().postcopy_preempt && fast.strategy().stream_reason.contains("not known to be slow"));
+        let busy = Policy::new(Mode::Postcopy, capped(100), GIB, None).tuned(&Tuning::default(), &BUSY_HOST);
+        assert!(!busy.strategy().postcopy_preempt && busy.strategy().stream_reason.contains("no core spare"));
+    }
+
+    #[test]
+    fn preempt_can_be_turned_off_and_the_recovery_budget_set() {
+        let tuning = Tuning { postcopy_preempt: Some(false), recovery_budget_ms: Some(15_000), ..Tuning::default() };
+        let p = Policy::new(Mode::Postcopy, Limits::default(), GIB, None).tuned(&tuning, &BUSY_HOST);
+        assert_eq!((p.strategy().postcopy_preempt, p.strategy().recovery_budget_ms), (false, 15_000));
     }
 
     #[test]

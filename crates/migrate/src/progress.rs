@@ -24,6 +24,7 @@ pub fn from_query(v: &Value) -> Progress {
         expected_downtime_ms: u(&v["expected-downtime"]),
         elapsed_ms: u(&v["total-time"]),
         throttle_pct: u(&v["cpu-throttle-percentage"]),
+        ..Progress::default()
     }
 }
 

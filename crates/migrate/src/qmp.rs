@@ -15,6 +15,17 @@ pub trait MigrationQmp: Send + Sync {
     /// `calc-dirty-rate`, ...).
     fn execute(&self, command: &str, args: Option<serde_json::Value>) -> impl Future<Output = Result<serde_json::Value, QmpError>> + Send;
 
+    /// Runs one command out of band where QEMU allows it (`migrate-pause`,
+    /// `migrate-recover`): served even while QEMU's main loop waits for a page a
+    /// paused post-copy cannot bring.
+    fn execute_oob(
+        &self,
+        command: &str,
+        args: Option<serde_json::Value>,
+    ) -> impl Future<Output = Result<serde_json::Value, QmpError>> + Send {
+        self.execute(command, args)
+    }
+
     /// Subscribes to QEMU's events from now on.
     fn events(&self) -> broadcast::Receiver<Event>;
 
@@ -38,6 +49,14 @@ pub trait MigrationQmp: Send + Sync {
 impl MigrationQmp for Qmp {
     fn execute(&self, command: &str, args: Option<serde_json::Value>) -> impl Future<Output = Result<serde_json::Value, QmpError>> + Send {
         self.execute_raw(command, args)
+    }
+
+    fn execute_oob(
+        &self,
+        command: &str,
+        args: Option<serde_json::Value>,
+    ) -> impl Future<Output = Result<serde_json::Value, QmpError>> + Send {
+        Qmp::execute_oob(self, command, args)
     }
 
     fn events(&self) -> broadcast::Receiver<Event> {

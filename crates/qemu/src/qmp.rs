@@ -51,6 +51,8 @@ struct Inner {
     closed: Arc<AtomicBool>,
     closed_notify: Arc<tokio::sync::Notify>,
     timeout: Duration,
+    /// QEMU offered out-of-band execution and it was enabled.
+    oob: bool,
 }
 
 /// Result of `query-status`.
@@ -77,6 +79,11 @@ impl Qmp {
         if g.get("QMP").is_none() {
             return Err(QmpError::Protocol { context: "greeting".into(), detail: format!("no QMP banner in {greeting}") });
         }
+        // Out-of-band execution, where offered: the few commands that must work while
+        // QEMU's main loop is blocked (a post-copy destination waiting for a page that
+        // will not come) are run by the monitor's own thread (`migrate-pause`,
+        // `migrate-recover`).
+        let oob = g["QMP"]["capabilities"].as_array().is_some_and(|c| c.iter().any(|x| x == "oob"));
         let pending: Pending = Arc::default();
         let (events, _) = broadcast::channel(1024);
         let closed = Arc::new(AtomicBool::new(false));
@@ -91,9 +98,11 @@ impl Qmp {
                 closed,
                 closed_notify,
                 timeout,
+                oob,
             }),
         };
-        qmp.execute_raw("qmp_capabilities", None).await?;
+        let caps = oob.then(|| json!({"enable": ["oob"]}));
+        qmp.execute_raw("qmp_capabilities", caps).await?;
         Ok(qmp)
     }
 
@@ -125,11 +134,29 @@ impl Qmp {
 
     /// Runs a command with an explicit timeout.
     pub async fn execute_raw_timeout(&self, command: &str, args: Option<Value>, timeout: Duration) -> Result<Value, QmpError> {
+        self.send(command, args, timeout, false).await
+    }
+
+    /// Runs a command out of band (`exec-oob`) when QEMU offers it, so that it is
+    /// served even while QEMU's main loop is blocked; in band otherwise. Only commands
+    /// QEMU allows out of band (`migrate-pause`, `migrate-recover`, ...).
+    pub async fn execute_oob(&self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
+        self.send(command, args, self.inner.timeout, self.inner.oob).await
+    }
+
+    /// Whether out-of-band execution is enabled on this session.
+    pub fn oob(&self) -> bool {
+        self.inner.oob
+    }
+
+    async fn send(&self, command: &str, args: Option<Value>, timeout: Duration, oob: bool) -> Result<Value, QmpError> {
         if self.is_closed() {
             return Err(QmpError::Closed { command: command.into() });
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut msg = json!({ "execute": command, "id": id });
+        let verb = if oob { "exec-oob" } else { "execute" };
+        let mut msg = json!({ "id": id });
+        msg[verb] = json!(command);
         if let Some(a) = args {
             msg["arguments"] = a;
         }
@@ -223,6 +250,17 @@ async fn read_loop(
                 continue;
             }
         };
+        if v.get("event").is_some_and(|e| e == "COMMAND_DROPPED") {
+            // With out-of-band enabled QEMU may drop an in-band command when its queue
+            // is full: its reply will never come, so say so now.
+            if let Some(id) = v["data"]["id"].as_u64() {
+                if let Some(tx) = lock(&pending).remove(&id) {
+                    let why = v["data"]["reason"].as_str().unwrap_or("queue full").to_string();
+                    let _ = tx.send(Err(("CommandDropped".into(), format!("QEMU dropped the command: {why}"))));
+                }
+            }
+            continue;
+        }
         if v.get("event").is_some() {
             if let Ok(ev) = serde_json::from_value::<Event>(v) {
                 tracing::debug!(event = %ev.event, "QMP event");

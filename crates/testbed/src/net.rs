@@ -167,6 +167,11 @@ impl NetPair {
     pub fn cut(&self) -> Result<()> {
         run("ip", &["-n", &self.a, "link", "set", &self.veth_a, "down"])
     }
+
+    /// Restores a cut link (A's end up again; addresses and limits are kept).
+    pub fn restore(&self) -> Result<()> {
+        run("ip", &["-n", &self.a, "link", "set", &self.veth_a, "up"])
+    }
 }
 
 /// The guests' L2 segment: a bridge named `bridge` in the root namespace with address

@@ -7,7 +7,7 @@ mod common;
 use common::{assert_healthy, AgentProc};
 use serde::Deserialize;
 use std::time::Duration;
-use walkabout_api::{MigrationRecord, Phase, VmState};
+use walkabout_api::{Compression, MigrationRecord, Phase, VmState};
 use walkabout_testbed::wait_gone;
 
 /// A migration slow enough to interrupt: a guest dirtying far faster than a 40 MiB/s
@@ -49,6 +49,32 @@ fn a_dirtying_guest_walks_back_and_forth_ten_times_without_losing_a_heartbeat() 
     let seen = hosts[0].info("walker").guest.heartbeats;
     let v = hosts[0].wait_heartbeats("walker", seen + 10);
     assert_healthy(&v);
+}
+
+#[test]
+fn multifd_with_zstd_and_xbzrle_each_carry_a_dirtying_guest_ten_hops_without_a_corrupt_page() {
+    let (a, b) = two_agents(&[]);
+    a.create(&["--name", "packed", "--memory", "512M", "--workload", "dirty:64:32"]);
+    a.wait_heartbeats("packed", 5);
+    let mut hosts = [&a, &b];
+    let ways: [(&[&str], u8, Compression); 2] = [
+        (&["--multifd-channels", "2", "--compression", "zstd"], 2, Compression::Zstd),
+        (&["--compression", "xbzrle"], 0, Compression::Xbzrle),
+    ];
+    for (args, channels, compression) in ways {
+        for hop in 0..10 {
+            let (from, to) = (hosts[0], hosts[1]);
+            let m = from.migrate("packed", to, args);
+            assert_eq!(m.result, Phase::Completed, "{compression} hop {hop}: {m:?}");
+            let s = m.strategy.as_ref().unwrap_or_else(|| panic!("no strategy: {m:?}"));
+            assert_eq!((s.multifd_channels, s.compression), (channels, compression), "{m:?}");
+            assert!(s.stream_reason.contains("as asked"), "{m:?}");
+            assert!(from.qemu_pids().is_empty(), "{compression} hop {hop}: QEMU left at the source");
+            hosts.swap(0, 1);
+        }
+    }
+    let seen = hosts[0].info("packed").guest.heartbeats;
+    assert_healthy(&hosts[0].wait_heartbeats("packed", seen + 10));
 }
 
 #[test]

@@ -1,11 +1,12 @@
 //! Migration between two hosts with their own network stacks (namespaces joined by a
-//! veth pair): through a rate-limited link, and across a link cut mid-migration.
+//! veth pair): through a rate-limited link, across a link cut mid-migration, and across
+//! a link cut during post-copy (restored, and never restored).
 
 mod common;
 
 use common::{assert_healthy, AgentProc};
 use std::time::Duration;
-use walkabout_api::{Phase, VmState};
+use walkabout_api::{MigrationRecord, Phase, VmState};
 use walkabout_testbed::{wait_gone, NetPair};
 
 fn hosts(net: &NetPair) -> (AgentProc, AgentProc) {
@@ -52,4 +53,89 @@ fn a_link_cut_mid_migration_leaves_the_vm_on_its_source_and_nothing_at_the_desti
     assert_eq!(v.record.state, VmState::Running, "{v:?}");
     let seen = v.guest.heartbeats;
     assert_healthy(&a.wait_heartbeats("n2", seen + 10));
+}
+
+/// A guest rewriting 256 MiB at 512 MiB/s, forced into post-copy after its first pass
+/// over a 200 Mbit/s link (so post-copy lasts long enough to cut it), with `extra`.
+fn start_postcopy(net: &NetPair, a: &AgentProc, b: &AgentProc, vm: &str, extra: &[&str]) -> String {
+    net.limit_a("200mbit").expect("tc tbf");
+    a.create(&["--name", vm, "--memory", "512M", "--workload", "dirty:256:512"]);
+    a.wait_heartbeats(vm, 10);
+    let mut args = vec!["--mode", "postcopy"];
+    args.extend_from_slice(extra);
+    a.start_migration(vm, b, &args)
+}
+
+/// Waits until the migration runs in post-copy and 32 MiB more have crossed since, so
+/// that the destination surely got the device state and runs the guest (a cut before
+/// that leaves the guest with its source, a case of its own).
+fn wait_postcopy(a: &AgentProc, id: &str) -> MigrationRecord {
+    let start = std::time::Instant::now();
+    let mut at_switch: Option<u64> = None;
+    loop {
+        let m = a.migration(id);
+        if m.progress.qemu_status == "postcopy-active" {
+            let base = *at_switch.get_or_insert(m.progress.transferred_bytes);
+            if m.progress.transferred_bytes >= base + (32 << 20) {
+                return m;
+            }
+        }
+        assert!(!m.phase.is_final() && start.elapsed() < Duration::from_secs(120), "never reached post-copy: {m:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_link_cut_for_5s_during_postcopy_pauses_it_and_the_migration_recovers_and_completes() {
+    let net = NetPair::new(3).expect("network namespaces (needs root)");
+    let (a, b) = hosts(&net);
+    let id = start_postcopy(&net, &a, &b, "pc", &["--recovery-budget", "60s"]);
+    wait_postcopy(&a, &id);
+    net.cut().expect("cut the link");
+    // The source notices and pauses post-copy; the paused state is visible while cut.
+    let start = std::time::Instant::now();
+    let paused = loop {
+        let m = a.migration(&id);
+        if m.progress.postcopy_paused_since_ms.is_some() {
+            break m;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "post-copy not reported paused within 5 s of the cut: {m:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(paused.progress.qemu_status, "postcopy-paused", "{paused:?}");
+    let refused = a.cli_fails(&["migration", "cancel", &id]);
+    assert!(refused.contains("post-copy is paused"), "{refused}");
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(start.elapsed()));
+    net.restore().expect("restore the link");
+    let m = a.wait_final(&id);
+    assert_eq!(m.phase, Phase::Completed, "{m:?}");
+    assert_eq!(m.postcopy_pauses.len(), 1, "{m:?}");
+    assert!(m.postcopy_pauses[0].resumed_at_ms.is_some(), "{m:?}");
+    let shown = String::from_utf8_lossy(&a.run(&["migration", "show", &id]).stdout).into_owned();
+    assert!(shown.contains("postcopy-paused at") && shown.contains("recovered after"), "{shown}");
+    assert_eq!(b.info("pc").record.state, VmState::Running);
+    assert!(a.qemu_pids().is_empty(), "QEMU left at the source");
+    let seen = b.info("pc").guest.heartbeats;
+    assert_healthy(&b.wait_heartbeats("pc", seen + 10));
+}
+
+#[test]
+fn a_link_never_restored_during_postcopy_ends_at_the_budget_naming_where_the_vm_is() {
+    let net = NetPair::new(4).expect("network namespaces (needs root)");
+    let (a, b) = hosts(&net);
+    let id = start_postcopy(&net, &a, &b, "lost", &["--recovery-budget", "10s"]);
+    wait_postcopy(&a, &id);
+    net.cut().expect("cut the link");
+    let m = a.wait_final(&id);
+    assert_eq!(m.phase, Phase::Failed, "{m:?}");
+    let reason = m.reason.clone().unwrap_or_default();
+    assert!(reason.contains("the destination holds the VM's running state") && reason.contains("the source holds the remaining"), "{m:?}");
+    assert!(reason.contains(&net.addr_b), "the reason must name the destination: {reason}");
+    assert_eq!(m.postcopy_pauses.last().map(|p| p.resumed_at_ms), Some(None), "{m:?}");
+    // Both halves are kept: the source's QEMU (the rest of memory) and the destination's.
+    assert_eq!(a.qemu_pids().len(), 1, "the source's half is gone");
+    assert_eq!(b.qemu_pids().len(), 1, "the destination's half is gone");
+    assert_eq!(a.info("lost").record.state, VmState::Paused);
+    let refused = a.cli_fails(&["migration", "cancel", &id]);
+    assert!(refused.contains("post-copy is paused") && refused.contains("cannot be undone"), "{refused}");
 }

@@ -13,6 +13,11 @@
 //!   failure or cancel resumes it here and tears the destination down.
 //! - Switchover: past the gate the guest may already run on the destination, so the
 //!   source never resumes its copy, whatever happens next; cancel is refused.
+//! - Post-copy that loses its stream pauses (at both ends) instead of failing: the run
+//!   re-establishes it through [`PeerAgent::recover_incoming`] when the destination
+//!   answers again, within the strategy's recovery budget. Out of budget, the migration
+//!   ends `failed` past the switchover: neither copy is resumed nor torn down, and the
+//!   reason names which host holds what.
 //! - Completed only once the destination confirmed (commit, carrying this console's
 //!   guest status so its heartbeat accounting continues): then the source QEMU quits and
 //!   the VM is forgotten here. A commit that fails leaves the source copy paused for
@@ -23,10 +28,10 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord};
+use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord, RecoverRequest};
 use walkabout_api::{ClientError, GuestStatus, VmSpec};
 use walkabout_migrate::run::{Peer, CANCELLED_BY_REQUEST};
-use walkabout_migrate::{MigrationQmp, Phase, Policy, Progress, Switch};
+use walkabout_migrate::{HostFacts, MigrationQmp, Phase, Policy, Progress, Switch};
 
 /// How often the source probes the destination during a migration.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(250);
@@ -43,6 +48,9 @@ pub(crate) trait PeerAgent: Send + Sync {
     /// `POST /v1/incoming/{vm}/commit`: the VM runs there now, with the source's last
     /// guest status.
     fn commit_incoming(&self, vm: &str, guest: Option<GuestStatus>) -> impl Future<Output = Result<(), ClientError>> + Send;
+    /// `POST /v1/incoming/{vm}/recover`: a paused post-copy listens again; where to
+    /// resume sending.
+    fn recover_incoming(&self, vm: &str, req: &RecoverRequest) -> impl Future<Output = Result<IncomingReply, ClientError>> + Send;
     /// `DELETE /v1/incoming/{vm}`: tear down a destination that never ran the guest.
     fn abort_incoming(&self, vm: &str) -> impl Future<Output = Result<(), ClientError>> + Send;
 }
@@ -69,7 +77,22 @@ pub(crate) fn request_cancel(record: &MigrationRecord, cancel: &watch::Sender<bo
             cancel.send_replace(true);
             Ok(record.clone())
         }
-        p => Err(AgentError::NotCancellable { id: record.id.clone(), vm: record.vm.clone(), phase: p }),
+        p => {
+            // Live, the progress says since when; at the end, the record's last pause.
+            let stuck = record.postcopy_pauses.last().filter(|x| x.resumed_at_ms.is_none()).map(|x| x.paused_at_ms);
+            let why = match record.progress.postcopy_paused_since_ms.or(stuck) {
+                Some(since) => format!(
+                    "post-copy is paused (since {since} ms after the epoch, {} recovery attempts): the guest's running state is at the destination \
+                     and part of its memory still at the source, so it cannot be undone, only completed once the link returns",
+                    record.progress.recovery_attempts
+                ),
+                _ if walkabout_migrate::run::is_postcopy(&record.progress.qemu_status) && !p.is_final() => {
+                    "post-copy runs: the guest runs at the destination with part of its memory at the source, so it cannot be undone".into()
+                }
+                _ => "the VM now belongs to the destination".into(),
+            };
+            Err(AgentError::NotCancellable { id: record.id.clone(), vm: record.vm.clone(), phase: p, why })
+        }
     }
 }
 
@@ -93,10 +116,40 @@ impl Liveness {
     }
 }
 
-impl Peer for Liveness {
-    fn since_alive(&self) -> Duration {
+impl Liveness {
+    fn since(&self) -> Duration {
         crate::vms::lock(&self.0).elapsed()
     }
+}
+
+/// The destination as the run sees it: when it last answered, and how to ask it to
+/// listen again for a paused post-copy.
+struct Link<'a, P> {
+    alive: &'a Liveness,
+    peer: &'a P,
+    vm: &'a str,
+    listen_host: &'a str,
+}
+
+impl<P: PeerAgent> Peer for Link<'_, P> {
+    fn since_alive(&self) -> Duration {
+        self.alive.since()
+    }
+
+    async fn recover(&self) -> Result<String, String> {
+        let req = RecoverRequest { listen_host: self.listen_host.to_string() };
+        self.peer.recover_incoming(self.vm, &req).await.map(|r| r.uri).map_err(|e| e.to_string())
+    }
+}
+
+/// This host's cores and load, for the stream settings (multifd only with spare cores).
+fn host_facts() -> HostFacts {
+    let cores = std::thread::available_parallelism().map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX)).unwrap_or(1);
+    let busy_cores = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse::<f64>().ok()))
+        .unwrap_or(f64::from(cores));
+    HostFacts { cores, busy_cores, single_stream_bps: walkabout_migrate::policy::SINGLE_STREAM_BPS }
 }
 
 /// One outgoing migration: the VM's QEMU, the destination, this agent's books, and
@@ -152,9 +205,17 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         // (a capability fixed before the stream starts, whose return path lengthens the
         // guest's pause) depends on the dirty rate.
         let dirty = walkabout_migrate::run::measure_dirty_rate(&self.qmp, DIRTY_RATE_WINDOW_MS).await;
-        let policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty);
-        let postcopy_ready = policy.strategy().postcopy_ready;
-        let incoming = IncomingRequest { spec: spec.clone(), postcopy_ready, cpu_features: features.into_iter().collect(), listen_host };
+        let policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty).tuned(&rec.tuning, &host_facts());
+        let stream = walkabout_migrate::Stream::of(policy.strategy());
+        let incoming = IncomingRequest {
+            spec: spec.clone(),
+            postcopy_ready: stream.postcopy_ready,
+            cpu_features: features.into_iter().collect(),
+            listen_host: listen_host.clone(),
+            postcopy_preempt: stream.postcopy_preempt,
+            multifd_channels: stream.multifd_channels,
+            compression: stream.compression,
+        };
         let prepared = self.peer.prepare_incoming(&incoming).await;
         let uri = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?.uri;
         if *cancel.borrow_and_update() {
@@ -188,8 +249,9 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
                 tokio::time::sleep(PROBE_INTERVAL).await;
             }
         };
+        let link = Link { alive: &alive, peer: &self.peer, vm: &rec.vm, listen_host: &listen_host };
         let outcome = tokio::select! {
-            outcome = walkabout_migrate::run::run(&self.qmp, &uri, policy, &alive, cancel, report) => outcome,
+            outcome = walkabout_migrate::run::run(&self.qmp, &uri, policy, &link, cancel, report) => outcome,
             () = probing => unreachable!("probing never ends"),
         };
         let outcome = outcome.map_err(|e| fail(format!("migration of {} failed: {e}", rec.vm)))?;
@@ -197,10 +259,15 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             r.total_ms = Some(outcome.total_ms);
             r.downtime_ms = (outcome.phase == Phase::Completed).then_some(outcome.downtime_ms);
             r.switches = outcome.switches.clone();
+            r.postcopy_pauses = outcome.postcopy_pauses.clone();
         });
         if outcome.phase != Phase::Completed {
-            let reason = outcome.reason.unwrap_or_else(|| format!("{:?}", outcome.phase));
-            return Err(Ended { phase: outcome.phase, reason, past_switchover: false });
+            let mut reason = outcome.reason.unwrap_or_else(|| format!("{:?}", outcome.phase));
+            if outcome.past_switchover {
+                // Name the hosts: the pieces of the VM are on both.
+                reason = format!("{}: destination {}, source {} (this agent): {reason}", rec.vm, rec.destination, crate::host::hostname());
+            }
+            return Err(Ended { phase: outcome.phase, reason, past_switchover: outcome.past_switchover });
         }
         // The guest now runs on the destination; make it the VM's owner, then let go.
         // The source's console is complete (its guest is stopped): hand its status over.
@@ -248,7 +315,8 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
     /// reason to record.
     pub(crate) async fn recover(&self) -> String {
         let status = self.qmp.execute("query-migrate", None).await.map(|v| v["status"].as_str().unwrap_or("none").to_string());
-        let past = matches!(status.as_deref(), Ok("completed" | "device" | "postcopy-active"));
+        let past =
+            matches!(status.as_deref(), Ok("completed" | "device")) || status.as_deref().is_ok_and(walkabout_migrate::run::is_postcopy);
         let reason = if past {
             "switchover done but the source agent restarted before the destination confirmed; the source copy is kept paused for recovery"
         } else {

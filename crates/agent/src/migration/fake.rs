@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, watch};
-use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord};
+use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord, RecoverRequest};
 use walkabout_api::{ClientError, GuestStatus, Phase};
 use walkabout_migrate::MigrationQmp;
 use walkabout_qemu::{Event, QmpError};
@@ -26,10 +26,14 @@ pub(crate) struct QemuState {
     pub script: VecDeque<String>,
     /// Every command received, by name, in order.
     pub commands: Vec<String>,
+    /// In post-copy, the stream stops moving (a cut link): bytes sent stay put.
+    pub postcopy_stalls: bool,
     /// Called once when the migration reaches `pre-switchover`.
     pub at_pre_switchover: Option<Box<dyn FnMut() + Send>>,
     /// `query-migrate` replies so far (the pass counter).
     polls: u64,
+    /// MiB sent, as reported.
+    sent: u64,
 }
 
 /// A scripted QEMU: a migration that walks through the given statuses.
@@ -47,10 +51,18 @@ impl FakeQemu {
             status: "none".into(),
             script: script.iter().map(|s| s.to_string()).collect(),
             commands: vec![],
+            postcopy_stalls: false,
             at_pre_switchover: None,
             polls: 0,
+            sent: 0,
         };
         FakeQemu { state: Arc::new(Mutex::new(state)), events: broadcast::channel(16).0 }
+    }
+
+    /// A QEMU whose post-copy stream stops moving (its link is cut).
+    pub fn stalling_in_postcopy(self) -> FakeQemu {
+        lock(&self.state).postcopy_stalls = true;
+        self
     }
 
     /// Calls `f` when the migration reaches `pre-switchover`.
@@ -79,12 +91,23 @@ impl FakeQemu {
                 Ok(json!({}))
             }
             "query-dirty-rate" => Ok(json!({"status": "measured", "dirty-rate": 4})),
+            "migrate" if s.status == "postcopy-paused" => {
+                // `resume: true`: the new stream is being set up.
+                s.status = "postcopy-recover".into();
+                Ok(json!({}))
+            }
             "migrate" => {
                 s.status = "setup".into();
                 Ok(json!({}))
             }
+            "migrate-pause" => {
+                if s.status == "postcopy-active" {
+                    s.status = "postcopy-paused".into();
+                }
+                Ok(json!({}))
+            }
             "query-migrate" => {
-                let holding = matches!(s.status.as_str(), "pre-switchover" | "cancelled" | "none");
+                let holding = matches!(s.status.as_str(), "pre-switchover" | "cancelled" | "none" | "postcopy-paused");
                 if !holding {
                     if let Some(next) = s.script.pop_front() {
                         s.status = next;
@@ -103,9 +126,13 @@ impl FakeQemu {
                 }
                 s.polls += 1;
                 let polls = s.polls;
+                if !(s.postcopy_stalls && s.status.starts_with("postcopy-")) {
+                    s.sent = polls;
+                }
+                let sent = s.sent;
                 Ok(json!({
                     "status": s.status, "total-time": polls * 100, "expected-downtime": 10, "downtime": 12,
-                    "ram": {"total": 64 << 20, "transferred": polls << 20, "remaining": (64u64 << 20).saturating_sub(polls << 20),
+                    "ram": {"total": 64 << 20, "transferred": sent << 20, "remaining": (64u64 << 20).saturating_sub(sent << 20),
                             "dirty-sync-count": polls, "page-size": 4096, "dirty-pages-rate": 0, "mbps": 800.0}
                 }))
             }
@@ -149,6 +176,7 @@ pub(crate) enum Call {
     Probe,
     Commit,
     Abort,
+    Recover,
 }
 
 /// What the fake destination does and has been asked.
@@ -162,6 +190,9 @@ pub(crate) struct PeerState {
     pub commit_error: Option<ClientError>,
     /// The guest status the source handed over at commit.
     pub committed: Option<Option<GuestStatus>>,
+    /// An outage: after this many probes answered, silent for this long (forever if `None`).
+    pub outage: Option<(usize, Option<std::time::Duration>)>,
+    outage_began: Option<std::time::Instant>,
     silent: bool,
 }
 
@@ -174,6 +205,14 @@ impl FakePeer {
     pub fn silent_from(call: Call) -> FakePeer {
         let p = FakePeer::default();
         p.state().silent_from = Some(call);
+        p
+    }
+
+    /// A destination that answers `probes` probes, then nothing for `length` (a cut
+    /// link; never back if `None`), then answers again.
+    pub fn outage(probes: usize, length: Option<std::time::Duration>) -> FakePeer {
+        let p = FakePeer::default();
+        p.state().outage = Some((probes, length));
         p
     }
 
@@ -198,7 +237,16 @@ impl FakePeer {
         let mut s = self.state();
         s.calls.push(call);
         s.silent |= s.silent_from == Some(call);
-        if s.silent {
+        let probes = s.calls.iter().filter(|c| **c == Call::Probe).count();
+        let in_outage = match (s.outage, s.outage_began) {
+            (Some((after, _)), None) if probes > after => {
+                s.outage_began = Some(std::time::Instant::now());
+                true
+            }
+            (Some((_, length)), Some(began)) => length.is_none_or(|l| began.elapsed() < l),
+            _ => false,
+        };
+        if s.silent || in_outage {
             return Err(ClientError::Unreachable { url: "http://dest".into(), detail: "connection refused".into() });
         }
         Ok(())
@@ -225,6 +273,12 @@ impl PeerAgent for FakePeer {
                 Ok(())
             }
         }
+    }
+
+    async fn recover_incoming(&self, _vm: &str, _req: &RecoverRequest) -> Result<IncomingReply, ClientError> {
+        self.call(Call::Recover)?;
+        let n = self.state().calls.iter().filter(|c| **c == Call::Recover).count();
+        Ok(IncomingReply { uri: format!("tcp:127.0.0.1:{}", 5000 + n) })
     }
 
     async fn abort_incoming(&self, _vm: &str) -> Result<(), ClientError> {

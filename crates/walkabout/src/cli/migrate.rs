@@ -32,6 +32,19 @@ pub struct MigrateArgs {
     /// depends on both hosts: losing either loses the VM.
     #[arg(long, default_value = "auto")]
     mode: String,
+    /// multifd channels (2 or more; QEMU 10 cannot combine them with post-copy, which
+    /// is then not armed); default: the policy's choice.
+    #[arg(long)]
+    multifd_channels: Option<u8>,
+    /// Compression: none, zstd (on multifd) or xbzrle; default: the policy's choice.
+    #[arg(long)]
+    compression: Option<String>,
+    /// Post-copy preempt channel (true/false); default: on when post-copy is armed.
+    #[arg(long)]
+    postcopy_preempt: Option<bool>,
+    /// How long a post-copy whose link was lost may wait for it (e.g. 2m); default 120s.
+    #[arg(long, value_parser = parse_duration_ms)]
+    recovery_budget: Option<u64>,
     /// Wait for the end, showing progress.
     #[arg(long)]
     wait: bool,
@@ -83,12 +96,20 @@ pub struct MigrationId {
 /// Runs `walkabout migrate`.
 pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let mode = a.mode.parse::<Mode>().map_err(anyhow::Error::msg)?;
+    let compression = a.compression.as_deref().map(str::parse::<walkabout_api::Compression>).transpose().map_err(anyhow::Error::msg)?;
+    let tuning = walkabout_api::Tuning {
+        multifd_channels: a.multifd_channels,
+        compression,
+        postcopy_preempt: a.postcopy_preempt,
+        recovery_budget_ms: a.recovery_budget,
+    };
     runtime()?.block_on(async move {
         let client = client::agent(&a.agent)?;
         let req = MigrationRequest {
             max_downtime_ms: Some(a.max_downtime),
             max_bandwidth_bps: a.max_bandwidth.map(|m| m << 20),
             budget_per_gib_ms: Some(a.budget_per_gib),
+            tuning,
             ..MigrationRequest::new(a.vm.clone(), a.to.clone(), mode)
         };
         let probe = if a.wait && !a.no_probe { open_probe(&client, &a).await? } else { None };
@@ -206,6 +227,12 @@ pub struct Summary {
     pub passes: u64,
     /// The strategy picked.
     pub strategy: Option<String>,
+    /// The stream settings and why (`multifd 2, zstd, preempt: ...`).
+    pub stream: Option<String>,
+    /// What QEMU says now (`postcopy-paused`, ...), while not final.
+    pub qemu_status: Option<String>,
+    /// Post-copy's interruptions: one line each.
+    pub postcopy_pauses: Vec<String>,
 }
 
 impl Summary {
@@ -223,6 +250,39 @@ impl Summary {
             transferred_bytes: rec.progress.transferred_bytes,
             passes: rec.progress.iteration,
             strategy: rec.strategy.as_ref().map(|s| text(&s.name)),
+            // Said only when it is more than one plain stream.
+            stream: rec
+                .strategy
+                .as_ref()
+                .filter(|s| s.multifd_channels >= 2 || s.compression != walkabout_api::Compression::None || s.postcopy_preempt)
+                .map(|s| {
+                    text(&format!(
+                        "multifd {}, compression {}, preempt {}, recovery budget {} ms: {}",
+                        s.multifd_channels, s.compression, s.postcopy_preempt, s.recovery_budget_ms, s.stream_reason
+                    ))
+                }),
+            qemu_status: (!rec.phase.is_final() && !rec.progress.qemu_status.is_empty()).then(|| {
+                let mut q = text(&rec.progress.qemu_status);
+                if let Some(since) = rec.progress.postcopy_paused_since_ms {
+                    q.push_str(&format!(" since {since} ms after the epoch, {} recovery attempts", rec.progress.recovery_attempts));
+                }
+                q
+            }),
+            postcopy_pauses: rec
+                .postcopy_pauses
+                .iter()
+                .map(|p| {
+                    let end = match p.resumed_at_ms {
+                        Some(r) => format!("recovered after {} ms", r.saturating_sub(p.paused_at_ms)),
+                        None => "not recovered".into(),
+                    };
+                    let last = p.last_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default();
+                    text(&format!(
+                        "postcopy-paused at {} ms after the epoch, {} attempts, {end}: {}{last}",
+                        p.paused_at_ms, p.attempts, p.cause
+                    ))
+                })
+                .collect(),
         }
     }
 }
@@ -239,6 +299,15 @@ impl std::fmt::Display for Summary {
         let passes = if self.passes == 1 { "pass" } else { "passes" };
         write!(f, ", {} MiB sent in {} {passes}", mib(self.transferred_bytes), self.passes)?;
         write!(f, ", strategy {}", self.strategy.as_deref().unwrap_or("-"))?;
+        if let Some(q) = &self.qemu_status {
+            write!(f, "\n  QEMU: {q}")?;
+        }
+        if let Some(st) = &self.stream {
+            write!(f, "\n  stream: {st}")?;
+        }
+        for p in &self.postcopy_pauses {
+            write!(f, "\n  {p}")?;
+        }
         if let Some(r) = &self.reason {
             write!(f, "\n  reason: {r}")?;
         }
@@ -324,6 +393,29 @@ mod tests {
         assert_eq!(
             Summary::from_record(&rec).to_string(),
             "m3 g1 -> h2: completed in 2345 ms, downtime 23 ms, 300 MiB sent in 1 pass, strategy auto"
+        );
+    }
+
+    #[test]
+    fn the_summary_of_a_postcopy_that_recovered_shows_the_pause() {
+        let rec = record(json!({"id": "m4", "vm": "g1", "destination": "h2", "phase": "completed", "total_ms": 9000,
+            "downtime_ms": 20, "progress": {"transferred_bytes": 600u64 << 20, "iteration": 2}, "strategy": strategy("postcopy"),
+            "postcopy_pauses": [{"paused_at_ms": 1000, "resumed_at_ms": 6500, "attempts": 2, "cause": "the destination stopped answering", "last_error": null}]}));
+        assert_eq!(
+            Summary::from_record(&rec).to_string(),
+            "m4 g1 -> h2: completed in 9000 ms, downtime 20 ms, 600 MiB sent in 2 passes, strategy postcopy\n  \
+             postcopy-paused at 1000 ms after the epoch, 2 attempts, recovered after 5500 ms: the destination stopped answering"
+        );
+    }
+
+    #[test]
+    fn the_summary_of_a_paused_postcopy_says_since_when() {
+        let rec = record(json!({"phase": "switchover", "strategy": strategy("postcopy"),
+            "progress": {"qemu_status": "postcopy-paused", "postcopy_paused_since_ms": 1000, "recovery_attempts": 3}}));
+        assert!(
+            Summary::from_record(&rec).to_string().contains("QEMU: postcopy-paused since 1000 ms after the epoch, 3 recovery attempts"),
+            "{}",
+            Summary::from_record(&rec)
         );
     }
 

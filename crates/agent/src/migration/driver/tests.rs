@@ -21,8 +21,112 @@ fn agent() -> FakeAgent {
 }
 
 async fn drive(qemu: &FakeQemu, peer: &FakePeer, agent: &FakeAgent) -> Phase {
-    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record: record(), spec: spec(), was_running: true };
+    drive_record(qemu, peer, agent, record()).await
+}
+
+async fn drive_record(qemu: &FakeQemu, peer: &FakePeer, agent: &FakeAgent, record: MigrationRecord) -> Phase {
+    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record, spec: spec(), was_running: true };
     driver.drive(agent.cancel_switch()).await
+}
+
+/// Pre-copy through the gate into post-copy, which runs for 4 s (40 samples) and completes.
+fn postcopy_script() -> Vec<&'static str> {
+    let mut script = vec!["active", "pre-switchover"];
+    script.extend(["postcopy-active"; 40]);
+    script.push("completed");
+    script
+}
+
+/// A record whose paused post-copy may wait `budget_ms` for its stream.
+fn record_with_recovery_budget(budget_ms: u64) -> MigrationRecord {
+    let mut req = MigrationRequest::new("vm1", "http://127.0.0.1:7702", Mode::Postcopy);
+    req.tuning.recovery_budget_ms = Some(budget_ms);
+    MigrationRecord::pending("mig-1", &req, crate::vms::now_ms())
+}
+
+#[tokio::test]
+async fn postcopy_whose_link_is_cut_pauses_recovers_on_a_new_stream_and_completes() {
+    // Answers 3 probes (through the gate), then nothing for 2.5 s, then again.
+    let (qemu, peer) = (FakeQemu::new(&postcopy_script()).stalling_in_postcopy(), FakePeer::outage(3, Some(Duration::from_millis(2500))));
+    let agent = FakeAgent::new(record_with_recovery_budget(30_000), GuestStatus::default());
+
+    let phase = drive_record(&qemu, &peer, &agent, record_with_recovery_budget(30_000)).await;
+
+    assert_eq!(phase, Phase::Completed, "{:?}", agent.books().record.reason);
+    assert!(qemu.got("migrate-pause") && peer.got(Call::Recover) && peer.got(Call::Commit));
+    assert!(!peer.got(Call::Abort) && !qemu.got("migrate_cancel"));
+    let books = agent.books();
+    assert!(books.forgotten);
+    let pauses = &books.record.postcopy_pauses;
+    assert_eq!(pauses.len(), 1, "{pauses:?}");
+    assert!(pauses[0].resumed_at_ms.is_some_and(|r| r >= pauses[0].paused_at_ms) && pauses[0].attempts >= 1, "{pauses:?}");
+    let tos: Vec<&str> = books.record.switches.iter().map(|s| s.to.as_str()).collect();
+    assert!(tos.contains(&"postcopy-paused") && tos.contains(&"postcopy-recovered"), "{tos:?}");
+}
+
+#[tokio::test]
+async fn postcopy_whose_link_never_returns_ends_at_its_budget_with_both_halves_kept() {
+    let (qemu, peer) = (FakeQemu::new(&postcopy_script()).stalling_in_postcopy(), FakePeer::outage(3, None));
+    let agent = FakeAgent::new(record_with_recovery_budget(1_500), GuestStatus::default());
+
+    let phase = drive_record(&qemu, &peer, &agent, record_with_recovery_budget(1_500)).await;
+
+    assert_eq!(phase, Phase::Failed);
+    assert!(qemu.got("migrate-pause") && !qemu.got("cont") && !qemu.got("migrate_cancel"));
+    assert!(!peer.got(Call::Abort) && !peer.got(Call::Commit), "the destination's half must be kept");
+    let books = agent.books();
+    assert_eq!(books.kept.as_ref().map(|k| k.0), Some(false), "the source's half must stay paused");
+    assert!(!books.forgotten);
+    let reason = books.record.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("destination http://127.0.0.1:7702") && reason.contains("the destination holds the VM's running state"),
+        "{reason}"
+    );
+    assert!(reason.contains("the source holds the remaining"), "{reason}");
+    assert_eq!(books.record.postcopy_pauses.last().map(|p| p.resumed_at_ms), Some(None));
+}
+
+#[tokio::test]
+async fn cancel_of_a_postcopy_that_never_recovered_is_refused_with_the_reason() {
+    let (qemu, peer) = (FakeQemu::new(&postcopy_script()).stalling_in_postcopy(), FakePeer::outage(3, None));
+    let agent = FakeAgent::new(record_with_recovery_budget(1_500), GuestStatus::default());
+    drive_record(&qemu, &peer, &agent, record_with_recovery_budget(1_500)).await;
+
+    let answer = agent.cancel();
+
+    assert!(
+        matches!(&answer, Err(AgentError::NotCancellable { why, .. }) if why.contains("post-copy is paused") && why.contains("cannot be undone")),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_destination_beside_a_flowing_postcopy_stream_is_not_paused() {
+    // The destination agent is silent (restarting, say) but QEMU's stream still moves.
+    let (qemu, peer) = (FakeQemu::new(&postcopy_script()), FakePeer::outage(3, None));
+    let agent = FakeAgent::new(record_with_recovery_budget(1_500), GuestStatus::default());
+
+    let phase = drive_record(&qemu, &peer, &agent, record_with_recovery_budget(1_500)).await;
+
+    assert!(!qemu.got("migrate-pause"));
+    assert!(agent.books().record.postcopy_pauses.is_empty());
+    assert_eq!(phase, Phase::Failed, "the commit cannot reach a silent destination");
+}
+
+#[test]
+fn cancel_while_postcopy_is_paused_is_refused_with_the_reason() {
+    let (tx, _rx) = watch::channel(false);
+    let mut rec = MigrationRecord { phase: Phase::Switchover, ..record() };
+    rec.progress.qemu_status = "postcopy-paused".into();
+    rec.progress.postcopy_paused_since_ms = Some(1_000);
+
+    let answer = request_cancel(&rec, &tx);
+
+    assert!(
+        matches!(&answer, Err(AgentError::NotCancellable { why, .. }) if why.contains("post-copy is paused (since 1000 ms")),
+        "{answer:?}"
+    );
+    assert!(!*tx.borrow());
 }
 
 #[tokio::test]
