@@ -91,18 +91,33 @@ fn a_qcow2_disk_with_the_disk_workload_has_no_corrupt_block_and_a_new_vm_reads_i
 }
 
 #[test]
-fn two_new_disks_on_virtio_blk_and_virtio_scsi_are_both_in_the_guest_and_go_with_the_vm() {
+fn two_new_disks_on_virtio_blk_and_virtio_scsi_are_both_in_the_guest_the_workload_runs_on_scsi_and_they_go_with_the_vm() {
     let agent = AgentProc::start(&[]);
     let storage = agent.data.join("images");
 
-    let vm = agent.create(&["--name", "two", "--memory", "256M", "--disk", "size=16M", "--disk", "size=32M,bus=virtio-scsi"]);
-    let text = wait_console(&agent, "two", "block devices:");
+    let vm = agent.create(&[
+        "--name",
+        "two",
+        "--memory",
+        "256M",
+        "--disk",
+        "size=16M",
+        "--disk",
+        "size=32M,bus=virtio-scsi",
+        "--workload",
+        "disk:8:8",
+        "--cmdline",
+        "walkabout.disk=/dev/sda",
+    ]);
+    let text = wait_console(&agent, "two", "disk dev=");
+    runs_clean(&agent, "two", 20);
     let shown = agent.run(&["vm", "info", "two"]);
     let made = files_in(&storage);
     agent.cli(&["vm", "delete", "two"]);
 
     let devices = text.lines().find(|l| l.contains("walkabout-init: block devices:")).unwrap_or_default().to_owned();
     assert!(devices.split_whitespace().any(|d| d == "vda") && devices.split_whitespace().any(|d| d == "sda"), "{devices}");
+    assert_eq!(disk_line(&text), Some(("/dev/sda".into(), 2048, 0)), "the disk workload runs on the virtio-scsi disk:\n{text}");
     let disks = &vm.record.spec.disks;
     assert_eq!(
         disks.iter().map(|d| (d.bus, d.format)).collect::<Vec<_>>(),
