@@ -164,6 +164,18 @@ impl Drop for Holder {
     }
 }
 
+/// Zeroes the qcow2's first refcount block: every cluster in use then has refcount 0,
+/// which `qemu-img info` does not look at and `qemu-img check` reports as corruption.
+fn zero_first_refcount_block(image: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(image).expect("open qcow2");
+    let mut word = [0u8; 8];
+    f.read_exact_at(&mut word, 48).expect("header: refcount_table_offset");
+    let table = u64::from_be_bytes(word);
+    f.read_exact_at(&mut word, table).expect("refcount table entry 0");
+    f.write_all_at(&[0u8; 4096], u64::from_be_bytes(word)).expect("zero the refcount block");
+}
+
 #[test]
 fn bad_images_are_refused_with_the_cause_and_nothing_is_started() {
     let dir = TempDir::new("disk-bad").expect("temp dir");
@@ -176,6 +188,10 @@ fn bad_images_are_refused_with_the_cause_and_nothing_is_started() {
     qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "64M"]);
     qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", path_str(&base), path_str(&top)]);
     std::fs::remove_file(&base).expect("rm base");
+    let corrupt = at("corrupt.qcow2");
+    std::fs::write(at("data.raw"), vec![0x5a; 1 << 20]).expect("data");
+    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", path_str(&at("data.raw")), path_str(&corrupt)]);
+    zero_first_refcount_block(&corrupt);
     let (shared, locked) = (at("shared.qcow2"), at("locked.qcow2"));
     qemu_img(&["create", "-q", "-f", "qcow2", path_str(&shared), "64M"]);
     qemu_img(&["create", "-q", "-f", "qcow2", path_str(&locked), "64M"]);
@@ -183,11 +199,12 @@ fn bad_images_are_refused_with_the_cause_and_nothing_is_started() {
     agent.create(&["--name", "owner", "--memory", "256M", "--disk", path_str(&shared), "--no-wait"]);
     let _holder = Holder::open(&locked);
     let missing = at("missing.qcow2");
-    let cases: [(&str, String, &str); 6] = [
+    let cases: [(&str, String, &str); 7] = [
         ("missing", path_str(&missing).to_owned(), "does not exist"),
         ("truncated", path_str(&truncated).to_owned(), "cannot be opened"),
         ("garbage", path_str(&at("garbage.qcow2")).to_owned(), "cannot be opened"),
         ("backing", path_str(&top).to_owned(), "its backing file"),
+        ("corrupt", path_str(&corrupt).to_owned(), "is corrupt"),
         ("shared", path_str(&shared).to_owned(), "in use by VM `owner`"),
         ("locked", path_str(&locked).to_owned(), "in use by another process"),
     ];
