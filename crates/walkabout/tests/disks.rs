@@ -73,7 +73,9 @@ fn a_qcow2_disk_with_the_disk_workload_has_no_corrupt_block_and_a_new_vm_reads_i
 
     let first = agent.create(&["--name", "w1", "--memory", "256M", "--disk", disk, "--workload", "dirty:16:8,disk:16:16"]);
     let text = wait_console(&agent, "w1", "disk dev=");
-    runs_clean(&agent, "w1", 30);
+    // Two whole passes: every block written, and flushed (fdatasync each second) since.
+    wait_console(&agent, "w1", "disk-pass 2 dev=");
+    runs_clean(&agent, "w1", 10);
     agent.cli(&["vm", "stop", "w1"]);
     agent.cli(&["vm", "delete", "w1"]);
     let kept = image.is_file();
