@@ -434,7 +434,7 @@ fn agent_table(vms: &[VmInfo]) -> Table {
         ("WORKLOAD", Align::Left),
         ("HB", Align::Right),
         ("CORRUPT", Align::Right),
-        ("BAD BLOCKS", Align::Right),
+        ("BAD_BLOCKS", Align::Right),
     ]);
     for v in vms {
         let spec = &v.record.spec;
@@ -463,7 +463,7 @@ fn cluster_table(vms: &[ClusterVm]) -> Table {
         ("WORKLOAD", Align::Left),
         ("HB", Align::Right),
         ("CORRUPT", Align::Right),
-        ("BAD BLOCKS", Align::Right),
+        ("BAD_BLOCKS", Align::Right),
     ]);
     for v in vms {
         t.row([
