@@ -175,7 +175,7 @@ impl Agent {
     }
 
     /// The read-only base of catalog image `name`.
-    fn catalog_image(&self, name: &str) -> Result<PathBuf, String> {
+    pub(crate) fn catalog_image(&self, name: &str) -> Result<PathBuf, String> {
         if name != CATALOG_GUEST {
             return Err(format!("no catalog image '{name}' (the agent's catalog has: {CATALOG_GUEST})"));
         }
@@ -188,7 +188,7 @@ impl Agent {
     }
 
     /// Makes `<storage>/<vm>-disk<index>.qcow2`: empty of `size`, or an overlay on `backing`.
-    async fn make_image(
+    pub(crate) async fn make_image(
         &self,
         vm: &str,
         index: usize,

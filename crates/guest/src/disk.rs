@@ -20,7 +20,8 @@
 //! on the same disk (a VM stopped and started again, or moved) are verified and adopted
 //! (their generation continues), never-written blocks (all zeros) are fine, anything
 //! else is corrupt. Then one thread writes blocks in order at the requested rate and,
-//! between writes, re-reads the written blocks in a sweep at the same rate.
+//! between writes, re-reads the written blocks in a sweep at the same rate; each time the
+//! writer has rewritten the whole area it says so (`disk-pass <n> dev=<device>`).
 //!
 //! The device is `walkabout.disk=/dev/X` on the kernel command line, else the first
 //! virtio disk (`vd*`, then `sd*`) that is not the `root=` device. Its contents are
@@ -311,7 +312,7 @@ impl DiskWorkload {
         let start = now_ns();
         let (mut writes, mut reads) = (Pacer::new(self.load.rate_mib_s, start), Pacer::new(self.load.rate_mib_s, start));
         let (mut wbuf, mut rbuf) = (Aligned::new(CHUNK_BLOCKS), Aligned::new(CHUNK_BLOCKS));
-        let (mut wat, mut rat, mut last_sync) = (0u64, 0u64, start);
+        let (mut wat, mut rat, mut last_sync, mut passes) = (0u64, 0u64, start, 0u64);
         loop {
             let now = now_ns();
             let mut idle = None;
@@ -323,6 +324,10 @@ impl DiskWorkload {
                     }
                     writes.wrote(n);
                     wat = (wat + n) % self.blocks;
+                    if wat == 0 {
+                        passes += 1;
+                        say(crate::protocol::ConsoleLine::DiskPass { pass: passes, device: self.device.display().to_string() }.to_string());
+                    }
                 }
                 Step::Sleep(d) => idle = Some(d),
             }

@@ -18,6 +18,7 @@
 //! hb <seq> <monotonic_ns> <corrupt_pages> [<corrupt_blocks>]   (every 100 ms, seq from 0;
 //!                                               the 4th number with a disk workload)
 //! disk dev=<device> blocks=<n> adopted=<n>      (disk workload: area read, running)
+//! disk-pass <n> dev=<device>                    (disk workload: whole area written n times)
 //! rate <achieved MiB/s> requested=<MiB/s>       (dirty workload, every 10 s)
 //! CORRUPT page=<i> addr=0x<hex> expected_gen=<g> found_index=<i> found_gen=<g> checksum_ok=<b>
 //! CORRUPT block=<i> dev=<device> <what it holds instead>

@@ -74,6 +74,13 @@ pub enum ConsoleLine {
         /// Intact blocks found from an earlier run.
         adopted: u64,
     },
+    /// `disk-pass <n> dev=<device>`: the disk workload has written its whole area `n` times.
+    DiskPass {
+        /// Whole passes written since the workload started.
+        pass: u64,
+        /// The device it writes.
+        device: String,
+    },
 }
 
 impl fmt::Display for Ready {
@@ -103,6 +110,7 @@ impl fmt::Display for ConsoleLine {
             }
             ConsoleLine::Corrupt(line) => f.write_str(line),
             ConsoleLine::Disk { device, blocks, adopted } => write!(f, "disk dev={device} blocks={blocks} adopted={adopted}"),
+            ConsoleLine::DiskPass { pass, device } => write!(f, "disk-pass {pass} dev={device}"),
         }
     }
 }
@@ -142,6 +150,11 @@ impl ConsoleLine {
                 let blocks = field("blocks")?.parse().ok()?;
                 let adopted = field("adopted")?.parse().ok()?;
                 Some(ConsoleLine::Disk { device, blocks, adopted })
+            }
+            "disk-pass" => {
+                let pass = words.next()?.parse().ok()?;
+                let device = words.next()?.strip_prefix("dev=")?.to_owned();
+                words.next().is_none().then_some(ConsoleLine::DiskPass { pass, device })
             }
             "rate" => {
                 let achieved_mib_s = words.next()?.parse().ok()?;
@@ -199,6 +212,9 @@ mod tests {
         assert_eq!(line.to_string(), "disk dev=/dev/vdb blocks=4096 adopted=12");
         assert_eq!(ConsoleLine::parse(&line.to_string()), Some(line));
         assert!(matches!(ConsoleLine::parse("CORRUPT block=3 dev=/dev/vdb zeroed"), Some(ConsoleLine::Corrupt(_))));
+        let pass = ConsoleLine::DiskPass { pass: 2, device: "/dev/vdb".into() };
+        assert_eq!(pass.to_string(), "disk-pass 2 dev=/dev/vdb");
+        assert_eq!(ConsoleLine::parse("disk-pass 2 dev=/dev/vdb"), Some(pass));
     }
 
     #[test]

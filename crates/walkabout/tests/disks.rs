@@ -73,7 +73,9 @@ fn a_qcow2_disk_with_the_disk_workload_has_no_corrupt_block_and_a_new_vm_reads_i
 
     let first = agent.create(&["--name", "w1", "--memory", "256M", "--disk", disk, "--workload", "dirty:16:8,disk:16:16"]);
     let text = wait_console(&agent, "w1", "disk dev=");
-    runs_clean(&agent, "w1", 30);
+    // Two whole passes: every block written, and flushed (fdatasync each second) since.
+    wait_console(&agent, "w1", "disk-pass 2 dev=");
+    runs_clean(&agent, "w1", 10);
     agent.cli(&["vm", "stop", "w1"]);
     agent.cli(&["vm", "delete", "w1"]);
     let kept = image.is_file();
@@ -91,18 +93,33 @@ fn a_qcow2_disk_with_the_disk_workload_has_no_corrupt_block_and_a_new_vm_reads_i
 }
 
 #[test]
-fn two_new_disks_on_virtio_blk_and_virtio_scsi_are_both_in_the_guest_and_go_with_the_vm() {
+fn two_new_disks_on_virtio_blk_and_virtio_scsi_are_both_in_the_guest_the_workload_runs_on_scsi_and_they_go_with_the_vm() {
     let agent = AgentProc::start(&[]);
     let storage = agent.data.join("images");
 
-    let vm = agent.create(&["--name", "two", "--memory", "256M", "--disk", "size=16M", "--disk", "size=32M,bus=virtio-scsi"]);
-    let text = wait_console(&agent, "two", "block devices:");
+    let vm = agent.create(&[
+        "--name",
+        "two",
+        "--memory",
+        "256M",
+        "--disk",
+        "size=16M",
+        "--disk",
+        "size=32M,bus=virtio-scsi",
+        "--workload",
+        "disk:8:8",
+        "--cmdline",
+        "walkabout.disk=/dev/sda",
+    ]);
+    let text = wait_console(&agent, "two", "disk dev=");
+    runs_clean(&agent, "two", 20);
     let shown = agent.run(&["vm", "info", "two"]);
     let made = files_in(&storage);
     agent.cli(&["vm", "delete", "two"]);
 
     let devices = text.lines().find(|l| l.contains("walkabout-init: block devices:")).unwrap_or_default().to_owned();
     assert!(devices.split_whitespace().any(|d| d == "vda") && devices.split_whitespace().any(|d| d == "sda"), "{devices}");
+    assert_eq!(disk_line(&text), Some(("/dev/sda".into(), 2048, 0)), "the disk workload runs on the virtio-scsi disk:\n{text}");
     let disks = &vm.record.spec.disks;
     assert_eq!(
         disks.iter().map(|d| (d.bus, d.format)).collect::<Vec<_>>(),
@@ -149,6 +166,18 @@ impl Drop for Holder {
     }
 }
 
+/// Zeroes the qcow2's first refcount block: every cluster in use then has refcount 0,
+/// which `qemu-img info` does not look at and `qemu-img check` reports as corruption.
+fn zero_first_refcount_block(image: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(image).expect("open qcow2");
+    let mut word = [0u8; 8];
+    f.read_exact_at(&mut word, 48).expect("header: refcount_table_offset");
+    let table = u64::from_be_bytes(word);
+    f.read_exact_at(&mut word, table).expect("refcount table entry 0");
+    f.write_all_at(&[0u8; 4096], u64::from_be_bytes(word)).expect("zero the refcount block");
+}
+
 #[test]
 fn bad_images_are_refused_with_the_cause_and_nothing_is_started() {
     let dir = TempDir::new("disk-bad").expect("temp dir");
@@ -161,6 +190,10 @@ fn bad_images_are_refused_with_the_cause_and_nothing_is_started() {
     qemu_img(&["create", "-q", "-f", "qcow2", path_str(&base), "64M"]);
     qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", path_str(&base), path_str(&top)]);
     std::fs::remove_file(&base).expect("rm base");
+    let corrupt = at("corrupt.qcow2");
+    std::fs::write(at("data.raw"), vec![0x5a; 1 << 20]).expect("data");
+    qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", path_str(&at("data.raw")), path_str(&corrupt)]);
+    zero_first_refcount_block(&corrupt);
     let (shared, locked) = (at("shared.qcow2"), at("locked.qcow2"));
     qemu_img(&["create", "-q", "-f", "qcow2", path_str(&shared), "64M"]);
     qemu_img(&["create", "-q", "-f", "qcow2", path_str(&locked), "64M"]);
@@ -168,11 +201,12 @@ fn bad_images_are_refused_with_the_cause_and_nothing_is_started() {
     agent.create(&["--name", "owner", "--memory", "256M", "--disk", path_str(&shared), "--no-wait"]);
     let _holder = Holder::open(&locked);
     let missing = at("missing.qcow2");
-    let cases: [(&str, String, &str); 6] = [
+    let cases: [(&str, String, &str); 7] = [
         ("missing", path_str(&missing).to_owned(), "does not exist"),
         ("truncated", path_str(&truncated).to_owned(), "cannot be opened"),
         ("garbage", path_str(&at("garbage.qcow2")).to_owned(), "cannot be opened"),
         ("backing", path_str(&top).to_owned(), "its backing file"),
+        ("corrupt", path_str(&corrupt).to_owned(), "is corrupt"),
         ("shared", path_str(&shared).to_owned(), "in use by VM `owner`"),
         ("locked", path_str(&locked).to_owned(), "in use by another process"),
     ];

@@ -440,7 +440,7 @@ fn agent_table(vms: &[VmInfo]) -> Table {
         ("WORKLOAD", Align::Left),
         ("HB", Align::Right),
         ("CORRUPT", Align::Right),
-        ("BAD BLOCKS", Align::Right),
+        ("BAD_BLOCKS", Align::Right),
     ]);
     for v in vms {
         let spec = &v.record.spec;
@@ -469,7 +469,7 @@ fn cluster_table(vms: &[ClusterVm]) -> Table {
         ("WORKLOAD", Align::Left),
         ("HB", Align::Right),
         ("CORRUPT", Align::Right),
-        ("BAD BLOCKS", Align::Right),
+        ("BAD_BLOCKS", Align::Right),
     ]);
     for v in vms {
         t.row([
