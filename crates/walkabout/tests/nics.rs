@@ -64,7 +64,7 @@ fn a_vm_keeps_its_mac_address_and_tcp_connection_across_hops_between_namespace_h
     for hop in 0..HOPS {
         let (src, dst) = if hop % 2 == 0 { (&a, &b) } else { (&b, &a) };
         probe.start_window();
-        let m = src.migrate("nic1", dst, &[]);
+        let m = src.migrate("nic1", dst, &["--probe", &target.to_string()]);
         assert_eq!(m.result, Phase::Completed, "hop {hop}: {m:?}");
         let seen = probe.end_window().unwrap_or_else(|e| panic!("hop {hop}: the root namespace's connection broke: {e}"));
         // The CLI (in the source's namespace) probed the guest through the hop as well.
