@@ -131,6 +131,22 @@ pub(crate) fn validate(nics: &[NicSpec]) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a VM's NICs against this agent's `others`: a given MAC another VM here uses,
+/// or tap names that would clash with another VM's (a 32-bit hash of the names), are
+/// refused.
+pub(crate) fn check_against(spec: &VmSpec, salt: &str, others: &[VmSpec]) -> Result<(), String> {
+    for mac in spec.nics.iter().filter_map(|n| n.mac.as_deref()) {
+        if let Some(o) = others.iter().find(|o| o.nics.iter().any(|n| n.mac.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(mac)))) {
+            return Err(format!("MAC {mac} is already used by VM {} on this host", o.name));
+        }
+    }
+    let mine = tap_prefix(salt, &spec.name);
+    if let Some(o) = others.iter().find(|o| !o.nics.is_empty() && tap_prefix(salt, &o.name) == mine) {
+        return Err(format!("its tap names ({mine}N) would clash with those of VM {} on this host; choose another name", o.name));
+    }
+    Ok(())
+}
+
 /// FNV-1a, 64 bits: a stable hash for names (the same in every build and process).
 fn fnv(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -292,6 +308,15 @@ mod tests {
         let mut s = spec(vec![NicSpec { mac: Some("52:54:00:00:00:01".into()), ..NicSpec::on("br") }]);
         let e = pin_macs(&mut s, "a", &BTreeSet::from(["52:54:00:00:00:01".to_string()])).expect_err("refused");
         assert!(e.contains("already used"), "{e}");
+    }
+
+    #[test]
+    fn a_mac_another_vm_here_uses_is_refused() {
+        let mac = Some("52:54:00:00:00:07".to_string());
+        let mine = spec(vec![NicSpec { mac: mac.clone(), ..NicSpec::on("br") }]);
+        let other = VmSpec { nics: vec![NicSpec { mac, ..NicSpec::on("br") }], ..VmSpec::new("vm2", 256) };
+        let e = check_against(&mine, "a", &[other]).expect_err("refused");
+        assert!(e.contains("already used by VM vm2"), "{e}");
     }
 
     #[test]

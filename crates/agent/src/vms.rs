@@ -277,6 +277,10 @@ impl Agent {
         }
         spec.workload.parse::<walkabout_guest::workload::Workload>().map_err(|e| bad(e.to_string()))?;
         crate::nics::validate(&spec.nics).map_err(bad)?;
+        if !spec.nics.is_empty() {
+            let others: Vec<VmSpec> = self.inner.store.list()?.into_iter().map(|r| r.spec).filter(|s| s.name != spec.name).collect();
+            crate::nics::check_against(spec, &self.nic_salt(), &others).map_err(bad)?;
+        }
         let (kernel, initrd) = self.boot_files(spec);
         let kernel = kernel.ok_or_else(|| bad("no kernel given and the agent has no default".into()))?;
         walkabout_image::check_kernel(&kernel).map_err(|e| bad(e.to_string()))?;
@@ -535,6 +539,7 @@ impl Agent {
                     p.kill(Duration::from_secs(2)).await;
                 }
                 tracing::info!(vm = %name, "dropped an incoming VM left by an unfinished migration");
+                crate::nics::delete_taps(&self.nic_salt(), &name);
                 self.inner.store.delete(&name)?;
                 let _ = std::fs::remove_dir_all(&rec.run_dir);
                 continue;

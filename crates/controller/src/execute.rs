@@ -234,7 +234,9 @@ impl Executor {
         let m = self.migration(id).ok().filter(|m| m.agent_id.is_none())?;
         let vm = self.view.read(|view| view.vms.get(&m.vm).cloned())?;
         let target = vm.nics.iter().find_map(|n| n.address.as_deref()).and_then(walkabout_probe::echo_target)?;
-        let options = ProbeOptions { connect_timeout: Duration::from_secs(1), settle: Duration::from_secs(10), ..ProbeOptions::default() };
+        // Connecting runs beside the hand-over, and the migration measures the guest's
+        // dirty rate first: a few seconds still open the window before the switchover.
+        let options = ProbeOptions { connect_timeout: Duration::from_secs(3), settle: Duration::from_secs(10), ..ProbeOptions::default() };
         Some(tokio::task::spawn_blocking(move || {
             let p = Prober::connect(target, options)?;
             p.start_window();

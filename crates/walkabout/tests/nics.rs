@@ -64,7 +64,7 @@ fn a_vm_keeps_its_mac_address_and_tcp_connection_across_hops_between_namespace_h
     for hop in 0..HOPS {
         let (src, dst) = if hop % 2 == 0 { (&a, &b) } else { (&b, &a) };
         probe.start_window();
-        let m = src.migrate("nic1", dst, &[]);
+        let m = src.migrate("nic1", dst, &["--probe", &target.to_string()]);
         assert_eq!(m.result, Phase::Completed, "hop {hop}: {m:?}");
         let seen = probe.end_window().unwrap_or_else(|e| panic!("hop {hop}: the root namespace's connection broke: {e}"));
         // The CLI (in the source's namespace) probed the guest through the hop as well.
@@ -111,4 +111,23 @@ fn a_nic_on_a_bridge_the_host_lacks_is_refused_with_the_cause_and_nothing_starts
     );
     assert!(a.qemu_pids().is_empty(), "a QEMU was started");
     assert!(a.try_info("nonet").is_none(), "the VM was recorded");
+}
+
+#[test]
+fn a_migration_to_a_host_without_the_bridge_fails_with_the_cause_and_the_vm_stays() {
+    let net = NetPair::new(8).expect("network namespaces (needs root)");
+    let id = std::process::id() % 1000;
+    // Only host A has the guests' bridge.
+    let seg = GuestNet::new(&format!("wh{id}"), &format!("10.79.{}", id % 250), &[&net.a]).expect("guest segment (needs root)");
+    let (a, b) = hosts(&net);
+    a.create(&["--name", "nic2", "--memory", "256M", "--nic", &format!("bridge={}", seg.bridge())]);
+    let m = a.migrate("nic2", &b, &[]);
+    assert_eq!(m.result, Phase::Failed, "{m:?}");
+    let why = m.reason.clone().unwrap_or_default();
+    assert!(why.contains(&format!("bridge \"{}\" does not exist on this host", seg.bridge())), "{m:?}");
+    assert!(b.qemu_pids().is_empty(), "a QEMU was started at the destination");
+    let v = a.info("nic2");
+    assert_eq!(v.record.state, walkabout_api::VmState::Running, "{v:?}");
+    let at_a = ports(&net.a, seg.bridge());
+    assert!(at_a.iter().any(|p| p.starts_with("wk")), "the VM's tap should stay at the source: {at_a:?}");
 }

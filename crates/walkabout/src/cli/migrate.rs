@@ -185,7 +185,7 @@ async fn open_probe(client: &walkabout_api::AgentClient, a: &MigrateArgs) -> any
         }
     };
     let options =
-        walkabout_probe::ProbeOptions { connect_timeout: Duration::from_secs(if explicit { 10 } else { 2 }), ..Default::default() };
+        walkabout_probe::ProbeOptions { connect_timeout: Duration::from_secs(if explicit { 10 } else { 3 }), ..Default::default() };
     match tokio::task::spawn_blocking(move || walkabout_probe::Prober::connect(target, options)).await? {
         Ok(p) => {
             p.start_window();
