@@ -4,6 +4,8 @@
 #     the main suite only has an older QEMU. The backports source is derived from the
 #     machine's own Debian source entry (same mirror), never from a hard-coded host.
 #   - iproute2 (network namespaces for multi-host tests).
+#   - Chromium and its WebDriver (Debian's chromium + chromium-driver, from the machine's
+#     own sources): the web console's tests drive a headless browser.
 # Kernel and busybox for the guest image are *not* installed here: `walkabout image build`
 # downloads and unpacks them into its cache without installing them on the host.
 set -euo pipefail
@@ -18,7 +20,19 @@ qemu_major() {
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
+have_browser() { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }
+
+install_browser() {
+  have_browser && return 0
+  log "installing Chromium and chromedriver (the web console's tests)"
+  sudo_ apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+  have_browser || { log "chromium or chromedriver still missing after the install"; exit 1; }
+  log "$(/usr/bin/chromium --version 2>/dev/null | head -n1)"
+}
+
 if [ "$(qemu_major)" -ge "$need_major" ] && command -v qemu-img >/dev/null && command -v ip >/dev/null; then
+  install_browser
   exit 0
 fi
 
@@ -56,3 +70,4 @@ DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recomme
 v=$(qemu_major)
 [ "$v" -ge "$need_major" ] || { log "installed QEMU is $v.x; Walkabout needs >= $need_major"; exit 1; }
 log "QEMU $(qemu-system-x86_64 --version | head -n1)"
+install_browser

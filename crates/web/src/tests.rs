@@ -7,7 +7,8 @@ use axum::http::Request;
 use tower::ServiceExt;
 
 /// Relative references of one file: `href="..."`/`src="..."` in HTML, `from './x.js'`
-/// and `import './x.js'` in modules, resolved to asset paths.
+/// and `import './x.js'` in modules, resolved to asset paths (inline `data:` URLs are
+/// not references).
 fn references(a: &Asset) -> Vec<String> {
     let mut out = vec![];
     let dir = a.path.rsplit_once('/').map(|(d, _)| format!("{d}/")).unwrap_or_default();
@@ -18,6 +19,9 @@ fn references(a: &Asset) -> Vec<String> {
             let Some(end) = rest.find(close) else { break };
             let target = &rest[..end];
             rest = &rest[end..];
+            if target.starts_with("data:") {
+                continue;
+            }
             let path = if let Some(p) = target.strip_prefix("ui/") {
                 p.to_string()
             } else if let Some(p) = target.strip_prefix("./") {

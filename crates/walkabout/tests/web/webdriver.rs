@@ -149,6 +149,21 @@ impl Browser {
         let _ = self.cmd("DELETE", "/actions", None);
     }
 
+    /// Focuses the first element matching `css` and presses `key` on the keyboard (a
+    /// WebDriver key code: `\u{E007}` is Enter).
+    pub fn press(&self, css: &str, key: char) {
+        let found =
+            self.script("const e = document.querySelector(arguments[0]); if (!e) return false; e.focus(); return true;", json!([css]));
+        assert_eq!(found, Value::Bool(true), "nothing to press a key on: no {css}");
+        let k = key.to_string();
+        let actions = json!({"actions": [{
+            "type": "key", "id": "keyboard",
+            "actions": [{"type": "keyDown", "value": k}, {"type": "keyUp", "value": k}],
+        }]});
+        self.cmd("POST", "/actions", Some(actions)).unwrap_or_else(|e| panic!("press a key on {css}: {e}"));
+        let _ = self.cmd("DELETE", "/actions", None);
+    }
+
     /// Runs `script` (a function body; `arguments` holds `args`) and returns its value.
     pub fn script(&self, script: &str, args: Value) -> Value {
         self.cmd("POST", "/execute/sync", Some(json!({"script": script, "args": args}))).unwrap_or_else(|e| panic!("script: {e}"))
@@ -160,11 +175,11 @@ impl Browser {
         decode(&v)
     }
 
-    /// A PNG of the first element matching `css`.
-    pub fn element_screenshot(&self, css: &str) -> Vec<u8> {
-        let e = self.find(css).unwrap_or_else(|| panic!("no {css} to take a picture of"));
-        let v = self.cmd("GET", &format!("/element/{}/screenshot", e.0), None).unwrap_or_else(|e| panic!("screenshot of {css}: {e}"));
-        decode(&v)
+    /// A PNG of the first element matching `css`, if one is shown (`None` when there is
+    /// none, or it went away or was hidden while the picture was taken).
+    pub fn element_screenshot(&self, css: &str) -> Option<Vec<u8>> {
+        let e = self.find(css)?;
+        self.cmd("GET", &format!("/element/{}/screenshot", e.0), None).ok().map(|v| decode(&v))
     }
 
     /// Saves `png` as `name` among the artifacts; returns its path.

@@ -8,6 +8,7 @@ import { state } from './store.js';
 const W = 900;
 const H = 160;
 const PAD = { l: 48, r: 48, t: 10, b: 22 };
+const MIN_SPAN_MS = 60_000;
 
 /** Draws the migrations chart into `figure`. */
 export function renderChart(figure) {
@@ -21,8 +22,9 @@ export function renderChart(figure) {
     fill(svg, h('text', { x: W / 2, y: H / 2, 'text-anchor': 'middle', class: 'empty' }, 'no migration yet'));
     return;
   }
+  // At least a minute wide, so one hop is a bar and not the whole chart.
   const t0 = done[0].started_ms;
-  const t1 = Math.max(done.at(-1).finished_ms, t0 + 1000);
+  const t1 = Math.max(...done.map((m) => m.finished_ms), t0 + MIN_SPAN_MS);
   const maxTotal = Math.max(...done.map((m) => m.total_ms ?? m.finished_ms - m.started_ms), 1);
   const downs = done.flatMap((m) => downtimes(m).map(([, v]) => v));
   const maxDown = Math.max(...downs, 1);
