@@ -68,7 +68,7 @@ impl ControllerArgs {
 
 /// How long servers get to close their connections after a stop: event streams (a
 /// browser's, a `walk --follow`) never end by themselves.
-const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs the controller until Ctrl-C or SIGTERM. Agents and VMs carry on without it.
 pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
@@ -112,12 +112,17 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
             cluster.stopped().await;
             tokio::time::sleep(CLOSE_GRACE).await;
         };
+        let servers = async {
+            let console = async {
+                if let Some(c) = console {
+                    let _ = c.await;
+                }
+            };
+            tokio::join!(api, console).0
+        };
         tokio::select! {
-            r = api => r.context("serving the API")?,
+            r = servers => r.context("serving the API")?,
             () = grace => tracing::info!("connections still open after the stop (event streams); closing them"),
-        }
-        if let Some(c) = console {
-            let _ = tokio::time::timeout(CLOSE_GRACE, c).await;
         }
         cluster.stop();
         tracing::info!("controller stopped; agents and VMs carry on");

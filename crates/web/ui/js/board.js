@@ -31,6 +31,8 @@ export function renderBoard(root, actions) {
   if (homeless.length) {
     const col = cols.get(NOWHERE);
     fill(col.parts.title, 'no host');
+    for (const k of ['drain', 'undrain', 'here']) col.parts[k].hidden = true;
+    for (const k of ['mem', 'cpu']) col.parts[k].el.hidden = true;
     fillCards(col, homeless, [], actions);
   }
   for (const [name, el] of cards) if (!state.vms.some((v) => v.name === name)) { el.remove(); cards.delete(name); }
