@@ -1,4 +1,4 @@
-// History: migrations over time, hand-drawn in SVG (each hop's duration as a bar, its
+// History: the latest migrations over time, hand-drawn in SVG (each hop's duration as a bar, its
 // downtimes as dots on their own scale), and the recent events, filterable by host or VM.
 
 import { h, fill } from './dom.js';
@@ -9,10 +9,12 @@ const W = 900;
 const H = 160;
 const PAD = { l: 48, r: 48, t: 10, b: 22 };
 const MIN_SPAN_MS = 60_000;
+/** The most recent migrations drawn. */
+const CHART_KEPT = 200;
 
 /** Draws the migrations chart into `figure`. */
 export function renderChart(figure) {
-  const done = [...state.migrations.values()].filter((m) => m.finished_ms).sort((a, b) => a.started_ms - b.started_ms);
+  const done = [...state.migrations.values()].filter((m) => m.finished_ms).sort((a, b) => a.started_ms - b.started_ms).slice(-CHART_KEPT);
   let svg = figure.querySelector('svg');
   if (!svg) {
     svg = h('svg', { viewBox: `0 0 ${W} ${H}`, width: '100%', height: H, role: 'img', 'aria-label': 'migrations over time' });

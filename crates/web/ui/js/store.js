@@ -77,8 +77,12 @@ function coalesced(fn) {
 export function recordMigration(m) {
   if (!m || !m.id) return;
   state.migrations.set(m.id, m);
+  if (isFinal(m)) {
+    state.passes.delete(m.id);
+    return;
+  }
   const p = m.progress;
-  if (p && !isFinal(m) && (p.total_bytes > 0 || p.remaining_bytes > 0)) {
+  if (p && (p.total_bytes > 0 || p.remaining_bytes > 0)) {
     if (!state.passes.has(m.id)) state.passes.set(m.id, new Map());
     state.passes.get(m.id).set(p.iteration, p.remaining_bytes);
   }
