@@ -17,13 +17,13 @@ use axum::Router;
 
 /// One embedded file of the front end.
 #[derive(Debug, Clone, Copy)]
-pub struct Asset {
+pub(crate) struct Asset {
     /// Its path under `/ui/` (`js/main.js`), or `index.html`.
-    pub path: &'static str,
+    pub(crate) path: &'static str,
     /// Its `Content-Type`.
-    pub content_type: &'static str,
+    pub(crate) content_type: &'static str,
     /// Its text.
-    pub body: &'static str,
+    pub(crate) body: &'static str,
 }
 
 macro_rules! asset {
@@ -35,7 +35,7 @@ macro_rules! asset {
 const JS: &str = "text/javascript; charset=utf-8";
 
 /// Every file of the front end.
-pub const ASSETS: &[Asset] = &[
+pub(crate) const ASSETS: &[Asset] = &[
     asset!("index.html", "text/html; charset=utf-8"),
     asset!("style.css", "text/css; charset=utf-8"),
     asset!("js/main.js", JS),
@@ -58,7 +58,7 @@ pub const CONTENT_SECURITY_POLICY: &str =
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'";
 
 /// The embedded file at `path` (`index.html`, `js/main.js`...).
-pub fn asset(path: &str) -> Option<&'static Asset> {
+pub(crate) fn asset(path: &str) -> Option<&'static Asset> {
     ASSETS.iter().find(|a| a.path == path)
 }
 
