@@ -165,4 +165,7 @@ fn the_console_lists_the_cluster_moves_a_dragged_vm_and_drains_a_host() {
     b.save("6-impossible.png", &b.screenshot());
     assert_eq!(ctl.host("h1").maintenance, Maintenance::Active);
     assert_eq!(ctl.host("h1").vms.len(), 2);
+
+    // And no script of the page failed on the way.
+    assert_eq!(b.script_errors(), Vec::<String>::new(), "the page's scripts failed");
 }

@@ -56,6 +56,7 @@ impl Browser {
         }
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
+            "goog:loggingPrefs": {"browser": "ALL"},
             "goog:chromeOptions": {"binary": CHROMIUM, "args": [
                 "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 format!("--window-size={width},{height}"),
@@ -180,6 +181,18 @@ impl Browser {
     pub fn element_screenshot(&self, css: &str) -> Option<Vec<u8>> {
         let e = self.find(css)?;
         self.cmd("GET", &format!("/element/{}/screenshot", e.0), None).ok().map(|v| decode(&v))
+    }
+
+    /// Errors the page's scripts raised or logged since the last call (uncaught
+    /// exceptions, `console.error`), from Chromium's log (chromedriver's `se/log`).
+    pub fn script_errors(&self) -> Vec<String> {
+        let v = self.cmd("POST", "/se/log", Some(json!({"type": "browser"}))).unwrap_or_else(|e| panic!("the browser's log: {e}"));
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["level"] == "SEVERE" && (l["source"] == "javascript" || l["source"] == "console-api"))
+            .map(|l| l["message"].as_str().unwrap_or_default().to_string())
+            .collect()
     }
 
     /// Saves `png` as `name` among the artifacts; returns its path.
