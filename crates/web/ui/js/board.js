@@ -18,6 +18,11 @@ function cardOf(name, actions) {
 
 /** Brings the board in `root` up to date with the state. */
 export function renderBoard(root, actions) {
+  if (!state.hosts.length && !state.vms.length) {
+    root.replaceChildren(h('p.hint', {}, 'No host yet: start the controller with --agent URL, or register one with POST /v1/hosts.'));
+    return;
+  }
+  root.querySelector(':scope > p.hint')?.remove();
   const names = state.hosts.map((x) => x.name);
   const homeless = state.vms.filter((v) => !v.host || !names.includes(v.host));
   const cols = keyed(root, homeless.length ? [...names, NOWHERE] : names, (k) => makeColumn(k, actions));

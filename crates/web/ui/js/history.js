@@ -79,6 +79,11 @@ export function renderEvents(table, filter) {
     .filter((e) => !word || (e.name === name && e.subject === kind) || word.test(e.message))
     .slice(-100)
     .reverse();
+  if (!rows.length) {
+    const none = filter ? `nothing about ${filter.replace(':', ' ')} yet` : 'no change since the page opened';
+    fill(table.tBodies[0], h('tr.empty', {}, h('td', { colspan: 4 }, none)));
+    return;
+  }
   fill(table.tBodies[0], rows.map((e) => h('tr', { 'data-seq': e.seq, 'data-subject': e.subject },
     h('td', {}, clock(e.at_ms)), h('td', {}, e.subject), h('td', {}, e.name), h('td', {}, e.message))));
 }
