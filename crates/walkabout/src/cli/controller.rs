@@ -115,7 +115,11 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
         let servers = async {
             let console = async {
                 if let Some(c) = console {
-                    let _ = c.await;
+                    match c.await {
+                        Ok(Err(e)) => tracing::warn!(error = %e, "the web console stopped serving"),
+                        Err(e) => tracing::warn!(error = %e, "the web console's task ended"),
+                        Ok(Ok(())) => {}
+                    }
                 }
             };
             tokio::join!(api, console).0
