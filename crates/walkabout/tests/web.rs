@@ -68,6 +68,8 @@ fn the_console_lists_the_cluster_moves_a_dragged_vm_and_drains_a_host() {
         let host = v.host.clone().expect("a VM with a host");
         b.wait_for(&format!("VM {} on {host}", v.name), LIMIT, |b| (column_of(b, &v.name)? == host).then_some(()));
     }
+    assert_eq!(b.find_all(".host[data-host]").len(), hosts.len(), "the page shows hosts the API does not list");
+    assert_eq!(b.find_all(".vm[data-vm]").len(), listed.len(), "the page shows VMs the API does not list");
     b.wait_for("the guests' heartbeats", LIMIT, |b| b.find(".vm[data-vm=\"a\"] .beat:not([data-seq=\"\"])"));
     b.save("1-cluster.png", &b.screenshot());
 
