@@ -5,6 +5,8 @@
 #     machine's own Debian source entry (same mirror), never from a hard-coded host.
 #   - iproute2 (network namespaces for multi-host tests).
 #   - e2fsprogs (`mke2fs -d` builds the guest's ext4 root disk without root privileges).
+#   - Chromium and its WebDriver (Debian's chromium + chromium-driver, from the machine's
+#     own sources): the web console's tests drive a headless browser.
 # Kernel and busybox for the guest image are *not* installed here: `walkabout image build`
 # downloads and unpacks them into its cache without installing them on the host.
 set -euo pipefail
@@ -20,14 +22,23 @@ qemu_major() {
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 have_mke2fs() { command -v mke2fs >/dev/null 2>&1 || [ -x /usr/sbin/mke2fs ] || [ -x /sbin/mke2fs ]; }
+have_browser() { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }
 
-if [ "$(qemu_major)" -ge "$need_major" ] && command -v qemu-img >/dev/null && command -v ip >/dev/null && have_mke2fs; then
-  exit 0
-fi
+# The tools from the machine's own main suite (no backports needed), each only if missing.
+install_tools() {
+  local missing=()
+  command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  have_mke2fs || missing+=(e2fsprogs)
+  have_browser || missing+=(chromium chromium-driver)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing ${missing[*]}"
+  sudo_ apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  command -v ip >/dev/null 2>&1 && have_mke2fs && have_browser || { log "still missing after installing ${missing[*]}"; exit 1; }
+}
+
 if [ "$(qemu_major)" -ge "$need_major" ] && command -v qemu-img >/dev/null; then
-  # Only the small tools are missing: no need for the backports dance.
-  log "installing iproute2 and e2fsprogs"
-  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends iproute2 e2fsprogs >/dev/null
+  install_tools
   exit 0
 fi
 
@@ -61,7 +72,7 @@ log "installing QEMU >= $need_major"
 sudo_ apt-get update -qq
 DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends \
   -t "${codename}-backports" qemu-system-x86 qemu-utils >/dev/null
-DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends iproute2 e2fsprogs >/dev/null
 v=$(qemu_major)
 [ "$v" -ge "$need_major" ] || { log "installed QEMU is $v.x; Walkabout needs >= $need_major"; exit 1; }
 log "QEMU $(qemu-system-x86_64 --version | head -n1)"
+install_tools

@@ -1,7 +1,7 @@
 //! The cluster as the controller sees it: hosts, VMs and where they run, the migrations
 //! it ordered, and the limits it runs them under.
 
-use crate::migration::{Phase, Progress};
+use crate::migration::{Phase, Progress, Strategy, Switch};
 use crate::vm::{GuestStatus, VmSpec, VmState};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -288,6 +288,12 @@ pub struct ClusterMigration {
     /// Progress as the agent last reported it.
     #[serde(default)]
     pub progress: Progress,
+    /// The strategy the source agent picked, once it did.
+    #[serde(default)]
+    pub strategy: Option<Strategy>,
+    /// Every change of strategy so far, with its reason (as the agent reports them).
+    #[serde(default)]
+    pub switches: Vec<Switch>,
     /// Guest pause at switchover, ms.
     #[serde(default)]
     pub downtime_ms: Option<u64>,

@@ -195,6 +195,8 @@ impl Executor {
                 reason: None,
                 agent_id: None,
                 progress: Progress::default(),
+                strategy: None,
+                switches: vec![],
                 downtime_ms: None,
                 observed_downtime_ms: None,
                 probe_error: None,
@@ -340,6 +342,8 @@ impl Executor {
         let first = m.agent_id.is_none();
         m.agent_id = Some(rec.id.clone());
         m.progress = rec.progress.clone();
+        m.strategy = rec.strategy.clone();
+        m.switches = rec.switches.clone();
         if rec.phase.is_final() {
             return self.finish_migration(id, rec.phase, rec.reason.clone(), Some(rec));
         }
@@ -362,6 +366,8 @@ impl Executor {
         if let Some(r) = rec {
             m.agent_id = Some(r.id);
             m.progress = r.progress;
+            m.strategy = r.strategy;
+            m.switches = r.switches;
             m.downtime_ms = r.downtime_ms;
             m.total_ms = r.total_ms;
         }
@@ -411,6 +417,8 @@ mod tests {
             reason: None,
             agent_id: None,
             progress: Progress::default(),
+            strategy: None,
+            switches: vec![],
             downtime_ms: None,
             observed_downtime_ms: None,
             probe_error: None,

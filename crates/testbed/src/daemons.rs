@@ -293,6 +293,12 @@ impl Controller {
         std::fs::read_to_string(self.data.join("controller.log")).unwrap_or_default()
     }
 
+    /// The web console's URL, when it was started with `--web-listen` (written to
+    /// `web.url` before `controller.url`).
+    pub fn web_url(&self) -> Option<String> {
+        crate::files::read_url(&self.data.join("web.url"))
+    }
+
     /// `walkabout ARGS --controller URL`, logging warnings only.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.spec.bin);

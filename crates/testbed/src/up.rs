@@ -22,10 +22,11 @@ pub struct UpSession {
 }
 
 impl UpSession {
-    /// Starts `BIN up --listen 127.0.0.1:P --base-port P+1 --hosts HOSTS ARGS` on free
-    /// ports; its stderr goes to `stderr_log` (discarded when `None`).
+    /// Starts `BIN up --listen 127.0.0.1:P --base-port P+1 --hosts HOSTS --web-listen
+    /// 127.0.0.1:P+HOSTS+1 ARGS` on free ports; its stderr goes to `stderr_log`
+    /// (discarded when `None`).
     pub fn start(bin: &Path, hosts: u16, args: &[&str], stderr_log: Option<&Path>) -> Result<UpSession> {
-        let port = free_ports(hosts + 1)?;
+        let port = free_ports(hosts + 2)?;
         let stderr = match stderr_log {
             Some(p) => Stdio::from(std::fs::File::create(p).map_err(|e| TestbedError::io(format!("creating {}", p.display()), e))?),
             None => Stdio::null(),
@@ -33,6 +34,7 @@ impl UpSession {
         let mut child = Command::new(bin)
             .args(["up", "--listen", &format!("127.0.0.1:{port}"), "--base-port", &(port + 1).to_string()])
             .args(["--hosts", &hosts.to_string()])
+            .args(["--web-listen", &format!("127.0.0.1:{}", port + hosts + 1)])
             .args(args)
             .env("WALKABOUT_LOG", "warn")
             .stdin(Stdio::null())

@@ -39,6 +39,10 @@ pub struct ControllerArgs {
     /// Bandwidth cap per migration (e.g. 100M, 1G); default: none.
     #[arg(long, value_parser = super::client::parse_mib)]
     max_bandwidth: Option<u64>,
+    /// Also serve the web console on this address (port 0 picks one): the page at `/`
+    /// and the same API under `/v1`. Its URL is printed and written to DATA_DIR/web.url.
+    #[arg(long)]
+    web_listen: Option<String>,
 }
 
 impl ControllerArgs {
@@ -62,6 +66,10 @@ impl ControllerArgs {
     }
 }
 
+/// How long servers get to close their connections after a stop: event streams (a
+/// browser's, a `walk --follow`) never end by themselves.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs the controller until Ctrl-C or SIGTERM. Agents and VMs carry on without it.
 pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
     super::client::runtime()?.block_on(async move {
@@ -69,16 +77,57 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         let url = format!("http://{}", listener.local_addr()?);
+        let web = match &a.web_listen {
+            Some(addr) => {
+                Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (web console)"))?)
+            }
+            None => None,
+        };
         let cluster = walkabout_controller::start(config, &a.agents).await?;
         // The games are clients of this API, at the address just bound.
         cluster.games().serve_at(&url)?;
+        let console = match web {
+            Some(l) => {
+                let web_url = format!("http://{}/", l.local_addr()?);
+                walkabout_testbed::write_atomic(&a.data_dir.join("web.url"), web_url.as_bytes()).context("writing web.url")?;
+                let _ = super::out::line(format_args!("web console on {web_url}"));
+                let app = walkabout_web::console(walkabout_controller::api::router(cluster.clone()));
+                let stop = cluster.clone();
+                Some(tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(async move { stop.stopped().await }).await }))
+            }
+            None => None,
+        };
         // Written whole, then renamed: a reader never sees it half-written.
         walkabout_testbed::write_atomic(&a.data_dir.join("controller.url"), url.as_bytes()).context("writing controller.url")?;
         let _ = super::out::line(format_args!("walkabout controller listening on {url} ({} host(s))", cluster.hosts().len()));
-        axum::serve(listener, walkabout_controller::api::router(cluster.clone()))
-            .with_graceful_shutdown(super::agent::shutdown_signal())
-            .await
-            .context("serving the API")?;
+        let stop = cluster.clone();
+        tokio::spawn(async move {
+            super::agent::shutdown_signal().await;
+            stop.stop();
+        });
+        let stopped = cluster.clone();
+        let api = axum::serve(listener, walkabout_controller::api::router(cluster.clone()))
+            .with_graceful_shutdown(async move { stopped.stopped().await });
+        let grace = async {
+            cluster.stopped().await;
+            tokio::time::sleep(CLOSE_GRACE).await;
+        };
+        let servers = async {
+            let console = async {
+                if let Some(c) = console {
+                    match c.await {
+                        Ok(Err(e)) => tracing::warn!(error = %e, "the web console stopped serving"),
+                        Err(e) => tracing::warn!(error = %e, "the web console's task ended"),
+                        Ok(Ok(())) => {}
+                    }
+                }
+            };
+            tokio::join!(api, console).0
+        };
+        tokio::select! {
+            r = servers => r.context("serving the API")?,
+            () = grace => tracing::info!("connections still open after the stop (event streams); closing them"),
+        }
         cluster.stop();
         tracing::info!("controller stopped; agents and VMs carry on");
         Ok(ExitCode::SUCCESS)

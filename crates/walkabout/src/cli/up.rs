@@ -1,8 +1,9 @@
 //! `walkabout up`: a whole cluster on this machine — a controller and three agents (on
 //! loopback, or each in a network namespace of its own with `--netns`), four guests
-//! booted and walked about by live migration, the API and metrics printed. Ctrl-C (or
-//! SIGTERM) stops the walk, deletes the guests, stops the agents and the controller,
-//! and removes what it created: no process is left behind.
+//! booted and walked about by live migration, the web console's URL printed first, then
+//! the API and metrics. Ctrl-C (or SIGTERM) stops the walk, deletes the guests, stops
+//! the agents and the controller, and removes what it created: no process is left
+//! behind.
 //!
 //! The guests have a NIC each on the guests' segment (bridge `wavm0` on every host,
 //! joined into one segment the root namespace reaches at 10.77.0.254; needs root) with
@@ -28,6 +29,9 @@ pub struct UpArgs {
     /// Address of the controller's API.
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: String,
+    /// Address of the web console (the page at `/`, the API under `/v1`); printed first.
+    #[arg(long, default_value = "127.0.0.1:7780")]
+    web_listen: String,
     /// Number of hosts (agents).
     #[arg(long, default_value_t = 3)]
     hosts: usize,
@@ -63,6 +67,13 @@ pub struct UpArgs {
 /// Runs `walkabout up` until Ctrl-C, SIGTERM or `--duration`.
 pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
+        // The console's address comes first: open it now, it shows the cluster as it
+        // comes up (the browser waits on the bound port until the console serves).
+        let web = tokio::net::TcpListener::bind(&a.web_listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (web console)", a.web_listen))?;
+        let web_url = format!("http://{}/", web.local_addr()?);
+        out::line(format_args!("web console      {web_url}"))?;
         out::line("walkabout up: building the guest image (cached after the first run)...")?;
         let cache = walkabout_image::default_cache_dir();
         let img = tokio::task::spawn_blocking(move || walkabout_image::build(&cache)).await??;
@@ -119,6 +130,13 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
                 let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.stopped().await }).await;
             })
         };
+        let console = {
+            let app = walkabout_web::console(walkabout_controller::api::router(cluster.clone()));
+            let stop = cluster.clone();
+            tokio::spawn(async move {
+                let _ = axum::serve(web, app).with_graceful_shutdown(async move { stop.stopped().await }).await;
+            })
+        };
         // The walk is a client of the controller's API, at the address just bound.
         if let Err(e) = cluster.games().serve_at(&api_url) {
             cluster.stop();
@@ -126,7 +144,7 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
             return Err(e.into());
         }
         let result = tokio::select! {
-            r = show(&cluster, &local, &a, &api_url, guest_net.as_ref()) => r,
+            r = show(&cluster, &local, &a, &api_url, &web_url, guest_net.as_ref()) => r,
             _ = super::agent::shutdown_signal() => { let _ = out::line("\ninterrupted"); Ok(()) }
         };
         let _ = out::line("stopping: the walk, the guests, the agents, the controller...");
@@ -139,7 +157,9 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         cluster.stop();
+        // Event streams (an open console) never end by themselves: a short grace, then go.
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), console).await;
         super::demo::delete_guests(&local).await;
         local.shutdown();
         drop(guest_net);
@@ -149,7 +169,7 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Boots the guests, prints where everything is, and walks the guests about.
-async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str, net: Option<&GuestNet>) -> anyhow::Result<()> {
+async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str, web_url: &str, net: Option<&GuestNet>) -> anyhow::Result<()> {
     let memory_mib = super::client::parse_mib(&a.memory).map_err(|e| anyhow::anyhow!(e))?;
     for agent in &local.agents {
         out::line(format_args!("  host {} at {} (metrics {}/metrics)", agent.name, agent.url, agent.url))?;
@@ -186,6 +206,7 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
         ))?;
     }
     out::line("")?;
+    out::line(format_args!("web console      {web_url}"))?;
     out::line(format_args!("controller API   {api_url}/v1/cluster  (hosts, vms, plans, migrations, walks)"))?;
     out::line(format_args!("events (SSE)     {api_url}/v1/events"))?;
     out::line(format_args!("metrics          {api_url}/metrics"))?;

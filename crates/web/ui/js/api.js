@@ -1,0 +1,65 @@
+// The controller's public API (docs/api/controller.json), by relative URLs: the page is
+// served on the API's own origin, so same-origin credentials (a cookie, later a token)
+// travel with every request without the page knowing about them.
+
+/** An error reply of the API: its sentence, its `kind`, and for an impossible goal the
+ *  per-VM `blocked` reasons and the recorded `plan`. */
+export class ApiError extends Error {
+  constructor(status, body) {
+    super(body?.error ?? `HTTP ${status}`);
+    this.status = status;
+    this.kind = body?.kind ?? 'other';
+    this.blocked = body?.blocked ?? [];
+    this.plan = body?.plan ?? null;
+  }
+}
+
+async function call(method, path, body) {
+  const init = { method, credentials: 'same-origin', headers: { accept: 'application/json' } };
+  if (body !== undefined) {
+    init.headers['content-type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  const r = await fetch(path, init);
+  const text = await r.text();
+  let json = null;
+  try { json = text ? JSON.parse(text) : null; } catch { json = { error: text }; }
+  if (!r.ok) throw new ApiError(r.status, json);
+  return json;
+}
+
+const enc = encodeURIComponent;
+
+export const api = {
+  cluster: () => call('GET', 'v1/cluster'),
+  migrations: () => call('GET', 'v1/migrations'),
+  migration: (id) => call('GET', `v1/migrations/${enc(id)}`),
+  cancelMigration: (id) => call('POST', `v1/migrations/${enc(id)}/cancel`),
+  plans: () => call('GET', 'v1/plans'),
+  plan: (id) => call('GET', `v1/plans/${enc(id)}`),
+  /** A dry run: `goal` is `{goal: 'place', vm, host}`, `{goal: 'drain', host}`,
+   *  `{goal: 'rebalance'}` or `{goal: 'consolidate'}`. */
+  propose: (goal) => call('POST', 'v1/plans', goal),
+  execute: (id) => call('POST', `v1/plans/${enc(id)}/execute`),
+  cancelPlan: (id) => call('POST', `v1/plans/${enc(id)}/cancel`),
+  drain: (host) => call('POST', `v1/hosts/${enc(host)}/drain`),
+  undrain: (host) => call('POST', `v1/hosts/${enc(host)}/undrain`),
+  walks: () => call('GET', 'v1/walks'),
+  startWalk: (opts) => call('POST', 'v1/walks', opts),
+  startChairs: (opts) => call('POST', 'v1/games/musical-chairs', opts),
+  stopWalk: (id) => call('POST', `v1/walks/${enc(id)}/stop`),
+};
+
+/** The event stream: `onEvent(event)` for each change, `onState('live' | 'lost')` as the
+ *  connection comes and goes (the browser reconnects by itself). */
+export function subscribe(onEvent, onState) {
+  const es = new EventSource('v1/events', { withCredentials: true });
+  es.onopen = () => onState('live');
+  es.onerror = () => onState('lost');
+  for (const subject of ['host', 'vm', 'plan', 'migration', 'walk']) {
+    es.addEventListener(subject, (m) => {
+      try { onEvent(JSON.parse(m.data)); } catch (e) { console.warn('bad event', e); }
+    });
+  }
+  return es;
+}
