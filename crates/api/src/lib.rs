@@ -38,8 +38,8 @@ pub use error::{ErrorBody, ErrorKind};
 pub use event::{Event, Subject};
 pub use host::{Accel, AccelChoice, CpuCatalog, HostInfo, QemuVersion};
 pub use migration::{
-    CommitRequest, IncomingReply, IncomingRequest, Limits, MigrationRecord, MigrationRequest, MigrationSummary, Mode, Phase, Progress,
-    Strategy, Switch,
+    CommitRequest, DiskProgress, IncomingReply, IncomingRequest, Limits, MigrationRecord, MigrationRequest, MigrationSummary, Mode, Phase,
+    Progress, Strategy, Switch,
 };
 pub use nic::NicSpec;
 pub use plan::{Blocked, Goal, PlanRecord, PlanStatus, Problem, Step, StepStatus};

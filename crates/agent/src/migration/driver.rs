@@ -18,6 +18,7 @@
 //!   the VM is forgotten here. A commit that fails leaves the source copy paused for
 //!   recovery; the destination adopts the guest when the source goes silent.
 
+use super::storage;
 use crate::error::AgentError;
 use std::future::Future;
 use std::sync::Mutex;
@@ -26,12 +27,14 @@ use tokio::sync::watch;
 use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord};
 use walkabout_api::{ClientError, GuestStatus, VmSpec};
 use walkabout_migrate::run::{Peer, CANCELLED_BY_REQUEST};
-use walkabout_migrate::{MigrationQmp, Phase, Policy, Progress, Switch};
+use walkabout_migrate::{MigrationQmp, Outcome, Phase, Policy, Progress, Switch};
 
 /// How often the source probes the destination during a migration.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long the source measures the guest's dirty rate before choosing a strategy.
 const DIRTY_RATE_WINDOW_MS: u64 = 500;
+/// How often the disk mirrors are read while memory waits for them.
+const MIRROR_POLL: Duration = Duration::from_millis(100);
 
 /// The destination agent, as the source's driver uses it.
 pub(crate) trait PeerAgent: Send + Sync {
@@ -81,21 +84,32 @@ struct Ended {
     past_switchover: bool,
 }
 
-/// When the destination last answered a probe.
-struct Liveness(Mutex<Instant>);
+/// When the destination last answered a probe, and whether the disk mirrors (if any)
+/// are still in sync: a broken mirror makes the destination count as gone, so the
+/// switchover gate does not pass.
+struct Liveness {
+    last: Mutex<Instant>,
+    mirrors: Option<storage::MirrorHealth>,
+}
 
 impl Liveness {
-    fn now() -> Liveness {
-        Liveness(Mutex::new(Instant::now()))
+    fn now(mirrors: Option<storage::MirrorHealth>) -> Liveness {
+        Liveness { last: Mutex::new(Instant::now()), mirrors }
     }
     fn answered(&self) {
-        *crate::vms::lock(&self.0) = Instant::now();
+        *crate::vms::lock(&self.last) = Instant::now();
+    }
+    fn mirror_failure(&self) -> Option<String> {
+        self.mirrors.as_ref().and_then(storage::MirrorHealth::failure)
     }
 }
 
 impl Peer for Liveness {
     fn since_alive(&self) -> Duration {
-        crate::vms::lock(&self.0).elapsed()
+        if self.mirror_failure().is_some() {
+            return Duration::MAX;
+        }
+        crate::vms::lock(&self.last).elapsed()
     }
 }
 
@@ -154,9 +168,30 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         let dirty = walkabout_migrate::run::measure_dirty_rate(&self.qmp, DIRTY_RATE_WINDOW_MS).await;
         let policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty);
         let postcopy_ready = policy.strategy().postcopy_ready;
-        let incoming = IncomingRequest { spec: spec.clone(), postcopy_ready, cpu_features: features.into_iter().collect(), listen_host };
+        // Storage: describe the disks (and write the shared-storage marker) for the
+        // destination to pick `shared` or `copy` and, for a copy, make its images.
+        let asked = rec.storage.unwrap_or_default();
+        let offer = match spec.disks.is_empty() {
+            true => None,
+            false => Some(
+                storage::offer(&self.qmp, spec, asked).await.map_err(|e| fail(format!("cannot migrate the disks of {}: {e}", rec.vm)))?,
+            ),
+        };
+        let incoming = IncomingRequest {
+            spec: spec.clone(),
+            postcopy_ready,
+            cpu_features: features.into_iter().collect(),
+            listen_host,
+            storage: asked,
+            disks: offer.as_ref().map(|o| o.disks.clone()).unwrap_or_default(),
+            marker: offer.as_ref().and_then(|o| o.marker.clone()),
+        };
         let prepared = self.peer.prepare_incoming(&incoming).await;
-        let uri = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?.uri;
+        if let Some(o) = &offer {
+            o.remove_markers();
+        }
+        let reply = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?;
+        self.agent.update(|r| r.storage = reply.storage);
         if *cancel.borrow_and_update() {
             return Err(Ended { phase: Phase::Cancelled, reason: CANCELLED_BY_REQUEST.into(), past_switchover: false });
         }
@@ -166,41 +201,50 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             r.dirty_rate_bps = dirty;
             r.strategy = Some(strategy);
         });
-        let report = |p: &Progress, sw: Option<&Switch>| {
-            self.agent.update(|r| {
-                if let Some(ph) = p.phase {
-                    if !ph.is_final() && r.phase.can_become(ph) {
-                        r.phase = ph;
-                    }
-                }
-                r.progress = p.clone();
-                if let Some(s) = sw {
-                    r.switches.push(s.clone());
-                }
-            })
+        // Subscribed before the mirrors start, so none of their events is missed.
+        let job_events = self.qmp.events();
+        let mirrors = match &reply.nbd {
+            Some(nbd) => {
+                Some(storage::Mirrors::start(&self.qmp, nbd).await.map_err(|e| fail(format!("cannot copy the disks of {}: {e}", rec.vm)))?)
+            }
+            None => None,
         };
-        let alive = Liveness::now();
-        let probing = async {
-            loop {
-                if self.peer.probe(&rec.vm).await.is_ok() {
-                    alive.answered();
+        let alive = Liveness::now(mirrors.as_ref().map(|m| storage::MirrorHealth::new(m.ids(), job_events)));
+        let result = self.move_data(&reply.uri, policy, mirrors.as_ref(), &alive, cancel).await;
+        let outcome = match result {
+            Ok(o) => o,
+            Err(e) => {
+                if let Some(m) = &mirrors {
+                    m.abandon(&self.qmp).await;
                 }
-                tokio::time::sleep(PROBE_INTERVAL).await;
+                // A mirror that broke is the cause, whatever the memory stream saw.
+                return Err(match alive.mirror_failure() {
+                    Some(b) if e.phase == Phase::Failed => fail(format!("migration of {} failed: {b}", rec.vm)),
+                    _ => e,
+                });
             }
         };
-        let outcome = tokio::select! {
-            outcome = walkabout_migrate::run::run(&self.qmp, &uri, policy, &alive, cancel, report) => outcome,
-            () = probing => unreachable!("probing never ends"),
-        };
-        let outcome = outcome.map_err(|e| fail(format!("migration of {} failed: {e}", rec.vm)))?;
         self.agent.update(|r| {
             r.total_ms = Some(outcome.total_ms);
             r.downtime_ms = (outcome.phase == Phase::Completed).then_some(outcome.downtime_ms);
             r.switches = outcome.switches.clone();
         });
         if outcome.phase != Phase::Completed {
-            let reason = outcome.reason.unwrap_or_else(|| format!("{:?}", outcome.phase));
+            if let Some(m) = &mirrors {
+                m.abandon(&self.qmp).await;
+            }
+            let reason = match (outcome.phase, alive.mirror_failure()) {
+                (Phase::Failed, Some(b)) => format!("migration of {} failed: {b}", rec.vm),
+                _ => outcome.reason.unwrap_or_else(|| format!("{:?}", outcome.phase)),
+            };
             return Err(Ended { phase: outcome.phase, reason, past_switchover: false });
+        }
+        if let Some(m) = &mirrors {
+            if let Ok((d, _)) = m.poll(&self.qmp).await {
+                self.agent.update(|r| r.disk = d);
+            }
+            // The jobs are in sync (the gate saw no failure) and the guest is stopped here.
+            m.finish(&self.qmp).await;
         }
         // The guest now runs on the destination; make it the VM's owner, then let go.
         // The source's console is complete (its guest is stopped): hand its status over.
@@ -219,6 +263,90 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
                 ),
                 past_switchover: true,
             }),
+        }
+    }
+
+    /// Copies the disks (when `mirrors`) until they are in sync, then memory, probing
+    /// the destination all along (the probes are also its lease).
+    async fn move_data(
+        &self,
+        uri: &str,
+        policy: Policy,
+        mirrors: Option<&storage::Mirrors>,
+        alive: &Liveness,
+        mut cancel: watch::Receiver<bool>,
+    ) -> Result<Outcome, Ended> {
+        let rec = &self.record;
+        let report = |p: &Progress, sw: Option<&Switch>| {
+            self.agent.update(|r| {
+                if let Some(ph) = p.phase {
+                    if !ph.is_final() && r.phase.can_become(ph) {
+                        r.phase = ph;
+                    }
+                }
+                r.progress = p.clone();
+                if let Some(s) = sw {
+                    r.switches.push(s.clone());
+                }
+            })
+        };
+        let probing = async {
+            loop {
+                if self.peer.probe(&rec.vm).await.is_ok() {
+                    alive.answered();
+                }
+                if let Some(m) = mirrors {
+                    if let Ok((d, _)) = m.poll(&self.qmp).await {
+                        self.agent.update(|r| r.disk = d);
+                    }
+                }
+                tokio::time::sleep(PROBE_INTERVAL).await;
+            }
+        };
+        let work = async {
+            if let Some(m) = mirrors {
+                self.mirror_until_ready(m, alive, &mut cancel).await?;
+            }
+            walkabout_migrate::run::run(&self.qmp, uri, policy, alive, cancel, report).await.map_err(|e| Ended {
+                phase: Phase::Failed,
+                reason: format!("migration of {} failed: {e}", rec.vm),
+                past_switchover: false,
+            })
+        };
+        tokio::select! {
+            outcome = work => outcome,
+            () = probing => unreachable!("probing never ends"),
+        }
+    }
+
+    /// Waits for every disk mirror to be READY (in sync, and kept in sync by its
+    /// write-blocking mode); memory moves only then. Cancel, a silent destination or a
+    /// failing mirror end the wait.
+    async fn mirror_until_ready(&self, m: &storage::Mirrors, alive: &Liveness, cancel: &mut watch::Receiver<bool>) -> Result<(), Ended> {
+        let rec = &self.record;
+        let fail = |reason: String| Ended { phase: Phase::Failed, reason, past_switchover: false };
+        loop {
+            if *cancel.borrow_and_update() {
+                return Err(Ended { phase: Phase::Cancelled, reason: CANCELLED_BY_REQUEST.into(), past_switchover: false });
+            }
+            let silent = alive.since_alive();
+            if silent > walkabout_migrate::run::PEER_TIMEOUT {
+                return Err(fail(format!(
+                    "cannot copy the disks of {}: the destination stopped answering ({} ms)",
+                    rec.vm,
+                    silent.as_millis().min(u128::from(u64::MAX))
+                )));
+            }
+            let (d, ready) = m.poll(&self.qmp).await.map_err(|e| fail(format!("cannot copy the disks of {}: {e}", rec.vm)))?;
+            self.agent.update(|r| r.disk = d);
+            if ready {
+                tracing::info!(vm = %rec.vm, bytes = d.transferred_bytes, "disks in sync; memory follows");
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(MIRROR_POLL) => {}
+                r = cancel.changed() => if r.is_err() { tokio::time::sleep(MIRROR_POLL).await },
+            }
         }
     }
 
@@ -249,6 +377,9 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
     pub(crate) async fn recover(&self) -> String {
         let status = self.qmp.execute("query-migrate", None).await.map(|v| v["status"].as_str().unwrap_or("none").to_string());
         let past = matches!(status.as_deref(), Ok("completed" | "device" | "postcopy-active"));
+        if self.record.storage == Some(walkabout_api::StorageMode::Copy) {
+            storage::settle_leftover_mirrors(&self.qmp, self.spec.disks.len(), past).await;
+        }
         let reason = if past {
             "switchover done but the source agent restarted before the destination confirmed; the source copy is kept paused for recovery"
         } else {

@@ -5,7 +5,7 @@ use super::progress::{mib, MigrationProgress, MigrationView};
 use super::table::{clean, num, Align, Table};
 use std::process::ExitCode;
 use std::time::Duration;
-use walkabout_api::{MigrationRecord, MigrationRequest, Mode, Phase};
+use walkabout_api::{MigrationRecord, MigrationRequest, Mode, Phase, StorageMode};
 
 /// Arguments of `walkabout migrate`.
 #[derive(clap::Args)]
@@ -32,6 +32,11 @@ pub struct MigrateArgs {
     /// depends on both hosts: losing either loses the VM.
     #[arg(long, default_value = "auto")]
     mode: String,
+    /// How the VM's disks move: shared (both hosts open the same image, proven by a
+    /// marker file), copy (the destination makes its own image; the source mirrors into
+    /// it before memory moves), auto (shared when both hosts see the same file).
+    #[arg(long, default_value = "auto")]
+    storage: String,
     /// Wait for the end, showing progress.
     #[arg(long)]
     wait: bool,
@@ -74,12 +79,14 @@ pub struct MigrationId {
 /// Runs `walkabout migrate`.
 pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let mode = a.mode.parse::<Mode>().map_err(anyhow::Error::msg)?;
+    let storage = a.storage.parse::<StorageMode>().map_err(anyhow::Error::msg)?;
     runtime()?.block_on(async move {
         let client = client::agent(&a.agent)?;
         let req = MigrationRequest {
             max_downtime_ms: Some(a.max_downtime),
             max_bandwidth_bps: a.max_bandwidth.map(|m| m << 20),
             budget_per_gib_ms: Some(a.budget_per_gib),
+            storage,
             ..MigrationRequest::new(a.vm.clone(), a.to.clone(), mode)
         };
         let rec = client.start_migration(&req).await?;
@@ -149,6 +156,10 @@ pub struct Summary {
     pub passes: u64,
     /// The strategy picked.
     pub strategy: Option<String>,
+    /// How the disks moved, for a VM with disks.
+    pub storage: Option<StorageMode>,
+    /// Disk bytes copied (with `copy`).
+    pub disk_bytes: u64,
 }
 
 impl Summary {
@@ -166,6 +177,8 @@ impl Summary {
             transferred_bytes: rec.progress.transferred_bytes,
             passes: rec.progress.iteration,
             strategy: rec.strategy.as_ref().map(|s| text(&s.name)),
+            storage: rec.storage,
+            disk_bytes: rec.disk.transferred_bytes,
         }
     }
 }
@@ -182,6 +195,12 @@ impl std::fmt::Display for Summary {
         let passes = if self.passes == 1 { "pass" } else { "passes" };
         write!(f, ", {} MiB sent in {} {passes}", mib(self.transferred_bytes), self.passes)?;
         write!(f, ", strategy {}", self.strategy.as_deref().unwrap_or("-"))?;
+        if let Some(s) = self.storage {
+            write!(f, ", storage {s}")?;
+            if s == StorageMode::Copy {
+                write!(f, " ({} MiB of disk copied)", mib(self.disk_bytes))?;
+            }
+        }
         if let Some(r) = &self.reason {
             write!(f, "\n  reason: {r}")?;
         }
