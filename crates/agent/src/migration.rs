@@ -119,7 +119,7 @@ impl AgentSide for Books {
         self.agent.forget_migrated(&self.vm).await;
         if copied {
             // The image a copy made here earlier is stale now that its VM left by copy.
-            let dir = self.agent.storage_dir();
+            let dir = self.agent.copy_dir();
             for p in disks.iter().filter_map(|d| d.path.as_deref()).filter(|p| storage::is_copy_image(&dir, p)) {
                 if let Err(e) = std::fs::remove_file(p) {
                     tracing::warn!(path = %p.display(), error = %e, "cannot remove the image the VM left behind");
@@ -235,7 +235,7 @@ impl Agent {
         // Images of copies into this host that never completed (this agent was killed
         // mid-copy): no VM uses them.
         let in_use = self.list().await.iter().flat_map(|v| v.record.spec.disks.iter().filter_map(|d| d.path.clone())).collect();
-        storage::sweep(&self.storage_dir(), &in_use);
+        storage::sweep(&self.copy_dir(), &in_use);
         let records = match self.inner.store.list_migrations() {
             Ok(r) => r,
             Err(e) => {
@@ -284,8 +284,7 @@ impl Agent {
         let name = req.spec.name.clone();
         // Shared or copy first: a copy's spec names the images made here.
         let img = walkabout_qemu::QemuImg::beside(&self.inner.config.qemu_binary);
-        let plan =
-            storage::plan(&req, &self.storage_dir(), &img).await.map_err(|e| AgentError::InvalidRequest { reason: e.to_string() })?;
+        let plan = storage::plan(&req, &self.copy_dir(), &img).await.map_err(|e| AgentError::InvalidRequest { reason: e.to_string() })?;
         let reserved = self.validate(&plan.spec).and_then(|()| self.reserve(plan.spec.clone(), VmState::Incoming));
         let vm = match reserved {
             Ok(vm) => vm,
@@ -341,9 +340,10 @@ impl Agent {
         result
     }
 
-    /// Where this agent keeps the images it makes (copies received by migration).
-    pub(crate) fn storage_dir(&self) -> std::path::PathBuf {
-        self.inner.config.data_dir.join("storage")
+    /// Where this agent makes the images of disks copied in by migration: its storage
+    /// directory (`<data dir>/images`, the default the disks work's `--storage-dir` has).
+    pub(crate) fn copy_dir(&self) -> std::path::PathBuf {
+        self.inner.config.data_dir.join("images")
     }
 
     async fn check_cpu(&self, name: &str, qmp: &Qmp, needed: &[String]) -> Result<(), AgentError> {

@@ -263,7 +263,8 @@ pub struct MigrationRecord {
     pub switches: Vec<Switch>,
     /// Latest progress.
     pub progress: Progress,
-    /// Wall time, ms, once final.
+    /// Wall time, ms, once final (of the memory stream; with `storage: copy`, from the
+    /// request, disk copy included).
     pub total_ms: Option<u64>,
     /// Guest pause at switchover, ms, once completed.
     pub downtime_ms: Option<u64>,

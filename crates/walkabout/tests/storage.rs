@@ -95,7 +95,7 @@ fn disk_of(v: &VmInfo) -> PathBuf {
 
 /// The images copies made in an agent's storage directory.
 fn copies(agent: &AgentProc) -> Vec<PathBuf> {
-    match std::fs::read_dir(agent.data.join("storage")) {
+    match std::fs::read_dir(agent.data.join("images")) {
         Ok(d) => d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.to_string_lossy().contains("/copy-")).collect(),
         Err(_) => vec![],
     }
@@ -148,7 +148,7 @@ fn a_vm_with_a_disk_hops_shared_then_by_copy_with_its_bytes_intact() {
         assert_eq!((m.result, m.storage), (Phase::Completed, Some(StorageMode::Copy)), "copy hop {hop}: {m:?}");
         assert!(m.disk_transferred_bytes >= 32 << 20, "copy hop {hop}: {m:?}");
         let here = disk_of(&to.info("d1"));
-        assert!(here.starts_with(to.data.join("storage")), "copy hop {hop}: the VM runs on {here:?}");
+        assert!(here.starts_with(to.data.join("images")), "copy hop {hop}: the VM runs on {here:?}");
         assert!(copies(from).is_empty(), "copy hop {hop}: the source kept {:?}", copies(from));
         hosts.swap(0, 1);
     }
@@ -205,8 +205,8 @@ fn an_overlay_whose_base_is_at_the_destination_copies_only_its_top_layer() {
     let (a, b) = (AgentProc::start(&[]), AgentProc::start(&[]));
     let base = dir.0.join("base.qcow2");
     image(&base, 256, None, &[(0x33, 0, 96)]);
-    std::fs::create_dir_all(b.data.join("storage")).expect("storage dir");
-    std::fs::copy(&base, b.data.join("storage").join("base.qcow2")).expect("base at the destination");
+    std::fs::create_dir_all(b.data.join("images")).expect("storage dir");
+    std::fs::copy(&base, b.data.join("images").join("base.qcow2")).expect("base at the destination");
     let top = dir.0.join("top.qcow2");
     image(&top, 256, Some(&base), &[(0x44, 8, 12), (0x55, 200, 4)]);
     let allocated = top_allocated(&top);
@@ -220,7 +220,7 @@ fn an_overlay_whose_base_is_at_the_destination_copies_only_its_top_layer() {
     assert!((sent - allocated as f64).abs() <= allocated as f64 * 0.10, "sent {sent} bytes for a top layer of {allocated}: {m:?}");
     let there = disk_of(&b.info("d3"));
     let chain = run("qemu-img", &["info", "-U", "--output=json", there.to_str().expect("utf-8")]);
-    assert!(chain.contains(&b.data.join("storage").join("base.qcow2").display().to_string()), "not rebuilt on the local base: {chain}");
+    assert!(chain.contains(&b.data.join("images").join("base.qcow2").display().to_string()), "not rebuilt on the local base: {chain}");
     same_content(&top, &there).unwrap_or_else(|e| panic!("the overlay's content differs: {e}"));
 }
 

@@ -224,8 +224,11 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
                 });
             }
         };
+        let copied = mirrors.is_some();
         self.agent.update(|r| {
-            r.total_ms = Some(outcome.total_ms);
+            // A copy's wall time includes the disk copy before memory moved.
+            let whole = crate::vms::now_ms().saturating_sub(r.created_at_ms);
+            r.total_ms = Some(if copied { whole } else { outcome.total_ms });
             r.downtime_ms = (outcome.phase == Phase::Completed).then_some(outcome.downtime_ms);
             r.switches = outcome.switches.clone();
         });

@@ -6,7 +6,7 @@
 //!   (and `auto` falls back to `copy`). The incoming QEMU opens the image inactive and
 //!   QEMU hands it over at the switchover.
 //! - `copy`: the destination creates its own image (same format and virtual size, in
-//!   its storage directory `DATA_DIR/storage`; for a qcow2 overlay whose backing file
+//!   its storage directory (`DATA_DIR/images`); for a qcow2 overlay whose backing file
 //!   it already holds — same SHA-256 in its catalog — an overlay on its own copy, so
 //!   only the top layer moves), exports it writable over NBD, and is not armed to run
 //!   the guest on its own. The source adds an NBD client node and runs
