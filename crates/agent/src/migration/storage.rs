@@ -309,7 +309,7 @@ impl Mirrors {
 /// After a restart of the source agent: stops any mirror of this VM's disks left in
 /// its QEMU (`finish` past the switchover, `abandon` before it).
 pub(crate) async fn settle_leftover_mirrors(qmp: &impl MigrationQmp, disks: usize, past_switchover: bool) {
-    let m = Mirrors { jobs: (0..disks).map(|i| walkabout_api::DiskSpec::node_name(i)).map(|n| (job_id(&n), nbd_node(&n))).collect() };
+    let m = Mirrors { jobs: (0..disks).map(walkabout_api::DiskSpec::node_name).map(|n| (job_id(&n), nbd_node(&n))).collect() };
     if m.jobs.is_empty() {
         return;
     }
