@@ -18,8 +18,11 @@
 //! kernel/VERSION                   e.g. "6.1.0-56-amd64", written last
 //! kernel/vmlinuz-<VERSION>         the bzImage, as packaged
 //! kernel/vmlinux-<VERSION>         the same kernel unpacked, booted through PVH (faster)
+//! kernel/modules-<VERSION>/        the guest's kernel modules (virtio, SCSI disk, ext4 and
+//!                                  their dependencies) as plain .ko, and their load `order`
 //! busybox/busybox                  the static busybox
-//! initrd-<key>.cpio                the initramfs; <key> hashes the guest program and /init
+//! initrd-<key>.cpio                the initramfs; <key> hashes the guest program, /init,
+//!                                  the kernel version and the module list
 //! ```
 //!
 //! Every file is written under a temporary name and renamed into place, so a reader never
@@ -35,6 +38,7 @@ mod cpio;
 mod debian;
 mod elf;
 mod lock;
+mod modules;
 mod vmlinux;
 
 pub use walkabout_guest::workload::{ParseWorkloadError, Workload};
@@ -44,17 +48,43 @@ use debian::{Apt, BUSYBOX_PACKAGE};
 /// The guest program, compiled statically for x86_64 Linux by build.rs.
 static GUEST_PROGRAM: &[u8] = include_bytes!(env!("WALKABOUT_GUEST_BINARY"));
 
-/// The initramfs `/init`: mounts the kernel's file systems and becomes the guest program.
-const INIT_SCRIPT: &str = "#!/bin/busybox sh
+/// The initramfs `/init`: mounts the kernel's file systems, loads the kernel modules
+/// (virtio, SCSI disk, ext4; in dependency order) and becomes the guest program, or, with
+/// `root=<device>` on the kernel command line, mounts that ext4 device and switches to it
+/// (its `/init` then becomes the guest program). A root that cannot be mounted is
+/// reported on the console and the guest runs from the initramfs instead.
+const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
+for m in $(cat /lib/modules/order); do
+    insmod /lib/modules/$m.ko || echo "WALKABOUT ERROR cannot load kernel module $m"
+done
+echo "walkabout-init: block devices: $(ls /sys/block | tr '
+' ' ')"
+root=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in root=*) root="${arg#root=}" ;; esac
+done
+if [ -n "$root" ]; then
+    i=0
+    while [ ! -b "$root" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    mkdir -p /newroot
+    if mount -t ext4 "$root" /newroot; then
+        if [ -x /newroot/init ]; then
+            for fs in proc sys dev; do mount -o move /$fs /newroot/$fs; done
+            exec switch_root /newroot /init
+        fi
+        umount /newroot
+    fi
+    echo "WALKABOUT ERROR cannot boot from root=$root (no such device, not ext4, or no /init on it); running from the initramfs"
+fi
 exec /bin/walkabout-guest
-";
+"#;
 
 /// Bumped when the initramfs layout changes in a way the key would not otherwise see.
-const INITRAMFS_LAYOUT: &str = "walkabout-initramfs-v1";
+const INITRAMFS_LAYOUT: &str = "walkabout-initramfs-v2";
 
 /// A guest image: what QEMU needs for `-kernel`, `-initrd` (and [`cmdline`] for
 /// `-append`).
@@ -185,17 +215,17 @@ pub fn build(cache_dir: &Path) -> Result<GuestImage, ImageError> {
     let _lock = lock::Exclusive::acquire(&cache_dir.join("build.lock"))?;
     let mut apt = Apt::default();
     let (kernel, kernel_version) = ensure_kernel(cache_dir, &mut apt)?;
-    let initrd = ensure_initrd(cache_dir, &mut apt)?;
+    let initrd = ensure_initrd(cache_dir, &mut apt, &kernel_version)?;
     Ok(GuestImage { kernel, initrd, kernel_version })
 }
 
 /// The image in `cache_dir` if [`build`] already made it for this guest program, without
 /// building or fetching anything.
 pub fn cached(cache_dir: &Path) -> Result<Option<GuestImage>, ImageError> {
-    let initrd = initrd_path(cache_dir);
     let Some((kernel, kernel_version)) = cached_kernel(cache_dir)? else {
         return Ok(None);
     };
+    let initrd = initrd_path(cache_dir, &kernel_version);
     if !initrd.is_file() {
         return Ok(None);
     }
@@ -253,18 +283,25 @@ fn fnv1a64(parts: &[&[u8]]) -> u64 {
         .fold(0xcbf2_9ce4_8422_2325, |hash, &byte| (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-/// Where the initramfs for this guest program and /init lives in `cache_dir`.
-fn initrd_path(cache_dir: &Path) -> PathBuf {
-    let key = fnv1a64(&[INITRAMFS_LAYOUT.as_bytes(), INIT_SCRIPT.as_bytes(), GUEST_PROGRAM]);
+/// Where the initramfs for this guest program, /init and the modules of kernel
+/// `kernel_version` lives in `cache_dir`.
+fn initrd_path(cache_dir: &Path, kernel_version: &str) -> PathBuf {
+    let wanted = modules::GUEST_MODULES.join(",");
+    let key = fnv1a64(&[INITRAMFS_LAYOUT.as_bytes(), INIT_SCRIPT.as_bytes(), kernel_version.as_bytes(), wanted.as_bytes(), GUEST_PROGRAM]);
     cache_dir.join(format!("initrd-{key:016x}.cpio"))
 }
 
-/// The initramfs archive around `busybox`.
-fn initramfs(busybox: &[u8]) -> Vec<u8> {
+/// The initramfs archive around `busybox` and the kernel `modules` (in load order).
+fn initramfs(busybox: &[u8], modules: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut archive = cpio::Archive::new();
-    for dir in ["bin", "dev", "proc", "sys", "tmp", "run"] {
+    for dir in ["bin", "dev", "proc", "sys", "tmp", "run", "lib", "lib/modules"] {
         archive.dir(dir);
     }
+    for (name, bytes) in modules {
+        archive.file(&format!("lib/modules/{name}.ko"), 0o644, bytes);
+    }
+    let order: String = modules.iter().map(|(n, _)| format!("{n}\n")).collect();
+    archive.file("lib/modules/order", 0o644, order.as_bytes());
     // So the kernel can give /init a console before devtmpfs is mounted.
     archive.char_device("dev/console", 5, 1);
     archive.file("bin/busybox", 0o755, busybox);
@@ -346,6 +383,7 @@ fn fetch_bzimage(cache_dir: &Path, apt: &mut Apt) -> Result<(PathBuf, String), I
     check_kernel(&vmlinuz)?;
     let dir = cache_dir.join("kernel");
     fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
+    cache_modules(cache_dir, &unpacked, &version, &scratch.0)?;
     let bzimage = dir.join(format!("vmlinuz-{version}"));
     fs::rename(&vmlinuz, &bzimage).map_err(io_error("rename into place", &bzimage))?;
     write_atomically(&dir.join("VERSION"), format!("{version}\n").as_bytes(), 0o644)?;
@@ -381,6 +419,29 @@ fn ensure_kernel(cache_dir: &Path, apt: &mut Apt) -> Result<(PathBuf, String), I
     }
 }
 
+/// Takes the guest's kernel modules from an unpacked kernel package into the cache.
+fn cache_modules(cache_dir: &Path, unpacked: &Path, version: &str, scratch: &Path) -> Result<Vec<(String, Vec<u8>)>, ImageError> {
+    let tree = unpacked.join("lib").join("modules").join(version);
+    let found = modules::collect(&tree, modules::GUEST_MODULES)?;
+    modules::store(cache_dir, version, &found, scratch)?;
+    tracing::info!(kernel = %version, modules = found.len(), "kernel modules cached");
+    Ok(found)
+}
+
+/// The guest's kernel modules for kernel `version` (load order), from the cache or from
+/// that kernel's package (fetched again when an older cache holds only the kernel).
+fn ensure_modules(cache_dir: &Path, apt: &mut Apt, version: &str) -> Result<Vec<(String, Vec<u8>)>, ImageError> {
+    if let Some(found) = modules::cached(cache_dir, version) {
+        return Ok(found);
+    }
+    let package = format!("linux-image-{version}");
+    let scratch = Scratch::new(cache_dir, "modules")?;
+    let deb = apt.download(&package, &scratch.0)?;
+    let unpacked = scratch.0.join("root");
+    debian::unpack(&deb, &unpacked)?;
+    cache_modules(cache_dir, &unpacked, version, &scratch.0)
+}
+
 fn ensure_busybox(cache_dir: &Path, apt: &mut Apt) -> Result<Vec<u8>, ImageError> {
     let path = cache_dir.join("busybox").join("busybox");
     if let Ok(bytes) = fs::read(&path) {
@@ -407,13 +468,14 @@ fn ensure_busybox(cache_dir: &Path, apt: &mut Apt) -> Result<Vec<u8>, ImageError
     Ok(bytes)
 }
 
-fn ensure_initrd(cache_dir: &Path, apt: &mut Apt) -> Result<PathBuf, ImageError> {
-    let path = initrd_path(cache_dir);
+fn ensure_initrd(cache_dir: &Path, apt: &mut Apt, kernel_version: &str) -> Result<PathBuf, ImageError> {
+    let path = initrd_path(cache_dir, kernel_version);
     if check_initrd(&path).is_ok() {
         return Ok(path);
     }
     let busybox = ensure_busybox(cache_dir, apt)?;
-    write_atomically(&path, &initramfs(&busybox), 0o644)?;
+    let modules = ensure_modules(cache_dir, apt, kernel_version)?;
+    write_atomically(&path, &initramfs(&busybox, &modules), 0o644)?;
     tracing::info!(initrd = %path.display(), "initramfs built");
     Ok(path)
 }
@@ -529,10 +591,11 @@ mod tests {
 
     #[test]
     fn initramfs_is_a_cpio_archive_holding_the_guest_program() {
-        let archive = initramfs(b"busybox bytes");
+        let archive = initramfs(b"busybox bytes", &[("virtio".to_owned(), b"\x7fELF module".to_vec())]);
         let holds = |needle: &[u8]| archive.windows(needle.len()).any(|w| w == needle);
         assert!(archive.starts_with(b"070701"));
         assert!(holds(b"bin/walkabout-guest\0") && holds(b"init\0") && holds(b"dev/console\0"));
+        assert!(holds(b"lib/modules/virtio.ko\0") && holds(b"lib/modules/order\0") && holds(b"virtio\n"));
         assert!(holds(GUEST_PROGRAM));
     }
 

@@ -30,6 +30,11 @@ struct Vm {
 
 impl Vm {
     fn boot(name: &str, vcpus: u32, append: &str) -> Vm {
+        Vm::boot_with(name, vcpus, append, &[])
+    }
+
+    /// Boots with `extra` QEMU arguments (disks, say).
+    fn boot_with(name: &str, vcpus: u32, append: &str, extra: &[String]) -> Vm {
         let image = image();
         let log = std::env::temp_dir().join(format!("walkabout-boot-{name}-{}.log", std::process::id()));
         let _ = std::fs::remove_file(&log);
@@ -41,6 +46,7 @@ impl Vm {
             .arg("-initrd")
             .arg(&image.initrd)
             .args(["-append", append])
+            .args(extra)
             .arg("-serial")
             .arg(format!("file:{}", log.display()))
             .stdin(Stdio::null())
@@ -109,6 +115,49 @@ fn dirty_guest_reports_two_cpus_and_beats_without_corruption() {
     assert_eq!(hbs.iter().map(|hb| hb.seq).collect::<Vec<_>>(), (0..hbs.len() as u64).collect::<Vec<_>>());
     assert!(hbs.iter().all(|hb| hb.corrupt_pages == 0), "console:\n{}", vm.console());
     assert!(!lines.iter().any(|l| matches!(l, ConsoleLine::Corrupt(_))));
+}
+
+/// A raw scratch disk of `bytes`, removed when dropped.
+struct ScratchDisk(PathBuf);
+
+impl ScratchDisk {
+    fn new(name: &str, bytes: u64) -> ScratchDisk {
+        let path = std::env::temp_dir().join(format!("walkabout-boot-{name}-{}.raw", std::process::id()));
+        let file = std::fs::File::create(&path).expect("create scratch disk");
+        file.set_len(bytes).expect("size scratch disk");
+        ScratchDisk(path)
+    }
+
+    /// QEMU arguments attaching it on virtio-blk.
+    fn virtio_blk(&self) -> Vec<String> {
+        vec![
+            "-blockdev".into(),
+            format!("driver=file,filename={},node-name=f0", self.0.display()),
+            "-blockdev".into(),
+            "driver=raw,file=f0,node-name=d0".into(),
+            "-device".into(),
+            "virtio-blk-pci,drive=d0".into(),
+        ]
+    }
+}
+
+impl Drop for ScratchDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn modules_load_and_a_virtio_disk_appears_as_vda() {
+    let disk = ScratchDisk::new("vda", 16 << 20);
+    let mut vm = Vm::boot_with("vda", 1, &cmdline(&Workload::Idle), &disk.virtio_blk());
+
+    let lines = vm.wait_for(|lines| heartbeats(lines).len() >= 3);
+
+    let console = vm.console();
+    let devices = console.lines().find(|l| l.contains("walkabout-init: block devices:")).unwrap_or_default();
+    assert!(devices.split_whitespace().any(|d| d == "vda"), "console:\n{console}");
+    assert!(!lines.iter().any(|l| matches!(l, ConsoleLine::Error(_))), "console:\n{console}");
 }
 
 #[test]
