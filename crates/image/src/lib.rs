@@ -21,6 +21,8 @@
 //! kernel/modules-<VERSION>/        the guest's kernel modules (virtio, SCSI disk, ext4 and
 //!                                  their dependencies) as plain .ko, and their load `order`
 //! busybox/busybox                  the static busybox
+//! rootfs-<key>.qcow2               the root disk (ext4: busybox, guest program, /init),
+//!                                  read-only; <key> hashes its contents
 //! initrd-<key>.cpio                the initramfs; <key> hashes the guest program, /init,
 //!                                  the kernel version and the module list
 //! ```
@@ -39,8 +41,10 @@ mod debian;
 mod elf;
 mod lock;
 mod modules;
+mod rootfs;
 mod vmlinux;
 
+pub use rootfs::ROOT_BANNER;
 pub use walkabout_guest::workload::{ParseWorkloadError, Workload};
 
 use debian::{Apt, BUSYBOX_PACKAGE};
@@ -98,6 +102,10 @@ pub struct GuestImage {
     pub initrd: PathBuf,
     /// The kernel's release, e.g. `6.1.0-56-amd64`.
     pub kernel_version: String,
+    /// The root disk: a read-only qcow2 holding an ext4 file system with busybox and the
+    /// guest program, booted with this kernel and initrd and `root=/dev/vda` (VMs run on
+    /// an overlay of it, never on it).
+    pub rootfs: PathBuf,
 }
 
 /// Errors while building or checking a guest image; each names the file or command.
@@ -174,7 +182,7 @@ pub enum ImageError {
     },
 }
 
-fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageError {
+pub(crate) fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageError {
     let path = path.to_owned();
     move |source| ImageError::Io { action, path, source }
 }
@@ -216,7 +224,8 @@ pub fn build(cache_dir: &Path) -> Result<GuestImage, ImageError> {
     let mut apt = Apt::default();
     let (kernel, kernel_version) = ensure_kernel(cache_dir, &mut apt)?;
     let initrd = ensure_initrd(cache_dir, &mut apt, &kernel_version)?;
-    Ok(GuestImage { kernel, initrd, kernel_version })
+    let rootfs = rootfs::ensure(cache_dir, &ensure_busybox(cache_dir, &mut apt)?)?;
+    Ok(GuestImage { kernel, initrd, kernel_version, rootfs })
 }
 
 /// The image in `cache_dir` if [`build`] already made it for this guest program, without
@@ -229,7 +238,14 @@ pub fn cached(cache_dir: &Path) -> Result<Option<GuestImage>, ImageError> {
     if !initrd.is_file() {
         return Ok(None);
     }
-    Ok(Some(GuestImage { kernel, initrd, kernel_version }))
+    let Ok(busybox) = fs::read(cache_dir.join("busybox").join("busybox")) else {
+        return Ok(None);
+    };
+    let rootfs = rootfs::path(cache_dir, &busybox);
+    if !rootfs.is_file() {
+        return Ok(None);
+    }
+    Ok(Some(GuestImage { kernel, initrd, kernel_version, rootfs }))
 }
 
 /// Checks that `path` is an x86 Linux kernel QEMU can boot with `-kernel`: a bzImage
@@ -276,7 +292,7 @@ fn read_head(path: &Path, len: u64, action: &'static str) -> Result<Vec<u8>, Ima
 }
 
 /// FNV-1a, 64 bits: a cache key, not a defence against anyone.
-fn fnv1a64(parts: &[&[u8]]) -> u64 {
+pub(crate) fn fnv1a64(parts: &[&[u8]]) -> u64 {
     parts
         .iter()
         .flat_map(|part| part.iter())
@@ -313,10 +329,10 @@ fn initramfs(busybox: &[u8], modules: &[(String, Vec<u8>)]) -> Vec<u8> {
 
 /// A scratch directory inside the cache (same file system, so results can be renamed
 /// out of it), removed when dropped.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(pub(crate) PathBuf);
 
 impl Scratch {
-    fn new(cache_dir: &Path, what: &str) -> Result<Scratch, ImageError> {
+    pub(crate) fn new(cache_dir: &Path, what: &str) -> Result<Scratch, ImageError> {
         let path = cache_dir.join(format!(".tmp-{what}-{}", std::process::id()));
         // A leftover from a crashed build of this pid: remove it.
         let _ = fs::remove_dir_all(&path);

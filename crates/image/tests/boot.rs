@@ -161,6 +161,34 @@ fn modules_load_and_a_virtio_disk_appears_as_vda() {
 }
 
 #[test]
+fn the_root_disk_boots_with_root_vda() {
+    let image = image();
+    let overlay = std::env::temp_dir().join(format!("walkabout-boot-root-{}.qcow2", std::process::id()));
+    let _ = std::fs::remove_file(&overlay);
+    let created = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&image.rootfs)
+        .arg(&overlay)
+        .status()
+        .expect("qemu-img runs");
+    assert!(created.success());
+    let disk = ScratchDisk(overlay);
+    let drive = vec![
+        "-blockdev".into(),
+        format!("driver=qcow2,file.driver=file,file.filename={},node-name=d0", disk.0.display()),
+        "-device".into(),
+        "virtio-blk-pci,drive=d0".into(),
+    ];
+    let mut vm = Vm::boot_with("root", 1, &format!("{} root=/dev/vda", cmdline(&Workload::Idle)), &drive);
+
+    let lines = vm.wait_for(|lines| heartbeats(lines).len() >= 3);
+
+    let console = vm.console();
+    assert!(console.contains(&format!("{}/dev/vda", walkabout_image::ROOT_BANNER)), "console:\n{console}");
+    assert!(!lines.iter().any(|l| matches!(l, ConsoleLine::Error(_))), "console:\n{console}");
+}
+
+#[test]
 fn bogus_workload_is_reported_and_the_guest_runs_idle() {
     let mut vm = Vm::boot("bogus", 1, "console=ttyS0 quiet panic=-1 walkabout.workload=bogus");
 

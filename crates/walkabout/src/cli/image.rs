@@ -26,8 +26,8 @@ pub struct ImageArgs {
 /// `walkabout image ...`
 #[derive(clap::Subcommand)]
 pub enum ImageCommand {
-    /// Build (or reuse from the cache) the kernel + initramfs guest image and print its
-    /// paths. Fetches the kernel and busybox Debian packages (never installs them).
+    /// Build (or reuse from the cache) the kernel + initramfs guest image and its root
+    /// disk (a qcow2 with an ext4 root) and print their paths. Fetches the kernel and busybox Debian packages (never installs them).
     Build(ImageArgs),
     /// Print the paths of the cached guest image, without building or fetching anything.
     Path(ImageArgs),
@@ -48,6 +48,7 @@ fn print(image: &GuestImage, args: &ImageArgs) -> anyhow::Result<()> {
         Output::Text => {
             println!("kernel  {} (Linux {})", image.kernel.display(), image.kernel_version);
             println!("initrd  {}", image.initrd.display());
+            println!("rootfs  {} (qcow2, ext4; boot it with root=/dev/vda, or `vm create --disk image:guest`)", image.rootfs.display());
             println!("cmdline {}", report.cmdline);
             Ok(())
         }
