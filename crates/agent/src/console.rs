@@ -2,8 +2,8 @@
 //! count, heartbeats, corrupt pages, and kernel trouble (oops, panic).
 //!
 //! The Walkabout guest prints `WALKABOUT READY cpus=N ...` once, then
-//! `hb <seq> <monotonic_ns> <corrupt_pages>` every 100 ms; any guest works, it simply
-//! never becomes `ready`.
+//! `hb <seq> <monotonic_ns> <corrupt_pages> [<corrupt_blocks>]` every 100 ms (the fourth
+//! number only with a disk workload); any guest works, it simply never becomes `ready`.
 
 pub use walkabout_api::GuestStatus;
 
@@ -51,6 +51,9 @@ fn feed(s: &mut GuestStatus, line: &str) {
             s.heartbeats += 1;
             s.last_seq = Some(seq);
             s.corrupt_pages = corrupt;
+            if let Some(Ok(blocks)) = f.next() {
+                s.corrupt_blocks = blocks;
+            }
         }
     } else if let Some(rest) = line.strip_prefix("WALKABOUT READY") {
         s.ready = true;
@@ -97,6 +100,14 @@ mod tests {
         assert_eq!(s.seq_breaks, 1);
         assert_eq!(s.corrupt_pages, 1);
         assert_eq!(s.alerts.len(), 1);
+    }
+
+    #[test]
+    fn corrupt_blocks_are_the_optional_fourth_number() {
+        let with = parse("hb 0 1 0 0\nhb 1 2 0 3\nCORRUPT block=7 dev=/dev/vdb\n");
+        let without = parse("hb 0 1 2\n");
+        assert_eq!((with.heartbeats, with.corrupt_pages, with.corrupt_blocks, with.alerts.len()), (2, 0, 3, 1));
+        assert_eq!((without.corrupt_pages, without.corrupt_blocks), (2, 0));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod console;
+pub mod disks;
 pub mod error;
 pub mod host;
 pub mod metrics;

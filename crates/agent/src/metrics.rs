@@ -18,12 +18,14 @@ pub fn render(host: &HostInfo, vms: &[VmInfo], migrations: &[MigrationRecord]) -
     let info = s.gauges("walkabout_vm_info", "One per VM, with its state");
     let heartbeats = s.counters("walkabout_vm_guest_heartbeats", "Heartbeats the guest printed");
     let corrupt = s.gauges("walkabout_vm_guest_corrupt_pages", "Corrupt pages the in-guest checker found");
+    let corrupt_blocks = s.gauges("walkabout_vm_guest_corrupt_blocks", "Corrupt disk blocks the in-guest disk workload found");
     for v in vms {
         let name = v.record.spec.name.as_str();
         let state = serde_json::to_value(v.record.state).ok().and_then(|s| s.as_str().map(String::from)).unwrap_or_default();
         set(&info, labels([("vm", name), ("state", &state)]), 1);
         count(&heartbeats, labels([("vm", name)]), v.guest.heartbeats);
         set(&corrupt, labels([("vm", name)]), v.guest.corrupt_pages);
+        set(&corrupt_blocks, labels([("vm", name)]), v.guest.corrupt_blocks);
     }
     type Measure = (&'static str, &'static str, fn(&MigrationRecord) -> u64);
     let measures: [Measure; 5] = [
@@ -91,6 +93,7 @@ mod tests {
             "walkabout_vm_info{vm=\"g1\",state=\"running\"} 1",
             "walkabout_vm_guest_heartbeats_total{vm=\"g1\"} 42",
             "walkabout_vm_guest_corrupt_pages{vm=\"g1\"} 0",
+            "walkabout_vm_guest_corrupt_blocks{vm=\"g1\"} 0",
             "walkabout_migration_data_processed_bytes{vm=\"g1\",migration=\"m1\"} 1048576",
             "walkabout_migration_succeeded_total 1",
             "walkabout_migration_failed_total 0",

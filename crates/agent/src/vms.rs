@@ -35,6 +35,9 @@ pub struct AgentConfig {
     pub initrd: Option<PathBuf>,
     /// Cache directory of the guest image.
     pub image_cache: Option<PathBuf>,
+    /// Where the agent makes VM images (`--disk size=...`, catalog overlays); default:
+    /// `<data_dir>/images`.
+    pub storage_dir: Option<PathBuf>,
     /// The most capable CPU model this host offers guests; VMs whose CPU model needs a
     /// feature outside it are refused (default: `max` under TCG, `host` under KVM).
     pub cpu_ceiling: Option<String>,
@@ -52,6 +55,7 @@ impl AgentConfig {
             kernel: None,
             initrd: None,
             image_cache: None,
+            storage_dir: None,
             cpu_ceiling: None,
         }
     }
@@ -316,6 +320,11 @@ impl Agent {
     /// Creates and starts a VM. Returns once QEMU runs (the guest may still be booting).
     pub async fn create(&self, mut spec: VmSpec) -> Result<VmInfo, AgentError> {
         self.validate(&spec)?;
+        if self.vm(&spec.name).is_ok() {
+            return Err(AgentError::Duplicate { vm: spec.name });
+        }
+        // Images made here are removed again if the VM is not created.
+        let made = self.prepare_disks(&mut spec).await?;
         spec.machine.get_or_insert_with(|| self.inner.default_machine.clone());
         let name = spec.name.clone();
         let vm = self.reserve(spec, VmState::Starting)?;
@@ -325,6 +334,7 @@ impl Agent {
             return Err(e);
         }
         self.inner.store.put(&guard.record)?;
+        made.keep();
         tracing::info!(vm = %name, pid = ?guard.record.pid, "VM started");
         Ok(self.info_of(&guard))
     }
@@ -625,8 +635,19 @@ impl Agent {
         }
         self.inner.store.delete(name)?;
         let _ = std::fs::remove_dir_all(&vm.record.run_dir);
+        self.remove_owned_disks(&vm.record.spec);
         lock(&self.inner.table).vms.remove(name);
         Ok(())
+    }
+
+    /// The specs of every VM of this agent.
+    pub(crate) async fn specs(&self) -> Vec<VmSpec> {
+        let vms: Vec<_> = lock(&self.inner.table).vms.values().cloned().collect();
+        let mut out = Vec::with_capacity(vms.len());
+        for vm in vms {
+            out.push(vm.lock().await.record.spec.clone());
+        }
+        out
     }
 
     /// Reads the VM's serial console from `offset`, at most `max` bytes.

@@ -38,6 +38,10 @@ pub struct AgentArgs {
     /// Cache directory of the guest image.
     #[arg(long, env = "WALKABOUT_CACHE")]
     image_cache: Option<PathBuf>,
+    /// Where the agent makes VM images (`vm create --disk size=...`, overlays on catalog
+    /// images) [default: <data-dir>/images].
+    #[arg(long)]
+    storage_dir: Option<PathBuf>,
     /// The most capable CPU model this host offers guests (like an EVC baseline); VMs
     /// needing a feature outside it are refused. Default: max (TCG) or host (KVM).
     #[arg(long)]
@@ -56,6 +60,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             kernel: a.kernel,
             initrd: a.initrd,
             image_cache: a.image_cache,
+            storage_dir: a.storage_dir,
             cpu_ceiling: a.cpu_ceiling,
             ..AgentConfig::new(a.data_dir)
         };

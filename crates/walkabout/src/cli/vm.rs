@@ -5,10 +5,10 @@ use super::client::{self, parse_mib, print_json, runtime, Output};
 use super::cluster::DEFAULT_CONTROLLER;
 use super::table::{clean, num, Align, Table};
 use anyhow::Context;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use walkabout_api::{AgentClient, ClusterVm, ControllerClient, VmInfo, VmSpec, VmState};
+use walkabout_api::{AgentClient, ClusterVm, ControllerClient, DiskSpec, VmInfo, VmSpec, VmState};
 
 /// The agent asked when none is named.
 pub const DEFAULT_AGENT: &str = "http://127.0.0.1:7701";
@@ -136,6 +136,13 @@ pub struct CreateArgs {
     /// Extra kernel command-line arguments.
     #[arg(long)]
     cmdline: Option<String>,
+    /// A disk (repeatable; in order, the first virtio-blk one is /dev/vda):
+    /// `PATH[,format=qcow2|raw][,bus=virtio-blk|virtio-scsi]` for an image on the agent's
+    /// host, `size=4G[,bus=...]` for a new qcow2 in the agent's storage directory, or
+    /// `image:guest[,bus=...]` for an overlay on the Walkabout root disk (the VM boots
+    /// from it).
+    #[arg(long = "disk", value_name = "DISK", value_parser = parse_disk)]
+    disks: Vec<DiskSpec>,
     /// Return as soon as QEMU runs, without waiting for the guest to be ready.
     #[arg(long)]
     no_wait: bool,
@@ -143,6 +150,59 @@ pub struct CreateArgs {
     /// `vm create --timeout 300` still waits 300 s).
     #[arg(long, default_value = "180", value_name = "SECONDS")]
     ready_timeout: u64,
+}
+
+/// Parses `--disk`: `PATH[,format=F][,bus=B]`, `size=SIZE[,bus=B]` or `image:NAME[,bus=B]`.
+/// A relative path is made absolute against the current directory (the agent needs
+/// a path on its host; it checks the image itself).
+fn parse_disk(text: &str) -> Result<DiskSpec, String> {
+    let mut parts = text.split(',');
+    let first = parts.next().unwrap_or_default();
+    let mut disk = DiskSpec { path: None, format: None, size_bytes: None, bus: Default::default() };
+    let mut options: Vec<&str> = parts.collect();
+    if first.contains('=') {
+        options.insert(0, first);
+    } else if first.is_empty() {
+        return Err(format!("disk '{text}': give a path, image:NAME or size=SIZE"));
+    } else if first.starts_with(walkabout_agent::disks::CATALOG_PREFIX) || Path::new(first).is_absolute() {
+        disk.path = Some(PathBuf::from(first));
+    } else {
+        let cwd = std::env::current_dir().map_err(|e| format!("disk '{text}': cannot make the path absolute: {e}"))?;
+        disk.path = Some(cwd.join(first));
+    }
+    for option in options {
+        let (key, value) = option.split_once('=').ok_or_else(|| format!("disk '{text}': '{option}' is not key=value"))?;
+        match key {
+            "format" => disk.format = Some(value.parse().map_err(|e| format!("disk '{text}': {e}"))?),
+            "bus" => disk.bus = value.parse().map_err(|e| format!("disk '{text}': {e}"))?,
+            "size" => {
+                let mib = parse_mib(value).map_err(|e| format!("disk '{text}': {e}"))?;
+                disk.size_bytes = Some(mib.checked_mul(1 << 20).ok_or_else(|| format!("disk '{text}': size too large"))?);
+            }
+            other => return Err(format!("disk '{text}': unknown option '{other}' (format, bus or size)")),
+        }
+    }
+    match (&disk.path, disk.size_bytes) {
+        (Some(_), Some(_)) => Err(format!("disk '{text}': give a path or a size, not both")),
+        (None, None) => Err(format!("disk '{text}': give a path, image:NAME or size=SIZE")),
+        (None, Some(_)) if disk.format == Some(walkabout_api::DiskFormat::Raw) => {
+            Err(format!("disk '{text}': a new disk is a qcow2 (format=raw only for an image you bring)"))
+        }
+        _ => Ok(disk),
+    }
+}
+
+/// The disks of a VM, one line each.
+fn disks_text(disks: &[DiskSpec]) -> String {
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let path = d.path.as_ref().map_or_else(|| "(new)".to_owned(), |p| clean(&p.display().to_string()).into_owned());
+            let format = d.format.map_or_else(|| "?".to_owned(), |f| f.to_string());
+            format!("disk {i}:    {path} ({format}, {})\n", d.bus)
+        })
+        .collect()
 }
 
 /// Arguments of `walkabout vm console`.
@@ -297,6 +357,7 @@ async fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
     spec.workload = a.workload;
     spec.cpu_model = a.cpu_model;
     spec.cmdline = a.cmdline;
+    spec.disks = a.disks;
     let custom_kernel = a.kernel.is_some();
     let absolute = |what: &str, p: PathBuf| std::fs::canonicalize(&p).with_context(|| format!("{what} {}", p.display()));
     spec.kernel = a.kernel.map(|p| absolute("kernel", p)).transpose()?;
@@ -371,6 +432,7 @@ fn agent_table(vms: &[VmInfo]) -> Table {
         ("WORKLOAD", Align::Left),
         ("HB", Align::Right),
         ("CORRUPT", Align::Right),
+        ("BAD BLOCKS", Align::Right),
     ]);
     for v in vms {
         let spec = &v.record.spec;
@@ -382,6 +444,7 @@ fn agent_table(vms: &[VmInfo]) -> Table {
             spec.workload.clone(),
             num(v.guest.last_seq),
             v.guest.corrupt_pages.to_string(),
+            v.guest.corrupt_blocks.to_string(),
         ]);
     }
     t
@@ -398,6 +461,7 @@ fn cluster_table(vms: &[ClusterVm]) -> Table {
         ("WORKLOAD", Align::Left),
         ("HB", Align::Right),
         ("CORRUPT", Align::Right),
+        ("BAD BLOCKS", Align::Right),
     ]);
     for v in vms {
         t.row([
@@ -409,6 +473,7 @@ fn cluster_table(vms: &[ClusterVm]) -> Table {
             v.workload.clone(),
             num(v.guest.last_seq),
             v.guest.corrupt_pages.to_string(),
+            v.guest.corrupt_blocks.to_string(),
         ]);
     }
     t
@@ -417,13 +482,14 @@ fn cluster_table(vms: &[ClusterVm]) -> Table {
 /// The guest's line of a VM's description.
 fn guest_text(g: &walkabout_api::GuestStatus) -> String {
     let mut s = format!(
-        "guest:     ready={} cpus={} heartbeats={} last_seq={} seq_breaks={} corrupt_pages={} kernel_trouble={}\n",
+        "guest:     ready={} cpus={} heartbeats={} last_seq={} seq_breaks={} corrupt_pages={} corrupt_blocks={} kernel_trouble={}\n",
         g.ready,
         num(g.cpus),
         g.heartbeats,
         num(g.last_seq),
         g.seq_breaks,
         g.corrupt_pages,
+        g.corrupt_blocks,
         g.kernel_trouble
     );
     for a in &g.alerts {
@@ -437,7 +503,7 @@ fn vm_text(v: &VmInfo) -> String {
     let (r, spec) = (&v.record, &v.record.spec);
     let reason = r.reason.as_deref().map(|r| format!(" ({})", clean(r))).unwrap_or_default();
     format!(
-        "name:      {}\nstate:     {}{reason}\nmemory:    {} MiB, {} vCPU(s), cpu model {}\naccel:     {}   pid: {}\nworkload:  {}\n{}",
+        "name:      {}\nstate:     {}{reason}\nmemory:    {} MiB, {} vCPU(s), cpu model {}\naccel:     {}   pid: {}\nworkload:  {}\n{}{}",
         clean(&spec.name),
         r.state,
         spec.memory_mib,
@@ -446,6 +512,7 @@ fn vm_text(v: &VmInfo) -> String {
         r.accel,
         num(r.pid),
         clean(&spec.workload),
+        disks_text(&spec.disks),
         guest_text(&v.guest)
     )
 }
@@ -500,6 +567,32 @@ mod tests {
         assert!(text.contains("host:      h1\n"), "{text}");
         assert!(text.contains("last_seq=42"), "{text}");
         assert!(!text.contains('\u{1b}'), "{text}");
+    }
+
+    #[test]
+    fn disks_parse_as_path_size_or_catalog_image_with_options() {
+        let brought = parse_disk("/img/a.raw,format=raw,bus=virtio-scsi");
+        let new = parse_disk("size=4G");
+        let catalog = parse_disk("image:guest");
+        assert_eq!(
+            brought,
+            Ok(DiskSpec {
+                path: Some("/img/a.raw".into()),
+                format: Some(walkabout_api::DiskFormat::Raw),
+                size_bytes: None,
+                bus: walkabout_api::DiskBus::VirtioScsi
+            })
+        );
+        assert_eq!(new.map(|d| (d.path, d.size_bytes)), Ok((None, Some(4 << 30))));
+        assert_eq!(catalog.map(|d| d.path), Ok(Some(PathBuf::from("image:guest"))));
+    }
+
+    #[test]
+    fn bad_disks_are_refused_naming_the_text() {
+        for bad in ["", "size=4G,format=raw", "/a,size=1G", "/a,speed=9", "/a,bus=ide", "format=qcow2"] {
+            let e = parse_disk(bad).expect_err(bad);
+            assert!(e.contains(&format!("disk '{bad}'")), "{e}");
+        }
     }
 
     #[test]
