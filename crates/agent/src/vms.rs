@@ -292,7 +292,7 @@ impl Agent {
     pub(crate) fn qemu_config(&self, rec: &VmRecord) -> QemuConfig {
         let (kernel, initrd) = self.boot_files(&rec.spec);
         // The spec was validated at create; a stored spec that no longer parses runs idle.
-        let workload = rec.spec.workload.parse().unwrap_or(walkabout_guest::workload::Workload::Idle);
+        let workload = rec.spec.workload.parse().unwrap_or(walkabout_guest::workload::Workload::IDLE);
         let mut cmdline = walkabout_image::cmdline(&workload);
         if let Some(extra) = &rec.spec.cmdline {
             cmdline.push(' ');

@@ -13,10 +13,10 @@ pub fn workload_param(cmdline: &str) -> Option<&str> {
     cmdline.split_ascii_whitespace().filter_map(|word| word.strip_prefix(WORKLOAD_PARAM)?.strip_prefix('=')).next_back()
 }
 
-/// The workload selected by `cmdline`: [`Workload::Idle`] when the parameter is absent,
+/// The workload selected by `cmdline`: [`Workload::IDLE`] when the parameter is absent,
 /// an error naming the text when it is present but malformed.
 pub fn workload_from_cmdline(cmdline: &str) -> Result<Workload, ParseWorkloadError> {
-    workload_param(cmdline).map_or(Ok(Workload::Idle), str::parse)
+    workload_param(cmdline).map_or(Ok(Workload::IDLE), str::parse)
 }
 
 #[cfg(test)]
@@ -26,13 +26,13 @@ mod tests {
     #[test]
     fn absent_parameter_means_idle() {
         let w = workload_from_cmdline("console=ttyS0 quiet panic=-1\n");
-        assert_eq!(w, Ok(Workload::Idle));
+        assert_eq!(w, Ok(Workload::IDLE));
     }
 
     #[test]
     fn parameter_is_found_among_others() {
         let w = workload_from_cmdline("console=ttyS0 walkabout.workload=dirty:16:32 quiet\n");
-        assert_eq!(w, Ok(Workload::Dirty { mib: 16, rate_mib_s: 32 }));
+        assert_eq!(w, Ok(Workload::dirty(16, 32)));
     }
 
     #[test]

@@ -15,12 +15,16 @@
 //! ```text
 //! WALKABOUT ERROR <message>                      (only for a bad workload; then idle)
 //! WALKABOUT READY cpus=<n> workload=<workload> mem_mib=<MemTotal MiB>
-//! hb <seq> <monotonic_ns> <corrupt_pages>       (every 100 ms, seq from 0)
+//! hb <seq> <monotonic_ns> <corrupt_pages> [<corrupt_blocks>]   (every 100 ms, seq from 0;
+//!                                               the 4th number with a disk workload)
+//! disk dev=<device> blocks=<n> adopted=<n>      (disk workload: area read, running)
 //! rate <achieved MiB/s> requested=<MiB/s>       (dirty workload, every 10 s)
 //! CORRUPT page=<i> addr=0x<hex> expected_gen=<g> found_index=<i> found_gen=<g> checksum_ok=<b>
+//! CORRUPT block=<i> dev=<device> <what it holds instead>
 //! ```
 
 pub mod cmdline;
+pub mod disk;
 pub mod pacing;
 pub mod pattern;
 pub mod protocol;

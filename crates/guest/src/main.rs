@@ -20,6 +20,7 @@ use std::thread;
 use std::time::Duration;
 
 use walkabout_guest::cmdline::workload_from_cmdline;
+use walkabout_guest::disk::{DiskStats, DiskWorkload};
 use walkabout_guest::pacing::{mib_per_sec, Pacer, Step};
 use walkabout_guest::pattern::PAGE_SIZE;
 use walkabout_guest::protocol::{ConsoleLine, Heartbeat, Ready, HEARTBEAT_INTERVAL_NS};
@@ -27,8 +28,8 @@ use walkabout_guest::region::Region;
 use walkabout_guest::sysinfo::{count_cpu_list, meminfo_mib};
 use walkabout_guest::workload::Workload;
 
-const USAGE: &str = "usage: walkabout-guest [--workload idle|dirty:<MiB>:<MiB/s>] \
-                     [--seconds N] [--corrupt-page INDEX]";
+const USAGE: &str = "usage: walkabout-guest [--workload idle|dirty:<MiB>:<MiB/s>[,disk:<MiB>:<MiB/s>]] \
+                     [--disk DEVICE-OR-FILE] [--seconds N] [--corrupt-page INDEX]";
 
 /// How often the writer reports its achieved rate.
 const RATE_REPORT_NS: u64 = 10_000_000_000;
@@ -107,6 +108,7 @@ struct Options {
     workload: Option<String>,
     seconds: Option<u64>,
     corrupt_page: Option<usize>,
+    disk: Option<std::path::PathBuf>,
 }
 
 fn parse_options(args: impl Iterator<Item = String>) -> Result<Options, String> {
@@ -116,6 +118,7 @@ fn parse_options(args: impl Iterator<Item = String>) -> Result<Options, String> 
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
             "--workload" => options.workload = Some(value("--workload")?),
+            "--disk" => options.disk = Some(value("--disk")?.into()),
             "--seconds" => {
                 let v = value("--seconds")?;
                 options.seconds = Some(v.parse().map_err(|_| format!("--seconds '{v}' is not a number"))?);
@@ -156,7 +159,7 @@ fn meminfo(field: &str) -> Option<u64> {
 
 /// Allocates and fills the dirty region, or explains why it cannot.
 fn allocate_region(workload: Workload) -> Result<Option<Region>, String> {
-    let Workload::Dirty { mib, .. } = workload else {
+    let Some(walkabout_guest::workload::Load { mib, .. }) = workload.dirty else {
         return Ok(None);
     };
     if let Some(available) = meminfo("MemAvailable") {
@@ -222,7 +225,7 @@ fn run_checker(region: &Region, console: &Console) {
 
 /// Prints heartbeats every 100 ms, for `seconds` if given, else forever. A heartbeat
 /// that comes late (the VM was paused) is not followed by a burst of catch-up ones.
-fn run_heartbeat(console: &Console, region: Option<&Region>, seconds: Option<u64>) {
+fn run_heartbeat(console: &Console, region: Option<&Region>, disk: Option<&DiskStats>, seconds: Option<u64>) {
     let start = clock::monotonic_ns();
     let deadline = seconds.map(|s| start.saturating_add(s.saturating_mul(1_000_000_000)));
     let (mut seq, mut next) = (0u64, start);
@@ -236,13 +239,51 @@ fn run_heartbeat(console: &Console, region: Option<&Region>, seconds: Option<u64
             continue;
         }
         let corrupt_pages = region.map_or(0, Region::corrupt_pages);
-        console.say(Heartbeat { seq, monotonic_ns: now, corrupt_pages });
+        let corrupt_blocks = disk.map(DiskStats::corrupt_blocks);
+        console.say(Heartbeat { seq, monotonic_ns: now, corrupt_pages, corrupt_blocks });
         seq += 1;
         next += HEARTBEAT_INTERVAL_NS;
         if next <= now {
             next = now + HEARTBEAT_INTERVAL_NS;
         }
     }
+}
+
+/// Opens the disk workload's device (`--disk`, else chosen from the kernel command line
+/// and /sys/block) and starts its thread, which first reads the area once (adopting an
+/// earlier run's blocks) and then writes and verifies forever.
+fn start_disk(workload: Workload, options: &Options, console: &Arc<Console>) -> Result<Option<Arc<DiskStats>>, String> {
+    let Some(load) = workload.disk else {
+        return Ok(None);
+    };
+    let device = match &options.disk {
+        Some(d) => d.clone(),
+        None => {
+            let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+            let devices: Vec<String> = std::fs::read_dir("/sys/block")
+                .map(|d| d.filter_map(Result::ok).filter_map(|e| e.file_name().into_string().ok()).collect())
+                .unwrap_or_default();
+            walkabout_guest::disk::choose_device(&cmdline, &devices).ok_or_else(|| {
+                format!("workload {workload}: no disk for the disk workload (attach one, or name it with walkabout.disk=)")
+            })?
+        }
+    };
+    let mut disk = DiskWorkload::open(&device, load).map_err(|e| format!("workload {workload}: {e}"))?;
+    let stats = Arc::clone(&disk.stats);
+    let c = Arc::clone(console);
+    thread::spawn(move || {
+        let say = |line: String| c.say(line);
+        match disk.adopt(&say) {
+            Ok(adopted) => {
+                c.say(ConsoleLine::Disk { device: disk.device.display().to_string(), blocks: disk.blocks(), adopted });
+                let device = disk.device.display().to_string();
+                let e = disk.run(&say, &clock::monotonic_ns);
+                c.say(ConsoleLine::Error(format!("disk workload on {device} stopped: {e}")));
+            }
+            Err(e) => c.say(ConsoleLine::Error(format!("disk workload cannot read {}: {e}", disk.device.display()))),
+        }
+    });
+    Ok(Some(stats))
 }
 
 fn main() -> ExitCode {
@@ -266,16 +307,23 @@ fn main() -> ExitCode {
 
     let requested = requested_workload(&options).unwrap_or_else(|message| {
         console.say(ConsoleLine::Error(message));
-        Workload::Idle
+        Workload::IDLE
     });
     let (workload, region) = match allocate_region(requested) {
         Ok(region) => (requested, region.map(Arc::new)),
         Err(message) => {
             console.say(ConsoleLine::Error(message));
-            (Workload::Idle, None)
+            (Workload { dirty: None, ..requested }, None)
         }
     };
-    if let (Some(region), Workload::Dirty { rate_mib_s, .. }) = (&region, workload) {
+    let (workload, disk) = match start_disk(workload, &options, &console) {
+        Ok(disk) => (workload, disk),
+        Err(message) => {
+            console.say(ConsoleLine::Error(message));
+            (Workload { disk: None, ..workload }, None)
+        }
+    };
+    if let (Some(region), Some(walkabout_guest::workload::Load { rate_mib_s, .. })) = (&region, workload.dirty) {
         let (r, c) = (Arc::clone(region), Arc::clone(&console));
         thread::spawn(move || run_writer(&r, rate_mib_s, &c));
         let (r, c) = (Arc::clone(region), Arc::clone(&console));
@@ -288,8 +336,8 @@ fn main() -> ExitCode {
         page.flip_bits(PAGE_SIZE / 2, 0x01);
     }
 
-    run_heartbeat(&console, region.as_deref(), options.seconds);
-    let corrupt = region.as_deref().map_or(0, Region::corrupt_pages);
+    run_heartbeat(&console, region.as_deref(), disk.as_deref(), options.seconds);
+    let corrupt = region.as_deref().map_or(0, Region::corrupt_pages) + disk.as_deref().map_or(0, DiskStats::corrupt_blocks);
     if corrupt == 0 {
         ExitCode::SUCCESS
     } else {

@@ -11,6 +11,8 @@ pub const READY_MARKER: &str = "WALKABOUT READY";
 pub const ERROR_MARKER: &str = "WALKABOUT ERROR";
 /// Marker of a CORRUPT line.
 pub const CORRUPT_MARKER: &str = "CORRUPT page=";
+/// Marker of a CORRUPT line about a disk block.
+pub const CORRUPT_BLOCK_MARKER: &str = "CORRUPT block=";
 
 /// Interval between two heartbeats, in nanoseconds.
 pub const HEARTBEAT_INTERVAL_NS: u64 = 100_000_000;
@@ -27,7 +29,9 @@ pub struct Ready {
     pub mem_mib: u64,
 }
 
-/// `hb <seq> <monotonic_ns> <corrupt_pages>`: every 100 ms.
+/// `hb <seq> <monotonic_ns> <corrupt_pages> [<corrupt_blocks>]`: every 100 ms. The
+/// fourth number is there only with a disk workload, so readers of the three-number
+/// line keep working.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
     /// Sequence number: 0 for the first heartbeat, then +1 per heartbeat.
@@ -36,6 +40,8 @@ pub struct Heartbeat {
     pub monotonic_ns: u64,
     /// Corrupt pages found since boot.
     pub corrupt_pages: u64,
+    /// Corrupt disk blocks found since boot (with a disk workload).
+    pub corrupt_blocks: Option<u64>,
 }
 
 /// A line of the guest's console protocol.
@@ -55,8 +61,19 @@ pub enum ConsoleLine {
         /// Requested rate, MiB/s.
         requested_mib_s: u32,
     },
-    /// `CORRUPT page=...`: a corrupt page (the whole line, from `CORRUPT`).
+    /// `CORRUPT page=...` or `CORRUPT block=...`: a corrupt page or disk block (the whole
+    /// line, from `CORRUPT`).
     Corrupt(String),
+    /// `disk dev=<device> blocks=<n> adopted=<n>`: the disk workload read its area once
+    /// and runs; `adopted` blocks were left intact by an earlier run on the same disk.
+    Disk {
+        /// The device it writes.
+        device: String,
+        /// Blocks of its area.
+        blocks: u64,
+        /// Intact blocks found from an earlier run.
+        adopted: u64,
+    },
 }
 
 impl fmt::Display for Ready {
@@ -67,7 +84,11 @@ impl fmt::Display for Ready {
 
 impl fmt::Display for Heartbeat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "hb {} {} {}", self.seq, self.monotonic_ns, self.corrupt_pages)
+        write!(f, "hb {} {} {}", self.seq, self.monotonic_ns, self.corrupt_pages)?;
+        match self.corrupt_blocks {
+            Some(blocks) => write!(f, " {blocks}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -81,6 +102,7 @@ impl fmt::Display for ConsoleLine {
                 write!(f, "rate {achieved_mib_s:.1} requested={requested_mib_s}")
             }
             ConsoleLine::Corrupt(line) => f.write_str(line),
+            ConsoleLine::Disk { device, blocks, adopted } => write!(f, "disk dev={device} blocks={blocks} adopted={adopted}"),
         }
     }
 }
@@ -99,15 +121,27 @@ impl ConsoleLine {
             let message = line[at + ERROR_MARKER.len()..].trim();
             return Some(ConsoleLine::Error(message.to_owned()));
         }
-        if let Some(at) = line.find(CORRUPT_MARKER) {
+        if let Some(at) = line.find(CORRUPT_MARKER).or_else(|| line.find(CORRUPT_BLOCK_MARKER)) {
             return Some(ConsoleLine::Corrupt(line[at..].to_owned()));
         }
         let mut words = line.split(' ');
         match words.next()? {
             "hb" => {
                 let mut n = || words.next()?.parse::<u64>().ok();
-                let hb = Heartbeat { seq: n()?, monotonic_ns: n()?, corrupt_pages: n()? };
+                let (seq, monotonic_ns, corrupt_pages) = (n()?, n()?, n()?);
+                let corrupt_blocks = match words.next() {
+                    None => None,
+                    Some(w) => Some(w.parse::<u64>().ok()?),
+                };
+                let hb = Heartbeat { seq, monotonic_ns, corrupt_pages, corrupt_blocks };
                 words.next().is_none().then_some(ConsoleLine::Heartbeat(hb))
+            }
+            "disk" => {
+                let mut field = |name: &str| words.next()?.strip_prefix(name)?.strip_prefix('=').map(str::to_owned);
+                let device = field("dev")?;
+                let blocks = field("blocks")?.parse().ok()?;
+                let adopted = field("adopted")?.parse().ok()?;
+                Some(ConsoleLine::Disk { device, blocks, adopted })
             }
             "rate" => {
                 let achieved_mib_s = words.next()?.parse().ok()?;
@@ -131,7 +165,7 @@ mod tests {
 
     #[test]
     fn ready_line_round_trips() {
-        let ready = Ready { cpus: 2, workload: Workload::Dirty { mib: 16, rate_mib_s: 32 }, mem_mib: 241 };
+        let ready = Ready { cpus: 2, workload: Workload::dirty(16, 32), mem_mib: 241 };
         let line = ready.to_string();
         assert_eq!(line, "WALKABOUT READY cpus=2 workload=dirty:16:32 mem_mib=241");
         assert_eq!(ConsoleLine::parse(&line), Some(ConsoleLine::Ready(ready)));
@@ -139,7 +173,7 @@ mod tests {
 
     #[test]
     fn heartbeat_line_round_trips() {
-        let hb = Heartbeat { seq: 41, monotonic_ns: 1_234_567_890, corrupt_pages: 0 };
+        let hb = Heartbeat { seq: 41, monotonic_ns: 1_234_567_890, corrupt_pages: 0, corrupt_blocks: None };
         let line = hb.to_string();
         assert_eq!(line, "hb 41 1234567890 0");
         assert_eq!(ConsoleLine::parse(&line), Some(ConsoleLine::Heartbeat(hb)));
@@ -148,7 +182,23 @@ mod tests {
     #[test]
     fn heartbeat_with_carriage_return_parses() {
         let parsed = ConsoleLine::parse("hb 1 2 3\r");
-        assert_eq!(parsed, Some(ConsoleLine::Heartbeat(Heartbeat { seq: 1, monotonic_ns: 2, corrupt_pages: 3 })));
+        assert_eq!(parsed, Some(ConsoleLine::Heartbeat(Heartbeat { seq: 1, monotonic_ns: 2, corrupt_pages: 3, corrupt_blocks: None })));
+    }
+
+    #[test]
+    fn heartbeat_with_corrupt_blocks_round_trips() {
+        let hb = Heartbeat { seq: 2, monotonic_ns: 9, corrupt_pages: 0, corrupt_blocks: Some(4) };
+        assert_eq!(hb.to_string(), "hb 2 9 0 4");
+        assert_eq!(ConsoleLine::parse("hb 2 9 0 4"), Some(ConsoleLine::Heartbeat(hb)));
+        assert_eq!(ConsoleLine::parse("hb 2 9 0 4 5"), None);
+    }
+
+    #[test]
+    fn disk_line_and_corrupt_block_round_trip() {
+        let line = ConsoleLine::Disk { device: "/dev/vdb".into(), blocks: 4096, adopted: 12 };
+        assert_eq!(line.to_string(), "disk dev=/dev/vdb blocks=4096 adopted=12");
+        assert_eq!(ConsoleLine::parse(&line.to_string()), Some(line));
+        assert!(matches!(ConsoleLine::parse("CORRUPT block=3 dev=/dev/vdb zeroed"), Some(ConsoleLine::Corrupt(_))));
     }
 
     #[test]
@@ -159,7 +209,7 @@ mod tests {
     #[test]
     fn ready_after_kernel_noise_parses() {
         let parsed = ConsoleLine::parse("[    1.2] random: crng WALKABOUT READY cpus=1 workload=idle mem_mib=9");
-        assert_eq!(parsed, Some(ConsoleLine::Ready(Ready { cpus: 1, workload: Workload::Idle, mem_mib: 9 })));
+        assert_eq!(parsed, Some(ConsoleLine::Ready(Ready { cpus: 1, workload: Workload::IDLE, mem_mib: 9 })));
     }
 
     #[test]

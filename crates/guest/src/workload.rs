@@ -1,5 +1,6 @@
 //! The guest's workload, as written on the kernel command line
-//! (`walkabout.workload=idle` or `walkabout.workload=dirty:<MiB>:<MiB/s>`).
+//! (`walkabout.workload=idle`, `dirty:<MiB>:<MiB/s>`, `disk:<MiB>:<MiB/s>`, or both parts
+//! separated by a comma: `dirty:64:32,disk:256:16`).
 //!
 //! [`Workload`] parses with [`FromStr`] and prints with [`Display`] in the same syntax,
 //! so `w.to_string().parse() == Ok(w)` for every workload.
@@ -16,37 +17,60 @@ pub const MAX_DIRTY_MIB: u32 = 1 << 20;
 /// The highest dirty rate the `dirty` workload accepts, in MiB/s (1 TiB/s).
 pub const MAX_DIRTY_RATE_MIB_S: u32 = 1 << 20;
 
-/// What the guest program does besides its heartbeat.
+/// One part of a workload: how much to keep in a self-verifying pattern and how fast to
+/// rewrite it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Load {
+    /// Size of the area, in MiB (at least 1).
+    pub mib: u32,
+    /// Requested rewrite rate, in MiB/s (at least 1; as fast as the guest can if it
+    /// cannot keep up).
+    pub rate_mib_s: u32,
+}
+
+/// What the guest program does besides its heartbeat: any of a memory part and a disk
+/// part (neither: idle).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Workload {
-    /// Nothing: heartbeats only.
-    #[default]
-    Idle,
-    /// Keep `mib` MiB in a self-verifying pattern, rewriting `rate_mib_s` MiB of it per
-    /// second (as fast as the CPU allows if it cannot keep up).
-    Dirty {
-        /// Size of the region, in MiB (at least 1).
-        mib: u32,
-        /// Requested rewrite rate, in MiB/s (at least 1).
-        rate_mib_s: u32,
-    },
+pub struct Workload {
+    /// `dirty:<MiB>:<MiB/s>`: a memory region rewritten at a rate and verified.
+    pub dirty: Option<Load>,
+    /// `disk:<MiB>:<MiB/s>`: blocks of a disk rewritten at a rate (O_DIRECT) and read
+    /// back and verified (see [`crate::disk`]).
+    pub disk: Option<Load>,
 }
 
 impl Workload {
-    /// The region size in bytes (0 for [`Workload::Idle`]).
+    /// Nothing but heartbeats.
+    pub const IDLE: Workload = Workload { dirty: None, disk: None };
+
+    /// A memory workload only: `dirty:<mib>:<rate_mib_s>`.
+    pub const fn dirty(mib: u32, rate_mib_s: u32) -> Workload {
+        Workload { dirty: Some(Load { mib, rate_mib_s }), disk: None }
+    }
+
+    /// A disk workload only: `disk:<mib>:<rate_mib_s>`.
+    pub const fn disk(mib: u32, rate_mib_s: u32) -> Workload {
+        Workload { dirty: None, disk: Some(Load { mib, rate_mib_s }) }
+    }
+
+    /// True when the guest only beats.
+    pub fn is_idle(&self) -> bool {
+        self.dirty.is_none() && self.disk.is_none()
+    }
+
+    /// The memory region's size in bytes (0 without a `dirty` part).
     pub fn region_bytes(&self) -> u64 {
-        match self {
-            Workload::Idle => 0,
-            Workload::Dirty { mib, .. } => u64::from(*mib) << 20,
-        }
+        self.dirty.map_or(0, |l| u64::from(l.mib) << 20)
     }
 }
 
 impl fmt::Display for Workload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Workload::Idle => f.write_str("idle"),
-            Workload::Dirty { mib, rate_mib_s } => write!(f, "dirty:{mib}:{rate_mib_s}"),
+        match (self.dirty, self.disk) {
+            (None, None) => f.write_str("idle"),
+            (Some(d), None) => write!(f, "dirty:{}:{}", d.mib, d.rate_mib_s),
+            (None, Some(k)) => write!(f, "disk:{}:{}", k.mib, k.rate_mib_s),
+            (Some(d), Some(k)) => write!(f, "dirty:{}:{},disk:{}:{}", d.mib, d.rate_mib_s, k.mib, k.rate_mib_s),
         }
     }
 }
@@ -54,12 +78,13 @@ impl fmt::Display for Workload {
 /// Why a workload string was refused. The message names the offending text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ParseWorkloadError {
-    /// The kind (text before the first `:`) is not `idle` or `dirty`.
+    /// A part's kind (text before its first `:`) is not `idle`, `dirty` or `disk`.
     UnknownKind {
         /// The whole workload text.
         text: String,
     },
-    /// `dirty` without exactly two `:`-separated numbers, or `idle` with arguments.
+    /// `dirty`/`disk` without exactly two `:`-separated numbers, `idle` with arguments
+    /// or beside another part, or one kind given twice.
     WrongArity {
         /// The whole workload text.
         text: String,
@@ -86,7 +111,7 @@ pub enum ParseWorkloadError {
     },
 }
 
-const SYNTAX: &str = "expected idle or dirty:<MiB>:<MiB/s>";
+const SYNTAX: &str = "expected idle, dirty:<MiB>:<MiB/s>, disk:<MiB>:<MiB/s>, or dirty:...,disk:...";
 
 impl fmt::Display for ParseWorkloadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -113,18 +138,29 @@ impl FromStr for Workload {
     type Err = ParseWorkloadError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let mut parts = text.split(':');
-        let kind = parts.next().unwrap_or_default();
-        let args: Vec<&str> = parts.collect();
-        match kind {
-            "idle" if args.is_empty() => Ok(Workload::Idle),
-            "dirty" if args.len() == 2 => Ok(Workload::Dirty {
+        if text == "idle" {
+            return Ok(Workload::IDLE);
+        }
+        let mut workload = Workload::IDLE;
+        for part in text.split(',') {
+            let mut fields = part.split(':');
+            let kind = fields.next().unwrap_or_default();
+            let args: Vec<&str> = fields.collect();
+            let slot = match kind {
+                "dirty" => &mut workload.dirty,
+                "disk" => &mut workload.disk,
+                "idle" => return Err(ParseWorkloadError::WrongArity { text: text.to_owned() }),
+                _ => return Err(ParseWorkloadError::UnknownKind { text: text.to_owned() }),
+            };
+            if args.len() != 2 || slot.is_some() {
+                return Err(ParseWorkloadError::WrongArity { text: text.to_owned() });
+            }
+            *slot = Some(Load {
                 mib: parse_field(text, "size", args[0], MAX_DIRTY_MIB)?,
                 rate_mib_s: parse_field(text, "rate", args[1], MAX_DIRTY_RATE_MIB_S)?,
-            }),
-            "idle" | "dirty" => Err(ParseWorkloadError::WrongArity { text: text.to_owned() }),
-            _ => Err(ParseWorkloadError::UnknownKind { text: text.to_owned() }),
+            });
         }
+        Ok(workload)
     }
 }
 
@@ -149,25 +185,25 @@ mod tests {
 
     #[test]
     fn idle_parses() {
-        assert_eq!("idle".parse::<Workload>(), Ok(Workload::Idle));
+        assert_eq!("idle".parse::<Workload>(), Ok(Workload::IDLE));
     }
 
     #[test]
     fn dirty_parses_size_and_rate() {
-        assert_eq!("dirty:64:32".parse::<Workload>(), Ok(Workload::Dirty { mib: 64, rate_mib_s: 32 }));
+        assert_eq!("dirty:64:32".parse::<Workload>(), Ok(Workload::dirty(64, 32)));
     }
 
     #[test]
     fn display_round_trips() {
-        let w = Workload::Dirty { mib: 512, rate_mib_s: 128 };
+        let w = Workload::dirty(512, 128);
         assert_eq!(w.to_string().parse::<Workload>(), Ok(w));
-        assert_eq!(Workload::Idle.to_string().parse::<Workload>(), Ok(Workload::Idle));
+        assert_eq!(Workload::IDLE.to_string().parse::<Workload>(), Ok(Workload::IDLE));
     }
 
     #[test]
     fn unknown_kind_names_the_text_and_the_syntax() {
         let err = "foo".parse::<Workload>().expect_err("must be refused");
-        assert_eq!(err.to_string(), "unknown workload 'foo': expected idle or dirty:<MiB>:<MiB/s>");
+        assert_eq!(err.to_string(), format!("unknown workload 'foo': {SYNTAX}"));
     }
 
     #[test]
@@ -221,16 +257,27 @@ mod tests {
     #[test]
     fn fractional_rate_is_not_a_number() {
         let err = "dirty:64:1.5".parse::<Workload>().expect_err("must be refused");
-        assert_eq!(
-            err.to_string(),
-            "malformed workload 'dirty:64:1.5': rate '1.5' is not a whole number; \
-             expected idle or dirty:<MiB>:<MiB/s>"
-        );
+        assert_eq!(err.to_string(), format!("malformed workload 'dirty:64:1.5': rate '1.5' is not a whole number; {SYNTAX}"));
+    }
+
+    #[test]
+    fn dirty_and_disk_combine_and_round_trip() {
+        let w = "dirty:64:32,disk:256:16".parse::<Workload>();
+        assert_eq!(w, Ok(Workload { dirty: Some(Load { mib: 64, rate_mib_s: 32 }), disk: Some(Load { mib: 256, rate_mib_s: 16 }) }));
+        assert_eq!(w.map(|w| w.to_string()).as_deref(), Ok("dirty:64:32,disk:256:16"));
+        assert_eq!("disk:8:4".parse::<Workload>(), Ok(Workload::disk(8, 4)));
+    }
+
+    #[test]
+    fn a_kind_given_twice_or_idle_beside_a_part_is_malformed() {
+        for text in ["disk:1:1,disk:2:2", "idle,disk:1:1", "dirty:1:1,"] {
+            assert!(text.parse::<Workload>().is_err(), "{text}");
+        }
     }
 
     #[test]
     fn region_bytes_is_mib_times_two_to_the_twenty() {
-        let w = Workload::Dirty { mib: 3, rate_mib_s: 1 };
+        let w = Workload::dirty(3, 1);
         assert_eq!(w.region_bytes(), 3 * 1024 * 1024);
     }
 }

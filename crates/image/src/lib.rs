@@ -594,13 +594,13 @@ mod tests {
 
     #[test]
     fn cmdline_names_the_workload_and_the_serial_console() {
-        let line = cmdline(&Workload::Dirty { mib: 16, rate_mib_s: 32 });
+        let line = cmdline(&Workload::dirty(16, 32));
         assert_eq!(line, "console=ttyS0 quiet panic=-1 walkabout.workload=dirty:16:32");
     }
 
     #[test]
     fn cmdline_workload_is_what_the_guest_reads() {
-        let workload = Workload::Dirty { mib: 64, rate_mib_s: 8 };
+        let workload = Workload::dirty(64, 8);
         let read = walkabout_guest::cmdline::workload_from_cmdline(&cmdline(&workload));
         assert_eq!(read, Ok(workload));
     }

@@ -15,7 +15,8 @@ pub struct ImageArgs {
     /// ~/.cache/walkabout].
     #[arg(long)]
     cache_dir: Option<PathBuf>,
-    /// The workload the printed kernel command line starts (idle or dirty:<MiB>:<MiB/s>).
+    /// The workload the printed kernel command line starts (idle, dirty:<MiB>:<MiB/s>,
+    /// disk:<MiB>:<MiB/s>, or dirty:...,disk:...).
     #[arg(long, default_value = "idle")]
     workload: Workload,
     /// Output format.

@@ -121,7 +121,9 @@ pub struct CreateArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    /// In-guest workload: `idle` or `dirty:<MiB>:<MiB/s>`.
+    /// In-guest workload: `idle`, `dirty:<MiB>:<MiB/s>` (memory), `disk:<MiB>:<MiB/s>`
+    /// (self-verifying blocks on the first disk that is not the root; it is overwritten),
+    /// or both: `dirty:64:32,disk:256:16`.
     #[arg(long, default_value = "idle")]
     workload: String,
     /// QEMU CPU model (default: qemu64, runnable everywhere).
