@@ -114,6 +114,11 @@ impl Agent {
                             return Err(bad(format!("path {} must be absolute (a path on the agent's host)", p.display())));
                         }
                         let path = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+                        // Another VM of this agent first: its QEMU's lock would only say
+                        // "another process".
+                        if let Some(owner) = self.owner_of(&path, &vm).await {
+                            return Err(bad(format!("image {} is in use by VM `{owner}` of this agent", path.display())));
+                        }
                         let chain = self.qemu_img().chain(&path, disk.format).await.map_err(|e| bad(e.to_string()))?;
                         let format = chain.first().map(|l| l.format).ok_or_else(|| bad("qemu-img reported no image".into()))?;
                         DiskSpec { path: Some(path), format: Some(format), size_bytes: None, bus: disk.bus }
@@ -161,6 +166,11 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// The VM of this agent (other than `vm`) that has `path` as a disk.
+    async fn owner_of(&self, path: &Path, vm: &str) -> Option<String> {
+        self.specs().await.into_iter().find(|o| o.name != vm && o.disks.iter().any(|d| d.path.as_deref() == Some(path))).map(|o| o.name)
     }
 
     /// The read-only base of catalog image `name`.
