@@ -4,6 +4,7 @@
 #     the main suite only has an older QEMU. The backports source is derived from the
 #     machine's own Debian source entry (same mirror), never from a hard-coded host.
 #   - iproute2 (network namespaces for multi-host tests).
+#   - e2fsprogs (`mke2fs -d` builds the guest's ext4 root disk without root privileges).
 # Kernel and busybox for the guest image are *not* installed here: `walkabout image build`
 # downloads and unpacks them into its cache without installing them on the host.
 set -euo pipefail
@@ -18,7 +19,15 @@ qemu_major() {
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if [ "$(qemu_major)" -ge "$need_major" ] && command -v qemu-img >/dev/null && command -v ip >/dev/null; then
+have_mke2fs() { command -v mke2fs >/dev/null 2>&1 || [ -x /usr/sbin/mke2fs ] || [ -x /sbin/mke2fs ]; }
+
+if [ "$(qemu_major)" -ge "$need_major" ] && command -v qemu-img >/dev/null && command -v ip >/dev/null && have_mke2fs; then
+  exit 0
+fi
+if [ "$(qemu_major)" -ge "$need_major" ] && command -v qemu-img >/dev/null; then
+  # Only the small tools are missing: no need for the backports dance.
+  log "installing iproute2 and e2fsprogs"
+  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends iproute2 e2fsprogs >/dev/null
   exit 0
 fi
 
@@ -52,7 +61,7 @@ log "installing QEMU >= $need_major"
 sudo_ apt-get update -qq
 DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends \
   -t "${codename}-backports" qemu-system-x86 qemu-utils >/dev/null
-DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
+DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends iproute2 e2fsprogs >/dev/null
 v=$(qemu_major)
 [ "$v" -ge "$need_major" ] || { log "installed QEMU is $v.x; Walkabout needs >= $need_major"; exit 1; }
 log "QEMU $(qemu-system-x86_64 --version | head -n1)"
