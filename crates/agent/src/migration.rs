@@ -118,9 +118,12 @@ impl AgentSide for Books {
         };
         self.agent.forget_migrated(&self.vm).await;
         if copied {
-            // The image a copy made here earlier is stale now that its VM left by copy.
+            // An image this agent made for the VM (by an earlier copy, or at creation) is
+            // stale now that the VM left with a copy of it.
             let dir = self.agent.copy_dir();
-            for p in disks.iter().filter_map(|d| d.path.as_deref()).filter(|p| storage::is_copy_image(&dir, p)) {
+            let made = |i: usize, p: &std::path::Path| storage::is_copy_image(&dir, p) || p == crate::disks::owned_path(&dir, &self.vm, i);
+            let stale = disks.iter().enumerate().filter_map(|(i, d)| d.path.as_deref().filter(|p| made(i, p)));
+            for p in stale {
                 if let Err(e) = std::fs::remove_file(p) {
                     tracing::warn!(path = %p.display(), error = %e, "cannot remove the image the VM left behind");
                 }
@@ -284,7 +287,9 @@ impl Agent {
         let name = req.spec.name.clone();
         // Shared or copy first: a copy's spec names the images made here.
         let img = walkabout_qemu::QemuImg::beside(&self.inner.config.qemu_binary);
-        let plan = storage::plan(&req, &self.copy_dir(), &img).await.map_err(|e| AgentError::InvalidRequest { reason: e.to_string() })?;
+        let plan = storage::plan(&req, &self.copy_dir(), &self.catalog_bases(), &img)
+            .await
+            .map_err(|e| AgentError::InvalidRequest { reason: e.to_string() })?;
         let reserved = self.validate(&plan.spec).and_then(|()| self.reserve(plan.spec.clone(), VmState::Incoming));
         let vm = match reserved {
             Ok(vm) => vm,
@@ -341,9 +346,16 @@ impl Agent {
     }
 
     /// Where this agent makes the images of disks copied in by migration: its storage
-    /// directory (`<data dir>/images`, the default the disks work's `--storage-dir` has).
+    /// directory (`--storage-dir`).
     pub(crate) fn copy_dir(&self) -> std::path::PathBuf {
-        self.inner.config.data_dir.join("images")
+        self.storage_dir()
+    }
+
+    /// Base images this agent's catalog holds besides its storage directory: the guest
+    /// root disk that `image:guest` overlays sit on.
+    fn catalog_bases(&self) -> Vec<std::path::PathBuf> {
+        let cache = self.inner.config.image_cache.clone().unwrap_or_else(walkabout_image::default_cache_dir);
+        walkabout_image::cached(&cache).ok().flatten().map(|i| i.rootfs).into_iter().collect()
     }
 
     async fn check_cpu(&self, name: &str, qmp: &Qmp, needed: &[String]) -> Result<(), AgentError> {

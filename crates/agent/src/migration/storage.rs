@@ -433,7 +433,8 @@ fn sees_marker(disk: &IncomingDisk, marker: &StorageMarker) -> Result<(), String
 
 /// Decides shared or copy for an incoming VM and, for a copy, creates its images in
 /// `storage_dir` (an overlay on a local base with the same content when there is one).
-pub(crate) async fn plan(req: &IncomingRequest, storage_dir: &Path, img: &QemuImg) -> Result<Plan, StorageError> {
+/// `bases` are catalog images outside the storage directory (the guest root disk).
+pub(crate) async fn plan(req: &IncomingRequest, storage_dir: &Path, bases: &[PathBuf], img: &QemuImg) -> Result<Plan, StorageError> {
     let vm = req.spec.name.clone();
     let mut plan = Plan { mode: None, spec: req.spec.clone(), syncs: vec![], created: vec![] };
     if req.disks.is_empty() {
@@ -458,7 +459,7 @@ pub(crate) async fn plan(req: &IncomingRequest, storage_dir: &Path, img: &QemuIm
     for (i, d) in req.disks.iter().enumerate() {
         let target = storage_dir.join(format!("{COPY_PREFIX}{vm}-{}-{nonce}.{}", d.node_name, d.format));
         let base = match &d.backing {
-            Some(b) if d.format == DiskFormat::Qcow2 => catalog_find(storage_dir, &b.sha256).await.map(|p| (p, b.format)),
+            Some(b) if d.format == DiskFormat::Qcow2 => catalog_find(storage_dir, bases, &b.sha256).await.map(|p| (p, b.format)),
             _ => None,
         };
         let made = img.create(&target, d.format, Some(d.virtual_size), base.as_ref().map(|(p, f)| (p.as_path(), *f))).await;
@@ -575,12 +576,14 @@ pub(crate) async fn content_hash(path: &Path) -> Result<String, StorageError> {
     Ok(hash)
 }
 
-/// A base image in the catalog (regular files of the storage directory, copies and
-/// markers aside) with this content.
-async fn catalog_find(storage_dir: &Path, sha256: &str) -> Option<PathBuf> {
-    let dir = std::fs::read_dir(storage_dir).ok()?;
-    let candidates: Vec<PathBuf> = dir
-        .filter_map(|e| e.ok().map(|e| e.path()))
+/// A base image in the catalog (the catalog's bases, and the regular files of the
+/// storage directory, copies and markers aside) with this content.
+async fn catalog_find(storage_dir: &Path, bases: &[PathBuf], sha256: &str) -> Option<PathBuf> {
+    let dir = std::fs::read_dir(storage_dir).into_iter().flatten();
+    let candidates: Vec<PathBuf> = bases
+        .iter()
+        .cloned()
+        .chain(dir.filter_map(|e| e.ok().map(|e| e.path())))
         .filter(|p| p.is_file())
         .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| !n.starts_with(COPY_PREFIX) && !n.starts_with('.')))
         .collect();
@@ -624,8 +627,8 @@ mod tests {
         let marker = StorageMarker { file_name: ".walkabout-marker-t".into(), token: "abc".into() };
         let img = QemuImg::default();
 
-        let shared = plan(&request(&disk, StorageMode::Shared, Some(marker.clone())), &d.join("storage"), &img).await;
-        let auto = plan(&request(&disk, StorageMode::Auto, Some(marker)), &d.join("storage"), &img).await.expect("auto");
+        let shared = plan(&request(&disk, StorageMode::Shared, Some(marker.clone())), &d.join("storage"), &[], &img).await;
+        let auto = plan(&request(&disk, StorageMode::Auto, Some(marker)), &d.join("storage"), &[], &img).await.expect("auto");
 
         assert!(matches!(&shared, Err(StorageError::NotShared { detail, .. }) if detail.contains("cannot be read")), "{:?}", shared.err());
         assert_eq!((auto.mode, auto.syncs.as_slice()), (Some(StorageMode::Copy), &[MirrorSync::Full][..]));
@@ -644,7 +647,7 @@ mod tests {
         let marker = StorageMarker { file_name: ".walkabout-marker-t".into(), token: "abc".into() };
         std::fs::write(d.join(&marker.file_name), "abc").expect("marker");
 
-        let p = plan(&request(&disk, StorageMode::Auto, Some(marker)), &d.join("storage"), &QemuImg::default()).await.expect("plan");
+        let p = plan(&request(&disk, StorageMode::Auto, Some(marker)), &d.join("storage"), &[], &QemuImg::default()).await.expect("plan");
 
         assert_eq!(p.mode, Some(StorageMode::Shared));
         assert_eq!(p.spec.disks[0].path.as_deref(), Some(disk.as_path()));
@@ -663,7 +666,7 @@ mod tests {
         let mut req = request(&d.join("top.qcow2"), StorageMode::Copy, None);
         req.disks[0].backing = Some(BackingImage { sha256: content_hash(&base).await.expect("hash"), format: DiskFormat::Qcow2 });
 
-        let p = plan(&req, &storage, &img).await.expect("plan");
+        let p = plan(&req, &storage, &[], &img).await.expect("plan");
 
         assert_eq!(p.syncs, [MirrorSync::Top]);
         let chain = img.chain(p.spec.disks[0].path.as_deref().expect("path"), None).await.expect("chain");
