@@ -18,7 +18,7 @@
 //! checked after every hop (heartbeats go on, no corrupt page).
 //!
 //! `cargo run --release -p walkabout-bench --bin storage -- [--disk-mib 1024]
-//! [--fill-mib 1024] [--workload idle] [--bandwidth default,100] [--runs 3] [--out FILE]
+//! [--fill-mib 1024] [--workload 'idle;dirty:32:8,disk:256:64'] [--bandwidth default,100] [--runs 3] [--out FILE]
 //! [--no-build]`. Needs root (network namespaces).
 
 use anyhow::{bail, Context, Result};
@@ -32,7 +32,7 @@ use walkabout_api::{Phase, VmInfo};
 use walkabout_bench::{build_walkabout, environment, ratio, round3, stats, walkabout_copy, AgentCli, MigrateSummary};
 use walkabout_testbed::{Agent, AgentSpec, NetPair, TempDir};
 
-const USAGE: &str = "usage: storage [--disk-mib 1024] [--fill-mib 1024] [--workload idle,...] [--bandwidth default,100] \
+const USAGE: &str = "usage: storage [--disk-mib 1024] [--fill-mib 1024] [--workload 'idle;dirty:32:8,disk:256:64'] [--bandwidth default,100] \
 [--runs 3] [--give-up-s 300] [--out FILE] [--no-build] [--walkabout PATH (a binary to bench as it is)]";
 
 struct Args {
@@ -65,7 +65,8 @@ fn parse_args() -> Result<Option<Args>> {
         match arg.as_str() {
             "--disk-mib" => a.disk_mib = val("--disk-mib")?.parse().context("--disk-mib N")?,
             "--fill-mib" => a.fill_mib = val("--fill-mib")?.parse().context("--fill-mib N")?,
-            "--workload" => a.workloads = val("--workload")?.split(',').map(|w| w.trim().to_string()).collect(),
+            // Workloads are separated by ';' (a workload itself may hold a ',').
+            "--workload" => a.workloads = val("--workload")?.split(';').map(|w| w.trim().to_string()).collect(),
             "--bandwidth" => {
                 a.bandwidths = val("--bandwidth")?
                     .split(',')
@@ -306,11 +307,13 @@ fn peer_cell(net: &NetPair, dir: &Path, g: &Guest, wl: &str, a: &Args) -> Result
     make_disk(&disk, a.disk_mib, a.fill_mib)?;
     let mut runs = vec![];
     for r in 0..a.runs {
-        let mut src = peer_qemu(&net.a, dir, "peer-src", g, wl, &disk, false)?;
-        wait_console(&dir.join("peer-src.console"), "WALKABOUT READY", Duration::from_secs(120))?;
-        std::thread::sleep(Duration::from_secs(2));
-        let rec = peer_run(&mut src, net, dir, g, wl, a.disk_mib, Duration::from_secs(a.give_up_s))
-            .unwrap_or_else(|e| json!({"result": "error", "ok": false, "error": format!("{e:#}")}));
+        let rec = (|| -> Result<Value> {
+            let mut src = peer_qemu(&net.a, dir, "peer-src", g, wl, &disk, false)?;
+            wait_console(&dir.join("peer-src.console"), "WALKABOUT READY", Duration::from_secs(300))?;
+            std::thread::sleep(Duration::from_secs(2));
+            peer_run(&mut src, net, dir, g, wl, a.disk_mib, Duration::from_secs(a.give_up_s))
+        })()
+        .unwrap_or_else(|e| json!({"result": "error", "ok": false, "error": format!("{e:#}")}));
         eprintln!("    peer run {r}: {rec}");
         runs.push(rec);
     }
