@@ -166,11 +166,24 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         // (a capability fixed before the stream starts, whose return path lengthens the
         // guest's pause) depends on the dirty rate.
         let dirty = walkabout_migrate::run::measure_dirty_rate(&self.qmp, DIRTY_RATE_WINDOW_MS).await;
-        let policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty);
-        let postcopy_ready = policy.strategy().postcopy_ready;
         // Storage: describe the disks (and write the shared-storage marker) for the
         // destination to pick `shared` or `copy` and, for a copy, make its images.
         let asked = rec.storage.unwrap_or_default();
+        // Post-copy would run the guest at the destination while its NBD server still
+        // serves the copy (and the source's mirror is its only writer until then): a VM
+        // whose disks may be copied migrates its memory by pre-copy.
+        let may_copy = !spec.disks.is_empty() && asked != walkabout_api::StorageMode::Shared;
+        if may_copy && rec.mode == walkabout_api::Mode::Postcopy {
+            return Err(fail(format!(
+                "cannot migrate {} with --mode postcopy and --storage {asked}: post-copy needs --storage shared (a disk copy switches over with pre-copy)",
+                rec.vm
+            )));
+        }
+        let mut policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty);
+        if may_copy && policy.strategy().postcopy_ready {
+            policy = Policy::new(walkabout_api::Mode::Precopy, rec.limits, guest_bytes, dirty);
+        }
+        let postcopy_ready = policy.strategy().postcopy_ready;
         let offer = match spec.disks.is_empty() {
             true => None,
             false => Some(

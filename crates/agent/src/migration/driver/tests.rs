@@ -349,3 +349,20 @@ async fn the_source_offers_its_disks_and_asks_for_the_mode_given() {
     assert_eq!(req.storage, walkabout_api::StorageMode::Copy);
     assert_eq!((req.disks.len(), req.disks[0].virtual_size, req.marker.is_none()), (1, 64 << 20, true));
 }
+
+#[tokio::test]
+async fn post_copy_is_refused_for_a_vm_whose_disks_may_be_copied() {
+    let req = MigrationRequest {
+        storage: walkabout_api::StorageMode::Copy,
+        ..MigrationRequest::new("vm1", "http://127.0.0.1:7702", Mode::Postcopy)
+    };
+    let record = MigrationRecord::pending("mig-1", &req, crate::vms::now_ms());
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::copying(), FakeAgent::new(record.clone(), GuestStatus::default()));
+    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record, spec: disk_spec(), was_running: true };
+
+    let phase = driver.drive(agent.cancel_switch()).await;
+
+    assert_eq!(phase, Phase::Failed);
+    assert!(!peer.got(Call::Prepare) && qemu.state().running);
+    assert!(agent.books().record.reason.as_deref().is_some_and(|r| r.contains("post-copy needs --storage shared")));
+}
