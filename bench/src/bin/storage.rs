@@ -32,8 +32,11 @@ use walkabout_api::{Phase, VmInfo};
 use walkabout_bench::{build_walkabout, environment, ratio, round3, stats, walkabout_copy, AgentCli, MigrateSummary};
 use walkabout_testbed::{Agent, AgentSpec, NetPair, TempDir};
 
-const USAGE: &str = "usage: storage [--disk-mib 1024] [--fill-mib 1024] [--workload 'idle;dirty:32:8,disk:256:64'] [--bandwidth default,100] \
-[--runs 3] [--give-up-s 300] [--out FILE] [--no-build] [--walkabout PATH (a binary to bench as it is)]";
+const USAGE: &str =
+    "usage: storage [--disk-mib 1024] [--fill-mib 1024] [--workload 'idle;dirty:32:8,disk:256:64'] [--bandwidth default,100] \
+[--runs 3] [--give-up-s 300] [--out FILE] [--no-build] [--walkabout PATH (a binary to bench as it is)]
+  [--hops N]: instead of the comparison, one guest (first --workload) with a --disk-mib disk on a directory both
+  agents see hops N times with --storage shared, then N times with --storage copy; checked after every hop";
 
 struct Args {
     disk_mib: u64,
@@ -45,6 +48,7 @@ struct Args {
     out: Option<PathBuf>,
     build: bool,
     walkabout: Option<PathBuf>,
+    hops: Option<usize>,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -58,6 +62,7 @@ fn parse_args() -> Result<Option<Args>> {
         out: None,
         build: true,
         walkabout: None,
+        hops: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -81,6 +86,7 @@ fn parse_args() -> Result<Option<Args>> {
             "--out" => a.out = Some(PathBuf::from(val("--out")?)),
             "--no-build" => a.build = false,
             "--walkabout" => a.walkabout = Some(PathBuf::from(val("--walkabout")?)),
+            "--hops" => a.hops = Some(val("--hops")?.parse().context("--hops N")?),
             "-h" | "--help" => {
                 eprintln!("{USAGE}");
                 return Ok(None);
@@ -393,6 +399,58 @@ fn walkabout_cell(bin: &Path, net: &NetPair, dir: &Path, wl: &str, a: &Args) -> 
     Ok(summary(runs))
 }
 
+/// One guest hops `n` times with `--storage shared`, then `n` times with `--storage
+/// copy`; after every hop: the guest's heartbeat goes on, no corrupt page or block.
+fn hops(bin: &Path, net: &NetPair, dir: &Path, wl: &str, n: usize, a: &Args) -> Result<Value> {
+    let (ha, hb) = (agent_in(bin, &net.a, &net.addr_a)?, agent_in(bin, &net.b, &net.addr_b)?);
+    let disk = dir.join("hops-disk.qcow2");
+    make_disk(&disk, a.disk_mib, a.fill_mib)?;
+    let name = "hop1";
+    create_with_disk(&ha, &net.a, name, wl, &disk)?;
+    wait_heartbeats(&ha, name, 20, Duration::from_secs(120))?;
+    let agents = [&ha, &hb];
+    let mut holder = 0;
+    let mut out = vec![];
+    for (i, storage) in std::iter::repeat_n("shared", n).chain(std::iter::repeat_n("copy", n)).enumerate() {
+        let (from, to) = (agents[holder], agents[1 - holder]);
+        let cmd = from.command(&["migrate", name, "--to", &to.url, "--storage", storage, "--wait", "--output", "json"]).output()?;
+        let s: Option<MigrateSummary> = serde_json::from_slice(&cmd.stdout).ok();
+        if s.as_ref().is_some_and(|s| s.result == Phase::Completed) {
+            holder = 1 - holder;
+        }
+        let now: VmInfo = agents[holder].cli(&["vm", "info", name])?;
+        let after = wait_heartbeats(agents[holder], name, now.guest.heartbeats + 10, Duration::from_secs(30))?;
+        let g = &after.guest;
+        let rec = json!({
+            "hop": i, "storage_asked": storage, "result": s.as_ref().map(|s| s.result.to_string()),
+            "storage": s.as_ref().and_then(|s| s.storage), "reason": s.as_ref().and_then(|s| s.reason.clone()),
+            "total_ms": s.as_ref().and_then(|s| s.total_ms), "downtime_ms": s.as_ref().and_then(|s| s.downtime_ms),
+            "disk_bytes": s.as_ref().map(|s| s.disk_transferred_bytes), "memory_bytes": s.as_ref().map(|s| s.transferred_bytes),
+            "heartbeats": g.heartbeats, "seq_breaks": g.seq_breaks, "corrupt_pages": g.corrupt_pages, "corrupt_blocks": g.corrupt_blocks,
+            "healthy": g.is_healthy(),
+        });
+        eprintln!("  hop {i}: {rec}");
+        out.push(rec);
+    }
+    let _ = agents[holder].cli_ok(&["vm", "delete", name]);
+    drop((ha, hb));
+    let _ = std::fs::remove_file(&disk);
+    let completed = |st: &str| out.iter().filter(|r| r["storage_asked"] == st && r["result"] == "completed").count();
+    let ms = |st: &str, k: &str| {
+        let xs: Vec<f64> = out.iter().filter(|r| r["storage_asked"] == st).filter_map(|r| r[k].as_f64()).collect();
+        stats(&xs).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi}))
+    };
+    Ok(json!({
+        "workload": wl, "disk_mib": a.disk_mib, "written_mib": a.fill_mib, "hops_per_mode": n,
+        "shared": {"completed": completed("shared"), "total_ms": ms("shared", "total_ms"), "downtime_ms": ms("shared", "downtime_ms")},
+        "copy": {"completed": completed("copy"), "total_ms": ms("copy", "total_ms"), "downtime_ms": ms("copy", "downtime_ms"), "disk_bytes": ms("copy", "disk_bytes")},
+        "corrupt_pages_total": out.iter().filter_map(|r| r["corrupt_pages"].as_u64()).max(),
+        "corrupt_blocks_total": out.iter().filter_map(|r| r["corrupt_blocks"].as_u64()).max(),
+        "all_healthy": out.iter().all(|r| r["healthy"] == true),
+        "per_hop": out,
+    }))
+}
+
 // ---- results ----
 
 fn field(runs: &[Value], key: &str) -> Value {
@@ -435,6 +493,18 @@ fn main() -> Result<()> {
     env["walkabout_binary"] = wbin.provenance.clone();
     let g = guest(&wbin.path)?;
     let scratch = TempDir::new("storage-bench")?;
+    if let Some(n) = args.hops {
+        let net = NetPair::new(45).context("network namespaces (needs root)")?;
+        let wl = args.workloads.first().cloned().unwrap_or_else(|| "idle".into());
+        let hops = hops(&wbin.path, &net, scratch.path(), &wl, n, &args)?;
+        let doc = json!({"bench": "storage-hops", "environment": env, "elapsed_s": started.elapsed().as_secs(), "hops": hops});
+        let text = serde_json::to_string_pretty(&doc)? + "\n";
+        if let Some(p) = &args.out {
+            std::fs::write(p, &text)?;
+        }
+        print!("{text}");
+        return Ok(());
+    }
     let mut cells = vec![];
     for (i, &bw) in args.bandwidths.iter().enumerate() {
         let net = NetPair::new(40 + u8::try_from(i).unwrap_or(0)).context("network namespaces (needs root)")?;
