@@ -123,11 +123,19 @@ fn run(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// A qcow2 of `disk_mib` with its first `fill_mib` written (a pattern per 64 MiB).
-fn make_disk(path: &Path, disk_mib: u64, fill_mib: u64) -> Result<()> {
+/// MiB at the start of the disk the guest's disk workload (`disk:<MiB>:...`) owns: they
+/// must start blank (anything else there is a corrupt block to the workload).
+fn workload_area_mib(wl: &str) -> u64 {
+    wl.split(',').find_map(|p| p.strip_prefix("disk:")?.split(':').next()?.parse().ok()).unwrap_or(0)
+}
+
+/// A qcow2 of `disk_mib` with `fill_mib` written (a pattern per 64 MiB), from the end of
+/// the workload's area `skip_mib` on.
+fn make_disk(path: &Path, disk_mib: u64, fill_mib: u64, skip_mib: u64) -> Result<()> {
     let p = path.to_str().context("utf-8 path")?;
     run("qemu-img", &["create", "-q", "-f", "qcow2", p, &format!("{disk_mib}M")])?;
-    let mut off = 0;
+    let mut off = skip_mib.min(disk_mib.saturating_sub(fill_mib));
+    let fill_mib = off + fill_mib;
     while off < fill_mib {
         let len = (fill_mib - off).min(64);
         run("qemu-io", &["-f", "qcow2", "-c", &format!("write -P {} {off}M {len}M", 0x40 + off / 64), p])?;
@@ -295,11 +303,17 @@ fn peer_run(src: &mut PeerQemu, net: &NetPair, dir: &Path, g: &Guest, wl: &str, 
         let seen = heartbeats();
         std::thread::sleep(Duration::from_secs(2));
         let after = heartbeats();
+        // `hb <seq> <ns> <corrupt_pages> [<corrupt_blocks>]`: the destination's last word.
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        let last = text.lines().rev().find(|l| l.starts_with("hb ")).unwrap_or("");
+        let field = |i: usize| last.split_whitespace().nth(i).and_then(|w| w.parse::<u64>().ok()).unwrap_or(0);
+        let (corrupt_pages, corrupt_blocks) = (field(3), field(4));
         let ram = info["ram"]["transferred"].as_u64().unwrap_or(0);
         // The source's QEMU is done; the next run starts from a fresh source (see caller).
         let _ = src.qmp.execute("blockdev-del", json!({"node-name": "nbd-disk0"}));
         Ok(json!({
-            "result": "completed", "ok": after > seen, "total_ms": total_ms,
+            "result": "completed", "ok": after > seen && corrupt_pages == 0 && corrupt_blocks == 0, "total_ms": total_ms,
+            "corrupt_pages": corrupt_pages, "corrupt_blocks": corrupt_blocks,
             "downtime_ms": info["downtime"], "memory_bytes": ram, "disk_bytes": disk_bytes,
             "transferred_bytes": ram + disk_bytes, "heartbeats_after_2s": after - seen,
         }))
@@ -310,7 +324,7 @@ fn peer_run(src: &mut PeerQemu, net: &NetPair, dir: &Path, g: &Guest, wl: &str, 
 
 fn peer_cell(net: &NetPair, dir: &Path, g: &Guest, wl: &str, a: &Args) -> Result<Value> {
     let disk = dir.join("peer-src.qcow2");
-    make_disk(&disk, a.disk_mib, a.fill_mib)?;
+    make_disk(&disk, a.disk_mib, a.fill_mib, workload_area_mib(wl))?;
     let mut runs = vec![];
     for r in 0..a.runs {
         let rec = (|| -> Result<Value> {
@@ -359,7 +373,7 @@ fn wait_heartbeats(agent: &Agent, name: &str, n: u64, limit: Duration) -> Result
 fn walkabout_cell(bin: &Path, net: &NetPair, dir: &Path, wl: &str, a: &Args) -> Result<Value> {
     let (ha, hb) = (agent_in(bin, &net.a, &net.addr_a)?, agent_in(bin, &net.b, &net.addr_b)?);
     let disk = dir.join("wa-disk.qcow2");
-    make_disk(&disk, a.disk_mib, a.fill_mib)?;
+    make_disk(&disk, a.disk_mib, a.fill_mib, workload_area_mib(wl))?;
     let name = "st1";
     create_with_disk(&ha, &net.a, name, wl, &disk)?;
     wait_heartbeats(&ha, name, 20, Duration::from_secs(120))?;
@@ -379,6 +393,7 @@ fn walkabout_cell(bin: &Path, net: &NetPair, dir: &Path, wl: &str, a: &Args) -> 
         let after = wait_heartbeats(agents[holder], name, now.guest.heartbeats + 10, Duration::from_secs(30))?;
         let healthy = after.guest.heartbeats >= now.guest.heartbeats + 10
             && after.guest.corrupt_pages == 0
+            && after.guest.corrupt_blocks == 0
             && after.guest.seq_breaks == before.guest.seq_breaks
             && !after.guest.kernel_trouble;
         let rec = match &s {
@@ -387,6 +402,7 @@ fn walkabout_cell(bin: &Path, net: &NetPair, dir: &Path, wl: &str, a: &Args) -> 
                 "total_ms": s.total_ms, "downtime_ms": s.downtime_ms, "memory_bytes": s.transferred_bytes,
                 "disk_bytes": s.disk_transferred_bytes, "transferred_bytes": s.transferred_bytes + s.disk_transferred_bytes,
                 "storage": s.storage, "guest_healthy": healthy, "corrupt_pages": after.guest.corrupt_pages,
+                "corrupt_blocks": after.guest.corrupt_blocks,
             }),
             None => json!({"result": "no-summary", "ok": false, "stderr": String::from_utf8_lossy(&out.stderr).trim()}),
         };
@@ -404,7 +420,7 @@ fn walkabout_cell(bin: &Path, net: &NetPair, dir: &Path, wl: &str, a: &Args) -> 
 fn hops(bin: &Path, net: &NetPair, dir: &Path, wl: &str, n: usize, a: &Args) -> Result<Value> {
     let (ha, hb) = (agent_in(bin, &net.a, &net.addr_a)?, agent_in(bin, &net.b, &net.addr_b)?);
     let disk = dir.join("hops-disk.qcow2");
-    make_disk(&disk, a.disk_mib, a.fill_mib)?;
+    make_disk(&disk, a.disk_mib, a.fill_mib, workload_area_mib(wl))?;
     let name = "hop1";
     create_with_disk(&ha, &net.a, name, wl, &disk)?;
     wait_heartbeats(&ha, name, 20, Duration::from_secs(120))?;
@@ -554,7 +570,8 @@ fn doc(env: &Value, a: &Args, cells: &[Value], complete: bool, started: Instant)
             "link": "two network namespaces joined by a veth pair; 'default' unlimited, else tc tbf on the source's egress",
             "walkabout": "walkabout migrate --storage copy --wait (mode auto) between two agents; the guest (256 MiB, 1 vCPU, TCG) boots once and hops A->B->A...; checked after each hop",
             "libvirt_way": "over QMP: new target qcow2, destination QEMU -incoming defer, nbd-server-start + block-export-add writable, source blockdev-add nbd + blockdev-mirror sync=full (background), READY, migrate (defaults, max-bandwidth unlimited), block-job-cancel, nbd-server-stop, cont; a fresh source QEMU per run",
-            "medians": "over the runs that completed (Walkabout: and the guest stayed healthy; the peer: its heartbeat went on at the destination)",
+            "medians": "over the runs that completed (Walkabout: and the guest stayed healthy, no corrupt page or block; the peer: its heartbeat went on at the destination, no corrupt page or block in its last heartbeat)",
+            "disk_content": "the disk's first MiB are the guest disk workload's (left blank), the written MiB follow",
         },
         "cells": cells,
     })
