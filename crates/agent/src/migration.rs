@@ -33,6 +33,7 @@
 mod driver;
 #[cfg(test)]
 mod fake;
+mod storage;
 
 use crate::error::AgentError;
 use crate::spec::VmState;
@@ -120,7 +121,24 @@ impl AgentSide for Books {
     }
 
     async fn forget_vm(&self) {
+        let copied = self.agent.migration(&self.id).map(|r| r.storage == Some(walkabout_api::StorageMode::Copy)).unwrap_or(false);
+        let disks = match self.agent.vm(&self.vm) {
+            Ok(vm) => vm.lock().await.record.spec.disks.clone(),
+            Err(_) => vec![],
+        };
         self.agent.forget_migrated(&self.vm).await;
+        if copied {
+            // An image this agent made for the VM (by an earlier copy, or at creation) is
+            // stale now that the VM left with a copy of it.
+            let dir = self.agent.copy_dir();
+            let made = |i: usize, p: &std::path::Path| storage::is_copy_image(&dir, p) || p == crate::disks::owned_path(&dir, &self.vm, i);
+            let stale = disks.iter().enumerate().filter_map(|(i, d)| d.path.as_deref().filter(|p| made(i, p)));
+            for p in stale {
+                if let Err(e) = std::fs::remove_file(p) {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot remove the image the VM left behind");
+                }
+            }
+        }
     }
 
     async fn keep_vm(&self, running: bool, reason: String) {
@@ -227,6 +245,10 @@ impl Agent {
     /// At start: migrations a previous run of this agent left unfinished are ended, and
     /// their VMs settled on this host (resumed, unless the switchover had passed).
     pub(crate) async fn recover_migrations(&self) {
+        // Images of copies into this host that never completed (this agent was killed
+        // mid-copy): no VM uses them.
+        let in_use = self.list().await.iter().flat_map(|v| v.record.spec.disks.iter().filter_map(|d| d.path.clone())).collect();
+        storage::sweep(&self.copy_dir(), &in_use);
         let records = match self.inner.store.list_migrations() {
             Ok(r) => r,
             Err(e) => {
@@ -272,15 +294,36 @@ impl Agent {
     /// Prepares this host to receive a VM: checks, starts a paused QEMU waiting for the
     /// stream, and says where to send it. Nothing of the VM runs here yet.
     pub async fn prepare_incoming(&self, req: IncomingRequest) -> Result<IncomingReply, AgentError> {
-        self.validate(&req.spec)?;
         let name = req.spec.name.clone();
-        let vm = self.reserve(req.spec.clone(), VmState::Incoming)?;
+        // Shared or copy first: a copy's spec names the images made here.
+        let img = walkabout_qemu::QemuImg::beside(&self.inner.config.qemu_binary);
+        let plan = storage::plan(&req, &self.copy_dir(), &self.catalog_bases(), &img)
+            .await
+            .map_err(|e| AgentError::InvalidRequest { reason: e.to_string() })?;
+        let reserved = self.validate(&plan.spec).and_then(|()| self.reserve(plan.spec.clone(), VmState::Incoming));
+        let vm = match reserved {
+            Ok(vm) => vm,
+            Err(e) => {
+                plan.remove_created();
+                return Err(e);
+            }
+        };
         let mut guard = vm.lock().await;
+        plan.remember(&guard.record.run_dir);
+        let copy = plan.mode == Some(walkabout_api::StorageMode::Copy);
         let result = async {
             self.boot(&mut guard, true).await?;
             let qmp =
                 guard.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: name.clone(), op: "receive", state: guard.record.state })?;
             self.check_cpu(&name, &qmp, &req.cpu_features).await?;
+            let nbd = match copy {
+                true => Some(
+                    storage::export(&qmp, &req.listen_host, &plan)
+                        .await
+                        .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot receive the disks of {name}: {e}") })?,
+                ),
+                false => None,
+            };
             let stream = walkabout_migrate::Stream {
                 postcopy_ready: req.postcopy_ready,
                 postcopy_preempt: req.postcopy_preempt,
@@ -298,10 +341,13 @@ impl Agent {
             }
             // Arm: `cont` on an incoming QEMU means "run the guest once it is fully
             // loaded", which cannot happen before the source passes its switchover gate.
-            // Arming now keeps that hand-over out of the guest's downtime.
-            qmp.cont().await.map_err(|e| AgentError::Qemu { vm: name.clone(), source: e.into() })?;
+            // Arming now keeps that hand-over out of the guest's downtime. A copy is not
+            // armed: its NBD server stops before the guest runs (at commit).
+            if !copy {
+                qmp.cont().await.map_err(|e| AgentError::Qemu { vm: name.clone(), source: e.into() })?;
+            }
             self.inner.store.put(&guard.record)?;
-            Ok(IncomingReply { uri })
+            Ok(IncomingReply { uri, storage: plan.mode, nbd })
         }
         .await;
         if result.is_ok() {
@@ -316,9 +362,23 @@ impl Agent {
             guard.record.state = crate::spec::VmState::Stopped;
             let run_dir = guard.record.run_dir.clone();
             drop(guard);
+            plan.remove_created();
             self.unreserve(&name, &run_dir);
         }
         result
+    }
+
+    /// Where this agent makes the images of disks copied in by migration: its storage
+    /// directory (`--storage-dir`).
+    pub(crate) fn copy_dir(&self) -> std::path::PathBuf {
+        self.storage_dir()
+    }
+
+    /// Base images this agent's catalog holds besides its storage directory: the guest
+    /// root disk that `image:guest` overlays sit on.
+    fn catalog_bases(&self) -> Vec<std::path::PathBuf> {
+        let cache = self.inner.config.image_cache.clone().unwrap_or_else(walkabout_image::default_cache_dir);
+        walkabout_image::cached(&cache).ok().flatten().map(|i| i.rootfs).into_iter().collect()
     }
 
     async fn check_cpu(&self, name: &str, qmp: &Qmp, needed: &[String]) -> Result<(), AgentError> {
@@ -356,6 +416,10 @@ impl Agent {
         let qmp = vm.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: name.into(), op: "commit", state: vm.record.state })?;
         let start = std::time::Instant::now();
         loop {
+            // A copied VM runs once its stream is complete and its NBD server stopped.
+            if let Err(e) = storage::release_and_run(&qmp).await {
+                tracing::warn!(vm = %name, error = %e, "cannot start the copied VM");
+            }
             match qmp.query_status().await {
                 Ok(s) if s.running => break,
                 Ok(_) if start.elapsed() < Duration::from_secs(60) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -377,6 +441,7 @@ impl Agent {
         vm.record.state = VmState::Running;
         vm.record.reason = Some("migrated in".into());
         vm.record.guest_before = guest_before;
+        storage::keep_created(&vm.record.run_dir);
         self.inner.store.put(&vm.record)?;
         tracing::info!(vm = %name, "VM migrated in and runs here");
         Ok(self.info_of(&vm))
@@ -395,6 +460,7 @@ impl Agent {
         }
         let run_dir = vm.record.run_dir.clone();
         drop(vm);
+        storage::remove_created(&run_dir);
         self.unreserve(name, &run_dir);
         tracing::info!(vm = %name, "incoming migration aborted");
         Ok(())
@@ -415,7 +481,8 @@ impl Agent {
             .await
             .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot recover the post-copy of {name}: {e}") })?;
         tracing::info!(vm = %name, %uri, "post-copy listening again");
-        Ok(IncomingReply { uri })
+        // Post-copy never runs with a disk copy (the driver refuses it), so no NBD here.
+        Ok(IncomingReply { uri, storage: None, nbd: None })
     }
 
     /// The incoming VM, while it is incoming: the source's liveness probe, which also
@@ -473,7 +540,8 @@ impl Agent {
                     continue;
                 }
                 let runs = match &vm.qmp {
-                    Some(q) => q.query_status().await.map(|s| s.running).unwrap_or(false),
+                    // A copied VM whose stream completed is past the switchover too.
+                    Some(q) => storage::release_and_run(q).await.unwrap_or(false),
                     None => false,
                 };
                 if runs {

@@ -238,11 +238,22 @@ pub struct ExecLimits {
     pub max_attempts: u32,
     /// Re-plans of one plan before it gives up.
     pub max_replans: u32,
+    /// How the disks of the VMs it moves travel (default `auto`).
+    #[serde(default)]
+    pub storage: crate::disk::StorageMode,
 }
 
 impl Default for ExecLimits {
     fn default() -> Self {
-        ExecLimits { per_host_out: 1, per_host_in: 1, per_cluster: 2, planner_parallel_per_host: 1, max_attempts: 2, max_replans: 4 }
+        ExecLimits {
+            per_host_out: 1,
+            per_host_in: 1,
+            per_cluster: 2,
+            planner_parallel_per_host: 1,
+            max_attempts: 2,
+            max_replans: 4,
+            storage: crate::disk::StorageMode::Auto,
+        }
     }
 }
 

@@ -38,8 +38,8 @@ pub use error::{ErrorBody, ErrorKind};
 pub use event::{Event, Subject};
 pub use host::{Accel, AccelChoice, CpuCatalog, HostInfo, QemuVersion};
 pub use migration::{
-    CommitRequest, Compression, IncomingReply, IncomingRequest, Limits, MigrationRecord, MigrationRequest, MigrationSummary, Mode, Phase,
-    PostcopyPause, Progress, RecoverRequest, Strategy, Switch, Tuning,
+    BackingImage, CommitRequest, Compression, DiskProgress, IncomingDisk, IncomingReply, IncomingRequest, Limits, MigrationRecord,
+    MigrationRequest, MigrationSummary, Mode, Phase, PostcopyPause, Progress, RecoverRequest, StorageMarker, Strategy, Switch, Tuning,
 };
 pub use nic::NicSpec;
 pub use plan::{Blocked, Goal, PlanRecord, PlanStatus, Problem, Step, StepStatus};

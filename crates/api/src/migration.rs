@@ -12,7 +12,7 @@
 //! running there. `Switchover` starts when the source's vCPUs stop for the last time
 //! (pre-copy's final copy) or when post-copy starts; from then on cancel is refused.
 
-use crate::disk::StorageMode;
+use crate::disk::{DiskFormat, StorageMode};
 use crate::vm::{GuestStatus, VmSpec};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -372,7 +372,8 @@ pub struct MigrationRecord {
     pub switches: Vec<Switch>,
     /// Latest progress.
     pub progress: Progress,
-    /// Wall time, ms, once final.
+    /// Wall time, ms, once final (of the memory stream; with `storage: copy`, from the
+    /// request, disk copy included).
     pub total_ms: Option<u64>,
     /// Guest pause at switchover, ms, once completed.
     pub downtime_ms: Option<u64>,
@@ -386,6 +387,26 @@ pub struct MigrationRecord {
     /// Every interruption of post-copy and its recovery, in order.
     #[serde(default)]
     pub postcopy_pauses: Vec<PostcopyPause>,
+    /// How the disks move: as asked until the destination resolves it (`shared` or
+    /// `copy`); `None` for a VM without disks.
+    #[serde(default)]
+    pub storage: Option<StorageMode>,
+    /// The disk copy's counters (QEMU's mirror jobs), with `storage: copy`.
+    #[serde(default)]
+    pub disk: DiskProgress,
+}
+
+/// The disk copy of a `storage: copy` migration, summed over the VM's mirror jobs as
+/// QEMU counts them (`query-block-jobs`: offset and len).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct DiskProgress {
+    /// Bytes the mirrors have copied to the destination.
+    pub transferred_bytes: u64,
+    /// Bytes still to copy (0 once every mirror is in sync).
+    pub remaining_bytes: u64,
+    /// Bytes the mirrors have to copy in all (grows with the guest's writes).
+    pub total_bytes: u64,
 }
 
 impl MigrationRecord {
@@ -416,6 +437,8 @@ impl MigrationRecord {
             finished_at_ms: None,
             tuning: req.tuning,
             postcopy_pauses: vec![],
+            storage: Some(req.storage),
+            disk: DiskProgress::default(),
         }
     }
 }
@@ -460,6 +483,15 @@ pub struct MigrationSummary {
     /// Interruptions of post-copy and their recoveries.
     #[serde(default)]
     pub postcopy_pauses: Vec<PostcopyPause>,
+    /// How the disks moved (`shared` or `copy`), for a VM with disks.
+    #[serde(default)]
+    pub storage: Option<StorageMode>,
+    /// Disk bytes copied (QEMU's mirror counters), with `storage: copy`.
+    #[serde(default)]
+    pub disk_transferred_bytes: u64,
+    /// Disk bytes the mirrors had to copy in all.
+    #[serde(default)]
+    pub disk_total_bytes: u64,
 }
 
 impl From<&MigrationRecord> for MigrationSummary {
@@ -480,6 +512,9 @@ impl From<&MigrationRecord> for MigrationSummary {
             observed_downtime_ms: None,
             probe_error: None,
             postcopy_pauses: rec.postcopy_pauses.clone(),
+            storage: rec.storage,
+            disk_transferred_bytes: rec.disk.transferred_bytes,
+            disk_total_bytes: rec.disk.total_bytes,
         }
     }
 }
@@ -504,6 +539,53 @@ pub struct IncomingRequest {
     /// Compression (zstd must be set on both ends; xbzrle is the source's alone).
     #[serde(default)]
     pub compression: Compression,
+    /// How the disks should move, as the operator asked (`auto` lets the destination
+    /// pick `shared` when the marker proves it sees the same files).
+    #[serde(default)]
+    pub storage: StorageMode,
+    /// The VM's disks as the source holds them, in `spec.disks` order.
+    #[serde(default)]
+    pub disks: Vec<IncomingDisk>,
+    /// The marker the source wrote beside each disk image (`auto` and `shared`).
+    #[serde(default)]
+    pub marker: Option<StorageMarker>,
+}
+
+/// One disk of a migrating VM as the source holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IncomingDisk {
+    /// QEMU node name (`disk0`), the same on both hosts.
+    pub node_name: String,
+    /// The image on the source.
+    #[schema(value_type = String)]
+    pub path: std::path::PathBuf,
+    /// Its format.
+    pub format: DiskFormat,
+    /// Guest-visible size, bytes.
+    pub virtual_size: u64,
+    /// The image's backing file, for a qcow2 overlay: the destination that holds the
+    /// same content copies only the top layer.
+    #[serde(default)]
+    pub backing: Option<BackingImage>,
+}
+
+/// A backing image by content, as the agents' image catalogs know it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BackingImage {
+    /// SHA-256 of the backing file's bytes, hex.
+    pub sha256: String,
+    /// Its format.
+    pub format: DiskFormat,
+}
+
+/// The proof of shared storage: a file the source wrote beside every disk image, which
+/// the destination must read back through its own path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StorageMarker {
+    /// The marker's file name (in each image's directory).
+    pub file_name: String,
+    /// Its random content.
+    pub token: String,
 }
 
 /// The source asks the destination to listen again for a paused post-copy's stream
@@ -519,6 +601,55 @@ pub struct RecoverRequest {
 pub struct IncomingReply {
     /// QEMU migration URI, e.g. `tcp:10.0.0.2:40123`.
     pub uri: String,
+    /// How the disks move (`shared` or `copy`); `None` for a VM without disks.
+    #[serde(default)]
+    pub storage: Option<StorageMode>,
+    /// With `copy`: the NBD server holding the destination's new images.
+    #[serde(default)]
+    pub nbd: Option<NbdTarget>,
+}
+
+/// The destination's NBD server and one writable export per disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NbdTarget {
+    /// Host the source connects to.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// One export per disk, in disk order.
+    pub exports: Vec<NbdExport>,
+}
+
+/// One disk's target on the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NbdExport {
+    /// The disk's node name (`disk0`).
+    pub node_name: String,
+    /// The NBD export name.
+    pub export: String,
+    /// What the source must copy into it.
+    pub sync: MirrorSync,
+}
+
+/// What a disk mirror copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MirrorSync {
+    /// The whole disk (the destination's image is new and empty).
+    Full,
+    /// Only the top layer: the destination's image is an overlay on its own copy of
+    /// the same base.
+    Top,
+}
+
+impl MirrorSync {
+    /// QEMU's spelling (`blockdev-mirror`'s `sync`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MirrorSync::Full => "full",
+            MirrorSync::Top => "top",
+        }
+    }
 }
 
 /// The ownership hand-over after switchover (`POST /v1/incoming/{name}/commit`).

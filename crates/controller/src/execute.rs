@@ -332,6 +332,7 @@ impl Executor {
         }
         let req = MigrationRequest {
             max_bandwidth_bps: self.config.max_bandwidth_bps,
+            storage: self.config.limits.storage,
             ..MigrationRequest::new(m.vm.clone(), to_url, self.config.mode)
         };
         self.view.agents().start_migration(from_url.to_string(), req).await.map(Some)

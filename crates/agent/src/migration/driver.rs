@@ -13,6 +13,10 @@
 //!   failure or cancel resumes it here and tears the destination down.
 //! - Switchover: past the gate the guest may already run on the destination, so the
 //!   source never resumes its copy, whatever happens next; cancel is refused.
+//! - Completed only once the destination confirmed (commit, carrying this console's
+//!   guest status so its heartbeat accounting continues): then the source QEMU quits and
+//!   the VM is forgotten here. A commit that fails leaves the source copy paused for
+//!   recovery; the destination adopts the guest when the source goes silent.
 //! - Post-copy that loses its stream pauses (at both ends) instead of failing: the run
 //!   re-establishes it through [`PeerAgent::recover_incoming`] when the destination
 //!   answers again, within the strategy's recovery budget. Out of budget, the migration
@@ -23,6 +27,7 @@
 //!   the VM is forgotten here. A commit that fails leaves the source copy paused for
 //!   recovery; the destination adopts the guest when the source goes silent.
 
+use super::storage;
 use crate::error::AgentError;
 use std::future::Future;
 use std::sync::Mutex;
@@ -31,12 +36,14 @@ use tokio::sync::watch;
 use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord, RecoverRequest};
 use walkabout_api::{ClientError, GuestStatus, VmSpec};
 use walkabout_migrate::run::{Peer, CANCELLED_BY_REQUEST};
-use walkabout_migrate::{HostFacts, MigrationQmp, Phase, Policy, Progress, Switch};
+use walkabout_migrate::{HostFacts, MigrationQmp, Outcome, Phase, Policy, Progress, Switch};
 
 /// How often the source probes the destination during a migration.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long the source measures the guest's dirty rate before choosing a strategy.
 const DIRTY_RATE_WINDOW_MS: u64 = 500;
+/// How often the disk mirrors are read while memory waits for them.
+const MIRROR_POLL: Duration = Duration::from_millis(100);
 
 /// The destination agent, as the source's driver uses it.
 pub(crate) trait PeerAgent: Send + Sync {
@@ -48,11 +55,11 @@ pub(crate) trait PeerAgent: Send + Sync {
     /// `POST /v1/incoming/{vm}/commit`: the VM runs there now, with the source's last
     /// guest status.
     fn commit_incoming(&self, vm: &str, guest: Option<GuestStatus>) -> impl Future<Output = Result<(), ClientError>> + Send;
+    /// `DELETE /v1/incoming/{vm}`: tear down a destination that never ran the guest.
+    fn abort_incoming(&self, vm: &str) -> impl Future<Output = Result<(), ClientError>> + Send;
     /// `POST /v1/incoming/{vm}/recover`: a paused post-copy listens again; where to
     /// resume sending.
     fn recover_incoming(&self, vm: &str, req: &RecoverRequest) -> impl Future<Output = Result<IncomingReply, ClientError>> + Send;
-    /// `DELETE /v1/incoming/{vm}`: tear down a destination that never ran the guest.
-    fn abort_incoming(&self, vm: &str) -> impl Future<Output = Result<(), ClientError>> + Send;
 }
 
 /// What the driver needs of the agent running it, for one migration and its VM.
@@ -104,21 +111,32 @@ struct Ended {
     past_switchover: bool,
 }
 
-/// When the destination last answered a probe.
-struct Liveness(Mutex<Instant>);
+/// When the destination last answered a probe, and whether the disk mirrors (if any)
+/// are still in sync: a broken mirror makes the destination count as gone, so the
+/// switchover gate does not pass.
+struct Liveness {
+    last: Mutex<Instant>,
+    mirrors: Option<storage::MirrorHealth>,
+}
 
 impl Liveness {
-    fn now() -> Liveness {
-        Liveness(Mutex::new(Instant::now()))
+    fn now(mirrors: Option<storage::MirrorHealth>) -> Liveness {
+        Liveness { last: Mutex::new(Instant::now()), mirrors }
     }
     fn answered(&self) {
-        *crate::vms::lock(&self.0) = Instant::now();
+        *crate::vms::lock(&self.last) = Instant::now();
+    }
+    fn mirror_failure(&self) -> Option<String> {
+        self.mirrors.as_ref().and_then(storage::MirrorHealth::failure)
     }
 }
 
 impl Liveness {
     fn since(&self) -> Duration {
-        crate::vms::lock(&self.0).elapsed()
+        if self.mirror_failure().is_some() {
+            return Duration::MAX;
+        }
+        crate::vms::lock(&self.last).elapsed()
     }
 }
 
@@ -205,8 +223,30 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         // (a capability fixed before the stream starts, whose return path lengthens the
         // guest's pause) depends on the dirty rate.
         let dirty = walkabout_migrate::run::measure_dirty_rate(&self.qmp, DIRTY_RATE_WINDOW_MS).await;
-        let policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty).tuned(&rec.tuning, &host_facts());
+        // Storage: describe the disks (and write the shared-storage marker) for the
+        // destination to pick `shared` or `copy` and, for a copy, make its images.
+        let asked = rec.storage.unwrap_or_default();
+        // Post-copy would run the guest at the destination while its NBD server still
+        // serves the copy (and the source's mirror is its only writer until then): a VM
+        // whose disks may be copied migrates its memory by pre-copy.
+        let may_copy = !spec.disks.is_empty() && asked != walkabout_api::StorageMode::Shared;
+        if may_copy && rec.mode == walkabout_api::Mode::Postcopy {
+            return Err(fail(format!(
+                "cannot migrate {} with --mode postcopy and --storage {asked}: post-copy needs --storage shared (a disk copy switches over with pre-copy)",
+                rec.vm
+            )));
+        }
+        let mut policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty).tuned(&rec.tuning, &host_facts());
+        if may_copy && policy.strategy().postcopy_ready {
+            policy = Policy::new(walkabout_api::Mode::Precopy, rec.limits, guest_bytes, dirty).tuned(&rec.tuning, &host_facts());
+        }
         let stream = walkabout_migrate::Stream::of(policy.strategy());
+        let offer = match spec.disks.is_empty() {
+            true => None,
+            false => Some(
+                storage::offer(&self.qmp, spec, asked).await.map_err(|e| fail(format!("cannot migrate the disks of {}: {e}", rec.vm)))?,
+            ),
+        };
         let incoming = IncomingRequest {
             spec: spec.clone(),
             postcopy_ready: stream.postcopy_ready,
@@ -215,9 +255,16 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             postcopy_preempt: stream.postcopy_preempt,
             multifd_channels: stream.multifd_channels,
             compression: stream.compression,
+            storage: asked,
+            disks: offer.as_ref().map(|o| o.disks.clone()).unwrap_or_default(),
+            marker: offer.as_ref().and_then(|o| o.marker.clone()),
         };
         let prepared = self.peer.prepare_incoming(&incoming).await;
-        let uri = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?.uri;
+        if let Some(o) = &offer {
+            o.remove_markers();
+        }
+        let reply = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?;
+        self.agent.update(|r| r.storage = reply.storage);
         if *cancel.borrow_and_update() {
             return Err(Ended { phase: Phase::Cancelled, reason: CANCELLED_BY_REQUEST.into(), past_switchover: false });
         }
@@ -227,47 +274,58 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             r.dirty_rate_bps = dirty;
             r.strategy = Some(strategy);
         });
-        let report = |p: &Progress, sw: Option<&Switch>| {
-            self.agent.update(|r| {
-                if let Some(ph) = p.phase {
-                    if !ph.is_final() && r.phase.can_become(ph) {
-                        r.phase = ph;
-                    }
-                }
-                r.progress = p.clone();
-                if let Some(s) = sw {
-                    r.switches.push(s.clone());
-                }
-            })
+        // Subscribed before the mirrors start, so none of their events is missed.
+        let job_events = self.qmp.events();
+        let mirrors = match &reply.nbd {
+            Some(nbd) => {
+                Some(storage::Mirrors::start(&self.qmp, nbd).await.map_err(|e| fail(format!("cannot copy the disks of {}: {e}", rec.vm)))?)
+            }
+            None => None,
         };
-        let alive = Liveness::now();
-        let probing = async {
-            loop {
-                if self.peer.probe(&rec.vm).await.is_ok() {
-                    alive.answered();
+        let alive = Liveness::now(mirrors.as_ref().map(|m| storage::MirrorHealth::new(m.ids(), job_events)));
+        let result = self.move_data(&reply.uri, &listen_host, policy, mirrors.as_ref(), &alive, cancel).await;
+        let outcome = match result {
+            Ok(o) => o,
+            Err(e) => {
+                if let Some(m) = &mirrors {
+                    m.abandon(&self.qmp).await;
                 }
-                tokio::time::sleep(PROBE_INTERVAL).await;
+                // A mirror that broke is the cause, whatever the memory stream saw.
+                return Err(match alive.mirror_failure() {
+                    Some(b) if e.phase == Phase::Failed => fail(format!("migration of {} failed: {b}", rec.vm)),
+                    _ => e,
+                });
             }
         };
-        let link = Link { alive: &alive, peer: &self.peer, vm: &rec.vm, listen_host: &listen_host };
-        let outcome = tokio::select! {
-            outcome = walkabout_migrate::run::run(&self.qmp, &uri, policy, &link, cancel, report) => outcome,
-            () = probing => unreachable!("probing never ends"),
-        };
-        let outcome = outcome.map_err(|e| fail(format!("migration of {} failed: {e}", rec.vm)))?;
+        let copied = mirrors.is_some();
         self.agent.update(|r| {
-            r.total_ms = Some(outcome.total_ms);
+            // A copy's wall time includes the disk copy before memory moved.
+            let whole = crate::vms::now_ms().saturating_sub(r.created_at_ms);
+            r.total_ms = Some(if copied { whole } else { outcome.total_ms });
             r.downtime_ms = (outcome.phase == Phase::Completed).then_some(outcome.downtime_ms);
             r.switches = outcome.switches.clone();
             r.postcopy_pauses = outcome.postcopy_pauses.clone();
         });
         if outcome.phase != Phase::Completed {
-            let mut reason = outcome.reason.unwrap_or_else(|| format!("{:?}", outcome.phase));
+            if let Some(m) = &mirrors {
+                m.abandon(&self.qmp).await;
+            }
+            let mut reason = match (outcome.phase, alive.mirror_failure()) {
+                (Phase::Failed, Some(b)) => format!("migration of {} failed: {b}", rec.vm),
+                _ => outcome.reason.unwrap_or_else(|| format!("{:?}", outcome.phase)),
+            };
             if outcome.past_switchover {
                 // Name the hosts: the pieces of the VM are on both.
                 reason = format!("{}: destination {}, source {} (this agent): {reason}", rec.vm, rec.destination, crate::host::hostname());
             }
             return Err(Ended { phase: outcome.phase, reason, past_switchover: outcome.past_switchover });
+        }
+        if let Some(m) = &mirrors {
+            if let Ok((d, _)) = m.poll(&self.qmp).await {
+                self.agent.update(|r| r.disk = d);
+            }
+            // The jobs are in sync (the gate saw no failure) and the guest is stopped here.
+            m.finish(&self.qmp).await;
         }
         // The guest now runs on the destination; make it the VM's owner, then let go.
         // The source's console is complete (its guest is stopped): hand its status over.
@@ -286,6 +344,92 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
                 ),
                 past_switchover: true,
             }),
+        }
+    }
+
+    /// Copies the disks (when `mirrors`) until they are in sync, then memory, probing
+    /// the destination all along (the probes are also its lease).
+    async fn move_data(
+        &self,
+        uri: &str,
+        listen_host: &str,
+        policy: Policy,
+        mirrors: Option<&storage::Mirrors>,
+        alive: &Liveness,
+        mut cancel: watch::Receiver<bool>,
+    ) -> Result<Outcome, Ended> {
+        let rec = &self.record;
+        let report = |p: &Progress, sw: Option<&Switch>| {
+            self.agent.update(|r| {
+                if let Some(ph) = p.phase {
+                    if !ph.is_final() && r.phase.can_become(ph) {
+                        r.phase = ph;
+                    }
+                }
+                r.progress = p.clone();
+                if let Some(s) = sw {
+                    r.switches.push(s.clone());
+                }
+            })
+        };
+        let link = Link { alive, peer: &self.peer, vm: &rec.vm, listen_host };
+        let probing = async {
+            loop {
+                if self.peer.probe(&rec.vm).await.is_ok() {
+                    alive.answered();
+                }
+                if let Some(m) = mirrors {
+                    if let Ok((d, _)) = m.poll(&self.qmp).await {
+                        self.agent.update(|r| r.disk = d);
+                    }
+                }
+                tokio::time::sleep(PROBE_INTERVAL).await;
+            }
+        };
+        let work = async {
+            if let Some(m) = mirrors {
+                self.mirror_until_ready(m, alive, &mut cancel).await?;
+            }
+            walkabout_migrate::run::run(&self.qmp, uri, policy, &link, cancel, report).await.map_err(|e| Ended {
+                phase: Phase::Failed,
+                reason: format!("migration of {} failed: {e}", rec.vm),
+                past_switchover: false,
+            })
+        };
+        tokio::select! {
+            outcome = work => outcome,
+            () = probing => unreachable!("probing never ends"),
+        }
+    }
+
+    /// Waits for every disk mirror to be READY (in sync, and kept in sync by its
+    /// write-blocking mode); memory moves only then. Cancel, a silent destination or a
+    /// failing mirror end the wait.
+    async fn mirror_until_ready(&self, m: &storage::Mirrors, alive: &Liveness, cancel: &mut watch::Receiver<bool>) -> Result<(), Ended> {
+        let rec = &self.record;
+        let fail = |reason: String| Ended { phase: Phase::Failed, reason, past_switchover: false };
+        loop {
+            if *cancel.borrow_and_update() {
+                return Err(Ended { phase: Phase::Cancelled, reason: CANCELLED_BY_REQUEST.into(), past_switchover: false });
+            }
+            let silent = alive.since();
+            if silent > walkabout_migrate::run::PEER_TIMEOUT {
+                return Err(fail(format!(
+                    "cannot copy the disks of {}: the destination stopped answering ({} ms)",
+                    rec.vm,
+                    silent.as_millis().min(u128::from(u64::MAX))
+                )));
+            }
+            let (d, ready) = m.poll(&self.qmp).await.map_err(|e| fail(format!("cannot copy the disks of {}: {e}", rec.vm)))?;
+            self.agent.update(|r| r.disk = d);
+            if ready {
+                tracing::info!(vm = %rec.vm, bytes = d.transferred_bytes, "disks in sync; memory follows");
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(MIRROR_POLL) => {}
+                r = cancel.changed() => if r.is_err() { tokio::time::sleep(MIRROR_POLL).await },
+            }
         }
     }
 
@@ -317,6 +461,9 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         let status = self.qmp.execute("query-migrate", None).await.map(|v| v["status"].as_str().unwrap_or("none").to_string());
         let past =
             matches!(status.as_deref(), Ok("completed" | "device")) || status.as_deref().is_ok_and(walkabout_migrate::run::is_postcopy);
+        if self.record.storage == Some(walkabout_api::StorageMode::Copy) {
+            storage::settle_leftover_mirrors(&self.qmp, self.spec.disks.len(), past).await;
+        }
         let reason = if past {
             "switchover done but the source agent restarted before the destination confirmed; the source copy is kept paused for recovery"
         } else {

@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, watch};
-use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord, RecoverRequest};
-use walkabout_api::{ClientError, GuestStatus, Phase};
+use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord, MirrorSync, NbdExport, NbdTarget, RecoverRequest};
+use walkabout_api::{ClientError, GuestStatus, Phase, StorageMode};
 use walkabout_migrate::MigrationQmp;
 use walkabout_qemu::{Event, QmpError};
 
@@ -34,6 +34,15 @@ pub(crate) struct QemuState {
     polls: u64,
     /// MiB sent, as reported.
     sent: u64,
+    /// Disk mirror jobs (`blockdev-mirror`) get READY after this many
+    /// `query-block-jobs` (never, if `None`).
+    pub mirror_ready_after: Option<u64>,
+    /// Mirror jobs running: (job id, `query-block-jobs` seen).
+    pub jobs: Vec<(String, u64)>,
+    /// Block nodes added (`blockdev-add`) and not deleted.
+    pub nodes: Vec<String>,
+    /// Every `block-job-cancel`, with its `force` flag.
+    pub job_cancels: Vec<(String, bool)>,
 }
 
 /// A scripted QEMU: a migration that walks through the given statuses.
@@ -55,6 +64,10 @@ impl FakeQemu {
             at_pre_switchover: None,
             polls: 0,
             sent: 0,
+            mirror_ready_after: Some(3),
+            jobs: vec![],
+            nodes: vec![],
+            job_cancels: vec![],
         };
         FakeQemu { state: Arc::new(Mutex::new(state)), events: broadcast::channel(16).0 }
     }
@@ -76,15 +89,62 @@ impl FakeQemu {
         lock(&self.state)
     }
 
+    /// Emits a QMP event.
+    pub fn emit(&self, event: &str, data: Value) {
+        let _ = self.events.send(Event { event: event.into(), data, timestamp: Value::Null });
+    }
+
+    /// Where `command` was first received (its index), if it was.
+    pub fn position(&self, command: &str) -> Option<usize> {
+        self.state().commands.iter().position(|c| c == command)
+    }
+
     /// Whether `command` was received.
     pub fn got(&self, command: &str) -> bool {
         self.state().commands.iter().any(|c| c == command)
     }
 
-    fn answer(&self, command: &str) -> Result<Value, QmpError> {
+    fn answer(&self, command: &str, args: &Value) -> Result<Value, QmpError> {
         let mut s = lock(&self.state);
         s.commands.push(command.to_string());
         match command {
+            "query-named-block-nodes" => Ok(json!([{"node-name": "disk0", "image": {"virtual-size": 64u64 << 20}}])),
+            "blockdev-add" => {
+                let node = args["node-name"].as_str().unwrap_or("").to_string();
+                s.nodes.push(node);
+                Ok(json!({}))
+            }
+            "blockdev-del" => {
+                let node = args["node-name"].as_str().unwrap_or("");
+                s.nodes.retain(|n| n != node);
+                Ok(json!({}))
+            }
+            "blockdev-mirror" => {
+                let id = args["job-id"].as_str().unwrap_or("").to_string();
+                s.jobs.push((id, 0));
+                Ok(json!({}))
+            }
+            "block-job-cancel" => {
+                let id = args["device"].as_str().unwrap_or("").to_string();
+                s.job_cancels.push((id.clone(), args["force"].as_bool().unwrap_or(false)));
+                s.jobs.retain(|(j, _)| *j != id);
+                Ok(json!({}))
+            }
+            "query-block-jobs" => {
+                let after = s.mirror_ready_after;
+                let jobs: Vec<Value> = s
+                    .jobs
+                    .iter_mut()
+                    .map(|(id, seen)| {
+                        *seen += 1;
+                        let ready = after.is_some_and(|a| *seen >= a);
+                        let offset = if ready { 64u64 << 20 } else { *seen << 20 };
+                        json!({"device": id, "type": "mirror", "len": 64u64 << 20, "offset": offset, "ready": ready,
+                               "status": if ready { "ready" } else { "running" }, "io-status": "ok"})
+                    })
+                    .collect();
+                Ok(Value::Array(jobs))
+            }
             "query-status" => Ok(json!({"running": s.running, "status": if s.running { "running" } else { "paused" }})),
             "cont" => {
                 s.running = true;
@@ -156,8 +216,8 @@ impl FakeQemu {
 }
 
 impl MigrationQmp for FakeQemu {
-    async fn execute(&self, command: &str, _args: Option<Value>) -> Result<Value, QmpError> {
-        self.answer(command)
+    async fn execute(&self, command: &str, args: Option<Value>) -> Result<Value, QmpError> {
+        self.answer(command, &args.unwrap_or(Value::Null))
     }
 
     fn events(&self) -> broadcast::Receiver<Event> {
@@ -193,6 +253,10 @@ pub(crate) struct PeerState {
     /// An outage: after this many probes answered, silent for this long (forever if `None`).
     pub outage: Option<(usize, Option<std::time::Duration>)>,
     outage_began: Option<std::time::Instant>,
+    /// The storage hand-shake: the destination answers `copy` with an NBD target.
+    pub copy: bool,
+    /// The request the source prepared the destination with.
+    pub prepared: Option<IncomingRequest>,
     silent: bool,
 }
 
@@ -220,6 +284,13 @@ impl FakePeer {
     pub fn refusing_commit(e: ClientError) -> FakePeer {
         let p = FakePeer::default();
         p.state().commit_error = Some(e);
+        p
+    }
+
+    /// A destination that takes the disks by copy.
+    pub fn copying() -> FakePeer {
+        let p = FakePeer::default();
+        p.state().copy = true;
         p
     }
 
@@ -254,9 +325,17 @@ impl FakePeer {
 }
 
 impl PeerAgent for FakePeer {
-    async fn prepare_incoming(&self, _req: &IncomingRequest) -> Result<IncomingReply, ClientError> {
+    async fn prepare_incoming(&self, req: &IncomingRequest) -> Result<IncomingReply, ClientError> {
         self.call(Call::Prepare)?;
-        Ok(IncomingReply { uri: "tcp:127.0.0.1:4444".into() })
+        let mut s = self.state();
+        s.prepared = Some(req.clone());
+        let nbd = s.copy.then(|| NbdTarget {
+            host: "127.0.0.1".into(),
+            port: 10809,
+            exports: vec![NbdExport { node_name: "disk0".into(), export: "disk0".into(), sync: MirrorSync::Full }],
+        });
+        let storage = s.copy.then_some(StorageMode::Copy);
+        Ok(IncomingReply { uri: "tcp:127.0.0.1:4444".into(), storage, nbd })
     }
 
     async fn probe(&self, _vm: &str) -> Result<(), ClientError> {
@@ -278,7 +357,7 @@ impl PeerAgent for FakePeer {
     async fn recover_incoming(&self, _vm: &str, _req: &RecoverRequest) -> Result<IncomingReply, ClientError> {
         self.call(Call::Recover)?;
         let n = self.state().calls.iter().filter(|c| **c == Call::Recover).count();
-        Ok(IncomingReply { uri: format!("tcp:127.0.0.1:{}", 5000 + n) })
+        Ok(IncomingReply { uri: format!("tcp:127.0.0.1:{}", 5000 + n), storage: None, nbd: None })
     }
 
     async fn abort_incoming(&self, _vm: &str) -> Result<(), ClientError> {

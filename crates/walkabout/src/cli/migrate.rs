@@ -5,7 +5,7 @@ use super::progress::{mib, MigrationProgress, MigrationView};
 use super::table::{clean, num, Align, Table};
 use std::process::ExitCode;
 use std::time::Duration;
-use walkabout_api::{MigrationRecord, MigrationRequest, Mode, Phase};
+use walkabout_api::{MigrationRecord, MigrationRequest, Mode, Phase, StorageMode};
 
 /// Arguments of `walkabout migrate`.
 #[derive(clap::Args)]
@@ -45,6 +45,11 @@ pub struct MigrateArgs {
     /// How long a post-copy whose link was lost may wait for it (e.g. 2m); default 120s.
     #[arg(long, value_parser = parse_duration_ms)]
     recovery_budget: Option<u64>,
+    /// How the VM's disks move: shared (both hosts open the same image, proven by a
+    /// marker file), copy (the destination makes its own image; the source mirrors into
+    /// it before memory moves), auto (shared when both hosts see the same file).
+    #[arg(long, default_value = "auto")]
+    storage: String,
     /// Wait for the end, showing progress.
     #[arg(long)]
     wait: bool,
@@ -103,6 +108,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         postcopy_preempt: a.postcopy_preempt,
         recovery_budget_ms: a.recovery_budget,
     };
+    let storage = a.storage.parse::<StorageMode>().map_err(anyhow::Error::msg)?;
     runtime()?.block_on(async move {
         let client = client::agent(&a.agent)?;
         let req = MigrationRequest {
@@ -110,6 +116,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             max_bandwidth_bps: a.max_bandwidth.map(|m| m << 20),
             budget_per_gib_ms: Some(a.budget_per_gib),
             tuning,
+            storage,
             ..MigrationRequest::new(a.vm.clone(), a.to.clone(), mode)
         };
         let probe = if a.wait && !a.no_probe { open_probe(&client, &a).await? } else { None };
@@ -233,6 +240,10 @@ pub struct Summary {
     pub qemu_status: Option<String>,
     /// Post-copy's interruptions: one line each.
     pub postcopy_pauses: Vec<String>,
+    /// How the disks moved, for a VM with disks.
+    pub storage: Option<StorageMode>,
+    /// Disk bytes copied (with `copy`).
+    pub disk_bytes: u64,
 }
 
 impl Summary {
@@ -283,6 +294,8 @@ impl Summary {
                     ))
                 })
                 .collect(),
+            storage: rec.storage,
+            disk_bytes: rec.disk.transferred_bytes,
         }
     }
 }
@@ -299,6 +312,12 @@ impl std::fmt::Display for Summary {
         let passes = if self.passes == 1 { "pass" } else { "passes" };
         write!(f, ", {} MiB sent in {} {passes}", mib(self.transferred_bytes), self.passes)?;
         write!(f, ", strategy {}", self.strategy.as_deref().unwrap_or("-"))?;
+        if let Some(s) = self.storage {
+            write!(f, ", storage {s}")?;
+            if s == StorageMode::Copy {
+                write!(f, " ({} MiB of disk copied)", mib(self.disk_bytes))?;
+            }
+        }
         if let Some(q) = &self.qemu_status {
             write!(f, "\n  QEMU: {q}")?;
         }

@@ -334,3 +334,139 @@ async fn recovery_after_the_gate_keeps_the_source_paused() {
     assert!(!peer.got(Call::Abort));
     assert_eq!(agent.books().kept.as_ref().map(|k| k.0), Some(false));
 }
+
+// ---- storage: copy ----
+
+fn copy_record() -> MigrationRecord {
+    let req = MigrationRequest {
+        storage: walkabout_api::StorageMode::Copy,
+        ..MigrationRequest::new("vm1", "http://127.0.0.1:7702", Mode::Precopy)
+    };
+    MigrationRecord::pending("mig-1", &req, crate::vms::now_ms())
+}
+
+fn disk_spec() -> VmSpec {
+    let spec = serde_json::json!({"name": "vm1", "memory_mib": 64, "disks": [{"path": "/nonexistent/vm1.qcow2", "format": "qcow2"}]});
+    serde_json::from_value(spec).unwrap_or_else(|e| panic!("spec: {e}"))
+}
+
+async fn drive_copy(qemu: &FakeQemu, peer: &FakePeer, agent: &FakeAgent) -> Phase {
+    let driver =
+        Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record: copy_record(), spec: disk_spec(), was_running: true };
+    driver.drive(agent.cancel_switch()).await
+}
+
+fn copy_agent() -> FakeAgent {
+    FakeAgent::new(copy_record(), GuestStatus::default())
+}
+
+#[tokio::test]
+async fn a_copy_mirrors_to_ready_before_memory_moves() {
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::copying(), copy_agent());
+
+    let phase = drive_copy(&qemu, &peer, &agent).await;
+
+    assert_eq!(phase, Phase::Completed);
+    let (mirror, migrate) = (qemu.position("blockdev-mirror"), qemu.position("migrate"));
+    assert!(mirror.is_some() && mirror < migrate, "{:?}", qemu.state().commands);
+    let polls_before_migrate = qemu.state().commands[..migrate.unwrap_or(0)].iter().filter(|c| *c == "query-block-jobs").count();
+    assert!(polls_before_migrate >= 3, "memory started after {polls_before_migrate} polls, before the job was READY");
+    let books = agent.books();
+    assert_eq!((books.record.storage, books.record.disk.transferred_bytes), (Some(walkabout_api::StorageMode::Copy), 64 << 20));
+}
+
+#[tokio::test]
+async fn a_completed_copy_ends_the_mirror_without_force_before_the_commit() {
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::copying(), copy_agent());
+
+    drive_copy(&qemu, &peer, &agent).await;
+
+    let s = qemu.state();
+    assert_eq!(s.job_cancels, [("mirror-disk0".to_string(), false)]);
+    assert!(s.nodes.is_empty(), "the NBD node is removed: {:?}", s.nodes);
+    assert!(peer.got(Call::Commit) && !peer.got(Call::Abort));
+}
+
+#[tokio::test]
+async fn the_switchover_waits_for_the_mirror_and_a_broken_mirror_stops_it() {
+    // The mirror reports an error while memory moves: the gate must not pass.
+    let qemu = FakeQemu::new(&["active", "active", "active", "pre-switchover", "device", "completed"]);
+    let q = qemu.clone();
+    let qemu =
+        qemu.at_pre_switchover(move || q.emit("BLOCK_JOB_ERROR", serde_json::json!({"device": "mirror-disk0", "operation": "write"})));
+    let (peer, agent) = (FakePeer::copying(), copy_agent());
+
+    let phase = drive_copy(&qemu, &peer, &agent).await;
+
+    assert_eq!(phase, Phase::Failed);
+    assert!(!qemu.got("migrate-continue") && qemu.state().running);
+    assert!(peer.got(Call::Abort), "the destination removes its partial image");
+    let books = agent.books();
+    assert!(books.record.reason.as_deref().is_some_and(|r| r.contains("mirror-disk0 hit an I/O error")), "{:?}", books.record.reason);
+}
+
+#[tokio::test]
+async fn cancel_during_the_mirror_leaves_the_source_untouched_and_the_destination_cleaned() {
+    let qemu = FakeQemu::new(CLEAN);
+    qemu.state().mirror_ready_after = None;
+    let (peer, agent) = (FakePeer::copying(), copy_agent());
+    let canceller = agent.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        drop(canceller.cancel());
+    });
+
+    let phase = drive_copy(&qemu, &peer, &agent).await;
+
+    assert_eq!(phase, Phase::Cancelled);
+    let s = qemu.state();
+    assert!(!s.commands.iter().any(|c| c == "migrate"), "no memory moved");
+    assert_eq!(s.job_cancels, [("mirror-disk0".to_string(), true)]);
+    assert!(s.nodes.is_empty() && s.running);
+    assert!(peer.got(Call::Abort));
+}
+
+#[tokio::test]
+async fn destination_lost_during_the_mirror_fails_and_abandons_the_copy() {
+    let qemu = FakeQemu::new(CLEAN);
+    qemu.state().mirror_ready_after = None;
+    let (peer, agent) = (FakePeer::copying(), copy_agent());
+    peer.state().silent_from = Some(Call::Probe);
+
+    let phase = drive_copy(&qemu, &peer, &agent).await;
+
+    assert_eq!(phase, Phase::Failed);
+    let s = qemu.state();
+    assert!(!s.commands.iter().any(|c| c == "migrate") && s.running && s.nodes.is_empty());
+    assert_eq!(s.job_cancels, [("mirror-disk0".to_string(), true)]);
+    let books = agent.books();
+    assert!(books.record.reason.as_deref().is_some_and(|r| r.contains("stopped answering")), "{:?}", books.record.reason);
+}
+
+#[tokio::test]
+async fn the_source_offers_its_disks_and_asks_for_the_mode_given() {
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::copying(), copy_agent());
+
+    drive_copy(&qemu, &peer, &agent).await;
+
+    let req = peer.state().prepared.clone().unwrap_or_else(|| panic!("no prepare"));
+    assert_eq!(req.storage, walkabout_api::StorageMode::Copy);
+    assert_eq!((req.disks.len(), req.disks[0].virtual_size, req.marker.is_none()), (1, 64 << 20, true));
+}
+
+#[tokio::test]
+async fn post_copy_is_refused_for_a_vm_whose_disks_may_be_copied() {
+    let req = MigrationRequest {
+        storage: walkabout_api::StorageMode::Copy,
+        ..MigrationRequest::new("vm1", "http://127.0.0.1:7702", Mode::Postcopy)
+    };
+    let record = MigrationRecord::pending("mig-1", &req, crate::vms::now_ms());
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::copying(), FakeAgent::new(record.clone(), GuestStatus::default()));
+    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record, spec: disk_spec(), was_running: true };
+
+    let phase = driver.drive(agent.cancel_switch()).await;
+
+    assert_eq!(phase, Phase::Failed);
+    assert!(!peer.got(Call::Prepare) && qemu.state().running);
+    assert!(agent.books().record.reason.as_deref().is_some_and(|r| r.contains("post-copy needs --storage shared")));
+}

@@ -1,0 +1,578 @@
+//! Storage-migration benchmark: Walkabout's `--storage copy` against the way libvirt's
+//! `--copy-storage-all` does it, both in the same run, over the same link between two
+//! network namespaces (optionally `tc tbf`-limited), each with a disk of the same size
+//! and content.
+//!
+//! The libvirt way, driven here over QMP: the destination QEMU (`-incoming defer`)
+//! exports a new image over NBD (`nbd-server-start`, `block-export-add` writable); the
+//! source adds an NBD client node and runs `blockdev-mirror sync=full` in the default
+//! background copy mode; once the job is READY, a plain `migrate` (QEMU's defaults,
+//! bandwidth uncapped as libvirt sets it); after completion `block-job-cancel` on the
+//! source, `nbd-server-stop` and `cont` on the destination. Walkabout: `walkabout migrate
+//! --storage copy` between two agents (mirror in write-blocking mode first, memory once
+//! it is in sync, the gate, the hand-over).
+//!
+//! Total time runs from the request (Walkabout) or from creating the destination image
+//! (the peer) to the guest running at the destination; downtime is QEMU's figure on the
+//! source; bytes are memory plus disk (QEMU's mirror job counters). Walkabout's guest is
+//! checked after every hop (heartbeats go on, no corrupt page).
+//!
+//! `cargo run --release -p walkabout-bench --bin storage -- [--disk-mib 1024]
+//! [--fill-mib 1024] [--workload 'idle;dirty:32:8,disk:256:64'] [--bandwidth default,100] [--runs 3] [--out FILE]
+//! [--no-build]`. Needs root (network namespaces).
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use walkabout_api::{Phase, VmInfo};
+use walkabout_bench::{build_walkabout, environment, ratio, round3, stats, walkabout_copy, AgentCli, MigrateSummary};
+use walkabout_testbed::{Agent, AgentSpec, NetPair, TempDir};
+
+const USAGE: &str =
+    "usage: storage [--disk-mib 1024] [--fill-mib 1024] [--workload 'idle;dirty:32:8,disk:256:64'] [--bandwidth default,100] \
+[--runs 3] [--give-up-s 300] [--out FILE] [--no-build] [--walkabout PATH (a binary to bench as it is)]
+  [--hops N]: instead of the comparison, one guest (first --workload) with a --disk-mib disk on a directory both
+  agents see hops N times with --storage shared, then N times with --storage copy; checked after every hop";
+
+struct Args {
+    disk_mib: u64,
+    fill_mib: u64,
+    workloads: Vec<String>,
+    bandwidths: Vec<Option<u64>>,
+    runs: usize,
+    give_up_s: u64,
+    out: Option<PathBuf>,
+    build: bool,
+    walkabout: Option<PathBuf>,
+    hops: Option<usize>,
+}
+
+fn parse_args() -> Result<Option<Args>> {
+    let mut a = Args {
+        disk_mib: 1024,
+        fill_mib: 1024,
+        workloads: vec!["idle".into()],
+        bandwidths: vec![None, Some(100)],
+        runs: 3,
+        give_up_s: 300,
+        out: None,
+        build: true,
+        walkabout: None,
+        hops: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = |name: &str| it.next().with_context(|| format!("{name} needs a value\n{USAGE}"));
+        match arg.as_str() {
+            "--disk-mib" => a.disk_mib = val("--disk-mib")?.parse().context("--disk-mib N")?,
+            "--fill-mib" => a.fill_mib = val("--fill-mib")?.parse().context("--fill-mib N")?,
+            // Workloads are separated by ';' (a workload itself may hold a ',').
+            "--workload" => a.workloads = val("--workload")?.split(';').map(|w| w.trim().to_string()).collect(),
+            "--bandwidth" => {
+                a.bandwidths = val("--bandwidth")?
+                    .split(',')
+                    .map(|b| match b.trim() {
+                        "default" => Ok(None),
+                        n => n.parse::<u64>().map(Some).context("--bandwidth: 'default' or MiB/s"),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            "--runs" => a.runs = val("--runs")?.parse().context("--runs N")?,
+            "--give-up-s" => a.give_up_s = val("--give-up-s")?.parse().context("--give-up-s N")?,
+            "--out" => a.out = Some(PathBuf::from(val("--out")?)),
+            "--no-build" => a.build = false,
+            "--walkabout" => a.walkabout = Some(PathBuf::from(val("--walkabout")?)),
+            "--hops" => a.hops = Some(val("--hops")?.parse().context("--hops N")?),
+            "-h" | "--help" => {
+                eprintln!("{USAGE}");
+                return Ok(None);
+            }
+            other => bail!("unknown argument {other}\n{USAGE}"),
+        }
+    }
+    a.fill_mib = a.fill_mib.min(a.disk_mib);
+    Ok(Some(a))
+}
+
+/// The guest both sides boot: Walkabout's image, as `walkabout image build` reports it.
+struct Guest {
+    kernel: String,
+    initrd: String,
+    cmdline_idle: String,
+}
+
+fn guest(bin: &Path) -> Result<Guest> {
+    let out = Command::new(bin).args(["image", "build", "--output", "json"]).env("WALKABOUT_LOG", "warn").output()?;
+    if !out.status.success() {
+        bail!("walkabout image build failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).context("image build JSON")?;
+    let s = |k: &str| v[k].as_str().map(String::from).with_context(|| format!("image build: no {k}"));
+    Ok(Guest { kernel: s("kernel")?, initrd: s("initrd")?, cmdline_idle: s("cmdline")? })
+}
+
+fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// MiB at the start of the disk the guest's disk workload (`disk:<MiB>:...`) owns: they
+/// must start blank (anything else there is a corrupt block to the workload).
+fn workload_area_mib(wl: &str) -> u64 {
+    wl.split(',').find_map(|p| p.strip_prefix("disk:")?.split(':').next()?.parse().ok()).unwrap_or(0)
+}
+
+/// A qcow2 of `disk_mib` with `fill_mib` written (a pattern per 64 MiB), from the end of
+/// the workload's area `skip_mib` on.
+fn make_disk(path: &Path, disk_mib: u64, fill_mib: u64, skip_mib: u64) -> Result<()> {
+    let p = path.to_str().context("utf-8 path")?;
+    run("qemu-img", &["create", "-q", "-f", "qcow2", p, &format!("{disk_mib}M")])?;
+    let mut off = skip_mib.min(disk_mib.saturating_sub(fill_mib));
+    let fill_mib = off + fill_mib;
+    while off < fill_mib {
+        let len = (fill_mib - off).min(64);
+        run("qemu-io", &["-f", "qcow2", "-c", &format!("write -P {} {off}M {len}M", 0x40 + off / 64), p])?;
+        off += len;
+    }
+    Ok(())
+}
+
+// ---- a minimal synchronous QMP client for the peer ----
+
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Qmp> {
+        let start = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() > Duration::from_secs(30) => bail!("QMP {}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut q = Qmp { reader: BufReader::new(stream.try_clone()?), writer: stream };
+        let mut greeting = String::new();
+        q.reader.read_line(&mut greeting)?;
+        q.execute("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn execute(&mut self, command: &str, args: Value) -> Result<Value> {
+        writeln!(self.writer, "{}", json!({"execute": command, "arguments": args}))?;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("QMP closed during {command}");
+            }
+            let v: Value = serde_json::from_str(&line).with_context(|| format!("QMP reply to {command}: {line}"))?;
+            if v.get("event").is_some() {
+                continue;
+            }
+            if let Some(e) = v.get("error") {
+                bail!("QEMU refused {command}: {e}");
+            }
+            return Ok(v["return"].clone());
+        }
+    }
+}
+
+/// One QEMU of the peer, in a network namespace; killed on drop.
+struct PeerQemu {
+    child: Child,
+    qmp: Qmp,
+}
+
+impl Drop for PeerQemu {
+    fn drop(&mut self) {
+        let _ = self.qmp.execute("quit", json!({}));
+        std::thread::sleep(Duration::from_millis(100));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn peer_qemu(ns: &str, dir: &Path, name: &str, g: &Guest, workload: &str, disk: &Path, incoming: bool) -> Result<PeerQemu> {
+    let sock = dir.join(format!("{name}.qmp"));
+    let _ = std::fs::remove_file(&sock);
+    let cmdline = g.cmdline_idle.replace("walkabout.workload=idle", &format!("walkabout.workload={workload}"));
+    let blockdev =
+        json!({"node-name": "disk0", "driver": "qcow2", "file": {"driver": "file", "filename": disk, "node-name": "disk0-file"}});
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "qemu-system-x86_64", "-name", name, "-machine", "q35", "-accel", "tcg,tb-size=128"])
+        .args(["-cpu", "qemu64", "-m", "256M", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args(["-kernel", &g.kernel, "-initrd", &g.initrd, "-append", &cmdline])
+        .args(["-serial", &format!("file:{}", dir.join(format!("{name}.console")).display())])
+        .args(["-qmp", &format!("unix:{},server=on,wait=off", sock.display())])
+        .args(["-blockdev", &blockdev.to_string(), "-device", "virtio-blk-pci,drive=disk0,id=disk0-dev"]);
+    if incoming {
+        cmd.args(["-S", "-incoming", "defer"]);
+    }
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().context("starting the peer's QEMU")?;
+    let qmp = Qmp::connect(&sock)?;
+    Ok(PeerQemu { child, qmp })
+}
+
+fn wait_console(path: &Path, needle: &str, limit: Duration) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if std::fs::read_to_string(path).unwrap_or_default().contains(needle) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("{} never showed {needle:?}", path.display())
+}
+
+/// One run the libvirt way. The source QEMU runs already; returns the run's record.
+fn peer_run(src: &mut PeerQemu, net: &NetPair, dir: &Path, g: &Guest, wl: &str, disk_mib: u64, give_up: Duration) -> Result<Value> {
+    let target = dir.join("peer-target.qcow2");
+    let _ = std::fs::remove_file(&target);
+    let started = Instant::now();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", target.to_str().context("utf-8")?, &format!("{disk_mib}M")])?;
+    let result = (|| -> Result<Value> {
+        let mut dst = peer_qemu(&net.b, dir, "peer-dst", g, wl, &target, true)?;
+        let nbd = json!({"type": "inet", "data": {"host": net.addr_b, "port": "10810"}});
+        dst.qmp.execute("nbd-server-start", json!({ "addr": nbd }))?;
+        dst.qmp.execute("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "disk0", "name": "disk0", "writable": true}))?;
+        let server = json!({"type": "inet", "host": net.addr_b, "port": "10810"});
+        src.qmp.execute("blockdev-add", json!({"driver": "nbd", "node-name": "nbd-disk0", "server": server, "export": "disk0"}))?;
+        src.qmp.execute("blockdev-mirror", json!({"job-id": "m0", "device": "disk0", "target": "nbd-disk0", "sync": "full"}))?;
+        let cleanup_src = |src: &mut PeerQemu| {
+            let _ = src.qmp.execute("block-job-cancel", json!({"device": "m0", "force": true}));
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = src.qmp.execute("blockdev-del", json!({"node-name": "nbd-disk0"}));
+        };
+        let mut disk_bytes = 0;
+        loop {
+            let jobs = src.qmp.execute("query-block-jobs", json!({}))?;
+            let j = jobs.as_array().and_then(|a| a.first()).cloned().unwrap_or_default();
+            disk_bytes = j["offset"].as_u64().unwrap_or(disk_bytes);
+            if j["ready"] == true {
+                break;
+            }
+            if started.elapsed() > give_up {
+                cleanup_src(src);
+                return Ok(json!({"result": "gave-up-in-mirror", "ok": false, "disk_bytes": disk_bytes}));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let uri = format!("tcp:{}:4450", net.addr_b);
+        dst.qmp.execute("migrate-incoming", json!({ "uri": uri }))?;
+        src.qmp.execute("migrate-set-parameters", json!({"max-bandwidth": 0}))?;
+        src.qmp.execute("migrate", json!({ "uri": uri }))?;
+        let info = loop {
+            let info = src.qmp.execute("query-migrate", json!({}))?;
+            match info["status"].as_str() {
+                Some("completed") => break info,
+                Some("failed" | "cancelled") => {
+                    cleanup_src(src);
+                    return Ok(json!({"result": info["status"], "ok": false, "reason": info["error-desc"]}));
+                }
+                _ => {}
+            }
+            if started.elapsed() > give_up {
+                let _ = src.qmp.execute("migrate_cancel", json!({}));
+                std::thread::sleep(Duration::from_millis(500));
+                cleanup_src(src);
+                let _ = src.qmp.execute("cont", json!({}));
+                return Ok(json!({"result": "gave-up", "ok": false}));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let jobs = src.qmp.execute("query-block-jobs", json!({}))?;
+        disk_bytes = jobs.as_array().and_then(|a| a.first()).and_then(|j| j["offset"].as_u64()).unwrap_or(disk_bytes);
+        src.qmp.execute("block-job-cancel", json!({"device": "m0"}))?;
+        dst.qmp.execute("nbd-server-stop", json!({}))?;
+        dst.qmp.execute("cont", json!({}))?;
+        let total_ms = started.elapsed().as_millis() as u64;
+        // The guest runs on at the destination.
+        let console = dir.join("peer-dst.console");
+        let heartbeats = || std::fs::read_to_string(&console).unwrap_or_default().lines().filter(|l| l.starts_with("hb ")).count();
+        let seen = heartbeats();
+        std::thread::sleep(Duration::from_secs(2));
+        let after = heartbeats();
+        // `hb <seq> <ns> <corrupt_pages> [<corrupt_blocks>]`: the destination's last word.
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        let last = text.lines().rev().find(|l| l.starts_with("hb ")).unwrap_or("");
+        let field = |i: usize| last.split_whitespace().nth(i).and_then(|w| w.parse::<u64>().ok()).unwrap_or(0);
+        let (corrupt_pages, corrupt_blocks) = (field(3), field(4));
+        let ram = info["ram"]["transferred"].as_u64().unwrap_or(0);
+        // The source's QEMU is done; the next run starts from a fresh source (see caller).
+        let _ = src.qmp.execute("blockdev-del", json!({"node-name": "nbd-disk0"}));
+        Ok(json!({
+            "result": "completed", "ok": after > seen && corrupt_pages == 0 && corrupt_blocks == 0, "total_ms": total_ms,
+            "corrupt_pages": corrupt_pages, "corrupt_blocks": corrupt_blocks,
+            "downtime_ms": info["downtime"], "memory_bytes": ram, "disk_bytes": disk_bytes,
+            "transferred_bytes": ram + disk_bytes, "heartbeats_after_2s": after - seen,
+        }))
+    })();
+    let _ = std::fs::remove_file(&target);
+    result
+}
+
+fn peer_cell(net: &NetPair, dir: &Path, g: &Guest, wl: &str, a: &Args) -> Result<Value> {
+    let disk = dir.join("peer-src.qcow2");
+    make_disk(&disk, a.disk_mib, a.fill_mib, workload_area_mib(wl))?;
+    let mut runs = vec![];
+    for r in 0..a.runs {
+        let rec = (|| -> Result<Value> {
+            let mut src = peer_qemu(&net.a, dir, "peer-src", g, wl, &disk, false)?;
+            wait_console(&dir.join("peer-src.console"), "WALKABOUT READY", Duration::from_secs(300))?;
+            std::thread::sleep(Duration::from_secs(2));
+            peer_run(&mut src, net, dir, g, wl, a.disk_mib, Duration::from_secs(a.give_up_s))
+        })()
+        .unwrap_or_else(|e| json!({"result": "error", "ok": false, "error": format!("{e:#}")}));
+        eprintln!("    peer run {r}: {rec}");
+        runs.push(rec);
+    }
+    let _ = std::fs::remove_file(&disk);
+    Ok(summary(runs))
+}
+
+// ---- Walkabout ----
+
+fn agent_in(bin: &Path, ns: &str, addr: &str) -> Result<Agent> {
+    Ok(Agent::start(AgentSpec::new(bin).at(Some(ns), &format!("{addr}:7701")).env("WALKABOUT_LOG", "warn"))?)
+}
+
+/// `POST /v1/vms` with a disk (the CLI's `--disk` is the disks work's), in `ns`.
+fn create_with_disk(agent: &Agent, ns: &str, name: &str, wl: &str, disk: &Path) -> Result<()> {
+    let spec = json!({"name": name, "memory_mib": 256, "vcpus": 1, "workload": wl, "disks": [{"path": disk, "format": "qcow2"}]});
+    let url = format!("{}/v1/vms", agent.url.trim_end_matches('/'));
+    let out = run(
+        "ip",
+        &["netns", "exec", ns, "curl", "-sS", "-f", "-X", "POST", &url, "-H", "content-type: application/json", "-d", &spec.to_string()],
+    )?;
+    serde_json::from_str::<Value>(&out).with_context(|| format!("create {name}: {out}"))?;
+    Ok(())
+}
+
+fn wait_heartbeats(agent: &Agent, name: &str, n: u64, limit: Duration) -> Result<VmInfo> {
+    let start = Instant::now();
+    loop {
+        let v: VmInfo = agent.cli(&["vm", "info", name])?;
+        if v.guest.heartbeats >= n || start.elapsed() > limit {
+            return Ok(v);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn walkabout_cell(bin: &Path, net: &NetPair, dir: &Path, wl: &str, a: &Args) -> Result<Value> {
+    let (ha, hb) = (agent_in(bin, &net.a, &net.addr_a)?, agent_in(bin, &net.b, &net.addr_b)?);
+    let disk = dir.join("wa-disk.qcow2");
+    make_disk(&disk, a.disk_mib, a.fill_mib, workload_area_mib(wl))?;
+    let name = "st1";
+    create_with_disk(&ha, &net.a, name, wl, &disk)?;
+    wait_heartbeats(&ha, name, 20, Duration::from_secs(120))?;
+    let agents = [&ha, &hb];
+    let mut holder = 0;
+    let mut runs = vec![];
+    for r in 0..a.runs {
+        let (from, to) = (agents[holder], agents[1 - holder]);
+        let before: VmInfo = from.cli(&["vm", "info", name])?;
+        let out = from.command(&["migrate", name, "--to", &to.url, "--storage", "copy", "--wait", "--output", "json"]).output()?;
+        let s: Option<MigrateSummary> = serde_json::from_slice(&out.stdout).ok();
+        let completed = s.as_ref().is_some_and(|s| s.result == Phase::Completed);
+        if completed {
+            holder = 1 - holder;
+        }
+        let now: VmInfo = agents[holder].cli(&["vm", "info", name])?;
+        let after = wait_heartbeats(agents[holder], name, now.guest.heartbeats + 10, Duration::from_secs(30))?;
+        let healthy = after.guest.heartbeats >= now.guest.heartbeats + 10
+            && after.guest.corrupt_pages == 0
+            && after.guest.corrupt_blocks == 0
+            && after.guest.seq_breaks == before.guest.seq_breaks
+            && !after.guest.kernel_trouble;
+        let rec = match &s {
+            Some(s) => json!({
+                "result": s.result.to_string(), "ok": completed && healthy, "reason": s.reason,
+                "total_ms": s.total_ms, "downtime_ms": s.downtime_ms, "memory_bytes": s.transferred_bytes,
+                "disk_bytes": s.disk_transferred_bytes, "transferred_bytes": s.transferred_bytes + s.disk_transferred_bytes,
+                "storage": s.storage, "guest_healthy": healthy, "corrupt_pages": after.guest.corrupt_pages,
+                "corrupt_blocks": after.guest.corrupt_blocks,
+            }),
+            None => json!({"result": "no-summary", "ok": false, "stderr": String::from_utf8_lossy(&out.stderr).trim()}),
+        };
+        eprintln!("    walkabout run {r}: {rec}");
+        runs.push(rec);
+    }
+    let _ = agents[holder].cli_ok(&["vm", "delete", name]);
+    drop((ha, hb));
+    let _ = std::fs::remove_file(&disk);
+    Ok(summary(runs))
+}
+
+/// One guest hops `n` times with `--storage shared`, then `n` times with `--storage
+/// copy`; after every hop: the guest's heartbeat goes on, no corrupt page or block.
+fn hops(bin: &Path, net: &NetPair, dir: &Path, wl: &str, n: usize, a: &Args) -> Result<Value> {
+    let (ha, hb) = (agent_in(bin, &net.a, &net.addr_a)?, agent_in(bin, &net.b, &net.addr_b)?);
+    let disk = dir.join("hops-disk.qcow2");
+    make_disk(&disk, a.disk_mib, a.fill_mib, workload_area_mib(wl))?;
+    let name = "hop1";
+    create_with_disk(&ha, &net.a, name, wl, &disk)?;
+    wait_heartbeats(&ha, name, 20, Duration::from_secs(120))?;
+    let agents = [&ha, &hb];
+    let mut holder = 0;
+    let mut out = vec![];
+    for (i, storage) in std::iter::repeat_n("shared", n).chain(std::iter::repeat_n("copy", n)).enumerate() {
+        let (from, to) = (agents[holder], agents[1 - holder]);
+        let cmd = from.command(&["migrate", name, "--to", &to.url, "--storage", storage, "--wait", "--output", "json"]).output()?;
+        let s: Option<MigrateSummary> = serde_json::from_slice(&cmd.stdout).ok();
+        if s.as_ref().is_some_and(|s| s.result == Phase::Completed) {
+            holder = 1 - holder;
+        }
+        let now: VmInfo = agents[holder].cli(&["vm", "info", name])?;
+        let after = wait_heartbeats(agents[holder], name, now.guest.heartbeats + 10, Duration::from_secs(30))?;
+        let g = &after.guest;
+        let rec = json!({
+            "hop": i, "storage_asked": storage, "result": s.as_ref().map(|s| s.result.to_string()),
+            "storage": s.as_ref().and_then(|s| s.storage), "reason": s.as_ref().and_then(|s| s.reason.clone()),
+            "total_ms": s.as_ref().and_then(|s| s.total_ms), "downtime_ms": s.as_ref().and_then(|s| s.downtime_ms),
+            "disk_bytes": s.as_ref().map(|s| s.disk_transferred_bytes), "memory_bytes": s.as_ref().map(|s| s.transferred_bytes),
+            "heartbeats": g.heartbeats, "seq_breaks": g.seq_breaks, "corrupt_pages": g.corrupt_pages, "corrupt_blocks": g.corrupt_blocks,
+            "healthy": g.is_healthy(),
+        });
+        eprintln!("  hop {i}: {rec}");
+        out.push(rec);
+    }
+    let _ = agents[holder].cli_ok(&["vm", "delete", name]);
+    drop((ha, hb));
+    let _ = std::fs::remove_file(&disk);
+    let completed = |st: &str| out.iter().filter(|r| r["storage_asked"] == st && r["result"] == "completed").count();
+    let ms = |st: &str, k: &str| {
+        let xs: Vec<f64> = out.iter().filter(|r| r["storage_asked"] == st).filter_map(|r| r[k].as_f64()).collect();
+        stats(&xs).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi}))
+    };
+    Ok(json!({
+        "workload": wl, "disk_mib": a.disk_mib, "written_mib": a.fill_mib, "hops_per_mode": n,
+        "shared": {"completed": completed("shared"), "total_ms": ms("shared", "total_ms"), "downtime_ms": ms("shared", "downtime_ms")},
+        "copy": {"completed": completed("copy"), "total_ms": ms("copy", "total_ms"), "downtime_ms": ms("copy", "downtime_ms"), "disk_bytes": ms("copy", "disk_bytes")},
+        "corrupt_pages_total": out.iter().filter_map(|r| r["corrupt_pages"].as_u64()).max(),
+        "corrupt_blocks_total": out.iter().filter_map(|r| r["corrupt_blocks"].as_u64()).max(),
+        "all_healthy": out.iter().all(|r| r["healthy"] == true),
+        "per_hop": out,
+    }))
+}
+
+// ---- results ----
+
+fn field(runs: &[Value], key: &str) -> Value {
+    let xs: Vec<f64> = runs.iter().filter(|r| r["ok"] == true).filter_map(|r| r[key].as_f64()).collect();
+    match stats(&xs) {
+        Some((m, lo, hi)) => json!({"median": m, "min": lo, "max": hi}),
+        None => Value::Null,
+    }
+}
+
+fn summary(runs: Vec<Value>) -> Value {
+    let ok = runs.iter().filter(|r| r["ok"] == true).count();
+    json!({
+        "runs": runs.len(), "completed": ok,
+        "completion_rate": if runs.is_empty() { Value::Null } else { json!(round3(ok as f64 / runs.len() as f64)) },
+        "total_ms": field(&runs, "total_ms"), "downtime_ms": field(&runs, "downtime_ms"),
+        "disk_bytes": field(&runs, "disk_bytes"), "transferred_bytes": field(&runs, "transferred_bytes"),
+        "per_run": runs,
+    })
+}
+
+fn compare(wa: &Value, pe: &Value) -> Value {
+    let med = |s: &Value, k: &str| s[k]["median"].as_f64();
+    json!({
+        "completion": {"walkabout": wa["completion_rate"], "libvirt_way": pe["completion_rate"]},
+        "total_time_ratio": ratio(med(wa, "total_ms"), med(pe, "total_ms")),
+        "downtime_ratio": ratio(med(wa, "downtime_ms"), med(pe, "downtime_ms")),
+        "bytes_ratio": ratio(med(wa, "transferred_bytes"), med(pe, "transferred_bytes")),
+    })
+}
+
+fn main() -> Result<()> {
+    let Some(args) = parse_args()? else { return Ok(()) };
+    let started = Instant::now();
+    let mut env = environment();
+    let wbin = match &args.walkabout {
+        Some(b) => walkabout_copy(b, false)?,
+        None => build_walkabout(args.build)?,
+    };
+    env["walkabout_binary"] = wbin.provenance.clone();
+    let g = guest(&wbin.path)?;
+    let scratch = TempDir::new("storage-bench")?;
+    if let Some(n) = args.hops {
+        let net = NetPair::new(45).context("network namespaces (needs root)")?;
+        let wl = args.workloads.first().cloned().unwrap_or_else(|| "idle".into());
+        let hops = hops(&wbin.path, &net, scratch.path(), &wl, n, &args)?;
+        let doc = json!({"bench": "storage-hops", "environment": env, "elapsed_s": started.elapsed().as_secs(), "hops": hops});
+        let text = serde_json::to_string_pretty(&doc)? + "\n";
+        if let Some(p) = &args.out {
+            std::fs::write(p, &text)?;
+        }
+        print!("{text}");
+        return Ok(());
+    }
+    let mut cells = vec![];
+    for (i, &bw) in args.bandwidths.iter().enumerate() {
+        let net = NetPair::new(40 + u8::try_from(i).unwrap_or(0)).context("network namespaces (needs root)")?;
+        if let Some(mib) = bw {
+            // MiB/s -> kbit/s for tc.
+            net.limit_a(&format!("{}kbit", mib * 1024 * 1024 * 8 / 1000)).context("tc tbf")?;
+        }
+        for wl in &args.workloads {
+            let label = format!(
+                "{} MiB disk ({} MiB written), {wl}, link {}",
+                args.disk_mib,
+                args.fill_mib,
+                bw.map(|b| format!("{b} MiB/s")).unwrap_or("unlimited".into())
+            );
+            eprintln!("[{label}] ({:.0} s in)", started.elapsed().as_secs_f64());
+            let wa = walkabout_cell(&wbin.path, &net, scratch.path(), wl, &args).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+            let pe = peer_cell(&net, scratch.path(), &g, wl, &args).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+            let cmp = compare(&wa, &pe);
+            eprintln!("  compare: {cmp}");
+            cells.push(json!({
+                "disk_mib": args.disk_mib, "written_mib": args.fill_mib, "workload": wl,
+                "bandwidth": bw.map(|b| json!(b)).unwrap_or(json!("default")),
+                "walkabout": wa, "libvirt_way": pe, "compare": cmp,
+            }));
+            if let Some(p) = &args.out {
+                std::fs::write(p, serde_json::to_string_pretty(&doc(&env, &args, &cells, false, started))? + "\n")?;
+            }
+        }
+    }
+    let text = serde_json::to_string_pretty(&doc(&env, &args, &cells, true, started))? + "\n";
+    if let Some(p) = &args.out {
+        std::fs::write(p, &text)?;
+    }
+    print!("{text}");
+    Ok(())
+}
+
+fn doc(env: &Value, a: &Args, cells: &[Value], complete: bool, started: Instant) -> Value {
+    json!({
+        "bench": "storage",
+        "complete": complete,
+        "elapsed_s": started.elapsed().as_secs(),
+        "environment": env,
+        "settings": {
+            "runs_per_cell": a.runs, "disk_mib": a.disk_mib, "written_mib": a.fill_mib, "workloads": a.workloads,
+            "bandwidth": a.bandwidths.iter().map(|b| b.map(|b| json!(b)).unwrap_or(json!("default"))).collect::<Vec<_>>(),
+            "link": "two network namespaces joined by a veth pair; 'default' unlimited, else tc tbf on the source's egress",
+            "walkabout": "walkabout migrate --storage copy --wait (mode auto) between two agents; the guest (256 MiB, 1 vCPU, TCG) boots once and hops A->B->A...; checked after each hop",
+            "libvirt_way": "over QMP: new target qcow2, destination QEMU -incoming defer, nbd-server-start + block-export-add writable, source blockdev-add nbd + blockdev-mirror sync=full (background), READY, migrate (defaults, max-bandwidth unlimited), block-job-cancel, nbd-server-stop, cont; a fresh source QEMU per run",
+            "medians": "over the runs that completed (Walkabout: and the guest stayed healthy, no corrupt page or block; the peer: its heartbeat went on at the destination, no corrupt page or block in its last heartbeat)",
+            "disk_content": "the disk's first MiB are the guest disk workload's (left blank), the written MiB follow",
+        },
+        "cells": cells,
+    })
+}
