@@ -209,12 +209,14 @@ impl Agent {
         Ok(path)
     }
 
-    /// Removes the images the agent made for a deleted VM (never brought ones).
+    /// Removes the images the agent made for a deleted VM, at creation or by a storage
+    /// copy (never brought ones).
     pub(crate) fn remove_owned_disks(&self, spec: &VmSpec) {
         let dir = self.storage_dir();
         for (i, d) in spec.disks.iter().enumerate() {
             let Some(p) = &d.path else { continue };
-            if *p != owned_path(&dir, &spec.name, i) {
+            // Its own: made at creation, or by a storage copy that brought the VM here.
+            if *p != owned_path(&dir, &spec.name, i) && !crate::migration::storage::is_copy_image(&dir, p) {
                 continue;
             }
             match std::fs::remove_file(p) {

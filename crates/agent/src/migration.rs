@@ -33,7 +33,7 @@
 mod driver;
 #[cfg(test)]
 mod fake;
-mod storage;
+pub(crate) mod storage;
 
 use crate::error::AgentError;
 use crate::spec::VmState;
