@@ -114,9 +114,7 @@ impl Liveness {
     fn answered(&self) {
         *crate::vms::lock(&self.0) = Instant::now();
     }
-}
 
-impl Liveness {
     fn since(&self) -> Duration {
         crate::vms::lock(&self.0).elapsed()
     }
