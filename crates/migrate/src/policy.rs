@@ -346,7 +346,9 @@ impl Policy {
                 channels = 0;
             } else {
                 why.push("post-copy not armed: QEMU 10 cannot combine it with multifd".into());
-                self.strategy.reason.push_str("; then post-copy disarmed for the multifd channels asked (QEMU 10 cannot combine them): auto-converge instead");
+                self.strategy.reason.push_str(
+                    "; then post-copy disarmed for the multifd channels asked (QEMU 10 cannot combine them): auto-converge instead",
+                );
                 self.strategy.postcopy_ready = false;
                 self.strategy.auto_converge = true;
                 self.strategy.name = "precopy+auto-converge".into();
