@@ -58,6 +58,12 @@ pub trait Peer: Sync {
     /// Time since the destination (its agent and its QEMU) last answered a probe.
     fn since_alive(&self) -> Duration;
 
+    /// The destination answered that it no longer has the VM (why), if it did: a
+    /// paused post-copy then has nothing to resume.
+    fn lost(&self) -> Option<String> {
+        None
+    }
+
     /// Asks the destination to listen again for a paused post-copy's stream; the URI
     /// to resume sending to, or why not.
     fn recover(&self) -> impl std::future::Future<Output = Result<String, String>> + Send;
@@ -587,6 +593,12 @@ impl Recovery {
             );
             return RecoveryStep::Switched(Switch { at_ms: p.elapsed_ms, to: "postcopy-paused".into(), reason });
         };
+        if let Some(why) = peer.lost() {
+            return RecoveryStep::OutOfBudget(format!(
+                "post-copy paused and the destination no longer holds the VM ({why}): whatever the guest did there since the switch is lost; \
+                 the source keeps its copy paused (memory as of the switch, device state sent), nothing to resume"
+            ));
+        }
         if since.elapsed() > self.budget {
             let pause = self.pauses.last().cloned().unwrap_or_default();
             return RecoveryStep::OutOfBudget(format!(

@@ -104,15 +104,20 @@ struct Ended {
     past_switchover: bool,
 }
 
-/// When the destination last answered a probe.
-struct Liveness(Mutex<Instant>);
+/// When the destination last answered a probe, and whether it said it no longer has
+/// the VM.
+struct Liveness(Mutex<Instant>, Mutex<Option<String>>);
 
 impl Liveness {
     fn now() -> Liveness {
-        Liveness(Mutex::new(Instant::now()))
+        Liveness(Mutex::new(Instant::now()), Mutex::new(None))
     }
     fn answered(&self) {
         *crate::vms::lock(&self.0) = Instant::now();
+        *crate::vms::lock(&self.1) = None;
+    }
+    fn gone(&self, why: String) {
+        *crate::vms::lock(&self.1) = Some(why);
     }
 
     fn since(&self) -> Duration {
@@ -132,6 +137,10 @@ struct Link<'a, P> {
 impl<P: PeerAgent> Peer for Link<'_, P> {
     fn since_alive(&self) -> Duration {
         self.alive.since()
+    }
+
+    fn lost(&self) -> Option<String> {
+        crate::vms::lock(&self.alive.1).clone()
     }
 
     async fn recover(&self) -> Result<String, String> {
@@ -241,8 +250,12 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         let alive = Liveness::now();
         let probing = async {
             loop {
-                if self.peer.probe(&rec.vm).await.is_ok() {
-                    alive.answered();
+                match self.peer.probe(&rec.vm).await {
+                    Ok(()) => alive.answered(),
+                    // The destination's agent answers that the VM is not (or no longer)
+                    // incoming there: it holds nothing of it.
+                    Err(e) if e.status() == Some(404) => alive.gone(e.to_string()),
+                    Err(_) => {}
                 }
                 tokio::time::sleep(PROBE_INTERVAL).await;
             }
