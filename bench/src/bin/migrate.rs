@@ -639,6 +639,22 @@ mod engine {
         Cell { name: "mem4g_dirty256", mem: 4096, workload: "dirty:256:64", walkabout: &[], qemu: &[], link_mbit: None },
         Cell { name: "mem8g_idle", mem: 8192, workload: "idle", walkabout: &[], qemu: &[], link_mbit: None },
         Cell { name: "mem8g_dirty256", mem: 8192, workload: "dirty:256:64", walkabout: &[], qemu: &[], link_mbit: None },
+        Cell {
+            name: "mem8g_dirty256_precopy",
+            mem: 8192,
+            workload: "dirty:256:64",
+            walkabout: &["--mode", "precopy"],
+            qemu: &[],
+            link_mbit: None,
+        },
+        Cell {
+            name: "mem8g_dirty256_cap128",
+            mem: 8192,
+            workload: "dirty:256:64",
+            walkabout: &["--max-bandwidth", "128M"],
+            qemu: &[],
+            link_mbit: None,
+        },
     ];
 
     /// A namespace whose loopback is limited to `mbit` Mbit/s; removed on drop.

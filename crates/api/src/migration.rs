@@ -9,7 +9,10 @@
 //! ```
 //!
 //! Before `Switchover` the source still owns the VM: a failure or a cancel leaves it
-//! running there. `Switchover` starts when the source's vCPUs stop for the last time
+//! running there. A post-copy that fails past the switchover has not necessarily lost
+//! the VM: a link lost and not restored within the recovery budget leaves the guest's
+//! running state at the destination and the rest of its memory at the source, both
+//! kept (the reason says which host holds what; see [`PostcopyPause`]). `Switchover` starts when the source's vCPUs stop for the last time
 //! (pre-copy's final copy) or when post-copy starts; from then on cancel is refused.
 
 use crate::disk::{DiskFormat, StorageMode};

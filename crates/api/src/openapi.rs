@@ -178,7 +178,7 @@ mod agent_routes {
     /// Agent to agent: a post-copy whose stream was lost listens again (`migrate-pause`
     /// if it had not noticed, then `migrate-recover`); where the source resumes sending.
     #[utoipa::path(post, path = "/v1/incoming/{name}/recover", tag = "incoming", params(("name" = String, Path, description = "VM name")),
-        request_body = RecoverRequest, responses((status = 200, body = IncomingReply), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        request_body = RecoverRequest, responses((status = 200, body = IncomingReply), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
     fn recover_incoming() {}
 
     /// Prometheus metrics (text exposition format).

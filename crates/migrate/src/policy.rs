@@ -64,10 +64,11 @@ pub const MAX_AUTO_CHANNELS: u8 = 4;
 /// Post-copy preempt gives page faults a channel (and a thread at each end) of their
 /// own, so they do not queue behind the bulk stream. That queue is long only on a slow
 /// link: the policy turns preempt on by itself only when the operator's cap says the
-/// link is slower than this and a core is spare. Measured on the 2-core TCG hosts over
-/// loopback (bench/results/migrate-engine.json, cells `postcopy_preempt` and
-/// `postcopy_no_preempt`), preempt lengthened the guest's longest stall (median 523 ms
-/// against 190 ms) and the whole migration.
+/// link is slower than this and a core is spare for its thread. Measured on the 2-core
+/// TCG hosts, whose cores are never spare (bench/results/migrate-engine.json, cells
+/// `postcopy_[no_]preempt[_link25]`), preempt lengthened the guest's longest stall both
+/// over loopback (median 523 ms against 190 ms) and over a 25 MiB/s link (308 against
+/// 156 ms), and the pause at the switch (70 against 6 ms on the link).
 pub const PREEMPT_BELOW_BPS: u64 = ASSUMED_LINK_BPS;
 
 /// Facts about the source host the stream settings depend on.
@@ -345,6 +346,9 @@ impl Policy {
                 channels = 0;
             } else {
                 why.push("post-copy not armed: QEMU 10 cannot combine it with multifd".into());
+                self.strategy.reason.push_str(
+                    "; then post-copy disarmed for the multifd channels asked (QEMU 10 cannot combine them): auto-converge instead",
+                );
                 self.strategy.postcopy_ready = false;
                 self.strategy.auto_converge = true;
                 self.strategy.name = "precopy+auto-converge".into();

@@ -45,6 +45,10 @@ pub const PEER_TIMEOUT: Duration = Duration::from_millis(1500);
 /// At the switchover gate the destination must have answered within this.
 pub const GATE_FRESHNESS: Duration = Duration::from_millis(1000);
 
+/// Failed `query-migrate`s in a row after the switchover before the run gives up
+/// (every [`SAMPLE_INTERVAL`] at least, or QMP's own timeout).
+const QUERY_ERRORS_PAST_GATE: u32 = 50;
+
 /// How often a paused post-copy tries to re-establish its stream while the
 /// destination answers.
 pub const RECOVERY_RETRY_INTERVAL: Duration = Duration::from_millis(1000);
@@ -53,6 +57,12 @@ pub const RECOVERY_RETRY_INTERVAL: Duration = Duration::from_millis(1000);
 pub trait Peer: Sync {
     /// Time since the destination (its agent and its QEMU) last answered a probe.
     fn since_alive(&self) -> Duration;
+
+    /// The destination answered that it no longer has the VM (why), if it did: a
+    /// paused post-copy then has nothing to resume.
+    fn lost(&self) -> Option<String> {
+        None
+    }
 
     /// Asks the destination to listen again for a paused post-copy's stream; the URI
     /// to resume sending to, or why not.
@@ -277,6 +287,7 @@ pub async fn run(
     let mut give_up: Option<String> = None;
     let mut gate_passed = false;
     let mut recovery = Recovery::new(strategy.recovery_budget_ms);
+    let mut query_errors = 0u32;
     let mut last = Progress::default();
     loop {
         tokio::select! {
@@ -296,7 +307,33 @@ pub async fn run(
                 }
             }
         }
-        let info = qmp.execute("query-migrate", None).await.map_err(src)?;
+        let info = match qmp.execute("query-migrate", None).await {
+            Ok(info) => info,
+            // Past the gate an error must not read as "before the switchover" (which
+            // would resume the source beside the destination): retry, then end failed
+            // past the switchover, both copies kept.
+            Err(e) if gate_passed && query_errors < QUERY_ERRORS_PAST_GATE => {
+                query_errors += 1;
+                tracing::warn!(error = %e, query_errors, "query-migrate after the switchover");
+                continue;
+            }
+            Err(e) if gate_passed => {
+                return Ok(Outcome {
+                    phase: Phase::Failed,
+                    reason: Some(format!("the source QEMU stopped answering after the switchover ({e}); both copies are kept")),
+                    total_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    downtime_ms: 0,
+                    transferred_bytes: last.transferred_bytes,
+                    iterations: last.iteration,
+                    strategy,
+                    switches,
+                    past_switchover: true,
+                    postcopy_pauses: recovery.pauses,
+                });
+            }
+            Err(e) => return Err(src(e)),
+        };
+        query_errors = 0;
         let mut progress = crate::progress::from_query_after(&info, &last);
         last = progress.clone();
         let phase = phase_of(&progress.qemu_status);
@@ -556,6 +593,12 @@ impl Recovery {
             );
             return RecoveryStep::Switched(Switch { at_ms: p.elapsed_ms, to: "postcopy-paused".into(), reason });
         };
+        if let Some(why) = peer.lost() {
+            return RecoveryStep::OutOfBudget(format!(
+                "post-copy paused and the destination no longer holds the VM ({why}): whatever the guest did there since the switch is lost; \
+                 the source keeps its copy paused (memory as of the switch, device state sent), nothing to resume"
+            ));
+        }
         if since.elapsed() > self.budget {
             let pause = self.pauses.last().cloned().unwrap_or_default();
             return RecoveryStep::OutOfBudget(format!(

@@ -293,10 +293,15 @@ mod tests {
 
     /// A scripted fake QEMU: greets, then answers each command per `reply`.
     async fn fake_qemu(path: std::path::PathBuf, reply: fn(&Value) -> Vec<Value>) {
+        fake_qemu_offering(path, &[], reply).await
+    }
+
+    /// A scripted fake QEMU offering `caps` in its greeting.
+    async fn fake_qemu_offering(path: std::path::PathBuf, caps: &[&str], reply: fn(&Value) -> Vec<Value>) {
         let listener = UnixListener::bind(&path).expect("bind");
         let (s, _) = listener.accept().await.expect("accept");
         let (r, mut w) = s.into_split();
-        let greeting = json!({"QMP": {"version": {}, "capabilities": []}}).to_string() + "\n";
+        let greeting = json!({"QMP": {"version": {}, "capabilities": caps}}).to_string() + "\n";
         w.write_all(greeting.as_bytes()).await.expect("greet");
         let mut lines = BufReader::new(r).lines();
         while let Ok(Some(l)) = lines.next_line().await {
@@ -348,6 +353,47 @@ mod tests {
         q.stop().await.expect("stop");
         let ev = Qmp::wait_event(&mut rx, "STOP", Duration::from_secs(1)).await.expect("event");
         assert_eq!(ev.event, "STOP");
+    }
+
+    #[tokio::test]
+    async fn out_of_band_is_enabled_when_offered_and_used_for_oob_commands() {
+        let p = sock("oob");
+        tokio::spawn(fake_qemu_offering(p.clone(), &["oob"], |req| {
+            let id = req["id"].clone();
+            match (req["execute"].as_str(), req["exec-oob"].as_str()) {
+                (Some("qmp_capabilities"), _) if req["arguments"]["enable"] == json!(["oob"]) => vec![json!({"return": {}, "id": id})],
+                (_, Some("migrate-pause")) => vec![json!({"return": {"oob": true}, "id": id})],
+                _ => vec![json!({"error": {"class": "GenericError", "desc": format!("unexpected {req}")}, "id": id})],
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let q = Qmp::connect(&p, DEFAULT_TIMEOUT).await.expect("connect");
+
+        let reply = q.execute_oob("migrate-pause", None).await.expect("oob command");
+
+        assert!(q.oob());
+        assert_eq!(reply, json!({"oob": true}));
+    }
+
+    #[tokio::test]
+    async fn a_command_qemu_drops_fails_at_once_with_the_reason() {
+        let p = sock("dropped");
+        tokio::spawn(fake_qemu_offering(p.clone(), &["oob"], |req| {
+            let id = req["id"].clone();
+            if req["execute"] == "qmp_capabilities" {
+                vec![json!({"return": {}, "id": id})]
+            } else {
+                vec![
+                    json!({"event": "COMMAND_DROPPED", "data": {"id": id, "reason": "queue-full"}, "timestamp": {"seconds": 1, "microseconds": 2}}),
+                ]
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let q = Qmp::connect(&p, Duration::from_secs(30)).await.expect("connect");
+
+        let err = q.query_status().await.expect_err("dropped");
+
+        assert!(err.to_string().contains("queue-full"), "{err}");
     }
 
     #[tokio::test]

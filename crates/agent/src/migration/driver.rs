@@ -111,27 +111,30 @@ struct Ended {
     past_switchover: bool,
 }
 
-/// When the destination last answered a probe, and whether the disk mirrors (if any)
-/// are still in sync: a broken mirror makes the destination count as gone, so the
-/// switchover gate does not pass.
+/// When the destination last answered a probe, whether it said it no longer has the
+/// VM, and whether the disk mirrors (if any) are still in sync: a broken mirror makes
+/// the destination count as gone, so the switchover gate does not pass.
 struct Liveness {
     last: Mutex<Instant>,
+    lost: Mutex<Option<String>>,
     mirrors: Option<storage::MirrorHealth>,
 }
 
 impl Liveness {
     fn now(mirrors: Option<storage::MirrorHealth>) -> Liveness {
-        Liveness { last: Mutex::new(Instant::now()), mirrors }
+        Liveness { last: Mutex::new(Instant::now()), lost: Mutex::new(None), mirrors }
     }
     fn answered(&self) {
         *crate::vms::lock(&self.last) = Instant::now();
+        *crate::vms::lock(&self.lost) = None;
+    }
+    fn gone(&self, why: String) {
+        *crate::vms::lock(&self.lost) = Some(why);
     }
     fn mirror_failure(&self) -> Option<String> {
         self.mirrors.as_ref().and_then(storage::MirrorHealth::failure)
     }
-}
 
-impl Liveness {
     fn since(&self) -> Duration {
         if self.mirror_failure().is_some() {
             return Duration::MAX;
@@ -152,6 +155,10 @@ struct Link<'a, P> {
 impl<P: PeerAgent> Peer for Link<'_, P> {
     fn since_alive(&self) -> Duration {
         self.alive.since()
+    }
+
+    fn lost(&self) -> Option<String> {
+        crate::vms::lock(&self.alive.lost).clone()
     }
 
     async fn recover(&self) -> Result<String, String> {
@@ -375,8 +382,12 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         let link = Link { alive, peer: &self.peer, vm: &rec.vm, listen_host };
         let probing = async {
             loop {
-                if self.peer.probe(&rec.vm).await.is_ok() {
-                    alive.answered();
+                match self.peer.probe(&rec.vm).await {
+                    Ok(()) => alive.answered(),
+                    // The destination's agent answers that the VM is not (or no longer)
+                    // incoming there: it holds nothing of it.
+                    Err(e) if e.status() == Some(404) => alive.gone(e.to_string()),
+                    Err(_) => {}
                 }
                 if let Some(m) = mirrors {
                     if let Ok((d, _)) = m.poll(&self.qmp).await {

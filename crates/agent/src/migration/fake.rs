@@ -250,6 +250,8 @@ pub(crate) struct PeerState {
     pub commit_error: Option<ClientError>,
     /// The guest status the source handed over at commit.
     pub committed: Option<Option<GuestStatus>>,
+    /// After this many probes answered, the destination answers that it has no such VM.
+    pub forgot_after: Option<usize>,
     /// An outage: after this many probes answered, silent for this long (forever if `None`).
     pub outage: Option<(usize, Option<std::time::Duration>)>,
     outage_began: Option<std::time::Instant>,
@@ -277,6 +279,14 @@ impl FakePeer {
     pub fn outage(probes: usize, length: Option<std::time::Duration>) -> FakePeer {
         let p = FakePeer::default();
         p.state().outage = Some((probes, length));
+        p
+    }
+
+    /// A destination silent from its 4th probe for `outage`, then answering that it
+    /// has no such VM (it tore its half down meanwhile).
+    pub fn forgetting(outage: std::time::Duration) -> FakePeer {
+        let p = FakePeer::outage(3, Some(outage));
+        p.state().forgot_after = Some(3);
         p
     }
 
@@ -339,7 +349,21 @@ impl PeerAgent for FakePeer {
     }
 
     async fn probe(&self, _vm: &str) -> Result<(), ClientError> {
-        self.call(Call::Probe)
+        self.call(Call::Probe)?;
+        let forgot = {
+            let s = self.state();
+            s.forgot_after.is_some_and(|n| s.calls.iter().filter(|c| **c == Call::Probe).count() > n)
+        };
+        if forgot {
+            let body = walkabout_api::ErrorBody {
+                error: "VM `vm1` not found".into(),
+                kind: walkabout_api::ErrorKind::NotFound,
+                blocked: vec![],
+                plan: None,
+            };
+            return Err(ClientError::Api { status: 404, body });
+        }
+        Ok(())
     }
 
     async fn commit_incoming(&self, _vm: &str, guest: Option<GuestStatus>) -> Result<(), ClientError> {

@@ -113,6 +113,21 @@ async fn a_silent_destination_beside_a_flowing_postcopy_stream_is_not_paused() {
     assert_eq!(phase, Phase::Failed, "the commit cannot reach a silent destination");
 }
 
+#[tokio::test]
+async fn a_paused_postcopy_whose_destination_lost_the_vm_ends_at_once_saying_so() {
+    let (qemu, peer) = (FakeQemu::new(&postcopy_script()).stalling_in_postcopy(), FakePeer::forgetting(Duration::from_millis(2500)));
+    let agent = FakeAgent::new(record_with_recovery_budget(60_000), GuestStatus::default());
+    let started = Instant::now();
+
+    let phase = drive_record(&qemu, &peer, &agent, record_with_recovery_budget(60_000)).await;
+
+    assert_eq!(phase, Phase::Failed);
+    assert!(started.elapsed() < Duration::from_secs(20), "waited for the budget: {:?}", started.elapsed());
+    assert!(!peer.got(Call::Recover) && !qemu.got("cont"));
+    let reason = agent.books().record.reason.clone().unwrap_or_default();
+    assert!(reason.contains("the destination no longer holds the VM") && reason.contains("not found"), "{reason}");
+}
+
 #[test]
 fn cancel_while_postcopy_is_paused_is_refused_with_the_reason() {
     let (tx, _rx) = watch::channel(false);
