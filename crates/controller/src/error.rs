@@ -55,6 +55,7 @@ impl ControllerError {
             ControllerError::Conflict(_) | ControllerError::Impossible { .. } => 409,
             ControllerError::Invalid(_) => 422,
             ControllerError::Agent(e) => e.status().unwrap_or(502),
+            ControllerError::Store(StoreError::Fenced { .. }) => 503,
             ControllerError::Store(_) => 500,
         }
     }
@@ -67,6 +68,7 @@ impl ControllerError {
             ControllerError::Invalid(_) => ErrorKind::InvalidRequest,
             ControllerError::Impossible { .. } => ErrorKind::Impossible,
             ControllerError::Agent(e) => e.kind().unwrap_or(ErrorKind::Agent),
+            ControllerError::Store(StoreError::Fenced { .. }) => ErrorKind::NotLeader,
             ControllerError::Store(_) => ErrorKind::Store,
         }
     }
