@@ -4,6 +4,10 @@
 #     the main suite only has an older QEMU. The backports source is derived from the
 #     machine's own Debian source entry (same mirror), never from a hard-coded host.
 #   - iproute2 (network namespaces for multi-host tests).
+#   - etcd-server (3.4, the store shared by several controllers: `--store etcd://...`,
+#     `walkabout up --ha`, tests/ha.rs) and protoc with its well-known types
+#     (protobuf-compiler, libprotobuf-dev: the etcd client crate compiles etcd's .proto
+#     files), from the machine's own Debian suite.
 # Kernel and busybox for the guest image are *not* installed here: `walkabout image build`
 # downloads and unpacks them into its cache without installing them on the host.
 set -euo pipefail
@@ -17,6 +21,19 @@ qemu_major() {
 }
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# etcd and protoc come from the machine's own suite, already in its sources.
+etcd_ready() {
+  command -v etcd >/dev/null && command -v protoc >/dev/null && [ -f /usr/include/google/protobuf/descriptor.proto ]
+}
+if ! etcd_ready; then
+  log "installing etcd-server, protobuf-compiler, libprotobuf-dev"
+  sudo_ apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends \
+    -o DPkg::Lock::Timeout=600 etcd-server protobuf-compiler libprotobuf-dev >/dev/null
+  etcd_ready || { log "etcd or protoc still missing after installing them"; exit 1; }
+  # The package enables a system etcd on 2379; Walkabout starts its own on free ports.
+fi
 
 if [ "$(qemu_major)" -ge "$need_major" ] && command -v qemu-img >/dev/null && command -v ip >/dev/null; then
   exit 0
