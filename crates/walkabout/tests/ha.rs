@@ -131,9 +131,9 @@ fn the_leader_killed_mid_plan_is_replaced_within_seconds_and_its_plan_completes_
 
 #[test]
 fn an_agent_refuses_the_deposed_leaders_epoch_and_starts_nothing() {
-    let mut ha = Ha::start(2);
+    let mut ha = Ha::start(1);
     let (first, old) = ha.wait_leader(Duration::from_secs(60));
-    ha.controllers[first].wait_vms(2);
+    ha.controllers[first].wait_vms(1);
     ha.controllers[first].kill();
     let (_, new) = ha.wait_leader(Duration::from_secs(30));
     // The new leader polls every agent: each has now seen its epoch.
