@@ -341,7 +341,12 @@ mod tests {
     fn a_newer_epoch_is_recorded_before_it_is_admitted_and_then_fences_the_older() {
         let fence = EpochFence::new(3);
         let mut recorded = vec![];
-        fence.admit(9, |e| Ok(recorded.push(e))).expect("newer admitted");
+        fence
+            .admit(9, |e| {
+                recorded.push(e);
+                Ok(())
+            })
+            .expect("newer admitted");
         fence.admit(9, |_| Err("must not write again".into())).expect("same admitted");
         assert_eq!((recorded, fence.seen()), (vec![9], 9));
         assert!(fence.admit(3, |_| Ok(())).is_err());

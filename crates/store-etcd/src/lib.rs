@@ -345,6 +345,9 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// A key and its value, as etcd holds them.
+type KeyBytes = (Vec<u8>, Vec<u8>);
+
 /// The store in etcd: a [`Backend`] whose writes are fenced by a leader's epoch when it
 /// has one.
 struct EtcdBackend {
@@ -405,7 +408,7 @@ impl EtcdBackend {
     }
 
     /// Every key/value in `[from, end)`, in key order, read a page at a time.
-    fn range(&self, action: &str, mut from: Vec<u8>, end: Vec<u8>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn range(&self, action: &str, mut from: Vec<u8>, end: Vec<u8>) -> Result<Vec<KeyBytes>, StoreError> {
         let mut out = Vec::new();
         loop {
             let (start, stop) = (from.clone(), end.clone());

@@ -3,7 +3,7 @@
 //! data in a directory of ours, ready once its `/health` says so.
 
 use crate::error::{Result, TestbedError};
-use crate::process::{free_ports, log_tail, Daemon};
+use crate::process::{log_tail, Daemon};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,18 +24,25 @@ pub struct Etcd {
 
 impl Etcd {
     /// Starts etcd with its data in `dir/etcd` on two free loopback ports (client, peer)
-    /// and waits up to `limit` until it is healthy.
+    /// that the system picks, so etcds started at once get different ports, and waits up
+    /// to `limit` until it is healthy.
     pub fn start(dir: &Path, limit: Duration) -> Result<Etcd> {
-        let base = free_ports(2)?;
-        Etcd::start_on(dir, base, limit)
+        let pick = || {
+            std::net::TcpListener::bind(("127.0.0.1", 0))
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .map_err(|e| TestbedError::io("picking a free loopback port for etcd", e))
+        };
+        let (client, peer) = (pick()?, pick()?);
+        Etcd::start_on(dir, client, peer, limit)
     }
 
-    /// Starts etcd with its client port `port` and its peer port `port + 1`.
-    pub fn start_on(dir: &Path, port: u16, limit: Duration) -> Result<Etcd> {
+    /// Starts etcd with its client port `port` and its peer port `peer_port`.
+    pub fn start_on(dir: &Path, port: u16, peer_port: u16, limit: Duration) -> Result<Etcd> {
         let data_dir = dir.join("etcd");
         std::fs::create_dir_all(dir).map_err(|e| TestbedError::io(format!("creating {}", dir.display()), e))?;
         let client = format!("http://127.0.0.1:{port}");
-        let peer = format!("http://127.0.0.1:{}", port + 1);
+        let peer = format!("http://127.0.0.1:{peer_port}");
         let mut cmd = Command::new(etcd_program());
         cmd.arg("--name")
             .arg("walkabout")
@@ -55,8 +62,13 @@ impl Etcd {
         })?;
         let start = Instant::now();
         loop {
-            if healthy(port) {
-                return Ok(Etcd { daemon, client_port: port, data_dir });
+            // Healthy, and still ours: an etcd that could not bind has exited, and the
+            // health of another on that port is not its own.
+            if healthy(port) && daemon.exited().is_none() {
+                std::thread::sleep(Duration::from_millis(200));
+                if daemon.exited().is_none() {
+                    return Ok(Etcd { daemon, client_port: port, data_dir });
+                }
             }
             let why = match daemon.exited() {
                 Some(status) => format!("exited ({status})"),
