@@ -158,3 +158,30 @@ fn an_agent_refuses_the_deposed_leaders_epoch_and_starts_nothing() {
     }
     assert_eq!(listed.expect("the current leader's epoch is accepted").len(), 0, "nothing started on h1");
 }
+
+#[test]
+fn a_leader_paused_past_its_lease_wakes_as_a_follower_and_the_new_leaders_plan_runs_each_migration_once() {
+    let ha = Ha::start(2);
+    let (first, old) = ha.wait_leader(Duration::from_secs(60));
+    ha.controllers[first].wait_vms(2);
+    let data = ha.controllers[first].data.to_string_lossy().into_owned();
+    let pid = *walkabout_testbed::processes_mentioning(&data).first().expect("the leader's pid");
+    assert!(walkabout_testbed::process::signal(pid, libc::SIGSTOP));
+
+    let (second, new) = ha.wait_leader(Duration::from_secs(60));
+    let id = ha.controllers[second].json_as::<PlanRecord>(&["host", "drain", "h1", "--no-wait"]).id;
+    ha.controllers[second].wait_running_step(&id);
+    assert!(walkabout_testbed::process::signal(pid, libc::SIGCONT));
+    let plan = ha.controllers[second].wait_plan(&id, 240);
+    std::thread::sleep(Duration::from_secs(2));
+    let (woken, location, _) = status_of(&ha.controllers[first].url, "/v1/hosts");
+
+    assert_ne!(second, first);
+    assert!(new.epoch > old.epoch);
+    assert_eq!(plan.status, PlanStatus::Completed, "{plan:?}\n{}", ha.controllers[second].log());
+    assert_eq!((woken, location), (307, Some(format!("{}/v1/hosts", new.url))), "the old leader follows now");
+    assert!(ha.controllers[first].log().contains("lost the leadership"), "{}", ha.controllers[first].log());
+    let migs = ha.agent_migrations();
+    assert_eq!(migs.len(), 2, "each VM migrated exactly once: {migs:?}");
+    assert!(migs.iter().all(|(_, p)| *p == Phase::Completed), "{migs:?}");
+}
