@@ -108,7 +108,7 @@ async fn run_ha(a: ControllerArgs, config: ControllerConfig, listener: tokio::ne
         lease_ttl: std::time::Duration::from_secs(a.lease_ttl.max(1)),
     };
     walkabout_testbed::write_atomic(&a.data_dir.join("controller.url"), url.as_bytes()).context("writing controller.url")?;
-    let _ = super::out::line(format_args!("walkabout controller listening on {url}, one of the controllers on {}", etcd.describe()));
+    let _ = super::out::line(format_args!("walkabout controller listening on {url}, joining the controllers on {}", etcd.describe()));
     walkabout_controller::serve_ha(config, ha, a.agents, listener, super::agent::shutdown_signal()).await?;
     tracing::info!("controller stopped; agents and VMs carry on");
     Ok(ExitCode::SUCCESS)
