@@ -7,6 +7,10 @@
 #   - e2fsprogs (`mke2fs -d` builds the guest's ext4 root disk without root privileges).
 #   - Chromium and its WebDriver (Debian's chromium + chromium-driver, from the machine's
 #     own sources): the web console's tests drive a headless browser.
+#   - etcd-server (3.4, the store shared by several controllers: `--store etcd://...`,
+#     `walkabout up --ha`, tests/ha.rs) and protoc with its well-known types
+#     (protobuf-compiler, libprotobuf-dev: the etcd client crate compiles etcd's .proto
+#     files), from the machine's own Debian suite.
 # Kernel and busybox for the guest image are *not* installed here: `walkabout image build`
 # downloads and unpacks them into its cache without installing them on the host.
 set -euo pipefail
@@ -23,18 +27,23 @@ sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 have_mke2fs() { command -v mke2fs >/dev/null 2>&1 || [ -x /usr/sbin/mke2fs ] || [ -x /sbin/mke2fs ]; }
 have_browser() { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }
+have_protoc() { command -v protoc >/dev/null 2>&1 && [ -f /usr/include/google/protobuf/descriptor.proto ]; }
 
 # The tools from the machine's own main suite (no backports needed), each only if missing.
+# The etcd package enables a system etcd on 2379; Walkabout starts its own on free ports.
 install_tools() {
   local missing=()
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
   have_mke2fs || missing+=(e2fsprogs)
   have_browser || missing+=(chromium chromium-driver)
+  command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+  have_protoc || missing+=(protobuf-compiler libprotobuf-dev)
   [ ${#missing[@]} -eq 0 ] && return 0
   log "installing ${missing[*]}"
   sudo_ apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  command -v ip >/dev/null 2>&1 && have_mke2fs && have_browser || { log "still missing after installing ${missing[*]}"; exit 1; }
+  DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=600 "${missing[@]}" >/dev/null
+  command -v ip >/dev/null 2>&1 && have_mke2fs && have_browser && command -v etcd >/dev/null 2>&1 && have_protoc ||
+    { log "still missing after installing ${missing[*]}"; exit 1; }
 }
 
 if [ "$(qemu_major)" -ge "$need_major" ] && command -v qemu-img >/dev/null; then

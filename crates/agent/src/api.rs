@@ -19,6 +19,12 @@
 //!
 //! Errors are `{"error": "<sentence naming the VM and cause>", "kind": "<kind>"}` with a
 //! 4xx/5xx status.
+//!
+//! Every request may carry the leading controller's epoch (header
+//! [`EPOCH_HEADER`](walkabout_api::EPOCH_HEADER)). The agent keeps the highest epoch it
+//! has seen in its database and refuses a lower one (409 `stale_epoch`) before the
+//! request reaches its handler, so a controller that lost its leadership cannot start,
+//! cancel or change anything here once its successor has spoken to this agent.
 
 use crate::error::AgentError;
 use crate::spec::VmSpec;
@@ -29,7 +35,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use walkabout_api::{CommitRequest, IncomingRequest, MigrationRequest, RecoverRequest};
+use std::sync::{Arc, Mutex};
+use walkabout_api::{CommitRequest, ErrorBody, ErrorKind, IncomingRequest, MigrationRequest, RecoverRequest, EPOCH_HEADER};
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
@@ -38,8 +45,13 @@ impl IntoResponse for AgentError {
     }
 }
 
-/// The API's routes over `agent`.
+/// The API's routes over `agent`, each behind the epoch fence.
 pub fn router(agent: Agent) -> Router {
+    let seen = agent.inner.store.epoch().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot read the highest leader epoch seen; starting from 0");
+        0
+    });
+    let fence = Fenced { agent: agent.clone(), fence: Arc::new(EpochFence::new(seen)) };
     Router::new()
         .route("/v1/host", get(host))
         .route("/v1/host/cpu", get(host_cpu))
@@ -59,7 +71,71 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/incoming/{name}/recover", post(incoming_recover))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
+        .layer(axum::middleware::from_fn_with_state(fence, check_epoch))
         .with_state(agent)
+}
+
+/// The highest leader epoch this agent has seen; requests with a lower one are refused.
+#[derive(Debug)]
+pub struct EpochFence {
+    seen: Mutex<u64>,
+}
+
+impl EpochFence {
+    /// A fence that has seen `seen` (0: none yet).
+    pub fn new(seen: u64) -> EpochFence {
+        EpochFence { seen: Mutex::new(seen) }
+    }
+
+    /// The highest epoch seen.
+    pub fn seen(&self) -> u64 {
+        *crate::vms::lock(&self.seen)
+    }
+
+    /// Admits a request carrying `epoch`, or refuses it (409 `stale_epoch`) when a
+    /// newer leader has spoken here. A newer epoch is `persist`ed before it is admitted,
+    /// so the agent refuses the older leader after a restart too.
+    pub fn admit(&self, epoch: u64, persist: impl FnOnce(u64) -> Result<(), String>) -> Result<(), (StatusCode, ErrorBody)> {
+        let mut seen = crate::vms::lock(&self.seen);
+        if epoch < *seen {
+            let why = format!(
+                "refused: the request carries leader epoch {epoch} but this agent has seen epoch {}: \
+                 it comes from a controller that no longer leads the cluster",
+                *seen
+            );
+            return Err((StatusCode::CONFLICT, ErrorBody::new(ErrorKind::StaleEpoch, why)));
+        }
+        if epoch > *seen {
+            persist(epoch).map_err(|e| {
+                let why = format!("cannot record leader epoch {epoch}: {e}");
+                (StatusCode::INTERNAL_SERVER_ERROR, ErrorBody::new(ErrorKind::Store, why))
+            })?;
+            tracing::info!(epoch, previous = *seen, "a newer controller leads");
+            *seen = epoch;
+        }
+        Ok(())
+    }
+}
+
+/// The fence with the agent whose database records it.
+#[derive(Clone)]
+struct Fenced {
+    agent: Agent,
+    fence: Arc<EpochFence>,
+}
+
+/// Checks the request's epoch header (if any) against the fence.
+async fn check_epoch(State(f): State<Fenced>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let Some(value) = req.headers().get(EPOCH_HEADER) else { return next.run(req).await };
+    let Some(epoch) = value.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) else {
+        let why = format!("header {EPOCH_HEADER} must be a whole number, not {value:?}");
+        return (StatusCode::UNPROCESSABLE_ENTITY, Json(ErrorBody::new(ErrorKind::InvalidRequest, why))).into_response();
+    };
+    let persist = |e: u64| f.agent.inner.store.raise_epoch(e).map(|_| ()).map_err(|e| e.to_string());
+    match f.fence.admit(epoch, persist) {
+        Ok(()) => next.run(req).await,
+        Err((status, body)) => (status, Json(body)).into_response(),
+    }
 }
 
 async fn host(State(a): State<Agent>) -> Response {
@@ -262,6 +338,38 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_epoch_is_refused_as_stale_naming_both_epochs() {
+        let fence = EpochFence::new(7);
+        let (status, body) = fence.admit(6, |_| Ok(())).expect_err("epoch 6 after 7");
+        assert_eq!((status, body.kind), (StatusCode::CONFLICT, ErrorKind::StaleEpoch));
+        assert!(body.error.contains("epoch 6") && body.error.contains("epoch 7"), "{}", body.error);
+    }
+
+    #[test]
+    fn a_newer_epoch_is_recorded_before_it_is_admitted_and_then_fences_the_older() {
+        let fence = EpochFence::new(3);
+        let mut recorded = vec![];
+        fence
+            .admit(9, |e| {
+                recorded.push(e);
+                Ok(())
+            })
+            .expect("newer admitted");
+        fence.admit(9, |_| Err("must not write again".into())).expect("same admitted");
+        assert_eq!((recorded, fence.seen()), (vec![9], 9));
+        assert!(fence.admit(3, |_| Ok(())).is_err());
+    }
+
+    #[test]
+    fn a_newer_epoch_that_cannot_be_recorded_is_not_admitted() {
+        let fence = EpochFence::new(1);
+        let (status, body) = fence.admit(2, |_| Err("disk full".into())).expect_err("not recorded");
+        assert_eq!((status, body.kind, fence.seen()), (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::Store, 1));
+    }
+
     #[test]
     fn the_router_serves_exactly_the_documented_paths() {
         assert_eq!(walkabout_api::openapi::compare_routes(super::ROUTES, &walkabout_api::openapi::agent()), Ok(()));

@@ -15,6 +15,9 @@ pub const VMS: Table = Table::new("vms", RECORD_VERSION, no_upgrades);
 /// Migration records by migration id.
 pub const MIGRATIONS: Table = Table::new("migrations", MIGRATION_VERSION, no_upgrades);
 
+/// The counter holding the highest leader epoch seen (see `api.rs`).
+const EPOCH: &str = "leader_epoch";
+
 /// The agent's VM and migration records, persisted.
 pub struct Store {
     db: walkabout_store::Store,
@@ -49,6 +52,16 @@ impl Store {
     /// All migration records.
     pub fn list_migrations(&self) -> Result<Vec<MigrationRecord>, StoreError> {
         self.db.list(&MIGRATIONS)
+    }
+
+    /// The highest leader epoch this agent has seen (0: none).
+    pub fn epoch(&self) -> Result<u64, StoreError> {
+        self.db.counter(EPOCH)
+    }
+
+    /// Raises the highest leader epoch seen to `epoch`; returns the value after.
+    pub fn raise_epoch(&self, epoch: u64) -> Result<u64, StoreError> {
+        self.db.raise(EPOCH, epoch)
     }
 }
 

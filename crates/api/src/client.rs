@@ -126,6 +126,8 @@ struct Http {
     base: String,
     http: reqwest::Client,
     timeout: Duration,
+    /// Sent as [`EPOCH_HEADER`](crate::EPOCH_HEADER) with every request, when set.
+    epoch: Option<u64>,
 }
 
 impl Http {
@@ -140,7 +142,7 @@ impl Http {
             .connect_timeout(opts.connect_timeout)
             .build()
             .map_err(|e| ClientError::BadUrl { url: base.clone(), reason: format!("cannot build an HTTP client: {e}") })?;
-        Ok(Http { base, http, timeout: opts.request_timeout })
+        Ok(Http { base, http, timeout: opts.request_timeout, epoch: None })
     }
 
     fn transport(&self, e: &reqwest::Error, method: &Method, path: &str, timeout: Option<Duration>) -> ClientError {
@@ -171,6 +173,9 @@ impl Http {
         let mut req = self.http.request(method.clone(), format!("{}{path}", self.base));
         if let Some(t) = timeout.or(Some(self.timeout)) {
             req = req.timeout(t);
+        }
+        if let Some(epoch) = self.epoch {
+            req = req.header(crate::EPOCH_HEADER, epoch.to_string());
         }
         if let Some(b) = body {
             req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(b);
@@ -285,6 +290,13 @@ impl AgentClient {
     /// The same client with another whole-request timeout (a probe, a slow create).
     pub fn with_timeout(&self, timeout: Duration) -> AgentClient {
         AgentClient { http: Http { timeout, ..self.http.clone() } }
+    }
+
+    /// The same client sending the leading controller's `epoch` with every request
+    /// (header [`EPOCH_HEADER`](crate::EPOCH_HEADER)): the agent refuses it once it has
+    /// seen a newer leader.
+    pub fn with_epoch(&self, epoch: u64) -> AgentClient {
+        AgentClient { http: Http { epoch: Some(epoch), ..self.http.clone() } }
     }
 
     /// The agent's URL.

@@ -39,6 +39,12 @@ pub enum ErrorKind {
     Conflict,
     /// An agent did not answer or refused.
     Agent,
+    /// An agent refused a request carrying an older leader epoch than one it has seen
+    /// (header `X-Walkabout-Epoch`): it came from a controller that no longer leads.
+    StaleEpoch,
+    /// This controller is a follower (the sentence names the leader's URL), or no
+    /// controller leads yet: ask the leader.
+    NotLeader,
     /// A kind this client does not know (a newer server).
     #[serde(other)]
     Other,

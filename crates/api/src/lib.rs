@@ -29,6 +29,13 @@ pub mod plan;
 pub mod vm;
 pub mod walk;
 
+/// The request header in which the leading controller sends its epoch to agents
+/// (decimal). An agent remembers the highest epoch it has seen and refuses a request with
+/// a lower one ([`ErrorKind::StaleEpoch`], HTTP 409), so a deposed leader cannot start a
+/// migration. Requests without it (the CLI, a peer agent, a single controller on its
+/// embedded store) are not fenced.
+pub const EPOCH_HEADER: &str = "x-walkabout-epoch";
+
 pub use client::{AgentClient, ClientError, ClientOptions, ControllerClient};
 pub use cluster::{
     AddHost, ClusterMigration, ClusterSummary, ClusterVm, ClusterVmState, CreateVm, ExecLimits, Host, HostStatus, Maintenance, MoveVm,

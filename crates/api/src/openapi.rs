@@ -194,7 +194,7 @@ mod agent_routes {
 /// destination side of migrations (`/v1/incoming`, agent to agent).
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Walkabout agent API", description = "One host's VMs and live migrations. Errors are `ErrorBody` with a 4xx/5xx status."),
+    info(title = "Walkabout agent API", description = "One host's VMs and live migrations. Errors are `ErrorBody` with a 4xx/5xx status. Every request may carry the leading controller's epoch in `X-Walkabout-Epoch`; an older one than the agent has seen is refused (409 `stale_epoch`)."),
     paths(
         agent_routes::host,
         agent_routes::host_cpu,
@@ -219,9 +219,48 @@ mod agent_routes {
         agent_routes::metrics,
         agent_routes::openapi
     ),
-    components(schemas(crate::vm::VmState, crate::migration::Phase, crate::error::ErrorKind))
+    components(schemas(crate::vm::VmState, crate::migration::Phase, crate::error::ErrorKind)),
+    modifiers(&EpochHeader)
 )]
 struct AgentDoc;
+
+/// Documents the optional [`EPOCH_HEADER`](crate::EPOCH_HEADER) on every operation of
+/// the agent's API, and the refusal of a stale one.
+struct EpochHeader;
+
+impl utoipa::Modify for EpochHeader {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        use utoipa::openapi::{Required, ResponseBuilder};
+        let header = ParameterBuilder::new()
+            .name("X-Walkabout-Epoch")
+            .parameter_in(ParameterIn::Header)
+            .required(Required::False)
+            .description(Some(
+                "The epoch of the controller that leads the cluster (set by the leading controller on every \
+                 request). The agent remembers the highest epoch it has seen, on disk, and refuses a lower one with \
+                 409 `stale_epoch`: a deposed leader cannot start a migration. Absent: not fenced (the CLI, a peer \
+                 agent, a single controller).",
+            ))
+            .schema(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                    .minimum(Some(0)),
+            ))
+            .build();
+        let stale = ResponseBuilder::new()
+            .description("`stale_epoch`: the request's X-Walkabout-Epoch is older than one this agent has seen")
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten() {
+                op.parameters.get_or_insert_with(Vec::new).push(header.clone());
+                op.responses.responses.entry("409".to_string()).or_insert_with(|| stale.clone().into());
+            }
+        }
+    }
+}
 
 mod controller_routes {
     use crate::cluster::{AddHost, ClusterMigration, ClusterSummary, ClusterVm, CreateVm, Host, MoveVm};

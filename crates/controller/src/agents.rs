@@ -47,12 +47,20 @@ pub trait AgentApi: Send + Sync + 'static {
 #[derive(Default)]
 pub struct HttpAgents {
     clients: std::sync::Mutex<BTreeMap<String, AgentClient>>,
+    /// The leader's epoch every request carries, when controllers share etcd.
+    epoch: Option<u64>,
 }
 
 impl HttpAgents {
     /// No clients yet; one is made for each agent on first use.
     pub fn new() -> HttpAgents {
         HttpAgents::default()
+    }
+
+    /// Agents told the leading controller's `epoch` with every request (header
+    /// `X-Walkabout-Epoch`): once a newer leader has spoken to an agent, it refuses these.
+    pub fn with_epoch(epoch: u64) -> HttpAgents {
+        HttpAgents { epoch: Some(epoch), ..HttpAgents::default() }
     }
 
     fn client(&self, url: &str, timeout: Duration) -> Result<AgentClient, ClientError> {
@@ -62,6 +70,10 @@ impl HttpAgents {
             None => {
                 let opts = ClientOptions { connect_timeout: POLL_TIMEOUT, request_timeout: Duration::from_secs(30) };
                 let c = AgentClient::new(url, opts)?;
+                let c = match self.epoch {
+                    Some(e) => c.with_epoch(e),
+                    None => c,
+                };
                 clients.insert(url.to_string(), c.clone());
                 c
             }

@@ -64,6 +64,13 @@ impl Cluster {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| ControllerError::Invalid(format!("cannot create data directory {}: {e}", config.data_dir.display())))?;
         let store = Arc::new(Store::open(&config.data_dir.join("controller.redb"))?);
+        Cluster::open_on(config, store, api).await
+    }
+
+    /// Opens the controller over `store` (the embedded file, or etcd for the leader of
+    /// several controllers): loads what it holds, starts watching its hosts, and resumes
+    /// the migrations and plans left unfinished by the previous controller.
+    pub async fn open_on(config: ControllerConfig, store: Arc<Store>, api: Arc<dyn AgentApi>) -> Result<Cluster, ControllerError> {
         let events = Arc::new(Events::new(store.clone()));
         let (shutdown, stop) = watch::channel(false);
         let view = ClusterView::open(store.clone(), api, events.clone(), stop.clone())?;

@@ -38,6 +38,9 @@ pub enum ControllerError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// etcd (the store and election of several controllers) failed.
+    #[error(transparent)]
+    Etcd(#[from] walkabout_store_etcd::EtcdError),
 }
 
 fn blocked_text(b: &[Blocked]) -> String {
@@ -55,7 +58,9 @@ impl ControllerError {
             ControllerError::Conflict(_) | ControllerError::Impossible { .. } => 409,
             ControllerError::Invalid(_) => 422,
             ControllerError::Agent(e) => e.status().unwrap_or(502),
+            ControllerError::Store(StoreError::Fenced { .. }) => 503,
             ControllerError::Store(_) => 500,
+            ControllerError::Etcd(_) => 503,
         }
     }
 
@@ -67,7 +72,8 @@ impl ControllerError {
             ControllerError::Invalid(_) => ErrorKind::InvalidRequest,
             ControllerError::Impossible { .. } => ErrorKind::Impossible,
             ControllerError::Agent(e) => e.kind().unwrap_or(ErrorKind::Agent),
-            ControllerError::Store(_) => ErrorKind::Store,
+            ControllerError::Store(StoreError::Fenced { .. }) => ErrorKind::NotLeader,
+            ControllerError::Store(_) | ControllerError::Etcd(_) => ErrorKind::Store,
         }
     }
 

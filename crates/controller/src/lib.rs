@@ -8,7 +8,8 @@
 //!  walkabout CLI ──HTTP──> controller ──HTTP──> agent h1 ── QEMU
 //!                          │  cluster view   ├─> agent h2 ── QEMU
 //!                          │  plans, events  └─> agent h3 ── QEMU
-//!                          └─ redb (data-dir/controller.redb)
+//!                          └─ redb (data-dir/controller.redb), or etcd shared by
+//!                             several controllers of which one leads (leader.rs)
 //! ```
 
 pub mod agents;
@@ -22,6 +23,7 @@ pub mod execute;
 #[cfg(test)]
 mod fake;
 pub mod games;
+pub mod leader;
 pub mod metrics;
 pub mod plan_runner;
 pub mod plans;
@@ -30,6 +32,8 @@ pub mod store;
 pub use controller::{Cluster, ControllerConfig};
 pub use error::ControllerError;
 pub use execute::within_limits;
+pub use leader::{serve_ha, HaConfig};
+pub use walkabout_store_etcd::EtcdConfig;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -68,11 +72,16 @@ pub async fn start(config: ControllerConfig, agent_urls: &[String]) -> Result<Cl
     let api = agents::HttpAgents::new();
     let cluster = Cluster::open(config, std::sync::Arc::new(api)).await?;
     for a in agent_urls {
-        let (name, url) = match a.split_once('=') {
-            Some((n, u)) if !n.contains('/') => (Some(n), u),
-            _ => (None, a.as_str()),
-        };
+        let (name, url) = split_agent(a);
         cluster.add_host(url, name).await?;
     }
     Ok(cluster)
+}
+
+/// An agent argument, `URL` or `NAME=URL`, as its name (if given) and URL.
+pub(crate) fn split_agent(a: &str) -> (Option<&str>, &str) {
+    match a.split_once('=') {
+        Some((n, u)) if !n.contains('/') => (Some(n), u),
+        _ => (None, a),
+    }
 }

@@ -1,6 +1,13 @@
-//! The embedded database (redb) of the agent and the controller: JSON records in named
-//! tables, each stored with its table's record version and upgraded when read, counters
-//! that never hand out a number twice, and an append-only log with retention.
+//! The database of the agent and the controller: JSON records in named tables, each
+//! stored with its table's record version and upgraded when read, counters that never
+//! hand out a number twice, and an append-only log with retention.
+//!
+//! # Backends
+//! [`Store`] is the typed front; where the bytes live is a [`Backend`]: [`Redb`], one
+//! embedded file (the agent's, and the controller's by default), or etcd
+//! (`walkabout-store-etcd`, for several controllers sharing one cluster). Both hold the
+//! same tables, counters and logs with the same encoding, so a record reads the same
+//! from either.
 //!
 //! # Versions
 //! A table is described by a const [`Table`]: its name, the version of the records this
@@ -25,7 +32,9 @@
 //! starting empty, and a damaged one (truncated, overwritten) is refused with
 //! [`StoreError::Damaged`], naming the file.
 
-use redb::{ReadableTable, TableDefinition};
+mod redb;
+
+pub use crate::redb::Redb;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -149,6 +158,27 @@ pub enum StoreError {
         /// Why the step refused.
         detail: String,
     },
+    /// A remote store (etcd) did not answer or refused a request.
+    #[error("{store}: cannot {action}: {detail}")]
+    Remote {
+        /// The store, with its endpoints ("etcd http://127.0.0.1:2379").
+        store: String,
+        /// What was being done, naming the table.
+        action: String,
+        /// What the store or the transport said.
+        detail: String,
+    },
+    /// A write was refused because this process no longer holds the lease it writes
+    /// under: another controller leads the cluster now.
+    #[error("{store}: cannot {action}: this controller is no longer the leader (its leadership of epoch {epoch} ended)")]
+    Fenced {
+        /// The store.
+        store: String,
+        /// What was being done.
+        action: String,
+        /// The epoch this process led.
+        epoch: u64,
+    },
     /// A stored record is newer than this program understands.
     #[error(
         "record `{key}` of table `{table}` has version {stored}, newer than version {current} that this program knows; \
@@ -166,258 +196,116 @@ pub enum StoreError {
     },
 }
 
-/// Marks a tagged value; JSON text never starts with a NUL byte, so an untagged (legacy)
-/// value is never mistaken for a tagged one.
-const TAG: u8 = 0;
-/// Counters by name.
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Where a [`Store`] keeps its bytes: tables of values by key, counters, and logs by
+/// sequence number. Values are opaque here; [`Store`] encodes and decodes them, so every
+/// backend holds the same records.
+pub trait Backend: Send + Sync {
+    /// What this store is, for messages ("database /x/controller.redb", "etcd http://...").
+    fn describe(&self) -> String;
+    /// Inserts or replaces the value under `key` in `table`.
+    fn put(&self, table: &str, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// The value under `key`; `None` when absent.
+    fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Removes the value under `key` (no error if absent).
+    fn delete(&self, table: &str, key: &str) -> Result<(), StoreError>;
+    /// Every value of `table`, in key order.
+    fn list(&self, table: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Takes the next value of a counter (1, 2, ...), never the same twice.
+    fn next(&self, counter: &str) -> Result<u64, StoreError>;
+    /// Raises a counter to `at_least` if it is lower; returns its value after.
+    fn raise(&self, counter: &str, at_least: u64) -> Result<u64, StoreError>;
+    /// A counter's value (0 before its first use).
+    fn counter(&self, counter: &str) -> Result<u64, StoreError>;
+    /// Appends `value` to `log` under `seq` and drops the entries numbered `seq - keep`
+    /// or lower.
+    fn append(&self, log: &str, seq: u64, value: &[u8], keep: u64) -> Result<(), StoreError>;
+    /// The entries of `log` numbered above `after`, oldest first.
+    fn after(&self, log: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The highest sequence number in `log` (0 when empty).
+    fn last_seq(&self, log: &str) -> Result<u64, StoreError>;
+}
 
-/// An open database.
+/// An open store: typed, versioned records over a [`Backend`].
 pub struct Store {
-    db: redb::Database,
-    path: PathBuf,
+    backend: Box<dyn Backend>,
 }
 
 impl Store {
-    /// Opens the database at `path`, creating an empty one only if the file does not exist.
+    /// Opens the redb database at `path`, creating an empty one only if the file does
+    /// not exist.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let exists = match std::fs::metadata(path) {
-            Ok(meta) if meta.len() == 0 => return Err(StoreError::EmptyFile { path: path.to_path_buf() }),
-            Ok(_) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => return Err(StoreError::Open { path: path.to_path_buf(), detail: e.to_string() }),
-        };
-        if exists {
-            check_header(path)?;
-        }
-        // redb 2 asserts rather than returning an error on some malformed files; a damaged
-        // file must be an error the caller can report, never the end of the process.
-        let opened = std::panic::catch_unwind(|| if exists { redb::Database::open(path) } else { redb::Database::create(path) });
-        let db = match opened {
-            Ok(result) => result.map_err(|e| open_error(path, e))?,
-            Err(panic) => {
-                let detail = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
-                let detail = format!("redb could not read it ({})", detail.as_deref().unwrap_or("no detail"));
-                return Err(StoreError::Damaged { path: path.to_path_buf(), detail });
-            }
-        };
-        Ok(Store { db, path: path.to_path_buf() })
+        Ok(Store::over(Box::new(Redb::open(path)?)))
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// A store over `backend`.
+    pub fn over(backend: Box<dyn Backend>) -> Store {
+        Store { backend }
+    }
+
+    /// What this store is, for messages.
+    pub fn describe(&self) -> String {
+        self.backend.describe()
     }
 
     /// Inserts or replaces the record under `key`, stamped with the table's version.
     pub fn put<T: Serialize>(&self, table: &Table, key: &str, value: &T) -> Result<(), StoreError> {
         let bytes = encode(table, key, value)?;
-        self.write(
-            || format!("write record `{key}` of table `{}`", table.name),
-            |txn| {
-                txn.open_table(records(table))?.insert(key, bytes.as_slice())?;
-                Ok(())
-            },
-        )
+        self.backend.put(table.name, key, &bytes)
     }
 
     /// The record under `key`, upgraded to the table's version; `None` when absent.
     pub fn get<T: DeserializeOwned>(&self, table: &Table, key: &str) -> Result<Option<T>, StoreError> {
-        let bytes = self.read(
-            || format!("read record `{key}` of table `{}`", table.name),
-            |txn| match open_read(txn, records(table))? {
-                Some(t) => Ok(t.get(key)?.map(|v| v.value().to_vec())),
-                None => Ok(None),
-            },
-        )?;
-        bytes.map(|b| decode(table, key, &b)).transpose()
+        self.backend.get(table.name, key)?.map(|b| decode(table, key, &b)).transpose()
     }
 
     /// Removes the record under `key` (no error if absent).
     pub fn delete(&self, table: &Table, key: &str) -> Result<(), StoreError> {
-        self.write(
-            || format!("delete record `{key}` of table `{}`", table.name),
-            |txn| {
-                txn.open_table(records(table))?.remove(key)?;
-                Ok(())
-            },
-        )
+        self.backend.delete(table.name, key)
     }
 
     /// Every record of a table, in key order, upgraded to the table's version.
     pub fn list<T: DeserializeOwned>(&self, table: &Table) -> Result<Vec<T>, StoreError> {
-        let raw = self.read(
-            || format!("list table `{}`", table.name),
-            |txn| {
-                let Some(t) = open_read(txn, records(table))? else { return Ok(vec![]) };
-                t.iter()?.map(|item| item.map(|(k, v)| (k.value().to_string(), v.value().to_vec())).map_err(Failure::from)).collect()
-            },
-        )?;
-        raw.iter().map(|(k, v)| decode(table, k, v)).collect()
+        self.backend.list(table.name)?.iter().map(|(k, v)| decode(table, k, v)).collect()
     }
 
     /// Takes the next value of a persistent counter (1, 2, ...), so ids are never reused
     /// across restarts.
     pub fn next(&self, counter: &str) -> Result<u64, StoreError> {
-        self.write(
-            || format!("advance counter `{counter}`"),
-            |txn| {
-                let mut t = txn.open_table(META)?;
-                let n = t.get(counter)?.map(|v| v.value()).unwrap_or(0) + 1;
-                t.insert(counter, n)?;
-                Ok(n)
-            },
-        )
+        self.backend.next(counter)
+    }
+
+    /// Raises a persistent counter to `at_least` if it is lower (a high-water mark, such
+    /// as the highest leader epoch an agent has seen); returns its value after.
+    pub fn raise(&self, counter: &str, at_least: u64) -> Result<u64, StoreError> {
+        self.backend.raise(counter, at_least)
+    }
+
+    /// A persistent counter's value (0 before its first use).
+    pub fn counter(&self, counter: &str) -> Result<u64, StoreError> {
+        self.backend.counter(counter)
     }
 
     /// Appends `event` to a log under `seq`, then drops the events older than the newest
     /// `keep` (those numbered `seq - keep` or lower).
     pub fn put_event<T: Serialize>(&self, log: &Log, seq: u64, event: &T, keep: u64) -> Result<(), StoreError> {
         let bytes = encode(&log.0, &seq.to_string(), event)?;
-        self.write(
-            || format!("append event {seq} to log `{}`", log.0.name),
-            |txn| {
-                let mut t = txn.open_table(entries(log))?;
-                t.insert(seq, bytes.as_slice())?;
-                if let Some(oldest_kept) = seq.checked_sub(keep) {
-                    t.retain_in(..=oldest_kept, |_, _| false)?;
-                }
-                Ok(())
-            },
-        )
+        self.backend.append(log.0.name, seq, &bytes, keep)
     }
 
     /// The events of a log numbered above `after`, oldest first, upgraded to its version.
     pub fn events_after<T: DeserializeOwned>(&self, log: &Log, after: u64) -> Result<Vec<T>, StoreError> {
-        let raw = self.read(
-            || format!("read log `{}`", log.0.name),
-            |txn| {
-                let Some(t) = open_read(txn, entries(log))? else { return Ok(vec![]) };
-                t.range(after.saturating_add(1)..)?
-                    .map(|item| item.map(|(k, v)| (k.value(), v.value().to_vec())).map_err(Failure::from))
-                    .collect()
-            },
-        )?;
-        raw.iter().map(|(seq, v)| decode(&log.0, &seq.to_string(), v)).collect()
+        self.backend.after(log.0.name, after)?.iter().map(|(seq, v)| decode(&log.0, &seq.to_string(), v)).collect()
     }
 
     /// The highest sequence number in a log (0 when it is empty).
     pub fn last_event_seq(&self, log: &Log) -> Result<u64, StoreError> {
-        self.read(
-            || format!("read log `{}`", log.0.name),
-            |txn| match open_read(txn, entries(log))? {
-                Some(t) => Ok(t.last()?.map(|(k, _)| k.value()).unwrap_or(0)),
-                None => Ok(0),
-            },
-        )
-    }
-
-    /// Runs `f` in a write transaction and commits it.
-    fn write<R>(
-        &self,
-        action: impl FnOnce() -> String,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<R, Failure>,
-    ) -> Result<R, StoreError> {
-        let run = || {
-            let txn = self.db.begin_write()?;
-            let out = f(&txn)?;
-            txn.commit()?;
-            Ok(out)
-        };
-        run().map_err(|e| self.db_error(action(), e))
-    }
-
-    /// Runs `f` in a read transaction.
-    fn read<R>(
-        &self,
-        action: impl FnOnce() -> String,
-        f: impl FnOnce(&redb::ReadTransaction) -> Result<R, Failure>,
-    ) -> Result<R, StoreError> {
-        let run = || f(&self.db.begin_read()?);
-        run().map_err(|e| self.db_error(action(), e))
-    }
-
-    fn db_error(&self, action: String, e: Failure) -> StoreError {
-        match *e.0 {
-            redb::Error::Corrupted(detail) => StoreError::Damaged { path: self.path.clone(), detail },
-            other => StoreError::Db { path: self.path.clone(), action, detail: other.to_string() },
-        }
+        self.backend.last_seq(log.0.name)
     }
 }
 
-/// A redb failure inside a transaction, boxed because `redb::Error` is large.
-struct Failure(Box<redb::Error>);
-
-impl<E: Into<redb::Error>> From<E> for Failure {
-    fn from(e: E) -> Failure {
-        Failure(Box::new(e.into()))
-    }
-}
-
-fn records(table: &Table) -> TableDefinition<'static, &'static str, &'static [u8]> {
-    TableDefinition::new(table.name)
-}
-
-fn entries(log: &Log) -> TableDefinition<'static, u64, &'static [u8]> {
-    TableDefinition::new(log.0.name)
-}
-
-/// Opens a table for reading; `None` when no write has created it yet.
-fn open_read<K: redb::Key + 'static, V: redb::Value + 'static>(
-    txn: &redb::ReadTransaction,
-    def: TableDefinition<K, V>,
-) -> Result<Option<redb::ReadOnlyTable<K, V>>, Failure> {
-    match txn.open_table(def) {
-        Ok(t) => Ok(Some(t)),
-        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// redb's magic number, the first bytes of every redb file.
-const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
-
-/// Checks that an existing file starts like a redb database and is as long as its header
-/// says. redb 2.6 asserts (panics) when the file is shorter than its header's layout, so a
-/// truncated file is caught here, by the header fields it would read (redb's
-/// `tree_store/page_store/header.rs`: page size at byte 12, then region header pages,
-/// region data pages, full regions and trailing-region data pages, each a `u32` LE).
-fn check_header(path: &Path) -> Result<(), StoreError> {
-    use std::io::Read;
-    let damaged = |detail: String| StoreError::Damaged { path: path.to_path_buf(), detail };
-    let open_failed = |e: std::io::Error| StoreError::Open { path: path.to_path_buf(), detail: e.to_string() };
-    let file = std::fs::File::open(path).map_err(open_failed)?;
-    let len = file.metadata().map_err(open_failed)?.len();
-    let mut head = Vec::with_capacity(32);
-    file.take(32).read_to_end(&mut head).map_err(open_failed)?;
-    if !head.starts_with(&REDB_MAGIC) {
-        return Err(damaged("it does not start with redb's magic number (not a redb database, or overwritten)".into()));
-    }
-    if head.len() < 32 {
-        return Err(damaged(format!("it is {len} bytes long, shorter than a redb header")));
-    }
-    let field = |at: usize| u64::from(u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]));
-    let (page, region_header, region_data, full_regions, trailing_data) = (field(12), field(16), field(20), field(24), field(28));
-    let full_region = (region_header + region_data).saturating_mul(page);
-    let trailing_region = if trailing_data > 0 { (region_header + trailing_data).saturating_mul(page) } else { 0 };
-    let expected = page.saturating_add(full_regions.saturating_mul(full_region)).saturating_add(trailing_region);
-    if expected > len {
-        return Err(damaged(format!("it is {len} bytes long but its header describes {expected} bytes: the file was cut short")));
-    }
-    Ok(())
-}
-
-fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
-    let path = path.to_path_buf();
-    match e {
-        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path },
-        redb::DatabaseError::Storage(redb::StorageError::Corrupted(detail)) => StoreError::Damaged { path, detail },
-        redb::DatabaseError::Storage(redb::StorageError::Io(io)) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            StoreError::Damaged { path, detail: format!("the file ends early ({io})") }
-        }
-        other => StoreError::Open { path, detail: other.to_string() },
-    }
-}
+/// Marks a tagged value; JSON text never starts with a NUL byte, so an untagged (legacy)
+/// value is never mistaken for a tagged one.
+const TAG: u8 = 0;
 
 fn encode<T: Serialize>(table: &Table, key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::with_capacity(128);

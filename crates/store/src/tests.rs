@@ -1,6 +1,8 @@
 //! The store's behaviour against real database files in a temporary directory.
 
 use super::*;
+use crate::redb::{META, REDB_MAGIC};
+use ::redb::TableDefinition;
 use serde::Deserialize;
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -176,7 +178,7 @@ fn a_record_of_another_shape_is_reported_by_table_and_key() {
 fn write_legacy_database(path: &Path) {
     const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
     const LEGACY_EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
-    let db = redb::Database::create(path).expect("create legacy db");
+    let db = ::redb::Database::create(path).expect("create legacy db");
     let txn = db.begin_write().expect("txn");
     {
         let mut vms = txn.open_table(VMS).expect("vms");

@@ -1,7 +1,8 @@
 //! The testbed: local clusters on one machine for `walkabout up`, `walkabout demo`, the
 //! end-to-end tests and the benchmarks, as processes (never linked in): agents and a
-//! controller on loopback or in network namespaces, the files they announce their URLs
-//! in (written atomically, read whole), temporary directories, kill and liveness helpers.
+//! controller (or etcd and several controllers) on loopback or in network namespaces, the
+//! files they announce their URLs in (written atomically, read whole), temporary
+//! directories, kill and liveness helpers.
 //!
 //! It knows the `walkabout` command line only as far as starting daemons goes; the
 //! binary to run is always a parameter (the tests' `CARGO_BIN_EXE_walkabout`, the CLI's
@@ -9,6 +10,7 @@
 
 pub mod daemons;
 pub mod error;
+pub mod etcd;
 pub mod files;
 pub mod local;
 pub mod net;
@@ -17,6 +19,7 @@ pub mod up;
 
 pub use daemons::{walkabout_command, Agent, AgentSpec, Controller, ControllerSpec};
 pub use error::{Result, TestbedError};
+pub use etcd::Etcd;
 pub use files::{read_url, session_root, write_atomic, TempDir};
 pub use local::{LocalCluster, LocalOptions};
 pub use net::{enter_netns, BridgeNet, GuestNet, NetPair};

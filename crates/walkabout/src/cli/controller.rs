@@ -14,9 +14,20 @@ pub struct ControllerArgs {
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: String,
     /// Directory of the controller's database (the cluster view, plans, migrations,
-    /// events); a restarted controller resumes from it.
+    /// events); a restarted controller resumes from it. With `--store etcd://...` it
+    /// holds only controller.url.
     #[arg(long)]
     data_dir: PathBuf,
+    /// Where the cluster's records live: `redb` (DATA_DIR/controller.redb, this
+    /// controller alone) or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]`, shared by several
+    /// controllers of which one leads (elected with a lease); the others redirect
+    /// clients to it and take over when it dies.
+    #[arg(long, default_value = "redb")]
+    store: String,
+    /// With etcd: the leader's lease in seconds; a dead leader is replaced after about
+    /// this long.
+    #[arg(long, default_value_t = 3)]
+    lease_ttl: u64,
     /// An agent to register as a host: `URL` (named h1, h2... in order) or `NAME=URL`.
     /// Repeatable; more can be added later with `POST /v1/hosts`.
     #[arg(long = "agent")]
@@ -77,6 +88,9 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
         let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         let url = format!("http://{}", listener.local_addr()?);
+        if a.store != "redb" {
+            return run_ha(a, config, listener, url).await;
+        }
         let web = match &a.web_listen {
             Some(addr) => {
                 Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (web console)"))?)
@@ -132,4 +146,19 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
         tracing::info!("controller stopped; agents and VMs carry on");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// One of several controllers sharing etcd: leads or follows until Ctrl-C or SIGTERM.
+async fn run_ha(a: ControllerArgs, config: ControllerConfig, listener: tokio::net::TcpListener, url: String) -> anyhow::Result<ExitCode> {
+    let etcd = walkabout_controller::EtcdConfig::parse(&a.store).map_err(|e| anyhow::anyhow!("--store: {e}; or `redb`"))?;
+    let ha = walkabout_controller::HaConfig {
+        etcd: etcd.clone(),
+        url: url.clone(),
+        lease_ttl: std::time::Duration::from_secs(a.lease_ttl.max(1)),
+    };
+    walkabout_testbed::write_atomic(&a.data_dir.join("controller.url"), url.as_bytes()).context("writing controller.url")?;
+    let _ = super::out::line(format_args!("walkabout controller listening on {url}, joining the controllers on {}", etcd.describe()));
+    walkabout_controller::serve_ha(config, ha, a.agents, listener, super::agent::shutdown_signal()).await?;
+    tracing::info!("controller stopped; agents and VMs carry on");
+    Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,11 @@
 //! joined into one segment the root namespace reaches at 10.77.0.254; needs root) with
 //! an address (10.77.0.11, .12...): the controller, in this process, probes each guest's
 //! echo through its hops, and every hop line shows QEMU's and the observed downtime.
+//!
+//! With `--ha`: etcd and three controller processes sharing it (one leads, elected with
+//! a lease; the others redirect to it and take over when it dies), the guests and the
+//! walk driven through the controllers' API. Kill the leader's pid to watch another
+//! take over; the walk carries on.
 
 use super::client::runtime;
 use super::out;
@@ -62,10 +67,17 @@ pub struct UpArgs {
     /// Stop by itself after this long (default: run until Ctrl-C).
     #[arg(long, value_parser = super::client::parse_duration_ms)]
     duration: Option<u64>,
+    /// Start etcd and three controllers sharing it (one leader, two standing by)
+    /// instead of one controller in this process.
+    #[arg(long)]
+    ha: bool,
 }
 
 /// Runs `walkabout up` until Ctrl-C, SIGTERM or `--duration`.
 pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
+    if a.ha {
+        return ha::run(a);
+    }
     runtime()?.block_on(async move {
         // The console's address comes first: open it now, it shows the cluster as it
         // comes up (the browser waits on the bound port until the console serves).
@@ -238,5 +250,159 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+mod ha {
+    //! `walkabout up --ha`: etcd, three controllers, the agents; everything through the
+    //! controllers' API (any controller: followers redirect to the leader).
+
+    use super::{out, runtime, UpArgs};
+    use crate::cli::walk::hop_line;
+    use anyhow::Context;
+    use std::process::ExitCode;
+    use std::time::{Duration, Instant};
+    use walkabout_api::{ClientOptions, ControllerClient, CreateVm, VmSpec, WalkOptions, WalkStatus};
+    use walkabout_testbed::{Controller, ControllerSpec, Etcd, LocalCluster, LocalOptions};
+
+    /// Controllers started by `up --ha`.
+    const CONTROLLERS: usize = 3;
+
+    pub(super) fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
+        runtime()?.block_on(async move {
+            out::line("walkabout up --ha: building the guest image (cached after the first run)...")?;
+            let cache = walkabout_image::default_cache_dir();
+            tokio::task::spawn_blocking(move || walkabout_image::build(&cache)).await??;
+            let root = walkabout_testbed::session_root("up", std::process::id());
+            let bin = std::env::current_exe().context("finding the walkabout binary")?;
+            let etcd_dir = root.join("etcd");
+            let mut etcd = tokio::task::spawn_blocking(move || Etcd::start(&etcd_dir, Duration::from_secs(60))).await??;
+            out::line(format_args!("  etcd at {} (pid {})", etcd.endpoint(), etcd.pid().unwrap_or(0)))?;
+            let opts = LocalOptions {
+                bin: bin.clone(),
+                hosts: a.hosts,
+                base_port: a.base_port,
+                accel: a.accel.clone(),
+                capacity: a.capacity.clone(),
+                netns: a.netns,
+                root: root.clone(),
+            };
+            let mut local = tokio::task::spawn_blocking(move || LocalCluster::start(&opts)).await??;
+            let store = etcd.store_url();
+            let started = {
+                let agents: Vec<&walkabout_testbed::Agent> = local.agents.iter().collect();
+                let spec = ControllerSpec::new(&bin, &agents).args(&["--store", store.as_str()]);
+                (0..CONTROLLERS).map(|_| Controller::start(spec.clone())).collect::<Result<Vec<_>, _>>()
+            };
+            let mut controllers = match started {
+                Ok(c) => c,
+                Err(e) => {
+                    local.shutdown();
+                    etcd.stop(Duration::from_secs(5));
+                    return Err(e.into());
+                }
+            };
+            let urls: Vec<String> = controllers.iter().map(|c| c.url.clone()).collect();
+            let etcd_config = walkabout_store_etcd::EtcdConfig::parse(&store).map_err(|e| anyhow::anyhow!(e))?;
+            let watch = tokio::task::spawn_blocking(move || walkabout_store_etcd::Etcd::connect(etcd_config)).await??;
+            let result = tokio::select! {
+                r = show(&local, &a, &urls, &watch) => r,
+                _ = crate::cli::agent::shutdown_signal() => { let _ = out::line("\ninterrupted"); Ok(()) }
+            };
+            let _ = out::line("stopping: the walk, the guests, the agents, the controllers, etcd...");
+            if let Some(c) = any_client(&urls).await {
+                if let Ok(walks) = c.walks().await {
+                    for w in walks.iter().filter(|w| w.status == WalkStatus::Running) {
+                        let _ = c.stop_walk(&w.id).await;
+                    }
+                }
+            }
+            crate::cli::demo::delete_guests(&local).await;
+            for c in &mut controllers {
+                c.kill();
+            }
+            local.shutdown();
+            etcd.stop(Duration::from_secs(5));
+            let _ = out::line("stopped; nothing left running");
+            result.map(|()| ExitCode::SUCCESS)
+        })
+    }
+
+    /// A client of the first controller that answers (a follower redirects to the leader).
+    async fn any_client(urls: &[String]) -> Option<ControllerClient> {
+        for u in urls {
+            let Ok(c) = ControllerClient::new(u, ClientOptions::default()) else { continue };
+            if c.cluster().await.is_ok() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    async fn client(urls: &[String]) -> anyhow::Result<ControllerClient> {
+        let start = Instant::now();
+        loop {
+            if let Some(c) = any_client(urls).await {
+                return Ok(c);
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                anyhow::bail!("no controller of {urls:?} leads after 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    async fn show(local: &LocalCluster, a: &UpArgs, urls: &[String], etcd: &walkabout_store_etcd::Etcd) -> anyhow::Result<()> {
+        let memory_mib = crate::cli::client::parse_mib(&a.memory).map_err(|e| anyhow::anyhow!(e))?;
+        for agent in &local.agents {
+            out::line(format_args!("  host {} at {}", agent.name, agent.url))?;
+        }
+        for u in urls {
+            out::line(format_args!("  controller at {u}"))?;
+        }
+        let c = client(urls).await?;
+        let hosts: Vec<String> = c.hosts().await?.into_iter().map(|h| h.name).collect();
+        for g in 0..a.guests {
+            let name = format!("g{}", g + 1);
+            let host = hosts.get(g % hosts.len().max(1)).cloned();
+            let spec = VmSpec { workload: a.workload.clone(), ..VmSpec::new(&name, memory_mib) };
+            let start = Instant::now();
+            client(urls).await?.create_vm(&CreateVm { spec, host: host.clone() }).await?;
+            while !client(urls).await?.vm(&name).await.is_ok_and(|v| v.guest.ready) {
+                if start.elapsed() > Duration::from_secs(300) {
+                    anyhow::bail!("guest {name} did not become ready: see the agent's console");
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            out::line(format_args!("booted {name} on {} in {} ms", host.as_deref().unwrap_or("?"), start.elapsed().as_millis()))?;
+        }
+        out::line("kill the leading controller and another takes over within seconds; Ctrl-C stops everything.")?;
+        let duration_ms = a.duration.unwrap_or(u64::MAX / 4);
+        let walk = client(urls).await?.start_walk(&WalkOptions { duration_ms, parallel: 1, pause_ms: a.pause }).await?;
+        let (mut shown, mut serving) = (0usize, String::new());
+        loop {
+            let c = client(urls).await?;
+            let leader = match etcd.leader().await {
+                Ok(Some(l)) => format!("{} (epoch {})", l.url, l.epoch),
+                Ok(None) => "none (an election is under way)".to_string(),
+                Err(e) => format!("unknown ({e})"),
+            };
+            if leader != serving {
+                out::line(format_args!("leader: {leader}"))?;
+                serving = leader;
+            }
+            let Ok(w) = c.walk(&walk.id).await else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            };
+            for h in w.hops.iter().skip(shown) {
+                shown += 1;
+                out::line(hop_line(shown, h))?;
+            }
+            if w.finished_ms.is_some() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     }
 }

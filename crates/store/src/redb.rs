@@ -1,0 +1,272 @@
+//! The embedded [`Backend`]: one redb file. A missing file becomes a new, empty
+//! database; an existing one must be a whole redb database (a zero-byte file is refused
+//! with [`StoreError::EmptyFile`], a damaged one with [`StoreError::Damaged`]).
+
+use crate::{Backend, StoreError};
+use redb::{ReadableTable, TableDefinition};
+use std::path::{Path, PathBuf};
+
+/// Counters by name.
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// An open redb database: the embedded [`Backend`].
+pub struct Redb {
+    db: redb::Database,
+    path: PathBuf,
+}
+
+impl Redb {
+    /// Opens the database at `path`, creating an empty one only if the file does not exist.
+    pub fn open(path: &Path) -> Result<Redb, StoreError> {
+        let exists = match std::fs::metadata(path) {
+            Ok(meta) if meta.len() == 0 => return Err(StoreError::EmptyFile { path: path.to_path_buf() }),
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(StoreError::Open { path: path.to_path_buf(), detail: e.to_string() }),
+        };
+        if exists {
+            check_header(path)?;
+        }
+        // redb 2 asserts rather than returning an error on some malformed files; a damaged
+        // file must be an error the caller can report, never the end of the process.
+        let opened = std::panic::catch_unwind(|| if exists { redb::Database::open(path) } else { redb::Database::create(path) });
+        let db = match opened {
+            Ok(result) => result.map_err(|e| open_error(path, e))?,
+            Err(panic) => {
+                let detail = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+                let detail = format!("redb could not read it ({})", detail.as_deref().unwrap_or("no detail"));
+                return Err(StoreError::Damaged { path: path.to_path_buf(), detail });
+            }
+        };
+        Ok(Redb { db, path: path.to_path_buf() })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in a write transaction and commits it.
+    fn write<R>(
+        &self,
+        action: impl FnOnce() -> String,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<R, Failure>,
+    ) -> Result<R, StoreError> {
+        let run = || {
+            let txn = self.db.begin_write()?;
+            let out = f(&txn)?;
+            txn.commit()?;
+            Ok(out)
+        };
+        run().map_err(|e| self.db_error(action(), e))
+    }
+
+    /// Runs `f` in a read transaction.
+    fn read<R>(
+        &self,
+        action: impl FnOnce() -> String,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<R, Failure>,
+    ) -> Result<R, StoreError> {
+        let run = || f(&self.db.begin_read()?);
+        run().map_err(|e| self.db_error(action(), e))
+    }
+
+    fn db_error(&self, action: String, e: Failure) -> StoreError {
+        match *e.0 {
+            redb::Error::Corrupted(detail) => StoreError::Damaged { path: self.path.clone(), detail },
+            other => StoreError::Db { path: self.path.clone(), action, detail: other.to_string() },
+        }
+    }
+}
+
+impl Backend for Redb {
+    fn describe(&self) -> String {
+        format!("database {}", self.path.display())
+    }
+
+    fn put(&self, table: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.write(
+            || format!("write record `{key}` of table `{table}`"),
+            |txn| {
+                txn.open_table(records(table))?.insert(key, value)?;
+                Ok(())
+            },
+        )
+    }
+
+    fn get(&self, table: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(
+            || format!("read record `{key}` of table `{table}`"),
+            |txn| match open_read(txn, records(table))? {
+                Some(t) => Ok(t.get(key)?.map(|v| v.value().to_vec())),
+                None => Ok(None),
+            },
+        )
+    }
+
+    fn delete(&self, table: &str, key: &str) -> Result<(), StoreError> {
+        self.write(
+            || format!("delete record `{key}` of table `{table}`"),
+            |txn| {
+                txn.open_table(records(table))?.remove(key)?;
+                Ok(())
+            },
+        )
+    }
+
+    fn list(&self, table: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read(
+            || format!("list table `{table}`"),
+            |txn| {
+                let Some(t) = open_read(txn, records(table))? else { return Ok(vec![]) };
+                t.iter()?.map(|item| item.map(|(k, v)| (k.value().to_string(), v.value().to_vec())).map_err(Failure::from)).collect()
+            },
+        )
+    }
+
+    fn next(&self, counter: &str) -> Result<u64, StoreError> {
+        self.write(
+            || format!("advance counter `{counter}`"),
+            |txn| {
+                let mut t = txn.open_table(META)?;
+                let n = t.get(counter)?.map(|v| v.value()).unwrap_or(0) + 1;
+                t.insert(counter, n)?;
+                Ok(n)
+            },
+        )
+    }
+
+    fn raise(&self, counter: &str, at_least: u64) -> Result<u64, StoreError> {
+        self.write(
+            || format!("raise counter `{counter}` to {at_least}"),
+            |txn| {
+                let mut t = txn.open_table(META)?;
+                let now = t.get(counter)?.map(|v| v.value()).unwrap_or(0);
+                if at_least > now {
+                    t.insert(counter, at_least)?;
+                }
+                Ok(now.max(at_least))
+            },
+        )
+    }
+
+    fn counter(&self, counter: &str) -> Result<u64, StoreError> {
+        self.read(
+            || format!("read counter `{counter}`"),
+            |txn| match open_read(txn, META)? {
+                Some(t) => Ok(t.get(counter)?.map(|v| v.value()).unwrap_or(0)),
+                None => Ok(0),
+            },
+        )
+    }
+
+    fn append(&self, log: &str, seq: u64, value: &[u8], keep: u64) -> Result<(), StoreError> {
+        self.write(
+            || format!("append event {seq} to log `{log}`"),
+            |txn| {
+                let mut t = txn.open_table(entries(log))?;
+                t.insert(seq, value)?;
+                if let Some(oldest_kept) = seq.checked_sub(keep) {
+                    t.retain_in(..=oldest_kept, |_, _| false)?;
+                }
+                Ok(())
+            },
+        )
+    }
+
+    fn after(&self, log: &str, after: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.read(
+            || format!("read log `{log}`"),
+            |txn| {
+                let Some(t) = open_read(txn, entries(log))? else { return Ok(vec![]) };
+                t.range(after.saturating_add(1)..)?
+                    .map(|item| item.map(|(k, v)| (k.value(), v.value().to_vec())).map_err(Failure::from))
+                    .collect()
+            },
+        )
+    }
+
+    fn last_seq(&self, log: &str) -> Result<u64, StoreError> {
+        self.read(
+            || format!("read log `{log}`"),
+            |txn| match open_read(txn, entries(log))? {
+                Some(t) => Ok(t.last()?.map(|(k, _)| k.value()).unwrap_or(0)),
+                None => Ok(0),
+            },
+        )
+    }
+}
+
+/// A redb failure inside a transaction, boxed because `redb::Error` is large.
+struct Failure(Box<redb::Error>);
+
+impl<E: Into<redb::Error>> From<E> for Failure {
+    fn from(e: E) -> Failure {
+        Failure(Box::new(e.into()))
+    }
+}
+
+fn records(table: &str) -> TableDefinition<'_, &'static str, &'static [u8]> {
+    TableDefinition::new(table)
+}
+
+fn entries(log: &str) -> TableDefinition<'_, u64, &'static [u8]> {
+    TableDefinition::new(log)
+}
+
+/// Opens a table for reading; `None` when no write has created it yet.
+fn open_read<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, Failure> {
+    match txn.open_table(def) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// redb's magic number, the first bytes of every redb file.
+pub(crate) const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+
+/// Checks that an existing file starts like a redb database and is as long as its header
+/// says. redb 2.6 asserts (panics) when the file is shorter than its header's layout, so a
+/// truncated file is caught here, by the header fields it would read (redb's
+/// `tree_store/page_store/header.rs`: page size at byte 12, then region header pages,
+/// region data pages, full regions and trailing-region data pages, each a `u32` LE).
+fn check_header(path: &Path) -> Result<(), StoreError> {
+    use std::io::Read;
+    let damaged = |detail: String| StoreError::Damaged { path: path.to_path_buf(), detail };
+    let open_failed = |e: std::io::Error| StoreError::Open { path: path.to_path_buf(), detail: e.to_string() };
+    let file = std::fs::File::open(path).map_err(open_failed)?;
+    let len = file.metadata().map_err(open_failed)?.len();
+    let mut head = Vec::with_capacity(32);
+    file.take(32).read_to_end(&mut head).map_err(open_failed)?;
+    if !head.starts_with(&REDB_MAGIC) {
+        return Err(damaged("it does not start with redb's magic number (not a redb database, or overwritten)".into()));
+    }
+    if head.len() < 32 {
+        return Err(damaged(format!("it is {len} bytes long, shorter than a redb header")));
+    }
+    let field = |at: usize| u64::from(u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]));
+    let (page, region_header, region_data, full_regions, trailing_data) = (field(12), field(16), field(20), field(24), field(28));
+    let full_region = (region_header + region_data).saturating_mul(page);
+    let trailing_region = if trailing_data > 0 { (region_header + trailing_data).saturating_mul(page) } else { 0 };
+    let expected = page.saturating_add(full_regions.saturating_mul(full_region)).saturating_add(trailing_region);
+    if expected > len {
+        return Err(damaged(format!("it is {len} bytes long but its header describes {expected} bytes: the file was cut short")));
+    }
+    Ok(())
+}
+
+fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    let path = path.to_path_buf();
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse { path },
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(detail)) => StoreError::Damaged { path, detail },
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            StoreError::Damaged { path, detail: format!("the file ends early ({io})") }
+        }
+        other => StoreError::Open { path, detail: other.to_string() },
+    }
+}
