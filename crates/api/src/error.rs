@@ -39,6 +39,12 @@ pub enum ErrorKind {
     Conflict,
     /// An agent did not answer or refused.
     Agent,
+    /// No valid client certificate (HTTP 401).
+    Unauthenticated,
+    /// The caller's role does not allow this (HTTP 403).
+    Forbidden,
+    /// The request body is larger than the server reads (HTTP 413).
+    TooLarge,
     /// A kind this client does not know (a newer server).
     #[serde(other)]
     Other,

@@ -24,10 +24,12 @@ pub mod host;
 pub mod migration;
 pub mod openapi;
 pub mod plan;
+pub mod trust;
 pub mod vm;
 pub mod walk;
 
 pub use client::{AgentClient, ClientError, ClientOptions, ControllerClient};
+pub use trust::{JoinReply, JoinRequest, JoinToken, JoinTokenRequest};
 pub use cluster::{
     AddHost, ClusterMigration, ClusterSummary, ClusterVm, ClusterVmState, CreateVm, ExecLimits, Host, HostStatus, Maintenance, MoveVm,
 };

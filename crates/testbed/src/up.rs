@@ -22,8 +22,9 @@ pub struct UpSession {
 }
 
 impl UpSession {
-    /// Starts `BIN up --listen 127.0.0.1:P --base-port P+1 --hosts HOSTS ARGS` on free
-    /// ports; its stderr goes to `stderr_log` (discarded when `None`).
+    /// Starts `BIN up --listen 127.0.0.1:P --base-port P+1 --hosts HOSTS
+    /// --insecure-loopback ARGS` on free ports (plain HTTP, so that its callers' clients
+    /// need no identity); its stderr goes to `stderr_log` (discarded when `None`).
     pub fn start(bin: &Path, hosts: u16, args: &[&str], stderr_log: Option<&Path>) -> Result<UpSession> {
         let port = free_ports(hosts + 1)?;
         let stderr = match stderr_log {
@@ -32,7 +33,7 @@ impl UpSession {
         };
         let mut child = Command::new(bin)
             .args(["up", "--listen", &format!("127.0.0.1:{port}"), "--base-port", &(port + 1).to_string()])
-            .args(["--hosts", &hosts.to_string()])
+            .args(["--hosts", &hosts.to_string(), "--insecure-loopback"])
             .args(args)
             .env("WALKABOUT_LOG", "warn")
             .stdin(Stdio::null())

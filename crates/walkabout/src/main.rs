@@ -18,6 +18,11 @@ struct Cli {
     /// booting) poll with short requests, each bounded by this, so they are not cut.
     #[arg(long, global = true, value_parser = cli::client::parse_timeout, default_value = cli::client::DEFAULT_TIMEOUT, value_name = "DURATION")]
     timeout: std::time::Duration,
+    /// Who this command (or daemon) is: a bundle of certificate, key and cluster CA
+    /// (`walkabout user add`, `walkabout host join`). Needed for https:// servers; a
+    /// daemon given one serves mutual TLS with it.
+    #[arg(long, global = true, env = "WALKABOUT_IDENTITY", value_name = "FILE")]
+    identity: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,6 +66,12 @@ enum Command {
     /// Walkabout games.
     #[command(subcommand)]
     Game(cli::walk::GameCommand),
+    /// The cluster's certificate authority.
+    #[command(subcommand)]
+    Ca(cli::ca::CaCommand),
+    /// Operators' credentials: viewer (reads) or operator (changes).
+    #[command(subcommand)]
+    User(cli::user::UserCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -83,6 +94,12 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some(path) = &cli.identity {
+        if let Err(e) = cli::ca::set_identity(path) {
+            eprintln!("walkabout: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    }
     let result = match cli.command {
         Command::Agent(a) => cli::agent::run(a),
         Command::Demo(a) => cli::demo::run(a),
@@ -98,6 +115,8 @@ fn main() -> std::process::ExitCode {
         Command::Cluster(c) => cli::cluster::run(c),
         Command::Walk(a) => cli::walk::run_walk(a),
         Command::Game(c) => cli::walk::run_game(c),
+        Command::Ca(c) => cli::ca::run(c),
+        Command::User(c) => cli::user::run(c),
     };
     match result {
         Ok(code) => code,

@@ -17,6 +17,11 @@ pub struct AgentArgs {
     /// Directory for the agent's database and its VMs' files.
     #[arg(long)]
     data_dir: PathBuf,
+    /// Serve plain HTTP without client certificates (loopback addresses only): for
+    /// tests and a single machine. Otherwise the agent needs `--identity` (a host
+    /// certificate from `walkabout host join`) and serves mutual TLS.
+    #[arg(long, env = "WALKABOUT_INSECURE_LOOPBACK")]
+    insecure_loopback: bool,
     /// Accelerator: `auto` measures KVM against TCG and picks the faster.
     #[arg(long, default_value = "auto")]
     accel: AccelRequest,
@@ -59,9 +64,10 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             cpu_ceiling: a.cpu_ceiling,
             ..AgentConfig::new(a.data_dir)
         };
-        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         let agent = Agent::start(config).await?;
-        let url = format!("http://{}", listener.local_addr()?);
+        let tls = server_tls(a.insecure_loopback)?;
+        let listener = walkabout_trust::Listener::bind(&a.listen, tls, walkabout_trust::ListenerOptions::default()).await?;
+        let url = listener.url();
         // Written whole, then renamed: a reader never sees it half-written.
         walkabout_testbed::write_atomic(&data_dir.join("agent.url"), url.as_bytes()).context("writing agent.url")?;
         let host = agent.host_info();
@@ -70,6 +76,19 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         tracing::info!("agent stopped; its VMs keep running");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The TLS configuration a daemon serves with: its `--identity`, or none when
+/// `--insecure-loopback` asked for plain HTTP; refused when given neither.
+pub fn server_tls(insecure_loopback: bool) -> anyhow::Result<Option<std::sync::Arc<rustls::ServerConfig>>> {
+    match (super::ca::identity(), insecure_loopback) {
+        (Some(b), _) => Ok(Some(walkabout_trust::tls::server_config(b)?)),
+        (None, true) => Ok(None),
+        (None, false) => anyhow::bail!(
+            "no identity: give --identity FILE (a host certificate: walkabout host join) to serve mutual TLS, \
+             or --insecure-loopback for plain HTTP on a loopback address"
+        ),
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -17,6 +17,19 @@ pub struct ControllerArgs {
     /// events); a restarted controller resumes from it.
     #[arg(long)]
     data_dir: PathBuf,
+    /// Serve plain HTTP without client certificates (loopback addresses only).
+    /// Otherwise the controller serves mutual TLS with a certificate it issues itself
+    /// from `--ca-dir` (or `--identity`).
+    #[arg(long, env = "WALKABOUT_INSECURE_LOOPBACK")]
+    insecure_loopback: bool,
+    /// The cluster CA's directory (`walkabout ca init`): the controller issues itself a
+    /// certificate, serves mutual TLS and signs hosts' joins.
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Addresses (IP or DNS) clients reach the controller at, for its certificate
+    /// (default: the --listen address and localhost).
+    #[arg(long = "san")]
+    sans: Vec<String>,
     /// An agent to register as a host: `URL` (named h1, h2... in order) or `NAME=URL`.
     /// Repeatable; more can be added later with `POST /v1/hosts`.
     #[arg(long = "agent")]
@@ -62,24 +75,47 @@ impl ControllerArgs {
     }
 }
 
+/// The controller's TLS: with `ca_dir`, a certificate it issues itself (role
+/// `controller`, valid at `addr`'s IP, localhost and `sans`) and the CA to sign joins;
+/// else its `--identity`; else plain HTTP if `insecure` asked for it. The chosen
+/// identity also becomes its clients' (toward agents, and the games toward itself).
+pub fn controller_tls(
+    ca_dir: Option<&std::path::Path>,
+    addr: &std::net::SocketAddr,
+    sans: &[String],
+    insecure: bool,
+) -> anyhow::Result<(Option<std::sync::Arc<rustls::ServerConfig>>, std::sync::Arc<walkabout_controller::join::Trust>)> {
+    use walkabout_controller::join::Trust;
+    if let Some(dir) = ca_dir {
+        let ca = walkabout_trust::Ca::load(dir)?;
+        let mut names: Vec<String> = vec!["localhost".into()];
+        if !addr.ip().is_unspecified() {
+            names.push(addr.ip().to_string());
+        }
+        names.extend(sans.iter().cloned());
+        let bundle = ca.issue("controller", walkabout_trust::Role::Controller, &names)?;
+        walkabout_api::client::set_process_tls(walkabout_trust::tls::client_config(&bundle)?);
+        return Ok((Some(walkabout_trust::tls::server_config(&bundle)?), Trust::with_ca(ca)));
+    }
+    Ok((super::agent::server_tls(insecure)?, Trust::none()))
+}
+
 /// Runs the controller until Ctrl-C or SIGTERM. Agents and VMs carry on without it.
 pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
     super::client::runtime()?.block_on(async move {
         let config = a.config()?;
         std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
-        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
-        let url = format!("http://{}", listener.local_addr()?);
+        let tcp = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+        let (tls, trust) = controller_tls(a.ca_dir.as_deref(), &tcp.local_addr()?, &a.sans, a.insecure_loopback)?;
+        let listener = walkabout_trust::Listener::from_tcp(tcp, tls, walkabout_trust::ListenerOptions::default())?;
+        let url = listener.url();
         let cluster = walkabout_controller::start(config, &a.agents).await?;
-        // The games are clients of this API, at the address just bound.
-        cluster.games().serve_at(&url)?;
         // Written whole, then renamed: a reader never sees it half-written.
         walkabout_testbed::write_atomic(&a.data_dir.join("controller.url"), url.as_bytes()).context("writing controller.url")?;
         let _ = super::out::line(format_args!("walkabout controller listening on {url} ({} host(s))", cluster.hosts().len()));
-        axum::serve(listener, walkabout_controller::api::router(cluster.clone()))
-            .with_graceful_shutdown(super::agent::shutdown_signal())
-            .await
-            .context("serving the API")?;
+        let r = walkabout_controller::serve(cluster.clone(), trust, listener, super::agent::shutdown_signal()).await;
         cluster.stop();
+        r?;
         tracing::info!("controller stopped; agents and VMs carry on");
         Ok(ExitCode::SUCCESS)
     })

@@ -1,6 +1,7 @@
 //! One module per subcommand group.
 
 pub mod agent;
+pub mod ca;
 pub mod client;
 pub mod cluster;
 pub mod controller;
@@ -14,5 +15,6 @@ pub mod plan;
 pub mod progress;
 pub mod table;
 pub mod up;
+pub mod user;
 pub mod vm;
 pub mod walk;

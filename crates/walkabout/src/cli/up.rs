@@ -46,6 +46,11 @@ pub struct UpArgs {
     /// Rest of each guest between two of its hops.
     #[arg(long, value_parser = super::client::parse_duration_ms, default_value = "3s")]
     pause: u64,
+    /// Plain HTTP on loopback, without certificates. By default the cluster gets a CA
+    /// of its own and every connection is mutual TLS (an operator identity is written
+    /// for the CLI and printed).
+    #[arg(long, env = "WALKABOUT_INSECURE_LOOPBACK")]
+    insecure_loopback: bool,
     /// Stop by itself after this long (default: run until Ctrl-C).
     #[arg(long, value_parser = super::client::parse_duration_ms)]
     duration: Option<u64>,
@@ -59,8 +64,8 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
         let img = tokio::task::spawn_blocking(move || walkabout_image::build(&cache)).await??;
         out::line(format_args!("  guest: Linux {} + busybox + the Walkabout guest program", img.kernel_version))?;
         let root = walkabout_testbed::session_root("up", std::process::id());
-        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
-        let api_url = format!("http://{}", listener.local_addr()?);
+        let tcp = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+        let api_addr = tcp.local_addr()?;
         let opts = LocalOptions {
             bin: std::env::current_exe().context("finding the walkabout binary")?,
             hosts: a.hosts,
@@ -69,6 +74,7 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
             capacity: a.capacity.clone(),
             netns: a.netns,
             root: root.clone(),
+            tls: !a.insecure_loopback,
         };
         out::line(format_args!(
             "starting {} agents{}...",
@@ -76,6 +82,16 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
             if a.netns { ", each in its own network namespace" } else { " on loopback" }
         ))?;
         let mut local = tokio::task::spawn_blocking(move || LocalCluster::start(&opts)).await??;
+        let ca_dir = local.ca.as_ref().map(|ca| ca.dir().to_path_buf());
+        let (tls, trust) = match super::controller::controller_tls(ca_dir.as_deref(), &api_addr, &[], a.insecure_loopback) {
+            Ok(t) => t,
+            Err(e) => {
+                local.shutdown();
+                return Err(e);
+            }
+        };
+        let listener = walkabout_trust::Listener::from_tcp(tcp, tls, walkabout_trust::ListenerOptions::default())?;
+        let api_url = listener.url();
         let urls: Vec<String> = local.agents.iter().map(|x| format!("{}={}", x.name, x.url)).collect();
         let started = async {
             let cluster = walkabout_controller::start(ControllerConfig::new(root.join("controller")), &urls).await?;
@@ -91,18 +107,11 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
             }
         };
         let server = {
-            let app = walkabout_controller::api::router(cluster.clone());
             let stop = cluster.clone();
-            tokio::spawn(async move {
-                let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.stopped().await }).await;
-            })
+            // The walk is a client of the controller's API, at the address just bound.
+            let serving = walkabout_controller::serve(cluster.clone(), trust, listener, async move { stop.stopped().await });
+            tokio::spawn(serving)
         };
-        // The walk is a client of the controller's API, at the address just bound.
-        if let Err(e) = cluster.games().serve_at(&api_url) {
-            cluster.stop();
-            local.shutdown();
-            return Err(e.into());
-        }
         let result = tokio::select! {
             r = show(&cluster, &local, &a, &api_url) => r,
             _ = super::agent::shutdown_signal() => { let _ = out::line("\ninterrupted"); Ok(()) }
@@ -160,7 +169,16 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
     out::line(format_args!("controller API   {api_url}/v1/cluster  (hosts, vms, plans, migrations, walks)"))?;
     out::line(format_args!("events (SSE)     {api_url}/v1/events"))?;
     out::line(format_args!("metrics          {api_url}/metrics"))?;
-    out::line("try              walkabout host list · walkabout host drain h1 · walkabout cluster rebalance --dry-run")?;
+    match &local.operator {
+        Some(id) => {
+            out::line(format_args!("identity         {} (mutual TLS; an operator's credentials)", id.display()))?;
+            out::line(format_args!(
+                "try              export WALKABOUT_IDENTITY={} WALKABOUT_CONTROLLER={api_url}; walkabout host list · walkabout host drain h1",
+                id.display()
+            ))?;
+        }
+        None => out::line("try              walkabout host list · walkabout host drain h1 · walkabout cluster rebalance --dry-run")?,
+    }
     out::line("Ctrl-C stops everything.")?;
     out::line("")?;
     let duration_ms = a.duration.unwrap_or(u64::MAX / 4);

@@ -1,0 +1,95 @@
+//! The cluster's trust: one CA per cluster; every process (agent, controller, operator)
+//! holds a certificate the CA signed, and the certificate says who it is and what it may
+//! do. Servers accept TLS with an optional client certificate at the handshake and refuse
+//! a request without one in a middleware (401), or one whose role does not allow it (403).
+//!
+//! - [`ca`]: creating the CA, issuing certificates, signing a joining host's CSR; the
+//!   identity bundle a process holds ([`Bundle`]: its certificate, its key, the CA).
+//! - [`identity`]: the name and [`Role`] a certificate carries (CN and a SAN URI
+//!   `walkabout://role/<role>`), read back from a peer's certificate.
+//! - [`tls`]: rustls server and client configurations from a bundle.
+//! - [`policy`]: which role may call which route.
+//! - [`token`]: short-lived, single-use join tokens.
+//! - [`serve`]: the listener (TLS, or plain HTTP on loopback when asked) with handshake
+//!   and idle timeouts, and the axum middleware that enforces [`policy`].
+
+pub mod ca;
+pub mod identity;
+pub mod policy;
+pub mod serve;
+pub mod tls;
+pub mod token;
+
+pub use ca::{Bundle, Ca};
+pub use identity::{Identity, Role};
+pub use policy::{Decision, ServerKind};
+pub use serve::{Listener, ListenerOptions, Peer};
+pub use token::JoinTokens;
+
+/// Errors of the trust crate: every one names the file or thing and the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// A CA directory already holds a CA (never overwritten).
+    #[error("{0} already holds a CA (ca.crt); refusing to overwrite it")]
+    CaExists(String),
+    /// A certificate or key could not be made.
+    #[error("cannot make {what}: {reason}")]
+    Generate {
+        /// What was being made.
+        what: String,
+        /// Why not.
+        reason: String,
+    },
+    /// A PEM file or certificate is not what it should be.
+    #[error("{what}: {reason}")]
+    Invalid {
+        /// What was read.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A name is not usable in a certificate.
+    #[error("invalid name {0:?}: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit")]
+    BadName(String),
+}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, TrustError>;
+
+/// Checks a name (host, user, VM) the way VM names are checked: 1-63 ASCII letters,
+/// digits, `-`, `_`, `.`, starting with a letter or digit. No spaces, no control
+/// characters, nothing a terminal, a URL or a Prometheus label would interpret.
+pub fn valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+/// The rustls crypto provider every config of this crate uses (ring; no OpenSSL).
+pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_are_checked_like_vm_names() {
+        assert!(super::valid_name("h1"));
+        assert!(super::valid_name("site-a.h_2"));
+        assert!(!super::valid_name(""));
+        assert!(!super::valid_name("h1\nevil 1"));
+        assert!(!super::valid_name("-h"));
+        assert!(!super::valid_name("h\u{1b}[31m"));
+        assert!(!super::valid_name(&"a".repeat(64)));
+    }
+}
