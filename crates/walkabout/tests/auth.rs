@@ -138,7 +138,7 @@ fn the_stolen_vm_attempt_fails_and_the_vm_keeps_running() {
     block_on(None, || async {
         op.create_vm(&VmSpec::new("prize", 128)).await.expect("create a VM");
         let started = Instant::now();
-        while op.vm("prize").await.expect("the VM").state != VmState::Running {
+        while op.vm("prize").await.expect("the VM").record.state != VmState::Running {
             assert!(started.elapsed() < Duration::from_secs(120), "the VM never ran");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -154,7 +154,7 @@ fn the_stolen_vm_attempt_fails_and_the_vm_keeps_running() {
             assert_eq!(r.status().as_u16(), want, "{who}: {:?}", r.text().await);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(op.vm("prize").await.expect("the VM").state, VmState::Running);
+        assert_eq!(op.vm("prize").await.expect("the VM").record.state, VmState::Running);
         assert!(op.migrations().await.expect("migrations").is_empty(), "a migration was started");
         op.delete_vm("prize").await.expect("delete");
     });
