@@ -3,6 +3,7 @@
 //! an HTTP/JSON API.
 
 pub mod api;
+pub mod boot;
 pub mod console;
 pub mod error;
 pub mod host;

@@ -271,7 +271,7 @@ impl Agent {
             let qmp =
                 guard.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: name.clone(), op: "receive", state: guard.record.state })?;
             self.check_cpu(&name, &qmp, &req.cpu_features).await?;
-            let uri = walkabout_migrate::run::listen_incoming(&qmp, req.postcopy_ready, &req.listen_host)
+            let uri = walkabout_migrate::run::listen_incoming(&qmp, req.postcopy_ready, &self.incoming_host())
                 .await
                 .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot receive {name}: {e}") })?;
             // Arm: `cont` on an incoming QEMU means "run the guest once it is fully

@@ -128,11 +128,27 @@ pub enum Poll {
 pub async fn poll(api: &dyn AgentApi, url: &str) -> Poll {
     let host = match api.host(url.to_string()).await {
         Ok(h) => h,
-        Err(e) => return Poll::Failed { reason: e.to_string() },
+        Err(e) => return Poll::Failed { reason: down_reason(url, &e) },
     };
     match api.vms(url.to_string()).await {
         Ok(vms) => Poll::Answered { host, vms },
-        Err(e) => Poll::Failed { reason: e.to_string() },
+        Err(e) => Poll::Failed { reason: down_reason(url, &e) },
+    }
+}
+
+/// Why a host is down, in a few fixed words: what was at its URL (a banner, an error
+/// page, a TLS alert) goes to the log, not to the API, so that registering URLs does
+/// not make the controller a port scanner.
+pub fn down_reason(url: &str, e: &ClientError) -> String {
+    tracing::debug!(url, error = %e, "agent poll failed");
+    match e {
+        ClientError::Unreachable { detail, .. } if detail.contains("Connection refused") || detail.contains("connection refused") => {
+            "connection refused".into()
+        }
+        ClientError::Unreachable { .. } => "unreachable".into(),
+        ClientError::Timeout { .. } => "did not answer in time".into(),
+        ClientError::Api { status, .. } => format!("answered with an error (HTTP {status})"),
+        ClientError::Decode { .. } | ClientError::BadUrl { .. } => "did not answer as a Walkabout agent".into(),
     }
 }
 

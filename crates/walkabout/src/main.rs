@@ -72,6 +72,12 @@ enum Command {
     /// Operators' credentials: viewer (reads) or operator (changes).
     #[command(subcommand)]
     User(cli::user::UserCommand),
+    /// Print a shell completion script (e.g. `walkabout completions bash >
+    /// /etc/bash_completion.d/walkabout`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -117,6 +123,11 @@ fn main() -> std::process::ExitCode {
         Command::Game(c) => cli::walk::run_game(c),
         Command::Ca(c) => cli::ca::run(c),
         Command::User(c) => cli::user::run(c),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "walkabout", &mut std::io::stdout());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
@@ -138,5 +149,13 @@ mod tests {
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from(["walkabout", "host", "info", "--timeout", "2s"]).expect("parses");
         assert_eq!(cli.timeout, std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bash_completions_know_the_subcommands() {
+        let mut out = Vec::new();
+        clap_complete::generate(clap_complete::Shell::Bash, &mut Cli::command(), "walkabout", &mut out);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("complete -F") && text.contains("migrate") && text.contains("user"), "{}", &text[..text.len().min(400)]);
     }
 }

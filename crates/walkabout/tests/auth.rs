@@ -206,3 +206,21 @@ fn a_host_joins_once_with_its_token_and_changes_are_recorded_with_who() {
         panic!("no audit event for alice's POST /v1/plans: {seen:?}");
     });
 }
+
+#[test]
+fn an_incoming_migration_listens_where_the_agent_says_not_where_the_request_says() {
+    let c = start();
+    let opts = ClientOptions { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(60) };
+    let peer = AgentClient::with_tls(&c.agent.url, opts, tls_of(Some(&c.other_host), &c.ca)).expect("a peer's client");
+    block_on(None, || async {
+        let req = walkabout_api::IncomingRequest {
+            spec: VmSpec::new("inbound", 128),
+            postcopy_ready: false,
+            cpu_features: vec![],
+            listen_host: "0.0.0.0".into(),
+        };
+        let reply = peer.prepare_incoming(&req).await.expect("prepared");
+        peer.abort_incoming("inbound").await.expect("aborted");
+        assert!(reply.uri.starts_with("tcp:127.0.0.1:"), "{}", reply.uri);
+    });
+}

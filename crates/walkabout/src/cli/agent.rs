@@ -40,6 +40,14 @@ pub struct AgentArgs {
     /// Default initramfs, with --kernel.
     #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
+    /// The address incoming migrations listen on (this host's address toward its
+    /// peers). Default: the --listen address, or 127.0.0.1 when that is unspecified.
+    #[arg(long)]
+    migration_address: Option<String>,
+    /// A directory VM specs may take kernels and initramfs from (repeatable), besides
+    /// the guest image's; any other path is refused.
+    #[arg(long = "boot-dir")]
+    boot_dirs: Vec<PathBuf>,
     /// Cache directory of the guest image.
     #[arg(long, env = "WALKABOUT_CACHE")]
     image_cache: Option<PathBuf>,
@@ -62,6 +70,8 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             initrd: a.initrd,
             image_cache: a.image_cache,
             cpu_ceiling: a.cpu_ceiling,
+            boot_dirs: a.boot_dirs,
+            migration_address: Some(migration_address(a.migration_address.as_deref(), &a.listen)),
             ..AgentConfig::new(a.data_dir)
         };
         let agent = Agent::start(config).await?;
@@ -76,6 +86,18 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         tracing::info!("agent stopped; its VMs keep running");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The address incoming migrations listen on: `given`, else the IP of `listen` unless
+/// it is unspecified (0.0.0.0, ::), else 127.0.0.1.
+fn migration_address(given: Option<&str>, listen: &str) -> String {
+    if let Some(g) = given {
+        return g.to_string();
+    }
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(a) if !a.ip().is_unspecified() => a.ip().to_string(),
+        _ => "127.0.0.1".into(),
+    }
 }
 
 /// The TLS configuration a daemon serves with: its `--identity`, or none when
