@@ -184,6 +184,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_down_reason_never_repeats_what_answered_at_the_url() {
+        let banner = ClientError::Api {
+            status: 404,
+            body: walkabout_api::ErrorBody::new(walkabout_api::ErrorKind::Other, "nginx/1.2 secret-admin-panel"),
+        };
+        assert_eq!(down_reason("http://10.0.0.9:80", &banner), "answered with an error (HTTP 404)");
+        let tls = ClientError::Unreachable { url: "u".into(), detail: "invalid peer certificate: UnknownIssuer (ssh-2.0-openssh)".into() };
+        assert_eq!(down_reason("u", &tls), "unreachable");
+        let refused = ClientError::Unreachable { url: "u".into(), detail: "tcp connect error: Connection refused (os error 111)".into() };
+        assert_eq!(down_reason("u", &refused), "connection refused");
+    }
+
+    #[test]
     fn a_host_is_down_after_two_seconds_of_failed_polls() {
         let mut l = Liveness::default();
         l.ok(10_000);

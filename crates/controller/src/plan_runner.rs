@@ -711,6 +711,18 @@ mod proposal_tests {
     use crate::plans::{Goal, PlanStatus};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_name_with_a_newline_is_refused() {
+        let fake = Fake::new(&[("h1", 1024)], &[]);
+        let dir = temp("badname");
+        let c = open(&dir, &fake, &["h1"]).await;
+        let e = c.add_host("http://127.0.0.1:9", Some("h2\nwalkabout_hosts 99")).await.expect_err("refused");
+        assert!(e.to_string().contains("invalid host name"), "{e}");
+        assert!(c.hosts().iter().all(|h| !h.name.contains('\n')));
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dry_runs_are_bounded_and_the_newest_kept() {
         let fake = Fake::new(&[("h1", 1024), ("h2", 1024)], &[("a", 256, "h1")]);
         let dir = temp("proposals");

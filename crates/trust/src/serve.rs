@@ -386,6 +386,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_over_the_limit_is_413_before_the_handler() {
+        use tokio::io::AsyncWriteExt;
+        let l = Listener::bind("127.0.0.1:0", None, ListenerOptions::default()).await.expect("bind");
+        let addr = l.addr();
+        let router = axum::Router::new().route("/v1/vms", axum::routing::post(|| async { "created" }));
+        let _srv = tokio::spawn(serve(l, router, ServerKind::Agent, None, std::future::pending()));
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let head = format!("POST /v1/vms HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", MAX_BODY + 1);
+        s.write_all(head.as_bytes()).await.expect("write");
+        let mut buf = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("an answer").expect("read");
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    }
+
+    #[tokio::test]
     async fn plain_http_is_refused_off_loopback() {
         let tcp = TcpListener::bind("0.0.0.0:0").await.expect("bind");
         assert!(matches!(Listener::from_tcp(tcp, None, ListenerOptions::default()), Err(ListenError::PlainNotLoopback(_))));
