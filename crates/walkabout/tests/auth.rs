@@ -224,3 +224,33 @@ fn an_incoming_migration_listens_where_the_agent_says_not_where_the_request_says
         assert!(reply.uri.starts_with("tcp:127.0.0.1:"), "{}", reply.uri);
     });
 }
+
+#[test]
+fn a_vm_migrates_between_two_tls_agents_whose_certificates_are_their_only_credentials() {
+    guest_image();
+    let ca = TestCa::new().expect("a CA");
+    let operator = ca.user("alice", Role::Operator).expect("operator");
+    let h1 = Agent::start(AgentSpec::new(bin()).tls(&ca.host("h1", "127.0.0.1").expect("h1"), &operator)).expect("h1");
+    let h2 = Agent::start(AgentSpec::new(bin()).tls(&ca.host("h2", "127.0.0.1").expect("h2"), &operator)).expect("h2");
+    let opts = ClientOptions { connect_timeout: Duration::from_secs(5), request_timeout: Duration::from_secs(120) };
+    let tls = tls_of(Some(&operator), &ca);
+    let src = AgentClient::with_tls(&h1.url, opts, tls.clone()).expect("h1 client");
+    let dst = AgentClient::with_tls(&h2.url, opts, tls).expect("h2 client");
+    block_on(None, || async {
+        src.create_vm(&VmSpec::new("mover", 128)).await.expect("create");
+        let req = walkabout_api::MigrationRequest::new("mover", h2.url.clone(), walkabout_api::Mode::Auto);
+        let rec = src.start_migration(&req).await.expect("start");
+        let started = Instant::now();
+        let rec = loop {
+            let r = src.migration(&rec.id).await.expect("the migration");
+            if r.phase.is_final() {
+                break r;
+            }
+            assert!(started.elapsed() < Duration::from_secs(240), "still {:?}", r.phase);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        assert_eq!(rec.phase, walkabout_api::Phase::Completed, "{rec:?}");
+        assert_eq!(dst.vm("mover").await.expect("at h2").record.state, VmState::Running);
+        dst.delete_vm("mover").await.expect("delete");
+    });
+}
