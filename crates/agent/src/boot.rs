@@ -74,7 +74,10 @@ pub fn checked_file(path: &Path, what: &str, dirs: &[PathBuf]) -> Result<PathBuf
 /// Whether `s` is a plain name QEMU can take as a machine type or CPU model.
 pub fn plain_name(s: &str) -> bool {
     let b = s.as_bytes();
-    !b.is_empty() && b.len() <= 64 && b[0].is_ascii_alphanumeric() && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 #[cfg(test)]
@@ -125,10 +128,8 @@ mod tests {
         let dir = vms.join("lost");
         std::fs::create_dir_all(&dir).expect("dir");
         // A stand-in for QEMU whose command line names its run directory.
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 30; true", dir.to_str().expect("utf8")])
-            .spawn()
-            .expect("spawn");
+        let mut child =
+            std::process::Command::new("sh").args(["-c", "sleep 30; true", dir.to_str().expect("utf8")]).spawn().expect("spawn");
         std::fs::write(dir.join("qemu.pid"), child.id().to_string()).expect("pid");
         let kept = vms.join("known");
         std::fs::create_dir_all(&kept).expect("dir");

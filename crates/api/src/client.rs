@@ -169,9 +169,8 @@ impl Http {
             };
             builder = builder.use_preconfigured_tls(rustls::ClientConfig::clone(&tls)).https_only(true);
         }
-        let http = builder
-            .build()
-            .map_err(|e| ClientError::BadUrl { url: base.clone(), reason: format!("cannot build an HTTP client: {e}") })?;
+        let http =
+            builder.build().map_err(|e| ClientError::BadUrl { url: base.clone(), reason: format!("cannot build an HTTP client: {e}") })?;
         Ok(Http { base, http, timeout: opts.request_timeout })
     }
 
@@ -471,7 +470,11 @@ impl ControllerClient {
         })?;
         let resp = self.http.send_auth(Method::POST, "/v1/join", Some(body), token).await?;
         let bytes = resp.bytes().await.map_err(|e| self.http.transport(&e, &Method::POST, "/v1/join", None))?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { url: self.http.base.clone(), path: "/v1/join".into(), detail: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            url: self.http.base.clone(),
+            path: "/v1/join".into(),
+            detail: e.to_string(),
+        })
     }
 
     /// `GET /v1/cluster`.

@@ -29,7 +29,6 @@ pub mod vm;
 pub mod walk;
 
 pub use client::{AgentClient, ClientError, ClientOptions, ControllerClient};
-pub use trust::{JoinReply, JoinRequest, JoinToken, JoinTokenRequest};
 pub use cluster::{
     AddHost, ClusterMigration, ClusterSummary, ClusterVm, ClusterVmState, CreateVm, ExecLimits, Host, HostStatus, Maintenance, MoveVm,
 };
@@ -41,5 +40,6 @@ pub use migration::{
     Strategy, Switch,
 };
 pub use plan::{Blocked, Goal, PlanRecord, PlanStatus, Problem, Step, StepStatus};
+pub use trust::{JoinReply, JoinRequest, JoinToken, JoinTokenRequest};
 pub use vm::{ConsoleChunk, GuestStatus, VmInfo, VmRecord, VmSpec, VmState};
 pub use walk::{Hop, Round, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus};

@@ -48,10 +48,7 @@ struct JoinState {
 
 /// The join routes.
 pub fn router(cluster: Cluster, trust: Arc<Trust>) -> Router {
-    Router::new()
-        .route("/v1/join-tokens", post(token))
-        .route("/v1/join", post(join))
-        .with_state(JoinState { trust, cluster })
+    Router::new().route("/v1/join-tokens", post(token)).route("/v1/join", post(join)).with_state(JoinState { trust, cluster })
 }
 
 fn no_ca() -> Response {

@@ -320,11 +320,7 @@ async fn guard(State(g): State<Guard>, ConnectInfo(peer): ConnectInfo<Peer>, req
         Decision::Unauthenticated(m) => return error_reply(StatusCode::UNAUTHORIZED, ErrorKind::Unauthenticated, m),
         Decision::Forbidden(m) => return error_reply(StatusCode::FORBIDDEN, ErrorKind::Forbidden, m),
     }
-    let declared = req
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let too_large = || {
         error_reply(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -393,7 +389,8 @@ mod tests {
         let router = axum::Router::new().route("/v1/vms", axum::routing::post(|| async { "created" }));
         let _srv = tokio::spawn(serve(l, router, ServerKind::Agent, None, std::future::pending()));
         let mut s = TcpStream::connect(addr).await.expect("connect");
-        let head = format!("POST /v1/vms HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", MAX_BODY + 1);
+        let head =
+            format!("POST /v1/vms HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", MAX_BODY + 1);
         s.write_all(head.as_bytes()).await.expect("write");
         let mut buf = vec![0u8; 512];
         let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("an answer").expect("read");

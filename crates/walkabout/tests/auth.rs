@@ -144,12 +144,8 @@ fn the_stolen_vm_attempt_fails_and_the_vm_keeps_running() {
         }
         let theft = serde_json::json!({"vm": "prize", "destination": "http://127.0.0.1:9"});
         for (who, identity) in [("a stranger", None), ("a viewer", Some(&c.viewer)), ("another host", Some(&c.other_host))] {
-            let r = raw_client(identity, &c.ca)
-                .post(format!("{}/v1/migrations", c.agent.url))
-                .json(&theft)
-                .send()
-                .await
-                .expect("an answer");
+            let r =
+                raw_client(identity, &c.ca).post(format!("{}/v1/migrations", c.agent.url)).json(&theft).send().await.expect("an answer");
             let want = if identity.is_none() { 401 } else { 403 };
             assert_eq!(r.status().as_u16(), want, "{who}: {:?}", r.text().await);
         }

@@ -49,7 +49,11 @@ pub fn run(cmd: UserCommand) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("{} exists; refusing to overwrite credentials", out.display());
             }
             bundle.save(&out)?;
-            super::out::line(format_args!("{name} ({role}): credentials in {} (walkabout --identity {} ...)", out.display(), out.display()))?;
+            super::out::line(format_args!(
+                "{name} ({role}): credentials in {} (walkabout --identity {} ...)",
+                out.display(),
+                out.display()
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
     }
