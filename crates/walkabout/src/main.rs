@@ -81,7 +81,14 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let args = match cli::config::expand(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("walkabout: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     cli::client::set_timeout(cli.timeout);
     // `walkabout vm list | head`: a closed stdout ends a client command quietly. Servers
     // and supervisors keep SIGPIPE ignored and stop cleanly instead (see `cli::out`).
@@ -149,6 +156,18 @@ mod tests {
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from(["walkabout", "host", "info", "--timeout", "2s"]).expect("parses");
         assert_eq!(cli.timeout, std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn an_agent_config_file_parses_as_its_flags() {
+        let file = std::env::temp_dir().join(format!("walkabout-agent-{}.toml", std::process::id()));
+        std::fs::write(&file, "listen = \"127.0.0.1:7709\"\ndata-dir = \"/tmp/a\"\ninsecure-loopback = true\nboot-dir = [\"/srv/k\"]\n")
+            .expect("write");
+        let args: Vec<std::ffi::OsString> =
+            ["walkabout", "agent", "--config"].iter().map(Into::into).chain([file.clone().into_os_string()]).collect();
+        let cli = Cli::try_parse_from(cli::config::expand(args).expect("expand")).expect("parses");
+        let _ = std::fs::remove_file(&file);
+        assert!(matches!(cli.command, Command::Agent(_)));
     }
 
     #[test]

@@ -10,6 +10,11 @@ use walkabout_qemu::accel::AccelRequest;
 /// Arguments of `walkabout agent`.
 #[derive(clap::Args)]
 pub struct AgentArgs {
+    /// A TOML file whose keys are these options (`listen = "0.0.0.0:7701"`,
+    /// `data-dir = "..."`, `boot-dir = ["..."]`, `identity = "..."`).
+    #[arg(long, value_name = "FILE")]
+    #[allow(dead_code)] // read before parsing: `cli::config::expand` turns it into flags
+    config: Option<PathBuf>,
     /// Address to serve the HTTP API on (port 0 picks one; the URL is printed and
     /// written to DATA_DIR/agent.url).
     #[arg(long, default_value = "127.0.0.1:7701")]

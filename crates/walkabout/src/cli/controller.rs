@@ -9,6 +9,11 @@ use walkabout_controller::ControllerConfig;
 /// Arguments of `walkabout controller`.
 #[derive(clap::Args)]
 pub struct ControllerArgs {
+    /// A TOML file whose keys are these options (`listen = "0.0.0.0:7700"`,
+    /// `data-dir = "..."`, `ca-dir = "..."`, `agent = ["h1=https://..."]`).
+    #[arg(long, value_name = "FILE")]
+    #[allow(dead_code)] // read before parsing: `cli::config::expand` turns it into flags
+    config: Option<PathBuf>,
     /// Address to serve the API on (port 0 picks one; the URL is printed and written to
     /// DATA_DIR/controller.url).
     #[arg(long, default_value = "127.0.0.1:7700")]

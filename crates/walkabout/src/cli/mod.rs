@@ -4,6 +4,7 @@ pub mod agent;
 pub mod ca;
 pub mod client;
 pub mod cluster;
+pub mod config;
 pub mod controller;
 pub mod cpu;
 pub mod demo;
