@@ -93,3 +93,45 @@ mod tests {
         assert!(!super::valid_name(&"a".repeat(64)));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever a peer sends as its certificate, reading its identity answers
+        /// without panicking (the TLS layer verified the chain; this parses it).
+        #[test]
+        fn any_der_gives_an_identity_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = crate::Identity::from_der(&bytes);
+        }
+
+        /// Any text read as an identity bundle gives a bundle or an error naming it.
+        #[test]
+        fn any_text_gives_a_bundle_or_an_error(text in ".{0,600}") {
+            if let Err(e) = crate::Bundle::from_pem(&text, "x.pem") {
+                prop_assert!(e.to_string().contains("x.pem") || e.to_string().contains("certificate"));
+            }
+        }
+
+        /// A CSR's text never panics the signer, and never gets a certificate unless it
+        /// is a CSR.
+        #[test]
+        fn any_csr_text_is_signed_or_refused(text in ".{0,400}") {
+            use std::sync::OnceLock;
+            static CA: OnceLock<crate::Ca> = OnceLock::new();
+            let ca = CA.get_or_init(|| crate::Ca::generate("fuzz").expect("ca"));
+            prop_assert!(ca.sign_csr(&text, "h1", crate::Role::Host).is_err());
+        }
+
+        /// The policy decides every method and path without panicking, and nobody
+        /// without an identity is let through.
+        #[test]
+        fn the_policy_never_lets_a_stranger_through(method in "[A-Z]{1,7}", path in "/[ -~]{0,60}") {
+            let d = crate::policy::decide(crate::ServerKind::Agent, None, &method, &path);
+            prop_assert!(matches!(d, crate::Decision::Unauthenticated(_)));
+        }
+    }
+}
