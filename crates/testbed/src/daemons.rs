@@ -140,8 +140,17 @@ impl Agent {
     /// Starts an agent on data directory `data` (created if missing, kept on drop)
     /// without waiting: call [`Agent::wait_url`] next. Several agents start in parallel
     /// this way.
-    pub fn launch(spec: AgentSpec, data: &Path) -> Result<Agent> {
+    pub fn launch(mut spec: AgentSpec, data: &Path) -> Result<Agent> {
         std::fs::create_dir_all(data).map_err(|e| TestbedError::io(format!("creating {}", data.display()), e))?;
+        if spec.netns.is_some() && spec.identity.is_none() {
+            // Off loopback an agent serves TLS only: a host certificate of this
+            // process's shared test CA, valid at its listen address.
+            let ca = crate::trust::TestCa::shared()?;
+            let ip = spec.listen.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or_default();
+            let name = if spec.name.is_empty() { format!("agent-{}", ip.replace(['.', ':'], "-")) } else { spec.name.clone() };
+            let id = ca.host(&name, &ip)?;
+            spec = spec.tls(&id, &ca.operator());
+        }
         let mut a = Agent { name: spec.name.clone(), url: String::new(), data: data.to_path_buf(), spec, daemon: None, _dir: None };
         a.spawn()?;
         Ok(a)

@@ -59,6 +59,33 @@ impl TestCa {
         self.identity(name, Role::Host, &[addr, "localhost"])
     }
 
+    /// The CA this process shares among the agents it starts in network namespaces
+    /// without an identity of their own (plain HTTP is for loopback only), created on
+    /// first use with an operator identity that becomes this process's client TLS
+    /// (`walkabout_api::client::set_process_tls`). Its files stay in /tmp for the
+    /// process's life.
+    pub fn shared() -> Result<&'static TestCa> {
+        static SHARED: std::sync::OnceLock<TestCa> = std::sync::OnceLock::new();
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = INIT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(ca) = SHARED.get() {
+            return Ok(ca);
+        }
+        let dir = std::env::temp_dir().join(format!("wa-shared-ca-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ca = TestCa::in_dir(&dir)?;
+        let op = ca.user("operator", Role::Operator)?;
+        let bundle = walkabout_trust::Bundle::load(&op).map_err(|e| trust_err("reading the shared operator", e))?;
+        let tls = walkabout_trust::tls::client_config(&bundle).map_err(|e| trust_err("the shared operator's TLS", e))?;
+        walkabout_api::client::set_process_tls(tls);
+        Ok(SHARED.get_or_init(|| ca))
+    }
+
+    /// The shared CA's operator identity (see [`TestCa::shared`]).
+    pub fn operator(&self) -> PathBuf {
+        self.dir.join("operator.pem")
+    }
+
     /// An operator (`Role::Operator`) or viewer identity.
     pub fn user(&self, name: &str, role: Role) -> Result<PathBuf> {
         self.identity(name, role, &[])

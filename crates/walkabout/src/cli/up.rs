@@ -74,7 +74,8 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
             capacity: a.capacity.clone(),
             netns: a.netns,
             root: root.clone(),
-            tls: !a.insecure_loopback,
+            // Plain HTTP is for loopback only: namespaced hosts always speak TLS.
+            tls: !a.insecure_loopback || a.netns,
         };
         out::line(format_args!(
             "starting {} agents{}...",
@@ -83,7 +84,7 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
         ))?;
         let mut local = tokio::task::spawn_blocking(move || LocalCluster::start(&opts)).await??;
         let ca_dir = local.ca.as_ref().map(|ca| ca.dir().to_path_buf());
-        let (tls, trust) = match super::controller::controller_tls(ca_dir.as_deref(), &api_addr, &[], a.insecure_loopback) {
+        let (tls, trust) = match super::controller::controller_tls(ca_dir.as_deref(), &api_addr, &[], ca_dir.is_none()) {
             Ok(t) => t,
             Err(e) => {
                 local.shutdown();
