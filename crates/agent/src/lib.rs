@@ -3,6 +3,7 @@
 //! an HTTP/JSON API.
 
 pub mod api;
+pub mod boot;
 pub mod console;
 pub mod disks;
 pub mod error;
@@ -21,12 +22,14 @@ pub use migration::{MigrationRecord, MigrationRequest};
 pub use spec::{VmRecord, VmSpec, VmState};
 pub use vms::{Agent, AgentConfig, ConsoleChunk, StartError, VmInfo};
 
-/// Serves the agent's API on `listener` until `shutdown` resolves. VMs keep running
-/// after the agent stops; a restarted agent re-attaches to them.
+/// Serves the agent's API on `listener` (TLS with client certificates, or plain HTTP
+/// on loopback when asked) until `shutdown` resolves, the trust policy enforced (see
+/// `walkabout_trust::policy`). VMs keep running after the agent stops; a restarted agent
+/// re-attaches to them.
 pub async fn serve(
     agent: Agent,
-    listener: tokio::net::TcpListener,
+    listener: walkabout_trust::Listener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, api::router(agent)).with_graceful_shutdown(shutdown).await
+    walkabout_trust::serve::serve(listener, api::router(agent), walkabout_trust::ServerKind::Agent, None, shutdown).await
 }

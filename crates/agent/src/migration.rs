@@ -318,7 +318,7 @@ impl Agent {
             self.check_cpu(&name, &qmp, &req.cpu_features).await?;
             let nbd = match copy {
                 true => Some(
-                    storage::export(&qmp, &req.listen_host, &plan)
+                    storage::export(&qmp, &self.incoming_host(), &plan)
                         .await
                         .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot receive the disks of {name}: {e}") })?,
                 ),
@@ -330,7 +330,7 @@ impl Agent {
                 multifd_channels: req.multifd_channels,
                 compression: req.compression,
             };
-            let uri = walkabout_migrate::run::listen_incoming(&qmp, &stream, &req.listen_host)
+            let uri = walkabout_migrate::run::listen_incoming(&qmp, &stream, &self.incoming_host())
                 .await
                 .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot receive {name}: {e}") })?;
             if !req.spec.nics.is_empty() {

@@ -43,6 +43,12 @@ pub struct AgentConfig {
     pub cpu_ceiling: Option<String>,
     /// How a VM migrated in is announced on its NICs' segments.
     pub announce: crate::nics::Announce,
+    /// Directories VM specs may take kernels and initramfs from, besides the image
+    /// catalog (see `crate::boot`).
+    pub boot_dirs: Vec<PathBuf>,
+    /// The address incoming migrations' QEMUs listen on (this host's address toward
+    /// its peers); never taken from a request. Default: 127.0.0.1.
+    pub migration_address: Option<String>,
 }
 
 impl AgentConfig {
@@ -60,6 +66,8 @@ impl AgentConfig {
             storage_dir: None,
             cpu_ceiling: None,
             announce: crate::nics::Announce::default(),
+            boot_dirs: vec![],
+            migration_address: None,
         }
     }
 }
@@ -281,13 +289,29 @@ impl Agent {
             let others: Vec<VmSpec> = self.inner.store.list()?.into_iter().map(|r| r.spec).filter(|s| s.name != spec.name).collect();
             crate::nics::check_against(spec, &self.nic_salt(), &others).map_err(bad)?;
         }
+        for (what, v) in [("machine type", spec.machine.as_deref()), ("CPU model", spec.cpu_model.as_deref())] {
+            if let Some(v) = v.filter(|v| !crate::boot::plain_name(v)) {
+                return Err(bad(format!("{what} {v:?} must be a name (letters, digits, '-', '_', '.'), not options")));
+            }
+        }
         let (kernel, initrd) = self.boot_files(spec);
         let kernel = kernel.ok_or_else(|| bad("no kernel given and the agent has no default".into()))?;
+        let dirs = self.boot_dirs();
+        let kernel = crate::boot::checked_file(&kernel, "kernel", &dirs).map_err(bad)?;
         walkabout_image::check_kernel(&kernel).map_err(|e| bad(e.to_string()))?;
         if let Some(i) = initrd {
+            let i = crate::boot::checked_file(&i, "initrd", &dirs).map_err(bad)?;
             walkabout_image::check_initrd(&i).map_err(|e| bad(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// Where kernels and initramfs may come from: the image catalog (the default
+    /// kernel's and initramfs's directories) and the configured boot directories.
+    fn boot_dirs(&self) -> Vec<PathBuf> {
+        let catalog = [&self.inner.default_kernel, &self.inner.default_initrd];
+        let parents = catalog.into_iter().flatten().filter_map(|p| p.parent().map(Path::to_path_buf));
+        parents.chain(self.inner.config.boot_dirs.iter().cloned()).collect()
     }
 
     fn boot_files(&self, spec: &VmSpec) -> (Option<PathBuf>, Option<PathBuf>) {
@@ -355,6 +379,12 @@ impl Agent {
         let name = spec.name.clone();
         let vm = self.reserve(spec, VmState::Starting)?;
         let mut guard = vm.lock().await;
+        // The record first: an agent killed while QEMU starts finds it (and the QEMU by
+        // its run directory's pid file) when it comes back.
+        if let Err(e) = self.inner.store.put(&guard.record) {
+            self.unreserve(&name, &guard.record.run_dir);
+            return Err(e.into());
+        }
         if let Err(e) = self.boot(&mut guard, false).await {
             self.unreserve(&name, &guard.record.run_dir);
             return Err(e);
@@ -546,7 +576,8 @@ impl Agent {
             }
             if rec.state.is_active() {
                 let cfg = self.qemu_config(&rec);
-                let attached = match rec.pid.and_then(|pid| QemuProcess::attach(pid, &cfg.qmp_path(), &cfg.console_path())) {
+                let pid = rec.pid.or_else(|| crate::boot::pid_file(&rec.run_dir));
+                let attached = match pid.and_then(|pid| QemuProcess::attach(pid, &cfg.qmp_path(), &cfg.console_path())) {
                     Some(p) => match Qmp::connect(&p.qmp_path, walkabout_qemu::qmp::DEFAULT_TIMEOUT).await {
                         Ok(q) => Some((p, q)),
                         Err(e) => {
@@ -586,6 +617,8 @@ impl Agent {
             }
             lock(&self.inner.table).vms.insert(name, Arc::new(tokio::sync::Mutex::new(vm)));
         }
+        let known: Vec<String> = lock(&self.inner.table).vms.keys().cloned().collect();
+        crate::boot::stop_orphans(&self.inner.config.data_dir.join("vms"), &known);
         Ok(())
     }
 

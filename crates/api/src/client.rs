@@ -11,12 +11,35 @@ use crate::event::Event;
 use crate::host::{CpuCatalog, HostInfo};
 use crate::migration::{CommitRequest, IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest, RecoverRequest};
 use crate::plan::{Goal, PlanRecord};
+use crate::trust::{JoinReply, JoinRequest, JoinToken, JoinTokenRequest};
 use crate::vm::{ConsoleChunk, GuestStatus, VmInfo, VmSpec};
 use crate::walk::{WalkOptions, WalkRecord};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+/// The TLS side of a client: a rustls configuration trusting the cluster CA and, for
+/// every route but the join, presenting this process's certificate (see the
+/// `walkabout-trust` crate, which builds it from an identity bundle).
+pub type Tls = Arc<rustls::ClientConfig>;
+
+/// The TLS configuration of every client this process makes without one of its own
+/// (the agent's host identity, the controller's, the CLI's `--identity`).
+static PROCESS_TLS: OnceLock<Tls> = OnceLock::new();
+
+/// Sets the TLS configuration of every `https://` client this process makes with
+/// [`AgentClient::new`] / [`ControllerClient::new`]. Set once, before any client is
+/// made (later calls are ignored: one process, one identity).
+pub fn set_process_tls(tls: Tls) {
+    let _ = PROCESS_TLS.set(tls);
+}
+
+/// The process's TLS configuration, if one was set.
+pub fn process_tls() -> Option<Tls> {
+    PROCESS_TLS.get().cloned()
+}
 
 /// Timeouts of a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,17 +154,25 @@ struct Http {
 }
 
 impl Http {
-    fn new(base: &str, opts: ClientOptions) -> Result<Http, ClientError> {
+    fn new(base: &str, opts: ClientOptions, tls: Option<Tls>) -> Result<Http, ClientError> {
         let base = base.trim().trim_end_matches('/').to_string();
-        const EXPECTED: &str = "expected http://HOST:PORT (e.g. http://127.0.0.1:7701)";
+        const EXPECTED: &str = "expected http://HOST:PORT or https://HOST:PORT (e.g. http://127.0.0.1:7701)";
         let url = reqwest::Url::parse(&base).map_err(|e| ClientError::BadUrl { url: base.clone(), reason: format!("{e}; {EXPECTED}") })?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(ClientError::BadUrl { url: base, reason: EXPECTED.into() });
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(opts.connect_timeout)
-            .build()
-            .map_err(|e| ClientError::BadUrl { url: base.clone(), reason: format!("cannot build an HTTP client: {e}") })?;
+        let mut builder = reqwest::Client::builder().connect_timeout(opts.connect_timeout);
+        if url.scheme() == "https" {
+            let Some(tls) = tls.or_else(process_tls) else {
+                return Err(ClientError::BadUrl {
+                    url: base,
+                    reason: "https needs the cluster's CA and an identity (--identity FILE, walkabout user add)".into(),
+                });
+            };
+            builder = builder.use_preconfigured_tls(rustls::ClientConfig::clone(&tls)).https_only(true);
+        }
+        let http =
+            builder.build().map_err(|e| ClientError::BadUrl { url: base.clone(), reason: format!("cannot build an HTTP client: {e}") })?;
         Ok(Http { base, http, timeout: opts.request_timeout, epoch: None })
     }
 
@@ -170,7 +201,22 @@ impl Http {
         body: Option<Vec<u8>>,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, ClientError> {
-        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base));
+        self.send_req(self.http.request(method.clone(), format!("{}{path}", self.base)), method, path, body, timeout).await
+    }
+
+    async fn send_auth(&self, method: Method, path: &str, body: Option<Vec<u8>>, token: &str) -> Result<reqwest::Response, ClientError> {
+        let req = self.http.request(method.clone(), format!("{}{path}", self.base)).bearer_auth(token);
+        self.send_req(req, method, path, body, None).await
+    }
+
+    async fn send_req(
+        &self,
+        mut req: reqwest::RequestBuilder,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, ClientError> {
         if let Some(t) = timeout.or(Some(self.timeout)) {
             req = req.timeout(t);
         }
@@ -284,7 +330,12 @@ pub struct AgentClient {
 impl AgentClient {
     /// A client of the agent at `url` (e.g. `http://127.0.0.1:7701`).
     pub fn new(url: &str, opts: ClientOptions) -> Result<AgentClient, ClientError> {
-        Ok(AgentClient { http: Http::new(url, opts)? })
+        Ok(AgentClient { http: Http::new(url, opts, None)? })
+    }
+
+    /// A client of the agent at `url` with its own TLS configuration (an `https://` URL).
+    pub fn with_tls(url: &str, opts: ClientOptions, tls: Tls) -> Result<AgentClient, ClientError> {
+        Ok(AgentClient { http: Http::new(url, opts, Some(tls))? })
     }
 
     /// The same client with another whole-request timeout (a probe, a slow create).
@@ -404,7 +455,12 @@ pub struct ControllerClient {
 impl ControllerClient {
     /// A client of the controller at `url` (e.g. `http://127.0.0.1:7700`).
     pub fn new(url: &str, opts: ClientOptions) -> Result<ControllerClient, ClientError> {
-        Ok(ControllerClient { http: Http::new(url, opts)? })
+        Ok(ControllerClient { http: Http::new(url, opts, None)? })
+    }
+
+    /// A client of the controller at `url` with its own TLS configuration.
+    pub fn with_tls(url: &str, opts: ClientOptions, tls: Tls) -> Result<ControllerClient, ClientError> {
+        Ok(ControllerClient { http: Http::new(url, opts, Some(tls))? })
     }
 
     /// The same client with another whole-request timeout.
@@ -415,6 +471,27 @@ impl ControllerClient {
     /// The controller's URL.
     pub fn url(&self) -> &str {
         &self.http.base
+    }
+
+    /// `POST /v1/join-tokens`: a short-lived token for one host to join with.
+    pub async fn join_token(&self, req: &JoinTokenRequest) -> Result<JoinToken, ClientError> {
+        self.http.post("/v1/join-tokens", Some(req)).await
+    }
+    /// `POST /v1/join` with the token: the host's certificate for its CSR. Needs no
+    /// client certificate (the client may be [`crate::client::Tls`] without one).
+    pub async fn join(&self, token: &str, req: &JoinRequest) -> Result<JoinReply, ClientError> {
+        let body = serde_json::to_vec(req).map_err(|e| ClientError::Decode {
+            url: self.http.base.clone(),
+            path: "/v1/join".into(),
+            detail: format!("cannot encode the request: {e}"),
+        })?;
+        let resp = self.http.send_auth(Method::POST, "/v1/join", Some(body), token).await?;
+        let bytes = resp.bytes().await.map_err(|e| self.http.transport(&e, &Method::POST, "/v1/join", None))?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode {
+            url: self.http.base.clone(),
+            path: "/v1/join".into(),
+            detail: e.to_string(),
+        })
     }
 
     /// `GET /v1/cluster`.

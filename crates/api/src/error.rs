@@ -45,6 +45,12 @@ pub enum ErrorKind {
     /// This controller is a follower (the sentence names the leader's URL), or no
     /// controller leads yet: ask the leader.
     NotLeader,
+    /// No valid client certificate (HTTP 401).
+    Unauthenticated,
+    /// The caller's role does not allow this (HTTP 403).
+    Forbidden,
+    /// The request body is larger than the server reads (HTTP 413).
+    TooLarge,
     /// A kind this client does not know (a newer server).
     #[serde(other)]
     Other,

@@ -21,6 +21,9 @@ pub enum Subject {
     Migration,
     /// A walk or a game.
     Walk,
+    /// A change someone asked for: who (name and role), the method, the path, the
+    /// status it got. `name` is the identity's name.
+    Audit,
 }
 
 /// One change. Sent as an SSE message whose `event:` is the subject and whose `id:` is

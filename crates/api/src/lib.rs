@@ -26,6 +26,7 @@ pub mod migration;
 pub mod nic;
 pub mod openapi;
 pub mod plan;
+pub mod trust;
 pub mod vm;
 pub mod walk;
 
@@ -50,5 +51,6 @@ pub use migration::{
 };
 pub use nic::NicSpec;
 pub use plan::{Blocked, Goal, PlanRecord, PlanStatus, Problem, Step, StepStatus};
+pub use trust::{JoinReply, JoinRequest, JoinToken, JoinTokenRequest};
 pub use vm::{ConsoleChunk, GuestStatus, VmInfo, VmRecord, VmSpec, VmState};
 pub use walk::{Hop, Round, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus};

@@ -267,7 +267,21 @@ mod controller_routes {
     use crate::error::ErrorBody;
     use crate::event::Event;
     use crate::plan::{Goal, PlanRecord};
+    use crate::trust::{JoinReply, JoinRequest, JoinToken, JoinTokenRequest};
     use crate::walk::{WalkOptions, WalkRecord};
+
+    /// A short-lived, single-use token for one host to join the cluster with
+    /// (`walkabout host token`); operators only.
+    #[utoipa::path(post, path = "/v1/join-tokens", tag = "trust", request_body = JoinTokenRequest, responses(
+        (status = 201, body = JoinToken), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn join_token() {}
+
+    /// A host joins (`walkabout host join`): its CSR, with a join token in
+    /// `Authorization: Bearer`; the answer is its host certificate. The one route that
+    /// needs no client certificate (401 without a valid token).
+    #[utoipa::path(post, path = "/v1/join", tag = "trust", request_body = JoinRequest, responses(
+        (status = 201, body = JoinReply), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn join() {}
 
     /// Summary: hosts, VMs, running plans, limits.
     #[utoipa::path(get, path = "/v1/cluster", tag = "cluster", responses((status = 200, body = ClusterSummary)))]
@@ -440,7 +454,9 @@ mod controller_routes {
         controller_routes::stop_walk,
         controller_routes::events,
         controller_routes::metrics,
-        controller_routes::openapi
+        controller_routes::openapi,
+        controller_routes::join_token,
+        controller_routes::join
     ),
     components(schemas(crate::cluster::ClusterVmState, crate::plan::PlanStatus, crate::error::ErrorKind, crate::event::Subject))
 )]

@@ -140,11 +140,27 @@ pub enum Poll {
 pub async fn poll(api: &dyn AgentApi, url: &str) -> Poll {
     let host = match api.host(url.to_string()).await {
         Ok(h) => h,
-        Err(e) => return Poll::Failed { reason: e.to_string() },
+        Err(e) => return Poll::Failed { reason: down_reason(url, &e) },
     };
     match api.vms(url.to_string()).await {
         Ok(vms) => Poll::Answered { host, vms },
-        Err(e) => Poll::Failed { reason: e.to_string() },
+        Err(e) => Poll::Failed { reason: down_reason(url, &e) },
+    }
+}
+
+/// Why a host is down, in a few fixed words: what was at its URL (a banner, an error
+/// page, a TLS alert) goes to the log, not to the API, so that registering URLs does
+/// not make the controller a port scanner.
+pub fn down_reason(url: &str, e: &ClientError) -> String {
+    tracing::debug!(url, error = %e, "agent poll failed");
+    match e {
+        ClientError::Unreachable { detail, .. } if detail.contains("Connection refused") || detail.contains("connection refused") => {
+            "connection refused".into()
+        }
+        ClientError::Unreachable { .. } => "unreachable".into(),
+        ClientError::Timeout { .. } => "did not answer in time".into(),
+        ClientError::Api { status, .. } => format!("answered with an error (HTTP {status})"),
+        ClientError::Decode { .. } | ClientError::BadUrl { .. } => "did not answer as a Walkabout agent".into(),
     }
 }
 
@@ -178,6 +194,19 @@ impl Liveness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_down_reason_never_repeats_what_answered_at_the_url() {
+        let banner = ClientError::Api {
+            status: 404,
+            body: walkabout_api::ErrorBody::new(walkabout_api::ErrorKind::Other, "nginx/1.2 secret-admin-panel"),
+        };
+        assert_eq!(down_reason("http://10.0.0.9:80", &banner), "answered with an error (HTTP 404)");
+        let tls = ClientError::Unreachable { url: "u".into(), detail: "invalid peer certificate: UnknownIssuer (ssh-2.0-openssh)".into() };
+        assert_eq!(down_reason("u", &tls), "unreachable");
+        let refused = ClientError::Unreachable { url: "u".into(), detail: "tcp connect error: Connection refused (os error 111)".into() };
+        assert_eq!(down_reason("u", &refused), "connection refused");
+    }
 
     #[test]
     fn a_host_is_down_after_two_seconds_of_failed_polls() {

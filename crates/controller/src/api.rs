@@ -24,6 +24,8 @@
 //! | GET | /v1/events?since=N | server-sent events: everything that changes |
 //! | GET | /metrics | Prometheus metrics |
 //! | GET | /v1/openapi.json | this API's OpenAPI document |
+//! | POST | /v1/join-tokens | a short-lived join token for one host (201) |
+//! | POST | /v1/join | a host's CSR with a join token (`Authorization: Bearer`): its certificate (201) |
 //!
 //! The walk and game routes are the games' own (`games::router`), merged here.
 //!
@@ -49,8 +51,13 @@ impl IntoResponse for ControllerError {
     }
 }
 
-/// The API's routes over `cluster`.
+/// The API's routes over `cluster` (joins refused: no CA).
 pub fn router(cluster: Cluster) -> Router {
+    router_with_trust(cluster, crate::join::Trust::none())
+}
+
+/// The API's routes over `cluster`, joins signed with `trust`'s CA.
+pub fn router_with_trust(cluster: Cluster, trust: std::sync::Arc<crate::join::Trust>) -> Router {
     Router::new()
         .route("/v1/cluster", get(summary))
         .route("/v1/hosts", get(hosts).post(add_host))
@@ -72,6 +79,7 @@ pub fn router(cluster: Cluster) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .with_state(cluster.clone())
         .merge(crate::games::router(cluster.games().clone()))
+        .merge(crate::join::router(cluster, trust))
 }
 
 type Body<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
@@ -250,6 +258,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/events"),
     ("GET", "/metrics"),
     ("GET", "/v1/openapi.json"),
+    ("POST", "/v1/join-tokens"),
+    ("POST", "/v1/join"),
 ];
 
 #[cfg(test)]

@@ -135,6 +135,11 @@ impl ClusterView {
                 return Ok(h.clone());
             }
             let name = match name {
+                Some(n) if !walkabout_trust::valid_name(n) => {
+                    return Err(ControllerError::Invalid(format!(
+                        "invalid host name {n:?}: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit"
+                    )))
+                }
                 Some(n) if view.hosts.contains_key(n) => {
                     return Err(ControllerError::Conflict(format!("a host named {n} already exists ({})", view.hosts[n].url)))
                 }

@@ -23,6 +23,7 @@ pub mod execute;
 #[cfg(test)]
 mod fake;
 pub mod games;
+pub mod join;
 pub mod leader;
 pub mod metrics;
 pub mod plan_runner;
@@ -49,21 +50,22 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Opens the controller on `config` with agents over HTTP and serves its API on
-/// `listener` until `shutdown` resolves.
+/// Serves `cluster`'s API on `listener` (TLS with client certificates, or plain HTTP on
+/// loopback) until `shutdown` resolves: the trust policy enforced, joins signed with
+/// `trust`, every change recorded in the event log with who asked. The games are told
+/// the listener's URL.
 pub async fn serve(
-    config: ControllerConfig,
-    agent_urls: &[String],
-    listener: tokio::net::TcpListener,
+    cluster: Cluster,
+    trust: std::sync::Arc<join::Trust>,
+    listener: walkabout_trust::Listener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
-    let cluster = start(config, agent_urls).await?;
-    let url = listener.local_addr().map(|a| format!("http://{a}")).map_err(|e| ControllerError::Invalid(format!("listener: {e}")))?;
-    cluster.games().serve_at(&url)?;
-    let app = api::router(cluster.clone());
-    let r = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
-    cluster.stop();
-    r.map_err(|e| ControllerError::Invalid(format!("serving the API: {e}")))
+    cluster.games().serve_at(&listener.url())?;
+    let app = api::router_with_trust(cluster.clone(), trust);
+    let audit = join::audit(cluster.clone());
+    walkabout_trust::serve::serve(listener, app, walkabout_trust::ServerKind::Controller, Some(audit), shutdown)
+        .await
+        .map_err(|e| ControllerError::Invalid(format!("serving the API: {e}")))
 }
 
 /// Opens the controller with agents over HTTP and registers `agent_urls` (each `URL` or

@@ -38,6 +38,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use walkabout_api::{ClusterVmState, Phase};
 
+/// The most dry-run plans (proposed or impossible, never executed) kept; older ones
+/// are forgotten.
+pub const MAX_PROPOSALS: usize = 100;
+
 /// Plans: their records, and the tasks running them. Shared as `Arc<PlanRunner>`.
 pub struct PlanRunner {
     view: Arc<ClusterView>,
@@ -113,7 +117,20 @@ impl PlanRunner {
             _ => format!("plan {id} ({}) proposed: {} migration(s)", goal.describe(), rec.steps.len()),
         };
         self.save_plan(&rec, Some(msg))?;
+        self.prune_proposals()?;
         Ok(rec)
+    }
+
+    /// Forgets the oldest dry runs (proposed or impossible, never executed) beyond
+    /// [`MAX_PROPOSALS`]: proposing is cheap for a caller, storing forever is not.
+    fn prune_proposals(&self) -> Result<(), ControllerError> {
+        let idle: Vec<PlanRecord> =
+            self.plans().into_iter().filter(|p| matches!(p.status, PlanStatus::Proposed | PlanStatus::Impossible)).collect();
+        for old in idle.iter().take(idle.len().saturating_sub(MAX_PROPOSALS)) {
+            self.store.delete(&PLANS, &old.id)?;
+            lock(&self.plans).remove(&old.id);
+        }
+        Ok(())
     }
 
     /// Refuses to move `vm` while a migration moves it or a running plan means to.
@@ -683,6 +700,40 @@ mod tests {
         assert!(!blocked.is_empty());
         assert_eq!(c.host("h1").expect("h1").maintenance, Maintenance::Active);
         assert!(fake.state().started.is_empty());
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[cfg(test)]
+mod proposal_tests {
+    use crate::fake::{open, temp, Fake};
+    use crate::plans::{Goal, PlanStatus};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_host_name_with_a_newline_is_refused() {
+        let fake = Fake::new(&[("h1", 1024)], &[]);
+        let dir = temp("badname");
+        let c = open(&dir, &fake, &["h1"]).await;
+        let e = c.add_host("http://127.0.0.1:9", Some("h2\nwalkabout_hosts 99")).await.expect_err("refused");
+        assert!(e.to_string().contains("invalid host name"), "{e}");
+        assert!(c.hosts().iter().all(|h| !h.name.contains('\n')));
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dry_runs_are_bounded_and_the_newest_kept() {
+        let fake = Fake::new(&[("h1", 1024), ("h2", 1024)], &[("a", 256, "h1")]);
+        let dir = temp("proposals");
+        let c = open(&dir, &fake, &["h1", "h2"]).await;
+        let mut last = String::new();
+        for _ in 0..super::MAX_PROPOSALS + 5 {
+            last = c.propose(Goal::Rebalance).expect("a dry run").id;
+        }
+        let kept: Vec<_> = c.plans().into_iter().filter(|p| p.status == PlanStatus::Proposed).collect();
+        assert_eq!(kept.len(), super::MAX_PROPOSALS);
+        assert_eq!(kept.last().map(|p| p.id.as_str()), Some(last.as_str()));
         c.stop();
         std::fs::remove_dir_all(&dir).ok();
     }

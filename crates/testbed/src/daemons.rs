@@ -41,6 +41,11 @@ pub struct AgentSpec {
     /// How long it may take to write its URL file (the accelerator measurement and a
     /// first guest-image build happen before).
     pub start_limit: Duration,
+    /// The agent's identity bundle (a host certificate): it serves TLS with it. Without
+    /// one it serves plain HTTP on loopback (`--insecure-loopback`).
+    pub identity: Option<PathBuf>,
+    /// The identity [`Agent::command`] runs the CLI with (an operator's).
+    pub cli_identity: Option<PathBuf>,
 }
 
 impl AgentSpec {
@@ -55,7 +60,17 @@ impl AgentSpec {
             args: vec![],
             env: vec![],
             start_limit: Duration::from_secs(180),
+            identity: None,
+            cli_identity: None,
         }
+    }
+
+    /// Serving TLS as the host `identity` (a bundle file); the CLI run through
+    /// [`Agent::command`] uses `operator`.
+    pub fn tls(mut self, identity: &Path, operator: &Path) -> AgentSpec {
+        self.identity = Some(identity.to_path_buf());
+        self.cli_identity = Some(operator.to_path_buf());
+        self
     }
 
     /// With further arguments.
@@ -80,6 +95,14 @@ impl AgentSpec {
     fn command(&self, data: &Path) -> Command {
         let mut c = walkabout_command(&self.bin, self.netns.as_deref());
         c.args(["agent", "--listen", &self.listen, "--data-dir"]).arg(data);
+        match &self.identity {
+            Some(id) => {
+                c.arg("--identity").arg(id);
+            }
+            None => {
+                c.arg("--insecure-loopback");
+            }
+        }
         if !self.args.iter().any(|a| a == "--accel") {
             c.args(["--accel", &self.accel]);
         }
@@ -117,8 +140,17 @@ impl Agent {
     /// Starts an agent on data directory `data` (created if missing, kept on drop)
     /// without waiting: call [`Agent::wait_url`] next. Several agents start in parallel
     /// this way.
-    pub fn launch(spec: AgentSpec, data: &Path) -> Result<Agent> {
+    pub fn launch(mut spec: AgentSpec, data: &Path) -> Result<Agent> {
         std::fs::create_dir_all(data).map_err(|e| TestbedError::io(format!("creating {}", data.display()), e))?;
+        if spec.netns.is_some() && spec.identity.is_none() {
+            // Off loopback an agent serves TLS only: a host certificate of this
+            // process's shared test CA, valid at its listen address.
+            let ca = crate::trust::TestCa::shared()?;
+            let ip = spec.listen.rsplit_once(':').map(|(ip, _)| ip.to_string()).unwrap_or_default();
+            let name = if spec.name.is_empty() { format!("agent-{}", ip.replace(['.', ':'], "-")) } else { spec.name.clone() };
+            let id = ca.host(&name, &ip)?;
+            spec = spec.tls(&id, &ca.operator());
+        }
         let mut a = Agent { name: spec.name.clone(), url: String::new(), data: data.to_path_buf(), spec, daemon: None, _dir: None };
         a.spawn()?;
         Ok(a)
@@ -189,6 +221,9 @@ impl Agent {
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = walkabout_command(&self.spec.bin, self.netns());
         c.args(args).args(["--agent", &self.url]).env("WALKABOUT_LOG", "warn");
+        if let Some(id) = &self.spec.cli_identity {
+            c.arg("--identity").arg(id);
+        }
         c
     }
 }
@@ -215,6 +250,11 @@ pub struct ControllerSpec {
     pub env: Vec<(String, String)>,
     /// How long it may take to write its URL file.
     pub start_limit: Duration,
+    /// The cluster CA's directory: the controller issues itself a certificate, serves
+    /// TLS and signs joins. Without one it serves plain HTTP on loopback.
+    pub ca_dir: Option<PathBuf>,
+    /// The identity [`Controller::command`] runs the CLI with (an operator's).
+    pub cli_identity: Option<PathBuf>,
 }
 
 impl ControllerSpec {
@@ -227,7 +267,17 @@ impl ControllerSpec {
             args: vec![],
             env: vec![("WALKABOUT_LOG".into(), "info".into())],
             start_limit: Duration::from_secs(60),
+            ca_dir: None,
+            cli_identity: None,
         }
+    }
+
+    /// Serving TLS with the CA in `ca_dir`; the CLI run through [`Controller::command`]
+    /// uses `operator`.
+    pub fn tls(mut self, ca_dir: &Path, operator: &Path) -> ControllerSpec {
+        self.ca_dir = Some(ca_dir.to_path_buf());
+        self.cli_identity = Some(operator.to_path_buf());
+        self
     }
 
     /// With further arguments.
@@ -239,6 +289,14 @@ impl ControllerSpec {
     fn command(&self, data: &Path) -> Command {
         let mut c = Command::new(&self.bin);
         c.args(["controller", "--listen", &self.listen, "--data-dir"]).arg(data);
+        match &self.ca_dir {
+            Some(d) => {
+                c.arg("--ca-dir").arg(d);
+            }
+            None => {
+                c.arg("--insecure-loopback");
+            }
+        }
         for a in &self.agents {
             c.args(["--agent", a]);
         }
@@ -303,6 +361,9 @@ impl Controller {
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.spec.bin);
         c.args(args).args(["--controller", &self.url]).env("WALKABOUT_LOG", "warn");
+        if let Some(id) = &self.spec.cli_identity {
+            c.arg("--identity").arg(id);
+        }
         c
     }
 }

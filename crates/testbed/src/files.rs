@@ -17,11 +17,11 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 }
 
 /// Reads a URL file written by [`write_atomic`]: `Some(url)` once it holds a whole
-/// `http://` URL, `None` while it is missing or holds anything else.
+/// `http://` or `https://` URL, `None` while it is missing or holds anything else.
 pub fn read_url(path: &Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
     let url = text.trim();
-    let rest = url.strip_prefix("http://")?;
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"))?;
     (!rest.is_empty()).then(|| url.to_string())
 }
 

@@ -6,6 +6,7 @@
 use crate::daemons::{Agent, AgentSpec};
 use crate::error::{Result, TestbedError};
 use crate::net::BridgeNet;
+use crate::trust::TestCa;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -29,6 +30,10 @@ pub struct LocalOptions {
     pub netns: bool,
     /// Directory for the agents' data (`ROOT/hN`); removed at shutdown.
     pub root: PathBuf,
+    /// Mutual TLS: a CA of its own in `ROOT/trust`, a host certificate per agent and
+    /// an operator identity (`ROOT/trust/operator.pem`). Otherwise plain HTTP on
+    /// loopback.
+    pub tls: bool,
 }
 
 /// The running local cluster.
@@ -36,6 +41,10 @@ pub struct LocalOptions {
 pub struct LocalCluster {
     /// Its agents, `h1` first.
     pub agents: Vec<Agent>,
+    /// Its CA, with TLS.
+    pub ca: Option<TestCa>,
+    /// The operator identity the CLI and the controller's clients use, with TLS.
+    pub operator: Option<PathBuf>,
     net: Option<BridgeNet>,
     root: PathBuf,
     down: bool,
@@ -45,9 +54,14 @@ impl LocalCluster {
     /// Starts the agents together and waits until each has written its URL.
     pub fn start(opts: &LocalOptions) -> Result<LocalCluster> {
         std::fs::create_dir_all(&opts.root).map_err(|e| TestbedError::io(format!("creating {}", opts.root.display()), e))?;
-        let mut cluster = LocalCluster { agents: vec![], net: None, root: opts.root.clone(), down: false };
+        let mut cluster = LocalCluster { agents: vec![], ca: None, operator: None, net: None, root: opts.root.clone(), down: false };
         if opts.netns {
             cluster.net = Some(BridgeNet::local_cluster(opts.hosts)?);
+        }
+        if opts.tls {
+            let ca = TestCa::in_dir(&opts.root.join("trust"))?;
+            cluster.operator = Some(ca.user("operator", walkabout_trust::Role::Operator)?);
+            cluster.ca = Some(ca);
         }
         for n in 1..=opts.hosts {
             let (netns, listen) = match &cluster.net {
@@ -59,6 +73,11 @@ impl LocalCluster {
             spec.accel = opts.accel.clone();
             if let Some(c) = &opts.capacity {
                 spec = spec.args(&["--capacity", c]);
+            }
+            if let (Some(ca), Some(op)) = (&cluster.ca, &cluster.operator) {
+                let ip = listen.rsplit_once(':').map(|(ip, _)| ip).unwrap_or("127.0.0.1");
+                let id = ca.host(&spec.name, ip)?;
+                spec = spec.tls(&id, op);
             }
             let data = opts.root.join(&spec.name);
             cluster.agents.push(Agent::launch(spec, &data)?);

@@ -23,7 +23,8 @@ pub struct UpSession {
 
 impl UpSession {
     /// Starts `BIN up --listen 127.0.0.1:P --base-port P+1 --hosts HOSTS --web-listen
-    /// 127.0.0.1:P+HOSTS+1 ARGS` on free ports; its stderr goes to `stderr_log`
+    /// 127.0.0.1:P+HOSTS+1 --insecure-loopback ARGS` on free ports (plain HTTP, so that
+    /// its callers' clients need no identity); its stderr goes to `stderr_log`
     /// (discarded when `None`).
     pub fn start(bin: &Path, hosts: u16, args: &[&str], stderr_log: Option<&Path>) -> Result<UpSession> {
         let port = free_ports(hosts + 2)?;
@@ -33,7 +34,7 @@ impl UpSession {
         };
         let mut child = Command::new(bin)
             .args(["up", "--listen", &format!("127.0.0.1:{port}"), "--base-port", &(port + 1).to_string()])
-            .args(["--hosts", &hosts.to_string()])
+            .args(["--hosts", &hosts.to_string(), "--insecure-loopback"])
             .args(["--web-listen", &format!("127.0.0.1:{}", port + hosts + 1)])
             .args(args)
             .env("WALKABOUT_LOG", "warn")

@@ -18,6 +18,11 @@ struct Cli {
     /// booting) poll with short requests, each bounded by this, so they are not cut.
     #[arg(long, global = true, value_parser = cli::client::parse_timeout, default_value = cli::client::DEFAULT_TIMEOUT, value_name = "DURATION")]
     timeout: std::time::Duration,
+    /// Who this command (or daemon) is: a bundle of certificate, key and cluster CA
+    /// (`walkabout user add`, `walkabout host join`). Needed for https:// servers; a
+    /// daemon given one serves mutual TLS with it.
+    #[arg(long, global = true, env = "WALKABOUT_IDENTITY", value_name = "FILE")]
+    identity: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,10 +66,29 @@ enum Command {
     /// Walkabout games.
     #[command(subcommand)]
     Game(cli::walk::GameCommand),
+    /// The cluster's certificate authority.
+    #[command(subcommand)]
+    Ca(cli::ca::CaCommand),
+    /// Operators' credentials: viewer (reads) or operator (changes).
+    #[command(subcommand)]
+    User(cli::user::UserCommand),
+    /// Print a shell completion script (e.g. `walkabout completions bash >
+    /// /etc/bash_completion.d/walkabout`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let args = match cli::config::expand(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("walkabout: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     cli::client::set_timeout(cli.timeout);
     // `walkabout vm list | head`: a closed stdout ends a client command quietly. Servers
     // and supervisors keep SIGPIPE ignored and stop cleanly instead (see `cli::out`).
@@ -83,6 +107,12 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Some(path) = &cli.identity {
+        if let Err(e) = cli::ca::set_identity(path) {
+            eprintln!("walkabout: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    }
     let result = match cli.command {
         Command::Agent(a) => cli::agent::run(a),
         Command::Demo(a) => cli::demo::run(a),
@@ -98,6 +128,13 @@ fn main() -> std::process::ExitCode {
         Command::Cluster(c) => cli::cluster::run(c),
         Command::Walk(a) => cli::walk::run_walk(a),
         Command::Game(c) => cli::walk::run_game(c),
+        Command::Ca(c) => cli::ca::run(c),
+        Command::User(c) => cli::user::run(c),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "walkabout", &mut std::io::stdout());
+            Ok(std::process::ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
@@ -119,5 +156,25 @@ mod tests {
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from(["walkabout", "host", "info", "--timeout", "2s"]).expect("parses");
         assert_eq!(cli.timeout, std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn an_agent_config_file_parses_as_its_flags() {
+        let file = std::env::temp_dir().join(format!("walkabout-agent-{}.toml", std::process::id()));
+        std::fs::write(&file, "listen = \"127.0.0.1:7709\"\ndata-dir = \"/tmp/a\"\ninsecure-loopback = true\nboot-dir = [\"/srv/k\"]\n")
+            .expect("write");
+        let args: Vec<std::ffi::OsString> =
+            ["walkabout", "agent", "--config"].iter().map(Into::into).chain([file.clone().into_os_string()]).collect();
+        let cli = Cli::try_parse_from(cli::config::expand(args).expect("expand")).expect("parses");
+        let _ = std::fs::remove_file(&file);
+        assert!(matches!(cli.command, Command::Agent(_)));
+    }
+
+    #[test]
+    fn bash_completions_know_the_subcommands() {
+        let mut out = Vec::new();
+        clap_complete::generate(clap_complete::Shell::Bash, &mut Cli::command(), "walkabout", &mut out);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("complete -F") && text.contains("migrate") && text.contains("user"), "{}", &text[..text.len().min(400)]);
     }
 }

@@ -10,6 +10,11 @@ use walkabout_qemu::accel::AccelRequest;
 /// Arguments of `walkabout agent`.
 #[derive(clap::Args)]
 pub struct AgentArgs {
+    /// A TOML file whose keys are these options (`listen = "0.0.0.0:7701"`,
+    /// `data-dir = "..."`, `boot-dir = ["..."]`, `identity = "..."`).
+    #[arg(long, value_name = "FILE")]
+    #[allow(dead_code)] // read before parsing: `cli::config::expand` turns it into flags
+    config: Option<PathBuf>,
     /// Address to serve the HTTP API on (port 0 picks one; the URL is printed and
     /// written to DATA_DIR/agent.url).
     #[arg(long, default_value = "127.0.0.1:7701")]
@@ -17,6 +22,11 @@ pub struct AgentArgs {
     /// Directory for the agent's database and its VMs' files.
     #[arg(long)]
     data_dir: PathBuf,
+    /// Serve plain HTTP without client certificates (loopback addresses only): for
+    /// tests and a single machine. Otherwise the agent needs `--identity` (a host
+    /// certificate from `walkabout host join`) and serves mutual TLS.
+    #[arg(long, env = "WALKABOUT_INSECURE_LOOPBACK")]
+    insecure_loopback: bool,
     /// Accelerator: `auto` measures KVM against TCG and picks the faster.
     #[arg(long, default_value = "auto")]
     accel: AccelRequest,
@@ -35,6 +45,14 @@ pub struct AgentArgs {
     /// Default initramfs, with --kernel.
     #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
+    /// The address incoming migrations listen on (this host's address toward its
+    /// peers). Default: the --listen address, or 127.0.0.1 when that is unspecified.
+    #[arg(long)]
+    migration_address: Option<String>,
+    /// A directory VM specs may take kernels and initramfs from (repeatable), besides
+    /// the guest image's; any other path is refused.
+    #[arg(long = "boot-dir")]
+    boot_dirs: Vec<PathBuf>,
     /// Cache directory of the guest image.
     #[arg(long, env = "WALKABOUT_CACHE")]
     image_cache: Option<PathBuf>,
@@ -67,11 +85,14 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             storage_dir: a.storage_dir,
             cpu_ceiling: a.cpu_ceiling,
             announce: a.announce,
+            boot_dirs: a.boot_dirs,
+            migration_address: Some(migration_address(a.migration_address.as_deref(), &a.listen)),
             ..AgentConfig::new(a.data_dir)
         };
-        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         let agent = Agent::start(config).await?;
-        let url = format!("http://{}", listener.local_addr()?);
+        let tls = server_tls(a.insecure_loopback)?;
+        let listener = walkabout_trust::Listener::bind(&a.listen, tls, walkabout_trust::ListenerOptions::default()).await?;
+        let url = listener.url();
         // Written whole, then renamed: a reader never sees it half-written.
         walkabout_testbed::write_atomic(&data_dir.join("agent.url"), url.as_bytes()).context("writing agent.url")?;
         let host = agent.host_info();
@@ -80,6 +101,31 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         tracing::info!("agent stopped; its VMs keep running");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// The address incoming migrations listen on: `given`, else the IP of `listen` unless
+/// it is unspecified (0.0.0.0, ::), else 127.0.0.1.
+fn migration_address(given: Option<&str>, listen: &str) -> String {
+    if let Some(g) = given {
+        return g.to_string();
+    }
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(a) if !a.ip().is_unspecified() => a.ip().to_string(),
+        _ => "127.0.0.1".into(),
+    }
+}
+
+/// The TLS configuration a daemon serves with: its `--identity`, or none when
+/// `--insecure-loopback` asked for plain HTTP; refused when given neither.
+pub fn server_tls(insecure_loopback: bool) -> anyhow::Result<Option<std::sync::Arc<rustls::ServerConfig>>> {
+    match (super::ca::identity(), insecure_loopback) {
+        (Some(b), _) => Ok(Some(walkabout_trust::tls::server_config(b)?)),
+        (None, true) => Ok(None),
+        (None, false) => anyhow::bail!(
+            "no identity: give --identity FILE (a host certificate: walkabout host join) to serve mutual TLS, \
+             or --insecure-loopback for plain HTTP on a loopback address"
+        ),
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

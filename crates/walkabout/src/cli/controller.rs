@@ -9,6 +9,11 @@ use walkabout_controller::ControllerConfig;
 /// Arguments of `walkabout controller`.
 #[derive(clap::Args)]
 pub struct ControllerArgs {
+    /// A TOML file whose keys are these options (`listen = "0.0.0.0:7700"`,
+    /// `data-dir = "..."`, `ca-dir = "..."`, `agent = ["h1=https://..."]`).
+    #[arg(long, value_name = "FILE")]
+    #[allow(dead_code)] // read before parsing: `cli::config::expand` turns it into flags
+    config: Option<PathBuf>,
     /// Address to serve the API on (port 0 picks one; the URL is printed and written to
     /// DATA_DIR/controller.url).
     #[arg(long, default_value = "127.0.0.1:7700")]
@@ -28,6 +33,19 @@ pub struct ControllerArgs {
     /// this long.
     #[arg(long, default_value_t = 3)]
     lease_ttl: u64,
+    /// Serve plain HTTP without client certificates (loopback addresses only).
+    /// Otherwise the controller serves mutual TLS with a certificate it issues itself
+    /// from `--ca-dir` (or `--identity`).
+    #[arg(long, env = "WALKABOUT_INSECURE_LOOPBACK")]
+    insecure_loopback: bool,
+    /// The cluster CA's directory (`walkabout ca init`): the controller issues itself a
+    /// certificate, serves mutual TLS and signs hosts' joins.
+    #[arg(long)]
+    ca_dir: Option<PathBuf>,
+    /// Addresses (IP or DNS) clients reach the controller at, for its certificate
+    /// (default: the --listen address and localhost).
+    #[arg(long = "san")]
+    sans: Vec<String>,
     /// An agent to register as a host: `URL` (named h1, h2... in order) or `NAME=URL`.
     /// Repeatable; more can be added later with `POST /v1/hosts`.
     #[arg(long = "agent")]
@@ -81,33 +99,72 @@ impl ControllerArgs {
 /// browser's, a `walk --follow`) never end by themselves.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The controller's TLS: with `ca_dir`, a certificate it issues itself (role
+/// `controller`, valid at `addr`'s IP, localhost and `sans`) and the CA to sign joins;
+/// else its `--identity`; else plain HTTP if `insecure` asked for it. The chosen
+/// identity also becomes its clients' (toward agents, and the games toward itself).
+pub fn controller_tls(
+    ca_dir: Option<&std::path::Path>,
+    addr: &std::net::SocketAddr,
+    sans: &[String],
+    insecure: bool,
+) -> anyhow::Result<(Option<std::sync::Arc<rustls::ServerConfig>>, std::sync::Arc<walkabout_controller::join::Trust>)> {
+    use walkabout_controller::join::Trust;
+    if let Some(dir) = ca_dir {
+        let ca = walkabout_trust::Ca::load(dir)?;
+        let mut names: Vec<String> = vec!["localhost".into()];
+        if !addr.ip().is_unspecified() {
+            names.push(addr.ip().to_string());
+        }
+        names.extend(sans.iter().cloned());
+        let bundle = ca.issue("controller", walkabout_trust::Role::Controller, &names)?;
+        walkabout_api::client::set_process_tls(walkabout_trust::tls::client_config(&bundle)?);
+        return Ok((Some(walkabout_trust::tls::server_config(&bundle)?), Trust::with_ca(ca)));
+    }
+    Ok((super::agent::server_tls(insecure)?, Trust::none()))
+}
+
 /// Runs the controller until Ctrl-C or SIGTERM. Agents and VMs carry on without it.
 pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
     super::client::runtime()?.block_on(async move {
         let config = a.config()?;
         std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
-        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
-        let url = format!("http://{}", listener.local_addr()?);
+        let tcp = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+        let (tls, trust) = controller_tls(a.ca_dir.as_deref(), &tcp.local_addr()?, &a.sans, a.insecure_loopback)?;
         if a.store != "redb" {
-            return run_ha(a, config, listener, url).await;
-        }
-        let web = match &a.web_listen {
-            Some(addr) => {
-                Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (web console)"))?)
+            // The controllers sharing etcd serve plain HTTP, so only on loopback for now.
+            if tls.is_some() || !tcp.local_addr()?.ip().is_loopback() {
+                anyhow::bail!(
+                    "--store {} runs on loopback only and without TLS for now: listen on 127.0.0.1 and pass --insecure-loopback",
+                    a.store
+                );
             }
+            let url = format!("http://{}", tcp.local_addr()?);
+            return run_ha(a, config, tcp, url).await;
+        }
+        let listener = walkabout_trust::Listener::from_tcp(tcp, tls, walkabout_trust::ListenerOptions::default())?;
+        let url = listener.url();
+        // The console is plain HTTP, which the listener allows on loopback only; there its
+        // callers are the loopback operator, as on a plain API listener.
+        let web = match &a.web_listen {
+            Some(addr) => Some(
+                walkabout_trust::Listener::bind(addr, None, walkabout_trust::ListenerOptions::default())
+                    .await
+                    .with_context(|| format!("web console on {addr}"))?,
+            ),
             None => None,
         };
         let cluster = walkabout_controller::start(config, &a.agents).await?;
-        // The games are clients of this API, at the address just bound.
-        cluster.games().serve_at(&url)?;
         let console = match web {
             Some(l) => {
-                let web_url = format!("http://{}/", l.local_addr()?);
+                let web_url = format!("{}/", l.url());
                 walkabout_testbed::write_atomic(&a.data_dir.join("web.url"), web_url.as_bytes()).context("writing web.url")?;
                 let _ = super::out::line(format_args!("web console on {web_url}"));
-                let app = walkabout_web::console(walkabout_controller::api::router(cluster.clone()));
+                let app = walkabout_web::console(walkabout_controller::api::router_with_trust(cluster.clone(), trust.clone()));
+                let audit = walkabout_controller::join::audit(cluster.clone());
                 let stop = cluster.clone();
-                Some(tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(async move { stop.stopped().await }).await }))
+                let stopped = async move { stop.stopped().await };
+                Some(tokio::spawn(walkabout_trust::serve::serve(l, app, walkabout_trust::ServerKind::Controller, Some(audit), stopped)))
             }
             None => None,
         };
@@ -120,8 +177,7 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
             stop.stop();
         });
         let stopped = cluster.clone();
-        let api = axum::serve(listener, walkabout_controller::api::router(cluster.clone()))
-            .with_graceful_shutdown(async move { stopped.stopped().await });
+        let api = walkabout_controller::serve(cluster.clone(), trust, listener, async move { stopped.stopped().await });
         let grace = async {
             cluster.stopped().await;
             tokio::time::sleep(CLOSE_GRACE).await;

@@ -55,6 +55,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             capacity: None,
             netns: false,
             root: walkabout_testbed::session_root("demo", std::process::id()),
+            tls: false,
         };
         say("starting three agents on loopback (each measures its accelerator)...".into())?;
         let mut cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&opts)).await??;

@@ -25,6 +25,39 @@ pub enum HostCommand {
     Drain(HostAction),
     /// Take a host out of maintenance (cancels its drain if one runs).
     Undrain(HostAction),
+    /// Ask the controller for a short-lived, single-use token for one host to join the
+    /// cluster with (`walkabout host join` on that host). Operators only.
+    Token {
+        #[command(flatten)]
+        ctl: super::cluster::CtlArgs,
+        /// The host's name.
+        host: String,
+        /// How long the token is valid (e.g. 10m; at most 1h).
+        #[arg(long, value_parser = super::client::parse_duration_ms, default_value = "10m")]
+        ttl: u64,
+    },
+    /// Join this host to the cluster: make a key here, send its CSR with a join token to
+    /// the controller, and write the host certificate it signs (with the key and the CA)
+    /// as the agent's identity (`walkabout agent --identity FILE`).
+    Join {
+        /// The controller's URL (https://...).
+        #[arg(long, env = "WALKABOUT_CONTROLLER", default_value = super::cluster::DEFAULT_CONTROLLER)]
+        controller: String,
+        /// This host's name (the token's).
+        host: String,
+        /// The token from `walkabout host token`.
+        #[arg(long, env = "WALKABOUT_JOIN_TOKEN")]
+        token: String,
+        /// The cluster CA's certificate (ca.crt), to know the controller is ours.
+        #[arg(long)]
+        ca_cert: std::path::PathBuf,
+        /// An address (IP or DNS name) other hosts reach this agent at; repeatable.
+        #[arg(long = "address", required = true)]
+        addresses: Vec<String>,
+        /// Where to write the identity (default: HOST.pem here).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 /// A command on one host of the cluster.
@@ -46,6 +79,10 @@ pub fn run(cmd: HostCommand) -> anyhow::Result<ExitCode> {
         HostCommand::List(c) => return runtime()?.block_on(list(c)),
         HostCommand::Drain(a) => return runtime()?.block_on(drain(a)),
         HostCommand::Undrain(a) => return runtime()?.block_on(undrain(a)),
+        HostCommand::Token { ctl, host, ttl } => return runtime()?.block_on(token(ctl, host, ttl)),
+        HostCommand::Join { controller, host, token, ca_cert, addresses, out } => {
+            return runtime()?.block_on(join(JoinArgs { controller, host, token, ca_cert, addresses, out }))
+        }
     };
     runtime()?.block_on(async move {
         let h = client::agent(&agent)?.host().await?;
@@ -119,6 +156,53 @@ async fn drain(a: HostAction) -> anyhow::Result<ExitCode> {
         Ok(plan) => super::cluster::finish(&ctl, plan, &a.ctl, a.no_wait).await,
         Err(e) => super::cluster::print_refusal(&e, a.ctl.output),
     }
+}
+
+async fn token(ctl: super::cluster::CtlArgs, host: String, ttl_ms: u64) -> anyhow::Result<ExitCode> {
+    let req = walkabout_api::JoinTokenRequest { host, ttl_s: Some(ttl_ms.div_ceil(1000).max(1)) };
+    let t = client::controller(&ctl.controller)?.join_token(&req).await?;
+    match ctl.output {
+        Output::Json => print_json(&t)?,
+        Output::Text => println!(
+            "{}\n(for host {}; single use; run on it: walkabout host join {} --controller {} --token TOKEN --ca-cert ca.crt --address ADDR)",
+            t.token,
+            clean(&t.host),
+            clean(&t.host),
+            clean(&ctl.controller)
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `walkabout host join` was given.
+struct JoinArgs {
+    controller: String,
+    host: String,
+    token: String,
+    ca_cert: std::path::PathBuf,
+    addresses: Vec<String>,
+    out: Option<std::path::PathBuf>,
+}
+
+async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
+    let out = a.out.unwrap_or_else(|| std::path::PathBuf::from(format!("{}.pem", a.host)));
+    if out.exists() {
+        anyhow::bail!("{} exists; refusing to overwrite an identity", out.display());
+    }
+    let ca_pem = std::fs::read_to_string(&a.ca_cert).with_context(|| format!("reading {}", a.ca_cert.display()))?;
+    let (key_pem, csr_pem) = walkabout_trust::ca::csr(&a.host, &a.addresses)?;
+    let tls = walkabout_trust::tls::anonymous_client_config(&ca_pem)?;
+    let ctl = walkabout_api::ControllerClient::with_tls(&a.controller, client::options(), tls)?;
+    let reply = ctl.join(&a.token, &walkabout_api::JoinRequest { host: a.host.clone(), csr_pem }).await?;
+    if reply.ca_pem.trim() != ca_pem.trim() {
+        anyhow::bail!("the controller answered with another CA than {}; not writing the identity", a.ca_cert.display());
+    }
+    let bundle = walkabout_trust::Bundle { cert_pem: reply.cert_pem, key_pem, ca_pem };
+    let id = bundle.identity()?;
+    bundle.save(&out)?;
+    println!("{} joined as {id}: identity in {} (walkabout agent --identity {})", clean(&a.host), out.display(), out.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn undrain(a: HostAction) -> anyhow::Result<ExitCode> {

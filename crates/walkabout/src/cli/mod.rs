@@ -1,8 +1,10 @@
 //! One module per subcommand group.
 
 pub mod agent;
+pub mod ca;
 pub mod client;
 pub mod cluster;
+pub mod config;
 pub mod controller;
 pub mod cpu;
 pub mod demo;
@@ -14,5 +16,6 @@ pub mod plan;
 pub mod progress;
 pub mod table;
 pub mod up;
+pub mod user;
 pub mod vm;
 pub mod walk;

@@ -5,13 +5,19 @@
 use std::borrow::Cow;
 
 /// A text made safe to print: each control character (terminal escapes, newlines,
-/// tabs, C1 controls) is shown as its Rust escape (`\u{1b}`) instead of acting, so
+/// tabs, C1 controls) and bidirectional override is shown as its Rust escape (`\u{1b}`) instead of acting, so
 /// names stay distinct and one line stays one line.
 pub fn clean(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    if !s.chars().any(unsafe_char) {
         return Cow::Borrowed(s);
     }
-    Cow::Owned(s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect())
+    Cow::Owned(s.chars().map(|c| if unsafe_char(c) { c.escape_default().to_string() } else { c.to_string() }).collect())
+}
+
+/// A character that acts on a terminal instead of showing: controls, and the
+/// bidirectional overrides and marks that reorder what follows them on the line.
+fn unsafe_char(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// A number a reply may lack (a downtime not yet known), or `-` when it has none.
@@ -104,6 +110,13 @@ mod tests {
         t.row(["g1\ng2  running", "stopped"]);
         assert_eq!(t.render().lines().count(), 2);
         assert!(t.render().contains("g1\\ng2  running"));
+    }
+
+    #[test]
+    fn a_bidirectional_override_cannot_reverse_what_follows() {
+        let shown = clean("vm\u{202e}1gnitsop");
+        assert!(!shown.contains('\u{202e}'), "{shown:?}");
+        assert_eq!(shown, "vm\\u{202e}1gnitsop");
     }
 
     #[test]

@@ -52,6 +52,11 @@ pub struct UpArgs {
     /// Put each host in a network namespace of its own (needs root: `ip netns`).
     #[arg(long)]
     netns: bool,
+    /// Plain HTTP on loopback, without certificates. By default the cluster gets a CA
+    /// of its own and every connection is mutual TLS (an operator identity is written
+    /// for the CLI and printed).
+    #[arg(long, env = "WALKABOUT_INSECURE_LOOPBACK")]
+    insecure_loopback: bool,
     /// Accelerator for the agents (`auto` measures KVM against TCG).
     #[arg(long, default_value = "auto")]
     accel: String,
@@ -91,8 +96,8 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
         let img = tokio::task::spawn_blocking(move || walkabout_image::build(&cache)).await??;
         out::line(format_args!("  guest: Linux {} + busybox + the Walkabout guest program", img.kernel_version))?;
         let root = walkabout_testbed::session_root("up", std::process::id());
-        let listener = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
-        let api_url = format!("http://{}", listener.local_addr()?);
+        let tcp = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+        let api_addr = tcp.local_addr()?;
         let opts = LocalOptions {
             bin: std::env::current_exe().context("finding the walkabout binary")?,
             hosts: a.hosts,
@@ -101,6 +106,8 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
             capacity: a.capacity.clone(),
             netns: a.netns,
             root: root.clone(),
+            // Plain HTTP is for loopback only: namespaced hosts always speak TLS.
+            tls: !a.insecure_loopback || a.netns,
         };
         out::line(format_args!(
             "starting {} agents{}...",
@@ -108,6 +115,18 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
             if a.netns { ", each in its own network namespace" } else { " on loopback" }
         ))?;
         let mut local = tokio::task::spawn_blocking(move || LocalCluster::start(&opts)).await??;
+        let ca_dir = local.ca.as_ref().map(|ca| ca.dir().to_path_buf());
+        let (tls, trust) = match super::controller::controller_tls(ca_dir.as_deref(), &api_addr, &[], ca_dir.is_none()) {
+            Ok(t) => t,
+            Err(e) => {
+                local.shutdown();
+                return Err(e);
+            }
+        };
+        let listener = walkabout_trust::Listener::from_tcp(tcp, tls, walkabout_trust::ListenerOptions::default())?;
+        let api_url = listener.url();
+        // The console is plain HTTP, which the listener allows on loopback only.
+        let web = walkabout_trust::Listener::from_tcp(web, None, walkabout_trust::ListenerOptions::default())?;
         let namespaces: Vec<String> = local.agents.iter().filter_map(|x| x.netns().map(String::from)).collect();
         let guest_net = match GuestNet::new(GUEST_BRIDGE, GUEST_SUBNET, &namespaces.iter().map(String::as_str).collect::<Vec<_>>()) {
             Ok(n) => {
@@ -135,26 +154,19 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
                 return Err(e);
             }
         };
-        let server = {
-            let app = walkabout_controller::api::router(cluster.clone());
-            let stop = cluster.clone();
-            tokio::spawn(async move {
-                let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.stopped().await }).await;
-            })
-        };
         let console = {
-            let app = walkabout_web::console(walkabout_controller::api::router(cluster.clone()));
+            let app = walkabout_web::console(walkabout_controller::api::router_with_trust(cluster.clone(), trust.clone()));
+            let audit = walkabout_controller::join::audit(cluster.clone());
             let stop = cluster.clone();
-            tokio::spawn(async move {
-                let _ = axum::serve(web, app).with_graceful_shutdown(async move { stop.stopped().await }).await;
-            })
+            let stopped = async move { stop.stopped().await };
+            tokio::spawn(walkabout_trust::serve::serve(web, app, walkabout_trust::ServerKind::Controller, Some(audit), stopped))
         };
-        // The walk is a client of the controller's API, at the address just bound.
-        if let Err(e) = cluster.games().serve_at(&api_url) {
-            cluster.stop();
-            local.shutdown();
-            return Err(e.into());
-        }
+        let server = {
+            let stop = cluster.clone();
+            // The walk is a client of the controller's API, at the address just bound.
+            let serving = walkabout_controller::serve(cluster.clone(), trust, listener, async move { stop.stopped().await });
+            tokio::spawn(serving)
+        };
         let result = tokio::select! {
             r = show(&cluster, &local, &a, &api_url, &web_url, guest_net.as_ref()) => r,
             _ = super::agent::shutdown_signal() => { let _ = out::line("\ninterrupted"); Ok(()) }
@@ -181,7 +193,14 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Boots the guests, prints where everything is, and walks the guests about.
-async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str, web_url: &str, net: Option<&GuestNet>) -> anyhow::Result<()> {
+async fn show(
+    cluster: &Cluster,
+    local: &LocalCluster,
+    a: &UpArgs,
+    api_url: &str,
+    web_url: &str,
+    net: Option<&GuestNet>,
+) -> anyhow::Result<()> {
     let memory_mib = super::client::parse_mib(&a.memory).map_err(|e| anyhow::anyhow!(e))?;
     for agent in &local.agents {
         out::line(format_args!("  host {} at {} (metrics {}/metrics)", agent.name, agent.url, agent.url))?;
@@ -222,7 +241,16 @@ async fn show(cluster: &Cluster, local: &LocalCluster, a: &UpArgs, api_url: &str
     out::line(format_args!("controller API   {api_url}/v1/cluster  (hosts, vms, plans, migrations, walks)"))?;
     out::line(format_args!("events (SSE)     {api_url}/v1/events"))?;
     out::line(format_args!("metrics          {api_url}/metrics"))?;
-    out::line("try              walkabout host list · walkabout host drain h1 · walkabout cluster rebalance --dry-run")?;
+    match &local.operator {
+        Some(id) => {
+            out::line(format_args!("identity         {} (mutual TLS; an operator's credentials)", id.display()))?;
+            out::line(format_args!(
+                "try              export WALKABOUT_IDENTITY={} WALKABOUT_CONTROLLER={api_url}; walkabout host list · walkabout host drain h1",
+                id.display()
+            ))?;
+        }
+        None => out::line("try              walkabout host list · walkabout host drain h1 · walkabout cluster rebalance --dry-run")?,
+    }
     out::line("Ctrl-C stops everything.")?;
     out::line("")?;
     let duration_ms = a.duration.unwrap_or(u64::MAX / 4);
@@ -286,6 +314,8 @@ mod ha {
                 capacity: a.capacity.clone(),
                 netns: a.netns,
                 root: root.clone(),
+                // The controllers sharing etcd serve plain HTTP on loopback for now.
+                tls: a.netns,
             };
             let mut local = tokio::task::spawn_blocking(move || LocalCluster::start(&opts)).await??;
             let store = etcd.store_url();

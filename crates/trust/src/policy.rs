@@ -1,0 +1,106 @@
+//! Who may call what: one function, [`decide`], for both servers.
+//!
+//! - Without a verified identity: 401, except `POST /v1/join` on the controller with a
+//!   join token (checked by its handler).
+//! - A viewer may only read (`GET`, `HEAD`).
+//! - An operator and the controller may do everything.
+//! - A host (an agent's certificate) may only use the routes agents use between
+//!   themselves: on an agent, `/v1/incoming...` and reading `/v1/host`; nothing on the
+//!   controller.
+//!
+//! Plain HTTP on loopback (asked for with `--insecure-loopback`) bypasses this: it is
+//! for tests and a single machine.
+
+use crate::identity::{Identity, Role};
+
+/// Which server is deciding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    /// An agent.
+    Agent,
+    /// The controller.
+    Controller,
+}
+
+/// The answer for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Let it through.
+    Allow,
+    /// A request that needs a join token in `Authorization: Bearer` (the handler checks it).
+    JoinToken,
+    /// 401: no valid client certificate.
+    Unauthenticated(String),
+    /// 403: the identity's role does not allow this.
+    Forbidden(String),
+}
+
+/// The path of the controller's join route (token-authenticated).
+pub const JOIN_PATH: &str = "/v1/join";
+
+fn reads(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD")
+}
+
+/// Whether a host certificate may call `method path` on an agent.
+fn host_to_host(method: &str, path: &str) -> bool {
+    path == "/v1/incoming" || path.starts_with("/v1/incoming/") || (reads(method) && matches!(path, "/v1/host" | "/v1/host/cpu"))
+}
+
+/// Decides whether `who` may call `method path` on `server`.
+pub fn decide(server: ServerKind, who: Option<&Identity>, method: &str, path: &str) -> Decision {
+    let Some(id) = who else {
+        if server == ServerKind::Controller && method == "POST" && path == JOIN_PATH {
+            return Decision::JoinToken;
+        }
+        return Decision::Unauthenticated(format!(
+            "{method} {path} needs a client certificate signed by the cluster CA (walkabout user add, --identity)"
+        ));
+    };
+    match id.role {
+        Role::Operator | Role::Controller => Decision::Allow,
+        Role::Viewer if reads(method) => Decision::Allow,
+        Role::Viewer => Decision::Forbidden(format!("{id} may only read; {method} {path} changes something")),
+        Role::Host if server == ServerKind::Agent && host_to_host(method, path) => Decision::Allow,
+        Role::Host => Decision::Forbidden(format!("{id} is a host certificate; {method} {path} is not a host-to-host route")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(role: Role) -> Identity {
+        Identity { name: "x".into(), role }
+    }
+
+    #[test]
+    fn nobody_is_refused_everywhere_but_the_join() {
+        assert!(matches!(decide(ServerKind::Agent, None, "GET", "/v1/vms"), Decision::Unauthenticated(_)));
+        assert!(matches!(decide(ServerKind::Agent, None, "POST", "/v1/join"), Decision::Unauthenticated(_)));
+        assert_eq!(decide(ServerKind::Controller, None, "POST", "/v1/join"), Decision::JoinToken);
+    }
+
+    #[test]
+    fn a_viewer_reads_and_changes_nothing() {
+        assert_eq!(decide(ServerKind::Controller, Some(&id(Role::Viewer)), "GET", "/v1/hosts"), Decision::Allow);
+        assert!(matches!(decide(ServerKind::Controller, Some(&id(Role::Viewer)), "POST", "/v1/plans"), Decision::Forbidden(_)));
+        assert!(matches!(decide(ServerKind::Agent, Some(&id(Role::Viewer)), "DELETE", "/v1/vms/a"), Decision::Forbidden(_)));
+    }
+
+    #[test]
+    fn a_host_only_uses_host_to_host_routes() {
+        let h = id(Role::Host);
+        assert_eq!(decide(ServerKind::Agent, Some(&h), "POST", "/v1/incoming"), Decision::Allow);
+        assert_eq!(decide(ServerKind::Agent, Some(&h), "POST", "/v1/incoming/vm1/commit"), Decision::Allow);
+        assert!(matches!(decide(ServerKind::Agent, Some(&h), "POST", "/v1/migrations"), Decision::Forbidden(_)));
+        assert!(matches!(decide(ServerKind::Agent, Some(&h), "GET", "/v1/vms"), Decision::Forbidden(_)));
+        assert!(matches!(decide(ServerKind::Controller, Some(&h), "GET", "/v1/hosts"), Decision::Forbidden(_)));
+    }
+
+    #[test]
+    fn operators_and_the_controller_change_things() {
+        assert_eq!(decide(ServerKind::Agent, Some(&id(Role::Operator)), "POST", "/v1/migrations"), Decision::Allow);
+        assert_eq!(decide(ServerKind::Agent, Some(&id(Role::Controller)), "POST", "/v1/migrations"), Decision::Allow);
+    }
+}

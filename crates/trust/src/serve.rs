@@ -1,0 +1,406 @@
+//! Serving an axum router over mutual TLS, or over plain HTTP on loopback when asked.
+//!
+//! [`Listener`] accepts TCP connections in a task of its own, completes each TLS
+//! handshake within [`ListenerOptions::handshake_timeout`] (a stranger that opens a
+//! connection and says nothing holds nothing), reads the client certificate's
+//! [`Identity`] once, and hands axum the connection with its [`Peer`]. Every connection
+//! is closed after [`ListenerOptions::idle_timeout`] without a byte either way (a slow
+//! client cannot hold a connection by sending headers one byte a minute... it can, but
+//! only for that long between bytes).
+//!
+//! [`serve`] adds the middleware that enforces [`crate::policy`]: 401 without an
+//! identity, 403 for a role that may not, 413 for a body over [`MAX_BODY`]; and it
+//! reports every change (any method but GET/HEAD) with who made it to an [`Audit`].
+
+use crate::identity::{Identity, Role};
+use crate::policy::{decide, Decision, ServerKind};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::serve::IncomingStream;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use walkabout_api::{ErrorBody, ErrorKind};
+
+/// The largest request body either server reads (413 beyond it).
+pub const MAX_BODY: usize = 1 << 20;
+
+/// The name plain loopback connections are recorded under.
+pub const LOOPBACK_NAME: &str = "loopback";
+
+/// Limits of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerOptions {
+    /// Longest a TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// Longest a connection may stay without a byte read or written.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ListenerOptions {
+    fn default() -> Self {
+        ListenerOptions { handshake_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(120) }
+    }
+}
+
+/// The other end of a connection: its address and, over TLS with a client certificate
+/// the CA signed, its identity. Plain loopback connections are the operator
+/// [`LOOPBACK_NAME`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer's address.
+    pub addr: SocketAddr,
+    /// Who it is, if it said.
+    pub identity: Option<Identity>,
+}
+
+impl axum::extract::connect_info::Connected<IncomingStream<'_, Listener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, Listener>) -> Peer {
+        stream.remote_addr().clone()
+    }
+}
+
+/// Errors of binding a listener.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// Plain HTTP was asked for on an address other than loopback.
+    #[error("plain HTTP is only served on loopback (127.0.0.1, ::1), not on {0}; give a TLS identity (--identity) instead")]
+    PlainNotLoopback(SocketAddr),
+}
+
+type Conn = IdleIo<Stream>;
+
+/// A listener serving TLS (with a [`rustls::ServerConfig`]) or plain HTTP on loopback.
+pub struct Listener {
+    rx: tokio::sync::mpsc::Receiver<(Conn, Peer)>,
+    local: SocketAddr,
+    tls: bool,
+}
+
+impl Listener {
+    /// Binds `addr` and serves TLS with `tls`, or plain HTTP when `tls` is `None` (only
+    /// on a loopback address).
+    pub async fn bind(addr: &str, tls: Option<Arc<rustls::ServerConfig>>, opts: ListenerOptions) -> Result<Listener, ListenError> {
+        let tcp = TcpListener::bind(addr).await.map_err(|source| ListenError::Bind { addr: addr.into(), source })?;
+        Listener::from_tcp(tcp, tls, opts)
+    }
+
+    /// Serves on an already bound `tcp` (see [`Listener::bind`]).
+    pub fn from_tcp(tcp: TcpListener, tls: Option<Arc<rustls::ServerConfig>>, opts: ListenerOptions) -> Result<Listener, ListenError> {
+        let local = tcp.local_addr().map_err(|source| ListenError::Bind { addr: "listener".into(), source })?;
+        if tls.is_none() && !local.ip().is_loopback() {
+            return Err(ListenError::PlainNotLoopback(local));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let is_tls = tls.is_some();
+        tokio::spawn(accept_loop(tcp, tls.map(tokio_rustls::TlsAcceptor::from), opts, tx));
+        Ok(Listener { rx, local, tls: is_tls })
+    }
+
+    /// The URL clients use: `https://ADDR` or `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.local)
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+impl axum::serve::Listener for Listener {
+    type Io = Conn;
+    type Addr = Peer;
+
+    async fn accept(&mut self) -> (Conn, Peer) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The accept task ended (it does not, while this listener lives).
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Peer> {
+        Ok(Peer { addr: self.local, identity: None })
+    }
+}
+
+async fn accept_loop(
+    tcp: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    opts: ListenerOptions,
+    tx: tokio::sync::mpsc::Sender<(Conn, Peer)>,
+) {
+    loop {
+        let (sock, addr) = tokio::select! {
+            _ = tx.closed() => return, // the server stopped: close the port
+            r = tcp.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = sock.set_nodelay(true);
+        let tx = tx.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let (stream, identity) = match tls {
+                None => (Stream::Plain(sock), Some(Identity { name: LOOPBACK_NAME.into(), role: Role::Operator })),
+                Some(acceptor) => match tokio::time::timeout(opts.handshake_timeout, acceptor.accept(sock)).await {
+                    Ok(Ok(s)) => {
+                        let identity = peer_identity(&s);
+                        (Stream::Tls(Box::new(s)), identity)
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!("TLS handshake with {addr} failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("TLS handshake with {addr} timed out");
+                        return;
+                    }
+                },
+            };
+            let _ = tx.send((IdleIo::new(stream, opts.idle_timeout), Peer { addr, identity })).await;
+        });
+    }
+}
+
+/// The identity of a TLS client's verified certificate (none if it sent none or its
+/// certificate names no valid identity).
+fn peer_identity(s: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<Identity> {
+    let cert = s.get_ref().1.peer_certificates()?.first()?;
+    match Identity::from_der(cert) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!("a client certificate signed by the CA carries no usable identity: {e}");
+            None
+        }
+    }
+}
+
+/// A served connection: TLS or plain.
+pub enum Stream {
+    /// Over TLS.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Plain TCP (loopback only).
+    Plain(TcpStream),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A stream that fails with `TimedOut` once `idle` passes without a byte read or
+/// written while the server waits on it.
+pub struct IdleIo<S> {
+    inner: S,
+    idle: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> IdleIo<S> {
+    /// Wraps `inner` with an idle limit of `idle`.
+    pub fn new(inner: S, idle: Duration) -> IdleIo<S> {
+        IdleIo { inner, idle, deadline: Box::pin(tokio::time::sleep(idle)) }
+    }
+
+    fn progress(&mut self) {
+        let next = tokio::time::Instant::now() + self.idle;
+        self.deadline.as_mut().reset(next);
+    }
+
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+fn idle_error() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "connection idle too long")
+}
+
+use std::future::Future;
+
+impl<S: AsyncRead + Unpin> AsyncRead for IdleIo<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        match Pin::new(&mut me.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                me.progress();
+                Poll::Ready(r)
+            }
+            Poll::Pending if me.expired(cx) => Poll::Ready(Err(idle_error())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for IdleIo<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        match Pin::new(&mut me.inner).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                me.progress();
+                Poll::Ready(r)
+            }
+            Poll::Pending if me.expired(cx) => Poll::Ready(Err(idle_error())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Told of every change a server accepted to do: who, the method, the path, the status.
+pub type Audit = Arc<dyn Fn(&Identity, &str, &str, u16) + Send + Sync>;
+
+#[derive(Clone)]
+struct Guard {
+    server: ServerKind,
+    audit: Option<Audit>,
+}
+
+/// An error reply in the API's shape.
+pub fn error_reply(status: StatusCode, kind: ErrorKind, message: String) -> Response {
+    (status, axum::Json(ErrorBody::new(kind, message))).into_response()
+}
+
+async fn guard(State(g): State<Guard>, ConnectInfo(peer): ConnectInfo<Peer>, req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    match decide(g.server, peer.identity.as_ref(), &method, &path) {
+        Decision::Allow | Decision::JoinToken => {}
+        Decision::Unauthenticated(m) => return error_reply(StatusCode::UNAUTHORIZED, ErrorKind::Unauthenticated, m),
+        Decision::Forbidden(m) => return error_reply(StatusCode::FORBIDDEN, ErrorKind::Forbidden, m),
+    }
+    let declared = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        error_reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::TooLarge,
+            format!("the body of {method} {path} is larger than {MAX_BODY} bytes"),
+        )
+    };
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return too_large();
+    }
+    let (mut parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => return too_large(),
+    };
+    if let Some(id) = &peer.identity {
+        parts.extensions.insert(id.clone());
+    }
+    let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    let resp = next.run(req).await;
+    if !matches!(method.as_str(), "GET" | "HEAD") {
+        if let (Some(audit), Some(id)) = (&g.audit, &peer.identity) {
+            audit(id, &method, &path, resp.status().as_u16());
+        }
+    }
+    resp
+}
+
+/// Serves `router` on `listener` for `server` until `shutdown`: the policy enforced,
+/// bodies limited, changes reported to `audit`.
+pub async fn serve(
+    listener: Listener,
+    router: axum::Router,
+    server: ServerKind,
+    audit: Option<Audit>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router.layer(axum::middleware::from_fn_with_state(Guard { server, audit }, guard));
+    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed() {
+        let opts = ListenerOptions { handshake_timeout: Duration::from_millis(200), idle_timeout: Duration::from_millis(300) };
+        let l = Listener::bind("127.0.0.1:0", None, opts).await.expect("bind");
+        let addr = l.addr();
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
+        let _srv = tokio::spawn(serve(l, router, ServerKind::Agent, None, std::future::pending()));
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 16];
+        // Say nothing: the server hangs up after the idle limit.
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("closed in time");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_413_before_the_handler() {
+        use tokio::io::AsyncWriteExt;
+        let l = Listener::bind("127.0.0.1:0", None, ListenerOptions::default()).await.expect("bind");
+        let addr = l.addr();
+        let router = axum::Router::new().route("/v1/vms", axum::routing::post(|| async { "created" }));
+        let _srv = tokio::spawn(serve(l, router, ServerKind::Agent, None, std::future::pending()));
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let head =
+            format!("POST /v1/vms HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", MAX_BODY + 1);
+        s.write_all(head.as_bytes()).await.expect("write");
+        let mut buf = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("an answer").expect("read");
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn plain_http_is_refused_off_loopback() {
+        let tcp = TcpListener::bind("0.0.0.0:0").await.expect("bind");
+        assert!(matches!(Listener::from_tcp(tcp, None, ListenerOptions::default()), Err(ListenError::PlainNotLoopback(_))));
+    }
+}

@@ -1,0 +1,127 @@
+//! `--config FILE` for the daemons (`walkabout agent`, `walkabout controller`): a TOML
+//! file whose keys are the command's long options, e.g.
+//!
+//! ```toml
+//! listen = "0.0.0.0:7701"
+//! data-dir = "/var/lib/walkabout/agent"
+//! identity = "/etc/walkabout/host.pem"
+//! boot-dir = ["/srv/kernels"]
+//! ```
+//!
+//! Each key becomes `--key value` (an array repeats it; `true` is a bare flag, `false`
+//! leaves it out), inserted where `--config FILE` stands, so clap checks the file's
+//! settings exactly as it checks the command line. A key given both in the file and on
+//! the command line is refused by clap as given twice.
+
+use std::ffi::OsString;
+
+/// Errors of reading a config file: the file and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--config` without a file.
+    #[error("--config needs a file")]
+    Missing,
+    /// The file could not be read.
+    #[error("cannot read the config {file}: {source}")]
+    Read {
+        /// The file.
+        file: String,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("the config {file} is not valid TOML: {reason}")]
+    Parse {
+        /// The file.
+        file: String,
+        /// The parser's message (with the line).
+        reason: String,
+    },
+    /// A key whose value is not a string, number, boolean or array of those.
+    #[error("the config {file}: key `{key}` must be a string, number, boolean or an array of those")]
+    Value {
+        /// The file.
+        file: String,
+        /// The key.
+        key: String,
+    },
+}
+
+fn scalar(v: &toml::Value) -> Option<String> {
+    match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        _ => None,
+    }
+}
+
+/// The command-line arguments the TOML text `text` (of file `file`) stands for.
+pub fn flags(text: &str, file: &str) -> Result<Vec<String>, ConfigError> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse { file: file.into(), reason: e.to_string() })?;
+    let mut out = vec![];
+    for (key, value) in &table {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let bad = || ConfigError::Value { file: file.into(), key: key.clone() };
+        match value {
+            toml::Value::Boolean(true) => out.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for item in items {
+                    out.extend([flag.clone(), scalar(item).ok_or_else(bad)?]);
+                }
+            }
+            v => out.extend([flag, scalar(v).ok_or_else(bad)?]),
+        }
+    }
+    Ok(out)
+}
+
+/// `args` with every `--config FILE` (or `--config=FILE`) followed by the flags its
+/// file stands for.
+pub fn expand(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        let file = match a.to_str() {
+            Some("--config") => {
+                let f = it.next().ok_or(ConfigError::Missing)?;
+                out.extend([a, f.clone()]);
+                f
+            }
+            Some(s) if s.starts_with("--config=") => {
+                let f = OsString::from(&s["--config=".len()..]);
+                out.push(a);
+                f
+            }
+            _ => {
+                out.push(a);
+                continue;
+            }
+        };
+        let name = file.to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&file).map_err(|source| ConfigError::Read { file: name.clone(), source })?;
+        out.extend(flags(&text, &name)?.into_iter().map(OsString::from));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_become_flags_arrays_repeat_and_false_is_left_out() {
+        let text = "listen = \"0.0.0.0:7701\"\ninsecure_loopback = true\nverbose = false\nboot-dir = [\"/a\", \"/b\"]\nreserve = 512\n";
+        let f = flags(text, "agent.toml").expect("flags");
+        assert_eq!(f, ["--boot-dir", "/a", "--boot-dir", "/b", "--insecure-loopback", "--listen", "0.0.0.0:7701", "--reserve", "512"]);
+    }
+
+    #[test]
+    fn a_table_value_or_bad_toml_is_refused_naming_the_file() {
+        let e = flags("[agent]\nlisten = 1\n", "x.toml").expect_err("a table");
+        assert!(e.to_string().contains("x.toml") && e.to_string().contains("`agent`"), "{e}");
+        let e = flags("listen = ", "y.toml").expect_err("bad toml");
+        assert!(e.to_string().contains("y.toml"), "{e}");
+    }
+}
