@@ -90,6 +90,12 @@ pub struct Host {
     /// Names of the VMs it runs.
     #[serde(default)]
     pub vms: Vec<String>,
+    /// Its most capable CPU model (from its agent's CPU catalog, once fetched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ceiling: Option<String>,
+    /// vCPUs it may give guests: its CPUs times the controller's overcommit ratio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_capacity: Option<u64>,
 }
 
 impl Host {
@@ -192,6 +198,60 @@ pub struct ClusterVm {
     /// When an agent last listed it.
     #[serde(default)]
     pub seen_ms: u64,
+    /// Its QEMU CPU model (absent: the default, `qemu64`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
+    /// The placement groups it belongs to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<VmGroup>,
+}
+
+/// What a placement group asks of its members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupRule {
+    /// All members on one host.
+    Affinity,
+    /// No two members on one host.
+    AntiAffinity,
+}
+
+impl std::fmt::Display for GroupRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GroupRule::Affinity => "affinity",
+            GroupRule::AntiAffinity => "anti-affinity",
+        })
+    }
+}
+
+/// A VM's membership of a placement group: VMs naming the same group share its rule.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+pub struct VmGroup {
+    /// The group's name.
+    pub name: String,
+    /// Its rule.
+    pub rule: GroupRule,
+}
+
+impl std::str::FromStr for VmGroup {
+    type Err = String;
+
+    /// Parses `NAME`, `NAME:affinity` or `NAME:anti` (also `NAME:anti-affinity`);
+    /// a bare name is an anti-affinity group (spread, the common wish).
+    fn from_str(s: &str) -> Result<VmGroup, String> {
+        let (name, rule) = match s.split_once(':') {
+            None => (s, GroupRule::AntiAffinity),
+            Some((n, "affinity")) => (n, GroupRule::Affinity),
+            Some((n, "anti" | "anti-affinity")) => (n, GroupRule::AntiAffinity),
+            Some((_, r)) => return Err(format!("group {s:?}: rule {r:?} is neither `affinity` nor `anti`")),
+        };
+        let ok = !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            return Err(format!("group name {name:?} must be 1-63 letters, digits, '-', '_' or '.'"));
+        }
+        Ok(VmGroup { name: name.to_string(), rule })
+    }
 }
 
 impl ClusterVm {
@@ -211,6 +271,9 @@ pub struct CreateVm {
     /// Where to create it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// Placement groups it joins (affinity or anti-affinity with their other members).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<VmGroup>,
 }
 
 /// A request to move one VM (`POST /v1/vms/{name}/move`).

@@ -29,11 +29,11 @@ pub mod walk;
 
 pub use client::{AgentClient, ClientError, ClientOptions, ControllerClient};
 pub use cluster::{
-    AddHost, ClusterMigration, ClusterSummary, ClusterVm, ClusterVmState, CreateVm, ExecLimits, Host, HostStatus, Maintenance, MoveVm,
+    AddHost, ClusterMigration, ClusterSummary, ClusterVm, ClusterVmState, CreateVm, ExecLimits, GroupRule, VmGroup, Host, HostStatus, Maintenance, MoveVm,
 };
 pub use error::{ErrorBody, ErrorKind};
 pub use event::{Event, Subject};
-pub use host::{Accel, AccelChoice, CpuCatalog, HostInfo, QemuVersion};
+pub use host::{Accel, AccelChoice, CpuCatalog, HostInfo, QemuVersion, BASELINE_CPU_MODEL};
 pub use migration::{
     CommitRequest, IncomingReply, IncomingRequest, Limits, MigrationRecord, MigrationRequest, MigrationSummary, Mode, Phase, Progress,
     Strategy, Switch,

@@ -142,7 +142,7 @@ async fn vm(State(c): State<Cluster>, Path(name): Path<String>) -> Response {
 async fn create_vm(State(c): State<Cluster>, b: Body<CreateVm>) -> Response {
     let r = async {
         let req = body(b, "VM spec")?;
-        c.create_vm(req.spec, req.host.as_deref()).await
+        c.create_vm_in(req.spec, req.host.as_deref(), req.groups).await
     }
     .await;
     with_status(StatusCode::CREATED, r)

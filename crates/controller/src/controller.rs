@@ -23,7 +23,7 @@ use crate::store::Store;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
-use walkabout_api::{Mode, VmSpec};
+use walkabout_api::{Mode, VmGroup, VmSpec};
 
 /// How the controller is set up.
 #[derive(Debug, Clone)]
@@ -36,12 +36,24 @@ pub struct ControllerConfig {
     pub mode: Mode,
     /// Bandwidth cap per migration asked of agents, bytes/s (default: none).
     pub max_bandwidth_bps: Option<u64>,
+    /// vCPUs the planner may give guests per host CPU ([`DEFAULT_VCPU_OVERCOMMIT`]); 0:
+    /// vCPUs not limited.
+    pub vcpu_overcommit: f64,
 }
+
+/// Default vCPUs per host CPU: generous, as most guests idle, yet a bound.
+pub const DEFAULT_VCPU_OVERCOMMIT: f64 = 8.0;
 
 impl ControllerConfig {
     /// Defaults with `data_dir`.
     pub fn new(data_dir: PathBuf) -> ControllerConfig {
-        ControllerConfig { data_dir, limits: ExecLimits::default(), mode: Mode::Auto, max_bandwidth_bps: None }
+        ControllerConfig {
+            data_dir,
+            limits: ExecLimits::default(),
+            mode: Mode::Auto,
+            max_bandwidth_bps: None,
+            vcpu_overcommit: DEFAULT_VCPU_OVERCOMMIT,
+        }
     }
 }
 
@@ -66,7 +78,7 @@ impl Cluster {
         let store = Arc::new(Store::open(&config.data_dir.join("controller.redb"))?);
         let events = Arc::new(Events::new(store.clone()));
         let (shutdown, stop) = watch::channel(false);
-        let view = ClusterView::open(store.clone(), api, events.clone(), stop.clone())?;
+        let view = ClusterView::open_with(store.clone(), api, events.clone(), stop.clone(), config.vcpu_overcommit)?;
         let exec_config = ExecConfig { limits: config.limits, mode: config.mode, max_bandwidth_bps: config.max_bandwidth_bps };
         let exec = Executor::open(view.clone(), store.clone(), events.clone(), exec_config, stop.clone())?;
         let plans = PlanRunner::open(view.clone(), exec.clone(), store, events.clone(), stop.clone())?;
@@ -150,10 +162,28 @@ impl Cluster {
         self.view.set_maintenance(name, m)
     }
 
-    /// Creates a VM from an agent spec on `host`, or on the active host with the most
-    /// free memory.
+    /// Creates a VM from an agent spec on `host`, or where the planner places it.
     pub async fn create_vm(&self, spec: VmSpec, host: Option<&str>) -> Result<ClusterVm, ControllerError> {
-        self.view.create_vm(spec, host).await
+        self.create_vm_in(spec, host, vec![]).await
+    }
+
+    /// Creates a VM as a member of `groups`: on `host` if given (refused if that host
+    /// cannot run its CPU or breaks a group), else on the host the planner picks (one
+    /// that runs its CPU, has the memory and vCPUs, keeps anti-affinity groups apart
+    /// and affinity groups together). CPU model `baseline` becomes the richest named
+    /// model every host in service runs (like EVC), so the VM can move anywhere.
+    pub async fn create_vm_in(&self, mut spec: VmSpec, host: Option<&str>, groups: Vec<VmGroup>) -> Result<ClusterVm, ControllerError> {
+        if spec.cpu_model.as_deref() == Some(walkabout_api::BASELINE_CPU_MODEL) {
+            spec.cpu_model = Some(self.view.baseline_model()?);
+        }
+        if let Some(h) = host {
+            self.view.host(h)?;
+        }
+        if self.view.read(|v| v.vms.get(&spec.name).is_some_and(|x| x.state != walkabout_api::ClusterVmState::Missing)) {
+            return Err(ControllerError::Conflict(format!("a VM named {} already exists", spec.name)));
+        }
+        let chosen = crate::plans::place_new(&self.view.snapshot(), &spec, &groups, host)?;
+        self.view.create_vm(spec, Some(&chosen), groups).await
     }
 
     /// Deletes a VM on its host.

@@ -8,7 +8,7 @@ use crate::lock;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use walkabout_api::{
-    Accel, AccelChoice, ClientError, ErrorBody, ErrorKind, HostInfo, MigrationRecord, MigrationRequest, Phase, QemuVersion, VmInfo,
+    Accel, AccelChoice, ClientError, CpuCatalog, ErrorBody, ErrorKind, HostInfo, MigrationRecord, MigrationRequest, Phase, QemuVersion, VmInfo,
     VmRecord, VmSpec, VmState,
 };
 
@@ -30,6 +30,12 @@ pub(crate) struct State {
     pub max_out: BTreeMap<String, usize>,
     /// Polls a migration takes.
     pub polls: u32,
+    /// CPU catalogs by URL; a host without one reports none.
+    pub cpu: BTreeMap<String, CpuCatalog>,
+    /// CPU model by VM (absent: the default).
+    pub models: BTreeMap<String, String>,
+    /// vCPUs by VM (absent: 1).
+    pub vcpus: BTreeMap<String, u32>,
 }
 
 #[derive(Clone, Default)]
@@ -75,11 +81,12 @@ fn refused(status: u16, kind: ErrorKind, message: String) -> ClientError {
     ClientError::Api { status, body: ErrorBody::new(kind, message) }
 }
 
-fn vm_info(name: &str, mem: u64) -> VmInfo {
+fn vm_info(s: &State, name: &str, mem: u64) -> VmInfo {
+    let spec = VmSpec { cpu_model: s.models.get(name).cloned(), vcpus: s.vcpus.get(name).copied().unwrap_or(1), ..VmSpec::new(name, mem) };
     VmInfo {
         record: VmRecord {
             version: 1,
-            spec: VmSpec::new(name, mem),
+            spec,
             state: VmState::Running,
             reason: None,
             accel: Accel::Tcg,
@@ -130,14 +137,26 @@ impl AgentApi for Fake {
     fn vms(&self, u: String) -> BoxFut<Result<Vec<VmInfo>, ClientError>> {
         let r = self.check(&u).map(|()| {
             let s = self.state();
-            s.vms.iter().filter(|(_, (h, _))| *h == u).map(|(name, (_, mem))| vm_info(name, *mem)).collect()
+            s.vms.iter().filter(|(_, (h, _))| *h == u).map(|(name, (_, mem))| vm_info(&s, name, *mem)).collect()
         });
         ready(r)
     }
 
     fn create_vm(&self, u: String, spec: VmSpec) -> BoxFut<Result<VmInfo, ClientError>> {
-        self.state().vms.insert(spec.name.clone(), (u, spec.memory_mib));
-        ready(Ok(vm_info(&spec.name, spec.memory_mib)))
+        let mut s = self.state();
+        s.vms.insert(spec.name.clone(), (u, spec.memory_mib));
+        if let Some(m) = &spec.cpu_model {
+            s.models.insert(spec.name.clone(), m.clone());
+        }
+        s.vcpus.insert(spec.name.clone(), spec.vcpus);
+        ready(Ok(vm_info(&s, &spec.name, spec.memory_mib)))
+    }
+
+    fn cpu(&self, u: String) -> BoxFut<Result<CpuCatalog, ClientError>> {
+        let r = self.check(&u).and_then(|()| {
+            self.state().cpu.get(&u).cloned().ok_or(ClientError::Unreachable { url: u, detail: "no CPU catalog in this fake".into() })
+        });
+        ready(r)
     }
 
     fn delete_vm(&self, _u: String, name: String) -> BoxFut<Result<(), ClientError>> {

@@ -1,0 +1,7 @@
+//! A simulator of large clusters: the real controller (its plans, limits, retries,
+//! re-plans and host-failure decisions) against in-process simulated agents, in
+//! simulated time, with migration times from a pre-copy cost model fitted to
+//! `bench/migrate`'s results.
+
+pub mod agents;
+pub mod cost;
