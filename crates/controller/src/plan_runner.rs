@@ -550,10 +550,11 @@ impl PlanRunner {
         rec.finished_ms = Some(now_ms());
         rec.reason = Some(reason.clone());
         let msg = format!("plan {} {status}: {reason}", rec.id);
+        // The host's end first: whoever sees the plan final sees its host's end too.
+        drain::ended(&self.view, rec);
         if let Err(e) = self.save_plan(rec, Some(msg)) {
             tracing::error!(plan = %rec.id, error = %e, "cannot store plan");
         }
-        drain::ended(&self.view, rec);
     }
 }
 

@@ -44,7 +44,7 @@ pub fn case_of(view: &View, max_parallel_per_host: u32) -> (Case, Vec<Problem>) 
     let mut case = Case { limits: Some(Limits { max_parallel_per_host: max_parallel_per_host.max(1) }), ..Case::default() };
     let mut left_out = vec![];
     let up: Vec<&crate::cluster::Host> = view.hosts.values().filter(|h| h.status == HostStatus::Up).collect();
-    let cpu_rules = false; // OLD behaviour
+    let cpu_rules = !up.is_empty() && up.iter().all(|h| view.catalogs.contains_key(&h.name));
     for h in &up {
         let cpu_features = match view.catalogs.get(&h.name) {
             Some(c) if cpu_rules => c.ceiling_features.iter().cloned().collect(),
@@ -540,6 +540,9 @@ mod tests {
         async fn a_drain_to_hosts_that_cannot_run_the_cpu_is_refused_with_the_missing_features() {
             let (fake, dir, c) = mixed().await;
             fake.state().capacity.insert(url("h2"), 1024);
+            while c.host("h2").expect("h2").capacity_mib != 1024 {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
 
             let p = c.propose(Goal::Drain { host: "h1".into() }).expect("drain");
 
