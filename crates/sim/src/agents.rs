@@ -22,7 +22,7 @@ use crate::cost::CostModel;
 /// One simulated host.
 #[derive(Debug, Clone)]
 pub struct SimHost {
-    /// Its agent's URL (`sim://hN`).
+    /// Its agent's URL (`http://sim-hN`).
     pub url: String,
     /// Memory for VMs, MiB.
     pub capacity_mib: u64,
@@ -207,7 +207,7 @@ impl AgentApi for SimAgents {
             let used = s.used_mib(h);
             let host = &s.hosts[h];
             HostInfo {
-                hostname: url.trim_start_matches("sim://").to_string(),
+                hostname: url.trim_start_matches("http://sim-").to_string(),
                 cpu_model: "simulated".into(),
                 cpus: host.cpus,
                 memory_total_mib: host.capacity_mib,
@@ -284,15 +284,14 @@ impl AgentApi for SimAgents {
         };
         // The destination checks the CPU before any memory moves, as a real agent does.
         let model = vm.cpu_model.as_deref().unwrap_or(walkabout_api::vm::DEFAULT_CPU_MODEL);
-        if let (Some(src), Some(dst)) = (&s.hosts[from].catalog, &s.hosts[to].catalog) {
-            if let Some(needed) = src.features_of(model) {
-                let missing: Vec<&str> = needed.difference(&dst.ceiling_features).map(String::as_str).collect();
-                if !missing.is_empty() {
-                    s.counters.refused_cpu += 1;
-                    let msg = format!("cannot migrate {} to {}: it lacks CPU features {}", req.vm, req.destination, missing.join(", "));
-                    return ready(Err(refused(409, ErrorKind::CpuIncompatible, msg)));
-                }
-            }
+        let missing: Vec<String> = match (&s.hosts[from].catalog, &s.hosts[to].catalog) {
+            (Some(src), Some(dst)) => src.features_of(model).map(|n| n.difference(&dst.ceiling_features).cloned().collect()).unwrap_or_default(),
+            _ => vec![],
+        };
+        if !missing.is_empty() {
+            s.counters.refused_cpu += 1;
+            let msg = format!("cannot migrate {} to {}: it lacks CPU features {}", req.vm, req.destination, missing.join(", "));
+            return ready(Err(refused(409, ErrorKind::CpuIncompatible, msg)));
         }
         if s.used_mib(to) + vm.memory_mib > s.hosts[to].capacity_mib {
             s.counters.refused += 1;

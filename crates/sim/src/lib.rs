@@ -5,3 +5,8 @@
 
 pub mod agents;
 pub mod cost;
+pub mod plot;
+pub mod scenario;
+
+pub use cost::CostModel;
+pub use scenario::{run, Report, Scenario, SimConfig};
