@@ -77,6 +77,8 @@ pub struct ClusterView {
     events: Arc<Events>,
     view: Mutex<View>,
     stop: watch::Receiver<bool>,
+    /// How often each host is polled.
+    poll_interval: std::time::Duration,
 }
 
 impl ClusterView {
@@ -88,17 +90,18 @@ impl ClusterView {
         events: Arc<Events>,
         stop: watch::Receiver<bool>,
     ) -> Result<Arc<ClusterView>, ControllerError> {
-        Self::open_with(store, api, events, stop, 0.0)
+        Self::open_with(store, api, events, stop, 0.0, agents::POLL_INTERVAL)
     }
 
     /// [`ClusterView::open`], with `vcpu_overcommit` vCPUs per host CPU for guests
-    /// (0: vCPUs not limited).
+    /// (0: vCPUs not limited) and each host polled every `poll_interval`.
     pub fn open_with(
         store: Arc<Store>,
         api: Arc<dyn AgentApi>,
         events: Arc<Events>,
         stop: watch::Receiver<bool>,
         vcpu_overcommit: f64,
+        poll_interval: std::time::Duration,
     ) -> Result<Arc<ClusterView>, ControllerError> {
         let mut view = View { vcpu_overcommit, ..View::default() };
         for h in store.list::<Host>(&HOSTS)? {
@@ -110,7 +113,7 @@ impl ClusterView {
             }
             view.vms.insert(v.name.clone(), v);
         }
-        let cv = Arc::new(ClusterView { store, api, events, view: Mutex::new(view), stop });
+        let cv = Arc::new(ClusterView { store, api, events, view: Mutex::new(view), stop, poll_interval });
         let hosts: Vec<String> = lock(&cv.view).hosts.keys().cloned().collect();
         for h in hosts {
             cv.watch_host(h);
@@ -228,7 +231,7 @@ impl ClusterView {
                 };
                 cv.observe(&name, polled, asked);
                 tokio::select! {
-                    _ = tokio::time::sleep(agents::POLL_INTERVAL) => {}
+                    _ = tokio::time::sleep(cv.poll_interval) => {}
                     _ = stop.changed() => return,
                 }
             }

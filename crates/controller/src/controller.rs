@@ -39,6 +39,9 @@ pub struct ControllerConfig {
     /// vCPUs the planner may give guests per host CPU ([`DEFAULT_VCPU_OVERCOMMIT`]); 0:
     /// vCPUs not limited.
     pub vcpu_overcommit: f64,
+    /// How often each agent is polled (default [`crate::agents::POLL_INTERVAL`]); a
+    /// host is marked down after two failed polls and [`crate::agents::DOWN_AFTER`].
+    pub poll_interval: std::time::Duration,
 }
 
 /// Default vCPUs per host CPU: generous, as most guests idle, yet a bound.
@@ -53,6 +56,7 @@ impl ControllerConfig {
             mode: Mode::Auto,
             max_bandwidth_bps: None,
             vcpu_overcommit: DEFAULT_VCPU_OVERCOMMIT,
+            poll_interval: crate::agents::POLL_INTERVAL,
         }
     }
 }
@@ -78,7 +82,7 @@ impl Cluster {
         let store = Arc::new(Store::open(&config.data_dir.join("controller.redb"))?);
         let events = Arc::new(Events::new(store.clone()));
         let (shutdown, stop) = watch::channel(false);
-        let view = ClusterView::open_with(store.clone(), api, events.clone(), stop.clone(), config.vcpu_overcommit)?;
+        let view = ClusterView::open_with(store.clone(), api, events.clone(), stop.clone(), config.vcpu_overcommit, config.poll_interval)?;
         let exec_config = ExecConfig { limits: config.limits, mode: config.mode, max_bandwidth_bps: config.max_bandwidth_bps };
         let exec = Executor::open(view.clone(), store.clone(), events.clone(), exec_config, stop.clone())?;
         let plans = PlanRunner::open(view.clone(), exec.clone(), store, events.clone(), stop.clone())?;

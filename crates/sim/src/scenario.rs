@@ -86,6 +86,8 @@ pub struct SimConfig {
     pub limits: ExecLimits,
     /// Seed of the cluster's layout and of the failures.
     pub seed: u64,
+    /// How often the controller polls each agent, ms.
+    pub poll_ms: u64,
     /// The migration cost model.
     pub cost: CostModel,
     /// Directory for the controller's database (a tmpfs is best).
@@ -96,7 +98,7 @@ pub struct SimConfig {
 impl SimConfig {
     /// A cluster of `hosts` hosts and `vms` VMs with the defaults: racks of 20, 256 GiB
     /// and 64 CPUs per host, two migrations out of and into a host at once and 64 in
-    /// the cluster.
+    /// the cluster, each agent polled every 500 ms (the controller's default).
     pub fn new(scenario: Scenario, hosts: usize, vms: usize, cost: CostModel, data_dir: PathBuf) -> SimConfig {
         SimConfig {
             scenario,
@@ -116,6 +118,7 @@ impl SimConfig {
                 max_replans: 4,
             },
             seed: 1,
+            poll_ms: 500,
             cost,
             data_dir,
         }
@@ -333,6 +336,7 @@ async fn play(cfg: SimConfig) -> Result<Report, SimError> {
     let agents = SimAgents::new(build(&cfg), cfg.cost);
     let mut config = ControllerConfig::new(cfg.data_dir.clone());
     config.limits = cfg.limits;
+    config.poll_interval = Duration::from_millis(cfg.poll_ms);
     let c = Cluster::open(config, Arc::new(agents.clone())).await?;
     let names: Vec<String> = (1..=cfg.hosts).map(|i| format!("h{i}")).collect();
     for n in &names {

@@ -61,6 +61,9 @@ enum Command {
     /// Walkabout games.
     #[command(subcommand)]
     Game(cli::walk::GameCommand),
+    /// Simulate a large cluster (1,000 hosts, 20,000 VMs by default) under the real
+    /// controller: rolling maintenance, host failures, a lost rack; JSON report + SVG.
+    Sim(cli::sim::SimArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -73,7 +76,7 @@ fn main() -> std::process::ExitCode {
     }
     // The interactive jobs print their own story; their logs default to warnings only.
     let default_level = match cli.command {
-        Command::Up(_) | Command::Demo(_) => "warn",
+        Command::Up(_) | Command::Demo(_) | Command::Sim(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -98,6 +101,7 @@ fn main() -> std::process::ExitCode {
         Command::Cluster(c) => cli::cluster::run(c),
         Command::Walk(a) => cli::walk::run_walk(a),
         Command::Game(c) => cli::walk::run_game(c),
+        Command::Sim(a) => cli::sim::run(a),
     };
     match result {
         Ok(code) => code,

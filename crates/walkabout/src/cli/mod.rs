@@ -11,6 +11,7 @@ pub mod image;
 pub mod migrate;
 pub mod out;
 pub mod plan;
+pub mod sim;
 pub mod progress;
 pub mod table;
 pub mod up;
