@@ -13,6 +13,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod balance;
 pub mod cluster;
 pub mod controller;
 pub mod drain;
