@@ -78,6 +78,13 @@ pub struct HostInfo {
     pub accel: AccelChoice,
     /// The QEMU underneath.
     pub qemu: QemuVersion,
+    /// CPU time each VM's QEMU has used, ms (its load, for balancing), by VM name;
+    /// VMs busy in another operation may be missing from one answer.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vm_cpu_ms: BTreeMap<String, u64>,
+    /// The host's 1-minute load average, in thousandths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_milli: Option<u64>,
 }
 
 /// The CPU models one host's QEMU knows, with their features, and what the host offers

@@ -126,6 +126,57 @@ pub struct Balancer {
     moved_s: BTreeMap<String, u64>,
 }
 
+/// The balancer inside the controller: its settings, its memory between rounds, and
+/// the last round's moves.
+#[derive(Debug, Default)]
+pub struct BalanceState {
+    inner: std::sync::Mutex<(BalanceConfig, Balancer, Vec<BalanceMove>)>,
+}
+
+impl BalanceState {
+    /// A balancer with `config`.
+    pub fn new(config: BalanceConfig) -> BalanceState {
+        BalanceState { inner: std::sync::Mutex::new((config, Balancer::default(), vec![])) }
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> BalanceConfig {
+        crate::lock(&self.inner).0
+    }
+
+    /// Changes its settings.
+    pub fn set_config(&self, config: BalanceConfig) {
+        crate::lock(&self.inner).0 = config;
+    }
+
+    /// The last round's moves.
+    pub fn last(&self) -> Vec<BalanceMove> {
+        crate::lock(&self.inner).2.clone()
+    }
+
+    /// One round of [`Balancer::round`], remembered.
+    pub fn decide(&self, cfg: &BalanceConfig, case: &Case, hosts: &[HostLoad], vms: &[VmLoad], now_s: u64) -> Vec<BalanceMove> {
+        let mut g = crate::lock(&self.inner);
+        let moves = g.1.round(cfg, case, hosts, vms, now_s);
+        g.2.clone_from(&moves);
+        moves
+    }
+}
+
+/// Runs a balancing round every `interval_s` until the controller stops.
+pub fn spawn(c: crate::Cluster) {
+    tokio::spawn(async move {
+        loop {
+            let wait = std::time::Duration::from_secs(c.balance_config().interval_s.max(1));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = c.stopped() => return,
+            }
+            c.balance_round();
+        }
+    });
+}
+
 /// CPU use of each host as a fraction of its CPUs.
 fn use_of(hosts: &[HostLoad], vms: &[VmLoad]) -> BTreeMap<String, f64> {
     let mut used: BTreeMap<String, f64> = hosts.iter().map(|h| (h.name.clone(), 0.0)).collect();
@@ -390,5 +441,79 @@ mod tests {
         }
 
         assert_eq!(switches, 1, "on once, and it stays on while the spread is above 0.2");
+    }
+
+    mod in_the_controller {
+        use super::super::*;
+        use crate::fake::{open_with, temp, Fake};
+        use std::time::Duration;
+
+        /// h1 runs three busy VMs (0.6 CPUs each of its 2); h2 and h3 idle ones.
+        async fn spiked(level: BalanceLevel, tag: &str) -> (Fake, std::path::PathBuf, crate::Cluster) {
+            let fake = Fake::new(
+                &[("h1", 4096), ("h2", 4096), ("h3", 4096)],
+                &[("a", 256, "h1"), ("b", 256, "h1"), ("c", 256, "h1"), ("d", 256, "h2"), ("e", 256, "h3")],
+            );
+            for vm in ["a", "b", "c"] {
+                fake.state().set_cpu(vm, 0.6);
+            }
+            let dir = temp(&format!("balance-{tag}"));
+            let mut config = crate::ControllerConfig::new(dir.clone());
+            config.balance = BalanceConfig { level, interval_s: 1, ..BalanceConfig::default() };
+            let c = open_with(config, &fake, &["h1", "h2", "h3"]).await;
+            (fake, dir, c)
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_spike_in_automatic_moves_vms_off_the_hot_host_each_with_its_reason() {
+            let (fake, dir, c) = spiked(BalanceLevel::Automatic, "automatic").await;
+
+            for _ in 0..100 {
+                if !fake.state().started.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+
+            let started = fake.state().started.clone();
+            assert!(!started.is_empty(), "nothing moved");
+            assert!(started.iter().all(|(_, from, _)| from == "http://h1"), "{started:?}");
+            let events = c.events().since(0);
+            assert!(events.iter().any(|e| e.message.starts_with("balancer moves") && e.message.contains("balance: h1 at 90% CPU")), "{events:?}");
+            c.stop();
+            std::fs::remove_dir_all(&dir).ok();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_spike_in_recommend_proposes_plans_with_reasons_and_moves_nothing() {
+            let (fake, dir, c) = spiked(BalanceLevel::Recommend, "recommend").await;
+
+            for _ in 0..100 {
+                if !c.plans().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+
+            assert!(!c.plans().is_empty(), "nothing recommended");
+            assert!(c.plans().iter().all(|p| p.status == crate::plans::PlanStatus::Proposed), "{:?}", c.plans());
+            assert!(fake.state().started.is_empty(), "{:?}", fake.state().started);
+            assert!(c.balance_moves().iter().all(|m| m.reason.starts_with("balance: h1")), "{:?}", c.balance_moves());
+            c.stop();
+            std::fs::remove_dir_all(&dir).ok();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_spike_in_manual_does_nothing() {
+            let (fake, dir, c) = spiked(BalanceLevel::Manual, "manual").await;
+
+            tokio::time::sleep(Duration::from_secs(4)).await;
+
+            assert!(c.plans().is_empty(), "{:?}", c.plans());
+            assert!(fake.state().started.is_empty());
+            c.stop();
+            std::fs::remove_dir_all(&dir).ok();
+        }
     }
 }

@@ -39,6 +39,10 @@ pub struct View {
     /// of the VMs on it (checked on use), so a poll touches its host's VMs, not all.
     #[serde(skip)]
     on_host: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Each VM's CPU use as its agent measures it: (CPU ms at the last sample, when,
+    /// smoothed CPUs used), for balancing.
+    #[serde(skip)]
+    pub vm_cpu: BTreeMap<String, (u64, u64, f64)>,
     /// Each host's CPU catalog, fetched from its agent once it answers.
     #[serde(skip)]
     pub catalogs: BTreeMap<String, Arc<CpuCatalog>>,
@@ -316,6 +320,24 @@ impl ClusterView {
             match polled {
                 Poll::Answered { host, vms } => {
                     view.liveness.entry(name.to_string()).or_default().ok(now);
+                    // CPU use per VM: the CPU time's growth over at least a second, smoothed.
+                    for (vm, &ms) in &host.vm_cpu_ms {
+                        match view.vm_cpu.get_mut(vm) {
+                            Some((last, at, rate)) if now >= *at + 1000 => {
+                                // A migrated VM's new QEMU starts its count again.
+                                if ms >= *last {
+                                    #[allow(clippy::cast_precision_loss)]
+                                    let sample = (ms - *last) as f64 / (now - *at) as f64;
+                                    *rate = if *rate < 0.0 { sample } else { 0.5 * *rate + 0.5 * sample };
+                                }
+                                (*last, *at) = (ms, now);
+                            }
+                            Some(_) => {}
+                            None => {
+                                view.vm_cpu.insert(vm.clone(), (ms, now, -1.0));
+                            }
+                        }
+                    }
                     h.last_seen_ms = Some(now);
                     let was = h.status;
                     let capacity_changed = (h.capacity_mib, h.used_mib, h.cpus) != (host.capacity_mib, host.used_mib, host.cpus);

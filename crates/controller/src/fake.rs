@@ -36,6 +36,25 @@ pub(crate) struct State {
     pub models: BTreeMap<String, String>,
     /// vCPUs by VM (absent: 1).
     pub vcpus: BTreeMap<String, u32>,
+    /// CPUs each VM's QEMU uses (absent: none): its CPU time grows at this rate.
+    pub cpu_rate: BTreeMap<String, f64>,
+    /// CPU time each VM had used when its rate was last set, ms, and since when.
+    pub cpu_base: BTreeMap<String, (f64, Option<tokio::time::Instant>)>,
+}
+
+impl State {
+    /// Sets `vm`'s CPU use from now on, keeping the CPU time it used so far.
+    pub fn set_cpu(&mut self, vm: &str, cpus: f64) {
+        let used = self.cpu_ms(vm);
+        self.cpu_base.insert(vm.to_string(), (used, Some(tokio::time::Instant::now())));
+        self.cpu_rate.insert(vm.to_string(), cpus);
+    }
+
+    fn cpu_ms(&self, vm: &str) -> f64 {
+        let (base, since) = self.cpu_base.get(vm).copied().unwrap_or((0.0, None));
+        let rate = self.cpu_rate.get(vm).copied().unwrap_or(0.0);
+        base + since.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0 * rate)
+    }
 }
 
 #[derive(Clone, Default)]
@@ -129,6 +148,10 @@ impl AgentApi for Fake {
                 vms: 0,
                 accel: AccelChoice { accel: Accel::Tcg, reason: "fake".into(), tcg_ms: None, kvm_ms: None },
                 qemu: QemuVersion { major: 10, minor: 0, micro: 2, banner: "fake".into() },
+                // Truncation intended: whole milliseconds.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                vm_cpu_ms: s.vms.iter().filter(|(_, (h, _))| *h == u).map(|(vm, _)| (vm.clone(), s.cpu_ms(vm) as u64)).collect(),
+                load_milli: None,
             }
         });
         ready(r)
@@ -252,7 +275,11 @@ pub(crate) fn temp(tag: &str) -> std::path::PathBuf {
 
 /// A controller on `dir` over `fake`, with `hosts` registered under their names.
 pub(crate) async fn open(dir: &std::path::Path, fake: &Fake, hosts: &[&str]) -> crate::Cluster {
-    let config = crate::ControllerConfig::new(dir.to_path_buf());
+    open_with(crate::ControllerConfig::new(dir.to_path_buf()), fake, hosts).await
+}
+
+/// [`open`] with a given configuration.
+pub(crate) async fn open_with(config: crate::ControllerConfig, fake: &Fake, hosts: &[&str]) -> crate::Cluster {
     let c = crate::Cluster::open(config, Arc::new(fake.clone())).await.expect("open");
     for h in hosts {
         c.add_host(&url(h), Some(h)).await.expect("add host");

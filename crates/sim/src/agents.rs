@@ -217,6 +217,8 @@ impl AgentApi for SimAgents {
                 vms: host.vms.len() as u64,
                 accel: AccelChoice { accel: Accel::Kvm, reason: "simulated".into(), tcg_ms: None, kvm_ms: None },
                 qemu: QemuVersion { major: 10, minor: 0, micro: 2, banner: "simulated".into() },
+                vm_cpu_ms: Default::default(),
+                load_milli: None,
             }
         });
         s.counters.polls += 1;
