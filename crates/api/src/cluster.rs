@@ -360,3 +360,82 @@ pub struct ClusterMigration {
     #[serde(default)]
     pub finished_ms: Option<u64>,
 }
+
+/// How much the balancer may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceLevel {
+    /// Nothing.
+    #[default]
+    Manual,
+    /// Offer moves with their reasons; move nothing.
+    Recommend,
+    /// Move VMs, within the executor's limits.
+    Automatic,
+}
+
+/// The balancer's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BalanceConfig {
+    /// What it may do.
+    pub level: BalanceLevel,
+    /// Spread of CPU use (fraction of the hottest host's CPUs minus the coolest's)
+    /// above which balancing starts.
+    pub threshold: f64,
+    /// Balancing stops once the spread is below `threshold - hysteresis`.
+    pub hysteresis: f64,
+    /// Least lowering of the sum of squared CPU use a move must bring, net of its cost.
+    pub min_gain: f64,
+    /// Cost of a move per GiB pre-copy must send (memory plus 10 s of dirtying), in
+    /// units of that sum.
+    pub cost_per_gib: f64,
+    /// Seconds before a moved VM may move again.
+    pub cooldown_s: u64,
+    /// Moves per round at most.
+    pub max_moves: usize,
+    /// Seconds between rounds.
+    pub interval_s: u64,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        BalanceConfig {
+            level: BalanceLevel::Manual,
+            threshold: 0.3,
+            hysteresis: 0.1,
+            min_gain: 0.02,
+            cost_per_gib: 0.005,
+            cooldown_s: 1800,
+            max_moves: 4,
+            interval_s: 60,
+        }
+    }
+}
+
+/// A move the balancer decided, with why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BalanceMove {
+    /// The VM.
+    pub vm: String,
+    /// From.
+    pub from: String,
+    /// To.
+    pub to: String,
+    /// Net gain (lowering of the sum of squared use, less the move's cost).
+    pub gain: f64,
+    /// One sentence: the loads, the gain, the cost.
+    pub reason: String,
+}
+
+/// The balancer as `GET /v1/balance` shows it: its settings, whether the load is out of
+/// balance, and the moves its last round decided with their reasons.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BalanceStatus {
+    /// Its settings.
+    pub config: BalanceConfig,
+    /// Whether the last round found the spread above the threshold (and not yet back
+    /// below threshold - hysteresis).
+    pub active: bool,
+    /// The moves the last round decided.
+    pub last_moves: Vec<BalanceMove>,
+}

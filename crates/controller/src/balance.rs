@@ -25,59 +25,9 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
 use walkabout_plan::Case;
 
-/// How much the balancer may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BalanceLevel {
-    /// Nothing.
-    #[default]
-    Manual,
-    /// Offer moves with their reasons; move nothing.
-    Recommend,
-    /// Move VMs, within the executor's limits.
-    Automatic,
-}
-
-/// The balancer's settings.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct BalanceConfig {
-    /// What it may do.
-    pub level: BalanceLevel,
-    /// Spread of CPU use (fraction of the hottest host's CPUs minus the coolest's)
-    /// above which balancing starts.
-    pub threshold: f64,
-    /// Balancing stops once the spread is below `threshold - hysteresis`.
-    pub hysteresis: f64,
-    /// Least lowering of the sum of squared CPU use a move must bring, net of its cost.
-    pub min_gain: f64,
-    /// Cost of a move per GiB pre-copy must send (memory plus 10 s of dirtying), in
-    /// units of that sum.
-    pub cost_per_gib: f64,
-    /// Seconds before a moved VM may move again.
-    pub cooldown_s: u64,
-    /// Moves per round at most.
-    pub max_moves: usize,
-    /// Seconds between rounds.
-    pub interval_s: u64,
-}
-
-impl Default for BalanceConfig {
-    fn default() -> Self {
-        BalanceConfig {
-            level: BalanceLevel::Manual,
-            threshold: 0.3,
-            hysteresis: 0.1,
-            min_gain: 0.02,
-            cost_per_gib: 0.005,
-            cooldown_s: 1800,
-            max_moves: 4,
-            interval_s: 60,
-        }
-    }
-}
+pub use walkabout_api::{BalanceConfig, BalanceLevel, BalanceMove, BalanceStatus};
 
 /// One host's load, as its agent measured it.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,21 +51,6 @@ pub struct VmLoad {
     pub memory_mib: u64,
     /// How fast it dirties memory, MiB/s.
     pub dirty_mib_s: f64,
-}
-
-/// A move the balancer decided, with why.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BalanceMove {
-    /// The VM.
-    pub vm: String,
-    /// From.
-    pub from: String,
-    /// To.
-    pub to: String,
-    /// Net gain (lowering of the sum of squared use, less the move's cost).
-    pub gain: f64,
-    /// One sentence: the loads, the gain, the cost.
-    pub reason: String,
 }
 
 /// The balancer's memory between rounds: whether it is balancing (hysteresis) and
@@ -152,6 +87,12 @@ impl BalanceState {
     /// The last round's moves.
     pub fn last(&self) -> Vec<BalanceMove> {
         crate::lock(&self.inner).2.clone()
+    }
+
+    /// Its settings, state and last moves.
+    pub fn status(&self) -> BalanceStatus {
+        let g = crate::lock(&self.inner);
+        BalanceStatus { config: g.0, active: g.1.active(), last_moves: g.2.clone() }
     }
 
     /// One round of [`Balancer::round`], remembered.

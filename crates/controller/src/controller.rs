@@ -234,6 +234,11 @@ impl Cluster {
         self.balance.set_config(config);
     }
 
+    /// The balancer's settings, state and last moves.
+    pub fn balance_status(&self) -> crate::balance::BalanceStatus {
+        self.balance.status()
+    }
+
     /// The moves the balancer's last round decided, each with its reason.
     pub fn balance_moves(&self) -> Vec<crate::balance::BalanceMove> {
         self.balance.last()
