@@ -27,7 +27,13 @@ fn cluster(hosts: usize, vms: usize, whole_model: bool) -> Case {
             vcpus: whole_model.then_some(512),
             arch: None,
             guest_archs: None,
-            cpu_features: if !whole_model { vec![] } else if (h / 20) % 2 == 0 { new.clone() } else { old.clone() },
+            cpu_features: if !whole_model {
+                vec![]
+            } else if (h / 20) % 2 == 0 {
+                new.clone()
+            } else {
+                old.clone()
+            },
             reserved_mib: 0,
         });
     }
@@ -48,7 +54,13 @@ fn cluster(hosts: usize, vms: usize, whole_model: bool) -> Case {
             memory_mib: mem,
             vcpus: whole_model.then_some(1 + rng.next_u64() % 4),
             arch: None,
-            cpu_features: if !whole_model { vec![] } else if skylake { new.clone() } else { old[..1].to_vec() },
+            cpu_features: if !whole_model {
+                vec![]
+            } else if skylake {
+                new.clone()
+            } else {
+                old[..1].to_vec()
+            },
         });
         case.current.insert(name, format!("h{h}"));
     }

@@ -141,9 +141,12 @@ mod tests {
 
     #[test]
     fn the_baseline_is_the_richest_model_every_host_runs() {
-        let models: BTreeMap<String, BTreeSet<String>> =
-            [("old".to_string(), set(&["sse2"])), ("mid".to_string(), set(&["sse2", "sse4.1"])), ("new".to_string(), set(&["sse2", "sse4.1", "avx512f"]))]
-                .into();
+        let models: BTreeMap<String, BTreeSet<String>> = [
+            ("old".to_string(), set(&["sse2"])),
+            ("mid".to_string(), set(&["sse2", "sse4.1"])),
+            ("new".to_string(), set(&["sse2", "sse4.1", "avx512f"])),
+        ]
+        .into();
         let big = CpuCatalog { ceiling: "max".into(), ceiling_features: set(&["sse2", "sse4.1", "avx512f"]), models: models.clone() };
         let small = CpuCatalog { ceiling: "max".into(), ceiling_features: set(&["sse2", "sse4.1"]), models };
 

@@ -29,7 +29,8 @@ pub mod walk;
 
 pub use client::{AgentClient, ClientError, ClientOptions, ControllerClient};
 pub use cluster::{
-    AddHost, BalanceConfig, BalanceLevel, BalanceMove, BalanceStatus, ClusterMigration, ClusterSummary, ClusterVm, ClusterVmState, CreateVm, ExecLimits, GroupRule, VmGroup, Host, HostStatus, Maintenance, MoveVm,
+    AddHost, BalanceConfig, BalanceLevel, BalanceMove, BalanceStatus, ClusterMigration, ClusterSummary, ClusterVm, ClusterVmState,
+    CreateVm, ExecLimits, GroupRule, Host, HostStatus, Maintenance, MoveVm, VmGroup,
 };
 pub use error::{ErrorBody, ErrorKind};
 pub use event::{Event, Subject};

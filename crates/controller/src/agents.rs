@@ -117,6 +117,8 @@ impl AgentApi for HttpAgents {
 }
 
 /// What one poll of a host found.
+// One poll at a time per host, consumed at once: the size of the answer does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Poll {
     /// The agent answered.

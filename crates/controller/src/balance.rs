@@ -420,7 +420,10 @@ mod tests {
             assert!(!started.is_empty(), "nothing moved");
             assert!(started.iter().all(|(_, from, _)| from == "http://h1"), "{started:?}");
             let events = c.events().since(0);
-            assert!(events.iter().any(|e| e.message.starts_with("balancer moves") && e.message.contains("balance: h1 at 90% CPU")), "{events:?}");
+            assert!(
+                events.iter().any(|e| e.message.starts_with("balancer moves") && e.message.contains("balance: h1 at 90% CPU")),
+                "{events:?}"
+            );
             c.stop();
             std::fs::remove_dir_all(&dir).ok();
         }

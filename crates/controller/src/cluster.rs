@@ -425,7 +425,8 @@ impl ClusterView {
             let vms = &view.vms;
             let index = view.on_host.entry(name.to_string()).or_default();
             index.retain(|v| vms.get(v).is_some_and(|v| v.host.as_deref() == Some(name)));
-            let names: Vec<String> = index.iter().filter(|v| vms.get(*v).is_some_and(|v| v.state != ClusterVmState::Missing)).cloned().collect();
+            let names: Vec<String> =
+                index.iter().filter(|v| vms.get(*v).is_some_and(|v| v.state != ClusterVmState::Missing)).cloned().collect();
             if let Some(h) = view.hosts.get_mut(name) {
                 h.vms = names;
             }
@@ -574,7 +575,12 @@ impl ClusterView {
             };
             self.store.put(&VMS, &name, &vm)?;
             let list: Vec<String> = vm.groups.iter().map(|g| format!("{} ({})", g.name, g.rule)).collect();
-            self.events.emit(Subject::Vm, &name, format!("VM {name} joins group(s) {}", list.join(", ")), serde_json::to_value(&vm).unwrap_or_default());
+            self.events.emit(
+                Subject::Vm,
+                &name,
+                format!("VM {name} joins group(s) {}", list.join(", ")),
+                serde_json::to_value(&vm).unwrap_or_default(),
+            );
         }
         self.vm(&name)
     }
@@ -592,9 +598,8 @@ impl ClusterView {
             )));
         }
         let catalogs: Vec<&CpuCatalog> = hosts.iter().filter_map(|h| view.catalogs.get(&h.name).map(|c| c.as_ref())).collect();
-        CpuCatalog::baseline(catalogs.iter().copied()).ok_or_else(|| {
-            ControllerError::Conflict(format!("no named CPU model runs on all {} hosts in service", catalogs.len()))
-        })
+        CpuCatalog::baseline(catalogs.iter().copied())
+            .ok_or_else(|| ControllerError::Conflict(format!("no named CPU model runs on all {} hosts in service", catalogs.len())))
     }
 
     /// Deletes a VM on its host.

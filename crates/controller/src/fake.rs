@@ -8,8 +8,8 @@ use crate::lock;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use walkabout_api::{
-    Accel, AccelChoice, ClientError, CpuCatalog, ErrorBody, ErrorKind, HostInfo, MigrationRecord, MigrationRequest, Phase, QemuVersion, VmInfo,
-    VmRecord, VmSpec, VmState,
+    Accel, AccelChoice, ClientError, CpuCatalog, ErrorBody, ErrorKind, HostInfo, MigrationRecord, MigrationRequest, Phase, QemuVersion,
+    VmInfo, VmRecord, VmSpec, VmState,
 };
 
 #[derive(Default)]

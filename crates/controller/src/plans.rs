@@ -175,7 +175,12 @@ pub fn place_new(view: &View, vm: &walkabout_api::VmSpec, groups: &[VmGroup], ho
             match with {
                 Some(h) => h,
                 None => {
-                    let banned: Vec<String> = view.hosts.values().filter(|h| !h.accepts_vms() && case.hosts.iter().any(|x| x.name == h.name)).map(|h| h.name.clone()).collect();
+                    let banned: Vec<String> = view
+                        .hosts
+                        .values()
+                        .filter(|h| !h.accepts_vms() && case.hosts.iter().any(|x| x.name == h.name))
+                        .map(|h| h.name.clone())
+                        .collect();
                     // The others stay where they are: their room is taken, their groups count.
                     match placement_for(&case, &Policy::Drain { hosts: banned }).map_err(|e| refuse(e.to_string()))? {
                         Ok(p) => match p.target.get(&vm.name) {
@@ -342,18 +347,20 @@ pub fn plan_goal(view: &View, case: &Case, goal: &Goal, pinned: &[String], round
     }
     let mut with_target = case.clone();
     with_target.target = target.clone();
-    match walkabout_plan::plan(&with_target).map(|mut o| {
-        if let Outcome::Ok(p) = &mut o {
-            annotate(&mut p.migrations, &placed_why);
-        }
-        o
-    }).map_err(|e| match e {
-        walkabout_plan::InputError::Overfilled { ref host, needs, usable, .. } => ControllerError::Conflict(format!(
-            "cannot {}: the goal would put {needs} MiB on {host}, which holds {usable} MiB",
-            goal.describe()
-        )),
-        e => invalid(e),
-    })? {
+    match walkabout_plan::plan(&with_target)
+        .map(|mut o| {
+            if let Outcome::Ok(p) = &mut o {
+                annotate(&mut p.migrations, &placed_why);
+            }
+            o
+        })
+        .map_err(|e| match e {
+            walkabout_plan::InputError::Overfilled { ref host, needs, usable, .. } => ControllerError::Conflict(format!(
+                "cannot {}: the goal would put {needs} MiB on {host}, which holds {usable} MiB",
+                goal.describe()
+            )),
+            e => invalid(e),
+        })? {
         Outcome::Ok(p) => Ok(Planned::Steps {
             steps: p
                 .migrations

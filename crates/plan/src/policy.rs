@@ -219,6 +219,10 @@ struct Layout<'a> {
 /// What a VM needs of a host's CPU: architecture and sorted features.
 type Needs = (Option<String>, Vec<String>);
 
+/// What makes hosts alike for compatibility: guest architectures, own architecture,
+/// sorted CPU features.
+type HostKey = (Option<Vec<String>>, Option<String>, Vec<String>);
+
 impl<'a> Layout<'a> {
     fn new(case: &'a Case) -> Result<Layout<'a>, InputError> {
         let vm_ix: HashMap<&str, usize> = case.vms.iter().enumerate().map(|(i, v)| (v.name.as_str(), i)).collect();
@@ -266,7 +270,7 @@ impl<'a> Layout<'a> {
             units[u].push(v);
         }
         // Compatibility classes.
-        let mut host_keys: HashMap<(Option<Vec<String>>, Option<String>, Vec<String>), u32> = HashMap::new();
+        let mut host_keys: HashMap<HostKey, u32> = HashMap::new();
         let mut host_rep: Vec<usize> = Vec::new();
         let host_class: Vec<u32> = case
             .hosts

@@ -12,8 +12,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::time::Instant;
 use walkabout_api::{
-    Accel, AccelChoice, ClientError, CpuCatalog, ErrorBody, ErrorKind, HostInfo, MigrationRecord, MigrationRequest, Phase,
-    QemuVersion, VmInfo, VmRecord, VmSpec, VmState,
+    Accel, AccelChoice, ClientError, CpuCatalog, ErrorBody, ErrorKind, HostInfo, MigrationRecord, MigrationRequest, Phase, QemuVersion,
+    VmInfo, VmRecord, VmSpec, VmState,
 };
 use walkabout_controller::agents::{AgentApi, BoxFut};
 
@@ -246,8 +246,7 @@ impl AgentApi for SimAgents {
     fn create_vm(&self, url: String, spec: VmSpec) -> BoxFut<Result<VmInfo, ClientError>> {
         let mut s = self.state();
         let r = self.host_ix(&s, &url).map(|h| {
-            let vm =
-                SimVm { host: h, memory_mib: spec.memory_mib, vcpus: spec.vcpus, dirty_mib_s: 0.0, cpu_model: spec.cpu_model.clone() };
+            let vm = SimVm { host: h, memory_mib: spec.memory_mib, vcpus: spec.vcpus, dirty_mib_s: 0.0, cpu_model: spec.cpu_model.clone() };
             let info = vm_info(&spec.name, &vm, VmState::Running);
             s.hosts[h].vms.insert(spec.name.clone());
             s.vms.insert(spec.name.clone(), vm);
@@ -276,18 +275,14 @@ impl AgentApi for SimAgents {
         };
         let to = match s.by_url.get(req.destination.trim_end_matches('/')) {
             Some(&h) if !s.hosts[h].failed => h,
-            _ => {
-                return ready(Err(refused(
-                    502,
-                    ErrorKind::Agent,
-                    format!("destination agent {} unreachable", req.destination),
-                )))
-            }
+            _ => return ready(Err(refused(502, ErrorKind::Agent, format!("destination agent {} unreachable", req.destination)))),
         };
         // The destination checks the CPU before any memory moves, as a real agent does.
         let model = vm.cpu_model.as_deref().unwrap_or(walkabout_api::vm::DEFAULT_CPU_MODEL);
         let missing: Vec<String> = match (&s.hosts[from].catalog, &s.hosts[to].catalog) {
-            (Some(src), Some(dst)) => src.features_of(model).map(|n| n.difference(&dst.ceiling_features).cloned().collect()).unwrap_or_default(),
+            (Some(src), Some(dst)) => {
+                src.features_of(model).map(|n| n.difference(&dst.ceiling_features).cloned().collect()).unwrap_or_default()
+            }
             _ => vec![],
         };
         if !missing.is_empty() {
@@ -303,7 +298,8 @@ impl AgentApi for SimAgents {
         let id = format!("sim-mig-{}", s.next_id);
         let ms = self.cost.migration_ms(vm.memory_mib, vm.dirty_mib_s);
         let now = Instant::now();
-        let mut rec = MigrationRecord { phase: Phase::Running, ..MigrationRecord::pending(id.clone(), &req, walkabout_controller::now_ms()) };
+        let mut rec =
+            MigrationRecord { phase: Phase::Running, ..MigrationRecord::pending(id.clone(), &req, walkabout_controller::now_ms()) };
         rec.total_ms = Some(ms);
         rec.dirty_rate_bps = Some((vm.dirty_mib_s * 1_048_576.0) as u64);
         s.migrations.insert(id, SimMigration { rec: rec.clone(), from, to, ends_at: now + std::time::Duration::from_millis(ms) });

@@ -151,8 +151,10 @@ mod tests {
     #[test]
     fn the_fit_recovers_a_linear_cost_exactly() {
         // total = 200 + 1.5 * mem + 20 * dirty
-        let runs: Vec<(u64, f64, f64)> =
-            [(512, 0.0), (2048, 0.0), (512, 100.0), (2048, 120.0)].iter().map(|&(m, d)| (m, d, 200.0 + 1.5 * m as f64 + 20.0 * d)).collect();
+        let runs: Vec<(u64, f64, f64)> = [(512, 0.0), (2048, 0.0), (512, 100.0), (2048, 120.0)]
+            .iter()
+            .map(|&(m, d)| (m, d, 200.0 + 1.5 * m as f64 + 20.0 * d))
+            .collect();
 
         let model = CostModel::fit(&results(&runs)).expect("fits");
 

@@ -13,11 +13,7 @@ fn panel(out: &mut String, top: f64, title: &str, x_label: &str, y_label: &str, 
     let max_y = points.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-9);
     let sx = |x: f64| PAD + x / max_x * (W - 2.0 * PAD);
     let sy = |y: f64| top + H - PAD + -(y / max_y) * (H - 2.0 * PAD);
-    out.push_str(&format!(
-        "<text x=\"{PAD}\" y=\"{}\" font-size=\"14\" font-family=\"sans-serif\">{}</text>\n",
-        top + 20.0,
-        escape(title)
-    ));
+    out.push_str(&format!("<text x=\"{PAD}\" y=\"{}\" font-size=\"14\" font-family=\"sans-serif\">{}</text>\n", top + 20.0, escape(title)));
     out.push_str(&format!(
         "<line x1=\"{PAD}\" y1=\"{y0}\" x2=\"{x1}\" y2=\"{y0}\" stroke=\"black\"/><line x1=\"{PAD}\" y1=\"{y0}\" x2=\"{PAD}\" y2=\"{yt}\" stroke=\"black\"/>\n",
         y0 = top + H - PAD,
@@ -52,7 +48,8 @@ fn escape(s: &str) -> String {
 
 /// The SVG of `report`.
 pub fn svg(report: &Report) -> String {
-    let mut out = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{}\" viewBox=\"0 0 {W} {}\">\n", 2.0 * H, 2.0 * H);
+    let mut out =
+        format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{}\" viewBox=\"0 0 {W} {}\">\n", 2.0 * H, 2.0 * H);
     out.push_str("<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
     #[allow(clippy::cast_precision_loss)]
     let series: Vec<(f64, f64)> = report.series.iter().map(|(t, n)| (t / 3600.0, *n as f64)).collect();

@@ -259,7 +259,8 @@ fn catalogs() -> (Arc<CpuCatalog>, Arc<CpuCatalog>) {
         ("Skylake-Server".to_string(), set(&["sse2", "lm", "avx2", "avx512f"])),
     ]
     .into();
-    let new = CpuCatalog { ceiling: "host".into(), ceiling_features: set(&["sse2", "lm", "avx2", "avx512f", "vaes"]), models: models.clone() };
+    let new =
+        CpuCatalog { ceiling: "host".into(), ceiling_features: set(&["sse2", "lm", "avx2", "avx512f", "vaes"]), models: models.clone() };
     let old = CpuCatalog { ceiling: "host".into(), ceiling_features: set(&["sse2", "lm", "avx2"]), models };
     (Arc::new(new), Arc::new(old))
 }
@@ -272,9 +273,16 @@ pub fn build(cfg: &SimConfig) -> SimState {
     for i in 0..cfg.hosts {
         let url = format!("http://sim-h{}", i + 1);
         let rack = i / cfg.rack_size.max(1);
-        let catalog = if rack % 2 == 0 { new.clone() } else { old.clone() };
+        let catalog = if rack.is_multiple_of(2) { new.clone() } else { old.clone() };
         s.by_url.insert(url.clone(), i);
-        s.hosts.push(SimHost { url, capacity_mib: cfg.host_mib, cpus: cfg.host_cpus, failed: false, vms: BTreeSet::new(), catalog: Some(catalog) });
+        s.hosts.push(SimHost {
+            url,
+            capacity_mib: cfg.host_mib,
+            cpus: cfg.host_cpus,
+            failed: false,
+            vms: BTreeSet::new(),
+            catalog: Some(catalog),
+        });
     }
     let mut rng = Rng(cfg.seed);
     let sizes = [1024u64, 2048, 2048, 4096, 4096, 8192];
@@ -287,7 +295,7 @@ pub fn build(cfg: &SimConfig) -> SimState {
         let start = v % cfg.hosts.max(1);
         let host = (0..cfg.hosts).map(|k| (start + k) % cfg.hosts).find(|&h| {
             let rack = h / cfg.rack_size.max(1);
-            used[h] + mem <= cfg.host_mib * 8 / 10 && (!skylake || rack % 2 == 0)
+            used[h] + mem <= cfg.host_mib * 8 / 10 && (!skylake || rack.is_multiple_of(2))
         });
         let Some(h) = host else { continue };
         used[h] += mem;
@@ -296,7 +304,13 @@ pub fn build(cfg: &SimConfig) -> SimState {
         let model = if skylake { "Skylake-Server" } else { "Haswell" };
         s.vms.insert(
             name,
-            SimVm { host: h, memory_mib: mem, vcpus: [1, 2, 4][rng.below(3)], dirty_mib_s: dirty[rng.below(dirty.len())], cpu_model: Some(model.into()) },
+            SimVm {
+                host: h,
+                memory_mib: mem,
+                vcpus: [1, 2, 4][rng.below(3)],
+                dirty_mib_s: dirty[rng.below(dirty.len())],
+                cpu_model: Some(model.into()),
+            },
         );
     }
     s
@@ -354,7 +368,8 @@ async fn play(cfg: SimConfig) -> Result<Report, SimError> {
     let setup_wall_s = wall0.elapsed().as_secs_f64();
     let polls0 = agents.state().counters.polls;
     let (t0, w0) = (Instant::now(), std::time::Instant::now());
-    let mut run = Run { c: &c, agents: &agents, t0, series: vec![], drains: vec![], failures: vec![], fail_at: BTreeMap::new(), fail_marks: vec![] };
+    let mut run =
+        Run { c: &c, agents: &agents, t0, series: vec![], drains: vec![], failures: vec![], fail_at: BTreeMap::new(), fail_marks: vec![] };
     let mut rng = Rng(cfg.seed ^ 0xFA11);
     match cfg.scenario {
         Scenario::Rolling => {
@@ -371,7 +386,7 @@ async fn play(cfg: SimConfig) -> Result<Report, SimError> {
                 while victim == at {
                     victim = rng.below(cfg.hosts);
                 }
-                run.fail_at.entry(at).or_insert_with(Vec::new).push(victim);
+                run.fail_at.entry(at).or_default().push(victim);
             }
             for (i, n) in names.iter().take(k).enumerate() {
                 if let Some(victims) = run.fail_at.remove(&i) {
@@ -516,7 +531,14 @@ impl Run<'_> {
             }
         };
         let migrations = self.c.plan(&plan.id).map_or(0, |p| p.steps.iter().filter(|s| s.migration.is_some()).count());
-        self.drains.push(DrainResult { host: host.into(), outcome: outcome.into(), time_s: t.elapsed().as_secs_f64(), migrations, plan_ms, reason });
+        self.drains.push(DrainResult {
+            host: host.into(),
+            outcome: outcome.into(),
+            time_s: t.elapsed().as_secs_f64(),
+            migrations,
+            plan_ms,
+            reason,
+        });
     }
 
     /// Notes when the controller marked each failed host down.
