@@ -29,7 +29,7 @@ fn cluster(hosts: usize, vms: usize, whole_model: bool) -> Case {
             guest_archs: None,
             cpu_features: if !whole_model {
                 vec![]
-            } else if (h / 20) % 2 == 0 {
+            } else if (h / 20).is_multiple_of(2) {
                 new.clone()
             } else {
                 old.clone()
@@ -41,9 +41,9 @@ fn cluster(hosts: usize, vms: usize, whole_model: bool) -> Case {
     let mut used = vec![0u64; hosts];
     for v in 0..vms {
         let mem = sizes[(rng.next_u64() % sizes.len() as u64) as usize];
-        let skylake = rng.next_u64() % 4 == 0;
+        let skylake = rng.next_u64().is_multiple_of(4);
         let start = v % hosts;
-        let Some(h) = (0..hosts).map(|k| (start + k) % hosts).find(|&h| used[h] + mem <= 200 * 1024 && (!skylake || (h / 20) % 2 == 0))
+        let Some(h) = (0..hosts).map(|k| (start + k) % hosts).find(|&h| used[h] + mem <= 200 * 1024 && (!skylake || (h / 20).is_multiple_of(2)))
         else {
             continue;
         };
