@@ -39,14 +39,23 @@ fn cluster(hosts: usize, vms: usize, whole_model: bool) -> Case {
     }
     let sizes = [1024u64, 2048, 2048, 4096, 4096, 8192];
     let mut used = vec![0u64; hosts];
+    let mut group_hosts: std::collections::HashMap<usize, Vec<usize>> = std::collections::HashMap::new();
     for v in 0..vms {
         let mem = sizes[(rng.next_u64() % sizes.len() as u64) as usize];
         let skylake = rng.next_u64().is_multiple_of(4);
         let start = v % hosts;
-        let Some(h) = (0..hosts).map(|k| (start + k) % hosts).find(|&h| used[h] + mem <= 200 * 1024 && (!skylake || (h / 20).is_multiple_of(2)))
+        // The first three VMs of every ten form an anti-affinity group: keep them apart.
+        let group = (v % 10 < 3).then_some(v / 10);
+        let apart = |h: usize| group.is_none_or(|g| !group_hosts.get(&g).is_some_and(|l: &Vec<usize>| l.contains(&h)));
+        let Some(h) = (0..hosts)
+            .map(|k| (start + k) % hosts)
+            .find(|&h| used[h] + mem <= 200 * 1024 && (!skylake || (h / 20).is_multiple_of(2)) && apart(h))
         else {
             continue;
         };
+        if let Some(g) = group {
+            group_hosts.entry(g).or_default().push(h);
+        }
         used[h] += mem;
         let name = format!("vm{v}");
         case.vms.push(Vm {
