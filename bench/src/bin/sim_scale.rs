@@ -9,7 +9,9 @@
 //!
 //! Writes each report (and its SVG) under `bench/results/` and prints one JSON summary.
 //!
-//! Run: `cargo run --release -p walkabout-bench --bin sim_scale [HOSTS VMS POLL_MS]`.
+//! Run: `cargo run --release -p walkabout-bench --bin sim_scale [HOSTS VMS POLL_MS [DRAIN_HOSTS]]`;
+//! with DRAIN_HOSTS the keep-up run is skipped and the rolling maintenance stops after
+//! that many hosts.
 
 use anyhow::Result;
 use serde_json::json;
@@ -21,26 +23,30 @@ fn main() -> Result<()> {
     let hosts = usize::try_from(args.first().copied().unwrap_or(1000))?;
     let vms = usize::try_from(args.get(1).copied().unwrap_or(20_000))?;
     let poll_ms = args.get(2).copied().unwrap_or(5000);
+    let drain_hosts = args.get(3).map(|&n| usize::try_from(n)).transpose()?;
     let root = walkabout_bench::workspace_root();
     let cost = CostModel::fit(&std::fs::read_to_string(root.join("bench/results/migrate.json"))?)?;
     let mut summary = serde_json::Map::new();
 
-    let mut keep_up = SimConfig::new(Scenario::Rolling, hosts, vms, cost, scratch_dir("keep-up"));
-    keep_up.drain_hosts = Some(6);
-    keep_up.limits.per_host_out = 4;
-    keep_up.limits.per_host_in = 4;
-    keep_up.limits.planner_parallel_per_host = 4;
-    let r = run(keep_up)?;
-    std::fs::write(root.join("bench/results/sim-keep-up.json"), serde_json::to_string_pretty(&r)? + "\n")?;
-    summary.insert(
-        "keep_up_500ms_polls".into(),
-        json!({"simulated_s": r.simulated_s, "wall_s": r.wall_s, "polls_per_simulated_s": r.polls_per_simulated_s,
+    if drain_hosts.is_none() {
+        let mut keep_up = SimConfig::new(Scenario::Rolling, hosts, vms, cost, scratch_dir("keep-up"));
+        keep_up.drain_hosts = Some(6);
+        keep_up.limits.per_host_out = 4;
+        keep_up.limits.per_host_in = 4;
+        keep_up.limits.planner_parallel_per_host = 4;
+        let r = run(keep_up)?;
+        std::fs::write(root.join("bench/results/sim-keep-up.json"), serde_json::to_string_pretty(&r)? + "\n")?;
+        summary.insert(
+            "keep_up_500ms_polls".into(),
+            json!({"simulated_s": r.simulated_s, "wall_s": r.wall_s, "polls_per_simulated_s": r.polls_per_simulated_s,
                "polls_per_wall_s": r.polls_per_wall_s, "keeps_up": r.polls_per_wall_s >= r.polls_per_simulated_s,
                "plan_latency_ms": r.plan_latency_ms, "cpu_s": r.cpu_s, "max_rss_mib": r.max_rss_mib}),
-    );
+        );
+    }
 
     let mut rolling = SimConfig::new(Scenario::Rolling, hosts, vms, cost, scratch_dir("rolling"));
     rolling.poll_ms = poll_ms;
+    rolling.drain_hosts = drain_hosts;
     rolling.limits.per_host_out = 4;
     rolling.limits.per_host_in = 4;
     rolling.limits.planner_parallel_per_host = 4;
