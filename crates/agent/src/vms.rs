@@ -235,6 +235,15 @@ impl Agent {
             vms: t.active_mib.len() as u64,
             accel: i.accel.clone(),
             qemu: i.qemu.clone(),
+            vm_cpu_ms: t
+                .vms
+                .iter()
+                .filter_map(|(name, vm)| {
+                    let pid = vm.try_lock().ok()?.record.pid?;
+                    host::process_cpu_ms(pid).map(|ms| (name.clone(), ms))
+                })
+                .collect(),
+            load_milli: host::load_milli(),
         }
     }
 

@@ -90,6 +90,12 @@ pub struct Host {
     /// Names of the VMs it runs.
     #[serde(default)]
     pub vms: Vec<String>,
+    /// Its most capable CPU model (from its agent's CPU catalog, once fetched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ceiling: Option<String>,
+    /// vCPUs it may give guests: its CPUs times the controller's overcommit ratio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_capacity: Option<u64>,
 }
 
 impl Host {
@@ -195,6 +201,60 @@ pub struct ClusterVm {
     /// When an agent last listed it.
     #[serde(default)]
     pub seen_ms: u64,
+    /// Its QEMU CPU model (absent: the default, `qemu64`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
+    /// The placement groups it belongs to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<VmGroup>,
+}
+
+/// What a placement group asks of its members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupRule {
+    /// All members on one host.
+    Affinity,
+    /// No two members on one host.
+    AntiAffinity,
+}
+
+impl std::fmt::Display for GroupRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GroupRule::Affinity => "affinity",
+            GroupRule::AntiAffinity => "anti-affinity",
+        })
+    }
+}
+
+/// A VM's membership of a placement group: VMs naming the same group share its rule.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+pub struct VmGroup {
+    /// The group's name.
+    pub name: String,
+    /// Its rule.
+    pub rule: GroupRule,
+}
+
+impl std::str::FromStr for VmGroup {
+    type Err = String;
+
+    /// Parses `NAME`, `NAME:affinity` or `NAME:anti` (also `NAME:anti-affinity`);
+    /// a bare name is an anti-affinity group (spread, the common wish).
+    fn from_str(s: &str) -> Result<VmGroup, String> {
+        let (name, rule) = match s.split_once(':') {
+            None => (s, GroupRule::AntiAffinity),
+            Some((n, "affinity")) => (n, GroupRule::Affinity),
+            Some((n, "anti" | "anti-affinity")) => (n, GroupRule::AntiAffinity),
+            Some((_, r)) => return Err(format!("group {s:?}: rule {r:?} is neither `affinity` nor `anti`")),
+        };
+        let ok = !name.is_empty() && name.len() <= 63 && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            return Err(format!("group name {name:?} must be 1-63 letters, digits, '-', '_' or '.'"));
+        }
+        Ok(VmGroup { name: name.to_string(), rule })
+    }
 }
 
 impl ClusterVm {
@@ -214,6 +274,9 @@ pub struct CreateVm {
     /// Where to create it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// Placement groups it joins (affinity or anti-affinity with their other members).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<VmGroup>,
 }
 
 /// A request to move one VM (`POST /v1/vms/{name}/move`).
@@ -324,4 +387,83 @@ pub struct ClusterMigration {
     /// Ended.
     #[serde(default)]
     pub finished_ms: Option<u64>,
+}
+
+/// How much the balancer may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceLevel {
+    /// Nothing.
+    #[default]
+    Manual,
+    /// Offer moves with their reasons; move nothing.
+    Recommend,
+    /// Move VMs, within the executor's limits.
+    Automatic,
+}
+
+/// The balancer's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BalanceConfig {
+    /// What it may do.
+    pub level: BalanceLevel,
+    /// Spread of CPU use (fraction of the hottest host's CPUs minus the coolest's)
+    /// above which balancing starts.
+    pub threshold: f64,
+    /// Balancing stops once the spread is below `threshold - hysteresis`.
+    pub hysteresis: f64,
+    /// Least lowering of the sum of squared CPU use a move must bring, net of its cost.
+    pub min_gain: f64,
+    /// Cost of a move per GiB pre-copy must send (memory plus 10 s of dirtying), in
+    /// units of that sum.
+    pub cost_per_gib: f64,
+    /// Seconds before a moved VM may move again.
+    pub cooldown_s: u64,
+    /// Moves per round at most.
+    pub max_moves: usize,
+    /// Seconds between rounds.
+    pub interval_s: u64,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        BalanceConfig {
+            level: BalanceLevel::Manual,
+            threshold: 0.3,
+            hysteresis: 0.1,
+            min_gain: 0.02,
+            cost_per_gib: 0.005,
+            cooldown_s: 1800,
+            max_moves: 4,
+            interval_s: 60,
+        }
+    }
+}
+
+/// A move the balancer decided, with why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BalanceMove {
+    /// The VM.
+    pub vm: String,
+    /// From.
+    pub from: String,
+    /// To.
+    pub to: String,
+    /// Net gain (lowering of the sum of squared use, less the move's cost).
+    pub gain: f64,
+    /// One sentence: the loads, the gain, the cost.
+    pub reason: String,
+}
+
+/// The balancer as `GET /v1/balance` shows it: its settings, whether the load is out of
+/// balance, and the moves its last round decided with their reasons.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct BalanceStatus {
+    /// Its settings.
+    pub config: BalanceConfig,
+    /// Whether the last round found the spread above the threshold (and not yet back
+    /// below threshold - hysteresis).
+    pub active: bool,
+    /// The moves the last round decided.
+    pub last_moves: Vec<BalanceMove>,
 }

@@ -78,6 +78,13 @@ pub struct HostInfo {
     pub accel: AccelChoice,
     /// The QEMU underneath.
     pub qemu: QemuVersion,
+    /// CPU time each VM's QEMU has used, ms (its load, for balancing), by VM name;
+    /// VMs busy in another operation may be missing from one answer.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vm_cpu_ms: BTreeMap<String, u64>,
+    /// The host's 1-minute load average, in thousandths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_milli: Option<u64>,
 }
 
 /// The CPU models one host's QEMU knows, with their features, and what the host offers
@@ -90,4 +97,60 @@ pub struct CpuCatalog {
     pub ceiling_features: BTreeSet<String>,
     /// Every non-deprecated named model and its features.
     pub models: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// The CPU model name that stands for the cluster baseline at VM creation (like
+/// vMotion's EVC): the controller replaces it with the richest named model every host
+/// in service can run.
+pub const BASELINE_CPU_MODEL: &str = "baseline";
+
+impl CpuCatalog {
+    /// The cluster baseline over `hosts`: the named model with the most features that
+    /// every host knows by that name and whose features every host's ceiling includes.
+    /// `None` if no model fits (or no host is given).
+    pub fn baseline<'a>(hosts: impl IntoIterator<Item = &'a CpuCatalog> + Clone) -> Option<String> {
+        let mut it = hosts.clone().into_iter();
+        let first = it.next()?;
+        let common = it.fold(first.ceiling_features.clone(), |acc, h| acc.intersection(&h.ceiling_features).cloned().collect());
+        first
+            .models
+            .iter()
+            .filter(|(name, f)| f.is_subset(&common) && hosts.clone().into_iter().all(|h| h.models.contains_key(*name)))
+            .max_by(|(an, af), (bn, bf)| af.len().cmp(&bf.len()).then_with(|| bn.cmp(an)))
+            .map(|(name, _)| name.clone())
+    }
+
+    /// The features a guest with CPU model `model` uses on this host: a named model's
+    /// features, or the ceiling's for `host`/`max` (and for this host's ceiling name).
+    /// `None` for a model this host does not know.
+    pub fn features_of(&self, model: &str) -> Option<&BTreeSet<String>> {
+        if model == self.ceiling || matches!(model, "host" | "max") {
+            return Some(&self.ceiling_features);
+        }
+        self.models.get(model)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_baseline_is_the_richest_model_every_host_runs() {
+        let models: BTreeMap<String, BTreeSet<String>> = [
+            ("old".to_string(), set(&["sse2"])),
+            ("mid".to_string(), set(&["sse2", "sse4.1"])),
+            ("new".to_string(), set(&["sse2", "sse4.1", "avx512f"])),
+        ]
+        .into();
+        let big = CpuCatalog { ceiling: "max".into(), ceiling_features: set(&["sse2", "sse4.1", "avx512f"]), models: models.clone() };
+        let small = CpuCatalog { ceiling: "max".into(), ceiling_features: set(&["sse2", "sse4.1"]), models };
+
+        assert_eq!(CpuCatalog::baseline([&big, &small]).as_deref(), Some("mid"));
+        assert_eq!(CpuCatalog::baseline([&big]).as_deref(), Some("new"));
+    }
 }

@@ -39,12 +39,13 @@ pub const EPOCH_HEADER: &str = "x-walkabout-epoch";
 
 pub use client::{AgentClient, ClientError, ClientOptions, ControllerClient};
 pub use cluster::{
-    AddHost, ClusterMigration, ClusterSummary, ClusterVm, ClusterVmState, CreateVm, ExecLimits, Host, HostStatus, Maintenance, MoveVm,
+    AddHost, BalanceConfig, BalanceLevel, BalanceMove, BalanceStatus, ClusterMigration, ClusterSummary, ClusterVm, ClusterVmState,
+    CreateVm, ExecLimits, GroupRule, Host, HostStatus, Maintenance, MoveVm, VmGroup,
 };
 pub use disk::{DiskBus, DiskFormat, DiskSpec, StorageMode};
 pub use error::{ErrorBody, ErrorKind};
 pub use event::{Event, Subject};
-pub use host::{Accel, AccelChoice, CpuCatalog, HostInfo, QemuVersion};
+pub use host::{Accel, AccelChoice, CpuCatalog, HostInfo, QemuVersion, BASELINE_CPU_MODEL};
 pub use migration::{
     BackingImage, CommitRequest, Compression, DiskProgress, IncomingDisk, IncomingReply, IncomingRequest, Limits, MigrationRecord,
     MigrationRequest, MigrationSummary, Mode, Phase, PostcopyPause, Progress, RecoverRequest, StorageMarker, Strategy, Switch, Tuning,

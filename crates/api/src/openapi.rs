@@ -263,7 +263,7 @@ impl utoipa::Modify for EpochHeader {
 }
 
 mod controller_routes {
-    use crate::cluster::{AddHost, ClusterMigration, ClusterSummary, ClusterVm, CreateVm, Host, MoveVm};
+    use crate::cluster::{AddHost, BalanceConfig, BalanceStatus, ClusterMigration, ClusterSummary, ClusterVm, CreateVm, Host, MoveVm};
     use crate::error::ErrorBody;
     use crate::event::Event;
     use crate::plan::{Goal, PlanRecord};
@@ -286,6 +286,17 @@ mod controller_routes {
     /// Summary: hosts, VMs, running plans, limits.
     #[utoipa::path(get, path = "/v1/cluster", tag = "cluster", responses((status = 200, body = ClusterSummary)))]
     fn cluster() {}
+
+    /// Automatic balancing: its settings (level, threshold, hysteresis, minimum gain), whether
+    /// the load is out of balance, the last round's moves and their reasons.
+    #[utoipa::path(get, path = "/v1/balance", tag = "cluster", responses((status = 200, body = BalanceStatus)))]
+    fn get_balance() {}
+
+    /// Sets automatic balancing: `manual` (nothing), `recommend` (proposed plans with
+    /// reasons), `automatic` (moves within the limits, each with its reason).
+    #[utoipa::path(put, path = "/v1/balance", tag = "cluster", request_body = BalanceConfig, responses(
+        (status = 200, body = BalanceStatus), (status = 422, body = ErrorBody)))]
+    fn set_balance() {}
 
     /// Hosts: up or down (since when, why), maintenance, capacity, VMs.
     #[utoipa::path(get, path = "/v1/hosts", tag = "hosts", responses((status = 200, body = Vec<Host>)))]
@@ -428,6 +439,8 @@ mod controller_routes {
     ),
     paths(
         controller_routes::cluster,
+        controller_routes::get_balance,
+        controller_routes::set_balance,
         controller_routes::list_hosts,
         controller_routes::add_host,
         controller_routes::get_host,

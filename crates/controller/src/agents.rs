@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
-use walkabout_api::{AgentClient, ClientError, ClientOptions, HostInfo, MigrationRecord, MigrationRequest, VmInfo, VmSpec};
+use walkabout_api::{AgentClient, ClientError, ClientOptions, CpuCatalog, HostInfo, MigrationRecord, MigrationRequest, VmInfo, VmSpec};
 
 /// A boxed future, for the object-safe [`AgentApi`].
 pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -40,6 +40,11 @@ pub trait AgentApi: Send + Sync + 'static {
     fn migrations(&self, url: String) -> BoxFut<Result<Vec<MigrationRecord>, ClientError>>;
     /// `POST /v1/migrations/{id}/cancel`.
     fn cancel_migration(&self, url: String, id: String) -> BoxFut<Result<(), ClientError>>;
+    /// `GET /v1/host/cpu`: the host's CPU models and what it offers guests. Agents that
+    /// cannot say (fakes without CPUs) answer an error, and no CPU rule applies to them.
+    fn cpu(&self, url: String) -> BoxFut<Result<CpuCatalog, ClientError>> {
+        Box::pin(std::future::ready(Err(ClientError::Unreachable { url, detail: "this agent API reports no CPU catalog".into() })))
+    }
 }
 
 /// [`AgentApi`] over HTTP: one [`AgentClient`] per agent, with short connect timeouts
@@ -117,9 +122,15 @@ impl AgentApi for HttpAgents {
     fn cancel_migration(&self, url: String, id: String) -> BoxFut<Result<(), ClientError>> {
         self.call(&url, Duration::from_secs(5), |c| async move { c.cancel_migration(&id).await.map(|_| ()) })
     }
+    fn cpu(&self, url: String) -> BoxFut<Result<CpuCatalog, ClientError>> {
+        // The agent probes its QEMU on the first request: give it time.
+        self.call(&url, Duration::from_secs(60), |c| async move { c.cpu().await })
+    }
 }
 
 /// What one poll of a host found.
+// One poll at a time per host, consumed at once: the size of the answer does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Poll {
     /// The agent answered.

@@ -4,6 +4,7 @@
 //! | method | path | what |
 //! |---|---|---|
 //! | GET | /v1/cluster | summary: hosts, VMs, running plan, limits |
+//! | GET, PUT | /v1/balance | automatic balancing: level (manual, recommend, automatic), threshold, last moves |
 //! | GET, POST | /v1/hosts | list; register an agent `{"url", "name"?}` (201) |
 //! | GET, DELETE | /v1/hosts/{name} | one host: status (down since when, why), maintenance, capacity, VMs; remove a host without VMs |
 //! | POST | /v1/hosts/{name}/drain | maintenance + drain plan, executed (202 plan); 409 with per-VM reasons if impossible |
@@ -74,6 +75,7 @@ pub fn router_with_trust(cluster: Cluster, trust: std::sync::Arc<crate::join::Tr
         .route("/v1/plans/{id}", get(plan))
         .route("/v1/plans/{id}/execute", post(execute))
         .route("/v1/plans/{id}/cancel", post(cancel))
+        .route("/v1/balance", get(balance).put(set_balance))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
@@ -147,10 +149,24 @@ async fn vm(State(c): State<Cluster>, Path(name): Path<String>) -> Response {
     reply(c.vm(&name))
 }
 
+async fn balance(State(c): State<Cluster>) -> Response {
+    Json(c.balance_status()).into_response()
+}
+
+async fn set_balance(State(c): State<Cluster>, b: Body<walkabout_api::BalanceConfig>) -> Response {
+    match body(b, "balance settings") {
+        Ok(cfg) => {
+            c.set_balance_config(cfg);
+            Json(c.balance_status()).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn create_vm(State(c): State<Cluster>, b: Body<CreateVm>) -> Response {
     let r = async {
         let req = body(b, "VM spec")?;
-        c.create_vm(req.spec, req.host.as_deref()).await
+        c.create_vm_in(req.spec, req.host.as_deref(), req.groups).await
     }
     .await;
     with_status(StatusCode::CREATED, r)
@@ -231,6 +247,8 @@ async fn openapi() -> Response {
 /// Every `(METHOD, path)` the router serves, as the OpenAPI document spells paths.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/cluster"),
+    ("GET", "/v1/balance"),
+    ("PUT", "/v1/balance"),
     ("GET", "/v1/hosts"),
     ("POST", "/v1/hosts"),
     ("GET", "/v1/hosts/{name}"),

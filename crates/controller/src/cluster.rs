@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
-use walkabout_api::{VmInfo, VmSpec};
+use walkabout_api::{CpuCatalog, VmGroup, VmInfo, VmSpec, BASELINE_CPU_MODEL};
 
 pub use walkabout_api::cluster::VIEW_VERSION;
 pub use walkabout_api::{ClusterVm, ClusterVmState, Host, HostStatus, Maintenance};
@@ -35,6 +35,20 @@ pub struct View {
     /// about the VM (its source may still have listed it).
     #[serde(skip)]
     placed_ms: BTreeMap<String, u64>,
+    /// For each host, the VMs whose `host` was last set to it by this view: a superset
+    /// of the VMs on it (checked on use), so a poll touches its host's VMs, not all.
+    #[serde(skip)]
+    on_host: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Each VM's CPU use as its agent measures it: (CPU ms at the last sample, when,
+    /// smoothed CPUs used), for balancing.
+    #[serde(skip)]
+    pub vm_cpu: BTreeMap<String, (u64, u64, f64)>,
+    /// Each host's CPU catalog, fetched from its agent once it answers.
+    #[serde(skip)]
+    pub catalogs: BTreeMap<String, Arc<CpuCatalog>>,
+    /// vCPUs the planner may give guests per host CPU; 0: vCPUs are not limited.
+    #[serde(skip)]
+    pub vcpu_overcommit: f64,
 }
 
 impl View {
@@ -52,6 +66,14 @@ impl View {
     }
 }
 
+/// The vCPUs a host with `cpus` CPUs may give guests at `ratio` vCPUs per CPU (`None`:
+/// not limited, when the ratio is 0 or the CPUs are not known).
+pub fn vcpu_capacity(ratio: f64, cpus: u32) -> Option<u64> {
+    // Truncation intended: a fraction of a vCPU is no vCPU.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    (ratio > 0.0 && cpus > 0).then(|| (f64::from(cpus) * ratio).floor() as u64)
+}
+
 /// The cluster view and the watchers that keep it current. Shared as `Arc<ClusterView>`.
 pub struct ClusterView {
     store: Arc<Store>,
@@ -59,6 +81,8 @@ pub struct ClusterView {
     events: Arc<Events>,
     view: Mutex<View>,
     stop: watch::Receiver<bool>,
+    /// How often each host is polled.
+    poll_interval: std::time::Duration,
 }
 
 impl ClusterView {
@@ -70,14 +94,30 @@ impl ClusterView {
         events: Arc<Events>,
         stop: watch::Receiver<bool>,
     ) -> Result<Arc<ClusterView>, ControllerError> {
-        let mut view = View::default();
+        Self::open_with(store, api, events, stop, 0.0, agents::POLL_INTERVAL)
+    }
+
+    /// [`ClusterView::open`], with `vcpu_overcommit` vCPUs per host CPU for guests
+    /// (0: vCPUs not limited) and each host polled every `poll_interval`.
+    pub fn open_with(
+        store: Arc<Store>,
+        api: Arc<dyn AgentApi>,
+        events: Arc<Events>,
+        stop: watch::Receiver<bool>,
+        vcpu_overcommit: f64,
+        poll_interval: std::time::Duration,
+    ) -> Result<Arc<ClusterView>, ControllerError> {
+        let mut view = View { vcpu_overcommit, ..View::default() };
         for h in store.list::<Host>(&HOSTS)? {
             view.hosts.insert(h.name.clone(), Host { status: HostStatus::Unknown, ..h });
         }
         for v in store.list::<ClusterVm>(&VMS)? {
+            if let Some(h) = &v.host {
+                view.on_host.entry(h.clone()).or_default().insert(v.name.clone());
+            }
             view.vms.insert(v.name.clone(), v);
         }
-        let cv = Arc::new(ClusterView { store, api, events, view: Mutex::new(view), stop });
+        let cv = Arc::new(ClusterView { store, api, events, view: Mutex::new(view), stop, poll_interval });
         let hosts: Vec<String> = lock(&cv.view).hosts.keys().cloned().collect();
         for h in hosts {
             cv.watch_host(h);
@@ -163,6 +203,8 @@ impl ClusterView {
                 used_mib: 0,
                 free_mib: 0,
                 vms: vec![],
+                cpu_ceiling: None,
+                vcpu_capacity: None,
             };
             view.hosts.insert(name, h.clone());
             h
@@ -182,6 +224,7 @@ impl ClusterView {
     }
 
     fn watch_host(self: &Arc<Self>, name: String) {
+        self.fetch_catalog(name.clone());
         let cv = self.clone();
         let mut stop = self.stop.clone();
         tokio::spawn(async move {
@@ -197,11 +240,73 @@ impl ClusterView {
                 };
                 cv.observe(&name, polled, asked);
                 tokio::select! {
-                    _ = tokio::time::sleep(agents::POLL_INTERVAL) => {}
+                    _ = tokio::time::sleep(cv.poll_interval) => {}
                     _ = stop.changed() => return,
                 }
             }
         });
+    }
+
+    /// Fetches host `name`'s CPU catalog once its agent answers, retrying every 5 s
+    /// while it fails (an agent that reports none is asked again, rarely).
+    fn fetch_catalog(self: &Arc<Self>, name: String) {
+        let cv = self.clone();
+        let mut stop = self.stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let url = {
+                    let view = lock(&cv.view);
+                    match view.hosts.get(&name) {
+                        None => return,
+                        Some(_) if view.catalogs.contains_key(&name) => return,
+                        Some(h) if h.status == HostStatus::Up => Some(h.url.clone()),
+                        Some(_) => None,
+                    }
+                };
+                let pause = match url {
+                    None => agents::POLL_INTERVAL,
+                    Some(url) => {
+                        let got = tokio::select! {
+                            c = cv.api.cpu(url) => c,
+                            _ = stop.changed() => return,
+                        };
+                        match got {
+                            Ok(catalog) => {
+                                cv.set_catalog(&name, catalog);
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::debug!(host = %name, error = %e, "no CPU catalog yet");
+                                std::time::Duration::from_secs(5)
+                            }
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+    }
+
+    /// Records host `name`'s CPU catalog: from now on the planner sends it only VMs
+    /// whose CPU model it runs.
+    pub fn set_catalog(&self, name: &str, catalog: CpuCatalog) {
+        let h = {
+            let mut view = lock(&self.view);
+            let Some(h) = view.hosts.get_mut(name) else { return };
+            h.cpu_ceiling = Some(catalog.ceiling.clone());
+            let h = h.clone();
+            view.catalogs.insert(name.to_string(), Arc::new(catalog));
+            h
+        };
+        if let Err(e) = self.store.put(&HOSTS, name, &h) {
+            tracing::warn!(host = name, error = %e, "cannot store host");
+        }
+        let n = lock(&self.view).catalogs.get(name).map_or(0, |c| c.ceiling_features.len());
+        let msg = format!("host {name} offers guests CPU model {} ({n} features)", h.cpu_ceiling.as_deref().unwrap_or("?"));
+        self.events.emit(Subject::Host, name, msg, serde_json::to_value(&h).unwrap_or_default());
     }
 
     /// Folds one poll of host `name` into the view: its status (down after
@@ -215,10 +320,29 @@ impl ClusterView {
         {
             let mut guard = lock(&self.view);
             let view = &mut *guard;
+            let ratio = view.vcpu_overcommit;
             let Some(h) = view.hosts.get_mut(name) else { return };
             match polled {
                 Poll::Answered { host, vms } => {
                     view.liveness.entry(name.to_string()).or_default().ok(now);
+                    // CPU use per VM: the CPU time's growth over at least a second, smoothed.
+                    for (vm, &ms) in &host.vm_cpu_ms {
+                        match view.vm_cpu.get_mut(vm) {
+                            Some((last, at, rate)) if now >= *at + 1000 => {
+                                // A migrated VM's new QEMU starts its count again.
+                                if ms >= *last {
+                                    #[allow(clippy::cast_precision_loss)]
+                                    let sample = (ms - *last) as f64 / (now - *at) as f64;
+                                    *rate = if *rate < 0.0 { sample } else { 0.5 * *rate + 0.5 * sample };
+                                }
+                                (*last, *at) = (ms, now);
+                            }
+                            Some(_) => {}
+                            None => {
+                                view.vm_cpu.insert(vm.clone(), (ms, now, -1.0));
+                            }
+                        }
+                    }
                     h.last_seen_ms = Some(now);
                     let was = h.status;
                     let capacity_changed = (h.capacity_mib, h.used_mib, h.cpus) != (host.capacity_mib, host.used_mib, host.cpus);
@@ -228,6 +352,7 @@ impl ClusterView {
                     h.capacity_mib = host.capacity_mib;
                     h.used_mib = host.used_mib;
                     h.free_mib = host.free_mib;
+                    h.vcpu_capacity = vcpu_capacity(ratio, host.cpus);
                     if was != HostStatus::Up {
                         h.status = HostStatus::Up;
                         h.status_since_ms = now;
@@ -254,8 +379,13 @@ impl ClusterView {
                             reason: None,
                             guest: Default::default(),
                             seen_ms: now,
+                            cpu_model: spec.cpu_model.clone(),
+                            groups: vec![],
                         });
                         let moved = entry.host.as_deref() != Some(name);
+                        if moved {
+                            view.on_host.entry(name.to_string()).or_default().insert(spec.name.clone());
+                        }
                         let restated = entry.state != state;
                         entry.host = Some(name.to_string());
                         entry.state = state;
@@ -263,6 +393,8 @@ impl ClusterView {
                         entry.guest = v.guest.clone();
                         entry.memory_mib = spec.memory_mib;
                         entry.nics.clone_from(&spec.nics);
+                        entry.vcpus = spec.vcpus;
+                        entry.cpu_model.clone_from(&spec.cpu_model);
                         entry.seen_ms = now;
                         if moved {
                             changed_vms.push((entry.clone(), format!("VM {} runs on {name} ({})", entry.name, entry.state)));
@@ -270,9 +402,14 @@ impl ClusterView {
                             changed_vms.push((entry.clone(), format!("VM {} is {} on {name}", entry.name, entry.state)));
                         }
                     }
-                    for vm in view.vms.values_mut() {
-                        let listed = owned.iter().any(|v| v.record.spec.name == vm.name);
-                        if vm.host.as_deref() == Some(name) && !listed && vm.state != ClusterVmState::Missing && !stale(&vm.name) {
+                    let listed: std::collections::BTreeSet<&str> = owned.iter().map(|v| v.record.spec.name.as_str()).collect();
+                    for vm_name in view.on_host.get(name).into_iter().flatten() {
+                        let Some(vm) = view.vms.get_mut(vm_name) else { continue };
+                        if vm.host.as_deref() == Some(name)
+                            && !listed.contains(vm.name.as_str())
+                            && vm.state != ClusterVmState::Missing
+                            && !stale(&vm.name)
+                        {
                             vm.state = ClusterVmState::Missing;
                             changed_vms.push((vm.clone(), format!("VM {} is no longer listed by {name}", vm.name)));
                         }
@@ -291,12 +428,12 @@ impl ClusterView {
                     }
                 }
             }
-            let names: Vec<String> = view
-                .vms
-                .values()
-                .filter(|v| v.host.as_deref() == Some(name) && v.state != ClusterVmState::Missing)
-                .map(|v| v.name.clone())
-                .collect();
+            // The index keeps only VMs still on the host; the host lists those not missing.
+            let vms = &view.vms;
+            let index = view.on_host.entry(name.to_string()).or_default();
+            index.retain(|v| vms.get(v).is_some_and(|v| v.host.as_deref() == Some(name)));
+            let names: Vec<String> =
+                index.iter().filter(|v| vms.get(*v).is_some_and(|v| v.state != ClusterVmState::Missing)).cloned().collect();
             if let Some(h) = view.hosts.get_mut(name) {
                 h.vms = names;
             }
@@ -388,6 +525,7 @@ impl ClusterView {
         let v = {
             let mut view = lock(&self.view);
             view.placed_ms.insert(vm.to_string(), now_ms());
+            view.on_host.entry(host.to_string()).or_default().insert(vm.to_string());
             let Some(v) = view.vms.get_mut(vm) else { return };
             if v.host.as_deref() == Some(host) {
                 return;
@@ -401,8 +539,9 @@ impl ClusterView {
     }
 
     /// Creates a VM from an agent spec on `host`, or on the active host with the most
-    /// free memory.
-    pub async fn create_vm(&self, spec: VmSpec, host: Option<&str>) -> Result<ClusterVm, ControllerError> {
+    /// free memory, as a member of `groups` (the planner's placement of a new VM is
+    /// `plans::place_new`, which the controller asks first).
+    pub async fn create_vm(&self, spec: VmSpec, host: Option<&str>, groups: Vec<VmGroup>) -> Result<ClusterVm, ControllerError> {
         let (name, memory) = (spec.name.clone(), spec.memory_mib);
         let (host, url) = {
             let view = lock(&self.view);
@@ -434,7 +573,40 @@ impl ClusterView {
         let asked = now_ms();
         let polled = agents::poll(self.api.as_ref(), &url).await;
         self.observe(&host, polled, asked);
+        if !groups.is_empty() {
+            let vm = {
+                let mut view = lock(&self.view);
+                let Some(vm) = view.vms.get_mut(&name) else { return self.vm(&name) };
+                vm.groups = groups;
+                vm.clone()
+            };
+            self.store.put(&VMS, &name, &vm)?;
+            let list: Vec<String> = vm.groups.iter().map(|g| format!("{} ({})", g.name, g.rule)).collect();
+            self.events.emit(
+                Subject::Vm,
+                &name,
+                format!("VM {name} joins group(s) {}", list.join(", ")),
+                serde_json::to_value(&vm).unwrap_or_default(),
+            );
+        }
         self.vm(&name)
+    }
+
+    /// The CPU model `baseline` stands for now: the richest named model every host in
+    /// service can run (their catalogs must all be known).
+    pub fn baseline_model(&self) -> Result<String, ControllerError> {
+        let view = lock(&self.view);
+        let hosts: Vec<&Host> = view.hosts.values().filter(|h| h.accepts_vms()).collect();
+        let unknown: Vec<&str> = hosts.iter().filter(|h| !view.catalogs.contains_key(&h.name)).map(|h| h.name.as_str()).collect();
+        if hosts.is_empty() || !unknown.is_empty() {
+            return Err(ControllerError::Conflict(format!(
+                "cannot resolve CPU model {BASELINE_CPU_MODEL}: the CPU catalogs of {} are not known yet",
+                if hosts.is_empty() { "the hosts in service".to_string() } else { unknown.join(", ") }
+            )));
+        }
+        let catalogs: Vec<&CpuCatalog> = hosts.iter().filter_map(|h| view.catalogs.get(&h.name).map(|c| c.as_ref())).collect();
+        CpuCatalog::baseline(catalogs.iter().copied())
+            .ok_or_else(|| ControllerError::Conflict(format!("no named CPU model runs on all {} hosts in service", catalogs.len())))
     }
 
     /// Deletes a VM on its host.

@@ -23,7 +23,7 @@ use crate::store::Store;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
-use walkabout_api::{Mode, VmSpec};
+use walkabout_api::{Mode, VmGroup, VmSpec};
 
 /// How the controller is set up.
 #[derive(Debug, Clone)]
@@ -36,12 +36,31 @@ pub struct ControllerConfig {
     pub mode: Mode,
     /// Bandwidth cap per migration asked of agents, bytes/s (default: none).
     pub max_bandwidth_bps: Option<u64>,
+    /// vCPUs the planner may give guests per host CPU ([`DEFAULT_VCPU_OVERCOMMIT`]); 0:
+    /// vCPUs not limited.
+    pub vcpu_overcommit: f64,
+    /// How often each agent is polled (default [`crate::agents::POLL_INTERVAL`]); a
+    /// host is marked down after two failed polls and [`crate::agents::DOWN_AFTER`].
+    pub poll_interval: std::time::Duration,
+    /// Automatic balancing (default: `manual`, nothing moves by itself).
+    pub balance: crate::balance::BalanceConfig,
 }
+
+/// Default vCPUs per host CPU: generous, as most guests idle, yet a bound.
+pub const DEFAULT_VCPU_OVERCOMMIT: f64 = 8.0;
 
 impl ControllerConfig {
     /// Defaults with `data_dir`.
     pub fn new(data_dir: PathBuf) -> ControllerConfig {
-        ControllerConfig { data_dir, limits: ExecLimits::default(), mode: Mode::Auto, max_bandwidth_bps: None }
+        ControllerConfig {
+            data_dir,
+            limits: ExecLimits::default(),
+            mode: Mode::Auto,
+            max_bandwidth_bps: None,
+            vcpu_overcommit: DEFAULT_VCPU_OVERCOMMIT,
+            poll_interval: crate::agents::POLL_INTERVAL,
+            balance: crate::balance::BalanceConfig::default(),
+        }
     }
 }
 
@@ -54,6 +73,7 @@ pub struct Cluster {
     games: Arc<Games>,
     events: Arc<Events>,
     shutdown: Arc<watch::Sender<bool>>,
+    balance: Arc<crate::balance::BalanceState>,
 }
 
 impl Cluster {
@@ -73,12 +93,15 @@ impl Cluster {
     pub async fn open_on(config: ControllerConfig, store: Arc<Store>, api: Arc<dyn AgentApi>) -> Result<Cluster, ControllerError> {
         let events = Arc::new(Events::new(store.clone()));
         let (shutdown, stop) = watch::channel(false);
-        let view = ClusterView::open(store.clone(), api, events.clone(), stop.clone())?;
+        let view = ClusterView::open_with(store.clone(), api, events.clone(), stop.clone(), config.vcpu_overcommit, config.poll_interval)?;
         let exec_config = ExecConfig { limits: config.limits, mode: config.mode, max_bandwidth_bps: config.max_bandwidth_bps };
         let exec = Executor::open(view.clone(), store.clone(), events.clone(), exec_config, stop.clone())?;
         let plans = PlanRunner::open(view.clone(), exec.clone(), store, events.clone(), stop.clone())?;
         let games = Games::new(events.clone(), stop);
-        Ok(Cluster { view, exec, plans, games, events, shutdown: Arc::new(shutdown) })
+        let balance = Arc::new(crate::balance::BalanceState::new(config.balance));
+        let c = Cluster { view, exec, plans, games, events, shutdown: Arc::new(shutdown), balance };
+        crate::balance::spawn(c.clone());
+        Ok(c)
     }
 
     /// Stops the watchers, plans and walks of this controller (agents and their VMs
@@ -157,10 +180,28 @@ impl Cluster {
         self.view.set_maintenance(name, m)
     }
 
-    /// Creates a VM from an agent spec on `host`, or on the active host with the most
-    /// free memory.
+    /// Creates a VM from an agent spec on `host`, or where the planner places it.
     pub async fn create_vm(&self, spec: VmSpec, host: Option<&str>) -> Result<ClusterVm, ControllerError> {
-        self.view.create_vm(spec, host).await
+        self.create_vm_in(spec, host, vec![]).await
+    }
+
+    /// Creates a VM as a member of `groups`: on `host` if given (refused if that host
+    /// cannot run its CPU or breaks a group), else on the host the planner picks (one
+    /// that runs its CPU, has the memory and vCPUs, keeps anti-affinity groups apart
+    /// and affinity groups together). CPU model `baseline` becomes the richest named
+    /// model every host in service runs (like EVC), so the VM can move anywhere.
+    pub async fn create_vm_in(&self, mut spec: VmSpec, host: Option<&str>, groups: Vec<VmGroup>) -> Result<ClusterVm, ControllerError> {
+        if spec.cpu_model.as_deref() == Some(walkabout_api::BASELINE_CPU_MODEL) {
+            spec.cpu_model = Some(self.view.baseline_model()?);
+        }
+        if let Some(h) = host {
+            self.view.host(h)?;
+        }
+        if self.view.read(|v| v.vms.get(&spec.name).is_some_and(|x| x.state != walkabout_api::ClusterVmState::Missing)) {
+            return Err(ControllerError::Conflict(format!("a VM named {} already exists", spec.name)));
+        }
+        let chosen = crate::plans::place_new(&self.view.snapshot(), &spec, &groups, host)?;
+        self.view.create_vm(spec, Some(&chosen), groups).await
     }
 
     /// Deletes a VM on its host.
@@ -187,6 +228,75 @@ impl Cluster {
     /// Asks the source agent to cancel a migration (before its switchover only).
     pub async fn cancel_migration(&self, id: &str) -> Result<Migration, ControllerError> {
         self.exec.cancel(id).await
+    }
+
+    /// The balancer's settings.
+    pub fn balance_config(&self) -> crate::balance::BalanceConfig {
+        self.balance.config()
+    }
+
+    /// Changes the balancer's settings (its level among them); takes effect at its
+    /// next round.
+    pub fn set_balance_config(&self, config: crate::balance::BalanceConfig) {
+        self.balance.set_config(config);
+    }
+
+    /// The balancer's settings, state and last moves.
+    pub fn balance_status(&self) -> crate::balance::BalanceStatus {
+        self.balance.status()
+    }
+
+    /// The moves the balancer's last round decided, each with its reason.
+    pub fn balance_moves(&self) -> Vec<crate::balance::BalanceMove> {
+        self.balance.last()
+    }
+
+    /// One balancing round now: decides the moves the load calls for and, by level,
+    /// does nothing (`manual`), proposes each as a plan (`recommend`) or runs it
+    /// (`automatic`), every one with its reason in the event log. Skipped while a
+    /// drain, rebalance or consolidation runs.
+    pub fn balance_round(&self) -> Vec<crate::balance::BalanceMove> {
+        let cfg = self.balance.config();
+        if cfg.level == crate::balance::BalanceLevel::Manual {
+            return vec![];
+        }
+        let busy = self.plans().iter().any(|p| p.status == crate::plans::PlanStatus::Running && !matches!(p.goal, Goal::Place { .. }));
+        if busy {
+            return vec![];
+        }
+        let view = crate::plans::project(&self.view.snapshot(), &self.exec.in_flight());
+        let (case, _) = crate::plans::case_of(&view, 1);
+        let in_case = |h: &str| case.hosts.iter().any(|x| x.name == h);
+        let hosts: Vec<crate::balance::HostLoad> = view
+            .hosts
+            .values()
+            .filter(|h| in_case(&h.name) && h.accepts_vms() && h.cpus > 0)
+            .map(|h| crate::balance::HostLoad { name: h.name.clone(), cpus: f64::from(h.cpus) })
+            .collect();
+        let vms: Vec<crate::balance::VmLoad> = view
+            .vms
+            .values()
+            .filter(|v| v.is_active())
+            .filter_map(|v| {
+                let host = v.host.clone().filter(|h| in_case(h))?;
+                let cpu = view.vm_cpu.get(&v.name).map(|x| x.2).filter(|r| *r >= 0.0)?;
+                Some(crate::balance::VmLoad { name: v.name.clone(), host, cpu, memory_mib: v.memory_mib, dirty_mib_s: 0.0 })
+            })
+            .collect();
+        let now_s = crate::now_ms() / 1000;
+        let moves = self.balance.decide(&cfg, &case, &hosts, &vms, now_s);
+        for m in &moves {
+            let (what, r) = match cfg.level {
+                crate::balance::BalanceLevel::Automatic => ("moves", self.move_vm(&m.vm, &m.to)),
+                _ => ("recommends moving", self.propose(Goal::Place { vm: m.vm.clone(), host: m.to.clone() })),
+            };
+            let msg = match &r {
+                Ok(p) => format!("balancer {what} {} from {} to {} (plan {}): {}", m.vm, m.from, m.to, p.id, m.reason),
+                Err(e) => format!("balancer could not move {} to {}: {e} ({})", m.vm, m.to, m.reason),
+            };
+            self.events.emit(crate::events::Subject::Vm, &m.vm, msg, serde_json::to_value(m).unwrap_or_default());
+        }
+        moves
     }
 
     /// Plans `goal` (a dry run, recorded).

@@ -8,8 +8,8 @@ use crate::lock;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use walkabout_api::{
-    Accel, AccelChoice, ClientError, ErrorBody, ErrorKind, HostInfo, MigrationRecord, MigrationRequest, Phase, QemuVersion, VmInfo,
-    VmRecord, VmSpec, VmState,
+    Accel, AccelChoice, ClientError, CpuCatalog, ErrorBody, ErrorKind, HostInfo, MigrationRecord, MigrationRequest, Phase, QemuVersion,
+    VmInfo, VmRecord, VmSpec, VmState,
 };
 
 #[derive(Default)]
@@ -30,6 +30,31 @@ pub(crate) struct State {
     pub max_out: BTreeMap<String, usize>,
     /// Polls a migration takes.
     pub polls: u32,
+    /// CPU catalogs by URL; a host without one reports none.
+    pub cpu: BTreeMap<String, CpuCatalog>,
+    /// CPU model by VM (absent: the default).
+    pub models: BTreeMap<String, String>,
+    /// vCPUs by VM (absent: 1).
+    pub vcpus: BTreeMap<String, u32>,
+    /// CPUs each VM's QEMU uses (absent: none): its CPU time grows at this rate.
+    pub cpu_rate: BTreeMap<String, f64>,
+    /// CPU time each VM had used when its rate was last set, ms, and since when.
+    pub cpu_base: BTreeMap<String, (f64, Option<tokio::time::Instant>)>,
+}
+
+impl State {
+    /// Sets `vm`'s CPU use from now on, keeping the CPU time it used so far.
+    pub fn set_cpu(&mut self, vm: &str, cpus: f64) {
+        let used = self.cpu_ms(vm);
+        self.cpu_base.insert(vm.to_string(), (used, Some(tokio::time::Instant::now())));
+        self.cpu_rate.insert(vm.to_string(), cpus);
+    }
+
+    fn cpu_ms(&self, vm: &str) -> f64 {
+        let (base, since) = self.cpu_base.get(vm).copied().unwrap_or((0.0, None));
+        let rate = self.cpu_rate.get(vm).copied().unwrap_or(0.0);
+        base + since.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1000.0 * rate)
+    }
 }
 
 #[derive(Clone, Default)]
@@ -75,11 +100,12 @@ fn refused(status: u16, kind: ErrorKind, message: String) -> ClientError {
     ClientError::Api { status, body: ErrorBody::new(kind, message) }
 }
 
-fn vm_info(name: &str, mem: u64) -> VmInfo {
+fn vm_info(s: &State, name: &str, mem: u64) -> VmInfo {
+    let spec = VmSpec { cpu_model: s.models.get(name).cloned(), vcpus: s.vcpus.get(name).copied().unwrap_or(1), ..VmSpec::new(name, mem) };
     VmInfo {
         record: VmRecord {
             version: 1,
-            spec: VmSpec::new(name, mem),
+            spec,
             state: VmState::Running,
             reason: None,
             accel: Accel::Tcg,
@@ -122,6 +148,10 @@ impl AgentApi for Fake {
                 vms: 0,
                 accel: AccelChoice { accel: Accel::Tcg, reason: "fake".into(), tcg_ms: None, kvm_ms: None },
                 qemu: QemuVersion { major: 10, minor: 0, micro: 2, banner: "fake".into() },
+                // Truncation intended: whole milliseconds.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                vm_cpu_ms: s.vms.iter().filter(|(_, (h, _))| *h == u).map(|(vm, _)| (vm.clone(), s.cpu_ms(vm) as u64)).collect(),
+                load_milli: None,
             }
         });
         ready(r)
@@ -130,14 +160,26 @@ impl AgentApi for Fake {
     fn vms(&self, u: String) -> BoxFut<Result<Vec<VmInfo>, ClientError>> {
         let r = self.check(&u).map(|()| {
             let s = self.state();
-            s.vms.iter().filter(|(_, (h, _))| *h == u).map(|(name, (_, mem))| vm_info(name, *mem)).collect()
+            s.vms.iter().filter(|(_, (h, _))| *h == u).map(|(name, (_, mem))| vm_info(&s, name, *mem)).collect()
         });
         ready(r)
     }
 
     fn create_vm(&self, u: String, spec: VmSpec) -> BoxFut<Result<VmInfo, ClientError>> {
-        self.state().vms.insert(spec.name.clone(), (u, spec.memory_mib));
-        ready(Ok(vm_info(&spec.name, spec.memory_mib)))
+        let mut s = self.state();
+        s.vms.insert(spec.name.clone(), (u, spec.memory_mib));
+        if let Some(m) = &spec.cpu_model {
+            s.models.insert(spec.name.clone(), m.clone());
+        }
+        s.vcpus.insert(spec.name.clone(), spec.vcpus);
+        ready(Ok(vm_info(&s, &spec.name, spec.memory_mib)))
+    }
+
+    fn cpu(&self, u: String) -> BoxFut<Result<CpuCatalog, ClientError>> {
+        let r = self.check(&u).and_then(|()| {
+            self.state().cpu.get(&u).cloned().ok_or(ClientError::Unreachable { url: u, detail: "no CPU catalog in this fake".into() })
+        });
+        ready(r)
     }
 
     fn delete_vm(&self, _u: String, name: String) -> BoxFut<Result<(), ClientError>> {
@@ -233,7 +275,11 @@ pub(crate) fn temp(tag: &str) -> std::path::PathBuf {
 
 /// A controller on `dir` over `fake`, with `hosts` registered under their names.
 pub(crate) async fn open(dir: &std::path::Path, fake: &Fake, hosts: &[&str]) -> crate::Cluster {
-    let config = crate::ControllerConfig::new(dir.to_path_buf());
+    open_with(crate::ControllerConfig::new(dir.to_path_buf()), fake, hosts).await
+}
+
+/// [`open`] with a given configuration.
+pub(crate) async fn open_with(config: crate::ControllerConfig, fake: &Fake, hosts: &[&str]) -> crate::Cluster {
     let c = crate::Cluster::open(config, Arc::new(fake.clone())).await.expect("open");
     for h in hosts {
         c.add_host(&url(h), Some(h)).await.expect("add host");

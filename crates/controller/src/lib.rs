@@ -14,6 +14,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod balance;
 pub mod cluster;
 pub mod controller;
 pub mod drain;
@@ -36,12 +37,21 @@ pub use execute::within_limits;
 pub use leader::{serve_ha, HaConfig};
 pub use walkabout_store_etcd::EtcdConfig;
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch, by tokio's clock: the wall clock read once, then
+/// advanced by tokio's monotonic clock. In production that is the system's monotonic
+/// clock; under the simulator's paused runtime it is simulated time, so every
+/// timestamp and every timeout the controller decides on (a host down after 2 s of
+/// silence) follows the simulation.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    static BASE: std::sync::OnceLock<(u64, tokio::time::Instant)> = std::sync::OnceLock::new();
+    let (wall, at) = BASE.get_or_init(|| {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        (wall, tokio::time::Instant::now())
+    });
+    wall.saturating_add(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Locks a mutex, recovering it if a thread panicked while holding it (the data is

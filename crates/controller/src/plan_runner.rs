@@ -259,7 +259,7 @@ impl PlanRunner {
         let mut stop = self.stop.clone();
         // Why the plan must be re-planned, kept until nothing of it runs.
         let mut want_replan: Option<String> = None;
-        let mut replan_since: Option<std::time::Instant> = None;
+        let mut replan_since: Option<tokio::time::Instant> = None;
         // Hosts of failed steps: a re-plan waits until they answer or are marked down.
         let mut suspects: std::collections::BTreeSet<String> = Default::default();
         loop {
@@ -307,7 +307,7 @@ impl PlanRunner {
                 // stopped answering is marked down after a few polls): wait for that
                 // before re-planning, so the new round does not pick the dead host.
                 let settling = want_replan.is_some() && self.any_silent(&suspects).await;
-                let hold = settling && replan_since.get_or_insert_with(std::time::Instant::now).elapsed() < crate::agents::DOWN_AFTER * 2;
+                let hold = settling && replan_since.get_or_insert_with(tokio::time::Instant::now).elapsed() < crate::agents::DOWN_AFTER * 2;
                 if running == 0 && !hold {
                     replan_since = None;
                     suspects.clear();
@@ -567,10 +567,11 @@ impl PlanRunner {
         rec.finished_ms = Some(now_ms());
         rec.reason = Some(reason.clone());
         let msg = format!("plan {} {status}: {reason}", rec.id);
+        // The host's end first: whoever sees the plan final sees its host's end too.
+        drain::ended(&self.view, rec);
         if let Err(e) = self.save_plan(rec, Some(msg)) {
             tracing::error!(plan = %rec.id, error = %e, "cannot store plan");
         }
-        drain::ended(&self.view, rec);
     }
 }
 

@@ -81,7 +81,7 @@ pub fn plan_with(case: &Case, opts: &Options) -> Result<Outcome, InputError> {
             .map(|i| crate::output::Blocked { vm: i.vm.clone(), needs: i.needs.clone(), why: i.why.clone() })
             .collect();
         return Ok(Outcome::Impossible(Impossible {
-            reason: format!("{} VM(s) cannot run on their target host", blocked.len()),
+            reason: format!("{} VM(s) cannot run on their target host (CPU, architecture or a group rule)", blocked.len()),
             blocked,
             target: None,
         }));

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::error::InputError;
-use crate::model::{Case, Host, Vm};
+use crate::model::{Case, GroupKind, Host, Vm};
 use crate::problem::{Problem, Res};
 
 /// A VM whose target host cannot run it.
@@ -55,6 +55,8 @@ pub(crate) fn compile(case: &Case) -> Result<Compiled, InputError> {
         }
     }
 
+    incompatible.extend(group_violations(case, &vm_ix, &target)?);
+
     let active: Vec<usize> = (0..case.vms.len()).filter(|&v| current[v].is_some() && target[v].is_some()).collect();
     let cap = case.hosts.iter().map(host_cap).collect();
     let req = active.iter().map(|&v| vm_req(&case.vms[v])).collect();
@@ -73,6 +75,52 @@ pub(crate) fn compile(case: &Case) -> Result<Compiled, InputError> {
         case.max_parallel_per_host(),
     );
     Ok(Compiled { problem, incompatible })
+}
+
+/// The groups a target breaks: two members of an anti-affinity group on one host, or
+/// members of an affinity group on different hosts (VMs not wanted at the end ignored).
+fn group_violations(case: &Case, vm_ix: &HashMap<&str, usize>, target: &[Option<usize>]) -> Result<Vec<Incompatible>, InputError> {
+    let mut out = Vec::new();
+    for g in &case.groups {
+        let mut at: Vec<(&str, usize)> = Vec::new();
+        for name in &g.vms {
+            let v = *vm_ix
+                .get(name.as_str())
+                .ok_or_else(|| InputError::BadGroup { group: g.name.clone(), cause: format!("unknown VM \"{name}\"") })?;
+            if let Some(h) = target[v] {
+                at.push((name.as_str(), h));
+            }
+        }
+        match g.kind {
+            GroupKind::AntiAffinity => {
+                for (i, (vm, h)) in at.iter().enumerate() {
+                    if let Some((other, _)) = at[..i].iter().find(|(_, x)| x == h) {
+                        let host = &case.hosts[*h].name;
+                        out.push(Incompatible {
+                            vm: vm.to_string(),
+                            needs: format!("a host without another member of anti-affinity group {}", g.name),
+                            why: format!("anti-affinity group {}: {vm} and {other} would both run on {host}", g.name),
+                        });
+                    }
+                }
+            }
+            GroupKind::Affinity => {
+                if let Some((first, h0)) = at.first() {
+                    for (vm, h) in at.iter().filter(|(_, h)| h != h0) {
+                        out.push(Incompatible {
+                            vm: vm.to_string(),
+                            needs: format!("the host of affinity group {} ({})", g.name, case.hosts[*h0].name),
+                            why: format!(
+                                "affinity group {}: {vm} would run on {} but {first} on {}",
+                                g.name, case.hosts[*h].name, case.hosts[*h0].name
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn index_hosts(hosts: &[Host]) -> Result<HashMap<&str, usize>, InputError> {

@@ -78,6 +78,9 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Simulate a large cluster (1,000 hosts, 20,000 VMs by default) under the real
+    /// controller: rolling maintenance, host failures, a lost rack; JSON report + SVG.
+    Sim(cli::sim::SimArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -97,7 +100,7 @@ fn main() -> std::process::ExitCode {
     }
     // The interactive jobs print their own story; their logs default to warnings only.
     let default_level = match cli.command {
-        Command::Up(_) | Command::Demo(_) => "warn",
+        Command::Up(_) | Command::Demo(_) | Command::Sim(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -135,6 +138,7 @@ fn main() -> std::process::ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "walkabout", &mut std::io::stdout());
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Sim(a) => cli::sim::run(a),
     };
     match result {
         Ok(code) => code,

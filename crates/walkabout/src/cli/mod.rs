@@ -14,6 +14,7 @@ pub mod migrate;
 pub mod out;
 pub mod plan;
 pub mod progress;
+pub mod sim;
 pub mod table;
 pub mod up;
 pub mod user;

@@ -397,7 +397,7 @@ mod ha {
             let host = hosts.get(g % hosts.len().max(1)).cloned();
             let spec = VmSpec { workload: a.workload.clone(), ..VmSpec::new(&name, memory_mib) };
             let start = Instant::now();
-            client(urls).await?.create_vm(&CreateVm { spec, host: host.clone() }).await?;
+            client(urls).await?.create_vm(&CreateVm { spec, host: host.clone(), groups: vec![] }).await?;
             while !client(urls).await?.vm(&name).await.is_ok_and(|v| v.guest.ready) {
                 if start.elapsed() > Duration::from_secs(300) {
                     anyhow::bail!("guest {name} did not become ready: see the agent's console");

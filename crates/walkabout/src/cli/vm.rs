@@ -145,6 +145,18 @@ pub struct CreateArgs {
     /// from it).
     #[arg(long = "disk", value_name = "DISK", value_parser = parse_disk)]
     disks: Vec<DiskSpec>,
+    /// Create it through this controller instead of on one agent: the planner picks
+    /// its host (one that runs its CPU model, with room, keeping its groups), unless
+    /// --host names one. Implied by --group (at http://127.0.0.1:7700 if not given).
+    #[arg(long)]
+    controller: Option<String>,
+    /// With --controller: the host to create it on.
+    #[arg(long, requires = "controller")]
+    host: Option<String>,
+    /// A placement group to join: `NAME` or `NAME:anti` (no two members on one host)
+    /// or `NAME:affinity` (all members on one host). Repeat for several groups.
+    #[arg(long = "group", value_name = "NAME[:affinity|anti]", value_parser = parse_group)]
+    groups: Vec<walkabout_api::VmGroup>,
     /// Return as soon as QEMU runs, without waiting for the guest to be ready.
     #[arg(long)]
     no_wait: bool,
@@ -357,19 +369,38 @@ struct Created<'a> {
     create_ms: u64,
 }
 
+fn parse_group(s: &str) -> Result<walkabout_api::VmGroup, String> {
+    s.parse()
+}
+
+/// `vm create` through the controller: the planner places the VM (or `--host`).
+async fn create_in_cluster(a: CreateArgs, spec: VmSpec) -> anyhow::Result<ExitCode> {
+    let url = a.controller.clone().unwrap_or_else(|| DEFAULT_CONTROLLER.to_string());
+    let ctl = client::controller(&url)?;
+    let vm = ctl.create_vm(&walkabout_api::CreateVm { spec, host: a.host.clone(), groups: a.groups.clone() }).await?;
+    match a.common.output {
+        Output::Json => print_json(&vm)?,
+        Output::Text => print!("{}", cluster_vm_text(&vm)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
     let client = client::agent(&a.common.agent)?;
     let mut spec = VmSpec::new(a.name.clone(), a.memory);
     spec.vcpus = a.vcpus;
-    spec.workload = a.workload;
-    spec.cpu_model = a.cpu_model;
-    spec.cmdline = a.cmdline;
-    spec.disks = a.disks;
-    spec.nics = a.nic;
+    spec.workload.clone_from(&a.workload);
+    spec.cpu_model.clone_from(&a.cpu_model);
+    spec.cmdline.clone_from(&a.cmdline);
+    spec.disks.clone_from(&a.disks);
+    spec.nics.clone_from(&a.nic);
     let custom_kernel = a.kernel.is_some();
     let absolute = |what: &str, p: PathBuf| std::fs::canonicalize(&p).with_context(|| format!("{what} {}", p.display()));
-    spec.kernel = a.kernel.map(|p| absolute("kernel", p)).transpose()?;
-    spec.initrd = a.initrd.map(|p| absolute("initrd", p)).transpose()?;
+    spec.kernel = a.kernel.clone().map(|p| absolute("kernel", p)).transpose()?;
+    spec.initrd = a.initrd.clone().map(|p| absolute("initrd", p)).transpose()?;
+    if a.controller.is_some() || !a.groups.is_empty() {
+        return create_in_cluster(a, spec).await;
+    }
     let start = Instant::now();
     let mut vm = client.create_vm(&spec).await?;
     // Only the Walkabout guest says READY; a custom kernel is done when QEMU runs.
@@ -575,6 +606,8 @@ mod tests {
             reason: None,
             guest: GuestStatus { last_seq: Some(42), ..Default::default() },
             seen_ms: 0,
+            cpu_model: None,
+            groups: vec![],
         }
     }
 

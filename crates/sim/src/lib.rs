@@ -1,0 +1,12 @@
+//! A simulator of large clusters: the real controller (its plans, limits, retries,
+//! re-plans and host-failure decisions) against in-process simulated agents, in
+//! simulated time, with migration times from a pre-copy cost model fitted to
+//! `bench/migrate`'s results.
+
+pub mod agents;
+pub mod cost;
+pub mod plot;
+pub mod scenario;
+
+pub use cost::CostModel;
+pub use scenario::{run, Report, Scenario, SimConfig};

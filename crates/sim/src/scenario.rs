@@ -1,0 +1,566 @@
+//! Scenarios: a simulated cluster built, the real controller opened on it, and a
+//! sequence of operator actions and failures played in simulated time.
+//!
+//! Time: the whole run is one current-thread tokio runtime with its clock paused, so
+//! time advances only when every task waits (tokio's auto-advance): the controller's
+//! 500 ms polls, its plan and executor ticks and the migrations' ends follow simulated
+//! time, and the run takes as long as the controller's own work does. Plan latency,
+//! CPU and memory are real (the process's own, simulated agents included).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+use walkabout_api::{CpuCatalog, ExecLimits, HostStatus, Maintenance};
+use walkabout_controller::{Cluster, ControllerConfig};
+
+use crate::agents::{SimAgents, SimHost, SimState, SimVm};
+use crate::cost::CostModel;
+
+/// Errors of a simulation run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The controller refused or failed.
+    #[error("controller: {0}")]
+    Controller(#[from] walkabout_controller::ControllerError),
+    /// The runtime or the data directory.
+    #[error("{what}: {cause}")]
+    Setup {
+        /// What was being set up.
+        what: String,
+        /// Why it failed.
+        cause: String,
+    },
+    /// The cluster never became ready.
+    #[error("after {0} simulated seconds not every host was up with its CPU catalog")]
+    NotReady(u64),
+}
+
+/// What to play.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Drain every host in turn (maintenance), then put it back in service.
+    Rolling,
+    /// A rolling maintenance during which random hosts fail.
+    Failures,
+    /// A drain during which a whole rack fails at once.
+    Rack,
+}
+
+impl std::str::FromStr for Scenario {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Scenario, String> {
+        match s {
+            "rolling" | "rolling-maintenance" => Ok(Scenario::Rolling),
+            "failures" | "host-failures" => Ok(Scenario::Failures),
+            "rack" | "rack-lost" => Ok(Scenario::Rack),
+            _ => Err(format!("unknown scenario {s:?}: rolling, failures or rack")),
+        }
+    }
+}
+
+/// The simulated cluster and how hard to drive it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimConfig {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Hosts.
+    pub hosts: usize,
+    /// VMs.
+    pub vms: usize,
+    /// Hosts per rack (racks alternate CPU generations).
+    pub rack_size: usize,
+    /// Memory per host for VMs, MiB.
+    pub host_mib: u64,
+    /// CPUs per host.
+    pub host_cpus: u32,
+    /// Hosts the rolling maintenance drains (default: all).
+    pub drain_hosts: Option<usize>,
+    /// Hosts that fail in the `failures` scenario.
+    pub failures: usize,
+    /// Limits the controller runs migrations under.
+    pub limits: ExecLimits,
+    /// Seed of the cluster's layout and of the failures.
+    pub seed: u64,
+    /// How often the controller polls each agent, ms.
+    pub poll_ms: u64,
+    /// The migration cost model.
+    pub cost: CostModel,
+    /// Directory for the controller's database (a tmpfs is best).
+    #[serde(skip)]
+    pub data_dir: PathBuf,
+}
+
+impl SimConfig {
+    /// A cluster of `hosts` hosts and `vms` VMs with the defaults: racks of 20, 256 GiB
+    /// and 64 CPUs per host, two migrations out of and into a host at once and 64 in
+    /// the cluster, each agent polled every 500 ms (the controller's default).
+    pub fn new(scenario: Scenario, hosts: usize, vms: usize, cost: CostModel, data_dir: PathBuf) -> SimConfig {
+        SimConfig {
+            scenario,
+            hosts,
+            vms,
+            rack_size: 20,
+            host_mib: 256 * 1024,
+            host_cpus: 64,
+            drain_hosts: None,
+            failures: 3,
+            limits: ExecLimits {
+                per_host_out: 2,
+                per_host_in: 2,
+                per_cluster: 64,
+                planner_parallel_per_host: 2,
+                max_attempts: 2,
+                max_replans: 4,
+                ..ExecLimits::default()
+            },
+            seed: 1,
+            poll_ms: 500,
+            cost,
+            data_dir,
+        }
+    }
+}
+
+/// A scratch directory for the controller's database: on tmpfs (`/dev/shm`) when there
+/// is one, as its every write syncs and a disk would make the simulation wait on it.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    let base = std::path::Path::new("/dev/shm");
+    let base = if base.is_dir() { base.to_path_buf() } else { std::env::temp_dir() };
+    base.join(format!("walkabout-sim-{tag}-{}", std::process::id()))
+}
+
+/// Median, 95th percentile and maximum of a sample.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Spread {
+    /// Values.
+    pub count: usize,
+    /// Median.
+    pub median: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl Spread {
+    /// The spread of `values`.
+    pub fn of(values: &[f64]) -> Spread {
+        let mut v: Vec<f64> = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            if v.is_empty() {
+                0.0
+            } else {
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+                let i = ((v.len() - 1) as f64 * q).round() as usize;
+                v[i]
+            }
+        };
+        Spread { count: v.len(), median: at(0.5), p95: at(0.95), max: v.last().copied().unwrap_or(0.0) }
+    }
+}
+
+/// One host's maintenance.
+#[derive(Debug, Clone, Serialize)]
+pub struct DrainResult {
+    /// The host.
+    pub host: String,
+    /// `drained` or `drain_failed`, or `refused` (no plan) or `timeout`.
+    pub outcome: String,
+    /// Simulated seconds from the request to the host's end.
+    pub time_s: f64,
+    /// Migrations its plan ran.
+    pub migrations: usize,
+    /// Real milliseconds the controller took to plan it.
+    pub plan_ms: f64,
+    /// Why it failed, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A host failure and what the controller made of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureResult {
+    /// The host.
+    pub host: String,
+    /// VMs it ran when it failed.
+    pub vms: usize,
+    /// Simulated seconds until the controller marked it down.
+    pub detected_s: Option<f64>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// How the run was set up.
+    pub config: SimConfig,
+    /// Simulated seconds the scenario took (setup excluded).
+    pub simulated_s: f64,
+    /// Real seconds the scenario took (setup excluded).
+    pub wall_s: f64,
+    /// Real seconds building the cluster and registering its hosts.
+    pub setup_wall_s: f64,
+    /// Migrations started, completed, failed, refused by the agents.
+    pub migrations: BTreeMap<String, u64>,
+    /// Simulated seconds per migration (completed ones).
+    pub migration_s: Spread,
+    /// Each drain.
+    pub drains: Vec<DrainResult>,
+    /// Simulated seconds to drain a host (drained ones).
+    pub time_to_drain_s: Spread,
+    /// Real milliseconds to plan a drain.
+    pub plan_latency_ms: Spread,
+    /// Host failures.
+    pub failures: Vec<FailureResult>,
+    /// VMs the controller sees unreachable at the end (their hosts failed; the controller
+    /// does not restart VMs from replicas yet).
+    pub unreachable_vms: usize,
+    /// The process's CPU time (controller and simulated agents), s.
+    pub cpu_s: f64,
+    /// The process's peak resident memory, MiB.
+    pub max_rss_mib: f64,
+    /// Agent polls answered, per simulated second.
+    pub polls_per_simulated_s: f64,
+    /// Agent polls answered, per real second: what this controller kept up with.
+    pub polls_per_wall_s: f64,
+    /// (simulated s, migrations completed) every simulated minute.
+    pub series: Vec<(f64, u64)>,
+}
+
+/// SplitMix64: a seeded stream, so a scenario replays exactly.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % (n.max(1) as u64)).unwrap_or(0)
+    }
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// Two CPU generations: even racks run AVX-512, odd racks do not.
+fn catalogs() -> (Arc<CpuCatalog>, Arc<CpuCatalog>) {
+    let models: BTreeMap<String, BTreeSet<String>> = [
+        ("qemu64".to_string(), set(&["sse2", "lm"])),
+        ("Haswell".to_string(), set(&["sse2", "lm", "avx2"])),
+        ("Skylake-Server".to_string(), set(&["sse2", "lm", "avx2", "avx512f"])),
+    ]
+    .into();
+    let new =
+        CpuCatalog { ceiling: "host".into(), ceiling_features: set(&["sse2", "lm", "avx2", "avx512f", "vaes"]), models: models.clone() };
+    let old = CpuCatalog { ceiling: "host".into(), ceiling_features: set(&["sse2", "lm", "avx2"]), models };
+    (Arc::new(new), Arc::new(old))
+}
+
+/// The simulated cluster: hosts in racks, VMs spread over them (each VM on a host that
+/// runs its CPU model), sizes and dirty rates from a seeded mix.
+pub fn build(cfg: &SimConfig) -> SimState {
+    let (new, old) = catalogs();
+    let mut s = SimState::default();
+    for i in 0..cfg.hosts {
+        let url = format!("http://sim-h{}", i + 1);
+        let rack = i / cfg.rack_size.max(1);
+        let catalog = if rack.is_multiple_of(2) { new.clone() } else { old.clone() };
+        s.by_url.insert(url.clone(), i);
+        s.hosts.push(SimHost {
+            url,
+            capacity_mib: cfg.host_mib,
+            cpus: cfg.host_cpus,
+            failed: false,
+            vms: BTreeSet::new(),
+            catalog: Some(catalog),
+        });
+    }
+    let mut rng = Rng(cfg.seed);
+    let sizes = [1024u64, 2048, 2048, 4096, 4096, 8192];
+    let dirty = [0.0, 0.0, 8.0, 32.0, 64.0];
+    let mut used = vec![0u64; cfg.hosts];
+    for v in 0..cfg.vms {
+        let mem = sizes[rng.below(sizes.len())];
+        let skylake = rng.below(4) == 0;
+        // Round-robin from a seeded start, skipping hosts that are full or cannot run it.
+        let start = v % cfg.hosts.max(1);
+        let host = (0..cfg.hosts).map(|k| (start + k) % cfg.hosts).find(|&h| {
+            let rack = h / cfg.rack_size.max(1);
+            used[h] + mem <= cfg.host_mib * 8 / 10 && (!skylake || rack.is_multiple_of(2))
+        });
+        let Some(h) = host else { continue };
+        used[h] += mem;
+        let name = format!("vm{}", v + 1);
+        s.hosts[h].vms.insert(name.clone());
+        let model = if skylake { "Skylake-Server" } else { "Haswell" };
+        s.vms.insert(
+            name,
+            SimVm {
+                host: h,
+                memory_mib: mem,
+                vcpus: [1, 2, 4][rng.below(3)],
+                dirty_mib_s: dirty[rng.below(dirty.len())],
+                cpu_model: Some(model.into()),
+            },
+        );
+    }
+    s
+}
+
+fn cpu_and_rss() -> (f64, f64) {
+    // SAFETY: getrusage writes into the zeroed struct we pass and reads nothing else.
+    let cpu = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut ru) == 0 {
+            let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+            t(ru.ru_utime) + t(ru.ru_stime)
+        } else {
+            0.0
+        }
+    };
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kib| kib / 1024.0);
+    (cpu, rss)
+}
+
+/// Runs `cfg`'s scenario on a paused current-thread runtime and reports.
+pub fn run(cfg: SimConfig) -> Result<Report, SimError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .map_err(|e| SimError::Setup { what: "tokio runtime".into(), cause: e.to_string() })?;
+    rt.block_on(play(cfg))
+}
+
+async fn play(cfg: SimConfig) -> Result<Report, SimError> {
+    let wall0 = std::time::Instant::now();
+    let _ = std::fs::remove_dir_all(&cfg.data_dir);
+    let agents = SimAgents::new(build(&cfg), cfg.cost);
+    let mut config = ControllerConfig::new(cfg.data_dir.clone());
+    config.limits = cfg.limits;
+    config.poll_interval = Duration::from_millis(cfg.poll_ms);
+    let c = Cluster::open(config, Arc::new(agents.clone())).await?;
+    let names: Vec<String> = (1..=cfg.hosts).map(|i| format!("h{i}")).collect();
+    for n in &names {
+        c.add_host(&format!("http://sim-{n}"), Some(n)).await?;
+    }
+    // Ready: every host up with its catalog.
+    let mut waited = 0;
+    while !c.hosts().iter().all(|h| h.status == HostStatus::Up && h.cpu_ceiling.is_some()) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        waited += 1;
+        if waited > 120 {
+            return Err(SimError::NotReady(waited));
+        }
+    }
+    let setup_wall_s = wall0.elapsed().as_secs_f64();
+    let polls0 = agents.state().counters.polls;
+    let (t0, w0) = (Instant::now(), std::time::Instant::now());
+    let mut run =
+        Run { c: &c, agents: &agents, t0, series: vec![], drains: vec![], failures: vec![], fail_at: BTreeMap::new(), fail_marks: vec![] };
+    let mut rng = Rng(cfg.seed ^ 0xFA11);
+    match cfg.scenario {
+        Scenario::Rolling => {
+            for n in names.iter().take(cfg.drain_hosts.unwrap_or(cfg.hosts)) {
+                run.maintain(n).await;
+            }
+        }
+        Scenario::Failures => {
+            let k = cfg.drain_hosts.unwrap_or(cfg.hosts);
+            // Failures strike during the maintenance, at random drains, never the drained host.
+            for _ in 0..cfg.failures {
+                let at = rng.below(k.max(1));
+                let mut victim = rng.below(cfg.hosts);
+                while victim == at {
+                    victim = rng.below(cfg.hosts);
+                }
+                run.fail_at.entry(at).or_default().push(victim);
+            }
+            for (i, n) in names.iter().take(k).enumerate() {
+                if let Some(victims) = run.fail_at.remove(&i) {
+                    for v in victims {
+                        run.fail(v);
+                    }
+                }
+                if run.c.host(n).map(|h| h.status == HostStatus::Up).unwrap_or(false) {
+                    run.maintain(n).await;
+                }
+            }
+        }
+        Scenario::Rack => {
+            // Drain a host of rack 0 and lose rack 1 while its plan runs.
+            let first = names[0].clone();
+            let drain = {
+                let c = c.clone();
+                async move {
+                    let t = std::time::Instant::now();
+                    let r = c.drain(&first);
+                    (r, t.elapsed().as_secs_f64() * 1000.0)
+                }
+            }
+            .await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let rack: Vec<usize> = (cfg.rack_size..(2 * cfg.rack_size).min(cfg.hosts)).collect();
+            for h in rack {
+                run.fail(h);
+            }
+            run.finish_drain(&names[0], drain.0, drain.1, run.t0).await;
+        }
+    }
+    run.await_detection().await;
+    let simulated_s = t0.elapsed().as_secs_f64();
+    let wall_s = w0.elapsed().as_secs_f64();
+    let (cpu_s, max_rss_mib) = cpu_and_rss();
+    let s = agents.state();
+    let counters = s.counters.clone();
+    drop(s);
+    let unreachable_vms = c.vms().iter().filter(|v| v.state == walkabout_api::ClusterVmState::Unreachable).count();
+    c.stop();
+    let polls = (counters.polls - polls0) as f64 / 2.0;
+    let drained: Vec<f64> = run.drains.iter().filter(|d| d.outcome == "drained").map(|d| d.time_s).collect();
+    let plan_ms: Vec<f64> = run.drains.iter().map(|d| d.plan_ms).collect();
+    let report = Report {
+        simulated_s,
+        wall_s,
+        setup_wall_s,
+        migrations: [
+            ("started".to_string(), counters.started),
+            ("completed".to_string(), counters.completed),
+            ("failed".to_string(), counters.failed),
+            ("refused_memory".to_string(), counters.refused),
+            ("refused_cpu".to_string(), counters.refused_cpu),
+        ]
+        .into(),
+        migration_s: Spread::of(&counters.migration_ms.iter().map(|&m| m as f64 / 1000.0).collect::<Vec<_>>()),
+        time_to_drain_s: Spread::of(&drained),
+        plan_latency_ms: Spread::of(&plan_ms),
+        drains: run.drains,
+        failures: run.failures,
+        unreachable_vms,
+        cpu_s,
+        max_rss_mib,
+        polls_per_simulated_s: polls / simulated_s.max(1e-9),
+        polls_per_wall_s: polls / wall_s.max(1e-9),
+        series: run.series,
+        config: cfg,
+    };
+    let _ = std::fs::remove_dir_all(&report.config.data_dir);
+    Ok(report)
+}
+
+struct Run<'a> {
+    c: &'a Cluster,
+    agents: &'a SimAgents,
+    t0: Instant,
+    series: Vec<(f64, u64)>,
+    drains: Vec<DrainResult>,
+    failures: Vec<FailureResult>,
+    fail_at: BTreeMap<usize, Vec<usize>>,
+    /// Failed hosts and when (controller ms) they failed.
+    fail_marks: Vec<(usize, u64)>,
+}
+
+impl Run<'_> {
+    fn fail(&mut self, h: usize) {
+        let vms = self.agents.state().hosts.get(h).map_or(0, |x| x.vms.len());
+        self.agents.fail(h);
+        self.failures.push(FailureResult { host: format!("h{}", h + 1), vms, detected_s: None });
+        self.fail_marks.push((h, walkabout_controller::now_ms()));
+    }
+
+    fn sample(&mut self) {
+        let at = self.t0.elapsed().as_secs_f64();
+        if self.series.last().is_none_or(|(t, _)| at - t >= 60.0) {
+            self.series.push((at, self.agents.state().counters.completed));
+        }
+    }
+
+    /// Drains `host`, waits for its end, puts it back in service.
+    async fn maintain(&mut self, host: &str) {
+        let t = Instant::now();
+        let real = std::time::Instant::now();
+        let r = self.c.drain(host);
+        let plan_ms = real.elapsed().as_secs_f64() * 1000.0;
+        self.finish_drain(host, r, plan_ms, t).await;
+        let _ = self.c.undrain(host).await;
+    }
+
+    async fn finish_drain(
+        &mut self,
+        host: &str,
+        r: Result<walkabout_api::PlanRecord, walkabout_controller::ControllerError>,
+        plan_ms: f64,
+        t: Instant,
+    ) {
+        let plan = match r {
+            Ok(p) => p,
+            Err(e) => {
+                self.drains.push(DrainResult {
+                    host: host.into(),
+                    outcome: "refused".into(),
+                    time_s: 0.0,
+                    migrations: 0,
+                    plan_ms,
+                    reason: Some(e.to_string()),
+                });
+                return;
+            }
+        };
+        let (outcome, reason) = loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            self.sample();
+            self.detect();
+            match self.c.host(host).map(|h| (h.maintenance, h.maintenance_reason)) {
+                Ok((Maintenance::Drained, _)) => break ("drained", None),
+                Ok((Maintenance::DrainFailed, why)) => break ("drain_failed", why),
+                Ok(_) if t.elapsed() > Duration::from_secs(6 * 3600) => break ("timeout", None),
+                Ok(_) => {}
+                Err(e) => break ("refused", Some(e.to_string())),
+            }
+        };
+        let migrations = self.c.plan(&plan.id).map_or(0, |p| p.steps.iter().filter(|s| s.migration.is_some()).count());
+        self.drains.push(DrainResult {
+            host: host.into(),
+            outcome: outcome.into(),
+            time_s: t.elapsed().as_secs_f64(),
+            migrations,
+            plan_ms,
+            reason,
+        });
+    }
+
+    /// Notes when the controller marked each failed host down.
+    fn detect(&mut self) {
+        for (h, at) in &self.fail_marks {
+            let name = format!("h{}", h + 1);
+            let Some(f) = self.failures.iter_mut().find(|f| f.host == name && f.detected_s.is_none()) else { continue };
+            if let Ok(x) = self.c.host(&name).map_err(drop).and_then(|x| if x.status == HostStatus::Down { Ok(x) } else { Err(()) }) {
+                f.detected_s = Some(x.status_since_ms.saturating_sub(*at) as f64 / 1000.0);
+            }
+        }
+    }
+
+    /// Waits (30 simulated seconds at most) until every failed host is marked down.
+    async fn await_detection(&mut self) {
+        for _ in 0..30 {
+            self.detect();
+            if self.failures.iter().all(|f| f.detected_s.is_some()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}

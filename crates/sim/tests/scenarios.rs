@@ -1,0 +1,40 @@
+//! Small scenarios through the real controller, in simulated time: what CI can afford.
+
+use walkabout_sim::{run, CostModel, Scenario, SimConfig};
+
+fn config(scenario: Scenario, tag: &str) -> SimConfig {
+    let cost = CostModel::fit(include_str!("../../../bench/results/migrate.json")).expect("bench results fit");
+    let dir = walkabout_sim::scenario::scratch_dir(tag);
+    let mut cfg = SimConfig::new(scenario, 20, 200, cost, dir);
+    cfg.rack_size = 5;
+    cfg.host_mib = 64 * 1024;
+    cfg
+}
+
+#[test]
+fn a_rolling_maintenance_drains_every_host_and_never_tries_a_host_that_cannot_run_the_cpu() {
+    let mut cfg = config(Scenario::Rolling, "rolling");
+    cfg.drain_hosts = Some(6);
+
+    let r = run(cfg).expect("runs");
+
+    assert_eq!(r.drains.len(), 6);
+    assert!(r.drains.iter().all(|d| d.outcome == "drained"), "{:#?}", r.drains);
+    assert_eq!(r.migrations["refused_cpu"], 0, "{:?}", r.migrations);
+    assert_eq!(r.migrations["failed"], 0, "{:?}", r.migrations);
+    let moved: usize = r.drains.iter().map(|d| d.migrations).sum();
+    assert_eq!(r.migrations["completed"] as usize, moved, "{:?}", r.migrations);
+    assert!(r.time_to_drain_s.median > 0.0, "{:?}", r.time_to_drain_s);
+    assert!(walkabout_sim::plot::svg(&r).starts_with("<svg"));
+}
+
+#[test]
+fn a_lost_rack_is_marked_down_within_seconds_and_its_vms_reported_unreachable() {
+    let r = run(config(Scenario::Rack, "rack")).expect("runs");
+
+    assert_eq!(r.failures.len(), 5);
+    assert!(r.failures.iter().all(|f| f.detected_s.is_some_and(|s| s <= 5.0)), "{:#?}", r.failures);
+    let lost: usize = r.failures.iter().map(|f| f.vms).sum();
+    assert!(lost > 0 && r.unreachable_vms >= lost, "{} VMs on the rack, {} unreachable", lost, r.unreachable_vms);
+    assert_eq!(r.drains.len(), 1, "{:#?}", r.drains);
+}
