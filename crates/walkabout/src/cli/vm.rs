@@ -70,7 +70,7 @@ pub struct Named {
 #[derive(clap::Subcommand)]
 pub enum VmCommand {
     /// Create and start a VM; waits until its guest is ready unless --no-wait.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List VMs: the cluster's, with their hosts, or one agent's.
     #[command(after_help = TARGET_HELP)]
     List(Target),
@@ -238,7 +238,7 @@ pub struct ConsoleArgs {
 pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
         match cmd {
-            VmCommand::Create(a) => create(a).await,
+            VmCommand::Create(a) => create(*a).await,
             VmCommand::List(t) => list(t).await,
             VmCommand::Info(n) => info(n).await,
             VmCommand::Pause(n) => {
