@@ -58,23 +58,28 @@ struct Role {
     api: RwLock<Option<Router>>,
     etcd: Etcd,
     url: String,
+    /// The CA that signs hosts' joins while this controller leads.
+    trust: Arc<crate::join::Trust>,
 }
 
 /// Serves the API on `listener` as one of several controllers sharing etcd until
 /// `shutdown` resolves: campaigns, leads while it holds the lease (registering
-/// `agent_urls` and resuming what the previous leader left), follows otherwise.
+/// `agent_urls` and resuming what the previous leader left), follows otherwise. The
+/// listener's TLS and the trust policy are the single controller's (401 without an
+/// identity, 403 for a viewer's change).
 pub async fn serve_ha(
     config: ControllerConfig,
     ha: HaConfig,
     agent_urls: Vec<String>,
-    listener: tokio::net::TcpListener,
+    listener: walkabout_trust::Listener,
+    trust: Arc<crate::join::Trust>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
     let etcd_config = ha.etcd.clone();
     let etcd = tokio::task::spawn_blocking(move || Etcd::connect(etcd_config))
         .await
         .map_err(|e| ControllerError::Invalid(format!("connecting to etcd: {e}")))??;
-    let role = Arc::new(Role { api: RwLock::new(None), etcd: etcd.clone(), url: ha.url.clone() });
+    let role = Arc::new(Role { api: RwLock::new(None), etcd: etcd.clone(), url: ha.url.clone(), trust });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let app = Router::new().fallback(dispatch).with_state(role.clone());
     let mut server_stop = stop_rx.clone();
@@ -82,7 +87,7 @@ pub async fn serve_ha(
         let stopped = async move {
             let _ = server_stop.wait_for(|s| *s).await;
         };
-        axum::serve(listener, app).with_graceful_shutdown(stopped).await
+        walkabout_trust::serve::serve(listener, app, walkabout_trust::ServerKind::Controller, None, stopped).await
     });
     tokio::spawn(async move {
         shutdown.await;
@@ -143,7 +148,7 @@ async fn lead(
     if let Err(e) = cluster.games().serve_at(&role.url) {
         tracing::warn!(error = %e, "the games cannot reach this controller");
     }
-    *write(&role.api) = Some(crate::api::router(cluster.clone()));
+    *write(&role.api) = Some(crate::api::router_with_trust(cluster.clone(), role.trust.clone()));
     tracing::info!(epoch = term.epoch, url = %role.url, hosts = cluster.hosts().len(), "leading the cluster");
     let stopping = tokio::select! {
         _ = term.lost() => {

@@ -131,19 +131,11 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
         let tcp = tokio::net::TcpListener::bind(&a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
         let (tls, trust) = controller_tls(a.ca_dir.as_deref(), &tcp.local_addr()?, &a.sans, a.insecure_loopback)?;
-        if a.store != "redb" {
-            // The controllers sharing etcd serve plain HTTP, so only on loopback for now.
-            if tls.is_some() || !tcp.local_addr()?.ip().is_loopback() {
-                anyhow::bail!(
-                    "--store {} runs on loopback only and without TLS for now: listen on 127.0.0.1 and pass --insecure-loopback",
-                    a.store
-                );
-            }
-            let url = format!("http://{}", tcp.local_addr()?);
-            return run_ha(a, config, tcp, url).await;
-        }
         let listener = walkabout_trust::Listener::from_tcp(tcp, tls, walkabout_trust::ListenerOptions::default())?;
         let url = listener.url();
+        if a.store != "redb" {
+            return run_ha(a, config, listener, trust, url).await;
+        }
         // The console is plain HTTP, which the listener allows on loopback only; there its
         // callers are the loopback operator, as on a plain API listener.
         let web = match &a.web_listen {
@@ -205,7 +197,13 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// One of several controllers sharing etcd: leads or follows until Ctrl-C or SIGTERM.
-async fn run_ha(a: ControllerArgs, config: ControllerConfig, listener: tokio::net::TcpListener, url: String) -> anyhow::Result<ExitCode> {
+async fn run_ha(
+    a: ControllerArgs,
+    config: ControllerConfig,
+    listener: walkabout_trust::Listener,
+    trust: std::sync::Arc<walkabout_controller::join::Trust>,
+    url: String,
+) -> anyhow::Result<ExitCode> {
     let etcd = walkabout_controller::EtcdConfig::parse(&a.store).map_err(|e| anyhow::anyhow!("--store: {e}; or `redb`"))?;
     let ha = walkabout_controller::HaConfig {
         etcd: etcd.clone(),
@@ -214,7 +212,7 @@ async fn run_ha(a: ControllerArgs, config: ControllerConfig, listener: tokio::ne
     };
     walkabout_testbed::write_atomic(&a.data_dir.join("controller.url"), url.as_bytes()).context("writing controller.url")?;
     let _ = super::out::line(format_args!("walkabout controller listening on {url}, joining the controllers on {}", etcd.describe()));
-    walkabout_controller::serve_ha(config, ha, a.agents, listener, super::agent::shutdown_signal()).await?;
+    walkabout_controller::serve_ha(config, ha, a.agents, listener, trust, super::agent::shutdown_signal()).await?;
     tracing::info!("controller stopped; agents and VMs carry on");
     Ok(ExitCode::SUCCESS)
 }
