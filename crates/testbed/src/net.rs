@@ -225,6 +225,11 @@ impl GuestNet {
         &self.bridge
     }
 
+    /// The subnet's first three octets (`10.77.0`).
+    pub fn subnet(&self) -> &str {
+        &self.subnet
+    }
+
     /// Guest `n`'s address with its prefix (`SUBNET.N/24`; 1-240).
     pub fn guest_address(&self, n: u8) -> String {
         format!("{}.{n}/24", self.subnet)

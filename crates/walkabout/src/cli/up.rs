@@ -5,9 +5,10 @@
 //! the agents and the controller, and removes what it created: no process is left
 //! behind.
 //!
-//! The guests have a NIC each on the guests' segment (bridge `wavm0` on every host,
-//! joined into one segment the root namespace reaches at 10.77.0.254; needs root) with
-//! an address (10.77.0.11, .12...): the controller, in this process, probes each guest's
+//! The guests have a NIC each on the guests' segment (bridge `wavmK` on every host,
+//! joined into one segment the root namespace reaches at 10.77.K.254; needs root; K
+//! picked so that several `up`s on one machine never share one) with an address
+//! (10.77.K.11, .12...): the controller, in this process, probes each guest's
 //! echo through its hops, and every hop line shows QEMU's and the observed downtime.
 //!
 //! With `--ha`: etcd and three controller processes sharing it (one leads, elected with
@@ -24,9 +25,31 @@ use std::time::{Duration, Instant};
 use walkabout_controller::{Cluster, ControllerConfig};
 use walkabout_testbed::{GuestNet, LocalCluster, LocalOptions};
 
-/// The guests' bridge on every host of `up`, and their subnet.
-const GUEST_BRIDGE: &str = "wavm0";
-const GUEST_SUBNET: &str = "10.77.0";
+/// Segments `up` may pick from: bridge `wavmK`, subnet `10.77.K.0/24`.
+const GUEST_SEGMENTS: u32 = 200;
+
+/// The guests' segment of this `up`: bridge `wavmK` on every host and subnet
+/// `10.77.K.0/24`, for the first K from this process's id whose bridge does not exist
+/// yet, so that several `up`s on one machine (the tests run some at once) neither share
+/// a segment nor remove each other's.
+fn guest_segment(namespaces: &[&str]) -> Result<GuestNet, walkabout_testbed::TestbedError> {
+    let start = std::process::id() % GUEST_SEGMENTS;
+    let mut last = None;
+    for k in (0..GUEST_SEGMENTS).map(|i| (start + i) % GUEST_SEGMENTS) {
+        let bridge = format!("wavm{k}");
+        if std::path::Path::new("/sys/class/net").join(&bridge).exists() {
+            continue;
+        }
+        match GuestNet::new(&bridge, &format!("10.77.{k}"), namespaces) {
+            Ok(net) => return Ok(net),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| walkabout_testbed::TestbedError::Command {
+        command: "ip link add wavmK type bridge".into(),
+        stderr: format!("all {GUEST_SEGMENTS} guest segments are in use"),
+    }))
+}
 
 /// Arguments of `walkabout up`.
 #[derive(clap::Args)]
@@ -128,10 +151,13 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
         // The console is plain HTTP, which the listener allows on loopback only.
         let web = walkabout_trust::Listener::from_tcp(web, None, walkabout_trust::ListenerOptions::default())?;
         let namespaces: Vec<String> = local.agents.iter().filter_map(|x| x.netns().map(String::from)).collect();
-        let guest_net = match GuestNet::new(GUEST_BRIDGE, GUEST_SUBNET, &namespaces.iter().map(String::as_str).collect::<Vec<_>>()) {
+        let guest_net = match guest_segment(&namespaces.iter().map(String::as_str).collect::<Vec<_>>()) {
             Ok(n) => {
                 out::line(format_args!(
-                    "  guests' segment: bridge {GUEST_BRIDGE} on every host, {GUEST_SUBNET}.0/24, this host at {GUEST_SUBNET}.254"
+                    "  guests' segment: bridge {} on every host, {}.0/24, this host at {}.254",
+                    n.bridge(),
+                    n.subnet(),
+                    n.subnet()
                 ))?;
                 Some(n)
             }
