@@ -16,16 +16,27 @@ pub async fn catalog(binary: &str, accel: Accel, ceiling: &str, work_dir: &Path)
     std::fs::create_dir_all(work_dir).map_err(|e| QemuError::io(format!("creating {}", work_dir.display()), e))?;
     let sock = work_dir.join("cpu-probe.qmp");
     let _ = std::fs::remove_file(&sock);
-    let mut child = tokio::process::Command::new(binary)
-        .args(["-machine", "none", "-accel", &accel.to_string(), "-nodefaults", "-no-user-config", "-display", "none"])
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.args(["-machine", "none", "-accel", &accel.to_string(), "-nodefaults", "-no-user-config", "-display", "none"])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", sock.display()))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| QemuError::io(format!("running {binary} to probe CPU models"), e))?;
+        .kill_on_drop(true);
+    // `kill_on_drop` covers a probe abandoned in-process; an agent killed mid-probe (the
+    // probe takes seconds under TCG) must not leave it behind waiting on QMP forever.
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+    // which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| QemuError::io(format!("running {binary} to probe CPU models"), e))?;
     let start = Instant::now();
     let qmp = loop {
         match Qmp::connect(&sock, Duration::from_secs(5)).await {

@@ -142,3 +142,28 @@ fn auto_accelerator_follows_the_measurement_and_says_why() {
     let cli: walkabout_api::HostInfo = agent.cli_as(&["host", "info"]);
     assert_eq!(cli.accel, host.accel);
 }
+
+#[test]
+fn an_agent_killed_while_it_probes_cpu_models_leaves_no_probe_qemu_behind() {
+    let mut agent = AgentProc::start(&[]);
+    let client = agent.client();
+    // The probe asks a throwaway QEMU about every CPU model: seconds under TCG.
+    let asking = std::thread::spawn(move || common::block_on(None, move || async move { client.cpu().await }));
+    let agent_pid = agent.pid().expect("agent pid");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let probe: i64 = loop {
+        let out = std::process::Command::new("pgrep").args(["-P", &agent_pid.to_string(), "-f", "cpu-probe"]).output().expect("pgrep");
+        if let Some(pid) = String::from_utf8_lossy(&out.stdout).lines().next().and_then(|l| l.trim().parse().ok()) {
+            break pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "no CPU probe QEMU appeared under agent {agent_pid}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    agent.kill();
+    let _ = asking.join();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while alive(probe) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(probe), "the CPU probe QEMU {probe} outlived its killed agent");
+}
