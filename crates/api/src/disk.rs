@@ -131,27 +131,7 @@ pub enum StorageMode {
     Copy,
 }
 
-impl std::fmt::Display for StorageMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            StorageMode::Auto => "auto",
-            StorageMode::Shared => "shared",
-            StorageMode::Copy => "copy",
-        })
-    }
-}
-
-impl std::str::FromStr for StorageMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(StorageMode::Auto),
-            "shared" => Ok(StorageMode::Shared),
-            "copy" => Ok(StorageMode::Copy),
-            o => Err(format!("unknown storage mode '{o}': expected auto, shared or copy")),
-        }
-    }
-}
+spelled!(StorageMode, "unknown storage mode '{}': expected auto, shared or copy", { Auto => "auto", Shared => "shared", Copy => "copy" });
 
 #[cfg(test)]
 mod tests {

@@ -16,6 +16,30 @@
 //! Compatibility: fields are added with `#[serde(default)]`; a field or path is never
 //! renamed in place. Stored records carry a `version` and are upgraded when read.
 
+/// `Display` and `FromStr` of a wire enum from one table of its spellings (the same as
+/// its serde names), so that the CLI's parsing, its output and the wire never disagree.
+macro_rules! spelled {
+    ($ty:ident, $unknown:literal, { $($var:ident => $s:literal),+ $(,)? }) => {
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(match self {
+                    $($ty::$var => $s),+
+                })
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($s => Ok($ty::$var),)+
+                    o => Err(format!($unknown, o)),
+                }
+            }
+        }
+    };
+}
+
 pub mod client;
 pub mod cluster;
 pub mod disk;

@@ -95,27 +95,7 @@ pub enum Mode {
     Postcopy,
 }
 
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Mode::Auto),
-            "precopy" => Ok(Mode::Precopy),
-            "postcopy" => Ok(Mode::Postcopy),
-            o => Err(format!("unknown migration mode '{o}': expected auto, precopy or postcopy")),
-        }
-    }
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Mode::Auto => "auto",
-            Mode::Precopy => "precopy",
-            Mode::Postcopy => "postcopy",
-        })
-    }
-}
+spelled!(Mode, "unknown migration mode '{}': expected auto, precopy or postcopy", { Auto => "auto", Precopy => "precopy", Postcopy => "postcopy" });
 
 /// The operator's limits for one migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -192,27 +172,7 @@ pub enum Compression {
     Xbzrle,
 }
 
-impl std::str::FromStr for Compression {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "none" => Ok(Compression::None),
-            "zstd" => Ok(Compression::Zstd),
-            "xbzrle" => Ok(Compression::Xbzrle),
-            o => Err(format!("unknown compression '{o}': expected none, zstd or xbzrle")),
-        }
-    }
-}
-
-impl std::fmt::Display for Compression {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Compression::None => "none",
-            Compression::Zstd => "zstd",
-            Compression::Xbzrle => "xbzrle",
-        })
-    }
-}
+spelled!(Compression, "unknown compression '{}': expected none, zstd or xbzrle", { None => "none", Zstd => "zstd", Xbzrle => "xbzrle" });
 
 /// Stream settings an operator may force; whatever is left unset the policy decides
 /// (and says why in [`Strategy::stream_reason`]).
@@ -683,6 +643,20 @@ mod tests {
             assert!(!p.can_become(Running));
         }
         assert!(!Completed.can_become(Failed));
+    }
+
+    #[test]
+    fn modes_and_compressions_parse_their_wire_spelling() {
+        use super::{Compression, Mode};
+        for m in [Mode::Auto, Mode::Precopy, Mode::Postcopy] {
+            assert_eq!(serde_json::to_value(m).ok(), Some(serde_json::Value::String(m.to_string())));
+            assert_eq!(m.to_string().parse::<Mode>(), Ok(m));
+        }
+        for c in [Compression::None, Compression::Zstd, Compression::Xbzrle] {
+            assert_eq!(serde_json::to_value(c).ok(), Some(serde_json::Value::String(c.to_string())));
+            assert_eq!(c.to_string().parse::<Compression>(), Ok(c));
+        }
+        assert_eq!("fast".parse::<Mode>(), Err("unknown migration mode 'fast': expected auto, precopy or postcopy".to_string()));
     }
 
     #[test]
