@@ -14,6 +14,16 @@ use std::time::{Duration, Instant};
 use walkabout_api::VmInfo;
 use walkabout_testbed::{Agent, AgentSpec, KillOnDrop};
 
+/// Parses a `--bandwidth` list: comma-separated MiB/s, or `default` (no cap).
+pub fn parse_bandwidths(text: &str) -> Result<Vec<Option<u64>>> {
+    text.split(',')
+        .map(|b| match b.trim() {
+            "default" => Ok(None),
+            n => n.parse::<u64>().map(Some).context("--bandwidth: 'default' or MiB/s"),
+        })
+        .collect()
+}
+
 /// The workspace root (the directory holding the top `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))

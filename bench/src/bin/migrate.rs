@@ -85,15 +85,7 @@ fn parse_args() -> Result<Option<Args>> {
                 mems = Some(val("--mem")?.split(',').map(|m| m.trim().parse::<u64>()).collect::<Result<Vec<_>, _>>().context("--mem: MiB")?)
             }
             "--workload" => a.workloads = val("--workload")?.split(',').map(|w| w.trim().to_string()).collect(),
-            "--bandwidth" => {
-                a.bandwidths = val("--bandwidth")?
-                    .split(',')
-                    .map(|b| match b.trim() {
-                        "default" => Ok(None),
-                        n => n.parse::<u64>().map(Some).context("--bandwidth: 'default' or MiB/s"),
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
+            "--bandwidth" => a.bandwidths = walkabout_bench::parse_bandwidths(&val("--bandwidth")?)?,
             "--runs" => runs = Some(val("--runs")?.parse::<usize>().context("--runs N")?),
             "--give-up-s" => a.give_up_s = val("--give-up-s")?.parse().context("--give-up-s N")?,
             "--only" => {

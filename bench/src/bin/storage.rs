@@ -72,15 +72,7 @@ fn parse_args() -> Result<Option<Args>> {
             "--fill-mib" => a.fill_mib = val("--fill-mib")?.parse().context("--fill-mib N")?,
             // Workloads are separated by ';' (a workload itself may hold a ',').
             "--workload" => a.workloads = val("--workload")?.split(';').map(|w| w.trim().to_string()).collect(),
-            "--bandwidth" => {
-                a.bandwidths = val("--bandwidth")?
-                    .split(',')
-                    .map(|b| match b.trim() {
-                        "default" => Ok(None),
-                        n => n.parse::<u64>().map(Some).context("--bandwidth: 'default' or MiB/s"),
-                    })
-                    .collect::<Result<Vec<_>>>()?
-            }
+            "--bandwidth" => a.bandwidths = walkabout_bench::parse_bandwidths(&val("--bandwidth")?)?,
             "--runs" => a.runs = val("--runs")?.parse().context("--runs N")?,
             "--give-up-s" => a.give_up_s = val("--give-up-s")?.parse().context("--give-up-s N")?,
             "--out" => a.out = Some(PathBuf::from(val("--out")?)),
