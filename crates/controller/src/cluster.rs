@@ -52,6 +52,19 @@ pub struct View {
 }
 
 impl View {
+    /// Brings `host`'s VM list up to date from the index: the index keeps only VMs still
+    /// on the host, the host lists those not missing.
+    fn relist(&mut self, host: &str) {
+        let vms = &self.vms;
+        let index = self.on_host.entry(host.to_string()).or_default();
+        index.retain(|v| vms.get(v).is_some_and(|v| v.host.as_deref() == Some(host)));
+        let names: Vec<String> =
+            index.iter().filter(|v| vms.get(*v).is_some_and(|v| v.state != ClusterVmState::Missing)).cloned().collect();
+        if let Some(h) = self.hosts.get_mut(host) {
+            h.vms = names;
+        }
+    }
+
     /// VMs placed on `host`, active ones only.
     pub fn vms_on<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a ClusterVm> + 'a {
         self.vms.values().filter(move |v| v.host.as_deref() == Some(host) && v.is_active())
@@ -428,15 +441,7 @@ impl ClusterView {
                     }
                 }
             }
-            // The index keeps only VMs still on the host; the host lists those not missing.
-            let vms = &view.vms;
-            let index = view.on_host.entry(name.to_string()).or_default();
-            index.retain(|v| vms.get(v).is_some_and(|v| v.host.as_deref() == Some(name)));
-            let names: Vec<String> =
-                index.iter().filter(|v| vms.get(*v).is_some_and(|v| v.state != ClusterVmState::Missing)).cloned().collect();
-            if let Some(h) = view.hosts.get_mut(name) {
-                h.vms = names;
-            }
+            view.relist(name);
         }
         if !changed_hosts.is_empty() {
             if let Ok(h) = self.host(name) {
@@ -530,9 +535,16 @@ impl ClusterView {
             if v.host.as_deref() == Some(host) {
                 return;
             }
-            v.host = Some(host.to_string());
+            let from = v.host.replace(host.to_string());
             v.state = ClusterVmState::Running;
-            v.clone()
+            let v = v.clone();
+            // Both hosts' lists say so now, not at their next poll (a drain that just
+            // ended must not still list the VM it moved away).
+            view.relist(host);
+            if let Some(from) = from {
+                view.relist(&from);
+            }
+            v
         };
         let _ = self.store.put(&VMS, vm, &v);
         self.events.emit(Subject::Vm, vm, format!("VM {vm} runs on {host}"), serde_json::to_value(&v).unwrap_or_default());
@@ -647,6 +659,22 @@ mod tests {
 
         assert_eq!(c.vm("a").expect("a").host.as_deref(), Some("h2"));
         assert!(c.host("h1").expect("h1").vms.is_empty());
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_finished_migration_lists_the_vm_on_its_new_host_before_any_poll() {
+        let fake = Fake::new(&[("h1", 512), ("h2", 512)], &[("a", 256, "h1")]);
+        let dir = temp("placed-lists");
+        let c = open(&dir, &fake, &["h1", "h2"]).await;
+        assert_eq!(c.host("h1").expect("h1").vms, vec!["a".to_string()]);
+
+        fake.state().vms.insert("a".into(), (url("h2"), 256));
+        c.view_part().placed("a", "h2");
+
+        assert!(c.host("h1").expect("h1").vms.is_empty(), "the source still lists the VM it sent away");
+        assert_eq!(c.host("h2").expect("h2").vms, vec!["a".to_string()]);
         c.stop();
         std::fs::remove_dir_all(&dir).ok();
     }
