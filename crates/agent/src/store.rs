@@ -81,6 +81,7 @@ mod tests {
             run_dir: "/x".into(),
             created_at_ms: 1,
             guest_before: None,
+            protection: None,
         }
     }
 

@@ -417,6 +417,7 @@ impl Agent {
             pid: None,
             created_at_ms: now_ms(),
             guest_before: None,
+            protection: None,
         };
         let mut t = lock(&self.inner.table);
         if t.vms.contains_key(&name) {
@@ -634,7 +635,7 @@ impl Agent {
     pub(crate) fn info_of(&self, vm: &Vm) -> VmInfo {
         let log = std::fs::read(vm.record.run_dir.join("console.log")).unwrap_or_default();
         let before = vm.record.guest_before.clone().unwrap_or_default();
-        VmInfo { record: vm.record.clone(), guest: crate::console::parse_after(before, &String::from_utf8_lossy(&log)) }
+        VmInfo { record: vm.record.clone(), guest: crate::console::parse_after(before, &String::from_utf8_lossy(&log)), protection: None }
     }
 
     /// One VM.

@@ -135,6 +135,9 @@ pub enum ClusterVmState {
     Missing,
     /// Its host is down: it may or may not still run.
     Unreachable,
+    /// Its host is down and it could not be brought back (not protected, no usable
+    /// checkpoint, or no host to run it): see `reason`.
+    Lost,
 }
 
 impl From<VmState> for ClusterVmState {
@@ -168,6 +171,7 @@ impl std::fmt::Display for ClusterVmState {
             ClusterVmState::Stopped => "stopped",
             ClusterVmState::Missing => "missing",
             ClusterVmState::Unreachable => "unreachable",
+            ClusterVmState::Lost => "lost",
         })
     }
 }
@@ -207,6 +211,12 @@ pub struct ClusterVm {
     /// The placement groups it belongs to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<VmGroup>,
+    /// Its protection (replica host, interval, depth, fence time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<crate::checkpoint::Protection>,
+    /// How its checkpoints are going, as its agent reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection_status: Option<crate::checkpoint::ProtectionStatus>,
 }
 
 /// What a placement group asks of its members.

@@ -21,6 +21,8 @@ pub enum Subject {
     Migration,
     /// A walk or a game.
     Walk,
+    /// A checkpoint of a protected VM, or a failover.
+    Failover,
     /// A change someone asked for: who (name and role), the method, the path, the
     /// status it got. `name` is the identity's name.
     Audit,

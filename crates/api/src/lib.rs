@@ -40,6 +40,7 @@ macro_rules! spelled {
     };
 }
 
+pub mod checkpoint;
 pub mod client;
 pub mod cluster;
 pub mod disk;
@@ -61,6 +62,10 @@ pub mod walk;
 /// embedded store) are not fenced.
 pub const EPOCH_HEADER: &str = "x-walkabout-epoch";
 
+pub use checkpoint::{
+    Checkpoint, CheckpointFile, CheckpointMethod, CheckpointRequest, CommitCheckpoint, Encoding, Failover, FailoverResult, FileKind,
+    FileUpload, ProtectVm, Protection, ProtectionStatus, ReplicaState, RestoreReply, RestoreRequest, CONTROLLER_HEADER,
+};
 pub use client::{AgentClient, ClientError, ClientOptions, ControllerClient};
 pub use cluster::{
     AddHost, BalanceConfig, BalanceLevel, BalanceMove, BalanceStatus, ClusterMigration, ClusterSummary, ClusterVm, ClusterVmState,

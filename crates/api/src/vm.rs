@@ -159,6 +159,9 @@ pub struct VmRecord {
     /// host's console continues it.
     #[serde(default)]
     pub guest_before: Option<GuestStatus>,
+    /// Its protection: checkpoints shipped to a replica, self-fencing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<crate::checkpoint::Protection>,
 }
 
 /// A VM as the agent's API reports it: its record and what its guest says.
@@ -169,6 +172,9 @@ pub struct VmInfo {
     pub record: VmRecord,
     /// The guest's status from its console.
     pub guest: GuestStatus,
+    /// How its protection's checkpoints are going (protected VMs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<crate::checkpoint::ProtectionStatus>,
 }
 
 /// A slice of a VM's serial console (`GET /v1/vms/{name}/console`).

@@ -118,6 +118,9 @@ pub struct WalkRecord {
     /// How it ended.
     #[serde(default)]
     pub result: Option<String>,
+    /// Musical chairs: each VM brought back (or lost) after a power cut.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failovers: Vec<crate::checkpoint::Failover>,
 }
 
 /// How to walk (`POST /v1/walks`, `POST /v1/games/musical-chairs`).
@@ -132,6 +135,10 @@ pub struct WalkOptions {
     /// Pause between the end of a VM's hop and its next, ms.
     #[serde(default)]
     pub pause_ms: u64,
+    /// Musical chairs only: drain the round's host first (the gentle game) instead of
+    /// cutting its power (agent and QEMUs killed; protected VMs fail over).
+    #[serde(default)]
+    pub gentle: bool,
 }
 
 fn one() -> u32 {

@@ -394,6 +394,8 @@ impl ClusterView {
                             seen_ms: now,
                             cpu_model: spec.cpu_model.clone(),
                             groups: vec![],
+                            protection: None,
+                            protection_status: None,
                         });
                         let moved = entry.host.as_deref() != Some(name);
                         if moved {

@@ -113,8 +113,10 @@ fn vm_info(s: &State, name: &str, mem: u64) -> VmInfo {
             run_dir: "/fake".into(),
             created_at_ms: 0,
             guest_before: None,
+            protection: None,
         },
         guest: Default::default(),
+        protection: None,
     }
 }
 

@@ -141,6 +141,8 @@ pub fn place_new(view: &View, vm: &walkabout_api::VmSpec, groups: &[VmGroup], ho
         cpu_model: vm.cpu_model.clone(),
         groups: groups.to_vec(),
         nics: vm.nics.clone(),
+        protection: None,
+        protection_status: None,
     };
     let features = if cpu_rules { vm_features(view, &new) } else { vec![] };
     case.vms.retain(|v| v.name != vm.name);

@@ -195,8 +195,10 @@ fn vm_info(name: &str, vm: &SimVm, state: VmState) -> VmInfo {
             run_dir: "/sim".into(),
             created_at_ms: 0,
             guest_before: None,
+            protection: None,
         },
         guest: Default::default(),
+        protection: None,
     }
 }
 

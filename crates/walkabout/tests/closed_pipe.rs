@@ -26,8 +26,10 @@ fn agent_with_vms(n: usize) -> String {
                 run_dir: "/nonexistent".into(),
                 created_at_ms: 0,
                 guest_before: None,
+                protection: None,
             },
             guest: GuestStatus { last_seq: Some(i as u64), ..GuestStatus::default() },
+            protection: None,
         })
         .collect();
     let body = serde_json::to_string(&vms).expect("VMs as JSON");

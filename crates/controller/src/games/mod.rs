@@ -144,6 +144,7 @@ impl Games {
             rounds: vec![],
             survivors: vec![],
             result: None,
+            failovers: vec![],
         };
         lock(&self.walks).insert(id, w.clone());
         w
@@ -258,7 +259,7 @@ mod tests {
         c.games().serve_at(&format!("http://{}", listener.local_addr().expect("address"))).expect("url");
         let app = crate::api::router(c.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let walk = c.games().start_walk(WalkOptions { duration_ms: 8_000, parallel: 2, pause_ms: 0 }).expect("walk");
+        let walk = c.games().start_walk(WalkOptions { duration_ms: 8_000, parallel: 2, pause_ms: 0, gentle: false }).expect("walk");
         while c.games().walk(&walk.id).expect("walk").hops.len() < 2 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -280,7 +280,12 @@ async fn show(
     out::line("Ctrl-C stops everything.")?;
     out::line("")?;
     let duration_ms = a.duration.unwrap_or(u64::MAX / 4);
-    let walk = cluster.games().start_walk(walkabout_controller::games::WalkOptions { duration_ms, parallel: 1, pause_ms: a.pause })?;
+    let walk = cluster.games().start_walk(walkabout_controller::games::WalkOptions {
+        duration_ms,
+        parallel: 1,
+        pause_ms: a.pause,
+        gentle: false,
+    })?;
     let mut shown = 0usize;
     loop {
         let w = cluster.games().walk(&walk.id)?;
@@ -434,7 +439,7 @@ mod ha {
         }
         out::line("kill the leading controller and another takes over within seconds; Ctrl-C stops everything.")?;
         let duration_ms = a.duration.unwrap_or(u64::MAX / 4);
-        let walk = client(urls).await?.start_walk(&WalkOptions { duration_ms, parallel: 1, pause_ms: a.pause }).await?;
+        let walk = client(urls).await?.start_walk(&WalkOptions { duration_ms, parallel: 1, pause_ms: a.pause, gentle: false }).await?;
         let (mut shown, mut serving) = (0usize, String::new());
         loop {
             let c = client(urls).await?;

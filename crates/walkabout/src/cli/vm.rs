@@ -608,6 +608,8 @@ mod tests {
             seen_ms: 0,
             cpu_model: None,
             groups: vec![],
+            protection: None,
+            protection_status: None,
         }
     }
 

@@ -48,14 +48,14 @@ pub struct GameArgs {
 
 /// Runs `walkabout walk`.
 pub fn run_walk(a: WalkArgs) -> anyhow::Result<ExitCode> {
-    let opts = WalkOptions { duration_ms: a.duration, parallel: a.parallel, pause_ms: a.pause };
+    let opts = WalkOptions { duration_ms: a.duration, parallel: a.parallel, pause_ms: a.pause, gentle: false };
     runtime()?.block_on(play(a.ctl, Game::Walk, opts))
 }
 
 /// Runs `walkabout game ...`.
 pub fn run_game(cmd: GameCommand) -> anyhow::Result<ExitCode> {
     let GameCommand::MusicalChairs(a) = cmd;
-    let opts = WalkOptions { duration_ms: a.round, parallel: a.parallel, pause_ms: 0 };
+    let opts = WalkOptions { duration_ms: a.round, parallel: a.parallel, pause_ms: 0, gentle: true };
     runtime()?.block_on(play(a.ctl, Game::MusicalChairs, opts))
 }
 
