@@ -132,6 +132,13 @@ mod tests {
         let mut child =
             std::process::Command::new("sh").args(["-c", "sleep 30; true", dir.to_str().expect("utf8")]).spawn().expect("spawn");
         std::fs::write(dir.join("qemu.pid"), child.id().to_string()).expect("pid");
+        // Until the child has exec'd, its command line is still this test's.
+        let named =
+            || String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", child.id())).unwrap_or_default()).contains("orphans");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !named() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let kept = vms.join("known");
         std::fs::create_dir_all(&kept).expect("dir");
         stop_orphans(&vms, &["known".to_string()]);
