@@ -40,7 +40,14 @@ fn features() -> impl Strategy<Value = Vec<String>> {
 }
 
 fn host() -> impl Strategy<Value = Value> {
-    (name(), amount(), proptest::option::of(amount()), proptest::option::of(prop_oneof![Just("x86_64"), Just("aarch64")]), features(), amount())
+    (
+        name(),
+        amount(),
+        proptest::option::of(amount()),
+        proptest::option::of(prop_oneof![Just("x86_64"), Just("aarch64")]),
+        features(),
+        amount(),
+    )
         .prop_map(|(name, memory_mib, vcpus, arch, cpu_features, reserved_mib)| {
             let mut h = json!({"name": name, "memory_mib": memory_mib, "reserved_mib": reserved_mib, "cpu_features": cpu_features});
             if let Some(v) = vcpus {
@@ -54,8 +61,8 @@ fn host() -> impl Strategy<Value = Value> {
 }
 
 fn vm() -> impl Strategy<Value = Value> {
-    (name(), amount(), proptest::option::of(amount()), proptest::option::of(prop_oneof![Just("x86_64"), Just("aarch64")]), features()).prop_map(
-        |(name, memory_mib, vcpus, arch, cpu_features)| {
+    (name(), amount(), proptest::option::of(amount()), proptest::option::of(prop_oneof![Just("x86_64"), Just("aarch64")]), features())
+        .prop_map(|(name, memory_mib, vcpus, arch, cpu_features)| {
             let mut v = json!({"name": name, "memory_mib": memory_mib, "cpu_features": cpu_features});
             if let Some(c) = vcpus {
                 v["vcpus"] = json!(c);
@@ -64,8 +71,7 @@ fn vm() -> impl Strategy<Value = Value> {
                 v["arch"] = json!(a);
             }
             v
-        },
-    )
+        })
 }
 
 fn placement() -> impl Strategy<Value = Value> {
@@ -110,8 +116,18 @@ fn json_value() -> impl Strategy<Value = Value> {
         let key = prop_oneof![
             "[a-z_]{0,8}",
             prop_oneof![
-                Just("hosts"), Just("vms"), Just("current"), Just("target"), Just("limits"), Just("groups"), Just("name"),
-                Just("memory_mib"), Just("vcpus"), Just("kind"), Just("max_parallel_per_host"), Just("reserved_mib"),
+                Just("hosts"),
+                Just("vms"),
+                Just("current"),
+                Just("target"),
+                Just("limits"),
+                Just("groups"),
+                Just("name"),
+                Just("memory_mib"),
+                Just("vcpus"),
+                Just("kind"),
+                Just("max_parallel_per_host"),
+                Just("reserved_mib"),
             ]
             .prop_map(String::from),
         ];

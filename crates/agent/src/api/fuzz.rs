@@ -33,7 +33,8 @@ impl Setup {
     /// An agent on a scratch directory (TCG named, so no calibration; a kernel named,
     /// so no guest image is built).
     fn new(tag: &str) -> Setup {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap_or_else(|e| panic!("runtime: {e}"));
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap_or_else(|e| panic!("runtime: {e}"));
         let dir = std::env::temp_dir().join(format!("wa-agent-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut config = AgentConfig::new(dir.clone());
@@ -88,8 +89,19 @@ fn json_value() -> impl Strategy<Value = Value> {
         let key = prop_oneof![
             "[a-z_]{0,8}",
             prop_oneof![
-                Just("name"), Just("memory_mib"), Just("vcpus"), Just("vm"), Just("destination"), Just("mode"), Just("spec"),
-                Just("listen_host"), Just("postcopy_ready"), Just("cpu_features"), Just("guest"), Just("disks"), Just("kernel"),
+                Just("name"),
+                Just("memory_mib"),
+                Just("vcpus"),
+                Just("vm"),
+                Just("destination"),
+                Just("mode"),
+                Just("spec"),
+                Just("listen_host"),
+                Just("postcopy_ready"),
+                Just("cpu_features"),
+                Just("guest"),
+                Just("disks"),
+                Just("kernel"),
             ]
             .prop_map(String::from),
         ];
@@ -102,8 +114,9 @@ fn json_value() -> impl Strategy<Value = Value> {
 
 fn refused(status: StatusCode, reply: &[u8], what: &str) -> Result<(), TestCaseError> {
     prop_assert!(status.is_client_error(), "{}: {} {}", what, status, String::from_utf8_lossy(reply));
-    let e = serde_json::from_slice::<ErrorBody>(reply)
-        .map_err(|e| TestCaseError::fail(format!("{what}: {status} with a body that is not an ErrorBody ({e}): {}", String::from_utf8_lossy(reply))))?;
+    let e = serde_json::from_slice::<ErrorBody>(reply).map_err(|e| {
+        TestCaseError::fail(format!("{what}: {status} with a body that is not an ErrorBody ({e}): {}", String::from_utf8_lossy(reply)))
+    })?;
     prop_assert!(!e.error.is_empty());
     Ok(())
 }

@@ -19,9 +19,18 @@ fn json_value() -> impl Strategy<Value = Value> {
         let key = prop_oneof![
             "[a-z-]{0,10}",
             prop_oneof![
-                Just("status"), Just("ram"), Just("total-time"), Just("expected-downtime"), Just("cpu-throttle-percentage"),
-                Just("transferred"), Just("remaining"), Just("total"), Just("dirty-sync-count"), Just("dirty-pages-rate"),
-                Just("page-size"), Just("mbps"),
+                Just("status"),
+                Just("ram"),
+                Just("total-time"),
+                Just("expected-downtime"),
+                Just("cpu-throttle-percentage"),
+                Just("transferred"),
+                Just("remaining"),
+                Just("total"),
+                Just("dirty-sync-count"),
+                Just("dirty-pages-rate"),
+                Just("page-size"),
+                Just("mbps"),
             ]
             .prop_map(String::from),
         ];
@@ -47,7 +56,15 @@ fn reply() -> impl Strategy<Value = Reply> {
     let page = prop_oneof![Just(0u64), Just(4096), Just(65536), any::<u64>()];
     let ram = (n(), n(), n(), n(), n(), page, 0.0f64..100_000.0);
     (
-        prop_oneof![Just("setup"), Just("active"), Just("completed"), Just("failed"), Just("postcopy-active"), Just("cancelled"), Just("device")],
+        prop_oneof![
+            Just("setup"),
+            Just("active"),
+            Just("completed"),
+            Just("failed"),
+            Just("postcopy-active"),
+            Just("cancelled"),
+            Just("device")
+        ],
         n(),
         n(),
         0u64..=100,

@@ -91,7 +91,13 @@ fn json_value() -> impl Strategy<Value = Value> {
 
 /// One generated layer and the `qemu-img info` JSON of it.
 fn layer() -> impl Strategy<Value = (ImageInfo, Value)> {
-    ("/[a-z0-9/._-]{1,30}", prop_oneof![Just(DiskFormat::Qcow2), Just(DiskFormat::Raw)], any::<u64>(), any::<u64>(), proptest::option::of("/[a-z0-9/._-]{1,30}"))
+    (
+        "/[a-z0-9/._-]{1,30}",
+        prop_oneof![Just(DiskFormat::Qcow2), Just(DiskFormat::Raw)],
+        any::<u64>(),
+        any::<u64>(),
+        proptest::option::of("/[a-z0-9/._-]{1,30}"),
+    )
         .prop_map(|(path, format, virtual_size, actual_size, backing)| {
             let mut raw = json!({"filename": path, "format": format.as_str(), "virtual-size": virtual_size, "actual-size": actual_size,
                                  "dirty-flag": false, "cluster-size": 65536});

@@ -100,12 +100,14 @@ fn noise_line() -> impl Strategy<Value = String> {
             let cut = (0..=cut).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
             text[..cut].to_string()
         }),
-        json_value().prop_filter("not a reply or a dropped command", |v| {
-            v.get("id").is_none() && v.get("event").is_none_or(|e| e != "COMMAND_DROPPED")
-        }).prop_map(|v| v.to_string()),
-        (json_value(), "[A-Z_]{1,12}").prop_filter("not COMMAND_DROPPED", |(_, e)| e != "COMMAND_DROPPED").prop_map(|(data, e)| {
-            json!({"event": e, "data": data}).to_string()
-        }),
+        json_value()
+            .prop_filter("not a reply or a dropped command", |v| {
+                v.get("id").is_none() && v.get("event").is_none_or(|e| e != "COMMAND_DROPPED")
+            })
+            .prop_map(|v| v.to_string()),
+        (json_value(), "[A-Z_]{1,12}")
+            .prop_filter("not COMMAND_DROPPED", |(_, e)| e != "COMMAND_DROPPED")
+            .prop_map(|(data, e)| { json!({"event": e, "data": data}).to_string() }),
         // A reply to some other command (an id never issued in this session).
         (json_value(), 1_000u64..).prop_map(|(v, id)| json!({"return": v, "id": id}).to_string()),
     ]

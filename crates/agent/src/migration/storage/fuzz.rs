@@ -41,7 +41,8 @@ fn json_value() -> impl Strategy<Value = Value> {
         any::<i64>().prop_map(Value::from),
         any::<u64>().prop_map(Value::from),
         "\\PC{0,8}".prop_map(Value::from),
-        prop_oneof![Just("mirror-disk0"), Just("mirror-disk1"), Just("ok"), Just("failed"), Just("aborting"), Just("ready")].prop_map(Value::from),
+        prop_oneof![Just("mirror-disk0"), Just("mirror-disk1"), Just("ok"), Just("failed"), Just("aborting"), Just("ready")]
+            .prop_map(Value::from),
     ];
     leaf.prop_recursive(3, 24, 6, |inner| {
         let key = prop_oneof![
