@@ -11,14 +11,14 @@ use serde_json::Value;
 use std::fmt::Debug;
 use std::path::PathBuf;
 use walkabout_api::checkpoint::{
-    Checkpoint, CheckpointFile, CheckpointMethod, CheckpointRequest, CommitCheckpoint, Encoding, FileKind, FileUpload, ProtectVm, Protection,
-    RestoreRequest,
+    Checkpoint, CheckpointFile, CheckpointMethod, CheckpointRequest, CommitCheckpoint, Encoding, FileKind, FileUpload, ProtectVm,
+    Protection, RestoreRequest,
 };
 use walkabout_api::migration::{BackingImage, IncomingDisk, StorageMarker};
 use walkabout_api::{
-    AddHost, BalanceConfig, BalanceLevel, CommitRequest, Compression, CreateVm, DiskBus, DiskFormat, DiskSpec, Goal, GroupRule, GuestStatus,
-    IncomingRequest, JoinRequest, JoinTokenRequest, MigrationRequest, Mode, MoveVm, NicSpec, RecoverRequest, StorageMode, Tuning, VmGroup,
-    VmSpec, WalkOptions,
+    AddHost, BalanceConfig, BalanceLevel, CommitRequest, Compression, CreateVm, DiskBus, DiskFormat, DiskSpec, Goal, GroupRule,
+    GuestStatus, IncomingRequest, JoinRequest, JoinTokenRequest, MigrationRequest, Mode, MoveVm, NicSpec, RecoverRequest, StorageMode,
+    Tuning, VmGroup, VmSpec, WalkOptions,
 };
 
 // ---- generators of valid values ----
@@ -212,18 +212,54 @@ fn json_value() -> impl Strategy<Value = Value> {
         any::<u64>().prop_map(Value::from),
         finite().prop_map(Value::from),
         any::<String>().prop_map(Value::from),
-        prop_oneof![Just("auto"), Just("copy"), Just("qcow2"), Just("drain"), Just("place"), Just("live"), Just("affinity"), Just("extents")]
-            .prop_map(Value::from),
+        prop_oneof![
+            Just("auto"),
+            Just("copy"),
+            Just("qcow2"),
+            Just("drain"),
+            Just("place"),
+            Just("live"),
+            Just("affinity"),
+            Just("extents")
+        ]
+        .prop_map(Value::from),
     ];
     leaf.prop_recursive(3, 32, 8, |inner| {
         let key = prop_oneof![
             "[a-z_]{0,10}",
             prop_oneof![
-                Just("name"), Just("memory_mib"), Just("vcpus"), Just("disks"), Just("nics"), Just("vm"), Just("destination"),
-                Just("mode"), Just("storage"), Just("spec"), Just("goal"), Just("host"), Just("duration_ms"), Just("url"),
-                Just("level"), Just("threshold"), Just("multifd_channels"), Just("groups"), Just("listen_host"),
-                Just("postcopy_ready"), Just("cpu_features"), Just("checkpoint"), Just("keep"), Just("sha256"), Just("encoding"),
-                Just("method"), Just("bridge"), Just("path"), Just("size_bytes"), Just("bus"), Just("format"), Just("rule"),
+                Just("name"),
+                Just("memory_mib"),
+                Just("vcpus"),
+                Just("disks"),
+                Just("nics"),
+                Just("vm"),
+                Just("destination"),
+                Just("mode"),
+                Just("storage"),
+                Just("spec"),
+                Just("goal"),
+                Just("host"),
+                Just("duration_ms"),
+                Just("url"),
+                Just("level"),
+                Just("threshold"),
+                Just("multifd_channels"),
+                Just("groups"),
+                Just("listen_host"),
+                Just("postcopy_ready"),
+                Just("cpu_features"),
+                Just("checkpoint"),
+                Just("keep"),
+                Just("sha256"),
+                Just("encoding"),
+                Just("method"),
+                Just("bridge"),
+                Just("path"),
+                Just("size_bytes"),
+                Just("bus"),
+                Just("format"),
+                Just("rule"),
             ]
             .prop_map(String::from),
         ];

@@ -35,7 +35,8 @@ struct Setup {
 
 impl Setup {
     fn new(tag: &str) -> Setup {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap_or_else(|e| panic!("runtime: {e}"));
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap_or_else(|e| panic!("runtime: {e}"));
         let dir = temp(tag);
         let router = rt.block_on(async {
             let fake = Fake::new(&[("h1", 4096), ("h2", 4096)], &[("a", 256, "h1")]);
@@ -92,16 +93,41 @@ fn json_value() -> impl Strategy<Value = Value> {
         (0u64..100_000).prop_map(Value::from),
         any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
         "\\PC{0,12}".prop_map(Value::from),
-        prop_oneof![Just("h1"), Just("h2"), Just("a"), Just("http://h1"), Just("drain"), Just("rebalance"), Just("place"), Just("automatic")]
-            .prop_map(Value::from),
+        prop_oneof![
+            Just("h1"),
+            Just("h2"),
+            Just("a"),
+            Just("http://h1"),
+            Just("drain"),
+            Just("rebalance"),
+            Just("place"),
+            Just("automatic")
+        ]
+        .prop_map(Value::from),
     ];
     leaf.prop_recursive(2, 16, 6, |inner| {
         let key = prop_oneof![
             "[a-z_]{0,8}",
             prop_oneof![
-                Just("url"), Just("name"), Just("memory_mib"), Just("vcpus"), Just("host"), Just("to"), Just("goal"), Just("vm"),
-                Just("level"), Just("threshold"), Just("hysteresis"), Just("max_moves"), Just("duration_ms"), Just("parallel"),
-                Just("groups"), Just("ttl_s"), Just("csr_pem"), Just("disks"), Just("gentle"),
+                Just("url"),
+                Just("name"),
+                Just("memory_mib"),
+                Just("vcpus"),
+                Just("host"),
+                Just("to"),
+                Just("goal"),
+                Just("vm"),
+                Just("level"),
+                Just("threshold"),
+                Just("hysteresis"),
+                Just("max_moves"),
+                Just("duration_ms"),
+                Just("parallel"),
+                Just("groups"),
+                Just("ttl_s"),
+                Just("csr_pem"),
+                Just("disks"),
+                Just("gentle"),
             ]
             .prop_map(String::from),
         ];
@@ -113,22 +139,26 @@ fn json_value() -> impl Strategy<Value = Value> {
 }
 
 fn error_body(status: StatusCode, body: &[u8], what: &str) -> Result<ErrorBody, TestCaseError> {
-    serde_json::from_slice::<ErrorBody>(body)
-        .map_err(|e| TestCaseError::fail(format!("{what}: {status} with a body that is not an ErrorBody ({e}): {}", String::from_utf8_lossy(body))))
+    serde_json::from_slice::<ErrorBody>(body).map_err(|e| {
+        TestCaseError::fail(format!("{what}: {status} with a body that is not an ErrorBody ({e}): {}", String::from_utf8_lossy(body)))
+    })
 }
 
 #[test]
 fn a_body_that_is_not_the_routes_json_is_a_4xx_error_body() {
     let s = Setup::new("fuzz-not-json");
     let mut runner = TestRunner::new(Config { cases: 96, ..Config::default() });
-    let result = runner.run(&(proptest::sample::select(BODY_ROUTES), not_json_body(), any::<bool>(), any::<bool>()), |((method, path), body, json, bearer)| {
-        let what = format!("{method} {path} {:?}", String::from_utf8_lossy(&body));
-        let (status, reply) = s.send(method, path, body, json, bearer);
-        prop_assert!(status.is_client_error(), "{}: {}", what, status);
-        let e = error_body(status, &reply, &what)?;
-        prop_assert!(!e.error.is_empty());
-        Ok(())
-    });
+    let result = runner.run(
+        &(proptest::sample::select(BODY_ROUTES), not_json_body(), any::<bool>(), any::<bool>()),
+        |((method, path), body, json, bearer)| {
+            let what = format!("{method} {path} {:?}", String::from_utf8_lossy(&body));
+            let (status, reply) = s.send(method, path, body, json, bearer);
+            prop_assert!(status.is_client_error(), "{}: {}", what, status);
+            let e = error_body(status, &reply, &what)?;
+            prop_assert!(!e.error.is_empty());
+            Ok(())
+        },
+    );
     if let Err(e) = result {
         panic!("{e}");
     }
