@@ -14,8 +14,11 @@ use serde_json::Value;
 use tower::ServiceExt;
 use walkabout_api::{CommitRequest, ErrorBody, IncomingRequest, MigrationRequest, RecoverRequest, VmSpec};
 
+/// Whether a value is a route's request.
+type IsRequest = fn(&Value) -> bool;
+
 /// The routes that read a JSON body, and whether a value is that route's request.
-const BODY_ROUTES: &[(&str, fn(&Value) -> bool)] = &[
+const BODY_ROUTES: &[(&str, IsRequest)] = &[
     ("/v1/vms", |v| serde_json::from_value::<VmSpec>(v.clone()).is_ok()),
     ("/v1/migrations", |v| serde_json::from_value::<MigrationRequest>(v.clone()).is_ok()),
     ("/v1/incoming", |v| serde_json::from_value::<IncomingRequest>(v.clone()).is_ok()),

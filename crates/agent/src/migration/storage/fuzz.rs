@@ -22,8 +22,8 @@ impl MigrationQmp for Answers {
         self.events.subscribe()
     }
 
-    fn cpu_features(&self, _model: &str) -> impl Future<Output = Result<BTreeSet<String>, QmpError>> + Send {
-        async { Ok(BTreeSet::new()) }
+    async fn cpu_features(&self, _model: &str) -> Result<BTreeSet<String>, QmpError> {
+        Ok(BTreeSet::new())
     }
 }
 
