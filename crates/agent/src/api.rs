@@ -280,8 +280,17 @@ async fn incoming(State(a): State<Agent>, Path(name): Path<String>) -> Response 
     reply(a.incoming(&name).await)
 }
 
-async fn incoming_commit(State(a): State<Agent>, Path(name): Path<String>, b: Option<Json<CommitRequest>>) -> Response {
-    let guest = b.and_then(|Json(c)| c.guest);
+async fn incoming_commit(
+    State(a): State<Agent>,
+    Path(name): Path<String>,
+    b: Result<Option<Json<CommitRequest>>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    // The body is optional; one that is there must be a commit request (an ErrorBody
+    // otherwise, as on every route, not axum's plain-text rejection).
+    let guest = match b {
+        Ok(b) => b.and_then(|Json(c)| c.guest),
+        Err(e) => return AgentError::InvalidRequest { reason: format!("invalid commit request: {}", e.body_text()) }.into_response(),
+    };
     reply(a.commit_incoming(&name, guest).await)
 }
 
@@ -335,6 +344,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
     ("GET", "/v1/openapi.json"),
 ];
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

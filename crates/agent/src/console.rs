@@ -44,7 +44,7 @@ fn feed(s: &mut GuestStatus, line: &str) {
         let mut f = rest.split_whitespace().map(str::parse::<u64>);
         if let (Some(Ok(seq)), Some(Ok(_ns)), Some(Ok(corrupt))) = (f.next(), f.next(), f.next()) {
             if let Some(prev) = s.last_seq {
-                if seq != prev + 1 {
+                if prev.checked_add(1) != Some(seq) {
                     s.seq_breaks += 1;
                 }
             }
@@ -73,6 +73,9 @@ fn feed(s: &mut GuestStatus, line: &str) {
 fn is_kernel_trouble(line: &str) -> bool {
     ["Oops:", "BUG:", "Kernel panic", "general protection fault", "Call Trace:"].iter().any(|m| line.contains(m))
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

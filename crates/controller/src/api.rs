@@ -281,6 +281,9 @@ pub const ROUTES: &[(&str, &str)] = &[
 ];
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     #[test]
     fn the_router_serves_exactly_the_documented_paths() {

@@ -18,7 +18,7 @@ pub fn from_query(v: &Value) -> Progress {
         transferred_bytes: u(&ram["transferred"]),
         remaining_bytes: u(&ram["remaining"]),
         total_bytes: u(&ram["total"]),
-        dirty_rate_bps: u(&ram["dirty-pages-rate"]) * page,
+        dirty_rate_bps: u(&ram["dirty-pages-rate"]).saturating_mul(page),
         // `mbps` is megabits per second.
         transfer_rate_bps: (ram["mbps"].as_f64().unwrap_or(0.0) * 1e6 / 8.0) as u64,
         expected_downtime_ms: u(&v["expected-downtime"]),
@@ -72,6 +72,9 @@ pub fn phase_of(qemu_status: &str) -> Phase {
         _ => Phase::Failed,
     }
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

@@ -63,6 +63,17 @@ pub enum InputError {
     /// `limits.max_parallel_per_host` is zero, so nothing could ever move.
     #[error("limits.max_parallel_per_host must be at least 1")]
     ZeroParallel,
+    /// A memory size or vCPU count beyond [`crate::MAX_AMOUNT`]: no real host has it, and
+    /// sums of such numbers would not fit in 64 bits.
+    #[error("{what} is {value}, more than the largest accepted ({max})")]
+    TooLarge {
+        /// The field, e.g. `memory_mib of vm "a"`.
+        what: String,
+        /// Its value.
+        value: u64,
+        /// The largest accepted.
+        max: u64,
+    },
     /// A policy names a host that is not in `hosts`.
     #[error("unknown host \"{0}\" given to the policy")]
     UnknownPolicyHost(String),

@@ -32,3 +32,4 @@ pub use model::{Case, Group, GroupKind, Host, Limits, Vm};
 pub use output::{Blocked, Impossible, Migration, Outcome, Plan};
 pub use planner::{plan, plan_with, Options};
 pub use tight::{tight_case, TightCase, TightKind};
+pub use validate::MAX_AMOUNT;

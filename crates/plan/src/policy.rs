@@ -225,6 +225,7 @@ type HostKey = (Option<Vec<String>>, Option<String>, Vec<String>);
 
 impl<'a> Layout<'a> {
     fn new(case: &'a Case) -> Result<Layout<'a>, InputError> {
+        crate::validate::check_amounts(case)?;
         let vm_ix: HashMap<&str, usize> = case.vms.iter().enumerate().map(|(i, v)| (v.name.as_str(), i)).collect();
         let host_ix: HashMap<&str, usize> = case.hosts.iter().enumerate().map(|(i, h)| (h.name.as_str(), i)).collect();
         // Union-find over affinity groups.

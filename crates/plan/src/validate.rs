@@ -25,8 +25,34 @@ pub(crate) struct Compiled {
     pub incompatible: Vec<Incompatible>,
 }
 
+/// The largest memory size (MiB) or vCPU count a host or VM may state: 2^40 MiB is an
+/// exbibyte. Sums over any case that fits in memory then stay far below `u64::MAX`, so
+/// the planner's arithmetic needs no overflow checks.
+pub const MAX_AMOUNT: u64 = 1 << 40;
+
+/// Refuses a memory size or vCPU count above [`MAX_AMOUNT`], naming the field.
+pub(crate) fn check_amounts(case: &Case) -> Result<(), InputError> {
+    let too_large = |what: String, value: u64| InputError::TooLarge { what, value, max: MAX_AMOUNT };
+    for h in &case.hosts {
+        for (field, value) in [("memory_mib", Some(h.memory_mib)), ("reserved_mib", Some(h.reserved_mib)), ("vcpus", h.vcpus)] {
+            if let Some(v) = value.filter(|v| *v > MAX_AMOUNT) {
+                return Err(too_large(format!("{field} of host \"{}\"", h.name), v));
+            }
+        }
+    }
+    for vm in &case.vms {
+        for (field, value) in [("memory_mib", Some(vm.memory_mib)), ("vcpus", vm.vcpus)] {
+            if let Some(v) = value.filter(|v| *v > MAX_AMOUNT) {
+                return Err(too_large(format!("{field} of vm \"{}\"", vm.name), v));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks names and placements of a case; builds the problem of the VMs that migrate.
 pub(crate) fn compile(case: &Case) -> Result<Compiled, InputError> {
+    check_amounts(case)?;
     let host_ix = index_hosts(&case.hosts)?;
     let vm_ix = index_vms(&case.vms)?;
     if case.max_parallel_per_host() == 0 {

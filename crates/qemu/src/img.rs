@@ -181,7 +181,10 @@ impl QemuImg {
         let args: Vec<String> = vec!["check".into(), "--output=json".into(), "-f".into(), "qcow2".into(), path.display().to_string()];
         let out = self.run(&args).await?;
         // Exit status 2 = corruptions, 3 = leaks only (harmless), 1 = could not check.
-        if let Ok(r) = serde_json::from_slice::<RawCheck>(&out.stdout) {
+        // Only a JSON object is a report: serde would read `[]` as a struct of defaults,
+        // that is as a clean image.
+        let report = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok().filter(serde_json::Value::is_object);
+        if let Some(Ok(r)) = report.map(serde_json::from_value::<RawCheck>) {
             if r.corruptions > 0 || r.check_errors > 0 {
                 return Err(ImageError::Corrupt { path: path.into(), corruptions: r.corruptions, errors: r.check_errors });
             }
@@ -264,6 +267,9 @@ fn classify(path: &Path, stderr: &str) -> ImageError {
     }
     ImageError::Unreadable { path: path.into(), detail: text.lines().last().unwrap_or("qemu-img failed").to_string() }
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

@@ -287,6 +287,9 @@ async fn read_loop(
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use tokio::net::UnixListener;

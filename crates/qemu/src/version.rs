@@ -39,6 +39,9 @@ pub fn check(binary: &str) -> Result<QemuVersion, QemuError> {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

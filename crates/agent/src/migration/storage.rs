@@ -248,9 +248,10 @@ impl Mirrors {
                 return Err(StorageError::Mirror { job: id.clone(), detail });
             }
             let (offset, len) = (j["offset"].as_u64().unwrap_or(0), j["len"].as_u64().unwrap_or(0));
-            p.transferred_bytes += offset;
-            p.total_bytes += len;
-            p.remaining_bytes += len.saturating_sub(offset);
+            // QEMU's counters, summed: saturating, as a reply is outside input.
+            p.transferred_bytes = p.transferred_bytes.saturating_add(offset);
+            p.total_bytes = p.total_bytes.saturating_add(len);
+            p.remaining_bytes = p.remaining_bytes.saturating_add(len.saturating_sub(offset));
             ready &= j["ready"].as_bool().unwrap_or(false);
         }
         Ok((p, ready))
@@ -594,6 +595,9 @@ async fn catalog_find(storage_dir: &Path, bases: &[PathBuf], sha256: &str) -> Op
     }
     None
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

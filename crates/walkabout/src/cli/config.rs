@@ -37,6 +37,15 @@ pub enum ConfigError {
         /// The parser's message (with the line).
         reason: String,
     },
+    /// A key that is no option name: empty, or with characters an option name has not
+    /// (`""` would become `--`, the end of the options; `"a=b"` would become `--a=b`).
+    #[error("the config {file}: key `{key}` is not an option name (letters, digits, '-' and '_', not beginning with '-')")]
+    Key {
+        /// The file.
+        file: String,
+        /// The key.
+        key: String,
+    },
     /// A key whose value is not a string, number, boolean or array of those.
     #[error("the config {file}: key `{key}` must be a string, number, boolean or an array of those")]
     Value {
@@ -61,6 +70,11 @@ pub fn flags(text: &str, file: &str) -> Result<Vec<String>, ConfigError> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse { file: file.into(), reason: e.to_string() })?;
     let mut out = vec![];
     for (key, value) in &table {
+        let name_ok = key.chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+        if !name_ok {
+            return Err(ConfigError::Key { file: file.into(), key: key.clone() });
+        }
         let flag = format!("--{}", key.replace('_', "-"));
         let bad = || ConfigError::Value { file: file.into(), key: key.clone() };
         match value {
@@ -105,6 +119,9 @@ pub fn expand(args: Vec<OsString>) -> Result<Vec<OsString>, ConfigError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

@@ -179,7 +179,9 @@ fn parse_disk(text: &str) -> Result<DiskSpec, String> {
     let first = parts.next().unwrap_or_default();
     let mut disk = DiskSpec { path: None, format: None, size_bytes: None, bus: Default::default() };
     let mut options: Vec<&str> = parts.collect();
-    if first.contains('=') {
+    // An absolute path or a catalog image may contain '=' (`/srv/a=b.qcow2`).
+    let is_path = first.starts_with('/') || first.starts_with(walkabout_agent::disks::CATALOG_PREFIX);
+    if first.contains('=') && !is_path {
         options.insert(0, first);
     } else if first.is_empty() {
         return Err(format!("disk '{text}': give a path, image:NAME or size=SIZE"));
@@ -587,6 +589,9 @@ fn parse_nic(text: &str) -> Result<walkabout_api::NicSpec, String> {
     }
     Ok(nic)
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {
