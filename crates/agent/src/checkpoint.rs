@@ -721,8 +721,9 @@ impl Agent {
             Err(e) => return Err(fail(e.to_string())),
         };
         let dir = self.checkpoint_dir(&ck.vm);
+        let needed = needed_files(ck, &self.local_checkpoints(&ck.vm)?, &held);
         let mut sent = 0u64;
-        for f in &ck.files {
+        for f in &needed {
             if held.files.iter().any(|h| h.name == f.name && h.sha256 == f.sha256) {
                 continue;
             }
@@ -732,10 +733,33 @@ impl Agent {
             sent += body.len() as u64;
             client.put_replica_file(&ck.vm, &f.name, &upload, body).await.map_err(|e| fail(format!("file {}: {e}", f.name)))?;
         }
-        client.commit_replica(&ck.vm, &CommitCheckpoint { checkpoint: ck.clone(), keep }).await.map_err(|e| fail(e.to_string()))?;
+        let manifest = Checkpoint { files: needed, ..ck.clone() };
+        client.commit_replica(&ck.vm, &CommitCheckpoint { checkpoint: manifest, keep }).await.map_err(|e| fail(e.to_string()))?;
         tracing::info!(vm = %ck.vm, id = %ck.id, to, bytes = sent, "checkpoint shipped");
         Ok(sent)
     }
+}
+
+/// The files a replica holding `held` needs for `ck`: its memory file, and per disk its
+/// layer and every layer below it down to the first one the replica holds by name (a
+/// replica that merged older layers holds the merged file under the newer name).
+fn needed_files(ck: &Checkpoint, local: &[Checkpoint], held: &walkabout_api::ReplicaState) -> Vec<CheckpointFile> {
+    let known: std::collections::BTreeMap<&str, &CheckpointFile> =
+        local.iter().chain(std::iter::once(ck)).flat_map(|c| c.files.iter().map(|f| (f.name.as_str(), f))).collect();
+    let holds = |name: &str| held.files.iter().any(|h| h.name == name);
+    let mut out: Vec<CheckpointFile> = ck.files.iter().filter(|f| f.kind == FileKind::Memory).cloned().collect();
+    for d in &ck.spec.disks {
+        let mut name = d.path.as_ref().map(|p| p.to_string_lossy().into_owned());
+        while let Some(n) = name.take() {
+            if holds(&n) || out.iter().any(|f| f.name == n) {
+                break;
+            }
+            let Some(f) = known.get(n.as_str()) else { break };
+            out.push((*f).clone());
+            name = f.backing.clone();
+        }
+    }
+    out
 }
 
 /// The smallest encoding of `f` for a replica holding `held`: its extents, or for a
