@@ -109,8 +109,16 @@ fn a_corrupt_checkpoint_on_a_replica_is_passed_over_for_the_previous_one_with_th
 
     assert_eq!(r.checkpoint.id, cks[0].id, "{r:?}");
     assert_eq!(r.skipped.len(), 2, "{:?}", r.skipped);
-    assert!(r.skipped[0].starts_with(&cks[2].id) && r.skipped[0].contains(&layer.name) && r.skipped[0].contains("checksum"), "{:?}", r.skipped);
-    assert!(r.skipped[1].starts_with(&cks[1].id) && r.skipped[1].contains(&mem.name) && r.skipped[1].contains("checksum"), "{:?}", r.skipped);
+    assert!(
+        r.skipped[0].starts_with(&cks[2].id) && r.skipped[0].contains(&layer.name) && r.skipped[0].contains("checksum"),
+        "{:?}",
+        r.skipped
+    );
+    assert!(
+        r.skipped[1].starts_with(&cks[1].id) && r.skipped[1].contains(&mem.name) && r.skipped[1].contains("checksum"),
+        "{:?}",
+        r.skipped
+    );
     let v = runs_clean(&b, "cc", 10);
     assert!(v.guest.last_seq > cks[0].guest.last_seq, "{:?}", v.guest);
     b.cli(&["vm", "delete", "cc"]);
