@@ -523,7 +523,7 @@ impl Agent {
                 let _ = std::fs::remove_file(&s.top_path);
             }
         }
-        let parent = self.local_checkpoints(&name)?.into_iter().map(|c| c.id).last();
+        let parent = self.local_checkpoints(&name)?.into_iter().map(|c| c.id).next_back();
         let ck = Checkpoint {
             version: CHECKPOINT_VERSION,
             id: format!("{name}.{n}"),
