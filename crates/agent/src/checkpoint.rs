@@ -305,6 +305,8 @@ impl Agent {
         let mem = dir.join(format!("{name}.{n}.mem"));
         match self.freeze(&mut vm, &qmp, method, n, &steps, &mem).await {
             Ok((pause_ms, taken_ms, guest)) => {
+                // Recorded after the pause (a database write syncs to disk).
+                self.adopt_overlays(&mut vm, &steps);
                 let total_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 let ck = self.record_checkpoint(&mut vm, method, n, &steps, &mem, pause_ms, total_ms, taken_ms, guest).await?;
                 tracing::info!(vm = %name, id = %ck.id, ?method, pause_ms, total_ms, "checkpoint taken");
@@ -327,6 +329,30 @@ impl Agent {
                 }
                 tracing::warn!(vm = %name, n, reason = %reason, "checkpoint failed; the VM runs on");
                 Err(ck_err(name)(reason))
+            }
+        }
+    }
+
+    /// What a deleted VM leaves of its checkpoints that no checkpoint owns: its active
+    /// overlays in the store, and the images the agent made for it that its first
+    /// checkpoint hard-linked in (the checkpoint keeps its own link).
+    pub(crate) fn remove_checkpoint_leftovers(&self, spec: &walkabout_api::VmSpec) {
+        let dir = self.checkpoint_dir(&spec.name);
+        if !dir.exists() {
+            return;
+        }
+        for d in spec.disks.iter().filter_map(|d| d.path.as_ref()) {
+            let active = d.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            if d.parent() == Some(dir.as_path()) && active.starts_with(&format!("{}.a", spec.name)) {
+                let _ = std::fs::remove_file(d);
+            }
+        }
+        let storage = self.storage_dir();
+        for i in 0..spec.disks.len() {
+            let made = crate::disks::owned_path(&storage, &spec.name, i);
+            let linked = std::fs::read_dir(&dir).map(|rd| rd.filter_map(Result::ok).any(|e| same_file(&e.path(), &made))).unwrap_or(false);
+            if linked {
+                let _ = std::fs::remove_file(&made);
             }
         }
     }
@@ -418,7 +444,9 @@ impl Agent {
         let mut w = Watch::new(qmp);
         let paused_at;
         let pause_start;
-        let guest;
+        // The console's length at the pause: the guest's status there is parsed later,
+        // outside the pause.
+        let console_len;
         let fail = |snap: bool| move |e: String| (snap, e);
         match method {
             CheckpointMethod::Live => {
@@ -426,14 +454,13 @@ impl Agent {
                 w.until(qmp, &["pre-switchover"], |_| false).await.map_err(fail(false))?;
                 pause_start = Instant::now();
                 paused_at = now_ms();
-                guest = self.info_of(vm).guest;
+                console_len = console_len_of(vm);
                 let r = qmp_do(qmp, "transaction", Some(snapshot)).await;
                 if let Err(e) = r {
                     let _ = qmp_do(qmp, "migrate_cancel", None).await;
                     let _ = w.until(qmp, &["cancelled", "failed", "completed"], |_| false).await;
                     return Err((false, format!("the disk snapshot failed: {e}")));
                 }
-                self.adopt_overlays(vm, steps);
                 qmp_do(qmp, "migrate-continue", Some(json!({"state": "pre-switchover"}))).await.map_err(fail(true))?;
                 w.until(qmp, &["completed"], |_| false).await.map_err(fail(true))?;
             }
@@ -441,9 +468,8 @@ impl Agent {
                 qmp.stop().await.map_err(|e| (false, e.to_string()))?;
                 pause_start = Instant::now();
                 paused_at = now_ms();
-                guest = self.info_of(vm).guest;
+                console_len = console_len_of(vm);
                 qmp_do(qmp, "transaction", Some(snapshot)).await.map_err(|e| (false, format!("the disk snapshot failed: {e}")))?;
-                self.adopt_overlays(vm, steps);
                 qmp_do(qmp, "migrate", Some(migrate)).await.map_err(|e| (true, format!("QEMU refuses the {method} memory write: {e}")))?;
                 if method == CheckpointMethod::Background {
                     // Resume once QEMU saves pages: by then the device state is written
@@ -460,6 +486,7 @@ impl Agent {
             qmp.cont().await.map_err(|e| (true, format!("cannot resume the guest: {e}")))?;
         }
         let pause_wall = u64::try_from(pause_start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let guest = guest_at(vm, console_len);
         tokio::time::sleep(Duration::from_millis(5)).await;
         w.drain();
         // QEMU's own timestamps of the vCPUs stopping and resuming, when it sent both.
@@ -792,6 +819,28 @@ fn encode_for(
         }
     }
     Ok(best)
+}
+
+/// Whether two paths are one file (hard links of one inode).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// The length of a VM's console log now.
+fn console_len_of(vm: &Vm) -> u64 {
+    std::fs::metadata(vm.record.run_dir.join("console.log")).map(|m| m.len()).unwrap_or(0)
+}
+
+/// The guest's status as its console said it up to byte `len`.
+fn guest_at(vm: &Vm, len: u64) -> GuestStatus {
+    let log = std::fs::read(vm.record.run_dir.join("console.log")).unwrap_or_default();
+    let end = usize::try_from(len).unwrap_or(usize::MAX).min(log.len());
+    let before = vm.record.guest_before.clone().unwrap_or_default();
+    crate::console::parse_after(before, &String::from_utf8_lossy(&log[..end]))
 }
 
 /// Rewrites the backing file name in `overlay`'s header to `name` (relative to the

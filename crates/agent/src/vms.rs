@@ -731,6 +731,8 @@ impl Agent {
         self.inner.store.delete(name)?;
         let _ = std::fs::remove_dir_all(&vm.record.run_dir);
         self.remove_owned_disks(&vm.record.spec);
+        self.remove_checkpoint_leftovers(&vm.record.spec);
+        lock(&self.inner.protections).remove(name);
         lock(&self.inner.table).vms.remove(name);
         Ok(())
     }

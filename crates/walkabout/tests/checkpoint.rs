@@ -79,6 +79,22 @@ fn a_two_disk_vm_checkpointed_twice_and_shipped_runs_on_from_the_second_on_anoth
     assert_eq!((v.guest.corrupt_pages, v.guest.corrupt_blocks), (0, 0), "{:?}", v.guest);
     b.cli(&["vm", "delete", "ck"]);
     a.cli(&["vm", "delete", "ck"]);
+    // Deleting the VM leaves its checkpoints and nothing else: no active overlay, no
+    // image the agent made for it (the first checkpoint has its own link of it).
+    let left: Vec<String> = std::fs::read_dir(a.data.join("images"))
+        .expect("images")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.iter().all(|f| !f.starts_with("ck-")), "{left:?}");
+    let store: Vec<String> = std::fs::read_dir(a.data.join("checkpoints").join("ck"))
+        .expect("store")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(store.iter().all(|f| !f.starts_with("ck.a")), "{store:?}");
+    let kept = a.call(|c| async move { c.checkpoints().await }).expect("checkpoints");
+    assert_eq!(kept.len(), 2, "{kept:?}");
 }
 
 #[test]
