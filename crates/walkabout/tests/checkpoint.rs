@@ -13,6 +13,9 @@ use walkabout_api::{Checkpoint, CheckpointMethod, CheckpointRequest, FileKind, P
 
 const WORKLOAD: &str = "dirty:32:8,disk:8:8";
 
+/// Longest a checkpoint, a shipment or a restore may take here.
+const SLOW: Duration = Duration::from_secs(300);
+
 /// A VM booting from the Walkabout root disk with a data disk, running the dirtying and
 /// disk workloads, ready and healthy.
 fn two_disk_vm(agent: &AgentProc, name: &str) -> VmInfo {
@@ -32,7 +35,8 @@ fn runs_clean(agent: &AgentProc, vm: &str, more: u64) -> VmInfo {
 
 fn checkpoint(agent: &AgentProc, vm: &str, method: CheckpointMethod, ship_to: Option<&AgentProc>) -> Checkpoint {
     let req = CheckpointRequest { method: Some(method), ship_to: ship_to.map(|a| a.url.clone()) };
-    agent.call(|c| async move { c.checkpoint(vm, &req).await }).unwrap_or_else(|e| panic!("checkpoint of {vm}: {e}"))
+    // Shipping hundreds of MiB through debug builds on a busy machine: minutes, not seconds.
+    agent.call(|c| async move { c.with_timeout(SLOW).checkpoint(vm, &req).await }).unwrap_or_else(|e| panic!("checkpoint of {vm}: {e}"))
 }
 
 /// The backing chain of `img` as `qemu-img info --backing-chain` sees it: file names.
@@ -122,7 +126,7 @@ fn a_corrupt_checkpoint_on_a_replica_is_passed_over_for_the_previous_one_with_th
     let f = std::fs::OpenOptions::new().write(true).open(dir.join(&mem.name)).expect("open mem");
     f.set_len(mem.bytes / 2).expect("truncate");
 
-    let r = b.call(|c| async move { c.restore_replica("cc", &RestoreRequest::default()).await }).expect("restore");
+    let r = b.call(|c| async move { c.with_timeout(SLOW).restore_replica("cc", &RestoreRequest::default()).await }).expect("restore");
 
     assert_eq!(r.checkpoint.id, cks[0].id, "{r:?}");
     assert_eq!(r.skipped.len(), 2, "{:?}", r.skipped);
@@ -146,7 +150,7 @@ fn a_protected_vms_replica_keeps_at_most_keep_checkpoints_and_layers() {
     let a = AgentProc::start(&[]);
     let b = AgentProc::start(&[]);
     two_disk_vm(&a, "pk");
-    let p = Protection { replica: "b".into(), replica_url: b.url.clone(), every_ms: 3000, keep: 2, fence_ms: 60_000 };
+    let p = Protection { replica: "b".into(), replica_url: b.url.clone(), every_ms: 2000, keep: 2, fence_ms: 60_000 };
     let own = Protection { replica_url: a.url.clone(), ..p.clone() };
     let err = a.call(|c| async move { c.protect("pk", &own).await }).expect_err("toward itself");
     assert!(err.to_string().contains("this agent"), "{err}");
@@ -165,7 +169,7 @@ fn a_protected_vms_replica_keeps_at_most_keep_checkpoints_and_layers() {
         if st.checkpoints >= 4 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(150), "protection is not progressing: {st:?}");
+        assert!(start.elapsed() < Duration::from_secs(400), "protection is not progressing: {st:?}");
         std::thread::sleep(Duration::from_millis(500));
     }
     let off = a.call(|c| async move { c.unprotect("pk").await }).expect("unprotect");

@@ -99,6 +99,9 @@ pub fn encode_extents(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A page of zeros, to compare pages against.
+static ZERO_PAGE: [u8; 4096] = [0; 4096];
+
 /// Frames of `data` at `off`, leaving out 4 KiB pages that are all zeros.
 fn push_nonzero(out: &mut Vec<u8>, off: u64, data: &[u8]) {
     const PAGE: usize = 4096;
@@ -106,7 +109,8 @@ fn push_nonzero(out: &mut Vec<u8>, off: u64, data: &[u8]) {
     let mut i = 0;
     while i < data.len() {
         let end = (i + PAGE).min(data.len());
-        let zero = data[i..end].iter().all(|&b| b == 0);
+        // A slice comparison (memcmp), fast even unoptimized.
+        let zero = data[i..end] == ZERO_PAGE[..end - i];
         match (zero, start) {
             (false, None) => start = Some(i),
             (true, Some(s)) => {
