@@ -146,7 +146,9 @@ impl Agent {
         std::fs::rename(&part, &target).map_err(io_err(&target))?;
         let kind = if name.ends_with(".mem") { FileKind::Memory } else { FileKind::Layer };
         let disk = (kind != FileKind::Memory).then(|| name.trim_end_matches(".qcow2").rsplit('.').next().unwrap_or("").to_string());
-        let file = describe(&target, name, kind, disk, None)?;
+        // Hashed once above: described without reading it again.
+        let data_bytes = files::data_bytes(&target).map_err(io_err(&target))?;
+        let file = CheckpointFile { name: name.into(), kind, disk, backing: None, bytes: len, data_bytes, sha256: sha };
         let _g = self.inner.replica_lock.lock().await;
         let mut state = self.inner.store.replica(vm)?.unwrap_or_else(|| ReplicaState { vm: vm.into(), ..Default::default() });
         state.files.retain(|f| f.name != name);
