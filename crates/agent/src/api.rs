@@ -16,6 +16,7 @@
 //! | POST | /v1/incoming/{name}/commit | ownership hand-over after switchover |
 //! | POST | /v1/incoming/{name}/recover | a paused post-copy listens again |
 //! | GET | /metrics | Prometheus metrics |
+//! | POST | /v1/host/power-cut | kill every QEMU and the agent (`--allow-power-cut` only; see `fence.rs`) |
 //!
 //! Errors are `{"error": "<sentence naming the VM and cause>", "kind": "<kind>"}` with a
 //! 4xx/5xx status.
@@ -52,6 +53,7 @@ pub fn router(agent: Agent) -> Router {
         0
     });
     let fence = Fenced { agent: agent.clone(), fence: Arc::new(EpochFence::new(seen)) };
+    crate::fence::spawn_watchdog(agent.clone());
     Router::new()
         .route("/v1/host", get(host))
         .route("/v1/host/cpu", get(host_cpu))
@@ -71,6 +73,8 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/incoming/{name}/recover", post(incoming_recover))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
+        .route("/v1/host/power-cut", post(crate::fence::power_cut))
+        .layer(axum::middleware::from_fn(crate::fence::note_controller))
         .layer(axum::middleware::from_fn_with_state(fence, check_epoch))
         .with_state(agent)
 }
@@ -334,6 +338,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/incoming/{name}/recover"),
     ("GET", "/metrics"),
     ("GET", "/v1/openapi.json"),
+    ("POST", "/v1/host/power-cut"),
 ];
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod boot;
 pub mod console;
 pub mod disks;
 pub mod error;
+pub mod fence;
 pub mod host;
 pub mod metrics;
 pub mod migration;

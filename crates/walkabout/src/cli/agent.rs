@@ -68,6 +68,10 @@ pub struct AgentArgs {
     /// `rounds=5,initial=50,max=550,step=100` (ms; any subset).
     #[arg(long, default_value = "rounds=5,initial=50,max=550,step=100")]
     announce: walkabout_agent::nics::Announce,
+    /// Let an operator pull the plug: `POST /v1/host/power-cut` kills every QEMU of this
+    /// host and the agent at once (tests, musical chairs). Refused (403) without it.
+    #[arg(long)]
+    allow_power_cut: bool,
 }
 
 /// Runs the agent until Ctrl-C or SIGTERM. VMs keep running after it stops.
@@ -87,6 +91,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             announce: a.announce,
             boot_dirs: a.boot_dirs,
             migration_address: Some(migration_address(a.migration_address.as_deref(), &a.listen)),
+            allow_power_cut: a.allow_power_cut,
             ..AgentConfig::new(a.data_dir)
         };
         let agent = Agent::start(config).await?;
