@@ -15,6 +15,14 @@
 //! | POST, GET, DELETE | /v1/incoming[/{name}] | destination side, agent to agent |
 //! | POST | /v1/incoming/{name}/commit | ownership hand-over after switchover |
 //! | POST | /v1/incoming/{name}/recover | a paused post-copy listens again |
+//! | POST | /v1/vms/{name}/checkpoint | take a checkpoint now (201), optionally shipped to a replica |
+//! | PUT, DELETE | /v1/vms/{name}/protection | protect (checkpoints every N ms, shipped) / stop |
+//! | GET | /v1/checkpoints[/{id}] | checkpoints held here (taken or received); DELETE one |
+//! | POST | /v1/checkpoints/{id}/restore | start a VM from a checkpoint held here (201) |
+//! | GET, DELETE | /v1/replicas[/{vm}] | replica side, host to host: what is held of a VM |
+//! | PUT | /v1/replicas/{vm}/files/{file} | one checkpoint file (octet-stream), checksum verified |
+//! | POST | /v1/replicas/{vm}/checkpoints | commit a checkpoint's manifest, keep at most `keep` |
+//! | POST | /v1/replicas/{vm}/restore | restore the newest checkpoint that verifies (201) |
 //! | GET | /metrics | Prometheus metrics |
 //! | POST | /v1/host/power-cut | kill every QEMU and the agent (`--allow-power-cut` only; see `fence.rs`) |
 //!
@@ -33,11 +41,14 @@ use crate::vms::Agent;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use std::sync::{Arc, Mutex};
-use walkabout_api::{CommitRequest, ErrorBody, ErrorKind, IncomingRequest, MigrationRequest, RecoverRequest, EPOCH_HEADER};
+use walkabout_api::{
+    CheckpointRequest, CommitCheckpoint, CommitRequest, ErrorBody, ErrorKind, FileUpload, IncomingRequest, MigrationRequest, Protection,
+    RecoverRequest, RestoreRequest, EPOCH_HEADER,
+};
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
@@ -71,6 +82,16 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/incoming/{name}", get(incoming).delete(incoming_abort))
         .route("/v1/incoming/{name}/commit", post(incoming_commit))
         .route("/v1/incoming/{name}/recover", post(incoming_recover))
+        .route("/v1/vms/{name}/checkpoint", post(checkpoint))
+        .route("/v1/vms/{name}/protection", put(protect).delete(unprotect))
+        .route("/v1/checkpoints", get(checkpoints))
+        .route("/v1/checkpoints/{id}", get(checkpoint_info).delete(delete_checkpoint))
+        .route("/v1/checkpoints/{id}/restore", post(restore_checkpoint))
+        .route("/v1/replicas", get(replicas))
+        .route("/v1/replicas/{vm}", get(replica).delete(delete_replica))
+        .route("/v1/replicas/{vm}/files/{file}", put(replica_file))
+        .route("/v1/replicas/{vm}/checkpoints", post(commit_replica))
+        .route("/v1/replicas/{vm}/restore", post(restore_replica))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/host/power-cut", post(crate::fence::power_cut))
@@ -304,6 +325,88 @@ async fn incoming_abort(State(a): State<Agent>, Path(name): Path<String>) -> Res
     }
 }
 
+fn created<T: serde::Serialize>(r: Result<T, AgentError>) -> Response {
+    match r {
+        Ok(v) => (StatusCode::CREATED, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn no_content(r: Result<(), AgentError>) -> Response {
+    match r {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn checkpoint(State(a): State<Agent>, Path(name): Path<String>, b: Option<Json<CheckpointRequest>>) -> Response {
+    let req = b.map(|Json(r)| r).unwrap_or_default();
+    created(a.checkpoint(&name, req).await)
+}
+
+async fn protect(State(a): State<Agent>, Path(name): Path<String>, b: Body<Protection>) -> Response {
+    match body(b, "protection") {
+        Ok(p) => reply(a.protect(&name, p).await),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn unprotect(State(a): State<Agent>, Path(name): Path<String>) -> Response {
+    reply(a.unprotect(&name).await)
+}
+
+async fn checkpoints(State(a): State<Agent>) -> Response {
+    reply(a.checkpoints())
+}
+
+async fn checkpoint_info(State(a): State<Agent>, Path(id): Path<String>) -> Response {
+    reply(a.get_checkpoint(&id))
+}
+
+async fn delete_checkpoint(State(a): State<Agent>, Path(id): Path<String>) -> Response {
+    no_content(a.delete_checkpoint(&id))
+}
+
+async fn restore_checkpoint(State(a): State<Agent>, Path(id): Path<String>, b: Option<Json<RestoreRequest>>) -> Response {
+    created(a.restore_checkpoint(&id, b.map(|Json(r)| r).unwrap_or_default()).await)
+}
+
+async fn replicas(State(a): State<Agent>) -> Response {
+    reply(a.replicas())
+}
+
+async fn replica(State(a): State<Agent>, Path(vm): Path<String>) -> Response {
+    reply(a.replica(&vm))
+}
+
+async fn delete_replica(State(a): State<Agent>, Path(vm): Path<String>) -> Response {
+    no_content(a.delete_replica(&vm).await)
+}
+
+async fn replica_file(
+    State(a): State<Agent>,
+    Path((vm, file)): Path<(String, String)>,
+    q: Result<Query<FileUpload>, axum::extract::rejection::QueryRejection>,
+    body: axum::body::Body,
+) -> Response {
+    let upload = match q {
+        Ok(Query(u)) => u,
+        Err(e) => return AgentError::InvalidRequest { reason: format!("invalid file upload query: {}", e.body_text()) }.into_response(),
+    };
+    reply(a.receive_file(&vm, &file, upload, body.into_data_stream()).await)
+}
+
+async fn commit_replica(State(a): State<Agent>, Path(vm): Path<String>, b: Body<CommitCheckpoint>) -> Response {
+    match body(b, "checkpoint commit") {
+        Ok(c) => reply(a.commit_replica(&vm, c).await),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn restore_replica(State(a): State<Agent>, Path(vm): Path<String>, b: Option<Json<RestoreRequest>>) -> Response {
+    created(a.restore_replica(&vm, b.map(|Json(r)| r).unwrap_or_default()).await)
+}
+
 async fn metrics(State(a): State<Agent>) -> Response {
     let body = crate::metrics::render(&a.host_info(), &a.list().await, &a.migrations());
     ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
@@ -336,6 +439,19 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/incoming/{name}"),
     ("POST", "/v1/incoming/{name}/commit"),
     ("POST", "/v1/incoming/{name}/recover"),
+    ("POST", "/v1/vms/{name}/checkpoint"),
+    ("PUT", "/v1/vms/{name}/protection"),
+    ("DELETE", "/v1/vms/{name}/protection"),
+    ("GET", "/v1/checkpoints"),
+    ("GET", "/v1/checkpoints/{id}"),
+    ("DELETE", "/v1/checkpoints/{id}"),
+    ("POST", "/v1/checkpoints/{id}/restore"),
+    ("GET", "/v1/replicas"),
+    ("GET", "/v1/replicas/{vm}"),
+    ("DELETE", "/v1/replicas/{vm}"),
+    ("PUT", "/v1/replicas/{vm}/files/{file}"),
+    ("POST", "/v1/replicas/{vm}/checkpoints"),
+    ("POST", "/v1/replicas/{vm}/restore"),
     ("GET", "/metrics"),
     ("GET", "/v1/openapi.json"),
     ("POST", "/v1/host/power-cut"),

@@ -104,6 +104,62 @@ pub enum AgentError {
         /// What failed.
         source: QemuError,
     },
+    /// No checkpoint with that id on this agent.
+    #[error("no checkpoint `{id}` on this agent")]
+    CheckpointNotFound {
+        /// The id.
+        id: String,
+    },
+    /// This agent holds no replica of that VM.
+    #[error("this agent holds no replica of VM `{vm}`")]
+    ReplicaNotFound {
+        /// The VM.
+        vm: String,
+    },
+    /// Taking, restoring or merging a checkpoint failed.
+    #[error("checkpoint of VM `{vm}`: {reason}")]
+    Checkpoint {
+        /// The VM.
+        vm: String,
+        /// What failed, and QEMU's or the system's words for it.
+        reason: String,
+    },
+    /// A checkpoint file is not what its checksum says (or is missing).
+    #[error("checkpoint file `{file}` of VM `{vm}`: {reason}")]
+    FileMismatch {
+        /// The VM.
+        vm: String,
+        /// The file.
+        file: String,
+        /// What is wrong (expected and found checksums, a short file).
+        reason: String,
+    },
+    /// A checkpoint file could not be read or written.
+    #[error("checkpoint file {path}: {source}")]
+    CheckpointIo {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// No checkpoint of a replica passed verification.
+    #[error("no usable checkpoint of VM `{vm}` on this agent: {why}")]
+    NoUsableCheckpoint {
+        /// The VM.
+        vm: String,
+        /// Each checkpoint passed over, and why.
+        why: String,
+    },
+    /// Shipping a checkpoint to its replica failed.
+    #[error("shipping checkpoint `{id}` to {to}: {reason}")]
+    Ship {
+        /// The checkpoint.
+        id: String,
+        /// The replica agent's URL.
+        to: String,
+        /// What failed.
+        reason: String,
+    },
     /// The agent's database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -113,15 +169,20 @@ impl AgentError {
     /// The HTTP status this error is served with.
     pub fn http_status(&self) -> u16 {
         match self {
-            AgentError::NotFound { .. } | AgentError::MigrationNotFound { .. } => 404,
+            AgentError::NotFound { .. }
+            | AgentError::MigrationNotFound { .. }
+            | AgentError::CheckpointNotFound { .. }
+            | AgentError::ReplicaNotFound { .. } => 404,
             AgentError::Duplicate { .. }
             | AgentError::InvalidState { .. }
             | AgentError::InsufficientMemory { .. }
             | AgentError::CpuIncompatible { .. }
             | AgentError::MigrationInProgress { .. }
-            | AgentError::NotCancellable { .. } => 409,
-            AgentError::InvalidSpec { .. } | AgentError::InvalidRequest { .. } => 422,
-            AgentError::Qemu { .. } | AgentError::Store(_) => 500,
+            | AgentError::NotCancellable { .. }
+            | AgentError::NoUsableCheckpoint { .. } => 409,
+            AgentError::InvalidSpec { .. } | AgentError::InvalidRequest { .. } | AgentError::FileMismatch { .. } => 422,
+            AgentError::Qemu { .. } | AgentError::Store(_) | AgentError::Checkpoint { .. } | AgentError::CheckpointIo { .. } => 500,
+            AgentError::Ship { .. } => 502,
         }
     }
 
@@ -140,6 +201,12 @@ impl AgentError {
             AgentError::NotCancellable { .. } => ErrorKind::NotCancellable,
             AgentError::Qemu { .. } => ErrorKind::Qemu,
             AgentError::Store(_) => ErrorKind::Store,
+            AgentError::CheckpointNotFound { .. } | AgentError::ReplicaNotFound { .. } => ErrorKind::NotFound,
+            AgentError::Checkpoint { .. } => ErrorKind::Qemu,
+            AgentError::FileMismatch { .. } => ErrorKind::InvalidRequest,
+            AgentError::CheckpointIo { .. } => ErrorKind::Other,
+            AgentError::NoUsableCheckpoint { .. } => ErrorKind::Conflict,
+            AgentError::Ship { .. } => ErrorKind::Agent,
         }
     }
 

@@ -136,7 +136,9 @@ fn refresh(agent: &Agent, f: &Fence) {
 /// is held (a long operation) is killed by its pid file first and recorded once the
 /// lock is free.
 async fn kill(agent: &Agent, f: &Fence, name: &str, reason: &str) {
-    lock(&f.fenced).insert(name.to_string(), now_ms());
+    let at = now_ms();
+    lock(&f.fenced).insert(name.to_string(), at);
+    agent.note_fenced(name, at);
     tracing::warn!(vm = name, reason, "fencing: killing the VM");
     let Ok(vm) = agent.vm(name) else { return };
     let mut guard = match tokio::time::timeout(LOCK_WAIT, vm.lock()).await {

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod boot;
+pub mod checkpoint;
 pub mod console;
 pub mod disks;
 pub mod error;
@@ -32,5 +33,6 @@ pub async fn serve(
     listener: walkabout_trust::Listener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    *vms::lock(&agent.inner.own_addr) = Some(listener.addr());
     walkabout_trust::serve::serve(listener, api::router(agent), walkabout_trust::ServerKind::Agent, None, shutdown).await
 }

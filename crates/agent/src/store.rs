@@ -15,6 +15,11 @@ pub const VMS: Table = Table::new("vms", RECORD_VERSION, no_upgrades);
 /// Migration records by migration id.
 pub const MIGRATIONS: Table = Table::new("migrations", MIGRATION_VERSION, no_upgrades);
 
+/// Checkpoints this agent took, by id (`<vm>.<n>`).
+pub const CHECKPOINTS: Table = Table::new("checkpoints", walkabout_api::checkpoint::CHECKPOINT_VERSION, no_upgrades);
+/// What this agent holds as a replica, by VM name.
+pub const REPLICAS: Table = Table::new("replicas", walkabout_api::checkpoint::CHECKPOINT_VERSION, no_upgrades);
+
 /// The counter holding the highest leader epoch seen (see `api.rs`).
 const EPOCH: &str = "leader_epoch";
 
@@ -52,6 +57,53 @@ impl Store {
     /// All migration records.
     pub fn list_migrations(&self) -> Result<Vec<MigrationRecord>, StoreError> {
         self.db.list(&MIGRATIONS)
+    }
+
+    /// Inserts or replaces a checkpoint taken here.
+    pub fn put_checkpoint(&self, ck: &walkabout_api::Checkpoint) -> Result<(), StoreError> {
+        self.db.put(&CHECKPOINTS, &ck.id, ck)
+    }
+
+    /// Removes a checkpoint record.
+    pub fn delete_checkpoint(&self, id: &str) -> Result<(), StoreError> {
+        self.db.delete(&CHECKPOINTS, id)
+    }
+
+    /// Every checkpoint taken here.
+    pub fn list_checkpoints(&self) -> Result<Vec<walkabout_api::Checkpoint>, StoreError> {
+        self.db.list(&CHECKPOINTS)
+    }
+
+    /// The next checkpoint number of `vm` (never reused, even after a failed attempt's
+    /// number was given out or a checkpoint deleted).
+    pub fn next_checkpoint(&self, vm: &str) -> Result<u64, StoreError> {
+        self.db.next(&format!("checkpoint:{vm}"))
+    }
+
+    /// Raises `vm`'s checkpoint counter to at least `n` (a restored VM continues the
+    /// numbering of its checkpoints).
+    pub fn raise_checkpoint(&self, vm: &str, n: u64) -> Result<u64, StoreError> {
+        self.db.raise(&format!("checkpoint:{vm}"), n)
+    }
+
+    /// Inserts or replaces what this agent holds as a replica of one VM.
+    pub fn put_replica(&self, r: &walkabout_api::ReplicaState) -> Result<(), StoreError> {
+        self.db.put(&REPLICAS, &r.vm, r)
+    }
+
+    /// What this agent holds as a replica of `vm`, if anything.
+    pub fn replica(&self, vm: &str) -> Result<Option<walkabout_api::ReplicaState>, StoreError> {
+        self.db.get(&REPLICAS, vm)
+    }
+
+    /// Forgets a replica.
+    pub fn delete_replica(&self, vm: &str) -> Result<(), StoreError> {
+        self.db.delete(&REPLICAS, vm)
+    }
+
+    /// Every replica held.
+    pub fn list_replicas(&self) -> Result<Vec<walkabout_api::ReplicaState>, StoreError> {
+        self.db.list(&REPLICAS)
     }
 
     /// The highest leader epoch this agent has seen (0: none).

@@ -129,6 +129,12 @@ pub(crate) struct Inner {
     pub(crate) leases: Mutex<BTreeMap<String, std::time::Instant>>,
     /// This host's CPU models, probed once on first request.
     cpu_catalog: tokio::sync::OnceCell<walkabout_qemu::cpu::CpuCatalog>,
+    /// The address the API listens on (a VM is never protected toward it).
+    pub(crate) own_addr: Mutex<Option<std::net::SocketAddr>>,
+    /// Protected VMs: their loops and how their checkpoints are going.
+    pub(crate) protections: Mutex<BTreeMap<String, crate::checkpoint::protect::Running>>,
+    /// Serializes changes to the replicas this agent holds.
+    pub(crate) replica_lock: tokio::sync::Mutex<()>,
 }
 
 /// The agent: owns the VMs of one host. Cheap to clone.
@@ -215,10 +221,14 @@ impl Agent {
                 migrations: Mutex::default(),
                 leases: Mutex::default(),
                 cpu_catalog: tokio::sync::OnceCell::new(),
+                own_addr: Mutex::new(None),
+                protections: Mutex::default(),
+                replica_lock: tokio::sync::Mutex::new(()),
             }),
         };
         agent.reattach().await?;
         agent.recover_migrations().await;
+        agent.resume_protections();
         Ok(agent)
     }
 
@@ -643,7 +653,8 @@ impl Agent {
     pub(crate) fn info_of(&self, vm: &Vm) -> VmInfo {
         let log = std::fs::read(vm.record.run_dir.join("console.log")).unwrap_or_default();
         let before = vm.record.guest_before.clone().unwrap_or_default();
-        VmInfo { record: vm.record.clone(), guest: crate::console::parse_after(before, &String::from_utf8_lossy(&log)), protection: None }
+        let protection = vm.record.protection.as_ref().map(|_| self.protection_status(&vm.record.spec.name));
+        VmInfo { record: vm.record.clone(), guest: crate::console::parse_after(before, &String::from_utf8_lossy(&log)), protection }
     }
 
     /// One VM.

@@ -5,6 +5,10 @@
 //! never a hang. Error replies become [`ClientError::Api`] with the server's
 //! [`ErrorBody`]; match on its [`ErrorKind`], not on the sentence.
 
+use crate::checkpoint::{
+    Checkpoint, CheckpointFile, CheckpointRequest, CommitCheckpoint, Encoding, FileUpload, Protection, ReplicaState, RestoreReply,
+    RestoreRequest,
+};
 use crate::cluster::{AddHost, ClusterMigration, ClusterSummary, ClusterVm, CreateVm, Host, MoveVm};
 use crate::error::{ErrorBody, ErrorKind};
 use crate::event::Event;
@@ -276,6 +280,37 @@ impl Http {
         self.call(Method::POST, path, body, None).await
     }
 
+    /// `PUT` of raw bytes (`application/octet-stream`), the JSON reply decoded.
+    async fn put_bytes<T: DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> Result<T, ClientError> {
+        let method = Method::PUT;
+        let mut req = self.http.request(method.clone(), format!("{}{path}", self.base)).timeout(self.timeout);
+        if let Some(epoch) = self.epoch {
+            req = req.header(crate::EPOCH_HEADER, epoch.to_string());
+        }
+        let req = req.header(reqwest::header::CONTENT_TYPE, "application/octet-stream").body(body);
+        let resp = req.send().await.map_err(|e| self.transport(&e, &method, path, None))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| self.transport(&e, &method, path, None))?;
+        if !status.is_success() {
+            let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| {
+                ErrorBody::new(
+                    ErrorKind::Other,
+                    format!("{} answered {method} {path} with HTTP {status}: {}", self.base, String::from_utf8_lossy(&bytes).trim()),
+                )
+            });
+            return Err(ClientError::Api { status: status.as_u16(), body });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode { url: self.base.clone(), path: path.into(), detail: e.to_string() })
+    }
+
+    async fn put<T: DeserializeOwned>(&self, path: &str, body: &(impl Serialize + ?Sized)) -> Result<T, ClientError> {
+        self.call(Method::PUT, path, Some(body), None).await
+    }
+
+    async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::DELETE, path, None::<&()>, None).await
+    }
+
     async fn delete(&self, path: &str) -> Result<(), ClientError> {
         self.send(Method::DELETE, path, None, None).await.map(|_| ())
     }
@@ -421,6 +456,70 @@ impl AgentClient {
     pub async fn migration_events(&self, id: &str) -> Result<SseStream<MigrationRecord>, ClientError> {
         self.http.stream(&format!("/v1/migrations/{}/events", seg(id))).await
     }
+    /// `POST /v1/vms/{name}/checkpoint`: takes a checkpoint now (and ships it if asked).
+    pub async fn checkpoint(&self, name: &str, req: &CheckpointRequest) -> Result<Checkpoint, ClientError> {
+        self.http.post(&format!("/v1/vms/{}/checkpoint", seg(name)), Some(req)).await
+    }
+    /// `GET /v1/checkpoints`: every checkpoint this agent holds (taken or received).
+    pub async fn checkpoints(&self) -> Result<Vec<Checkpoint>, ClientError> {
+        self.http.get("/v1/checkpoints").await
+    }
+    /// `GET /v1/checkpoints/{id}`.
+    pub async fn checkpoint_info(&self, id: &str) -> Result<Checkpoint, ClientError> {
+        self.http.get(&format!("/v1/checkpoints/{}", seg(id))).await
+    }
+    /// `DELETE /v1/checkpoints/{id}`.
+    pub async fn delete_checkpoint(&self, id: &str) -> Result<(), ClientError> {
+        self.http.delete(&format!("/v1/checkpoints/{}", seg(id))).await
+    }
+    /// `POST /v1/checkpoints/{id}/restore`: starts a VM from a checkpoint held here.
+    pub async fn restore_checkpoint(&self, id: &str, req: &RestoreRequest) -> Result<RestoreReply, ClientError> {
+        self.http.post(&format!("/v1/checkpoints/{}/restore", seg(id)), Some(req)).await
+    }
+    /// `PUT /v1/vms/{name}/protection`: checkpoints shipped to a replica, periodically.
+    pub async fn protect(&self, name: &str, p: &Protection) -> Result<VmInfo, ClientError> {
+        self.http.put(&format!("/v1/vms/{}/protection", seg(name)), p).await
+    }
+    /// `DELETE /v1/vms/{name}/protection`.
+    pub async fn unprotect(&self, name: &str) -> Result<VmInfo, ClientError> {
+        self.http.delete_json(&format!("/v1/vms/{}/protection", seg(name))).await
+    }
+    /// `GET /v1/replicas` (host to host): every replica this agent holds.
+    pub async fn replicas(&self) -> Result<Vec<ReplicaState>, ClientError> {
+        self.http.get("/v1/replicas").await
+    }
+    /// `GET /v1/replicas/{vm}`: what this agent holds of `vm`.
+    pub async fn replica(&self, vm: &str) -> Result<ReplicaState, ClientError> {
+        self.http.get(&format!("/v1/replicas/{}", seg(vm))).await
+    }
+    /// `DELETE /v1/replicas/{vm}`.
+    pub async fn delete_replica(&self, vm: &str) -> Result<(), ClientError> {
+        self.http.delete(&format!("/v1/replicas/{}", seg(vm))).await
+    }
+    /// `PUT /v1/replicas/{vm}/files/{file}`: one checkpoint file, encoded as `upload` says.
+    pub async fn put_replica_file(&self, vm: &str, file: &str, upload: &FileUpload, body: Vec<u8>) -> Result<CheckpointFile, ClientError> {
+        let mut q = format!(
+            "sha256={}&encoding={}",
+            seg(&upload.sha256),
+            match upload.encoding {
+                Encoding::Whole => "whole",
+                Encoding::Extents => "extents",
+            }
+        );
+        if let Some(b) = &upload.base {
+            q.push_str(&format!("&base={}", seg(b)));
+        }
+        self.http.put_bytes(&format!("/v1/replicas/{}/files/{}?{q}", seg(vm), seg(file)), body).await
+    }
+    /// `POST /v1/replicas/{vm}/checkpoints`: commits a checkpoint whose files arrived.
+    pub async fn commit_replica(&self, vm: &str, req: &CommitCheckpoint) -> Result<ReplicaState, ClientError> {
+        self.http.post(&format!("/v1/replicas/{}/checkpoints", seg(vm)), Some(req)).await
+    }
+    /// `POST /v1/replicas/{vm}/restore`: starts `vm` from its newest checkpoint that verifies.
+    pub async fn restore_replica(&self, vm: &str, req: &RestoreRequest) -> Result<RestoreReply, ClientError> {
+        self.http.post(&format!("/v1/replicas/{}/restore", seg(vm)), Some(req)).await
+    }
+
     /// `POST /v1/incoming` (agent to agent): prepares this host to receive a VM.
     pub async fn prepare_incoming(&self, req: &IncomingRequest) -> Result<IncomingReply, ClientError> {
         self.http.post("/v1/incoming", Some(req)).await
@@ -631,19 +730,6 @@ impl AgentClient {
     /// `DELETE /v1/vms/{name}/protection`: no more checkpoints, no self-fencing.
     pub async fn clear_protection(&self, vm: &str) -> Result<VmInfo, ClientError> {
         self.http.call(Method::DELETE, &format!("/v1/vms/{}/protection", seg(vm)), None::<&()>, None).await
-    }
-    /// `GET /v1/replicas/{vm}`: what this agent holds of the VM as its replica.
-    pub async fn replica(&self, vm: &str) -> Result<crate::checkpoint::ReplicaState, ClientError> {
-        self.http.get(&format!("/v1/replicas/{}", seg(vm))).await
-    }
-    /// `POST /v1/replicas/{vm}/restore`: runs the VM from the newest checkpoint held
-    /// that verifies.
-    pub async fn restore_replica(
-        &self,
-        vm: &str,
-        req: &crate::checkpoint::RestoreRequest,
-    ) -> Result<crate::checkpoint::RestoreReply, ClientError> {
-        self.http.post(&format!("/v1/replicas/{}/restore", seg(vm)), Some(req)).await
     }
     /// `POST /v1/host/power-cut`: the agent kills its QEMUs and exits at once (only an
     /// agent started with `--allow-power-cut`).

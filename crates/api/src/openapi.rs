@@ -74,6 +74,9 @@ pub fn routes(doc: &utoipa::openapi::OpenApi) -> Vec<(String, String)> {
 }
 
 mod agent_routes {
+    use crate::checkpoint::{
+        Checkpoint, CheckpointFile, CheckpointRequest, CommitCheckpoint, Encoding, Protection, ReplicaState, RestoreReply, RestoreRequest,
+    };
     use crate::error::ErrorBody;
     use crate::host::{CpuCatalog, HostInfo};
     use crate::migration::{CommitRequest, IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest, RecoverRequest};
@@ -181,6 +184,84 @@ mod agent_routes {
         request_body = RecoverRequest, responses((status = 200, body = IncomingReply), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
     fn recover_incoming() {}
 
+    /// Takes a checkpoint of a running VM now (memory, devices, disks at one instant);
+    /// ships it to `ship_to` (only what that agent lacks) if asked.
+    #[utoipa::path(post, path = "/v1/vms/{name}/checkpoint", tag = "checkpoints", params(("name" = String, Path, description = "VM name")),
+        request_body = CheckpointRequest, responses((status = 201, body = Checkpoint), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, body = ErrorBody), (status = 500, body = ErrorBody), (status = 502, description = "shipping failed", body = ErrorBody)))]
+    fn checkpoint_vm() {}
+
+    /// Protects a VM: a checkpoint every `every_ms`, shipped to `replica_url` and
+    /// committed there with `keep`. Stored with the VM (survives an agent restart).
+    #[utoipa::path(put, path = "/v1/vms/{name}/protection", tag = "checkpoints", params(("name" = String, Path, description = "VM name")),
+        request_body = Protection, responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, description = "invalid protection, or toward this agent itself", body = ErrorBody)))]
+    fn protect_vm() {}
+
+    /// Stops protecting a VM (its replica keeps what it holds).
+    #[utoipa::path(delete, path = "/v1/vms/{name}/protection", tag = "checkpoints", params(("name" = String, Path, description = "VM name")),
+        responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody)))]
+    fn unprotect_vm() {}
+
+    /// Every checkpoint this agent holds: taken here, and committed here as a replica.
+    #[utoipa::path(get, path = "/v1/checkpoints", tag = "checkpoints", responses((status = 200, body = Vec<Checkpoint>)))]
+    fn list_checkpoints() {}
+
+    /// One checkpoint.
+    #[utoipa::path(get, path = "/v1/checkpoints/{id}", tag = "checkpoints", params(("id" = String, Path, description = "checkpoint id")),
+        responses((status = 200, body = Checkpoint), (status = 404, body = ErrorBody)))]
+    fn get_checkpoint() {}
+
+    /// Forgets a checkpoint taken here and removes its memory file.
+    #[utoipa::path(delete, path = "/v1/checkpoints/{id}", tag = "checkpoints", params(("id" = String, Path, description = "checkpoint id")),
+        responses((status = 204), (status = 404, body = ErrorBody)))]
+    fn delete_checkpoint() {}
+
+    /// Starts a VM from a checkpoint held here (its files verified first); its disks run
+    /// on new overlays, the checkpoint's files stay as they are.
+    #[utoipa::path(post, path = "/v1/checkpoints/{id}/restore", tag = "checkpoints", params(("id" = String, Path, description = "checkpoint id")),
+        request_body = RestoreRequest, responses((status = 201, body = RestoreReply), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, description = "a file fails its checksum", body = ErrorBody), (status = 500, body = ErrorBody)))]
+    fn restore_checkpoint() {}
+
+    /// Host to host: every replica this agent holds.
+    #[utoipa::path(get, path = "/v1/replicas", tag = "replicas", responses((status = 200, body = Vec<ReplicaState>)))]
+    fn list_replicas() {}
+
+    /// Host to host: what this agent holds of one VM (committed checkpoints, files).
+    #[utoipa::path(get, path = "/v1/replicas/{vm}", tag = "replicas", params(("vm" = String, Path, description = "VM name")),
+        responses((status = 200, body = ReplicaState), (status = 404, body = ErrorBody)))]
+    fn get_replica() {}
+
+    /// Host to host: forgets a replica and removes its files.
+    #[utoipa::path(delete, path = "/v1/replicas/{vm}", tag = "replicas", params(("vm" = String, Path, description = "VM name")),
+        responses((status = 204), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn delete_replica() {}
+
+    /// Host to host: one checkpoint file (body `application/octet-stream`, encoded as
+    /// `encoding` says, larger than the 1 MiB of other routes), its SHA-256 verified on
+    /// arrival; a mismatch is refused (422) and the file removed.
+    #[utoipa::path(put, path = "/v1/replicas/{vm}/files/{file}", tag = "replicas", params(("vm" = String, Path, description = "VM name"),
+        ("file" = String, Path, description = "file name"), ("sha256" = String, Query, description = "the file's SHA-256 once written, hex"),
+        ("encoding" = Encoding, Query, description = "how the body is encoded"), ("base" = Option<String>, Query, description = "for a delta: the held file it starts from")),
+        request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+        responses((status = 200, body = CheckpointFile), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn put_replica_file() {}
+
+    /// Host to host: commits a checkpoint whose files are all held and verified, then
+    /// merges older ones away so at most `keep` remain.
+    #[utoipa::path(post, path = "/v1/replicas/{vm}/checkpoints", tag = "replicas", params(("vm" = String, Path, description = "VM name")),
+        request_body = CommitCheckpoint, responses((status = 200, body = ReplicaState), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 500, body = ErrorBody)))]
+    fn commit_replica() {}
+
+    /// Restores the VM from the newest checkpoint whose files still verify (re-hashed
+    /// now); newer ones passed over are listed in `skipped` with why.
+    #[utoipa::path(post, path = "/v1/replicas/{vm}/restore", tag = "replicas", params(("vm" = String, Path, description = "VM name")),
+        request_body = RestoreRequest, responses((status = 201, body = RestoreReply), (status = 404, body = ErrorBody),
+        (status = 409, description = "no checkpoint verifies, or the name is taken", body = ErrorBody), (status = 500, body = ErrorBody)))]
+    fn restore_replica() {}
+
     /// Prometheus metrics (text exposition format).
     #[utoipa::path(get, path = "/metrics", tag = "metrics", responses((status = 200, content_type = "text/plain", body = String)))]
     fn metrics() {}
@@ -223,6 +304,19 @@ mod agent_routes {
         agent_routes::abort_incoming,
         agent_routes::commit_incoming,
         agent_routes::recover_incoming,
+        agent_routes::checkpoint_vm,
+        agent_routes::protect_vm,
+        agent_routes::unprotect_vm,
+        agent_routes::list_checkpoints,
+        agent_routes::get_checkpoint,
+        agent_routes::delete_checkpoint,
+        agent_routes::restore_checkpoint,
+        agent_routes::list_replicas,
+        agent_routes::get_replica,
+        agent_routes::delete_replica,
+        agent_routes::put_replica_file,
+        agent_routes::commit_replica,
+        agent_routes::restore_replica,
         agent_routes::metrics,
         agent_routes::openapi,
         agent_routes::power_cut

@@ -172,8 +172,9 @@ pub struct VmInfo {
     pub record: VmRecord,
     /// The guest's status from its console.
     pub guest: GuestStatus,
-    /// How its protection's checkpoints are going (protected VMs only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// How its protection's checkpoints are going (protected VMs only). Its JSON key is
+    /// `protection_status`: the flattened record already has `protection` (the setting).
+    #[serde(default, rename = "protection_status", skip_serializing_if = "Option::is_none")]
     pub protection: Option<crate::checkpoint::ProtectionStatus>,
 }
 
@@ -227,5 +228,36 @@ impl GuestStatus {
     /// page or block, no kernel trouble, no alert.
     pub fn is_healthy(&self) -> bool {
         self.seq_breaks == 0 && self.corrupt_pages == 0 && self.corrupt_blocks == 0 && !self.kernel_trouble && self.alerts.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_protected_vms_setting_and_status_round_trip_under_their_own_keys() {
+        let rec = VmRecord {
+            version: RECORD_VERSION,
+            spec: VmSpec::new("p", 256),
+            state: VmState::Running,
+            reason: None,
+            accel: Accel::Tcg,
+            pid: None,
+            run_dir: "/x".into(),
+            created_at_ms: 0,
+            guest_before: None,
+            protection: Some(crate::checkpoint::Protection {
+                replica: "h2".into(),
+                replica_url: "http://h2".into(),
+                every_ms: 1000,
+                keep: 2,
+                fence_ms: 5000,
+            }),
+        };
+        let status = crate::checkpoint::ProtectionStatus { checkpoints: 3, ..Default::default() };
+        let info = VmInfo { record: rec, guest: GuestStatus::default(), protection: Some(status) };
+        let text = serde_json::to_string(&info).expect("json");
+        assert_eq!(serde_json::from_str::<VmInfo>(&text).expect("parses"), info, "{text}");
     }
 }

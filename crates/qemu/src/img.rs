@@ -131,6 +131,11 @@ impl QemuImg {
         QemuImg { binary: binary.into() }
     }
 
+    /// The binary this runs (a name on `PATH` or a path).
+    pub fn binary(&self) -> &str {
+        &self.binary
+    }
+
     /// The `qemu-img` beside a `qemu-system-*` binary given by path, or the one on `PATH`.
     pub fn beside(qemu_system: &str) -> QemuImg {
         let p = Path::new(qemu_system);

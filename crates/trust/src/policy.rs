@@ -5,8 +5,8 @@
 //! - A viewer may only read (`GET`, `HEAD`).
 //! - An operator and the controller may do everything.
 //! - A host (an agent's certificate) may only use the routes agents use between
-//!   themselves: on an agent, `/v1/incoming...` and reading `/v1/host`; nothing on the
-//!   controller.
+//!   themselves: on an agent, `/v1/incoming...`, `/v1/replicas...` (checkpoints shipped
+//!   to a replica) and reading `/v1/host`; nothing on the controller.
 //!
 //! Plain HTTP on loopback (asked for with `--insecure-loopback`) bypasses this: it is
 //! for tests and a single machine.
@@ -44,8 +44,25 @@ fn reads(method: &str) -> bool {
 
 /// Whether a host certificate may call `method path` on an agent.
 fn host_to_host(method: &str, path: &str) -> bool {
-    path == "/v1/incoming" || path.starts_with("/v1/incoming/") || (reads(method) && matches!(path, "/v1/host" | "/v1/host/cpu"))
+    path == "/v1/incoming"
+        || path.starts_with("/v1/incoming/")
+        || path == "/v1/replicas"
+        || path.starts_with("/v1/replicas/")
+        || (reads(method) && matches!(path, "/v1/host" | "/v1/host/cpu"))
 }
+
+/// Whether `method path` on an agent is a checkpoint file upload, whose body is
+/// streamed to its handler rather than held in memory (and may exceed the 1 MiB limit
+/// of every other request, up to [`MAX_FILE_BODY`]).
+pub fn is_file_upload(method: &str, path: &str) -> bool {
+    let Some(rest) = path.strip_prefix("/v1/replicas/") else { return false };
+    let mut parts = rest.split('/');
+    method == "PUT"
+        && matches!((parts.next(), parts.next(), parts.next(), parts.next()), (Some(vm), Some("files"), Some(f), None) if !vm.is_empty() && !f.is_empty())
+}
+
+/// The largest checkpoint file upload body (a memory image or a disk layer).
+pub const MAX_FILE_BODY: u64 = 256 << 30;
 
 /// Decides whether `who` may call `method path` on `server`.
 pub fn decide(server: ServerKind, who: Option<&Identity>, method: &str, path: &str) -> Decision {
@@ -96,6 +113,33 @@ mod tests {
         assert!(matches!(decide(ServerKind::Agent, Some(&h), "POST", "/v1/migrations"), Decision::Forbidden(_)));
         assert!(matches!(decide(ServerKind::Agent, Some(&h), "GET", "/v1/vms"), Decision::Forbidden(_)));
         assert!(matches!(decide(ServerKind::Controller, Some(&h), "GET", "/v1/hosts"), Decision::Forbidden(_)));
+    }
+
+    #[test]
+    fn a_host_ships_checkpoints_to_a_replica_and_nothing_else_of_checkpoints() {
+        let h = id(Role::Host);
+        for (m, p) in [
+            ("GET", "/v1/replicas/vm1"),
+            ("PUT", "/v1/replicas/vm1/files/vm1.2.mem"),
+            ("POST", "/v1/replicas/vm1/checkpoints"),
+            ("POST", "/v1/replicas/vm1/restore"),
+            ("DELETE", "/v1/replicas/vm1"),
+            ("GET", "/v1/replicas"),
+        ] {
+            assert_eq!(decide(ServerKind::Agent, Some(&h), m, p), Decision::Allow, "{m} {p}");
+        }
+        assert!(matches!(decide(ServerKind::Agent, Some(&h), "POST", "/v1/vms/vm1/checkpoint"), Decision::Forbidden(_)));
+        assert!(matches!(decide(ServerKind::Agent, Some(&h), "PUT", "/v1/vms/vm1/protection"), Decision::Forbidden(_)));
+        assert!(matches!(decide(ServerKind::Controller, Some(&h), "GET", "/v1/replicas"), Decision::Forbidden(_)));
+    }
+
+    #[test]
+    fn only_the_replica_file_route_is_an_upload() {
+        assert!(is_file_upload("PUT", "/v1/replicas/vm1/files/vm1.1.mem"));
+        assert!(!is_file_upload("POST", "/v1/replicas/vm1/files/vm1.1.mem"));
+        assert!(!is_file_upload("PUT", "/v1/replicas/vm1/files/"));
+        assert!(!is_file_upload("PUT", "/v1/replicas/vm1/files/a/b"));
+        assert!(!is_file_upload("POST", "/v1/vms"));
     }
 
     #[test]

@@ -328,18 +328,32 @@ async fn guard(State(g): State<Guard>, ConnectInfo(peer): ConnectInfo<Peer>, req
             format!("the body of {method} {path} is larger than {MAX_BODY} bytes"),
         )
     };
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+    let upload = g.server == ServerKind::Agent && crate::policy::is_file_upload(&method, &path);
+    if upload {
+        // A checkpoint file: streamed to its handler, bounded by MAX_FILE_BODY.
+        if declared.is_some_and(|n| n > crate::policy::MAX_FILE_BODY) {
+            return error_reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorKind::TooLarge,
+                format!("the body of {method} {path} is larger than {} bytes", crate::policy::MAX_FILE_BODY),
+            );
+        }
+    } else if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return too_large();
     }
     let (mut parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
-        Ok(b) => b,
-        Err(_) => return too_large(),
+    let body = if upload {
+        body
+    } else {
+        match axum::body::to_bytes(body, MAX_BODY).await {
+            Ok(b) => axum::body::Body::from(b),
+            Err(_) => return too_large(),
+        }
     };
     if let Some(id) = &peer.identity {
         parts.extensions.insert(id.clone());
     }
-    let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+    let req = Request::from_parts(parts, body);
     let resp = next.run(req).await;
     if !matches!(method.as_str(), "GET" | "HEAD") {
         if let (Some(audit), Some(id)) = (&g.audit, &peer.identity) {

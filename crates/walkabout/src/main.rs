@@ -54,6 +54,12 @@ enum Command {
     /// List, show or cancel migrations.
     #[command(subcommand)]
     Migration(cli::migrate::MigrationCommand),
+    /// Checkpoints an agent holds (take one with `vm checkpoint`, restore with `vm restore`).
+    #[command(subcommand)]
+    Checkpoint(cli::checkpoint::CheckpointCommand),
+    /// What an agent holds as a replica of other hosts' VMs; restore from it.
+    #[command(subcommand)]
+    Replica(cli::checkpoint::ReplicaCommand),
     /// Plan a safe order of migrations from a current to a target placement (offline).
     Plan(cli::plan::PlanArgs),
     /// Run the cluster controller: hosts, placement, plans, limits, events.
@@ -129,6 +135,8 @@ fn main() -> std::process::ExitCode {
         Command::Plan(a) => cli::plan::run(a),
         Command::Migrate(a) => cli::migrate::run(a),
         Command::Migration(c) => cli::migrate::run_migration(c),
+        Command::Checkpoint(c) => cli::checkpoint::run(c),
+        Command::Replica(c) => cli::checkpoint::run_replica(c),
         Command::Up(a) => cli::up::run(a),
         Command::Controller(a) => cli::controller::run(a),
         Command::Cluster(c) => cli::cluster::run(c),

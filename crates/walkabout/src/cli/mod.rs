@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod ca;
+pub mod checkpoint;
 pub mod client;
 pub mod cluster;
 pub mod config;

@@ -96,6 +96,11 @@ pub enum VmCommand {
     /// Move a VM to another host of the cluster (through the controller: a plan with
     /// its reason, executed with the cluster's limits), following it to its end.
     Move(MoveArgs),
+    /// Checkpoint a running VM: memory, devices and disks at one instant (the VM runs on
+    /// in new disk overlays); optionally shipped to another agent.
+    Checkpoint(super::checkpoint::CheckpointArgs),
+    /// Start a VM from a checkpoint the agent holds (`walkabout checkpoint list`).
+    Restore(super::checkpoint::RestoreArgs),
 }
 
 /// Arguments of `walkabout vm move`.
@@ -242,6 +247,11 @@ pub struct ConsoleArgs {
 
 /// Runs `walkabout vm ...`.
 pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
+    let cmd = match cmd {
+        VmCommand::Checkpoint(a) => return super::checkpoint::take(a),
+        VmCommand::Restore(a) => return super::checkpoint::restore(a),
+        other => other,
+    };
     runtime()?.block_on(async move {
         match cmd {
             VmCommand::Create(a) => create(*a).await,
@@ -277,6 +287,7 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                     Err(e) => super::cluster::print_refusal(&e, a.ctl.output),
                 }
             }
+            VmCommand::Checkpoint(_) | VmCommand::Restore(_) => unreachable!("handled above"),
         }
     })
 }

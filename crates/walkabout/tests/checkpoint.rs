@@ -1,0 +1,168 @@
+//! Checkpoints on real guests (256 MiB, TCG): a VM with two disks checkpointed twice,
+//! shipped to another agent and restored there (its heartbeat continues from the
+//! checkpoint's sequence, memory and disk verify); a corrupt checkpoint on a replica
+//! passed over for the previous one; a protected VM's replica never deeper than `keep`.
+
+mod common;
+
+use common::AgentProc;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use walkabout_api::{Checkpoint, CheckpointMethod, CheckpointRequest, FileKind, Protection, RestoreReply, RestoreRequest, VmInfo};
+
+const WORKLOAD: &str = "dirty:32:8,disk:8:8";
+
+/// A VM booting from the Walkabout root disk with a data disk, running the dirtying and
+/// disk workloads, ready and healthy.
+fn two_disk_vm(agent: &AgentProc, name: &str) -> VmInfo {
+    agent.create(&["--name", name, "--memory", "256M", "--disk", "image:guest", "--disk", "size=16M", "--workload", WORKLOAD]);
+    runs_clean(agent, name, 10)
+}
+
+/// Waits for `more` heartbeats than now; asserts no corrupt page or block and no break
+/// in the heartbeat sequence beyond `breaks`.
+fn runs_clean(agent: &AgentProc, vm: &str, more: u64) -> VmInfo {
+    let now = agent.info(vm).guest.heartbeats;
+    let v = agent.wait_heartbeats(vm, now + more);
+    assert_eq!((v.guest.corrupt_pages, v.guest.corrupt_blocks), (0, 0), "{v:?}");
+    assert!(v.guest.ready && !v.guest.kernel_trouble, "{v:?}");
+    v
+}
+
+fn checkpoint(agent: &AgentProc, vm: &str, method: CheckpointMethod, ship_to: Option<&AgentProc>) -> Checkpoint {
+    let req = CheckpointRequest { method: Some(method), ship_to: ship_to.map(|a| a.url.clone()) };
+    agent.call(|c| async move { c.checkpoint(vm, &req).await }).unwrap_or_else(|e| panic!("checkpoint of {vm}: {e}"))
+}
+
+/// The backing chain of `img` as `qemu-img info --backing-chain` sees it: file names.
+fn chain(img: &Path) -> Vec<String> {
+    let out = Command::new("qemu-img").args(["info", "--backing-chain", "--output=json", "-U"]).arg(img).output().expect("qemu-img");
+    assert!(out.status.success(), "qemu-img info {}: {}", img.display(), String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    v.as_array().expect("array").iter().filter_map(|l| l["filename"].as_str().map(String::from)).collect()
+}
+
+#[test]
+fn a_two_disk_vm_checkpointed_twice_and_shipped_runs_on_from_the_second_on_another_agent() {
+    let a = AgentProc::start(&[]);
+    let b = AgentProc::start(&[]);
+    two_disk_vm(&a, "ck");
+
+    let first: Checkpoint = a.cli_as(&["vm", "checkpoint", "ck", "--method", "live"]);
+    runs_clean(&a, "ck", 5);
+    let second = checkpoint(&a, "ck", CheckpointMethod::Live, Some(&b));
+    // The VM runs on, on its new overlays.
+    runs_clean(&a, "ck", 5);
+    a.cli(&["vm", "stop", "ck"]);
+
+    assert!(second.n > first.n, "{first:?} {second:?}");
+    assert_eq!(second.parent.as_deref(), Some(first.id.as_str()), "{second:?}");
+    let bases: Vec<_> = first.files.iter().filter(|f| f.kind == FileKind::Base).collect();
+    assert_eq!(bases.len(), 2, "the first checkpoint owns each disk's base: {first:?}");
+    let layers: Vec<_> = second.files.iter().filter(|f| f.kind == FileKind::Layer).collect();
+    assert_eq!(layers.len(), 2, "the second owns one layer per disk: {second:?}");
+    assert!(layers.iter().all(|l| l.backing.as_deref().is_some_and(|b| b.starts_with("ck.") && b.ends_with(".qcow2"))), "{layers:?}");
+    let shipped = second.shipped_bytes.expect("shipped");
+    let sizes: u64 = first.files.iter().chain(&second.files).map(|f| f.bytes).sum();
+    assert!(shipped > 0 && shipped < sizes, "only data travels: {shipped} bytes shipped of {sizes}");
+    assert!(second.guest.last_seq.is_some(), "{second:?}");
+
+    let held: Vec<Checkpoint> = b.cli_as(&["checkpoint", "list"]);
+    assert_eq!(held.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), vec![second.id.as_str()], "{held:?}");
+    let r: RestoreReply = b.cli_as(&["vm", "restore", &second.id]);
+    assert_eq!((r.checkpoint.id.as_str(), r.vm.record.spec.name.as_str()), (second.id.as_str(), "ck"));
+    let v = runs_clean(&b, "ck", 10);
+    let at = second.guest.last_seq.expect("seq");
+    assert!(v.guest.last_seq.is_some_and(|s| s > at + 5), "heartbeat continues after {at}: {:?}", v.guest);
+    assert_eq!(v.guest.seq_breaks, second.guest.seq_breaks, "no break in the sequence: {:?}", v.guest);
+    assert_eq!((v.guest.corrupt_pages, v.guest.corrupt_blocks), (0, 0), "{:?}", v.guest);
+    b.cli(&["vm", "delete", "ck"]);
+    a.cli(&["vm", "delete", "ck"]);
+}
+
+#[test]
+fn a_corrupt_checkpoint_on_a_replica_is_passed_over_for_the_previous_one_with_the_reason() {
+    let a = AgentProc::start(&[]);
+    let b = AgentProc::start(&[]);
+    two_disk_vm(&a, "cc");
+    let cks: Vec<Checkpoint> = (0..3)
+        .map(|_| {
+            let ck = checkpoint(&a, "cc", CheckpointMethod::Live, Some(&b));
+            runs_clean(&a, "cc", 3);
+            ck
+        })
+        .collect();
+    a.cli(&["vm", "delete", "cc"]);
+    let dir = b.data.join("replicas").join("cc");
+    // The newest: a byte flipped in its data disk's layer; the one before: its memory
+    // file truncated.
+    let layer = cks[2].files.iter().find(|f| f.kind == FileKind::Layer && f.disk.as_deref() == Some("disk1")).expect("disk1 layer");
+    let mut bytes = std::fs::read(dir.join(&layer.name)).expect("read layer");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(dir.join(&layer.name), bytes).expect("write layer");
+    let mem = cks[1].files.iter().find(|f| f.kind == FileKind::Memory).expect("memory");
+    let f = std::fs::OpenOptions::new().write(true).open(dir.join(&mem.name)).expect("open mem");
+    f.set_len(mem.bytes / 2).expect("truncate");
+
+    let r = b.call(|c| async move { c.restore_replica("cc", &RestoreRequest::default()).await }).expect("restore");
+
+    assert_eq!(r.checkpoint.id, cks[0].id, "{r:?}");
+    assert_eq!(r.skipped.len(), 2, "{:?}", r.skipped);
+    assert!(
+        r.skipped[0].starts_with(&cks[2].id) && r.skipped[0].contains(&layer.name) && r.skipped[0].contains("checksum"),
+        "{:?}",
+        r.skipped
+    );
+    assert!(
+        r.skipped[1].starts_with(&cks[1].id) && r.skipped[1].contains(&mem.name) && r.skipped[1].contains("checksum"),
+        "{:?}",
+        r.skipped
+    );
+    let v = runs_clean(&b, "cc", 10);
+    assert!(v.guest.last_seq > cks[0].guest.last_seq, "{:?}", v.guest);
+    b.cli(&["vm", "delete", "cc"]);
+}
+
+#[test]
+fn a_protected_vms_replica_keeps_at_most_keep_checkpoints_and_layers() {
+    let a = AgentProc::start(&[]);
+    let b = AgentProc::start(&[]);
+    two_disk_vm(&a, "pk");
+    let p = Protection { replica: "b".into(), replica_url: b.url.clone(), every_ms: 3000, keep: 2, fence_ms: 60_000 };
+    let own = Protection { replica_url: a.url.clone(), ..p.clone() };
+    let err = a.call(|c| async move { c.protect("pk", &own).await }).expect_err("toward itself");
+    assert!(err.to_string().contains("this agent"), "{err}");
+    let info = a.call(|c| async move { c.protect("pk", &p).await }).expect("protect");
+    assert!(info.protection.is_some() && info.record.protection.is_some(), "{info:?}");
+
+    let start = Instant::now();
+    let mut most = 0;
+    loop {
+        let v = a.info("pk");
+        let st = v.protection.clone().expect("status");
+        if let Ok(r) = b.call(|c| async move { c.replica("pk").await }) {
+            most = most.max(r.checkpoints.len());
+            assert!(r.checkpoints.len() <= 2, "{r:?}");
+        }
+        if st.checkpoints >= 4 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(150), "protection is not progressing: {st:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let off = a.call(|c| async move { c.unprotect("pk").await }).expect("unprotect");
+    assert!(off.record.protection.is_none());
+    let r = b.call(|c| async move { c.replica("pk").await }).expect("replica");
+    assert_eq!((most, r.checkpoints.len()), (2, 2), "{r:?}");
+    let dir = b.data.join("replicas").join("pk");
+    let newest = r.checkpoints.last().expect("newest");
+    for d in &newest.spec.disks {
+        let layer = d.path.as_ref().expect("layer");
+        let files: Vec<String> = chain(&dir.join(layer)).into_iter().filter(|f| f.starts_with(&*dir.to_string_lossy())).collect();
+        assert!(files.len() <= 2, "the replica's chain of {} is {} deep: {files:?}", layer.display(), files.len());
+    }
+    runs_clean(&a, "pk", 5);
+    a.cli(&["vm", "delete", "pk"]);
+}
