@@ -74,9 +74,16 @@ pub struct AgentArgs {
     allow_power_cut: bool,
 }
 
+/// Worker threads of the agent's runtime.
+const AGENT_WORKERS: usize = 8;
+
 /// Runs the agent until Ctrl-C or SIGTERM. VMs keep running after it stops.
 pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
-    super::client::runtime()?.block_on(async move {
+    // More workers than cores: work that blocks a worker for a while (hashing a
+    // checkpoint's files) must not leave the API unanswered, or the controller finds the
+    // host down and the agent's fence watchdog stops its protected VMs.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(AGENT_WORKERS).enable_all().build()?;
+    rt.block_on(async move {
         let data_dir = a.data_dir.clone();
         let config = AgentConfig {
             qemu_binary: a.qemu,
