@@ -24,6 +24,7 @@
 //! | POST | /v1/replicas/{vm}/checkpoints | commit a checkpoint's manifest, keep at most `keep` |
 //! | POST | /v1/replicas/{vm}/restore | restore the newest checkpoint that verifies (201) |
 //! | GET | /metrics | Prometheus metrics |
+//! | POST | /v1/host/power-cut | kill every QEMU and the agent (`--allow-power-cut` only; see `fence.rs`) |
 //!
 //! Errors are `{"error": "<sentence naming the VM and cause>", "kind": "<kind>"}` with a
 //! 4xx/5xx status.
@@ -63,6 +64,7 @@ pub fn router(agent: Agent) -> Router {
         0
     });
     let fence = Fenced { agent: agent.clone(), fence: Arc::new(EpochFence::new(seen)) };
+    crate::fence::spawn_watchdog(agent.clone());
     Router::new()
         .route("/v1/host", get(host))
         .route("/v1/host/cpu", get(host_cpu))
@@ -92,6 +94,8 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/replicas/{vm}/restore", post(restore_replica))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
+        .route("/v1/host/power-cut", post(crate::fence::power_cut))
+        .layer(axum::middleware::from_fn(crate::fence::note_controller))
         .layer(axum::middleware::from_fn_with_state(fence, check_epoch))
         .with_state(agent)
 }
@@ -459,6 +463,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/replicas/{vm}/restore"),
     ("GET", "/metrics"),
     ("GET", "/v1/openapi.json"),
+    ("POST", "/v1/host/power-cut"),
 ];
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod console;
 pub mod disks;
 pub mod error;
+pub mod fence;
 pub mod host;
 pub mod metrics;
 pub mod migration;

@@ -49,6 +49,8 @@ pub struct AgentConfig {
     /// The address incoming migrations' QEMUs listen on (this host's address toward
     /// its peers); never taken from a request. Default: 127.0.0.1.
     pub migration_address: Option<String>,
+    /// Whether `POST /v1/host/power-cut` may kill every QEMU and the agent (tests, games).
+    pub allow_power_cut: bool,
 }
 
 impl AgentConfig {
@@ -68,6 +70,7 @@ impl AgentConfig {
             announce: crate::nics::Announce::default(),
             boot_dirs: vec![],
             migration_address: None,
+            allow_power_cut: false,
         }
     }
 }
@@ -274,6 +277,11 @@ impl Agent {
             .await
             .cloned()
             .map_err(|source| AgentError::Qemu { vm: "(CPU probe)".into(), source })
+    }
+
+    /// The names of this agent's VMs (fence.rs).
+    pub(crate) fn names(&self) -> Vec<String> {
+        lock(&self.inner.table).vms.keys().cloned().collect()
     }
 
     pub(crate) fn vm(&self, name: &str) -> Result<Arc<tokio::sync::Mutex<Vm>>, AgentError> {

@@ -155,6 +155,9 @@ struct Http {
     timeout: Duration,
     /// Sent as [`EPOCH_HEADER`](crate::EPOCH_HEADER) with every request, when set.
     epoch: Option<u64>,
+    /// Sent as [`CONTROLLER_HEADER`](crate::CONTROLLER_HEADER) with every request, when
+    /// set (the controller's name: agents fence themselves without it).
+    controller: Option<String>,
 }
 
 impl Http {
@@ -177,7 +180,7 @@ impl Http {
         }
         let http =
             builder.build().map_err(|e| ClientError::BadUrl { url: base.clone(), reason: format!("cannot build an HTTP client: {e}") })?;
-        Ok(Http { base, http, timeout: opts.request_timeout, epoch: None })
+        Ok(Http { base, http, timeout: opts.request_timeout, epoch: None, controller: None })
     }
 
     fn transport(&self, e: &reqwest::Error, method: &Method, path: &str, timeout: Option<Duration>) -> ClientError {
@@ -226,6 +229,9 @@ impl Http {
         }
         if let Some(epoch) = self.epoch {
             req = req.header(crate::EPOCH_HEADER, epoch.to_string());
+        }
+        if let Some(name) = &self.controller {
+            req = req.header(crate::CONTROLLER_HEADER, name.as_str());
         }
         if let Some(b) = body {
             req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(b);
@@ -705,6 +711,46 @@ impl ControllerClient {
     /// `GET /v1/openapi.json`.
     pub async fn openapi(&self) -> Result<serde_json::Value, ClientError> {
         self.http.get("/v1/openapi.json").await
+    }
+}
+
+// failover: the calls the controller makes for protection and failover, and the power cut.
+impl AgentClient {
+    /// The same client naming the controller `name` with every request (header
+    /// [`CONTROLLER_HEADER`](crate::CONTROLLER_HEADER)): each such request tells the
+    /// agent's fence watchdog that the controller is still there.
+    pub fn with_controller(&self, name: &str) -> AgentClient {
+        AgentClient { http: Http { controller: Some(name.to_string()), ..self.http.clone() } }
+    }
+    /// `PUT /v1/vms/{name}/protection`: checkpoints of the VM shipped to a replica, and
+    /// self-fencing.
+    pub async fn set_protection(&self, vm: &str, p: &crate::checkpoint::Protection) -> Result<VmInfo, ClientError> {
+        self.http.call(Method::PUT, &format!("/v1/vms/{}/protection", seg(vm)), Some(p), None).await
+    }
+    /// `DELETE /v1/vms/{name}/protection`: no more checkpoints, no self-fencing.
+    pub async fn clear_protection(&self, vm: &str) -> Result<VmInfo, ClientError> {
+        self.http.call(Method::DELETE, &format!("/v1/vms/{}/protection", seg(vm)), None::<&()>, None).await
+    }
+    /// `POST /v1/host/power-cut`: the agent kills its QEMUs and exits at once (only an
+    /// agent started with `--allow-power-cut`).
+    pub async fn power_cut(&self) -> Result<(), ClientError> {
+        self.http.send(Method::POST, "/v1/host/power-cut", None, None).await.map(|_| ())
+    }
+}
+
+/// failover: the controller's protection and failover routes.
+impl ControllerClient {
+    /// `POST /v1/vms/{name}/protect`.
+    pub async fn protect_vm(&self, vm: &str, req: &crate::checkpoint::ProtectVm) -> Result<ClusterVm, ClientError> {
+        self.http.post(&format!("/v1/vms/{}/protect", seg(vm)), Some(req)).await
+    }
+    /// `DELETE /v1/vms/{name}/protect`.
+    pub async fn unprotect_vm(&self, vm: &str) -> Result<ClusterVm, ClientError> {
+        self.http.call(Method::DELETE, &format!("/v1/vms/{}/protect", seg(vm)), None::<&()>, None).await
+    }
+    /// `GET /v1/failovers`.
+    pub async fn failovers(&self) -> Result<Vec<crate::checkpoint::Failover>, ClientError> {
+        self.http.get("/v1/failovers").await
     }
 }
 

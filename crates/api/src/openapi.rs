@@ -269,6 +269,13 @@ mod agent_routes {
     /// This document.
     #[utoipa::path(get, path = "/v1/openapi.json", tag = "meta", responses((status = 200, content_type = "application/json", body = Object)))]
     fn openapi() {}
+
+    /// Pulls the plug (tests and games): every QEMU of this host is killed (SIGKILL) and
+    /// the agent exits at once, as in a power cut. Only an agent started with
+    /// `--allow-power-cut` does it (else 403 `forbidden`); operators only.
+    #[utoipa::path(post, path = "/v1/host/power-cut", tag = "host", responses(
+        (status = 202, description = "the agent and its QEMUs are going down"), (status = 403, body = ErrorBody)))]
+    fn power_cut() {}
 }
 
 /// The agent's API: one host's VMs, its migrations as their source, and the
@@ -311,7 +318,8 @@ mod agent_routes {
         agent_routes::commit_replica,
         agent_routes::restore_replica,
         agent_routes::metrics,
-        agent_routes::openapi
+        agent_routes::openapi,
+        agent_routes::power_cut
     ),
     components(schemas(crate::vm::VmState, crate::migration::Phase, crate::error::ErrorKind)),
     modifiers(&EpochHeader)
@@ -522,6 +530,25 @@ mod controller_routes {
     /// This document.
     #[utoipa::path(get, path = "/v1/openapi.json", tag = "meta", responses((status = 200, content_type = "application/json", body = Object)))]
     fn openapi() {}
+
+    /// Protects a VM: checkpoints every `every_ms` shipped to a replica host (default:
+    /// the up host in service with the most free memory, never the VM's own), and
+    /// self-fencing of its agent. Stored with the VM; pushed to its agent.
+    #[utoipa::path(post, path = "/v1/vms/{name}/protect", tag = "failover", params(("name" = String, Path, description = "VM name")),
+        request_body = crate::checkpoint::ProtectVm, responses((status = 200, body = ClusterVm), (status = 404, body = ErrorBody),
+        (status = 409, description = "no replica host, or the VM's host is down", body = ErrorBody),
+        (status = 422, description = "the replica is the VM's own host, or a bad interval", body = ErrorBody)))]
+    fn protect_vm() {}
+
+    /// Stops protecting a VM (its agent stops checkpointing and fencing it).
+    #[utoipa::path(delete, path = "/v1/vms/{name}/protect", tag = "failover", params(("name" = String, Path, description = "VM name")),
+        responses((status = 200, body = ClusterVm), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    fn unprotect_vm() {}
+
+    /// Failovers: each VM of a down host, restored from its replica (RPO, RTO) or lost
+    /// (with the reason), oldest first.
+    #[utoipa::path(get, path = "/v1/failovers", tag = "failover", responses((status = 200, body = Vec<crate::checkpoint::Failover>)))]
+    fn list_failovers() {}
 }
 
 /// The controller's API: the cluster, plans, migrations, walks and games, events.
@@ -563,7 +590,10 @@ mod controller_routes {
         controller_routes::metrics,
         controller_routes::openapi,
         controller_routes::join_token,
-        controller_routes::join
+        controller_routes::join,
+        controller_routes::protect_vm,
+        controller_routes::unprotect_vm,
+        controller_routes::list_failovers
     ),
     components(schemas(crate::cluster::ClusterVmState, crate::plan::PlanStatus, crate::error::ErrorKind, crate::event::Subject))
 )]

@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
-use walkabout_api::{AgentClient, ClientError, ClientOptions, CpuCatalog, HostInfo, MigrationRecord, MigrationRequest, VmInfo, VmSpec};
+use walkabout_api::{
+    AgentClient, ClientError, ClientOptions, CpuCatalog, HostInfo, MigrationRecord, MigrationRequest, Protection, ReplicaState,
+    RestoreReply, RestoreRequest, VmInfo, VmSpec,
+};
 
 /// A boxed future, for the object-safe [`AgentApi`].
 pub type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -45,7 +48,35 @@ pub trait AgentApi: Send + Sync + 'static {
     fn cpu(&self, url: String) -> BoxFut<Result<CpuCatalog, ClientError>> {
         Box::pin(std::future::ready(Err(ClientError::Unreachable { url, detail: "this agent API reports no CPU catalog".into() })))
     }
+    /// `PUT /v1/vms/{name}/protection`.
+    fn set_protection(&self, url: String, vm: String, p: Protection) -> BoxFut<Result<VmInfo, ClientError>> {
+        let _ = (vm, p);
+        unsupported(url, "protection")
+    }
+    /// `DELETE /v1/vms/{name}/protection`.
+    fn clear_protection(&self, url: String, vm: String) -> BoxFut<Result<VmInfo, ClientError>> {
+        let _ = vm;
+        unsupported(url, "protection")
+    }
+    /// `GET /v1/replicas/{vm}`: what the agent holds of `vm` as its replica.
+    fn replica(&self, url: String, vm: String) -> BoxFut<Result<ReplicaState, ClientError>> {
+        let _ = vm;
+        unsupported(url, "replicas")
+    }
+    /// `POST /v1/replicas/{vm}/restore`: runs `vm` from the newest good checkpoint held.
+    fn restore_replica(&self, url: String, vm: String, req: RestoreRequest) -> BoxFut<Result<RestoreReply, ClientError>> {
+        let _ = (vm, req);
+        unsupported(url, "replicas")
+    }
 }
+
+/// The answer of an agent API that lacks `what` (the simulator's agents).
+fn unsupported<T: Send + 'static>(url: String, what: &str) -> BoxFut<Result<T, ClientError>> {
+    Box::pin(std::future::ready(Err(ClientError::Unreachable { url, detail: format!("this agent API has no {what}") })))
+}
+
+/// The name the controller gives itself in [`walkabout_api::CONTROLLER_HEADER`].
+pub const CONTROLLER_NAME: &str = "walkabout-controller";
 
 /// [`AgentApi`] over HTTP: one [`AgentClient`] per agent, with short connect timeouts
 /// (a dead host must not stall the controller).
@@ -74,7 +105,7 @@ impl HttpAgents {
             Some(c) => c.clone(),
             None => {
                 let opts = ClientOptions { connect_timeout: POLL_TIMEOUT, request_timeout: Duration::from_secs(30) };
-                let c = AgentClient::new(url, opts)?;
+                let c = AgentClient::new(url, opts)?.with_controller(CONTROLLER_NAME);
                 let c = match self.epoch {
                     Some(e) => c.with_epoch(e),
                     None => c,
@@ -125,6 +156,19 @@ impl AgentApi for HttpAgents {
     fn cpu(&self, url: String) -> BoxFut<Result<CpuCatalog, ClientError>> {
         // The agent probes its QEMU on the first request: give it time.
         self.call(&url, Duration::from_secs(60), |c| async move { c.cpu().await })
+    }
+    fn set_protection(&self, url: String, vm: String, p: Protection) -> BoxFut<Result<VmInfo, ClientError>> {
+        self.call(&url, Duration::from_secs(10), |c| async move { c.set_protection(&vm, &p).await })
+    }
+    fn clear_protection(&self, url: String, vm: String) -> BoxFut<Result<VmInfo, ClientError>> {
+        self.call(&url, Duration::from_secs(10), |c| async move { c.clear_protection(&vm).await })
+    }
+    fn replica(&self, url: String, vm: String) -> BoxFut<Result<ReplicaState, ClientError>> {
+        self.call(&url, Duration::from_secs(5), |c| async move { c.replica(&vm).await })
+    }
+    fn restore_replica(&self, url: String, vm: String, req: RestoreRequest) -> BoxFut<Result<RestoreReply, ClientError>> {
+        // Verifying the checkpoint's files and starting QEMU from its memory image.
+        self.call(&url, Duration::from_secs(120), |c| async move { c.restore_replica(&vm, &req).await })
     }
 }
 

@@ -26,6 +26,8 @@
 //! | GET | /metrics | Prometheus metrics |
 //! | GET | /v1/openapi.json | this API's OpenAPI document |
 //! | POST | /v1/join-tokens | a short-lived join token for one host (201) |
+//! | POST, DELETE | /v1/vms/{name}/protect | protect a VM (checkpoints to a replica, self-fencing); stop protecting it |
+//! | GET | /v1/failovers | each VM of a down host: restored (RPO, RTO) or lost, and why |
 //! | POST | /v1/join | a host's CSR with a join token (`Authorization: Bearer`): its certificate (201) |
 //!
 //! The walk and game routes are the games' own (`games::router`), merged here.
@@ -68,6 +70,8 @@ pub fn router_with_trust(cluster: Cluster, trust: std::sync::Arc<crate::join::Tr
         .route("/v1/vms", get(vms).post(create_vm))
         .route("/v1/vms/{name}", get(vm).delete(delete_vm))
         .route("/v1/vms/{name}/move", post(move_vm))
+        .route("/v1/vms/{name}/protect", post(protect).delete(unprotect))
+        .route("/v1/failovers", get(failovers))
         .route("/v1/migrations", get(migrations))
         .route("/v1/migrations/{id}", get(migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
@@ -184,6 +188,23 @@ async fn move_vm(State(c): State<Cluster>, Path(name): Path<String>, b: Body<Mov
     with_status(StatusCode::ACCEPTED, r)
 }
 
+async fn protect(State(c): State<Cluster>, Path(name): Path<String>, b: Body<walkabout_api::ProtectVm>) -> Response {
+    let r = async {
+        let req = body(b, "protection")?;
+        c.protect(&name, &req).await
+    }
+    .await;
+    reply(r)
+}
+
+async fn unprotect(State(c): State<Cluster>, Path(name): Path<String>) -> Response {
+    reply(c.unprotect(&name).await)
+}
+
+async fn failovers(State(c): State<Cluster>) -> Response {
+    Json(c.failovers()).into_response()
+}
+
 async fn migrations(State(c): State<Cluster>) -> Response {
     Json(c.migrations()).into_response()
 }
@@ -235,7 +256,7 @@ async fn metrics(State(c): State<Cluster>) -> Response {
         c.migrations().iter().filter_map(|m| Some((m.finished_ms.unwrap_or(0), m.observed_downtime_ms?))).collect();
     probed.sort_unstable();
     let observed: Vec<u64> = probed.into_iter().map(|(_, ms)| ms).collect();
-    let body = crate::metrics::render(&samples, c.vms().len(), &phases, &observed);
+    let body = crate::metrics::render(&samples, c.vms().len(), &phases, &observed, &c.failovers());
     ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
@@ -278,6 +299,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/openapi.json"),
     ("POST", "/v1/join-tokens"),
     ("POST", "/v1/join"),
+    ("POST", "/v1/vms/{name}/protect"),
+    ("DELETE", "/v1/vms/{name}/protect"),
+    ("GET", "/v1/failovers"),
 ];
 
 #[cfg(test)]

@@ -49,6 +49,11 @@ pub struct View {
     /// vCPUs the planner may give guests per host CPU; 0: vCPUs are not limited.
     #[serde(skip)]
     pub vcpu_overcommit: f64,
+    /// Stale copies seen: (host, VM) where a host that came back lists a stopped VM
+    /// that now runs on another host (restored there by a failover); ignored in the
+    /// view, and deleted on that host by the failover part.
+    #[serde(skip)]
+    stale_copies: std::collections::BTreeSet<(String, String)>,
 }
 
 impl View {
@@ -376,7 +381,23 @@ impl ClusterView {
                     }
                     let placed_ms = &view.placed_ms;
                     let stale = |vm: &str| placed_ms.get(vm).is_some_and(|t| *t >= asked_ms);
-                    let owned: Vec<&VmInfo> = vms.iter().filter(|v| v.record.state.is_owned()).collect();
+                    // failover: a stopped copy of a VM that runs on another host that is up
+                    // (a fenced or powered-off copy of a VM restored elsewhere) is not the VM.
+                    let (vms_now, hosts_now) = (&view.vms, &view.hosts);
+                    let stale_copy = |v: &VmInfo| {
+                        !v.record.state.is_active()
+                            && vms_now.get(&v.record.spec.name).is_some_and(|c| {
+                                c.is_active()
+                                    && c.host
+                                        .as_deref()
+                                        .is_some_and(|o| o != name && hosts_now.get(o).is_some_and(|o| o.status == HostStatus::Up))
+                            })
+                    };
+                    let copies: Vec<&VmInfo> = vms.iter().filter(|v| stale_copy(v)).collect();
+                    let owned: Vec<&VmInfo> = vms.iter().filter(|v| v.record.state.is_owned() && !stale_copy(v)).collect();
+                    for c in copies {
+                        view.stale_copies.insert((name.to_string(), c.record.spec.name.clone()));
+                    }
                     for v in owned.iter().filter(|v| !stale(&v.record.spec.name)) {
                         let spec = &v.record.spec;
                         let state = ClusterVmState::from(v.record.state);
@@ -410,6 +431,7 @@ impl ClusterView {
                         entry.nics.clone_from(&spec.nics);
                         entry.vcpus = spec.vcpus;
                         entry.cpu_model.clone_from(&spec.cpu_model);
+                        entry.protection_status.clone_from(&v.protection);
                         entry.seen_ms = now;
                         if moved {
                             changed_vms.push((entry.clone(), format!("VM {} runs on {name} ({})", entry.name, entry.state)));
@@ -525,6 +547,24 @@ impl ClusterView {
         self.store.delete(&HOSTS, name)?;
         self.events.emit(Subject::Host, name, format!("host {name} removed from the cluster"), serde_json::Value::Null);
         Ok(())
+    }
+
+    /// Changes VM `name` with `f` and stores it (failover: its protection, its state
+    /// after a failover); the changed VM.
+    pub(crate) fn update_vm(&self, name: &str, f: impl FnOnce(&mut ClusterVm)) -> Result<ClusterVm, ControllerError> {
+        let vm = {
+            let mut view = lock(&self.view);
+            let vm = view.vms.get_mut(name).ok_or_else(|| ControllerError::not_found("VM", name))?;
+            f(vm);
+            vm.clone()
+        };
+        self.store.put(&VMS, name, &vm)?;
+        Ok(vm)
+    }
+
+    /// The stale copies seen since the last call: (host, VM) (see `View::stale_copies`).
+    pub(crate) fn take_stale_copies(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut lock(&self.view).stale_copies).into_iter().collect()
     }
 
     /// Records that a migration moved `vm` to `host` (before the next poll says so).

@@ -44,6 +44,11 @@ pub struct ControllerConfig {
     pub poll_interval: std::time::Duration,
     /// Automatic balancing (default: `manual`, nothing moves by itself).
     pub balance: crate::balance::BalanceConfig,
+    /// Fence time of protected VMs, ms ([`crate::failover::DEFAULT_FENCE_MS`]): their
+    /// agents stop them after this long without the controller, and the controller
+    /// restores them elsewhere only after this long since their host's last contact.
+    /// Must exceed the time to find a host down.
+    pub fence_ms: u64,
 }
 
 /// Default vCPUs per host CPU: generous, as most guests idle, yet a bound.
@@ -60,6 +65,7 @@ impl ControllerConfig {
             vcpu_overcommit: DEFAULT_VCPU_OVERCOMMIT,
             poll_interval: crate::agents::POLL_INTERVAL,
             balance: crate::balance::BalanceConfig::default(),
+            fence_ms: crate::failover::DEFAULT_FENCE_MS,
         }
     }
 }
@@ -74,6 +80,7 @@ pub struct Cluster {
     events: Arc<Events>,
     shutdown: Arc<watch::Sender<bool>>,
     balance: Arc<crate::balance::BalanceState>,
+    failovers: Arc<crate::failover::Failovers>,
 }
 
 impl Cluster {
@@ -96,10 +103,11 @@ impl Cluster {
         let view = ClusterView::open_with(store.clone(), api, events.clone(), stop.clone(), config.vcpu_overcommit, config.poll_interval)?;
         let exec_config = ExecConfig { limits: config.limits, mode: config.mode, max_bandwidth_bps: config.max_bandwidth_bps };
         let exec = Executor::open(view.clone(), store.clone(), events.clone(), exec_config, stop.clone())?;
-        let plans = PlanRunner::open(view.clone(), exec.clone(), store, events.clone(), stop.clone())?;
+        let plans = PlanRunner::open(view.clone(), exec.clone(), store.clone(), events.clone(), stop.clone())?;
+        let failovers = crate::failover::Failovers::open(view.clone(), exec.clone(), store, events.clone(), config.fence_ms, stop.clone())?;
         let games = Games::new(events.clone(), stop);
         let balance = Arc::new(crate::balance::BalanceState::new(config.balance));
-        let c = Cluster { view, exec, plans, games, events, shutdown: Arc::new(shutdown), balance };
+        let c = Cluster { view, exec, plans, games, events, shutdown: Arc::new(shutdown), balance, failovers };
         crate::balance::spawn(c.clone());
         Ok(c)
     }
@@ -297,6 +305,21 @@ impl Cluster {
             self.events.emit(crate::events::Subject::Vm, &m.vm, msg, serde_json::to_value(m).unwrap_or_default());
         }
         moves
+    }
+
+    /// Protects a VM (see [`crate::failover::Failovers::protect`]).
+    pub async fn protect(&self, vm: &str, req: &walkabout_api::ProtectVm) -> Result<ClusterVm, ControllerError> {
+        self.failovers.protect(vm, req).await
+    }
+
+    /// Stops protecting a VM.
+    pub async fn unprotect(&self, vm: &str) -> Result<ClusterVm, ControllerError> {
+        self.failovers.unprotect(vm).await
+    }
+
+    /// Every failover, oldest first.
+    pub fn failovers(&self) -> Vec<walkabout_api::Failover> {
+        self.failovers.list()
     }
 
     /// Plans `goal` (a dry run, recorded).

@@ -40,6 +40,12 @@ pub(crate) struct State {
     pub cpu_rate: BTreeMap<String, f64>,
     /// CPU time each VM had used when its rate was last set, ms, and since when.
     pub cpu_base: BTreeMap<String, (f64, Option<tokio::time::Instant>)>,
+    /// Protection pushed to agents: VM -> (URL, protection).
+    pub protections: BTreeMap<String, (String, walkabout_api::Protection)>,
+    /// Checkpoints each agent holds as a replica: URL -> VM -> the checkpoint's instant.
+    pub replicas: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Every restore asked: (VM, URL, when, ms since the epoch).
+    pub restores: Vec<(String, String, u64)>,
 }
 
 impl State {
@@ -117,6 +123,28 @@ fn vm_info(s: &State, name: &str, mem: u64) -> VmInfo {
         },
         guest: Default::default(),
         protection: None,
+    }
+}
+
+/// A checkpoint of `vm` taken at `taken_ms`.
+fn checkpoint(vm: &str, mem: u64, taken_ms: u64) -> walkabout_api::Checkpoint {
+    walkabout_api::Checkpoint {
+        version: walkabout_api::checkpoint::CHECKPOINT_VERSION,
+        id: format!("{vm}.1"),
+        vm: vm.to_string(),
+        n: 1,
+        parent: None,
+        taken_ms,
+        host: "fake".into(),
+        spec: VmSpec::new(vm, mem),
+        method: walkabout_api::CheckpointMethod::Live,
+        pause_ms: 1,
+        total_ms: 1,
+        guest: Default::default(),
+        files: vec![],
+        shipped_bytes: None,
+        verified: true,
+        problem: None,
     }
 }
 
@@ -254,6 +282,71 @@ impl AgentApi for Fake {
         }
         let s = self.state();
         ready(Ok(s.migs.values().filter(|(_, from, _)| *from == u).map(|(m, _, _)| m.clone()).collect()))
+    }
+
+    fn set_protection(&self, u: String, vm: String, p: walkabout_api::Protection) -> BoxFut<Result<VmInfo, ClientError>> {
+        if let Err(e) = self.check(&u) {
+            return ready(Err(e));
+        }
+        let mut s = self.state();
+        let Some((at, mem)) = s.vms.get(&vm).cloned().filter(|(at, _)| *at == u) else {
+            return ready(Err(refused(404, ErrorKind::NotFound, format!("no VM named `{vm}` at {u}"))));
+        };
+        let _ = at;
+        s.protections.insert(vm.clone(), (u, p));
+        ready(Ok(vm_info(&s, &vm, mem)))
+    }
+
+    fn clear_protection(&self, u: String, vm: String) -> BoxFut<Result<VmInfo, ClientError>> {
+        if let Err(e) = self.check(&u) {
+            return ready(Err(e));
+        }
+        let mut s = self.state();
+        s.protections.remove(&vm);
+        let mem = s.vms.get(&vm).map_or(0, |(_, m)| *m);
+        ready(Ok(vm_info(&s, &vm, mem)))
+    }
+
+    fn replica(&self, u: String, vm: String) -> BoxFut<Result<walkabout_api::ReplicaState, ClientError>> {
+        if let Err(e) = self.check(&u) {
+            return ready(Err(e));
+        }
+        let s = self.state();
+        let Some(taken_ms) = s.replicas.get(&u).and_then(|r| r.get(&vm)).copied() else {
+            return ready(Err(refused(404, ErrorKind::NotFound, format!("no replica of `{vm}` at {u}"))));
+        };
+        let mem = s.vms.get(&vm).map_or(256, |(_, m)| *m);
+        let cp = checkpoint(&vm, mem, taken_ms);
+        ready(Ok(walkabout_api::ReplicaState { vm, checkpoints: vec![cp], files: vec![] }))
+    }
+
+    fn restore_replica(
+        &self,
+        u: String,
+        vm: String,
+        _req: walkabout_api::RestoreRequest,
+    ) -> BoxFut<Result<walkabout_api::RestoreReply, ClientError>> {
+        if let Err(e) = self.check(&u) {
+            return ready(Err(e));
+        }
+        let mut s = self.state();
+        let Some(taken_ms) = s.replicas.get(&u).and_then(|r| r.get(&vm)).copied() else {
+            return ready(Err(refused(404, ErrorKind::NotFound, format!("no replica of `{vm}` at {u}"))));
+        };
+        let mem = s.vms.get(&vm).map_or(256, |(_, m)| *m);
+        let cap = s.capacity.get(&u).copied().unwrap_or(0);
+        if used(&s, &u) + mem > cap {
+            return ready(Err(refused(409, ErrorKind::InsufficientMemory, format!("{vm} would overfill {u}"))));
+        }
+        s.restores.push((vm.clone(), u.clone(), crate::now_ms()));
+        s.vms.insert(vm.clone(), (u, mem));
+        let reply = walkabout_api::RestoreReply {
+            vm: vm_info(&s, &vm, mem),
+            checkpoint: checkpoint(&vm, mem, taken_ms),
+            skipped: vec![],
+            restore_ms: 5,
+        };
+        ready(Ok(reply))
     }
 
     fn cancel_migration(&self, _u: String, id: String) -> BoxFut<Result<(), ClientError>> {

@@ -21,6 +21,7 @@ pub mod drain;
 pub mod error;
 pub mod events;
 pub mod execute;
+pub mod failover;
 #[cfg(test)]
 mod fake;
 pub mod games;

@@ -20,5 +20,7 @@ pub const VMS: Table = Table::new("vms", VIEW_VERSION, no_upgrades);
 pub const PLANS: Table = Table::new("plans", PLAN_VERSION, no_upgrades);
 /// Migrations by id.
 pub const MIGRATIONS: Table = Table::new("migrations", MIGRATION_VERSION, no_upgrades);
+/// Failovers by id (`f1`...).
+pub const FAILOVERS: Table = Table::new("failovers", crate::failover::FAILOVER_VERSION, no_upgrades);
 /// The event log, by sequence number.
 pub const EVENTS: Log = Log::new("events", EVENT_VERSION, no_upgrades);

@@ -71,6 +71,8 @@ impl LocalCluster {
             let mut spec = AgentSpec::new(&opts.bin).at(netns.as_deref(), &listen);
             spec.name = format!("h{n}");
             spec.accel = opts.accel.clone();
+            // Musical chairs and the failover tests pull the plug on hosts.
+            spec = spec.args(&["--allow-power-cut"]);
             if let Some(c) = &opts.capacity {
                 spec = spec.args(&["--capacity", c]);
             }

@@ -69,6 +69,9 @@ enum Command {
     Cluster(cli::cluster::ClusterCommand),
     /// Let VMs wander: each hop a live migration to a random host with room.
     Walk(cli::walk::WalkArgs),
+    /// Failovers: the VMs of hosts that died, restored from their replicas or lost.
+    #[command(subcommand)]
+    Failover(cli::failover::FailoverCommand),
     /// Walkabout games.
     #[command(subcommand)]
     Game(cli::walk::GameCommand),
@@ -139,6 +142,7 @@ fn main() -> std::process::ExitCode {
         Command::Cluster(c) => cli::cluster::run(c),
         Command::Walk(a) => cli::walk::run_walk(a),
         Command::Game(c) => cli::walk::run_game(c),
+        Command::Failover(c) => cli::failover::run(c),
         Command::Ca(c) => cli::ca::run(c),
         Command::User(c) => cli::user::run(c),
         Command::Completions { shell } => {

@@ -1,10 +1,20 @@
-//! Musical chairs: VMs circulate; each round the music stops, a random host in service
-//! is drained and then taken out of the cluster, until the VMs no longer fit.
+//! Musical chairs: VMs circulate; each round the music stops and a random host in
+//! service goes. As the seed tells it (the default), its power is cut (its agent and
+//! every QEMU killed at once): its protected VMs come back from their replicas, the
+//! others are down and out; the game ends when the VMs no longer fit or one host is
+//! left, reporting the survivors and each failover's RPO and RTO. The gentle game
+//! (`gentle: true`) drains the host first and then takes it out of the cluster, until
+//! the VMs no longer fit.
 
 use super::{Games, TICK};
 use std::time::Duration;
 use tokio::time::Instant;
-use walkabout_api::{ControllerClient, HostStatus, Maintenance, PlanStatus, Round, WalkOptions};
+use walkabout_api::{
+    AgentClient, ClientOptions, ControllerClient, FailoverResult, Host, HostStatus, Maintenance, PlanStatus, Round, WalkOptions,
+};
+
+/// Longest wait for the failovers of a host whose power was cut.
+const FAILOVER_WAIT: Duration = Duration::from_secs(180);
 
 impl Games {
     /// Plays until the game is over, stopped, or the controller stops; returns how it
@@ -27,6 +37,16 @@ impl Games {
                 return format!("no host left in round {round}");
             }
             let host = chairs[rng.below(chairs.len())].clone();
+            if !opts.gentle {
+                if chairs.len() < 2 {
+                    return format!("one host left in round {round}: {host}");
+                }
+                match self.power_cut(client, id, round, &host).await {
+                    Ok(None) => continue,
+                    Ok(Some(over)) => return format!("game over in round {round}: {over}"),
+                    Err(e) => return format!("round {round}: {e}"),
+                }
+            }
             self.announce(id, format!("round {round}: the music stops; {host} is drained and taken away"));
             let plan = match client.drain(&host).await {
                 Ok(p) => p,
@@ -62,5 +82,70 @@ impl Games {
             self.update_walk(id, |w| w.rounds.push(Round { round, host: host.clone(), plan: Some(plan.id.clone()), result }));
         }
         String::new()
+    }
+
+    /// One round of the seed's game: cuts `host`'s power, waits until every VM it ran
+    /// is restored elsewhere or lost, records the failovers, and takes the host out of
+    /// the cluster. `Ok(Some(why))` when the game is over (a protected VM found no
+    /// room).
+    async fn power_cut(&self, client: &ControllerClient, id: &str, round: u32, host: &str) -> Result<Option<String>, String> {
+        let h: Host = client.host(host).await.map_err(|e| format!("cannot read host {host}: {e}"))?;
+        let on_host: Vec<String> = client
+            .vms()
+            .await
+            .map_err(|e| format!("cannot list the VMs: {e}"))?
+            .into_iter()
+            .filter(|v| v.host.as_deref() == Some(host) && v.is_active())
+            .map(|v| v.name)
+            .collect();
+        let known: usize = client.failovers().await.map(|f| f.len()).unwrap_or(0);
+        self.announce(id, format!("round {round}: the music stops; the power of {host} is cut ({} VM(s) there)", on_host.len()));
+        let agent = AgentClient::new(&h.url, ClientOptions::default()).map_err(|e| format!("agent of {host}: {e}"))?;
+        match agent.power_cut().await {
+            Ok(()) => {}
+            // The agent may die before its answer leaves.
+            Err(e) if e.is_transport() => {}
+            Err(e) => return Err(format!("cannot cut the power of {host}: {e}")),
+        }
+        let deadline = Instant::now() + FAILOVER_WAIT;
+        let done = loop {
+            let all = client.failovers().await.unwrap_or_default();
+            let mine: Vec<_> = all.into_iter().skip(known).filter(|f| f.from == host).collect();
+            let finished = mine.iter().filter(|f| f.result != FailoverResult::Fencing).count();
+            if finished >= on_host.len() && mine.iter().all(|f| f.result != FailoverResult::Fencing) {
+                break mine;
+            }
+            if Instant::now() > deadline || *self.stop.borrow() {
+                return Err(format!("the failovers of {host}'s VMs did not end within {} s", FAILOVER_WAIT.as_secs()));
+            }
+            tokio::time::sleep(TICK).await;
+        };
+        let restored = done.iter().filter(|f| f.result == FailoverResult::Restored).count();
+        let short_of_room: Vec<String> = done
+            .iter()
+            .filter(|f| f.result == FailoverResult::Lost && f.reason.as_deref().is_some_and(|r| r.contains("MiB free")))
+            .map(|f| f.vm.clone())
+            .collect();
+        let mut result = format!("{host} lost its power: {restored} of {} VM(s) restored elsewhere", done.len());
+        for f in &done {
+            result.push_str(&match (f.result, &f.to) {
+                (FailoverResult::Restored, Some(to)) => {
+                    format!("; {} on {to} (RPO {} ms, RTO {} ms)", f.vm, f.rpo_ms.unwrap_or(0), f.rto_ms.unwrap_or(0))
+                }
+                _ => format!("; {} lost: {}", f.vm, f.reason.as_deref().unwrap_or("?")),
+            });
+        }
+        if let Err(e) = client.remove_host(host).await {
+            result.push_str(&format!("; not taken out of the cluster: {e}"));
+        }
+        self.update_walk(id, |w| {
+            w.failovers.extend(done.iter().cloned());
+            w.rounds.push(Round { round, host: host.to_string(), plan: None, result: result.clone() });
+        });
+        self.announce(id, format!("round {round}: {result}"));
+        if !short_of_room.is_empty() {
+            return Ok(Some(format!("the VMs no longer fit without {host}: {} found no room", short_of_room.join(", "))));
+        }
+        Ok(None)
     }
 }

@@ -68,11 +68,22 @@ pub struct AgentArgs {
     /// `rounds=5,initial=50,max=550,step=100` (ms; any subset).
     #[arg(long, default_value = "rounds=5,initial=50,max=550,step=100")]
     announce: walkabout_agent::nics::Announce,
+    /// Let an operator pull the plug: `POST /v1/host/power-cut` kills every QEMU of this
+    /// host and the agent at once (tests, musical chairs). Refused (403) without it.
+    #[arg(long)]
+    allow_power_cut: bool,
 }
+
+/// Worker threads of the agent's runtime.
+const AGENT_WORKERS: usize = 8;
 
 /// Runs the agent until Ctrl-C or SIGTERM. VMs keep running after it stops.
 pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
-    super::client::runtime()?.block_on(async move {
+    // More workers than cores: work that blocks a worker for a while (hashing a
+    // checkpoint's files) must not leave the API unanswered, or the controller finds the
+    // host down and the agent's fence watchdog stops its protected VMs.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(AGENT_WORKERS).enable_all().build()?;
+    rt.block_on(async move {
         let data_dir = a.data_dir.clone();
         let config = AgentConfig {
             qemu_binary: a.qemu,
@@ -87,6 +98,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             announce: a.announce,
             boot_dirs: a.boot_dirs,
             migration_address: Some(migration_address(a.migration_address.as_deref(), &a.listen)),
+            allow_power_cut: a.allow_power_cut,
             ..AgentConfig::new(a.data_dir)
         };
         let agent = Agent::start(config).await?;

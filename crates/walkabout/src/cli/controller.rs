@@ -72,6 +72,12 @@ pub struct ControllerArgs {
     /// and the same API under `/v1`. Its URL is printed and written to DATA_DIR/web.url.
     #[arg(long)]
     web_listen: Option<String>,
+    /// Fence time of protected VMs (e.g. 10s): their agents stop them after this long
+    /// without the controller, and the controller restores them elsewhere only after
+    /// this long since their host's last contact. Must exceed 2 s (a host is found down
+    /// after 2 s of silence).
+    #[arg(long, value_parser = super::client::parse_duration_ms, default_value = "10s")]
+    fence_time: u64,
 }
 
 impl ControllerArgs {
@@ -90,6 +96,7 @@ impl ControllerArgs {
             limits,
             mode,
             max_bandwidth_bps: self.max_bandwidth.map(|m| m << 20),
+            fence_ms: self.fence_time,
             ..ControllerConfig::new(self.data_dir.clone())
         })
     }

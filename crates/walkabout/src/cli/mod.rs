@@ -9,6 +9,7 @@ pub mod config;
 pub mod controller;
 pub mod cpu;
 pub mod demo;
+pub mod failover;
 pub mod host;
 pub mod image;
 pub mod migrate;

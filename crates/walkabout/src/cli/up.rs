@@ -25,6 +25,9 @@ use std::time::{Duration, Instant};
 use walkabout_controller::{Cluster, ControllerConfig};
 use walkabout_testbed::{GuestNet, LocalCluster, LocalOptions};
 
+/// Time between checkpoints of `up`'s guests, ms.
+const UP_CHECKPOINT_EVERY_MS: u64 = 12_000;
+
 /// Segments `up` may pick from: bridge `wavmK`, subnet `10.77.K.0/24`.
 const GUEST_SEGMENTS: u32 = 200;
 
@@ -261,6 +264,17 @@ async fn show(
             address.map(|x| format!(", {x}")).unwrap_or_default(),
             start.elapsed().as_millis()
         ))?;
+        // Protected: a checkpoint every 12 s shipped to another host, so that a host
+        // that dies (`walkabout game musical-chairs`, a kill -9) loses no guest.
+        let protect = walkabout_api::ProtectVm { replica: None, every_ms: Some(UP_CHECKPOINT_EVERY_MS), keep: Some(3) };
+        match cluster.protect(&name, &protect).await {
+            Ok(vm) => out::line(format_args!(
+                "protected {name}: a checkpoint every {} s to {}",
+                UP_CHECKPOINT_EVERY_MS / 1000,
+                vm.protection.map(|p| p.replica).unwrap_or_default()
+            ))?,
+            Err(e) => out::line(format_args!("{name} is not protected: {e}"))?,
+        }
     }
     out::line("")?;
     out::line(format_args!("web console      {web_url}"))?;
@@ -287,7 +301,14 @@ async fn show(
         gentle: false,
     })?;
     let mut shown = 0usize;
+    let mut events = cluster.events().subscribe();
     loop {
+        // Each checkpoint shipped, each failover: the controller's failover events.
+        while let Ok(e) = events.try_recv() {
+            if e.subject == walkabout_api::Subject::Failover {
+                out::line(super::table::clean(&e.message))?;
+            }
+        }
         let w = cluster.games().walk(&walk.id)?;
         for h in w.hops.iter().skip(shown) {
             shown += 1;

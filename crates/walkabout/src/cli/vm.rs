@@ -85,6 +85,12 @@ pub enum VmCommand {
     Stop(Named),
     /// Delete a VM (stopping it first).
     Delete(Named),
+    /// Protect a VM (through the controller): a checkpoint every --every shipped to a
+    /// replica host; if its host dies it runs again there. Its agent stops it by itself
+    /// when it loses the controller for the fence time.
+    Protect(super::failover::ProtectArgs),
+    /// Stop protecting a VM.
+    Unprotect(super::failover::UnprotectArgs),
     /// Print a VM's serial console.
     Console(ConsoleArgs),
     /// Move a VM to another host of the cluster (through the controller: a plan with
@@ -274,6 +280,8 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             VmCommand::Console(a) => console(a).await,
+            VmCommand::Protect(a) => super::failover::protect(a).await,
+            VmCommand::Unprotect(a) => super::failover::unprotect(a).await,
             VmCommand::Move(a) => {
                 let ctl = client::controller(&a.ctl.controller)?;
                 match ctl.move_vm(&a.vm, &a.to).await {

@@ -44,6 +44,12 @@ pub struct GameArgs {
     /// Hops at once.
     #[arg(long, default_value_t = 1)]
     parallel: u32,
+    /// The gentle game: each round's host is drained and taken away. Without it, the
+    /// host's power is cut (agent and QEMUs killed; the agents must allow it,
+    /// `--allow-power-cut`): its protected VMs come back from their replicas, the
+    /// others are out.
+    #[arg(long)]
+    gentle: bool,
 }
 
 /// Runs `walkabout walk`.
@@ -55,7 +61,7 @@ pub fn run_walk(a: WalkArgs) -> anyhow::Result<ExitCode> {
 /// Runs `walkabout game ...`.
 pub fn run_game(cmd: GameCommand) -> anyhow::Result<ExitCode> {
     let GameCommand::MusicalChairs(a) = cmd;
-    let opts = WalkOptions { duration_ms: a.round, parallel: a.parallel, pause_ms: 0, gentle: true };
+    let opts = WalkOptions { duration_ms: a.round, parallel: a.parallel, pause_ms: 0, gentle: a.gentle };
     runtime()?.block_on(play(a.ctl, Game::MusicalChairs, opts))
 }
 
