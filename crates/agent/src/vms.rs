@@ -49,6 +49,10 @@ pub struct AgentConfig {
     /// The address incoming migrations' QEMUs listen on (this host's address toward
     /// its peers); never taken from a request. Default: 127.0.0.1.
     pub migration_address: Option<String>,
+    /// This host's identity under the cluster CA (`--identity`): its QEMUs' migration
+    /// and NBD streams go over TLS with it. `None` (a cluster without a CA,
+    /// `--insecure-loopback`): they are plain.
+    pub identity: Option<walkabout_trust::Bundle>,
 }
 
 impl AgentConfig {
@@ -68,6 +72,7 @@ impl AgentConfig {
             announce: crate::nics::Announce::default(),
             boot_dirs: vec![],
             migration_address: None,
+            identity: None,
         }
     }
 }

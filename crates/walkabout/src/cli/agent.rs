@@ -87,6 +87,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             announce: a.announce,
             boot_dirs: a.boot_dirs,
             migration_address: Some(migration_address(a.migration_address.as_deref(), &a.listen)),
+            identity: super::ca::identity().cloned(),
             ..AgentConfig::new(a.data_dir)
         };
         let agent = Agent::start(config).await?;

@@ -25,7 +25,15 @@ async fn drive(qemu: &FakeQemu, peer: &FakePeer, agent: &FakeAgent) -> Phase {
 }
 
 async fn drive_record(qemu: &FakeQemu, peer: &FakePeer, agent: &FakeAgent, record: MigrationRecord) -> Phase {
-    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record, spec: spec(), was_running: true };
+    let driver = Driver {
+        qmp: qemu.clone(),
+        peer: peer.clone(),
+        agent: agent.clone(),
+        record,
+        spec: spec(),
+        was_running: true,
+        tls: super::super::tls::StreamTls::Plain,
+    };
     driver.drive(agent.cancel_switch()).await
 }
 
@@ -325,7 +333,15 @@ async fn recovery_before_the_gate_cancels_and_resumes_the_source() {
     qemu.state().status = "pre-switchover".into();
     qemu.state().running = false;
     let (peer, agent) = (FakePeer::default(), agent());
-    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record: record(), spec: spec(), was_running: true };
+    let driver = Driver {
+        qmp: qemu.clone(),
+        peer: peer.clone(),
+        agent: agent.clone(),
+        record: record(),
+        spec: spec(),
+        was_running: true,
+        tls: super::super::tls::StreamTls::Plain,
+    };
 
     let reason = driver.recover().await;
 
@@ -340,7 +356,15 @@ async fn recovery_after_the_gate_keeps_the_source_paused() {
     qemu.state().status = "device".into();
     qemu.state().running = false;
     let (peer, agent) = (FakePeer::default(), agent());
-    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record: record(), spec: spec(), was_running: true };
+    let driver = Driver {
+        qmp: qemu.clone(),
+        peer: peer.clone(),
+        agent: agent.clone(),
+        record: record(),
+        spec: spec(),
+        was_running: true,
+        tls: super::super::tls::StreamTls::Plain,
+    };
 
     let reason = driver.recover().await;
 
@@ -366,8 +390,15 @@ fn disk_spec() -> VmSpec {
 }
 
 async fn drive_copy(qemu: &FakeQemu, peer: &FakePeer, agent: &FakeAgent) -> Phase {
-    let driver =
-        Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record: copy_record(), spec: disk_spec(), was_running: true };
+    let driver = Driver {
+        qmp: qemu.clone(),
+        peer: peer.clone(),
+        agent: agent.clone(),
+        record: copy_record(),
+        spec: disk_spec(),
+        was_running: true,
+        tls: super::super::tls::StreamTls::Plain,
+    };
     driver.drive(agent.cancel_switch()).await
 }
 
@@ -477,7 +508,15 @@ async fn post_copy_is_refused_for_a_vm_whose_disks_may_be_copied() {
     };
     let record = MigrationRecord::pending("mig-1", &req, crate::vms::now_ms());
     let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::copying(), FakeAgent::new(record.clone(), GuestStatus::default()));
-    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record, spec: disk_spec(), was_running: true };
+    let driver = Driver {
+        qmp: qemu.clone(),
+        peer: peer.clone(),
+        agent: agent.clone(),
+        record,
+        spec: disk_spec(),
+        was_running: true,
+        tls: super::super::tls::StreamTls::Plain,
+    };
 
     let phase = driver.drive(agent.cancel_switch()).await;
 
