@@ -31,6 +31,10 @@ fn tls_pair(names: [&str; 2]) -> (AgentProc, AgentProc, &'static TestCa) {
     (a, b, ca)
 }
 
+/// A budget for a loaded CI machine (TCG guests, 2 cores shared): these tests are about
+/// who may connect, not about speed (bench/migrate --tls measures TLS's cost).
+const PATIENT: &[&str] = &["--budget-per-gib", "240s"];
+
 /// Waits for `more` heartbeats; the guest saw no corrupt page nor block and never broke.
 fn runs_clean(agent: &AgentProc, vm: &str, more: u64) {
     let seen = agent.info(vm).guest.heartbeats;
@@ -40,16 +44,19 @@ fn runs_clean(agent: &AgentProc, vm: &str, more: u64) {
 }
 
 #[test]
-fn a_dirtying_guest_migrates_over_tls_with_multifd_and_the_record_says_so() {
+fn a_dirtying_guest_hops_there_and_back_over_tls_with_multifd_and_the_records_say_so() {
     let (a, b, _ca) = tls_pair(["qm1", "qm2"]);
     a.create(&["--name", "tls1", "--memory", "256M", "--workload", "dirty:64:16"]);
     runs_clean(&a, "tls1", 5);
-    let m = a.migrate("tls1", &b, &["--multifd-channels", "2"]);
-    assert_eq!(m.result, Phase::Completed, "{m:?}");
-    let rec = a.migrations().into_iter().find(|r| r.vm == "tls1").expect("the record");
-    assert!(rec.tls, "the record says the streams were plain: {rec:?}");
-    assert_eq!(rec.strategy.as_ref().map(|s| s.multifd_channels), Some(2), "{rec:?}");
-    runs_clean(&b, "tls1", 5);
+    // Back again: the VM that came in (its QEMU a TLS server) leaves as a TLS client.
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let m = from.migrate("tls1", to, &[&["--multifd-channels", "2"], PATIENT].concat());
+        assert_eq!(m.result, Phase::Completed, "{m:?}");
+        let rec = from.migrations().into_iter().find(|r| r.vm == "tls1").expect("the record");
+        assert!(rec.tls, "the record says the streams were plain: {rec:?}");
+        assert_eq!(rec.strategy.as_ref().map(|s| s.multifd_channels), Some(2), "{rec:?}");
+        runs_clean(to, "tls1", 5);
+    }
 }
 
 /// Listening TCP ports of process `pid` (its sockets in `/proc/PID/fd` that
@@ -151,7 +158,7 @@ fn strangers_at_the_destination_are_refused_and_the_tls_disk_copy_completes() {
     let foreign = Bundle { ca_pem: ca.ca().cert_pem().to_string(), ..foreign };
     let untrusted = walkabout_trust::tls::client_config(&foreign).expect("forged config");
 
-    let id = a.start_migration("tls2", &b, &["--storage", "copy"]);
+    let id = a.start_migration("tls2", &b, &[&["--storage", "copy"], PATIENT].concat());
     // The destination's QEMU listens for the disks (NBD) and the memory stream while
     // the mirror copies the disk: the strangers come first to every port it listens on.
     let start = Instant::now();

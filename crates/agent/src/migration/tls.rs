@@ -22,8 +22,11 @@ use std::path::{Path, PathBuf};
 use walkabout_migrate::MigrationQmp;
 use walkabout_qemu::QmpError;
 
-/// The id of the credentials object, at either end.
-pub(crate) const CREDS_ID: &str = "wa-tls";
+/// The id of the destination's credentials object (endpoint server). A VM that came in
+/// keeps it; it leaves again with [`CREDS_OUT`].
+pub(crate) const CREDS_IN: &str = "wa-tls-in";
+/// The id of the source's credentials object (endpoint client).
+pub(crate) const CREDS_OUT: &str = "wa-tls-out";
 /// The id of the destination's authorization object.
 pub(crate) const AUTHZ_ID: &str = "wa-authz";
 
@@ -57,8 +60,8 @@ pub(crate) enum TlsError {
     Mismatch(String),
 }
 
-fn creds(dir: &Path, endpoint: &str) -> Value {
-    json!({"qom-type": "tls-creds-x509", "id": CREDS_ID, "dir": dir.display().to_string(), "endpoint": endpoint, "verify-peer": true})
+fn creds(id: &str, dir: &Path, endpoint: &str) -> Value {
+    json!({"qom-type": "tls-creds-x509", "id": id, "dir": dir.display().to_string(), "endpoint": endpoint, "verify-peer": true})
 }
 
 /// The host part of a QEMU URI `tcp:HOST:PORT` (brackets of an IPv6 address removed).
@@ -72,22 +75,23 @@ pub(crate) fn uri_host(uri: &str) -> Option<&str> {
 /// alone, as the memory stream's parameters. Call before `nbd-server-start` and
 /// `migrate-incoming` (whose listeners then require both).
 pub(crate) async fn arm_incoming(qmp: &impl MigrationQmp, dir: &Path, peer_dn: &str) -> Result<(), TlsError> {
-    qmp.execute("object-add", Some(creds(dir, "server"))).await?;
+    qmp.execute("object-add", Some(creds(CREDS_IN, dir, "server"))).await?;
     qmp.execute("object-add", Some(json!({"qom-type": "authz-simple", "id": AUTHZ_ID, "identity": peer_dn}))).await?;
-    qmp.execute("migrate-set-parameters", Some(json!({"tls-creds": CREDS_ID, "tls-authz": AUTHZ_ID}))).await?;
+    qmp.execute("migrate-set-parameters", Some(json!({"tls-creds": CREDS_IN, "tls-authz": AUTHZ_ID}))).await?;
     Ok(())
 }
 
 /// Source: credentials as a client, checking the destination's certificate against
 /// `hostname` (the address its reply named), as the memory stream's parameters. The
-/// VM's QEMU may hold them from an earlier migration (that failed, or came back): they
-/// are replaced.
+/// VM's QEMU keeps the object from an earlier migration out of this host (one that
+/// failed: the VM stayed); it is added once.
 pub(crate) async fn arm_outgoing(qmp: &impl MigrationQmp, dir: &Path, hostname: &str) -> Result<(), TlsError> {
-    if let Err(e) = qmp.execute("object-del", Some(json!({"id": CREDS_ID}))).await {
-        tracing::debug!(error = %e, "object-del {CREDS_ID} (none yet)");
+    let objects = qmp.execute("qom-list", Some(json!({"path": "/objects"}))).await?;
+    let present = objects.as_array().is_some_and(|a| a.iter().any(|o| o["name"] == CREDS_OUT));
+    if !present {
+        qmp.execute("object-add", Some(creds(CREDS_OUT, dir, "client"))).await?;
     }
-    qmp.execute("object-add", Some(creds(dir, "client"))).await?;
-    qmp.execute("migrate-set-parameters", Some(json!({"tls-creds": CREDS_ID, "tls-hostname": hostname}))).await?;
+    qmp.execute("migrate-set-parameters", Some(json!({"tls-creds": CREDS_OUT, "tls-hostname": hostname}))).await?;
     Ok(())
 }
 
@@ -109,7 +113,7 @@ pub(crate) fn agree(vm: &str, destination: &str, ours: &StreamTls, theirs: bool)
 /// The NBD server's TLS arguments at the destination (merged into `nbd-server-start`).
 pub(crate) fn nbd_server_args(tls: bool) -> Value {
     match tls {
-        true => json!({"tls-creds": CREDS_ID, "tls-authz": AUTHZ_ID}),
+        true => json!({"tls-creds": CREDS_IN, "tls-authz": AUTHZ_ID}),
         false => json!({}),
     }
 }
@@ -117,7 +121,7 @@ pub(crate) fn nbd_server_args(tls: bool) -> Value {
 /// The NBD client's TLS arguments at the source (merged into its `blockdev-add`).
 pub(crate) fn nbd_client_args(tls: bool, hostname: &str) -> Value {
     match tls {
-        true => json!({"tls-creds": CREDS_ID, "tls-hostname": hostname}),
+        true => json!({"tls-creds": CREDS_OUT, "tls-hostname": hostname}),
         false => json!({}),
     }
 }

@@ -547,7 +547,7 @@ async fn under_the_ca_the_source_arms_tls_for_the_disks_and_the_memory_before_ei
     let arg = |i: Option<usize>| i.map(|i| s.args[i].1.clone()).unwrap_or_default();
     assert_eq!((arg(creds)["endpoint"].as_str(), arg(creds)["dir"].as_str()), (Some("client"), Some("/creds")));
     assert_eq!(arg(params)["tls-hostname"], "127.0.0.1");
-    assert_eq!((arg(nbd)["tls-creds"].as_str(), arg(nbd)["tls-hostname"].as_str()), (Some("wa-tls"), Some("127.0.0.1")));
+    assert_eq!((arg(nbd)["tls-creds"].as_str(), arg(nbd)["tls-hostname"].as_str()), (Some("wa-tls-out"), Some("127.0.0.1")));
     assert!(agent.books().record.tls, "the record says plain");
 }
 
