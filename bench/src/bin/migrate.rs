@@ -212,7 +212,8 @@ fn tls_cost(args: &Args, env: &Value, bin: &Path, started: Instant) -> Result<()
     for &mem in &args.mems {
         for wl in &args.workloads {
             eprintln!("[{}] {mem} MiB, {wl} ({:.0} s in)", cells.len() + 1, started.elapsed().as_secs_f64());
-            let p = walkabout_cell(&plain.0, &plain.1, mem, wl, None, args.runs, &[]).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+            let p =
+                walkabout_cell(&plain.0, &plain.1, mem, wl, None, args.runs, &[]).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
             eprintln!("  plain: {}", brief(&p));
             let t = walkabout_cell(&tls.0, &tls.1, mem, wl, None, args.runs, &[]).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
             eprintln!("  tls:   {}", brief(&t));
