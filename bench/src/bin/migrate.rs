@@ -21,7 +21,7 @@ use walkabout_bench::{
 use walkabout_testbed::{kill9, processes_mentioning, Agent, TempDir};
 
 const USAGE: &str = "usage: migrate [--quick] [--mem 512,2048] [--workload idle,dirty:64:32,...] \
-[--bandwidth default,100] [--runs 3] [--give-up-s 30] [--only walkabout|qemu] [--out FILE] [--no-build] [--bin PATH] [--engine [--cells a,b]]
+[--bandwidth default,100] [--runs 3] [--give-up-s 30] [--only walkabout|qemu] [--out FILE] [--no-build] [--bin PATH] [--engine [--cells a,b]] [--tls]
 
   --quick        512 MiB only, 1 run per cell (a smoke check)
   --mem          guest sizes in MiB (default 512,2048)
@@ -36,7 +36,11 @@ const USAGE: &str = "usage: migrate [--quick] [--mem 512,2048] [--workload idle,
   --engine       instead of the grid, the migration engine's cells (issue #15): post-copy with and
                  without preempt (the guest's stall), a 20 MiB/s tbf link with compression, 4 and
                  8 GiB guests idle and dirtying 256 MiB; QEMU's defaults beside each
-  --cells        with --engine, only the cells whose names are listed";
+  --cells        with --engine, only the cells whose names are listed
+  --tls          instead of the grid, the cost of TLS: each --mem x --workload cell migrated by
+                 Walkabout between two plain agents (--insecure-loopback: QEMU's streams plain) and
+                 between two agents under a CA (QEMU's streams over TLS), --runs each, medians and
+                 the ratio tls/plain";
 
 struct Args {
     mems: Vec<u64>,
@@ -51,6 +55,7 @@ struct Args {
     bin: Option<PathBuf>,
     engine: bool,
     cells: Option<Vec<String>>,
+    tls: bool,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -67,6 +72,7 @@ fn parse_args() -> Result<Option<Args>> {
         bin: None,
         engine: false,
         cells: None,
+        tls: false,
     };
     let (mut mems, mut runs) = (None, None);
     let mut it = std::env::args().skip(1);
@@ -80,6 +86,7 @@ fn parse_args() -> Result<Option<Args>> {
                 a.build = false;
             }
             "--engine" => a.engine = true,
+            "--tls" => a.tls = true,
             "--cells" => a.cells = Some(val("--cells")?.split(',').map(|c| c.trim().to_string()).collect()),
             "--mem" => {
                 mems = Some(val("--mem")?.split(',').map(|m| m.trim().parse::<u64>()).collect::<Result<Vec<_>, _>>().context("--mem: MiB")?)
@@ -134,6 +141,9 @@ fn main() -> Result<()> {
     if args.engine {
         return engine::run(&args, &env, &bin, &peer, &guest, scratch.path(), started);
     }
+    if args.tls {
+        return tls_cost(&args, &env, &bin, started);
+    }
     let want_wa = args.only.as_deref() != Some("qemu");
     let want_qe = args.only.as_deref() != Some("walkabout");
     let agents = if want_wa { Some((start_agent(&bin)?, start_agent(&bin)?)) } else { None };
@@ -179,6 +189,58 @@ fn main() -> Result<()> {
     }
     drop(agents);
     let doc = document(&env, &args, &peer, &cells, true, started.elapsed());
+    let text = serde_json::to_string_pretty(&doc)? + "\n";
+    if let Some(path) = &args.out {
+        std::fs::write(path, &text)?;
+    }
+    print!("{text}");
+    Ok(())
+}
+
+/// The cost of QEMU's streams over TLS: every cell by Walkabout between plain agents
+/// and between agents under a CA, in the same run; prints (and writes) one document.
+fn tls_cost(args: &Args, env: &Value, bin: &Path, started: Instant) -> Result<()> {
+    let ca = walkabout_testbed::TestCa::shared()?;
+    let tls_agent = |name: &str| -> Result<Agent> {
+        let id = ca.host(name, "127.0.0.1")?;
+        Ok(Agent::start(walkabout_testbed::AgentSpec::new(bin).env("WALKABOUT_LOG", "warn").tls(&id, &ca.operator()))?)
+    };
+    let plain = (start_agent(bin)?, start_agent(bin)?);
+    let tls = (tls_agent("bench-tls-a")?, tls_agent("bench-tls-b")?);
+    let mut cells: Vec<Value> = vec![];
+    let ratio_of = |p: &Value, t: &Value, key: &str| ratio(t[key]["median"].as_f64(), p[key]["median"].as_f64());
+    for &mem in &args.mems {
+        for wl in &args.workloads {
+            eprintln!("[{}] {mem} MiB, {wl} ({:.0} s in)", cells.len() + 1, started.elapsed().as_secs_f64());
+            let p =
+                walkabout_cell(&plain.0, &plain.1, mem, wl, None, args.runs, &[]).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+            eprintln!("  plain: {}", brief(&p));
+            let t = walkabout_cell(&tls.0, &tls.1, mem, wl, None, args.runs, &[]).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+            eprintln!("  tls:   {}", brief(&t));
+            let compare = json!({
+                "total_ms_tls_over_plain": ratio_of(&p, &t, "total_ms"),
+                "downtime_ms_tls_over_plain": ratio_of(&p, &t, "downtime_ms"),
+                "transferred_bytes_tls_over_plain": ratio_of(&p, &t, "transferred_bytes"),
+            });
+            cells.push(json!({"memory_mib": mem, "workload": wl, "plain": p, "tls": t, "compare": compare}));
+            let doc = json!({
+                "bench": "migrate --tls",
+                "complete": false,
+                "elapsed_s": started.elapsed().as_secs(),
+                "environment": env,
+                "settings": {
+                    "runs_per_cell": args.runs,
+                    "plain": "walkabout migrate --wait --mode auto between two agents on --insecure-loopback (QEMU's migration stream plain)",
+                    "tls": "the same between two agents serving mutual TLS with host certificates of one CA: QEMU's migration stream over TLS (tls-creds-x509, tls-authz admitting the source alone)",
+                },
+                "cells": cells,
+            });
+            if let Some(path) = &args.out {
+                std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+    }
+    let doc = json!({"bench": "migrate --tls", "complete": true, "elapsed_s": started.elapsed().as_secs(), "environment": env, "runs_per_cell": args.runs, "cells": cells});
     let text = serde_json::to_string_pretty(&doc)? + "\n";
     if let Some(path) = &args.out {
         std::fs::write(path, &text)?;

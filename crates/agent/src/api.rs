@@ -290,12 +290,17 @@ async fn migration_events(State(a): State<Agent>, Path(id): Path<String>) -> Res
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
-async fn incoming_prepare(State(a): State<Agent>, b: Body<IncomingRequest>) -> Response {
+async fn incoming_prepare(
+    State(a): State<Agent>,
+    source: Option<axum::Extension<walkabout_trust::Identity>>,
+    b: Body<IncomingRequest>,
+) -> Response {
     let req = match body(b, "incoming migration request") {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    match a.prepare_incoming(req).await {
+    // The source QEMU admitted is the authenticated peer of this request.
+    match a.prepare_incoming(req, source.as_ref().map(|s| &s.0)).await {
         Ok(r) => (StatusCode::CREATED, Json(r)).into_response(),
         Err(e) => e.into_response(),
     }

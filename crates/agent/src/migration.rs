@@ -34,12 +34,14 @@ mod driver;
 #[cfg(test)]
 mod fake;
 pub(crate) mod storage;
+mod tls;
 
 use crate::error::AgentError;
 use crate::spec::VmState;
 use crate::vms::{lock, now_ms, Agent};
 use driver::{AgentSide, Driver, PeerAgent};
 use std::time::Duration;
+use tls::StreamTls;
 use tokio::sync::watch;
 use walkabout_api::{AgentClient, ClientError, ClientOptions, GuestStatus};
 use walkabout_migrate::Phase;
@@ -175,6 +177,7 @@ impl Agent {
             return Err(AgentError::InvalidState { vm: req.vm.clone(), op: "migrate", state: vm.record.state });
         }
         let qmp = vm.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: req.vm.clone(), op: "migrate", state: vm.record.state })?;
+        let tls = self.stream_tls()?;
         let record = MigrationRecord::pending(new_id(), &req, now_ms());
         let was_running = vm.record.state == VmState::Running;
         vm.record.state = VmState::Migrating;
@@ -185,7 +188,7 @@ impl Agent {
         let spec = vm.record.spec.clone();
         drop(vm);
         let agent = Books { agent: self.clone(), id: record.id.clone(), vm: record.vm.clone() };
-        let driver = Driver { qmp, peer, agent, record: record.clone(), spec, was_running };
+        let driver = Driver { qmp, peer, agent, record: record.clone(), spec, was_running, tls };
         tokio::spawn(async move { driver.drive(rx).await });
         Ok(record)
     }
@@ -223,6 +226,17 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// How this host's QEMUs secure their migration streams: TLS with this host's
+    /// identity under the cluster CA (its credentials written for QEMU in
+    /// `DATA/qemu-tls`, 0700), or plain in a cluster without a CA.
+    fn stream_tls(&self) -> Result<StreamTls, AgentError> {
+        let Some(bundle) = &self.inner.config.identity else { return Ok(StreamTls::Plain) };
+        let dir = self.inner.config.data_dir.join("qemu-tls");
+        walkabout_trust::qemu::write_qemu_creds(bundle, &dir)
+            .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot write QEMU's TLS credentials: {e}") })?;
+        Ok(StreamTls::Tls(dir))
     }
 
     /// The typed client of a peer agent.
@@ -269,7 +283,8 @@ impl Agent {
                 let reason = match vm {
                     Some((qmp, spec)) => {
                         let agent = Books { agent: self.clone(), id: rec.id.clone(), vm: rec.vm.clone() };
-                        Driver { qmp, peer, agent, record: rec.clone(), spec, was_running: true }.recover().await
+                        // Settling after a restart moves nothing: no stream to secure.
+                        Driver { qmp, peer, agent, record: rec.clone(), spec, was_running: true, tls: StreamTls::Plain }.recover().await
                     }
                     None => {
                         // No QEMU here to settle; the destination also lets go when its lease ends.
@@ -292,9 +307,21 @@ impl Agent {
     // ---- destination side ----
 
     /// Prepares this host to receive a VM: checks, starts a paused QEMU waiting for the
-    /// stream, and says where to send it. Nothing of the VM runs here yet.
-    pub async fn prepare_incoming(&self, req: IncomingRequest) -> Result<IncomingReply, AgentError> {
+    /// stream, and says where to send it. Nothing of the VM runs here yet. Under the
+    /// cluster CA the stream and the disk copy are TLS, and only `source` (the
+    /// authenticated peer of the request) is admitted to them.
+    pub async fn prepare_incoming(
+        &self,
+        req: IncomingRequest,
+        source: Option<&walkabout_trust::Identity>,
+    ) -> Result<IncomingReply, AgentError> {
         let name = req.spec.name.clone();
+        let stream_tls = self.stream_tls()?;
+        let admit = match (&stream_tls, source) {
+            (StreamTls::Plain, _) => None,
+            (StreamTls::Tls(dir), Some(peer)) => Some((dir.clone(), walkabout_trust::qemu::qemu_dn(&peer.name))),
+            (StreamTls::Tls(_), None) => return Err(AgentError::InvalidRequest { reason: tls::TlsError::NoPeer.to_string() }),
+        };
         // Shared or copy first: a copy's spec names the images made here.
         let img = walkabout_qemu::QemuImg::beside(&self.inner.config.qemu_binary);
         let plan = storage::plan(&req, &self.copy_dir(), &self.catalog_bases(), &img)
@@ -316,9 +343,18 @@ impl Agent {
             let qmp =
                 guard.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: name.clone(), op: "receive", state: guard.record.state })?;
             self.check_cpu(&name, &qmp, &req.cpu_features).await?;
+            match &admit {
+                Some((dir, dn)) => {
+                    tls::arm_incoming(&qmp, dir, dn)
+                        .await
+                        .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot receive {name}: {e}") })?;
+                    tracing::info!(vm = %name, source = %dn, "QEMU's streams over TLS, admitting the requesting host alone");
+                }
+                None => tracing::warn!(vm = %name, "QEMU's streams are plain: this agent runs without a CA (--insecure-loopback)"),
+            }
             let nbd = match copy {
                 true => Some(
-                    storage::export(&qmp, &self.incoming_host(), &plan)
+                    storage::export(&qmp, &self.incoming_host(), &plan, admit.is_some())
                         .await
                         .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot receive the disks of {name}: {e}") })?,
                 ),
@@ -347,7 +383,7 @@ impl Agent {
                 qmp.cont().await.map_err(|e| AgentError::Qemu { vm: name.clone(), source: e.into() })?;
             }
             self.inner.store.put(&guard.record)?;
-            Ok(IncomingReply { uri, storage: plan.mode, nbd })
+            Ok(IncomingReply { uri, storage: plan.mode, nbd, tls: admit.is_some() })
         }
         .await;
         if result.is_ok() {
@@ -482,7 +518,8 @@ impl Agent {
             .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot recover the post-copy of {name}: {e}") })?;
         tracing::info!(vm = %name, %uri, "post-copy listening again");
         // Post-copy never runs with a disk copy (the driver refuses it), so no NBD here.
-        Ok(IncomingReply { uri, storage: None, nbd: None })
+        // The new stream is under the parameters set at prepare (TLS, the same source).
+        Ok(IncomingReply { uri, storage: None, nbd: None, tls: self.inner.config.identity.is_some() })
     }
 
     /// The incoming VM, while it is incoming: the source's liveness probe, which also

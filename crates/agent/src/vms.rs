@@ -51,6 +51,10 @@ pub struct AgentConfig {
     pub migration_address: Option<String>,
     /// Whether `POST /v1/host/power-cut` may kill every QEMU and the agent (tests, games).
     pub allow_power_cut: bool,
+    /// This host's identity under the cluster CA (`--identity`): its QEMUs' migration
+    /// and NBD streams go over TLS with it. `None` (a cluster without a CA,
+    /// `--insecure-loopback`): they are plain.
+    pub identity: Option<walkabout_trust::Bundle>,
 }
 
 impl AgentConfig {
@@ -71,6 +75,7 @@ impl AgentConfig {
             boot_dirs: vec![],
             migration_address: None,
             allow_power_cut: false,
+            identity: None,
         }
     }
 }

@@ -357,6 +357,11 @@ pub struct MigrationRecord {
     /// The disk copy's counters (QEMU's mirror jobs), with `storage: copy`.
     #[serde(default)]
     pub disk: DiskProgress,
+    /// QEMU's streams (memory, and disks with `storage: copy`) went over TLS under the
+    /// cluster CA, to a destination that admitted this host alone. False only for a
+    /// cluster run without a CA (`--insecure-loopback`): they were plain.
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// The disk copy of a `storage: copy` migration, summed over the VM's mirror jobs as
@@ -402,6 +407,7 @@ impl MigrationRecord {
             postcopy_pauses: vec![],
             storage: Some(req.storage),
             disk: DiskProgress::default(),
+            tls: false,
         }
     }
 }
@@ -570,6 +576,11 @@ pub struct IncomingReply {
     /// With `copy`: the NBD server holding the destination's new images.
     #[serde(default)]
     pub nbd: Option<NbdTarget>,
+    /// The destination's QEMU accepts the stream (and its NBD server the disks) only
+    /// over TLS under the cluster CA, from the host whose certificate asked for this
+    /// incoming migration. False: plain streams (a cluster without a CA).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// The destination's NBD server and one writable export per disk.

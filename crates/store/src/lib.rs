@@ -30,11 +30,15 @@
 //! A missing file becomes a new, empty database. An existing file must be a whole redb
 //! database: a zero-byte file is refused ([`StoreError::EmptyFile`]) rather than silently
 //! starting empty, and a damaged one (truncated, overwritten) is refused with
-//! [`StoreError::Damaged`], naming the file.
+//! [`StoreError::Damaged`], naming the file. The last good copy of the file is kept
+//! beside it (`<file>.good`, refreshed at each open and at most every
+//! [`GOOD_COPY_EVERY`] on a write); while it exists, a damaged, empty or missing file is
+//! refused with [`StoreError::LastGoodCopy`], naming the copy and how to start from it
+//! ([`restore_good_copy`]).
 
 mod redb;
 
-pub use crate::redb::Redb;
+pub use crate::redb::{good_copy_path, restore_good_copy, Redb, GOOD_COPY_EVERY};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -103,6 +107,21 @@ pub enum StoreError {
         path: PathBuf,
         /// What redb found.
         detail: String,
+    },
+    /// The database is damaged, empty or missing, and its last good copy is at hand:
+    /// nothing starts until an operator chooses (restore it, or start afresh).
+    #[error(
+        "database {path} {problem}; its last good copy is {good}: to start from it (records written since it was taken are lost), \
+         stop the process and run `mv {path} {path}.damaged && cp {good} {path}` (walkabout_store::restore_good_copy), \
+         or move both files aside to start with a new, empty database"
+    )]
+    LastGoodCopy {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong with it ("is damaged (...)", "is an empty file", "is missing").
+        problem: String,
+        /// Its last good copy.
+        good: PathBuf,
     },
     /// The database could not be opened for another reason (permissions, I/O, format).
     #[error("cannot open database {path}: {detail}")]

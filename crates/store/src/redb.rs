@@ -1,10 +1,64 @@
 //! The embedded [`Backend`]: one redb file. A missing file becomes a new, empty
 //! database; an existing one must be a whole redb database (a zero-byte file is refused
 //! with [`StoreError::EmptyFile`], a damaged one with [`StoreError::Damaged`]).
+//!
+//! Beside it the last good copy of the database is kept (`<file>.good`, see
+//! [`good_copy_path`]): taken after every successful open of an existing file and at
+//! most every [`GOOD_COPY_EVERY`] on a write, checked to open whole before it replaces
+//! the previous one (an atomic rename). When the file is damaged, empty or missing
+//! while a good copy exists, opening refuses with [`StoreError::LastGoodCopy`], which
+//! names the copy and how to start from it ([`restore_good_copy`]); nothing starts
+//! empty over a lost database.
 
 use crate::{Backend, StoreError};
 use redb::{ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How often, at most, a write refreshes the last good copy.
+pub const GOOD_COPY_EVERY: Duration = Duration::from_secs(300);
+
+/// Where the last good copy of the database at `path` is kept: `<path>.good`.
+pub fn good_copy_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_os_string();
+    p.push(".good");
+    PathBuf::from(p)
+}
+
+/// Replaces the database at `path` by its last good copy: the file there (damaged,
+/// empty) is kept aside as `<path>.damaged-<ms since the epoch>`, returned. Run with
+/// the database closed (the process that owns it stopped). Records written after the
+/// copy was taken are not in it.
+pub fn restore_good_copy(path: &Path) -> Result<Option<PathBuf>, StoreError> {
+    let good = good_copy_path(path);
+    let failed = |p: &Path, e: std::io::Error| StoreError::Open { path: p.to_path_buf(), detail: e.to_string() };
+    if !good.exists() {
+        return Err(StoreError::Open { path: good, detail: "no good copy to restore".into() });
+    }
+    let aside = match path.exists() {
+        true => {
+            let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+            let mut p = path.as_os_str().to_os_string();
+            p.push(format!(".damaged-{ms}"));
+            let aside = PathBuf::from(p);
+            std::fs::rename(path, &aside).map_err(|e| failed(path, e))?;
+            Some(aside)
+        }
+        false => None,
+    };
+    let tmp = tmp_path(path);
+    std::fs::copy(&good, &tmp).map_err(|e| failed(&tmp, e))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| failed(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| failed(path, e))?;
+    Ok(aside)
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_os_string();
+    p.push(".tmp");
+    PathBuf::from(p)
+}
 
 /// Counters by name.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -13,11 +67,42 @@ pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 pub struct Redb {
     db: redb::Database,
     path: PathBuf,
+    /// When the last good copy was taken (`None`: never by this process).
+    good_at: Mutex<Option<Instant>>,
 }
 
 impl Redb {
-    /// Opens the database at `path`, creating an empty one only if the file does not exist.
+    /// Opens the database at `path`, creating an empty one only if the file does not
+    /// exist and no good copy of it does either; keeps a good copy of a file that
+    /// opened.
     pub fn open(path: &Path) -> Result<Redb, StoreError> {
+        let good = good_copy_path(path);
+        let has_good = std::fs::metadata(&good).is_ok_and(|m| m.len() > 0);
+        if has_good && !path.exists() {
+            return Err(StoreError::LastGoodCopy { path: path.to_path_buf(), problem: "is missing".into(), good });
+        }
+        let existed = path.exists();
+        match Redb::open_file(path) {
+            Ok(db) => {
+                if existed {
+                    if let Err(e) = db.keep_good_copy() {
+                        tracing::warn!(error = %e, "cannot keep a good copy of the database");
+                    }
+                }
+                Ok(db)
+            }
+            Err(e @ (StoreError::EmptyFile { .. } | StoreError::Damaged { .. })) if has_good => {
+                let problem = match e {
+                    StoreError::Damaged { detail, .. } => format!("is damaged ({detail})"),
+                    _ => "is an empty file (0 bytes)".into(),
+                };
+                Err(StoreError::LastGoodCopy { path: path.to_path_buf(), problem, good })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn open_file(path: &Path) -> Result<Redb, StoreError> {
         let exists = match std::fs::metadata(path) {
             Ok(meta) if meta.len() == 0 => return Err(StoreError::EmptyFile { path: path.to_path_buf() }),
             Ok(_) => true,
@@ -38,7 +123,49 @@ impl Redb {
                 return Err(StoreError::Damaged { path: path.to_path_buf(), detail });
             }
         };
-        Ok(Redb { db, path: path.to_path_buf() })
+        Ok(Redb { db, path: path.to_path_buf(), good_at: Mutex::new(None) })
+    }
+
+    /// Copies the database to its good copy ([`good_copy_path`]): the file is copied
+    /// while a write transaction holds every writer off, the copy is opened to check it
+    /// is whole, then renamed over the previous good copy.
+    pub fn keep_good_copy(&self) -> Result<PathBuf, StoreError> {
+        let good = good_copy_path(&self.path);
+        let tmp = tmp_path(&good);
+        let failed = |p: &Path, detail: String| StoreError::Open { path: p.to_path_buf(), detail };
+        {
+            let txn = self.db.begin_write().map_err(|e| failed(&self.path, e.to_string()))?;
+            let copied = std::fs::copy(&self.path, &tmp);
+            txn.abort().map_err(|e| failed(&self.path, e.to_string()))?;
+            copied.map_err(|e| failed(&tmp, e.to_string()))?;
+        }
+        let checked = std::panic::catch_unwind(|| redb::Database::open(&tmp).map(drop));
+        match checked {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(failed(&tmp, format!("the copy does not open: {e}")));
+            }
+            Err(_) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(failed(&tmp, "the copy does not open".into()));
+            }
+        }
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| failed(&tmp, e.to_string()))?;
+        std::fs::rename(&tmp, &good).map_err(|e| failed(&good, e.to_string()))?;
+        *self.good_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+        Ok(good)
+    }
+
+    /// After a write: refreshes the good copy when the last is older than
+    /// [`GOOD_COPY_EVERY`] (or was never taken by this process).
+    fn refresh_good_copy(&self) {
+        let due = self.good_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_none_or(|t| t.elapsed() >= GOOD_COPY_EVERY);
+        if due {
+            if let Err(e) = self.keep_good_copy() {
+                tracing::warn!(error = %e, "cannot keep a good copy of the database");
+            }
+        }
     }
 
     /// The database file.
@@ -58,7 +185,9 @@ impl Redb {
             txn.commit()?;
             Ok(out)
         };
-        run().map_err(|e| self.db_error(action(), e))
+        let out = run().map_err(|e| self.db_error(action(), e))?;
+        self.refresh_good_copy();
+        Ok(out)
     }
 
     /// Runs `f` in a read transaction.

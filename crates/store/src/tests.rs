@@ -235,7 +235,8 @@ fn a_legacy_record_is_upgraded_from_its_inline_version_which_then_follows() {
     assert_eq!(got, serde_json::json!({"version": 2, "name": "g1", "memory_mib": 256}));
 }
 
-/// Writes a database of 200 records, then cuts its file to `keep(len)` bytes.
+/// Writes a database of 200 records, then cuts its file to `keep(len)` bytes; its good
+/// copy is removed (a database that has none).
 fn truncated(tag: &str, keep: fn(u64) -> u64) -> TempDir {
     let dir = TempDir::new(tag);
     {
@@ -244,6 +245,7 @@ fn truncated(tag: &str, keep: fn(u64) -> u64) -> TempDir {
             s.put(&RECS, &format!("vm{i}"), &rec("x", i)).expect("put");
         }
     }
+    std::fs::remove_file(good_copy_path(&dir.db())).expect("the first write kept a good copy");
     let file = std::fs::OpenOptions::new().write(true).open(dir.db()).expect("open file");
     let len = file.metadata().expect("metadata").len();
     file.set_len(keep(len)).expect("truncate");
@@ -300,4 +302,60 @@ fn a_second_open_of_the_same_file_reports_it_in_use() {
     let _first = Store::open(&dir.db()).expect("open");
     let err = Store::open(&dir.db()).err().expect("second open");
     assert_eq!(err.to_string(), format!("cannot open database {}: it is in use by another process", dir.db().display()));
+}
+
+/// A database of `n` records opened twice (the second open keeps its good copy), then
+/// `more` records written after it.
+fn with_good_copy(tag: &str, n: u64, more: u64) -> TempDir {
+    let dir = TempDir::new(tag);
+    {
+        let s = Store::open(&dir.db()).expect("create");
+        for i in 0..n {
+            s.put(&RECS, &format!("vm{i}"), &rec("kept", i)).expect("put");
+        }
+    }
+    let s = Store::open(&dir.db()).expect("reopen");
+    assert!(good_copy_path(&dir.db()).exists(), "no good copy after a successful open");
+    for i in n..n + more {
+        s.put(&RECS, &format!("vm{i}"), &rec("late", i)).expect("put");
+    }
+    dir
+}
+
+#[test]
+fn a_cut_database_with_a_good_copy_is_refused_naming_the_copy_and_how_to_use_it() {
+    let dir = with_good_copy("good-cut", 50, 5);
+    let file = std::fs::OpenOptions::new().write(true).open(dir.db()).expect("open file");
+    let len = file.metadata().expect("metadata").len();
+    file.set_len(len / 2).expect("truncate");
+    let err = Store::open(&dir.db()).err().expect("a cut database must not open");
+    let good = good_copy_path(&dir.db());
+    assert!(matches!(err, StoreError::LastGoodCopy { good: ref g, .. } if *g == good), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.starts_with(&format!("database {} is damaged (", dir.db().display())), "{msg}");
+    assert!(msg.contains(&format!("cp {} {}", good.display(), dir.db().display())), "{msg}");
+}
+
+#[test]
+fn a_zero_byte_or_missing_database_with_a_good_copy_never_starts_empty() {
+    let dir = with_good_copy("good-zero", 10, 0);
+    std::fs::write(dir.db(), b"").expect("zero the file");
+    let err = Store::open(&dir.db()).err().expect("an empty file must not open");
+    assert!(matches!(err, StoreError::LastGoodCopy { ref problem, .. } if problem.contains("empty file")), "{err:?}");
+    std::fs::remove_file(dir.db()).expect("remove");
+    let err = Store::open(&dir.db()).err().expect("a missing file with a good copy must not start empty");
+    assert!(matches!(err, StoreError::LastGoodCopy { ref problem, .. } if problem == "is missing"), "{err:?}");
+    assert!(!dir.db().exists(), "no empty database was made");
+}
+
+#[test]
+fn restoring_the_good_copy_brings_back_every_record_written_before_it_was_taken() {
+    let dir = with_good_copy("good-restore", 30, 3);
+    std::fs::write(dir.db(), b"garbage, not redb").expect("overwrite");
+    let aside = restore_good_copy(&dir.db()).expect("restore").expect("the damaged file kept aside");
+    assert_eq!(std::fs::read(&aside).expect("aside"), b"garbage, not redb");
+    let s = Store::open(&dir.db()).expect("the restored database opens");
+    let recs: Vec<Rec> = s.list(&RECS).expect("list");
+    assert_eq!(recs.len(), 30, "the records of the good copy, not those written after it");
+    assert!(recs.iter().all(|r| r.name == "kept"), "{recs:?}");
 }

@@ -9,6 +9,7 @@
 //!   `walkabout://role/<role>`), read back from a peer's certificate.
 //! - [`tls`]: rustls server and client configurations from a bundle.
 //! - [`policy`]: which role may call which route.
+//! - [`qemu`]: the cluster CA as QEMU's TLS credentials (migration and NBD streams).
 //! - [`token`]: short-lived, single-use join tokens.
 //! - [`serve`]: the listener (TLS, or plain HTTP on loopback when asked) with handshake
 //!   and idle timeouts, and the axum middleware that enforces [`policy`].
@@ -16,6 +17,7 @@
 pub mod ca;
 pub mod identity;
 pub mod policy;
+pub mod qemu;
 pub mod serve;
 pub mod tls;
 pub mod token;

@@ -252,6 +252,7 @@ fn a_vm_migrates_between_two_tls_agents_whose_certificates_are_their_only_creden
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
         assert_eq!(rec.phase, walkabout_api::Phase::Completed, "{rec:?}");
+        assert!(rec.tls, "QEMU's stream between two agents under a CA was plain: {rec:?}");
         assert_eq!(dst.vm("mover").await.expect("at h2").record.state, VmState::Running);
         dst.delete_vm("mover").await.expect("delete");
     });

@@ -192,6 +192,8 @@ pub(crate) struct Driver<Q, P, A> {
     pub(crate) spec: VmSpec,
     /// The guest ran when the migration started (so a failure resumes it).
     pub(crate) was_running: bool,
+    /// How this host's QEMU secures the streams (TLS under the cluster CA, or plain).
+    pub(crate) tls: super::tls::StreamTls,
 }
 
 impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
@@ -272,6 +274,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         }
         let reply = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?;
         self.agent.update(|r| r.storage = reply.storage);
+        self.secure_streams(&reply).await.map_err(|e| fail(e.to_string()))?;
         if *cancel.borrow_and_update() {
             return Err(Ended { phase: Phase::Cancelled, reason: CANCELLED_BY_REQUEST.into(), past_switchover: false });
         }
@@ -284,9 +287,11 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         // Subscribed before the mirrors start, so none of their events is missed.
         let job_events = self.qmp.events();
         let mirrors = match &reply.nbd {
-            Some(nbd) => {
-                Some(storage::Mirrors::start(&self.qmp, nbd).await.map_err(|e| fail(format!("cannot copy the disks of {}: {e}", rec.vm)))?)
-            }
+            Some(nbd) => Some(
+                storage::Mirrors::start(&self.qmp, nbd, self.tls.on())
+                    .await
+                    .map_err(|e| fail(format!("cannot copy the disks of {}: {e}", rec.vm)))?,
+            ),
             None => None,
         };
         let alive = Liveness::now(mirrors.as_ref().map(|m| storage::MirrorHealth::new(m.ids(), job_events)));
@@ -352,6 +357,24 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
                 past_switchover: true,
             }),
         }
+    }
+
+    /// Arms this QEMU's side of the streams the destination's `reply` expects: TLS
+    /// credentials checking the destination's certificate at the address it named (and
+    /// recorded), or plain in a cluster without a CA (said in the log). A destination
+    /// that disagrees is refused before anything moves.
+    async fn secure_streams(&self, reply: &IncomingReply) -> Result<(), super::tls::TlsError> {
+        let rec = &self.record;
+        super::tls::agree(&rec.vm, &rec.destination, &self.tls, reply.tls)?;
+        let super::tls::StreamTls::Tls(dir) = &self.tls else {
+            tracing::warn!(vm = %rec.vm, "QEMU's streams are plain: this agent runs without a CA (--insecure-loopback)");
+            return Ok(());
+        };
+        let host = super::tls::uri_host(&reply.uri).unwrap_or(&reply.uri);
+        super::tls::arm_outgoing(&self.qmp, dir, host).await?;
+        tracing::info!(vm = %rec.vm, destination = %host, "QEMU's streams over TLS under the cluster CA");
+        self.agent.update(|r| r.tls = true);
+        Ok(())
     }
 
     /// Copies the disks (when `mirrors`) until they are in sync, then memory, probing

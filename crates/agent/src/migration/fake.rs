@@ -26,6 +26,8 @@ pub(crate) struct QemuState {
     pub script: VecDeque<String>,
     /// Every command received, by name, in order.
     pub commands: Vec<String>,
+    /// Every command received with its arguments, in order.
+    pub args: Vec<(String, Value)>,
     /// In post-copy, the stream stops moving (a cut link): bytes sent stay put.
     pub postcopy_stalls: bool,
     /// Called once when the migration reaches `pre-switchover`.
@@ -60,6 +62,7 @@ impl FakeQemu {
             status: "none".into(),
             script: script.iter().map(|s| s.to_string()).collect(),
             commands: vec![],
+            args: vec![],
             postcopy_stalls: false,
             at_pre_switchover: None,
             polls: 0,
@@ -107,6 +110,7 @@ impl FakeQemu {
     fn answer(&self, command: &str, args: &Value) -> Result<Value, QmpError> {
         let mut s = lock(&self.state);
         s.commands.push(command.to_string());
+        s.args.push((command.to_string(), args.clone()));
         match command {
             "query-named-block-nodes" => Ok(json!([{"node-name": "disk0", "image": {"virtual-size": 64u64 << 20}}])),
             "blockdev-add" => {
@@ -257,6 +261,8 @@ pub(crate) struct PeerState {
     outage_began: Option<std::time::Instant>,
     /// The storage hand-shake: the destination answers `copy` with an NBD target.
     pub copy: bool,
+    /// The destination expects QEMU's streams over TLS.
+    pub tls: bool,
     /// The request the source prepared the destination with.
     pub prepared: Option<IncomingRequest>,
     silent: bool,
@@ -345,7 +351,7 @@ impl PeerAgent for FakePeer {
             exports: vec![NbdExport { node_name: "disk0".into(), export: "disk0".into(), sync: MirrorSync::Full }],
         });
         let storage = s.copy.then_some(StorageMode::Copy);
-        Ok(IncomingReply { uri: "tcp:127.0.0.1:4444".into(), storage, nbd })
+        Ok(IncomingReply { uri: "tcp:127.0.0.1:4444".into(), storage, nbd, tls: s.tls })
     }
 
     async fn probe(&self, _vm: &str) -> Result<(), ClientError> {
@@ -381,7 +387,7 @@ impl PeerAgent for FakePeer {
     async fn recover_incoming(&self, _vm: &str, _req: &RecoverRequest) -> Result<IncomingReply, ClientError> {
         self.call(Call::Recover)?;
         let n = self.state().calls.iter().filter(|c| **c == Call::Recover).count();
-        Ok(IncomingReply { uri: format!("tcp:127.0.0.1:{}", 5000 + n), storage: None, nbd: None })
+        Ok(IncomingReply { uri: format!("tcp:127.0.0.1:{}", 5000 + n), storage: None, nbd: None, tls: false })
     }
 
     async fn abort_incoming(&self, _vm: &str) -> Result<(), ClientError> {

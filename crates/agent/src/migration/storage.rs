@@ -202,12 +202,13 @@ fn nbd_node(node: &str) -> String {
 }
 
 impl Mirrors {
-    /// Connects to the destination's exports and starts one active mirror per disk.
-    /// On failure whatever was started is undone.
-    pub async fn start(qmp: &impl MigrationQmp, nbd: &NbdTarget) -> Result<Mirrors, StorageError> {
+    /// Connects to the destination's exports (over TLS with the credentials the
+    /// source armed, when `tls`) and starts one active mirror per disk. On failure
+    /// whatever was started is undone.
+    pub async fn start(qmp: &impl MigrationQmp, nbd: &NbdTarget, tls: bool) -> Result<Mirrors, StorageError> {
         let mut m = Mirrors { jobs: vec![] };
         for e in &nbd.exports {
-            let r = Self::start_one(qmp, nbd, e).await;
+            let r = Self::start_one(qmp, nbd, e, tls).await;
             match r {
                 Ok(()) => m.jobs.push((job_id(&e.node_name), nbd_node(&e.node_name))),
                 Err(err) => {
@@ -221,10 +222,10 @@ impl Mirrors {
         Ok(m)
     }
 
-    async fn start_one(qmp: &impl MigrationQmp, nbd: &NbdTarget, e: &NbdExport) -> Result<(), StorageError> {
+    async fn start_one(qmp: &impl MigrationQmp, nbd: &NbdTarget, e: &NbdExport, tls: bool) -> Result<(), StorageError> {
         let server = json!({"type": "inet", "host": nbd.host, "port": nbd.port.to_string()});
-        qmp_do(qmp, "blockdev-add", json!({"driver": "nbd", "node-name": nbd_node(&e.node_name), "server": server, "export": e.export}))
-            .await?;
+        let node = json!({"driver": "nbd", "node-name": nbd_node(&e.node_name), "server": server, "export": e.export});
+        qmp_do(qmp, "blockdev-add", super::tls::merge(node, super::tls::nbd_client_args(tls, &nbd.host))).await?;
         let args = json!({
             "job-id": job_id(&e.node_name), "device": e.node_name, "target": nbd_node(&e.node_name),
             "sync": e.sync.as_str(), "copy-mode": "write-blocking", "auto-dismiss": true,
@@ -479,8 +480,9 @@ pub(crate) async fn plan(req: &IncomingRequest, storage_dir: &Path, bases: &[Pat
 }
 
 /// Serves the new images over NBD on `host` for the source's mirrors: one writable
-/// export per disk, named after its node.
-pub(crate) async fn export(qmp: &impl MigrationQmp, host: &str, plan: &Plan) -> Result<NbdTarget, StorageError> {
+/// export per disk, named after its node. With `tls`, the server takes TLS clients
+/// alone, and of those only the one the armed authorization admits.
+pub(crate) async fn export(qmp: &impl MigrationQmp, host: &str, plan: &Plan, tls: bool) -> Result<NbdTarget, StorageError> {
     let mut last = None;
     let mut port = 0;
     // The kernel picks a free port; QEMU then binds it (another process may win the
@@ -488,7 +490,7 @@ pub(crate) async fn export(qmp: &impl MigrationQmp, host: &str, plan: &Plan) -> 
     for _ in 0..5 {
         port = std::net::TcpListener::bind((host, 0)).and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0);
         let addr = json!({"type": "inet", "data": {"host": host, "port": port.to_string()}});
-        match qmp_do(qmp, "nbd-server-start", json!({ "addr": addr })).await {
+        match qmp_do(qmp, "nbd-server-start", super::tls::merge(json!({ "addr": addr }), super::tls::nbd_server_args(tls))).await {
             Ok(_) => {
                 last = None;
                 break;

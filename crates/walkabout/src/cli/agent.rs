@@ -99,6 +99,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
             boot_dirs: a.boot_dirs,
             migration_address: Some(migration_address(a.migration_address.as_deref(), &a.listen)),
             allow_power_cut: a.allow_power_cut,
+            identity: super::ca::identity().cloned(),
             ..AgentConfig::new(a.data_dir)
         };
         let agent = Agent::start(config).await?;

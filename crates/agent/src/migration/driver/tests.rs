@@ -25,7 +25,15 @@ async fn drive(qemu: &FakeQemu, peer: &FakePeer, agent: &FakeAgent) -> Phase {
 }
 
 async fn drive_record(qemu: &FakeQemu, peer: &FakePeer, agent: &FakeAgent, record: MigrationRecord) -> Phase {
-    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record, spec: spec(), was_running: true };
+    let driver = Driver {
+        qmp: qemu.clone(),
+        peer: peer.clone(),
+        agent: agent.clone(),
+        record,
+        spec: spec(),
+        was_running: true,
+        tls: super::super::tls::StreamTls::Plain,
+    };
     driver.drive(agent.cancel_switch()).await
 }
 
@@ -325,7 +333,15 @@ async fn recovery_before_the_gate_cancels_and_resumes_the_source() {
     qemu.state().status = "pre-switchover".into();
     qemu.state().running = false;
     let (peer, agent) = (FakePeer::default(), agent());
-    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record: record(), spec: spec(), was_running: true };
+    let driver = Driver {
+        qmp: qemu.clone(),
+        peer: peer.clone(),
+        agent: agent.clone(),
+        record: record(),
+        spec: spec(),
+        was_running: true,
+        tls: super::super::tls::StreamTls::Plain,
+    };
 
     let reason = driver.recover().await;
 
@@ -340,7 +356,15 @@ async fn recovery_after_the_gate_keeps_the_source_paused() {
     qemu.state().status = "device".into();
     qemu.state().running = false;
     let (peer, agent) = (FakePeer::default(), agent());
-    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record: record(), spec: spec(), was_running: true };
+    let driver = Driver {
+        qmp: qemu.clone(),
+        peer: peer.clone(),
+        agent: agent.clone(),
+        record: record(),
+        spec: spec(),
+        was_running: true,
+        tls: super::super::tls::StreamTls::Plain,
+    };
 
     let reason = driver.recover().await;
 
@@ -366,8 +390,19 @@ fn disk_spec() -> VmSpec {
 }
 
 async fn drive_copy(qemu: &FakeQemu, peer: &FakePeer, agent: &FakeAgent) -> Phase {
-    let driver =
-        Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record: copy_record(), spec: disk_spec(), was_running: true };
+    drive_copy_with(qemu, peer, agent, super::super::tls::StreamTls::Plain).await
+}
+
+async fn drive_copy_with(qemu: &FakeQemu, peer: &FakePeer, agent: &FakeAgent, tls: super::super::tls::StreamTls) -> Phase {
+    let driver = Driver {
+        qmp: qemu.clone(),
+        peer: peer.clone(),
+        agent: agent.clone(),
+        record: copy_record(),
+        spec: disk_spec(),
+        was_running: true,
+        tls,
+    };
     driver.drive(agent.cancel_switch()).await
 }
 
@@ -477,11 +512,55 @@ async fn post_copy_is_refused_for_a_vm_whose_disks_may_be_copied() {
     };
     let record = MigrationRecord::pending("mig-1", &req, crate::vms::now_ms());
     let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::copying(), FakeAgent::new(record.clone(), GuestStatus::default()));
-    let driver = Driver { qmp: qemu.clone(), peer: peer.clone(), agent: agent.clone(), record, spec: disk_spec(), was_running: true };
+    let driver = Driver {
+        qmp: qemu.clone(),
+        peer: peer.clone(),
+        agent: agent.clone(),
+        record,
+        spec: disk_spec(),
+        was_running: true,
+        tls: super::super::tls::StreamTls::Plain,
+    };
 
     let phase = driver.drive(agent.cancel_switch()).await;
 
     assert_eq!(phase, Phase::Failed);
     assert!(!peer.got(Call::Prepare) && qemu.state().running);
     assert!(agent.books().record.reason.as_deref().is_some_and(|r| r.contains("post-copy needs --storage shared")));
+}
+
+// ---- QEMU's streams under the cluster CA ----
+
+#[tokio::test]
+async fn under_the_ca_the_source_arms_tls_for_the_disks_and_the_memory_before_either_moves() {
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::copying(), copy_agent());
+    peer.state().tls = true;
+
+    let phase = drive_copy_with(&qemu, &peer, &agent, super::super::tls::StreamTls::Tls("/creds".into())).await;
+
+    assert_eq!(phase, Phase::Completed);
+    let s = qemu.state();
+    let at = |cmd: &str, key: &str| s.args.iter().position(|(c, a)| c == cmd && !a[key].is_null());
+    let (creds, params) = (at("object-add", "qom-type"), at("migrate-set-parameters", "tls-creds"));
+    let (nbd, migrate) = (at("blockdev-add", "driver"), s.commands.iter().position(|c| c == "migrate"));
+    assert!(creds < params && params < nbd && nbd < migrate, "{:?}", s.commands);
+    let arg = |i: Option<usize>| i.map(|i| s.args[i].1.clone()).unwrap_or_default();
+    assert_eq!((arg(creds)["endpoint"].as_str(), arg(creds)["dir"].as_str()), (Some("client"), Some("/creds")));
+    assert_eq!(arg(params)["tls-hostname"], "127.0.0.1");
+    assert_eq!((arg(nbd)["tls-creds"].as_str(), arg(nbd)["tls-hostname"].as_str()), (Some("wa-tls-out"), Some("127.0.0.1")));
+    assert!(agent.books().record.tls, "the record says plain");
+}
+
+#[tokio::test]
+async fn a_source_under_the_ca_never_sends_to_a_destination_expecting_plain_streams() {
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::copying(), copy_agent());
+
+    let phase = drive_copy_with(&qemu, &peer, &agent, super::super::tls::StreamTls::Tls("/creds".into())).await;
+
+    assert_eq!(phase, Phase::Failed);
+    assert!(!qemu.got("blockdev-add") && !qemu.got("migrate"), "{:?}", qemu.state().commands);
+    assert!(peer.got(Call::Abort));
+    let books = agent.books();
+    assert!(books.record.reason.as_deref().is_some_and(|r| r.contains("plain text")), "{:?}", books.record.reason);
+    assert!(!books.record.tls);
 }
