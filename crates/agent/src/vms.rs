@@ -126,6 +126,8 @@ pub(crate) struct Inner {
     pub(crate) leases: Mutex<BTreeMap<String, std::time::Instant>>,
     /// This host's CPU models, probed once on first request.
     cpu_catalog: tokio::sync::OnceCell<walkabout_qemu::cpu::CpuCatalog>,
+    /// Free will: the VMs' request ports and their queued requests.
+    pub(crate) will: crate::will::Will,
 }
 
 /// The agent: owns the VMs of one host. Cheap to clone.
@@ -212,10 +214,12 @@ impl Agent {
                 migrations: Mutex::default(),
                 leases: Mutex::default(),
                 cpu_catalog: tokio::sync::OnceCell::new(),
+                will: crate::will::Will::default(),
             }),
         };
         agent.reattach().await?;
         agent.recover_migrations().await;
+        crate::will::spawn(&agent);
         Ok(agent)
     }
 
@@ -268,6 +272,11 @@ impl Agent {
 
     pub(crate) fn vm(&self, name: &str) -> Result<Arc<tokio::sync::Mutex<Vm>>, AgentError> {
         lock(&self.inner.table).vms.get(name).cloned().ok_or_else(|| AgentError::NotFound { vm: name.into() })
+    }
+
+    /// Every VM of this agent, by name.
+    pub(crate) fn vm_handles(&self) -> Vec<(String, Arc<tokio::sync::Mutex<Vm>>)> {
+        lock(&self.inner.table).vms.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
     }
 
     pub(crate) fn set_active(&self, name: &str, mib: Option<u64>) {
@@ -359,6 +368,7 @@ impl Agent {
             start_paused: false,
             disks: qemu_disks(&rec.spec),
             nics: crate::nics::qemu_nics(&self.nic_salt(), &rec.spec),
+            will_port: rec.spec.free_will,
         }
     }
 

@@ -1,0 +1,60 @@
+//! Scotland Yard on real guests: a bot game over four hosts ends with a winner, every
+//! move a completed live migration over a link of the board, no guest hurt.
+
+mod common;
+
+use common::{AgentProc, ControllerProc};
+use std::time::{Duration, Instant};
+use walkabout_api::{Phase, ScotlandOptions, Side, WalkStatus};
+
+#[test]
+fn a_bot_game_of_twenty_rounds_ends_with_a_winner_every_move_a_completed_migration() {
+    let hosts: Vec<AgentProc> = (0..4).map(|_| AgentProc::start(&["--capacity", "640M"])).collect();
+    hosts[0].create(&["--name", "mrx", "--memory", "256M", "--free-will"]);
+    hosts[2].create(&["--name", "d1", "--memory", "256M"]);
+    let refs: Vec<&AgentProc> = hosts.iter().collect();
+    let ctl = ControllerProc::start(&refs, &[]);
+    ctl.wait_vms(2);
+    let opts = ScotlandOptions {
+        mr_x: "mrx".into(),
+        detectives: vec!["d1".into()],
+        players: vec![],
+        rounds: 20,
+        reveal_every: 5,
+        links: vec![],
+        player_wait_ms: 0,
+        seed: Some(7),
+    };
+
+    let game = ctl.call(|c| async move { c.start_scotland_yard(&opts).await }).expect("the game starts");
+    let start = Instant::now();
+    let w = loop {
+        let w = ctl.call(|c| async move { c.walk(&game.id).await }).expect("the game");
+        if w.status != WalkStatus::Running && w.finished_ms.is_some() {
+            break w;
+        }
+        assert!(start.elapsed() < Duration::from_secs(420), "the game has not ended in 420 s: {w:#?}\n{}", ctl.log());
+        std::thread::sleep(Duration::from_millis(500));
+    };
+
+    let g = w.scotland.as_ref().expect("the game's state");
+    assert!(g.winner.is_some(), "{w:#?}");
+    assert!(g.round <= 20, "{w:#?}");
+    match g.winner {
+        Some(Side::MrX) => assert_eq!(g.round, 20, "Mr X wins only by surviving every round: {w:#?}"),
+        _ => assert!(g.detective_hosts.values().any(|h| Some(h) == g.mr_x_seen.as_ref().map(|s| &s.host)), "{w:#?}"),
+    }
+    assert!(!g.moves.is_empty(), "{w:#?}");
+    assert!(g.moves.iter().all(|m| m.result == "completed" && m.migration.is_some()), "{w:#?}");
+    assert_eq!(w.hops.len(), g.moves.len(), "one migration per move: {w:#?}");
+    assert!(w.hops.iter().all(|h| h.result == Phase::Completed), "{w:#?}");
+    for m in &g.moves {
+        let link = g.links.iter().find(|l| {
+            let (a, b) = (m.from.as_deref().unwrap_or(""), m.to.as_deref().unwrap_or(""));
+            ((l.a == a && l.b == b) || (l.a == b && l.b == a)) && l.kind == m.link
+        });
+        assert!(link.is_some(), "a move off the board: {m:?}");
+    }
+    assert_eq!(w.survivors.len(), 2, "{w:#?}");
+    assert!(w.survivors.iter().all(|s| s.corrupt_pages == 0 && s.seq_breaks == 0), "{w:#?}");
+}
