@@ -136,7 +136,8 @@ mod agent_routes {
     /// Free will: writes the controller's answer on the guest's port (a line), and drops
     /// the request it answers from the queue.
     #[utoipa::path(post, path = "/v1/vms/{name}/will/answer", tag = "vms", params(("name" = String, Path, description = "VM name")),
-        request_body = WillAnswer, responses((status = 200, body = WillAnswer), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        request_body = WillAnswer, responses((status = 200, body = WillAnswer), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
     fn will_answer() {}
 
     /// Migrations this agent drove as their source, oldest first.

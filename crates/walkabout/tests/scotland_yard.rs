@@ -29,7 +29,8 @@ fn a_bot_game_of_twenty_rounds_ends_with_a_winner_every_move_a_completed_migrati
     let game = ctl.call(|c| async move { c.start_scotland_yard(&opts).await }).expect("the game starts");
     let start = Instant::now();
     let w = loop {
-        let w = ctl.call(|c| async move { c.walk(&game.id).await }).expect("the game");
+        let id = game.id.clone();
+        let w = ctl.call(|c| async move { c.walk(&id).await }).expect("the game");
         if w.status != WalkStatus::Running && w.finished_ms.is_some() {
             break w;
         }
@@ -38,6 +39,16 @@ fn a_bot_game_of_twenty_rounds_ends_with_a_winner_every_move_a_completed_migrati
     };
 
     let g = w.scotland.as_ref().expect("the game's state");
+    let mut downtimes: Vec<u64> = w.hops.iter().filter_map(|h| h.downtime_ms).collect();
+    downtimes.sort_unstable();
+    eprintln!(
+        "{}: {} rounds, {} moves, downtime median {:?} ms, max {:?} ms",
+        w.result.as_deref().unwrap_or("?"),
+        g.round,
+        g.moves.len(),
+        downtimes.get(downtimes.len() / 2),
+        downtimes.last()
+    );
     assert!(g.winner.is_some(), "{w:#?}");
     assert!(g.round <= 20, "{w:#?}");
     match g.winner {
