@@ -337,6 +337,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/vms/{name}/resume"),
     ("POST", "/v1/vms/{name}/stop"),
     ("GET", "/v1/vms/{name}/console"),
+    ("GET", "/v1/will"),
+    ("POST", "/v1/vms/{name}/will/answer"),
     ("GET", "/v1/migrations"),
     ("POST", "/v1/migrations"),
     ("GET", "/v1/migrations/{id}"),

@@ -25,7 +25,7 @@ const SCAN: Duration = Duration::from_millis(300);
 /// Requests kept per VM; older ones are dropped.
 const QUEUE: usize = 8;
 /// The longest line a guest may write.
-const MAX_LINE: usize = 256;
+const MAX_LINE: u64 = 256;
 
 /// One connection to a VM's port.
 struct Port {
@@ -161,7 +161,7 @@ async fn read_requests(
     let mut line = String::new();
     loop {
         line.clear();
-        let n = match (&mut read).take(MAX_LINE as u64).read_line(&mut line).await {
+        let n = match (&mut read).take(MAX_LINE).read_line(&mut line).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::debug!(vm, error = %e, "free-will port read failed");

@@ -212,7 +212,7 @@ impl Game {
                 .collect();
             self.possible = next;
         }
-        if self.round % self.reveal_every == 0 {
+        if self.round.is_multiple_of(self.reveal_every) {
             self.possible = BTreeSet::from([self.x_at.clone()]);
             return Some(self.x_at.clone());
         }
@@ -415,13 +415,13 @@ impl Games {
                 return format!("detectives win in round {}: Mr X on {} has no move", game.round, game.x_at);
             }
             // Mr X.
-            let Some((to, kind, rate)) = mr_x_bot(&game, &mut rng) else { break };
-            let from = game.x_at.clone();
+            let Some(choice) = mr_x_bot(&game, &mut rng) else { break };
+            let (to, kind, rate) = choice.clone();
+            let mv = planned(&game, &game.mr_x, Side::MrX, game.x_at.clone(), choice, "bot");
             let moved = mover.migrate(game.mr_x.clone(), to.clone(), rate).await;
             let ok = moved.result == "completed";
             let shown = game.mr_x_moved(ok.then_some(to.as_str()), kind);
-            let mv = scotland_move(&game, &game.mr_x, Side::MrX, &from, &to, kind, rate, "bot", &moved);
-            self.scotland_update(id, &game, Some((mv, moved.hop)));
+            self.scotland_update(id, &game, Some((played(mv, &moved), moved.hop)));
             self.announce(
                 id,
                 format!("round {}: Mr X takes the {kind}{}", game.round, if ok { "" } else { " (his migration failed; he stays)" }),
@@ -435,7 +435,7 @@ impl Games {
                 self.announce(id, format!("round {}: Mr X is seen on {h}", game.round));
             }
             // The detectives, all at once.
-            let mut chosen: Vec<(String, String, String, LinkKind, u64, &str)> = vec![];
+            let mut chosen: Vec<ScotlandMove> = vec![];
             let mut plan = game.clone();
             for d in opts.detectives.clone() {
                 let pick = match opts.players.contains(&d) {
@@ -443,21 +443,21 @@ impl Games {
                     false => None,
                 };
                 let pick = pick.or_else(|| detective_bot(&plan, &d, &mut rng).map(|m| (m, "bot")));
-                let Some(((to, kind, rate), by)) = pick else {
+                let Some((choice, by)) = pick else {
                     self.announce(id, format!("round {}: detective {d} cannot move", game.round));
                     continue;
                 };
                 let from = plan.detectives.get(&d).cloned().unwrap_or_default();
-                plan.detectives.insert(d.clone(), to.clone());
-                chosen.push((d, from, to, kind, rate, by));
+                plan.detectives.insert(d.clone(), choice.0.clone());
+                chosen.push(planned(&game, &d, Side::Detectives, from, choice, by));
             }
-            let runs = chosen.iter().map(|(d, _, to, _, rate, _)| mover.migrate(d.clone(), to.clone(), *rate));
+            let runs = chosen.iter().map(|m| mover.migrate(m.vm.clone(), m.to.clone().unwrap_or_default(), m.rate_bps));
             let results = futures_join(runs.collect()).await;
-            for ((d, from, to, kind, rate, by), moved) in chosen.into_iter().zip(results) {
+            for (mv, moved) in chosen.into_iter().zip(results) {
                 let ok = moved.result == "completed";
+                let (d, from, to, kind) = (mv.vm.clone(), mv.from.clone().unwrap_or_default(), mv.to.clone().unwrap_or_default(), mv.link);
                 let caught = ok && game.detective_moved(&d, &to);
-                let mv = scotland_move(&game, &d, Side::Detectives, &from, &to, kind, rate, by, &moved);
-                self.scotland_update(id, &game, Some((mv, moved.hop)));
+                self.scotland_update(id, &game, Some((played(mv, &moved), moved.hop)));
                 self.announce(
                     id,
                     format!(
@@ -512,30 +512,27 @@ impl Games {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn scotland_move(
-    game: &Game,
-    vm: &str,
-    side: Side,
-    from: &str,
-    to: &str,
-    kind: LinkKind,
-    rate: u64,
-    by: &str,
-    moved: &Moved,
-) -> ScotlandMove {
+/// A move chosen and not yet played: (to, link kind, rate) for `vm` from `from`.
+fn planned(game: &Game, vm: &str, side: Side, from: String, (to, kind, rate): (String, LinkKind, u64), by: &str) -> ScotlandMove {
     ScotlandMove {
         round: game.round,
         vm: vm.to_string(),
         side,
-        from: Some(from.to_string()),
-        to: Some(to.to_string()),
+        from: Some(from),
+        to: Some(to),
         link: kind,
         rate_bps: rate,
         by: by.to_string(),
-        migration: moved.hop.as_ref().map(|h| h.migration.clone()),
-        result: moved.result.clone(),
+        migration: None,
+        result: "pending".into(),
     }
+}
+
+/// The move `mv` as its migration ended.
+fn played(mut mv: ScotlandMove, moved: &Moved) -> ScotlandMove {
+    mv.migration = moved.hop.as_ref().map(|h| h.migration.clone());
+    mv.result.clone_from(&moved.result);
+    mv
 }
 
 /// Runs `futs` at once and returns their outputs in order.
