@@ -265,8 +265,9 @@ fn best<T, S: Ord>(options: Vec<T>, rng: &mut Rng, score: impl Fn(&T) -> S) -> O
 /// A move's migration, done.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Moved {
-    /// The migration's hop, when it ran.
-    pub hop: Option<Hop>,
+    /// Its migrations, in order: more than one when the controller's plan retried a
+    /// failed attempt; the last is the one that moved the VM, if it moved.
+    pub hops: Vec<Hop>,
     /// `completed`, or why not.
     pub result: String,
 }
@@ -287,26 +288,26 @@ impl Mover for ControllerMover {
         Box::pin(async move {
             let plan = match client.move_vm(&vm, &to).await {
                 Ok(p) => p,
-                Err(e) => return Moved { hop: None, result: format!("refused: {e}") },
+                Err(e) => return Moved { hops: vec![], result: format!("refused: {e}") },
             };
             let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
             loop {
                 match client.plan(&plan.id).await {
                     Ok(p) if p.status.is_final() => {
-                        let hop = super::walk::hops(&client, &p).await.into_iter().next();
+                        let hops = super::walk::hops(&client, &p).await;
                         let result = if p.status == PlanStatus::Completed {
                             "completed".to_string()
                         } else {
                             format!("{}: {}", p.status, p.reason.unwrap_or_default())
                         };
-                        return Moved { hop, result };
+                        return Moved { hops, result };
                     }
                     Ok(_) => {}
                     Err(e) if e.is_transport() => {}
-                    Err(e) => return Moved { hop: None, result: format!("plan {} lost: {e}", plan.id) },
+                    Err(e) => return Moved { hops: vec![], result: format!("plan {} lost: {e}", plan.id) },
                 }
                 if tokio::time::Instant::now() > deadline {
-                    return Moved { hop: None, result: format!("plan {} did not end in 600 s", plan.id) };
+                    return Moved { hops: vec![], result: format!("plan {} did not end in 600 s", plan.id) };
                 }
                 tokio::time::sleep(TICK).await;
             }
@@ -421,7 +422,7 @@ impl Games {
             let moved = mover.migrate(game.mr_x.clone(), to.clone(), rate).await;
             let ok = moved.result == "completed";
             let shown = game.mr_x_moved(ok.then_some(to.as_str()), kind);
-            self.scotland_update(id, &game, Some((played(mv, &moved), moved.hop)));
+            self.scotland_update(id, &game, Some((played(mv, &moved), moved.hops.clone())));
             self.announce(
                 id,
                 format!("round {}: Mr X takes the {kind}{}", game.round, if ok { "" } else { " (his migration failed; he stays)" }),
@@ -457,7 +458,7 @@ impl Games {
                 let ok = moved.result == "completed";
                 let (d, from, to, kind) = (mv.vm.clone(), mv.from.clone().unwrap_or_default(), mv.to.clone().unwrap_or_default(), mv.link);
                 let caught = ok && game.detective_moved(&d, &to);
-                self.scotland_update(id, &game, Some((played(mv, &moved), moved.hop)));
+                self.scotland_update(id, &game, Some((played(mv, &moved), moved.hops.clone())));
                 self.announce(
                     id,
                     format!(
@@ -492,10 +493,10 @@ impl Games {
         }
     }
 
-    fn scotland_update(&self, id: &str, game: &Game, mv: Option<(ScotlandMove, Option<Hop>)>) {
+    fn scotland_update(&self, id: &str, game: &Game, mv: Option<(ScotlandMove, Vec<Hop>)>) {
         self.update_walk(id, |w| {
-            if let Some((mv, hop)) = mv {
-                w.hops.extend(hop);
+            if let Some((mv, hops)) = mv {
+                w.hops.extend(hops);
                 if let Some(s) = w.scotland.as_mut() {
                     s.moves.push(mv);
                 }
@@ -530,7 +531,7 @@ fn planned(game: &Game, vm: &str, side: Side, from: String, (to, kind, rate): (S
 
 /// The move `mv` as its migration ended.
 fn played(mut mv: ScotlandMove, moved: &Moved) -> ScotlandMove {
-    mv.migration = moved.hop.as_ref().map(|h| h.migration.clone());
+    mv.migration = moved.hops.last().map(|h| h.migration.clone());
     mv.result.clone_from(&moved.result);
     mv
 }
