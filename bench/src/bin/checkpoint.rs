@@ -150,6 +150,7 @@ async fn qemu_runs(scratch: &Path, workload: &str, memory: u64, runs: usize) -> 
             bus: walkabout_api::DiskBus::VirtioBlk,
         }],
         nics: vec![],
+        will_port: false,
     };
     let p = walkabout_qemu::QemuProcess::spawn(&cfg).await?;
     let qmp = walkabout_qemu::Qmp::connect(&p.qmp_path, Duration::from_secs(10)).await?;

@@ -8,6 +8,8 @@
 //! | GET, DELETE | /v1/vms/{name} | one VM with its guest status; delete |
 //! | POST | /v1/vms/{name}/pause, /resume, /stop | lifecycle |
 //! | GET | /v1/vms/{name}/console?offset=N | serial console from byte N |
+//! | GET | /v1/will | free will: the guests' requests to move awaiting an answer |
+//! | POST | /v1/vms/{name}/will/answer | free will: the answer, written on the guest's port |
 //! | GET, POST | /v1/migrations | list; start a migration of a VM here (202) |
 //! | GET | /v1/migrations/{id} | one migration: phase, progress, strategy, switches |
 //! | GET | /v1/migrations/{id}/events | server-sent events: the migration's progress until it ends |
@@ -74,6 +76,8 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/vms/{name}/resume", post(resume))
         .route("/v1/vms/{name}/stop", post(stop))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/will", get(will_requests))
+        .route("/v1/vms/{name}/will/answer", post(will_answer))
         .route("/v1/migrations", get(migrations).post(migrate))
         .route("/v1/migrations/{id}", get(migration))
         .route("/v1/migrations/{id}/events", get(migration_events))
@@ -237,6 +241,17 @@ fn default_max() -> u64 {
 
 async fn console(State(a): State<Agent>, Path(name): Path<String>, Query(q): Query<ConsoleQuery>) -> Response {
     reply(a.console(&name, q.offset, q.max.min(default_max())).await)
+}
+
+async fn will_requests(State(a): State<Agent>) -> Response {
+    Json(a.will_requests()).into_response()
+}
+
+async fn will_answer(State(a): State<Agent>, Path(name): Path<String>, b: Body<walkabout_api::WillAnswer>) -> Response {
+    match b {
+        Ok(Json(answer)) => reply(a.will_answer(&name, answer).await),
+        Err(e) => AgentError::InvalidRequest { reason: format!("invalid free-will answer: {}", e.body_text()) }.into_response(),
+    }
 }
 
 async fn migrations(State(a): State<Agent>) -> Response {
@@ -443,6 +458,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/vms/{name}/resume"),
     ("POST", "/v1/vms/{name}/stop"),
     ("GET", "/v1/vms/{name}/console"),
+    ("GET", "/v1/will"),
+    ("POST", "/v1/vms/{name}/will/answer"),
     ("GET", "/v1/migrations"),
     ("POST", "/v1/migrations"),
     ("GET", "/v1/migrations/{id}"),

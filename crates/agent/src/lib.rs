@@ -16,6 +16,7 @@ pub mod nics;
 pub mod spec;
 pub mod store;
 pub mod vms;
+pub mod will;
 
 pub use console::GuestStatus;
 pub use error::AgentError;

@@ -140,6 +140,8 @@ pub(crate) struct Inner {
     pub(crate) protections: Mutex<BTreeMap<String, crate::checkpoint::protect::Running>>,
     /// Serializes changes to the replicas this agent holds.
     pub(crate) replica_lock: tokio::sync::Mutex<()>,
+    /// Free will: the VMs' request ports and their queued requests.
+    pub(crate) will: crate::will::Will,
 }
 
 /// The agent: owns the VMs of one host. Cheap to clone.
@@ -229,11 +231,13 @@ impl Agent {
                 own_addr: Mutex::new(None),
                 protections: Mutex::default(),
                 replica_lock: tokio::sync::Mutex::new(()),
+                will: crate::will::Will::default(),
             }),
         };
         agent.reattach().await?;
         agent.recover_migrations().await;
         agent.resume_protections();
+        crate::will::spawn(&agent);
         Ok(agent)
     }
 
@@ -291,6 +295,11 @@ impl Agent {
 
     pub(crate) fn vm(&self, name: &str) -> Result<Arc<tokio::sync::Mutex<Vm>>, AgentError> {
         lock(&self.inner.table).vms.get(name).cloned().ok_or_else(|| AgentError::NotFound { vm: name.into() })
+    }
+
+    /// Every VM of this agent, by name.
+    pub(crate) fn vm_handles(&self) -> Vec<(String, Arc<tokio::sync::Mutex<Vm>>)> {
+        lock(&self.inner.table).vms.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
     }
 
     pub(crate) fn set_active(&self, name: &str, mib: Option<u64>) {
@@ -382,6 +391,7 @@ impl Agent {
             start_paused: false,
             disks: qemu_disks(&rec.spec),
             nics: crate::nics::qemu_nics(&self.nic_salt(), &rec.spec),
+            will_port: rec.spec.free_will,
         }
     }
 

@@ -436,6 +436,14 @@ impl AgentClient {
     pub async fn console(&self, name: &str, offset: u64) -> Result<ConsoleChunk, ClientError> {
         self.http.get(&format!("/v1/vms/{}/console?offset={offset}", seg(name))).await
     }
+    /// `GET /v1/will`: the free-will requests of this agent's guests awaiting an answer.
+    pub async fn will_requests(&self) -> Result<Vec<crate::WillRequest>, ClientError> {
+        self.http.get("/v1/will").await
+    }
+    /// `POST /v1/vms/{name}/will/answer`: writes the answer on the guest's port.
+    pub async fn will_answer(&self, name: &str, answer: &crate::WillAnswer) -> Result<crate::WillAnswer, ClientError> {
+        self.http.post(&format!("/v1/vms/{}/will/answer", seg(name)), Some(answer)).await
+    }
     /// `GET /v1/migrations`.
     pub async fn migrations(&self) -> Result<Vec<MigrationRecord>, ClientError> {
         self.http.get("/v1/migrations").await
@@ -690,6 +698,18 @@ impl ControllerClient {
     /// `POST /v1/games/musical-chairs`.
     pub async fn start_musical_chairs(&self, opts: &WalkOptions) -> Result<WalkRecord, ClientError> {
         self.http.post("/v1/games/musical-chairs", Some(opts)).await
+    }
+    /// `POST /v1/games/scotland-yard`.
+    pub async fn start_scotland_yard(&self, opts: &crate::ScotlandOptions) -> Result<WalkRecord, ClientError> {
+        self.http.post("/v1/games/scotland-yard", Some(opts)).await
+    }
+    /// `POST /v1/games/{id}/move`: a player's detective move.
+    pub async fn game_move(&self, id: &str, mv: &crate::PlayerMove) -> Result<WalkRecord, ClientError> {
+        self.http.post(&format!("/v1/games/{}/move", seg(id)), Some(mv)).await
+    }
+    /// `GET /v1/will`: the free-will requests the controller has seen, latest last.
+    pub async fn will_requests(&self) -> Result<Vec<crate::WillRecord>, ClientError> {
+        self.http.get("/v1/will").await
     }
     /// `GET /v1/walks/{id}`.
     pub async fn walk(&self, id: &str) -> Result<WalkRecord, ClientError> {

@@ -80,7 +80,7 @@ mod agent_routes {
     use crate::error::ErrorBody;
     use crate::host::{CpuCatalog, HostInfo};
     use crate::migration::{CommitRequest, IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest, RecoverRequest};
-    use crate::vm::{ConsoleChunk, VmInfo, VmSpec};
+    use crate::vm::{ConsoleChunk, VmInfo, VmSpec, WillAnswer, WillRequest};
 
     /// The host: resources, accelerator (and why), QEMU version.
     #[utoipa::path(get, path = "/v1/host", tag = "host", responses((status = 200, body = HostInfo)))]
@@ -130,6 +130,18 @@ mod agent_routes {
         ("offset" = Option<u64>, Query, description = "first byte"), ("max" = Option<u64>, Query, description = "most bytes")),
         responses((status = 200, body = ConsoleChunk), (status = 404, body = ErrorBody)))]
     fn console() {}
+
+    /// Free will: the requests this host's guests wrote on their `org.walkabout.0`
+    /// port and that await the controller's answer.
+    #[utoipa::path(get, path = "/v1/will", tag = "vms", responses((status = 200, body = Vec<WillRequest>)))]
+    fn will_requests() {}
+
+    /// Free will: writes the controller's answer on the guest's port (a line), and drops
+    /// the request it answers from the queue.
+    #[utoipa::path(post, path = "/v1/vms/{name}/will/answer", tag = "vms", params(("name" = String, Path, description = "VM name")),
+        request_body = WillAnswer, responses((status = 200, body = WillAnswer), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+    fn will_answer() {}
 
     /// Migrations this agent drove as their source, oldest first.
     #[utoipa::path(get, path = "/v1/migrations", tag = "migrations", responses((status = 200, body = Vec<MigrationRecord>)))]
@@ -294,6 +306,8 @@ mod agent_routes {
         agent_routes::resume_vm,
         agent_routes::stop_vm,
         agent_routes::console,
+        agent_routes::will_requests,
+        agent_routes::will_answer,
         agent_routes::list_migrations,
         agent_routes::start_migration,
         agent_routes::get_migration,
@@ -370,7 +384,8 @@ mod controller_routes {
     use crate::event::Event;
     use crate::plan::{Goal, PlanRecord};
     use crate::trust::{JoinReply, JoinRequest, JoinToken, JoinTokenRequest};
-    use crate::walk::{WalkOptions, WalkRecord};
+    use crate::vm::WillRecord;
+    use crate::walk::{PlayerMove, ScotlandOptions, WalkOptions, WalkRecord};
 
     /// A short-lived, single-use token for one host to join the cluster with
     /// (`walkabout host token`); operators only.
@@ -507,6 +522,24 @@ mod controller_routes {
         (status = 202, body = WalkRecord), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
     fn start_musical_chairs() {}
 
+    /// Starts Scotland Yard: detectives (bots, or players through
+    /// `/v1/games/{id}/move`) chase Mr X over a board of host links; every move is a
+    /// live migration; Mr X is shown every `reveal_every` rounds and wins if he survives
+    /// `rounds` rounds.
+    #[utoipa::path(post, path = "/v1/games/scotland-yard", tag = "walks", request_body = ScotlandOptions, responses(
+        (status = 202, body = WalkRecord), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn start_scotland_yard() {}
+
+    /// A player's move of a detective in a game of Scotland Yard (played in the round
+    /// under way, when the detectives' turn comes).
+    #[utoipa::path(post, path = "/v1/games/{id}/move", tag = "walks", params(("id" = String, Path, description = "game id")),
+        request_body = PlayerMove, responses((status = 202, body = WalkRecord), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn game_move() {}
+
+    /// Free will: the guests' requests to move the controller has seen, and its answers.
+    #[utoipa::path(get, path = "/v1/will", tag = "vms", responses((status = 200, body = Vec<WillRecord>)))]
+    fn will_requests() {}
+
     /// A walk or game: hops with downtime, rounds, survivors.
     #[utoipa::path(get, path = "/v1/walks/{id}", tag = "walks", params(("id" = String, Path, description = "walk id")),
         responses((status = 200, body = WalkRecord), (status = 404, body = ErrorBody)))]
@@ -584,6 +617,9 @@ mod controller_routes {
         controller_routes::list_walks,
         controller_routes::start_walk,
         controller_routes::start_musical_chairs,
+        controller_routes::start_scotland_yard,
+        controller_routes::game_move,
+        controller_routes::will_requests,
         controller_routes::get_walk,
         controller_routes::stop_walk,
         controller_routes::events,

@@ -54,6 +54,80 @@ pub struct VmSpec {
     /// Network interfaces, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<NicSpec>,
+    /// Free will: the VM gets a virtio-serial port named [`WILL_PORT`] on which its
+    /// guest may ask to move (`walk any`, `walk least-loaded`, `walk HOST`) and reads
+    /// the answer. Part of the spec, so the port exists identically on every host the
+    /// VM migrates to.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub free_will: bool,
+}
+
+/// The name of the free-will virtio-serial port (`/dev/virtio-ports/org.walkabout.0` in
+/// the guest).
+pub const WILL_PORT: &str = "org.walkabout.0";
+
+/// Where a guest with free will asks to go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WillAsk {
+    /// Any other host with room (`walk any`).
+    Any,
+    /// The host with the most free memory (`walk least-loaded`).
+    LeastLoaded,
+    /// That host (`walk HOST`).
+    Host(String),
+}
+
+impl std::fmt::Display for WillAsk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WillAsk::Any => f.write_str("walk any"),
+            WillAsk::LeastLoaded => f.write_str("walk least-loaded"),
+            WillAsk::Host(h) => write!(f, "walk {h}"),
+        }
+    }
+}
+
+impl std::str::FromStr for WillAsk {
+    type Err = String;
+
+    /// Parses one line the guest wrote: `walk any`, `walk least-loaded` or `walk HOST`.
+    fn from_str(line: &str) -> Result<WillAsk, String> {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("walk"), Some("any"), None) => Ok(WillAsk::Any),
+            (Some("walk"), Some("least-loaded"), None) => Ok(WillAsk::LeastLoaded),
+            (Some("walk"), Some(h), None) if h.len() <= 64 && h.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) => {
+                Ok(WillAsk::Host(h.to_string()))
+            }
+            _ => Err(format!("`{}` is not `walk any`, `walk least-loaded` or `walk HOST`", line.chars().take(80).collect::<String>())),
+        }
+    }
+}
+
+/// A request a guest made through its free-will port, as its agent holds it until the
+/// controller answers (`GET /v1/will` on an agent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WillRequest {
+    /// The VM that asks.
+    pub vm: String,
+    /// The request's number on this agent (answers name it).
+    pub id: u64,
+    /// Where it asks to go.
+    pub ask: WillAsk,
+    /// When the agent read it, ms since the epoch.
+    pub asked_ms: u64,
+}
+
+/// The controller's answer to a guest's request (`POST /v1/vms/{name}/will/answer` on
+/// the agent where the VM runs now): one line written back on the guest's port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WillAnswer {
+    /// The request answered, if this agent holds it (it is dropped from its queue).
+    #[serde(default)]
+    pub id: Option<u64>,
+    /// The answer: `went to h2`, `refused: h3 is draining`, ...
+    pub answer: String,
 }
 
 fn default_vcpus() -> u32 {
@@ -79,6 +153,7 @@ impl VmSpec {
             machine: None,
             disks: vec![],
             nics: vec![],
+            free_will: false,
         }
     }
 
@@ -259,5 +334,46 @@ mod tests {
         let info = VmInfo { record: rec, guest: GuestStatus::default(), protection: Some(status) };
         let text = serde_json::to_string(&info).expect("json");
         assert_eq!(serde_json::from_str::<VmInfo>(&text).expect("parses"), info, "{text}");
+    }
+}
+
+/// A free-will request as the controller handles it (`GET /v1/will` on the controller).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WillRecord {
+    /// The VM that asked.
+    pub vm: String,
+    /// The request's number on the agent that read it.
+    pub id: u64,
+    /// Where it asked to go.
+    pub ask: WillAsk,
+    /// The host it asked from.
+    pub from: String,
+    /// When its agent read it, ms since the epoch.
+    pub asked_ms: u64,
+    /// The move's plan, if one was made.
+    #[serde(default)]
+    pub plan: Option<String>,
+    /// The answer given to the guest (absent while the move is under way).
+    #[serde(default)]
+    pub answer: Option<String>,
+    /// When it was answered.
+    #[serde(default)]
+    pub answered_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod will_tests {
+    use super::WillAsk;
+
+    #[test]
+    fn will_requests_parse_and_print_back() {
+        for line in ["walk any", "walk least-loaded", "walk h3"] {
+            let ask: WillAsk = line.parse().expect("parses");
+            assert_eq!(ask.to_string(), line);
+        }
+        assert_eq!("  walk   h2 ".parse::<WillAsk>(), Ok(WillAsk::Host("h2".into())));
+        assert!("run away".parse::<WillAsk>().is_err());
+        assert!("walk h2 now".parse::<WillAsk>().is_err());
+        assert!("walk h2;rm".parse::<WillAsk>().is_err());
     }
 }

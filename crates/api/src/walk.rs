@@ -13,6 +13,8 @@ pub enum WalkKind {
     Walk,
     /// Musical chairs.
     MusicalChairs,
+    /// Scotland Yard: detectives chase Mr X over a board of host links.
+    ScotlandYard,
 }
 
 /// Where a walk is.
@@ -121,6 +123,190 @@ pub struct WalkRecord {
     /// Musical chairs: each VM brought back (or lost) after a power cut.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failovers: Vec<crate::checkpoint::Failover>,
+    /// Scotland Yard: the board, the pieces and every move. While the game runs, Mr X's
+    /// hosts are hidden except at reveals (his hops are left out of `hops` until the end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scotland: Option<ScotlandGame>,
+}
+
+/// A kind of link between two hosts, like the board's tickets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkKind {
+    /// Short, slow links between neighbours.
+    Taxi,
+    /// Longer links, faster.
+    Bus,
+    /// Few, fast links between a few hosts.
+    Underground,
+}
+
+impl LinkKind {
+    /// The default rate of a link of this kind, bytes/s.
+    pub fn default_rate_bps(self) -> u64 {
+        match self {
+            LinkKind::Taxi => 200 << 20,
+            LinkKind::Bus => 400 << 20,
+            LinkKind::Underground => 1 << 30,
+        }
+    }
+}
+
+impl std::fmt::Display for LinkKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LinkKind::Taxi => "taxi",
+            LinkKind::Bus => "bus",
+            LinkKind::Underground => "underground",
+        })
+    }
+}
+
+/// A link of the board between hosts `a` and `b` (both ways).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Link {
+    /// One end.
+    pub a: String,
+    /// The other end.
+    pub b: String,
+    /// Its kind.
+    pub kind: LinkKind,
+    /// Its rate, bytes/s (absent: the kind's default): the bandwidth limit of a move's
+    /// migration over it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_bps: Option<u64>,
+}
+
+/// How to play Scotland Yard (`POST /v1/games/scotland-yard`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ScotlandOptions {
+    /// Mr X's VM.
+    pub mr_x: String,
+    /// The detectives' VMs.
+    pub detectives: Vec<String>,
+    /// Detectives moved by players (`POST /v1/games/{id}/move`); the others are bots.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub players: Vec<String>,
+    /// Rounds Mr X must survive to win.
+    #[serde(default = "twenty")]
+    #[schema(default = 20)]
+    pub rounds: u32,
+    /// Mr X is shown every this many rounds.
+    #[serde(default = "five")]
+    #[schema(default = 5)]
+    pub reveal_every: u32,
+    /// The board; absent: one made from the hosts in service (a taxi ring, bus links
+    /// across it, one underground line).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<Link>,
+    /// How long a player has for a move before a bot plays it, ms.
+    #[serde(default = "minute")]
+    #[schema(default = 60000)]
+    pub player_wait_ms: u64,
+    /// Seed of the bots' dice (absent: the clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+fn twenty() -> u32 {
+    20
+}
+
+fn five() -> u32 {
+    5
+}
+
+fn minute() -> u64 {
+    60_000
+}
+
+/// Which side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// Mr X.
+    MrX,
+    /// The detectives.
+    Detectives,
+}
+
+/// One move of Scotland Yard: a live migration over a link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ScotlandMove {
+    /// The round, from 1.
+    pub round: u32,
+    /// The VM moved.
+    pub vm: String,
+    /// Whose piece.
+    pub side: Side,
+    /// From host (hidden for Mr X while the game runs, except at reveals).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// To host (hidden likewise).
+    #[serde(default)]
+    pub to: Option<String>,
+    /// The link used (always shown: it is Mr X's ticket).
+    pub link: LinkKind,
+    /// The link's rate, bytes/s.
+    pub rate_bps: u64,
+    /// `bot` or `player`.
+    pub by: String,
+    /// The migration's id (hidden for Mr X likewise).
+    #[serde(default)]
+    pub migration: Option<String>,
+    /// How it ended: `completed`, or why not.
+    pub result: String,
+}
+
+/// A detective's move asked by a player (`POST /v1/games/{id}/move`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PlayerMove {
+    /// The detective's VM.
+    pub detective: String,
+    /// Where to.
+    pub to: String,
+    /// Over which kind of link (absent: any link between the two hosts).
+    #[serde(default)]
+    pub link: Option<LinkKind>,
+}
+
+/// Where Mr X was shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Sighting {
+    /// The round.
+    pub round: u32,
+    /// His host then.
+    pub host: String,
+}
+
+/// The state of a game of Scotland Yard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ScotlandGame {
+    /// Mr X's VM.
+    pub mr_x: String,
+    /// The detectives' VMs.
+    pub detectives: Vec<String>,
+    /// Detectives players move.
+    #[serde(default)]
+    pub players: Vec<String>,
+    /// The board.
+    pub links: Vec<Link>,
+    /// Rounds to survive.
+    pub rounds: u32,
+    /// Reveal period.
+    pub reveal_every: u32,
+    /// The round under way (0 before the first).
+    pub round: u32,
+    /// Where each detective is.
+    pub detective_hosts: std::collections::BTreeMap<String, String>,
+    /// Where Mr X was last shown, and in which round (all the time once the game is over).
+    #[serde(default)]
+    pub mr_x_seen: Option<Sighting>,
+    /// Every move.
+    pub moves: Vec<ScotlandMove>,
+    /// Who won.
+    #[serde(default)]
+    pub winner: Option<Side>,
 }
 
 /// How to walk (`POST /v1/walks`, `POST /v1/games/musical-chairs`).

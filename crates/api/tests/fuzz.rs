@@ -74,8 +74,9 @@ prop_compose! {
 prop_compose! {
     fn vm_spec()(name in text(), memory_mib in any::<u64>(), vcpus in any::<u32>(), cpu_model in opt(text()), kernel in opt(path()),
                  initrd in opt(path()), cmdline in opt(text()), workload in text(), machine in opt(text()),
-                 disks in proptest::collection::vec(disk_spec(), 0..3), nics in proptest::collection::vec(nic_spec(), 0..3)) -> VmSpec {
-        VmSpec { name, memory_mib, vcpus, cpu_model, kernel, initrd, cmdline, workload, machine, disks, nics }
+                 disks in proptest::collection::vec(disk_spec(), 0..3), nics in proptest::collection::vec(nic_spec(), 0..3),
+                 free_will in any::<bool>()) -> VmSpec {
+        VmSpec { name, memory_mib, vcpus, cpu_model, kernel, initrd, cmdline, workload, machine, disks, nics, free_will }
     }
 }
 

@@ -23,6 +23,8 @@
 //! CORRUPT page=<i> addr=0x<hex> expected_gen=<g> found_index=<i> found_gen=<g> checksum_ok=<b>
 //! CORRUPT block=<i> dev=<device> <what it holds instead>
 //! net <dev> <address> echo <port>                (with walkabout.ip=; `net error <why>` if not)
+//! WALKABOUT WILL ask: walk <where>               (with walkabout.will=; see [`will`])
+//! WALKABOUT WILL answer: <the controller's answer>
 //! ```
 
 pub mod cmdline;
@@ -33,4 +35,5 @@ pub mod pattern;
 pub mod protocol;
 pub mod region;
 pub mod sysinfo;
+pub mod will;
 pub mod workload;

@@ -309,6 +309,28 @@ fn run_network(console: &Console) {
     }
 }
 
+/// Free will: asks to move as `walkabout.will=` says (see `walkabout_guest::will`).
+fn run_will(console: &Console) {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let Some(plan) = walkabout_guest::will::plan_from_cmdline(&cmdline) else { return };
+    // The port appears once virtio_console has probed it.
+    let mut device = None;
+    for _ in 0..100 {
+        device = walkabout_guest::will::find_port(std::path::Path::new("/sys"));
+        if device.is_some() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let Some(device) = device else {
+        return console.say(format_args!("WALKABOUT WILL no port {} (is free will on?)", walkabout_guest::will::PORT_NAME));
+    };
+    let say = |line: String| console.say(line);
+    if let Err(e) = walkabout_guest::will::run(&plan, &device, &say) {
+        console.say(format_args!("WALKABOUT WILL cannot open {}: {e}", device.display()));
+    }
+}
+
 fn main() -> ExitCode {
     let options = match parse_options(std::env::args().skip(1)) {
         Ok(options) => options,
@@ -356,6 +378,8 @@ fn main() -> ExitCode {
     if options.workload.is_none() {
         let c = Arc::clone(&console);
         thread::spawn(move || run_network(&c));
+        let c = Arc::clone(&console);
+        thread::spawn(move || run_will(&c));
     }
     let mem_mib = meminfo("MemTotal").unwrap_or(0);
     console.say(Ready { cpus: online_cpus(), workload, mem_mib });

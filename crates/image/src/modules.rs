@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use crate::ImageError;
 
 /// The modules the guest loads, by module name; their dependencies come along.
-pub(crate) const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "virtio_net", "crc32c_generic", "ext4"];
+/// `virtio_console` gives a VM with free will its `org.walkabout.0` port.
+pub(crate) const GUEST_MODULES: &[&str] =
+    &["virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "virtio_net", "crc32c_generic", "ext4", "virtio_console"];
 
 /// A module name as the kernel spells it (`crc32c-intel.ko` is module `crc32c_intel`).
 fn module_name(file_name: &str) -> Option<String> {
@@ -133,7 +135,16 @@ pub(crate) fn cache_path(cache_dir: &Path, version: &str) -> PathBuf {
 pub(crate) fn cached(cache_dir: &Path, version: &str) -> Option<Vec<(String, Vec<u8>)>> {
     let dir = cache_path(cache_dir, version);
     let order = fs::read_to_string(dir.join("order")).ok()?;
+    // A cache made when fewer modules were wanted is taken again from the package.
+    if !covers(&order, GUEST_MODULES) {
+        return None;
+    }
     order.lines().filter(|l| !l.is_empty()).map(|n| Some((n.to_owned(), fs::read(dir.join(format!("{n}.ko"))).ok()?))).collect()
+}
+
+/// True when the load order `order` (one module a line) names every module of `wanted`.
+fn covers(order: &str, wanted: &[&str]) -> bool {
+    wanted.iter().all(|w| order.lines().any(|l| l == *w))
 }
 
 /// Caches `modules` (load order) for kernel `version`: written into a scratch directory,
@@ -156,6 +167,12 @@ pub(crate) fn store(cache_dir: &Path, version: &str, modules: &[(String, Vec<u8>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cache_without_a_wanted_module_is_not_used() {
+        assert!(covers("virtio\nvirtio_console\n", &["virtio_console"]));
+        assert!(!covers("virtio\nvirtio_pci\n", &["virtio_pci", "virtio_console"]));
+    }
 
     #[test]
     fn depends_are_read_from_modinfo_strings() {

@@ -54,6 +54,11 @@ pub struct QemuConfig {
     /// NICs: virtio-net on tap devices the agent created beforehand.
     #[serde(default)]
     pub nics: Vec<QemuNic>,
+    /// Free will: a virtio-serial port named `org.walkabout.0` whose host end is the
+    /// socket [`QemuConfig::will_path`] (QEMU listens; the agent connects). Derived from
+    /// the VM's spec, so a migration's destination builds the same device.
+    #[serde(default)]
+    pub will_port: bool,
 }
 
 /// One disk as QEMU opens it: a `file` protocol node under a format node named
@@ -121,6 +126,10 @@ impl QemuConfig {
     pub fn pid_path(&self) -> PathBuf {
         self.run_dir.join("qemu.pid")
     }
+    /// Path of the free-will port's socket.
+    pub fn will_path(&self) -> PathBuf {
+        self.run_dir.join("will.sock")
+    }
 
     /// The QEMU command line (without the binary).
     pub fn args(&self) -> Vec<String> {
@@ -171,6 +180,14 @@ impl QemuConfig {
             let netdev = serde_json::json!({"type": "tap", "id": n.id, "ifname": n.ifname, "script": "no", "downscript": "no"});
             let dev = serde_json::json!({"driver": "virtio-net-pci", "netdev": n.id, "id": format!("{}-dev", n.id), "mac": n.mac});
             a.extend(["-netdev".into(), netdev.to_string(), "-device".into(), dev.to_string()]);
+        }
+        if self.will_port {
+            // `-chardev` takes no JSON: a comma in the path is doubled for its parser.
+            let path = self.will_path().display().to_string().replace(',', ",,");
+            let chardev = format!("socket,id=will0,path={path},server=on,wait=off");
+            let bus = serde_json::json!({"driver": "virtio-serial-pci", "id": "vser0"});
+            let port = serde_json::json!({"driver": "virtserialport", "bus": "vser0.0", "chardev": "will0", "name": "org.walkabout.0", "id": "will0-port"});
+            a.extend(["-chardev".into(), chardev, "-device".into(), bus.to_string(), "-device".into(), port.to_string()]);
         }
         if let Some(inc) = &self.incoming {
             a.push("-incoming".into());
@@ -341,7 +358,23 @@ mod tests {
             start_paused: true,
             disks: vec![],
             nics: vec![],
+            will_port: false,
         }
+    }
+
+    #[test]
+    fn free_will_port_is_a_named_virtserialport_on_a_socket_in_the_run_dir() {
+        let mut c = cfg();
+        c.run_dir = "/run/wa/a,b".into();
+        c.will_port = true;
+        let a = c.args();
+        let chardev = a.windows(2).find(|w| w[0] == "-chardev").map(|w| w[1].clone());
+        assert_eq!(chardev.as_deref(), Some("socket,id=will0,path=/run/wa/a,,b/will.sock,server=on,wait=off"));
+        let devs: Vec<serde_json::Value> =
+            a.windows(2).filter(|w| w[0] == "-device").filter_map(|w| serde_json::from_str(&w[1]).ok()).collect();
+        assert_eq!(devs[0]["driver"], "virtio-serial-pci");
+        assert_eq!((devs[1]["name"].as_str(), devs[1]["chardev"].as_str()), (Some("org.walkabout.0"), Some("will0")));
+        assert!(!cfg().args().iter().any(|x| x == "-chardev"), "no port without free will");
     }
 
     #[test]

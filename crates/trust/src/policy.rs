@@ -143,6 +143,21 @@ mod tests {
     }
 
     #[test]
+    fn only_operators_and_the_controller_answer_a_guest_free_will_or_move_a_detective() {
+        let answer = "/v1/vms/x/will/answer";
+        assert_eq!(decide(ServerKind::Agent, Some(&id(Role::Controller)), "POST", answer), Decision::Allow);
+        assert_eq!(decide(ServerKind::Agent, Some(&id(Role::Viewer)), "GET", "/v1/will"), Decision::Allow);
+        assert!(matches!(decide(ServerKind::Agent, Some(&id(Role::Viewer)), "POST", answer), Decision::Forbidden(_)));
+        assert!(matches!(decide(ServerKind::Agent, Some(&id(Role::Host)), "POST", answer), Decision::Forbidden(_)));
+        assert!(matches!(decide(ServerKind::Agent, Some(&id(Role::Host)), "GET", "/v1/will"), Decision::Forbidden(_)));
+        assert_eq!(decide(ServerKind::Controller, Some(&id(Role::Operator)), "POST", "/v1/games/w1/move"), Decision::Allow);
+        assert!(matches!(
+            decide(ServerKind::Controller, Some(&id(Role::Viewer)), "POST", "/v1/games/scotland-yard"),
+            Decision::Forbidden(_)
+        ));
+    }
+
+    #[test]
     fn operators_and_the_controller_change_things() {
         assert_eq!(decide(ServerKind::Agent, Some(&id(Role::Operator)), "POST", "/v1/migrations"), Decision::Allow);
         assert_eq!(decide(ServerKind::Agent, Some(&id(Role::Controller)), "POST", "/v1/migrations"), Decision::Allow);

@@ -1,5 +1,6 @@
-//! The walkabout games — a walk (VMs wander by live migration) and musical chairs —
-//! as clients of the controller's public API.
+//! The walkabout games — a walk (VMs wander by live migration), musical chairs,
+//! Scotland Yard — and free will (guests asking to move), as clients of the
+//! controller's public API.
 //!
 //! They run inside the controller process (so `POST /v1/walks` and
 //! `POST /v1/games/musical-chairs` stay where the API declares them, and `walkabout up`
@@ -17,7 +18,9 @@
 //! `walkabout up`), else the address the game was requested at (the request's `Host`).
 
 mod chairs;
+pub mod scotland;
 mod walk;
+pub mod will;
 
 use crate::error::ControllerError;
 use crate::events::{Events, Subject};
@@ -35,7 +38,7 @@ use tokio::sync::watch;
 use walkabout_api::{ClientOptions, ControllerClient};
 
 pub use walk::Rng;
-pub use walkabout_api::{Hop, Round, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus};
+pub use walkabout_api::{Hop, PlayerMove, Round, ScotlandOptions, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus};
 
 /// How often a game looks at the cluster.
 const TICK: Duration = Duration::from_millis(200);
@@ -49,23 +52,42 @@ pub struct Games {
     next_id: AtomicU64,
     events: Arc<Events>,
     stop: watch::Receiver<bool>,
+    /// Free will: requests seen and answered.
+    will: Mutex<will::WillState>,
+    /// Scotland Yard: players' moves awaiting their turn, by game and detective.
+    player_moves: Mutex<BTreeMap<(String, String), PlayerMove>>,
 }
 
 impl Games {
     /// No games yet; they announce themselves on `events` and end when `stop` turns true.
     pub fn new(events: Arc<Events>, stop: watch::Receiver<bool>) -> Arc<Games> {
-        Arc::new(Games { client: Mutex::new(None), walks: Mutex::new(BTreeMap::new()), next_id: AtomicU64::new(1), events, stop })
+        Arc::new(Games {
+            client: Mutex::new(None),
+            walks: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(1),
+            events,
+            stop,
+            will: Mutex::default(),
+            player_moves: Mutex::default(),
+        })
     }
 
-    /// Tells the games the controller's URL (e.g. `http://127.0.0.1:7700`).
-    pub fn serve_at(&self, url: &str) -> Result<(), ControllerError> {
+    /// Tells the games the controller's URL (e.g. `http://127.0.0.1:7700`), and starts
+    /// serving free will there (once).
+    pub fn serve_at(self: &Arc<Self>, url: &str) -> Result<(), ControllerError> {
         let c = ControllerClient::new(url, ClientOptions::default())
             .map_err(|e| ControllerError::Invalid(format!("the games cannot reach the controller: {e}")))?;
-        *lock(&self.client) = Some(c);
+        *lock(&self.client) = Some(c.clone());
+        let start = !std::mem::replace(&mut lock(&self.will).started, true);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if start => drop(rt.spawn(self.clone().free_will(c))),
+            Ok(_) => {}
+            Err(_) => lock(&self.will).started = false,
+        }
         Ok(())
     }
 
-    fn client(&self, headers: Option<&HeaderMap>) -> Result<ControllerClient, ControllerError> {
+    fn client(self: &Arc<Self>, headers: Option<&HeaderMap>) -> Result<ControllerClient, ControllerError> {
         if let Some(c) = lock(&self.client).clone() {
             return Ok(c);
         }
@@ -76,14 +98,14 @@ impl Games {
         lock(&self.client).clone().ok_or_else(|| ControllerError::Invalid("the games do not know the controller's URL".into()))
     }
 
-    /// All walks and games.
+    /// All walks and games (Mr X hidden while a game of Scotland Yard runs).
     pub fn walks(&self) -> Vec<WalkRecord> {
-        lock(&self.walks).values().cloned().collect()
+        lock(&self.walks).values().cloned().map(scotland::redacted).collect()
     }
 
-    /// One walk or game.
+    /// One walk or game (Mr X hidden while a game of Scotland Yard runs).
     pub fn walk(&self, id: &str) -> Result<WalkRecord, ControllerError> {
-        lock(&self.walks).get(id).cloned().ok_or_else(|| ControllerError::not_found("walk", id))
+        lock(&self.walks).get(id).cloned().map(scotland::redacted).ok_or_else(|| ControllerError::not_found("walk", id))
     }
 
     /// Stops a walk or game: no new hop starts; hops under way finish.
@@ -145,6 +167,7 @@ impl Games {
             survivors: vec![],
             result: None,
             failovers: vec![],
+            scotland: None,
         };
         lock(&self.walks).insert(id, w.clone());
         w
@@ -198,11 +221,15 @@ impl Games {
 }
 
 /// The games' routes: `/v1/walks`, `/v1/walks/{id}`, `/v1/walks/{id}/stop`,
-/// `/v1/games/musical-chairs`.
+/// `/v1/games/musical-chairs`, `/v1/games/scotland-yard`, `/v1/games/{id}/move`,
+/// `/v1/will`.
 pub fn router(games: Arc<Games>) -> Router {
     Router::new()
         .route("/v1/walks", get(list).post(start_walk))
         .route("/v1/games/musical-chairs", post(start_game))
+        .route("/v1/games/scotland-yard", post(start_scotland))
+        .route("/v1/games/{id}/move", post(game_move))
+        .route("/v1/will", get(will_records))
         .route("/v1/walks/{id}", get(one))
         .route("/v1/walks/{id}/stop", post(stop))
         .with_state(games)
@@ -241,6 +268,27 @@ async fn start_walk(State(g): State<Arc<Games>>, headers: HeaderMap, b: Body<Wal
 async fn start_game(State(g): State<Arc<Games>>, headers: HeaderMap, b: Body<WalkOptions>) -> Response {
     let r = options(b, "game").and_then(|o| g.start_chairs_with(g.client(Some(&headers))?, o));
     reply(StatusCode::ACCEPTED, r)
+}
+
+async fn start_scotland(State(g): State<Arc<Games>>, headers: HeaderMap, b: Body<ScotlandOptions>) -> Response {
+    let r = async {
+        let o = b.map(|Json(v)| v).map_err(|e| ControllerError::Invalid(format!("invalid game: {}", e.body_text())))?;
+        g.start_scotland_with(g.client(Some(&headers))?, o).await
+    }
+    .await;
+    reply(StatusCode::ACCEPTED, r)
+}
+
+async fn game_move(State(g): State<Arc<Games>>, Path(id): Path<String>, b: Body<PlayerMove>) -> Response {
+    let r = b
+        .map(|Json(v)| v)
+        .map_err(|e| ControllerError::Invalid(format!("invalid move: {}", e.body_text())))
+        .and_then(|m| g.scotland_move(&id, m));
+    reply(StatusCode::ACCEPTED, r)
+}
+
+async fn will_records(State(g): State<Arc<Games>>) -> Response {
+    Json(g.will_records()).into_response()
 }
 
 #[cfg(test)]

@@ -18,6 +18,11 @@ impl Rng {
         Rng(now_ms() ^ 0x9E37_79B9_7F4A_7C15 | 1)
     }
 
+    /// Seeded with `seed` (the same seed, the same numbers).
+    pub fn seeded(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
+    }
+
     /// A number in `0..n` (`n > 0`).
     pub fn below(&mut self, n: usize) -> usize {
         self.0 ^= self.0 << 13;
@@ -89,7 +94,7 @@ impl Games {
 }
 
 /// The hops of a finished move plan: each of its steps that ran a migration.
-async fn hops(client: &ControllerClient, p: &PlanRecord) -> Vec<Hop> {
+pub(super) async fn hops(client: &ControllerClient, p: &PlanRecord) -> Vec<Hop> {
     let mut out = vec![];
     for mid in p.steps.iter().filter_map(|s| s.migration.as_deref()) {
         match client.migration(mid).await {

@@ -180,6 +180,11 @@ pub struct CreateArgs {
     /// and the guest sets its own address if one is given. Repeatable.
     #[arg(long, value_parser = parse_nic, value_name = "bridge=BR[,mac=52:54:00:..][,address=10.77.0.12/24]")]
     nic: Vec<walkabout_api::NicSpec>,
+    /// Free will: the guest may ask to move (`walk any`, `walk least-loaded`,
+    /// `walk HOST` on its virtio-serial port `org.walkabout.0`) and is answered. The
+    /// Walkabout guest asks on its own with `--cmdline 'walkabout.will=any,h3'`.
+    #[arg(long)]
+    free_will: bool,
 }
 
 /// Parses `--disk`: `PATH[,format=F][,bus=B]`, `size=SIZE[,bus=B]` or `image:NAME[,bus=B]`.
@@ -415,6 +420,7 @@ async fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
     spec.cmdline.clone_from(&a.cmdline);
     spec.disks.clone_from(&a.disks);
     spec.nics.clone_from(&a.nic);
+    spec.free_will = a.free_will;
     let custom_kernel = a.kernel.is_some();
     let absolute = |what: &str, p: PathBuf| std::fs::canonicalize(&p).with_context(|| format!("{what} {}", p.display()));
     spec.kernel = a.kernel.clone().map(|p| absolute("kernel", p)).transpose()?;

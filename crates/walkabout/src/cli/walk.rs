@@ -1,5 +1,5 @@
-//! `walkabout walk` and `walkabout game musical-chairs`: VMs wandering about the
-//! cluster by live migration, each hop printed with its downtime.
+//! `walkabout walk`, `walkabout game musical-chairs` and `walkabout game scotland-yard`:
+//! VMs wandering about the cluster by live migration, each hop printed with its downtime.
 
 use super::client::parse_duration_ms;
 use super::client::{print_json, runtime, Output};
@@ -31,6 +31,72 @@ pub enum GameCommand {
     /// VMs circulate; each round a random host is drained and taken out of the cluster,
     /// until the VMs no longer fit. Reports survivors and every hop's downtime.
     MusicalChairs(GameArgs),
+    /// Scotland Yard: detectives (bots, or you with `game move`) chase Mr X over a
+    /// board of host links (taxi, bus, underground); every move is a live migration;
+    /// Mr X is shown every fifth round and wins if he survives 20.
+    ScotlandYard(ScotlandArgs),
+    /// Moves one of your detectives in a game of Scotland Yard (played when the
+    /// detectives' turn comes).
+    Move(MoveArgs),
+}
+
+/// Arguments of `walkabout game scotland-yard`.
+#[derive(clap::Args)]
+pub struct ScotlandArgs {
+    #[command(flatten)]
+    ctl: CtlArgs,
+    /// Mr X's VM.
+    #[arg(long)]
+    mr_x: String,
+    /// A detective's VM (repeatable).
+    #[arg(long = "detective", required = true)]
+    detectives: Vec<String>,
+    /// A detective you move yourself with `game move` (repeatable); the others are bots.
+    #[arg(long = "player")]
+    players: Vec<String>,
+    /// Rounds Mr X must survive.
+    #[arg(long, default_value_t = 20)]
+    rounds: u32,
+    /// Mr X is shown every this many rounds.
+    #[arg(long, default_value_t = 5)]
+    reveal_every: u32,
+    /// A link of the board, `A-B:taxi|bus|underground[:RATE_MiB/s]` (repeatable;
+    /// default: a taxi ring of the hosts in service, bus links across, one underground).
+    #[arg(long = "link", value_parser = parse_link)]
+    links: Vec<walkabout_api::Link>,
+    /// The bots' seed.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// Arguments of `walkabout game move`.
+#[derive(clap::Args)]
+pub struct MoveArgs {
+    #[command(flatten)]
+    ctl: CtlArgs,
+    /// The game's id.
+    game: String,
+    /// Your detective's VM.
+    detective: String,
+    /// Where to.
+    to: String,
+    /// Over which kind of link (default: any between the two hosts).
+    #[arg(long, value_parser = parse_kind)]
+    link: Option<walkabout_api::LinkKind>,
+}
+
+fn parse_kind(s: &str) -> Result<walkabout_api::LinkKind, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| format!("`{s}` is not taxi, bus or underground"))
+}
+
+/// Parses `A-B:KIND[:RATE]` (RATE in MiB/s).
+fn parse_link(s: &str) -> Result<walkabout_api::Link, String> {
+    let mut parts = s.split(':');
+    let ends = parts.next().unwrap_or_default();
+    let (a, b) = ends.split_once('-').ok_or_else(|| format!("`{s}`: the ends are `A-B`"))?;
+    let kind = parse_kind(parts.next().ok_or_else(|| format!("`{s}`: the kind is missing (taxi, bus, underground)"))?)?;
+    let rate_bps = parts.next().map(|r| r.parse::<u64>().map(|m| m << 20).map_err(|_| format!("`{s}`: the rate is MiB/s"))).transpose()?;
+    Ok(walkabout_api::Link { a: a.to_string(), b: b.to_string(), kind, rate_bps })
 }
 
 /// Arguments of `walkabout game musical-chairs`.
@@ -60,9 +126,74 @@ pub fn run_walk(a: WalkArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs `walkabout game ...`.
 pub fn run_game(cmd: GameCommand) -> anyhow::Result<ExitCode> {
-    let GameCommand::MusicalChairs(a) = cmd;
-    let opts = WalkOptions { duration_ms: a.round, parallel: a.parallel, pause_ms: 0, gentle: a.gentle };
-    runtime()?.block_on(play(a.ctl, Game::MusicalChairs, opts))
+    match cmd {
+        GameCommand::MusicalChairs(a) => {
+            let opts = WalkOptions { duration_ms: a.round, parallel: a.parallel, pause_ms: 0, gentle: a.gentle };
+            runtime()?.block_on(play(a.ctl, Game::MusicalChairs, opts))
+        }
+        GameCommand::ScotlandYard(a) => runtime()?.block_on(scotland_yard(a)),
+        GameCommand::Move(a) => runtime()?.block_on(async move {
+            let ctl = super::client::controller(&a.ctl.controller)?;
+            let w = ctl.game_move(&a.game, &walkabout_api::PlayerMove { detective: a.detective, to: a.to, link: a.link }).await?;
+            match a.ctl.output {
+                Output::Json => print_json(&w)?,
+                Output::Text => println!("move accepted for round {}", w.scotland.map_or(0, |g| g.round)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
+    }
+}
+
+async fn scotland_yard(a: ScotlandArgs) -> anyhow::Result<ExitCode> {
+    let ctl = super::client::controller(&a.ctl.controller)?;
+    let opts = walkabout_api::ScotlandOptions {
+        mr_x: a.mr_x,
+        detectives: a.detectives,
+        players: a.players,
+        rounds: a.rounds,
+        reveal_every: a.reveal_every,
+        links: a.links,
+        player_wait_ms: 60_000,
+        seed: a.seed,
+    };
+    let w = ctl.start_scotland_yard(&opts).await?;
+    let text = a.ctl.output == Output::Text;
+    if text {
+        println!(
+            "game {}: Scotland Yard; follow with `walkabout events`; move your detectives with `walkabout game move {} DETECTIVE HOST`",
+            w.id, w.id
+        );
+    }
+    let mut shown = 0usize;
+    let w = loop {
+        let w = ctl.walk(&w.id).await?;
+        if let (true, Some(g)) = (text, &w.scotland) {
+            for m in g.moves.iter().skip(shown) {
+                shown += 1;
+                println!("{}", move_line(m));
+            }
+        }
+        if w.status != WalkStatus::Running && w.finished_ms.is_some() {
+            break w;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    match a.ctl.output {
+        Output::Json => print_json(&w)?,
+        Output::Text => print_summary(&w),
+    }
+    let ok = w.hops.iter().all(|h| h.result == Phase::Completed) && w.survivors.iter().all(|s| s.corrupt_pages == 0 && s.seq_breaks == 0);
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// One line for one move of Scotland Yard.
+fn move_line(m: &walkabout_api::ScotlandMove) -> String {
+    let host = |h: &Option<String>| h.as_deref().map_or_else(|| "?".to_string(), |h| clean(h).into_owned());
+    let who = match m.side {
+        walkabout_api::Side::MrX => "Mr X".to_string(),
+        walkabout_api::Side::Detectives => format!("detective {}", clean(&m.vm)),
+    };
+    format!("round {}: {who} takes the {} {} -> {} ({}, {})", m.round, m.link, host(&m.from), host(&m.to), clean(&m.by), clean(&m.result))
 }
 
 /// Which of the controller's games to start.
