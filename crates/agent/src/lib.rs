@@ -1,6 +1,7 @@
 //! The Walkabout agent: the daemon on each host that runs its VMs under QEMU, keeps their
 //! specs in an embedded database, re-attaches to them after its own restart, and serves
-//! an HTTP/JSON API.
+//! an HTTP/JSON API. It checkpoints running VMs, ships the checkpoints to a replica agent
+//! and holds other hosts' replicas (`checkpoint`), and restores VMs from them.
 
 pub mod api;
 pub mod boot;

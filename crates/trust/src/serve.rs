@@ -396,6 +396,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_checkpoint_file_upload_streams_past_the_limit_to_its_handler() {
+        use tokio::io::AsyncWriteExt;
+        let l = Listener::bind("127.0.0.1:0", None, ListenerOptions::default()).await.expect("bind");
+        let addr = l.addr();
+        let count = |body: axum::body::Body| async move {
+            axum::body::to_bytes(body, usize::MAX).await.map(|b| b.len().to_string()).unwrap_or_default()
+        };
+        let router = axum::Router::new().route("/v1/replicas/{vm}/files/{file}", axum::routing::put(count));
+        let _srv = tokio::spawn(serve(l, router, ServerKind::Agent, None, std::future::pending()));
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let len = 3 * MAX_BODY;
+        let head = format!("PUT /v1/replicas/vm1/files/vm1.1.mem HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.expect("write");
+        s.write_all(&vec![7u8; len]).await.expect("body");
+        let mut buf = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("an answer").expect("read");
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 200") && text.ends_with(&len.to_string()), "{text}");
+    }
+
+    #[tokio::test]
     async fn a_body_over_the_limit_is_413_before_the_handler() {
         use tokio::io::AsyncWriteExt;
         let l = Listener::bind("127.0.0.1:0", None, ListenerOptions::default()).await.expect("bind");
