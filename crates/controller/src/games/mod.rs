@@ -17,6 +17,7 @@
 //! `walkabout up`), else the address the game was requested at (the request's `Host`).
 
 mod chairs;
+pub mod hanoi;
 mod walk;
 
 use crate::error::ControllerError;
