@@ -83,4 +83,4 @@ pub use nic::NicSpec;
 pub use plan::{Blocked, Goal, PlanRecord, PlanStatus, Problem, Step, StepStatus};
 pub use trust::{JoinReply, JoinRequest, JoinToken, JoinTokenRequest};
 pub use vm::{ConsoleChunk, GuestStatus, VmInfo, VmRecord, VmSpec, VmState};
-pub use walk::{Hop, Round, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus};
+pub use walk::{HanoiMove, HanoiRecord, Hop, Round, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus};

@@ -195,10 +195,7 @@ mod tests {
     fn two_levels_take_three_moves_and_end_nested_on_the_target() {
         let start = State::start(2, 0);
         let moves = plan(&start, 2, 2).expect("a plan");
-        assert_eq!(
-            moves,
-            vec![Move { vm: 1, from: 0, to: 1 }, Move { vm: 0, from: 0, to: 2 }, Move { vm: 1, from: 1, to: 2 }]
-        );
+        assert_eq!(moves, vec![Move { vm: 1, from: 0, to: 1 }, Move { vm: 0, from: 0, to: 2 }, Move { vm: 1, from: 1, to: 2 }]);
         assert_eq!(play(&start, &moves), State::start(2, 2));
     }
 

@@ -8,6 +8,7 @@ pub mod config;
 pub mod controller;
 pub mod cpu;
 pub mod demo;
+pub mod hanoi;
 pub mod host;
 pub mod image;
 pub mod migrate;

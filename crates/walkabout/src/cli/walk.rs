@@ -31,6 +31,10 @@ pub enum GameCommand {
     /// VMs circulate; each round a random host is drained and taken out of the cluster,
     /// until the VMs no longer fit. Reports survivors and every hop's downtime.
     MusicalChairs(GameArgs),
+    /// Towers of Hanoi with nested VMs: a hypervisor guest holding a guest, moved from
+    /// the first peg (host) to the last one VM at a time, each move a live migration
+    /// into or out of the nested hypervisor; reports every move's downtime.
+    Hanoi(super::hanoi::HanoiArgs),
 }
 
 /// Arguments of `walkabout game musical-chairs`.
@@ -54,7 +58,10 @@ pub fn run_walk(a: WalkArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs `walkabout game ...`.
 pub fn run_game(cmd: GameCommand) -> anyhow::Result<ExitCode> {
-    let GameCommand::MusicalChairs(a) = cmd;
+    let a = match cmd {
+        GameCommand::MusicalChairs(a) => a,
+        GameCommand::Hanoi(a) => return super::hanoi::run(a),
+    };
     let opts = WalkOptions { duration_ms: a.round, parallel: a.parallel, pause_ms: 0, gentle: true };
     runtime()?.block_on(play(a.ctl, Game::MusicalChairs, opts))
 }
