@@ -63,8 +63,8 @@ impl PeerAgent for AgentClient {
         AgentClient::prepare_incoming(self, req).await
     }
 
-    async fn probe(&self, vm: &str) -> Result<(), ClientError> {
-        self.with_timeout(Duration::from_secs(1)).incoming(vm).await.map(drop)
+    async fn probe(&self, vm: &str, timeout: Duration) -> Result<(), ClientError> {
+        self.with_timeout(timeout).incoming(vm).await.map(drop)
     }
 
     async fn commit_incoming(&self, vm: &str, guest: Option<GuestStatus>) -> Result<(), ClientError> {
@@ -87,8 +87,8 @@ impl<P: PeerAgent> PeerAgent for Result<P, ClientError> {
         self.as_ref().map_err(Clone::clone)?.prepare_incoming(req).await
     }
 
-    async fn probe(&self, vm: &str) -> Result<(), ClientError> {
-        self.as_ref().map_err(Clone::clone)?.probe(vm).await
+    async fn probe(&self, vm: &str, timeout: Duration) -> Result<(), ClientError> {
+        self.as_ref().map_err(Clone::clone)?.probe(vm, timeout).await
     }
 
     async fn commit_incoming(&self, vm: &str, guest: Option<GuestStatus>) -> Result<(), ClientError> {

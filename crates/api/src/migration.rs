@@ -192,6 +192,11 @@ pub struct Tuning {
     /// Budget for re-establishing a paused post-copy, ms (default 120 000).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovery_budget_ms: Option<u64>,
+    /// How long the destination's agent may stay silent before the source takes it for
+    /// gone and cancels, ms (default 1 500); longer for a destination known to be slow
+    /// to answer, e.g. an agent inside a nested guest under TCG.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_timeout_ms: Option<u64>,
 }
 
 /// One interruption of post-copy (its stream lost while the guest ran at the

@@ -51,7 +51,7 @@ pub(crate) trait PeerAgent: Send + Sync {
     fn prepare_incoming(&self, req: &IncomingRequest) -> impl Future<Output = Result<IncomingReply, ClientError>> + Send;
     /// `GET /v1/incoming/{vm}` with a short timeout: the liveness probe, which also
     /// renews the destination's lease.
-    fn probe(&self, vm: &str) -> impl Future<Output = Result<(), ClientError>> + Send;
+    fn probe(&self, vm: &str, timeout: Duration) -> impl Future<Output = Result<(), ClientError>> + Send;
     /// `POST /v1/incoming/{vm}/commit`: the VM runs there now, with the source's last
     /// guest status.
     fn commit_incoming(&self, vm: &str, guest: Option<GuestStatus>) -> impl Future<Output = Result<(), ClientError>> + Send;
@@ -150,11 +150,17 @@ struct Link<'a, P> {
     peer: &'a P,
     vm: &'a str,
     listen_host: &'a str,
+    /// The migration's `peer_timeout_ms`, or [`walkabout_migrate::run::PEER_TIMEOUT`].
+    patience: Duration,
 }
 
 impl<P: PeerAgent> Peer for Link<'_, P> {
     fn since_alive(&self) -> Duration {
         self.alive.since()
+    }
+
+    fn patience(&self) -> Duration {
+        self.patience
     }
 
     fn lost(&self) -> Option<String> {
@@ -379,10 +385,13 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
                 }
             })
         };
-        let link = Link { alive, peer: &self.peer, vm: &rec.vm, listen_host };
+        let patience = rec.tuning.peer_timeout_ms.map_or(walkabout_migrate::run::PEER_TIMEOUT, Duration::from_millis);
+        let link = Link { alive, peer: &self.peer, vm: &rec.vm, listen_host, patience };
+        // A probe may take two thirds of the patience (1 s by default).
+        let probe_timeout = (patience * 2 / 3).max(Duration::from_secs(1));
         let probing = async {
             loop {
-                match self.peer.probe(&rec.vm).await {
+                match self.peer.probe(&rec.vm, probe_timeout).await {
                     Ok(()) => alive.answered(),
                     // The destination's agent answers that the VM is not (or no longer)
                     // incoming there: it holds nothing of it.
@@ -424,7 +433,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
                 return Err(Ended { phase: Phase::Cancelled, reason: CANCELLED_BY_REQUEST.into(), past_switchover: false });
             }
             let silent = alive.since();
-            if silent > walkabout_migrate::run::PEER_TIMEOUT {
+            if silent > rec.tuning.peer_timeout_ms.map_or(walkabout_migrate::run::PEER_TIMEOUT, Duration::from_millis) {
                 return Err(fail(format!(
                     "cannot copy the disks of {}: the destination stopped answering ({} ms)",
                     rec.vm,

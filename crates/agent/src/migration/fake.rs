@@ -348,7 +348,7 @@ impl PeerAgent for FakePeer {
         Ok(IncomingReply { uri: "tcp:127.0.0.1:4444".into(), storage, nbd })
     }
 
-    async fn probe(&self, _vm: &str) -> Result<(), ClientError> {
+    async fn probe(&self, _vm: &str, _timeout: std::time::Duration) -> Result<(), ClientError> {
         self.call(Call::Probe)?;
         let forgot = {
             let s = self.state();

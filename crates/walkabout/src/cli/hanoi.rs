@@ -36,6 +36,17 @@ const HYPER_BOOT_LIMIT: Duration = Duration::from_secs(900);
 /// How long a plain guest may take to boot (its guest program ready).
 const GUEST_BOOT_LIMIT: Duration = Duration::from_secs(300);
 
+/// Kernel parameters of the game's guests: the kernel's lockup and stall detectors off.
+/// A guest run by a QEMU inside a TCG guest on a busy host has its vCPU starved for
+/// longer than their 20 s thresholds (seen: "soft lockup - CPU#0 stuck for 29s" after a
+/// move out of the nested hypervisor, heartbeats continuous, 0 corrupt pages); they
+/// would report scheduling, not damage. An oops, a panic or a protection fault still
+/// fails the move.
+const NESTED_CMDLINE: &str = "nosoftlockup nowatchdog rcupdate.rcu_cpu_stall_suppress=1 sysctl.kernel.hung_task_timeout_secs=0";
+
+/// How long an agent may stay silent during a move before its peer gives up, ms.
+const PEER_TIMEOUT_MS: u64 = 20_000;
+
 /// How long one move may take.
 const MOVE_LIMIT: Duration = Duration::from_secs(900);
 
@@ -63,7 +74,7 @@ pub struct HanoiArgs {
     #[arg(long, value_parser = super::client::parse_mib, default_value = "768M")]
     hyper_memory: u64,
     /// Memory of the innermost guest, MiB.
-    #[arg(long, value_parser = super::client::parse_mib, default_value = "96M")]
+    #[arg(long, value_parser = super::client::parse_mib, default_value = "128M")]
     guest_memory: u64,
     /// The innermost guest's workload.
     #[arg(long, default_value = "dirty:8:1")]
@@ -164,6 +175,7 @@ async fn play(a: &HanoiArgs) -> anyhow::Result<HanoiRecord> {
     pegs[0].create_vm(&spec).await.with_context(|| format!("creating {} on {}", names[0], a.pegs[0]))?;
     let mut leaf = VmSpec::new(names[1].clone(), a.guest_memory);
     leaf.workload = a.workload.clone();
+    leaf.cmdline = Some(NESTED_CMDLINE.into());
     pegs[0].create_vm(&leaf).await.with_context(|| format!("creating {} on {}", names[1], a.pegs[0]))?;
     say(
         a,
@@ -247,6 +259,8 @@ async fn migrate(src: &AgentClient, dst: &AgentClient, vm: &str, from: String, t
     // Nested TCG moves memory slowly: a generous budget, a pause the policy may stretch.
     req.budget_per_gib_ms = Some(3_600_000);
     req.max_downtime_ms = Some(1_000);
+    // An agent inside a TCG guest answers in seconds, not milliseconds.
+    req.tuning.peer_timeout_ms = Some(PEER_TIMEOUT_MS);
     let rec = match src.start_migration(&req).await {
         Ok(r) => r,
         Err(e) => {
@@ -313,7 +327,7 @@ fn hyper_spec(a: &HanoiArgs, name: &str, ip: &str) -> anyhow::Result<VmSpec> {
     let id = ca.issue(name, walkabout_trust::Role::Host, &[ip.to_string()]).with_context(|| format!("issuing {name}'s identity"))?;
     walkabout_image::seed_disk(&seed, &[(walkabout_image::SEED_IDENTITY, id.to_pem().as_bytes())]).context("making the seed disk")?;
     let mut spec = VmSpec::new(name, a.hyper_memory);
-    spec.cmdline = Some("root=/dev/vda".into());
+    spec.cmdline = Some(format!("root=/dev/vda {NESTED_CMDLINE}"));
     spec.workload = "dirty:8:1".into();
     spec.disks = vec![DiskSpec::image(&root), DiskSpec::image(&seed)];
     let mut nic = NicSpec::on(a.bridge.clone());
