@@ -182,6 +182,10 @@ pub struct HanoiMove {
     /// Why it failed, or what the check at the destination found wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Migrations it took: 2 when the first failed (the VM stayed at its source) and the
+    /// move was tried again.
+    #[serde(default = "one")]
+    pub attempts: u32,
 }
 
 /// A game of Towers of Hanoi with nested VMs: the tower built, the moves planned and

@@ -23,7 +23,7 @@ fn peg(ca: &TestCa, name: &str, ip: &str) -> Agent {
 }
 
 #[test]
-#[ignore = "nested TCG: about 10-20 minutes on 2 shared cores; run with --ignored"]
+#[ignore = "nested TCG: about 4-5 minutes on 2 shared cores (CI budget); run with --ignored"]
 fn two_nested_levels_move_from_the_first_peg_to_the_last_every_move_verified() {
     common::guest_image();
     let ca = TestCa::shared().expect("the test CA");

@@ -158,8 +158,7 @@ async fn play(a: &HanoiArgs) -> anyhow::Result<HanoiRecord> {
     let names: Vec<String> = (0..LEVELS).map(|i| format!("hanoi{i}")).collect();
     let pegs = a.pegs.iter().map(|u| agent(u)).collect::<anyhow::Result<Vec<_>>>()?;
     let ip = a.address.split('/').next().unwrap_or_default().to_string();
-    let inner_url = format!("https://{ip}:{}", walkabout_image::HYPER_AGENT_PORT);
-    let inner = agent(&inner_url)?;
+    let inner = agent(&format!("https://{ip}:{}", walkabout_image::HYPER_AGENT_PORT))?;
     let mut record = HanoiRecord {
         levels: u32::try_from(LEVELS).unwrap_or(u32::MAX),
         vms: names.clone(),
@@ -170,26 +169,18 @@ async fn play(a: &HanoiArgs) -> anyhow::Result<HanoiRecord> {
         hyper_boot_ms: None,
     };
 
-    // The hypervisor guest on peg 1, and the plain guest beside it.
-    let spec = hyper_spec(a, &names[0], &ip)?;
-    pegs[0].create_vm(&spec).await.with_context(|| format!("creating {} on {}", names[0], a.pegs[0]))?;
-    let mut leaf = VmSpec::new(names[1].clone(), a.guest_memory);
-    leaf.workload = a.workload.clone();
-    leaf.cmdline = Some(NESTED_CMDLINE.into());
-    pegs[0].create_vm(&leaf).await.with_context(|| format!("creating {} on {}", names[1], a.pegs[0]))?;
-    say(
-        a,
-        format_args!("{} (hypervisor guest, {} MiB) and {} ({} MiB) booting on peg1", names[0], a.hyper_memory, names[1], a.guest_memory),
-    );
-    let started = Instant::now();
-    wait_ready(&pegs[0], &names[1], GUEST_BOOT_LIMIT).await?;
-    wait_agent(&inner, &pegs[0], &names[0]).await?;
-    record.hyper_boot_ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
-    say(a, format_args!("{}'s agent answers at {inner_url} after {:.0} s", names[0], started.elapsed().as_secs_f64()));
+    // Until the tower is built the board knows only hanoi0 (hanoi1 runs beside it on
+    // peg1's host). Whatever fails from here on, the game's VMs are deleted (unless --keep).
+    let mut board = Board { pegs, inner, vms: names.clone(), state: State { pegs: [vec![0], vec![], vec![]] } };
+    match boot(a, &board, &ip).await {
+        Ok(ms) => record.hyper_boot_ms = Some(ms),
+        Err(e) => {
+            finish(a, &board, &names).await;
+            return Err(e);
+        }
+    }
 
     // The tower: the plain guest into the hypervisor guest.
-    // Until it is built, the board knows only hanoi0 (hanoi1 runs beside it on peg1's host).
-    let mut board = Board { pegs, inner, vms: names.clone(), state: State { pegs: [vec![0], vec![], vec![]] } };
     let m = migrate(&board.pegs[0], &board.inner, &names[1], "peg1".into(), format!("{}@peg1", names[0])).await;
     say(a, format_args!("setup: {}", line(&m)));
     let ok = m.result == Phase::Completed && m.reason.is_none();
@@ -216,6 +207,30 @@ async fn play(a: &HanoiArgs) -> anyhow::Result<HanoiRecord> {
     Ok(record)
 }
 
+/// Boots the hypervisor guest and the plain guest on peg 1 and waits for the agent
+/// inside the former; how long that agent took to answer, ms.
+async fn boot(a: &HanoiArgs, board: &Board, ip: &str) -> anyhow::Result<u64> {
+    let names = &board.vms;
+    let spec = hyper_spec(a, &names[0], ip)?;
+    board.pegs[0].create_vm(&spec).await.with_context(|| format!("creating {} on {}", names[0], a.pegs[0]))?;
+    let mut leaf = VmSpec::new(names[1].clone(), a.guest_memory);
+    leaf.workload = a.workload.clone();
+    leaf.cmdline = Some(NESTED_CMDLINE.into());
+    board.pegs[0].create_vm(&leaf).await.with_context(|| format!("creating {} on {}", names[1], a.pegs[0]))?;
+    say(
+        a,
+        format_args!("{} (hypervisor guest, {} MiB) and {} ({} MiB) booting on peg1", names[0], a.hyper_memory, names[1], a.guest_memory),
+    );
+    let started = Instant::now();
+    wait_ready(&board.pegs[0], &names[1], GUEST_BOOT_LIMIT).await?;
+    wait_agent(&board.inner, &board.pegs[0], &names[0]).await?;
+    // The nested agent measures its QEMU's CPU models once, on first use: minutes under
+    // nested TCG. Done now, so that the first migration's request does not wait for it.
+    board.inner.with_timeout(HYPER_BOOT_LIMIT).cpu().await.with_context(|| format!("the CPU models of the agent inside {}", names[0]))?;
+    say(a, format_args!("{}'s agent answers at {} after {:.0} s", names[0], board.inner.url(), started.elapsed().as_secs_f64()));
+    Ok(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Plays `mv` (number `i` from 0) and applies it to the board once it completed.
 async fn play_move(board: &mut Board, mv: Move, i: usize) -> anyhow::Result<HanoiMove> {
     let vm = board.vms[mv.vm].clone();
@@ -239,8 +254,27 @@ async fn play_move(board: &mut Board, mv: Move, i: usize) -> anyhow::Result<Hano
     Ok(m)
 }
 
-/// Migrates `vm` from `src` to `dst` and checks the guest at the destination.
+/// Migrates `vm` from `src` to `dst` and checks the guest at the destination; a
+/// migration that failed (the VM then still runs at the source: the ownership rule) is
+/// tried once more, since a nested agent under TCG may miss a deadline on a busy host.
 async fn migrate(src: &AgentClient, dst: &AgentClient, vm: &str, from: String, to: String) -> HanoiMove {
+    let first = migrate_once(src, dst, vm, from.clone(), to.clone()).await;
+    // Only a VM still at its source and not at its destination is tried again.
+    let stayed = src.vm(vm).await.is_ok() && dst.vm(vm).await.is_err();
+    if first.result != Phase::Failed || !stayed {
+        return first;
+    }
+    tracing::warn!(vm, reason = ?first.reason, "move failed; trying it once more");
+    let mut second = migrate_once(src, dst, vm, from, to).await;
+    second.attempts = 2;
+    if let (Some(r), Some(earlier)) = (second.reason.as_mut(), first.reason) {
+        r.push_str(&format!(" (first attempt: {earlier})"));
+    }
+    second
+}
+
+/// One attempt of [`migrate`].
+async fn migrate_once(src: &AgentClient, dst: &AgentClient, vm: &str, from: String, to: String) -> HanoiMove {
     let mut m = HanoiMove {
         number: 0,
         vm: vm.to_string(),
@@ -254,6 +288,7 @@ async fn migrate(src: &AgentClient, dst: &AgentClient, vm: &str, from: String, t
         seq_breaks: 0,
         corrupt_pages: 0,
         reason: None,
+        attempts: 1,
     };
     let mut req = MigrationRequest::new(vm, dst.url(), Mode::Precopy);
     // Nested TCG moves memory slowly: a generous budget, a pause the policy may stretch.
@@ -451,6 +486,7 @@ mod tests {
             seq_breaks: 0,
             corrupt_pages: 0,
             reason: reason.map(String::from),
+            attempts: 1,
         }
     }
 
