@@ -59,8 +59,8 @@ pub const INCOMING_LEASE: Duration = Duration::from_secs(4);
 
 /// The destination agent through its typed client.
 impl PeerAgent for AgentClient {
-    async fn prepare_incoming(&self, req: &IncomingRequest) -> Result<IncomingReply, ClientError> {
-        AgentClient::prepare_incoming(self, req).await
+    async fn prepare_incoming(&self, req: &IncomingRequest, timeout: Duration) -> Result<IncomingReply, ClientError> {
+        AgentClient::prepare_incoming(&self.with_timeout(timeout), req).await
     }
 
     async fn probe(&self, vm: &str, timeout: Duration) -> Result<(), ClientError> {
@@ -83,8 +83,8 @@ impl PeerAgent for AgentClient {
 
 /// A peer whose client could not be made: every call fails with that error.
 impl<P: PeerAgent> PeerAgent for Result<P, ClientError> {
-    async fn prepare_incoming(&self, req: &IncomingRequest) -> Result<IncomingReply, ClientError> {
-        self.as_ref().map_err(Clone::clone)?.prepare_incoming(req).await
+    async fn prepare_incoming(&self, req: &IncomingRequest, timeout: Duration) -> Result<IncomingReply, ClientError> {
+        self.as_ref().map_err(Clone::clone)?.prepare_incoming(req, timeout).await
     }
 
     async fn probe(&self, vm: &str, timeout: Duration) -> Result<(), ClientError> {

@@ -38,6 +38,8 @@ use walkabout_api::{ClientError, GuestStatus, VmSpec};
 use walkabout_migrate::run::{Peer, CANCELLED_BY_REQUEST};
 use walkabout_migrate::{HostFacts, MigrationQmp, Outcome, Phase, Policy, Progress, Switch};
 
+/// How long the destination may take to prepare (start its QEMU), by default.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the source probes the destination during a migration.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long the source measures the guest's dirty rate before choosing a strategy.
@@ -48,7 +50,9 @@ const MIRROR_POLL: Duration = Duration::from_millis(100);
 /// The destination agent, as the source's driver uses it.
 pub(crate) trait PeerAgent: Send + Sync {
     /// `POST /v1/incoming`: start a QEMU waiting for the stream; where to send it.
-    fn prepare_incoming(&self, req: &IncomingRequest) -> impl Future<Output = Result<IncomingReply, ClientError>> + Send;
+    /// `timeout`: how long the destination may take to answer (it starts a QEMU).
+    fn prepare_incoming(&self, req: &IncomingRequest, timeout: Duration)
+        -> impl Future<Output = Result<IncomingReply, ClientError>> + Send;
     /// `GET /v1/incoming/{vm}` with a short timeout: the liveness probe, which also
     /// renews the destination's lease.
     fn probe(&self, vm: &str, timeout: Duration) -> impl Future<Output = Result<(), ClientError>> + Send;
@@ -272,7 +276,9 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             disks: offer.as_ref().map(|o| o.disks.clone()).unwrap_or_default(),
             marker: offer.as_ref().and_then(|o| o.marker.clone()),
         };
-        let prepared = self.peer.prepare_incoming(&incoming).await;
+        // 30 s, or more for a migration that said its destination is slow (a nested agent).
+        let patience = rec.tuning.peer_timeout_ms.map_or(Duration::ZERO, Duration::from_millis);
+        let prepared = self.peer.prepare_incoming(&incoming, (patience * 6).max(PREPARE_TIMEOUT)).await;
         if let Some(o) = &offer {
             o.remove_markers();
         }

@@ -335,7 +335,7 @@ impl FakePeer {
 }
 
 impl PeerAgent for FakePeer {
-    async fn prepare_incoming(&self, req: &IncomingRequest) -> Result<IncomingReply, ClientError> {
+    async fn prepare_incoming(&self, req: &IncomingRequest, _timeout: std::time::Duration) -> Result<IncomingReply, ClientError> {
         self.call(Call::Prepare)?;
         let mut s = self.state();
         s.prepared = Some(req.clone());

@@ -24,7 +24,7 @@ use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use walkabout_api::{AgentClient, DiskSpec, HanoiMove, HanoiRecord, MigrationRequest, Mode, NicSpec, Phase, VmInfo, VmSpec};
+use walkabout_api::{AgentClient, DiskSpec, HanoiMove, HanoiRecord, MigrationRequest, Mode, NicSpec, Phase, VmInfo, VmSpec, VmState};
 use walkabout_controller::games::hanoi::{plan, Move, State};
 
 /// The levels this command plays.
@@ -259,11 +259,13 @@ async fn play_move(board: &mut Board, mv: Move, i: usize) -> anyhow::Result<Hano
 /// tried once more, since a nested agent under TCG may miss a deadline on a busy host.
 async fn migrate(src: &AgentClient, dst: &AgentClient, vm: &str, from: String, to: String) -> HanoiMove {
     let first = migrate_once(src, dst, vm, from.clone(), to.clone()).await;
-    // Only a VM still at its source and not at its destination is tried again.
-    let stayed = src.vm(vm).await.is_ok() && dst.vm(vm).await.is_err();
+    // Only a VM still running at its source is tried again; whatever the destination
+    // prepared late (after the source gave up) goes first.
+    let stayed = src.vm(vm).await.is_ok_and(|v| v.record.state == VmState::Running);
     if first.result != Phase::Failed || !stayed {
         return first;
     }
+    let _ = dst.with_timeout(Duration::from_secs(120)).abort_incoming(vm).await;
     tracing::warn!(vm, reason = ?first.reason, "move failed; trying it once more");
     let mut second = migrate_once(src, dst, vm, from, to).await;
     second.attempts = 2;
