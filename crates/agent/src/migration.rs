@@ -295,6 +295,7 @@ impl Agent {
     /// stream, and says where to send it. Nothing of the VM runs here yet.
     pub async fn prepare_incoming(&self, req: IncomingRequest) -> Result<IncomingReply, AgentError> {
         let name = req.spec.name.clone();
+        let lease = req.lease_ms.map_or(INCOMING_LEASE, Duration::from_millis).max(INCOMING_LEASE);
         // Shared or copy first: a copy's spec names the images made here.
         let img = walkabout_qemu::QemuImg::beside(&self.inner.config.qemu_binary);
         let plan = storage::plan(&req, &self.copy_dir(), &self.catalog_bases(), &img)
@@ -353,7 +354,7 @@ impl Agent {
         if result.is_ok() {
             lock(&self.inner.leases).insert(name.clone(), std::time::Instant::now());
             let events = guard.qmp.as_ref().map(Qmp::events);
-            self.spawn_lease_watch(name.clone(), guard.record.pid, events);
+            self.spawn_lease_watch(name.clone(), guard.record.pid, events, lease);
         }
         if result.is_err() {
             if let Some(p) = guard.process.take() {
@@ -505,6 +506,7 @@ impl Agent {
         name: String,
         pid: Option<i32>,
         mut events: Option<tokio::sync::broadcast::Receiver<walkabout_qemu::Event>>,
+        lease: Duration,
     ) {
         let agent = self.clone();
         tokio::spawn(async move {
@@ -522,7 +524,7 @@ impl Agent {
                     break;
                 }
                 let renewed = lock(&agent.inner.leases).get(&name).copied();
-                if renewed.is_some_and(|t| t.elapsed() < INCOMING_LEASE) {
+                if renewed.is_some_and(|t| t.elapsed() < lease) {
                     continue;
                 }
                 // Post-copy not finished: the guest runs here but needs pages still at the
@@ -552,7 +554,7 @@ impl Agent {
                     tracing::warn!(vm = %name, "source went silent after switchover; the VM runs here");
                     break;
                 }
-                tracing::warn!(vm = %name, lease_ms = INCOMING_LEASE.as_millis() as u64, "source went silent; tearing the incoming VM down");
+                tracing::warn!(vm = %name, lease_ms = lease.as_millis() as u64, "source went silent; tearing the incoming VM down");
                 drop(vm);
                 let _ = agent.abort_incoming(&name).await;
                 break;

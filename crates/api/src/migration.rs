@@ -517,6 +517,10 @@ pub struct IncomingRequest {
     /// The marker the source wrote beside each disk image (`auto` and `shared`).
     #[serde(default)]
     pub marker: Option<StorageMarker>,
+    /// How long the destination keeps the incoming VM without a probe from the source,
+    /// ms (default and minimum 4 000); longer for a slow source (a nested agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
 }
 
 /// One disk of a migrating VM as the source holds it.

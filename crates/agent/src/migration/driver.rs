@@ -275,6 +275,8 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             storage: asked,
             disks: offer.as_ref().map(|o| o.disks.clone()).unwrap_or_default(),
             marker: offer.as_ref().and_then(|o| o.marker.clone()),
+            // A source slow to answer is slow to probe: the lease lasts twice its patience.
+            lease_ms: rec.tuning.peer_timeout_ms.map(|p| p.saturating_mul(2)),
         };
         // 30 s, or more for a migration that said its destination is slow (a nested agent).
         let patience = rec.tuning.peer_timeout_ms.map_or(Duration::ZERO, Duration::from_millis);

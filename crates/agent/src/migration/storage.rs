@@ -627,6 +627,7 @@ mod tests {
             storage,
             disks,
             marker,
+            lease_ms: None,
         }
     }
 
