@@ -61,12 +61,12 @@ pub const INCOMING_LEASE: Duration = Duration::from_secs(4);
 
 /// The destination agent through its typed client.
 impl PeerAgent for AgentClient {
-    async fn prepare_incoming(&self, req: &IncomingRequest) -> Result<IncomingReply, ClientError> {
-        AgentClient::prepare_incoming(self, req).await
+    async fn prepare_incoming(&self, req: &IncomingRequest, timeout: Duration) -> Result<IncomingReply, ClientError> {
+        AgentClient::prepare_incoming(&self.with_timeout(timeout), req).await
     }
 
-    async fn probe(&self, vm: &str) -> Result<(), ClientError> {
-        self.with_timeout(Duration::from_secs(1)).incoming(vm).await.map(drop)
+    async fn probe(&self, vm: &str, timeout: Duration) -> Result<(), ClientError> {
+        self.with_timeout(timeout).incoming(vm).await.map(drop)
     }
 
     async fn commit_incoming(&self, vm: &str, guest: Option<GuestStatus>) -> Result<(), ClientError> {
@@ -85,12 +85,12 @@ impl PeerAgent for AgentClient {
 
 /// A peer whose client could not be made: every call fails with that error.
 impl<P: PeerAgent> PeerAgent for Result<P, ClientError> {
-    async fn prepare_incoming(&self, req: &IncomingRequest) -> Result<IncomingReply, ClientError> {
-        self.as_ref().map_err(Clone::clone)?.prepare_incoming(req).await
+    async fn prepare_incoming(&self, req: &IncomingRequest, timeout: Duration) -> Result<IncomingReply, ClientError> {
+        self.as_ref().map_err(Clone::clone)?.prepare_incoming(req, timeout).await
     }
 
-    async fn probe(&self, vm: &str) -> Result<(), ClientError> {
-        self.as_ref().map_err(Clone::clone)?.probe(vm).await
+    async fn probe(&self, vm: &str, timeout: Duration) -> Result<(), ClientError> {
+        self.as_ref().map_err(Clone::clone)?.probe(vm, timeout).await
     }
 
     async fn commit_incoming(&self, vm: &str, guest: Option<GuestStatus>) -> Result<(), ClientError> {
@@ -322,6 +322,7 @@ impl Agent {
             (StreamTls::Tls(dir), Some(peer)) => Some((dir.clone(), walkabout_trust::qemu::qemu_dn(&peer.name))),
             (StreamTls::Tls(_), None) => return Err(AgentError::InvalidRequest { reason: tls::TlsError::NoPeer.to_string() }),
         };
+        let lease = req.lease_ms.map_or(INCOMING_LEASE, Duration::from_millis).max(INCOMING_LEASE);
         // Shared or copy first: a copy's spec names the images made here.
         let img = walkabout_qemu::QemuImg::beside(&self.inner.config.qemu_binary);
         let plan = storage::plan(&req, &self.copy_dir(), &self.catalog_bases(), &img)
@@ -389,7 +390,7 @@ impl Agent {
         if result.is_ok() {
             lock(&self.inner.leases).insert(name.clone(), std::time::Instant::now());
             let events = guard.qmp.as_ref().map(Qmp::events);
-            self.spawn_lease_watch(name.clone(), guard.record.pid, events);
+            self.spawn_lease_watch(name.clone(), guard.record.pid, events, lease);
         }
         if result.is_err() {
             if let Some(p) = guard.process.take() {
@@ -542,6 +543,7 @@ impl Agent {
         name: String,
         pid: Option<i32>,
         mut events: Option<tokio::sync::broadcast::Receiver<walkabout_qemu::Event>>,
+        lease: Duration,
     ) {
         let agent = self.clone();
         tokio::spawn(async move {
@@ -559,7 +561,7 @@ impl Agent {
                     break;
                 }
                 let renewed = lock(&agent.inner.leases).get(&name).copied();
-                if renewed.is_some_and(|t| t.elapsed() < INCOMING_LEASE) {
+                if renewed.is_some_and(|t| t.elapsed() < lease) {
                     continue;
                 }
                 // Post-copy not finished: the guest runs here but needs pages still at the
@@ -589,7 +591,7 @@ impl Agent {
                     tracing::warn!(vm = %name, "source went silent after switchover; the VM runs here");
                     break;
                 }
-                tracing::warn!(vm = %name, lease_ms = INCOMING_LEASE.as_millis() as u64, "source went silent; tearing the incoming VM down");
+                tracing::warn!(vm = %name, lease_ms = lease.as_millis() as u64, "source went silent; tearing the incoming VM down");
                 drop(vm);
                 let _ = agent.abort_incoming(&name).await;
                 break;

@@ -192,6 +192,11 @@ pub struct Tuning {
     /// Budget for re-establishing a paused post-copy, ms (default 120 000).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovery_budget_ms: Option<u64>,
+    /// How long the destination's agent may stay silent before the source takes it for
+    /// gone and cancels, ms (default 1 500); longer for a destination known to be slow
+    /// to answer, e.g. an agent inside a nested guest under TCG.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_timeout_ms: Option<u64>,
 }
 
 /// One interruption of post-copy (its stream lost while the guest ran at the
@@ -518,6 +523,10 @@ pub struct IncomingRequest {
     /// The marker the source wrote beside each disk image (`auto` and `shared`).
     #[serde(default)]
     pub marker: Option<StorageMarker>,
+    /// How long the destination keeps the incoming VM without a probe from the source,
+    /// ms (default and minimum 4 000); longer for a slow source (a nested agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
 }
 
 /// One disk of a migrating VM as the source holds it.

@@ -330,3 +330,73 @@ pub struct WalkOptions {
 fn one() -> u32 {
     1
 }
+
+/// One move of the Towers of Hanoi game with nested VMs: a live migration of a VM that
+/// holds no other, from the agent it runs on (a host's, or the one inside the VM
+/// holding it) to the agent at the top of another peg.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HanoiMove {
+    /// 1, 2, ... in the order played (0 for the setup moves that build the tower).
+    #[serde(default)]
+    pub number: u32,
+    /// The VM moved.
+    pub vm: String,
+    /// Where it ran: a peg (`peg1`) or the VM holding it (`hanoi0@peg1`).
+    pub from: String,
+    /// Where it runs now, the same way.
+    pub to: String,
+    /// The source agent's migration id.
+    #[serde(default)]
+    pub migration: String,
+    /// `completed`, `failed` or `cancelled`.
+    pub result: Phase,
+    /// Guest pause at the switchover, ms.
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Migration time, ms.
+    #[serde(default)]
+    pub total_ms: Option<u64>,
+    /// Heartbeats the moved guest had printed at its destination when it was checked.
+    #[serde(default)]
+    pub heartbeats: u64,
+    /// Breaks in its heartbeat sequence (0: continuous through the move).
+    #[serde(default)]
+    pub seq_breaks: u64,
+    /// Pages its integrity checker found corrupt.
+    #[serde(default)]
+    pub corrupt_pages: u64,
+    /// Why it failed, or what the check at the destination found wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Migrations it took: 2 when the first failed (the VM stayed at its source) and the
+    /// move was tried again.
+    #[serde(default = "one")]
+    pub attempts: u32,
+}
+
+/// A game of Towers of Hanoi with nested VMs: the tower built, the moves planned and
+/// played, and whether it ended solved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HanoiRecord {
+    /// Levels of nesting (VMs in the tower).
+    pub levels: u32,
+    /// The VMs, outermost first.
+    #[serde(default)]
+    pub vms: Vec<String>,
+    /// The pegs' agents' URLs.
+    #[serde(default)]
+    pub pegs: Vec<String>,
+    /// Moves that built the tower on the first peg (a VM booted on a host and migrated
+    /// into the VM that holds it).
+    #[serde(default)]
+    pub setup: Vec<HanoiMove>,
+    /// The planned moves, as played.
+    #[serde(default)]
+    pub moves: Vec<HanoiMove>,
+    /// Every VM on the last peg, nested, every move completed and verified.
+    #[serde(default)]
+    pub solved: bool,
+    /// Time from the hypervisor guest's start until its agent answered, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hyper_boot_ms: Option<u64>,
+}

@@ -82,8 +82,8 @@ prop_compose! {
 
 prop_compose! {
     fn tuning()(multifd_channels in opt(any::<u8>()), compression in opt(compression()), postcopy_preempt in opt(any::<bool>()),
-                recovery_budget_ms in opt(any::<u64>())) -> Tuning {
-        Tuning { multifd_channels, compression, postcopy_preempt, recovery_budget_ms }
+                recovery_budget_ms in opt(any::<u64>()), peer_timeout_ms in opt(any::<u64>())) -> Tuning {
+        Tuning { multifd_channels, compression, postcopy_preempt, recovery_budget_ms, peer_timeout_ms }
     }
 }
 
@@ -114,8 +114,9 @@ prop_compose! {
     fn incoming_request()(spec in vm_spec(), postcopy_ready in any::<bool>(), cpu_features in proptest::collection::vec(text(), 0..4),
                           listen_host in text(), postcopy_preempt in any::<bool>(), multifd_channels in any::<u8>(), compression in compression(),
                           storage in storage_mode(), disks in proptest::collection::vec(incoming_disk(), 0..3),
-                          marker in opt((text(), text()).prop_map(|(file_name, token)| StorageMarker { file_name, token }))) -> IncomingRequest {
-        IncomingRequest { spec, postcopy_ready, cpu_features, listen_host, postcopy_preempt, multifd_channels, compression, storage, disks, marker }
+                          marker in opt((text(), text()).prop_map(|(file_name, token)| StorageMarker { file_name, token })),
+                          lease_ms in opt(any::<u64>())) -> IncomingRequest {
+        IncomingRequest { spec, postcopy_ready, cpu_features, listen_host, postcopy_preempt, multifd_channels, compression, storage, disks, marker, lease_ms }
     }
 }
 

@@ -39,11 +39,13 @@ use std::path::{Path, PathBuf};
 mod cpio;
 mod debian;
 mod elf;
+mod hyper;
 mod lock;
 mod modules;
 mod rootfs;
 mod vmlinux;
 
+pub use hyper::{build_hyper, seed_disk, HyperImage, HYPER_AGENT_PORT, HYPER_BANNER, HYPER_INIT, HYPER_RESERVE_MIB, SEED_IDENTITY};
 pub use rootfs::ROOT_BANNER;
 pub use walkabout_guest::workload::{ParseWorkloadError, Workload};
 

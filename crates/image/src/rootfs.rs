@@ -44,7 +44,7 @@ pub(crate) fn path(cache_dir: &Path, busybox: &[u8]) -> PathBuf {
 }
 
 /// A program from e2fsprogs, which Debian installs in /sbin (not on a user's `PATH`).
-fn sbin(program: &str) -> String {
+pub(crate) fn sbin(program: &str) -> String {
     ["/usr/sbin", "/sbin"]
         .iter()
         .map(|d| Path::new(d).join(program))
@@ -53,7 +53,7 @@ fn sbin(program: &str) -> String {
 }
 
 /// Runs a command to completion, naming it and its stderr when it fails.
-fn run(program: &str, args: &[&str]) -> Result<(), ImageError> {
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), ImageError> {
     let command = std::iter::once(program).chain(args.iter().copied()).collect::<Vec<_>>().join(" ");
     let out = Command::new(program)
         .args(args)

@@ -58,6 +58,12 @@ pub trait Peer: Sync {
     /// Time since the destination (its agent and its QEMU) last answered a probe.
     fn since_alive(&self) -> Duration;
 
+    /// How long the destination may stay silent while memory moves before it is taken
+    /// for gone ([`PEER_TIMEOUT`] unless the migration asked for more: a nested agent).
+    fn patience(&self) -> Duration {
+        PEER_TIMEOUT
+    }
+
     /// The destination answered that it no longer has the VM (why), if it did: a
     /// paused post-copy then has nothing to resume.
     fn lost(&self) -> Option<String> {
@@ -409,7 +415,7 @@ pub async fn run(
                 cancel_reason = Some(CANCELLED_BY_REQUEST.into());
                 request_cancel(qmp).await?;
                 report(&progress, None);
-            } else if silent <= GATE_FRESHNESS {
+            } else if silent <= GATE_FRESHNESS.max(peer.patience() * 2 / 3) {
                 // Reported first: from the switchover on, the agent refuses cancels.
                 progress.phase = Some(Phase::Switchover);
                 report(&progress, None);
@@ -427,7 +433,7 @@ pub async fn run(
             continue;
         }
         let silent = peer.since_alive();
-        if silent > PEER_TIMEOUT {
+        if silent > peer.patience() {
             cancel_reason = Some(format!("the destination stopped answering ({} ms)", silent.as_millis()));
             request_cancel(qmp).await?;
             report(&progress, None);

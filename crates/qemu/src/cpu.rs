@@ -8,6 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// How long the probe's QEMU may take to start and to answer each query: seconds on a
+/// host, tens of seconds for an agent inside a TCG guest (nested VMs).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub use walkabout_api::CpuCatalog;
 
 /// Asks a throwaway QEMU (`-machine none`, as libvirt probes) for its CPU catalog under
@@ -39,9 +43,9 @@ pub async fn catalog(binary: &str, accel: Accel, ceiling: &str, work_dir: &Path)
     let mut child = cmd.spawn().map_err(|e| QemuError::io(format!("running {binary} to probe CPU models"), e))?;
     let start = Instant::now();
     let qmp = loop {
-        match Qmp::connect(&sock, Duration::from_secs(5)).await {
+        match Qmp::connect(&sock, PROBE_TIMEOUT).await {
             Ok(q) => break q,
-            Err(e) if start.elapsed() > Duration::from_secs(20) => return Err(e.into()),
+            Err(e) if start.elapsed() > PROBE_TIMEOUT => return Err(e.into()),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };

@@ -38,6 +38,8 @@ use walkabout_api::{ClientError, GuestStatus, VmSpec};
 use walkabout_migrate::run::{Peer, CANCELLED_BY_REQUEST};
 use walkabout_migrate::{HostFacts, MigrationQmp, Outcome, Phase, Policy, Progress, Switch};
 
+/// How long the destination may take to prepare (start its QEMU), by default.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the source probes the destination during a migration.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How long the source measures the guest's dirty rate before choosing a strategy.
@@ -48,10 +50,12 @@ const MIRROR_POLL: Duration = Duration::from_millis(100);
 /// The destination agent, as the source's driver uses it.
 pub(crate) trait PeerAgent: Send + Sync {
     /// `POST /v1/incoming`: start a QEMU waiting for the stream; where to send it.
-    fn prepare_incoming(&self, req: &IncomingRequest) -> impl Future<Output = Result<IncomingReply, ClientError>> + Send;
+    /// `timeout`: how long the destination may take to answer (it starts a QEMU).
+    fn prepare_incoming(&self, req: &IncomingRequest, timeout: Duration)
+        -> impl Future<Output = Result<IncomingReply, ClientError>> + Send;
     /// `GET /v1/incoming/{vm}` with a short timeout: the liveness probe, which also
     /// renews the destination's lease.
-    fn probe(&self, vm: &str) -> impl Future<Output = Result<(), ClientError>> + Send;
+    fn probe(&self, vm: &str, timeout: Duration) -> impl Future<Output = Result<(), ClientError>> + Send;
     /// `POST /v1/incoming/{vm}/commit`: the VM runs there now, with the source's last
     /// guest status.
     fn commit_incoming(&self, vm: &str, guest: Option<GuestStatus>) -> impl Future<Output = Result<(), ClientError>> + Send;
@@ -150,11 +154,17 @@ struct Link<'a, P> {
     peer: &'a P,
     vm: &'a str,
     listen_host: &'a str,
+    /// The migration's `peer_timeout_ms`, or [`walkabout_migrate::run::PEER_TIMEOUT`].
+    patience: Duration,
 }
 
 impl<P: PeerAgent> Peer for Link<'_, P> {
     fn since_alive(&self) -> Duration {
         self.alive.since()
+    }
+
+    fn patience(&self) -> Duration {
+        self.patience
     }
 
     fn lost(&self) -> Option<String> {
@@ -267,8 +277,12 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             storage: asked,
             disks: offer.as_ref().map(|o| o.disks.clone()).unwrap_or_default(),
             marker: offer.as_ref().and_then(|o| o.marker.clone()),
+            // A source slow to answer is slow to probe: the lease lasts twice its patience.
+            lease_ms: rec.tuning.peer_timeout_ms.map(|p| p.saturating_mul(2)),
         };
-        let prepared = self.peer.prepare_incoming(&incoming).await;
+        // 30 s, or more for a migration that said its destination is slow (a nested agent).
+        let patience = rec.tuning.peer_timeout_ms.map_or(Duration::ZERO, Duration::from_millis);
+        let prepared = self.peer.prepare_incoming(&incoming, (patience * 6).max(PREPARE_TIMEOUT)).await;
         if let Some(o) = &offer {
             o.remove_markers();
         }
@@ -402,10 +416,13 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
                 }
             })
         };
-        let link = Link { alive, peer: &self.peer, vm: &rec.vm, listen_host };
+        let patience = rec.tuning.peer_timeout_ms.map_or(walkabout_migrate::run::PEER_TIMEOUT, Duration::from_millis);
+        let link = Link { alive, peer: &self.peer, vm: &rec.vm, listen_host, patience };
+        // A probe may take two thirds of the patience (1 s by default).
+        let probe_timeout = (patience * 2 / 3).max(Duration::from_secs(1));
         let probing = async {
             loop {
-                match self.peer.probe(&rec.vm).await {
+                match self.peer.probe(&rec.vm, probe_timeout).await {
                     Ok(()) => alive.answered(),
                     // The destination's agent answers that the VM is not (or no longer)
                     // incoming there: it holds nothing of it.
@@ -447,7 +464,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
                 return Err(Ended { phase: Phase::Cancelled, reason: CANCELLED_BY_REQUEST.into(), past_switchover: false });
             }
             let silent = alive.since();
-            if silent > walkabout_migrate::run::PEER_TIMEOUT {
+            if silent > rec.tuning.peer_timeout_ms.map_or(walkabout_migrate::run::PEER_TIMEOUT, Duration::from_millis) {
                 return Err(fail(format!(
                     "cannot copy the disks of {}: the destination stopped answering ({} ms)",
                     rec.vm,

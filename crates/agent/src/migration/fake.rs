@@ -341,7 +341,7 @@ impl FakePeer {
 }
 
 impl PeerAgent for FakePeer {
-    async fn prepare_incoming(&self, req: &IncomingRequest) -> Result<IncomingReply, ClientError> {
+    async fn prepare_incoming(&self, req: &IncomingRequest, _timeout: std::time::Duration) -> Result<IncomingReply, ClientError> {
         self.call(Call::Prepare)?;
         let mut s = self.state();
         s.prepared = Some(req.clone());
@@ -354,7 +354,7 @@ impl PeerAgent for FakePeer {
         Ok(IncomingReply { uri: "tcp:127.0.0.1:4444".into(), storage, nbd, tls: s.tls })
     }
 
-    async fn probe(&self, _vm: &str) -> Result<(), ClientError> {
+    async fn probe(&self, _vm: &str, _timeout: std::time::Duration) -> Result<(), ClientError> {
         self.call(Call::Probe)?;
         let forgot = {
             let s = self.state();

@@ -633,6 +633,7 @@ mod tests {
             storage,
             disks,
             marker,
+            lease_ms: None,
         }
     }
 

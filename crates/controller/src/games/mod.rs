@@ -18,6 +18,7 @@
 //! `walkabout up`), else the address the game was requested at (the request's `Host`).
 
 mod chairs;
+pub mod hanoi;
 pub mod scotland;
 mod walk;
 pub mod will;

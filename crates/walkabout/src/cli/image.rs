@@ -22,6 +22,10 @@ pub struct ImageArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// Also build the hypervisor guest's root disk (`hyper`: this walkabout and the
+    /// host's QEMU inside, for nested VMs; see docs/nesting.md). With `build` only.
+    #[arg(long)]
+    hyper: bool,
 }
 
 /// `walkabout image ...`
@@ -40,10 +44,13 @@ struct Report<'a> {
     #[serde(flatten)]
     image: &'a GuestImage,
     cmdline: String,
+    /// The hypervisor guest's root disk, with `--hyper`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hyper: Option<PathBuf>,
 }
 
-fn print(image: &GuestImage, args: &ImageArgs) -> anyhow::Result<()> {
-    let report = Report { image, cmdline: walkabout_image::cmdline(&args.workload) };
+fn print(image: &GuestImage, hyper: Option<PathBuf>, args: &ImageArgs) -> anyhow::Result<()> {
+    let report = Report { image, cmdline: walkabout_image::cmdline(&args.workload), hyper };
     match args.output {
         Output::Json => print_json(&report),
         Output::Text => {
@@ -51,6 +58,9 @@ fn print(image: &GuestImage, args: &ImageArgs) -> anyhow::Result<()> {
             println!("initrd  {}", image.initrd.display());
             println!("rootfs  {} (qcow2, ext4; boot it with root=/dev/vda, or `vm create --disk image:guest`)", image.rootfs.display());
             println!("cmdline {}", report.cmdline);
+            if let Some(h) = &report.hyper {
+                println!("hyper   {} (qcow2, ext4: an agent and QEMU inside; with a seed disk on /dev/vdb)", h.display());
+            }
             Ok(())
         }
     }
@@ -62,7 +72,15 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         ImageCommand::Build(args) => {
             let dir = args.cache_dir.clone().unwrap_or_else(walkabout_image::default_cache_dir);
             let image = walkabout_image::build(&dir).with_context(|| format!("building the guest image in {}", dir.display()))?;
-            print(&image, &args)?;
+            let hyper = if args.hyper {
+                let exe = std::env::current_exe().context("finding this walkabout binary")?;
+                let h = walkabout_image::build_hyper(&dir, &exe, "qemu-system-x86_64")
+                    .with_context(|| format!("building the hypervisor guest's image in {}", dir.display()))?;
+                Some(h.rootfs)
+            } else {
+                None
+            };
+            print(&image, hyper, &args)?;
             Ok(ExitCode::SUCCESS)
         }
         ImageCommand::Path(args) => {
@@ -70,7 +88,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
             let cached = walkabout_image::cached(&dir).with_context(|| format!("reading the image cache {}", dir.display()))?;
             let image =
                 cached.with_context(|| format!("no guest image for this walkabout in {}; run `walkabout image build`", dir.display()))?;
-            print(&image, &args)?;
+            print(&image, None, &args)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -107,6 +107,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         compression,
         postcopy_preempt: a.postcopy_preempt,
         recovery_budget_ms: a.recovery_budget,
+        peer_timeout_ms: None,
     };
     let storage = a.storage.parse::<StorageMode>().map_err(anyhow::Error::msg)?;
     runtime()?.block_on(async move {

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod cpu;
 pub mod demo;
 pub mod failover;
+pub mod hanoi;
 pub mod host;
 pub mod image;
 pub mod migrate;

@@ -38,6 +38,10 @@ pub enum GameCommand {
     /// Moves one of your detectives in a game of Scotland Yard (played when the
     /// detectives' turn comes).
     Move(MoveArgs),
+    /// Towers of Hanoi with nested VMs: a hypervisor guest holding a guest, moved from
+    /// the first peg (host) to the last one VM at a time, each move a live migration
+    /// into or out of the nested hypervisor; reports every move's downtime.
+    Hanoi(super::hanoi::HanoiArgs),
 }
 
 /// Arguments of `walkabout game scotland-yard`.
@@ -132,6 +136,7 @@ pub fn run_game(cmd: GameCommand) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(play(a.ctl, Game::MusicalChairs, opts))
         }
         GameCommand::ScotlandYard(a) => runtime()?.block_on(scotland_yard(a)),
+        GameCommand::Hanoi(a) => super::hanoi::run(a),
         GameCommand::Move(a) => runtime()?.block_on(async move {
             let ctl = super::client::controller(&a.ctl.controller)?;
             let w = ctl.game_move(&a.game, &walkabout_api::PlayerMove { detective: a.detective, to: a.to, link: a.link }).await?;
