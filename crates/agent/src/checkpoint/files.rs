@@ -17,21 +17,35 @@ pub const DELTA_CHUNK: usize = 64 * 1024;
 /// Largest frame a sender makes (and a receiver accepts).
 const MAX_FRAME: usize = 4 << 20;
 
+/// Runs heavy synchronous file work (hashing, encoding, sparse copies) without stalling
+/// the agent's other requests: on a multi-threaded runtime the worker first hands its
+/// other tasks to the rest of the pool (tokio's `block_in_place`); elsewhere (a
+/// single-threaded test runtime, no runtime) it simply runs. Without it a checkpoint of a
+/// big guest kept the agent from answering its controller, which then fenced it.
+pub fn heavy<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// The SHA-256 of a whole file, hex, and its length.
 pub fn sha256(path: &Path) -> std::io::Result<(String, u64)> {
-    let mut f = File::open(path)?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
+    heavy(|| {
+        let mut f = File::open(path)?;
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut len = 0u64;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            ctx.update(&buf[..n]);
+            len += n as u64;
         }
-        ctx.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok((hex(ctx.finish().as_ref()), len))
+        Ok((hex(ctx.finish().as_ref()), len))
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -80,23 +94,25 @@ fn frame(out: &mut Vec<u8>, offset: u64, data: &[u8]) {
 
 /// A sparse file as extents: only its data travels.
 pub fn encode_extents(path: &Path) -> std::io::Result<Vec<u8>> {
-    let f = File::open(path)?;
-    let size = f.metadata()?.len();
-    let mut out = vec![];
-    let mut buf = vec![0u8; MAX_FRAME];
-    for (mut off, mut len) in data_extents(&f)? {
-        while len > 0 {
-            let n = usize::try_from(len).unwrap_or(MAX_FRAME).min(MAX_FRAME);
-            f.read_exact_at(&mut buf[..n], off)?;
-            // Data extents of a file system may still hold zeros (preallocated): skip
-            // whole zero pages, the receiver's file is sparse there.
-            push_nonzero(&mut out, off, &buf[..n]);
-            off += n as u64;
-            len -= n as u64;
+    heavy(|| {
+        let f = File::open(path)?;
+        let size = f.metadata()?.len();
+        let mut out = vec![];
+        let mut buf = vec![0u8; MAX_FRAME];
+        for (mut off, mut len) in data_extents(&f)? {
+            while len > 0 {
+                let n = usize::try_from(len).unwrap_or(MAX_FRAME).min(MAX_FRAME);
+                f.read_exact_at(&mut buf[..n], off)?;
+                // Data extents of a file system may still hold zeros (preallocated): skip
+                // whole zero pages, the receiver's file is sparse there.
+                push_nonzero(&mut out, off, &buf[..n]);
+                off += n as u64;
+                len -= n as u64;
+            }
         }
-    }
-    frame(&mut out, size, &[]);
-    Ok(out)
+        frame(&mut out, size, &[]);
+        Ok(out)
+    })
 }
 
 /// A page of zeros, to compare pages against.
@@ -128,23 +144,25 @@ fn push_nonzero(out: &mut Vec<u8>, off: u64, data: &[u8]) {
 
 /// The SHA-256 of each [`DELTA_CHUNK`] of a file (a chunk past the end hashes as empty).
 pub fn chunk_hashes(path: &Path) -> std::io::Result<Vec<[u8; 32]>> {
-    let mut f = File::open(path)?;
-    let mut out = vec![];
-    let mut buf = vec![0u8; DELTA_CHUNK];
-    loop {
-        let n = read_full(&mut f, &mut buf)?;
-        if n == 0 {
-            break;
+    heavy(|| {
+        let mut f = File::open(path)?;
+        let mut out = vec![];
+        let mut buf = vec![0u8; DELTA_CHUNK];
+        loop {
+            let n = read_full(&mut f, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            let d = ring::digest::digest(&ring::digest::SHA256, &buf[..n]);
+            let mut h = [0u8; 32];
+            h.copy_from_slice(d.as_ref());
+            out.push(h);
+            if n < DELTA_CHUNK {
+                break;
+            }
         }
-        let d = ring::digest::digest(&ring::digest::SHA256, &buf[..n]);
-        let mut h = [0u8; 32];
-        h.copy_from_slice(d.as_ref());
-        out.push(h);
-        if n < DELTA_CHUNK {
-            break;
-        }
-    }
-    Ok(out)
+        Ok(out)
+    })
 }
 
 fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -162,27 +180,29 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// `path` as a delta against a file whose chunk hashes are `base`: every chunk that
 /// differs is sent whole (zeros too: the receiver starts from a copy of the base).
 pub fn encode_delta(path: &Path, base: &[[u8; 32]]) -> std::io::Result<Vec<u8>> {
-    let mut f = File::open(path)?;
-    let size = f.metadata()?.len();
-    let mut out = vec![];
-    let mut buf = vec![0u8; DELTA_CHUNK];
-    let mut idx = 0usize;
-    loop {
-        let n = read_full(&mut f, &mut buf)?;
-        if n == 0 {
-            break;
+    heavy(|| {
+        let mut f = File::open(path)?;
+        let size = f.metadata()?.len();
+        let mut out = vec![];
+        let mut buf = vec![0u8; DELTA_CHUNK];
+        let mut idx = 0usize;
+        loop {
+            let n = read_full(&mut f, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            let d = ring::digest::digest(&ring::digest::SHA256, &buf[..n]);
+            if base.get(idx).map(|h| h.as_slice()) != Some(d.as_ref()) {
+                frame(&mut out, (idx * DELTA_CHUNK) as u64, &buf[..n]);
+            }
+            idx += 1;
+            if n < DELTA_CHUNK {
+                break;
+            }
         }
-        let d = ring::digest::digest(&ring::digest::SHA256, &buf[..n]);
-        if base.get(idx).map(|h| h.as_slice()) != Some(d.as_ref()) {
-            frame(&mut out, (idx * DELTA_CHUNK) as u64, &buf[..n]);
-        }
-        idx += 1;
-        if n < DELTA_CHUNK {
-            break;
-        }
-    }
-    frame(&mut out, size, &[]);
-    Ok(out)
+        frame(&mut out, size, &[]);
+        Ok(out)
+    })
 }
 
 /// Writes frames read from `body` into `f` (already holding the base for a delta, or
@@ -213,22 +233,24 @@ pub fn apply_frames(f: &File, body: &mut impl Read) -> std::io::Result<u64> {
 
 /// Copies `from` to `to`, keeping holes (a delta's starting point).
 pub fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
-    let src = File::open(from)?;
-    let mut dst = File::create(to)?;
-    let size = src.metadata()?.len();
-    let mut buf = vec![0u8; MAX_FRAME];
-    for (mut off, mut len) in data_extents(&src)? {
-        while len > 0 {
-            let n = usize::try_from(len).unwrap_or(MAX_FRAME).min(MAX_FRAME);
-            src.read_exact_at(&mut buf[..n], off)?;
-            dst.seek(SeekFrom::Start(off))?;
-            dst.write_all(&buf[..n])?;
-            off += n as u64;
-            len -= n as u64;
+    heavy(|| {
+        let src = File::open(from)?;
+        let mut dst = File::create(to)?;
+        let size = src.metadata()?.len();
+        let mut buf = vec![0u8; MAX_FRAME];
+        for (mut off, mut len) in data_extents(&src)? {
+            while len > 0 {
+                let n = usize::try_from(len).unwrap_or(MAX_FRAME).min(MAX_FRAME);
+                src.read_exact_at(&mut buf[..n], off)?;
+                dst.seek(SeekFrom::Start(off))?;
+                dst.write_all(&buf[..n])?;
+                off += n as u64;
+                len -= n as u64;
+            }
         }
-    }
-    dst.set_len(size)?;
-    Ok(())
+        dst.set_len(size)?;
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -121,7 +121,7 @@ impl Agent {
         drop(f);
         let decoded = match upload.encoding {
             Encoding::Whole => std::fs::rename(&raw, &part).map_err(io_err(&part)),
-            Encoding::Extents => decode(&dir, &raw, &part, upload.base.as_deref(), vm, name),
+            Encoding::Extents => files::heavy(|| decode(&dir, &raw, &part, upload.base.as_deref(), vm, name)),
         };
         if let Err(e) = decoded {
             cleanup();
