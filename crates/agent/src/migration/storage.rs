@@ -149,7 +149,8 @@ pub(crate) async fn offer(qmp: &impl MigrationQmp, spec: &VmSpec, mode: StorageM
         let path = d.path.clone().ok_or(StorageError::Incomplete { vm: spec.name.clone(), index: i, what: "path" })?;
         let format = d.format.ok_or(StorageError::Incomplete { vm: spec.name.clone(), index: i, what: "format" })?;
         let node_name = walkabout_api::DiskSpec::node_name(i);
-        let node = nodes.as_array().and_then(|a| a.iter().find(|n| n["node-name"] == node_name.as_str())).cloned().unwrap_or_default();
+        let top = top_node(qmp, &node_name).await;
+        let node = nodes.as_array().and_then(|a| a.iter().find(|n| n["node-name"] == top.as_str())).cloned().unwrap_or_default();
         let virtual_size = node["image"]["virtual-size"].as_u64().unwrap_or(0);
         let backing_file = node["image"]["full-backing-filename"].as_str().or(node["backing_file"].as_str()).map(PathBuf::from);
         let backing_format = node["image"]["backing-filename-format"].as_str().and_then(|f| f.parse::<DiskFormat>().ok());
@@ -193,6 +194,22 @@ pub(crate) struct Mirrors {
     jobs: Vec<(String, String)>,
 }
 
+/// The node QEMU's device for disk `node` (`diskN`) writes to now: `diskN` itself, or the
+/// overlay a checkpoint put on top of it (`diskN-cK`). A mirror and the offer's sizes
+/// must start from it: the layers below it are frozen and miss the guest's new writes.
+pub(crate) async fn top_node(qmp: &impl MigrationQmp, node: &str) -> String {
+    let dev = format!("{node}-dev");
+    let blocks = qmp.execute("query-block", None).await.unwrap_or_default();
+    blocks
+        .as_array()
+        .and_then(|list| {
+            list.iter()
+                .find(|b| b["qdev"].as_str().is_some_and(|q| q.split('/').any(|p| p == dev)))
+                .and_then(|b| b["inserted"]["node-name"].as_str().map(String::from))
+        })
+        .unwrap_or_else(|| node.to_string())
+}
+
 fn job_id(node: &str) -> String {
     format!("mirror-{node}")
 }
@@ -226,8 +243,9 @@ impl Mirrors {
         let server = json!({"type": "inet", "host": nbd.host, "port": nbd.port.to_string()});
         let node = json!({"driver": "nbd", "node-name": nbd_node(&e.node_name), "server": server, "export": e.export});
         qmp_do(qmp, "blockdev-add", super::tls::merge(node, super::tls::nbd_client_args(tls, &nbd.host))).await?;
+        let device = top_node(qmp, &e.node_name).await;
         let args = json!({
-            "job-id": job_id(&e.node_name), "device": e.node_name, "target": nbd_node(&e.node_name),
+            "job-id": job_id(&e.node_name), "device": device, "target": nbd_node(&e.node_name),
             "sync": e.sync.as_str(), "copy-mode": "write-blocking", "auto-dismiss": true,
         });
         qmp_do(qmp, "blockdev-mirror", args).await.map(drop)
