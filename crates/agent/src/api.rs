@@ -60,6 +60,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/vms/{name}/pause", post(pause))
         .route("/v1/vms/{name}/resume", post(resume))
         .route("/v1/vms/{name}/stop", post(stop))
+        .route("/v1/vms/{name}/start", post(start))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/migrations", get(migrations).post(migrate))
         .route("/v1/migrations/{id}", get(migration))
@@ -198,6 +199,10 @@ async fn stop(State(a): State<Agent>, Path(name): Path<String>) -> Response {
     reply(a.stop(&name).await)
 }
 
+async fn start(State(a): State<Agent>, Path(name): Path<String>) -> Response {
+    reply(a.start_vm(&name).await)
+}
+
 #[derive(Deserialize)]
 struct ConsoleQuery {
     #[serde(default)]
@@ -321,6 +326,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/vms/{name}/pause"),
     ("POST", "/v1/vms/{name}/resume"),
     ("POST", "/v1/vms/{name}/stop"),
+    ("POST", "/v1/vms/{name}/start"),
     ("GET", "/v1/vms/{name}/console"),
     ("GET", "/v1/migrations"),
     ("POST", "/v1/migrations"),
