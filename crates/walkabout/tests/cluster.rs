@@ -199,8 +199,13 @@ fn walkabout_up_walks_four_guests_and_leaves_no_process_behind_after_ctrl_c() {
     assert!(status.success(), "{status}: {seen:#?}");
     assert_eq!(seen.iter().filter(|l| l.starts_with("booted g")).count(), 4, "{seen:#?}");
     assert!(seen.iter().any(|l| l.contains("/metrics")), "{seen:#?}");
+    // Disk-backed guests: each hop moved their disks (hosts on one machine share the
+    // image files: `auto` is shared) and their data disks verified clean.
+    assert!(seen.iter().any(|l| l.starts_with("booted g") && l.contains("root disk image:guest")), "{seen:#?}");
     assert!(
-        seen.iter().filter(|l| l.starts_with("hop ")).all(|l| l.contains("completed") && l.contains("0 breaks, 0 corrupt")),
+        seen.iter().filter(|l| l.starts_with("hop ")).all(|l| l.contains("completed")
+            && l.contains("storage shared, disk 0 MiB")
+            && l.contains("0 breaks, 0 corrupt pages, 0 corrupt blocks")),
         "{seen:#?}"
     );
     assert_eq!(up.leftovers(), Vec::<i64>::new(), "processes left behind");
@@ -209,10 +214,11 @@ fn walkabout_up_walks_four_guests_and_leaves_no_process_behind_after_ctrl_c() {
 
 /// `walkabout up` with four 256 MiB guests on three hosts of 1 GiB, walking; returns
 /// once the walk has made its first hop, with the controller's URL and each host's agent
-/// URL (as `up` printed them).
+/// URL (as `up` printed them). The guests are diskless: these tests are about the
+/// controller's plans, and kernel-and-initramfs guests boot fastest.
 fn up_walking() -> (UpSession, String, BTreeMap<String, String>) {
     common::guest_image();
-    let args = ["--accel", "tcg", "--memory", "256M", "--capacity", "1G", "--workload", "dirty:16:4", "--pause", "1s"];
+    let args = ["--accel", "tcg", "--memory", "256M", "--capacity", "1G", "--workload", "dirty:16:4", "--pause", "1s", "--diskless"];
     let up = UpSession::start(common::bin().as_ref(), 3, &args, None).expect("start walkabout up");
     let start = Instant::now();
     let mut seen = vec![];

@@ -2,7 +2,8 @@
 //!
 //! - `shared`: both hosts open the same image path. Before anything starts, the source
 //!   writes a marker file with a random token beside every image and the destination
-//!   must read the same token back through its own path; otherwise `shared` is refused
+//!   must read the same token back through its own path, and open the image's whole
+//!   backing chain (`qemu-img info -U --backing-chain`); otherwise `shared` is refused
 //!   (and `auto` falls back to `copy`). The incoming QEMU opens the image inactive and
 //!   QEMU hands it over at the switchover.
 //! - `copy`: the destination creates its own image (same format and virtual size, in
@@ -440,10 +441,19 @@ pub(crate) async fn plan(req: &IncomingRequest, storage_dir: &Path, bases: &[Pat
     if req.disks.is_empty() {
         return Ok(plan);
     }
-    let seen = match &req.marker {
+    let mut seen = match &req.marker {
         Some(m) => req.disks.iter().try_for_each(|d| sees_marker(d, m).map_err(|e| (d.path.clone(), e))),
         None => Err((req.disks[0].path.clone(), "the source wrote no marker".into())),
     };
+    // The same file is not enough: QEMU opens its backing chain here too.
+    if seen.is_ok() && req.storage != StorageMode::Copy {
+        for d in &req.disks {
+            if let Err(e) = img.chain_in_use(&d.path, Some(d.format)).await {
+                seen = Err((d.path.clone(), format!("its backing chain cannot be opened here: {e}")));
+                break;
+            }
+        }
+    }
     let mode = match (req.storage, seen) {
         (StorageMode::Copy, _) => StorageMode::Copy,
         (_, Ok(())) => StorageMode::Shared,
