@@ -197,6 +197,10 @@ fn walkabout_up_walks_four_guests_and_leaves_no_process_behind_after_ctrl_c() {
     }
 
     assert!(status.success(), "{status}: {seen:#?}");
+    assert!(
+        seen[0].starts_with("web console") && seen[0].contains("/login?token="),
+        "the console's URL with a login token first: {seen:#?}"
+    );
     assert_eq!(seen.iter().filter(|l| l.starts_with("booted g")).count(), 4, "{seen:#?}");
     assert!(seen.iter().any(|l| l.contains("/metrics")), "{seen:#?}");
     // Disk-backed guests: each hop moved their disks (hosts on one machine share the

@@ -255,10 +255,13 @@ async fn show(
     }
     let hosts: Vec<String> = cluster.hosts().into_iter().map(|h| h.name).collect();
     let (workload, disks) = guest_disks(a)?;
+    // All guests boot at once (each host's QEMUs share its CPUs; a busy machine gives
+    // each process its share), then each is awaited in order.
+    let start = Instant::now();
+    let mut booting = vec![];
     for g in 0..a.guests {
         let name = format!("g{}", g + 1);
         let host = hosts.get(g % hosts.len().max(1)).cloned();
-        let start = Instant::now();
         let address = net.map(|n| n.guest_address(u8::try_from(11 + g).unwrap_or(240).min(240)));
         let nics: Vec<_> = net
             .map(|n| walkabout_api::NicSpec { address: address.clone(), ..walkabout_api::NicSpec::on(n.bridge()) })
@@ -271,6 +274,9 @@ async fn show(
             ..walkabout_api::VmSpec::new(&name, memory_mib)
         };
         cluster.create_vm(spec, host.as_deref()).await?;
+        booting.push((name, host, address));
+    }
+    for (name, host, address) in booting {
         loop {
             let vm = cluster.vm(&name)?;
             if vm.guest.ready {
