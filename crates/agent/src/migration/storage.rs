@@ -664,7 +664,7 @@ mod tests {
     async fn a_marker_read_back_means_shared_and_the_spec_is_kept() {
         let d = scratch("shared");
         let disk = d.join("a.qcow2");
-        std::fs::write(&disk, b"x").expect("disk");
+        QemuImg::default().create(&disk, DiskFormat::Qcow2, Some(8 << 20), None).await.expect("disk");
         let marker = StorageMarker { file_name: ".walkabout-marker-t".into(), token: "abc".into() };
         std::fs::write(d.join(&marker.file_name), "abc").expect("marker");
 
@@ -674,6 +674,27 @@ mod tests {
         assert_eq!(p.spec.disks[0].path.as_deref(), Some(disk.as_path()));
         assert!(p.created.is_empty());
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn shared_is_refused_when_the_backing_file_is_missing_here() {
+        let d = scratch("backing");
+        let img = QemuImg::default();
+        let (base, disk) = (d.join("base.qcow2"), d.join("top.qcow2"));
+        img.create(&base, DiskFormat::Qcow2, Some(8 << 20), None).await.expect("base");
+        img.create(&disk, DiskFormat::Qcow2, Some(8 << 20), Some((&base, DiskFormat::Qcow2))).await.expect("top");
+        std::fs::remove_file(&base).expect("rm base");
+        let marker = StorageMarker { file_name: ".walkabout-marker-t".into(), token: "abc".into() };
+        std::fs::write(d.join(&marker.file_name), "abc").expect("marker");
+
+        let shared = plan(&request(&disk, StorageMode::Shared, Some(marker)), &d.join("storage"), &[], &img).await;
+
+        let _ = std::fs::remove_dir_all(&d);
+        assert!(
+            matches!(&shared, Err(StorageError::NotShared { detail, .. }) if detail.contains("backing chain") && detail.contains("base.qcow2")),
+            "{:?}",
+            shared.err()
+        );
     }
 
     #[tokio::test]
