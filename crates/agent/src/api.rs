@@ -75,6 +75,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/vms/{name}/pause", post(pause))
         .route("/v1/vms/{name}/resume", post(resume))
         .route("/v1/vms/{name}/stop", post(stop))
+        .route("/v1/vms/{name}/start", post(start))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/will", get(will_requests))
         .route("/v1/vms/{name}/will/answer", post(will_answer))
@@ -225,6 +226,10 @@ async fn resume(State(a): State<Agent>, Path(name): Path<String>) -> Response {
 
 async fn stop(State(a): State<Agent>, Path(name): Path<String>) -> Response {
     reply(a.stop(&name).await)
+}
+
+async fn start(State(a): State<Agent>, Path(name): Path<String>) -> Response {
+    reply(a.start_vm(&name).await)
 }
 
 #[derive(Deserialize)]
@@ -457,6 +462,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/vms/{name}/pause"),
     ("POST", "/v1/vms/{name}/resume"),
     ("POST", "/v1/vms/{name}/stop"),
+    ("POST", "/v1/vms/{name}/start"),
     ("GET", "/v1/vms/{name}/console"),
     ("GET", "/v1/will"),
     ("POST", "/v1/vms/{name}/will/answer"),

@@ -78,7 +78,7 @@ impl Agent {
         c.storage_dir.clone().unwrap_or_else(|| c.data_dir.join("images"))
     }
 
-    fn qemu_img(&self) -> QemuImg {
+    pub(crate) fn qemu_img(&self) -> QemuImg {
         QemuImg::beside(&self.inner.config.qemu_binary)
     }
 

@@ -724,6 +724,55 @@ impl Agent {
         Ok(self.info_of(&vm))
     }
 
+    /// Starts a stopped VM again from its record: the same disks (each checked again
+    /// first, as at create), NICs (MACs kept) and memory, a fresh boot of the guest.
+    /// Refused when the VM is not stopped, when its memory no longer fits the host, or
+    /// when a disk is gone or broken; nothing starts then.
+    pub async fn start_vm(&self, name: &str) -> Result<VmInfo, AgentError> {
+        let vm = self.vm(name)?;
+        let mut vm = vm.lock().await;
+        if vm.record.state != VmState::Stopped {
+            return Err(AgentError::InvalidState { vm: name.into(), op: "start", state: vm.record.state });
+        }
+        for (i, d) in vm.record.spec.disks.iter().enumerate() {
+            let (Some(path), Some(format)) = (&d.path, d.format) else { continue };
+            let bad = |e: walkabout_qemu::img::ImageError| AgentError::InvalidSpec { vm: name.into(), reason: format!("disk {i}: {e}") };
+            self.qemu_img().chain(path, Some(format)).await.map_err(bad)?;
+            self.qemu_img().check(path, format).await.map_err(bad)?;
+        }
+        self.claim_memory(name, vm.record.spec.memory_mib)?;
+        // A new boot: the guest's counters start again (its disk workload re-reads
+        // what it wrote before the stop).
+        vm.record.guest_before = None;
+        if let Err(e) = self.boot(&mut vm, false).await {
+            self.set_active(name, None);
+            vm.record.reason = Some(format!("start failed: {e}"));
+            let _ = self.inner.store.put(&vm.record);
+            return Err(e);
+        }
+        self.inner.store.put(&vm.record)?;
+        tracing::info!(vm = %name, pid = ?vm.record.pid, "VM started again");
+        Ok(self.info_of(&vm))
+    }
+
+    /// Counts `mib` of memory for VM `name` if the host still has it free.
+    fn claim_memory(&self, name: &str, mib: u64) -> Result<(), AgentError> {
+        let mut t = lock(&self.inner.table);
+        let used: u64 = t.active_mib.iter().filter(|(n, _)| n.as_str() != name).map(|(_, m)| m).sum();
+        let free = self.inner.capacity_mib.saturating_sub(used);
+        if mib > free {
+            return Err(AgentError::InsufficientMemory {
+                vm: name.into(),
+                need_mib: mib,
+                free_mib: free,
+                capacity_mib: self.inner.capacity_mib,
+                used_mib: used,
+            });
+        }
+        t.active_mib.insert(name.to_string(), mib);
+        Ok(())
+    }
+
     pub(crate) async fn halt(&self, vm: &mut Vm, reason: &str) -> Result<(), AgentError> {
         let name = vm.record.spec.name.clone();
         vm.record.state = VmState::Stopped;

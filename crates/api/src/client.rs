@@ -774,6 +774,30 @@ impl ControllerClient {
     }
 }
 
+/// Starting a stopped VM again (issue 9).
+impl AgentClient {
+    /// `POST /v1/vms/{name}/start`: starts a stopped VM again from its record.
+    pub async fn start_vm(&self, name: &str) -> Result<VmInfo, ClientError> {
+        self.http.post(&format!("/v1/vms/{}/start", seg(name)), None::<&()>).await
+    }
+}
+
+/// The recent events, for a view that starts with some history (issue 12).
+impl ControllerClient {
+    /// `GET /v1/events?tail=N`: the last `n` events (at most 1000), oldest first.
+    pub async fn recent_events(&self, n: u64) -> Result<Vec<Event>, ClientError> {
+        self.http.get(&format!("/v1/events?tail={n}")).await
+    }
+}
+
+/// The web console's logins (issue 12).
+impl ControllerClient {
+    /// `POST /v1/console/logins`: a console URL with a one-time login token.
+    pub async fn console_login(&self, req: &crate::console::ConsoleLoginRequest) -> Result<crate::console::ConsoleLogin, ClientError> {
+        self.http.post("/v1/console/logins", Some(req)).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,7 @@ macro_rules! spelled {
 pub mod checkpoint;
 pub mod client;
 pub mod cluster;
+pub mod console;
 pub mod disk;
 pub mod error;
 pub mod event;
@@ -71,6 +72,7 @@ pub use cluster::{
     AddHost, BalanceConfig, BalanceLevel, BalanceMove, BalanceStatus, ClusterMigration, ClusterSummary, ClusterVm, ClusterVmState,
     CreateVm, ExecLimits, GroupRule, Host, HostStatus, Maintenance, MoveVm, VmGroup,
 };
+pub use console::{ConsoleLogin, ConsoleLoginRequest, ConsoleRole};
 pub use disk::{DiskBus, DiskFormat, DiskSpec, StorageMode};
 pub use error::{ErrorBody, ErrorKind};
 pub use event::{Event, Subject};

@@ -125,6 +125,12 @@ mod agent_routes {
         responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
     fn stop_vm() {}
 
+    /// Starts a stopped VM again from its record (its disks, checked again, and NICs);
+    /// 409 when it is not stopped or its memory does not fit, 422 when a disk is gone.
+    #[utoipa::path(post, path = "/v1/vms/{name}/start", tag = "vms", params(("name" = String, Path, description = "VM name")),
+        responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn start_vm() {}
+
     /// The serial console from byte `offset` (at most `max` bytes, 1 MiB by default).
     #[utoipa::path(get, path = "/v1/vms/{name}/console", tag = "vms", params(("name" = String, Path, description = "VM name"),
         ("offset" = Option<u64>, Query, description = "first byte"), ("max" = Option<u64>, Query, description = "most bytes")),
@@ -305,6 +311,7 @@ mod agent_routes {
         agent_routes::pause_vm,
         agent_routes::resume_vm,
         agent_routes::stop_vm,
+        agent_routes::start_vm,
         agent_routes::console,
         agent_routes::will_requests,
         agent_routes::will_answer,
@@ -399,6 +406,13 @@ mod controller_routes {
     #[utoipa::path(post, path = "/v1/join", tag = "trust", request_body = JoinRequest, responses(
         (status = 201, body = JoinReply), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
     fn join() {}
+
+    /// A console URL with a one-time login token for `role` (`walkabout console-url`):
+    /// opening it once gives a browser a session of that role (a viewer's changes are
+    /// 403); operators only. 409 when this controller serves no web console.
+    #[utoipa::path(post, path = "/v1/console/logins", tag = "trust", request_body = crate::console::ConsoleLoginRequest, responses(
+        (status = 201, body = crate::console::ConsoleLogin), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn console_login() {}
 
     /// Summary: hosts, VMs, running plans, limits.
     #[utoipa::path(get, path = "/v1/cluster", tag = "cluster", responses((status = 200, body = ClusterSummary)))]
@@ -551,9 +565,12 @@ mod controller_routes {
     fn stop_walk() {}
 
     /// Server-sent events: stored events after `since`, then live ones; each message's
-    /// id is the event's `seq` and its event type the subject.
-    #[utoipa::path(get, path = "/v1/events", tag = "events", params(("since" = Option<u64>, Query, description = "replay events after this seq")),
-        responses((status = 200, content_type = "text/event-stream", body = Event)))]
+    /// id is the event's `seq` and its event type the subject. With `tail=N` instead:
+    /// the last N stored events (at most 1000), oldest first, as one JSON array (the
+    /// web console fills its events table with them at page load).
+    #[utoipa::path(get, path = "/v1/events", tag = "events", params(("since" = Option<u64>, Query, description = "replay events after this seq"),
+        ("tail" = Option<u64>, Query, description = "answer the last N events as a JSON array instead of a stream")),
+        responses((status = 200, content((Event = "text/event-stream"), (Vec<Event> = "application/json")))))]
     fn events() {}
 
     /// Prometheus metrics (text exposition format).
@@ -629,7 +646,8 @@ mod controller_routes {
         controller_routes::join,
         controller_routes::protect_vm,
         controller_routes::unprotect_vm,
-        controller_routes::list_failovers
+        controller_routes::list_failovers,
+        controller_routes::console_login
     ),
     components(schemas(crate::cluster::ClusterVmState, crate::plan::PlanStatus, crate::error::ErrorKind, crate::event::Subject))
 )]

@@ -39,7 +39,10 @@ pub struct VmSpec {
     /// Extra kernel command-line arguments, appended to the defaults.
     #[serde(default)]
     pub cmdline: Option<String>,
-    /// The in-guest workload: `idle` or `dirty:<MiB>:<MiB/s>`.
+    /// The in-guest workload: `idle`, or comma-separated parts `dirty:<MiB>:<MiB/s>`
+    /// (memory in a self-checking pattern) and `disk:<MiB>:<MiB/s>` (self-verifying
+    /// blocks written and re-read on the VM's first disk besides its root), e.g.
+    /// `dirty:32:8,disk:16:4`.
     #[serde(default = "default_workload")]
     #[schema(default = "idle")]
     pub workload: String,

@@ -241,9 +241,15 @@ async fn cancel(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
 struct Since {
     #[serde(default)]
     since: Option<u64>,
+    /// The last N events as one JSON array instead of a stream.
+    #[serde(default)]
+    tail: Option<u64>,
 }
 
 async fn events(State(c): State<Cluster>, Query(q): Query<Since>) -> Response {
+    if let Some(n) = q.tail {
+        return Json(c.events().tail(n)).into_response();
+    }
     crate::events::sse(c.events(), q.since)
 }
 
@@ -305,6 +311,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/vms/{name}/protect"),
     ("DELETE", "/v1/vms/{name}/protect"),
     ("GET", "/v1/failovers"),
+    ("POST", "/v1/console/logins"),
 ];
 
 #[cfg(test)]

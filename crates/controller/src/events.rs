@@ -13,6 +13,9 @@ pub use walkabout_api::{Event, Subject};
 /// Events kept in the database.
 const KEEP: u64 = 20_000;
 
+/// The most events `GET /v1/events?tail=N` answers.
+pub const TAIL_MAX: u64 = 1000;
+
 /// Publishes events: to the database and to live subscribers.
 pub struct Events {
     store: Arc<Store>,
@@ -48,6 +51,16 @@ impl Events {
     pub fn since(&self, seq: u64) -> Vec<Event> {
         self.store.events_after(&EVENTS, seq).unwrap_or_default()
     }
+
+    /// The last `n` stored events (at most [`TAIL_MAX`]), oldest first.
+    pub fn tail(&self, n: u64) -> Vec<Event> {
+        let n = n.min(TAIL_MAX);
+        let last = self.seq.load(Ordering::SeqCst);
+        let mut evs = self.since(last.saturating_sub(n));
+        let extra = evs.len().saturating_sub(usize::try_from(n).unwrap_or(usize::MAX));
+        evs.drain(..extra);
+        evs
+    }
 }
 
 /// The SSE response for `GET /v1/events?since=N`: stored events after N, then live ones
@@ -81,4 +94,27 @@ pub fn sse(events: &Events, since: Option<u64>) -> axum::response::Response {
     use futures_util::StreamExt;
     let stream = futures_util::stream::iter(backlog.into_iter().map(Ok::<_, std::convert::Infallible>)).chain(live);
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_is_the_last_n_events_oldest_first() {
+        let dir = std::env::temp_dir().join(format!("wa-events-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let store = Arc::new(Store::open(&dir.join("c.redb")).expect("store"));
+        let events = Events::new(store);
+        for i in 1..=5 {
+            events.emit(Subject::Host, "h1", format!("event {i}"), serde_json::Value::Null);
+        }
+
+        let last3: Vec<u64> = events.tail(3).iter().map(|e| e.seq).collect();
+        let all: Vec<String> = events.tail(50).into_iter().map(|e| e.message).collect();
+        let _ = std::fs::remove_dir_all(&dir);
+
+        assert_eq!(last3, [3, 4, 5]);
+        assert_eq!(all, ["event 1", "event 2", "event 3", "event 4", "event 5"]);
+    }
 }

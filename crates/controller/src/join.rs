@@ -3,6 +3,10 @@
 //! host's CSR for the token's host name (`POST /v1/join`, the token in
 //! `Authorization: Bearer`). The token is the join's only credential: one use, one host,
 //! minutes long. Without a CA both routes answer 409.
+//!
+//! It also hands out the web console's logins (`POST /v1/console/logins`): a console URL
+//! with a one-time token for an operator's or a viewer's session (see
+//! [`walkabout_trust::session`]); 409 when the controller serves no console.
 
 use crate::controller::Cluster;
 use axum::extract::State;
@@ -12,7 +16,9 @@ use axum::routing::post;
 use axum::{Json, Router};
 use std::sync::Arc;
 use std::time::Duration;
-use walkabout_api::{ErrorKind, JoinReply, JoinRequest, JoinToken, JoinTokenRequest, Subject};
+use walkabout_api::{
+    ConsoleLogin, ConsoleLoginRequest, ConsoleRole, ErrorKind, JoinReply, JoinRequest, JoinToken, JoinTokenRequest, Subject,
+};
 use walkabout_trust::serve::error_reply;
 use walkabout_trust::token::TokenError;
 use walkabout_trust::{Ca, JoinTokens, Role};
@@ -26,7 +32,18 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(600);
 pub struct Trust {
     ca: Option<Ca>,
     tokens: JoinTokens,
+    console: std::sync::OnceLock<ConsoleDoor>,
 }
+
+/// The web console this controller serves: where, and its sessions.
+#[derive(Debug)]
+struct ConsoleDoor {
+    url: String,
+    sessions: Arc<walkabout_trust::Sessions>,
+}
+
+/// How long a console login token waits to be used unless asked otherwise.
+pub const DEFAULT_CONSOLE_LOGIN_TTL: Duration = Duration::from_secs(600);
 
 impl Trust {
     /// Trust without a CA: joins are refused.
@@ -36,7 +53,29 @@ impl Trust {
 
     /// Trust holding `ca`.
     pub fn with_ca(ca: Ca) -> Arc<Trust> {
-        Arc::new(Trust { ca: Some(ca), tokens: JoinTokens::default() })
+        Arc::new(Trust { ca: Some(ca), tokens: JoinTokens::default(), console: std::sync::OnceLock::new() })
+    }
+
+    /// Records the web console served at `url` (`http://ADDR/`) with `sessions`, so
+    /// that [`Trust::console_login`] can hand out its logins. Only the first call counts.
+    pub fn serve_console(&self, url: &str, sessions: Arc<walkabout_trust::Sessions>) {
+        let _ = self.console.set(ConsoleDoor { url: url.trim_end_matches('/').to_string(), sessions });
+    }
+
+    /// A console URL with a one-time login token for `name` in `role`, valid for `ttl`.
+    pub fn console_login(&self, name: &str, role: ConsoleRole, ttl: Duration) -> Result<ConsoleLogin, String> {
+        let door = self.console.get().ok_or("this controller serves no web console (start it with --web-listen ADDR)")?;
+        let who = walkabout_trust::Identity {
+            name: name.to_string(),
+            role: match role {
+                ConsoleRole::Operator => Role::Operator,
+                ConsoleRole::Viewer => Role::Viewer,
+            },
+        };
+        let ttl = ttl.min(walkabout_trust::session::MAX_LOGIN_TTL);
+        let token = door.sessions.issue(who, ttl).map_err(|e| e.to_string())?;
+        let expires_at_ms = crate::now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        Ok(ConsoleLogin { url: format!("{}{}?token={token}", door.url, walkabout_trust::session::LOGIN_PATH), role, expires_at_ms })
     }
 }
 
@@ -48,7 +87,11 @@ struct JoinState {
 
 /// The join routes.
 pub fn router(cluster: Cluster, trust: Arc<Trust>) -> Router {
-    Router::new().route("/v1/join-tokens", post(token)).route("/v1/join", post(join)).with_state(JoinState { trust, cluster })
+    Router::new()
+        .route("/v1/join-tokens", post(token))
+        .route("/v1/join", post(join))
+        .route("/v1/console/logins", post(console_login))
+        .with_state(JoinState { trust, cluster })
 }
 
 fn no_ca() -> Response {
@@ -122,6 +165,23 @@ async fn join(State(s): State<JoinState>, headers: HeaderMap, b: Body<JoinReques
             (StatusCode::CREATED, Json(JoinReply { cert_pem, ca_pem: ca.cert_pem().to_string() })).into_response()
         }
         Err(e) => invalid(format!("cannot sign the CSR of {}: {e}", req.host)),
+    }
+}
+
+async fn console_login(
+    State(s): State<JoinState>,
+    who: Option<axum::Extension<walkabout_trust::Identity>>,
+    b: Body<ConsoleLoginRequest>,
+) -> Response {
+    let req = match b {
+        Ok(Json(r)) => r,
+        Err(e) => return invalid(format!("invalid console login request: {}", e.body_text())),
+    };
+    let name = who.map_or_else(|| walkabout_trust::serve::LOOPBACK_NAME.to_string(), |w| w.0.name);
+    let ttl = req.ttl_s.map(Duration::from_secs).unwrap_or(DEFAULT_CONSOLE_LOGIN_TTL);
+    match s.trust.console_login(&name, req.role, ttl) {
+        Ok(login) => (StatusCode::CREATED, Json(login)).into_response(),
+        Err(e) => error_reply(StatusCode::CONFLICT, ErrorKind::Conflict, e),
     }
 }
 

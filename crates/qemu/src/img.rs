@@ -149,8 +149,22 @@ impl QemuImg {
     /// probed). Refuses a missing path, a non-regular file, an unreadable image, a
     /// missing backing file, and an image whose write lock another process holds.
     pub async fn chain(&self, path: &Path, format: Option<DiskFormat>) -> Result<Vec<ImageInfo>, ImageError> {
+        self.chain_with(path, format, false).await
+    }
+
+    /// The backing chain of an image another process may hold open and locked (a
+    /// running VM's, on shared storage): read without taking a lock (`-U`). Refuses a
+    /// missing path, an unreadable image and a missing backing file.
+    pub async fn chain_in_use(&self, path: &Path, format: Option<DiskFormat>) -> Result<Vec<ImageInfo>, ImageError> {
+        self.chain_with(path, format, true).await
+    }
+
+    async fn chain_with(&self, path: &Path, format: Option<DiskFormat>, unlocked: bool) -> Result<Vec<ImageInfo>, ImageError> {
         regular_file(path)?;
         let mut args: Vec<String> = vec!["info".into(), "--output=json".into(), "--backing-chain".into()];
+        if unlocked {
+            args.push("-U".into());
+        }
         if let Some(f) = format {
             args.extend(["-f".into(), f.as_str().into()]);
         }

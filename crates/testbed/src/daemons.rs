@@ -351,7 +351,8 @@ impl Controller {
         std::fs::read_to_string(self.data.join("controller.log")).unwrap_or_default()
     }
 
-    /// The web console's URL, when it was started with `--web-listen` (written to
+    /// The web console's URL with a one-time operator login token
+    /// (`http://ADDR/login?token=...`), when it was started with `--web-listen` (written to
     /// `web.url` before `controller.url`).
     pub fn web_url(&self) -> Option<String> {
         crate::files::read_url(&self.data.join("web.url"))

@@ -11,14 +11,18 @@
 //! - [`policy`]: which role may call which route.
 //! - [`qemu`]: the cluster CA as QEMU's TLS credentials (migration and NBD streams).
 //! - [`token`]: short-lived, single-use join tokens.
+//! - [`session`]: the web console's one-time login tokens and the session cookies they
+//!   are exchanged for (an identity with a role, as a certificate carries).
 //! - [`serve`]: the listener (TLS, or plain HTTP on loopback when asked) with handshake
-//!   and idle timeouts, and the axum middleware that enforces [`policy`].
+//!   and idle timeouts, and the axum middleware that enforces [`policy`] (for the web
+//!   console, as the identity of a [`session`]).
 
 pub mod ca;
 pub mod identity;
 pub mod policy;
 pub mod qemu;
 pub mod serve;
+pub mod session;
 pub mod tls;
 pub mod token;
 
@@ -26,6 +30,7 @@ pub use ca::{Bundle, Ca};
 pub use identity::{Identity, Role};
 pub use policy::{Decision, ServerKind};
 pub use serve::{Listener, ListenerOptions, Peer};
+pub use session::Sessions;
 pub use token::JoinTokens;
 
 /// Errors of the trust crate: every one names the file or thing and the cause.

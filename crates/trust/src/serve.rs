@@ -14,6 +14,7 @@
 
 use crate::identity::{Identity, Role};
 use crate::policy::{decide, Decision, ServerKind};
+use crate::session::{Sessions, LOGIN_PATH};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -305,6 +306,10 @@ pub type Audit = Arc<dyn Fn(&Identity, &str, &str, u16) + Send + Sync>;
 struct Guard {
     server: ServerKind,
     audit: Option<Audit>,
+    /// The web console's sessions: there the identity is the session cookie's, never
+    /// the connection's (a browser holds no certificate; any local user reaches
+    /// loopback).
+    sessions: Option<Arc<Sessions>>,
 }
 
 /// An error reply in the API's shape.
@@ -315,7 +320,21 @@ pub fn error_reply(status: StatusCode, kind: ErrorKind, message: String) -> Resp
 async fn guard(State(g): State<Guard>, ConnectInfo(peer): ConnectInfo<Peer>, req: Request, next: Next) -> Response {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
-    match decide(g.server, peer.identity.as_ref(), &method, &path) {
+    let identity = match &g.sessions {
+        None => peer.identity.clone(),
+        // The login route itself is how a browser gets its session.
+        Some(_) if path == LOGIN_PATH => return next.run(req).await,
+        Some(s) => match s.identity(req.headers()) {
+            Some(id) => Some(id),
+            None => {
+                let m = format!(
+                    "{method} {path} needs a console session: open the console URL with its one-time login token (printed by `walkabout up` or `walkabout controller --web-listen`, or ask `walkabout console-url`)"
+                );
+                return error_reply(StatusCode::UNAUTHORIZED, ErrorKind::Unauthenticated, m);
+            }
+        },
+    };
+    match decide(g.server, identity.as_ref(), &method, &path) {
         Decision::Allow | Decision::JoinToken => {}
         Decision::Unauthenticated(m) => return error_reply(StatusCode::UNAUTHORIZED, ErrorKind::Unauthenticated, m),
         Decision::Forbidden(m) => return error_reply(StatusCode::FORBIDDEN, ErrorKind::Forbidden, m),
@@ -350,13 +369,13 @@ async fn guard(State(g): State<Guard>, ConnectInfo(peer): ConnectInfo<Peer>, req
             Err(_) => return too_large(),
         }
     };
-    if let Some(id) = &peer.identity {
+    if let Some(id) = &identity {
         parts.extensions.insert(id.clone());
     }
     let req = Request::from_parts(parts, body);
     let resp = next.run(req).await;
     if !matches!(method.as_str(), "GET" | "HEAD") {
-        if let (Some(audit), Some(id)) = (&g.audit, &peer.identity) {
+        if let (Some(audit), Some(id)) = (&g.audit, &identity) {
             audit(id, &method, &path, resp.status().as_u16());
         }
     }
@@ -372,7 +391,49 @@ pub async fn serve(
     audit: Option<Audit>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router.layer(axum::middleware::from_fn_with_state(Guard { server, audit }, guard));
+    let app = router.layer(axum::middleware::from_fn_with_state(Guard { server, audit, sessions: None }, guard));
+    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(shutdown).await
+}
+
+#[derive(serde::Deserialize)]
+struct LoginQuery {
+    #[serde(default)]
+    token: String,
+}
+
+/// `GET /login?token=...`: uses the token up and answers the session cookie, sending
+/// the browser on to the console (`/`, so the token leaves the address bar); 401 for a
+/// token unknown, used or expired.
+async fn login(State(sessions): State<Arc<Sessions>>, axum::extract::Query(q): axum::extract::Query<LoginQuery>) -> Response {
+    match sessions.log_in(&q.token) {
+        Ok((id, who)) => {
+            tracing::info!(identity = %who, "console login");
+            let cookie = sessions.set_cookie(&id);
+            (StatusCode::SEE_OTHER, [(axum::http::header::LOCATION, "/".to_string()), (axum::http::header::SET_COOKIE, cookie)])
+                .into_response()
+        }
+        Err(e) => {
+            tracing::info!("console login refused: {e}");
+            error_reply(StatusCode::UNAUTHORIZED, ErrorKind::Unauthenticated, e.to_string())
+        }
+    }
+}
+
+/// Serves the web console `router` on `listener` until `shutdown`: its requests judged
+/// by [`crate::policy`] as the identity of their session cookie (none: 401), a session
+/// opened at [`LOGIN_PATH`] with a one-time token of `sessions`, bodies limited, changes
+/// reported to `audit`.
+pub async fn serve_console(
+    listener: Listener,
+    router: axum::Router,
+    sessions: Arc<Sessions>,
+    audit: Option<Audit>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let guard_state = Guard { server: ServerKind::Controller, audit, sessions: Some(sessions.clone()) };
+    let app = router
+        .route(LOGIN_PATH, axum::routing::get(login).with_state(sessions))
+        .layer(axum::middleware::from_fn_with_state(guard_state, guard));
     axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(shutdown).await
 }
 
@@ -431,6 +492,54 @@ mod tests {
         let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("an answer").expect("read");
         let text = String::from_utf8_lossy(&buf[..n]);
         assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    }
+
+    /// One HTTP/1.1 request on a new connection; the whole answer.
+    async fn http(addr: SocketAddr, method: &str, path: &str, cookie: Option<&str>) -> String {
+        use tokio::io::AsyncWriteExt;
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        let cookie = cookie.map(|c| format!("cookie: {c}\r\n")).unwrap_or_default();
+        let req = format!("{method} {path} HTTP/1.1\r\nhost: x\r\n{cookie}content-length: 0\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut out = vec![];
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.expect("an answer").expect("read");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The `name=value` part of the answer's `Set-Cookie`, and the whole header.
+    fn set_cookie(answer: &str) -> (String, String) {
+        let line = answer.lines().find_map(|l| l.strip_prefix("set-cookie: ")).unwrap_or_default().to_string();
+        (line.split(';').next().unwrap_or_default().to_string(), line)
+    }
+
+    #[tokio::test]
+    async fn the_console_needs_a_session_its_token_works_once_and_a_viewer_changes_nothing() {
+        let l = Listener::bind("127.0.0.1:0", None, ListenerOptions::default()).await.expect("bind");
+        let addr = l.addr();
+        let sessions = Arc::new(Sessions::new(addr.port()));
+        let op = sessions.issue(Identity { name: "operator".into(), role: Role::Operator }, Duration::from_secs(60)).expect("token");
+        let viewer = sessions.issue(Identity { name: "eve".into(), role: Role::Viewer }, Duration::from_secs(60)).expect("token");
+        let router = axum::Router::new().route("/v1/plans", axum::routing::get(|| async { "plans" }).post(|| async { "planned" }));
+        let _srv = tokio::spawn(serve_console(l, router, sessions, None, std::future::pending()));
+
+        let anonymous = http(addr, "GET", "/v1/plans", None).await;
+        let first = http(addr, "GET", &format!("/login?token={op}"), None).await;
+        let second = http(addr, "GET", &format!("/login?token={op}"), None).await;
+        let (op_cookie, header) = set_cookie(&first);
+        let op_reads = http(addr, "GET", "/v1/plans", Some(&op_cookie)).await;
+        let op_changes = http(addr, "POST", "/v1/plans", Some(&op_cookie)).await;
+        let (viewer_cookie, _) = set_cookie(&http(addr, "GET", &format!("/login?token={viewer}"), None).await);
+        let viewer_reads = http(addr, "GET", "/v1/plans", Some(&viewer_cookie)).await;
+        let viewer_changes = http(addr, "POST", "/v1/plans", Some(&viewer_cookie)).await;
+
+        assert!(anonymous.starts_with("HTTP/1.1 401") && anonymous.contains("console session"), "{anonymous}");
+        assert!(first.starts_with("HTTP/1.1 303") && first.contains("location: /\r\n"), "{first}");
+        assert!(header.contains("HttpOnly") && header.contains("SameSite=Strict"), "{header}");
+        assert!(second.starts_with("HTTP/1.1 401") && second.contains("already used"), "{second}");
+        assert!(op_reads.starts_with("HTTP/1.1 200") && op_reads.ends_with("plans"), "{op_reads}");
+        assert!(op_changes.starts_with("HTTP/1.1 200") && op_changes.ends_with("planned"), "{op_changes}");
+        assert!(viewer_reads.starts_with("HTTP/1.1 200"), "{viewer_reads}");
+        assert!(viewer_changes.starts_with("HTTP/1.1 403") && viewer_changes.contains("eve (viewer) may only read"), "{viewer_changes}");
     }
 
     #[tokio::test]

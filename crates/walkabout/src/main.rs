@@ -81,6 +81,9 @@ enum Command {
     /// Operators' credentials: viewer (reads) or operator (changes).
     #[command(subcommand)]
     User(cli::user::UserCommand),
+    /// A web console URL with a one-time login token (for an operator's or a viewer's
+    /// session), from the controller serving the console.
+    ConsoleUrl(cli::user::ConsoleUrlArgs),
     /// Print a shell completion script (e.g. `walkabout completions bash >
     /// /etc/bash_completion.d/walkabout`).
     Completions {
@@ -145,6 +148,7 @@ fn main() -> std::process::ExitCode {
         Command::Failover(c) => cli::failover::run(c),
         Command::Ca(c) => cli::ca::run(c),
         Command::User(c) => cli::user::run(c),
+        Command::ConsoleUrl(a) => cli::user::console_url(a),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "walkabout", &mut std::io::stdout());

@@ -259,3 +259,24 @@ fn a_disk_workload_with_only_a_root_disk_is_refused_before_anything_starts() {
     assert_eq!(agent.vms().len(), 0);
     assert_eq!(files_in(&agent.data.join("images")), Vec::<String>::new(), "the root overlay was left behind");
 }
+
+#[test]
+fn a_stopped_vm_starts_again_from_its_record_and_its_guest_reads_its_blocks_back() {
+    let agent = AgentProc::start(&[]);
+    let args = ["--name", "again", "--memory", "256M", "--disk", "image:guest", "--disk", "size=16M", "--workload", "disk:8:16"];
+    let first = agent.create(&args);
+    wait_console(&agent, "again", "disk-pass 2 dev=");
+    let refused = agent.cli_fails(&["vm", "start", "again"]);
+    agent.cli(&["vm", "stop", "again"]);
+
+    let started: VmInfo = agent.cli_as(&["vm", "start", "again"]);
+    let text = wait_console(&agent, "again", "disk dev=");
+    runs_clean(&agent, "again", 10);
+
+    assert!(refused.contains("cannot start VM `again`: it is Running"), "{refused}");
+    assert_eq!(started.record.state, walkabout_api::VmState::Running, "{started:?}");
+    assert_eq!(started.record.spec, first.record.spec, "the VM started again from another spec");
+    assert!(text.contains(&format!("{}/dev/vda", walkabout_image::ROOT_BANNER)), "booted from its root disk again:\n{text}");
+    assert_eq!(disk_line(&text), Some(("/dev/vdb".into(), 2048, 2048)), "every block read back intact:\n{text}");
+    agent.cli(&["vm", "delete", "again"]);
+}

@@ -1,7 +1,7 @@
 //! Storage on migrate with real guests: a VM with a disk hops with `--storage shared`
 //! (both agents see one directory) and `--storage copy` (the destination makes its own
 //! image, the source mirrors into it over NBD), its disk bytes intact; `shared` is
-//! refused where the destination does not see the file; cancel and a killed
+//! refused where the destination does not see the file or its backing file; cancel and a killed
 //! destination agent during the mirror leave the source untouched and no image at the
 //! destination; an overlay whose base the destination holds copies only its top layer.
 //!
@@ -220,6 +220,36 @@ fn shared_is_refused_when_the_destination_does_not_see_the_file_and_auto_copies(
     let m = a.migrate("d2", &b, &[]);
     assert_eq!((m.result, m.storage), (Phase::Completed, Some(StorageMode::Copy)), "{m:?}");
     same_content(&pristine, &disk_of(&b.info("d2"))).unwrap_or_else(|e| panic!("copied disk differs: {e}"));
+}
+
+#[test]
+fn shared_is_refused_when_the_destination_lacks_the_backing_file_and_auto_copies() {
+    let dir = Scratch::new("backing");
+    let (bases, tops) = (dir.0.join("bases"), dir.0.join("tops"));
+    std::fs::create_dir_all(&bases).and_then(|()| std::fs::create_dir_all(&tops)).expect("dirs");
+    let base = bases.join("base.qcow2");
+    image(&base, 32, None, &[(0x21, 0, 4)]);
+    let top = tops.join("top.qcow2");
+    image(&top, 32, Some(&base), &[(0x22, 8, 2)]);
+    let pristine = dir.0.join("pristine.qcow2");
+    run("qemu-img", &["convert", "-q", "-O", "qcow2", top.to_str().expect("utf-8"), pristine.to_str().expect("utf-8")]);
+    let (a, b) = (AgentProc::start(&[]), agent_blind_to(&bases, &dir));
+    create_with_disk(&a, "d4", &top, "idle");
+    a.wait_heartbeats("d4", 3);
+
+    let m = a.migrate("d4", &b, &["--storage", "shared"]);
+
+    assert_eq!(m.result, Phase::Failed, "{m:?}");
+    let why = m.reason.as_deref().unwrap_or("");
+    // Refused up front by the storage check (not by a destination QEMU failing to open
+    // the image), naming the missing file.
+    assert!(why.contains("cannot use shared storage") && why.contains("backing chain"), "{m:?}");
+    assert!(why.contains(&base.display().to_string()), "the refusal names the missing backing file: {m:?}");
+    assert_eq!(a.info("d4").record.state, VmState::Running);
+    assert!(b.try_info("d4").is_none() && b.qemu_pids().is_empty() && copies(&b).is_empty());
+    let m = a.migrate("d4", &b, &[]);
+    assert_eq!((m.result, m.storage), (Phase::Completed, Some(StorageMode::Copy)), "{m:?}");
+    same_content(&pristine, &disk_of(&b.info("d4"))).unwrap_or_else(|e| panic!("copied disk differs: {e}"));
 }
 
 #[test]

@@ -4,7 +4,11 @@
 //! with real pointer input shows the `place` plan, and confirming it moves the VM (the
 //! API says so) while its card shows the migration moving, then lands with the hop's
 //! downtime; a drain started from the page empties the host; an impossible drain shows
-//! each VM's reason. Screenshots are kept under `target/artifacts/web/`.
+//! each VM's reason. The console's URL carries a one-time login token: it logs the
+//! browser in once (a second use is refused); the events table is filled at page load;
+//! a viewer's session (`walkabout console-url --role viewer`) sees the cluster and its
+//! drags and drains show the 403 reason. Screenshots are kept under
+//! `target/artifacts/web/`.
 
 mod common;
 #[path = "web/webdriver.rs"]
@@ -13,7 +17,7 @@ mod webdriver;
 use common::{AgentProc, ControllerProc};
 use std::path::PathBuf;
 use std::time::Duration;
-use walkabout_api::{ClusterMigration, ClusterVm, Maintenance, Phase, PlanStatus};
+use walkabout_api::{ClusterMigration, ClusterVm, ConsoleLogin, Maintenance, Phase, PlanStatus};
 use webdriver::Browser;
 
 /// WebDriver's Enter key.
@@ -53,9 +57,23 @@ fn the_console_lists_the_cluster_moves_a_dragged_vm_and_drains_a_host() {
     h1.create(&["--name", "b", "--memory", "256M", "--workload", "idle"]);
     let ctl = ControllerProc::start(&[&h1, &h2], &["--web-listen", "127.0.0.1:0", "--max-bandwidth", "12M", "--mode", "postcopy"]);
     ctl.wait_vms(2);
-    let web = ctl.web_url().expect("the controller wrote its console's URL to web.url");
+    let login = ctl.web_url().expect("the controller wrote its console's URL to web.url");
+    let (web, _) = login.split_once("login?token=").expect("the console's URL carries a login token");
+    let last_event = ctl.call(|c| async move { c.recent_events(1).await }).expect("the last event").pop().expect("an event");
     let b = Browser::start(&artifacts(), 1280, 900);
-    b.goto(&web);
+
+    // Without a session the console answers 401; the URL with the token logs in once.
+    b.goto(web);
+    let anonymous = b.text("body").unwrap_or_default();
+    assert!(anonymous.contains("needs a console session"), "the console without a session: {anonymous}");
+    b.goto(&login);
+    b.wait_for("the console after the login", LIMIT, |b| b.find("#board"));
+    // The events table starts with the cluster's history (read at page load).
+    b.wait_for("the last event before the page opened", LIMIT, |b| b.find(&format!("#events tr[data-seq=\"{}\"]", last_event.seq)));
+    b.goto(&login);
+    let reused = b.text("body").unwrap_or_default();
+    assert!(reused.contains("not valid") && reused.contains("already used"), "a second use of the token: {reused}");
+    b.goto(web);
 
     // The page lists every host and every VM the API lists, each VM on its host.
     let hosts = ctl.hosts();
@@ -170,4 +188,22 @@ fn the_console_lists_the_cluster_moves_a_dragged_vm_and_drains_a_host() {
 
     // And no script of the page failed on the way.
     assert_eq!(b.script_errors(), Vec::<String>::new(), "the page's scripts failed");
+    b.click("#plan-close");
+
+    // A viewer's session sees the cluster; its drain and its drag are refused with the
+    // reason, and nothing changes.
+    let viewer: ConsoleLogin = ctl.cli_as(&["console-url", "--role", "viewer"]);
+    b.goto(&viewer.url);
+    b.wait_for("a's card for the viewer", LIMIT, |b| (column_of(b, "a")? == "h1").then_some(()));
+    b.click(".host[data-host=\"h1\"] button.drain");
+    let refused = b.wait_for("the viewer's drain refused", LIMIT, |b| b.text("#plan-dialog[data-plan-status=\"refused\"] p.error"));
+    assert!(refused.contains("(viewer) may only read"), "the viewer's drain: {refused}");
+    b.save("7-viewer-drain.png", &b.screenshot());
+    b.click("#plan-close");
+    b.drag(".vm[data-vm=\"b\"]", ".host[data-host=\"h2\"]");
+    let refused = b.wait_for("the viewer's drag refused", LIMIT, |b| b.text("#plan-dialog[data-plan-status=\"refused\"] p.error"));
+    assert!(refused.contains("(viewer) may only read") && refused.contains("POST /v1/plans"), "the viewer's drag: {refused}");
+    b.save("8-viewer-drag.png", &b.screenshot());
+    assert_eq!(ctl.host("h1").maintenance, Maintenance::Active);
+    assert_eq!(ctl.host("h1").vms.len(), 2);
 }

@@ -6,8 +6,12 @@
 //! elsewhere at run time (the Content-Security-Policy allows this origin only). The page
 //! speaks only the controller's public API (`docs/api/controller.json`) and its event
 //! stream, by relative URLs: [`console`] serves the assets at `/` and the API router it
-//! is given beside them, on one origin, so no CORS is needed and whatever credentials
-//! the API asks for later (a cookie, a header) apply to the page's requests as they are.
+//! is given beside them, on one origin, so no CORS is needed and the session cookie
+//! (`HttpOnly`, `SameSite=Strict`) travels with every request of the page as it is.
+//! Sessions are the guard's business, not the page's: the controller serves this router
+//! with `walkabout_trust::serve::serve_console`, which opens a session for a one-time
+//! login token (`/login?token=...`) and judges every request as the session's identity
+//! (none: 401; a viewer changing anything: 403, its reason shown by the page).
 
 use axum::extract::Path;
 use axum::http::{header, HeaderValue, StatusCode};

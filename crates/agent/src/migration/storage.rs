@@ -2,7 +2,8 @@
 //!
 //! - `shared`: both hosts open the same image path. Before anything starts, the source
 //!   writes a marker file with a random token beside every image and the destination
-//!   must read the same token back through its own path; otherwise `shared` is refused
+//!   must read the same token back through its own path, and open the image's whole
+//!   backing chain (`qemu-img info -U --backing-chain`); otherwise `shared` is refused
 //!   (and `auto` falls back to `copy`). The incoming QEMU opens the image inactive and
 //!   QEMU hands it over at the switchover.
 //! - `copy`: the destination creates its own image (same format and virtual size, in
@@ -460,10 +461,19 @@ pub(crate) async fn plan(req: &IncomingRequest, storage_dir: &Path, bases: &[Pat
     if req.disks.is_empty() {
         return Ok(plan);
     }
-    let seen = match &req.marker {
+    let mut seen = match &req.marker {
         Some(m) => req.disks.iter().try_for_each(|d| sees_marker(d, m).map_err(|e| (d.path.clone(), e))),
         None => Err((req.disks[0].path.clone(), "the source wrote no marker".into())),
     };
+    // The same file is not enough: QEMU opens its backing chain here too.
+    if seen.is_ok() && req.storage != StorageMode::Copy {
+        for d in &req.disks {
+            if let Err(e) = img.chain_in_use(&d.path, Some(d.format)).await {
+                seen = Err((d.path.clone(), format!("its backing chain cannot be opened here: {e}")));
+                break;
+            }
+        }
+    }
     let mode = match (req.storage, seen) {
         (StorageMode::Copy, _) => StorageMode::Copy,
         (_, Ok(())) => StorageMode::Shared,
@@ -679,7 +689,7 @@ mod tests {
     async fn a_marker_read_back_means_shared_and_the_spec_is_kept() {
         let d = scratch("shared");
         let disk = d.join("a.qcow2");
-        std::fs::write(&disk, b"x").expect("disk");
+        QemuImg::default().create(&disk, DiskFormat::Qcow2, Some(8 << 20), None).await.expect("disk");
         let marker = StorageMarker { file_name: ".walkabout-marker-t".into(), token: "abc".into() };
         std::fs::write(d.join(&marker.file_name), "abc").expect("marker");
 
@@ -689,6 +699,27 @@ mod tests {
         assert_eq!(p.spec.disks[0].path.as_deref(), Some(disk.as_path()));
         assert!(p.created.is_empty());
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[tokio::test]
+    async fn shared_is_refused_when_the_backing_file_is_missing_here() {
+        let d = scratch("backing");
+        let img = QemuImg::default();
+        let (base, disk) = (d.join("base.qcow2"), d.join("top.qcow2"));
+        img.create(&base, DiskFormat::Qcow2, Some(8 << 20), None).await.expect("base");
+        img.create(&disk, DiskFormat::Qcow2, Some(8 << 20), Some((&base, DiskFormat::Qcow2))).await.expect("top");
+        std::fs::remove_file(&base).expect("rm base");
+        let marker = StorageMarker { file_name: ".walkabout-marker-t".into(), token: "abc".into() };
+        std::fs::write(d.join(&marker.file_name), "abc").expect("marker");
+
+        let shared = plan(&request(&disk, StorageMode::Shared, Some(marker)), &d.join("storage"), &[], &img).await;
+
+        let _ = std::fs::remove_dir_all(&d);
+        assert!(
+            matches!(&shared, Err(StorageError::NotShared { detail, .. }) if detail.contains("backing chain") && detail.contains("base.qcow2")),
+            "{:?}",
+            shared.err()
+        );
     }
 
     #[tokio::test]

@@ -69,7 +69,9 @@ pub struct ControllerArgs {
     #[arg(long, value_parser = super::client::parse_mib)]
     max_bandwidth: Option<u64>,
     /// Also serve the web console on this address (port 0 picks one): the page at `/`
-    /// and the same API under `/v1`. Its URL is printed and written to DATA_DIR/web.url.
+    /// and the same API under `/v1`, for browser sessions only. Its URL with a one-time
+    /// operator login token is printed and written to DATA_DIR/web.url (mode 0600);
+    /// `walkabout console-url` asks for more (`--role viewer` too).
     #[arg(long)]
     web_listen: Option<String>,
     /// Fence time of protected VMs (e.g. 10s): their agents stop them after this long
@@ -131,6 +133,33 @@ pub fn controller_tls(
     Ok((super::agent::server_tls(insecure)?, Trust::none()))
 }
 
+/// How long the console login printed at start waits to be used.
+const FIRST_LOGIN_TTL: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+/// The web console's sessions on listener `web`, and a first operator login's URL to
+/// print (`http://ADDR/login?token=...`, one use). Tell the controller's trust with
+/// [`walkabout_controller::join::Trust::serve_console`] so that `walkabout console-url`
+/// gets more.
+pub fn console_sessions(web: &walkabout_trust::Listener) -> anyhow::Result<(std::sync::Arc<walkabout_trust::Sessions>, String)> {
+    let sessions = std::sync::Arc::new(walkabout_trust::Sessions::new(web.addr().port()));
+    let operator = walkabout_trust::Identity { name: "operator".into(), role: walkabout_trust::Role::Operator };
+    let token = sessions.issue(operator, FIRST_LOGIN_TTL)?;
+    Ok((sessions, format!("{}{}?token={token}", web.url(), walkabout_trust::session::LOGIN_PATH)))
+}
+
+/// Writes `text` to `path` readable by its owner only (it holds a login token), whole
+/// or not at all.
+fn write_secret(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Runs the controller until Ctrl-C or SIGTERM. Agents and VMs carry on without it.
 pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
     super::client::runtime()?.block_on(async move {
@@ -143,8 +172,9 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
         if a.store != "redb" {
             return run_ha(a, config, listener, trust, url).await;
         }
-        // The console is plain HTTP, which the listener allows on loopback only; there its
-        // callers are the loopback operator, as on a plain API listener.
+        // The console is plain HTTP, which the listener allows on loopback only; its
+        // callers are whoever holds a session (a one-time login token, exchanged for a
+        // cookie), never the connection.
         let web = match &a.web_listen {
             Some(addr) => Some(
                 walkabout_trust::Listener::bind(addr, None, walkabout_trust::ListenerOptions::default())
@@ -156,14 +186,15 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
         let cluster = walkabout_controller::start(config, &a.agents).await?;
         let console = match web {
             Some(l) => {
-                let web_url = format!("{}/", l.url());
-                walkabout_testbed::write_atomic(&a.data_dir.join("web.url"), web_url.as_bytes()).context("writing web.url")?;
-                let _ = super::out::line(format_args!("web console on {web_url}"));
+                let (sessions, login_url) = console_sessions(&l)?;
+                trust.serve_console(&l.url(), sessions.clone());
+                write_secret(&a.data_dir.join("web.url"), &login_url).context("writing web.url")?;
+                let _ = super::out::line(format_args!("web console on {login_url}"));
                 let app = walkabout_web::console(walkabout_controller::api::router_with_trust(cluster.clone(), trust.clone()));
                 let audit = walkabout_controller::join::audit(cluster.clone());
                 let stop = cluster.clone();
                 let stopped = async move { stop.stopped().await };
-                Some(tokio::spawn(walkabout_trust::serve::serve(l, app, walkabout_trust::ServerKind::Controller, Some(audit), stopped)))
+                Some(tokio::spawn(walkabout_trust::serve::serve_console(l, app, sessions, Some(audit), stopped)))
             }
             None => None,
         };

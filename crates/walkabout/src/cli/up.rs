@@ -1,9 +1,16 @@
 //! `walkabout up`: a whole cluster on this machine — a controller and three agents (on
 //! loopback, or each in a network namespace of its own with `--netns`), four guests
-//! booted and walked about by live migration, the web console's URL printed first, then
-//! the API and metrics. Ctrl-C (or SIGTERM) stops the walk, deletes the guests, stops
-//! the agents and the controller, and removes what it created: no process is left
-//! behind.
+//! booted and walked about by live migration, the web console's URL (with a one-time
+//! login token) printed first, then the API and metrics. Ctrl-C (or SIGTERM) stops the
+//! walk, deletes the guests, stops the agents and the controller, and removes what it
+//! created: no process is left behind.
+//!
+//! The guests boot from a disk: each has an overlay on the Walkabout root disk
+//! (`image:guest`) and a small data disk its workload writes and verifies
+//! (`disk:<MiB>:<MiB/s>`); every hop moves the disks too (`--storage`: `auto` picks
+//! `shared` when both hosts see the image file, as hosts on one machine do; `copy`
+//! mirrors them over NBD), and its line shows the storage mode and the disk and memory
+//! bytes moved. `--diskless` boots the old way (kernel and initramfs, no disk).
 //!
 //! The guests have a NIC each on the guests' segment (bridge `wavmK` on every host,
 //! joined into one segment the root namespace reaches at 10.77.K.254; needs root; K
@@ -72,9 +79,20 @@ pub struct UpArgs {
     /// Guest memory.
     #[arg(long, default_value = "256M")]
     memory: String,
-    /// In-guest workload (each guest keeps memory in a self-checking pattern).
-    #[arg(long, default_value = "dirty:32:8")]
+    /// In-guest workload: memory in a self-checking pattern (`dirty:`) and, on its data
+    /// disk, self-verifying blocks (`disk:`; dropped with --diskless).
+    #[arg(long, default_value = "dirty:32:8,disk:16:4")]
     workload: String,
+    /// Boot the guests without disks (kernel and initramfs only), as before disks came.
+    #[arg(long)]
+    diskless: bool,
+    /// Size of each guest's data disk (beside its root disk).
+    #[arg(long, default_value = "32M")]
+    data_disk: String,
+    /// How hops move the guests' disks: auto (shared when both hosts see the image
+    /// file), shared, or copy (mirrored to the destination over NBD).
+    #[arg(long, default_value_t = walkabout_api::StorageMode::Auto)]
+    storage: walkabout_api::StorageMode,
     /// Put each host in a network namespace of its own (needs root: `ip netns`).
     #[arg(long)]
     netns: bool,
@@ -115,7 +133,10 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
         let web = tokio::net::TcpListener::bind(&a.web_listen)
             .await
             .with_context(|| format!("cannot listen on {} (web console)", a.web_listen))?;
-        let web_url = format!("http://{}/", web.local_addr()?);
+        // The console is plain HTTP, which the listener allows on loopback only; a browser
+        // logs in once with the token in this URL (more: `walkabout console-url`).
+        let web = walkabout_trust::Listener::from_tcp(web, None, walkabout_trust::ListenerOptions::default())?;
+        let (sessions, web_url) = super::controller::console_sessions(&web)?;
         out::line(format_args!("web console      {web_url}"))?;
         out::line("walkabout up: building the guest image (cached after the first run)...")?;
         let cache = walkabout_image::default_cache_dir();
@@ -151,8 +172,6 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
         };
         let listener = walkabout_trust::Listener::from_tcp(tcp, tls, walkabout_trust::ListenerOptions::default())?;
         let api_url = listener.url();
-        // The console is plain HTTP, which the listener allows on loopback only.
-        let web = walkabout_trust::Listener::from_tcp(web, None, walkabout_trust::ListenerOptions::default())?;
         let namespaces: Vec<String> = local.agents.iter().filter_map(|x| x.netns().map(String::from)).collect();
         let guest_net = match guest_segment(&namespaces.iter().map(String::as_str).collect::<Vec<_>>()) {
             Ok(n) => {
@@ -171,7 +190,9 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
         };
         let urls: Vec<String> = local.agents.iter().map(|x| format!("{}={}", x.name, x.url)).collect();
         let started = async {
-            let cluster = walkabout_controller::start(ControllerConfig::new(root.join("controller")), &urls).await?;
+            let mut config = ControllerConfig::new(root.join("controller"));
+            config.limits.storage = a.storage;
+            let cluster = walkabout_controller::start(config, &urls).await?;
             Ok::<_, anyhow::Error>(cluster)
         }
         .await;
@@ -188,7 +209,8 @@ pub fn run(a: UpArgs) -> anyhow::Result<ExitCode> {
             let audit = walkabout_controller::join::audit(cluster.clone());
             let stop = cluster.clone();
             let stopped = async move { stop.stopped().await };
-            tokio::spawn(walkabout_trust::serve::serve(web, app, walkabout_trust::ServerKind::Controller, Some(audit), stopped))
+            trust.serve_console(&web.url(), sessions.clone());
+            tokio::spawn(walkabout_trust::serve::serve_console(web, app, sessions, Some(audit), stopped))
         };
         let server = {
             let stop = cluster.clone();
@@ -235,17 +257,29 @@ async fn show(
         out::line(format_args!("  host {} at {} (metrics {}/metrics)", agent.name, agent.url, agent.url))?;
     }
     let hosts: Vec<String> = cluster.hosts().into_iter().map(|h| h.name).collect();
+    let (workload, disks) = guest_disks(a)?;
+    // All guests boot at once (each host's QEMUs share its CPUs; a busy machine gives
+    // each process its share), then each is awaited in order.
+    let start = Instant::now();
+    let mut booting = vec![];
     for g in 0..a.guests {
         let name = format!("g{}", g + 1);
         let host = hosts.get(g % hosts.len().max(1)).cloned();
-        let start = Instant::now();
         let address = net.map(|n| n.guest_address(u8::try_from(11 + g).unwrap_or(240).min(240)));
         let nics: Vec<_> = net
             .map(|n| walkabout_api::NicSpec { address: address.clone(), ..walkabout_api::NicSpec::on(n.bridge()) })
             .into_iter()
             .collect();
-        let spec = walkabout_api::VmSpec { workload: a.workload.clone(), nics, ..walkabout_api::VmSpec::new(&name, memory_mib) };
+        let spec = walkabout_api::VmSpec {
+            workload: workload.clone(),
+            nics,
+            disks: disks.clone(),
+            ..walkabout_api::VmSpec::new(&name, memory_mib)
+        };
         cluster.create_vm(spec, host.as_deref()).await?;
+        booting.push((name, host, address));
+    }
+    for (name, host, address) in booting {
         loop {
             let vm = cluster.vm(&name)?;
             if vm.guest.ready {
@@ -257,10 +291,11 @@ async fn show(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         out::line(format_args!(
-            "booted {name} on {} ({}, {}{}) in {} ms",
+            "booted {name} on {} ({}, {}{}{}) in {} ms",
             host.as_deref().unwrap_or("?"),
             a.memory,
-            a.workload,
+            workload,
+            if disks.is_empty() { String::new() } else { format!(", root disk image:guest + {} data disk", a.data_disk) },
             address.map(|x| format!(", {x}")).unwrap_or_default(),
             start.elapsed().as_millis()
         ))?;
@@ -277,7 +312,7 @@ async fn show(
         }
     }
     out::line("")?;
-    out::line(format_args!("web console      {web_url}"))?;
+    out::line(format_args!("web console      {web_url}  (one-time login; more with `walkabout console-url [--role viewer]`)"))?;
     out::line(format_args!("controller API   {api_url}/v1/cluster  (hosts, vms, plans, migrations, walks)"))?;
     out::line(format_args!("events (SSE)     {api_url}/v1/events"))?;
     out::line(format_args!("metrics          {api_url}/metrics"))?;
@@ -316,7 +351,10 @@ async fn show(
                 .vm(&h.vm)
                 .map(|vm| {
                     let seq = vm.guest.last_seq.map_or_else(|| "-".to_string(), |s| s.to_string());
-                    format!("  heartbeat seq {seq}, {} breaks, {} corrupt pages", vm.guest.seq_breaks, vm.guest.corrupt_pages)
+                    format!(
+                        "  heartbeat seq {seq}, {} breaks, {} corrupt pages, {} corrupt blocks",
+                        vm.guest.seq_breaks, vm.guest.corrupt_pages, vm.guest.corrupt_blocks
+                    )
                 })
                 .unwrap_or_default();
             let observed = match (&h.probe_error, h.observed_downtime_ms) {
@@ -324,12 +362,40 @@ async fn show(
                 (None, Some(ms)) => format!("  observed {ms} ms"),
                 (None, None) => String::new(),
             };
-            out::line(format_args!("{}{observed}{health}", hop_line(shown, h)))?;
+            let moved = moved_text(cluster, local, h).await;
+            out::line(format_args!("{}{observed}{moved}{health}", hop_line(shown, h)))?;
         }
         if w.finished_ms.is_some() {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The guests' workload and disks: an overlay on the Walkabout root disk and a data
+/// disk of `--data-disk` (the workload's `disk:` part writes it); with `--diskless`
+/// none, and the workload without its `disk:` part.
+fn guest_disks(a: &UpArgs) -> anyhow::Result<(String, Vec<walkabout_api::DiskSpec>)> {
+    if a.diskless {
+        let parts: Vec<&str> = a.workload.split(',').filter(|p| !p.trim().starts_with("disk:")).collect();
+        let workload = if parts.is_empty() { "idle".to_string() } else { parts.join(",") };
+        return Ok((workload, vec![]));
+    }
+    let size_mib = super::client::parse_mib(&a.data_disk).map_err(|e| anyhow::anyhow!("--data-disk: {e}"))?;
+    Ok((a.workload.clone(), vec![walkabout_api::DiskSpec::image("image:guest"), walkabout_api::DiskSpec::new_qcow2(size_mib << 20)]))
+}
+
+/// What hop `h` moved, from its source agent's record: the storage mode, the disk
+/// bytes copied and the memory bytes sent (empty when the agent does not say).
+async fn moved_text(cluster: &Cluster, local: &LocalCluster, h: &walkabout_api::Hop) -> String {
+    let Some(agent_id) = cluster.migration(&h.migration).ok().and_then(|m| m.agent_id) else { return String::new() };
+    let Some(agent) = local.agents.iter().find(|x| x.name == h.from) else { return String::new() };
+    let Ok(client) = super::client::agent(&agent.url) else { return String::new() };
+    let Ok(r) = client.migration(&agent_id).await else { return String::new() };
+    let memory = super::progress::mib(r.progress.transferred_bytes);
+    match r.storage {
+        Some(mode) => format!("  storage {mode}, disk {} MiB, memory {memory} MiB", super::progress::mib(r.disk.transferred_bytes)),
+        None => format!("  memory {memory} MiB"),
     }
 }
 
@@ -444,10 +510,11 @@ mod ha {
         }
         let c = client(urls).await?;
         let hosts: Vec<String> = c.hosts().await?.into_iter().map(|h| h.name).collect();
+        let (workload, disks) = super::guest_disks(a)?;
         for g in 0..a.guests {
             let name = format!("g{}", g + 1);
             let host = hosts.get(g % hosts.len().max(1)).cloned();
-            let spec = VmSpec { workload: a.workload.clone(), ..VmSpec::new(&name, memory_mib) };
+            let spec = VmSpec { workload: workload.clone(), disks: disks.clone(), ..VmSpec::new(&name, memory_mib) };
             let start = Instant::now();
             client(urls).await?.create_vm(&CreateVm { spec, host: host.clone(), groups: vec![] }).await?;
             while !client(urls).await?.vm(&name).await.is_ok_and(|v| v.guest.ready) {

@@ -1,5 +1,7 @@
 //! `walkabout user add`: an operator's credentials, signed by the cluster CA: a viewer
 //! reads everything and changes nothing; an operator may change everything.
+//! `walkabout console-url`: a web console URL with a one-time login token for a session
+//! of either role.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,4 +59,34 @@ pub fn run(cmd: UserCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Arguments of `walkabout console-url`.
+#[derive(clap::Args)]
+pub struct ConsoleUrlArgs {
+    #[command(flatten)]
+    ctl: super::cluster::CtlArgs,
+    /// The session's role: a viewer sees everything and changes nothing.
+    #[arg(long, value_enum, default_value_t = UserRole::Operator)]
+    role: UserRole,
+    /// How long the token may wait to be used (e.g. 10m, 1h).
+    #[arg(long, value_parser = super::client::parse_duration_ms)]
+    ttl: Option<u64>,
+}
+
+/// Runs `walkabout console-url`: asks the controller for a login and prints its URL.
+pub fn console_url(a: ConsoleUrlArgs) -> anyhow::Result<ExitCode> {
+    super::client::runtime()?.block_on(async move {
+        let role = match a.role {
+            UserRole::Viewer => walkabout_api::ConsoleRole::Viewer,
+            UserRole::Operator => walkabout_api::ConsoleRole::Operator,
+        };
+        let req = walkabout_api::ConsoleLoginRequest { role, ttl_s: a.ttl.map(|ms| ms.div_ceil(1000)) };
+        let login = super::client::controller(&a.ctl.controller)?.console_login(&req).await?;
+        match a.ctl.output {
+            super::client::Output::Json => super::client::print_json(&login)?,
+            super::client::Output::Text => super::out::line(format_args!("{}", login.url))?,
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }

@@ -83,6 +83,8 @@ pub enum VmCommand {
     Resume(Named),
     /// Stop a VM (its QEMU exits; the record stays).
     Stop(Named),
+    /// Start a stopped VM again from its record (its disks and NICs as created).
+    Start(Named),
     /// Delete a VM (stopping it first).
     Delete(Named),
     /// Protect a VM (through the controller): a checkpoint every --every shipped to a
@@ -274,6 +276,10 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
             }
             VmCommand::Stop(n) => {
                 let vm = client::agent(&n.common.agent)?.stop(&n.name).await?;
+                show(&vm, n.common.output)
+            }
+            VmCommand::Start(n) => {
+                let vm = client::agent(&n.common.agent)?.start_vm(&n.name).await?;
                 show(&vm, n.common.output)
             }
             VmCommand::Delete(n) => {

@@ -1,6 +1,6 @@
 // The controller's public API (docs/api/controller.json), by relative URLs: the page is
-// served on the API's own origin, so same-origin credentials (a cookie, later a token)
-// travel with every request without the page knowing about them.
+// served on the API's own origin, so the session cookie (HttpOnly, SameSite=Strict, set
+// by the one-time login) travels with every request without the page knowing about it.
 
 /** An error reply of the API: its sentence, its `kind`, and for an impossible goal the
  *  per-VM `blocked` reasons and the recorded `plan`. */
@@ -32,6 +32,8 @@ const enc = encodeURIComponent;
 
 export const api = {
   cluster: () => call('GET', 'v1/cluster'),
+  /** The last `n` events, oldest first (`GET /v1/events?tail=N`). */
+  recentEvents: (n) => call('GET', `v1/events?tail=${n}`),
   migrations: () => call('GET', 'v1/migrations'),
   migration: (id) => call('GET', `v1/migrations/${enc(id)}`),
   cancelMigration: (id) => call('POST', `v1/migrations/${enc(id)}/cancel`),

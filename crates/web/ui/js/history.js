@@ -80,7 +80,7 @@ export function renderEvents(table, filter) {
     .slice(-100)
     .reverse();
   if (!rows.length) {
-    const none = filter ? `nothing about ${filter.replace(':', ' ')} yet` : 'no change since the page opened';
+    const none = filter ? `nothing about ${filter.replace(':', ' ')} yet` : 'no events yet';
     fill(table.tBodies[0], h('tr.empty', {}, h('td', { colspan: 4 }, none)));
     return;
   }

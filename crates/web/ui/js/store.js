@@ -5,7 +5,7 @@
 import { api, subscribe } from './api.js';
 
 const EVENTS_KEPT = 500;
-const BACKFILL = 200;
+const PRELOAD = 200;
 const CLUSTER_POLL_MS = 2000;
 const MIGRATION_POLL_MS = 400;
 
@@ -147,9 +147,7 @@ function addEvents(evs) {
 }
 
 function onEvent(ev) {
-  const first = state.events.length === 0;
   addEvents([ev]);
-  if (first) backfill(ev.seq);
   switch (ev.subject) {
     case 'migration':
       if (ev.data && ev.data.id) recordMigration(ev.data);
@@ -169,38 +167,15 @@ function onEvent(ev) {
   changed();
 }
 
-/** Reads the events just before `upTo` from the stream's store (`?since=`), once, so the
- *  table starts with some history; stops reading at `upTo`. */
-async function backfill(upTo) {
-  const ctl = new AbortController();
-  const got = [];
+/** Fills the events table with the last events at page load (`?tail=`), so it starts
+ *  with the cluster's recent history however quiet the cluster is. */
+async function preloadEvents() {
   try {
-    const r = await fetch(`v1/events?since=${Math.max(0, upTo - 1 - BACKFILL)}`, { credentials: 'same-origin', signal: ctl.signal });
-    const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buf = '';
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += value;
-      let i;
-      let end = false;
-      while (!end && (i = buf.indexOf('\n\n')) >= 0) {
-        const data = buf.slice(0, i).split('\n').filter((l) => l.startsWith('data:')).map((l) => l.slice(5).trimStart()).join('\n');
-        buf = buf.slice(i + 2);
-        if (!data) continue;
-        const ev = JSON.parse(data);
-        if (ev.seq >= upTo) end = true;
-        else got.push(ev);
-      }
-      if (end) break;
-    }
+    addEvents(await api.recentEvents(PRELOAD));
+    changed();
   } catch (e) {
-    console.warn('event backfill', e);
-  } finally {
-    ctl.abort();
+    console.warn('event preload', e);
   }
-  addEvents(got);
-  changed();
 }
 
 /** Starts keeping the state current. */
@@ -213,6 +188,7 @@ export function start() {
     changed();
   });
   everything();
+  preloadEvents();
   setInterval(refreshCluster, CLUSTER_POLL_MS);
   setInterval(pollInFlight, MIGRATION_POLL_MS);
   setInterval(() => { if (state.walks.some((w) => w.status === 'running')) refreshWalks(); }, CLUSTER_POLL_MS);
