@@ -5,7 +5,7 @@
 //! never a hang. Error replies become [`ClientError::Api`] with the server's
 //! [`ErrorBody`]; match on its [`ErrorKind`], not on the sentence.
 
-use crate::cluster::{AddHost, ClusterMigration, ClusterSummary, ClusterVm, CreateVm, Host, MoveVm};
+use crate::cluster::{AddHost, BalanceConfig, BalanceStatus, ClusterMigration, ClusterSummary, ClusterVm, CreateVm, Host, MoveVm};
 use crate::error::{ErrorBody, ErrorKind};
 use crate::event::Event;
 use crate::host::{CpuCatalog, HostInfo};
@@ -573,6 +573,14 @@ impl ControllerClient {
     /// `POST /v1/plans/{id}/cancel`.
     pub async fn cancel_plan(&self, id: &str) -> Result<PlanRecord, ClientError> {
         self.http.post(&format!("/v1/plans/{}/cancel", seg(id)), None::<&()>).await
+    }
+    /// `GET /v1/balance`: the balancer's settings, state and last moves.
+    pub async fn balance(&self) -> Result<BalanceStatus, ClientError> {
+        self.http.get("/v1/balance").await
+    }
+    /// `PUT /v1/balance`: changes the balancer's settings.
+    pub async fn set_balance(&self, config: &BalanceConfig) -> Result<BalanceStatus, ClientError> {
+        self.http.call(Method::PUT, "/v1/balance", Some(config), None).await
     }
     /// `GET /v1/walks`.
     pub async fn walks(&self) -> Result<Vec<WalkRecord>, ClientError> {

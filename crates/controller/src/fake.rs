@@ -40,6 +40,8 @@ pub(crate) struct State {
     pub cpu_rate: BTreeMap<String, f64>,
     /// CPU time each VM had used when its rate was last set, ms, and since when.
     pub cpu_base: BTreeMap<String, (f64, Option<tokio::time::Instant>)>,
+    /// Dirty rate each VM's agent reports, bytes/s (absent: not measured).
+    pub dirty_bps: BTreeMap<String, u64>,
 }
 
 impl State {
@@ -153,6 +155,7 @@ impl AgentApi for Fake {
                 // Truncation intended: whole milliseconds.
                 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
                 vm_cpu_ms: s.vms.iter().filter(|(_, (h, _))| *h == u).map(|(vm, _)| (vm.clone(), s.cpu_ms(vm) as u64)).collect(),
+                vm_dirty_bps: s.dirty_bps.iter().filter(|(vm, _)| s.vms.get(*vm).is_some_and(|(h, _)| *h == u)).map(|(v, b)| (v.clone(), *b)).collect(),
                 load_milli: None,
             }
         });
