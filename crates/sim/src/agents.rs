@@ -118,12 +118,7 @@ impl SimState {
     /// Memory given to VMs on host `h`, incoming ones included.
     pub fn used_mib(&self, h: usize) -> u64 {
         let placed: u64 = self.hosts[h].vms.iter().filter_map(|v| self.vms.get(v)).map(|v| v.memory_mib).sum();
-        let incoming: u64 = self
-            .running()
-            .filter(|m| m.to == h)
-            .filter_map(|m| self.vms.get(&m.rec.vm))
-            .map(|v| v.memory_mib)
-            .sum();
+        let incoming: u64 = self.running().filter(|m| m.to == h).filter_map(|m| self.vms.get(&m.rec.vm)).map(|v| v.memory_mib).sum();
         placed + incoming
     }
 

@@ -209,11 +209,7 @@ async fn play_day(cfg: DayConfig) -> Result<DayReport, SimError> {
     c.set_balance_config(cfg.balance);
     for minute in 0..minutes {
         let at = t0.elapsed().as_secs_f64();
-        let hot: Vec<usize> = spikes
-            .iter()
-            .filter(|(m, _)| *m <= minute && minute < m + cfg.spike_minutes)
-            .map(|(_, h)| *h)
-            .collect();
+        let hot: Vec<usize> = spikes.iter().filter(|(m, _)| *m <= minute && minute < m + cfg.spike_minutes).map(|(_, h)| *h).collect();
         for (m, h) in spikes.iter().filter(|(m, _)| *m == minute) {
             let _ = m;
             spiked.push(Spike { at_s: at, host: format!("h{}", h + 1) });
@@ -305,8 +301,7 @@ fn sample(s: &SimState, at: f64) -> LoadSample {
     for vm in s.vms.values() {
         used[vm.host] += vm.cpu;
     }
-    let uses: Vec<f64> =
-        s.hosts.iter().zip(&used).filter(|(h, _)| !h.failed).map(|(h, u)| u / f64::from(h.cpus.max(1))).collect();
+    let uses: Vec<f64> = s.hosts.iter().zip(&used).filter(|(h, _)| !h.failed).map(|(h, u)| u / f64::from(h.cpus.max(1))).collect();
     #[allow(clippy::cast_precision_loss)]
     let n = uses.len().max(1) as f64;
     let mean = uses.iter().sum::<f64>() / n;
