@@ -92,13 +92,13 @@ impl SetArgs {
         if let Some(i) = self.interval_s {
             cfg.interval_s = i;
         }
-        if !(cfg.threshold > 0.0 && cfg.threshold <= 1.0) {
+        if cfg.threshold.is_nan() || cfg.threshold <= 0.0 || cfg.threshold > 1.0 {
             anyhow::bail!("threshold {} is not a spread of CPU use: give one in (0, 1]", cfg.threshold);
         }
-        if !(cfg.hysteresis >= 0.0 && cfg.hysteresis < cfg.threshold) {
+        if cfg.hysteresis.is_nan() || cfg.hysteresis < 0.0 || cfg.hysteresis >= cfg.threshold {
             anyhow::bail!("hysteresis {} must be at least 0 and below the threshold {}", cfg.hysteresis, cfg.threshold);
         }
-        if !(cfg.min_gain >= 0.0) {
+        if cfg.min_gain.is_nan() || cfg.min_gain < 0.0 {
             anyhow::bail!("min-gain {} must be at least 0", cfg.min_gain);
         }
         if cfg.interval_s == 0 {
