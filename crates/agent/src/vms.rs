@@ -265,6 +265,8 @@ impl Agent {
                     host::process_cpu_ms(pid).map(|ms| (name.clone(), ms))
                 })
                 .collect(),
+            // Not measured outside a migration (which reports it in its record).
+            vm_dirty_bps: Default::default(),
             load_milli: host::load_milli(),
         }
     }

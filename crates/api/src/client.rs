@@ -9,7 +9,7 @@ use crate::checkpoint::{
     Checkpoint, CheckpointFile, CheckpointRequest, CommitCheckpoint, Encoding, FileUpload, Protection, ReplicaState, RestoreReply,
     RestoreRequest,
 };
-use crate::cluster::{AddHost, ClusterMigration, ClusterSummary, ClusterVm, CreateVm, Host, MoveVm};
+use crate::cluster::{AddHost, BalanceConfig, BalanceStatus, ClusterMigration, ClusterSummary, ClusterVm, CreateVm, Host, MoveVm};
 use crate::error::{ErrorBody, ErrorKind};
 use crate::event::Event;
 use crate::host::{CpuCatalog, HostInfo};
@@ -686,6 +686,14 @@ impl ControllerClient {
     /// `POST /v1/plans/{id}/cancel`.
     pub async fn cancel_plan(&self, id: &str) -> Result<PlanRecord, ClientError> {
         self.http.post(&format!("/v1/plans/{}/cancel", seg(id)), None::<&()>).await
+    }
+    /// `GET /v1/balance`: the balancer's settings, state and last moves.
+    pub async fn balance(&self) -> Result<BalanceStatus, ClientError> {
+        self.http.get("/v1/balance").await
+    }
+    /// `PUT /v1/balance`: changes the balancer's settings.
+    pub async fn set_balance(&self, config: &BalanceConfig) -> Result<BalanceStatus, ClientError> {
+        self.http.call(Method::PUT, "/v1/balance", Some(config), None).await
     }
     /// `GET /v1/walks`.
     pub async fn walks(&self) -> Result<Vec<WalkRecord>, ClientError> {

@@ -82,6 +82,10 @@ pub struct HostInfo {
     /// VMs busy in another operation may be missing from one answer.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub vm_cpu_ms: BTreeMap<String, u64>,
+    /// How fast each VM's guest dirties its memory, bytes/s, by VM name, from agents that
+    /// measure it (the cost of moving the VM, for balancing); VMs not measured are missing.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vm_dirty_bps: BTreeMap<String, u64>,
     /// The host's 1-minute load average, in thousandths.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_milli: Option<u64>,

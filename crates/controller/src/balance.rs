@@ -13,6 +13,11 @@
 //!   hosts of use squared) by at least `min_gain`, after the cost of moving the VM (its
 //!   memory and dirty rate: what pre-copy must send) is taken off: nothing is moved for
 //!   a marginal gain, and a busy-writing VM moves only for a large one.
+//! - **Cheapest first.** Of the moves that pass, the one removing the most imbalance
+//!   per GiB pre-copy must send (memory plus 10 s of dirtying) goes first: a small,
+//!   quiet VM before a large or busy-writing one that would even the load as much.
+//!   The dirty rate is what the agents report for each VM, or what its last migration
+//!   measured.
 //! - **No ping-pong.** A VM moved is not moved again for `cooldown_s`, and a move is
 //!   only ever from a host hotter than the mean to one cooler than the mean, so the
 //!   same VM cannot be sent back by the next round's noise.
@@ -184,14 +189,15 @@ impl Balancer {
         now_s: u64,
     ) -> Option<BalanceMove> {
         let cpus: BTreeMap<&str, f64> = hosts.iter().map(|h| (h.name.as_str(), h.cpus.max(1e-9))).collect();
-        let mut best: Option<BalanceMove> = None;
+        // The best move and its score: imbalance removed per GiB sent.
+        let mut best: Option<(BalanceMove, f64)> = None;
         for v in vms {
             let (Some(&ua), Some(&ca)) = (usage.get(&v.host), cpus.get(v.host.as_str())) else { continue };
             if ua <= mean || self.moved_s.get(&v.name).is_some_and(|t| now_s.saturating_sub(*t) < cfg.cooldown_s) {
                 continue;
             }
             #[allow(clippy::cast_precision_loss)]
-            let gib = (v.memory_mib as f64 + 10.0 * v.dirty_mib_s) / 1024.0;
+            let gib = (v.memory_mib as f64 + 10.0 * v.dirty_mib_s.max(0.0)) / 1024.0;
             let cost = cfg.cost_per_gib * gib;
             for h in hosts {
                 let ub = usage[&h.name];
@@ -200,11 +206,14 @@ impl Balancer {
                 }
                 let cb = cpus[h.name.as_str()];
                 let (na, nb) = (ua - v.cpu / ca, ub + v.cpu / cb);
-                let gain = ua * ua + ub * ub - na * na - nb * nb - cost;
-                if gain < cfg.min_gain || best.as_ref().is_some_and(|b| b.gain >= gain) || !allowed(case, &v.name, &h.name) {
+                let removed = ua * ua + ub * ub - na * na - nb * nb;
+                let gain = removed - cost;
+                let score = removed / gib.max(1e-6);
+                let better = |b: &(BalanceMove, f64)| score > b.1 || (score == b.1 && gain > b.0.gain);
+                if gain < cfg.min_gain || best.as_ref().is_some_and(|b| !better(b)) || !allowed(case, &v.name, &h.name) {
                     continue;
                 }
-                best = Some(BalanceMove {
+                let mv = BalanceMove {
                     vm: v.name.clone(),
                     from: v.host.clone(),
                     to: h.name.clone(),
@@ -225,10 +234,11 @@ impl Balancer {
                         v.dirty_mib_s,
                         cfg.min_gain
                     ),
-                });
+                };
+                best = Some((mv, score));
             }
         }
-        best
+        best.map(|(m, _)| m)
     }
 }
 
@@ -363,6 +373,60 @@ mod tests {
     }
 
     #[test]
+    fn of_two_vms_that_would_even_the_load_alike_the_one_dirtying_less_moves_first() {
+        let (case, hosts, mut vms) = cluster([2.5, 0.3, 0.3, 0.3]);
+        for v in vms.iter_mut() {
+            v.dirty_mib_s = match v.name.as_str() {
+                "vm11" => 4.0,
+                _ => 300.0,
+            };
+        }
+        let cfg = BalanceConfig { max_moves: 1, ..level(BalanceLevel::Automatic) };
+
+        let moves = Balancer::default().round(&cfg, &case, &hosts, &vms, 0);
+
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_eq!(moves[0].vm, "vm11", "{moves:?}");
+        assert!(moves[0].reason.contains("dirtying 4 MiB/s"), "{}", moves[0].reason);
+    }
+
+    #[test]
+    fn of_two_vms_that_would_even_the_load_alike_the_smaller_moves_first() {
+        let (mut case, hosts, mut vms) = cluster([2.5, 0.3, 0.3, 0.3]);
+        // vm12 is the last of h1's VMs (looked at last) and the only small one.
+        for v in case.vms.iter_mut().filter(|v| v.name.starts_with("vm1")) {
+            v.memory_mib = if v.name == "vm12" { 1024 } else { 8192 };
+        }
+        for v in vms.iter_mut().filter(|v| v.name.starts_with("vm1")) {
+            v.memory_mib = if v.name == "vm12" { 1024 } else { 8192 };
+        }
+        let cfg = BalanceConfig { max_moves: 1, ..level(BalanceLevel::Automatic) };
+
+        let moves = Balancer::default().round(&cfg, &case, &hosts, &vms, 0);
+
+        assert_eq!(moves.iter().map(|m| m.vm.as_str()).collect::<Vec<_>>(), ["vm12"]);
+    }
+
+    #[test]
+    fn a_vm_removing_a_little_less_imbalance_for_far_less_to_send_goes_first() {
+        let (case, hosts, mut vms) = cluster([2.5, 0.3, 0.3, 0.3]);
+        // vm10 would even the load a little more but dirties 2 GiB/s: 20 GiB to send
+        // against vm11's 2 GiB.
+        for v in vms.iter_mut().filter(|v| v.host == "h1") {
+            (v.cpu, v.dirty_mib_s) = match v.name.as_str() {
+                "vm10" => (2.6, 2048.0),
+                _ => (2.4, 0.0),
+            };
+        }
+        let cfg = BalanceConfig { max_moves: 1, cost_per_gib: 0.0, ..level(BalanceLevel::Automatic) };
+
+        let moves = Balancer::default().round(&cfg, &case, &hosts, &vms, 0);
+
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_ne!(moves[0].vm, "vm10", "{moves:?}");
+    }
+
+    #[test]
     fn a_load_hovering_at_the_threshold_does_not_switch_balancing_on_and_off() {
         let (case, hosts, mut vms) = cluster([0.3, 0.3, 0.3, 0.3]);
         let cfg = BalanceConfig { cooldown_s: 0, min_gain: 10.0, ..level(BalanceLevel::Automatic) };
@@ -444,6 +508,39 @@ mod tests {
             assert!(c.plans().iter().all(|p| p.status == crate::plans::PlanStatus::Proposed), "{:?}", c.plans());
             assert!(fake.state().started.is_empty(), "{:?}", fake.state().started);
             assert!(c.balance_moves().iter().all(|m| m.reason.starts_with("balance: h1")), "{:?}", c.balance_moves());
+            c.stop();
+            std::fs::remove_dir_all(&dir).ok();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn the_dirty_rates_the_agents_report_make_the_quiet_vm_move_first() {
+            let (fake, dir, c) = {
+                let fake = Fake::new(
+                    &[("h1", 4096), ("h2", 4096), ("h3", 4096)],
+                    &[("a", 256, "h1"), ("b", 256, "h1"), ("c", 256, "h1"), ("d", 256, "h2"), ("e", 256, "h3")],
+                );
+                for vm in ["a", "b", "c"] {
+                    fake.state().set_cpu(vm, 0.6);
+                }
+                // a and c write 512 MiB/s: b is the cheap one to move.
+                fake.state().dirty_bps.insert("a".into(), 512 << 20);
+                fake.state().dirty_bps.insert("c".into(), 512 << 20);
+                let dir = temp("balance-dirty");
+                let mut config = crate::ControllerConfig::new(dir.clone());
+                config.balance = BalanceConfig { level: BalanceLevel::Automatic, interval_s: 1, max_moves: 1, ..BalanceConfig::default() };
+                let c = open_with(config, &fake, &["h1", "h2", "h3"]).await;
+                (fake, dir, c)
+            };
+
+            for _ in 0..100 {
+                if !fake.state().started.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+
+            let started = fake.state().started.clone();
+            assert_eq!(started.first().map(|s| s.0.as_str()), Some("b"), "{started:?}");
             c.stop();
             std::fs::remove_dir_all(&dir).ok();
         }

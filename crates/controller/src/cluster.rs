@@ -43,6 +43,10 @@ pub struct View {
     /// smoothed CPUs used), for balancing.
     #[serde(skip)]
     pub vm_cpu: BTreeMap<String, (u64, u64, f64)>,
+    /// How fast each VM dirties its memory, bytes/s, as last measured (by its agent, or
+    /// by its last migration): what moving it costs, for balancing.
+    #[serde(skip)]
+    pub vm_dirty_bps: BTreeMap<String, u64>,
     /// Each host's CPU catalog, fetched from its agent once it answers.
     #[serde(skip)]
     pub catalogs: BTreeMap<String, Arc<CpuCatalog>>,
@@ -361,6 +365,14 @@ impl ClusterView {
                             }
                         }
                     }
+                    for (vm, &bps) in &host.vm_dirty_bps {
+                        match view.vm_dirty_bps.get_mut(vm) {
+                            Some(b) => *b = bps,
+                            None => {
+                                view.vm_dirty_bps.insert(vm.clone(), bps);
+                            }
+                        }
+                    }
                     h.last_seen_ms = Some(now);
                     let was = h.status;
                     let capacity_changed = (h.capacity_mib, h.used_mib, h.cpus) != (host.capacity_mib, host.used_mib, host.cpus);
@@ -565,6 +577,12 @@ impl ClusterView {
     /// The stale copies seen since the last call: (host, VM) (see `View::stale_copies`).
     pub(crate) fn take_stale_copies(&self) -> Vec<(String, String)> {
         std::mem::take(&mut lock(&self.view).stale_copies).into_iter().collect()
+    }
+
+    /// Records how fast `vm` dirtied its memory when last measured, bytes/s (a
+    /// migration's source agent measures it), for balancing.
+    pub(crate) fn note_dirty(&self, vm: &str, bps: u64) {
+        lock(&self.view).vm_dirty_bps.insert(vm.to_string(), bps);
     }
 
     /// Records that a migration moved `vm` to `host` (before the next poll says so).

@@ -288,7 +288,10 @@ impl Cluster {
             .filter_map(|v| {
                 let host = v.host.clone().filter(|h| in_case(h))?;
                 let cpu = view.vm_cpu.get(&v.name).map(|x| x.2).filter(|r| *r >= 0.0)?;
-                Some(crate::balance::VmLoad { name: v.name.clone(), host, cpu, memory_mib: v.memory_mib, dirty_mib_s: 0.0 })
+                // Precision: a rate in MiB/s needs no more than f64 gives.
+                #[allow(clippy::cast_precision_loss)]
+                let dirty_mib_s = view.vm_dirty_bps.get(&v.name).map_or(0.0, |&b| b as f64 / 1_048_576.0);
+                Some(crate::balance::VmLoad { name: v.name.clone(), host, cpu, memory_mib: v.memory_mib, dirty_mib_s })
             })
             .collect();
         let now_s = crate::now_ms() / 1000;

@@ -25,7 +25,7 @@ use crate::error::ControllerError;
 use crate::events::{Events, Subject};
 use crate::store::{Store, MIGRATIONS};
 use crate::{lock, now_ms};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -60,6 +60,31 @@ pub struct ExecConfig {
     pub max_bandwidth_bps: Option<u64>,
 }
 
+/// The executor's migrations: every one by id, and the ids of those not yet final,
+/// which are all that the limits and the checks before a start look at (their cost
+/// stays that of the migrations under way, not of the cluster's history).
+#[derive(Default)]
+struct Table {
+    all: BTreeMap<String, Migration>,
+    active: BTreeSet<String>,
+}
+
+impl Table {
+    fn insert(&mut self, m: Migration) {
+        if m.phase.is_final() {
+            self.active.remove(&m.id);
+        } else {
+            self.active.insert(m.id.clone());
+        }
+        self.all.insert(m.id.clone(), m);
+    }
+
+    /// The migrations not yet final.
+    fn active(&self) -> impl Iterator<Item = &Migration> + '_ {
+        self.active.iter().filter_map(|id| self.all.get(id))
+    }
+}
+
 /// The controller's migrations and the tasks driving them. Shared as `Arc<Executor>`.
 pub struct Executor {
     view: Arc<ClusterView>,
@@ -67,7 +92,7 @@ pub struct Executor {
     events: Arc<Events>,
     config: ExecConfig,
     /// Migrations by id (all of them; final ones too).
-    migrations: Mutex<BTreeMap<String, Migration>>,
+    migrations: Mutex<Table>,
     stop: watch::Receiver<bool>,
 }
 
@@ -81,8 +106,10 @@ impl Executor {
         config: ExecConfig,
         stop: watch::Receiver<bool>,
     ) -> Result<Arc<Executor>, ControllerError> {
-        let migrations: BTreeMap<String, Migration> =
-            store.list::<Migration>(&MIGRATIONS)?.into_iter().map(|m| (m.id.clone(), m)).collect();
+        let mut migrations = Table::default();
+        for m in store.list::<Migration>(&MIGRATIONS)? {
+            migrations.insert(m);
+        }
         let exec = Arc::new(Executor { view, store, events, config, migrations: Mutex::new(migrations), stop });
         let unfinished: Vec<String> = exec.in_flight().into_iter().map(|m| m.id).collect();
         for id in unfinished {
@@ -100,41 +127,41 @@ impl Executor {
 
     /// Migrations not yet final, oldest first.
     pub fn in_flight(&self) -> Vec<Migration> {
-        let mut v: Vec<_> = lock(&self.migrations).values().filter(|m| !m.phase.is_final()).cloned().collect();
+        let mut v: Vec<_> = lock(&self.migrations).active().cloned().collect();
         v.sort_by_key(|m| (m.started_ms, m.id.clone()));
         v
     }
 
     /// The migration of `vm` under way, if one is.
     pub fn in_flight_of(&self, vm: &str) -> Option<Migration> {
-        lock(&self.migrations).values().find(|m| m.vm == vm && !m.phase.is_final()).cloned()
+        lock(&self.migrations).active().find(|m| m.vm == vm).cloned()
     }
 
     /// Why `host` cannot leave the cluster now: a migration under way involves it.
     pub fn involving(&self, host: &str) -> Option<String> {
         lock(&self.migrations)
-            .values()
-            .find(|m| !m.phase.is_final() && (m.from == host || m.to == host))
+            .active()
+            .find(|m| m.from == host || m.to == host)
             .map(|m| format!("host {host} takes part in migration {} of {}", m.id, m.vm))
     }
 
     /// All migrations, oldest first.
     pub fn migrations(&self) -> Vec<Migration> {
-        let mut v: Vec<_> = lock(&self.migrations).values().cloned().collect();
+        let mut v: Vec<_> = lock(&self.migrations).all.values().cloned().collect();
         v.sort_by_key(|m| (m.started_ms, m.id.clone()));
         v
     }
 
     /// One migration.
     pub fn migration(&self, id: &str) -> Result<Migration, ControllerError> {
-        lock(&self.migrations).get(id).cloned().ok_or_else(|| ControllerError::not_found("migration", id))
+        lock(&self.migrations).all.get(id).cloned().ok_or_else(|| ControllerError::not_found("migration", id))
     }
 
     fn save_migration(&self, m: &Migration, message: Option<String>) {
         if let Err(e) = self.store.put(&MIGRATIONS, &m.id, m) {
             tracing::error!(id = %m.id, error = %e, "cannot store migration");
         }
-        lock(&self.migrations).insert(m.id.clone(), m.clone());
+        lock(&self.migrations).insert(m.clone());
         if let Some(msg) = message {
             self.events.emit(Subject::Migration, &m.id, msg, serde_json::to_value(m).unwrap_or_default());
         }
@@ -152,7 +179,7 @@ impl Executor {
             if !v.is_active() {
                 return Err(ControllerError::Conflict(format!("cannot move {vm}: it is {} on {from}", v.state)));
             }
-            if let Some(m) = migs.values().find(|m| m.vm == vm && !m.phase.is_final()) {
+            if let Some(m) = migs.active().find(|m| m.vm == vm) {
                 return Err(ControllerError::Conflict(format!("{vm} is already being migrated ({}: {} -> {})", m.id, m.from, m.to)));
             }
             let src = view.hosts.get(&from).ok_or_else(|| ControllerError::not_found("host", &from))?;
@@ -170,11 +197,10 @@ impl Executor {
             if from == to {
                 return Err(ControllerError::Conflict(format!("{vm} already runs on {to}")));
             }
-            if !within_limits(&limits, migs.values(), &from, to) {
+            if !within_limits(&limits, migs.active(), &from, to) {
                 return Ok(None);
             }
-            let incoming: u64 =
-                migs.values().filter(|m| !m.phase.is_final() && m.to == to).filter_map(|m| view.vms.get(&m.vm).map(|v| v.memory_mib)).sum();
+            let incoming: u64 = migs.active().filter(|m| m.to == to).filter_map(|m| view.vms.get(&m.vm).map(|v| v.memory_mib)).sum();
             let free = view.free_mib(to).saturating_sub(incoming);
             if free < v.memory_mib {
                 return Err(ControllerError::Conflict(format!(
@@ -205,7 +231,7 @@ impl Executor {
                 finished_ms: None,
             };
             // Reserve the slot before releasing the locks, so limits hold under races.
-            migs.insert(id, m.clone());
+            migs.insert(m.clone());
             Ok(Some(m))
         })?;
         let Some(m) = m else { return Ok(None) };
@@ -258,7 +284,7 @@ impl Executor {
             Err(_) => None,
         };
         let Some(seen) = seen else { return };
-        if let Some(m) = lock(&self.migrations).get_mut(id) {
+        if let Some(m) = lock(&self.migrations).all.get_mut(id) {
             match seen {
                 Ok(w) => m.observed_downtime_ms = Some(w.max_gap_ms),
                 Err(e) => m.probe_error = Some(e.to_string()),
@@ -322,11 +348,10 @@ impl Executor {
         let known = self.view.agents().migrations(from_url.to_string()).await?;
         // Only an agent migration no record of ours claims: an earlier, failed attempt
         // of the same hop is not this one.
-        let claimed: Vec<String> = lock(&self.migrations).values().filter_map(|x| x.agent_id.clone()).collect();
-        let ours = |r: &MigrationRecord| {
-            r.vm == m.vm && r.destination == to_url && r.created_at_ms + 2_000 >= m.started_ms && !claimed.contains(&r.id)
-        };
-        if let Some(rec) = known.into_iter().find(ours) {
+        // (The claims are looked up only for a candidate: they span the whole history.)
+        let candidate = |r: &MigrationRecord| r.vm == m.vm && r.destination == to_url && r.created_at_ms + 2_000 >= m.started_ms;
+        let claimed = |r: &MigrationRecord| lock(&self.migrations).all.values().any(|x| x.agent_id.as_deref() == Some(r.id.as_str()));
+        if let Some(rec) = known.into_iter().find(|r| candidate(r) && !claimed(r)) {
             tracing::info!(id = %m.id, agent_id = %rec.id, "adopting the agent's migration");
             return Ok(Some(rec));
         }
@@ -355,7 +380,7 @@ impl Executor {
             let msg = format!("migration {id} of {} is {}", m.vm, m.phase);
             self.save_migration(&m, Some(msg));
         } else {
-            lock(&self.migrations).insert(id.to_string(), m);
+            lock(&self.migrations).insert(m);
         }
     }
 
@@ -365,6 +390,9 @@ impl Executor {
         m.reason = reason;
         m.finished_ms = Some(now_ms());
         if let Some(r) = rec {
+            if let Some(bps) = r.dirty_rate_bps {
+                self.view.note_dirty(&m.vm, bps);
+            }
             m.agent_id = Some(r.id);
             m.progress = r.progress;
             m.strategy = r.strategy;

@@ -46,6 +46,8 @@ pub(crate) struct State {
     pub replicas: BTreeMap<String, BTreeMap<String, u64>>,
     /// Every restore asked: (VM, URL, when, ms since the epoch).
     pub restores: Vec<(String, String, u64)>,
+    /// Dirty rate each VM's agent reports, bytes/s (absent: not measured).
+    pub dirty_bps: BTreeMap<String, u64>,
 }
 
 impl State {
@@ -181,6 +183,12 @@ impl AgentApi for Fake {
                 // Truncation intended: whole milliseconds.
                 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
                 vm_cpu_ms: s.vms.iter().filter(|(_, (h, _))| *h == u).map(|(vm, _)| (vm.clone(), s.cpu_ms(vm) as u64)).collect(),
+                vm_dirty_bps: s
+                    .dirty_bps
+                    .iter()
+                    .filter(|(vm, _)| s.vms.get(*vm).is_some_and(|(h, _)| *h == u))
+                    .map(|(v, b)| (v.clone(), *b))
+                    .collect(),
                 load_milli: None,
             }
         });

@@ -273,7 +273,8 @@ impl PlanRunner {
             }
             // Act only on a view every host has answered (or been found down) since
             // this controller started.
-            if self.view.hosts().iter().any(|h| h.status == HostStatus::Unknown) {
+            // (Read in place: a copy of every host each tick costs a large cluster dearly.)
+            if self.view.read(|v| v.hosts.values().any(|h| h.status == HostStatus::Unknown)) {
                 continue;
             }
             let Ok(mut rec) = self.plan(id) else { return };
@@ -323,7 +324,8 @@ impl PlanRunner {
                 }
                 let idle = rec.running().count() == 0 && rec.pending().count() == 0;
                 if !rec.status.is_final() && idle && want_replan.is_none() {
-                    match drain::remaining(&self.view.snapshot(), &self.exec.in_flight(), &rec) {
+                    let in_flight = self.exec.in_flight();
+                    match self.view.read(|v| drain::remaining(v, &in_flight, &rec)) {
                         drain::Remaining::Nothing => self.conclude(&mut rec),
                         drain::Remaining::InFlight => {}
                         drain::Remaining::Arrived(why) => want_replan = Some(why),
@@ -408,12 +410,13 @@ impl PlanRunner {
 
     /// Why a pending step can no longer run as planned: one of its hosts went down.
     fn host_gone(&self, rec: &PlanRecord) -> Option<String> {
-        let view = self.view.snapshot();
-        rec.pending().find_map(|(_, s)| {
-            [&s.from, &s.to]
-                .into_iter()
-                .find(|h| !view.hosts.get(h.as_str()).is_some_and(|h| h.status != HostStatus::Down))
-                .map(|h| format!("host {h} went down"))
+        self.view.read(|view| {
+            rec.pending().find_map(|(_, s)| {
+                [&s.from, &s.to]
+                    .into_iter()
+                    .find(|h| !view.hosts.get(h.as_str()).is_some_and(|h| h.status != HostStatus::Down))
+                    .map(|h| format!("host {h} went down"))
+            })
         })
     }
 

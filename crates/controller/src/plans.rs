@@ -350,6 +350,11 @@ pub fn plan_goal(view: &View, case: &Case, goal: &Goal, pinned: &[String], round
     }
     let mut with_target = case.clone();
     with_target.target = target.clone();
+    // The plan keeps only the VMs it moves or pins (the others stay where they are): the
+    // whole placement in every plan made each record, and its every save and event, as
+    // large as the cluster.
+    let target: BTreeMap<String, String> =
+        target.into_iter().filter(|(vm, h)| case.current.get(vm) != Some(h) || pinned.contains(vm)).collect();
     match walkabout_plan::plan(&with_target)
         .map(|mut o| {
             if let Outcome::Ok(p) = &mut o {

@@ -8,7 +8,7 @@
 //! the simulator's paused runtime). A host that fails stops answering; migrations into
 //! it fail, migrations out of it are lost with it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::time::Instant;
 use walkabout_api::{
@@ -49,6 +49,10 @@ pub struct SimVm {
     pub dirty_mib_s: f64,
     /// CPU model.
     pub cpu_model: Option<String>,
+    /// CPUs its QEMU uses now (reported when the state's `loads` is on).
+    pub cpu: f64,
+    /// CPU time it had used when its load last changed, ms.
+    pub cpu_ms: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -88,23 +92,87 @@ pub struct SimState {
     /// VMs by name.
     pub vms: HashMap<String, SimVm>,
     migrations: HashMap<String, SimMigration>,
+    /// Migrations not yet final: what a poll looks at (never all of them).
+    active: BTreeSet<String>,
+    /// Each source host's migrations, oldest first; final ones beyond
+    /// [`FINISHED_KEPT`] per host are forgotten, as the list would otherwise grow with
+    /// every migration the run makes.
+    by_source: HashMap<usize, VecDeque<String>>,
     next_id: u64,
     /// What happened.
     pub counters: Counters,
+    /// Whether the agents report each VM's CPU time and dirty rate (the day of load
+    /// changes does; the maintenance scenarios need not pay for it).
+    pub loads: bool,
+    /// When the loads last changed.
+    load_since: Option<Instant>,
+    /// Every migration started, when loads are on: (when, VM, from, to).
+    pub moves: Vec<(Instant, String, usize, usize)>,
 }
+
+/// Final migrations each simulated source agent still lists (a controller adopting a
+/// migration after a restart looks only at recent ones).
+const FINISHED_KEPT: usize = 16;
 
 impl SimState {
     /// Memory given to VMs on host `h`, incoming ones included.
     pub fn used_mib(&self, h: usize) -> u64 {
         let placed: u64 = self.hosts[h].vms.iter().filter_map(|v| self.vms.get(v)).map(|v| v.memory_mib).sum();
-        let incoming: u64 = self
-            .migrations
-            .values()
-            .filter(|m| m.to == h && !m.rec.phase.is_final())
-            .filter_map(|m| self.vms.get(&m.rec.vm))
-            .map(|v| v.memory_mib)
-            .sum();
+        let incoming: u64 = self.running().filter(|m| m.to == h).filter_map(|m| self.vms.get(&m.rec.vm)).map(|v| v.memory_mib).sum();
         placed + incoming
+    }
+
+    /// Sets every VM's load (CPUs, dirty rate MiB/s) from `now` on, as `f` says, keeping
+    /// the CPU time each used so far.
+    pub fn set_loads(&mut self, now: Instant, mut f: impl FnMut(&str, &SimVm) -> (f64, f64)) {
+        let since = self.load_since.unwrap_or(now);
+        let elapsed_ms = now.saturating_duration_since(since).as_secs_f64() * 1000.0;
+        for (name, vm) in &mut self.vms {
+            vm.cpu_ms += vm.cpu * elapsed_ms;
+            let (cpu, dirty) = f(name, vm);
+            vm.cpu = cpu;
+            vm.dirty_mib_s = dirty;
+        }
+        self.load_since = Some(now);
+    }
+
+    /// CPU time `vm` has used by `now`, ms.
+    fn cpu_ms_at(&self, vm: &SimVm, now: Instant) -> u64 {
+        let since = self.load_since.unwrap_or(now);
+        // Truncation intended: whole milliseconds.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let ms = (vm.cpu_ms + vm.cpu * now.saturating_duration_since(since).as_secs_f64() * 1000.0) as u64;
+        ms
+    }
+
+    /// The migrations not yet final.
+    fn running(&self) -> impl Iterator<Item = &SimMigration> + '_ {
+        self.active.iter().filter_map(|id| self.migrations.get(id))
+    }
+
+    /// Records a new migration out of host `from`.
+    fn start(&mut self, id: String, m: SimMigration) {
+        let from = m.from;
+        self.active.insert(id.clone());
+        self.migrations.insert(id.clone(), m);
+        let list = self.by_source.entry(from).or_default();
+        list.push_back(id);
+        // Forget the oldest final ones beyond what an agent keeps listing.
+        let finished = list.iter().filter(|id| !self.active.contains(*id)).count();
+        if finished > FINISHED_KEPT {
+            let mut drop = finished - FINISHED_KEPT;
+            let active = &self.active;
+            let migrations = &mut self.migrations;
+            list.retain(|id| {
+                if drop > 0 && !active.contains(id) {
+                    drop -= 1;
+                    migrations.remove(id);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
     }
 
     /// Ends migration `id` if its time has come (or its destination failed).
@@ -120,6 +188,7 @@ impl SimState {
             return;
         }
         let total = now.saturating_duration_since(self.migrations[id].ends_at);
+        self.active.remove(id);
         let Some(m) = self.migrations.get_mut(id) else { return };
         if dest_failed {
             m.rec.phase = Phase::Failed;
@@ -208,6 +277,18 @@ impl AgentApi for SimAgents {
         let r = self.host_ix(&s, &url).map(|h| {
             let used = s.used_mib(h);
             let host = &s.hosts[h];
+            let (mut vm_cpu_ms, mut vm_dirty_bps) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
+            if s.loads {
+                let now = Instant::now();
+                for name in &host.vms {
+                    if let Some(vm) = s.vms.get(name) {
+                        vm_cpu_ms.insert(name.clone(), s.cpu_ms_at(vm, now));
+                        // Truncation intended: whole bytes per second.
+                        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                        vm_dirty_bps.insert(name.clone(), (vm.dirty_mib_s * 1_048_576.0) as u64);
+                    }
+                }
+            }
             HostInfo {
                 hostname: url.trim_start_matches("http://sim-").to_string(),
                 cpu_model: "simulated".into(),
@@ -219,7 +300,8 @@ impl AgentApi for SimAgents {
                 vms: host.vms.len() as u64,
                 accel: AccelChoice { accel: Accel::Kvm, reason: "simulated".into(), tcg_ms: None, kvm_ms: None },
                 qemu: QemuVersion { major: 10, minor: 0, micro: 2, banner: "simulated".into() },
-                vm_cpu_ms: Default::default(),
+                vm_cpu_ms,
+                vm_dirty_bps,
                 load_milli: None,
             }
         });
@@ -230,8 +312,7 @@ impl AgentApi for SimAgents {
     fn vms(&self, url: String) -> BoxFut<Result<Vec<VmInfo>, ClientError>> {
         let mut s = self.state();
         let r = self.host_ix(&s, &url).map(|h| {
-            let migrating: BTreeSet<&str> =
-                s.migrations.values().filter(|m| m.from == h && !m.rec.phase.is_final()).map(|m| m.rec.vm.as_str()).collect();
+            let migrating: BTreeSet<&str> = s.running().filter(|m| m.from == h).map(|m| m.rec.vm.as_str()).collect();
             s.hosts[h]
                 .vms
                 .iter()
@@ -248,7 +329,15 @@ impl AgentApi for SimAgents {
     fn create_vm(&self, url: String, spec: VmSpec) -> BoxFut<Result<VmInfo, ClientError>> {
         let mut s = self.state();
         let r = self.host_ix(&s, &url).map(|h| {
-            let vm = SimVm { host: h, memory_mib: spec.memory_mib, vcpus: spec.vcpus, dirty_mib_s: 0.0, cpu_model: spec.cpu_model.clone() };
+            let vm = SimVm {
+                host: h,
+                memory_mib: spec.memory_mib,
+                vcpus: spec.vcpus,
+                dirty_mib_s: 0.0,
+                cpu_model: spec.cpu_model.clone(),
+                cpu: 0.0,
+                cpu_ms: 0.0,
+            };
             let info = vm_info(&spec.name, &vm, VmState::Running);
             s.hosts[h].vms.insert(spec.name.clone());
             s.vms.insert(spec.name.clone(), vm);
@@ -304,7 +393,10 @@ impl AgentApi for SimAgents {
             MigrationRecord { phase: Phase::Running, ..MigrationRecord::pending(id.clone(), &req, walkabout_controller::now_ms()) };
         rec.total_ms = Some(ms);
         rec.dirty_rate_bps = Some((vm.dirty_mib_s * 1_048_576.0) as u64);
-        s.migrations.insert(id, SimMigration { rec: rec.clone(), from, to, ends_at: now + std::time::Duration::from_millis(ms) });
+        if s.loads {
+            s.moves.push((now, req.vm.clone(), from, to));
+        }
+        s.start(id, SimMigration { rec: rec.clone(), from, to, ends_at: now + std::time::Duration::from_millis(ms) });
         s.counters.started += 1;
         ready(Ok(rec))
     }
@@ -328,7 +420,7 @@ impl AgentApi for SimAgents {
             Ok(h) => h,
             Err(e) => return ready(Err(e)),
         };
-        let ids: Vec<String> = s.migrations.iter().filter(|(_, m)| m.from == h).map(|(id, _)| id.clone()).collect();
+        let ids: Vec<String> = s.by_source.get(&h).map(|l| l.iter().cloned().collect()).unwrap_or_default();
         let now = Instant::now();
         for id in &ids {
             s.settle(id, now);
@@ -341,10 +433,12 @@ impl AgentApi for SimAgents {
         if let Err(e) = self.host_ix(&s, &url) {
             return ready(Err(e));
         }
+        let s = &mut *s;
         if let Some(m) = s.migrations.get_mut(&id) {
             if !m.rec.phase.is_final() {
                 m.rec.phase = Phase::Cancelled;
                 m.rec.reason = Some("cancelled".into());
+                s.active.remove(&id);
             }
         }
         ready(Ok(()))

@@ -5,8 +5,10 @@
 
 pub mod agents;
 pub mod cost;
+pub mod day;
 pub mod plot;
 pub mod scenario;
 
 pub use cost::CostModel;
+pub use day::{run_day, DayConfig, DayReport};
 pub use scenario::{run, Report, Scenario, SimConfig};

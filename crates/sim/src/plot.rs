@@ -64,3 +64,23 @@ pub fn svg(report: &Report) -> String {
     out.push_str("</svg>\n");
     out
 }
+
+/// The SVG of a day of load changes: the imbalance (spread of CPU use between the
+/// hottest and the coolest host) each simulated minute, and the moves in each hour.
+pub fn day_svg(report: &crate::DayReport) -> String {
+    let mut out =
+        format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{}\" viewBox=\"0 0 {W} {}\">\n", 2.0 * H, 2.0 * H);
+    out.push_str("<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
+    let spread: Vec<(f64, f64)> = report.load.iter().map(|l| (l.at_s / 3600.0, l.spread)).collect();
+    let c = &report.config;
+    let title = format!(
+        "day of load changes: {} hosts, {} VMs, balancing {:?} (threshold {}): CPU use spread, hottest - coolest host",
+        c.cluster.hosts, c.cluster.vms, c.balance.level, c.balance.threshold
+    );
+    panel(&mut out, 0.0, &title, "simulated hours", "spread", &spread, false);
+    #[allow(clippy::cast_precision_loss)]
+    let moves: Vec<(f64, f64)> = report.moves_per_hour.iter().enumerate().map(|(h, n)| (h as f64, *n as f64)).collect();
+    panel(&mut out, H, "moves started per simulated hour", "hour", "moves", &moves, true);
+    out.push_str("</svg>\n");
+    out
+}

@@ -49,6 +49,8 @@ pub enum Scenario {
     Failures,
     /// A drain during which a whole rack fails at once.
     Rack,
+    /// A day of load changes under automatic balancing ([`crate::day`]).
+    Day,
 }
 
 impl std::str::FromStr for Scenario {
@@ -58,7 +60,8 @@ impl std::str::FromStr for Scenario {
             "rolling" | "rolling-maintenance" => Ok(Scenario::Rolling),
             "failures" | "host-failures" => Ok(Scenario::Failures),
             "rack" | "rack-lost" => Ok(Scenario::Rack),
-            _ => Err(format!("unknown scenario {s:?}: rolling, failures or rack")),
+            "day" | "day-of-load" => Ok(Scenario::Day),
+            _ => Err(format!("unknown scenario {s:?}: rolling, failures, rack or day")),
         }
     }
 }
@@ -233,7 +236,7 @@ pub struct Report {
 }
 
 /// SplitMix64: a seeded stream, so a scenario replays exactly.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -243,7 +246,7 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         usize::try_from(self.next() % (n.max(1) as u64)).unwrap_or(0)
     }
 }
@@ -311,13 +314,24 @@ pub fn build(cfg: &SimConfig) -> SimState {
                 vcpus: [1, 2, 4][rng.below(3)],
                 dirty_mib_s: dirty[rng.below(dirty.len())],
                 cpu_model: Some(model.into()),
+                cpu: 0.0,
+                cpu_ms: 0.0,
             },
         );
     }
     s
 }
 
-fn cpu_and_rss() -> (f64, f64) {
+/// The process's resident memory now, MiB.
+pub(crate) fn rss_now_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// The process's CPU time (s) and peak resident memory (MiB).
+pub(crate) fn cpu_and_rss() -> (f64, f64) {
     // SAFETY: getrusage writes into the zeroed struct we pass and reads nothing else.
     let cpu = unsafe {
         let mut ru: libc::rusage = std::mem::zeroed();
@@ -337,6 +351,9 @@ fn cpu_and_rss() -> (f64, f64) {
 
 /// Runs `cfg`'s scenario on a paused current-thread runtime and reports.
 pub fn run(cfg: SimConfig) -> Result<Report, SimError> {
+    if cfg.scenario == Scenario::Day {
+        return Err(SimError::Setup { what: "scenario day".into(), cause: "a day is played by walkabout_sim::run_day".into() });
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(true)
@@ -400,6 +417,7 @@ async fn play(cfg: SimConfig) -> Result<Report, SimError> {
                 }
             }
         }
+        Scenario::Day => {}
         Scenario::Rack => {
             // Drain a host of rack 0 and lose rack 1 while its plan runs.
             let first = names[0].clone();

@@ -38,3 +38,22 @@ fn a_lost_rack_is_marked_down_within_seconds_and_its_vms_reported_unreachable() 
     assert!(lost > 0 && r.unreachable_vms >= lost, "{} VMs on the rack, {} unreachable", lost, r.unreachable_vms);
     assert_eq!(r.drains.len(), 1, "{:#?}", r.drains);
 }
+
+#[test]
+fn a_day_of_load_changes_is_balanced_without_ping_pong() {
+    let cost = CostModel::fit(include_str!("../../../bench/results/migrate.json")).expect("bench results fit");
+    let mut cfg = walkabout_sim::DayConfig::new(12, 120, cost, walkabout_sim::scenario::scratch_dir("day"));
+    cfg.cluster.rack_size = 4;
+    cfg.cluster.host_mib = 64 * 1024;
+    cfg.hours = 6;
+    cfg.spikes = 2;
+
+    let r = walkabout_sim::run_day(cfg).expect("runs");
+
+    assert_eq!(r.load.len(), 6 * 60);
+    assert_eq!(r.moves_per_hour.len(), 6);
+    assert!(!r.moves.is_empty(), "racks peaking hours apart and two spikes moved nothing: {:?}", r.spread);
+    assert!(r.ping_pong.is_empty(), "{:#?}", r.ping_pong);
+    assert_eq!(r.migrations["failed"] + r.migrations["refused_cpu"], 0, "{:?}", r.migrations);
+    assert!(walkabout_sim::plot::day_svg(&r).starts_with("<svg"));
+}

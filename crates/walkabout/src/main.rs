@@ -67,6 +67,9 @@ enum Command {
     /// Rebalance, consolidate, and review or run plans (against a controller).
     #[command(subcommand)]
     Cluster(cli::cluster::ClusterCommand),
+    /// Automatic balancing: show it, set its level (manual, recommend, automatic) and threshold.
+    #[command(subcommand)]
+    Balance(cli::balance::BalanceCommand),
     /// Let VMs wander: each hop a live migration to a random host with room.
     Walk(cli::walk::WalkArgs),
     /// Failovers: the VMs of hosts that died, restored from their replicas or lost.
@@ -91,7 +94,8 @@ enum Command {
         shell: clap_complete::Shell,
     },
     /// Simulate a large cluster (1,000 hosts, 20,000 VMs by default) under the real
-    /// controller: rolling maintenance, host failures, a lost rack; JSON report + SVG.
+    /// controller: rolling maintenance, host failures, a lost rack, a day of load
+    /// changes; JSON report + SVG.
     Sim(cli::sim::SimArgs),
 }
 
@@ -143,6 +147,7 @@ fn main() -> std::process::ExitCode {
         Command::Up(a) => cli::up::run(a),
         Command::Controller(a) => cli::controller::run(a),
         Command::Cluster(c) => cli::cluster::run(c),
+        Command::Balance(c) => cli::balance::run(c),
         Command::Walk(a) => cli::walk::run_walk(a),
         Command::Game(c) => cli::walk::run_game(c),
         Command::Failover(c) => cli::failover::run(c),

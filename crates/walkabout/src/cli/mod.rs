@@ -1,6 +1,7 @@
 //! One module per subcommand group.
 
 pub mod agent;
+pub mod balance;
 pub mod ca;
 pub mod checkpoint;
 pub mod client;

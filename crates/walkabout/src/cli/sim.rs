@@ -4,7 +4,7 @@
 use anyhow::Context;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use walkabout_sim::{CostModel, Scenario, SimConfig};
+use walkabout_sim::{CostModel, DayConfig, Scenario, SimConfig};
 
 /// The migration measurements the cost model is fitted to, as checked in.
 const MIGRATE_RESULTS: &str = include_str!("../../../../bench/results/migrate.json");
@@ -13,14 +13,24 @@ const MIGRATE_RESULTS: &str = include_str!("../../../../bench/results/migrate.js
 #[derive(clap::Args)]
 pub struct SimArgs {
     /// `rolling` (maintenance of every host in turn), `failures` (random hosts fail
-    /// during a rolling maintenance) or `rack` (a rack fails during a drain).
+    /// during a rolling maintenance), `rack` (a rack fails during a drain) or `day` (a
+    /// day of load changes under automatic balancing).
     scenario: Scenario,
-    /// Simulated hosts.
-    #[arg(long, default_value_t = 1000)]
-    hosts: usize,
-    /// Simulated VMs.
-    #[arg(long, default_value_t = 20_000)]
-    vms: usize,
+    /// Simulated hosts (default 1,000; 100 for `day`).
+    #[arg(long)]
+    hosts: Option<usize>,
+    /// Simulated VMs (default 20,000; 2,000 for `day`).
+    #[arg(long)]
+    vms: Option<usize>,
+    /// `day`: simulated hours.
+    #[arg(long, default_value_t = 24)]
+    hours: u64,
+    /// `day`: load spikes (a host's VMs all at their full vCPUs for 45 minutes).
+    #[arg(long, default_value_t = 6)]
+    spikes: usize,
+    /// `day`: the balancer's threshold (spread of CPU use that starts balancing).
+    #[arg(long)]
+    threshold: Option<f64>,
     /// Hosts per rack (racks alternate two CPU generations).
     #[arg(long, default_value_t = 20)]
     rack_size: usize,
@@ -36,10 +46,10 @@ pub struct SimArgs {
     /// Migrations in the whole cluster at once.
     #[arg(long, default_value_t = 64)]
     per_cluster: u32,
-    /// How often the controller polls each agent, ms (its default is 500; a large
-    /// cluster's long simulations go faster with less frequent polls).
-    #[arg(long, default_value_t = 500)]
-    poll_ms: u64,
+    /// How often the controller polls each agent, ms (default 500, the controller's
+    /// own; 5,000 for `day`: a long simulation goes faster with less frequent polls).
+    #[arg(long)]
+    poll_ms: Option<u64>,
     /// Seed of the layout and the failures.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -60,7 +70,11 @@ pub fn run(a: SimArgs) -> anyhow::Result<ExitCode> {
     };
     let cost = CostModel::fit(&text)?;
     let tag = format!("{:?}", a.scenario).to_lowercase();
-    let mut cfg = SimConfig::new(a.scenario, a.hosts, a.vms, cost, walkabout_sim::scenario::scratch_dir(&tag));
+    if a.scenario == Scenario::Day {
+        return day(a, cost, walkabout_sim::scenario::scratch_dir(&tag));
+    }
+    let mut cfg =
+        SimConfig::new(a.scenario, a.hosts.unwrap_or(1000), a.vms.unwrap_or(20_000), cost, walkabout_sim::scenario::scratch_dir(&tag));
     cfg.rack_size = a.rack_size;
     cfg.drain_hosts = a.drain_hosts;
     cfg.failures = a.failures;
@@ -69,7 +83,7 @@ pub fn run(a: SimArgs) -> anyhow::Result<ExitCode> {
     cfg.limits.planner_parallel_per_host = a.per_host;
     cfg.limits.per_cluster = a.per_cluster;
     cfg.seed = a.seed;
-    cfg.poll_ms = a.poll_ms;
+    cfg.poll_ms = a.poll_ms.unwrap_or(500);
     let report = walkabout_sim::run(cfg)?;
     let json = serde_json::to_string_pretty(&report)?;
     match &a.out {
@@ -83,6 +97,48 @@ pub fn run(a: SimArgs) -> anyhow::Result<ExitCode> {
                 report.migrations.get("completed").copied().unwrap_or(0),
                 report.simulated_s,
                 report.wall_s,
+                p.display(),
+                svg.display()
+            );
+        }
+        None => println!("{json}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `walkabout sim day`: a day of load changes under automatic balancing.
+fn day(a: SimArgs, cost: CostModel, dir: PathBuf) -> anyhow::Result<ExitCode> {
+    let mut cfg = DayConfig::new(a.hosts.unwrap_or(100), a.vms.unwrap_or(2000), cost, dir);
+    let cl = &mut cfg.cluster;
+    cl.rack_size = a.rack_size;
+    cl.limits.per_host_out = a.per_host;
+    cl.limits.per_host_in = a.per_host;
+    cl.limits.planner_parallel_per_host = a.per_host;
+    cl.limits.per_cluster = a.per_cluster;
+    cl.seed = a.seed;
+    if let Some(p) = a.poll_ms {
+        cl.poll_ms = p;
+    }
+    cfg.hours = a.hours;
+    cfg.spikes = a.spikes;
+    if let Some(t) = a.threshold {
+        cfg.balance.threshold = t;
+    }
+    let report = walkabout_sim::run_day(cfg)?;
+    let json = serde_json::to_string_pretty(&report)?;
+    match &a.out {
+        Some(p) => {
+            std::fs::write(p, json + "\n").with_context(|| format!("writing {}", p.display()))?;
+            let svg = p.with_extension("svg");
+            std::fs::write(&svg, walkabout_sim::plot::day_svg(&report)).with_context(|| format!("writing {}", svg.display()))?;
+            eprintln!(
+                "{:.0} simulated h in {:.0} s real: {} moves ({} ping-pong), spread median {:.2} max {:.2}; report {}, plot {}",
+                report.simulated_s / 3600.0,
+                report.wall_s,
+                report.moves.len(),
+                report.ping_pong.len(),
+                report.spread.median,
+                report.spread.max,
                 p.display(),
                 svg.display()
             );
