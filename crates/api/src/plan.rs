@@ -196,7 +196,9 @@ pub struct PlanRecord {
     pub finished_ms: Option<u64>,
     /// Every step of every round, in order.
     pub steps: Vec<Step>,
-    /// Where each VM should end.
+    /// Where each VM the plan moves or pins should end (VMs it leaves alone are not
+    /// listed: a whole cluster's placement in every plan record made 1,000-host
+    /// clusters slow).
     #[serde(default)]
     pub target: BTreeMap<String, String>,
     /// Why no plan exists, per VM (status `impossible`).
