@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::time::Instant;
-use walkabout_api::{BalanceConfig, BalanceLevel, HostStatus};
+use walkabout_api::{BalanceConfig, BalanceLevel};
 use walkabout_controller::{Cluster, ControllerConfig};
 
 use crate::agents::{SimAgents, SimState};
@@ -184,14 +184,7 @@ async fn play_day(cfg: DayConfig) -> Result<DayReport, SimError> {
     for i in 1..=cl.hosts {
         c.add_host(&format!("http://sim-h{i}"), Some(&format!("h{i}"))).await?;
     }
-    let mut waited = 0;
-    while !c.hosts().iter().all(|h| h.status == HostStatus::Up && h.cpu_ceiling.is_some()) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        waited += 1;
-        if waited > 120 {
-            return Err(SimError::NotReady(waited));
-        }
-    }
+    crate::scenario::wait_ready(&c).await?;
     let setup_wall_s = wall0.elapsed().as_secs_f64();
     let started0 = agents.state().counters.started;
     let (t0, w0) = (Instant::now(), std::time::Instant::now());

@@ -374,15 +374,7 @@ async fn play(cfg: SimConfig) -> Result<Report, SimError> {
     for n in &names {
         c.add_host(&format!("http://sim-{n}"), Some(n)).await?;
     }
-    // Ready: every host up with its catalog.
-    let mut waited = 0;
-    while !c.hosts().iter().all(|h| h.status == HostStatus::Up && h.cpu_ceiling.is_some()) {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        waited += 1;
-        if waited > 120 {
-            return Err(SimError::NotReady(waited));
-        }
-    }
+    wait_ready(&c).await?;
     let setup_wall_s = wall0.elapsed().as_secs_f64();
     let polls0 = agents.state().counters.polls;
     let (t0, w0) = (Instant::now(), std::time::Instant::now());
@@ -581,4 +573,17 @@ impl Run<'_> {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
+}
+
+/// Waits until every host of `c` is up with its CPU catalog (two minutes at most).
+pub(crate) async fn wait_ready(c: &Cluster) -> Result<(), SimError> {
+    let mut waited = 0;
+    while !c.hosts().iter().all(|h| h.status == HostStatus::Up && h.cpu_ceiling.is_some()) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        waited += 1;
+        if waited > 120 {
+            return Err(SimError::NotReady(waited));
+        }
+    }
+    Ok(())
 }
