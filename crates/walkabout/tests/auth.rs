@@ -109,7 +109,9 @@ fn every_route_refuses_strangers_and_viewers_change_nothing() {
                 if !is_change(m) && matches!(s, 401 | 403) {
                     wrong.push(format!("{what} {m} {p} as a viewer: {s} (a viewer reads)"));
                 }
-                let host_route = *what == "agent" && (p.starts_with("/v1/incoming") || (!is_change(m) && p.starts_with("/v1/host")));
+                // Host to host: migrations in, replicas of checkpoints, reading the host.
+                let host_route = *what == "agent"
+                    && (p.starts_with("/v1/incoming") || p.starts_with("/v1/replicas") || (!is_change(m) && p.starts_with("/v1/host")));
                 let s = status(&host, base, m, p).await;
                 if !host_route && s != 403 {
                     wrong.push(format!("{what} {m} {p} with a host certificate: {s} (want 403)"));
