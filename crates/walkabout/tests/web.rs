@@ -206,4 +206,26 @@ fn the_console_lists_the_cluster_moves_a_dragged_vm_and_drains_a_host() {
     b.save("8-viewer-drag.png", &b.screenshot());
     assert_eq!(ctl.host("h1").maintenance, Maintenance::Active);
     assert_eq!(ctl.host("h1").vms.len(), 2);
+
+    // Protection from the page: the viewer's click is refused with the reason; an
+    // operator's protects b toward h2 (back in service), and b's card shows the replica
+    // and the checkpoints shipped to it as they come.
+    b.click("#plan-close");
+    b.click(".vm[data-vm=\"b\"] button.protect");
+    let refused = b.wait_for("the viewer's protect refused", LIMIT, |b| b.text("#notice:not([hidden])"));
+    assert!(refused.contains("(viewer) may only read"), "the viewer's protect: {refused}");
+    assert!(vms(&ctl).iter().all(|v| v.protection.is_none()), "a viewer protected a VM");
+    ctl.cli(&["host", "undrain", "h2"]);
+    let operator: ConsoleLogin = ctl.cli_as(&["console-url"]);
+    b.goto(&operator.url);
+    b.wait_for("b's protect button", LIMIT, |b| b.find(".vm[data-vm=\"b\"] button.protect"));
+    b.click(".vm[data-vm=\"b\"] button.protect");
+    let line = b.wait_for("b's first checkpoint shipped to its replica", LIMIT, |b| {
+        b.text(".vm[data-vm=\"b\"] .replica").filter(|t| t.contains("checkpoint ") && !t.contains("no checkpoint"))
+    });
+    assert!(line.contains("replica h2"), "b's protection line: {line}");
+    let p = vms(&ctl).into_iter().find(|v| v.name == "b").and_then(|v| v.protection).expect("b is protected");
+    assert_eq!(p.replica, "h2");
+    b.save("9-protected.png", &b.screenshot());
+    assert_eq!(b.script_errors(), Vec::<String>::new(), "the page's scripts failed");
 }

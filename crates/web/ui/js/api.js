@@ -50,6 +50,10 @@ export const api = {
   startWalk: (opts) => call('POST', 'v1/walks', opts),
   startChairs: (opts) => call('POST', 'v1/games/musical-chairs', opts),
   stopWalk: (id) => call('POST', `v1/walks/${enc(id)}/stop`),
+  /** Protects `vm`: checkpoints shipped to a replica host (the controller picks it). */
+  protect: (vm, opts = {}) => call('POST', `v1/vms/${enc(vm)}/protect`, opts),
+  unprotect: (vm) => call('DELETE', `v1/vms/${enc(vm)}/protect`),
+  failovers: () => call('GET', 'v1/failovers'),
 };
 
 /** The event stream: `onEvent(event)` for each change, `onState('live' | 'lost')` as the
@@ -58,7 +62,7 @@ export function subscribe(onEvent, onState) {
   const es = new EventSource('v1/events', { withCredentials: true });
   es.onopen = () => onState('live');
   es.onerror = () => onState('lost');
-  for (const subject of ['host', 'vm', 'plan', 'migration', 'walk']) {
+  for (const subject of ['host', 'vm', 'plan', 'migration', 'walk', 'failover']) {
     es.addEventListener(subject, (m) => {
       try { onEvent(JSON.parse(m.data)); } catch (e) { console.warn('bad event', e); }
     });

@@ -2,7 +2,7 @@
 // lists), and its migration, live or last.
 
 import { h, fill } from './dom.js';
-import { mib, summary } from './format.js';
+import { mib, bytes, summary, ago } from './format.js';
 import { renderProgress, renderHop } from './progress.js';
 import { state, inFlightOf, lastHopOf } from './store.js';
 
@@ -14,6 +14,7 @@ export function makeCard(name, actions) {
     facts: h('div.facts'),
     heart: h('div.heartbeat'),
     devices: h('div.devices'),
+    guard: h('div.protection'),
     live: h('div.progress', { 'aria-live': 'polite' }),
     hop: h('div.last'),
   };
@@ -46,12 +47,32 @@ export function updateCard(el, vm, actions) {
     g.kernel_trouble ? h('b.bad', {}, ' · kernel trouble') : null,
     (g.alerts ?? []).length ? h('div.bad', {}, g.alerts.at(-1)) : null);
   fill(P.devices, devices('disk', vm.disks ?? vm.spec?.disks), devices('nic', vm.nics ?? vm.spec?.nics));
+  fill(P.guard, ...protection(vm, actions));
   const m = inFlightOf(vm.name);
   P.live.hidden = !m;
   if (m) renderProgress(P.live, m, state.passes.get(m.id), actions.cancelMigration);
   const last = lastHopOf(vm.name);
   P.hop.hidden = !!m || !last;
   if (last && !m) renderHop(P.hop, last);
+}
+
+/** The VM's protection: its replica host and its last checkpoint shipped there (the age
+ *  is the recovery point if its host died now), with the button that turns it on or off. */
+function protection(vm, actions) {
+  const p = vm.protection;
+  const st = vm.protection_status ?? {};
+  if (!p) {
+    const on = vm.state === 'running' ? h('button.protect', { type: 'button', onclick: () => actions.protect(vm.name) }, 'Protect') : null;
+    return [h('span.unprotected', {}, 'not protected'), on];
+  }
+  const last = st.last;
+  const shipped = last ? `checkpoint ${last.n} ${ago(last.taken_ms)}${last.shipped_bytes != null ? `, ${bytes(last.shipped_bytes)} shipped` : ''}` : 'no checkpoint yet';
+  return [
+    h('span.replica', { 'data-replica': p.replica }, `⛨ replica ${p.replica} · ${st.checkpoints ?? 0} checkpoints · ${shipped}`),
+    st.last_error ? h('div.bad', {}, st.last_error) : null,
+    st.fenced_ms ? h('div.bad', {}, `fenced ${ago(st.fenced_ms)}`) : null,
+    h('button.unprotect', { type: 'button', onclick: () => actions.unprotect(vm.name) }, 'Unprotect'),
+  ];
 }
 
 function devices(kind, list) {

@@ -41,6 +41,12 @@ const actions = {
   async undrain(host) {
     try { await api.undrain(host); } catch (e) { report(e); }
   },
+  async protect(vm) {
+    try { await api.protect(vm); changed(); } catch (e) { report(e); }
+  },
+  async unprotect(vm) {
+    try { await api.unprotect(vm); changed(); } catch (e) { report(e); }
+  },
   async cancelMigration(m) {
     try { recordMigration(await api.cancelMigration(m.id)); changed(); } catch (e) { report(e); }
   },
