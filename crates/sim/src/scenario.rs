@@ -220,9 +220,11 @@ pub struct Report {
     pub plan_latency_ms: Spread,
     /// Host failures.
     pub failures: Vec<FailureResult>,
-    /// VMs the controller sees unreachable at the end (their hosts failed; the controller
-    /// does not restart VMs from replicas yet).
+    /// VMs the controller sees unreachable at the end (their hosts failed and their fate
+    /// is not settled yet: a protected VM waits out its fence time before its failover).
     pub unreachable_vms: usize,
+    /// VMs the controller reported lost at the end (unprotected, their host down).
+    pub lost_vms: usize,
     /// The process's CPU time (controller and simulated agents), s.
     pub cpu_s: f64,
     /// The process's peak resident memory, MiB.
@@ -438,6 +440,7 @@ async fn play(cfg: SimConfig) -> Result<Report, SimError> {
     let counters = s.counters.clone();
     drop(s);
     let unreachable_vms = c.vms().iter().filter(|v| v.state == walkabout_api::ClusterVmState::Unreachable).count();
+    let lost_vms = c.vms().iter().filter(|v| v.state == walkabout_api::ClusterVmState::Lost).count();
     c.stop();
     let polls = (counters.polls - polls0) as f64 / 2.0;
     let drained: Vec<f64> = run.drains.iter().filter(|d| d.outcome == "drained").map(|d| d.time_s).collect();
@@ -460,6 +463,7 @@ async fn play(cfg: SimConfig) -> Result<Report, SimError> {
         drains: run.drains,
         failures: run.failures,
         unreachable_vms,
+        lost_vms,
         cpu_s,
         max_rss_mib,
         polls_per_simulated_s: polls / simulated_s.max(1e-9),
