@@ -182,6 +182,16 @@ async fn list(State(a): State<Agent>) -> Response {
 
 type Body<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
 
+/// An optional body: absent is `T::default()`; one that is there must be a `T` (an
+/// ErrorBody otherwise, as on every route, not axum's plain-text rejection).
+type OptionalBody<T> = Result<Option<Json<T>>, axum::extract::rejection::JsonRejection>;
+
+/// The optional body, its default when absent, or an error (422) naming what is wrong.
+fn optional_body<T: Default>(b: OptionalBody<T>, what: &str) -> Result<T, AgentError> {
+    b.map(|b| b.map(|Json(v)| v).unwrap_or_default())
+        .map_err(|e| AgentError::InvalidRequest { reason: format!("invalid {what}: {}", e.body_text()) })
+}
+
 /// The body, or an error (422) naming what is wrong with it.
 fn body<T>(b: Body<T>, what: &str) -> Result<T, AgentError> {
     b.map(|Json(v)| v).map_err(|e| AgentError::InvalidRequest { reason: format!("invalid {what}: {}", e.body_text()) })
@@ -373,9 +383,11 @@ fn no_content(r: Result<(), AgentError>) -> Response {
     }
 }
 
-async fn checkpoint(State(a): State<Agent>, Path(name): Path<String>, b: Option<Json<CheckpointRequest>>) -> Response {
-    let req = b.map(|Json(r)| r).unwrap_or_default();
-    created(a.checkpoint(&name, req).await)
+async fn checkpoint(State(a): State<Agent>, Path(name): Path<String>, b: OptionalBody<CheckpointRequest>) -> Response {
+    match optional_body(b, "checkpoint request") {
+        Ok(req) => created(a.checkpoint(&name, req).await),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn protect(State(a): State<Agent>, Path(name): Path<String>, b: Body<Protection>) -> Response {
@@ -401,8 +413,11 @@ async fn delete_checkpoint(State(a): State<Agent>, Path(id): Path<String>) -> Re
     no_content(a.delete_checkpoint(&id))
 }
 
-async fn restore_checkpoint(State(a): State<Agent>, Path(id): Path<String>, b: Option<Json<RestoreRequest>>) -> Response {
-    created(a.restore_checkpoint(&id, b.map(|Json(r)| r).unwrap_or_default()).await)
+async fn restore_checkpoint(State(a): State<Agent>, Path(id): Path<String>, b: OptionalBody<RestoreRequest>) -> Response {
+    match optional_body(b, "restore request") {
+        Ok(req) => created(a.restore_checkpoint(&id, req).await),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn replicas(State(a): State<Agent>) -> Response {
@@ -437,8 +452,11 @@ async fn commit_replica(State(a): State<Agent>, Path(vm): Path<String>, b: Body<
     }
 }
 
-async fn restore_replica(State(a): State<Agent>, Path(vm): Path<String>, b: Option<Json<RestoreRequest>>) -> Response {
-    created(a.restore_replica(&vm, b.map(|Json(r)| r).unwrap_or_default()).await)
+async fn restore_replica(State(a): State<Agent>, Path(vm): Path<String>, b: OptionalBody<RestoreRequest>) -> Response {
+    match optional_body(b, "restore request") {
+        Ok(req) => created(a.restore_replica(&vm, req).await),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn metrics(State(a): State<Agent>) -> Response {

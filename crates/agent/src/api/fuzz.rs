@@ -49,7 +49,12 @@ impl Setup {
     }
 
     fn send(&self, path: &str, body: Vec<u8>, json: bool) -> (StatusCode, Vec<u8>) {
-        let mut req = Request::builder().method("POST").uri(path);
+        self.send_as("POST", path, body, json)
+    }
+
+    /// `method` `path` with `body` (a JSON content type when `json`): the status and body.
+    fn send_as(&self, method: &str, path: &str, body: Vec<u8>, json: bool) -> (StatusCode, Vec<u8>) {
+        let mut req = Request::builder().method(method).uri(path);
         if json {
             req = req.header("content-type", "application/json");
         }
@@ -153,16 +158,16 @@ fn bodies_that_are_not_the_routes_request_are_4xx_error_bodies() {
     }
     // Every POST route of the agent, on things that do not exist, with any JSON that is
     // no request: refused, never a 5xx.
-    let posts: Vec<String> = super::ROUTES
+    let posts: Vec<(&str, String)> = super::ROUTES
         .iter()
         .filter(|(m, _)| matches!(*m, "POST" | "PUT"))
-        .map(|(_, p)| p.replace("{name}", "nosuch").replace("{id}", "nosuch"))
+        .map(|(m, p)| (*m, p.replace("{name}", "nosuch").replace("{id}", "nosuch").replace("{vm}", "nosuch").replace("{file}", "nosuch")))
         .collect();
     let mut runner = TestRunner::new(Config { cases: 64, ..Config::default() });
-    let result = runner.run(&(proptest::sample::select(posts), json_value()), |(path, v)| {
+    let result = runner.run(&(proptest::sample::select(posts), json_value()), |((method, path), v)| {
         prop_assume!(BODY_ROUTES.iter().all(|(_, is_request)| !is_request(&v)));
-        let (status, reply) = s.send(&path, v.to_string().into_bytes(), true);
-        refused(status, &reply, &format!("POST {path} {v}"))
+        let (status, reply) = s.send_as(method, &path, v.to_string().into_bytes(), true);
+        refused(status, &reply, &format!("{method} {path} {v}"))
     });
     if let Err(e) = result {
         panic!("{e}");
