@@ -86,6 +86,10 @@ pub struct UpArgs {
     /// Boot the guests without disks (kernel and initramfs only), as before disks came.
     #[arg(long)]
     diskless: bool,
+    /// Do not protect the guests (no checkpoints shipped to replicas): for runs about
+    /// plans and migrations alone, on machines too busy to checkpoint beside them.
+    #[arg(long)]
+    unprotected: bool,
     /// Size of each guest's data disk (beside its root disk).
     #[arg(long, default_value = "32M")]
     data_disk: String,
@@ -301,6 +305,9 @@ async fn show(
         ))?;
         // Protected: a checkpoint every 12 s shipped to another host, so that a host
         // that dies (`walkabout game musical-chairs`, a kill -9) loses no guest.
+        if a.unprotected {
+            continue;
+        }
         let protect = walkabout_api::ProtectVm { replica: None, every_ms: Some(UP_CHECKPOINT_EVERY_MS), keep: Some(3) };
         match cluster.protect(&name, &protect).await {
             Ok(vm) => out::line(format_args!(
