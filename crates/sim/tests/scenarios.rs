@@ -46,13 +46,13 @@ fn a_day_of_load_changes_is_balanced_without_ping_pong() {
     let mut cfg = walkabout_sim::DayConfig::new(12, 120, cost, walkabout_sim::scenario::scratch_dir("day"));
     cfg.cluster.rack_size = 4;
     cfg.cluster.host_mib = 64 * 1024;
-    cfg.hours = 3;
+    cfg.hours = 6;
     cfg.spikes = 2;
 
     let r = walkabout_sim::run_day(cfg).expect("runs");
 
-    assert_eq!(r.load.len(), 3 * 60);
-    assert_eq!(r.moves_per_hour.len(), 3);
+    assert_eq!(r.load.len(), 6 * 60);
+    assert_eq!(r.moves_per_hour.len(), 6);
     assert!(!r.moves.is_empty(), "racks peaking hours apart and two spikes moved nothing: {:?}", r.spread);
     assert!(r.ping_pong.is_empty(), "{:#?}", r.ping_pong);
     assert_eq!(r.migrations["failed"] + r.migrations["refused_cpu"], 0, "{:?}", r.migrations);
