@@ -16,6 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use walkabout_qemu::{AccelChoice, AccelRequest, QemuConfig, QemuProcess, QemuVersion, Qmp};
 
+/// How long a read of a VM waits for whatever holds it before it shows the VM's stored
+/// record instead.
+const READ_WAIT: Duration = Duration::from_millis(100);
+
 /// How the agent is set up.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -668,25 +672,49 @@ impl Agent {
     }
 
     pub(crate) fn info_of(&self, vm: &Vm) -> VmInfo {
-        let log = std::fs::read(vm.record.run_dir.join("console.log")).unwrap_or_default();
-        let before = vm.record.guest_before.clone().unwrap_or_default();
-        let protection = vm.record.protection.as_ref().map(|_| self.protection_status(&vm.record.spec.name));
-        VmInfo { record: vm.record.clone(), guest: crate::console::parse_after(before, &String::from_utf8_lossy(&log)), protection }
+        self.info_of_record(&vm.record)
+    }
+
+    fn info_of_record(&self, record: &VmRecord) -> VmInfo {
+        let log = std::fs::read(record.run_dir.join("console.log")).unwrap_or_default();
+        let before = record.guest_before.clone().unwrap_or_default();
+        let protection = record.protection.as_ref().map(|_| self.protection_status(&record.spec.name));
+        VmInfo { record: record.clone(), guest: crate::console::parse_after(before, &String::from_utf8_lossy(&log)), protection }
+    }
+
+    /// What a read shows of VM `name`: its live state when nothing holds it within
+    /// [`READ_WAIT`]; else its record as last stored (a checkpoint, a boot or a
+    /// migration's hand-over may hold a VM for seconds, and the controller's liveness
+    /// poll must not wait for them, or a busy host is taken for a dead one).
+    async fn peek(&self, name: &str, vm: &tokio::sync::Mutex<Vm>) -> Result<VmInfo, AgentError> {
+        if let Ok(g) = tokio::time::timeout(READ_WAIT, vm.lock()).await {
+            return Ok(self.info_of(&g));
+        }
+        let stored = self.inner.store.list()?.into_iter().find(|r| r.spec.name == name);
+        match stored {
+            Some(r) => Ok(self.info_of_record(&r)),
+            None => Ok(self.info_of(&*vm.lock().await)),
+        }
     }
 
     /// One VM.
     pub async fn get(&self, name: &str) -> Result<VmInfo, AgentError> {
         let vm = self.vm(name)?;
-        let vm = vm.lock().await;
-        Ok(self.info_of(&vm))
+        self.peek(name, &vm).await
     }
 
     /// All VMs, by name.
     pub async fn list(&self) -> Vec<VmInfo> {
-        let vms: Vec<_> = lock(&self.inner.table).vms.values().cloned().collect();
+        let vms: Vec<_> = lock(&self.inner.table).vms.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
         let mut out = Vec::with_capacity(vms.len());
-        for vm in vms {
-            out.push(self.info_of(&*vm.lock().await));
+        for (name, vm) in vms {
+            match self.peek(&name, &vm).await {
+                Ok(info) => out.push(info),
+                Err(e) => {
+                    tracing::error!(vm = %name, error = %e, "cannot read the VM's stored record; waiting for the VM");
+                    out.push(self.info_of(&*vm.lock().await));
+                }
+            }
         }
         out
     }

@@ -22,6 +22,9 @@ use tokio::sync::{broadcast, oneshot};
 /// Default time QEMU gets to answer a command.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long [`Qmp::cont`] waits for QEMU to finalize a completed migration.
+pub const CONT_FINALIZE_WAIT: Duration = Duration::from_secs(10);
+
 /// An asynchronous event QEMU emitted (e.g. `STOP`, `RESUME`, `MIGRATION`, `SHUTDOWN`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
@@ -201,8 +204,20 @@ impl Qmp {
     }
 
     /// `cont`: resumes the guest's vCPUs.
+    ///
+    /// Right after an outgoing migration (to a peer or a file) reports `completed`,
+    /// QEMU's cleanup may not have run yet and `cont` is refused with "Migration is not
+    /// finalized yet"; that refusal is retried for up to [`CONT_FINALIZE_WAIT`].
     pub async fn cont(&self) -> Result<(), QmpError> {
-        self.execute_raw("cont", None).await.map(drop)
+        let deadline = tokio::time::Instant::now() + CONT_FINALIZE_WAIT;
+        loop {
+            match self.execute_raw("cont", None).await {
+                Err(QmpError::Refused { desc, .. }) if desc.contains("not finalized") && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                r => return r.map(drop),
+            }
+        }
     }
 
     /// `quit`: asks QEMU to exit at once. A closed connection counts as success.
@@ -336,6 +351,24 @@ mod tests {
         let q = Qmp::connect(&p, DEFAULT_TIMEOUT).await.expect("connect");
         let err = q.stop().await.expect_err("refused");
         assert_eq!(err.to_string(), "QEMU refused `stop`: DeviceNotFound: no such thing");
+    }
+
+    #[tokio::test]
+    async fn cont_waits_while_qemu_finalizes_a_completed_migration() {
+        static REFUSALS: AtomicU64 = AtomicU64::new(0);
+        let p = sock("finalize");
+        tokio::spawn(fake_qemu(p.clone(), |req| {
+            let id = req["id"].clone();
+            if req["execute"] == "cont" && REFUSALS.fetch_add(1, Ordering::SeqCst) < 3 {
+                vec![json!({"error": {"class": "GenericError", "desc": "Migration is not finalized yet"}, "id": id})]
+            } else {
+                vec![json!({"return": {}, "id": id})]
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let q = Qmp::connect(&p, DEFAULT_TIMEOUT).await.expect("connect");
+        q.cont().await.expect("cont once finalized");
+        assert_eq!(REFUSALS.load(Ordering::SeqCst), 4, "three refusals then the accepted cont");
     }
 
     #[tokio::test]
