@@ -5,10 +5,10 @@
 //! own host), keeps that decision with the VM in its store, pushes it to whichever
 //! agent runs the VM (again after every migration), and acts when a host dies.
 //!
-//! Why this order when a host goes down (a host is *down* after 2 s of failed polls):
+//! Why this order when a host goes down (a host is *down* after 4 s of failed polls):
 //! ```text
 //!  host h1 last answered at T (lost_ms)
-//!  T + 2 s      h1 marked down; its VMs unreachable
+//!  T + 4 s      h1 marked down; its VMs unreachable
 //!               unprotected VM  -> Lost at once, by name (event, failover record)
 //!               protected VM    -> failover record `fencing`
 //!  T + fence    h1's agent, if it still runs but cannot hear the controller, has

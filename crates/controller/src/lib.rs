@@ -41,7 +41,7 @@ pub use walkabout_store_etcd::EtcdConfig;
 /// Milliseconds since the Unix epoch, by tokio's clock: the wall clock read once, then
 /// advanced by tokio's monotonic clock. In production that is the system's monotonic
 /// clock; under the simulator's paused runtime it is simulated time, so every
-/// timestamp and every timeout the controller decides on (a host down after 2 s of
+/// timestamp and every timeout the controller decides on (a host down after 4 s of
 /// silence) follows the simulation.
 pub fn now_ms() -> u64 {
     static BASE: std::sync::OnceLock<(u64, tokio::time::Instant)> = std::sync::OnceLock::new();

@@ -48,6 +48,14 @@ pub enum TestbedError {
         /// How many ports were wanted.
         count: u16,
     },
+    /// A host that is not there was named.
+    #[error("no host {host} in this {what}")]
+    NoSuchHost {
+        /// Its number (1-based).
+        host: usize,
+        /// Where it was looked for.
+        what: &'static str,
+    },
 }
 
 impl TestbedError {

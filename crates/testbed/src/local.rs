@@ -90,6 +90,12 @@ impl LocalCluster {
         Ok(cluster)
     }
 
+    /// Cuts host `n`'s network link (`up` false) or restores it; for clusters started
+    /// with `netns` only.
+    pub fn set_link(&self, n: usize, up: bool) -> Result<()> {
+        self.net.as_ref().ok_or(TestbedError::NoSuchHost { host: n, what: "cluster without namespaces" })?.set_link(n, up)
+    }
+
     /// Stops the agents (SIGTERM, then SIGKILL), kills the QEMUs they leave, removes
     /// the namespaces, the bridge and the data. Delete the VMs through the API first for
     /// a graceful end of the guests. Idempotent.

@@ -86,6 +86,13 @@ impl BridgeNet {
     pub fn addr(&self, n: usize) -> String {
         format!("{}.{n}", self.subnet)
     }
+
+    /// Takes host `n`'s link to the bridge down (`up` false: cut off from every other
+    /// host and the root namespace, not killed) or up again.
+    pub fn set_link(&self, n: usize, up: bool) -> Result<()> {
+        let ns = self.namespace(n).ok_or(TestbedError::NoSuchHost { host: n, what: "network" })?;
+        run("ip", &["link", "set", ns, if up { "up" } else { "down" }])
+    }
 }
 
 impl Drop for BridgeNet {

@@ -76,8 +76,8 @@ pub struct ControllerArgs {
     web_listen: Option<String>,
     /// Fence time of protected VMs (e.g. 10s): their agents stop them after this long
     /// without the controller, and the controller restores them elsewhere only after
-    /// this long since their host's last contact. Must exceed 2 s (a host is found down
-    /// after 2 s of silence).
+    /// this long since their host's last contact. Must exceed 4 s (a host is found down
+    /// after 4 s of silence).
     #[arg(long, value_parser = super::client::parse_duration_ms, default_value = "10s")]
     fence_time: u64,
 }

@@ -5,6 +5,10 @@
 //! heartbeat sequence breaks, corrupt pages and kernel trouble. Not a test: it reports.
 //!
 //! `cargo run --release -p walkabout-bench --bin soak [-- --duration 1h]`
+//!
+//! With `--faults` it soaks a cluster of its own instead, dealing faults (see `faults`).
+
+mod faults;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -16,12 +20,18 @@ use walkabout_bench::{build_walkabout, environment, guest_image, stats, walkabou
 use walkabout_testbed::{TempDir, UpSession};
 
 const USAGE: &str = "usage: soak [--duration 1h] [--guests 4] [--pause 3s] [--no-build | --walkabout PATH]
+       soak --faults [--hops 1000] [--fault-every 50] [--guests 4] [--memory 256M] [--workload dirty:16:8]
+                     [--parallel 2] [--pause 1s] [--duration 3h] [--no-build | --walkabout PATH]
 
   --duration     how long the guests walk (s, m or h; default 1h)
   --guests       guests walking (default 4, as `walkabout up`)
   --pause        rest of each guest between two hops (default 3s, as `walkabout up`)
   --no-build     soak target/release/walkabout as it is (no cargo build first)
-  --walkabout P  soak the walkabout binary at P (e.g. a debug build)";
+  --walkabout P  soak the walkabout binary at P (e.g. a debug build)
+  --faults       a controller and 3 agents in namespaces with mutual TLS, a fault every
+                 --fault-every hops (agent restart, link cut, cancel, destination killed)
+                 until --hops hops or --duration; --memory, --workload and --parallel
+                 shape the guests and the walk";
 
 /// Hosts of the cluster, as `walkabout up` (and scripts/up.sh) starts it.
 const HOSTS: u16 = 3;
@@ -32,6 +42,12 @@ struct Args {
     pause: String,
     build: bool,
     binary: Option<PathBuf>,
+    faults: bool,
+    hops: usize,
+    every: usize,
+    memory: String,
+    workload: String,
+    parallel: u32,
 }
 
 fn parse_duration(s: &str) -> Result<Duration> {
@@ -46,8 +62,28 @@ fn parse_duration(s: &str) -> Result<Duration> {
     Ok(Duration::from_secs(secs))
 }
 
+/// A pause such as `3s`, `500ms` or `1m`, in ms.
+fn parse_duration_ms(s: &str) -> Result<u64> {
+    match s.strip_suffix("ms") {
+        Some(ms) => ms.parse().with_context(|| format!("bad duration {s:?}")),
+        None => Ok(parse_duration(s)?.as_millis() as u64),
+    }
+}
+
 fn parse_args() -> Result<Option<Args>> {
-    let mut a = Args { duration: Duration::from_secs(3600), guests: 4, pause: "3s".into(), build: true, binary: None };
+    let mut a = Args {
+        duration: Duration::from_secs(3600),
+        guests: 4,
+        pause: "3s".into(),
+        build: true,
+        binary: None,
+        faults: false,
+        hops: 1000,
+        every: 50,
+        memory: "256M".into(),
+        workload: "dirty:16:8".into(),
+        parallel: 2,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut val = |name: &str| it.next().with_context(|| format!("{name} needs a value\n{USAGE}"));
@@ -57,6 +93,12 @@ fn parse_args() -> Result<Option<Args>> {
             "--pause" => a.pause = val("--pause")?,
             "--no-build" => a.build = false,
             "--walkabout" => a.binary = Some(PathBuf::from(val("--walkabout")?)),
+            "--faults" => a.faults = true,
+            "--hops" => a.hops = val("--hops")?.parse().context("--hops N")?,
+            "--fault-every" => a.every = val("--fault-every")?.parse().context("--fault-every N")?,
+            "--memory" => a.memory = val("--memory")?,
+            "--workload" => a.workload = val("--workload")?,
+            "--parallel" => a.parallel = val("--parallel")?.parse().context("--parallel N")?,
             "-h" | "--help" => {
                 eprintln!("{USAGE}");
                 return Ok(None);
@@ -136,6 +178,21 @@ fn main() -> Result<()> {
     env["walkabout_binary"] = wbin.provenance.clone();
     let bin = wbin.path.clone();
     guest_image(&bin)?;
+    if args.faults {
+        let fa = faults::FaultArgs {
+            hops: args.hops,
+            every: args.every,
+            guests: args.guests,
+            memory: args.memory.clone(),
+            workload: args.workload.clone(),
+            parallel: args.parallel,
+            pause_ms: parse_duration_ms(&args.pause)?,
+            limit: args.duration,
+        };
+        let doc = faults::run(&bin, env, &fa)?;
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
     let scratch = TempDir::new("soak")?;
     let stderr_log = scratch.path().join("up.stderr");
     let guests = args.guests.to_string();
