@@ -33,7 +33,7 @@ use walkabout_testbed::{Agent, AgentSpec, Controller, ControllerSpec, TempDir};
 
 const USAGE: &str = "usage: checkpoint [--out FILE] [--only cells|failovers] [--runs N (later checkpoints per cell, 3)] \
 [--memory MiB (384)] [--workloads 'idle;dirty:64:32'] [--gap-s S (3)] [--failovers N (20)] [--fence-time 5s] \
-[--every-ms 3000] [--fo-memory MiB (256)] [--fo-workload dirty:32:8] [--walkabout PATH | --no-build]";
+[--every-ms 3000] [--kill-at random|commit] [--fo-memory MiB (256)] [--fo-workload dirty:32:8] [--walkabout PATH | --no-build]";
 
 struct Opts {
     out: Option<PathBuf>,
@@ -49,6 +49,7 @@ struct Opts {
     fo_workload: String,
     bin: Option<PathBuf>,
     build: bool,
+    kill_at_random: bool,
 }
 
 fn parse() -> Result<Option<Opts>> {
@@ -66,6 +67,7 @@ fn parse() -> Result<Option<Opts>> {
         fo_workload: "dirty:32:8".into(),
         bin: None,
         build: true,
+        kill_at_random: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -84,6 +86,13 @@ fn parse() -> Result<Option<Opts>> {
             "--fo-workload" => o.fo_workload = val()?,
             "--walkabout" => o.bin = Some(val()?.into()),
             "--no-build" => o.build = false,
+            "--kill-at" => {
+                o.kill_at_random = match val()?.as_str() {
+                    "random" => true,
+                    "commit" => false,
+                    other => bail!("--kill-at random|commit, not {other}"),
+                }
+            }
             "-h" | "--help" => {
                 eprintln!("{USAGE}");
                 return Ok(None);
@@ -186,7 +195,7 @@ fn notes(o: &Opts) -> Value {
         "QEMU savevm: HMP savevm into the running VM's qcow2 (an internal snapshot: vmstate + the disk's state, guest stopped throughout); written_bytes = growth of the qcow2's allocated size. Nothing is shipped: QEMU has no way to send only what a replica lacks, so the ratio of bytes compares Walkabout's shipped bytes with what QEMU's way writes (what it would have to copy).",
         "QEMU migrate to a file: plain live migrate (stream format, QEMU's defaults) to file:, no disk snapshot (the disk is not consistent with it unless the disk is copied while stopped); the guest stays stopped from the migration's completion until the bench's cont (QMP, immediately), and that wait is in the pause, as a management tool's cont would be. written_bytes = the file's size.",
         "ratios: Walkabout's median / QEMU's median per cell (below 1: Walkabout pauses less / ships fewer bytes).",
-        format!("failovers: controller --fence-time {}; 3 agents on loopback; one VM of {} MiB running {} (memory only, no disk), protected with a checkpoint every {} ms, keep 2; each round kills (SIGKILL) the agent holding the VM and its QEMUs. RPO = the host's last contact - the checkpoint's instant; RTO = last contact -> the restore's answer (the guest is running then), both as the controller reports them (GET /v1/failovers). rto_minus_fence_ms = RTO - fence time - the controller's 1 s margin: what the failover itself costs. The killed agent is restarted (same data directory and port) before the next round, which starts once its host is up and the VM's protection has shipped 2 checkpoints from where it now runs.", o.fence, o.fo_memory, o.fo_workload, o.every_ms),
+        format!("failovers: controller --fence-time {}; 3 agents on loopback; one VM of {} MiB running {} (memory only, no disk), protected with a checkpoint every {} ms, keep 2; each round kills (SIGKILL) the agent holding the VM and its QEMUs. RPO = the host's last contact - the checkpoint's instant; RTO = last contact -> the restore's answer (the guest is running then), both as the controller reports them (GET /v1/failovers). rto_minus_fence_ms = RTO - fence time - the controller's 1 s margin: what the failover itself costs. The killed agent is restarted (same data directory and port) before the next round, which starts once its host is up and the VM's protection has shipped 2 checkpoints from where it now runs; with --kill-at random (the default) the kill then comes after a random delay within one checkpoint cycle (the gap between those two checkpoints' instants, checkpoint_cycle_ms), so the RPO is what a failure at any instant sees; with --kill-at commit it comes right after the second commit is seen (newest_commit_seen_after_ms: that commit's instant to the bench seeing it), the least RPO: one checkpoint's latency from its instant to its commit on the replica.", o.fence, o.fo_memory, o.fo_workload, o.every_ms),
     ])
 }
 
@@ -514,11 +523,12 @@ async fn failovers(o: &Opts, bin: &Path, doc: &mut Doc) -> Result<()> {
     wait_for("the controller sees the VM", 60, move || async move { c.vm(FO_VM).await.ok().filter(|v| v.host.is_some()) }).await?;
     let req = ProtectVm { replica: None, every_ms: Some(o.every_ms), keep: Some(2) };
     cc.protect_vm(FO_VM, &req).await.context("protecting the VM")?;
-    doc.v["failovers"] = json!({"fence_ms": fence_ms, "every_ms": o.every_ms, "rounds": [], "summary": null});
+    let kill_at = if o.kill_at_random { "random" } else { "commit" };
+    doc.v["failovers"] = json!({"fence_ms": fence_ms, "every_ms": o.every_ms, "kill_at": kill_at, "rounds": [], "summary": null});
     let mut seen: Vec<String> = vec![];
     let mut problems = 0;
     for round in 0..o.failovers {
-        let r = failover_round(&cc, &mut agents, round, fence_ms, &mut seen).await;
+        let r = failover_round(&cc, &mut agents, round, fence_ms, o.kill_at_random, &mut seen).await;
         let rec = match r {
             Ok(v) => v,
             Err(e) => {
@@ -547,7 +557,14 @@ fn tail(s: &str, lines: usize) -> Vec<String> {
     v[v.len().saturating_sub(lines)..].iter().map(|l| l.to_string()).collect()
 }
 
-async fn failover_round(cc: &ControllerClient, agents: &mut [Agent], round: usize, fence_ms: u64, seen: &mut Vec<String>) -> Result<Value> {
+async fn failover_round(
+    cc: &ControllerClient,
+    agents: &mut [Agent],
+    round: usize,
+    fence_ms: u64,
+    kill_at_random: bool,
+    seen: &mut Vec<String>,
+) -> Result<Value> {
     // Every host up (the one killed last round has rejoined), the VM running and
     // protected, 2 checkpoints shipped from where it runs now.
     let urls: Vec<String> = agents.iter().map(|a| a.url.clone()).collect();
@@ -565,9 +582,25 @@ async fn failover_round(cc: &ControllerClient, agents: &mut [Agent], round: usiz
         let rep = AgentClient::new(urls.get(i)?, opts(10)).ok()?.replica(FO_VM).await.ok()?;
         // Taken after every host was up: from where the VM runs now (a checkpoint's
         // `host` is the machine's hostname, the same for every agent here).
-        (rep.checkpoints.iter().filter(|c| c.taken_ms > since).count() >= 2).then_some(v)
+        (rep.checkpoints.iter().filter(|c| c.taken_ms > since).count() >= 2).then_some((v, rep, now_ms()))
     })
     .await?;
+    let (v, rep, seen_ms) = v;
+    let taken: Vec<u64> = rep.checkpoints.iter().map(|c| c.taken_ms).collect();
+    let newest = taken.iter().copied().max().unwrap_or(seen_ms);
+    let cycle_ms = match taken.len() {
+        n if n >= 2 => taken[n - 1].saturating_sub(taken[n - 2]),
+        _ => 0,
+    };
+    // A failure comes at any instant of the checkpoint cycle, not just after a commit.
+    let delay_ms = if kill_at_random && cycle_ms > 0 {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        u64::from(nanos) % cycle_ms
+    } else {
+        0
+    };
+    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    let last = v.protection_status.as_ref().and_then(|s| s.last.clone());
     let host = v.host.clone().context("the VM's host")?;
     let replica = v.protection.as_ref().map(|p| p.replica.clone()).unwrap_or_default();
     let hi = host_index(&host).context("the VM's host index")?;
@@ -589,7 +622,9 @@ async fn failover_round(cc: &ControllerClient, agents: &mut [Agent], round: usiz
     let mut rec = json!({"round": round, "failover": f.id, "from": host, "replica": replica, "to": f.to, "result": f.result,
         "rpo_ms": f.rpo_ms, "rto_ms": f.rto_ms, "rto_minus_fence_ms": f.rto_ms.map(|r| r as i64 - fence_ms as i64 - 1_000),
         "kill_to_restored_ms": f.finished_ms.map(|t| t as i64 - killed_ms as i64), "lost_ms_before_kill": killed_ms as i64 - f.lost_ms as i64,
-        "checkpoint": f.checkpoint, "skipped": f.skipped, "reason": f.reason, "heartbeat_seq_before_kill": before.guest.last_seq});
+        "checkpoint": f.checkpoint, "skipped": f.skipped, "reason": f.reason, "heartbeat_seq_before_kill": before.guest.last_seq,
+        "kill_delay_ms": delay_ms, "checkpoint_cycle_ms": cycle_ms, "newest_commit_seen_after_ms": seen_ms.saturating_sub(newest),
+        "last_checkpoint_shipped_bytes": last.as_ref().and_then(|c| c.shipped_bytes), "last_checkpoint_pause_ms": last.as_ref().map(|c| c.pause_ms)});
     let restart = agents[hi].restart();
     if f.result != FailoverResult::Restored {
         restart.context("restarting the killed agent")?;
@@ -659,5 +694,8 @@ fn failover_summary(rounds: &Value, fence_ms: u64) -> Value {
         "rto_ms": st("rto_ms"),
         "rto_minus_fence_ms": st("rto_minus_fence_ms"),
         "kill_to_restored_ms": st("kill_to_restored_ms"),
+        "checkpoint_cycle_ms": st("checkpoint_cycle_ms"),
+        "newest_commit_seen_after_ms": st("newest_commit_seen_after_ms"),
+        "kill_delay_ms": st("kill_delay_ms"),
     })
 }
