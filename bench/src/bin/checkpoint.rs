@@ -32,7 +32,7 @@ use walkabout_qemu::qmp::Event;
 use walkabout_testbed::{Agent, AgentSpec, Controller, ControllerSpec, TempDir};
 
 const USAGE: &str = "usage: checkpoint [--out FILE] [--only cells|failovers] [--runs N (later checkpoints per cell, 3)] \
-[--memory MiB (384)] [--workloads 'idle;dirty:64:32'] [--gap-s S (3)] [--failovers N (20)] [--fence-time 5s] \
+[--memory MiB (384)] [--workloads 'idle;dirty:64:32'] [--gap-s S (3)] [--methods background,live,paused] [--failovers N (20)] [--fence-time 5s] \
 [--every-ms 3000] [--kill-at random|commit] [--fo-memory MiB (256)] [--fo-workload dirty:32:8] [--walkabout PATH | --no-build]";
 
 struct Opts {
@@ -50,6 +50,7 @@ struct Opts {
     bin: Option<PathBuf>,
     build: bool,
     kill_at_random: bool,
+    methods: Vec<CheckpointMethod>,
 }
 
 fn parse() -> Result<Option<Opts>> {
@@ -68,6 +69,7 @@ fn parse() -> Result<Option<Opts>> {
         bin: None,
         build: true,
         kill_at_random: true,
+        methods: vec![CheckpointMethod::Background, CheckpointMethod::Live, CheckpointMethod::Paused],
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -86,6 +88,17 @@ fn parse() -> Result<Option<Opts>> {
             "--fo-workload" => o.fo_workload = val()?,
             "--walkabout" => o.bin = Some(val()?.into()),
             "--no-build" => o.build = false,
+            "--methods" => {
+                o.methods = val()?
+                    .split(',')
+                    .map(|m| match m {
+                        "background" => Ok(CheckpointMethod::Background),
+                        "live" => Ok(CheckpointMethod::Live),
+                        "paused" => Ok(CheckpointMethod::Paused),
+                        other => bail!("--methods background,live,paused, not {other}"),
+                    })
+                    .collect::<Result<_>>()?
+            }
             "--kill-at" => {
                 o.kill_at_random = match val()?.as_str() {
                     "random" => true,
@@ -219,7 +232,7 @@ async fn cells(o: &Opts, bin: &Path, doc: &mut Doc) -> Result<()> {
     let scratch = TempDir::new("ckbench")?;
     doc.v["cells"] = json!([]);
     for workload in &o.workloads {
-        for method in [CheckpointMethod::Background, CheckpointMethod::Live, CheckpointMethod::Paused] {
+        for method in o.methods.iter().copied() {
             let load = loadavg();
             let mut cell = match walkabout_cell(o, &a, &b, method, workload).await {
                 Ok(c) => c,
@@ -284,7 +297,7 @@ async fn walkabout_cell(o: &Opts, a: &Agent, b: &Agent, method: CheckpointMethod
     tokio::time::sleep(Duration::from_secs(3)).await;
     let client = AgentClient::new(&a.url, opts(600))?;
     let mut per_run = vec![];
-    let mut error = None;
+    let mut error: Option<Value> = None;
     for i in 0..=o.runs {
         let req = CheckpointRequest { method: Some(method), ship_to: Some(b.url.clone()) };
         let t = Instant::now();
@@ -292,7 +305,7 @@ async fn walkabout_cell(o: &Opts, a: &Agent, b: &Agent, method: CheckpointMethod
             Ok(c) => c,
             Err(e) => {
                 eprintln!("{method} {workload}: {e}");
-                error = Some(e.to_string());
+                error = Some(json!({"error": e.to_string(), "agent_log_tail": tail(&a.log(), 40), "replica_log_tail": tail(&b.log(), 20)}));
                 break;
             }
         };
