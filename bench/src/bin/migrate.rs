@@ -21,7 +21,7 @@ use walkabout_bench::{
 use walkabout_testbed::{kill9, processes_mentioning, Agent, TempDir};
 
 const USAGE: &str = "usage: migrate [--quick] [--mem 512,2048] [--workload idle,dirty:64:32,...] \
-[--bandwidth default,100] [--runs 3] [--give-up-s 30] [--only walkabout|qemu] [--out FILE] [--no-build] [--bin PATH] [--engine [--cells a,b]] [--tls]
+[--bandwidth default,100] [--runs 3] [--give-up-s 30] [--only walkabout|qemu] [--out FILE] [--no-build] [--bin PATH] [--engine [--cells a,b] [--peer-guest own|walkabout|both]] [--tls]
 
   --quick        512 MiB only, 1 run per cell (a smoke check)
   --mem          guest sizes in MiB (default 512,2048)
@@ -37,6 +37,9 @@ const USAGE: &str = "usage: migrate [--quick] [--mem 512,2048] [--workload idle,
                  without preempt (the guest's stall), a 20 MiB/s tbf link with compression, 4 and
                  8 GiB guests idle and dirtying 256 MiB; QEMU's defaults beside each
   --cells        with --engine, only the cells whose names are listed
+  --peer-guest   with --engine, the guest QEMU's peer boots: its own (dirty.c, the default), Walkabout's
+                 (the same kernel, initramfs and guest program as Walkabout's side: the same workload),
+                 or both, one after the other (`qemu` and `qemu_walkabout_guest` in each cell)
   --tls          instead of the grid, the cost of TLS: each --mem x --workload cell migrated by
                  Walkabout between two plain agents (--insecure-loopback: QEMU's streams plain) and
                  between two agents under a CA (QEMU's streams over TLS), --runs each, medians and
@@ -56,6 +59,18 @@ struct Args {
     engine: bool,
     cells: Option<Vec<String>>,
     tls: bool,
+    peer_guest: PeerGuest,
+}
+
+/// Which guest the peer boots (`--peer-guest`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerGuest {
+    /// The peer's own (`build-guest.sh`: `dirty.c`, one byte written per page).
+    Own,
+    /// Walkabout's guest image: the same workload program on both sides.
+    Walkabout,
+    /// Both, one after the other.
+    Both,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -73,6 +88,7 @@ fn parse_args() -> Result<Option<Args>> {
         engine: false,
         cells: None,
         tls: false,
+        peer_guest: PeerGuest::Own,
     };
     let (mut mems, mut runs) = (None, None);
     let mut it = std::env::args().skip(1);
@@ -87,6 +103,14 @@ fn parse_args() -> Result<Option<Args>> {
             }
             "--engine" => a.engine = true,
             "--tls" => a.tls = true,
+            "--peer-guest" => {
+                a.peer_guest = match val("--peer-guest")?.as_str() {
+                    "own" => PeerGuest::Own,
+                    "walkabout" => PeerGuest::Walkabout,
+                    "both" => PeerGuest::Both,
+                    other => bail!("--peer-guest own|walkabout|both, not {other}"),
+                }
+            }
             "--cells" => a.cells = Some(val("--cells")?.split(',').map(|c| c.trim().to_string()).collect()),
             "--mem" => {
                 mems = Some(val("--mem")?.split(',').map(|m| m.trim().parse::<u64>()).collect::<Result<Vec<_>, _>>().context("--mem: MiB")?)
@@ -571,6 +595,29 @@ fn compare(wa: &Value, qe: &Value) -> Value {
     })
 }
 
+/// A directory the peer script can boot Walkabout's guest from: `vmlinuz` and
+/// `initrd.gz` (the script's names; QEMU takes the uncompressed kernel and initramfs
+/// whatever they are called) linked to what `walkabout image build` reports. The guest
+/// prints `WALKABOUT READY` and `hb <seq> <ns> ...` lines, which the peer reads.
+fn walkabout_guest_for_peer(bin: &Path, scratch: &Path) -> Result<PathBuf> {
+    let out = Command::new(bin).args(["image", "build"]).env("WALKABOUT_LOG", "warn").output().context("walkabout image build")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> Result<PathBuf> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.split_whitespace().next()).map(PathBuf::from))
+            .with_context(|| format!("`walkabout image build` printed no {name} line: {text}"))
+    };
+    let (kernel, initrd) = (field("kernel ")?, field("initrd ")?);
+    let dir = scratch.join("peer-walkabout-guest");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (link, target) in [("vmlinuz", &kernel), ("initrd.gz", &initrd)] {
+        let link = dir.join(link);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(target, &link).with_context(|| format!("linking {} to {}", link.display(), target.display()))?;
+    }
+    Ok(dir)
+}
+
 /// The whole document: settings, cells, and the summary across cells.
 fn document(env: &Value, a: &Args, peer: &Path, cells: &[Value], complete: bool, elapsed: Duration) -> Value {
     let label = |c: &Value| format!("{} MiB {} bw {}", c["memory_mib"], c["workload"].as_str().unwrap_or("?"), c["bandwidth"]);
@@ -749,6 +796,10 @@ mod engine {
         let mut out: Vec<Value> = vec![];
         let wanted = |c: &Cell| args.cells.as_ref().is_none_or(|l| l.iter().any(|n| n == c.name));
         let cells: Vec<&Cell> = CELLS.iter().filter(|c| wanted(c)).collect();
+        let same_guest = match args.peer_guest {
+            PeerGuest::Own => None,
+            PeerGuest::Walkabout | PeerGuest::Both => Some(walkabout_guest_for_peer(bin, scratch)?),
+        };
         for (i, c) in cells.iter().enumerate() {
             eprintln!("[{}/{}] {} ({:.0} s in)", i + 1, cells.len(), c.name, started.elapsed().as_secs_f64());
             let link = c.link_mbit.map(SlowLoopback::new).transpose()?;
@@ -764,20 +815,34 @@ mod engine {
             };
             eprintln!("  walkabout: {}", brief(&wa));
             let how = Peer { netns: ns.clone(), args: c.qemu.iter().map(|s| s.to_string()).collect() };
-            let qe = if args.only.as_deref() == Some("walkabout") {
-                Value::Null
-            } else {
-                qemu_cell(peer, guest, scratch, c.mem, c.workload, None, args.runs, args.give_up_s, &how)
+            let peer_side = |g: &Path| {
+                if args.only.as_deref() == Some("walkabout") {
+                    return Value::Null;
+                }
+                qemu_cell(peer, g, scratch, c.mem, c.workload, None, args.runs, args.give_up_s, &how)
                     .unwrap_or_else(|e| json!({"error": format!("{e:#}")}))
             };
+            let qe = if args.peer_guest == PeerGuest::Walkabout { Value::Null } else { peer_side(guest) };
             eprintln!("  qemu:      {}", brief(&qe));
-            let compare = compare(&wa, &qe);
-            out.push(json!({
+            let qs = match &same_guest {
+                Some(g) => peer_side(g),
+                None => Value::Null,
+            };
+            if !qs.is_null() {
+                eprintln!("  qemu, Walkabout's guest: {}", brief(&qs));
+            }
+            let verdict = compare(&wa, &qe);
+            let mut cell = json!({
                 "cell": c.name, "memory_mib": c.mem, "workload": c.workload,
                 "link": c.link_mbit.map(|m| format!("tc tbf {m} Mbit/s ({} MiB/s) on a namespace's loopback, both sides", m / 8)).unwrap_or("loopback".into()),
                 "walkabout_args": c.walkabout, "qemu_args": c.qemu,
-                "walkabout": wa, "qemu": qe, "compare": compare,
-            }));
+                "walkabout": wa, "qemu": qe, "compare": verdict,
+            });
+            if !qs.is_null() {
+                cell["compare_walkabout_guest"] = compare(&wa, &qs);
+                cell["qemu_walkabout_guest"] = qs;
+            }
+            out.push(cell);
             let doc = json!({
                 "bench": "migrate --engine",
                 "complete": i + 1 == cells.len(),
@@ -787,6 +852,8 @@ mod engine {
                     "runs_per_cell": args.runs,
                     "walkabout": "walkabout migrate --wait with the cell's arguments (--mode auto unless given), two agents (TCG, 1 vCPU), the guest boots once per cell and walks A->B->A; guest_max_hb_gap_ms: the largest gap in the guest's own clock between consecutive heartbeats on the destination's console (post-copy page waits count, QEMU's stop does not)",
                     "qemu": "the peer migrate-bench.py: QEMU's defaults (pre-copy, or --postcopy: post-copy after the first pass, no preempt), a fresh QEMU pair per run; guest_hb_gap_ms: guest clock between the last heartbeat at the source and the first at the destination",
+                    "qemu_walkabout_guest": "the same peer booting Walkabout's guest image (kernel, initramfs, guest program) instead of its own dirty.c guest: both sides run the same workload",
+                    "peer_guest": format!("{:?}", args.peer_guest),
                 },
                 "cells": out,
             });
