@@ -557,13 +557,21 @@ impl Agent {
         }
         let qmp = vm.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: name.into(), op: "recover", state: vm.record.state })?;
         lock(&self.inner.leases).insert(name.to_string(), std::time::Instant::now());
-        let uri = walkabout_migrate::run::recover_incoming(&qmp, &req.listen_host)
+        // A relayed migration listens on loopback again, its tunnel pointed at the new port.
+        let relayed = self.inner.tunnels.is_open(name);
+        let listen = if relayed { "127.0.0.1" } else { req.listen_host.as_str() };
+        let uri = walkabout_migrate::run::recover_incoming(&qmp, listen)
             .await
             .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot recover the post-copy of {name}: {e}") })?;
-        tracing::info!(vm = %name, %uri, "post-copy listening again");
+        if relayed {
+            let addr = relay::uri_addr(&uri)
+                .ok_or_else(|| AgentError::InvalidRequest { reason: format!("cannot relay {name}: QEMU listens at {uri}") })?;
+            self.inner.tunnels.retarget_memory(name, addr);
+        }
+        tracing::info!(vm = %name, %uri, relayed, "post-copy listening again");
         // Post-copy never runs with a disk copy (the driver refuses it), so no NBD here.
         // The new stream is under the parameters set at prepare (TLS, the same source).
-        Ok(IncomingReply { uri, storage: None, nbd: None, tls: self.inner.config.identity.is_some(), relay: false })
+        Ok(IncomingReply { uri, storage: None, nbd: None, tls: self.inner.config.identity.is_some(), relay: relayed })
     }
 
     /// The incoming VM, while it is incoming: the source's liveness probe, which also

@@ -156,6 +156,9 @@ struct Link<'a, P> {
     listen_host: &'a str,
     /// The migration's `peer_timeout_ms`, or [`walkabout_migrate::run::PEER_TIMEOUT`].
     patience: Duration,
+    /// A relayed migration: where this host's QEMU resumes sending (the relay's loopback
+    /// listener, whose tunnel the destination points at its new port).
+    relayed_uri: Option<&'a str>,
 }
 
 impl<P: PeerAgent> Peer for Link<'_, P> {
@@ -173,7 +176,12 @@ impl<P: PeerAgent> Peer for Link<'_, P> {
 
     async fn recover(&self) -> Result<String, String> {
         let req = RecoverRequest { listen_host: self.listen_host.to_string() };
-        self.peer.recover_incoming(self.vm, &req).await.map(|r| r.uri).map_err(|e| e.to_string())
+        let reply = self.peer.recover_incoming(self.vm, &req).await.map_err(|e| e.to_string())?;
+        match (self.relayed_uri, reply.relay) {
+            (None, _) => Ok(reply.uri),
+            (Some(uri), true) => Ok(uri.to_string()),
+            (Some(_), false) => Err(format!("the destination listens again at {} without relaying it", reply.uri)),
+        }
     }
 }
 
@@ -447,7 +455,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             })
         };
         let patience = rec.tuning.peer_timeout_ms.map_or(walkabout_migrate::run::PEER_TIMEOUT, Duration::from_millis);
-        let link = Link { alive, peer: &self.peer, vm: &rec.vm, listen_host, patience };
+        let link = Link { alive, peer: &self.peer, vm: &rec.vm, listen_host, patience, relayed_uri: rec.tuning.relay.then_some(uri) };
         // A probe may take two thirds of the patience (1 s by default).
         let probe_timeout = (patience * 2 / 3).max(Duration::from_secs(1));
         let probing = async {

@@ -121,6 +121,18 @@ impl Tunnels {
         crate::vms::lock(&self.map).insert(vm.to_string(), tunnel);
     }
 
+    /// Whether `vm` has its tunnels open here.
+    pub(crate) fn is_open(&self, vm: &str) -> bool {
+        crate::vms::lock(&self.map).contains_key(vm)
+    }
+
+    /// Points `vm`'s memory tunnel at `addr` (a recovered post-copy listens anew).
+    pub(crate) fn retarget_memory(&self, vm: &str, addr: SocketAddr) {
+        if let Some(t) = crate::vms::lock(&self.map).get_mut(vm) {
+            t.memory = addr;
+        }
+    }
+
     /// Closes them (commit, abort, the lease ended).
     pub(crate) fn close(&self, vm: &str) {
         crate::vms::lock(&self.map).remove(vm);
