@@ -211,7 +211,7 @@ fn tls_cost(args: &Args, env: &Value, bin: &Path, started: Instant) -> Result<()
     let plain = (start_agent(bin)?, start_agent(bin)?);
     let tls = (tls_agent("bench-tls-a")?, tls_agent("bench-tls-b")?);
     let mut cells: Vec<Value> = vec![];
-    let ratio_of = |over: &Value, side: &Value, key: &str| ratio(side[key]["median"].as_f64(), over[key]["median"].as_f64());
+    let ratio_of = |over: &Value, side: &Value, key: &str| json!(ratio(side[key]["median"].as_f64(), over[key]["median"].as_f64()));
     let settings = json!({
         "runs_per_cell": args.runs,
         "plain": "walkabout migrate --wait --mode auto between two agents on --insecure-loopback (QEMU's migration stream plain)",
