@@ -3,7 +3,8 @@
 #   - QEMU >= 10 (qemu-system-x86 + qemu-utils), from the codename's backports suite when
 #     the main suite only has an older QEMU. The backports source is derived from the
 #     machine's own Debian source entry (same mirror), never from a hard-coded host.
-#   - iproute2 (network namespaces for multi-host tests).
+#   - iproute2 (network namespaces for multi-host tests) and nftables (the NAT router
+#     between two sites of tests/between_clouds.rs).
 #   - e2fsprogs (`mke2fs -d` builds the guest's ext4 root disk without root privileges).
 #   - Chromium and its WebDriver (Debian's chromium + chromium-driver, from the machine's
 #     own sources): the web console's tests drive a headless browser.
@@ -27,6 +28,7 @@ sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 have_mke2fs() { command -v mke2fs >/dev/null 2>&1 || [ -x /usr/sbin/mke2fs ] || [ -x /sbin/mke2fs ]; }
 have_browser() { [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; }
+have_nft() { command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ]; }
 have_protoc() { command -v protoc >/dev/null 2>&1 && [ -f /usr/include/google/protobuf/descriptor.proto ]; }
 
 # The tools from the machine's own main suite (no backports needed), each only if missing.
@@ -34,6 +36,7 @@ have_protoc() { command -v protoc >/dev/null 2>&1 && [ -f /usr/include/google/pr
 install_tools() {
   local missing=()
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  have_nft || missing+=(nftables)
   have_mke2fs || missing+=(e2fsprogs)
   have_browser || missing+=(chromium chromium-driver)
   command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
@@ -42,7 +45,7 @@ install_tools() {
   log "installing ${missing[*]}"
   sudo_ apt-get update -qq
   DEBIAN_FRONTEND=noninteractive sudo_ apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=600 "${missing[@]}" >/dev/null
-  command -v ip >/dev/null 2>&1 && have_mke2fs && have_browser && command -v etcd >/dev/null 2>&1 && have_protoc ||
+  command -v ip >/dev/null 2>&1 && have_nft && have_mke2fs && have_browser && command -v etcd >/dev/null 2>&1 && have_protoc ||
     { log "still missing after installing ${missing[*]}"; exit 1; }
 }
 

@@ -40,10 +40,11 @@ const USAGE: &str = "usage: migrate [--quick] [--mem 512,2048] [--workload idle,
   --peer-guest   with --engine, the guest QEMU's peer boots: its own (dirty.c, the default), Walkabout's
                  (the same kernel, initramfs and guest program as Walkabout's side: the same workload),
                  or both, one after the other (`qemu` and `qemu_walkabout_guest` in each cell)
-  --tls          instead of the grid, the cost of TLS: each --mem x --workload cell migrated by
-                 Walkabout between two plain agents (--insecure-loopback: QEMU's streams plain) and
-                 between two agents under a CA (QEMU's streams over TLS), --runs each, medians and
-                 the ratio tls/plain";
+  --tls          instead of the grid, the cost of TLS and of the relay: each --mem x --workload cell
+                 migrated by Walkabout between two plain agents (--insecure-loopback: QEMU's streams
+                 plain) and between two agents under a CA (QEMU's streams over TLS), each direct and
+                 with --relay (every stream through the destination agent's API port), --runs each,
+                 medians and the ratios tls/plain, relay/direct";
 
 struct Args {
     mems: Vec<u64>,
@@ -221,8 +222,10 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The cost of QEMU's streams over TLS: every cell by Walkabout between plain agents
-/// and between agents under a CA, in the same run; prints (and writes) one document.
+/// The cost of QEMU's streams over TLS and of the relay: every cell by Walkabout between
+/// plain agents and between agents under a CA, each direct and relayed (`--relay`: every
+/// stream through the destination agent's API port), in the same run; prints (and
+/// writes) one document.
 fn tls_cost(args: &Args, env: &Value, bin: &Path, started: Instant) -> Result<()> {
     let ca = walkabout_testbed::TestCa::shared()?;
     let tls_agent = |name: &str| -> Result<Agent> {
@@ -232,31 +235,43 @@ fn tls_cost(args: &Args, env: &Value, bin: &Path, started: Instant) -> Result<()
     let plain = (start_agent(bin)?, start_agent(bin)?);
     let tls = (tls_agent("bench-tls-a")?, tls_agent("bench-tls-b")?);
     let mut cells: Vec<Value> = vec![];
-    let ratio_of = |p: &Value, t: &Value, key: &str| ratio(t[key]["median"].as_f64(), p[key]["median"].as_f64());
+    let ratio_of = |over: &Value, side: &Value, key: &str| json!(ratio(side[key]["median"].as_f64(), over[key]["median"].as_f64()));
+    let settings = json!({
+        "runs_per_cell": args.runs,
+        "plain": "walkabout migrate --wait --mode auto between two agents on --insecure-loopback (QEMU's migration stream plain)",
+        "plain_relay": "the same with --relay: QEMU sends to a loopback listener of the source agent, which carries each connection through the destination agent's API port (plain HTTP upgrade on loopback) to the destination QEMU's loopback listener",
+        "tls": "between two agents serving mutual TLS with host certificates of one CA: QEMU's migration stream over TLS (tls-creds-x509, tls-authz admitting the source alone)",
+        "tls_relay": "the same with --relay: the relay's connections are the agents' mutual TLS, QEMU's own TLS inside (two encryptions, two more copies per byte)",
+    });
     for &mem in &args.mems {
         for wl in &args.workloads {
             eprintln!("[{}] {mem} MiB, {wl} ({:.0} s in)", cells.len() + 1, started.elapsed().as_secs_f64());
-            let p =
-                walkabout_cell(&plain.0, &plain.1, mem, wl, None, args.runs, &[]).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
-            eprintln!("  plain: {}", brief(&p));
-            let t = walkabout_cell(&tls.0, &tls.1, mem, wl, None, args.runs, &[]).unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
-            eprintln!("  tls:   {}", brief(&t));
-            let compare = json!({
-                "total_ms_tls_over_plain": ratio_of(&p, &t, "total_ms"),
-                "downtime_ms_tls_over_plain": ratio_of(&p, &t, "downtime_ms"),
-                "transferred_bytes_tls_over_plain": ratio_of(&p, &t, "transferred_bytes"),
-            });
-            cells.push(json!({"memory_mib": mem, "workload": wl, "plain": p, "tls": t, "compare": compare}));
+            let side = |pair: &(Agent, Agent), extra: &[&str], label: &str| {
+                let v = walkabout_cell(&pair.0, &pair.1, mem, wl, None, args.runs, extra)
+                    .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+                eprintln!("  {label}: {}", brief(&v));
+                v
+            };
+            let p = side(&plain, &[], "plain");
+            let pr = side(&plain, &["--relay"], "plain+relay");
+            let t = side(&tls, &[], "tls");
+            let tr = side(&tls, &["--relay"], "tls+relay");
+            let mut compare = serde_json::Map::new();
+            for key in ["total_ms", "downtime_ms", "transferred_bytes"] {
+                compare.insert(format!("{key}_tls_over_plain"), ratio_of(&p, &t, key));
+                compare.insert(format!("{key}_plain_relay_over_plain"), ratio_of(&p, &pr, key));
+                compare.insert(format!("{key}_tls_relay_over_tls"), ratio_of(&t, &tr, key));
+                compare.insert(format!("{key}_tls_relay_over_plain"), ratio_of(&p, &tr, key));
+            }
+            cells.push(
+                json!({"memory_mib": mem, "workload": wl, "plain": p, "plain_relay": pr, "tls": t, "tls_relay": tr, "compare": compare}),
+            );
             let doc = json!({
                 "bench": "migrate --tls",
                 "complete": false,
                 "elapsed_s": started.elapsed().as_secs(),
                 "environment": env,
-                "settings": {
-                    "runs_per_cell": args.runs,
-                    "plain": "walkabout migrate --wait --mode auto between two agents on --insecure-loopback (QEMU's migration stream plain)",
-                    "tls": "the same between two agents serving mutual TLS with host certificates of one CA: QEMU's migration stream over TLS (tls-creds-x509, tls-authz admitting the source alone)",
-                },
+                "settings": settings,
                 "cells": cells,
             });
             if let Some(path) = &args.out {
@@ -264,7 +279,7 @@ fn tls_cost(args: &Args, env: &Value, bin: &Path, started: Instant) -> Result<()
             }
         }
     }
-    let doc = json!({"bench": "migrate --tls", "complete": true, "elapsed_s": started.elapsed().as_secs(), "environment": env, "runs_per_cell": args.runs, "cells": cells});
+    let doc = json!({"bench": "migrate --tls", "complete": true, "elapsed_s": started.elapsed().as_secs(), "environment": env, "settings": settings, "runs_per_cell": args.runs, "cells": cells});
     let text = serde_json::to_string_pretty(&doc)? + "\n";
     if let Some(path) = &args.out {
         std::fs::write(path, &text)?;

@@ -17,6 +17,7 @@
 //! | POST, GET, DELETE | /v1/incoming[/{name}] | destination side, agent to agent |
 //! | POST | /v1/incoming/{name}/commit | ownership hand-over after switchover |
 //! | POST | /v1/incoming/{name}/recover | a paused post-copy listens again |
+//! | GET (upgrade) | /v1/incoming/{name}/tunnel/{stream} | a relayed stream (memory, nbd) spliced to the incoming QEMU |
 //! | POST | /v1/vms/{name}/checkpoint | take a checkpoint now (201), optionally shipped to a replica |
 //! | PUT, DELETE | /v1/vms/{name}/protection | protect (checkpoints every N ms, shipped) / stop |
 //! | GET | /v1/checkpoints[/{id}] | checkpoints held here (taken or received); DELETE one |
@@ -87,6 +88,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/incoming/{name}", get(incoming).delete(incoming_abort))
         .route("/v1/incoming/{name}/commit", post(incoming_commit))
         .route("/v1/incoming/{name}/recover", post(incoming_recover))
+        .route("/v1/incoming/{name}/tunnel/{stream}", get(crate::migration::relay::route))
         .route("/v1/vms/{name}/checkpoint", post(checkpoint))
         .route("/v1/vms/{name}/protection", put(protect).delete(unprotect))
         .route("/v1/checkpoints", get(checkpoints))
@@ -494,6 +496,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/incoming/{name}"),
     ("POST", "/v1/incoming/{name}/commit"),
     ("POST", "/v1/incoming/{name}/recover"),
+    ("GET", "/v1/incoming/{name}/tunnel/{stream}"),
     ("POST", "/v1/vms/{name}/checkpoint"),
     ("PUT", "/v1/vms/{name}/protection"),
     ("DELETE", "/v1/vms/{name}/protection"),

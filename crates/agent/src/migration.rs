@@ -33,6 +33,7 @@
 mod driver;
 #[cfg(test)]
 mod fake;
+pub(crate) mod relay;
 pub(crate) mod storage;
 mod tls;
 
@@ -178,6 +179,7 @@ impl Agent {
         }
         let qmp = vm.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: req.vm.clone(), op: "migrate", state: vm.record.state })?;
         let tls = self.stream_tls()?;
+        let dialer = self.dialer()?;
         let record = MigrationRecord::pending(new_id(), &req, now_ms());
         let was_running = vm.record.state == VmState::Running;
         vm.record.state = VmState::Migrating;
@@ -188,7 +190,7 @@ impl Agent {
         let spec = vm.record.spec.clone();
         drop(vm);
         let agent = Books { agent: self.clone(), id: record.id.clone(), vm: record.vm.clone() };
-        let driver = Driver { qmp, peer, agent, record: record.clone(), spec, was_running, tls };
+        let driver = Driver { qmp, peer, agent, record: record.clone(), spec, was_running, tls, dialer };
         tokio::spawn(async move { driver.drive(rx).await });
         Ok(record)
     }
@@ -239,6 +241,15 @@ impl Agent {
         Ok(StreamTls::Tls(dir))
     }
 
+    /// How this agent opens tunnels to a destination's agent (a relayed migration): with
+    /// its host identity's client TLS, or plain in a cluster without a CA.
+    fn dialer(&self) -> Result<relay::Dialer, AgentError> {
+        let Some(bundle) = &self.inner.config.identity else { return Ok(relay::Dialer::default()) };
+        let tls = walkabout_trust::tls::client_config(bundle)
+            .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot relay: this host's client TLS: {e}") })?;
+        Ok(relay::Dialer::new(Some(tls)))
+    }
+
     /// The typed client of a peer agent.
     fn peer(&self, url: &str) -> Result<AgentClient, ClientError> {
         AgentClient::new(url, ClientOptions { connect_timeout: Duration::from_secs(2), request_timeout: Duration::from_secs(30) })
@@ -284,7 +295,18 @@ impl Agent {
                     Some((qmp, spec)) => {
                         let agent = Books { agent: self.clone(), id: rec.id.clone(), vm: rec.vm.clone() };
                         // Settling after a restart moves nothing: no stream to secure.
-                        Driver { qmp, peer, agent, record: rec.clone(), spec, was_running: true, tls: StreamTls::Plain }.recover().await
+                        Driver {
+                            qmp,
+                            peer,
+                            agent,
+                            record: rec.clone(),
+                            spec,
+                            was_running: true,
+                            tls: StreamTls::Plain,
+                            dialer: relay::Dialer::default(),
+                        }
+                        .recover()
+                        .await
                     }
                     None => {
                         // No QEMU here to settle; the destination also lets go when its lease ends.
@@ -323,6 +345,18 @@ impl Agent {
             (StreamTls::Tls(_), None) => return Err(AgentError::InvalidRequest { reason: tls::TlsError::NoPeer.to_string() }),
         };
         let lease = req.lease_ms.map_or(INCOMING_LEASE, Duration::from_millis).max(INCOMING_LEASE);
+        // Relayed: QEMU listens on loopback, reached only through the tunnel route, by
+        // the host that asks now.
+        let listen = if req.relay { "127.0.0.1".to_string() } else { self.incoming_host() };
+        let relay_peer = match (req.relay, source) {
+            (false, _) => None,
+            (true, Some(id)) => Some(id.name.clone()),
+            (true, None) => {
+                return Err(AgentError::InvalidRequest {
+                    reason: format!("refused to relay the migration of {name}: the request carries no identity to admit to its tunnel"),
+                })
+            }
+        };
         // Shared or copy first: a copy's spec names the images made here.
         let img = walkabout_qemu::QemuImg::beside(&self.inner.config.qemu_binary);
         let plan = storage::plan(&req, &self.copy_dir(), &self.catalog_bases(), &img)
@@ -355,7 +389,7 @@ impl Agent {
             }
             let nbd = match copy {
                 true => Some(
-                    storage::export(&qmp, &self.incoming_host(), &plan, admit.is_some())
+                    storage::export(&qmp, &listen, &plan, admit.is_some())
                         .await
                         .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot receive the disks of {name}: {e}") })?,
                 ),
@@ -367,7 +401,7 @@ impl Agent {
                 multifd_channels: req.multifd_channels,
                 compression: req.compression,
             };
-            let uri = walkabout_migrate::run::listen_incoming(&qmp, &stream, &self.incoming_host())
+            let uri = walkabout_migrate::run::listen_incoming(&qmp, &stream, &listen)
                 .await
                 .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot receive {name}: {e}") })?;
             if !req.spec.nics.is_empty() {
@@ -384,7 +418,14 @@ impl Agent {
                 qmp.cont().await.map_err(|e| AgentError::Qemu { vm: name.clone(), source: e.into() })?;
             }
             self.inner.store.put(&guard.record)?;
-            Ok(IncomingReply { uri, storage: plan.mode, nbd, tls: admit.is_some() })
+            if let Some(peer) = &relay_peer {
+                let memory = relay::uri_addr(&uri)
+                    .ok_or_else(|| AgentError::InvalidRequest { reason: format!("cannot relay {name}: QEMU listens at {uri}") })?;
+                let nbd = nbd.as_ref().and_then(|n| n.host.parse().ok().map(|ip| std::net::SocketAddr::new(ip, n.port)));
+                self.inner.tunnels.open(&name, relay::Tunnel { peer: peer.clone(), memory, nbd });
+                tracing::info!(vm = %name, source = %peer, "streams relayed through this agent's port");
+            }
+            Ok(IncomingReply { uri, storage: plan.mode, nbd, tls: admit.is_some(), relay: relay_peer.is_some() })
         }
         .await;
         if result.is_ok() {
@@ -475,6 +516,7 @@ impl Agent {
                 tracing::warn!(vm = %name, error = %e, "cannot announce the guest's NICs");
             }
         }
+        self.inner.tunnels.close(name);
         vm.record.state = VmState::Running;
         vm.record.reason = Some("migrated in".into());
         vm.record.guest_before = guest_before;
@@ -492,6 +534,7 @@ impl Agent {
             return Err(AgentError::InvalidState { vm: name.into(), op: "abort the migration of", state: vm.record.state });
         }
         vm.record.state = VmState::Stopped;
+        self.inner.tunnels.close(name);
         if let Some(p) = vm.process.take() {
             p.kill(Duration::from_secs(2)).await;
         }
@@ -514,13 +557,21 @@ impl Agent {
         }
         let qmp = vm.qmp.clone().ok_or_else(|| AgentError::InvalidState { vm: name.into(), op: "recover", state: vm.record.state })?;
         lock(&self.inner.leases).insert(name.to_string(), std::time::Instant::now());
-        let uri = walkabout_migrate::run::recover_incoming(&qmp, &req.listen_host)
+        // A relayed migration listens on loopback again, its tunnel pointed at the new port.
+        let relayed = self.inner.tunnels.is_open(name);
+        let listen = if relayed { "127.0.0.1" } else { req.listen_host.as_str() };
+        let uri = walkabout_migrate::run::recover_incoming(&qmp, listen)
             .await
             .map_err(|e| AgentError::InvalidRequest { reason: format!("cannot recover the post-copy of {name}: {e}") })?;
-        tracing::info!(vm = %name, %uri, "post-copy listening again");
+        if relayed {
+            let addr = relay::uri_addr(&uri)
+                .ok_or_else(|| AgentError::InvalidRequest { reason: format!("cannot relay {name}: QEMU listens at {uri}") })?;
+            self.inner.tunnels.retarget_memory(name, addr);
+        }
+        tracing::info!(vm = %name, %uri, relayed, "post-copy listening again");
         // Post-copy never runs with a disk copy (the driver refuses it), so no NBD here.
         // The new stream is under the parameters set at prepare (TLS, the same source).
-        Ok(IncomingReply { uri, storage: None, nbd: None, tls: self.inner.config.identity.is_some() })
+        Ok(IncomingReply { uri, storage: None, nbd: None, tls: self.inner.config.identity.is_some(), relay: relayed })
     }
 
     /// The incoming VM, while it is incoming: the source's liveness probe, which also
@@ -597,6 +648,7 @@ impl Agent {
                 break;
             }
             lock(&agent.inner.leases).remove(&name);
+            agent.inner.tunnels.close(&name);
         });
     }
 }

@@ -146,6 +146,8 @@ pub(crate) struct Inner {
     pub(crate) replica_lock: tokio::sync::Mutex<()>,
     /// Free will: the VMs' request ports and their queued requests.
     pub(crate) will: crate::will::Will,
+    /// Incoming VMs whose streams come through the tunnel route (`relay`).
+    pub(crate) tunnels: crate::migration::relay::Tunnels,
 }
 
 /// The agent: owns the VMs of one host. Cheap to clone.
@@ -236,6 +238,7 @@ impl Agent {
                 protections: Mutex::default(),
                 replica_lock: tokio::sync::Mutex::new(()),
                 will: crate::will::Will::default(),
+                tunnels: crate::migration::relay::Tunnels::default(),
             }),
         };
         agent.reattach().await?;

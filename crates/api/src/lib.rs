@@ -80,6 +80,7 @@ pub use host::{Accel, AccelChoice, CpuCatalog, HostInfo, QemuVersion, BASELINE_C
 pub use migration::{
     BackingImage, CommitRequest, Compression, DiskProgress, IncomingDisk, IncomingReply, IncomingRequest, Limits, MigrationRecord,
     MigrationRequest, MigrationSummary, Mode, Phase, PostcopyPause, Progress, RecoverRequest, StorageMarker, Strategy, Switch, Tuning,
+    TunnelStream, TUNNEL_PATH, TUNNEL_PROTOCOL,
 };
 pub use nic::NicSpec;
 pub use plan::{Blocked, Goal, PlanRecord, PlanStatus, Problem, Step, StepStatus};

@@ -197,6 +197,13 @@ pub struct Tuning {
     /// to answer, e.g. an agent inside a nested guest under TCG.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_timeout_ms: Option<u64>,
+    /// Every stream of the migration (memory, disks) through the destination agent's one
+    /// published API port: the source agent relays its QEMU's connections over mutual
+    /// TLS to the destination's tunnel route ([`TUNNEL_PATH`]), which splices them to
+    /// its QEMU listening on loopback. For a destination behind a NAT that publishes
+    /// only that port (another site, another cloud). QEMU's own TLS stays on inside.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub relay: bool,
 }
 
 /// One interruption of post-copy (its stream lost while the guest ran at the
@@ -527,6 +534,11 @@ pub struct IncomingRequest {
     /// ms (default and minimum 4 000); longer for a slow source (a nested agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_ms: Option<u64>,
+    /// The source reaches this host only through its API port: its QEMU and NBD server
+    /// listen on loopback and the source's streams come through the tunnel route
+    /// ([`TUNNEL_PATH`]), admitted for the requesting host alone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relay: bool,
 }
 
 /// One disk of a migrating VM as the source holds it.
@@ -590,6 +602,40 @@ pub struct IncomingReply {
     /// incoming migration. False: plain streams (a cluster without a CA).
     #[serde(default)]
     pub tls: bool,
+    /// `uri` and `nbd` are the destination's loopback: the source sends each stream
+    /// through the tunnel route ([`TUNNEL_PATH`]) of the agent it asked, whatever
+    /// address it reached that agent at.
+    #[serde(default)]
+    pub relay: bool,
+}
+
+/// The destination agent's tunnel route (`GET`, HTTP/1.1 `Upgrade:` [`TUNNEL_PROTOCOL`]):
+/// after `101 Switching Protocols` the connection carries one of QEMU's streams of an
+/// incoming VM, spliced to the destination QEMU's loopback listener. Only the host
+/// whose certificate asked for that incoming migration is admitted.
+pub const TUNNEL_PATH: &str = "/v1/incoming/{name}/tunnel/{stream}";
+
+/// The protocol name of the tunnel's `Upgrade:` header.
+pub const TUNNEL_PROTOCOL: &str = "walkabout-tunnel";
+
+/// Which of QEMU's streams a tunnel carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelStream {
+    /// The migration stream (every connection QEMU opens for it: multifd channels,
+    /// post-copy's preempt channel).
+    Memory,
+    /// The NBD disk copy (`storage: copy`).
+    Nbd,
+}
+
+spelled!(TunnelStream, "unknown tunnel stream '{}': expected memory or nbd", { Memory => "memory", Nbd => "nbd" });
+
+impl TunnelStream {
+    /// The tunnel's path for VM `name`.
+    pub fn path(self, name: &str) -> String {
+        TUNNEL_PATH.replace("{name}", name).replace("{stream}", &self.to_string())
+    }
 }
 
 /// The destination's NBD server and one writable export per disk.

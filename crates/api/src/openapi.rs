@@ -79,7 +79,9 @@ mod agent_routes {
     };
     use crate::error::ErrorBody;
     use crate::host::{CpuCatalog, HostInfo};
-    use crate::migration::{CommitRequest, IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest, RecoverRequest};
+    use crate::migration::{
+        CommitRequest, IncomingReply, IncomingRequest, MigrationRecord, MigrationRequest, RecoverRequest, TunnelStream,
+    };
     use crate::vm::{ConsoleChunk, VmInfo, VmSpec, WillAnswer, WillRequest};
 
     /// The host: resources, accelerator (and why), QEMU version.
@@ -201,6 +203,16 @@ mod agent_routes {
     #[utoipa::path(post, path = "/v1/incoming/{name}/recover", tag = "incoming", params(("name" = String, Path, description = "VM name")),
         request_body = RecoverRequest, responses((status = 200, body = IncomingReply), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
     fn recover_incoming() {}
+
+    /// Agent to agent, HTTP/1.1 upgrade (`Connection: Upgrade`, `Upgrade: walkabout-tunnel`):
+    /// after `101` the connection carries one of QEMU's streams of an incoming relayed
+    /// migration (`memory` or `nbd`), spliced to the destination QEMU's loopback
+    /// listener. Only the host whose certificate asked for that incoming migration.
+    #[utoipa::path(get, path = "/v1/incoming/{name}/tunnel/{stream}", tag = "incoming",
+        params(("name" = String, Path, description = "VM name"), ("stream" = TunnelStream, Path, description = "which stream: memory or nbd")),
+        responses((status = 101, description = "switching protocols: the connection is the stream"), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody), (status = 502, body = ErrorBody)))]
+    fn incoming_tunnel() {}
 
     /// Takes a checkpoint of a running VM now (memory, devices, disks at one instant);
     /// ships it to `ship_to` (only what that agent lacks) if asked.
@@ -325,6 +337,7 @@ mod agent_routes {
         agent_routes::abort_incoming,
         agent_routes::commit_incoming,
         agent_routes::recover_incoming,
+        agent_routes::incoming_tunnel,
         agent_routes::checkpoint_vm,
         agent_routes::protect_vm,
         agent_routes::unprotect_vm,
@@ -342,7 +355,7 @@ mod agent_routes {
         agent_routes::openapi,
         agent_routes::power_cut
     ),
-    components(schemas(crate::vm::VmState, crate::migration::Phase, crate::error::ErrorKind)),
+    components(schemas(crate::vm::VmState, crate::migration::Phase, crate::migration::TunnelStream, crate::error::ErrorKind)),
     modifiers(&EpochHeader)
 )]
 struct AgentDoc;

@@ -82,8 +82,8 @@ prop_compose! {
 
 prop_compose! {
     fn tuning()(multifd_channels in opt(any::<u8>()), compression in opt(compression()), postcopy_preempt in opt(any::<bool>()),
-                recovery_budget_ms in opt(any::<u64>()), peer_timeout_ms in opt(any::<u64>())) -> Tuning {
-        Tuning { multifd_channels, compression, postcopy_preempt, recovery_budget_ms, peer_timeout_ms }
+                recovery_budget_ms in opt(any::<u64>()), peer_timeout_ms in opt(any::<u64>()), relay in any::<bool>()) -> Tuning {
+        Tuning { multifd_channels, compression, postcopy_preempt, recovery_budget_ms, peer_timeout_ms, relay }
     }
 }
 
@@ -115,8 +115,8 @@ prop_compose! {
                           listen_host in text(), postcopy_preempt in any::<bool>(), multifd_channels in any::<u8>(), compression in compression(),
                           storage in storage_mode(), disks in proptest::collection::vec(incoming_disk(), 0..3),
                           marker in opt((text(), text()).prop_map(|(file_name, token)| StorageMarker { file_name, token })),
-                          lease_ms in opt(any::<u64>())) -> IncomingRequest {
-        IncomingRequest { spec, postcopy_ready, cpu_features, listen_host, postcopy_preempt, multifd_channels, compression, storage, disks, marker, lease_ms }
+                          lease_ms in opt(any::<u64>()), relay in any::<bool>()) -> IncomingRequest {
+        IncomingRequest { spec, postcopy_ready, cpu_features, listen_host, postcopy_preempt, multifd_channels, compression, storage, disks, marker, lease_ms, relay }
     }
 }
 

@@ -15,6 +15,7 @@ pub mod files;
 pub mod local;
 pub mod net;
 pub mod process;
+pub mod sites;
 pub mod trust;
 pub mod up;
 
@@ -25,5 +26,6 @@ pub use files::{read_url, session_root, write_atomic, TempDir};
 pub use local::{LocalCluster, LocalOptions};
 pub use net::{enter_netns, BridgeNet, GuestNet, NetPair};
 pub use process::{alive, free_ports, kill9, kill_qemus, processes_mentioning, qemu_pids, wait_gone, Daemon, KillOnDrop};
+pub use sites::TwoSites;
 pub use trust::TestCa;
 pub use up::UpSession;

@@ -223,6 +223,7 @@ fn an_incoming_migration_listens_where_the_agent_says_not_where_the_request_says
             disks: vec![],
             marker: None,
             lease_ms: None,
+            relay: false,
         };
         let reply = peer.prepare_incoming(&req).await.expect("prepared");
         peer.abort_incoming("inbound").await.expect("aborted");

@@ -186,3 +186,30 @@ fn a_commit_with_a_malformed_body_is_an_error_body() {
         assert_eq!((status, e.kind), (StatusCode::UNPROCESSABLE_ENTITY, walkabout_api::ErrorKind::InvalidRequest), "{}", e.error);
     }
 }
+
+/// The tunnel route (`GET /v1/incoming/{name}/tunnel/{stream}`) with any stream name,
+/// with or without the upgrade, for VMs with no relayed migration here: a 4xx
+/// [`ErrorBody`] every time, never an upgrade.
+#[test]
+fn a_tunnel_to_nothing_is_refused_with_an_error_body() {
+    let s = Setup::new("fuzz-tunnel");
+    let mut runner = TestRunner::new(Config { cases: 48, ..Config::default() });
+    let stream = prop_oneof![Just("memory".to_string()), Just("nbd".to_string()), "[a-z0-9%._-]{1,12}"];
+    let result = runner.run(&("[a-z0-9]{1,8}", stream, any::<bool>()), |(vm, stream, upgrade)| {
+        let path = format!("/v1/incoming/{vm}/tunnel/{stream}");
+        let mut req = Request::builder().method("GET").uri(&path);
+        if upgrade {
+            req = req.header("connection", "upgrade").header("upgrade", walkabout_api::TUNNEL_PROTOCOL);
+        }
+        let req = req.body(Body::empty()).unwrap_or_else(|e| panic!("request: {e}"));
+        let (status, reply) = s.rt.block_on(async {
+            let resp = s.router.clone().oneshot(req).await.unwrap_or_else(|e| match e {});
+            let status = resp.status();
+            (status, axum::body::to_bytes(resp.into_body(), 1 << 20).await.map(|b| b.to_vec()).unwrap_or_default())
+        });
+        refused(status, &reply, &format!("GET {path} upgrade={upgrade}"))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}

@@ -156,6 +156,9 @@ struct Link<'a, P> {
     listen_host: &'a str,
     /// The migration's `peer_timeout_ms`, or [`walkabout_migrate::run::PEER_TIMEOUT`].
     patience: Duration,
+    /// A relayed migration: where this host's QEMU resumes sending (the relay's loopback
+    /// listener, whose tunnel the destination points at its new port).
+    relayed_uri: Option<&'a str>,
 }
 
 impl<P: PeerAgent> Peer for Link<'_, P> {
@@ -173,7 +176,12 @@ impl<P: PeerAgent> Peer for Link<'_, P> {
 
     async fn recover(&self) -> Result<String, String> {
         let req = RecoverRequest { listen_host: self.listen_host.to_string() };
-        self.peer.recover_incoming(self.vm, &req).await.map(|r| r.uri).map_err(|e| e.to_string())
+        let reply = self.peer.recover_incoming(self.vm, &req).await.map_err(|e| e.to_string())?;
+        match (self.relayed_uri, reply.relay) {
+            (None, _) => Ok(reply.uri),
+            (Some(uri), true) => Ok(uri.to_string()),
+            (Some(_), false) => Err(format!("the destination listens again at {} without relaying it", reply.uri)),
+        }
     }
 }
 
@@ -204,6 +212,9 @@ pub(crate) struct Driver<Q, P, A> {
     pub(crate) was_running: bool,
     /// How this host's QEMU secures the streams (TLS under the cluster CA, or plain).
     pub(crate) tls: super::tls::StreamTls,
+    /// How this agent opens tunnels to the destination's agent, when the migration
+    /// relays its streams (`relay`).
+    pub(crate) dialer: super::relay::Dialer,
 }
 
 impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
@@ -279,6 +290,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             marker: offer.as_ref().and_then(|o| o.marker.clone()),
             // A source slow to answer is slow to probe: the lease lasts twice its patience.
             lease_ms: rec.tuning.peer_timeout_ms.map(|p| p.saturating_mul(2)),
+            relay: rec.tuning.relay,
         };
         // 30 s, or more for a migration that said its destination is slow (a nested agent).
         let patience = rec.tuning.peer_timeout_ms.map_or(Duration::ZERO, Duration::from_millis);
@@ -288,7 +300,29 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         }
         let reply = prepared.map_err(|e| fail(format!("cannot migrate {} to {}: {e}", rec.vm, rec.destination)))?;
         self.agent.update(|r| r.storage = reply.storage);
-        self.secure_streams(&reply).await.map_err(|e| fail(e.to_string()))?;
+        // Relayed: QEMU sends to loopback listeners of this agent, which carry each
+        // connection through the destination agent's port; the destination's
+        // certificate names the address that port was reached at.
+        if rec.tuning.relay != reply.relay {
+            return Err(fail(format!(
+                "cannot migrate {} to {}: asked to relay the streams: {}, and the destination answered: {}",
+                rec.vm, rec.destination, rec.tuning.relay, reply.relay
+            )));
+        }
+        let relays = match reply.relay {
+            true => Some(
+                super::relay::Relays::open(&self.dialer, &rec.destination, &rec.vm, &reply)
+                    .await
+                    .map_err(|e| fail(format!("cannot relay the streams of {}: {e}", rec.vm)))?,
+            ),
+            false => None,
+        };
+        let tls_host = match &relays {
+            Some(_) => super::relay::url_host(&rec.destination).unwrap_or_default(),
+            None => super::tls::uri_host(&reply.uri).unwrap_or(&reply.uri).to_string(),
+        };
+        let reply = relays.as_ref().map_or(reply.clone(), |r| r.reply.clone());
+        self.secure_streams(&reply, &tls_host).await.map_err(|e| fail(e.to_string()))?;
         if *cancel.borrow_and_update() {
             return Err(Ended { phase: Phase::Cancelled, reason: CANCELLED_BY_REQUEST.into(), past_switchover: false });
         }
@@ -302,9 +336,13 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         let job_events = self.qmp.events();
         let mirrors = match &reply.nbd {
             Some(nbd) => Some(
-                storage::Mirrors::start(&self.qmp, nbd, self.tls.on())
-                    .await
-                    .map_err(|e| fail(format!("cannot copy the disks of {}: {e}", rec.vm)))?,
+                storage::Mirrors::start(
+                    &self.qmp,
+                    nbd,
+                    self.tls.on().then(|| if relays.is_some() { tls_host.as_str() } else { nbd.host.as_str() }),
+                )
+                .await
+                .map_err(|e| fail(format!("cannot copy the disks of {}: {e}", rec.vm)))?,
             ),
             None => None,
         };
@@ -374,17 +412,17 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
     }
 
     /// Arms this QEMU's side of the streams the destination's `reply` expects: TLS
-    /// credentials checking the destination's certificate at the address it named (and
-    /// recorded), or plain in a cluster without a CA (said in the log). A destination
-    /// that disagrees is refused before anything moves.
-    async fn secure_streams(&self, reply: &IncomingReply) -> Result<(), super::tls::TlsError> {
+    /// credentials checking the destination's certificate against `host` (the address
+    /// its reply named, or its agent's for a relayed migration) and recorded, or plain
+    /// in a cluster without a CA (said in the log). A destination that disagrees is
+    /// refused before anything moves.
+    async fn secure_streams(&self, reply: &IncomingReply, host: &str) -> Result<(), super::tls::TlsError> {
         let rec = &self.record;
         super::tls::agree(&rec.vm, &rec.destination, &self.tls, reply.tls)?;
         let super::tls::StreamTls::Tls(dir) = &self.tls else {
             tracing::warn!(vm = %rec.vm, "QEMU's streams are plain: this agent runs without a CA (--insecure-loopback)");
             return Ok(());
         };
-        let host = super::tls::uri_host(&reply.uri).unwrap_or(&reply.uri);
         super::tls::arm_outgoing(&self.qmp, dir, host).await?;
         tracing::info!(vm = %rec.vm, destination = %host, "QEMU's streams over TLS under the cluster CA");
         self.agent.update(|r| r.tls = true);
@@ -417,7 +455,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             })
         };
         let patience = rec.tuning.peer_timeout_ms.map_or(walkabout_migrate::run::PEER_TIMEOUT, Duration::from_millis);
-        let link = Link { alive, peer: &self.peer, vm: &rec.vm, listen_host, patience };
+        let link = Link { alive, peer: &self.peer, vm: &rec.vm, listen_host, patience, relayed_uri: rec.tuning.relay.then_some(uri) };
         // A probe may take two thirds of the patience (1 s by default).
         let probe_timeout = (patience * 2 / 3).max(Duration::from_secs(1));
         let probing = async {

@@ -351,7 +351,7 @@ impl PeerAgent for FakePeer {
             exports: vec![NbdExport { node_name: "disk0".into(), export: "disk0".into(), sync: MirrorSync::Full }],
         });
         let storage = s.copy.then_some(StorageMode::Copy);
-        Ok(IncomingReply { uri: "tcp:127.0.0.1:4444".into(), storage, nbd, tls: s.tls })
+        Ok(IncomingReply { uri: "tcp:127.0.0.1:4444".into(), storage, nbd, tls: s.tls, relay: false })
     }
 
     async fn probe(&self, _vm: &str, _timeout: std::time::Duration) -> Result<(), ClientError> {
@@ -387,7 +387,7 @@ impl PeerAgent for FakePeer {
     async fn recover_incoming(&self, _vm: &str, _req: &RecoverRequest) -> Result<IncomingReply, ClientError> {
         self.call(Call::Recover)?;
         let n = self.state().calls.iter().filter(|c| **c == Call::Recover).count();
-        Ok(IncomingReply { uri: format!("tcp:127.0.0.1:{}", 5000 + n), storage: None, nbd: None, tls: false })
+        Ok(IncomingReply { uri: format!("tcp:127.0.0.1:{}", 5000 + n), storage: None, nbd: None, tls: false, relay: false })
     }
 
     async fn abort_incoming(&self, _vm: &str) -> Result<(), ClientError> {

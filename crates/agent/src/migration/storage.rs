@@ -221,9 +221,10 @@ fn nbd_node(node: &str) -> String {
 
 impl Mirrors {
     /// Connects to the destination's exports (over TLS with the credentials the
-    /// source armed, when `tls`) and starts one active mirror per disk. On failure
+    /// source armed, checking the destination's certificate against the host name in
+    /// `tls`, when given) and starts one active mirror per disk. On failure
     /// whatever was started is undone.
-    pub async fn start(qmp: &impl MigrationQmp, nbd: &NbdTarget, tls: bool) -> Result<Mirrors, StorageError> {
+    pub async fn start(qmp: &impl MigrationQmp, nbd: &NbdTarget, tls: Option<&str>) -> Result<Mirrors, StorageError> {
         let mut m = Mirrors { jobs: vec![] };
         for e in &nbd.exports {
             let r = Self::start_one(qmp, nbd, e, tls).await;
@@ -240,10 +241,11 @@ impl Mirrors {
         Ok(m)
     }
 
-    async fn start_one(qmp: &impl MigrationQmp, nbd: &NbdTarget, e: &NbdExport, tls: bool) -> Result<(), StorageError> {
+    async fn start_one(qmp: &impl MigrationQmp, nbd: &NbdTarget, e: &NbdExport, tls: Option<&str>) -> Result<(), StorageError> {
         let server = json!({"type": "inet", "host": nbd.host, "port": nbd.port.to_string()});
         let node = json!({"driver": "nbd", "node-name": nbd_node(&e.node_name), "server": server, "export": e.export});
-        qmp_do(qmp, "blockdev-add", super::tls::merge(node, super::tls::nbd_client_args(tls, &nbd.host))).await?;
+        let tls_args = super::tls::nbd_client_args(tls.is_some(), tls.unwrap_or_default());
+        qmp_do(qmp, "blockdev-add", super::tls::merge(node, tls_args)).await?;
         let device = top_node(qmp, &e.node_name).await;
         let args = json!({
             "job-id": job_id(&e.node_name), "device": device, "target": nbd_node(&e.node_name),
@@ -662,6 +664,7 @@ mod tests {
             disks,
             marker,
             lease_ms: None,
+            relay: false,
         }
     }
 

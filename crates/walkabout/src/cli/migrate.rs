@@ -50,6 +50,11 @@ pub struct MigrateArgs {
     /// it before memory moves), auto (shared when both hosts see the same file).
     #[arg(long, default_value = "auto")]
     storage: String,
+    /// Send every stream (memory, disks) through the destination agent's one API port
+    /// (its URL, `--to`): for a destination behind a NAT that publishes only that port.
+    /// The source agent relays its QEMU's connections over mutual TLS.
+    #[arg(long)]
+    relay: bool,
     /// Wait for the end, showing progress.
     #[arg(long)]
     wait: bool,
@@ -108,6 +113,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         postcopy_preempt: a.postcopy_preempt,
         recovery_budget_ms: a.recovery_budget,
         peer_timeout_ms: None,
+        relay: a.relay,
     };
     let storage = a.storage.parse::<StorageMode>().map_err(anyhow::Error::msg)?;
     runtime()?.block_on(async move {

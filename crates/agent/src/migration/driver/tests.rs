@@ -33,6 +33,7 @@ async fn drive_record(qemu: &FakeQemu, peer: &FakePeer, agent: &FakeAgent, recor
         spec: spec(),
         was_running: true,
         tls: super::super::tls::StreamTls::Plain,
+        dialer: super::super::relay::Dialer::default(),
     };
     driver.drive(agent.cancel_switch()).await
 }
@@ -341,6 +342,7 @@ async fn recovery_before_the_gate_cancels_and_resumes_the_source() {
         spec: spec(),
         was_running: true,
         tls: super::super::tls::StreamTls::Plain,
+        dialer: super::super::relay::Dialer::default(),
     };
 
     let reason = driver.recover().await;
@@ -364,6 +366,7 @@ async fn recovery_after_the_gate_keeps_the_source_paused() {
         spec: spec(),
         was_running: true,
         tls: super::super::tls::StreamTls::Plain,
+        dialer: super::super::relay::Dialer::default(),
     };
 
     let reason = driver.recover().await;
@@ -402,6 +405,7 @@ async fn drive_copy_with(qemu: &FakeQemu, peer: &FakePeer, agent: &FakeAgent, tl
         spec: disk_spec(),
         was_running: true,
         tls,
+        dialer: super::super::relay::Dialer::default(),
     };
     driver.drive(agent.cancel_switch()).await
 }
@@ -520,6 +524,7 @@ async fn post_copy_is_refused_for_a_vm_whose_disks_may_be_copied() {
         spec: disk_spec(),
         was_running: true,
         tls: super::super::tls::StreamTls::Plain,
+        dialer: super::super::relay::Dialer::default(),
     };
 
     let phase = driver.drive(agent.cancel_switch()).await;
