@@ -313,11 +313,13 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         let outcome = match result {
             Ok(o) => o,
             Err(e) => {
+                // A mirror that broke is the cause, whatever the memory stream saw (read
+                // before the abandon, whose cancel ends the jobs as well).
+                let broken = alive.mirror_failure();
                 if let Some(m) = &mirrors {
                     m.abandon(&self.qmp).await;
                 }
-                // A mirror that broke is the cause, whatever the memory stream saw.
-                return Err(match alive.mirror_failure() {
+                return Err(match broken {
                     Some(b) if e.phase == Phase::Failed => fail(format!("migration of {} failed: {b}", rec.vm)),
                     _ => e,
                 });
@@ -333,10 +335,14 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             r.postcopy_pauses = outcome.postcopy_pauses.clone();
         });
         if outcome.phase != Phase::Completed {
+            // Read before the abandon: its own cancel ends the jobs too, and the policy's
+            // give-up (a cancel) tears down the destination's exports; neither is the cause.
+            let gave_up = outcome.switches.last().is_some_and(|sw| sw.to == "cancel");
+            let broken = alive.mirror_failure().filter(|_| !gave_up);
             if let Some(m) = &mirrors {
                 m.abandon(&self.qmp).await;
             }
-            let mut reason = match (outcome.phase, alive.mirror_failure()) {
+            let mut reason = match (outcome.phase, broken) {
                 (Phase::Failed, Some(b)) => format!("migration of {} failed: {b}", rec.vm),
                 _ => outcome.reason.unwrap_or_else(|| format!("{:?}", outcome.phase)),
             };
