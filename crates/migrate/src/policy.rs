@@ -93,6 +93,15 @@ impl HostFacts {
         let busy = self.busy_cores.max(0.0).ceil() as u32;
         self.cores.saturating_sub(busy)
     }
+
+    /// What one stream carries on this host now, bytes/s: its share of the cores when
+    /// more is runnable than there are cores (at a load of 28 on 2 cores, a fourteenth
+    /// of [`HostFacts::single_stream_bps`]; QEMU reported 3-14 MiB/s then).
+    pub fn loaded_stream_bps(&self) -> u64 {
+        let cores = f64::from(self.cores.max(1));
+        let share = cores / self.busy_cores.max(cores);
+        (self.single_stream_bps as f64 * share) as u64
+    }
 }
 
 /// One reading of QEMU's migration statistics.
@@ -286,6 +295,7 @@ impl Policy {
         let mut why: Vec<String> = vec![];
         let link_bps = self.limits.max_bandwidth_bps;
         let dirty = self.measured_dirty_bps;
+        self.arm_postcopy_for_a_loaded_host(tuning, host);
         // Compression wanted? Forced, or a link slower than the guest rewrites memory
         // while the guest rewrites a working set smaller than itself (its pages repeat).
         let compression = match tuning.compression {
@@ -386,6 +396,30 @@ impl Policy {
         self.strategy.recovery_budget_ms = tuning.recovery_budget_ms.unwrap_or(walkabout_api::migration::DEFAULT_RECOVERY_BUDGET_MS);
         self.strategy.stream_reason = why.join("; ");
         self
+    }
+
+    /// `auto` without a cap judged the dirty rate against a fast link; on a loaded host
+    /// one stream carries far less ([`HostFacts::loaded_stream_bps`]), and a guest
+    /// dirtying [`READY_SHARE`] of that cannot converge in pre-copy (its hops ran out of
+    /// budget 10-60 MiB from done): post-copy is armed after all, so that half the
+    /// budget spent switches to it. Not when the operator forced multifd or a cap.
+    fn arm_postcopy_for_a_loaded_host(&mut self, tuning: &Tuning, host: &HostFacts) {
+        let (Some(d), None, None) = (self.measured_dirty_bps, self.limits.max_bandwidth_bps, tuning.multifd_channels) else { return };
+        let stream = host.loaded_stream_bps();
+        if self.mode != Mode::Auto || self.strategy.postcopy_ready || (d as f64) < READY_SHARE * stream as f64 {
+            return;
+        }
+        self.strategy.postcopy_ready = true;
+        self.strategy.auto_converge = false;
+        self.strategy.name = "precopy+postcopy-ready".into();
+        self.strategy.reason.push_str(&format!(
+            "; then post-copy armed after all: this host is loaded ({:.1} of {} cores busy), one stream carries about {} MiB/s, and dirty {} MiB/s is at least {}% of that",
+            host.busy_cores,
+            host.cores,
+            mib(stream),
+            mib(d),
+            (READY_SHARE * 100.0) as u32
+        ));
     }
 
     /// The strategy chosen at the start.
@@ -746,6 +780,23 @@ mod tests {
     }
 
     const IDLE_HOST: HostFacts = HostFacts { cores: 8, busy_cores: 1.0, single_stream_bps: GIB };
+
+    #[test]
+    fn auto_arms_postcopy_for_a_guest_dirtying_half_of_what_a_loaded_host_streams() {
+        // 2 cores at a load of 28: one 80 MiB/s stream gets about 5 MiB/s.
+        let loaded = HostFacts { cores: 2, busy_cores: 28.0, single_stream_bps: 80 * MIB };
+        let p = Policy::new(Mode::Auto, Limits::default(), 256 * MIB, Some(7 * MIB)).tuned(&Tuning::default(), &loaded);
+        let s = p.strategy();
+        assert!(s.postcopy_ready && !s.auto_converge, "{s:?}");
+        assert!(s.reason.contains("post-copy armed after all") && s.reason.contains("one stream carries about 5 MiB/s"), "{}", s.reason);
+    }
+
+    #[test]
+    fn auto_keeps_plain_precopy_for_the_same_guest_on_a_quiet_host() {
+        let quiet = HostFacts { cores: 2, busy_cores: 1.0, single_stream_bps: 80 * MIB };
+        let p = Policy::new(Mode::Auto, Limits::default(), 256 * MIB, Some(7 * MIB)).tuned(&Tuning::default(), &quiet);
+        assert!(!p.strategy().postcopy_ready && p.strategy().auto_converge, "{:?}", p.strategy());
+    }
     const BUSY_HOST: HostFacts = HostFacts { cores: 2, busy_cores: 1.5, single_stream_bps: GIB };
 
     #[test]
