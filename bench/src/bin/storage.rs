@@ -28,15 +28,17 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use walkabout_api::{Phase, VmInfo};
+use walkabout_api::{ConsoleChunk, Phase, VmInfo};
 use walkabout_bench::{build_walkabout, environment, ratio, round3, stats, walkabout_copy, AgentCli, MigrateSummary};
-use walkabout_testbed::{Agent, AgentSpec, NetPair, TempDir};
+use walkabout_probe::{echo_target, ProbeOptions, Prober};
+use walkabout_testbed::{Agent, AgentSpec, GuestNet, NetPair, TempDir};
 
 const USAGE: &str =
     "usage: storage [--disk-mib 1024] [--fill-mib 1024] [--workload 'idle;dirty:32:8,disk:256:64'] [--bandwidth default,100] \
 [--runs 3] [--give-up-s 300] [--out FILE] [--no-build] [--walkabout PATH (a binary to bench as it is)]
-  [--hops N]: instead of the comparison, one guest (first --workload) with a --disk-mib disk on a directory both
-  agents see hops N times with --storage shared, then N times with --storage copy; checked after every hop";
+  [--hops N]: instead of the comparison, one guest (first --workload) booting from image:guest with a --disk-mib
+  data disk on a directory both agents see and a NIC on the hosts' shared segment hops N times with --storage copy,
+  then N times with --storage shared, one TCP connection probed through all; checked after every hop";
 
 struct Args {
     disk_mib: u64,
@@ -407,24 +409,69 @@ fn walkabout_cell(bin: &Path, net: &NetPair, dir: &Path, wl: &str, a: &Args) -> 
     Ok(summary(runs))
 }
 
-/// One guest hops `n` times with `--storage shared`, then `n` times with `--storage
-/// copy`; after every hop: the guest's heartbeat goes on, no corrupt page or block.
+/// Issue 9's first must-show in one run: a guest booting from the Walkabout root disk
+/// (`image:guest`, an overlay) with a `--disk-mib` data disk (`--fill-mib` written past
+/// the workload's area) that its workload dirties (memory and disk), and a NIC on the
+/// namespace hosts' shared segment, hops `n` times with `--storage copy`, then `n` times
+/// with `--storage shared`. One TCP connection from the root namespace to the guest's
+/// echo, a request every 10 ms, stays open through all the hops: per hop the storage
+/// mode, disk and memory bytes, QEMU's downtime and the longest reply gap (observed
+/// downtime); at the end corrupt pages, corrupt blocks and connection failures (resets,
+/// closes, silences: the probe reconnects to go on measuring, and each one counts).
 fn hops(bin: &Path, net: &NetPair, dir: &Path, wl: &str, n: usize, a: &Args) -> Result<Value> {
+    let id = std::process::id() % 1000;
+    let seg =
+        GuestNet::new(&format!("wsh{id}"), &format!("10.81.{}", id % 250), &[&net.a, &net.b]).context("guest segment (needs root)")?;
     let (ha, hb) = (agent_in(bin, &net.a, &net.addr_a)?, agent_in(bin, &net.b, &net.addr_b)?);
     let disk = dir.join("hops-disk.qcow2");
     make_disk(&disk, a.disk_mib, a.fill_mib, workload_area_mib(wl))?;
     let name = "hop1";
-    create_with_disk(&ha, &net.a, name, wl, &disk)?;
-    wait_heartbeats(&ha, name, 20, Duration::from_secs(120))?;
+    let address = seg.guest_address(21);
+    let nic = format!("bridge={},address={address}", seg.bridge());
+    let data = format!("{},format=qcow2", disk.display());
+    let boot = Instant::now();
+    ha.cli_ok(&[
+        "vm",
+        "create",
+        "--name",
+        name,
+        "--memory",
+        "256M",
+        "--workload",
+        wl,
+        "--disk",
+        "image:guest",
+        "--disk",
+        &data,
+        "--nic",
+        &nic,
+    ])?;
+    wait_disk_workload(&ha, name, Duration::from_secs(300))?;
+    let first = wait_heartbeats(&ha, name, 20, Duration::from_secs(120))?;
+    if !first.guest.is_healthy() {
+        bail!("{name} unhealthy before the first hop: {:?}", first.guest);
+    }
+    let boot_ms = boot.elapsed().as_millis() as u64;
+    let target = echo_target(&address).with_context(|| format!("no echo address in {address}"))?;
+    let mut probe = connect_probe(target, Duration::from_secs(120))?;
     let agents = [&ha, &hb];
     let mut holder = 0;
     let mut out = vec![];
-    for (i, storage) in std::iter::repeat_n("shared", n).chain(std::iter::repeat_n("copy", n)).enumerate() {
+    let mut probe_failures = vec![];
+    for (i, storage) in std::iter::repeat_n("copy", n).chain(std::iter::repeat_n("shared", n)).enumerate() {
         let (from, to) = (agents[holder], agents[1 - holder]);
+        probe.start_window();
         let cmd = from.command(&["migrate", name, "--to", &to.url, "--storage", storage, "--wait", "--output", "json"]).output()?;
+        let seen = probe.end_window();
         let s: Option<MigrateSummary> = serde_json::from_slice(&cmd.stdout).ok();
         if s.as_ref().is_some_and(|s| s.result == Phase::Completed) {
             holder = 1 - holder;
+        }
+        let probe_error = seen.as_ref().err().map(|e| e.to_string());
+        if let Some(e) = &probe_error {
+            // Count it, and reconnect to go on measuring the remaining hops.
+            probe_failures.push(json!({"hop": i, "error": e}));
+            probe = connect_probe(target, Duration::from_secs(60))?;
         }
         let now: VmInfo = agents[holder].cli(&["vm", "info", name])?;
         let after = wait_heartbeats(agents[holder], name, now.guest.heartbeats + 10, Duration::from_secs(30))?;
@@ -433,30 +480,94 @@ fn hops(bin: &Path, net: &NetPair, dir: &Path, wl: &str, n: usize, a: &Args) -> 
             "hop": i, "storage_asked": storage, "result": s.as_ref().map(|s| s.result.to_string()),
             "storage": s.as_ref().and_then(|s| s.storage), "reason": s.as_ref().and_then(|s| s.reason.clone()),
             "total_ms": s.as_ref().and_then(|s| s.total_ms), "downtime_ms": s.as_ref().and_then(|s| s.downtime_ms),
+            "observed_downtime_ms": seen.as_ref().ok().map(|w| w.max_gap_ms), "probe_replies": seen.as_ref().ok().map(|w| w.replies),
+            "probe_error": probe_error,
             "disk_bytes": s.as_ref().map(|s| s.disk_transferred_bytes), "memory_bytes": s.as_ref().map(|s| s.transferred_bytes),
             "heartbeats": g.heartbeats, "seq_breaks": g.seq_breaks, "corrupt_pages": g.corrupt_pages, "corrupt_blocks": g.corrupt_blocks,
             "healthy": g.is_healthy(),
+            "stderr": if s.is_none() { json!(String::from_utf8_lossy(&cmd.stderr).trim()) } else { Value::Null },
         });
         eprintln!("  hop {i}: {rec}");
         out.push(rec);
     }
+    let end = probe.end_window().err().or(probe.failure());
+    if let Some(e) = end {
+        probe_failures.push(json!({"hop": null, "error": e.to_string()}));
+    }
+    let total_replies = probe.replies();
+    drop(probe);
     let _ = agents[holder].cli_ok(&["vm", "delete", name]);
     drop((ha, hb));
+    drop(seg);
     let _ = std::fs::remove_file(&disk);
     let completed = |st: &str| out.iter().filter(|r| r["storage_asked"] == st && r["result"] == "completed").count();
     let ms = |st: &str, k: &str| {
         let xs: Vec<f64> = out.iter().filter(|r| r["storage_asked"] == st).filter_map(|r| r[k].as_f64()).collect();
         stats(&xs).map(|(m, lo, hi)| json!({"median": m, "min": lo, "max": hi}))
     };
+    // Observed over QEMU's downtime, per hop, where both are known and QEMU's is not 0.
+    let ratios = |st: &str| {
+        let xs: Vec<f64> = out
+            .iter()
+            .filter(|r| r["storage_asked"] == st)
+            .filter_map(|r| Some(r["observed_downtime_ms"].as_f64()? / r["downtime_ms"].as_f64().filter(|d| *d > 0.0)?))
+            .collect();
+        stats(&xs).map(|(m, lo, hi)| json!({"median": round3(m), "min": round3(lo), "max": round3(hi)}))
+    };
+    let mode = |st: &str| {
+        json!({
+            "completed": completed(st), "total_ms": ms(st, "total_ms"), "downtime_ms": ms(st, "downtime_ms"),
+            "observed_downtime_ms": ms(st, "observed_downtime_ms"), "observed_over_qemu_downtime": ratios(st),
+            "disk_bytes": ms(st, "disk_bytes"), "memory_bytes": ms(st, "memory_bytes"),
+        })
+    };
     Ok(json!({
-        "workload": wl, "disk_mib": a.disk_mib, "written_mib": a.fill_mib, "hops_per_mode": n,
-        "shared": {"completed": completed("shared"), "total_ms": ms("shared", "total_ms"), "downtime_ms": ms("shared", "downtime_ms")},
-        "copy": {"completed": completed("copy"), "total_ms": ms("copy", "total_ms"), "downtime_ms": ms("copy", "downtime_ms"), "disk_bytes": ms("copy", "disk_bytes")},
+        "workload": wl, "root_disk": "image:guest (qcow2 overlay on the Walkabout root disk, root=/dev/vda)",
+        "disk_mib": a.disk_mib, "written_mib": a.fill_mib, "hops_per_mode": n, "order": "copy, then shared",
+        "guest_boot_ms": boot_ms,
+        "nic": {"segment": seg_text(&address), "probe": "one TCP connection from the root namespace to the guest's echo, a request every 10 ms, through every hop"},
+        "copy": mode("copy"), "shared": mode("shared"),
+        "max_observed_downtime_ms": out.iter().filter_map(|r| r["observed_downtime_ms"].as_u64()).max(),
         "corrupt_pages_total": out.iter().filter_map(|r| r["corrupt_pages"].as_u64()).max(),
         "corrupt_blocks_total": out.iter().filter_map(|r| r["corrupt_blocks"].as_u64()).max(),
+        "connection_failures": probe_failures.len(), "connection_failure_detail": probe_failures,
+        "probe_replies_total": total_replies,
         "all_healthy": out.iter().all(|r| r["healthy"] == true),
         "per_hop": out,
     }))
+}
+
+fn seg_text(address: &str) -> String {
+    format!("guest at {address} on a bridge of one name in each host namespace, joined by veth pairs to one in the root namespace")
+}
+
+/// Waits until the guest's disk workload has found its data disk and written it once
+/// (`disk dev=/dev/vdb ...` on its console).
+fn wait_disk_workload(agent: &Agent, name: &str, limit: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let chunk: ConsoleChunk = agent.cli(&["vm", "console", name])?;
+        if chunk.text.lines().any(|l| l.trim().starts_with("disk dev=/dev/vdb")) {
+            return Ok(());
+        }
+        if start.elapsed() > limit {
+            bail!("{name}'s disk workload never started:\n{}", chunk.text);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// One TCP connection to the guest's echo, once it answers (the guest configures its
+/// address after boot).
+fn connect_probe(target: std::net::SocketAddr, limit: Duration) -> Result<Prober> {
+    let start = Instant::now();
+    loop {
+        match Prober::connect(target, ProbeOptions { connect_timeout: Duration::from_secs(3), ..ProbeOptions::default() }) {
+            Ok(p) => return Ok(p),
+            Err(e) if start.elapsed() > limit => bail!("the guest's echo at {target} never answered: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
 }
 
 // ---- results ----

@@ -29,7 +29,9 @@
 //! - without post-copy (`precopy` mode, or `auto` for a guest that was quiet before the
 //!   start and dirties later) the fallbacks are the downtime limit raised to the maximum
 //!   on a stall that would fit it, QEMU's auto-converge throttling the vCPUs, and at the
-//!   budget's end a cancel that leaves the VM on its source. In `precopy` mode a
+//!   budget's end a cancel that leaves the VM on its source, unless the remainder is
+//!   falling fast enough to be sent before [`OVERRUN_FACTOR`] times the budget (a loaded
+//!   host's slow stream must not cost a hop that is seconds from done). In `precopy` mode a
 //!   predicted non-convergence turns on auto-converge (vCPU throttling) from the start.
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +40,9 @@ use serde::{Deserialize, Serialize};
 pub const STALL_ITERATIONS: usize = 3;
 /// A pass "makes progress" when it gets the remainder below this fraction of the best so far.
 const PROGRESS_FRACTION: f64 = 0.95;
+/// Pre-copy past its budget carries on, while it is predicted to finish, up to this many
+/// times the budget ([`Policy::observe`]'s give-up).
+pub const OVERRUN_FACTOR: u64 = 3;
 /// Pre-copy is predicted to converge when the dirty rate is below this share of the bandwidth.
 const CONVERGE_SHARE: f64 = 0.8;
 /// The bandwidth QEMU is given when the operator sets no cap: the link is the limit.
@@ -87,6 +92,15 @@ impl HostFacts {
     pub fn spare_cores(&self) -> u32 {
         let busy = self.busy_cores.max(0.0).ceil() as u32;
         self.cores.saturating_sub(busy)
+    }
+
+    /// What one stream carries on this host now, bytes/s: its share of the cores when
+    /// more is runnable than there are cores (at a load of 28 on 2 cores, a fourteenth
+    /// of [`HostFacts::single_stream_bps`]; QEMU reported 3-14 MiB/s then).
+    pub fn loaded_stream_bps(&self) -> u64 {
+        let cores = f64::from(self.cores.max(1));
+        let share = cores / self.busy_cores.max(cores);
+        (self.single_stream_bps as f64 * share) as u64
     }
 }
 
@@ -281,6 +295,7 @@ impl Policy {
         let mut why: Vec<String> = vec![];
         let link_bps = self.limits.max_bandwidth_bps;
         let dirty = self.measured_dirty_bps;
+        self.arm_postcopy_for_a_loaded_host(tuning, host);
         // Compression wanted? Forced, or a link slower than the guest rewrites memory
         // while the guest rewrites a working set smaller than itself (its pages repeat).
         let compression = match tuning.compression {
@@ -383,6 +398,30 @@ impl Policy {
         self
     }
 
+    /// `auto` without a cap judged the dirty rate against a fast link; on a loaded host
+    /// one stream carries far less ([`HostFacts::loaded_stream_bps`]), and a guest
+    /// dirtying [`READY_SHARE`] of that cannot converge in pre-copy (its hops ran out of
+    /// budget 10-60 MiB from done): post-copy is armed after all, so that half the
+    /// budget spent switches to it. Not when the operator forced multifd or a cap.
+    fn arm_postcopy_for_a_loaded_host(&mut self, tuning: &Tuning, host: &HostFacts) {
+        let (Some(d), None, None) = (self.measured_dirty_bps, self.limits.max_bandwidth_bps, tuning.multifd_channels) else { return };
+        let stream = host.loaded_stream_bps();
+        if self.mode != Mode::Auto || self.strategy.postcopy_ready || (d as f64) < READY_SHARE * stream as f64 {
+            return;
+        }
+        self.strategy.postcopy_ready = true;
+        self.strategy.auto_converge = false;
+        self.strategy.name = "precopy+postcopy-ready".into();
+        self.strategy.reason.push_str(&format!(
+            "; then post-copy armed after all: this host is loaded ({:.1} of {} cores busy), one stream carries about {} MiB/s, and dirty {} MiB/s is at least {}% of that",
+            host.busy_cores,
+            host.cores,
+            mib(stream),
+            mib(d),
+            (READY_SHARE * 100.0) as u32
+        ));
+    }
+
     /// The strategy chosen at the start.
     pub fn strategy(&self) -> &Strategy {
         &self.strategy
@@ -441,7 +480,7 @@ impl Policy {
                 }
             }
         }
-        if !can_postcopy && s.elapsed_ms >= self.deadline_ms {
+        if !can_postcopy && s.elapsed_ms >= self.deadline_ms && !self.finishing_within_overrun(s) {
             return Action::GiveUp {
                 reason: format!(
                     "pre-copy did not finish within its {} ms budget ({} MiB left, dirty {} MiB/s, sending {} MiB/s){}; the VM stays on its source",
@@ -454,6 +493,23 @@ impl Policy {
             };
         }
         Action::Continue
+    }
+
+    /// Past the budget, pre-copy that is about to finish is let finish: the budget is per
+    /// GiB of guest and assumes a link that moves it in time, but on a loaded host the
+    /// one stream may carry a few tens of MiB/s, and a guest booted from a disk has
+    /// little zero memory (page cache), so a 256 MiB guest can reach its 7.5 s budget
+    /// with a few MiB left (`walkabout up`'s disk guests lost a hop per run that way).
+    /// True when the remainder, sent at the rate QEMU reports minus the dirty rate, is
+    /// gone before [`OVERRUN_FACTOR`] times the budget; a remainder that does not shrink
+    /// (the guest dirties as fast as the link sends) still ends at the budget.
+    fn finishing_within_overrun(&self, s: &Sample) -> bool {
+        let net_bps = s.transfer_rate_bps.saturating_sub(s.dirty_rate_bps);
+        if net_bps == 0 {
+            return false;
+        }
+        let to_send_ms = u64::try_from(u128::from(s.remaining_bytes) * 1000 / u128::from(net_bps)).unwrap_or(u64::MAX);
+        s.elapsed_ms.saturating_add(to_send_ms) <= self.deadline_ms.saturating_mul(OVERRUN_FACTOR)
     }
 
     /// On a stall, the downtime limit goes to the operator's maximum if QEMU expects the
@@ -688,7 +744,59 @@ mod tests {
         );
     }
 
+    #[test]
+    fn precopy_past_its_budget_with_a_shrinking_remainder_finishes_instead_of_giving_up() {
+        // `up`'s disk guest on a loaded host: 256 MiB, budget 7.5 s, sending 19 MiB/s.
+        let mut p = Policy::new(Mode::Auto, Limits::default(), 256 * MIB, Some(7 * MIB));
+        assert_eq!((p.strategy().postcopy_ready, p.deadline_ms()), (false, 7_500));
+        let slow = |i, rem_mib: u64, ms| Sample {
+            dirty_rate_bps: 9 * MIB,
+            transfer_rate_bps: 19 * MIB,
+            remaining_bytes: rem_mib * MIB,
+            ..pass(i, 0, ms)
+        };
+        // 52 MiB left at 10 MiB/s net: done by about 12.7 s, within 3 x 7.5 s.
+        assert_eq!(p.observe(&slow(3, 52, 7_500)), Action::Continue);
+        assert_eq!(p.observe(&slow(4, 20, 10_000)), Action::Continue);
+    }
+
+    #[test]
+    fn precopy_past_its_budget_gives_up_when_the_remainder_cannot_be_sent_in_the_overrun() {
+        let mut p = Policy::new(Mode::Auto, Limits::default(), 256 * MIB, Some(7 * MIB));
+        let s = |rem_mib: u64, dirty_mib: u64, ms| Sample {
+            dirty_rate_bps: dirty_mib * MIB,
+            transfer_rate_bps: 19 * MIB,
+            remaining_bytes: rem_mib * MIB,
+            ..pass(3, 0, ms)
+        };
+        // Dirtying as fast as it sends: never, so at the budget.
+        assert!(matches!(p.observe(&s(52, 19, 7_500)), Action::GiveUp { .. }));
+        // Shrinking, but 200 MiB at 10 MiB/s is 20 s more: past 3 x 7.5 s.
+        let mut q = Policy::new(Mode::Auto, Limits::default(), 256 * MIB, Some(7 * MIB));
+        assert!(matches!(q.observe(&s(200, 9, 7_500)), Action::GiveUp { .. }));
+        // And never past 3 x the budget, however close.
+        let mut r = Policy::new(Mode::Auto, Limits::default(), 256 * MIB, Some(7 * MIB));
+        assert!(matches!(r.observe(&s(1, 9, 22_500)), Action::GiveUp { .. }));
+    }
+
     const IDLE_HOST: HostFacts = HostFacts { cores: 8, busy_cores: 1.0, single_stream_bps: GIB };
+
+    #[test]
+    fn auto_arms_postcopy_for_a_guest_dirtying_half_of_what_a_loaded_host_streams() {
+        // 2 cores at a load of 28: one 80 MiB/s stream gets about 5 MiB/s.
+        let loaded = HostFacts { cores: 2, busy_cores: 28.0, single_stream_bps: 80 * MIB };
+        let p = Policy::new(Mode::Auto, Limits::default(), 256 * MIB, Some(7 * MIB)).tuned(&Tuning::default(), &loaded);
+        let s = p.strategy();
+        assert!(s.postcopy_ready && !s.auto_converge, "{s:?}");
+        assert!(s.reason.contains("post-copy armed after all") && s.reason.contains("one stream carries about 5 MiB/s"), "{}", s.reason);
+    }
+
+    #[test]
+    fn auto_keeps_plain_precopy_for_the_same_guest_on_a_quiet_host() {
+        let quiet = HostFacts { cores: 2, busy_cores: 1.0, single_stream_bps: 80 * MIB };
+        let p = Policy::new(Mode::Auto, Limits::default(), 256 * MIB, Some(7 * MIB)).tuned(&Tuning::default(), &quiet);
+        assert!(!p.strategy().postcopy_ready && p.strategy().auto_converge, "{:?}", p.strategy());
+    }
     const BUSY_HOST: HostFacts = HostFacts { cores: 2, busy_cores: 1.5, single_stream_bps: GIB };
 
     #[test]
