@@ -86,6 +86,28 @@ impl BridgeNet {
     pub fn addr(&self, n: usize) -> String {
         format!("{}.{n}", self.subnet)
     }
+
+    /// Cuts host `n` (1-based) off the bridge: the bridge's end of its veth goes down,
+    /// so it reaches neither this machine nor the other hosts. Inside the namespace
+    /// `eth0` stays up without a carrier and keeps its address: a client entering the
+    /// namespace still reaches a server listening there.
+    pub fn cut(&self, n: usize) -> Result<()> {
+        run("ip", &["link", "set", self.host_end(n)?, "down"])
+    }
+
+    /// Restores host `n`'s link cut by [`BridgeNet::cut`] (it rejoins the bridge).
+    pub fn restore(&self, n: usize) -> Result<()> {
+        let end = self.host_end(n)?;
+        run("ip", &["link", "set", end, "master", &self.bridge, "up"])
+    }
+
+    /// The bridge's end of host `n`'s veth (named like its namespace).
+    fn host_end(&self, n: usize) -> Result<&str> {
+        self.namespace(n).ok_or_else(|| TestbedError::Command {
+            command: format!("host {n} of the bridge {}", self.bridge),
+            stderr: "no such host".into(),
+        })
+    }
 }
 
 impl Drop for BridgeNet {
