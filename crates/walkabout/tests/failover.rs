@@ -66,10 +66,9 @@ fn wait_protected(ctl: &ControllerProc, name: &str) -> ClusterVm {
 fn a_host_killed_with_its_qemus_brings_its_protected_vm_back_on_the_replica() {
     let (mut a, b, c) = (AgentProc::start(&[]), AgentProc::start(&[]), AgentProc::start(&[]));
     let ctl = ControllerProc::start(&[&a, &b, &c], &["--fence-time", "10s"]);
-    // Memory only: a two-disk VM's first checkpoint ships its base images, during
-    // which its agent answered the controller too slowly here and fenced itself (see
-    // the report; the two-disk restore is shown by tests/checkpoint.rs).
-    a.create(&["--name", "fa", "--memory", "256M", "--workload", "dirty:32:8"]);
+    // Two disks: the root disk it boots from and a data disk the guest writes and
+    // verifies (8 MiB at 8 MiB/s).
+    a.create(&["--name", "fa", "--memory", "256M", "--disk", "image:guest", "--disk", "size=16M", "--workload", "dirty:32:8,disk:8:8"]);
     a.wait_heartbeats("fa", 5);
     ctl.wait_vms(1);
     protect(&ctl, "fa", "h2");
@@ -91,6 +90,14 @@ fn a_host_killed_with_its_qemus_brings_its_protected_vm_back_on_the_replica() {
     let seen = b.info("fa").guest.heartbeats;
     let v = b.wait_heartbeats("fa", seen + 5);
     assert_eq!((v.guest.corrupt_pages, v.guest.corrupt_blocks, v.guest.seq_breaks), (0, 0, 0), "{v:?}");
+    // The data disk's writer goes on after the restore (a pass over its area written),
+    // its reader counting no corrupt block.
+    let console = b.data.join("vms/fa/console.log");
+    wait_for("a disk pass of fa on h2", 60, || {
+        String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default()).contains("disk-pass").then_some(())
+    });
+    let v = b.info("fa");
+    assert_eq!((v.guest.corrupt_pages, v.guest.corrupt_blocks, v.guest.seq_breaks), (0, 0, 0), "{v:?}");
     assert!(
         v.guest.last_seq > cp.guest.last_seq && cp.guest.last_seq.is_some(),
         "heartbeat did not resume from {:?}: {v:?}",
@@ -98,8 +105,16 @@ fn a_host_killed_with_its_qemus_brings_its_protected_vm_back_on_the_replica() {
     );
     let now = vm(&ctl, "fa");
     assert_eq!(now.host.as_deref(), Some("h2"), "{now:?}");
+    // Protected again toward the third host (neither the dead one nor its new one),
+    // and a checkpoint of its new run shipped there.
     let again = wait_for("fa protected again toward h3", 30, || vm(&ctl, "fa").protection.filter(|p| p.replica == "h3"));
     assert_eq!(again.replica, "h3");
+    let on_h3 = wait_for("a checkpoint of fa on h3", 120, || {
+        c.call(|x| async move { x.replica("fa").await }).ok().filter(|r| r.checkpoints.iter().any(|k| k.n > cp.n))
+    });
+    let newest = on_h3.checkpoints.iter().map(|k| k.n).max();
+    assert!(on_h3.checkpoints.iter().all(|k| k.n > cp.n && k.taken_ms > f.lost_ms), "{on_h3:?}");
+    eprintln!("fa re-protected toward h3: checkpoint {newest:?} there");
     assert_eq!(failovers(&ctl).iter().filter(|f| f.vm == "fa").count(), 1, "more than one failover of fa");
 }
 
