@@ -117,16 +117,23 @@ pub fn spawn_watchdog(agent: Agent) {
 }
 
 /// Reads the fence time of every protected VM whose lock is free; a VM busy now (a
-/// checkpoint, a migration) keeps what was read last.
+/// checkpoint, a migration) keeps what was read last. A VM fenced before that is active
+/// again (migrated back in, restored, started) is a new run of it: fenced again if the
+/// silence lasts, never exempt because an earlier run was.
 fn refresh(agent: &Agent, f: &Fence) {
     let names: Vec<String> = agent.names();
     let mut p = lock(&f.protected);
+    let mut fenced = lock(&f.fenced);
     p.retain(|vm, _| names.contains(vm));
+    fenced.retain(|vm, _| names.contains(vm));
     for name in names {
         let Ok(vm) = agent.vm(&name) else { continue };
         let Ok(vm) = vm.try_lock() else { continue };
         match (&vm.record.protection, vm.record.state.is_active()) {
-            (Some(pr), true) => p.insert(name, pr.fence_ms),
+            (Some(pr), true) => {
+                fenced.remove(&name);
+                p.insert(name, pr.fence_ms)
+            }
             _ => p.remove(&name),
         };
     }

@@ -90,10 +90,19 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    /// Cuts host `n`'s network link (`up` false) or restores it; for clusters started
-    /// with `netns` only.
-    pub fn set_link(&self, n: usize, up: bool) -> Result<()> {
-        self.net.as_ref().ok_or(TestbedError::NoSuchHost { host: n, what: "cluster without namespaces" })?.set_link(n, up)
+    /// Cuts host `n`'s network link (see [`BridgeNet::cut`]); for clusters started with
+    /// `netns` only.
+    pub fn cut(&self, n: usize) -> Result<()> {
+        self.bridge(n)?.cut(n)
+    }
+
+    /// Restores host `n`'s link after [`LocalCluster::cut`].
+    pub fn restore(&self, n: usize) -> Result<()> {
+        self.bridge(n)?.restore(n)
+    }
+
+    fn bridge(&self, n: usize) -> Result<&BridgeNet> {
+        self.net.as_ref().ok_or(TestbedError::NoSuchHost { host: n, what: "cluster without namespaces" })
     }
 
     /// Stops the agents (SIGTERM, then SIGKILL), kills the QEMUs they leave, removes

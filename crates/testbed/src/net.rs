@@ -87,11 +87,23 @@ impl BridgeNet {
         format!("{}.{n}", self.subnet)
     }
 
-    /// Takes host `n`'s link to the bridge down (`up` false: cut off from every other
-    /// host and the root namespace, not killed) or up again.
-    pub fn set_link(&self, n: usize, up: bool) -> Result<()> {
-        let ns = self.namespace(n).ok_or(TestbedError::NoSuchHost { host: n, what: "network" })?;
-        run("ip", &["link", "set", ns, if up { "up" } else { "down" }])
+    /// Cuts host `n` (1-based) off the bridge: the bridge's end of its veth goes down,
+    /// so it reaches neither this machine nor the other hosts. Inside the namespace
+    /// `eth0` stays up without a carrier and keeps its address: a client entering the
+    /// namespace still reaches a server listening there.
+    pub fn cut(&self, n: usize) -> Result<()> {
+        run("ip", &["link", "set", self.host_end(n)?, "down"])
+    }
+
+    /// Restores host `n`'s link cut by [`BridgeNet::cut`] (it rejoins the bridge).
+    pub fn restore(&self, n: usize) -> Result<()> {
+        let end = self.host_end(n)?;
+        run("ip", &["link", "set", end, "master", &self.bridge, "up"])
+    }
+
+    /// The bridge's end of host `n`'s veth (named like its namespace).
+    fn host_end(&self, n: usize) -> Result<&str> {
+        self.namespace(n).ok_or(TestbedError::NoSuchHost { host: n, what: "network" })
     }
 }
 

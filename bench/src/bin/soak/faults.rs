@@ -363,9 +363,9 @@ fn deal(rt: &tokio::runtime::Runtime, ctl: &ControllerClient, cluster: &mut Loca
                 return rec;
             };
             let dealt = match fault {
-                Fault::LinkCut => cluster.set_link(i + 1, false).map_err(|e| e.to_string()).and_then(|_| {
+                Fault::LinkCut => cluster.cut(i + 1).map_err(|e| e.to_string()).and_then(|_| {
                     std::thread::sleep(CUT);
-                    cluster.set_link(i + 1, true).map_err(|e| e.to_string())
+                    cluster.restore(i + 1).map_err(|e| e.to_string())
                 }),
                 Fault::DestinationKilled => {
                     cluster.agents[i].kill();
