@@ -242,6 +242,8 @@ fn the_console_lists_the_cluster_moves_a_dragged_vm_and_drains_a_host() {
     b.save("9-protected.png", &b.screenshot());
     assert_eq!(b.script_errors(), Vec::<String>::new(), "the page's scripts failed");
 
+    // The games: b unprotected first (no checkpoints beside the game).
+    ctl.call(|c| async move { c.unprotect_vm("b").await }).expect("b unprotected");
     scotland_yard_from_the_page(&b, &ctl);
 }
 
@@ -265,9 +267,8 @@ fn scotland_yard_from_the_page(b: &Browser, ctl: &ControllerProc) {
     }
     assert_eq!(plan.steps.len(), 7);
 
-    // h3 joins; b (unprotected: no checkpoints beside the game) goes there, so Mr X (a,
+    // h3 joins; b goes there, so Mr X (a,
     // on h1) and the detective (b) start on hosts of their own.
-    ctl.call(|c| async move { c.unprotect_vm("b").await }).expect("b unprotected");
     let h3 = AgentProc::start(&["--capacity", "512M"]);
     let url = h3.url.clone();
     ctl.call(|c| async move { c.add_host(&AddHost { url, name: Some("h3".into()) }).await }).expect("h3 added");
@@ -330,6 +331,7 @@ fn scotland_yard_from_the_page(b: &Browser, ctl: &ControllerProc) {
         .collect();
     legal.sort();
     b.wait_for("the player's moves", LIMIT, |_| (offered() == legal).then_some(()));
+    b.script("document.getElementById('sy-game').scrollIntoView();", serde_json::json!([]));
     b.save("10-scotland-yard.png", &b.screenshot());
 
     // Stop: the game ends stopped, nothing migrates any more, every VM runs.
@@ -368,6 +370,7 @@ fn scotland_yard_from_the_page(b: &Browser, ctl: &ControllerProc) {
     assert!(shown.contains(&format!("{} → {}", hop.from, hop.to)), "{shown} for {hop:?}");
     let down = b.attr(&format!("{row} td.downtime"), "data-downtime-ms").unwrap_or_default();
     assert_eq!(down, hop.downtime_ms.map(|d| d.to_string()).unwrap_or_default());
+    b.script("document.getElementById('sy-game').scrollIntoView();", serde_json::json!([]));
     b.save("10-scotland-yard-stopped.png", &b.screenshot());
     assert_eq!(b.script_errors(), Vec::<String>::new(), "the page's scripts failed");
 }
