@@ -331,7 +331,7 @@ fn scotland_yard_from_the_page(b: &Browser, ctl: &ControllerProc) {
         .collect();
     legal.sort();
     b.wait_for("the player's moves", LIMIT, |_| (offered() == legal).then_some(()));
-    b.script("document.getElementById('sy-game').scrollIntoView();", serde_json::json!([]));
+    b.script("document.getElementById('sy-game').scrollIntoView({ block: 'center' });", serde_json::json!([]));
     b.save("10-scotland-yard.png", &b.screenshot());
 
     // Stop: the game ends stopped, nothing migrates any more, every VM runs.
@@ -370,7 +370,7 @@ fn scotland_yard_from_the_page(b: &Browser, ctl: &ControllerProc) {
     assert!(shown.contains(&format!("{} → {}", hop.from, hop.to)), "{shown} for {hop:?}");
     let down = b.attr(&format!("{row} td.downtime"), "data-downtime-ms").unwrap_or_default();
     assert_eq!(down, hop.downtime_ms.map(|d| d.to_string()).unwrap_or_default());
-    b.script("document.getElementById('sy-game').scrollIntoView();", serde_json::json!([]));
+    b.script("document.getElementById('sy-game').scrollIntoView({ block: 'center' });", serde_json::json!([]));
     b.save("10-scotland-yard-stopped.png", &b.screenshot());
     assert_eq!(b.script_errors(), Vec::<String>::new(), "the page's scripts failed");
 }
