@@ -715,6 +715,10 @@ impl ControllerClient {
     pub async fn game_move(&self, id: &str, mv: &crate::PlayerMove) -> Result<WalkRecord, ClientError> {
         self.http.post(&format!("/v1/games/{}/move", seg(id)), Some(mv)).await
     }
+    /// `GET /v1/games/hanoi/plan?levels=N`: the Towers of Hanoi's planned moves.
+    pub async fn hanoi_plan(&self, levels: u32) -> Result<crate::HanoiPlan, ClientError> {
+        self.http.get(&format!("/v1/games/hanoi/plan?levels={levels}")).await
+    }
     /// `GET /v1/will`: the free-will requests the controller has seen, latest last.
     pub async fn will_requests(&self) -> Result<Vec<crate::WillRecord>, ClientError> {
         self.http.get("/v1/will").await

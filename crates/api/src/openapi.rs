@@ -405,7 +405,7 @@ mod controller_routes {
     use crate::plan::{Goal, PlanRecord};
     use crate::trust::{JoinReply, JoinRequest, JoinToken, JoinTokenRequest};
     use crate::vm::WillRecord;
-    use crate::walk::{PlayerMove, ScotlandOptions, WalkOptions, WalkRecord};
+    use crate::walk::{HanoiPlan, PlayerMove, ScotlandOptions, WalkOptions, WalkRecord};
 
     /// A short-lived, single-use token for one host to join the cluster with
     /// (`walkabout host token`); operators only.
@@ -563,6 +563,14 @@ mod controller_routes {
         request_body = PlayerMove, responses((status = 202, body = WalkRecord), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
     fn game_move() {}
 
+    /// The Towers of Hanoi with nested VMs, planned: the moves that take a tower of
+    /// `levels` VMs from peg 1 to peg 3 (the planner only; `walkabout game hanoi` plays
+    /// them with real nested VMs).
+    #[utoipa::path(get, path = "/v1/games/hanoi/plan", tag = "walks",
+        params(("levels" = u32, Query, description = "levels of nesting, 1 to 10")),
+        responses((status = 200, body = HanoiPlan), (status = 422, body = ErrorBody)))]
+    fn hanoi_plan() {}
+
     /// Free will: the guests' requests to move the controller has seen, and its answers.
     #[utoipa::path(get, path = "/v1/will", tag = "vms", responses((status = 200, body = Vec<WillRecord>)))]
     fn will_requests() {}
@@ -649,6 +657,7 @@ mod controller_routes {
         controller_routes::start_musical_chairs,
         controller_routes::start_scotland_yard,
         controller_routes::game_move,
+        controller_routes::hanoi_plan,
         controller_routes::will_requests,
         controller_routes::get_walk,
         controller_routes::stop_walk,

@@ -400,3 +400,38 @@ pub struct HanoiRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hyper_boot_ms: Option<u64>,
 }
+
+/// The query of `GET /v1/games/hanoi/plan`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HanoiPlanQuery {
+    /// Levels of nesting (VMs in the tower), 1 to [`HANOI_PLAN_MAX_LEVELS`].
+    pub levels: u32,
+}
+
+/// The most levels `GET /v1/games/hanoi/plan` plans (2^10 - 1 = 1023 moves).
+pub const HANOI_PLAN_MAX_LEVELS: u32 = 10;
+
+/// One planned move of the Towers of Hanoi with nested VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HanoiStep {
+    /// 1, 2, ... in the order to play.
+    pub number: u32,
+    /// The VM moved (`hanoi0` the outermost, as `walkabout game hanoi` names them).
+    pub vm: String,
+    /// Where it runs before: a peg (`peg1`) or the VM holding it (`hanoi0@peg1`).
+    pub from: String,
+    /// Where it runs after, the same way.
+    pub to: String,
+}
+
+/// The planned solution of the Towers of Hanoi for `levels` levels, the tower moved from
+/// peg 1 to peg 3 (`GET /v1/games/hanoi/plan`): the planner's moves, nothing played.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HanoiPlan {
+    /// Levels of nesting.
+    pub levels: u32,
+    /// The VMs, outermost first.
+    pub vms: Vec<String>,
+    /// The moves, in order (2^levels - 1 of them).
+    pub steps: Vec<HanoiStep>,
+}

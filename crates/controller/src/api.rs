@@ -20,8 +20,9 @@
 //! | POST | /v1/plans/{id}/cancel | cancel (202) |
 //! | GET, POST | /v1/walks | list; start a walk `{"duration_ms", "parallel"?}` (202) |
 //! | POST | /v1/games/musical-chairs | start a game `{"duration_ms" (per round), "parallel"?}` (202) |
+//! | GET | /v1/games/hanoi/plan?levels=N | the Towers of Hanoi's planned moves (the planner only) |
 //! | GET | /v1/walks/{id} | a walk or game: hops with downtime, rounds, survivors |
-//! | POST | /v1/walks/{id}/stop | stop it |
+//! | POST | /v1/walks/{id}/stop | stop it (a walk or any game) |
 //! | GET | /v1/events?since=N | server-sent events: everything that changes |
 //! | GET | /metrics | Prometheus metrics |
 //! | GET | /v1/openapi.json | this API's OpenAPI document |
@@ -300,6 +301,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/games/musical-chairs"),
     ("POST", "/v1/games/scotland-yard"),
     ("POST", "/v1/games/{id}/move"),
+    ("GET", "/v1/games/hanoi/plan"),
     ("GET", "/v1/will"),
     ("GET", "/v1/walks/{id}"),
     ("POST", "/v1/walks/{id}/stop"),

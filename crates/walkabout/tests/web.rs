@@ -7,7 +7,10 @@
 //! each VM's reason. The console's URL carries a one-time login token: it logs the
 //! browser in once (a second use is refused); the events table is filled at page load;
 //! a viewer's session (`walkabout console-url --role viewer`) sees the cluster and its
-//! drags and drains show the 403 reason. Screenshots are kept under
+//! drags, drains and game start show the 403 reason. The Games panel shows the Towers
+//! of Hanoi's planned moves, starts Scotland Yard (a third host joins), shows Mr X's
+//! first move completed and the player's legal moves, and stops the game: it ends
+//! stopped with nothing migrating and every VM running. Screenshots are kept under
 //! `target/artifacts/web/`.
 
 mod common;
@@ -17,7 +20,10 @@ mod webdriver;
 use common::{AgentProc, ControllerProc};
 use std::path::PathBuf;
 use std::time::Duration;
-use walkabout_api::{ClusterMigration, ClusterVm, ConsoleLogin, Maintenance, Phase, PlanStatus};
+use walkabout_api::{
+    AddHost, ClusterMigration, ClusterVm, ClusterVmState, ConsoleLogin, HanoiPlan, Maintenance, Phase, PlanStatus, ScotlandGame, Side,
+    WalkRecord, WalkStatus,
+};
 use webdriver::Browser;
 
 /// WebDriver's Enter key.
@@ -215,6 +221,13 @@ fn the_console_lists_the_cluster_moves_a_dragged_vm_and_drains_a_host() {
     let refused = b.wait_for("the viewer's protect refused", LIMIT, |b| b.text("#notice:not([hidden])"));
     assert!(refused.contains("(viewer) may only read"), "the viewer's protect: {refused}");
     assert!(vms(&ctl).iter().all(|v| v.protection.is_none()), "a viewer protected a VM");
+    b.click("#notice");
+    b.click("#sy-start");
+    let refused = b.wait_for("the viewer's game refused", LIMIT, |b| {
+        b.text("#notice:not([hidden])").filter(|t| t.contains("POST /v1/games/scotland-yard"))
+    });
+    assert!(refused.contains("(viewer) may only read"), "the viewer's game: {refused}");
+    assert!(walks(&ctl).is_empty(), "a viewer started a game");
     ctl.cli(&["host", "undrain", "h2"]);
     let operator: ConsoleLogin = ctl.cli_as(&["console-url"]);
     b.goto(&operator.url);
@@ -228,4 +241,141 @@ fn the_console_lists_the_cluster_moves_a_dragged_vm_and_drains_a_host() {
     assert_eq!(p.replica, "h2");
     b.save("9-protected.png", &b.screenshot());
     assert_eq!(b.script_errors(), Vec::<String>::new(), "the page's scripts failed");
+
+    // The games: b unprotected first (no checkpoints beside the game).
+    ctl.call(|c| async move { c.unprotect_vm("b").await }).expect("b unprotected");
+    scotland_yard_from_the_page(&b, &ctl);
+}
+
+fn walks(ctl: &ControllerProc) -> Vec<WalkRecord> {
+    ctl.call(|c| async move { c.walks().await }).expect("the controller's walks")
+}
+
+/// The Games panel: the Towers of Hanoi's plan as the controller makes it; a game of
+/// Scotland Yard started with clicks (Mr X a bot, the detective played from the page),
+/// its board, Mr X's first move completed on the page and in the API, the player's
+/// legal moves offered, and the game stopped: ended, nothing left migrating, every VM
+/// running. A third host joins so that Mr X has somewhere to go.
+fn scotland_yard_from_the_page(b: &Browser, ctl: &ControllerProc) {
+    // The Hanoi button shows the planner's moves for 3 levels, as the API plans them.
+    b.click("#hanoi-start");
+    let plan: HanoiPlan = ctl.call(|c| async move { c.hanoi_plan(3).await }).expect("the Hanoi plan");
+    b.wait_for("the Hanoi plan", LIMIT, |b| (b.find_all("#hanoi-steps li[data-step]").len() == plan.steps.len()).then_some(()));
+    for s in &plan.steps {
+        let line = b.text(&format!("#hanoi-steps li[data-step=\"{}\"]", s.number)).unwrap_or_default();
+        assert!(line.contains(&s.vm) && line.contains(&s.from) && line.contains(&s.to), "step {}: {line} for {s:?}", s.number);
+    }
+    assert_eq!(plan.steps.len(), 7);
+
+    // h3 joins; b goes there, so Mr X (a,
+    // on h1) and the detective (b) start on hosts of their own.
+    let h3 = AgentProc::start(&["--capacity", "512M"]);
+    let url = h3.url.clone();
+    ctl.call(|c| async move { c.add_host(&AddHost { url, name: Some("h3".into()) }).await }).expect("h3 added");
+    b.wait_for("h3 on the page", LIMIT, |b| b.find(".host[data-host=\"h3\"]"));
+    let mv = ctl.call(|c| async move { c.move_vm("b", "h3").await }).expect("b's move");
+    assert_eq!(ctl.wait_plan(&mv.id, LIMIT.as_secs()).status, PlanStatus::Completed);
+
+    // Start: Mr X a (the first VM), detective b played from the page.
+    b.wait_for("b among the detectives", LIMIT, |b| b.find(".sy-detective[value=\"b\"]:checked"));
+    let mr_x = b.script("return document.getElementById('sy-mrx').value;", serde_json::json!([]));
+    assert_eq!(mr_x.as_str(), Some("a"), "Mr X is the first VM by default");
+    b.click("#sy-players");
+    b.click("#sy-start");
+    let id = b.wait_for("the game on the page", LIMIT, |b| b.attr("#sy-game[data-status=\"running\"]", "data-game"));
+    let game = ctl.call(|c| {
+        let id = id.clone();
+        async move { c.walk(&id).await }
+    });
+    let game = game.expect("the game in the API");
+    let sy = game.scotland.as_ref().expect("a game of Scotland Yard");
+    assert_eq!((sy.mr_x.as_str(), sy.detectives.clone(), sy.players.clone()), ("a", vec!["b".to_string()], vec!["b".to_string()]));
+    for l in &sy.links {
+        b.wait_for(&format!("the {} link {}-{}", l.kind, l.a, l.b), LIMIT, |b| {
+            b.find(&format!("#sy-game line.link.{}[data-link=\"{}-{}\"]", l.kind, l.a, l.b))
+        });
+    }
+
+    // Mr X's first move completes: on the page (its host hidden while the game runs) and
+    // in the API.
+    let row = "#sy-game tr.move[data-vm=\"a\"][data-round=\"1\"][data-result=\"completed\"]";
+    let text = b.wait_for("Mr X's first move", LIMIT, |b| b.text(row));
+    assert!(text.contains("hidden"), "Mr X's host shows while the game runs: {text}");
+    let w = ctl.call(|c| {
+        let id = id.clone();
+        async move { c.walk(&id).await }
+    });
+    let first = w.expect("the game").scotland.expect("the game").moves.first().cloned().expect("a move");
+    assert_eq!((first.vm.as_str(), first.result.as_str(), first.to.as_deref()), ("a", "completed", None), "{first:?}");
+
+    // The player's detective is offered exactly its legal moves: every host linked to h3.
+    let offered = || {
+        let js = "return [...document.querySelectorAll('#sy-picker button.dest[data-detective=\"b\"]')].map((e) => e.dataset.to);";
+        let mut v: Vec<String> =
+            b.script(js, serde_json::json!([])).as_array().into_iter().flatten().filter_map(|x| x.as_str().map(String::from)).collect();
+        v.sort();
+        v
+    };
+    let mut legal: Vec<String> = sy
+        .links
+        .iter()
+        .filter_map(|l| {
+            if l.a == "h3" {
+                Some(l.b.clone())
+            } else if l.b == "h3" {
+                Some(l.a.clone())
+            } else {
+                None
+            }
+        })
+        .collect();
+    legal.sort();
+    b.wait_for("the player's moves", LIMIT, |_| (offered() == legal).then_some(()));
+    b.script("document.getElementById('sy-game').scrollIntoView({ block: 'center' });", serde_json::json!([]));
+    b.save("10-scotland-yard.png", &b.screenshot());
+
+    // Stop: the game ends stopped, nothing migrates any more, every VM runs.
+    b.click("#sy-stop");
+    let start = std::time::Instant::now();
+    let ended = loop {
+        let w = ctl.call(|c| {
+            let id = id.clone();
+            async move { c.walk(&id).await }
+        });
+        let w = w.expect("the game");
+        if w.finished_ms.is_some() {
+            break w;
+        }
+        assert!(start.elapsed() < LIMIT, "the game did not end after its stop: {w:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(ended.status, WalkStatus::Stopped, "{ended:?}");
+    assert!(ended.result.as_deref().is_some_and(|r| r.contains("stopped")), "{ended:?}");
+    let sy = ended.scotland.as_ref().expect("the game");
+    assert_eq!(sy.winner, None);
+    let all = migrations(ctl);
+    assert!(all.iter().all(|m| m.phase.is_final()), "a migration still runs after the stop: {all:?}");
+    for m in &sy.moves {
+        let id = m.migration.as_deref().expect("a played move's migration (shown once the game is over)");
+        let rec = all.iter().find(|x| x.id == id).expect("the move's migration in the API");
+        assert_eq!((rec.vm.as_str(), rec.phase, Some(rec.to.as_str())), (m.vm.as_str(), Phase::Completed, m.to.as_deref()), "{m:?}");
+    }
+    let running = vms(ctl);
+    assert!(running.iter().all(|v| v.state == ClusterVmState::Running), "{running:?}");
+    // The page shows the end, Mr X's move revealed with its hop's downtime.
+    b.wait_for("the stopped game", LIMIT, |b| b.find("#sy-game[data-status=\"stopped\"]"));
+    assert!(b.find("#sy-stop").is_none(), "a stopped game offers Stop");
+    let hop = ended.hops.iter().find(|h| Some(&h.migration) == first_migration(sy).as_ref()).expect("Mr X's hop");
+    let shown = b.wait_for("Mr X's move revealed", LIMIT, |b| b.text(row).filter(|t| !t.contains("hidden")));
+    assert!(shown.contains(&format!("{} → {}", hop.from, hop.to)), "{shown} for {hop:?}");
+    let down = b.attr(&format!("{row} td.downtime"), "data-downtime-ms").unwrap_or_default();
+    assert_eq!(down, hop.downtime_ms.map(|d| d.to_string()).unwrap_or_default());
+    b.script("document.getElementById('sy-game').scrollIntoView({ block: 'center' });", serde_json::json!([]));
+    b.save("10-scotland-yard-stopped.png", &b.screenshot());
+    assert_eq!(b.script_errors(), Vec::<String>::new(), "the page's scripts failed");
+}
+
+/// Mr X's first move's migration.
+fn first_migration(sy: &ScotlandGame) -> Option<String> {
+    sy.moves.iter().find(|m| m.side == Side::MrX).and_then(|m| m.migration.clone())
 }

@@ -1,5 +1,6 @@
 //! The web console: the cluster live, migrations as they run, drag-and-drop placement,
-//! drains, plans, games and history, in a browser.
+//! drains, plans, games (Scotland Yard played and stopped, the Towers of Hanoi planned)
+//! and history, in a browser.
 //!
 //! The front end is a handful of plain ES modules and one style sheet (`ui/`), embedded
 //! in the binary with `include_str!`: no build step, no Node, nothing fetched from
@@ -54,6 +55,7 @@ pub(crate) const ASSETS: &[Asset] = &[
     asset!("js/plan.js", JS),
     asset!("js/ops.js", JS),
     asset!("js/history.js", JS),
+    asset!("js/games.js", JS),
 ];
 
 /// What the page may load: this origin only (scripts, styles, the API, the event

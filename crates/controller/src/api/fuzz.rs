@@ -22,6 +22,8 @@ const BODY_ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/balance"),
     ("POST", "/v1/walks"),
     ("POST", "/v1/games/musical-chairs"),
+    ("POST", "/v1/games/scotland-yard"),
+    ("POST", "/v1/games/x/move"),
     ("POST", "/v1/join-tokens"),
     ("POST", "/v1/join"),
 ];
@@ -179,6 +181,32 @@ fn any_json_to_any_post_or_put_route_is_never_a_500() {
         prop_assert!(status != StatusCode::INTERNAL_SERVER_ERROR, "{}: {}", what, String::from_utf8_lossy(&reply));
         if !status.is_success() {
             error_body(status, &reply, &what)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn any_hanoi_plan_query_is_a_plan_or_an_error_body() {
+    let s = Setup::new("fuzz-hanoi");
+    let mut runner = TestRunner::new(Config { cases: 64, ..Config::default() });
+    let levels = prop_oneof!["[0-9]{0,12}", "-?[0-9]{1,3}", "[a-zA-Z0-9=._~-]{0,8}", (0u32..=12).prop_map(|n| n.to_string())];
+    let result = runner.run(&levels, |levels| {
+        let path = format!("/v1/games/hanoi/plan?levels={levels}");
+        let (status, reply) = s.send("GET", &path, vec![], false, false);
+        match status {
+            StatusCode::OK => {
+                let plan: walkabout_api::HanoiPlan = serde_json::from_slice(&reply)
+                    .map_err(|e| TestCaseError::fail(format!("{path}: 200 with a body that is no HanoiPlan: {e}")))?;
+                prop_assert_eq!(plan.steps.len() + 1, 1usize << plan.levels, "{}", path);
+            }
+            _ => {
+                prop_assert!(status.is_client_error(), "{}: {}", path, status);
+                error_body(status, &reply, &path)?;
+            }
         }
         Ok(())
     });

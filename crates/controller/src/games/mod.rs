@@ -26,7 +26,8 @@ pub mod will;
 use crate::error::ControllerError;
 use crate::events::{Events, Subject};
 use crate::{lock, now_ms};
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -36,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
-use walkabout_api::{ClientOptions, ControllerClient};
+use walkabout_api::{ClientOptions, ControllerClient, HanoiPlan, HanoiPlanQuery, HanoiStep, HANOI_PLAN_MAX_LEVELS};
 
 pub use walk::Rng;
 pub use walkabout_api::{Hop, PlayerMove, Round, ScotlandOptions, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus};
@@ -223,13 +224,15 @@ impl Games {
 
 /// The games' routes: `/v1/walks`, `/v1/walks/{id}`, `/v1/walks/{id}/stop`,
 /// `/v1/games/musical-chairs`, `/v1/games/scotland-yard`, `/v1/games/{id}/move`,
-/// `/v1/will`.
+/// `/v1/games/hanoi/plan`, `/v1/will`. A game is stopped like a walk, at
+/// `/v1/walks/{id}/stop` (one spelling per action).
 pub fn router(games: Arc<Games>) -> Router {
     Router::new()
         .route("/v1/walks", get(list).post(start_walk))
         .route("/v1/games/musical-chairs", post(start_game))
         .route("/v1/games/scotland-yard", post(start_scotland))
         .route("/v1/games/{id}/move", post(game_move))
+        .route("/v1/games/hanoi/plan", get(hanoi_plan))
         .route("/v1/will", get(will_records))
         .route("/v1/walks/{id}", get(one))
         .route("/v1/walks/{id}/stop", post(stop))
@@ -288,6 +291,39 @@ async fn game_move(State(g): State<Arc<Games>>, Path(id): Path<String>, b: Body<
     reply(StatusCode::ACCEPTED, r)
 }
 
+async fn hanoi_plan(q: Result<Query<HanoiPlanQuery>, QueryRejection>) -> Response {
+    let r = q
+        .map_err(|e| ControllerError::Invalid(format!("invalid Hanoi query: {}", e.body_text())))
+        .and_then(|Query(q)| hanoi_planned(q.levels));
+    reply(StatusCode::OK, r)
+}
+
+/// The Towers of Hanoi's planned moves for `levels` levels, peg 1 to peg 3, each VM's
+/// place named as `walkabout game hanoi` names it (`peg2`, `hanoi0@peg3`).
+fn hanoi_planned(levels: u32) -> Result<HanoiPlan, ControllerError> {
+    if !(1..=HANOI_PLAN_MAX_LEVELS).contains(&levels) {
+        return Err(ControllerError::Invalid(format!("{levels} levels of Hanoi: plan 1 to {HANOI_PLAN_MAX_LEVELS}")));
+    }
+    let n = levels as usize;
+    let vms: Vec<String> = (0..n).map(|i| format!("hanoi{i}")).collect();
+    let mut state = hanoi::State::start(n, 0);
+    let moves = hanoi::plan(&state, n, 2).map_err(|e| ControllerError::Invalid(format!("planning {levels} levels of Hanoi: {e}")))?;
+    let place = |s: &hanoi::State, vm: usize| {
+        let peg = s.peg_of(vm).map_or_else(|| "?".to_string(), |p| format!("peg{}", p + 1));
+        match s.holder_of(vm) {
+            Some(h) => format!("{}@{peg}", vms[h]),
+            None => peg,
+        }
+    };
+    let mut steps = Vec::with_capacity(moves.len());
+    for (i, m) in moves.into_iter().enumerate() {
+        let from = place(&state, m.vm);
+        state.apply(m).map_err(|e| ControllerError::Invalid(format!("the planner's move {} is illegal: {e}", i + 1)))?;
+        steps.push(HanoiStep { number: u32::try_from(i + 1).unwrap_or(u32::MAX), vm: vms[m.vm].clone(), from, to: place(&state, m.vm) });
+    }
+    Ok(HanoiPlan { levels, vms, steps })
+}
+
 async fn will_records(State(g): State<Arc<Games>>) -> Response {
     Json(g.will_records()).into_response()
 }
@@ -297,6 +333,24 @@ mod tests {
     use super::*;
     use crate::fake::{open, temp, url, wait_final, Fake};
     use crate::plans::PlanStatus;
+
+    #[test]
+    fn the_hanoi_plan_of_three_levels_is_seven_moves_ending_nested_on_peg_three() {
+        let p = hanoi_planned(3).expect("a plan");
+
+        assert_eq!(p.steps.len(), 7);
+        assert_eq!((p.steps[0].vm.as_str(), p.steps[0].from.as_str(), p.steps[0].to.as_str()), ("hanoi2", "hanoi1@peg1", "peg3"));
+        let last = p.steps.last().expect("a last step");
+        assert_eq!((last.vm.as_str(), last.to.as_str()), ("hanoi2", "hanoi1@peg3"));
+        assert!(p.steps.iter().any(|s| s.vm == "hanoi0" && s.from == "peg1" && s.to == "peg3"), "{p:?}");
+    }
+
+    #[test]
+    fn a_hanoi_plan_of_no_level_or_too_many_is_refused() {
+        assert!(matches!(hanoi_planned(0), Err(ControllerError::Invalid(_))));
+        assert!(matches!(hanoi_planned(HANOI_PLAN_MAX_LEVELS + 1), Err(ControllerError::Invalid(_))));
+        assert_eq!(hanoi_planned(HANOI_PLAN_MAX_LEVELS).map(|p| p.steps.len()).ok(), Some(1023));
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_walk_never_targets_a_draining_host() {

@@ -457,6 +457,10 @@ impl Games {
                 plan.detectives.insert(d.clone(), choice.0.clone());
                 chosen.push(planned(&game, &d, Side::Detectives, from, choice, by));
             }
+            // A stop during Mr X's move or a player's turn: no detective's move starts.
+            if !self.running(id) {
+                return format!("stopped in round {}", game.round);
+            }
             let runs = chosen.iter().map(|m| mover.migrate(m.vm.clone(), m.to.clone().unwrap_or_default(), m.rate_bps));
             let results = futures_join(runs.collect()).await;
             for (mv, moved) in chosen.into_iter().zip(results) {

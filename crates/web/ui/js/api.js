@@ -49,7 +49,14 @@ export const api = {
   walks: () => call('GET', 'v1/walks'),
   startWalk: (opts) => call('POST', 'v1/walks', opts),
   startChairs: (opts) => call('POST', 'v1/games/musical-chairs', opts),
+  /** Stops a walk or any game (`POST /v1/walks/{id}/stop`). */
   stopWalk: (id) => call('POST', `v1/walks/${enc(id)}/stop`),
+  /** Starts Scotland Yard (`ScotlandOptions`). */
+  startScotland: (opts) => call('POST', 'v1/games/scotland-yard', opts),
+  /** A player's detective move `{detective, to, link?}` in game `id`. */
+  gameMove: (id, mv) => call('POST', `v1/games/${enc(id)}/move`, mv),
+  /** The Towers of Hanoi's planned moves for `levels` levels (the planner only). */
+  hanoiPlan: (levels) => call('GET', `v1/games/hanoi/plan?levels=${enc(levels)}`),
   /** Protects `vm`: checkpoints shipped to a replica host (the controller picks it). */
   protect: (vm, opts = {}) => call('POST', `v1/vms/${enc(vm)}/protect`, opts),
   unprotect: (vm) => call('DELETE', `v1/vms/${enc(vm)}/protect`),

@@ -8,6 +8,7 @@ import { enableDrag } from './drag.js';
 import { propose, setupPlanDialog } from './plan.js';
 import { setupOps, renderActivity } from './ops.js';
 import { renderChart, renderEvents, renderFilter } from './history.js';
+import { setupGames, renderGames } from './games.js';
 
 const $ = (id) => document.getElementById(id);
 let dragging = false;
@@ -62,12 +63,14 @@ function draw() {
   // A drag in progress keeps the board still; it catches up when the card is dropped.
   if (!dragging) renderBoard($('board'), actions);
   renderActivity($('activity'));
+  renderGames();
   renderChart($('chart'));
   renderFilter($('event-filter'));
   renderEvents($('events'), $('event-filter').value);
 }
 
 setupOps($('ops'));
+setupGames($('games'));
 setupPlanDialog();
 enableDrag($('board'), {
   onDrop: place,
