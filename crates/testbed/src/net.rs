@@ -86,6 +86,44 @@ impl BridgeNet {
     pub fn addr(&self, n: usize) -> String {
         format!("{}.{n}", self.subnet)
     }
+
+    /// Shapes the links between hosts: for each `(a, b, rate)` (1-based hosts, bytes/s),
+    /// what host `a` sends to host `b` and what `b` sends to `a` are each limited to
+    /// `rate`. Each host's `eth0` gets an `htb` root (traffic to hosts not named stays
+    /// unshaped), one class per link and a `u32` filter on the peer's address: several
+    /// links of one host, each at its own rate. Replaces any shaping set before.
+    pub fn shape(&self, links: &[(usize, usize, u64)]) -> Result<()> {
+        let mut classes: std::collections::BTreeMap<usize, Vec<(usize, u64)>> = std::collections::BTreeMap::new();
+        for &(a, b, rate) in links {
+            classes.entry(a).or_default().push((b, rate));
+            classes.entry(b).or_default().push((a, rate));
+        }
+        for (host, peers) in classes {
+            let ns = self.namespace(host).ok_or_else(|| TestbedError::Command {
+                command: format!("shape host {host}"),
+                stderr: format!("no host {host} among {}", self.namespaces.len()),
+            })?;
+            let _ = Command::new("tc").args(["-n", ns, "qdisc", "del", "dev", "eth0", "root"]).output();
+            run("tc", &["-n", ns, "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb"])?;
+            for (peer, rate) in peers {
+                let class = format!("1:{}", 10 + peer);
+                let bits = format!("{}bit", rate.saturating_mul(8));
+                run(
+                    "tc",
+                    &["-n", ns, "class", "add", "dev", "eth0", "parent", "1:", "classid", &class, "htb", "rate", &bits, "ceil", &bits],
+                )?;
+                let dst = format!("{}/32", self.addr(peer));
+                run(
+                    "tc",
+                    &[
+                        "-n", ns, "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip",
+                        "dst", &dst, "flowid", &class,
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Drop for BridgeNet {
