@@ -65,6 +65,9 @@ impl BridgeNet {
         for n in 1..=hosts {
             let ns = format!("{prefix}{n}");
             del_netns(&ns);
+            // A namespace that outlived its name (a process still in it) keeps the host
+            // end of its veth: remove that too.
+            let _ = Command::new("ip").args(["link", "del", &ns]).output();
             run("ip", &["netns", "add", &ns])?;
             net.namespaces.push(ns.clone());
             // The host end of the veth is named like the namespace.
@@ -90,8 +93,9 @@ impl BridgeNet {
     /// Shapes the links between hosts: for each `(a, b, rate)` (1-based hosts, bytes/s),
     /// what host `a` sends to host `b` and what `b` sends to `a` are each limited to
     /// `rate`. Each host's `eth0` gets an `htb` root (traffic to hosts not named stays
-    /// unshaped), one class per link and a `u32` filter on the peer's address: several
-    /// links of one host, each at its own rate. Replaces any shaping set before.
+    /// unshaped), one class per link with a short `bfifo` queue, and a `u32` filter on
+    /// the peer's address: several links of one host, each at its own rate. Replaces
+    /// any shaping set before.
     pub fn shape(&self, links: &[(usize, usize, u64)]) -> Result<()> {
         let mut classes: std::collections::BTreeMap<usize, Vec<(usize, u64)>> = std::collections::BTreeMap::new();
         for &(a, b, rate) in links {
@@ -112,6 +116,12 @@ impl BridgeNet {
                     "tc",
                     &["-n", ns, "class", "add", "dev", "eth0", "parent", "1:", "classid", &class, "htb", "rate", &bits, "ceil", &bits],
                 )?;
+                // A short queue (about 100 ms at the rate): the default one holds a
+                // thousand offloaded 64 KiB packets, seconds behind which the agents'
+                // own requests on the link would wait (no fq_codel or sfq here).
+                let limit = (rate / 10).max(64 << 10).to_string();
+                let leaf = format!("{}:", 10 + peer);
+                run("tc", &["-n", ns, "qdisc", "add", "dev", "eth0", "parent", &class, "handle", &leaf, "bfifo", "limit", &limit])?;
                 let dst = format!("{}/32", self.addr(peer));
                 run(
                     "tc",

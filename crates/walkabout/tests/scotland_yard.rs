@@ -13,14 +13,14 @@ mod common;
 use common::{AgentProc, ControllerProc};
 use std::time::{Duration, Instant};
 use walkabout_api::{Link, LinkKind, MrXBy, Phase, ScotlandOptions, Side, WalkRecord, WalkStatus};
-use walkabout_testbed::BridgeNet;
+use walkabout_testbed::{Agent, BridgeNet, Controller, ControllerSpec, TestCa};
 
 /// Hosts on the board.
 const HOSTS: usize = 8;
 /// The links' rates, bytes/s: low enough that shaping, not the machine, sets the pace.
-const TAXI: u64 = 16 << 20;
-const BUS: u64 = 32 << 20;
-const UNDERGROUND: u64 = 64 << 20;
+const TAXI: u64 = 32 << 20;
+const BUS: u64 = 64 << 20;
+const UNDERGROUND: u64 = 128 << 20;
 
 /// The board over h1..h8: a taxi ring, a bus from every other host to the next but
 /// one, one underground line from h2 to h6 (13 links of the 28 a complete board has).
@@ -75,8 +75,12 @@ fn play(rounds: u32, seed: u64) -> Played {
         (1..=HOSTS).map(|n| AgentProc::start_at(net.namespace(n), &format!("{}:7701", net.addr(n)), &["--capacity", "640M"])).collect();
     hosts[0].create(&["--name", "mrx", "--memory", "256M", "--free-will"]);
     hosts[4].create(&["--name", "d1", "--memory", "256M"]);
-    let refs: Vec<&AgentProc> = hosts.iter().collect();
-    let ctl = ControllerProc::start(&refs, &[]);
+    // Off loopback the agents serve TLS only (the testbed's shared CA): so does the
+    // controller.
+    let ca = TestCa::shared().expect("the shared test CA");
+    let agents: Vec<&Agent> = hosts.iter().map(|a| &a.0).collect();
+    let ctl =
+        ControllerProc(Controller::start(ControllerSpec::new(common::bin(), &agents).tls(ca.dir(), &ca.operator())).expect("a controller"));
     ctl.wait_vms(2);
     let opts = ScotlandOptions {
         mr_x: "mrx".into(),
