@@ -384,7 +384,7 @@ impl Mover for ControllerMover {
             let deadline = tokio::time::Instant::now() + wait;
             loop {
                 if let Ok(reqs) = agent.with_timeout(Duration::from_secs(2)).will_requests().await {
-                    if let Some(req) = reqs.into_iter().filter(|r| r.vm == vm && r.asked_ms >= sent_ms).last() {
+                    if let Some(req) = reqs.into_iter().rfind(|r| r.vm == vm && r.asked_ms >= sent_ms) {
                         // Taken: the agent drops it from its queue and the guest reads this.
                         let heard = WillAnswer { id: Some(req.id), answer: format!("yard heard {}", req.ask) };
                         let _ = agent.will_answer(&vm, &heard).await;
