@@ -87,6 +87,6 @@ pub use plan::{Blocked, Goal, PlanRecord, PlanStatus, Problem, Step, StepStatus}
 pub use trust::{JoinReply, JoinRequest, JoinToken, JoinTokenRequest};
 pub use vm::{ConsoleChunk, GuestStatus, VmInfo, VmRecord, VmSpec, VmState, WillAnswer, WillAsk, WillRecord, WillRequest, WILL_PORT};
 pub use walk::{
-    HanoiMove, HanoiPlan, HanoiPlanQuery, HanoiRecord, HanoiStep, Hop, Link, LinkKind, PlayerMove, Round, ScotlandGame, ScotlandMove,
-    ScotlandOptions, Side, Sighting, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus, HANOI_PLAN_MAX_LEVELS,
+    HanoiMove, HanoiPlan, HanoiPlanQuery, HanoiRecord, HanoiStep, Hop, Link, LinkKind, MrXBy, PlayerMove, Round, ScotlandGame,
+    ScotlandMove, ScotlandOptions, Side, Sighting, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus, HANOI_PLAN_MAX_LEVELS,
 };

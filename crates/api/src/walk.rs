@@ -206,6 +206,33 @@ pub struct ScotlandOptions {
     /// Seed of the bots' dice (absent: the clock).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// Who chooses Mr X's moves: his guest, over its free-will port (the default), or
+    /// a bot.
+    #[serde(default)]
+    pub mr_x_by: MrXBy,
+    /// How long Mr X's guest has to answer with its move before a bot plays it, ms.
+    #[serde(default = "fifteen_s")]
+    #[schema(default = 15000)]
+    pub guest_wait_ms: u64,
+}
+
+/// Who chooses Mr X's moves in Scotland Yard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MrXBy {
+    /// His guest, by its free will: the controller writes on its `org.walkabout.0` port
+    /// `yard round=R at=HOST go=H1,H2 detectives=H3,H4 board=A/B,...` (its legal moves
+    /// and where the detectives are) and the guest answers `walk HOST`. A guest that
+    /// does not answer in time, or asks for a move that is not legal, forfeits the move
+    /// to the bot, and the move says so (`ScotlandMove::forfeit`).
+    #[default]
+    Guest,
+    /// The controller's bot.
+    Bot,
+}
+
+fn fifteen_s() -> u64 {
+    15_000
 }
 
 fn twenty() -> u32 {
@@ -249,8 +276,12 @@ pub struct ScotlandMove {
     pub link: LinkKind,
     /// The link's rate, bytes/s.
     pub rate_bps: u64,
-    /// `bot` or `player`.
+    /// `bot`, `player` or `guest` (Mr X's guest chose it).
     pub by: String,
+    /// Why Mr X's guest did not choose this move (no answer in time, a move that is not
+    /// legal, no free-will port): a bot played it instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forfeit: Option<String>,
     /// The migration's id (hidden for Mr X likewise).
     #[serde(default)]
     pub migration: Option<String>,

@@ -309,10 +309,11 @@ fn run_network(console: &Console) {
     }
 }
 
-/// Free will: asks to move as `walkabout.will=` says (see `walkabout_guest::will`).
-fn run_will(console: &Console) {
+/// Free will: asks to move as `walkabout.will=` says, and plays Mr X when the
+/// controller asks (see `walkabout_guest::will`), if the VM has the port.
+fn run_will(console: Arc<Console>) {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let Some(plan) = walkabout_guest::will::plan_from_cmdline(&cmdline) else { return };
+    let plan = walkabout_guest::will::plan_from_cmdline(&cmdline);
     // The port appears once virtio_console has probed it.
     let mut device = None;
     for _ in 0..100 {
@@ -323,10 +324,14 @@ fn run_will(console: &Console) {
         thread::sleep(Duration::from_millis(100));
     }
     let Some(device) = device else {
-        return console.say(format_args!("WALKABOUT WILL no port {} (is free will on?)", walkabout_guest::will::PORT_NAME));
+        if plan.is_some() {
+            console.say(format_args!("WALKABOUT WILL no port {} (is free will on?)", walkabout_guest::will::PORT_NAME));
+        }
+        return;
     };
-    let say = |line: String| console.say(line);
-    if let Err(e) = walkabout_guest::will::run(&plan, &device, &say) {
+    let c = console.clone();
+    let say: std::sync::Arc<dyn Fn(String) + Send + Sync> = std::sync::Arc::new(move |line: String| c.say(line));
+    if let Err(e) = walkabout_guest::will::run(plan.as_ref(), &device, say) {
         console.say(format_args!("WALKABOUT WILL cannot open {}: {e}", device.display()));
     }
 }
@@ -379,7 +384,7 @@ fn main() -> ExitCode {
         let c = Arc::clone(&console);
         thread::spawn(move || run_network(&c));
         let c = Arc::clone(&console);
-        thread::spawn(move || run_will(&c));
+        thread::spawn(move || run_will(c));
     }
     let mem_mib = meminfo("MemTotal").unwrap_or(0);
     console.say(Ready { cpus: online_cpus(), workload, mem_mib });

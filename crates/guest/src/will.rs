@@ -12,11 +12,17 @@
 //! ```
 //!
 //! and prints `WALKABOUT WILL ask: walk any`, then `WALKABOUT WILL answer: went to h2`.
+//!
+//! It also plays Mr X in Scotland Yard whenever the controller asks: a line
+//! `yard round=R at=HOST go=H1,H2 detectives=H3 board=A/B,...` gives its legal moves,
+//! the detectives' hosts and the board; it answers `walk HOST` with [`yard_choice`] (the
+//! move farthest from the nearest detective) and prints `WALKABOUT WILL yard: ...`.
 
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 /// The port's name.
@@ -67,13 +73,55 @@ pub fn take_lines(pending: &mut Vec<u8>) -> Vec<String> {
     out
 }
 
-/// Asks everything `plan` says on the port at `device`, telling the console (`say`)
-/// each ask and each answer. Returns when every ask is answered, or an error if the port
-/// cannot be opened.
-pub fn run(plan: &WillPlan, device: &Path, say: &(dyn Fn(String) + Sync)) -> std::io::Result<()> {
+/// Mr X's move in Scotland Yard for the controller's `prompt` (`yard round=R at=HOST
+/// go=H1,H2 detectives=H3 board=A/B,...`): the host among `go` farthest from the nearest
+/// detective on the board, then the one with the most ways on that no detective holds,
+/// then the first. `None` if the line is not such a prompt or offers no move.
+pub fn yard_choice(prompt: &str) -> Option<String> {
+    let mut words = prompt.split_whitespace();
+    if words.next() != Some("yard") {
+        return None;
+    }
+    let fields: BTreeMap<&str, Vec<&str>> =
+        words.filter_map(|w| w.split_once('=')).map(|(k, v)| (k, v.split(',').filter(|x| !x.is_empty()).collect())).collect();
+    let list = |k: &str| fields.get(k).cloned().unwrap_or_default();
+    let mut next: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (a, b) in list("board").into_iter().filter_map(|l| l.split_once('/')) {
+        next.entry(a).or_default().insert(b);
+        next.entry(b).or_default().insert(a);
+    }
+    let detectives: BTreeSet<&str> = list("detectives").into_iter().collect();
+    // Hops from the nearest detective to every host.
+    let mut far: BTreeMap<&str, u32> = detectives.iter().map(|d| (*d, 0)).collect();
+    let mut queue: VecDeque<&str> = detectives.iter().copied().collect();
+    while let Some(h) = queue.pop_front() {
+        let d = far[h];
+        for n in next.get(h).into_iter().flatten() {
+            if !far.contains_key(n) {
+                far.insert(n, d + 1);
+                queue.push_back(n);
+            }
+        }
+    }
+    let score = |h: &str| {
+        let ways = next.get(h).map_or(0, |n| n.iter().filter(|x| !detectives.contains(*x)).count());
+        (far.get(h).copied().unwrap_or(u32::MAX), ways)
+    };
+    let go = list("go");
+    let best = go.iter().map(|h| score(h)).max()?;
+    go.into_iter().find(|h| score(h) == best).map(str::to_string)
+}
+
+/// Serves the port at `device`: answers the controller's Scotland Yard prompts (see
+/// [`yard_choice`]) for as long as the guest runs, and asks everything `plan` says (if
+/// any), telling the console (`say`) each ask and each answer. Returns when every ask
+/// is answered (the prompts are still served), or an error if the port cannot be opened.
+pub fn run(plan: Option<&WillPlan>, device: &Path, say: Arc<dyn Fn(String) + Send + Sync>) -> std::io::Result<()> {
     let port = File::options().read(true).write(true).open(device)?;
     let mut reader = port.try_clone()?;
+    let writer = Arc::new(Mutex::new(port));
     let (tx, rx) = mpsc::channel::<String>();
+    let (prompt_writer, prompt_say) = (writer.clone(), say.clone());
     std::thread::spawn(move || {
         let mut pending = vec![];
         let mut buf = [0u8; 512];
@@ -84,20 +132,32 @@ pub fn run(plan: &WillPlan, device: &Path, say: &(dyn Fn(String) + Sync)) -> std
                 Ok(n) => {
                     pending.extend_from_slice(&buf[..n]);
                     for line in take_lines(&mut pending) {
-                        if tx.send(line).is_err() {
-                            return;
+                        if line.starts_with("yard ") && !line.starts_with("yard heard") {
+                            let Some(to) = yard_choice(&line) else {
+                                prompt_say(format!("WALKABOUT WILL yard: no move in `{line}`"));
+                                continue;
+                            };
+                            prompt_say(format!("WALKABOUT WILL yard: asked `{line}`, I go to {to}"));
+                            let mut w = prompt_writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            if let Err(e) = w.write_all(format!("walk {to}\n").as_bytes()) {
+                                prompt_say(format!("WALKABOUT WILL yard: cannot answer ({e})"));
+                            }
+                        } else {
+                            // Nobody waits for answers once the asks are done.
+                            let _ = tx.send(line);
                         }
                     }
                 }
             }
         }
     });
-    let mut writer = port;
+    let Some(plan) = plan else { return Ok(()) };
     for ask in &plan.asks {
         std::thread::sleep(Duration::from_secs(plan.every_s));
         loop {
             say(format!("WALKABOUT WILL ask: {ask}"));
-            if let Err(e) = writer.write_all(format!("{ask}\n").as_bytes()) {
+            let written = writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).write_all(format!("{ask}\n").as_bytes());
+            if let Err(e) = written {
                 say(format!("WALKABOUT WILL cannot ask ({e}); again in a second"));
                 std::thread::sleep(Duration::from_secs(1));
                 continue;
@@ -128,6 +188,25 @@ mod tests {
     #[test]
     fn no_parameter_no_asks() {
         assert_eq!(plan_from_cmdline("console=ttyS0 walkabout.willing=any"), None);
+    }
+
+    #[test]
+    fn mr_x_runs_to_the_move_farthest_from_the_detectives() {
+        // A ring h1..h6; Mr X on h1, the detective on h3: h6 is two hops from it, h2 one.
+        let board = "board=h1/h2,h2/h3,h3/h4,h4/h5,h5/h6,h6/h1";
+        assert_eq!(yard_choice(&format!("yard round=1 at=h1 go=h2,h6 detectives=h3 {board}")), Some("h6".to_string()));
+    }
+
+    #[test]
+    fn among_moves_as_far_mr_x_takes_the_one_with_more_ways_on() {
+        let board = "board=h1/h2,h1/h3,h3/h4,h3/h5,h2/h9,h4/h9,h5/h9";
+        assert_eq!(yard_choice(&format!("yard at=h1 go=h2,h3 detectives=h9 {board}")), Some("h3".to_string()));
+    }
+
+    #[test]
+    fn a_line_that_is_no_prompt_or_offers_no_move_gets_no_move() {
+        assert_eq!(yard_choice("went to h2"), None);
+        assert_eq!(yard_choice("yard round=2 at=h1 go= detectives=h2 board=h1/h2"), None);
     }
 
     #[test]

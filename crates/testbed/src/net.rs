@@ -65,6 +65,9 @@ impl BridgeNet {
         for n in 1..=hosts {
             let ns = format!("{prefix}{n}");
             del_netns(&ns);
+            // A namespace that outlived its name (a process still in it) keeps the host
+            // end of its veth: remove that too.
+            let _ = Command::new("ip").args(["link", "del", &ns]).output();
             run("ip", &["netns", "add", &ns])?;
             net.namespaces.push(ns.clone());
             // The host end of the veth is named like the namespace.
@@ -104,6 +107,48 @@ impl BridgeNet {
     /// The bridge's end of host `n`'s veth (named like its namespace).
     fn host_end(&self, n: usize) -> Result<&str> {
         self.namespace(n).ok_or(TestbedError::NoSuchHost { host: n, what: "network" })
+    }
+
+    /// Shapes the links between hosts: for each `(a, b, rate)` (1-based hosts, bytes/s),
+    /// what host `a` sends to host `b` and what `b` sends to `a` are each limited to
+    /// `rate`. Each host's `eth0` gets an `htb` root (traffic to hosts not named stays
+    /// unshaped), one class per link with a short `bfifo` queue, and a `u32` filter on
+    /// the peer's address: several links of one host, each at its own rate. Replaces
+    /// any shaping set before.
+    pub fn shape(&self, links: &[(usize, usize, u64)]) -> Result<()> {
+        let mut classes: std::collections::BTreeMap<usize, Vec<(usize, u64)>> = std::collections::BTreeMap::new();
+        for &(a, b, rate) in links {
+            classes.entry(a).or_default().push((b, rate));
+            classes.entry(b).or_default().push((a, rate));
+        }
+        for (host, peers) in classes {
+            let ns = self.namespace(host).ok_or(TestbedError::NoSuchHost { host, what: "network" })?;
+            let _ = Command::new("tc").args(["-n", ns, "qdisc", "del", "dev", "eth0", "root"]).output();
+            run("tc", &["-n", ns, "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb"])?;
+            for (peer, rate) in peers {
+                let class = format!("1:{}", 10 + peer);
+                let bits = format!("{}bit", rate.saturating_mul(8));
+                run(
+                    "tc",
+                    &["-n", ns, "class", "add", "dev", "eth0", "parent", "1:", "classid", &class, "htb", "rate", &bits, "ceil", &bits],
+                )?;
+                // A short queue (about 100 ms at the rate): the default one holds a
+                // thousand offloaded 64 KiB packets, seconds behind which the agents'
+                // own requests on the link would wait (no fq_codel or sfq here).
+                let limit = (rate / 10).max(64 << 10).to_string();
+                let leaf = format!("{}:", 10 + peer);
+                run("tc", &["-n", ns, "qdisc", "add", "dev", "eth0", "parent", &class, "handle", &leaf, "bfifo", "limit", &limit])?;
+                let dst = format!("{}/32", self.addr(peer));
+                run(
+                    "tc",
+                    &[
+                        "-n", ns, "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip",
+                        "dst", &dst, "flowid", &class,
+                    ],
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -13,9 +13,17 @@
 //! without guests. [`ControllerMover`] moves through the controller's API
 //! (`POST /v1/vms/{vm}/move`: a `place` plan under the controller's limits).
 //!
-//! Link rates: a move's migration is recorded with its link's rate, but the controller's
-//! move API takes no per-move bandwidth limit, so [`ControllerMover`] does not enforce it;
-//! hosts in network namespaces whose veth links carry a `tbf` rate are limited by that.
+//! Mr X's moves come from his guest by default ([`MrXBy::Guest`]): the game writes his
+//! legal moves, the detectives' hosts and the board on his VM's free-will port
+//! ([`yard_prompt`]), the guest answers `walk HOST`, the game checks the move is legal and
+//! plays it; a guest that does not answer in `guest_wait_ms`, or asks for a move that
+//! is not legal, forfeits that move to [`mr_x_bot`], and the move records why.
+//!
+//! Link rates: a move's migration is recorded with its link's rate; the controller's
+//! move API takes no per-move bandwidth limit, so the rate is enforced by the network
+//! between the hosts: the testbed shapes each board link between namespace hosts at its
+//! rate (`BridgeNet::shape`: an `htb` class per link, a `u32` filter on the peer's
+//! address), and the Scotland Yard test checks each move's transfer stayed within it.
 
 use super::{Games, Rng, TICK};
 use crate::error::ControllerError;
@@ -24,8 +32,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use walkabout_api::{
-    ClusterSummary, ControllerClient, Hop, Link, LinkKind, PlanStatus, PlayerMove, ScotlandGame, ScotlandMove, ScotlandOptions, Side,
-    Sighting, WalkKind, WalkRecord, WalkStatus,
+    AgentClient, ClientOptions, ClusterSummary, ControllerClient, Hop, Link, LinkKind, MrXBy, PlanStatus, PlayerMove, ScotlandGame,
+    ScotlandMove, ScotlandOptions, Side, Sighting, WalkKind, WalkRecord, WalkStatus, WillAnswer, WillAsk,
 };
 
 /// The board: hosts and the links between them.
@@ -281,10 +289,40 @@ pub struct Moved {
 pub trait Mover: Send + Sync + 'static {
     /// Migrates and waits for the end.
     fn migrate(&self, vm: String, to: String, rate_bps: u64) -> crate::agents::BoxFut<Moved>;
+
+    /// Writes `prompt` on free-will VM `vm`'s port (it runs on `host`) and waits up to
+    /// `wait` for the host its guest asks for (`walk HOST`), or says why there is none.
+    /// By default there is no guest to ask.
+    fn ask_guest(&self, vm: String, host: String, prompt: String, wait: Duration) -> crate::agents::BoxFut<Result<String, String>> {
+        let _ = (vm, host, prompt, wait);
+        Box::pin(std::future::ready(Err("no guest to ask".to_string())))
+    }
+}
+
+/// What Mr X's guest is told before his move: the round, his host, his legal moves,
+/// the detectives' hosts and the board (`a/b` a link, any kind), one line.
+pub fn yard_prompt(game: &Game) -> String {
+    let mut go: Vec<String> = game.mr_x_options().into_iter().map(|(to, _, _)| to).collect();
+    go.dedup();
+    let detectives: Vec<&str> = game.detectives.values().map(String::as_str).collect();
+    let board: Vec<String> = game.board.links().iter().map(|l| format!("{}/{}", l.a, l.b)).collect();
+    format!("yard round={} at={} go={} detectives={} board={}", game.round, game.x_at, go.join(","), detectives.join(","), board.join(","))
+}
+
+/// Mr X's move as his guest asked for it: the link to `host` among his legal moves
+/// (the fastest, if several kinds join the two), or why it is not legal.
+pub fn guest_move(game: &Game, host: &str) -> Result<(String, LinkKind, u64), String> {
+    game.mr_x_options()
+        .into_iter()
+        .filter(|(to, _, _)| to == host)
+        .max_by_key(|(_, _, rate)| *rate)
+        .ok_or_else(|| "Mr X's guest asked for a host he cannot move to".to_string())
 }
 
 /// [`Mover`] through the controller's API: `POST /v1/vms/{vm}/move`, then the plan and
-/// its migration. The rate is recorded, not enforced (see the module's documentation).
+/// its migration; Mr X's guest asked through his agent's free-will routes. The rate is
+/// recorded here and enforced by the network between the hosts (see the module's
+/// documentation).
 pub struct ControllerMover(pub ControllerClient);
 
 impl Mover for ControllerMover {
@@ -313,6 +351,51 @@ impl Mover for ControllerMover {
                 }
                 if tokio::time::Instant::now() > deadline {
                     return Moved { hops: vec![], result: format!("plan {} did not end in 600 s", plan.id) };
+                }
+                tokio::time::sleep(TICK).await;
+            }
+        })
+    }
+
+    fn ask_guest(&self, vm: String, host: String, prompt: String, wait: Duration) -> crate::agents::BoxFut<Result<String, String>> {
+        let client = self.0.clone();
+        Box::pin(async move {
+            // The reasons given are shown while the game runs: they never name his host
+            // (the log does).
+            let url = match client.host(&host).await {
+                Ok(h) => h.url,
+                Err(e) => {
+                    tracing::warn!(vm, host, error = %e, "Mr X's host is not known");
+                    return Err("Mr X's host is not known to the controller".to_string());
+                }
+            };
+            let agent = AgentClient::new(&url, ClientOptions::default()).map_err(|e| {
+                tracing::warn!(vm, host, error = %e, "no client of Mr X's agent");
+                "Mr X's agent cannot be reached".to_string()
+            })?;
+            let sent_ms = now_ms();
+            if let Err(e) = agent.will_answer(&vm, &WillAnswer { id: None, answer: prompt }).await {
+                tracing::warn!(vm, host, error = %e, "Mr X's guest cannot be asked");
+                return Err(format!(
+                    "Mr X's guest cannot be asked (no free-will port?): {}",
+                    e.kind().map_or("transport".to_string(), |k| format!("{k:?}"))
+                ));
+            }
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                if let Ok(reqs) = agent.with_timeout(Duration::from_secs(2)).will_requests().await {
+                    if let Some(req) = reqs.into_iter().rfind(|r| r.vm == vm && r.asked_ms >= sent_ms) {
+                        // Taken: the agent drops it from its queue and the guest reads this.
+                        let heard = WillAnswer { id: Some(req.id), answer: format!("yard heard {}", req.ask) };
+                        let _ = agent.will_answer(&vm, &heard).await;
+                        return match req.ask {
+                            WillAsk::Host(h) => Ok(h),
+                            other => Err(format!("Mr X's guest asked `{other}`, not for a host")),
+                        };
+                    }
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(format!("Mr X's guest did not answer in {} ms", wait.as_millis()));
                 }
                 tokio::time::sleep(TICK).await;
             }
@@ -380,7 +463,14 @@ impl Games {
         let mover: Arc<dyn Mover> = Arc::new(ControllerMover(client.clone()));
         let seed = opts.seed.unwrap_or_else(now_ms);
         tokio::spawn(async move {
+            let by_guest = opts.mr_x_by == MrXBy::Guest;
+            if by_guest {
+                g.claim_will(&opts.mr_x, true);
+            }
             let result = g.play_scotland(&id, game, mover, &opts, seed).await;
+            if by_guest {
+                g.claim_will(&opts.mr_x, false);
+            }
             g.end_walk(&client, &id, result).await;
         });
         Ok(redacted(w))
@@ -420,10 +510,25 @@ impl Games {
                 self.scotland_update(id, &game, None);
                 return format!("detectives win in round {}: Mr X on {} has no move", game.round, game.x_at);
             }
-            // Mr X.
-            let Some(choice) = mr_x_bot(&game, &mut rng) else { break };
+            // Mr X: his guest chooses, or a bot when it cannot.
+            let (choice, by, forfeit) = match opts.mr_x_by {
+                MrXBy::Bot => (mr_x_bot(&game, &mut rng), "bot", None),
+                MrXBy::Guest => {
+                    let wait = Duration::from_millis(opts.guest_wait_ms);
+                    let asked = mover.ask_guest(game.mr_x.clone(), game.x_at.clone(), yard_prompt(&game), wait).await;
+                    match asked.and_then(|h| guest_move(&game, &h)) {
+                        Ok(c) => (Some(c), "guest", None),
+                        Err(why) => (mr_x_bot(&game, &mut rng), "bot", Some(why)),
+                    }
+                }
+            };
+            if let Some(why) = &forfeit {
+                self.announce(id, format!("round {}: a bot moves Mr X: {why}", game.round));
+            }
+            let Some(choice) = choice else { break };
             let (to, kind, rate) = choice.clone();
-            let mv = planned(&game, &game.mr_x, Side::MrX, game.x_at.clone(), choice, "bot");
+            let mut mv = planned(&game, &game.mr_x, Side::MrX, game.x_at.clone(), choice, by);
+            mv.forfeit = forfeit;
             let moved = mover.migrate(game.mr_x.clone(), to.clone(), rate).await;
             let ok = moved.result == "completed";
             let shown = game.mr_x_moved(ok.then_some(to.as_str()), kind);
@@ -533,6 +638,7 @@ fn planned(game: &Game, vm: &str, side: Side, from: String, (to, kind, rate): (S
         link: kind,
         rate_bps: rate,
         by: by.to_string(),
+        forfeit: None,
         migration: None,
         result: "pending".into(),
     }
@@ -728,6 +834,39 @@ mod tests {
         }
     }
 
+    #[test]
+    fn on_the_sparse_eight_host_board_either_side_can_win() {
+        let mut winners = BTreeSet::new();
+        let mut detective_rounds = vec![];
+        for seed in 1..60 {
+            let (g, _) = play(game(8, "h1", &[("d1", "h5")]), seed);
+            if g.winner == Some(Side::Detectives) {
+                detective_rounds.push(g.round);
+            }
+            winners.insert(format!("{:?}", g.winner));
+        }
+        assert_eq!(winners.len(), 2, "{winners:?}");
+        assert!(detective_rounds.iter().all(|r| *r > 2), "never caught at once: {detective_rounds:?}");
+        let b = Board::default_for(&hosts(8));
+        assert!(b.links().len() < 8 * 7 / 2 / 2, "sparse: {} links", b.links().len());
+    }
+
+    #[test]
+    fn the_guest_is_told_its_legal_moves_the_detectives_and_the_board() {
+        let g = game(4, "h1", &[("d1", "h2")]);
+        assert_eq!(yard_prompt(&g), "yard round=0 at=h1 go=h4,h3 detectives=h2 board=h1/h2,h2/h3,h3/h4,h4/h1,h1/h3,h2/h4");
+    }
+
+    #[test]
+    fn a_guest_asking_for_a_host_it_cannot_reach_is_refused() {
+        let l = |a: &str, b: &str| Link { a: a.into(), b: b.into(), kind: LinkKind::Taxi, rate_bps: None };
+        let board = Board::new(vec![l("h1", "h2"), l("h2", "h3"), l("h3", "h4"), l("h4", "h1")]);
+        let g = Game::new(board, "x", "h1", BTreeMap::from([("d".into(), "h2".into())]), 20, 5).expect("game");
+        assert_eq!(guest_move(&g, "h4").map(|m| m.0), Ok("h4".to_string()));
+        assert!(guest_move(&g, "h3").is_err(), "no link");
+        assert!(guest_move(&g, "h2").is_err(), "a detective holds it");
+    }
+
     /// Every migration completes at once.
     #[derive(Default)]
     struct InstantMover(std::sync::Mutex<u32>);
@@ -753,6 +892,90 @@ mod tests {
             };
             Box::pin(std::future::ready(Moved { hops: vec![hop], result: "completed".into() }))
         }
+    }
+
+    /// Migrates at once; Mr X's guest asks for the first legal move it is told of, or
+    /// never answers.
+    struct GuestMover {
+        inner: InstantMover,
+        answers: bool,
+    }
+
+    impl Mover for GuestMover {
+        fn migrate(&self, vm: String, to: String, rate_bps: u64) -> crate::agents::BoxFut<Moved> {
+            self.inner.migrate(vm, to, rate_bps)
+        }
+
+        fn ask_guest(&self, _vm: String, _host: String, prompt: String, _wait: Duration) -> crate::agents::BoxFut<Result<String, String>> {
+            let first = prompt.split_whitespace().find_map(|w| w.strip_prefix("go=")).and_then(|g| g.split(',').next()).map(str::to_string);
+            let r = match (self.answers, first) {
+                (true, Some(h)) => Ok(h),
+                _ => Err("Mr X's guest did not answer in 0 ms".to_string()),
+            };
+            Box::pin(std::future::ready(r))
+        }
+    }
+
+    async fn guest_game(answers: bool) -> ScotlandGame {
+        let dir = crate::fake::temp("scotland-guest");
+        std::fs::create_dir_all(&dir).expect("a directory");
+        let store = Arc::new(crate::store::Store::open(&dir.join("events.redb")).expect("a store"));
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        let games = Games::new(Arc::new(crate::events::Events::new(store)), stopped);
+        let w = games.new_walk(WalkKind::ScotlandYard);
+        let start = game(8, "h1", &[("d1", "h5")]);
+        games.update_walk(&w.id, |w| {
+            w.scotland = Some(ScotlandGame {
+                mr_x: "x".into(),
+                detectives: vec!["d1".into()],
+                players: vec![],
+                links: start.board.links().to_vec(),
+                rounds: 3,
+                reveal_every: 5,
+                round: 0,
+                detective_hosts: start.detectives.clone(),
+                mr_x_seen: None,
+                moves: vec![],
+                winner: None,
+            });
+        });
+        let mut opts = ScotlandOptions {
+            mr_x: "x".into(),
+            detectives: vec!["d1".into()],
+            players: vec![],
+            rounds: 3,
+            reveal_every: 5,
+            links: vec![],
+            player_wait_ms: 0,
+            seed: Some(5),
+            mr_x_by: MrXBy::Guest,
+            guest_wait_ms: 0,
+        };
+        let mut start = start;
+        start.rounds = 3;
+        opts.rounds = 3;
+        let mover = Arc::new(GuestMover { inner: InstantMover::default(), answers });
+        games.play_scotland(&w.id, start, mover, &opts, 5).await;
+        let rec = lock(&games.walks).get(&w.id).cloned().expect("the record");
+        let _ = std::fs::remove_dir_all(&dir);
+        rec.scotland.expect("the game")
+    }
+
+    #[tokio::test]
+    async fn mr_x_moves_where_his_guest_asks() {
+        let g = guest_game(true).await;
+        let x: Vec<&ScotlandMove> = g.moves.iter().filter(|m| m.side == Side::MrX).collect();
+        assert!(!x.is_empty(), "{g:?}");
+        assert!(x.iter().all(|m| m.by == "guest" && m.forfeit.is_none()), "{g:?}");
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_does_not_answer_forfeits_its_move_to_the_bot_and_it_is_said() {
+        let g = guest_game(false).await;
+        let x: Vec<&ScotlandMove> = g.moves.iter().filter(|m| m.side == Side::MrX).collect();
+        assert!(!x.is_empty(), "{g:?}");
+        assert!(x.iter().all(|m| m.by == "bot" && m.forfeit.as_deref() == Some("Mr X's guest did not answer in 0 ms")), "{g:?}");
+        assert!(x.iter().all(|m| m.result == "completed"), "the bot's move is played: {g:?}");
     }
 
     #[tokio::test]
@@ -788,6 +1011,8 @@ mod tests {
             links: vec![],
             player_wait_ms: 0,
             seed: Some(3),
+            mr_x_by: MrXBy::Bot,
+            guest_wait_ms: 0,
         };
 
         let result = games.play_scotland(&w.id, start, Arc::new(InstantMover::default()), &opts, 3).await;

@@ -108,7 +108,7 @@ impl Games {
     fn take(self: &Arc<Self>, client: &ControllerClient, cluster: &ClusterSummary, host: &str, req: WillRequest, rng: &mut Rng) {
         let target = {
             let mut w = lock(&self.will);
-            if w.seen.contains(&(host.to_string(), req.id)) || w.busy.contains(&req.vm) {
+            if w.claimed.contains(&req.vm) || w.seen.contains(&(host.to_string(), req.id)) || w.busy.contains(&req.vm) {
                 return;
             }
             w.seen.insert((host.to_string(), req.id));
@@ -196,6 +196,17 @@ impl Games {
         self.events.emit(crate::events::Subject::Vm, &req.vm, msg, serde_json::to_value(&body).unwrap_or_default());
     }
 
+    /// Claims (or releases) `vm`'s free-will requests for a game that reads them itself
+    /// (Mr X's moves in Scotland Yard): the free-will loop leaves a claimed VM's alone.
+    pub(crate) fn claim_will(&self, vm: &str, claim: bool) {
+        let mut w = lock(&self.will);
+        if claim {
+            w.claimed.insert(vm.to_string());
+        } else {
+            w.claimed.remove(vm);
+        }
+    }
+
     fn will_update(&self, vm: &str, id: u64, f: impl FnOnce(&mut WillRecord)) {
         if let Some(r) = lock(&self.will).records.iter_mut().rev().find(|r| r.vm == vm && r.id == id) {
             f(r);
@@ -209,6 +220,8 @@ impl Games {
 pub(crate) struct WillState {
     seen: BTreeSet<(String, u64)>,
     busy: BTreeSet<String>,
+    /// VMs whose requests a game reads itself.
+    claimed: BTreeSet<String>,
     records: Vec<WillRecord>,
     /// The loop runs.
     pub(crate) started: bool,

@@ -71,6 +71,13 @@ pub struct ScotlandArgs {
     /// The bots' seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// A bot moves Mr X (default: his guest chooses, over its free-will port; create
+    /// his VM with `--free-will`).
+    #[arg(long)]
+    mr_x_bot: bool,
+    /// Seconds Mr X's guest has to choose a move before a bot plays it.
+    #[arg(long, default_value_t = 15)]
+    guest_wait: u64,
 }
 
 /// Arguments of `walkabout game move`.
@@ -160,6 +167,8 @@ async fn scotland_yard(a: ScotlandArgs) -> anyhow::Result<ExitCode> {
         links: a.links,
         player_wait_ms: 60_000,
         seed: a.seed,
+        mr_x_by: if a.mr_x_bot { walkabout_api::MrXBy::Bot } else { walkabout_api::MrXBy::Guest },
+        guest_wait_ms: a.guest_wait.saturating_mul(1000),
     };
     let w = ctl.start_scotland_yard(&opts).await?;
     let text = a.ctl.output == Output::Text;
