@@ -561,8 +561,7 @@ impl Run<'_> {
             let s = self.agents.state();
             self.series.push((at, s.counters.completed));
             #[allow(clippy::cast_precision_loss)]
-            let fill =
-                (0..s.hosts.len()).map(|h| s.used_mib(h) as f64 / s.hosts[h].capacity_mib.max(1) as f64).fold(0.0f64, f64::max);
+            let fill = (0..s.hosts.len()).map(|h| s.used_mib(h) as f64 / s.hosts[h].capacity_mib.max(1) as f64).fold(0.0f64, f64::max);
             drop(s);
             self.peak_fill = self.peak_fill.max(fill);
         }
