@@ -4,8 +4,10 @@
 //! - keep-up: the controller polling every agent at its default 500 ms while six
 //!   hosts are drained in turn: agent polls per real second it keeps up with (against
 //!   the polls per simulated second it is asked for), plan latency, CPU and memory;
-//! - rolling maintenance of every host (each agent polled every `POLL_MS`, default
-//!   5,000, so a simulated day fits in minutes): time to drain, migrations, plan latency.
+//! - rolling maintenance of every host, several at once within the rolling limits
+//!   (`walkabout_sim::rolling`: 16 hosts out at most, one per rack, 20% of the memory
+//!   kept free; each agent polled every `POLL_MS`, default 5,000): time to drain all,
+//!   migrations, plan latency, hosts out at once, the controller's CPU per poll.
 //!
 //! Writes each report (and its SVG) under `bench/results/` and prints one JSON summary.
 //!
@@ -59,7 +61,9 @@ fn main() -> Result<()> {
                "simulated_s": r.simulated_s, "drains": r.drains.len(),
                "drained": r.drains.iter().filter(|d| d.outcome == "drained").count(),
                "migrations": r.migrations, "time_to_drain_s": r.time_to_drain_s, "migration_s": r.migration_s,
-               "plan_latency_ms": r.plan_latency_ms, "cpu_s": r.cpu_s, "max_rss_mib": r.max_rss_mib}),
+               "plan_latency_ms": r.plan_latency_ms, "cpu_s": r.cpu_s, "max_rss_mib": r.max_rss_mib,
+               "hosts_out_max": r.hosts_out_max, "hosts_out_mean": r.hosts_out_mean, "peak_host_fill": r.peak_host_fill,
+               "poll_cost": r.poll_cost, "rolling_limits": r.config.rolling}),
     );
     println!("{}", serde_json::to_string_pretty(&json!({"bench": "sim_scale", "results": summary}))?);
     Ok(())

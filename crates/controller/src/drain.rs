@@ -49,6 +49,19 @@ pub(crate) fn remaining(view: &View, in_flight: &[Migration], rec: &PlanRecord) 
     }
 }
 
+/// The VMs a plan for `goal` leaves where they are because another drain owns them:
+/// for a drain, those on the other hosts being drained now (each has its own plan; this
+/// one only keeps new VMs off those hosts). Other goals: none.
+pub(crate) fn others_own(view: &View, goal: &Goal) -> Vec<String> {
+    let Goal::Drain { host } = goal else { return vec![] };
+    let draining: Vec<&str> =
+        view.hosts.values().filter(|h| &h.name != host && h.maintenance == Maintenance::Draining).map(|h| h.name.as_str()).collect();
+    if draining.is_empty() {
+        return vec![];
+    }
+    draining.iter().flat_map(|h| view.vms_on(h).map(|v| v.name.clone())).collect()
+}
+
 /// Why a step of a drain that was to move a VM off `from` is no longer needed, now that
 /// the VM is at `at` (another migration took it off the drained host); `None` when the
 /// step still matters.

@@ -23,14 +23,19 @@
 //!   the goal wanted and why. A drain's end sets its host `drained`, or `drain_failed`
 //!   with the reason (`drain.rs`).
 //! - Several plans may run at once, but not two that would fight: a move (`place`) runs
-//!   beside anything that does not move the same VM; of drain, rebalance and
-//!   consolidate, one at a time.
+//!   beside anything that does not move the same VM; drains of different hosts run side
+//!   by side (a rolling maintenance takes several hosts out at once); a rebalance or a
+//!   consolidation runs alone.
+//! - A plan is made from the view as it will be once the *other running plans'* steps
+//!   land too, and a drain leaves the VMs of another draining host to that host's own
+//!   plan (it only keeps them off it): concurrent drains neither pick the same free
+//!   room twice nor move each other's VMs.
 
 use crate::cluster::{ClusterView, HostStatus};
 use crate::error::ControllerError;
 use crate::events::{Events, Subject};
 use crate::execute::{Executor, TICK};
-use crate::plans::{case_of, plan_goal, project, Goal, PlanRecord, PlanStatus, Planned, Problem, StepStatus, PLAN_VERSION};
+use crate::plans::{case_of, plan_goal, project_owned, Goal, PlanRecord, PlanStatus, Planned, Problem, StepStatus, PLAN_VERSION};
 use crate::store::{Store, PLANS};
 use crate::{drain, lock, now_ms};
 use std::collections::BTreeMap;
@@ -76,9 +81,9 @@ impl PlanRunner {
         if let Goal::Place { vm, .. } = &goal {
             self.movable(vm)?;
         }
-        let view = project(&self.view.snapshot(), &self.exec.in_flight());
+        let view = self.projected(None);
         let (case, left_out) = case_of(&view, self.exec.limits().planner_parallel_per_host);
-        let planned = plan_goal(&view, &case, &goal, &[], 0)?;
+        let planned = plan_goal(&view, &case, &goal, &drain::others_own(&view, &goal), 0)?;
         let id = format!("p{}", self.store.next("plan")?);
         let mut rec = PlanRecord {
             version: PLAN_VERSION,
@@ -121,6 +126,23 @@ impl PlanRunner {
         Ok(rec)
     }
 
+    /// The view as it will be once the migrations under way and the pending steps of
+    /// the running plans (but `except`) land: what a new plan or a re-plan starts from.
+    fn projected(&self, except: Option<&str>) -> crate::cluster::View {
+        let mut view = project_owned(self.view.snapshot(), &self.exec.in_flight());
+        let plans = lock(&self.plans);
+        for p in plans.values().filter(|p| p.status == PlanStatus::Running && Some(p.id.as_str()) != except) {
+            for (_, s) in p.pending() {
+                if let Some(vm) = view.vms.get_mut(&s.vm) {
+                    if vm.host.as_deref() == Some(s.from.as_str()) {
+                        vm.host = Some(s.to.clone());
+                    }
+                }
+            }
+        }
+        view
+    }
+
     /// Forgets the oldest dry runs (proposed or impossible, never executed) beyond
     /// [`MAX_PROPOSALS`]: proposing is cheap for a caller, storing forever is not.
     fn prune_proposals(&self) -> Result<(), ControllerError> {
@@ -153,7 +175,15 @@ impl PlanRunner {
                 .iter()
                 .find(|p| p.steps.iter().any(|s| &s.vm == vm && !s.status.is_final()))
                 .map(|p| format!("{vm} is being moved by plan {} ({})", p.id, p.goal.describe())),
-            _ => running
+            Goal::Drain { host } => running
+                .iter()
+                .find(|p| match &p.goal {
+                    Goal::Place { .. } => false,
+                    Goal::Drain { host: other } => other == host,
+                    Goal::Rebalance | Goal::Consolidate => true,
+                })
+                .map(|p| format!("plan {} ({}) is running; wait for it or cancel it first", p.id, p.goal.describe())),
+            Goal::Rebalance | Goal::Consolidate => running
                 .iter()
                 .find(|p| !matches!(p.goal, Goal::Place { .. }))
                 .map(|p| format!("plan {} ({}) is running; wait for it or cancel it first", p.id, p.goal.describe())),
@@ -495,7 +525,7 @@ impl PlanRunner {
             return;
         }
         rec.round += 1;
-        let view = project(&self.view.snapshot(), &self.exec.in_flight());
+        let view = self.projected(Some(&rec.id));
         let (case, left_out) = case_of(&view, self.exec.limits().planner_parallel_per_host);
         // VMs on hosts that went down concern this plan if the goal wanted them moved.
         for p in left_out {
@@ -510,8 +540,10 @@ impl PlanRunner {
         }
         // Move what still can move: a VM that fits nowhere now is reported with why and
         // pinned, and the rest planned again (at most once per VM).
+        let others = drain::others_own(&view, &rec.goal);
         for _ in 0..=case.vms.len() {
-            match plan_goal(&view, &case, &rec.goal, &rec.gave_up, rec.round) {
+            let pinned: Vec<String> = rec.gave_up.iter().chain(&others).cloned().collect();
+            match plan_goal(&view, &case, &rec.goal, &pinned, rec.round) {
                 Ok(Planned::Steps { steps, target, .. }) => {
                     messages.push(format!("re-planned (round {}): {} migration(s)", rec.round, steps.len()));
                     rec.steps.extend(steps);

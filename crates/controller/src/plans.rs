@@ -218,7 +218,12 @@ pub fn place_new(view: &View, vm: &walkabout_api::VmSpec, groups: &[VmGroup], ho
 /// placed at its destination. A migration that fails leaves its VM where it was, and the
 /// plan made from this projection notices when its step finds the VM elsewhere.
 pub fn project(view: &View, in_flight: &[Migration]) -> View {
-    let mut v = view.clone();
+    project_owned(view.clone(), in_flight)
+}
+
+/// [`project`] on a view the caller owns (a fresh snapshot): no second copy of it.
+pub fn project_owned(view: View, in_flight: &[Migration]) -> View {
+    let mut v = view;
     for m in in_flight.iter().filter(|m| !m.phase.is_final()) {
         if let Some(vm) = v.vms.get_mut(&m.vm) {
             vm.host = Some(m.to.clone());

@@ -7,6 +7,7 @@ pub mod agents;
 pub mod cost;
 pub mod day;
 pub mod plot;
+pub mod rolling;
 pub mod scenario;
 
 pub use cost::CostModel;

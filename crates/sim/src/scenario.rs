@@ -19,6 +19,7 @@ use walkabout_controller::{Cluster, ControllerConfig};
 
 use crate::agents::{SimAgents, SimHost, SimState, SimVm};
 use crate::cost::CostModel;
+use crate::rolling::{admit, HostLoad, RollingLimits};
 
 /// Errors of a simulation run.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,11 @@ pub struct SimConfig {
     pub host_cpus: u32,
     /// Hosts the rolling maintenance drains (default: all).
     pub drain_hosts: Option<usize>,
+    /// How many hosts the rolling maintenance takes out at once ([`crate::rolling`]).
+    pub rolling: RollingLimits,
+    /// Simulated seconds of steady polling (nothing moving) measured before the
+    /// scenario: the controller's CPU per agent poll.
+    pub steady_s: u64,
     /// Hosts that fail in the `failures` scenario.
     pub failures: usize,
     /// Limits the controller runs migrations under.
@@ -111,6 +117,8 @@ impl SimConfig {
             host_mib: 256 * 1024,
             host_cpus: 64,
             drain_hosts: None,
+            rolling: RollingLimits::default(),
+            steady_s: 30,
             failures: 3,
             limits: ExecLimits {
                 per_host_out: 2,
@@ -137,7 +145,7 @@ pub fn scratch_dir(tag: &str) -> PathBuf {
     base.join(format!("walkabout-sim-{tag}-{}", std::process::id()))
 }
 
-/// Median, 95th percentile and maximum of a sample.
+/// Median, 95th and 99th percentiles and maximum of a sample.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Spread {
     /// Values.
@@ -146,6 +154,8 @@ pub struct Spread {
     pub median: f64,
     /// 95th percentile.
     pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
     /// Maximum.
     pub max: f64,
 }
@@ -164,7 +174,7 @@ impl Spread {
                 v[i]
             }
         };
-        Spread { count: v.len(), median: at(0.5), p95: at(0.95), max: v.last().copied().unwrap_or(0.0) }
+        Spread { count: v.len(), median: at(0.5), p95: at(0.95), p99: at(0.99), max: v.last().copied().unwrap_or(0.0) }
     }
 }
 
@@ -173,6 +183,8 @@ impl Spread {
 pub struct DrainResult {
     /// The host.
     pub host: String,
+    /// Simulated seconds from the scenario's start to the drain's request.
+    pub started_s: f64,
     /// `drained` or `drain_failed`, or `refused` (no plan) or `timeout`.
     pub outcome: String,
     /// Simulated seconds from the request to the host's end.
@@ -195,6 +207,22 @@ pub struct FailureResult {
     pub vms: usize,
     /// Simulated seconds until the controller marked it down.
     pub detected_s: Option<f64>,
+}
+
+/// The controller's cost of polling, measured over a steady stretch before the
+/// scenario (every host polled, nothing moving).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PollCost {
+    /// Simulated seconds measured.
+    pub simulated_s: f64,
+    /// Real seconds they took.
+    pub wall_s: f64,
+    /// Agent polls answered (a host's `/v1/host` and `/v1/vms` count one poll).
+    pub polls: u64,
+    /// CPU time of the process over the stretch, s (simulated agents included).
+    pub cpu_s: f64,
+    /// CPU time per poll, microseconds.
+    pub cpu_us_per_poll: f64,
 }
 
 /// What a run did.
@@ -235,6 +263,17 @@ pub struct Report {
     pub polls_per_wall_s: f64,
     /// (simulated s, migrations completed) every simulated minute.
     pub series: Vec<(f64, u64)>,
+    /// (simulated s, hosts in maintenance) every simulated minute.
+    pub out_series: Vec<(f64, usize)>,
+    /// Most hosts in maintenance at once.
+    pub hosts_out_max: usize,
+    /// Hosts in maintenance on average over the scenario (sampled every simulated second).
+    pub hosts_out_mean: f64,
+    /// The highest memory fill of any simulated host (VMs and incoming migrations over
+    /// its capacity), sampled every simulated minute: above 1.0 would be an overflow.
+    pub peak_host_fill: f64,
+    /// The controller's CPU per agent poll, before the scenario.
+    pub poll_cost: PollCost,
 }
 
 /// SplitMix64: a seeded stream, so a scenario replays exactly.
@@ -378,16 +417,27 @@ async fn play(cfg: SimConfig) -> Result<Report, SimError> {
     }
     wait_ready(&c).await?;
     let setup_wall_s = wall0.elapsed().as_secs_f64();
+    let poll_cost = steady(&agents, cfg.steady_s).await;
     let polls0 = agents.state().counters.polls;
     let (t0, w0) = (Instant::now(), std::time::Instant::now());
-    let mut run =
-        Run { c: &c, agents: &agents, t0, series: vec![], drains: vec![], failures: vec![], fail_at: BTreeMap::new(), fail_marks: vec![] };
+    let mut run = Run {
+        c: &c,
+        agents: &agents,
+        t0,
+        series: vec![],
+        out_series: vec![],
+        out_samples: (0, 0, 0),
+        peak_fill: 0.0,
+        drains: vec![],
+        failures: vec![],
+        fail_at: BTreeMap::new(),
+        fail_marks: vec![],
+    };
     let mut rng = Rng(cfg.seed ^ 0xFA11);
     match cfg.scenario {
         Scenario::Rolling => {
-            for n in names.iter().take(cfg.drain_hosts.unwrap_or(cfg.hosts)) {
-                run.maintain(n).await;
-            }
+            let waiting: Vec<String> = names.iter().take(cfg.drain_hosts.unwrap_or(cfg.hosts)).cloned().collect();
+            run.rolling(waiting, &cfg).await;
         }
         Scenario::Failures => {
             let k = cfg.drain_hosts.unwrap_or(cfg.hosts);
@@ -469,6 +519,12 @@ async fn play(cfg: SimConfig) -> Result<Report, SimError> {
         polls_per_simulated_s: polls / simulated_s.max(1e-9),
         polls_per_wall_s: polls / wall_s.max(1e-9),
         series: run.series,
+        out_series: run.out_series,
+        hosts_out_max: run.out_samples.2,
+        #[allow(clippy::cast_precision_loss)]
+        hosts_out_mean: run.out_samples.1 as f64 / run.out_samples.0.max(1) as f64,
+        peak_host_fill: run.peak_fill,
+        poll_cost,
         config: cfg,
     };
     let _ = std::fs::remove_dir_all(&report.config.data_dir);
@@ -480,6 +536,10 @@ struct Run<'a> {
     agents: &'a SimAgents,
     t0: Instant,
     series: Vec<(f64, u64)>,
+    out_series: Vec<(f64, usize)>,
+    /// Seconds sampled, their sum of hosts out, the most out at once.
+    out_samples: (u64, u64, usize),
+    peak_fill: f64,
     drains: Vec<DrainResult>,
     failures: Vec<FailureResult>,
     fail_at: BTreeMap<usize, Vec<usize>>,
@@ -498,7 +558,133 @@ impl Run<'_> {
     fn sample(&mut self) {
         let at = self.t0.elapsed().as_secs_f64();
         if self.series.last().is_none_or(|(t, _)| at - t >= 60.0) {
-            self.series.push((at, self.agents.state().counters.completed));
+            let s = self.agents.state();
+            self.series.push((at, s.counters.completed));
+            #[allow(clippy::cast_precision_loss)]
+            let fill = (0..s.hosts.len()).map(|h| s.used_mib(h) as f64 / s.hosts[h].capacity_mib.max(1) as f64).fold(0.0f64, f64::max);
+            drop(s);
+            self.peak_fill = self.peak_fill.max(fill);
+        }
+    }
+
+    /// Notes how many hosts are in maintenance now (`out`), every simulated second.
+    fn sample_out(&mut self, out: usize) {
+        let at = self.t0.elapsed().as_secs_f64();
+        self.out_samples.0 += 1;
+        self.out_samples.1 += out as u64;
+        self.out_samples.2 = self.out_samples.2.max(out);
+        if self.out_series.last().is_none_or(|(t, _)| at - t >= 60.0) {
+            self.out_series.push((at, out));
+        }
+    }
+
+    /// The hosts as [`admit`] sees them: racks from the host's number, memory as its
+    /// agent last reported, and the hosts the drains under way are moving VMs into.
+    fn loads(&self, rack_size: usize, plans: &[String]) -> Vec<HostLoad> {
+        let mut receiving = std::collections::BTreeSet::new();
+        for id in plans {
+            if let Ok(p) = self.c.plan(id) {
+                receiving.extend(p.steps.iter().filter(|s| !s.status.is_final()).map(|s| s.to.clone()));
+            }
+        }
+        self.c
+            .hosts()
+            .into_iter()
+            .map(|h| {
+                let n: usize = h.name.trim_start_matches('h').parse().unwrap_or(1);
+                HostLoad {
+                    rack: n.saturating_sub(1) / rack_size.max(1),
+                    capacity_mib: h.capacity_mib,
+                    used_mib: h.used_mib,
+                    up: h.status == HostStatus::Up,
+                    out: h.maintenance != Maintenance::Active,
+                    receiving: receiving.contains(&h.name),
+                    name: h.name,
+                }
+            })
+            .collect()
+    }
+
+    /// The rolling maintenance of `waiting`, in order: as many hosts out at once as
+    /// `cfg.rolling` allows ([`admit`]), each drained by the controller's drain plan,
+    /// put back in service once drained (or once its drain failed), the next admitted
+    /// as room frees up.
+    async fn rolling(&mut self, mut waiting: Vec<String>, cfg: &SimConfig) {
+        // Host -> (its drain plan, when requested, real ms to plan it).
+        let mut active: BTreeMap<String, (String, Instant, f64)> = BTreeMap::new();
+        let mut last_try: Option<Instant> = None;
+        while !waiting.is_empty() || !active.is_empty() {
+            let mut ended = false;
+            for (host, (plan, t, plan_ms)) in active.clone() {
+                let (outcome, reason) = match self.c.host(&host).map(|h| (h.maintenance, h.maintenance_reason)) {
+                    Ok((Maintenance::Drained, _)) => ("drained", None),
+                    Ok((Maintenance::DrainFailed, why)) => ("drain_failed", why),
+                    Ok(_) if t.elapsed() > Duration::from_secs(6 * 3600) => ("timeout", None),
+                    Ok(_) => continue,
+                    Err(e) => ("refused", Some(e.to_string())),
+                };
+                let migrations = self.c.plan(&plan).map_or(0, |p| p.steps.iter().filter(|s| s.migration.is_some()).count());
+                self.drains.push(DrainResult {
+                    host: host.clone(),
+                    started_s: t.duration_since(self.t0).as_secs_f64(),
+                    outcome: outcome.into(),
+                    time_s: t.elapsed().as_secs_f64(),
+                    migrations,
+                    plan_ms,
+                    reason,
+                });
+                let _ = self.c.undrain(&host).await;
+                active.remove(&host);
+                ended = true;
+            }
+            // Admit when a drain ended, else every 10 simulated seconds (reading every
+            // host is not free at 1,000 of them).
+            let due = ended || last_try.is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+            if !waiting.is_empty() && active.len() < cfg.rolling.max_hosts && due {
+                last_try = Some(Instant::now());
+                let plans: Vec<String> = active.values().map(|(p, _, _)| p.clone()).collect();
+                let loads = self.loads(cfg.rack_size, &plans);
+                let admitted = admit(&loads, &waiting, &cfg.rolling);
+                if admitted.is_empty() && active.is_empty() {
+                    // Nothing runs and nothing may start: nothing will change.
+                    for host in waiting.drain(..) {
+                        self.drains.push(DrainResult {
+                            host,
+                            started_s: self.t0.elapsed().as_secs_f64(),
+                            outcome: "not_admitted".into(),
+                            time_s: 0.0,
+                            migrations: 0,
+                            plan_ms: 0.0,
+                            reason: Some("the rolling limits admit no host (capacity or racks)".into()),
+                        });
+                    }
+                }
+                for host in admitted {
+                    waiting.retain(|w| w != &host);
+                    let t = Instant::now();
+                    let real = std::time::Instant::now();
+                    let r = self.c.drain(&host);
+                    let plan_ms = real.elapsed().as_secs_f64() * 1000.0;
+                    match r {
+                        Ok(p) => {
+                            active.insert(host, (p.id, t, plan_ms));
+                        }
+                        Err(e) => self.drains.push(DrainResult {
+                            host,
+                            started_s: t.duration_since(self.t0).as_secs_f64(),
+                            outcome: "refused".into(),
+                            time_s: 0.0,
+                            migrations: 0,
+                            plan_ms,
+                            reason: Some(e.to_string()),
+                        }),
+                    }
+                }
+            }
+            self.sample_out(active.len());
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            self.sample();
+            self.detect();
         }
     }
 
@@ -524,6 +710,7 @@ impl Run<'_> {
             Err(e) => {
                 self.drains.push(DrainResult {
                     host: host.into(),
+                    started_s: t.duration_since(self.t0).as_secs_f64(),
                     outcome: "refused".into(),
                     time_s: 0.0,
                     migrations: 0,
@@ -548,6 +735,7 @@ impl Run<'_> {
         let migrations = self.c.plan(&plan.id).map_or(0, |p| p.steps.iter().filter(|s| s.migration.is_some()).count());
         self.drains.push(DrainResult {
             host: host.into(),
+            started_s: t.duration_since(self.t0).as_secs_f64(),
             outcome: outcome.into(),
             time_s: t.elapsed().as_secs_f64(),
             migrations,
@@ -577,6 +765,22 @@ impl Run<'_> {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
+}
+
+/// Lets the controller poll every agent for `secs` simulated seconds with nothing
+/// moving, and measures what that cost.
+async fn steady(agents: &SimAgents, secs: u64) -> PollCost {
+    let polls0 = agents.state().counters.polls;
+    let (cpu0, _) = cpu_and_rss();
+    let wall0 = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let wall_s = wall0.elapsed().as_secs_f64();
+    let (cpu1, _) = cpu_and_rss();
+    let polls = (agents.state().counters.polls - polls0) / 2;
+    #[allow(clippy::cast_precision_loss)]
+    let cpu_us_per_poll = (cpu1 - cpu0) * 1e6 / polls.max(1) as f64;
+    #[allow(clippy::cast_precision_loss)]
+    PollCost { simulated_s: secs as f64, wall_s, polls, cpu_s: cpu1 - cpu0, cpu_us_per_poll }
 }
 
 /// Waits until every host of `c` is up with its CPU catalog (two minutes at most).

@@ -29,6 +29,35 @@ fn a_rolling_maintenance_drains_every_host_and_never_tries_a_host_that_cannot_ru
 }
 
 #[test]
+fn a_rolling_maintenance_takes_hosts_out_several_at_a_time_within_its_limits() {
+    let mut cfg = config(Scenario::Rolling, "rolling-parallel");
+    // Racks of five: four racks, at most one host of each out, three at once.
+    cfg.rolling = walkabout_sim::rolling::RollingLimits { max_hosts: 3, max_per_rack: 1, reserve: 0.2 };
+    cfg.steady_s = 5;
+
+    let r = run(cfg).expect("runs");
+
+    assert_eq!(r.drains.len(), 20, "{:#?}", r.drains);
+    assert!(r.drains.iter().all(|d| d.outcome == "drained"), "{:#?}", r.drains);
+    assert!(r.hosts_out_max >= 2, "never more than {} host out at once", r.hosts_out_max);
+    assert!(r.hosts_out_max <= 3, "{} hosts out at once, 3 allowed", r.hosts_out_max);
+    assert!(r.peak_host_fill <= 1.0, "a host was filled to {:.2} of its memory", r.peak_host_fill);
+    assert_eq!(r.migrations["failed"] + r.migrations["refused_cpu"], 0, "{:?}", r.migrations);
+    let moved: usize = r.drains.iter().map(|d| d.migrations).sum();
+    assert_eq!(r.migrations["completed"] as usize, moved, "{:?}", r.migrations);
+    // Never two hosts of one rack out at once: each drain's span against the others'.
+    let span = |d: &walkabout_sim::scenario::DrainResult| (d.started_s, d.started_s + d.time_s);
+    let rack = |h: &str| (h.trim_start_matches('h').parse::<usize>().expect("hN") - 1) / 5;
+    for a in &r.drains {
+        for b in r.drains.iter().filter(|b| b.host != a.host && rack(&b.host) == rack(&a.host)) {
+            let ((a0, a1), (b0, b1)) = (span(a), span(b));
+            assert!(a1 <= b0 || b1 <= a0, "{} and {} of one rack out together: {a:?} {b:?}", a.host, b.host);
+        }
+    }
+    assert!(r.poll_cost.polls > 0 && r.poll_cost.cpu_us_per_poll > 0.0, "{:?}", r.poll_cost);
+}
+
+#[test]
 fn a_lost_rack_is_marked_down_within_seconds_and_its_unprotected_vms_reported_lost() {
     let r = run(config(Scenario::Rack, "rack")).expect("runs");
 

@@ -37,6 +37,16 @@ pub struct SimArgs {
     /// Hosts the rolling maintenance drains (default: every host).
     #[arg(long)]
     drain_hosts: Option<usize>,
+    /// `rolling`: hosts in maintenance at once.
+    #[arg(long, default_value_t = 16)]
+    max_out: usize,
+    /// `rolling`: hosts of one rack in maintenance at once.
+    #[arg(long, default_value_t = 1)]
+    per_rack: usize,
+    /// `rolling`: fraction of the in-service hosts' memory kept free once the VMs of the
+    /// hosts out are placed.
+    #[arg(long, default_value_t = 0.2)]
+    reserve: f64,
     /// Hosts that fail in the `failures` scenario.
     #[arg(long, default_value_t = 3)]
     failures: usize,
@@ -77,6 +87,8 @@ pub fn run(a: SimArgs) -> anyhow::Result<ExitCode> {
         SimConfig::new(a.scenario, a.hosts.unwrap_or(1000), a.vms.unwrap_or(20_000), cost, walkabout_sim::scenario::scratch_dir(&tag));
     cfg.rack_size = a.rack_size;
     cfg.drain_hosts = a.drain_hosts;
+    cfg.rolling =
+        walkabout_sim::rolling::RollingLimits { max_hosts: a.max_out.max(1), max_per_rack: a.per_rack.max(1), reserve: a.reserve };
     cfg.failures = a.failures;
     cfg.limits.per_host_out = a.per_host;
     cfg.limits.per_host_in = a.per_host;
