@@ -282,6 +282,18 @@ impl Agent {
         let qmp = vm.qmp.clone().ok_or(AgentError::InvalidState { vm: name.into(), op: "checkpoint", state: vm.record.state })?;
         let dir = self.checkpoint_dir(name);
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        // A VM that came with shared storage runs on a chain in the store of the host it
+        // came from: its layers are linked in here, and its numbering continues theirs.
+        let img = walkabout_qemu::img::QemuImg::beside(&self.inner.config.qemu_binary);
+        for (i, d) in vm.record.spec.disks.iter().enumerate() {
+            if let (Some(path), Some(format)) = (&d.path, d.format) {
+                let disk = walkabout_api::DiskSpec::node_name(i);
+                let last = link_backing_chain(&img, &disk, path, format, &dir, name).await.map_err(ck_err(name))?;
+                if let Some(last) = last {
+                    self.inner.store.raise_checkpoint(name, last)?;
+                }
+            }
+        }
         let n = self.inner.store.next_checkpoint(name)?;
         let started = Instant::now();
         let disks: Vec<String> = (0..vm.record.spec.disks.len()).map(walkabout_api::DiskSpec::node_name).collect();
@@ -822,6 +834,65 @@ fn encode_for(
 }
 
 /// Whether two paths are one file (hard links of one inode).
+/// Makes the layers under a disk's top image `top` resolvable from the checkpoint store
+/// `store` when the top lives elsewhere (the VM came with shared storage from a host
+/// whose store held its chain): each backing layer in the top's own directory (named
+/// relative to it) is hard-linked into the store under the same name, unless it is there
+/// already. Returns the highest checkpoint number of `vm` those layers' names carry
+/// (`VM.N.disk` and `VM.aN.disk`), which this host's numbering must continue.
+async fn link_backing_chain(
+    img: &walkabout_qemu::img::QemuImg,
+    disk: &str,
+    top: &Path,
+    format: DiskFormat,
+    store: &Path,
+    vm: &str,
+) -> Result<Option<u64>, String> {
+    let Some(top_dir) = top.parent() else { return Ok(None) };
+    if top_dir == store {
+        return Ok(None);
+    }
+    let chain = img
+        .chain_in_use(top, Some(format))
+        .await
+        .map_err(|e| format!("cannot read the backing chain of disk {disk} ({}): {e}", top.display()))?;
+    let mut last = None;
+    for (i, layer) in chain.iter().enumerate().filter(|(_, l)| l.path.parent() == Some(top_dir)) {
+        let Some(name) = layer.path.file_name() else { continue };
+        last = last.max(checkpoint_number(&name.to_string_lossy(), vm));
+        if i == 0 {
+            continue;
+        }
+        let there = store.join(name);
+        if there.exists() {
+            if !same_file(&there, &layer.path) {
+                return Err(format!(
+                    "disk {disk} is backed by {}, but the checkpoint store already holds another file of that name ({})",
+                    layer.path.display(),
+                    there.display()
+                ));
+            }
+            continue;
+        }
+        std::fs::hard_link(&layer.path, &there).map_err(|e| {
+            format!(
+                "cannot link disk {disk} layer {} into the checkpoint store as {} (they must share a file system): {e}",
+                layer.path.display(),
+                there.display()
+            )
+        })?;
+    }
+    Ok(last)
+}
+
+/// The checkpoint number in a layer's file name: `VM.N.DISK.qcow2` (a frozen layer) or
+/// `VM.aN.DISK.qcow2` (the overlay active after checkpoint N).
+fn checkpoint_number(file: &str, vm: &str) -> Option<u64> {
+    let rest = file.strip_prefix(vm)?.strip_prefix('.')?;
+    let n = rest.split('.').next()?;
+    n.strip_prefix('a').unwrap_or(n).parse().ok()
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
@@ -896,6 +967,15 @@ async fn incoming_from_file(qmp: &Qmp, mem: &Path, _method: CheckpointMethod) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_layers_checkpoint_number_is_read_from_its_name() {
+        assert_eq!(checkpoint_number("fa.3.disk0.qcow2", "fa"), Some(3));
+        assert_eq!(checkpoint_number("fa.a12.disk1.qcow2", "fa"), Some(12));
+        assert_eq!(checkpoint_number("fab.3.disk0.qcow2", "fa"), None);
+        assert_eq!(checkpoint_number("guest.qcow2", "fa"), None);
+        assert_eq!(checkpoint_number("fa.disk0.qcow2", "fa"), None);
+    }
 
     #[test]
     fn file_names_are_plain() {

@@ -520,7 +520,7 @@ mod tests {
     use walkabout_api::{ClusterVmState, FailoverResult, ProtectVm};
 
     fn config(dir: &std::path::Path) -> crate::ControllerConfig {
-        crate::ControllerConfig { fence_ms: 3_000, ..crate::ControllerConfig::new(dir.to_path_buf()) }
+        crate::ControllerConfig { fence_ms: 5_000, ..crate::ControllerConfig::new(dir.to_path_buf()) }
     }
 
     /// Waits (30 s at most) until `f` holds.
@@ -544,9 +544,9 @@ mod tests {
         let dir = temp("failover-replica");
         let c = open_with(config(&dir), &fake, &["h1", "h2", "h3"]).await;
         let vm = c.protect("a", &protect_to("h2")).await.expect("protect");
-        assert_eq!(vm.protection.as_ref().map(|p| (p.replica.as_str(), p.fence_ms)), Some(("h2", 3_000)));
+        assert_eq!(vm.protection.as_ref().map(|p| (p.replica.as_str(), p.fence_ms)), Some(("h2", 5_000)));
         assert_eq!(fake.state().protections.get("a").map(|(u, _)| u.clone()), Some(url("h1")));
-        let taken = crate::now_ms() - 4_000;
+        let taken = crate::now_ms() - 6_000;
         fake.state().replicas.entry(url("h2")).or_default().insert("a".into(), taken);
 
         fake.state().down.push(url("h1"));
@@ -559,9 +559,9 @@ mod tests {
         let restores = fake.state().restores.clone();
         assert_eq!(restores.len(), 1, "restored more than once: {restores:?}");
         assert_eq!(restores[0].1, url("h2"));
-        assert!(restores[0].2 >= f[0].lost_ms + 3_000, "restored {} ms after the host's loss", restores[0].2 - f[0].lost_ms);
+        assert!(restores[0].2 >= f[0].lost_ms + 5_000, "restored {} ms after the host's loss", restores[0].2 - f[0].lost_ms);
         assert_eq!((f[0].to.as_deref(), f[0].rpo_ms), (Some("h2"), Some(f[0].lost_ms - taken)));
-        assert!(f[0].rto_ms.is_some_and(|r| r >= 3_000), "{f:?}");
+        assert!(f[0].rto_ms.is_some_and(|r| r >= 5_000), "{f:?}");
         let a = c.vm("a").expect("a");
         assert_eq!((a.host.as_deref(), a.state), (Some("h2"), ClusterVmState::Running));
         let p = fake.state().protections.get("a").cloned().expect("protected again");

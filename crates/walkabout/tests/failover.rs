@@ -1,5 +1,5 @@
 //! Failover on real guests (256 MiB, TCG), through a real controller: a host killed
-//! with `kill -9` (its agent and its QEMUs) brings its protected VM back on the replica
+//! with `kill -9` (its agent and its QEMUs) during a walk brings its protected VM back on the replica
 //! host from the last checkpoint (memory verifies, the heartbeat continues from
 //! the checkpoint's sequence, RPO and RTO reported); an agent whose controller goes
 //! silent stops its protected VM itself once the fence time has passed; a host cut off
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use walkabout_api::{ClusterVm, Failover, FailoverResult, HostStatus, ProtectVm, VmState};
+use walkabout_api::{ClusterVm, Failover, FailoverResult, HostStatus, Phase, ProtectVm, VmState, WalkOptions};
 use walkabout_testbed::{BridgeNet, Controller, ControllerSpec, TestCa};
 
 /// Waits (up to `secs`) until `f` gives a value.
@@ -63,8 +63,8 @@ fn wait_protected(ctl: &ControllerProc, name: &str) -> ClusterVm {
 }
 
 #[test]
-fn a_host_killed_with_its_qemus_brings_its_protected_vm_back_on_the_replica() {
-    let (mut a, b, c) = (AgentProc::start(&[]), AgentProc::start(&[]), AgentProc::start(&[]));
+fn a_host_killed_with_its_qemus_during_a_walk_brings_its_protected_vm_back_on_the_replica() {
+    let (a, b, c) = (AgentProc::start(&[]), AgentProc::start(&[]), AgentProc::start(&[]));
     let ctl = ControllerProc::start(&[&a, &b, &c], &["--fence-time", "10s"]);
     // Two disks: the root disk it boots from and a data disk the guest writes and
     // verifies (8 MiB at 8 MiB/s).
@@ -72,28 +72,57 @@ fn a_host_killed_with_its_qemus_brings_its_protected_vm_back_on_the_replica() {
     a.wait_heartbeats("fa", 5);
     ctl.wait_vms(1);
     protect(&ctl, "fa", "h2");
+    let mut hosts = [a, b, c];
 
-    a.0.kill();
-    for pid in a.qemu_pids() {
+    // A walk: fa hops (storage copied along), then rests 150 s. Its protection follows
+    // it (the replica moved off its new host if it landed there); once a checkpoint of
+    // its new run is on the replica, its host dies, walk still running.
+    let opts = WalkOptions { duration_ms: 600_000, parallel: 1, pause_ms: 150_000, gentle: false };
+    let walk = ctl.call(|x| async move { x.start_walk(&opts).await }).expect("start a walk");
+    let id = walk.id.clone();
+    let hop = wait_for("a completed hop of fa", 180, || {
+        let id = id.clone();
+        let w = ctl.call(|x| async move { x.walk(&id).await }).ok()?;
+        w.hops.into_iter().find(|h| h.result == Phase::Completed)
+    });
+    let hopped_ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let (from, replica) = wait_for("a checkpoint of fa's new run on its replica", 140, || {
+        let v = vm(&ctl, "fa");
+        if let Some(e) = v.protection_status.as_ref().and_then(|s| s.last_error.as_ref()) {
+            eprintln!("fa after its hop to {}: {:?} on {:?}, last checkpoint error: {e}", hop.to, v.state, v.host);
+        }
+        let (host, p) = (v.host.clone()?, v.protection.clone()?);
+        let shipped = v.protection_status.as_ref()?.last.as_ref()?.taken_ms > hopped_ms;
+        (host == hop.to && p.replica != host && shipped).then_some((host, p.replica))
+    });
+    let index = |h: &str| h.strip_prefix('h').and_then(|n| n.parse::<usize>().ok()).map(|n| n - 1).expect("a host hN");
+    let dead = &mut hosts[index(&from)];
+    dead.0.kill();
+    for pid in dead.qemu_pids() {
         walkabout_testbed::kill9(pid);
     }
     let f = wait_for("the failover of fa ends", 180, || {
         failovers(&ctl).into_iter().find(|f| f.vm == "fa" && f.result != FailoverResult::Fencing)
     });
+    let id = walk.id.clone();
+    ctl.call(|x| async move { x.stop_walk(&id).await }).expect("stop the walk");
 
-    assert_eq!((f.result, f.from.as_str(), f.to.as_deref()), (FailoverResult::Restored, "h1", Some("h2")), "{f:?}");
+    assert_eq!((f.result, f.from.as_str(), f.to.as_deref()), (FailoverResult::Restored, from.as_str(), Some(replica.as_str())), "{f:?}");
     let (rpo, rto) = (f.rpo_ms.expect("RPO"), f.rto_ms.expect("RTO"));
     assert!(rto >= 10_000, "restored before the fence time: {f:?}");
-    eprintln!("failover of fa: RPO {rpo} ms, RTO {rto} ms, checkpoint {:?}", f.checkpoint);
-    let replica = b.call(|c| async move { c.replica("fa").await }).expect("the replica's checkpoints");
-    let cp = replica.checkpoints.iter().find(|x| Some(&x.id) == f.checkpoint.as_ref()).expect("the checkpoint used").clone();
+    eprintln!("failover of fa ({from} died after a hop of the walk): RPO {rpo} ms, RTO {rto} ms, checkpoint {:?}", f.checkpoint);
+    let third = ["h1", "h2", "h3"].into_iter().find(|h| *h != from && *h != replica).expect("a third host");
+    let (b, c) = (&hosts[index(&replica)], &hosts[index(third)]);
+    let state = b.call(|x| async move { x.replica("fa").await }).expect("the replica's checkpoints");
+    let cp = state.checkpoints.iter().find(|x| Some(&x.id) == f.checkpoint.as_ref()).expect("the checkpoint used").clone();
+    assert!(cp.taken_ms > hopped_ms, "restored from a checkpoint older than the hop: {cp:?}");
     let seen = b.info("fa").guest.heartbeats;
     let v = b.wait_heartbeats("fa", seen + 5);
     assert_eq!((v.guest.corrupt_pages, v.guest.corrupt_blocks, v.guest.seq_breaks), (0, 0, 0), "{v:?}");
     // The data disk's writer goes on after the restore (a pass over its area written),
     // its reader counting no corrupt block.
     let console = b.data.join("vms/fa/console.log");
-    wait_for("a disk pass of fa on h2", 60, || {
+    wait_for("a disk pass of fa after its restore", 60, || {
         String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default()).contains("disk-pass").then_some(())
     });
     let v = b.info("fa");
@@ -104,17 +133,17 @@ fn a_host_killed_with_its_qemus_brings_its_protected_vm_back_on_the_replica() {
         cp.guest.last_seq
     );
     let now = vm(&ctl, "fa");
-    assert_eq!(now.host.as_deref(), Some("h2"), "{now:?}");
+    assert_eq!(now.host.as_deref(), Some(replica.as_str()), "{now:?}");
     // Protected again toward the third host (neither the dead one nor its new one),
     // and a checkpoint of its new run shipped there.
-    let again = wait_for("fa protected again toward h3", 30, || vm(&ctl, "fa").protection.filter(|p| p.replica == "h3"));
-    assert_eq!(again.replica, "h3");
-    let on_h3 = wait_for("a checkpoint of fa on h3", 120, || {
+    let again = wait_for("fa protected again toward the third host", 30, || vm(&ctl, "fa").protection.filter(|p| p.replica == third));
+    assert_eq!(again.replica, third);
+    let on_third = wait_for("a checkpoint of fa on the third host", 120, || {
         c.call(|x| async move { x.replica("fa").await }).ok().filter(|r| r.checkpoints.iter().any(|k| k.n > cp.n))
     });
-    let newest = on_h3.checkpoints.iter().map(|k| k.n).max();
-    assert!(on_h3.checkpoints.iter().all(|k| k.n > cp.n && k.taken_ms > f.lost_ms), "{on_h3:?}");
-    eprintln!("fa re-protected toward h3: checkpoint {newest:?} there");
+    let newest = on_third.checkpoints.iter().map(|k| k.n).max();
+    assert!(on_third.checkpoints.iter().filter(|k| k.n > cp.n).all(|k| k.taken_ms > f.lost_ms), "{on_third:?}");
+    eprintln!("fa re-protected toward {third}: checkpoint {newest:?} there");
     assert_eq!(failovers(&ctl).iter().filter(|f| f.vm == "fa").count(), 1, "more than one failover of fa");
 }
 
