@@ -421,6 +421,11 @@ impl Agent {
         }
         let params = qmp_do(qmp, "query-migrate-parameters", None).await.map_err(|e| (false, e))?;
         let old_bw = params["max-bandwidth"].as_u64();
+        // A migration over TLS leaves its credentials set; QEMU refuses TLS with a
+        // mapped-ram file ("Cannot use TLS with mapped-ram"), and a file needs none. The
+        // next migration sets its own again.
+        let no_tls = json!({"tls-creds": "", "tls-hostname": "", "tls-authz": ""});
+        qmp_do(qmp, "migrate-set-parameters", Some(no_tls)).await.map_err(|e| (false, format!("cannot clear the TLS parameters: {e}")))?;
         let mapped_ram = true;
         qmp_do(qmp, "migrate-set-capabilities", Some(capabilities(method, mapped_ram)))
             .await
@@ -961,6 +966,10 @@ async fn incoming_from_file(qmp: &Qmp, mem: &Path, _method: CheckpointMethod) ->
             Err(e) => return Err(e.to_string()),
         }
     }
+    // mapped-ram is for files only: left on, it makes QEMU refuse the TLS parameters of
+    // this VM's next migration.
+    let off = json!({"capabilities": [{"capability": "mapped-ram", "state": false}]});
+    qmp_do(qmp, "migrate-set-capabilities", Some(off)).await?;
     qmp.cont().await.map_err(|e: QmpError| e.to_string())
 }
 

@@ -178,7 +178,8 @@ async fn kill(agent: &Agent, f: &Fence, name: &str, reason: &str) {
 }
 
 /// `POST /v1/host/power-cut`: only on an agent started with `--allow-power-cut`, and
-/// only for an operator: every QEMU of this host is killed (SIGKILL) and the agent
+/// only for an operator or the controller (whose musical chairs cuts a host's power on
+/// an operator's request to its game route): every QEMU of this host is killed (SIGKILL) and the agent
 /// process exits at once, without recording anything, as if the plug were pulled.
 pub async fn power_cut(State(agent): State<Agent>, req: Request) -> Response {
     let who = req.extensions().get::<walkabout_trust::Identity>().cloned();
@@ -186,8 +187,11 @@ pub async fn power_cut(State(agent): State<Agent>, req: Request) -> Response {
         let why = "refused: this agent was not started with --allow-power-cut";
         return (StatusCode::FORBIDDEN, Json(ErrorBody::new(ErrorKind::Forbidden, why))).into_response();
     }
-    if !who.as_ref().is_some_and(|id| id.role == walkabout_trust::Role::Operator) {
-        let why = format!("refused: a power cut is for operators, not {}", who.map_or("an anonymous client".into(), |i| i.to_string()));
+    if !who.as_ref().is_some_and(|id| matches!(id.role, walkabout_trust::Role::Operator | walkabout_trust::Role::Controller)) {
+        let why = format!(
+            "refused: a power cut is for operators and the controller, not {}",
+            who.map_or("an anonymous client".into(), |i| i.to_string())
+        );
         return (StatusCode::FORBIDDEN, Json(ErrorBody::new(ErrorKind::Forbidden, why))).into_response();
     }
     let pids: Vec<i32> =
