@@ -916,21 +916,20 @@ mod tests {
         }
     }
 
-    async fn guest_game(answers: bool) -> ScotlandGame {
-        let dir = crate::fake::temp("scotland-guest");
-        std::fs::create_dir_all(&dir).expect("a directory");
+    /// Fresh `Games` (events stored in `dir`) with a Scotland Yard walk on `start`'s board,
+    /// `rounds` long; the stop sender must live as long as the games.
+    fn game_walk(dir: &std::path::Path, start: &Game, rounds: u32) -> (Arc<Games>, WalkRecord, tokio::sync::watch::Sender<bool>) {
         let store = Arc::new(crate::store::Store::open(&dir.join("events.redb")).expect("a store"));
-        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let games = Games::new(Arc::new(crate::events::Events::new(store)), stopped);
         let w = games.new_walk(WalkKind::ScotlandYard);
-        let start = game(8, "h1", &[("d1", "h5")]);
         games.update_walk(&w.id, |w| {
             w.scotland = Some(ScotlandGame {
                 mr_x: "x".into(),
                 detectives: vec!["d1".into()],
                 players: vec![],
                 links: start.board.links().to_vec(),
-                rounds: 3,
+                rounds,
                 reveal_every: 5,
                 round: 0,
                 detective_hosts: start.detectives.clone(),
@@ -939,6 +938,14 @@ mod tests {
                 winner: None,
             });
         });
+        (games, w, stop)
+    }
+
+    async fn guest_game(answers: bool) -> ScotlandGame {
+        let dir = crate::fake::temp("scotland-guest");
+        std::fs::create_dir_all(&dir).expect("a directory");
+        let start = game(8, "h1", &[("d1", "h5")]);
+        let (games, w, _stop) = game_walk(&dir, &start, 3);
         let mut opts = ScotlandOptions {
             mr_x: "x".into(),
             detectives: vec!["d1".into()],
@@ -982,26 +989,8 @@ mod tests {
     async fn a_game_played_through_a_mover_records_every_move_its_migration_and_the_winner() {
         let dir = crate::fake::temp("scotland");
         std::fs::create_dir_all(&dir).expect("a directory");
-        let store = Arc::new(crate::store::Store::open(&dir.join("events.redb")).expect("a store"));
-        let (_stop, stopped) = tokio::sync::watch::channel(false);
-        let games = Games::new(Arc::new(crate::events::Events::new(store)), stopped);
-        let w = games.new_walk(WalkKind::ScotlandYard);
         let start = game(4, "h1", &[("d1", "h3")]);
-        games.update_walk(&w.id, |w| {
-            w.scotland = Some(ScotlandGame {
-                mr_x: "x".into(),
-                detectives: vec!["d1".into()],
-                players: vec![],
-                links: start.board.links().to_vec(),
-                rounds: 20,
-                reveal_every: 5,
-                round: 0,
-                detective_hosts: start.detectives.clone(),
-                mr_x_seen: None,
-                moves: vec![],
-                winner: None,
-            });
-        });
+        let (games, w, _stop) = game_walk(&dir, &start, 20);
         let opts = ScotlandOptions {
             mr_x: "x".into(),
             detectives: vec!["d1".into()],
