@@ -13,6 +13,8 @@ use walkabout_testbed::KillOnDrop;
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
+/// How many times an action is retried on an element the page replaced meanwhile.
+const STALE_RETRIES: u32 = 5;
 
 /// An element of the page, as the driver names it.
 #[derive(Clone, Debug)]
@@ -122,16 +124,37 @@ impl Browser {
             .map(String::from)
     }
 
-    /// Clicks the first element matching `css` (which must exist).
+    /// Clicks the first element matching `css` (which must exist). The page redraws
+    /// cards from the event stream, so the element found may be replaced before the
+    /// click lands ("stale element reference"): then it is found again and clicked.
     pub fn click(&self, css: &str) {
-        let e = self.find(css).unwrap_or_else(|| panic!("nothing to click: no {css}"));
-        self.cmd("POST", &format!("/element/{}/click", e.0), None).unwrap_or_else(|e| panic!("click {css}: {e}"));
+        let mut tries = 0;
+        loop {
+            let e = self.find(css).unwrap_or_else(|| panic!("nothing to click: no {css}"));
+            match self.cmd("POST", &format!("/element/{}/click", e.0), None) {
+                Ok(_) => return,
+                Err(err) if err.contains("stale element") && tries < STALE_RETRIES => tries += 1,
+                Err(err) => panic!("click {css}: {err}"),
+            }
+        }
     }
 
     /// Drags the first element matching `from` onto the first matching `to` with real
     /// pointer input: press on the middle of `from`, move in steps, release on the
     /// middle of `to`.
+    /// Elements the page replaced meanwhile are found again, as in [`Browser::click`].
     pub fn drag(&self, from: &str, to: &str) {
+        let mut tries = 0;
+        loop {
+            match self.try_drag(from, to) {
+                Ok(()) => return,
+                Err(err) if err.contains("stale element") && tries < STALE_RETRIES => tries += 1,
+                Err(err) => panic!("drag {from} onto {to}: {err}"),
+            }
+        }
+    }
+
+    fn try_drag(&self, from: &str, to: &str) -> Result<(), String> {
         let a = self.find(from).unwrap_or_else(|| panic!("nothing to drag: no {from}"));
         let b = self.find(to).unwrap_or_else(|| panic!("nowhere to drop: no {to}"));
         let actions = json!({"actions": [{
@@ -146,8 +169,9 @@ impl Browser {
                 {"type": "pointerUp", "button": 0},
             ],
         }]});
-        self.cmd("POST", "/actions", Some(actions)).unwrap_or_else(|e| panic!("drag {from} onto {to}: {e}"));
+        let done = self.cmd("POST", "/actions", Some(actions)).map(drop);
         let _ = self.cmd("DELETE", "/actions", None);
+        done
     }
 
     /// Focuses the first element matching `css` and presses `key` on the keyboard (a
