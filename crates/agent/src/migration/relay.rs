@@ -578,11 +578,11 @@ mod tests {
         let survived = echoes(&mut tunnel, b"after a quiet while").await;
         agent.inner.tunnels.close("vm1");
         let ended = matches!(tokio::time::timeout(Duration::from_secs(2), tunnel.read(&mut [0u8; 16])).await, Ok(Ok(0) | Err(_)));
+        let _ = std::fs::remove_dir_all(&dir);
 
         assert!(fresh, "the tunnel carried nothing");
         assert!(api_closed, "an API connection idle for {:?} was kept open", idle * 4);
         assert!(survived, "the tunnel was cut after {:?} idle, its migration still on", idle * 4);
         assert!(ended, "the tunnel outlived its migration");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
