@@ -14,21 +14,22 @@ use walkabout_testbed::{Agent, KillOnDrop, TempDir};
 
 const MEMORY_MIB: u64 = 512;
 
+/// Time from `walkabout vm create` to the guest's READY, beside plain QEMU; one JSON
+/// document on stdout.
+#[derive(clap::Parser)]
+#[command(name = "boot")]
+struct Args {
+    /// Runs of each side.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Bench target/release/walkabout as it is (no cargo build first).
+    #[arg(long)]
+    no_build: bool,
+}
+
 fn main() -> Result<()> {
-    let mut runs = 5usize;
-    let mut build = true;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--no-build" => build = false,
-            "--runs" => runs = args.next().context("--runs N")?.parse().context("--runs N")?,
-            "-h" | "--help" => {
-                eprintln!("usage: boot [--runs N] [--no-build]   (default 5 runs; one JSON document on stdout; --no-build benches target/release/walkabout as it is)");
-                return Ok(());
-            }
-            other => bail!("unknown argument {other} (try --help)"),
-        }
-    }
+    let args = <Args as clap::Parser>::parse();
+    let (runs, build) = (args.runs, !args.no_build);
     let mut env = environment();
     let Prepared { walkabout: wbin, peer, guest } = prepare(build)?;
     let bin = wbin.path.clone();
@@ -168,4 +169,18 @@ fn qemu_boot(guest: &Path, scratch: &Path, tag: &str) -> Result<Value> {
     let _ = std::fs::remove_file(&serial);
     let _ = std::fs::remove_file(&qmp);
     Ok(json!({"ready_ms": ready_ms, "guest_ready_ms": guest_ready_ms}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Args;
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn the_flags_and_defaults_are_those_of_the_hand_parser() {
+        Args::command().debug_assert();
+        let d = Args::try_parse_from(["boot"]).expect("defaults");
+        let given = Args::try_parse_from(["boot", "--runs", "2", "--no-build"]).expect("every flag");
+        assert_eq!((d.runs, d.no_build, given.runs, given.no_build), (5, false, 2, true));
+    }
 }

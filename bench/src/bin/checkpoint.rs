@@ -31,9 +31,65 @@ use walkabout_bench::{environment, guest_image, ratio, round3, stats, walkabout_
 use walkabout_qemu::qmp::Event;
 use walkabout_testbed::{Agent, AgentSpec, Controller, ControllerSpec, TempDir};
 
-const USAGE: &str = "usage: checkpoint [--out FILE] [--only cells|failovers] [--runs N (later checkpoints per cell, 3)] \
-[--memory MiB (384)] [--workloads 'idle;dirty:64:32'] [--gap-s S (3)] [--methods background,live,paused] [--failovers N (20)] [--fence-time 5s] \
-[--every-ms 3000] [--kill-at random|commit] [--fo-memory MiB (256)] [--fo-workload dirty:32:8] [--walkabout PATH | --no-build]";
+/// Checkpoints beside QEMU's own ways, and failovers; one JSON document.
+#[derive(clap::Parser)]
+#[command(name = "checkpoint")]
+struct Cli {
+    /// Also write the document to FILE after every cell and failover.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// One part only (the other kept from an existing --out file).
+    #[arg(long, value_parser = ["cells", "failovers"])]
+    only: Option<String>,
+    /// Later checkpoints per cell.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Guest memory of the cells, MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 384)]
+    memory: u64,
+    /// The cells' workloads, separated by ';'.
+    #[arg(long, default_value = "idle;dirty:64:32")]
+    workloads: String,
+    /// Seconds between two checkpoints of a cell.
+    #[arg(long, value_name = "S", default_value_t = 3.0)]
+    gap_s: f64,
+    /// Walkabout's checkpoint methods measured, comma-separated.
+    #[arg(long, value_delimiter = ',', value_parser = parse_method, default_value = "background,live,paused")]
+    methods: Vec<CheckpointMethod>,
+    /// Failovers measured.
+    #[arg(long, default_value_t = 20)]
+    failovers: usize,
+    /// The controller's fence time.
+    #[arg(long, default_value = "5s")]
+    fence_time: String,
+    /// The protected VM's checkpoint interval, ms.
+    #[arg(long, default_value_t = 3_000)]
+    every_ms: u64,
+    /// When the host is killed: at a random moment, or right after a checkpoint's commit.
+    #[arg(long, value_parser = ["random", "commit"], default_value = "random")]
+    kill_at: String,
+    /// The failover VM's memory, MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 256)]
+    fo_memory: u64,
+    /// The failover VM's workload.
+    #[arg(long, default_value = "dirty:32:8")]
+    fo_workload: String,
+    /// Bench this walkabout binary.
+    #[arg(long, value_name = "PATH")]
+    walkabout: Option<PathBuf>,
+    /// Bench target/release/walkabout as it is (no cargo build first).
+    #[arg(long)]
+    no_build: bool,
+}
+
+fn parse_method(m: &str) -> Result<CheckpointMethod, String> {
+    match m {
+        "background" => Ok(CheckpointMethod::Background),
+        "live" => Ok(CheckpointMethod::Live),
+        "paused" => Ok(CheckpointMethod::Paused),
+        other => Err(format!("--methods background,live,paused, not {other}")),
+    }
+}
 
 struct Opts {
     out: Option<PathBuf>,
@@ -54,71 +110,24 @@ struct Opts {
 }
 
 fn parse() -> Result<Option<Opts>> {
-    let mut o = Opts {
-        out: None,
-        only: None,
-        runs: 3,
-        memory: 384,
-        workloads: vec!["idle".into(), "dirty:64:32".into()],
-        gap: Duration::from_secs(3),
-        failovers: 20,
-        fence: "5s".into(),
-        every_ms: 3_000,
-        fo_memory: 256,
-        fo_workload: "dirty:32:8".into(),
-        bin: None,
-        build: true,
-        kill_at_random: true,
-        methods: vec![CheckpointMethod::Background, CheckpointMethod::Live, CheckpointMethod::Paused],
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut val = || args.next().with_context(|| format!("{a} needs a value ({USAGE})"));
-        match a.as_str() {
-            "--out" => o.out = Some(val()?.into()),
-            "--only" => o.only = Some(val()?),
-            "--runs" => o.runs = val()?.parse().context("--runs N")?,
-            "--memory" => o.memory = val()?.parse().context("--memory MiB")?,
-            "--workloads" => o.workloads = val()?.split(';').map(str::to_string).collect(),
-            "--gap-s" => o.gap = Duration::from_secs_f64(val()?.parse().context("--gap-s S")?),
-            "--failovers" => o.failovers = val()?.parse().context("--failovers N")?,
-            "--fence-time" => o.fence = val()?,
-            "--every-ms" => o.every_ms = val()?.parse().context("--every-ms MS")?,
-            "--fo-memory" => o.fo_memory = val()?.parse().context("--fo-memory MiB")?,
-            "--fo-workload" => o.fo_workload = val()?,
-            "--walkabout" => o.bin = Some(val()?.into()),
-            "--no-build" => o.build = false,
-            "--methods" => {
-                o.methods = val()?
-                    .split(',')
-                    .map(|m| match m {
-                        "background" => Ok(CheckpointMethod::Background),
-                        "live" => Ok(CheckpointMethod::Live),
-                        "paused" => Ok(CheckpointMethod::Paused),
-                        other => bail!("--methods background,live,paused, not {other}"),
-                    })
-                    .collect::<Result<_>>()?
-            }
-            "--kill-at" => {
-                o.kill_at_random = match val()?.as_str() {
-                    "random" => true,
-                    "commit" => false,
-                    other => bail!("--kill-at random|commit, not {other}"),
-                }
-            }
-            "-h" | "--help" => {
-                eprintln!("{USAGE}");
-                return Ok(None);
-            }
-            other => bail!("unknown argument {other} ({USAGE})"),
-        }
-    }
-    if let Some(only) = &o.only {
-        if only != "cells" && only != "failovers" {
-            bail!("--only cells|failovers, not {only}");
-        }
-    }
-    Ok(Some(o))
+    let c = <Cli as clap::Parser>::parse();
+    Ok(Some(Opts {
+        out: c.out,
+        only: c.only,
+        runs: c.runs,
+        memory: c.memory,
+        workloads: c.workloads.split(';').map(str::to_string).collect(),
+        gap: Duration::from_secs_f64(c.gap_s),
+        failovers: c.failovers,
+        fence: c.fence_time,
+        every_ms: c.every_ms,
+        fo_memory: c.fo_memory,
+        fo_workload: c.fo_workload,
+        bin: c.walkabout,
+        build: !c.no_build,
+        kill_at_random: c.kill_at == "random",
+        methods: c.methods,
+    }))
 }
 
 fn loadavg() -> String {
@@ -711,4 +720,54 @@ fn failover_summary(rounds: &Value, fence_ms: u64) -> Value {
         "newest_commit_seen_after_ms": st("newest_commit_seen_after_ms"),
         "kill_delay_ms": st("kill_delay_ms"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn the_flags_and_defaults_are_those_of_the_hand_parser() {
+        Cli::command().debug_assert();
+        let d = Cli::try_parse_from(["checkpoint"]).expect("defaults");
+        assert_eq!((d.out, d.only, d.runs, d.memory, d.workloads.as_str(), d.gap_s), (None, None, 3, 384, "idle;dirty:64:32", 3.0));
+        assert_eq!((d.failovers, d.fence_time.as_str(), d.every_ms, d.kill_at.as_str()), (20, "5s", 3_000, "random"));
+        assert_eq!((d.fo_memory, d.fo_workload.as_str(), d.walkabout, d.no_build, d.methods.len()), (256, "dirty:32:8", None, false, 3));
+        let args = [
+            "checkpoint",
+            "--out",
+            "o.json",
+            "--only",
+            "cells",
+            "--runs",
+            "1",
+            "--memory",
+            "256",
+            "--workloads",
+            "idle",
+            "--gap-s",
+            "0.5",
+            "--methods",
+            "live",
+            "--failovers",
+            "2",
+            "--fence-time",
+            "4s",
+            "--every-ms",
+            "500",
+            "--kill-at",
+            "commit",
+            "--fo-memory",
+            "128",
+            "--fo-workload",
+            "idle",
+            "--walkabout",
+            "/bin/true",
+            "--no-build",
+        ];
+        let g = Cli::try_parse_from(args).expect("every flag");
+        assert_eq!((g.methods, g.kill_at.as_str(), g.gap_s), (vec![walkabout_api::CheckpointMethod::Live], "commit", 0.5));
+        assert!(Cli::try_parse_from(["checkpoint", "--only", "both"]).is_err());
+    }
 }

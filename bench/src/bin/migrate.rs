@@ -9,7 +9,7 @@
 //! (see `--help`). One JSON document on stdout; progress on stderr; with `--out` the
 //! document is also rewritten after every cell, so a cut run leaves what it measured.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,31 +20,62 @@ use walkabout_bench::{
 };
 use walkabout_testbed::{kill9, processes_mentioning, Agent, TempDir};
 
-const USAGE: &str = "usage: migrate [--quick] [--mem 512,2048] [--workload idle,dirty:64:32,...] \
-[--bandwidth default,100] [--runs 3] [--give-up-s 30] [--only walkabout|qemu] [--out FILE] [--no-build] [--bin PATH] [--engine [--cells a,b] [--peer-guest own|walkabout|both]] [--tls]
-
-  --quick        512 MiB only, 1 run per cell (a smoke check)
-  --mem          guest sizes in MiB (default 512,2048)
-  --workload     guest workloads (default idle,dirty:64:32,dirty:64:128,dirty:64:512)
-  --bandwidth    'default' (each side's own default) and/or a cap in MiB/s (default default,100)
-  --runs         migrations per cell and side (default 3)
-  --give-up-s    the peer cancels a run that has not completed after this long (default 30)
-  --only         measure one side only
-  --out FILE     also write the document to FILE after every cell
-  --no-build     bench target/release/walkabout as it is (no cargo build first)
-  --bin PATH     bench this walkabout binary (implies --no-build)
-  --engine       instead of the grid, the migration engine's cells (issue #15): post-copy with and
-                 without preempt (the guest's stall), a 20 MiB/s tbf link with compression, 4 and
-                 8 GiB guests idle and dirtying 256 MiB; QEMU's defaults beside each
-  --cells        with --engine, only the cells whose names are listed
-  --peer-guest   with --engine, the guest QEMU's peer boots: its own (dirty.c, the default), Walkabout's
-                 (the same kernel, initramfs and guest program as Walkabout's side: the same workload),
-                 or both, one after the other (`qemu` and `qemu_walkabout_guest` in each cell)
-  --tls          instead of the grid, the cost of TLS and of the relay: each --mem x --workload cell
-                 migrated by Walkabout between two plain agents (--insecure-loopback: QEMU's streams
-                 plain) and between two agents under a CA (QEMU's streams over TLS), each direct and
-                 with --relay (every stream through the destination agent's API port), --runs each,
-                 medians and the ratios tls/plain, relay/direct";
+/// Walkabout's `--mode auto` against QEMU's defaults, cell by cell; one JSON document.
+#[derive(clap::Parser)]
+#[command(name = "migrate")]
+struct Cli {
+    /// 512 MiB only, 1 run per cell (a smoke check).
+    #[arg(long)]
+    quick: bool,
+    /// Guest sizes in MiB (default 512,2048; 512 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    mem: Option<Vec<u64>>,
+    /// Guest workloads.
+    #[arg(long, default_value = "idle,dirty:64:32,dirty:64:128,dirty:64:512")]
+    workload: String,
+    /// 'default' (each side's own default) and/or a cap in MiB/s.
+    #[arg(long, default_value = "default,100")]
+    bandwidth: String,
+    /// Migrations per cell and side (default 3; 1 with --quick).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// The peer cancels a run that has not completed after this long.
+    #[arg(long, default_value_t = 30)]
+    give_up_s: u64,
+    /// Measure one side only.
+    #[arg(long, value_parser = ["walkabout", "qemu"])]
+    only: Option<String>,
+    /// Also write the document to FILE after every cell.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Bench target/release/walkabout as it is (no cargo build first).
+    #[arg(long)]
+    no_build: bool,
+    /// Bench this walkabout binary (implies --no-build).
+    #[arg(long, value_name = "PATH")]
+    bin: Option<PathBuf>,
+    /// Instead of the grid, the migration engine's cells (issue #15): post-copy with and
+    /// without preempt (the guest's stall), a 20 MiB/s tbf link with compression, 4 and
+    /// 8 GiB guests idle and dirtying 256 MiB; QEMU's defaults beside each.
+    #[arg(long)]
+    engine: bool,
+    /// With --engine, only the cells whose names are listed.
+    #[arg(long, value_delimiter = ',')]
+    cells: Option<Vec<String>>,
+    /// With --engine, the guest QEMU's peer boots: its own (dirty.c, the default),
+    /// Walkabout's (the same kernel, initramfs and guest program as Walkabout's side: the
+    /// same workload), or both, one after the other (`qemu` and `qemu_walkabout_guest` in
+    /// each cell).
+    #[arg(long, value_enum, default_value = "own")]
+    peer_guest: PeerGuest,
+    /// Instead of the grid, the cost of TLS and of the relay: each --mem x --workload cell
+    /// migrated by Walkabout between two plain agents (--insecure-loopback: QEMU's
+    /// streams plain) and between two agents under a CA (QEMU's streams over TLS), each
+    /// direct and with --relay (every stream through the destination agent's API port),
+    /// --runs each, medians and the ratios tls/plain, relay/direct.
+    #[arg(long)]
+    tls: bool,
+}
 
 struct Args {
     mems: Vec<u64>,
@@ -64,7 +95,7 @@ struct Args {
 }
 
 /// Which guest the peer boots (`--peer-guest`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum PeerGuest {
     /// The peer's own (`build-guest.sh`: `dirty.c`, one byte written per page).
     Own,
@@ -75,74 +106,32 @@ enum PeerGuest {
 }
 
 fn parse_args() -> Result<Option<Args>> {
+    let c = <Cli as clap::Parser>::parse();
+    let quick = c.quick;
     let mut a = Args {
         mems: vec![512, 2048],
-        workloads: ["idle", "dirty:64:32", "dirty:64:128", "dirty:64:512"].map(String::from).to_vec(),
-        bandwidths: vec![None, Some(100)],
+        workloads: c.workload.split(',').map(|w| w.trim().to_string()).collect(),
+        bandwidths: walkabout_bench::parse_bandwidths(&c.bandwidth)?,
         runs: 3,
-        give_up_s: 30,
-        only: None,
-        out: None,
-        quick: false,
-        build: true,
-        bin: None,
-        engine: false,
-        cells: None,
-        tls: false,
-        peer_guest: PeerGuest::Own,
+        give_up_s: c.give_up_s,
+        only: c.only,
+        out: c.out,
+        quick: c.quick,
+        build: !c.no_build && c.bin.is_none(),
+        bin: c.bin,
+        engine: c.engine,
+        cells: c.cells.map(|v| v.into_iter().map(|x| x.trim().to_string()).collect()),
+        tls: c.tls,
+        peer_guest: c.peer_guest,
     };
-    let (mut mems, mut runs) = (None, None);
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut val = |name: &str| it.next().with_context(|| format!("{name} needs a value\n{USAGE}"));
-        match arg.as_str() {
-            "--quick" => a.quick = true,
-            "--no-build" => a.build = false,
-            "--bin" => {
-                a.bin = Some(PathBuf::from(val("--bin")?));
-                a.build = false;
-            }
-            "--engine" => a.engine = true,
-            "--tls" => a.tls = true,
-            "--peer-guest" => {
-                a.peer_guest = match val("--peer-guest")?.as_str() {
-                    "own" => PeerGuest::Own,
-                    "walkabout" => PeerGuest::Walkabout,
-                    "both" => PeerGuest::Both,
-                    other => bail!("--peer-guest own|walkabout|both, not {other}"),
-                }
-            }
-            "--cells" => a.cells = Some(val("--cells")?.split(',').map(|c| c.trim().to_string()).collect()),
-            "--mem" => {
-                mems = Some(val("--mem")?.split(',').map(|m| m.trim().parse::<u64>()).collect::<Result<Vec<_>, _>>().context("--mem: MiB")?)
-            }
-            "--workload" => a.workloads = val("--workload")?.split(',').map(|w| w.trim().to_string()).collect(),
-            "--bandwidth" => a.bandwidths = walkabout_bench::parse_bandwidths(&val("--bandwidth")?)?,
-            "--runs" => runs = Some(val("--runs")?.parse::<usize>().context("--runs N")?),
-            "--give-up-s" => a.give_up_s = val("--give-up-s")?.parse().context("--give-up-s N")?,
-            "--only" => {
-                let o = val("--only")?;
-                if o != "walkabout" && o != "qemu" {
-                    bail!("--only walkabout|qemu");
-                }
-                a.only = Some(o);
-            }
-            "--out" => a.out = Some(PathBuf::from(val("--out")?)),
-            "-h" | "--help" => {
-                eprintln!("{USAGE}");
-                return Ok(None);
-            }
-            other => bail!("unknown argument {other}\n{USAGE}"),
-        }
-    }
-    if a.quick {
+    if quick {
         a.mems = vec![512];
         a.runs = 1;
     }
-    if let Some(m) = mems {
+    if let Some(m) = c.mem {
         a.mems = m;
     }
-    if let Some(r) = runs {
+    if let Some(r) = c.runs {
         a.runs = r;
     }
     Ok(Some(a))
@@ -881,5 +870,57 @@ mod engine {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Cli, PeerGuest};
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn the_flags_and_defaults_are_those_of_the_hand_parser() {
+        Cli::command().debug_assert();
+        let d = Cli::try_parse_from(["migrate"]).expect("defaults");
+        assert_eq!(
+            (d.mem, d.runs, d.workload.as_str(), d.bandwidth.as_str()),
+            (None, None, "idle,dirty:64:32,dirty:64:128,dirty:64:512", "default,100")
+        );
+        assert_eq!(
+            (d.give_up_s, d.only, d.out, d.quick, d.no_build, d.bin, d.engine, d.cells, d.peer_guest, d.tls),
+            (30, None, None, false, false, None, false, None, PeerGuest::Own, false)
+        );
+        let args = [
+            "migrate",
+            "--quick",
+            "--mem",
+            "256,512",
+            "--workload",
+            "idle",
+            "--bandwidth",
+            "100",
+            "--runs",
+            "2",
+            "--give-up-s",
+            "9",
+            "--only",
+            "qemu",
+            "--out",
+            "o.json",
+            "--no-build",
+            "--bin",
+            "/bin/true",
+            "--engine",
+            "--cells",
+            "a,b",
+            "--peer-guest",
+            "both",
+            "--tls",
+        ];
+        let g = Cli::try_parse_from(args).expect("every flag");
+        assert_eq!(
+            (g.mem, g.runs, g.cells, g.peer_guest),
+            (Some(vec![256, 512]), Some(2), Some(vec!["a".to_string(), "b".to_string()]), PeerGuest::Both)
+        );
     }
 }

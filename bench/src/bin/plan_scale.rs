@@ -106,9 +106,20 @@ fn measure(case: &Case, policy: &Policy) -> Result<Value> {
     Ok(json!({"median_ms": median(times.clone()), "runs_ms": times, "outcome": summary}))
 }
 
+/// The planner at scale beside the same planner on memory only; one JSON document.
+#[derive(clap::Parser)]
+#[command(name = "plan_scale")]
+struct Args {
+    /// Hosts of the generated cluster.
+    #[arg(default_value_t = 10_000)]
+    hosts: usize,
+    /// VMs of the generated cluster.
+    #[arg(default_value_t = 100_000)]
+    vms: usize,
+}
+
 fn main() -> Result<()> {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let (hosts, vms) = (args.first().copied().unwrap_or(10_000), args.get(1).copied().unwrap_or(100_000));
+    let Args { hosts, vms } = <Args as clap::Parser>::parse();
     let mut out = serde_json::Map::new();
     for (label, whole) in [("whole_model", true), ("memory_only_peer", false)] {
         let t = Instant::now();
@@ -126,4 +137,17 @@ fn main() -> Result<()> {
         "note": "median of 3 runs per goal, release build; policy target + path plan; peer: the same planner handed memory only"});
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Args;
+    use clap::Parser;
+
+    #[test]
+    fn hosts_and_vms_are_positional_with_the_old_defaults() {
+        let d = Args::try_parse_from(["plan_scale"]).expect("defaults");
+        let g = Args::try_parse_from(["plan_scale", "100", "1000"]).expect("both");
+        assert_eq!((d.hosts, d.vms, g.hosts, g.vms), (10_000, 100_000, 100, 1000));
+    }
 }

@@ -20,12 +20,25 @@ use serde_json::json;
 use walkabout_sim::scenario::scratch_dir;
 use walkabout_sim::{run, CostModel, Scenario, SimConfig};
 
+/// The controller's own figures at scale against simulated agents; one JSON summary.
+#[derive(clap::Parser)]
+#[command(name = "sim_scale")]
+struct Args {
+    /// Simulated hosts.
+    #[arg(default_value_t = 1000)]
+    hosts: usize,
+    /// Simulated VMs.
+    #[arg(default_value_t = 20_000)]
+    vms: usize,
+    /// Each agent polled every this many ms during the rolling maintenance.
+    #[arg(default_value_t = 5000)]
+    poll_ms: u64,
+    /// Skip the keep-up run and stop the rolling maintenance after this many hosts.
+    drain_hosts: Option<usize>,
+}
+
 fn main() -> Result<()> {
-    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let hosts = usize::try_from(args.first().copied().unwrap_or(1000))?;
-    let vms = usize::try_from(args.get(1).copied().unwrap_or(20_000))?;
-    let poll_ms = args.get(2).copied().unwrap_or(5000);
-    let drain_hosts = args.get(3).map(|&n| usize::try_from(n)).transpose()?;
+    let Args { hosts, vms, poll_ms, drain_hosts } = <Args as clap::Parser>::parse();
     let root = walkabout_bench::workspace_root();
     let cost = CostModel::fit(&std::fs::read_to_string(root.join("bench/results/migrate.json"))?)?;
     let mut summary = serde_json::Map::new();
@@ -67,4 +80,18 @@ fn main() -> Result<()> {
     );
     println!("{}", serde_json::to_string_pretty(&json!({"bench": "sim_scale", "results": summary}))?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Args;
+    use clap::Parser;
+
+    #[test]
+    fn the_positional_arguments_keep_the_old_defaults() {
+        let d = Args::try_parse_from(["sim_scale"]).expect("defaults");
+        let g = Args::try_parse_from(["sim_scale", "10", "200", "500", "3"]).expect("all four");
+        assert_eq!((d.hosts, d.vms, d.poll_ms, d.drain_hosts), (1000, 20_000, 5000, None));
+        assert_eq!((g.hosts, g.vms, g.poll_ms, g.drain_hosts), (10, 200, 500, Some(3)));
+    }
 }

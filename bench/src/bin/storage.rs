@@ -33,12 +33,44 @@ use walkabout_bench::{build_walkabout, environment, ratio, round3, stats, walkab
 use walkabout_probe::{echo_target, ProbeOptions, Prober};
 use walkabout_testbed::{Agent, AgentSpec, GuestNet, NetPair, TempDir};
 
-const USAGE: &str =
-    "usage: storage [--disk-mib 1024] [--fill-mib 1024] [--workload 'idle;dirty:32:8,disk:256:64'] [--bandwidth default,100] \
-[--runs 3] [--give-up-s 300] [--out FILE] [--no-build] [--walkabout PATH (a binary to bench as it is)]
-  [--hops N]: instead of the comparison, one guest (first --workload) booting from image:guest with a --disk-mib
-  data disk on a directory both agents see and a NIC on the hosts' shared segment hops N times with --storage copy,
-  then N times with --storage shared, one TCP connection probed through all; checked after every hop";
+/// Walkabout's `--storage copy` against libvirt's way; one JSON document. Needs root.
+#[derive(clap::Parser)]
+#[command(name = "storage")]
+struct Cli {
+    /// Size of each guest's disk, MiB.
+    #[arg(long, default_value_t = 1024)]
+    disk_mib: u64,
+    /// How much of it is written before the migrations, MiB (at most --disk-mib).
+    #[arg(long, default_value_t = 1024)]
+    fill_mib: u64,
+    /// Guest workloads, separated by ';' (a workload itself may hold a ',').
+    #[arg(long, default_value = "idle")]
+    workload: String,
+    /// 'default' (uncapped) and/or a cap in MiB/s.
+    #[arg(long, default_value = "default,100")]
+    bandwidth: String,
+    /// Migrations per cell and side.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// The peer gives up on a run after this long, s.
+    #[arg(long, default_value_t = 300)]
+    give_up_s: u64,
+    /// Also write the document to FILE.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Bench target/release/walkabout as it is (no cargo build first).
+    #[arg(long)]
+    no_build: bool,
+    /// A walkabout binary to bench as it is.
+    #[arg(long, value_name = "PATH")]
+    walkabout: Option<PathBuf>,
+    /// Instead of the comparison, one guest (first --workload) booting from image:guest
+    /// with a --disk-mib data disk on a directory both agents see and a NIC on the hosts'
+    /// shared segment hops N times with --storage copy, then N times with --storage
+    /// shared, one TCP connection probed through all; checked after every hop.
+    #[arg(long, value_name = "N")]
+    hops: Option<usize>,
+}
 
 struct Args {
     disk_mib: u64,
@@ -54,40 +86,19 @@ struct Args {
 }
 
 fn parse_args() -> Result<Option<Args>> {
+    let c = <Cli as clap::Parser>::parse();
     let mut a = Args {
-        disk_mib: 1024,
-        fill_mib: 1024,
-        workloads: vec!["idle".into()],
-        bandwidths: vec![None, Some(100)],
-        runs: 3,
-        give_up_s: 300,
-        out: None,
-        build: true,
-        walkabout: None,
-        hops: None,
+        disk_mib: c.disk_mib,
+        fill_mib: c.fill_mib,
+        workloads: c.workload.split(';').map(|w| w.trim().to_string()).collect(),
+        bandwidths: walkabout_bench::parse_bandwidths(&c.bandwidth)?,
+        runs: c.runs,
+        give_up_s: c.give_up_s,
+        out: c.out,
+        build: !c.no_build,
+        walkabout: c.walkabout,
+        hops: c.hops,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut val = |name: &str| it.next().with_context(|| format!("{name} needs a value\n{USAGE}"));
-        match arg.as_str() {
-            "--disk-mib" => a.disk_mib = val("--disk-mib")?.parse().context("--disk-mib N")?,
-            "--fill-mib" => a.fill_mib = val("--fill-mib")?.parse().context("--fill-mib N")?,
-            // Workloads are separated by ';' (a workload itself may hold a ',').
-            "--workload" => a.workloads = val("--workload")?.split(';').map(|w| w.trim().to_string()).collect(),
-            "--bandwidth" => a.bandwidths = walkabout_bench::parse_bandwidths(&val("--bandwidth")?)?,
-            "--runs" => a.runs = val("--runs")?.parse().context("--runs N")?,
-            "--give-up-s" => a.give_up_s = val("--give-up-s")?.parse().context("--give-up-s N")?,
-            "--out" => a.out = Some(PathBuf::from(val("--out")?)),
-            "--no-build" => a.build = false,
-            "--walkabout" => a.walkabout = Some(PathBuf::from(val("--walkabout")?)),
-            "--hops" => a.hops = Some(val("--hops")?.parse().context("--hops N")?),
-            "-h" | "--help" => {
-                eprintln!("{USAGE}");
-                return Ok(None);
-            }
-            other => bail!("unknown argument {other}\n{USAGE}"),
-        }
-    }
     a.fill_mib = a.fill_mib.min(a.disk_mib);
     Ok(Some(a))
 }
@@ -678,4 +689,45 @@ fn doc(env: &Value, a: &Args, cells: &[Value], complete: bool, started: Instant)
         },
         "cells": cells,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn the_flags_and_defaults_are_those_of_the_hand_parser() {
+        Cli::command().debug_assert();
+        let d = Cli::try_parse_from(["storage"]).expect("defaults");
+        assert_eq!(
+            (d.disk_mib, d.fill_mib, d.workload.as_str(), d.bandwidth.as_str(), d.runs, d.give_up_s),
+            (1024, 1024, "idle", "default,100", 3, 300)
+        );
+        assert_eq!((d.out, d.no_build, d.walkabout, d.hops), (None, false, None, None));
+        let args = [
+            "storage",
+            "--disk-mib",
+            "64",
+            "--fill-mib",
+            "32",
+            "--workload",
+            "idle;dirty:32:8,disk:16:8",
+            "--bandwidth",
+            "default",
+            "--runs",
+            "1",
+            "--give-up-s",
+            "60",
+            "--out",
+            "o.json",
+            "--no-build",
+            "--walkabout",
+            "/bin/true",
+            "--hops",
+            "2",
+        ];
+        let g = Cli::try_parse_from(args).expect("every flag");
+        assert_eq!((g.disk_mib, g.hops), (64, Some(2)));
+    }
 }

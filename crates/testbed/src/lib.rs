@@ -9,6 +9,7 @@
 //! own `current_exe()`, the benchmark's copied release build).
 
 pub mod daemons;
+pub mod disk_guest;
 pub mod error;
 pub mod etcd;
 pub mod files;
@@ -20,6 +21,7 @@ pub mod trust;
 pub mod up;
 
 pub use daemons::{walkabout_command, Agent, AgentSpec, Controller, ControllerSpec};
+pub use disk_guest::{listening, DiskGuest};
 pub use error::{Result, TestbedError};
 pub use etcd::Etcd;
 pub use files::{read_url, session_root, write_atomic, TempDir};

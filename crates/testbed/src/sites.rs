@@ -3,7 +3,9 @@
 //! between them running nftables. Each host is reachable from the other site only at
 //! one published port of the router, DNAT'd to the host's agent port; connections the
 //! router forwards are masqueraded (the far host sees the router's address); anything
-//! else is dropped by the router's forward chain. Needs root and `nft`.
+//! else is dropped by the router's forward chain. Needs root and `nft`. Host A's egress
+//! can be rate-limited (`tc tbf`) and the router can stop forwarding (a cut between the
+//! clouds: connections stall, as over a broken route) and start again.
 //!
 //! ```text
 //!  site A 10.248.N.0/24                 router                 site B 10.249.N.0/24
@@ -39,7 +41,13 @@ pub struct TwoSites {
     pub b_from_a: String,
     /// Where site B reaches host A (`IP:PORT`).
     pub a_from_b: String,
+    /// Host A's interface toward the router (in namespace `a`).
+    pub link_a: String,
 }
+
+/// The table a cut adds to the router: a forward chain before the sites' own that
+/// drops everything.
+const CUT_TABLE: &str = "walkabout_cut";
 
 fn del_netns(ns: &str) {
     let _ = Command::new("ip").args(["netns", "del", ns]).output();
@@ -91,6 +99,19 @@ fn ruleset(ra: &str, rb: &str, router_a: &str, router_b: &str, addr_a: &str, add
     )
 }
 
+/// The cut: a forward chain hooked before the sites' own (priority -10) dropping every
+/// packet, so neither new nor established connections cross.
+fn cut_ruleset() -> String {
+    format!(
+        "table ip {CUT_TABLE} {{
+  chain forward {{
+    type filter hook forward priority -10; policy drop;
+  }}
+}}
+"
+    )
+}
+
 impl TwoSites {
     /// Creates both sites and the router; `n` (1-250) makes names and subnets unique
     /// among concurrent topologies. Stale namespaces of the same names are removed first.
@@ -105,6 +126,7 @@ impl TwoSites {
             addr_b: format!("{net_b}.1"),
             b_from_a: format!("{net_a}.254:{PUBLISHED_PORT}"),
             a_from_b: format!("{net_b}.254:{PUBLISHED_PORT}"),
+            link_a: format!("wa{id}s{n}ha"),
         };
         for ns in [&sites.a, &sites.b, &sites.router] {
             del_netns(ns);
@@ -113,7 +135,7 @@ impl TwoSites {
         }
         // Interface names unique on the machine (they are created in the namespaces
         // directly, but a failed run must not collide with a concurrent one).
-        let (ha, ra) = (format!("wa{id}s{n}ha"), format!("wa{id}s{n}ra"));
+        let (ha, ra) = (sites.link_a.clone(), format!("wa{id}s{n}ra"));
         let (hb, rb) = (format!("wa{id}s{n}hb"), format!("wa{id}s{n}rb"));
         for (host, host_if, router_if, net) in [(&sites.a, &ha, &ra, &net_a), (&sites.b, &hb, &rb, &net_b)] {
             run("ip", &["link", "add", host_if, "netns", host, "type", "veth", "peer", "name", router_if, "netns", &sites.router])?;
@@ -148,6 +170,30 @@ impl TwoSites {
     pub fn router_b(&self) -> &str {
         self.a_from_b.rsplit_once(':').map_or("", |(ip, _)| ip)
     }
+
+    /// Rate-limits host A's egress (the migration stream's direction from site A) with a
+    /// token bucket, replacing any earlier limit; `rate` as `tc` spells it (`200mbit`).
+    pub fn limit_a(&self, rate: &str) -> Result<()> {
+        let _ = Command::new("tc").args(["-n", &self.a, "qdisc", "del", "dev", &self.link_a, "root"]).output();
+        run("tc", &["-n", &self.a, "qdisc", "add", "dev", &self.link_a, "root", "tbf", "rate", rate, "burst", "256kb", "latency", "100ms"])
+    }
+
+    /// Lifts host A's rate limit.
+    pub fn unlimit_a(&self) -> Result<()> {
+        run("tc", &["-n", &self.a, "qdisc", "del", "dev", &self.link_a, "root"])
+    }
+
+    /// Cuts the sites apart: the router forwards nothing, established connections
+    /// included (they stall, as over a route that broke), until [`TwoSites::restore`].
+    pub fn cut(&self) -> Result<()> {
+        nft(&self.router, &cut_ruleset())
+    }
+
+    /// Ends a cut: the router forwards what it published again, and the connections
+    /// it had forwarded go on where they stalled.
+    pub fn restore(&self) -> Result<()> {
+        run("ip", &["netns", "exec", &self.router, "nft", "delete", "table", "ip", CUT_TABLE])
+    }
 }
 
 impl Drop for TwoSites {
@@ -169,5 +215,11 @@ mod tests {
         assert!(r.contains("iifname \"ra\" ip daddr 10.248.1.254 tcp dport 7702 dnat to 10.249.1.1:7701"), "{r}");
         assert!(r.contains("iifname \"rb\" ip daddr 10.249.1.254 tcp dport 7702 dnat to 10.248.1.1:7701"), "{r}");
         assert!(r.contains("policy drop;") && r.contains("ct status dnat accept"), "{r}");
+    }
+
+    #[test]
+    fn a_cut_drops_every_forwarded_packet_before_the_sites_chain() {
+        let r = cut_ruleset();
+        assert!(r.contains("table ip walkabout_cut") && r.contains("hook forward priority -10; policy drop;"), "{r}");
     }
 }

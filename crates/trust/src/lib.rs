@@ -29,7 +29,7 @@ pub mod token;
 pub use ca::{Bundle, Ca};
 pub use identity::{Identity, Role};
 pub use policy::{Decision, ServerKind};
-pub use serve::{Listener, ListenerOptions, Peer};
+pub use serve::{IdleLimit, Listener, ListenerOptions, Peer};
 pub use session::Sessions;
 pub use token::JoinTokens;
 

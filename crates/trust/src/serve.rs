@@ -6,7 +6,9 @@
 //! [`Identity`] once, and hands axum the connection with its [`Peer`]. Every connection
 //! is closed after [`ListenerOptions::idle_timeout`] without a byte either way (a slow
 //! client cannot hold a connection by sending headers one byte a minute... it can, but
-//! only for that long between bytes).
+//! only for that long between bytes). A route that turns its connection into a stream
+//! living as long as something else (the agent's migration tunnels) lifts that limit
+//! through the request's [`IdleLimit`] and ends the stream itself.
 //!
 //! [`serve`] adds the middleware that enforces [`crate::policy`]: 401 without an
 //! identity, 403 for a role that may not, 413 for a body over [`MAX_BODY`]; and it
@@ -22,6 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::serve::IncomingStream;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -59,7 +62,36 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// Who it is, if it said.
     pub identity: Option<Identity>,
+    /// The connection's idle limit (also in every request's extensions).
+    pub idle: IdleLimit,
 }
+
+/// The idle limit of one connection ([`ListenerOptions::idle_timeout`]), as its requests
+/// see it (an extension of each): a route that upgrades the connection to a stream whose
+/// life something else bounds lifts it, and must then end that stream itself.
+#[derive(Debug, Clone, Default)]
+pub struct IdleLimit(Arc<AtomicBool>);
+
+impl IdleLimit {
+    /// Lifts the limit for the rest of the connection's life: no idle period closes it.
+    pub fn lift(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the limit was lifted.
+    pub fn is_lifted(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The same connection's limit.
+impl PartialEq for IdleLimit {
+    fn eq(&self, other: &IdleLimit) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for IdleLimit {}
 
 impl axum::extract::connect_info::Connected<IncomingStream<'_, Listener>> for Peer {
     fn connect_info(stream: IncomingStream<'_, Listener>) -> Peer {
@@ -136,7 +168,7 @@ impl axum::serve::Listener for Listener {
     }
 
     fn local_addr(&self) -> std::io::Result<Peer> {
-        Ok(Peer { addr: self.local, identity: None })
+        Ok(Peer { addr: self.local, identity: None, idle: IdleLimit::default() })
     }
 }
 
@@ -179,7 +211,9 @@ async fn accept_loop(
                     }
                 },
             };
-            let _ = tx.send((IdleIo::new(stream, opts.idle_timeout), Peer { addr, identity })).await;
+            let conn = IdleIo::new(stream, opts.idle_timeout);
+            let idle = conn.limit();
+            let _ = tx.send((conn, Peer { addr, identity, idle })).await;
         });
     }
 }
@@ -236,17 +270,23 @@ impl AsyncWrite for Stream {
 }
 
 /// A stream that fails with `TimedOut` once `idle` passes without a byte read or
-/// written while the server waits on it.
+/// written while the server waits on it, unless its [`IdleLimit`] was lifted.
 pub struct IdleIo<S> {
     inner: S,
     idle: Duration,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    limit: IdleLimit,
 }
 
 impl<S> IdleIo<S> {
     /// Wraps `inner` with an idle limit of `idle`.
     pub fn new(inner: S, idle: Duration) -> IdleIo<S> {
-        IdleIo { inner, idle, deadline: Box::pin(tokio::time::sleep(idle)) }
+        IdleIo { inner, idle, deadline: Box::pin(tokio::time::sleep(idle)), limit: IdleLimit::default() }
+    }
+
+    /// The handle that lifts this stream's limit.
+    pub fn limit(&self) -> IdleLimit {
+        self.limit.clone()
     }
 
     fn progress(&mut self) {
@@ -255,7 +295,7 @@ impl<S> IdleIo<S> {
     }
 
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.deadline.as_mut().poll(cx).is_ready()
+        !self.limit.is_lifted() && self.deadline.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -372,6 +412,7 @@ async fn guard(State(g): State<Guard>, ConnectInfo(peer): ConnectInfo<Peer>, req
     if let Some(id) = &identity {
         parts.extensions.insert(id.clone());
     }
+    parts.extensions.insert(peer.idle.clone());
     let req = Request::from_parts(parts, body);
     let resp = next.run(req).await;
     if !matches!(method.as_str(), "GET" | "HEAD") {
@@ -454,6 +495,21 @@ mod tests {
         // Say nothing: the server hangs up after the idle limit.
         let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("closed in time");
         assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_idle_limit_was_lifted_waits_past_it() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let idle = Duration::from_millis(100);
+        let mut kept = IdleIo::new(a, idle);
+        kept.limit().lift();
+        let mut buf = [0u8; 4];
+        let quiet = tokio::time::timeout(idle * 5, kept.read(&mut buf)).await;
+        tokio::io::AsyncWriteExt::write_all(&mut b, b"late").await.expect("write");
+        let late = kept.read(&mut buf).await;
+
+        assert!(quiet.is_err(), "a lifted limit still closed the stream: {quiet:?}");
+        assert_eq!(late.ok(), Some(4));
     }
 
     #[tokio::test]

@@ -3,7 +3,9 @@
 //! at one published port (its agent's, DNAT'd). A disk-backed VM with the disk
 //! workload moves from site A to site B with `--storage copy` and `relay`: the memory
 //! stream and the NBD disk copy both go through the destination agent's one mutual-TLS
-//! port (QEMU's own TLS inside), and the guest saw no corrupt page nor block.
+//! port (QEMU's own TLS inside), and the guest saw no corrupt page nor block. Then a
+//! relayed post-copy whose sites are cut apart during post-copy and joined again
+//! recovers and completes (in the same test: it shares the sites, agents and boot time).
 
 mod common;
 
@@ -12,7 +14,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use walkabout_api::{MigrationRequest, Mode, Phase, StorageMode, VmSpec, VmState};
-use walkabout_testbed::{Agent, AgentSpec, TestCa, TwoSites};
+use walkabout_testbed::{listening, Agent, AgentSpec, DiskGuest, TestCa, TwoSites};
 use walkabout_trust::Role;
 
 /// Host A in site A, host B in site B, each with a host certificate valid at its own
@@ -34,44 +36,9 @@ fn connects_from(ns: &str, addr: &str) -> bool {
     block_on(Some(ns), move || async move { TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() })
 }
 
-/// The TCP sockets process `pid` listens on, as its own network namespace lists them.
-fn listening(pid: i32) -> Vec<SocketAddr> {
-    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter_map(|l| l.to_string_lossy().strip_prefix("socket:[").map(|s| s.trim_end_matches(']').to_string()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
-            let (ip, port) = local.split_once(':')?;
-            let ip = std::net::Ipv4Addr::from(u32::from_be(u32::from_str_radix(ip, 16).ok()?));
-            let port = u16::from_str_radix(port, 16).ok()?;
-            (*state == "0A" && inodes.iter().any(|i| i == inode)).then_some(SocketAddr::from((ip, port)))
-        })
-        .collect()
-}
-
-/// A qcow2 of 128 MiB whose last 96 MiB are written (the guest's disk workload owns
-/// the first 32 MiB): the copy has that much to carry through the relay, which keeps the
-/// destination's listeners open long enough to try them from the other site.
-fn written_image(path: &Path) {
-    let p = path.to_str().expect("utf-8 path");
-    for (prog, args) in
-        [("qemu-img", vec!["create", "-q", "-f", "qcow2", p, "128M"]), ("qemu-io", vec!["-f", "qcow2", "-c", "write -P 7 32M 96M", p])]
-    {
-        let out = std::process::Command::new(prog).args(&args).output().expect(prog);
-        assert!(out.status.success(), "{prog} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-}
-
+/// Also carries the relayed post-copy recovery ([`relayed_postcopy_recovers_from_a_cut`])
+/// on the same sites and agents, its guest booting beside this one (a guest's boot under
+/// TCG is most of either's cost).
 #[test]
 fn a_disk_backed_vm_moves_between_sites_through_the_nat_router_over_one_tls_port() {
     let net = TwoSites::new(1).expect("two sites and a NAT router (needs root and nft)");
@@ -80,17 +47,12 @@ fn a_disk_backed_vm_moves_between_sites_through_the_nat_router_over_one_tls_port
     assert!(connects_from(&net.a, &net.b_from_a), "site A cannot reach B's published port {}", net.b_from_a);
     assert!(!connects_from(&net.a, &net.listen_b()), "site A reaches B's agent directly at {}", net.listen_b());
 
-    let scratch = std::env::temp_dir().join(format!("wa-between-clouds-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&scratch).expect("scratch");
-    let disk = scratch.join("disk.qcow2");
-    written_image(&disk);
-    let spec: VmSpec = serde_json::from_value(serde_json::json!({
-        "name": "bc1", "memory_mib": 256, "workload": "dirty:32:8,disk:32:8",
-        "disks": [{"path": disk, "format": "qcow2"}],
-    }))
-    .expect("spec");
+    // 128 MiB whose last 96 MiB are written: the copy has that much to carry through
+    // the relay, which keeps B's listeners open long enough to try them from site A.
+    let guest = DiskGuest::new("between-clouds", 128, 32).expect("a written disk");
+    let spec = guest.spec("bc1");
     a.call(|c| async move { c.create_vm(&spec).await }).expect("create bc1");
+    let postcopy_guest = postcopy_guest(&a);
     let seen = a.info("bc1").guest.heartbeats;
     a.wait_heartbeats("bc1", seen + 5);
 
@@ -133,5 +95,59 @@ fn a_disk_backed_vm_moves_between_sites_through_the_nat_router_over_one_tls_port
     assert_healthy(&v);
     assert!(a.try_info("bc1").is_none(), "the VM is still known at its source");
     b.call(|c| async move { c.delete_vm("bc1").await }).expect("delete");
-    let _ = std::fs::remove_dir_all(&scratch);
+
+    relayed_postcopy_recovers_from_a_cut(&net, &a, &b, postcopy_guest);
+}
+
+/// Creates at site A the guest [`relayed_postcopy_recovers_from_a_cut`] moves: 256 MiB,
+/// rewriting 64 MiB at 32 MiB/s. Returns its name.
+fn postcopy_guest(a: &AgentProc) -> &'static str {
+    let mut spec = VmSpec::new("bc2", 256);
+    spec.workload = "dirty:64:32".into();
+    a.call(|c| async move { c.create_vm(&spec).await }).expect("create bc2");
+    "bc2"
+}
+
+/// Guest `vm` moves from site A to site B in post-copy through the relay, over a
+/// 200 Mbit/s link. The sites are cut apart during post-copy and joined again: the
+/// source pauses post-copy, re-establishes its stream through the relay (B listens anew
+/// on loopback and points the VM's tunnel there) and completes, the guest whole at B.
+fn relayed_postcopy_recovers_from_a_cut(net: &TwoSites, a: &AgentProc, b: &AgentProc, vm: &'static str) {
+    net.limit_a("200mbit").expect("tc tbf on site A's link");
+    let seen = a.info(vm).guest.heartbeats;
+    a.wait_heartbeats(vm, seen + 5);
+    let mut req = MigrationRequest {
+        budget_per_gib_ms: Some(240_000),
+        ..MigrationRequest::new(vm, format!("https://{}", net.b_from_a), Mode::Postcopy)
+    };
+    req.tuning.relay = true;
+    req.tuning.recovery_budget_ms = Some(60_000);
+    let id = a.call(|c| async move { c.start_migration(&req).await }).expect("start the post-copy migration").id;
+    a.wait_postcopy(&id, 8 << 20);
+    net.cut().expect("cut the sites apart");
+    let start = Instant::now();
+    let paused = loop {
+        let m = a.migration(&id);
+        if m.progress.postcopy_paused_since_ms.is_some() {
+            break m;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "post-copy not reported paused within 10 s of the cut: {m:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(paused.progress.qemu_status, "postcopy-paused", "{paused:?}");
+    net.restore().expect("join the sites again");
+    net.unlimit_a().expect("lift the rate limit");
+
+    let m = a.wait_final(&id);
+    assert_eq!(m.phase, Phase::Completed, "{m:?}");
+    assert!(m.tls && m.tuning.relay, "the record says the streams were plain or direct: {m:?}");
+    assert_eq!(m.postcopy_pauses.len(), 1, "{m:?}");
+    assert!(m.postcopy_pauses[0].resumed_at_ms.is_some(), "{m:?}");
+    assert_eq!(b.info(vm).record.state, VmState::Running);
+    assert!(a.try_info(vm).is_none(), "{vm} is still known at its source");
+    let seen = b.info(vm).guest.heartbeats;
+    let v = b.wait_heartbeats(vm, seen + 10);
+    assert_eq!(v.guest.corrupt_pages, 0, "{v:?}");
+    assert_healthy(&v);
+    b.call(|c| async move { c.delete_vm(vm).await }).expect("delete");
 }

@@ -6,7 +6,7 @@ mod common;
 
 use common::{assert_healthy, AgentProc};
 use std::time::Duration;
-use walkabout_api::{MigrationRecord, Phase, VmState};
+use walkabout_api::{Phase, VmState};
 use walkabout_testbed::{wait_gone, NetPair};
 
 fn hosts(net: &NetPair) -> (AgentProc, AgentProc) {
@@ -66,31 +66,12 @@ fn start_postcopy(net: &NetPair, a: &AgentProc, b: &AgentProc, vm: &str, extra: 
     a.start_migration(vm, b, &args)
 }
 
-/// Waits until the migration runs in post-copy and 32 MiB more have crossed since, so
-/// that the destination surely got the device state and runs the guest (a cut before
-/// that leaves the guest with its source, a case of its own).
-fn wait_postcopy(a: &AgentProc, id: &str) -> MigrationRecord {
-    let start = std::time::Instant::now();
-    let mut at_switch: Option<u64> = None;
-    loop {
-        let m = a.migration(id);
-        if m.progress.qemu_status == "postcopy-active" {
-            let base = *at_switch.get_or_insert(m.progress.transferred_bytes);
-            if m.progress.transferred_bytes >= base + (32 << 20) {
-                return m;
-            }
-        }
-        assert!(!m.phase.is_final() && start.elapsed() < Duration::from_secs(120), "never reached post-copy: {m:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn a_link_cut_for_5s_during_postcopy_pauses_it_and_the_migration_recovers_and_completes() {
     let net = NetPair::new(3).expect("network namespaces (needs root)");
     let (a, b) = hosts(&net);
     let id = start_postcopy(&net, &a, &b, "pc", &["--recovery-budget", "60s"]);
-    wait_postcopy(&a, &id);
+    a.wait_postcopy(&id, 32 << 20);
     net.cut().expect("cut the link");
     // The source notices and pauses post-copy; the paused state is visible while cut.
     let start = std::time::Instant::now();
@@ -124,7 +105,7 @@ fn a_link_never_restored_during_postcopy_ends_at_the_budget_naming_where_the_vm_
     let net = NetPair::new(4).expect("network namespaces (needs root)");
     let (a, b) = hosts(&net);
     let id = start_postcopy(&net, &a, &b, "lost", &["--recovery-budget", "10s"]);
-    wait_postcopy(&a, &id);
+    a.wait_postcopy(&id, 32 << 20);
     net.cut().expect("cut the link");
     let m = a.wait_final(&id);
     assert_eq!(m.phase, Phase::Failed, "{m:?}");

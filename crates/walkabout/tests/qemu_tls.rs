@@ -10,11 +10,10 @@ mod common;
 use common::{assert_healthy, bin, guest_image, AgentProc};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use walkabout_api::{Phase, StorageMode, VmSpec, VmState};
-use walkabout_testbed::{Agent, AgentSpec, TestCa};
+use walkabout_api::{Phase, StorageMode, VmState};
+use walkabout_testbed::{listening, Agent, AgentSpec, DiskGuest, TestCa};
 use walkabout_trust::{Bundle, Role};
 
 /// Two agents on loopback serving TLS with host certificates of this process's shared
@@ -59,30 +58,6 @@ fn a_dirtying_guest_hops_there_and_back_over_tls_with_multifd_and_the_records_sa
     }
 }
 
-/// Listening TCP ports of process `pid` (its sockets in `/proc/PID/fd` that
-/// `/proc/net/tcp` lists as listening).
-fn listening_ports(pid: i32) -> Vec<u16> {
-    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| std::fs::read_link(e.path()).ok())
-                .filter_map(|l| l.to_string_lossy().strip_prefix("socket:[").map(|s| s.trim_end_matches(']').to_string()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
-            let port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
-            (*state == "0A" && inodes.iter().any(|i| i == inode)).then_some(port)
-        })
-        .collect()
-}
-
 /// A stranger sends plain bytes (a forged stream header) to `port`: QEMU must close the
 /// connection without taking it for the stream.
 fn plain_stranger_is_dropped(port: u16) -> bool {
@@ -120,32 +95,13 @@ fn tls_stranger(config: Arc<rustls::ClientConfig>, port: u16) -> (Option<String>
     (cn, closed)
 }
 
-/// A qcow2 of 256 MiB whose last 192 MiB are written (the guest's disk workload owns
-/// the first 32 MiB, which it formats itself): the mirror has that much to copy before
-/// memory moves, which leaves the destination's ports open for the strangers.
-fn full_image(path: &Path) {
-    let p = path.to_str().expect("utf-8 path");
-    let run = |args: &[&str], prog: &str| {
-        let out = std::process::Command::new(prog).args(args).output().expect(prog);
-        assert!(out.status.success(), "{prog} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    run(&["create", "-q", "-f", "qcow2", p, "256M"], "qemu-img");
-    run(&["-f", "qcow2", "-c", "write -P 7 64M 192M", p], "qemu-io");
-}
-
 #[test]
 fn strangers_at_the_destination_are_refused_and_the_tls_disk_copy_completes() {
     let (a, b, ca) = tls_pair(["qt1", "qt2"]);
-    let scratch = std::env::temp_dir().join(format!("wa-qemu-tls-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&scratch).expect("scratch");
-    let disk: PathBuf = scratch.join("disk.qcow2");
-    full_image(&disk);
-    let spec: VmSpec = serde_json::from_value(serde_json::json!({
-        "name": "tls2", "memory_mib": 256, "workload": "dirty:32:8,disk:32:8",
-        "disks": [{"path": disk, "format": "qcow2"}],
-    }))
-    .expect("spec");
+    // 256 MiB whose last 192 MiB are written: the mirror has that much to copy before
+    // memory moves, which leaves the destination's ports open for the strangers.
+    let guest = DiskGuest::new("qemu-tls", 256, 64).expect("a written disk");
+    let spec = guest.spec("tls2");
     a.call(|c| async move { c.create_vm(&spec).await }).expect("create tls2");
     runs_clean(&a, "tls2", 5);
 
@@ -164,7 +120,7 @@ fn strangers_at_the_destination_are_refused_and_the_tls_disk_copy_completes() {
     let start = Instant::now();
     let ports = loop {
         let incoming = b.try_info("tls2").filter(|v| v.record.state == VmState::Incoming);
-        let ports = incoming.and_then(|v| v.record.pid).map(listening_ports).unwrap_or_default();
+        let ports: Vec<u16> = incoming.and_then(|v| v.record.pid).map(listening).unwrap_or_default().iter().map(|a| a.port()).collect();
         if ports.len() >= 2 {
             break ports;
         }
@@ -189,5 +145,4 @@ fn strangers_at_the_destination_are_refused_and_the_tls_disk_copy_completes() {
     assert!(m.disk.transferred_bytes >= 192 << 20, "{m:?}");
     runs_clean(&b, "tls2", 10);
     b.call(|c| async move { c.delete_vm("tls2").await }).expect("delete");
-    let _ = std::fs::remove_dir_all(&scratch);
 }

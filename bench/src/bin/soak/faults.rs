@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use walkabout_api::{AgentClient, ClientOptions, ClusterMigration, ControllerClient, Phase, VmInfo, VmState, WalkOptions};
+use walkabout_api::{AgentClient, ClientOptions, ClusterMigration, ControllerClient, Phase, VmInfo, VmSpec, VmState, WalkOptions};
 use walkabout_testbed::{Controller, ControllerSpec, LocalCluster, LocalOptions, TempDir};
 
 /// Hosts of the cluster.
@@ -74,6 +74,48 @@ impl Fault {
 /// Host `hN`'s index among the cluster's agents.
 fn index_of(host: &str) -> Option<usize> {
     host.strip_prefix('h')?.parse::<usize>().ok()?.checked_sub(1).filter(|i| *i < HOSTS)
+}
+
+/// How long a guest may take to be ready after its creation (as `walkabout vm create`).
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A memory size as `walkabout vm create --memory` takes it (`256M`, `1G`, `512MiB`, a
+/// bare number of MiB), in MiB.
+fn parse_mib(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().with_context(|| format!("bad memory size {s:?} (e.g. 256M, 1G)"))?;
+    let mult = match unit.to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 1,
+        "g" | "gb" | "gib" => 1024,
+        _ => bail!("bad memory size {s:?} (e.g. 256M, 1G)"),
+    };
+    n.checked_mul(mult).with_context(|| format!("memory size {s:?} is too large"))
+}
+
+/// Creates `spec` through `client` and waits for its guest to be ready, as `walkabout vm
+/// create` does: an error if the VM stops or its kernel fails while booting, or after
+/// [`READY_TIMEOUT`].
+async fn create_ready(client: &AgentClient, spec: &VmSpec) -> Result<VmInfo> {
+    client.create_vm(spec).await?;
+    let start = Instant::now();
+    loop {
+        let vm = client.vm(&spec.name).await?;
+        if vm.guest.ready {
+            return Ok(vm);
+        }
+        if vm.record.state == VmState::Stopped {
+            bail!("VM {} stopped before its guest was ready: {}", spec.name, vm.record.reason.as_deref().unwrap_or("no reason"));
+        }
+        if let Some(alert) = vm.guest.alerts.first().filter(|_| vm.guest.kernel_trouble) {
+            bail!("VM {}'s kernel failed while booting: {alert}", spec.name);
+        }
+        if start.elapsed() > READY_TIMEOUT {
+            bail!("VM {} runs but its guest was not ready after {} s", spec.name, READY_TIMEOUT.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Which hosts run each guest now (state running or migrating out), by asking every
@@ -138,14 +180,11 @@ pub fn run(bin: &Path, env: Value, a: &FaultArgs) -> Result<Value> {
     // The guests, spread over the hosts, booted.
     let guests: Vec<String> = (1..=a.guests).map(|g| format!("g{g}")).collect();
     let boot = Instant::now();
+    let memory_mib = parse_mib(&a.memory)?;
     for (i, g) in guests.iter().enumerate() {
-        let out = cluster.agents[i % HOSTS]
-            .command(&["vm", "create", "--name", g, "--memory", &a.memory, "--workload", &a.workload])
-            .output()
-            .context("running walkabout vm create")?;
-        if !out.status.success() {
-            bail!("creating {g}: {}", String::from_utf8_lossy(&out.stderr).trim());
-        }
+        let mut spec = VmSpec::new(g.clone(), memory_mib);
+        spec.workload.clone_from(&a.workload);
+        rt.block_on(create_ready(&agents[i % HOSTS].1, &spec)).with_context(|| format!("creating {g}"))?;
     }
     loop {
         let c = census(&rt, &agents, &guests);
@@ -381,4 +420,18 @@ fn deal(rt: &tokio::runtime::Runtime, ctl: &ControllerClient, cluster: &mut Loca
         }
     }
     rec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mib;
+
+    #[test]
+    fn memory_sizes_read_as_the_cli_reads_them() {
+        assert_eq!(
+            (parse_mib("256M").ok(), parse_mib("1G").ok(), parse_mib("512MiB").ok(), parse_mib("384").ok()),
+            (Some(256), Some(1024), Some(512), Some(384))
+        );
+        assert!(parse_mib("12X").is_err());
+    }
 }

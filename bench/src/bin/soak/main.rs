@@ -19,19 +19,52 @@ use walkabout_api::VmInfo;
 use walkabout_bench::{build_walkabout, environment, guest_image, stats, walkabout_copy};
 use walkabout_testbed::{TempDir, UpSession};
 
-const USAGE: &str = "usage: soak [--duration 1h] [--guests 4] [--pause 3s] [--no-build | --walkabout PATH]
-       soak --faults [--hops 1000] [--fault-every 50] [--guests 4] [--memory 256M] [--workload dirty:16:8]
-                     [--parallel 2] [--pause 1s] [--duration 3h] [--no-build | --walkabout PATH]
+/// Soak of `walkabout up` (or, with --faults, of a cluster of its own dealt faults); one
+/// JSON document on stdout.
+#[derive(clap::Parser)]
+#[command(name = "soak")]
+struct Cli {
+    /// How long the guests walk (s, m or h).
+    #[arg(long, value_parser = parse_duration_arg, default_value = "1h")]
+    duration: Duration,
+    /// Guests walking (as `walkabout up`).
+    #[arg(long, default_value_t = 4)]
+    guests: usize,
+    /// Rest of each guest between two hops (as `walkabout up`).
+    #[arg(long, default_value = "3s")]
+    pause: String,
+    /// Soak target/release/walkabout as it is (no cargo build first).
+    #[arg(long)]
+    no_build: bool,
+    /// Soak the walkabout binary at PATH (e.g. a debug build).
+    #[arg(long, value_name = "PATH")]
+    walkabout: Option<PathBuf>,
+    /// A controller and 3 agents in namespaces with mutual TLS, a fault every
+    /// --fault-every hops (agent restart, link cut, cancel, destination killed) until
+    /// --hops hops or --duration; --memory, --workload and --parallel shape the guests
+    /// and the walk.
+    #[arg(long)]
+    faults: bool,
+    /// With --faults: hops to walk.
+    #[arg(long, default_value_t = 1000)]
+    hops: usize,
+    /// With --faults: a fault every this many hops.
+    #[arg(long, default_value_t = 50)]
+    fault_every: usize,
+    /// With --faults: each guest's memory.
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    /// With --faults: each guest's workload.
+    #[arg(long, default_value = "dirty:16:8")]
+    workload: String,
+    /// With --faults: hops at once.
+    #[arg(long, default_value_t = 2)]
+    parallel: u32,
+}
 
-  --duration     how long the guests walk (s, m or h; default 1h)
-  --guests       guests walking (default 4, as `walkabout up`)
-  --pause        rest of each guest between two hops (default 3s, as `walkabout up`)
-  --no-build     soak target/release/walkabout as it is (no cargo build first)
-  --walkabout P  soak the walkabout binary at P (e.g. a debug build)
-  --faults       a controller and 3 agents in namespaces with mutual TLS, a fault every
-                 --fault-every hops (agent restart, link cut, cancel, destination killed)
-                 until --hops hops or --duration; --memory, --workload and --parallel
-                 shape the guests and the walk";
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
 
 /// Hosts of the cluster, as `walkabout up` (and scripts/up.sh) starts it.
 const HOSTS: u16 = 3;
@@ -71,42 +104,20 @@ fn parse_duration_ms(s: &str) -> Result<u64> {
 }
 
 fn parse_args() -> Result<Option<Args>> {
-    let mut a = Args {
-        duration: Duration::from_secs(3600),
-        guests: 4,
-        pause: "3s".into(),
-        build: true,
-        binary: None,
-        faults: false,
-        hops: 1000,
-        every: 50,
-        memory: "256M".into(),
-        workload: "dirty:16:8".into(),
-        parallel: 2,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut val = |name: &str| it.next().with_context(|| format!("{name} needs a value\n{USAGE}"));
-        match arg.as_str() {
-            "--duration" => a.duration = parse_duration(&val("--duration")?)?,
-            "--guests" => a.guests = val("--guests")?.parse().context("--guests N")?,
-            "--pause" => a.pause = val("--pause")?,
-            "--no-build" => a.build = false,
-            "--walkabout" => a.binary = Some(PathBuf::from(val("--walkabout")?)),
-            "--faults" => a.faults = true,
-            "--hops" => a.hops = val("--hops")?.parse().context("--hops N")?,
-            "--fault-every" => a.every = val("--fault-every")?.parse().context("--fault-every N")?,
-            "--memory" => a.memory = val("--memory")?,
-            "--workload" => a.workload = val("--workload")?,
-            "--parallel" => a.parallel = val("--parallel")?.parse().context("--parallel N")?,
-            "-h" | "--help" => {
-                eprintln!("{USAGE}");
-                return Ok(None);
-            }
-            other => bail!("unknown argument {other}\n{USAGE}"),
-        }
-    }
-    Ok(Some(a))
+    let c = <Cli as clap::Parser>::parse();
+    Ok(Some(Args {
+        duration: c.duration,
+        guests: c.guests,
+        pause: c.pause,
+        build: !c.no_build,
+        binary: c.walkabout,
+        faults: c.faults,
+        hops: c.hops,
+        every: c.fault_every,
+        memory: c.memory,
+        workload: c.workload,
+        parallel: c.parallel,
+    }))
 }
 
 /// One hop as `walkabout up` prints it:
@@ -323,5 +334,49 @@ mod tests {
         assert_eq!(parse_duration("5m").expect("5m"), Duration::from_secs(300));
         assert_eq!(parse_duration("90").expect("90"), Duration::from_secs(90));
         assert!(parse_duration("5x").is_err());
+    }
+}
+
+#[cfg(test)]
+mod cli {
+    use super::Cli;
+    use clap::{CommandFactory, Parser};
+    use std::time::Duration;
+
+    #[test]
+    fn the_flags_and_defaults_are_those_of_the_hand_parser() {
+        Cli::command().debug_assert();
+        let d = Cli::try_parse_from(["soak"]).expect("defaults");
+        assert_eq!(
+            (d.duration, d.guests, d.pause.as_str(), d.no_build, d.walkabout, d.faults),
+            (Duration::from_secs(3600), 4, "3s", false, None, false)
+        );
+        assert_eq!((d.hops, d.fault_every, d.memory.as_str(), d.workload.as_str(), d.parallel), (1000, 50, "256M", "dirty:16:8", 2));
+        let args = [
+            "soak",
+            "--duration",
+            "5m",
+            "--guests",
+            "2",
+            "--pause",
+            "1s",
+            "--no-build",
+            "--walkabout",
+            "/bin/true",
+            "--faults",
+            "--hops",
+            "10",
+            "--fault-every",
+            "3",
+            "--memory",
+            "384M",
+            "--workload",
+            "idle",
+            "--parallel",
+            "1",
+        ];
+        let g = Cli::try_parse_from(args).expect("every flag");
+        assert_eq!((g.duration, g.fault_every, g.parallel), (Duration::from_secs(300), 3, 1));
+        assert!(Cli::try_parse_from(["soak", "--duration", "5x"]).is_err());
     }
 }

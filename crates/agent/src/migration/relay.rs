@@ -17,7 +17,10 @@
 //!   [`Tunnel`] (the admitted peer and the loopback addresses) is kept until commit or
 //!   abort. The tunnel route admits only the host whose certificate made the
 //!   `/v1/incoming` request (the same rule as QEMU's `tls-authz`), connects to the
-//!   stream's loopback listener, answers `101` and splices.
+//!   stream's loopback listener, answers `101` and splices. A tunnel lives as long as
+//!   its migration: the listener's idle limit (which closes a quiet API connection) is
+//!   lifted for it, since an NBD stream over a quiet disk or a paused post-copy may
+//!   carry nothing for minutes, and it ends when the migration's tunnels close.
 //! - Source: [`Relays::open`] binds one loopback listener per stream and rewrites the
 //!   reply's addresses to them; each connection its QEMU opens (multifd channels,
 //!   post-copy's preempt channel, one NBD connection per disk) becomes one upgraded TLS
@@ -98,10 +101,23 @@ pub(crate) struct Tunnel {
     pub(crate) nbd: Option<SocketAddr>,
 }
 
-/// The tunnels of the incoming VMs of this agent, by VM name.
+/// The tunnels of the incoming VMs of this agent, by VM name, each with the sender
+/// whose drop ends its spliced connections.
 #[derive(Debug, Default)]
 pub(crate) struct Tunnels {
-    map: Mutex<BTreeMap<String, Tunnel>>,
+    map: Mutex<BTreeMap<String, (Tunnel, tokio::sync::watch::Sender<()>)>>,
+}
+
+/// Resolves when the tunnels of a migration close (commit, abort, the lease ended).
+#[derive(Debug)]
+pub(crate) struct TunnelEnd(tokio::sync::watch::Receiver<()>);
+
+impl TunnelEnd {
+    /// Waits until the migration's tunnels are closed.
+    pub(crate) async fn closed(mut self) {
+        // Nothing is ever sent: this resolves (Err) when the sender is dropped.
+        while self.0.changed().await.is_ok() {}
+    }
 }
 
 /// Why a tunnel is refused, with the status it answers.
@@ -116,9 +132,10 @@ pub(crate) enum Refusal {
 }
 
 impl Tunnels {
-    /// Opens the tunnels of incoming VM `vm` for `tunnel.peer`.
+    /// Opens the tunnels of incoming VM `vm` for `tunnel.peer` (ending those of an
+    /// earlier migration of the same name).
     pub(crate) fn open(&self, vm: &str, tunnel: Tunnel) {
-        crate::vms::lock(&self.map).insert(vm.to_string(), tunnel);
+        crate::vms::lock(&self.map).insert(vm.to_string(), (tunnel, tokio::sync::watch::Sender::new(())));
     }
 
     /// Whether `vm` has its tunnels open here.
@@ -128,20 +145,22 @@ impl Tunnels {
 
     /// Points `vm`'s memory tunnel at `addr` (a recovered post-copy listens anew).
     pub(crate) fn retarget_memory(&self, vm: &str, addr: SocketAddr) {
-        if let Some(t) = crate::vms::lock(&self.map).get_mut(vm) {
+        if let Some((t, _)) = crate::vms::lock(&self.map).get_mut(vm) {
             t.memory = addr;
         }
     }
 
-    /// Closes them (commit, abort, the lease ended).
+    /// Closes them (commit, abort, the lease ended): no new tunnel is admitted and
+    /// every spliced connection ends.
     pub(crate) fn close(&self, vm: &str) {
         crate::vms::lock(&self.map).remove(vm);
     }
 
-    /// Where a tunnel of `vm`'s `stream` asked by `who` goes, or why not.
-    pub(crate) fn target(&self, vm: &str, stream: TunnelStream, who: Option<&str>) -> Result<SocketAddr, Refusal> {
+    /// Where a tunnel of `vm`'s `stream` asked by `who` goes and what ends it, or why not.
+    pub(crate) fn target(&self, vm: &str, stream: TunnelStream, who: Option<&str>) -> Result<(SocketAddr, TunnelEnd), Refusal> {
         let map = crate::vms::lock(&self.map);
-        let t = map.get(vm).ok_or_else(|| Refusal::NotFound(format!("no relayed incoming migration of {vm} here")))?;
+        let (t, end) = map.get(vm).ok_or_else(|| Refusal::NotFound(format!("no relayed incoming migration of {vm} here")))?;
+        let end = TunnelEnd(end.subscribe());
         if who != Some(t.peer.as_str()) {
             return Err(Refusal::Forbidden(format!(
                 "the tunnel of {vm} admits only {}, the host that asked for its migration, not {}",
@@ -150,8 +169,10 @@ impl Tunnels {
             )));
         }
         match stream {
-            TunnelStream::Memory => Ok(t.memory),
-            TunnelStream::Nbd => t.nbd.ok_or_else(|| Refusal::NoStream(format!("the migration of {vm} copies no disk: no nbd stream"))),
+            TunnelStream::Memory => Ok((t.memory, end)),
+            TunnelStream::Nbd => {
+                t.nbd.map(|a| (a, end)).ok_or_else(|| Refusal::NoStream(format!("the migration of {vm} copies no disk: no nbd stream")))
+            }
         }
     }
 }
@@ -183,11 +204,14 @@ pub(crate) async fn splice(mut a: impl Io, mut b: impl Io, what: &str) {
 
 /// `GET /v1/incoming/{name}/tunnel/{stream}` with `Upgrade: walkabout-tunnel`: checks
 /// who asks and for what, connects to the stream's loopback listener, answers `101`
-/// and splices the upgraded connection to it.
+/// and splices the upgraded connection to it until either end closes or the
+/// migration's tunnels close. The connection's idle limit is lifted: the migration,
+/// not a quiet minute, bounds its life.
 pub(crate) async fn route(
     axum::extract::State(agent): axum::extract::State<crate::vms::Agent>,
     axum::extract::Path((vm, stream)): axum::extract::Path<(String, String)>,
     who: Option<axum::Extension<walkabout_trust::Identity>>,
+    idle: Option<axum::Extension<walkabout_trust::IdleLimit>>,
     mut req: axum::extract::Request,
 ) -> axum::response::Response {
     use axum::http::{header, StatusCode};
@@ -203,7 +227,7 @@ pub(crate) async fn route(
         let why = format!("the tunnel of {vm} is an HTTP/1.1 upgrade: it needs `Connection: Upgrade` and `Upgrade: {TUNNEL_PROTOCOL}`");
         return refuse(StatusCode::UNPROCESSABLE_ENTITY, ErrorKind::InvalidRequest, why);
     }
-    let target = match agent.inner.tunnels.target(&vm, stream, who.as_ref().map(|w| w.0.name.as_str())) {
+    let (target, end) = match agent.inner.tunnels.target(&vm, stream, who.as_ref().map(|w| w.0.name.as_str())) {
         Ok(t) => t,
         Err(Refusal::NotFound(why)) => return refuse(StatusCode::NOT_FOUND, ErrorKind::NotFound, why),
         Err(Refusal::Forbidden(why)) => return refuse(StatusCode::FORBIDDEN, ErrorKind::Forbidden, why),
@@ -216,11 +240,21 @@ pub(crate) async fn route(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let what = format!("{vm}/{stream}");
     tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(up) => splice(hyper_util::rt::TokioIo::new(up), qemu, &what).await,
-            Err(e) => tracing::warn!(tunnel = %what, error = %e, "the tunnel's upgrade failed"),
+        let up = match on_upgrade.await {
+            Ok(up) => up,
+            Err(e) => {
+                tracing::warn!(tunnel = %what, error = %e, "the tunnel's upgrade failed");
+                return;
+            }
+        };
+        tokio::select! {
+            () = splice(hyper_util::rt::TokioIo::new(up), qemu, &what) => {}
+            () = end.closed() => tracing::debug!(tunnel = %what, "the migration ended: tunnel closed"),
         }
     });
+    if let Some(idle) = idle {
+        idle.0.lift();
+    }
     tracing::debug!(%vm, %stream, "tunnel opened");
     (StatusCode::SWITCHING_PROTOCOLS, [(header::CONNECTION, "upgrade"), (header::UPGRADE, TUNNEL_PROTOCOL)]).into_response()
 }
@@ -423,7 +457,7 @@ mod tests {
     fn a_tunnel_admits_only_the_host_that_asked_for_the_migration() {
         let t = Tunnels::default();
         t.open("vm1", tunnel());
-        assert_eq!(t.target("vm1", TunnelStream::Memory, Some("h1")), Ok("127.0.0.1:4000".parse().expect("addr")));
+        assert_eq!(t.target("vm1", TunnelStream::Memory, Some("h1")).map(|(a, _)| a), Ok("127.0.0.1:4000".parse().expect("addr")));
         assert!(matches!(t.target("vm1", TunnelStream::Memory, Some("h3")), Err(Refusal::Forbidden(_))));
         assert!(matches!(t.target("vm1", TunnelStream::Memory, None), Err(Refusal::Forbidden(_))));
         assert!(matches!(t.target("vm1", TunnelStream::Nbd, Some("h1")), Err(Refusal::NoStream(_))));
@@ -490,5 +524,65 @@ mod tests {
         let mut echo = [0u8; 4];
         s.read_exact(&mut echo).await.expect("echo");
         assert_eq!((&greet, &echo), (b"NBDMAGIC", b"ping"));
+    }
+
+    /// A fake QEMU: echoes every connection's bytes back.
+    async fn echo_server() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = c.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Sends `msg` and reads it back: whether the connection still carries bytes.
+    async fn echoes(s: &mut (impl Io + ?Sized), msg: &[u8]) -> bool {
+        let mut back = vec![0u8; msg.len()];
+        let sent = s.write_all(msg).await.is_ok() && s.flush().await.is_ok();
+        sent && matches!(tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await, Ok(Ok(_))) && back == msg
+    }
+
+    /// The agent's listener closes a connection idle past its limit (300 ms here, 120 s
+    /// in service), but a migration's tunnel outlives it (an NBD stream over a quiet disk,
+    /// a paused post-copy) until the migration's tunnels close.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tunnel_outlives_the_idle_limit_that_closes_an_api_connection_and_ends_with_its_migration() {
+        let dir = std::env::temp_dir().join(format!("wa-agent-tunnel-idle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut config = crate::vms::AgentConfig::new(dir.clone());
+        config.accel = walkabout_qemu::AccelRequest::Tcg;
+        config.capacity_mib = Some(1024);
+        config.kernel = Some(dir.join("no-kernel"));
+        let agent = crate::vms::Agent::start(config).await.expect("agent");
+        let idle = Duration::from_millis(300);
+        let opts = walkabout_trust::ListenerOptions { handshake_timeout: Duration::from_secs(1), idle_timeout: idle };
+        let listener = walkabout_trust::Listener::bind("127.0.0.1:0", None, opts).await.expect("listener");
+        let (url, addr) = (listener.url(), listener.addr());
+        tokio::spawn(crate::serve(agent.clone(), listener, std::future::pending()));
+        // Plain loopback: the requests' identity is the loopback operator.
+        let qemu = echo_server().await;
+        agent.inner.tunnels.open("vm1", Tunnel { peer: walkabout_trust::serve::LOOPBACK_NAME.into(), memory: qemu, nbd: None });
+
+        let target = Target::parse(&url).expect("url");
+        let mut tunnel = Dialer::default().dial(&target, &TunnelStream::Memory.path("vm1")).await.expect("tunnel");
+        let fresh = echoes(&mut tunnel, b"first").await;
+        let mut api = TcpStream::connect(addr).await.expect("connect");
+        tokio::time::sleep(idle * 4).await;
+        let api_closed = matches!(tokio::time::timeout(Duration::from_secs(2), api.read(&mut [0u8; 16])).await, Ok(Ok(0) | Err(_)));
+        let survived = echoes(&mut tunnel, b"after a quiet while").await;
+        agent.inner.tunnels.close("vm1");
+        let ended = matches!(tokio::time::timeout(Duration::from_secs(2), tunnel.read(&mut [0u8; 16])).await, Ok(Ok(0) | Err(_)));
+        let _ = std::fs::remove_dir_all(&dir);
+
+        assert!(fresh, "the tunnel carried nothing");
+        assert!(api_closed, "an API connection idle for {:?} was kept open", idle * 4);
+        assert!(survived, "the tunnel was cut after {:?} idle, its migration still on", idle * 4);
+        assert!(ended, "the tunnel outlived its migration");
     }
 }

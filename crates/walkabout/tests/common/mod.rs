@@ -241,6 +241,25 @@ impl AgentProc {
         }
     }
 
+    /// Waits until migration `id` runs in post-copy and `more` bytes have crossed since,
+    /// so that the destination surely got the device state and runs the guest (a cut
+    /// before that leaves the guest with its source, a case of its own).
+    pub fn wait_postcopy(&self, id: &str, more: u64) -> MigrationRecord {
+        let start = Instant::now();
+        let mut at_switch: Option<u64> = None;
+        loop {
+            let m = self.migration(id);
+            if m.progress.qemu_status == "postcopy-active" {
+                let base = *at_switch.get_or_insert(m.progress.transferred_bytes);
+                if m.progress.transferred_bytes >= base + more {
+                    return m;
+                }
+            }
+            assert!(!m.phase.is_final() && start.elapsed() < Duration::from_secs(120), "never reached post-copy: {m:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until migration `id` is final; returns its record.
     pub fn wait_final(&self, id: &str) -> MigrationRecord {
         let start = Instant::now();
