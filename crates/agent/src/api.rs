@@ -104,6 +104,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/host/power-cut", post(crate::fence::power_cut))
         .layer(axum::middleware::from_fn(crate::fence::note_controller))
         .layer(axum::middleware::from_fn_with_state(fence, check_epoch))
+        .layer(axum::middleware::from_fn(walkabout_trust::serve::error_bodies))
         .with_state(agent)
 }
 

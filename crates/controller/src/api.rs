@@ -87,6 +87,7 @@ pub fn router_with_trust(cluster: Cluster, trust: std::sync::Arc<crate::join::Tr
         .with_state(cluster.clone())
         .merge(crate::games::router(cluster.games().clone()))
         .merge(crate::join::router(cluster, trust))
+        .layer(axum::middleware::from_fn(walkabout_trust::serve::error_bodies))
 }
 
 type Body<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;

@@ -357,6 +357,36 @@ pub fn error_reply(status: StatusCode, kind: ErrorKind, message: String) -> Resp
     (status, axum::Json(ErrorBody::new(kind, message))).into_response()
 }
 
+/// Middleware giving every refusal the API's shape: a 4xx or 5xx reply that is not
+/// JSON (one axum wrote itself: a path segment that is not UTF-8, an unknown route, a
+/// method the route lacks) becomes an [`ErrorBody`] carrying axum's own sentence, so a
+/// client always reads the cause the same way.
+pub async fn error_bodies(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return resp;
+    }
+    let text = axum::body::to_bytes(resp.into_body(), 16 * 1024).await.map(|b| String::from_utf8_lossy(&b).trim().to_string());
+    let why = match text {
+        Ok(t) if !t.is_empty() => t,
+        _ => format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or("error")),
+    };
+    let kind = match status {
+        StatusCode::NOT_FOUND => ErrorKind::NotFound,
+        StatusCode::UNAUTHORIZED => ErrorKind::Unauthenticated,
+        StatusCode::FORBIDDEN => ErrorKind::Forbidden,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorKind::TooLarge,
+        _ => ErrorKind::InvalidRequest,
+    };
+    error_reply(status, kind, why)
+}
+
 async fn guard(State(g): State<Guard>, ConnectInfo(peer): ConnectInfo<Peer>, req: Request, next: Next) -> Response {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();

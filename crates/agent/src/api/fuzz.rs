@@ -213,3 +213,24 @@ fn a_tunnel_to_nothing_is_refused_with_an_error_body() {
         panic!("{e}");
     }
 }
+
+/// Paths axum refuses before any handler runs (a segment that is not UTF-8 once
+/// percent-decoded, a route that does not exist, a method a route lacks) are 4xx
+/// replies with an [`ErrorBody`] too. The first was found by the tunnel property above
+/// (`/v1/incoming/a/tunnel/%a0` answered axum's plain text).
+#[test]
+fn what_axum_refuses_itself_is_an_error_body() {
+    let s = Setup::new("fuzz-axum");
+    for (method, path) in [
+        ("GET", "/v1/incoming/a/tunnel/%a0"),
+        ("GET", "/v1/vms/%ff%fe"),
+        ("POST", "/v1/vms/%c3/pause"),
+        ("GET", "/v1/no-such-route"),
+        ("DELETE", "/v1/host"),
+    ] {
+        let (status, reply) = s.send_as(method, path, vec![], false);
+        if let Err(e) = refused(status, &reply, &format!("{method} {path}")) {
+            panic!("{e}");
+        }
+    }
+}

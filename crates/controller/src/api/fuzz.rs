@@ -214,3 +214,20 @@ fn any_hanoi_plan_query_is_a_plan_or_an_error_body() {
         panic!("{e}");
     }
 }
+
+/// Paths axum refuses before any handler runs (a segment that is not UTF-8 once
+/// percent-decoded, a route that does not exist, a method a route lacks) are 4xx
+/// replies with an [`ErrorBody`], on the games' and joins' routes too.
+#[test]
+fn what_axum_refuses_itself_is_an_error_body() {
+    let s = Setup::new("fuzz-axum");
+    for (method, path) in
+        [("GET", "/v1/hosts/%a0"), ("POST", "/v1/walks/%ff/stop"), ("GET", "/v1/no-such-route"), ("DELETE", "/v1/cluster")]
+    {
+        let (status, reply) = s.send(method, path, vec![], false, false);
+        assert!(status.is_client_error(), "{method} {path}: {status}");
+        if let Err(e) = error_body(status, &reply, &format!("{method} {path}")) {
+            panic!("{e}");
+        }
+    }
+}
