@@ -25,6 +25,7 @@
 //! that fails after it leaves the VM on its new overlay (a consistent chain) and records
 //! nothing: the next checkpoint takes the layers no checkpoint owns with it.
 
+pub mod chain;
 pub mod files;
 pub mod protect;
 pub mod replica;

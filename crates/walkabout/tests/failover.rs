@@ -329,6 +329,7 @@ fn a_host_cut_off_the_network_stops_its_vm_before_it_runs_elsewhere_and_the_hear
     // (empty, no VM's replica) taken out first, so the music stops at h2 (pa, protected
     // toward h3) or h3 (pb, protected toward h2); the cut host's VM comes back on the
     // other, and with one host left the game is over.
+    let since = Instant::now();
     wait_for("a checkpoint of pa's new run on h3", 120, || {
         let v = vm(&ctl, "pa");
         let shipped = v.protection_status.as_ref()?.last.as_ref()?.taken_ms > restored.record.created_at_ms;
@@ -354,6 +355,7 @@ fn a_host_cut_off_the_network_stops_its_vm_before_it_runs_elsewhere_and_the_hear
     let mut survivors: Vec<_> = w.survivors.iter().map(|s| (s.vm.as_str(), s.host.as_deref(), s.corrupt_pages, s.seq_breaks)).collect();
     survivors.sort();
     assert_eq!(survivors, vec![("pa", Some(other), 0, 0), ("pb", Some(other), 0, 0)], "{w:?}");
+    eprintln!("musical chairs after the partition: {:.1} s", since.elapsed().as_secs_f64());
 }
 
 /// Milliseconds since the epoch at `t` (an instant of the past).

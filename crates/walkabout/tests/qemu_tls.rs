@@ -67,6 +67,7 @@ fn a_dirtying_guest_hops_there_and_back_over_tls_with_multifd_and_the_records_sa
     // Checkpointed right after a TLS hop (its QEMU still holds the hop's TLS
     // parameters, which a mapped-ram file refuses), shipped to b, restored there, and
     // over TLS again from the restored VM (whose QEMU loaded a mapped-ram file).
+    let since = Instant::now();
     let req = CheckpointRequest { method: Some(CheckpointMethod::Live), ship_to: Some(b.url.clone()) };
     let ck = a
         .call(|c| async move { c.with_timeout(Duration::from_secs(300)).checkpoint("tls1", &req).await })
@@ -80,6 +81,7 @@ fn a_dirtying_guest_hops_there_and_back_over_tls_with_multifd_and_the_records_sa
     let at = ck.guest.last_seq.expect("the checkpoint's heartbeat");
     assert!(v.guest.last_seq.is_some_and(|s| s > at + 5), "the heartbeat did not go on from {at}: {:?}", v.guest);
     assert_eq!(v.guest.seq_breaks, ck.guest.seq_breaks, "a break in the heartbeat after the restore: {:?}", v.guest);
+    eprintln!("checkpoint after TLS hops, restore, TLS hop again: {:.1} s", since.elapsed().as_secs_f64());
 }
 
 /// Listening TCP ports of process `pid` (its sockets in `/proc/PID/fd` that
