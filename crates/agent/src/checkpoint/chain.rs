@@ -29,7 +29,10 @@
 //! again by its QEMU path: if the path is gone, it is hard-linked back from the
 //! checkpoint's name, but only after checking that QEMU holds that very file open (its
 //! `/proc/<pid>/fd` entry, same device and inode); the link is removed after the job.
-//! A chain QEMU runs that does not match the records is left alone.
+//! A chain QEMU runs that does not match the records is left alone, and so is every
+//! layer from the first one (from the top) that is also another file's name: a
+//! replica's or another VM's layer that a restore or a shared-storage hop linked into
+//! the store is never written; the merge then stops above it.
 //!
 //! Why into the base and not `block-stream` into `n`: committing down moves one layer per
 //! round; streaming up would copy everything written since the base every round, and
@@ -181,6 +184,15 @@ fn reachable(qemu_path: &Path, record: &Path, pid: i32) -> Result<bool, String> 
     Ok(true)
 }
 
+/// Whether layer file `path` belongs to this VM alone: its only name, or its second is
+/// the image the agent made for the disk (`own`, the first checkpoint's base).
+fn private(path: &Path, own: &Path) -> bool {
+    match std::fs::metadata(path) {
+        Ok(m) => m.nlink() == 1 || (m.nlink() == 2 && super::same_file(path, own)),
+        Err(_) => false,
+    }
+}
+
 /// Runs `block-commit` as job `job`, waits for it to conclude and dismisses it; QEMU's
 /// error if it failed.
 async fn commit(qmp: &Qmp, job: &str, args: Value) -> Result<(), String> {
@@ -254,6 +266,7 @@ impl Agent {
             return Ok(0);
         };
         let dir = self.checkpoint_dir(name);
+        let storage = self.storage_dir();
         let files: BTreeMap<String, CheckpointFile> =
             self.local_checkpoints(name)?.iter().flat_map(|c| c.files.iter().map(|f| (f.name.clone(), f.clone()))).collect();
         let disks: Vec<String> = (0..vm.record.spec.disks.len()).map(walkabout_api::DiskSpec::node_name).collect();
@@ -262,7 +275,12 @@ impl Agent {
             let Some(layer) = ck.spec.disks.get(i).and_then(|d| d.path.as_ref()).map(|p| p.to_string_lossy().into_owned()) else {
                 continue;
             };
-            let chain = record_chain(&layer, &files);
+            // Merged into, or rewritten, only layers of this VM alone: below the first one
+            // that is also another file's name (a replica's or another VM's layer a
+            // restore or a shared-storage hop linked in), nothing is touched.
+            let own = crate::disks::owned_path(&storage, name, i);
+            let mut chain = record_chain(&layer, &files);
+            chain.truncate(chain.iter().position(|l| !private(&dir.join(l), &own)).unwrap_or(chain.len()));
             let blocks = qmp_do(&qmp, "query-block", None).await.map_err(fail)?;
             let nodes = qmp_do(&qmp, "query-named-block-nodes", Some(json!({"flat": true}))).await.map_err(fail)?;
             let running = running_chain(&blocks, &nodes, disk);
@@ -428,6 +446,25 @@ mod tests {
         assert_eq!(plan(&chain, &running, 3), None);
         assert_eq!(plan(&chain, &other, 2), None);
         assert!(plan(&chain, &running, 2).is_some());
+    }
+
+    #[test]
+    fn a_layer_linked_from_elsewhere_is_not_the_vms_own() {
+        let dir = std::env::temp_dir().join(format!("wa-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (alone, base, image, shared, replica) =
+            (dir.join("v.3.d"), dir.join("v.1.d"), dir.join("v-disk0.qcow2"), dir.join("w.2.d"), dir.join("r-w.2.d"));
+        for f in [&alone, &image, &replica] {
+            std::fs::write(f, b"x").expect("write");
+        }
+        std::fs::hard_link(&image, &base).expect("link");
+        std::fs::hard_link(&replica, &shared).expect("link");
+
+        let seen = [private(&alone, &image), private(&base, &image), private(&shared, &image), private(&dir.join("gone"), &image)];
+
+        assert_eq!(seen, [true, true, false, false]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
