@@ -25,6 +25,7 @@
 //! that fails after it leaves the VM on its new overlay (a consistent chain) and records
 //! nothing: the next checkpoint takes the layers no checkpoint owns with it.
 
+pub mod chain;
 pub mod files;
 pub mod protect;
 pub mod replica;
@@ -346,8 +347,9 @@ impl Agent {
     }
 
     /// What a deleted VM leaves of its checkpoints that no checkpoint owns: its active
-    /// overlays in the store, and the images the agent made for it that its first
-    /// checkpoint hard-linked in (the checkpoint keeps its own link).
+    /// overlays in the store, the links a restore made to layers held elsewhere (a
+    /// file with other links: its data stays there) that no checkpoint took, and the images the agent made for it that its first checkpoint hard-linked in
+    /// (the checkpoint keeps its own link).
     pub(crate) fn remove_checkpoint_leftovers(&self, spec: &walkabout_api::VmSpec) {
         let dir = self.checkpoint_dir(&spec.name);
         if !dir.exists() {
@@ -357,6 +359,16 @@ impl Agent {
             let active = d.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
             if d.parent() == Some(dir.as_path()) && active.starts_with(&format!("{}.a", spec.name)) {
                 let _ = std::fs::remove_file(d);
+            }
+        }
+        if let Ok(owned) = self.local_checkpoints(&spec.name) {
+            let owned: std::collections::BTreeSet<String> = owned.iter().flat_map(|c| c.files.iter().map(|f| f.name.clone())).collect();
+            let files = std::fs::read_dir(&dir).map(|rd| rd.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()));
+            for f in files.into_iter().flatten().filter(|f| f.ends_with(".qcow2") && !owned.contains(f)) {
+                use std::os::unix::fs::MetadataExt;
+                if std::fs::metadata(dir.join(&f)).is_ok_and(|m| m.nlink() > 1) {
+                    let _ = std::fs::remove_file(dir.join(f));
+                }
             }
         }
         let storage = self.storage_dir();
@@ -671,8 +683,8 @@ impl Agent {
         let name = name.unwrap_or_else(|| ck.vm.clone());
         let mut spec = ck.spec.clone();
         spec.name = name.clone();
-        let storage = self.storage_dir();
-        std::fs::create_dir_all(&storage).map_err(io_err(&storage))?;
+        let store = self.checkpoint_dir(&name);
+        std::fs::create_dir_all(&store).map_err(io_err(&store))?;
         let mut made: Vec<PathBuf> = vec![];
         let img = walkabout_qemu::img::QemuImg::beside(&self.inner.config.qemu_binary);
         let cleanup = |made: &[PathBuf]| {
@@ -685,19 +697,18 @@ impl Agent {
         }
         for (i, d) in spec.disks.iter_mut().enumerate() {
             let layer = d.path.clone().ok_or_else(|| ck_err(&ck.vm)(format!("disk {i} of the checkpoint names no layer")))?;
-            let layer = file_in(dir, &layer.to_string_lossy())?;
+            let layer = layer.to_string_lossy().into_owned();
+            file_in(dir, &layer)?;
             let format = d.format.unwrap_or(DiskFormat::Qcow2);
-            let top = crate::disks::owned_path(&storage, &name, i);
-            if top.exists() {
-                cleanup(&made);
-                return Err(ck_err(&ck.vm)(format!("image {} exists already", top.display())));
+            let overlay = format!("{name}.a{}.{}.qcow2", ck.n, walkabout_api::DiskSpec::node_name(i));
+            match stage_restored_disk(&img, dir, &layer, format, &store, &overlay).await {
+                Ok(m) => made.extend(m),
+                Err(e) => {
+                    cleanup(&made);
+                    return Err(ck_err(&ck.vm)(format!("cannot make the restored disk {i}'s overlay: {e}")));
+                }
             }
-            if let Err(e) = img.create(&top, DiskFormat::Qcow2, None, Some((&layer, format))).await {
-                cleanup(&made);
-                return Err(ck_err(&ck.vm)(format!("cannot create the restored disk {i}'s overlay: {e}")));
-            }
-            made.push(top.clone());
-            d.path = Some(top);
+            d.path = Some(store.join(&overlay));
             d.format = Some(DiskFormat::Qcow2);
         }
         let r = self.start_restored(spec, ck, dir).await;
@@ -838,6 +849,68 @@ fn encode_for(
     Ok(best)
 }
 
+/// Puts a restored disk's chain into the VM's own checkpoint store `store`, as if its
+/// checkpoints had been taken there: checkpoint layer `layer` of `dir` and the layers
+/// under it that `dir` holds (named relative to it) are hard-linked in under the same
+/// names (unless there already, as the same file), and the new overlay `overlay` (the
+/// active one, `<vm>.a<n>.<disk>.qcow2`) is created over the layer, its header naming it
+/// by that relative name. So the restored VM's chain names no path of the host that made
+/// it, and its next checkpoint ships layers that resolve on any host. Returns the files
+/// it made (the links and the overlay); on an error it leaves none.
+async fn stage_restored_disk(
+    img: &walkabout_qemu::img::QemuImg,
+    dir: &Path,
+    layer: &str,
+    format: DiskFormat,
+    store: &Path,
+    overlay: &str,
+) -> Result<Vec<PathBuf>, String> {
+    let mut made: Vec<PathBuf> = vec![];
+    let r = stage_into(img, dir, layer, format, store, overlay, &mut made).await;
+    if r.is_err() {
+        for p in &made {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    r.map(|()| made)
+}
+
+async fn stage_into(
+    img: &walkabout_qemu::img::QemuImg,
+    dir: &Path,
+    layer: &str,
+    format: DiskFormat,
+    store: &Path,
+    overlay: &str,
+    made: &mut Vec<PathBuf>,
+) -> Result<(), String> {
+    let top = store.join(overlay);
+    if top.exists() {
+        return Err(format!("image {} exists already", top.display()));
+    }
+    if dir != store {
+        let chain =
+            img.chain_in_use(&dir.join(layer), Some(format)).await.map_err(|e| format!("cannot read the chain of layer {layer}: {e}"))?;
+        for l in chain.iter().filter(|l| l.path.parent() == Some(dir)) {
+            let Some(file) = l.path.file_name() else { continue };
+            let there = store.join(file);
+            if there.exists() {
+                if !same_file(&there, &l.path) {
+                    return Err(format!("{} holds another file than layer {}", there.display(), l.path.display()));
+                }
+                continue;
+            }
+            std::fs::hard_link(&l.path, &there).map_err(|e| {
+                format!("cannot link layer {} into the store as {} (they must share a file system): {e}", l.path.display(), there.display())
+            })?;
+            made.push(there);
+        }
+    }
+    img.create(&top, DiskFormat::Qcow2, None, Some((&store.join(layer), format))).await.map_err(|e| e.to_string())?;
+    made.push(top.clone());
+    rebase_name(img.binary(), &top, Path::new(layer), format).await
+}
+
 /// Whether two paths are one file (hard links of one inode).
 /// Makes the layers under a disk's top image `top` resolvable from the checkpoint store
 /// `store` when the top lives elsewhere (the VM came with shared storage from a host
@@ -976,6 +1049,46 @@ async fn incoming_from_file(qmp: &Qmp, mem: &Path, _method: CheckpointMethod) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `qemu-img create` of `name` in `dir`, backed by `backing` (a name in `dir`).
+    fn qcow2(dir: &Path, name: &str, backing: Option<&str>) {
+        let mut c = std::process::Command::new("qemu-img");
+        c.current_dir(dir).args(["create", "-q", "-f", "qcow2"]);
+        if let Some(b) = backing {
+            c.args(["-F", "qcow2", "-b", b]);
+        }
+        let out = c.args([name, "16M"]).output().expect("qemu-img");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    #[tokio::test]
+    async fn a_restored_disks_chain_names_only_files_of_its_store_and_moves_whole() {
+        let root = std::env::temp_dir().join(format!("wa-restore-stage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (replica, store, moved) = (root.join("replicas/vm"), root.join("checkpoints/re"), root.join("elsewhere"));
+        for d in [&replica, &store] {
+            std::fs::create_dir_all(d).expect("dir");
+        }
+        qcow2(&replica, "vm.1.disk0.qcow2", None);
+        qcow2(&replica, "vm.4.disk0.qcow2", Some("vm.1.disk0.qcow2"));
+        let img = walkabout_qemu::img::QemuImg::default();
+
+        let made = stage_restored_disk(&img, &replica, "vm.4.disk0.qcow2", DiskFormat::Qcow2, &store, "re.a4.disk0.qcow2").await;
+
+        let made = made.expect("staged");
+        assert_eq!(made.len(), 3, "{made:?}");
+        assert!(same_file(&store.join("vm.4.disk0.qcow2"), &replica.join("vm.4.disk0.qcow2")));
+        assert!(same_file(&store.join("vm.1.disk0.qcow2"), &replica.join("vm.1.disk0.qcow2")));
+        // The store moved to another place (another host) keeps a whole chain.
+        std::fs::rename(&store, &moved).expect("move the store");
+        std::fs::remove_dir_all(root.join("replicas")).expect("the replica gone");
+        let chain = img.chain_in_use(&moved.join("re.a4.disk0.qcow2"), Some(DiskFormat::Qcow2)).await.expect("the chain there");
+        let names: Vec<_> = chain.iter().map(|l| l.path.clone()).collect();
+        assert_eq!(names, ["re.a4.disk0.qcow2", "vm.4.disk0.qcow2", "vm.1.disk0.qcow2"].map(|n| moved.join(n)), "{chain:?}");
+        let again = stage_restored_disk(&img, &moved, "vm.4.disk0.qcow2", DiskFormat::Qcow2, &moved, "re.a4.disk0.qcow2").await;
+        assert!(again.is_err_and(|e| e.contains("exists already")));
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     #[test]
     fn a_layers_checkpoint_number_is_read_from_its_name() {

@@ -1,7 +1,9 @@
 //! Checkpoints on real guests (256 MiB, TCG): a VM with two disks checkpointed twice,
 //! shipped to another agent and restored there (its heartbeat continues from the
 //! checkpoint's sequence, memory and disk verify); a corrupt checkpoint on a replica
-//! passed over for the previous one; a protected VM's replica never deeper than `keep`.
+//! passed over for the previous one; a protected VM's replica never deeper than `keep`,
+//! nor the running VM's own chain (its active overlay over `keep` layers once each
+//! shipment's merge is done), the replica's newest checkpoint restoring afterwards.
 
 mod common;
 
@@ -160,6 +162,7 @@ fn a_protected_vms_replica_keeps_at_most_keep_checkpoints_and_layers() {
 
     let start = Instant::now();
     let mut most = 0;
+    let mut deepest = 0;
     loop {
         let v = a.info("pk");
         let st = v.protection.clone().expect("status");
@@ -167,6 +170,11 @@ fn a_protected_vms_replica_keeps_at_most_keep_checkpoints_and_layers() {
             most = most.max(r.checkpoints.len());
             assert!(r.checkpoints.len() <= 2, "{r:?}");
         }
+        // The running VM's chains: its active overlay over at most `keep` layers, one
+        // more between a checkpoint and the merge that follows its shipment.
+        let (depth, chains) = primary_depth(&a, "pk");
+        deepest = deepest.max(depth);
+        assert!(depth <= 2 + 2, "the running chain is {depth} deep: {chains:?}");
         if st.checkpoints >= 4 {
             break;
         }
@@ -184,6 +192,47 @@ fn a_protected_vms_replica_keeps_at_most_keep_checkpoints_and_layers() {
         let files: Vec<String> = chain(&dir.join(layer)).into_iter().filter(|f| f.starts_with(&*dir.to_string_lossy())).collect();
         assert!(files.len() <= 2, "the replica's chain of {} is {} deep: {files:?}", layer.display(), files.len());
     }
-    runs_clean(&a, "pk", 5);
+    // Once the last round's merge is done, the active overlay over `keep` layers; the
+    // guest, running all along on merged chains, verifies its memory and disk.
+    let trimmed = Instant::now();
+    let (depth, chains) = loop {
+        let (depth, chains) = primary_depth(&a, "pk");
+        if depth <= 2 + 1 || trimmed.elapsed() > Duration::from_secs(120) {
+            break (depth, chains);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(depth, 2 + 1, "the running chain after 4 checkpoints: {chains:?}");
+    eprintln!(
+        "the primary's chains: {chains:?} (at most {deepest} deep mid-round), {:.1} s after protection stopped",
+        trimmed.elapsed().as_secs_f64()
+    );
+    let v = runs_clean(&a, "pk", 5);
+    // The replica's newest checkpoint still restores, and the guest goes on from it.
     a.cli(&["vm", "delete", "pk"]);
+    let r = b.call(|c| async move { c.with_timeout(SLOW).restore_replica("pk", &RestoreRequest::default()).await }).expect("restore");
+    assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+    let back = runs_clean(&b, "pk", 5);
+    assert!(back.guest.last_seq > r.checkpoint.guest.last_seq, "{:?} {:?}", back.guest, r.checkpoint.guest);
+    assert_eq!(back.guest.seq_breaks, r.checkpoint.guest.seq_breaks, "{:?}", back.guest);
+    assert!(v.guest.last_seq.is_some());
+    b.cli(&["vm", "delete", "pk"]);
+    eprintln!("trimmed chains checked and the replica restored: {:.1} s", trimmed.elapsed().as_secs_f64());
+}
+
+/// How deep the running VM `vm`'s disk chains are in its agent's checkpoint store (the
+/// deepest disk's count of files there, its active overlay included), and each chain.
+fn primary_depth(agent: &AgentProc, vm: &str) -> (usize, Vec<Vec<String>>) {
+    let store = agent.data.join("checkpoints").join(vm);
+    let store = store.to_string_lossy();
+    let chains: Vec<Vec<String>> = agent
+        .info(vm)
+        .record
+        .spec
+        .disks
+        .iter()
+        .filter_map(|d| d.path.as_ref())
+        .map(|p| chain(p).into_iter().filter(|f| f.starts_with(&*store)).collect())
+        .collect();
+    (chains.iter().map(Vec::len).max().unwrap_or(0), chains)
 }

@@ -4,7 +4,9 @@
 //! the checkpoint's sequence, RPO and RTO reported); an agent whose controller goes
 //! silent stops its protected VM itself once the fence time has passed; a host cut off
 //! the network (its namespace's link down, not killed) stops its VM before the
-//! controller restores it elsewhere, so the two consoles' heartbeats never overlap.
+//! controller restores it elsewhere, so the two consoles' heartbeats never overlap;
+//! then musical chairs, whose controller cuts a host's power: its VM comes back from
+//! its replica, the game reports the failover's RPO and RTO and the survivors.
 
 mod common;
 
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use walkabout_api::{ClusterVm, Failover, FailoverResult, HostStatus, Phase, ProtectVm, VmState, WalkOptions};
+use walkabout_api::{ClusterVm, Failover, FailoverResult, HostStatus, Phase, ProtectVm, VmState, WalkOptions, WalkRecord};
 use walkabout_testbed::{BridgeNet, Controller, ControllerSpec, TestCa};
 
 /// Waits (up to `secs`) until `f` gives a value.
@@ -237,7 +239,8 @@ impl ConsoleWatch {
 /// Three hosts in network namespaces on one bridge (mutual TLS off loopback) and a
 /// controller on this machine reaching them through it.
 fn netns_cluster(net: &BridgeNet) -> (Vec<AgentProc>, ControllerProc) {
-    let agents: Vec<AgentProc> = (1..=3).map(|n| AgentProc::start_at(net.namespace(n), &format!("{}:7701", net.addr(n)), &[])).collect();
+    let agents: Vec<AgentProc> =
+        (1..=3).map(|n| AgentProc::start_at(net.namespace(n), &format!("{}:7701", net.addr(n)), &["--allow-power-cut"])).collect();
     let ca = TestCa::shared().expect("the shared test CA");
     let refs: Vec<&walkabout_testbed::Agent> = agents.iter().map(|a| &a.0).collect();
     let spec = ControllerSpec::new(common::bin(), &refs).tls(ca.dir(), &ca.operator()).args(&["--fence-time", "10s"]);
@@ -321,6 +324,38 @@ fn a_host_cut_off_the_network_stops_its_vm_before_it_runs_elsewhere_and_the_hear
     let now = vm(&ctl, "pa");
     assert_eq!((now.host.as_deref(), now.state), (Some("h2"), walkabout_api::ClusterVmState::Running), "{now:?}");
     assert_eq!(failovers(&ctl).len(), 1, "{:?}", failovers(&ctl));
+
+    // Musical chairs as the seed tells it, by the controller, on what is left: h1
+    // (empty, no VM's replica) taken out first, so the music stops at h2 (pa, protected
+    // toward h3) or h3 (pb, protected toward h2); the cut host's VM comes back on the
+    // other, and with one host left the game is over.
+    let since = Instant::now();
+    wait_for("a checkpoint of pa's new run on h3", 120, || {
+        let v = vm(&ctl, "pa");
+        let shipped = v.protection_status.as_ref()?.last.as_ref()?.taken_ms > restored.record.created_at_ms;
+        (v.protection.as_ref()?.replica == "h3" && shipped).then_some(())
+    });
+    ctl.call(|c| async move { c.remove_host("h1").await }).expect("take h1 out");
+    let game = Instant::now();
+    let w: WalkRecord = ctl.cli_as(&["game", "musical-chairs", "--round", "0s"]);
+    eprintln!("musical chairs: {:.1} s, {:?}; rounds {:?}", game.elapsed().as_secs_f64(), w.result, w.rounds);
+    let round = w.rounds.first().unwrap_or_else(|| panic!("no round played: {w:?}"));
+    let (lost, other) = match round.host.as_str() {
+        "h2" => ("pa", "h3"),
+        "h3" => ("pb", "h2"),
+        h => panic!("the music stopped at {h}: {w:?}"),
+    };
+    assert_eq!(w.rounds.len(), 1, "{w:?}");
+    assert!(w.result.as_deref().is_some_and(|r| r.starts_with("one host left in round 2")), "{w:?}");
+    let f = w.failovers.first().unwrap_or_else(|| panic!("no failover recorded: {w:?}"));
+    assert_eq!((w.failovers.len(), f.vm.as_str(), f.result, f.to.as_deref()), (1, lost, FailoverResult::Restored, Some(other)), "{w:?}");
+    let (rpo, rto) = (f.rpo_ms.expect("RPO"), f.rto_ms.expect("RTO"));
+    assert!(rto >= 10_000, "restored before the fence time: {f:?}");
+    assert!(round.result.contains(&format!("{lost} on {other} (RPO {rpo} ms, RTO {rto} ms)")), "{round:?}");
+    let mut survivors: Vec<_> = w.survivors.iter().map(|s| (s.vm.as_str(), s.host.as_deref(), s.corrupt_pages, s.seq_breaks)).collect();
+    survivors.sort();
+    assert_eq!(survivors, vec![("pa", Some(other), 0, 0), ("pb", Some(other), 0, 0)], "{w:?}");
+    eprintln!("musical chairs after the partition: {:.1} s", since.elapsed().as_secs_f64());
 }
 
 /// Milliseconds since the epoch at `t` (an instant of the past).

@@ -3,7 +3,8 @@
 //! destination admits only the host that asked for the migration, and a stranger
 //! connecting first to the destination's ports (plain bytes, an untrusted certificate,
 //! another host's certificate of the same CA) is refused while the migration goes on to
-//! complete with no corrupt page nor block.
+//! complete with no corrupt page nor block. A guest checkpointed right after its TLS
+//! hops, restored on the other agent from that checkpoint, migrates over TLS again.
 
 mod common;
 
@@ -12,7 +13,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use walkabout_api::{Phase, StorageMode, VmState};
+use walkabout_api::{CheckpointMethod, CheckpointRequest, Phase, RestoreReply, StorageMode, VmState};
 use walkabout_testbed::{listening, Agent, AgentSpec, DiskGuest, TestCa};
 use walkabout_trust::{Bundle, Role};
 
@@ -42,20 +43,44 @@ fn runs_clean(agent: &AgentProc, vm: &str, more: u64) {
     assert_healthy(&v);
 }
 
+/// Migrates `vm` from `from` to `to` over TLS with two multifd channels; the record
+/// says so and the guest runs clean there.
+fn tls_hop(from: &AgentProc, to: &AgentProc, vm: &str) {
+    let m = from.migrate(vm, to, &[&["--multifd-channels", "2"], PATIENT].concat());
+    assert_eq!(m.result, Phase::Completed, "{m:?}");
+    let rec = from.migrations().into_iter().find(|r| r.id == m.id).expect("the record");
+    assert!(rec.tls, "the record says the streams were plain: {rec:?}");
+    assert_eq!(rec.strategy.as_ref().map(|s| s.multifd_channels), Some(2), "{rec:?}");
+    runs_clean(to, vm, 5);
+}
+
 #[test]
 fn a_dirtying_guest_hops_there_and_back_over_tls_with_multifd_and_the_records_say_so() {
     let (a, b, _ca) = tls_pair(["qm1", "qm2"]);
     a.create(&["--name", "tls1", "--memory", "256M", "--workload", "dirty:64:16"]);
     runs_clean(&a, "tls1", 5);
     // Back again: the VM that came in (its QEMU a TLS server) leaves as a TLS client.
-    for (from, to) in [(&a, &b), (&b, &a)] {
-        let m = from.migrate("tls1", to, &[&["--multifd-channels", "2"], PATIENT].concat());
-        assert_eq!(m.result, Phase::Completed, "{m:?}");
-        let rec = from.migrations().into_iter().find(|r| r.vm == "tls1").expect("the record");
-        assert!(rec.tls, "the record says the streams were plain: {rec:?}");
-        assert_eq!(rec.strategy.as_ref().map(|s| s.multifd_channels), Some(2), "{rec:?}");
-        runs_clean(to, "tls1", 5);
-    }
+    tls_hop(&a, &b, "tls1");
+    tls_hop(&b, &a, "tls1");
+
+    // Checkpointed right after a TLS hop (its QEMU still holds the hop's TLS
+    // parameters, which a mapped-ram file refuses), shipped to b, restored there, and
+    // over TLS again from the restored VM (whose QEMU loaded a mapped-ram file).
+    let since = Instant::now();
+    let req = CheckpointRequest { method: Some(CheckpointMethod::Live), ship_to: Some(b.url.clone()) };
+    let ck = a
+        .call(|c| async move { c.with_timeout(Duration::from_secs(300)).checkpoint("tls1", &req).await })
+        .unwrap_or_else(|e| panic!("a checkpoint of tls1 after its TLS hop: {e}"));
+    a.cli(&["vm", "delete", "tls1"]);
+    let r: RestoreReply = b.cli_as(&["vm", "restore", &ck.id]);
+    assert_eq!(r.checkpoint.id, ck.id, "{r:?}");
+    runs_clean(&b, "tls1", 5);
+    tls_hop(&b, &a, "tls1");
+    let v = a.info("tls1");
+    let at = ck.guest.last_seq.expect("the checkpoint's heartbeat");
+    assert!(v.guest.last_seq.is_some_and(|s| s > at + 5), "the heartbeat did not go on from {at}: {:?}", v.guest);
+    assert_eq!(v.guest.seq_breaks, ck.guest.seq_breaks, "a break in the heartbeat after the restore: {:?}", v.guest);
+    eprintln!("checkpoint after TLS hops, restore, TLS hop again: {:.1} s", since.elapsed().as_secs_f64());
 }
 
 /// A stranger sends plain bytes (a forged stream header) to `port`: QEMU must close the

@@ -5,7 +5,8 @@
 //! again. A failed checkpoint or shipment is counted (never fatal: the VM runs on, on a
 //! consistent chain) and retried at the next tick. After a shipment the memory files of
 //! older local checkpoints are removed (the replica holds the newest; it is the next
-//! delta's base).
+//! delta's base) and the disk layers under the newest `keep - 1` merge into the base
+//! (`chain.rs`), so the running VM's chains stay at most `keep` layers deep.
 
 use crate::error::AgentError;
 use crate::vms::{lock, now_ms, Agent};
@@ -168,6 +169,11 @@ impl Agent {
             self.inner.store.put_checkpoint(&old)?;
         }
         tracing::info!(vm = %name, id = %ck.id, bytes = sent, pause_ms = ck.pause_ms, at = now_ms(), "protected: checkpoint shipped");
+        // The replica holds this checkpoint's layers by name: the older ones under them
+        // merge into the base here, so the running chain stays `keep` layers deep.
+        if let Err(e) = self.trim_chain(name, &ck, p.keep).await {
+            tracing::warn!(vm = %name, id = %ck.id, error = %e, "cannot trim the disk chain; it grows until the next round");
+        }
         Ok(ck)
     }
 }
