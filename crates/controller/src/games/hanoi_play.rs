@@ -954,6 +954,31 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    #[test]
+    fn a_move_line_names_the_vm_its_places_and_its_downtime() {
+        let m = HanoiMove {
+            number: 2,
+            vm: "hanoi0".into(),
+            from: "h1".into(),
+            to: "h3".into(),
+            migration: "m1".into(),
+            result: Phase::Completed,
+            downtime_ms: Some(42),
+            total_ms: Some(12_500),
+            heartbeats: 9,
+            seq_breaks: 0,
+            corrupt_pages: 0,
+            reason: None,
+            attempts: 1,
+        };
+
+        let s = line(&m);
+        let failed = line(&HanoiMove { result: Phase::Failed, reason: Some("refused".into()), ..m });
+
+        assert_eq!(s, "hanoi0 h1 -> h3: completed (downtime 42 ms, took 12.5 s, heartbeats 9, breaks 0, corrupt pages 0)");
+        assert!(failed.ends_with(": refused"), "{failed}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_controller_not_set_up_for_hanoi_says_which_flag_is_missing() {
         let (c, dir) = controller("hanoi-unset", None).await;
