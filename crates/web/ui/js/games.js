@@ -313,7 +313,7 @@ function renderHanoiGame(root, w) {
 function pegs(g) {
   const nest = (vms) => (vms.length ? h('div.disc', { 'data-vm': vms[0] }, h('span', {}, vms[0]), nest(vms.slice(1))) : null);
   return h('div.hanoi-pegs', { id: 'hanoi-pegs' },
-    g.pegs.map((host, i) => h('div.peg', { 'data-peg': i + 1, 'data-host': host },
+    g.pegs.map((host, i) => h('div.peg', { 'data-peg': i + 1, 'data-peg-host': host },
       h('div.tower', {}, nest(g.tower[i] ?? [])),
       h('div.peg-name', {}, `peg ${i + 1}: ${host}`))));
 }
