@@ -57,8 +57,12 @@ const NESTED_CMDLINE: &str = "nosoftlockup nowatchdog rcupdate.rcu_cpu_stall_sup
 /// How long an agent may stay silent during a move before its peer gives up, ms.
 const PEER_TIMEOUT_MS: u64 = 20_000;
 
-/// How long one move may take.
-const MOVE_LIMIT: Duration = Duration::from_secs(900);
+/// How long the game waits for one move: longer than the source agent's own budget
+/// for it (at most 900 s), so that the agent's end of it (a forced switchover at the
+/// budget, or a failure with the VM still at its source) is what the game sees. At
+/// 900 s, under a load of 20 on 2 cores, the game gave up on a move into the nested
+/// agent seconds before its switchover.
+const MOVE_LIMIT: Duration = Duration::from_secs(1200);
 
 /// What the game needs of the machine the controller runs on to make a hypervisor
 /// guest: its disks (implemented by the `walkabout` binary, which builds the image and
@@ -241,7 +245,7 @@ impl Games {
         );
         let (g, id) = (self.clone(), w.id.clone());
         tokio::spawn(async move {
-            let result = g.play_hanoi(&id, game).await;
+            let result = g.play_hanoi(&client, &id, game).await;
             g.hanoi_update(&id, "the game is over".into(), |h| h.stage = HanoiStage::Over);
             g.end_walk(&client, &id, result).await;
         });
@@ -338,10 +342,15 @@ impl Games {
     }
 
     /// Plays the game to its end; how it ended, in a sentence.
-    async fn play_hanoi(self: &Arc<Self>, id: &str, mut game: Game) -> String {
+    async fn play_hanoi(self: &Arc<Self>, client: &ControllerClient, id: &str, mut game: Game) -> String {
         let result = self.hanoi_moves(id, &mut game).await;
         if !game.opts.keep {
             game.delete_all().await;
+            // The controller saw them come and go behind its back (as missing); it
+            // forgets them too (a VM it never saw is a 404, nothing to forget).
+            for vm in &game.vms {
+                let _ = client.delete_vm(vm).await;
+            }
         }
         let rec = self.walk(id).ok().and_then(|w| w.hanoi).map(|h| (h.solved, h.moves));
         let downs =
