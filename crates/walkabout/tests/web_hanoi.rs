@@ -120,7 +120,8 @@ fn the_towers_of_hanoi_start_from_the_page_show_their_first_stage_and_stop() {
         (on_h1("hanoi0") && on_h1("hanoi1")).then_some(vms)
     });
     assert_eq!(listed.len(), 3, "{listed:?}");
-    b.save("hanoi-1-booting.png", &b.element_screenshot("#hanoi-game").unwrap_or_else(|| b.screenshot()));
+    b.script("document.getElementById('hanoi-game').scrollIntoView()", serde_json::json!([]));
+    b.save("hanoi-1-booting.png", &b.screenshot());
 
     // Stop: the game ends stopped, its VMs deleted, nothing else touched.
     b.click("#hanoi-stop");
@@ -135,6 +136,7 @@ fn the_towers_of_hanoi_start_from_the_page_show_their_first_stage_and_stop() {
     assert_eq!((left[0].name.as_str(), left[0].host.as_deref(), left[0].state), ("a", Some("h2"), ClusterVmState::Running), "{left:?}");
     let migrating = call(&ctl, ca, |c| async move { c.migrations().await });
     assert!(migrating.iter().all(|m| m.phase.is_final()), "{migrating:?}");
-    b.save("hanoi-2-stopped.png", &b.element_screenshot("#hanoi-game").unwrap_or_else(|| b.screenshot()));
+    b.script("document.getElementById('hanoi-game').scrollIntoView()", serde_json::json!([]));
+    b.save("hanoi-2-stopped.png", &b.screenshot());
     assert_eq!(b.script_errors(), Vec::<String>::new(), "the page's scripts failed");
 }
