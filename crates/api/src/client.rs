@@ -715,6 +715,10 @@ impl ControllerClient {
     pub async fn game_move(&self, id: &str, mv: &crate::PlayerMove) -> Result<WalkRecord, ClientError> {
         self.http.post(&format!("/v1/games/{}/move", seg(id)), Some(mv)).await
     }
+    /// `POST /v1/games/hanoi`: starts the Towers of Hanoi with nested VMs.
+    pub async fn start_hanoi(&self, opts: &crate::HanoiOptions) -> Result<WalkRecord, ClientError> {
+        self.http.post("/v1/games/hanoi", Some(opts)).await
+    }
     /// `GET /v1/games/hanoi/plan?levels=N`: the Towers of Hanoi's planned moves.
     pub async fn hanoi_plan(&self, levels: u32) -> Result<crate::HanoiPlan, ClientError> {
         self.http.get(&format!("/v1/games/hanoi/plan?levels={levels}")).await

@@ -87,6 +87,7 @@ pub use plan::{Blocked, Goal, PlanRecord, PlanStatus, Problem, Step, StepStatus}
 pub use trust::{JoinReply, JoinRequest, JoinToken, JoinTokenRequest};
 pub use vm::{ConsoleChunk, GuestStatus, VmInfo, VmRecord, VmSpec, VmState, WillAnswer, WillAsk, WillRecord, WillRequest, WILL_PORT};
 pub use walk::{
-    HanoiMove, HanoiPlan, HanoiPlanQuery, HanoiRecord, HanoiStep, Hop, Link, LinkKind, MrXBy, PlayerMove, Round, ScotlandGame,
-    ScotlandMove, ScotlandOptions, Side, Sighting, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus, HANOI_PLAN_MAX_LEVELS,
+    HanoiMove, HanoiOptions, HanoiPlan, HanoiPlanQuery, HanoiRecord, HanoiStage, HanoiStep, Hop, Link, LinkKind, MrXBy, PlayerMove, Round,
+    ScotlandGame, ScotlandMove, ScotlandOptions, Side, Sighting, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus,
+    HANOI_PLAN_MAX_LEVELS,
 };

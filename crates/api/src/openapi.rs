@@ -405,7 +405,7 @@ mod controller_routes {
     use crate::plan::{Goal, PlanRecord};
     use crate::trust::{JoinReply, JoinRequest, JoinToken, JoinTokenRequest};
     use crate::vm::WillRecord;
-    use crate::walk::{HanoiPlan, PlayerMove, ScotlandOptions, WalkOptions, WalkRecord};
+    use crate::walk::{HanoiOptions, HanoiPlan, PlayerMove, ScotlandOptions, WalkOptions, WalkRecord};
 
     /// A short-lived, single-use token for one host to join the cluster with
     /// (`walkabout host token`); operators only.
@@ -563,8 +563,19 @@ mod controller_routes {
         request_body = PlayerMove, responses((status = 202, body = WalkRecord), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
     fn game_move() {}
 
+    /// Starts the Towers of Hanoi with nested VMs: a hypervisor guest (its own agent and
+    /// QEMU) and a plain guest boot on the first peg, the plain guest migrates into the
+    /// hypervisor guest, and the planned moves take the tower to the last peg, each a
+    /// verified live migration into or out of the nested agent. Progress is the game's
+    /// `hanoi` record (stage, tower, every move with its downtime); stop it at
+    /// `/v1/walks/{id}/stop`. 409 when the controller is not set up for it (no CA, no
+    /// bridge or address) or a game already runs.
+    #[utoipa::path(post, path = "/v1/games/hanoi", tag = "walks", request_body = HanoiOptions, responses(
+        (status = 202, body = WalkRecord), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    fn start_hanoi() {}
+
     /// The Towers of Hanoi with nested VMs, planned: the moves that take a tower of
-    /// `levels` VMs from peg 1 to peg 3 (the planner only; `walkabout game hanoi` plays
+    /// `levels` VMs from peg 1 to peg 3 (the planner only; `POST /v1/games/hanoi` plays
     /// them with real nested VMs).
     #[utoipa::path(get, path = "/v1/games/hanoi/plan", tag = "walks",
         params(("levels" = u32, Query, description = "levels of nesting, 1 to 10")),
@@ -657,6 +668,7 @@ mod controller_routes {
         controller_routes::start_musical_chairs,
         controller_routes::start_scotland_yard,
         controller_routes::game_move,
+        controller_routes::start_hanoi,
         controller_routes::hanoi_plan,
         controller_routes::will_requests,
         controller_routes::get_walk,

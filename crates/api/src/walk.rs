@@ -15,6 +15,8 @@ pub enum WalkKind {
     MusicalChairs,
     /// Scotland Yard: detectives chase Mr X over a board of host links.
     ScotlandYard,
+    /// The Towers of Hanoi with nested VMs.
+    Hanoi,
 }
 
 /// Where a walk is.
@@ -127,6 +129,9 @@ pub struct WalkRecord {
     /// hosts are hidden except at reveals (his hops are left out of `hops` until the end).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scotland: Option<ScotlandGame>,
+    /// The Towers of Hanoi: the pegs, the tower as it stands, every move played.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hanoi: Option<HanoiRecord>,
 }
 
 /// A kind of link between two hosts, like the board's tickets.
@@ -414,9 +419,16 @@ pub struct HanoiRecord {
     /// The VMs, outermost first.
     #[serde(default)]
     pub vms: Vec<String>,
-    /// The pegs' agents' URLs.
+    /// The pegs, first to last: the hosts' names.
     #[serde(default)]
     pub pegs: Vec<String>,
+    /// Where the game is.
+    #[serde(default)]
+    pub stage: HanoiStage,
+    /// The VMs on each peg now, outermost first (each holds the next); a VM that runs
+    /// beside the tower rather than in it (the plain guest booting) is not listed.
+    #[serde(default)]
+    pub tower: Vec<Vec<String>>,
     /// Moves that built the tower on the first peg (a VM booted on a host and migrated
     /// into the VM that holds it).
     #[serde(default)]
@@ -430,6 +442,92 @@ pub struct HanoiRecord {
     /// Time from the hypervisor guest's start until its agent answered, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hyper_boot_ms: Option<u64>,
+}
+
+/// Where a game of the Towers of Hanoi is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HanoiStage {
+    /// The hypervisor guest and the plain guest boot on the first peg; the game waits
+    /// for the agent inside the former.
+    #[default]
+    Booting,
+    /// The plain guest migrates into the hypervisor guest (the tower is built).
+    Building,
+    /// The planned moves are played.
+    Playing,
+    /// Ended: solved, failed or stopped; the game's VMs deleted unless kept.
+    Over,
+}
+
+fn two() -> u32 {
+    2
+}
+
+fn hyper_mib() -> u64 {
+    768
+}
+
+fn leaf_mib() -> u64 {
+    128
+}
+
+fn leaf_workload() -> String {
+    "dirty:8:1".into()
+}
+
+/// How to play the Towers of Hanoi with nested VMs (`POST /v1/games/hanoi`). The
+/// hypervisor guest's image, the bridge and address of its agent and the CA that
+/// issues its host certificate are the controller's (`walkabout controller --ca-dir
+/// --hanoi-bridge --hanoi-address`); `bridge` and `address` here override them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HanoiOptions {
+    /// The three pegs, first to last: hosts of the cluster (the tower starts on the
+    /// first and ends on the last). Absent: the first three hosts by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pegs: Vec<String>,
+    /// Levels of nesting (VMs in the tower); 2 is what is played today.
+    #[serde(default = "two")]
+    #[schema(default = 2)]
+    pub levels: u32,
+    /// Memory of the hypervisor guest, MiB (it holds the other VM and a QEMU for it).
+    #[serde(default = "hyper_mib")]
+    #[schema(default = 768)]
+    pub hyper_memory_mib: u64,
+    /// Memory of the innermost guest, MiB.
+    #[serde(default = "leaf_mib")]
+    #[schema(default = 128)]
+    pub guest_memory_mib: u64,
+    /// The innermost guest's workload.
+    #[serde(default = "leaf_workload")]
+    #[schema(default = "dirty:8:1")]
+    pub workload: String,
+    /// The bridge the hypervisor guest's NIC joins on every host (absent: the
+    /// controller's `--hanoi-bridge`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// The hypervisor guest's address with its prefix, e.g. `10.77.0.20/24` (absent:
+    /// the controller's `--hanoi-address`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Leave the game's VMs running at the end (default: delete them).
+    #[serde(default)]
+    pub keep: bool,
+}
+
+impl Default for HanoiOptions {
+    fn default() -> HanoiOptions {
+        HanoiOptions {
+            pegs: vec![],
+            levels: two(),
+            hyper_memory_mib: hyper_mib(),
+            guest_memory_mib: leaf_mib(),
+            workload: leaf_workload(),
+            bridge: None,
+            address: None,
+            keep: false,
+        }
+    }
 }
 
 /// The query of `GET /v1/games/hanoi/plan`.

@@ -302,6 +302,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/games/musical-chairs"),
     ("POST", "/v1/games/scotland-yard"),
     ("POST", "/v1/games/{id}/move"),
+    ("POST", "/v1/games/hanoi"),
     ("GET", "/v1/games/hanoi/plan"),
     ("GET", "/v1/will"),
     ("GET", "/v1/walks/{id}"),

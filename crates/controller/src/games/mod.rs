@@ -19,6 +19,7 @@
 
 mod chairs;
 pub mod hanoi;
+mod hanoi_play;
 pub mod scotland;
 mod walk;
 pub mod will;
@@ -37,8 +38,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
-use walkabout_api::{ClientOptions, ControllerClient, HanoiPlan, HanoiPlanQuery, HanoiStep, HANOI_PLAN_MAX_LEVELS};
+use walkabout_api::{ClientOptions, ControllerClient, HanoiOptions, HanoiPlan, HanoiPlanQuery, HanoiStep, HANOI_PLAN_MAX_LEVELS};
 
+pub use hanoi_play::{line as hanoi_move_line, HanoiAgents, HanoiSetup, HttpHanoiAgents, Nest, LEVELS as HANOI_LEVELS};
 pub use walk::Rng;
 pub use walkabout_api::{Hop, PlayerMove, Round, ScotlandOptions, Survivor, WalkKind, WalkOptions, WalkRecord, WalkStatus};
 
@@ -58,6 +60,8 @@ pub struct Games {
     will: Mutex<will::WillState>,
     /// Scotland Yard: players' moves awaiting their turn, by game and detective.
     player_moves: Mutex<BTreeMap<(String, String), PlayerMove>>,
+    /// The Towers of Hanoi: how this controller is set up to play it.
+    hanoi: Mutex<HanoiSetup>,
 }
 
 impl Games {
@@ -71,6 +75,7 @@ impl Games {
             stop,
             will: Mutex::default(),
             player_moves: Mutex::default(),
+            hanoi: Mutex::default(),
         })
     }
 
@@ -170,6 +175,7 @@ impl Games {
             result: None,
             failovers: vec![],
             scotland: None,
+            hanoi: None,
         };
         lock(&self.walks).insert(id, w.clone());
         w
@@ -224,7 +230,7 @@ impl Games {
 
 /// The games' routes: `/v1/walks`, `/v1/walks/{id}`, `/v1/walks/{id}/stop`,
 /// `/v1/games/musical-chairs`, `/v1/games/scotland-yard`, `/v1/games/{id}/move`,
-/// `/v1/games/hanoi/plan`, `/v1/will`. A game is stopped like a walk, at
+/// `/v1/games/hanoi`, `/v1/games/hanoi/plan`, `/v1/will`. A game is stopped like a walk, at
 /// `/v1/walks/{id}/stop` (one spelling per action).
 pub fn router(games: Arc<Games>) -> Router {
     Router::new()
@@ -232,6 +238,7 @@ pub fn router(games: Arc<Games>) -> Router {
         .route("/v1/games/musical-chairs", post(start_game))
         .route("/v1/games/scotland-yard", post(start_scotland))
         .route("/v1/games/{id}/move", post(game_move))
+        .route("/v1/games/hanoi", post(start_hanoi))
         .route("/v1/games/hanoi/plan", get(hanoi_plan))
         .route("/v1/will", get(will_records))
         .route("/v1/walks/{id}", get(one))
@@ -278,6 +285,15 @@ async fn start_scotland(State(g): State<Arc<Games>>, headers: HeaderMap, b: Body
     let r = async {
         let o = b.map(|Json(v)| v).map_err(|e| ControllerError::Invalid(format!("invalid game: {}", e.body_text())))?;
         g.start_scotland_with(g.client(Some(&headers))?, o).await
+    }
+    .await;
+    reply(StatusCode::ACCEPTED, r)
+}
+
+async fn start_hanoi(State(g): State<Arc<Games>>, headers: HeaderMap, b: Body<HanoiOptions>) -> Response {
+    let r = async {
+        let o = b.map(|Json(v)| v).map_err(|e| ControllerError::Invalid(format!("invalid game: {}", e.body_text())))?;
+        g.start_hanoi_with(g.client(Some(&headers))?, o).await
     }
     .await;
     reply(StatusCode::ACCEPTED, r)

@@ -80,6 +80,15 @@ pub struct ControllerArgs {
     /// after 4 s of silence).
     #[arg(long, value_parser = super::client::parse_duration_ms, default_value = "10s")]
     fence_time: u64,
+    /// The Towers of Hanoi (`POST /v1/games/hanoi`, `walkabout game hanoi`): the bridge
+    /// the hypervisor guest's NIC joins on every host; its agent must reach the hosts'
+    /// agents at their URLs and they it. Needs --ca-dir (its host certificate).
+    #[arg(long)]
+    hanoi_bridge: Option<String>,
+    /// The Towers of Hanoi: the hypervisor guest's address with its prefix on that
+    /// bridge (e.g. 10.77.0.20/24).
+    #[arg(long)]
+    hanoi_address: Option<String>,
 }
 
 impl ControllerArgs {
@@ -184,6 +193,12 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<ExitCode> {
             None => None,
         };
         let cluster = walkabout_controller::start(config, &a.agents).await?;
+        cluster.games().enable_hanoi(super::hanoi::setup(
+            a.ca_dir.as_deref(),
+            a.data_dir.join("hanoi"),
+            a.hanoi_bridge.clone(),
+            a.hanoi_address.clone(),
+        ));
         let console = match web {
             Some(l) => {
                 let (sessions, login_url) = console_sessions(&l)?;

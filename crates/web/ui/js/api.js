@@ -55,6 +55,8 @@ export const api = {
   startScotland: (opts) => call('POST', 'v1/games/scotland-yard', opts),
   /** A player's detective move `{detective, to, link?}` in game `id`. */
   gameMove: (id, mv) => call('POST', `v1/games/${enc(id)}/move`, mv),
+  /** Starts the Towers of Hanoi with nested VMs (`HanoiOptions`). */
+  startHanoi: (opts) => call('POST', 'v1/games/hanoi', opts),
   /** The Towers of Hanoi's planned moves for `levels` levels (the planner only). */
   hanoiPlan: (levels) => call('GET', `v1/games/hanoi/plan?levels=${enc(levels)}`),
   /** Protects `vm`: checkpoints shipped to a replica host (the controller picks it). */

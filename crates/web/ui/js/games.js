@@ -1,7 +1,9 @@
 // The Games panel: Scotland Yard (start it with bots or play the detectives, watch the
 // board, the rounds, each move's migration and downtime and Mr X's reveals as the event
-// stream brings them, stop it) and the Towers of Hanoi's planned moves. The walk and
-// musical chairs stay in the top bar (ops.js).
+// stream brings them, stop it) and the Towers of Hanoi: its planned moves, and the game
+// played by the controller with nested VMs (start it on the chosen pegs, watch its stage,
+// the pegs with the nested tower and each move's downtime as they land, stop it). The
+// walk and musical chairs stay in the top bar (ops.js).
 
 import { h, fill } from './dom.js';
 import { ms } from './format.js';
@@ -19,7 +21,9 @@ const R = 95;
 const form = { mrX: null, detectives: null, players: false, rounds: 6, reveal: 3, levels: 3, pegs: [null, null, null] };
 /** Keys of what is drawn, so an unchanged part is not redrawn (a click never lands on
  *  an element replaced under it). */
-const drawn = { forms: '', game: '', hanoi: '' };
+const drawn = { forms: '', game: '', hanoi: '', hanoiGame: '' };
+/** The levels the controller plays with real nested VMs. */
+const HANOI_LEVELS = 2;
 /** The Hanoi plan shown (HanoiPlan), if any. */
 let hanoi = null;
 /** Moves a player asked, by detective: `{to, moves}`, `moves` the game's count of moves
@@ -34,6 +38,7 @@ export function setupGames(root) {
     h('h2', { id: 'games-title' }, 'Games'),
     h('div.game-forms', { id: 'game-forms' }),
     h('div.game', { id: 'sy-game', hidden: true }),
+    h('div.game.hanoi-game', { id: 'hanoi-game', hidden: true }),
     h('div.hanoi', { id: 'hanoi-plan', hidden: true }));
 }
 
@@ -43,10 +48,17 @@ function currentGame() {
   return games.find((w) => w.status === 'running') ?? games[0] ?? null;
 }
 
+/** The latest game of the Towers of Hanoi: the one running, else the newest. */
+function currentHanoi() {
+  const games = state.walks.filter((w) => w.kind === 'hanoi' && w.hanoi).sort((a, b) => b.started_ms - a.started_ms);
+  return games.find((w) => w.status === 'running') ?? games[0] ?? null;
+}
+
 /** Draws what changed. */
 export function renderGames() {
   renderForms($('game-forms'));
   renderGame($('sy-game'), currentGame());
+  renderHanoiGame($('hanoi-game'), currentHanoi());
   renderHanoi($('hanoi-plan'));
 }
 
@@ -82,7 +94,9 @@ function renderForms(root) {
     h('fieldset', {},
       h('legend', {}, 'Towers of Hanoi'),
       h('div.row', {}, num('hanoi-levels', 'levels', form.levels, 1, 10, (n) => { form.levels = n; }), h('span', {}, 'pegs ', pegs)),
-      h('div.row', {}, h('button', { type: 'button', id: 'hanoi-start', onclick: planHanoi }, 'Plan the Towers of Hanoi'))));
+      h('div.row', {},
+        h('button', { type: 'button', id: 'hanoi-start', onclick: planHanoi }, 'Plan the Towers of Hanoi'),
+        h('button', { type: 'button', id: 'hanoi-play', class: 'primary', onclick: playHanoi }, `Play ${HANOI_LEVELS} levels with nested VMs`))));
 }
 
 async function startScotland() {
@@ -110,6 +124,17 @@ async function planHanoi() {
     hanoi = await api.hanoiPlan(Math.max(1, form.levels || 1));
     drawn.hanoi = '';
     renderHanoi($('hanoi-plan'));
+  } catch (e) {
+    report(e);
+  }
+}
+
+/** Starts the Towers of Hanoi on the chosen pegs (`POST /v1/games/hanoi`). */
+async function playHanoi() {
+  try {
+    await api.startHanoi({ pegs: form.pegs.filter(Boolean), levels: HANOI_LEVELS });
+    report(null);
+    refreshWalks();
   } catch (e) {
     report(e);
   }
@@ -245,8 +270,62 @@ function renderHanoi(root) {
   root.dataset.levels = hanoi.levels;
   fill(root,
     h('p', {}, `Towers of Hanoi, ${hanoi.levels} level(s): ${hanoi.steps.length} moves take the tower (${hanoi.vms.join(' ⊃ ')}) from peg 1 to peg 3, `,
-      'each a live migration into or out of the VM below. Planned by the controller; played with real nested VMs by ',
-      h('code', {}, 'walkabout game hanoi'), '.'),
+      'each a live migration into or out of the VM below. Planned by the controller; played with real nested VMs (',
+      `${HANOI_LEVELS} levels) by the Play button or `, h('code', {}, 'walkabout game hanoi'), '.'),
     h('ol.hanoi-steps', { id: 'hanoi-steps' },
       hanoi.steps.map((s) => h('li', { 'data-step': s.number, 'data-vm': s.vm }, `${s.vm}: ${place(s.from)} → ${place(s.to)}`))));
+}
+
+/** What a stage of the Towers of Hanoi means, for people. */
+function stageText(g) {
+  const first = g.pegs[0] ?? '?';
+  switch (g.stage) {
+    case 'booting': return `booting: ${g.vms[0]} (a hypervisor guest: its own agent and QEMU) and ${g.vms.slice(1).join(', ')} start on ${first}; the agent inside takes a minute or more`;
+    case 'building': return `building the tower: ${g.vms.slice(1).join(', ')} migrates into ${g.vms[0]} on ${first}`;
+    case 'playing': return 'playing the planned moves';
+    default: return g.solved ? 'over: solved' : 'over';
+  }
+}
+
+/** A game of the Towers of Hanoi: its stage, the pegs with the nested tower as it
+ *  stands, every move with its downtime and the guest's check, Stop while it runs. */
+function renderHanoiGame(root, w) {
+  const key = w ? JSON.stringify(w) : '';
+  if (key === drawn.hanoiGame) return;
+  drawn.hanoiGame = key;
+  root.hidden = !w;
+  if (!w) return;
+  const g = w.hanoi;
+  const running = w.status === 'running';
+  root.dataset.game = w.id;
+  root.dataset.status = w.status;
+  root.dataset.stage = g.stage;
+  fill(root,
+    h('div.game-head', {},
+      h('strong', {}, `${w.id}: Towers of Hanoi`), ` · ${w.status} · `, h('span.stage', { id: 'hanoi-stage' }, stageText(g)),
+      g.hyper_boot_ms ? ` · ${g.vms[0]}'s agent answered after ${ms(g.hyper_boot_ms)}` : '',
+      running ? h('button', { type: 'button', id: 'hanoi-stop', onclick: () => api.stopWalk(w.id).then(refreshWalks).catch(report) }, 'Stop the game') : ''),
+    w.result ? h('div.reason', {}, w.result) : '',
+    h('div.game-body', {}, pegs(g), hanoiMoves(g)));
+}
+
+/** The three pegs, each with its tower: the bottom VM on the host, each next one inside it. */
+function pegs(g) {
+  const nest = (vms) => (vms.length ? h('div.disc', { 'data-vm': vms[0] }, h('span', {}, vms[0]), nest(vms.slice(1))) : null);
+  return h('div.hanoi-pegs', { id: 'hanoi-pegs' },
+    g.pegs.map((host, i) => h('div.peg', { 'data-peg': i + 1, 'data-peg-host': host },
+      h('div.tower', {}, nest(g.tower[i] ?? [])),
+      h('div.peg-name', {}, `peg ${i + 1}: ${host}`))));
+}
+
+/** The moves played: the tower's building, then the planned ones. */
+function hanoiMoves(g) {
+  const rows = [...g.setup, ...g.moves].map((m) => h('tr', { class: 'move', 'data-number': m.number, 'data-vm': m.vm, 'data-result': m.result },
+    h('td', {}, m.number ? String(m.number) : 'tower'), h('td', {}, m.vm), h('td', {}, `${m.from} → ${m.to}`), h('td', {}, m.result),
+    h('td', { class: 'downtime', 'data-downtime-ms': m.downtime_ms ?? '' }, ms(m.downtime_ms)), h('td', {}, ms(m.total_ms)),
+    h('td', {}, `${m.heartbeats} / ${m.seq_breaks} / ${m.corrupt_pages}`),
+    h('td', {}, m.reason ?? (m.attempts > 1 ? `${m.attempts} attempts` : ''))));
+  return h('table.moves', { id: 'hanoi-moves' },
+    h('thead', {}, h('tr', {}, ['#', 'VM', 'move', 'result', 'downtime', 'took', 'heartbeats / breaks / corrupt', ''].map((t) => h('th', {}, t)))),
+    h('tbody', {}, rows.length ? rows : h('tr', {}, h('td', { colspan: 8, class: 'empty' }, 'no move yet'))));
 }
