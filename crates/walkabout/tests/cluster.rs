@@ -335,7 +335,11 @@ fn with_a_walk_running_drains_empty_their_host_even_of_a_vm_migrating_into_it() 
 
     let plan = assert_drains_and_stays_empty(&url, &agents, &host.name);
 
-    assert!(steps(&plan).iter().all(|s| s.status != StepStatus::Failed), "no step fought the walk: {plan:?}");
+    // No step ran into the walk's own migration of its VM. (A step may fail for the
+    // load, e.g. a destination agent too slow to answer at switchover; the plan then
+    // retries it and completes, as asserted above.)
+    let fought = |s: &Step| s.status == StepStatus::Failed && s.reason.as_deref().unwrap_or("").contains("already being migrated");
+    assert!(!steps(&plan).iter().any(fought), "a step fought the walk: {plan:?}");
     let (back, code) = ctl_json::<Host>(&url, &["host", "undrain", &host.name]);
     assert_eq!((code, back.maintenance), (Some(0), Maintenance::Active), "{back:?}");
 

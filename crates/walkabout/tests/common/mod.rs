@@ -415,7 +415,17 @@ impl ControllerProc {
     pub fn wait_plan(&self, id: &str, secs: u64) -> PlanRecord {
         let start = Instant::now();
         loop {
-            let p = self.plan(id);
+            // A controller of an HA group may be between two leaders (campaigning) for
+            // a moment: asked again, it answers from the leader that won.
+            let p = match self.call(|c| async move { c.plan(id).await }) {
+                Ok(p) => p,
+                Err(e) if e.kind() == Some(walkabout_api::ErrorKind::NotLeader) => {
+                    assert!(start.elapsed() < Duration::from_secs(secs), "plan {id}: no leader for {secs} s: {e}\n{}", self.log());
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+                Err(e) => panic!("plan {id} of {}: {e}", self.url),
+            };
             if !matches!(p.status, PlanStatus::Running | PlanStatus::Proposed) {
                 return p;
             }
