@@ -894,12 +894,10 @@ async fn stage_into(
         for l in chain.iter().filter(|l| l.path.parent() == Some(dir)) {
             let Some(file) = l.path.file_name() else { continue };
             let there = store.join(file);
-            if there.exists() {
-                if !same_file(&there, &l.path) {
-                    return Err(format!("{} holds another file than layer {}", there.display(), l.path.display()));
-                }
+            if there.exists() && same_file(&there, &l.path) {
                 continue;
             }
+            replace_stale(&there, &chain)?;
             std::fs::hard_link(&l.path, &there).map_err(|e| {
                 format!("cannot link layer {} into the store as {} (they must share a file system): {e}", l.path.display(), there.display())
             })?;
@@ -911,7 +909,24 @@ async fn stage_into(
     rebase_name(img.binary(), &top, Path::new(layer), format).await
 }
 
-/// Whether two paths are one file (hard links of one inode).
+/// Clears the way for a layer of `chain` to be linked into a checkpoint store as
+/// `there`. A file of that name already there, not a layer of `chain`, is a layer of
+/// the VM's earlier stay on this host: a checkpoint store outlives the stay, and a
+/// failover or a hop back brings a chain whose layers carry the same names (seen: the
+/// failover of a VM to a host it had walked through was refused, and the VM lost). No
+/// QEMU runs from it (the VM runs from the chain brought, or not at all), and the chain
+/// brought is the VM's present, so the old file is removed.
+fn replace_stale(there: &Path, chain: &[walkabout_qemu::img::ImageInfo]) -> Result<(), String> {
+    if !there.exists() {
+        return Ok(());
+    }
+    if chain.iter().any(|l| same_file(there, &l.path)) {
+        return Err(format!("{} is a layer of the chain being linked under another name", there.display()));
+    }
+    tracing::warn!(file = %there.display(), "replacing a layer left in the checkpoint store by the VM's earlier stay on this host");
+    std::fs::remove_file(there).map_err(|e| format!("cannot remove {}, left by the VM's earlier stay: {e}", there.display()))
+}
+
 /// Makes the layers under a disk's top image `top` resolvable from the checkpoint store
 /// `store` when the top lives elsewhere (the VM came with shared storage from a host
 /// whose store held its chain): each backing layer in the top's own directory (named
@@ -942,16 +957,10 @@ async fn link_backing_chain(
             continue;
         }
         let there = store.join(name);
-        if there.exists() {
-            if !same_file(&there, &layer.path) {
-                return Err(format!(
-                    "disk {disk} is backed by {}, but the checkpoint store already holds another file of that name ({})",
-                    layer.path.display(),
-                    there.display()
-                ));
-            }
+        if there.exists() && same_file(&there, &layer.path) {
             continue;
         }
+        replace_stale(&there, &chain).map_err(|e| format!("disk {disk}: {e}"))?;
         std::fs::hard_link(&layer.path, &there).map_err(|e| {
             format!(
                 "cannot link disk {disk} layer {} into the checkpoint store as {} (they must share a file system): {e}",
@@ -971,6 +980,7 @@ fn checkpoint_number(file: &str, vm: &str) -> Option<u64> {
     n.strip_prefix('a').unwrap_or(n).parse().ok()
 }
 
+/// Whether two paths are one file (hard links of one inode).
 fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
@@ -1087,6 +1097,29 @@ mod tests {
         assert_eq!(names, ["re.a4.disk0.qcow2", "vm.4.disk0.qcow2", "vm.1.disk0.qcow2"].map(|n| moved.join(n)), "{chain:?}");
         let again = stage_restored_disk(&img, &moved, "vm.4.disk0.qcow2", DiskFormat::Qcow2, &moved, "re.a4.disk0.qcow2").await;
         assert!(again.is_err_and(|e| e.contains("exists already")));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[tokio::test]
+    async fn a_layer_left_in_the_store_by_an_earlier_stay_is_replaced_by_the_replicas() {
+        let root = std::env::temp_dir().join(format!("wa-restore-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (replica, store) = (root.join("replicas/fa"), root.join("checkpoints/fa"));
+        for d in [&replica, &store] {
+            std::fs::create_dir_all(d).expect("dir");
+        }
+        qcow2(&replica, "fa.1.disk0.qcow2", None);
+        qcow2(&replica, "fa.3.disk0.qcow2", Some("fa.1.disk0.qcow2"));
+        // The VM's own checkpoint 3 from when it ran here: another file of that name.
+        qcow2(&store, "fa.3.disk0.qcow2", None);
+        let img = walkabout_qemu::img::QemuImg::default();
+
+        let made = stage_restored_disk(&img, &replica, "fa.3.disk0.qcow2", DiskFormat::Qcow2, &store, "fa.a3.disk0.qcow2").await;
+
+        made.expect("staged over the stale layer");
+        assert!(same_file(&store.join("fa.3.disk0.qcow2"), &replica.join("fa.3.disk0.qcow2")));
+        let chain = img.chain_in_use(&store.join("fa.a3.disk0.qcow2"), Some(DiskFormat::Qcow2)).await.expect("the chain");
+        assert_eq!(chain.len(), 3, "{chain:?}");
         let _ = std::fs::remove_dir_all(&root);
     }
 
