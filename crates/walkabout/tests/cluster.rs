@@ -377,7 +377,19 @@ fn with_a_walk_running_drains_empty_their_host_even_of_a_vm_migrating_into_it() 
 
     let plan = assert_drains_and_stays_empty(&url, &agents, &name);
 
+    // The move in flight either landed and the drain took the VM out again, or it failed
+    // (on a loaded machine its pre-copy may miss its budget) and the VM never reached
+    // the drained host: either way nothing of it is left there (asserted above).
     let (moved, _) = ctl_json::<PlanRecord>(&url, &["cluster", "plan-show", &id]);
-    assert_eq!(moved.status, PlanStatus::Completed, "the move in flight landed: {moved:?}");
-    assert!(steps(&plan).iter().any(|s| s.vm == mover && s.status == StepStatus::Completed), "the drain took {mover} out: {plan:?}");
+    match moved.status {
+        PlanStatus::Completed => assert!(
+            steps(&plan).iter().any(|s| s.vm == mover && s.status == StepStatus::Completed),
+            "the move in flight landed and the drain did not take {mover} out: {plan:?}"
+        ),
+        PlanStatus::Failed => assert!(
+            steps(&moved).iter().all(|s| s.status != StepStatus::Completed),
+            "a failed move reports a completed migration: {moved:?}"
+        ),
+        other => panic!("the move in flight neither landed nor failed ({other}): {moved:?}"),
+    }
 }
