@@ -104,7 +104,8 @@ pub struct Limits {
     pub max_downtime_ms: u64,
     /// Bandwidth cap in bytes/s, if any.
     pub max_bandwidth_bps: Option<u64>,
-    /// Time allowed per GiB of guest memory, ms.
+    /// Time allowed per GiB of guest memory, ms; never less than one pass of the whole
+    /// guest at `max_bandwidth_bps`.
     pub budget_per_gib_ms: u64,
 }
 

@@ -220,7 +220,10 @@ impl Policy {
     /// before the start (bytes/s), if any.
     pub fn new(mode: Mode, limits: Limits, guest_bytes: u64, dirty_rate_bps: Option<u64>) -> Policy {
         let gib = (guest_bytes as f64 / f64::from(1u32 << 30)).max(0.25);
-        let deadline_ms = (limits.budget_per_gib_ms as f64 * gib) as u64;
+        // A cap the operator set makes a pass take what it takes: the budget is never
+        // shorter than one pass of the whole guest at the cap.
+        let one_pass_ms = limits.max_bandwidth_bps.map_or(0, |b| guest_bytes.saturating_mul(1000) / b.max(1));
+        let deadline_ms = ((limits.budget_per_gib_ms as f64 * gib) as u64).max(one_pass_ms);
         let bandwidth_bps = limits.max_bandwidth_bps.unwrap_or(UNCAPPED_BPS);
         let predicted = match (dirty_rate_bps, limits.max_bandwidth_bps) {
             (Some(d), Some(b)) => Some((d as f64) < CONVERGE_SHARE * b as f64),
@@ -649,11 +652,22 @@ mod tests {
 
     #[test]
     fn precopy_mode_throttles_when_predicted_to_fail_and_gives_up_at_budget() {
-        let limits = Limits { max_bandwidth_bps: Some(100 * MIB), budget_per_gib_ms: 10_000, ..Limits::default() };
+        let limits = Limits { max_bandwidth_bps: Some(200 * MIB), budget_per_gib_ms: 10_000, ..Limits::default() };
         let mut p = Policy::new(Mode::Precopy, limits, GIB, Some(500 * MIB));
         assert!(p.strategy().auto_converge && !p.strategy().postcopy_ready);
         assert_eq!(p.observe(&pass(5, 200, 9_000)), Action::Continue);
         assert!(matches!(p.observe(&pass(6, 200, 10_000)), Action::GiveUp { .. }));
+    }
+
+    #[test]
+    fn a_cap_too_low_for_the_budget_stretches_it_to_one_pass_of_the_guest() {
+        // 256 MiB at 24 MiB/s takes 10.7 s a pass; 30 s per GiB would give it 7.5 s.
+        let limits = Limits { max_bandwidth_bps: Some(24 * MIB), ..Limits::default() };
+        let p = Policy::new(Mode::Auto, limits, 256 * MIB, Some(4 * MIB));
+        assert_eq!(p.deadline_ms(), 256 * 1000 / 24);
+        assert!(p.strategy().reason.contains("budget 10666 ms"), "{}", p.strategy().reason);
+        let uncapped = Policy::new(Mode::Auto, Limits::default(), 256 * MIB, Some(4 * MIB));
+        assert_eq!(uncapped.deadline_ms(), 7_500, "no cap, the budget per GiB alone");
     }
 
     #[test]
@@ -732,7 +746,7 @@ mod tests {
 
     #[test]
     fn a_guest_quiet_at_the_start_that_never_converges_is_cancelled_at_the_budget_never_postcopied() {
-        let limits = Limits { budget_per_gib_ms: 10_000, ..capped(100) };
+        let limits = Limits { budget_per_gib_ms: 10_000, ..capped(200) };
         let mut p = Policy::new(Mode::Auto, limits, GIB, Some(0));
         // Half the budget gone: with post-copy armed this would switch; here it carries on.
         let actions = feed(&mut p, &[(2, 500, 4_000), (2, 450, 5_000), (3, 450, 9_000)], 2000);
