@@ -110,6 +110,11 @@ fn refused(status: u16, kind: ErrorKind, message: String) -> ClientError {
 
 fn vm_info(s: &State, name: &str, mem: u64) -> VmInfo {
     let spec = VmSpec { cpu_model: s.models.get(name).cloned(), vcpus: s.vcpus.get(name).copied().unwrap_or(1), ..VmSpec::new(name, mem) };
+    running(spec)
+}
+
+/// A running VM of `spec`, as an agent would report it (no guest seen yet).
+pub(crate) fn running(spec: VmSpec) -> VmInfo {
     VmInfo {
         record: VmRecord {
             version: 1,

@@ -402,8 +402,9 @@ mod tests {
         assert!(running_chain(&blocks, &nodes, "disk1").is_empty());
     }
 
-    #[test]
-    fn keep_two_merges_every_layer_between_the_newest_and_the_base() {
+    /// Four checkpoints (layers 5, 4, 3 over base 1; 2 was merged already) under the
+    /// running overlay, and the running chain that matches it.
+    fn four_checkpoints() -> (Vec<String>, [Level; 5]) {
         let chain = names(&["v.5.d", "v.4.d", "v.3.d", "v.1.d"]);
         let running = [
             level("a5", Some("v.5.d")),
@@ -412,6 +413,12 @@ mod tests {
             level("a2", Some("v.1.d")),
             level("b", None),
         ];
+        (chain, running)
+    }
+
+    #[test]
+    fn keep_two_merges_every_layer_between_the_newest_and_the_base() {
+        let (chain, running) = four_checkpoints();
 
         let p = plan(&chain, &running, 2).expect("a plan");
 
@@ -423,14 +430,7 @@ mod tests {
 
     #[test]
     fn keep_three_leaves_the_two_newest_layers() {
-        let chain = names(&["v.5.d", "v.4.d", "v.3.d", "v.1.d"]);
-        let running = [
-            level("a5", Some("v.5.d")),
-            level("a4", Some("v.4.d")),
-            level("a3", Some("v.3.d")),
-            level("a2", Some("v.1.d")),
-            level("b", None),
-        ];
+        let (chain, running) = four_checkpoints();
 
         let p = plan(&chain, &running, 3).expect("a plan");
 

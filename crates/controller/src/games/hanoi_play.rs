@@ -716,7 +716,6 @@ pub fn line(m: &HanoiMove) -> String {
 mod tests {
     use super::*;
     use crate::fake::{open, temp, url, Fake};
-    use walkabout_api::{Accel, VmRecord};
 
     /// The nested agent's URL for the address the tests set up.
     const INNER: &str = "https://10.9.0.20:7701";
@@ -767,19 +766,7 @@ mod tests {
             if self.state().vms.get(&name) != Some(&url) {
                 return ready(Err(gone(&url, format!("no {name}"))));
             }
-            let record = VmRecord {
-                version: 1,
-                spec: VmSpec::new(name, 128),
-                state: VmState::Running,
-                reason: None,
-                accel: Accel::Tcg,
-                pid: None,
-                run_dir: "/fake".into(),
-                created_at_ms: 0,
-                guest_before: None,
-                protection: None,
-            };
-            let mut info = VmInfo { record, guest: Default::default(), protection: None };
+            let mut info = crate::fake::running(VmSpec::new(name, 128));
             info.guest.ready = true;
             info.guest.heartbeats = 7;
             ready(Ok(info))
