@@ -42,6 +42,19 @@ use walkabout_migrate::{HostFacts, MigrationQmp, Outcome, Phase, Policy, Progres
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the source probes the destination during a migration.
 pub(crate) const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a source whose destination did not confirm the switchover (unreachable)
+/// keeps asking it again: a destination agent killed at the switchover and restarted
+/// adopts the guest running there, then confirms (the fault soak's "destination
+/// killed": without this the source kept its copy paused and the controller walked that).
+#[cfg(not(test))]
+const COMMIT_RETRY_WINDOW: Duration = Duration::from_secs(30);
+#[cfg(test)]
+const COMMIT_RETRY_WINDOW: Duration = Duration::from_millis(300);
+/// How often the confirmation is asked again.
+#[cfg(not(test))]
+const COMMIT_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+#[cfg(test)]
+const COMMIT_RETRY_INTERVAL: Duration = Duration::from_millis(50);
 /// How long the source measures the guest's dirty rate before choosing a strategy.
 const DIRTY_RATE_WINDOW_MS: u64 = 500;
 /// How often the disk mirrors are read while memory waits for them.
@@ -407,7 +420,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         // The source's console is complete (its guest is stopped): hand its status over.
         self.agent.update(|r| r.phase = Phase::Switchover);
         let guest = self.agent.guest_status().await;
-        match self.peer.commit_incoming(&rec.vm, guest).await {
+        match self.confirm(guest).await {
             Ok(()) => {
                 self.agent.forget_vm().await;
                 Ok(())
@@ -420,6 +433,24 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
                 ),
                 past_switchover: true,
             }),
+        }
+    }
+
+    /// Asks the destination to confirm that the VM runs there; while it cannot be
+    /// reached, again every [`COMMIT_RETRY_INTERVAL`] for [`COMMIT_RETRY_WINDOW`]. An
+    /// answer (a refusal included) ends it: only a restarting destination is waited for.
+    async fn confirm(&self, guest: Option<GuestStatus>) -> Result<(), ClientError> {
+        let deadline = Instant::now() + COMMIT_RETRY_WINDOW;
+        let mut attempt = 1u32;
+        loop {
+            match self.peer.commit_incoming(&self.record.vm, guest.clone()).await {
+                Err(e) if e.status().is_none() && Instant::now() < deadline => {
+                    tracing::warn!(vm = %self.record.vm, attempt, error = %e, "the destination did not confirm the switchover; asking again");
+                }
+                r => return r,
+            }
+            attempt += 1;
+            tokio::time::sleep(COMMIT_RETRY_INTERVAL).await;
         }
     }
 

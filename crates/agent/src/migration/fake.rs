@@ -252,6 +252,9 @@ pub(crate) struct PeerState {
     pub silent_from: Option<Call>,
     /// The answer to a commit, when not the default success.
     pub commit_error: Option<ClientError>,
+    /// The first this many commits find the destination unreachable (its agent
+    /// restarting).
+    pub commit_unreachable: usize,
     /// The guest status the source handed over at commit.
     pub committed: Option<Option<GuestStatus>>,
     /// After this many probes answered, the destination answers that it has no such VM.
@@ -300,6 +303,13 @@ impl FakePeer {
     pub fn refusing_commit(e: ClientError) -> FakePeer {
         let p = FakePeer::default();
         p.state().commit_error = Some(e);
+        p
+    }
+
+    /// A destination unreachable for its first `n` commits, then confirming.
+    pub fn restarting_at_commit(n: usize) -> FakePeer {
+        let p = FakePeer::default();
+        p.state().commit_unreachable = n;
         p
     }
 
@@ -375,6 +385,9 @@ impl PeerAgent for FakePeer {
     async fn commit_incoming(&self, _vm: &str, guest: Option<GuestStatus>) -> Result<(), ClientError> {
         self.call(Call::Commit)?;
         let mut s = self.state();
+        if s.calls.iter().filter(|c| **c == Call::Commit).count() <= s.commit_unreachable {
+            return Err(ClientError::Unreachable { url: "http://dest".into(), detail: "connection refused".into() });
+        }
         match s.commit_error.clone() {
             Some(e) => Err(e),
             None => {

@@ -182,6 +182,17 @@ async fn destination_lost_before_the_gate_is_told_to_abort() {
 }
 
 #[tokio::test]
+async fn a_destination_restarting_at_the_switchover_is_asked_again_and_the_migration_completes() {
+    let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::restarting_at_commit(2), agent());
+
+    let phase = drive(&qemu, &peer, &agent).await;
+
+    assert_eq!(phase, Phase::Completed, "{:?}", agent.books().record.reason);
+    assert_eq!(peer.state().calls.iter().filter(|c| **c == Call::Commit).count(), 3);
+    assert!(agent.books().forgotten, "the source copy is let go once the destination confirms");
+}
+
+#[tokio::test]
 async fn destination_lost_after_the_gate_keeps_the_source_paused() {
     let (qemu, peer, agent) = (FakeQemu::new(CLEAN), FakePeer::silent_from(Call::Commit), agent());
 
