@@ -41,8 +41,13 @@ fn heartbeat_clock_advances_about_100_ms_per_beat() {
     let (_, lines) = run_guest(&["--seconds", "1"]);
 
     let hbs = heartbeats(&lines);
-    let gaps: Vec<u64> = hbs.windows(2).map(|w| w[1].monotonic_ns - w[0].monotonic_ns).collect();
-    assert!(gaps.iter().all(|gap| (90_000_000..200_000_000).contains(gap)), "gaps {gaps:?}");
+    let mut gaps: Vec<u64> = hbs.windows(2).map(|w| w[1].monotonic_ns - w[0].monotonic_ns).collect();
+    // One beat may come late on a busy host (and the next sooner, back on schedule: no
+    // burst); the schedule itself is every 100 ms.
+    assert!(gaps.len() >= 4, "only {} heartbeats in 1 s", hbs.len());
+    gaps.sort_unstable();
+    let median = gaps[gaps.len() / 2];
+    assert!((90_000_000..=130_000_000).contains(&median), "median gap {median} ns of {gaps:?}");
 }
 
 #[test]
