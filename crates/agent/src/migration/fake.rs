@@ -344,7 +344,7 @@ impl FakePeer {
             _ => false,
         };
         if s.silent || in_outage {
-            return Err(ClientError::Unreachable { url: "http://dest".into(), detail: "connection refused".into() });
+            return Err(refused());
         }
         Ok(())
     }
@@ -386,7 +386,7 @@ impl PeerAgent for FakePeer {
         self.call(Call::Commit)?;
         let mut s = self.state();
         if s.calls.iter().filter(|c| **c == Call::Commit).count() <= s.commit_unreachable {
-            return Err(ClientError::Unreachable { url: "http://dest".into(), detail: "connection refused".into() });
+            return Err(refused());
         }
         match s.commit_error.clone() {
             Some(e) => Err(e),
@@ -504,4 +504,9 @@ impl AgentSide for FakeAgent {
     async fn keep_vm(&self, running: bool, reason: String) {
         lock(&self.books).kept = Some((running, reason));
     }
+}
+
+/// What a destination whose agent is down answers: nothing (connection refused).
+fn refused() -> ClientError {
+    ClientError::Unreachable { url: "http://dest".into(), detail: "connection refused".into() }
 }
