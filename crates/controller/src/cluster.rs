@@ -57,7 +57,7 @@ pub struct View {
     /// that now runs on another host (restored there by a failover); ignored in the
     /// view, and deleted on that host by the failover part.
     #[serde(skip)]
-    stale_copies: std::collections::BTreeSet<(String, String)>,
+    pub(crate) stale_copies: std::collections::BTreeSet<(String, String)>,
 }
 
 impl View {

@@ -320,8 +320,9 @@ fn assert_drains_and_stays_empty(url: &str, agents: &BTreeMap<String, String>, h
     assert_eq!(code, Some(0), "{plan:?}");
     assert_eq!(plan.status, PlanStatus::Completed, "{plan:?}");
     let h = hosts(url).into_iter().find(|x| x.name == host).expect("host");
-    assert_eq!(h.maintenance, Maintenance::Drained, "{h:?}");
-    assert!(h.vms.is_empty(), "{h:?}");
+    let events = || common::last_events(url, 80);
+    assert_eq!(h.maintenance, Maintenance::Drained, "{h:?}\n{plan:#?}\n{}", events());
+    assert!(h.vms.is_empty(), "{h:?}\n{plan:#?}\n{}", events());
     assert_eq!(agent_vms(agents, host), Vec::<String>::new(), "{host}'s agent still runs VMs");
     // The walk goes on; nothing lands on the drained host afterwards.
     std::thread::sleep(Duration::from_secs(4));

@@ -453,3 +453,19 @@ impl ControllerProc {
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
+
+/// The controller's last `n` events, one per line (for a failing assertion's message:
+/// what the controller saw and did just before).
+pub fn last_events(url: &str, n: usize) -> String {
+    let url = format!("{url}/v1/events?tail={n}");
+    let got = block_on(None, || async move {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+        let events: Vec<walkabout_api::Event> =
+            client.get(&url).send().await.map_err(|e| e.to_string())?.json().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(events)
+    });
+    match got {
+        Ok(events) => events.iter().map(|e| format!("{} {}", e.at_ms, e.message)).collect::<Vec<_>>().join("\n"),
+        Err(e) => format!("(no events: {e})"),
+    }
+}
