@@ -356,6 +356,9 @@ impl ClusterView {
         let now = now_ms();
         let mut changed_hosts = vec![];
         let mut changed_vms: Vec<(ClusterVm, String)> = vec![];
+        // Hosts a VM of this poll moved from: their lists drop it now, not at their next
+        // poll (a drain that just ended must not still list the VM it moved away).
+        let mut left: Vec<String> = vec![];
         {
             let mut guard = lock(&self.view);
             let view = &mut *guard;
@@ -464,7 +467,9 @@ impl ClusterView {
                         let moved = entry.host.as_deref() != Some(name);
                         if moved {
                             view.on_host.entry(name.to_string()).or_default().insert(spec.name.clone());
-                            entry.host = Some(name.to_string());
+                            if let Some(from) = entry.host.replace(name.to_string()) {
+                                left.push(from);
+                            }
                         }
                         let restated = entry.state != state;
                         entry.state = state;
@@ -521,6 +526,9 @@ impl ClusterView {
                 }
             }
             view.relist(name);
+            for from in &left {
+                view.relist(from);
+            }
         }
         if !changed_hosts.is_empty() {
             if let Ok(h) = self.host(name) {
@@ -745,7 +753,7 @@ impl ClusterView {
 #[cfg(test)]
 mod tests {
     use crate::agents;
-    use crate::fake::{open, temp, url, Fake};
+    use crate::fake::{open, open_with, temp, url, Fake};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_poll_asked_before_a_migration_placed_a_vm_does_not_move_it_back() {
@@ -778,6 +786,31 @@ mod tests {
 
         assert!(c.host("h1").expect("h1").vms.is_empty(), "the source still lists the VM it sent away");
         assert_eq!(c.host("h2").expect("h2").vms, vec!["a".to_string()]);
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Seen in CI: the destination's poll placed the VM first, the migration's end then
+    /// found it placed already, and the drained source listed it until its next poll.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poll_that_finds_a_vm_on_a_new_host_drops_it_from_the_old_hosts_list() {
+        let fake = Fake::new(&[("h1", 512), ("h2", 512)], &[("a", 256, "h1")]);
+        let dir = temp("poll-moves");
+        // Polls far apart: only the poll made here can change the lists.
+        let config =
+            crate::ControllerConfig { poll_interval: std::time::Duration::from_secs(600), ..crate::ControllerConfig::new(dir.clone()) };
+        let c = open_with(config, &fake, &["h1", "h2"]).await;
+        assert_eq!(c.host("h1").expect("h1").vms, vec!["a".to_string()]);
+
+        fake.state().vms.insert("a".into(), (url("h2"), 256));
+        let asked = crate::now_ms();
+        let polled = agents::poll(&fake, &url("h2")).await;
+        c.view_part().observe("h2", polled, asked);
+        c.view_part().placed("a", "h2");
+
+        assert_eq!(c.vm("a").expect("a").host.as_deref(), Some("h2"));
+        assert_eq!(c.host("h2").expect("h2").vms, vec!["a".to_string()]);
+        assert!(c.host("h1").expect("h1").vms.is_empty(), "the source still lists the VM its destination reported");
         c.stop();
         std::fs::remove_dir_all(&dir).ok();
     }

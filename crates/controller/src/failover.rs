@@ -211,8 +211,7 @@ impl Failovers {
         // when there is work. (Copying a 20,000-VM view four times a second was 85% of
         // the controller's CPU in a 1,000-host simulation.)
         let work = self.view.read(|v| {
-            !v.stale_copies.is_empty()
-                || v.vms.values().any(|vm| vm.protection.is_some() || vm.state == ClusterVmState::Unreachable)
+            !v.stale_copies.is_empty() || v.vms.values().any(|vm| vm.protection.is_some() || vm.state == ClusterVmState::Unreachable)
         });
         if !work {
             return;
