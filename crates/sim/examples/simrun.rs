@@ -8,6 +8,10 @@ use walkabout_sim::scenario::scratch_dir;
 use walkabout_sim::{CostModel, DayConfig, Scenario, SimConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Progress lines (and the controller's warnings) on stderr; `RUST_LOG` overrides.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,walkabout_sim=info"));
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| args.get(i).map(String::as_str);
     let scenario: Scenario = arg(0).unwrap_or("rolling").parse()?;

@@ -424,6 +424,7 @@ async fn play(cfg: SimConfig) -> Result<Report, SimError> {
         c: &c,
         agents: &agents,
         t0,
+        w0,
         series: vec![],
         out_series: vec![],
         out_samples: (0, 0, 0),
@@ -535,6 +536,8 @@ struct Run<'a> {
     c: &'a Cluster,
     agents: &'a SimAgents,
     t0: Instant,
+    /// When it started, in real time (for progress lines).
+    w0: std::time::Instant,
     series: Vec<(f64, u64)>,
     out_series: Vec<(f64, usize)>,
     /// Seconds sampled, their sum of hosts out, the most out at once.
@@ -636,6 +639,17 @@ impl Run<'_> {
                 let _ = self.c.undrain(&host).await;
                 active.remove(&host);
                 ended = true;
+                // A long run says how far it got (every 5% of the hosts).
+                let (done, all) = (self.drains.len(), self.drains.len() + waiting.len() + active.len());
+                if done % (all / 20).max(1) == 0 {
+                    tracing::info!(
+                        done,
+                        of = all,
+                        simulated_s = self.t0.elapsed().as_secs(),
+                        real_s = self.w0.elapsed().as_secs(),
+                        "rolling maintenance: hosts done"
+                    );
+                }
             }
             // Admit when a drain ended, else every 10 simulated seconds (reading every
             // host is not free at 1,000 of them).

@@ -116,7 +116,9 @@ fn main() -> std::process::ExitCode {
     }
     // The interactive jobs print their own story; their logs default to warnings only.
     let default_level = match cli.command {
-        Command::Up(_) | Command::Demo(_) | Command::Sim(_) => "warn",
+        Command::Up(_) | Command::Demo(_) => "warn",
+        // A long simulation says how far it got.
+        Command::Sim(_) => "warn,walkabout_sim=info",
         _ => "info",
     };
     tracing_subscriber::fmt()
