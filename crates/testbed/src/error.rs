@@ -22,6 +22,17 @@ pub enum TestbedError {
         /// What it said on stderr (or how it could not be run).
         stderr: String,
     },
+    /// The subnet a test network asked for is already routed through another device of
+    /// this machine (often a leftover of a killed run): sharing it would misroute both.
+    #[error(
+        "subnet {subnet}.0/24 is already routed through {device} on this machine (a leftover of an earlier run? `ip link del {device}`)"
+    )]
+    SubnetTaken {
+        /// The /24 asked for, as its first three octets.
+        subnet: String,
+        /// The device that routes it now.
+        device: String,
+    },
     /// A daemon did not announce its URL: it exited first, or took too long.
     #[error("{what} did not write its URL to {}: {why}; last lines of {}:\n{log}", file.display(), log_file.display())]
     NoUrl {

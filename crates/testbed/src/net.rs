@@ -18,6 +18,22 @@ pub fn run(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a subnet (`A.B.C`, a /24) that this machine already routes through a device
+/// other than `ours`: a second bridge on it would take some of the first one's traffic.
+fn subnet_free(subnet: &str, ours: &str) -> Result<()> {
+    let prefix = format!("{subnet}.0/24");
+    let out = Command::new("ip")
+        .args(["-o", "-4", "route", "show", "exact", &prefix])
+        .output()
+        .map_err(|e| TestbedError::Command { command: format!("ip route show exact {prefix}"), stderr: e.to_string() })?;
+    let routes = String::from_utf8_lossy(&out.stdout);
+    let device = routes.split_whitespace().skip_while(|w| *w != "dev").nth(1).filter(|d| *d != ours);
+    match device {
+        Some(device) => Err(TestbedError::SubnetTaken { subnet: subnet.to_string(), device: device.to_string() }),
+        None => Ok(()),
+    }
+}
+
 /// Moves the calling thread (only it) into network namespace `ns` (`/run/netns/NS`, as
 /// `ip netns add` makes it): sockets it opens from then on live in that namespace, so a
 /// test can talk to an agent listening inside it. Use a thread of its own; needs root.
@@ -58,6 +74,7 @@ impl BridgeNet {
     /// removed first).
     pub fn new(bridge: &str, prefix: &str, subnet: &str, hosts: usize) -> Result<BridgeNet> {
         let _ = Command::new("ip").args(["link", "del", bridge]).output();
+        subnet_free(subnet, bridge)?;
         let mut net = BridgeNet { bridge: bridge.to_string(), subnet: subnet.to_string(), namespaces: vec![] };
         run("ip", &["link", "add", bridge, "type", "bridge"])?;
         run("ip", &["addr", "add", &format!("{subnet}.254/24"), "dev", bridge])?;
@@ -262,6 +279,7 @@ impl GuestNet {
             return Err(TestbedError::Command { command: format!("guest bridge {bridge:?}"), stderr: "needs 1-12 characters".into() });
         }
         let _ = Command::new("ip").args(["link", "del", bridge]).output();
+        subnet_free(subnet, bridge)?;
         let mut net = GuestNet { bridge: bridge.to_string(), subnet: subnet.to_string(), namespaces: vec![] };
         run("ip", &["link", "add", bridge, "type", "bridge"])?;
         // Learn a MAC's new port from the first frame seen there, and forward at once.
@@ -314,5 +332,34 @@ impl Drop for NetPair {
     fn drop(&mut self) {
         del_netns(&self.a);
         del_netns(&self.b);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A leftover bridge on the subnet (seen in CI: a killed run's bridge broke the next
+    /// run's failover test) is named, and nothing is created.
+    #[test]
+    fn a_subnet_another_device_routes_is_refused_naming_the_device() {
+        let id = std::process::id() % 10000;
+        let (leftover, ours) = (format!("wtl{id}"), format!("wtn{id}"));
+        let subnet = format!("10.246.{}", id % 250);
+        let _ = Command::new("ip").args(["link", "del", &leftover]).output();
+        run("ip", &["link", "add", &leftover, "type", "bridge"]).expect("a bridge (needs root)");
+        run("ip", &["addr", "add", &format!("{subnet}.9/24"), "dev", &leftover]).expect("its address");
+        run("ip", &["link", "set", &leftover, "up"]).expect("up");
+
+        let r = GuestNet::new(&ours, &subnet, &[]);
+
+        let _ = Command::new("ip").args(["link", "del", &leftover]).output();
+        match r {
+            Err(TestbedError::SubnetTaken { device, .. }) => assert_eq!(device, leftover),
+            Err(e) => panic!("another error: {e}"),
+            Ok(_) => panic!("a second bridge was made on {subnet}.0/24"),
+        }
+        let exists = Command::new("ip").args(["link", "show", &ours]).output().is_ok_and(|o| o.status.success());
+        assert!(!exists, "the refused bridge {ours} was created");
     }
 }
