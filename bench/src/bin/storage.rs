@@ -352,16 +352,11 @@ fn agent_in(bin: &Path, ns: &str, addr: &str) -> Result<Agent> {
     Ok(Agent::start(AgentSpec::new(bin).at(Some(ns), &format!("{addr}:7701")).env("WALKABOUT_LOG", "warn"))?)
 }
 
-/// `POST /v1/vms` with a disk (the CLI's `--disk` is the disks work's), in `ns`.
-fn create_with_disk(agent: &Agent, ns: &str, name: &str, wl: &str, disk: &Path) -> Result<()> {
-    let spec = json!({"name": name, "memory_mib": 256, "vcpus": 1, "workload": wl, "disks": [{"path": disk, "format": "qcow2"}]});
-    let url = format!("{}/v1/vms", agent.url.trim_end_matches('/'));
-    let out = run(
-        "ip",
-        &["netns", "exec", ns, "curl", "-sS", "-f", "-X", "POST", &url, "-H", "content-type: application/json", "-d", &spec.to_string()],
-    )?;
-    serde_json::from_str::<Value>(&out).with_context(|| format!("create {name}: {out}"))?;
-    Ok(())
+/// `walkabout vm create` with one qcow2 disk (through the CLI, which speaks the agent's
+/// TLS as the operators' tools do).
+fn create_with_disk(agent: &Agent, name: &str, wl: &str, disk: &Path) -> Result<()> {
+    let disk = format!("{},format=qcow2", disk.display());
+    agent.cli_ok(&["vm", "create", "--name", name, "--memory", "256M", "--vcpus", "1", "--workload", wl, "--disk", &disk])
 }
 
 fn wait_heartbeats(agent: &Agent, name: &str, n: u64, limit: Duration) -> Result<VmInfo> {
@@ -380,7 +375,7 @@ fn walkabout_cell(bin: &Path, net: &NetPair, dir: &Path, wl: &str, a: &Args) -> 
     let disk = dir.join("wa-disk.qcow2");
     make_disk(&disk, a.disk_mib, a.fill_mib, workload_area_mib(wl))?;
     let name = "st1";
-    create_with_disk(&ha, &net.a, name, wl, &disk)?;
+    create_with_disk(&ha, name, wl, &disk)?;
     wait_heartbeats(&ha, name, 20, Duration::from_secs(120))?;
     let agents = [&ha, &hb];
     let mut holder = 0;
