@@ -19,7 +19,9 @@
 //!
 //! `cargo run --release -p walkabout-bench --bin storage -- [--disk-mib 1024]
 //! [--fill-mib 1024] [--workload 'idle;dirty:32:8,disk:256:64'] [--bandwidth default,100] [--runs 3] [--out FILE]
-//! [--no-build]`. Needs root (network namespaces).
+//! [--no-build] [--peer-tls]`. Needs root (network namespaces). Walkabout's agents in
+//! namespaces serve mutual TLS and run QEMU's streams over TLS; `--peer-tls` runs the
+//! libvirt way over TLS too (`virsh migrate --tls`), for a like-for-like comparison.
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -70,6 +72,10 @@ struct Cli {
     /// shared, one TCP connection probed through all; checked after every hop.
     #[arg(long, value_name = "N")]
     hops: Option<usize>,
+    /// The libvirt way over TLS too (libvirt's `--tls`): both its streams (NBD and
+    /// migration) under the test CA, as Walkabout's agents in namespaces run theirs.
+    #[arg(long)]
+    peer_tls: bool,
 }
 
 struct Args {
@@ -83,6 +89,7 @@ struct Args {
     build: bool,
     walkabout: Option<PathBuf>,
     hops: Option<usize>,
+    peer_tls: bool,
 }
 
 fn parse_args() -> Result<Option<Args>> {
@@ -98,6 +105,7 @@ fn parse_args() -> Result<Option<Args>> {
         build: !c.no_build,
         walkabout: c.walkabout,
         hops: c.hops,
+        peer_tls: c.peer_tls,
     };
     a.fill_mib = a.fill_mib.min(a.disk_mib);
     Ok(Some(a))
@@ -240,8 +248,37 @@ fn wait_console(path: &Path, needle: &str, limit: Duration) -> Result<()> {
     bail!("{} never showed {needle:?}", path.display())
 }
 
-/// One run the libvirt way. The source QEMU runs already; returns the run's record.
-fn peer_run(src: &mut PeerQemu, net: &NetPair, dir: &Path, g: &Guest, wl: &str, disk_mib: u64, give_up: Duration) -> Result<Value> {
+/// The libvirt way's TLS (`virsh migrate --tls`): `tls-creds-x509` directories of two
+/// host certificates of the testbed's CA, the source's (client) and the destination's
+/// (server, valid at its address), as Walkabout's agents in namespaces get theirs.
+struct PeerTls {
+    src_dir: PathBuf,
+    dst_dir: PathBuf,
+}
+
+impl PeerTls {
+    fn new(net: &NetPair, dir: &Path) -> Result<PeerTls> {
+        let ca = walkabout_testbed::TestCa::shared()?;
+        let creds = |name: &str, addr: &str| -> Result<PathBuf> {
+            let bundle = walkabout_trust::ca::Bundle::load(&ca.host(name, addr)?)?;
+            let out = dir.join(format!("{name}-qemu-tls"));
+            walkabout_trust::qemu::write_qemu_creds(&bundle, &out)?;
+            Ok(out)
+        };
+        Ok(PeerTls { src_dir: creds("peer-src", &net.addr_a)?, dst_dir: creds("peer-dst", &net.addr_b)? })
+    }
+
+    /// Adds the credentials object `tls0` to a QEMU (`endpoint` server or client).
+    fn arm(qmp: &mut Qmp, dir: &Path, endpoint: &str) -> Result<()> {
+        let creds = json!({"qom-type": "tls-creds-x509", "id": "tls0", "dir": dir, "endpoint": endpoint, "verify-peer": true});
+        qmp.execute("object-add", creds).map(drop)
+    }
+}
+
+/// One run the libvirt way (over TLS with `tls`). The source QEMU runs already; returns
+/// the run's record.
+fn peer_run(src: &mut PeerQemu, net: &NetPair, dir: &Path, g: &Guest, wl: &str, a: &Args, tls: Option<&PeerTls>) -> Result<Value> {
+    let (disk_mib, give_up) = (a.disk_mib, Duration::from_secs(a.give_up_s));
     let target = dir.join("peer-target.qcow2");
     let _ = std::fs::remove_file(&target);
     let started = Instant::now();
@@ -249,10 +286,20 @@ fn peer_run(src: &mut PeerQemu, net: &NetPair, dir: &Path, g: &Guest, wl: &str, 
     let result = (|| -> Result<Value> {
         let mut dst = peer_qemu(&net.b, dir, "peer-dst", g, wl, &target, true)?;
         let nbd = json!({"type": "inet", "data": {"host": net.addr_b, "port": "10810"}});
-        dst.qmp.execute("nbd-server-start", json!({ "addr": nbd }))?;
-        dst.qmp.execute("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "disk0", "name": "disk0", "writable": true}))?;
         let server = json!({"type": "inet", "host": net.addr_b, "port": "10810"});
-        src.qmp.execute("blockdev-add", json!({"driver": "nbd", "node-name": "nbd-disk0", "server": server, "export": "disk0"}))?;
+        let mut nbd_server = json!({ "addr": nbd });
+        let mut nbd_client = json!({"driver": "nbd", "node-name": "nbd-disk0", "server": server, "export": "disk0"});
+        if let Some(t) = tls {
+            PeerTls::arm(&mut dst.qmp, &t.dst_dir, "server")?;
+            PeerTls::arm(&mut src.qmp, &t.src_dir, "client")?;
+            nbd_server["tls-creds"] = json!("tls0");
+            nbd_client["tls-creds"] = json!("tls0");
+            dst.qmp.execute("migrate-set-parameters", json!({"tls-creds": "tls0"}))?;
+            src.qmp.execute("migrate-set-parameters", json!({"tls-creds": "tls0", "tls-hostname": net.addr_b}))?;
+        }
+        dst.qmp.execute("nbd-server-start", nbd_server)?;
+        dst.qmp.execute("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "disk0", "name": "disk0", "writable": true}))?;
+        src.qmp.execute("blockdev-add", nbd_client)?;
         src.qmp.execute("blockdev-mirror", json!({"job-id": "m0", "device": "disk0", "target": "nbd-disk0", "sync": "full"}))?;
         let cleanup_src = |src: &mut PeerQemu| {
             let _ = src.qmp.execute("block-job-cancel", json!({"device": "m0", "force": true}));
@@ -330,13 +377,14 @@ fn peer_run(src: &mut PeerQemu, net: &NetPair, dir: &Path, g: &Guest, wl: &str, 
 fn peer_cell(net: &NetPair, dir: &Path, g: &Guest, wl: &str, a: &Args) -> Result<Value> {
     let disk = dir.join("peer-src.qcow2");
     make_disk(&disk, a.disk_mib, a.fill_mib, workload_area_mib(wl))?;
+    let tls = if a.peer_tls { Some(PeerTls::new(net, dir)?) } else { None };
     let mut runs = vec![];
     for r in 0..a.runs {
         let rec = (|| -> Result<Value> {
             let mut src = peer_qemu(&net.a, dir, "peer-src", g, wl, &disk, false)?;
             wait_console(&dir.join("peer-src.console"), "WALKABOUT READY", Duration::from_secs(300))?;
             std::thread::sleep(Duration::from_secs(2));
-            peer_run(&mut src, net, dir, g, wl, a.disk_mib, Duration::from_secs(a.give_up_s))
+            peer_run(&mut src, net, dir, g, wl, a, tls.as_ref())
         })()
         .unwrap_or_else(|e| json!({"result": "error", "ok": false, "error": format!("{e:#}")}));
         eprintln!("    peer run {r}: {rec}");
@@ -678,6 +726,7 @@ fn doc(env: &Value, a: &Args, cells: &[Value], complete: bool, started: Instant)
             "bandwidth": a.bandwidths.iter().map(|b| b.map(|b| json!(b)).unwrap_or(json!("default"))).collect::<Vec<_>>(),
             "link": "two network namespaces joined by a veth pair; 'default' unlimited, else tc tbf on the source's egress",
             "walkabout": "walkabout migrate --storage copy --wait (mode auto) between two agents; the guest (256 MiB, 1 vCPU, TCG) boots once and hops A->B->A...; checked after each hop",
+            "libvirt_way_tls": a.peer_tls,
             "libvirt_way": "over QMP: new target qcow2, destination QEMU -incoming defer, nbd-server-start + block-export-add writable, source blockdev-add nbd + blockdev-mirror sync=full (background), READY, migrate (defaults, max-bandwidth unlimited), block-job-cancel, nbd-server-stop, cont; a fresh source QEMU per run",
             "medians": "over the runs that completed (Walkabout: and the guest stayed healthy, no corrupt page or block; the peer: its heartbeat went on at the destination, no corrupt page or block in its last heartbeat)",
             "disk_content": "the disk's first MiB are the guest disk workload's (left blank), the written MiB follow",
@@ -699,7 +748,7 @@ mod tests {
             (d.disk_mib, d.fill_mib, d.workload.as_str(), d.bandwidth.as_str(), d.runs, d.give_up_s),
             (1024, 1024, "idle", "default,100", 3, 300)
         );
-        assert_eq!((d.out, d.no_build, d.walkabout, d.hops), (None, false, None, None));
+        assert_eq!((d.out, d.no_build, d.walkabout, d.hops, d.peer_tls), (None, false, None, None, false));
         let args = [
             "storage",
             "--disk-mib",
@@ -721,8 +770,9 @@ mod tests {
             "/bin/true",
             "--hops",
             "2",
+            "--peer-tls",
         ];
         let g = Cli::try_parse_from(args).expect("every flag");
-        assert_eq!((g.disk_mib, g.hops), (64, Some(2)));
+        assert_eq!((g.disk_mib, g.hops, g.peer_tls), (64, Some(2), true));
     }
 }
