@@ -456,15 +456,9 @@ pub fn now_ms() -> u64 {
 
 /// The controller's last `n` events, one per line (for a failing assertion's message:
 /// what the controller saw and did just before).
-pub fn last_events(url: &str, n: usize) -> String {
-    let url = format!("{url}/v1/events?tail={n}");
-    let got = block_on(None, || async move {
-        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
-        let events: Vec<walkabout_api::Event> =
-            client.get(&url).send().await.map_err(|e| e.to_string())?.json().await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(events)
-    });
-    match got {
+pub fn last_events(url: &str, n: u64) -> String {
+    let got = ControllerClient::new(url, options()).map(|client| block_on(None, || async move { client.recent_events(n).await }));
+    match got.and_then(|r| r) {
         Ok(events) => events.iter().map(|e| format!("{} {}", e.at_ms, e.message)).collect::<Vec<_>>().join("\n"),
         Err(e) => format!("(no events: {e})"),
     }
