@@ -300,6 +300,7 @@ fn peer_run(src: &mut PeerQemu, net: &NetPair, dir: &Path, g: &Guest, wl: &str, 
         dst.qmp.execute("nbd-server-start", nbd_server)?;
         dst.qmp.execute("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "disk0", "name": "disk0", "writable": true}))?;
         src.qmp.execute("blockdev-add", nbd_client)?;
+        let prepare_ms = started.elapsed().as_millis() as u64;
         src.qmp.execute("blockdev-mirror", json!({"job-id": "m0", "device": "disk0", "target": "nbd-disk0", "sync": "full"}))?;
         let cleanup_src = |src: &mut PeerQemu| {
             let _ = src.qmp.execute("block-job-cancel", json!({"device": "m0", "force": true}));
@@ -320,10 +321,12 @@ fn peer_run(src: &mut PeerQemu, net: &NetPair, dir: &Path, g: &Guest, wl: &str, 
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let disk_ms = started.elapsed().as_millis() as u64 - prepare_ms;
         let uri = format!("tcp:{}:4450", net.addr_b);
         dst.qmp.execute("migrate-incoming", json!({ "uri": uri }))?;
         src.qmp.execute("migrate-set-parameters", json!({"max-bandwidth": 0}))?;
         src.qmp.execute("migrate", json!({ "uri": uri }))?;
+        let migrating = Instant::now();
         let info = loop {
             let info = src.qmp.execute("query-migrate", json!({}))?;
             match info["status"].as_str() {
@@ -343,6 +346,7 @@ fn peer_run(src: &mut PeerQemu, net: &NetPair, dir: &Path, g: &Guest, wl: &str, 
             }
             std::thread::sleep(Duration::from_millis(50));
         };
+        let memory_ms = migrating.elapsed().as_millis() as u64;
         let jobs = src.qmp.execute("query-block-jobs", json!({}))?;
         disk_bytes = jobs.as_array().and_then(|a| a.first()).and_then(|j| j["offset"].as_u64()).unwrap_or(disk_bytes);
         src.qmp.execute("block-job-cancel", json!({"device": "m0"}))?;
@@ -368,6 +372,7 @@ fn peer_run(src: &mut PeerQemu, net: &NetPair, dir: &Path, g: &Guest, wl: &str, 
             "corrupt_pages": corrupt_pages, "corrupt_blocks": corrupt_blocks,
             "downtime_ms": info["downtime"], "memory_bytes": ram, "disk_bytes": disk_bytes,
             "transferred_bytes": ram + disk_bytes, "heartbeats_after_2s": after - seen,
+            "timings": {"prepare_ms": prepare_ms, "disk_ms": disk_ms, "memory_ms": memory_ms},
         }))
     })();
     let _ = std::fs::remove_file(&target);
@@ -450,7 +455,7 @@ fn walkabout_cell(bin: &Path, net: &NetPair, dir: &Path, wl: &str, a: &Args) -> 
                 "total_ms": s.total_ms, "downtime_ms": s.downtime_ms, "memory_bytes": s.transferred_bytes,
                 "disk_bytes": s.disk_transferred_bytes, "transferred_bytes": s.transferred_bytes + s.disk_transferred_bytes,
                 "storage": s.storage, "guest_healthy": healthy, "corrupt_pages": after.guest.corrupt_pages,
-                "corrupt_blocks": after.guest.corrupt_blocks,
+                "corrupt_blocks": after.guest.corrupt_blocks, "timings": s.timings,
             }),
             None => json!({"result": "no-summary", "ok": false, "stderr": String::from_utf8_lossy(&out.stderr).trim()}),
         };
@@ -636,7 +641,21 @@ fn field(runs: &[Value], key: &str) -> Value {
 
 fn summary(runs: Vec<Value>) -> Value {
     let ok = runs.iter().filter(|r| r["ok"] == true).count();
+    // Each completed run's breakdown, as `field` reads runs.
+    let timings: Vec<Value> = runs
+        .iter()
+        .filter(|r| r["ok"] == true)
+        .map(|r| {
+            let mut t = r["timings"].clone();
+            t["ok"] = json!(true);
+            t
+        })
+        .collect();
     json!({
+        "timings": {
+            "prepare_ms": field(&timings, "prepare_ms"), "disk_ms": field(&timings, "disk_ms"),
+            "memory_ms": field(&timings, "memory_ms"),
+        },
         "runs": runs.len(), "completed": ok,
         "completion_rate": if runs.is_empty() { Value::Null } else { json!(round3(ok as f64 / runs.len() as f64)) },
         "total_ms": field(&runs, "total_ms"), "downtime_ms": field(&runs, "downtime_ms"),

@@ -79,8 +79,8 @@ pub use event::{Event, Subject};
 pub use host::{Accel, AccelChoice, CpuCatalog, HostInfo, QemuVersion, BASELINE_CPU_MODEL};
 pub use migration::{
     BackingImage, CommitRequest, Compression, DiskProgress, IncomingDisk, IncomingReply, IncomingRequest, Limits, MigrationRecord,
-    MigrationRequest, MigrationSummary, Mode, Phase, PostcopyPause, Progress, RecoverRequest, StorageMarker, Strategy, Switch, Tuning,
-    TunnelStream, TUNNEL_PATH, TUNNEL_PROTOCOL,
+    MigrationRequest, MigrationSummary, Mode, Phase, PhaseTimes, PostcopyPause, Progress, RecoverRequest, StorageMarker, Strategy, Switch,
+    Tuning, TunnelStream, TUNNEL_PATH, TUNNEL_PROTOCOL,
 };
 pub use nic::NicSpec;
 pub use plan::{Blocked, Goal, PlanRecord, PlanStatus, Problem, Step, StepStatus};

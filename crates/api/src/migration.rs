@@ -375,6 +375,23 @@ pub struct MigrationRecord {
     /// cluster run without a CA (`--insecure-loopback`): they were plain.
     #[serde(default)]
     pub tls: bool,
+    /// Where the wall time went, phase by phase.
+    #[serde(default)]
+    pub timings: PhaseTimes,
+}
+
+/// Where a migration's wall time went, ms, each part once it has ended: the pieces
+/// libvirt's job statistics and QEMU's `setup-time` show, here from the request on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct PhaseTimes {
+    /// From the request to the first byte sent: the dirty-rate sample, the checks, and
+    /// the destination's preparation (its images, its QEMU, its listeners).
+    pub prepare_ms: Option<u64>,
+    /// The disk copy, until every mirror was in sync (`storage: copy` only).
+    pub disk_ms: Option<u64>,
+    /// The memory stream, from QEMU's `migrate` to its end (the switchover included).
+    pub memory_ms: Option<u64>,
 }
 
 /// The disk copy of a `storage: copy` migration, summed over the VM's mirror jobs as
@@ -421,6 +438,7 @@ impl MigrationRecord {
             storage: Some(req.storage),
             disk: DiskProgress::default(),
             tls: false,
+            timings: PhaseTimes::default(),
         }
     }
 }
@@ -474,6 +492,9 @@ pub struct MigrationSummary {
     /// Disk bytes the mirrors had to copy in all.
     #[serde(default)]
     pub disk_total_bytes: u64,
+    /// Where the wall time went, phase by phase.
+    #[serde(default)]
+    pub timings: PhaseTimes,
 }
 
 impl From<&MigrationRecord> for MigrationSummary {
@@ -497,6 +518,7 @@ impl From<&MigrationRecord> for MigrationSummary {
             storage: rec.storage,
             disk_transferred_bytes: rec.disk.transferred_bytes,
             disk_total_bytes: rec.disk.total_bytes,
+            timings: rec.timings,
         }
     }
 }

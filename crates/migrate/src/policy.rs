@@ -425,6 +425,38 @@ impl Policy {
         ));
     }
 
+    /// Keeps the stream settings both ends already agreed on (`agreed`), where the
+    /// policy, chosen later with more knowledge, would set them otherwise: the
+    /// destination's QEMU was prepared with them. XBZRLE is the source's alone, so it
+    /// may still be chosen over a single stream; the change is said in
+    /// [`Strategy::stream_reason`].
+    pub fn within(mut self, agreed: &crate::run::Stream) -> Policy {
+        // What the destination sees: XBZRLE over one stream is the source's alone.
+        let shared = |s: &crate::run::Stream| {
+            let multifd_compression = if s.multifd_channels >= 2 { s.compression } else { Compression::None };
+            (s.postcopy_ready, s.postcopy_preempt, s.multifd_channels, multifd_compression)
+        };
+        if shared(&crate::run::Stream::of(&self.strategy)) == shared(agreed) {
+            return self;
+        }
+        let s = &mut self.strategy;
+        s.postcopy_ready = agreed.postcopy_ready;
+        s.postcopy_preempt = agreed.postcopy_preempt;
+        s.multifd_channels = agreed.multifd_channels;
+        s.compression = agreed.compression;
+        if !s.postcopy_ready && !s.auto_converge {
+            s.auto_converge = true;
+        }
+        s.stream_reason = format!(
+            "{}; kept as the destination was prepared: {} multifd channels, compression {}, post-copy {}",
+            s.stream_reason,
+            agreed.multifd_channels,
+            agreed.compression,
+            if agreed.postcopy_ready { "armed" } else { "not armed" }
+        );
+        self
+    }
+
     /// The strategy chosen at the start.
     pub fn strategy(&self) -> &Strategy {
         &self.strategy
@@ -842,6 +874,27 @@ mod tests {
         let s = p.strategy();
         assert_eq!((s.multifd_channels, s.compression, s.postcopy_ready, s.postcopy_preempt), (2, Compression::Zstd, false, false));
         assert!(s.stream_reason.contains("cannot combine"), "{}", s.stream_reason);
+    }
+
+    #[test]
+    fn a_policy_chosen_later_keeps_the_stream_the_destination_was_prepared_for() {
+        // A disk copy prepares its destination before its dirty-rate sample is read.
+        let host = HostFacts { cores: 8, busy_cores: 1.0, single_stream_bps: 100 * MIB };
+        let agreed = Policy::new(Mode::Precopy, capped(400), GIB, None).tuned(&Tuning::default(), &host);
+        let agreed = crate::run::Stream::of(agreed.strategy());
+        assert_eq!((agreed.multifd_channels >= 2, agreed.compression), (true, Compression::None), "{agreed:?}");
+        // Dirtying 500 MiB/s of a 1 GiB guest over 400 MiB/s: alone it would pick zstd,
+        // which the destination's multifd channels were not set up to decode.
+        let later = Policy::new(Mode::Precopy, capped(400), GIB, Some(500 * MIB)).tuned(&Tuning::default(), &host);
+        assert_eq!(later.strategy().compression, Compression::Zstd, "{:?}", later.strategy());
+        let kept = later.within(&agreed);
+        assert_eq!(crate::run::Stream::of(kept.strategy()), agreed);
+        assert!(kept.strategy().stream_reason.contains("kept as the destination was prepared"), "{}", kept.strategy().stream_reason);
+        // XBZRLE over one stream is the source's alone: chosen later, it stays.
+        let agreed = Policy::new(Mode::Precopy, capped(20), GIB, None).tuned(&Tuning::default(), &BUSY_HOST);
+        let later = Policy::new(Mode::Precopy, capped(20), GIB, Some(256 * MIB)).tuned(&Tuning::default(), &BUSY_HOST);
+        let kept = later.within(&crate::run::Stream::of(agreed.strategy()));
+        assert_eq!(kept.strategy().compression, Compression::Xbzrle, "{:?}", kept.strategy());
     }
 
     #[test]

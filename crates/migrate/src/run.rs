@@ -234,21 +234,48 @@ pub async fn recover_incoming(qmp: &impl MigrationQmp, listen_host: &str) -> Res
 /// Measures the guest's dirty rate over `ms` milliseconds (QEMU's page sampling),
 /// in bytes/s; `None` if QEMU could not measure it.
 pub async fn measure_dirty_rate(qmp: &impl MigrationQmp, ms: u64) -> Option<u64> {
-    let args = json!({"calc-time": ms, "calc-time-unit": "millisecond", "mode": "page-sampling"});
-    if let Err(e) = qmp.execute("calc-dirty-rate", Some(args)).await {
-        tracing::debug!(error = %e, "calc-dirty-rate unavailable");
-        return None;
-    }
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_millis(ms + 3000) {
-        tokio::time::sleep(Duration::from_millis(ms.min(200))).await;
-        let v = qmp.execute("query-dirty-rate", None).await.ok()?;
-        if v["status"] == "measured" {
-            // QEMU reports MB/s (MiB/s).
-            return v["dirty-rate"].as_u64().map(|r| r << 20);
+    let sample = DirtySample::start(qmp, ms).await?;
+    sample.read(qmp).await
+}
+
+/// A dirty-rate measurement under way in QEMU (`calc-dirty-rate` runs on its own
+/// thread): started early, read when its figure is needed, so the wait overlaps other
+/// work (a disk copy, before the memory stream that needs it).
+#[derive(Debug, Clone, Copy)]
+pub struct DirtySample {
+    started: Instant,
+    ms: u64,
+}
+
+impl DirtySample {
+    /// Starts a page-sampling measurement over `ms` milliseconds; `None` if QEMU
+    /// refused it.
+    pub async fn start(qmp: &impl MigrationQmp, ms: u64) -> Option<DirtySample> {
+        let args = json!({"calc-time": ms, "calc-time-unit": "millisecond", "mode": "page-sampling"});
+        match qmp.execute("calc-dirty-rate", Some(args)).await {
+            Ok(_) => Some(DirtySample { started: Instant::now(), ms }),
+            Err(e) => {
+                tracing::debug!(error = %e, "calc-dirty-rate unavailable");
+                None
+            }
         }
     }
-    None
+
+    /// The measured rate, bytes/s, waiting for the window to end if it has not;
+    /// `None` if QEMU gave no figure within 3 s of its end.
+    pub async fn read(self, qmp: &impl MigrationQmp) -> Option<u64> {
+        let window = Duration::from_millis(self.ms);
+        tokio::time::sleep(window.saturating_sub(self.started.elapsed())).await;
+        while self.started.elapsed() < window + Duration::from_millis(3000) {
+            let v = qmp.execute("query-dirty-rate", None).await.ok()?;
+            if v["status"] == "measured" {
+                // QEMU reports MB/s (MiB/s).
+                return v["dirty-rate"].as_u64().map(|r| r << 20);
+            }
+            tokio::time::sleep(Duration::from_millis(self.ms.clamp(10, 200))).await;
+        }
+        None
+    }
 }
 
 /// Runs the migration from the source QEMU to `uri` until it completes, fails or is

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use walkabout_api::migration::{IncomingReply, IncomingRequest, MigrationRecord, RecoverRequest};
 use walkabout_api::{ClientError, GuestStatus, VmSpec};
-use walkabout_migrate::run::{Peer, CANCELLED_BY_REQUEST};
+use walkabout_migrate::run::{DirtySample, Peer, CANCELLED_BY_REQUEST};
 use walkabout_migrate::{HostFacts, MigrationQmp, Outcome, Phase, Policy, Progress, Switch};
 
 /// How long the destination may take to prepare (start its QEMU), by default.
@@ -263,17 +263,8 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         let fail = |reason: String| Ended { phase: Phase::Failed, reason, past_switchover: false };
         self.agent.update(|r| r.phase = Phase::Preparing);
         let spec = &self.spec;
-        let guest_bytes = spec.memory_mib << 20;
-        let features =
-            self.qmp.cpu_features(spec.cpu_model()).await.map_err(|e| fail(format!("cannot read the CPU features of {}: {e}", rec.vm)))?;
-        let listen_host =
-            reqwest::Url::parse(&rec.destination).ok().and_then(|u| u.host_str().map(String::from)).unwrap_or_else(|| "127.0.0.1".into());
-        // Measure first, then prepare the destination: whether both ends arm post-copy
-        // (a capability fixed before the stream starts, whose return path lengthens the
-        // guest's pause) depends on the dirty rate.
-        let dirty = walkabout_migrate::run::measure_dirty_rate(&self.qmp, DIRTY_RATE_WINDOW_MS).await;
-        // Storage: describe the disks (and write the shared-storage marker) for the
-        // destination to pick `shared` or `copy` and, for a copy, make its images.
+        // Storage: whether the destination may copy the disks (it picks `shared` or
+        // `copy` from what it sees).
         let asked = rec.storage.unwrap_or_default();
         // Post-copy would run the guest at the destination while its NBD server still
         // serves the copy (and the source's mirror is its only writer until then): a VM
@@ -285,10 +276,22 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
                 rec.vm
             )));
         }
-        let mut policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty).tuned(&rec.tuning, &host_facts());
-        if may_copy && policy.strategy().postcopy_ready {
-            policy = Policy::new(walkabout_api::Mode::Precopy, rec.limits, guest_bytes, dirty).tuned(&rec.tuning, &host_facts());
-        }
+        // QEMU samples the dirty rate on a thread of its own while this goes on. Whether
+        // both ends arm post-copy (a capability fixed before the stream starts, whose
+        // return path lengthens the guest's pause) depends on it, so a memory-only
+        // migration reads it before preparing the destination. A disk copy migrates its
+        // memory by pre-copy once its mirrors are in sync, seconds later: it reads the
+        // figure then, off the copy's critical path.
+        let sample = DirtySample::start(&self.qmp, DIRTY_RATE_WINDOW_MS).await;
+        let features =
+            self.qmp.cpu_features(spec.cpu_model()).await.map_err(|e| fail(format!("cannot read the CPU features of {}: {e}", rec.vm)))?;
+        let listen_host =
+            reqwest::Url::parse(&rec.destination).ok().and_then(|u| u.host_str().map(String::from)).unwrap_or_else(|| "127.0.0.1".into());
+        let (dirty, late_sample) = match (sample, may_copy) {
+            (Some(s), false) => (s.read(&self.qmp).await, None),
+            (s, _) => (None, s),
+        };
+        let policy = self.policy(dirty, may_copy);
         let stream = walkabout_migrate::Stream::of(policy.strategy());
         let offer = match spec.disks.is_empty() {
             true => None,
@@ -350,6 +353,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             r.phase = Phase::Running;
             r.dirty_rate_bps = dirty;
             r.strategy = Some(strategy);
+            r.timings.prepare_ms = Some(crate::vms::now_ms().saturating_sub(r.created_at_ms));
         });
         // Subscribed before the mirrors start, so none of their events is missed.
         let job_events = self.qmp.events();
@@ -366,7 +370,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             None => None,
         };
         let alive = Liveness::now(mirrors.as_ref().map(|m| storage::MirrorHealth::new(m.ids(), job_events)));
-        let result = self.move_data(&reply.uri, &listen_host, policy, mirrors.as_ref(), &alive, cancel).await;
+        let result = self.move_data(&reply.uri, &listen_host, policy, late_sample, mirrors.as_ref(), &alive, cancel).await;
         let outcome = match result {
             Ok(o) => o,
             Err(e) => {
@@ -387,6 +391,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             // A copy's wall time includes the disk copy before memory moved.
             let whole = crate::vms::now_ms().saturating_sub(r.created_at_ms);
             r.total_ms = Some(if copied { whole } else { outcome.total_ms });
+            r.timings.memory_ms = Some(outcome.total_ms);
             r.downtime_ms = (outcome.phase == Phase::Completed).then_some(outcome.downtime_ms);
             r.switches = outcome.switches.clone();
             r.postcopy_pauses = outcome.postcopy_pauses.clone();
@@ -436,6 +441,18 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         }
     }
 
+    /// The policy for this migration given the dirty rate measured (if any): a VM
+    /// whose disks may be copied never arms post-copy (see [`Driver::migrate`]).
+    fn policy(&self, dirty: Option<u64>, may_copy: bool) -> Policy {
+        let rec = &self.record;
+        let guest_bytes = self.spec.memory_mib << 20;
+        let mut policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty).tuned(&rec.tuning, &host_facts());
+        if may_copy && policy.strategy().postcopy_ready {
+            policy = Policy::new(walkabout_api::Mode::Precopy, rec.limits, guest_bytes, dirty).tuned(&rec.tuning, &host_facts());
+        }
+        policy
+    }
+
     /// Asks the destination to confirm that the VM runs there; while it cannot be
     /// reached, again every [`COMMIT_RETRY_INTERVAL`] for [`COMMIT_RETRY_WINDOW`]. An
     /// answer (a refusal included) ends it: only a restarting destination is waited for.
@@ -479,6 +496,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         uri: &str,
         listen_host: &str,
         policy: Policy,
+        late_sample: Option<DirtySample>,
         mirrors: Option<&storage::Mirrors>,
         alive: &Liveness,
         mut cancel: watch::Receiver<bool>,
@@ -528,8 +546,26 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         };
         let work = async {
             if let Some(m) = mirrors {
+                let copying = Instant::now();
                 self.mirror_until_ready(m, alive, &mut cancel).await?;
+                let disk_ms = u64::try_from(copying.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.agent.update(|r| r.timings.disk_ms = Some(disk_ms));
             }
+            let policy = match late_sample {
+                // The sample a disk copy took while its mirrors ran: the policy sees it
+                // now, within the stream the destination was prepared for.
+                Some(sample) => {
+                    let dirty = sample.read(&self.qmp).await;
+                    let settled = self.policy(dirty, true).within(&walkabout_migrate::Stream::of(policy.strategy()));
+                    let strategy = settled.strategy().clone();
+                    self.agent.update(|r| {
+                        r.dirty_rate_bps = dirty;
+                        r.strategy = Some(strategy);
+                    });
+                    settled
+                }
+                None => policy,
+            };
             walkabout_migrate::run::run(&self.qmp, uri, policy, &link, cancel, report).await.map_err(|e| Ended {
                 phase: Phase::Failed,
                 reason: format!("migration of {} failed: {e}", rec.vm),

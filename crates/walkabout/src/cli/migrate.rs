@@ -251,6 +251,8 @@ pub struct Summary {
     pub storage: Option<StorageMode>,
     /// Disk bytes copied (with `copy`).
     pub disk_bytes: u64,
+    /// Where the wall time went (`prepare 210 ms, disk 4.9 s, memory 1.1 s`), once known.
+    pub timings: Option<String>,
 }
 
 impl Summary {
@@ -303,8 +305,18 @@ impl Summary {
                 .collect(),
             storage: rec.storage,
             disk_bytes: rec.disk.transferred_bytes,
+            timings: timings(&rec.timings),
         }
     }
+}
+
+/// `prepare 210 ms, disk 4920 ms, memory 1130 ms`: the parts known, or `None`.
+fn timings(t: &walkabout_api::PhaseTimes) -> Option<String> {
+    let parts: Vec<String> = [("prepare", t.prepare_ms), ("disk copy", t.disk_ms), ("memory", t.memory_ms)]
+        .into_iter()
+        .filter_map(|(what, ms)| ms.map(|ms| format!("{what} {ms} ms")))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 impl std::fmt::Display for Summary {
@@ -324,6 +336,9 @@ impl std::fmt::Display for Summary {
             if s == StorageMode::Copy {
                 write!(f, " ({} MiB of disk copied)", mib(self.disk_bytes))?;
             }
+        }
+        if let Some(t) = &self.timings {
+            write!(f, "\n  time: {t}")?;
         }
         if let Some(q) = &self.qemu_status {
             write!(f, "\n  QEMU: {q}")?;
@@ -419,6 +434,19 @@ mod tests {
         assert_eq!(
             Summary::from_record(&rec).to_string(),
             "m3 g1 -> h2: completed in 2345 ms, downtime 23 ms, 300 MiB sent in 1 pass, strategy auto"
+        );
+    }
+
+    #[test]
+    fn the_summary_of_a_disk_copy_says_where_the_time_went() {
+        let rec = record(json!({"id": "m5", "vm": "g1", "destination": "h2", "phase": "completed", "total_ms": 6100,
+            "downtime_ms": 30, "progress": {"transferred_bytes": 80u64 << 20, "iteration": 1}, "strategy": strategy("precopy"),
+            "storage": "copy", "disk": {"transferred_bytes": 1u64 << 30, "total_bytes": 1u64 << 30},
+            "timings": {"prepare_ms": 420, "disk_ms": 4800, "memory_ms": 850}}));
+        assert_eq!(
+            Summary::from_record(&rec).to_string(),
+            "m5 g1 -> h2: completed in 6100 ms, downtime 30 ms, 80 MiB sent in 1 pass, strategy precopy, storage copy \
+             (1024 MiB of disk copied)\n  time: prepare 420 ms, disk copy 4800 ms, memory 850 ms"
         );
     }
 

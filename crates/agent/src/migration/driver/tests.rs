@@ -438,6 +438,13 @@ async fn a_copy_mirrors_to_ready_before_memory_moves() {
     assert!(polls_before_migrate >= 3, "memory started after {polls_before_migrate} polls, before the job was READY");
     let books = agent.books();
     assert_eq!((books.record.storage, books.record.disk.transferred_bytes), (Some(walkabout_api::StorageMode::Copy), 64 << 20));
+    // The dirty-rate sample ran beside the copy: started before the destination was
+    // prepared, read once the mirror was READY, and its figure recorded.
+    let (calc, read, prepared) = (qemu.position("calc-dirty-rate"), qemu.position("query-dirty-rate"), qemu.position("blockdev-add"));
+    assert!(calc < prepared && mirror < read && read < migrate, "{:?}", qemu.state().commands);
+    assert_eq!(books.record.dirty_rate_bps, Some(4 << 20));
+    let t = books.record.timings;
+    assert!(t.prepare_ms.is_some() && t.disk_ms.is_some() && t.memory_ms.is_some(), "{t:?}");
 }
 
 #[tokio::test]
