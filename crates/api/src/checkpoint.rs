@@ -176,6 +176,13 @@ pub struct Protection {
     /// controller (self-fencing); the controller restores it elsewhere only after
     /// this long since its host's last contact, ms.
     pub fence_ms: u64,
+    /// When the VM's newest checkpoint on its replica was taken, ms since the Unix
+    /// epoch, wherever the VM ran then: the next is due `every_ms` after it (at once if
+    /// that has passed), so a VM that moves more often than `every_ms` is checkpointed
+    /// all the same. The controller sets it when it tells a VM's new host; absent, the
+    /// first checkpoint comes `every_ms` after the protection starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_taken_ms: Option<u64>,
 }
 
 /// How a protected VM's checkpoints are going (in [`VmInfo`] on its agent).

@@ -324,14 +324,14 @@ proptest! {
     fn checkpoint_bodies_round_trip(c in checkpoint(), keep in any::<u32>(), method in opt(method()), ship_to in opt(text()), name in opt(text()),
                                     sha256 in text(), extents in any::<bool>(), base in opt(text()), replica in opt(text()),
                                     every_ms in opt(any::<u64>()), keep_opt in opt(any::<u32>()),
-                                    p in (text(), text(), any::<u64>(), any::<u32>(), any::<u64>())) {
+                                    p in (text(), text(), any::<u64>(), any::<u32>(), any::<u64>(), opt(any::<u64>()))) {
         round_trips(&c)?;
         round_trips(&CommitCheckpoint { checkpoint: c, keep })?;
         round_trips(&CheckpointRequest { method, ship_to })?;
         round_trips(&RestoreRequest { name })?;
         round_trips(&FileUpload { sha256, encoding: if extents { Encoding::Extents } else { Encoding::Whole }, base })?;
         round_trips(&ProtectVm { replica, every_ms, keep: keep_opt })?;
-        round_trips(&Protection { replica: p.0, replica_url: p.1, every_ms: p.2, keep: p.3, fence_ms: p.4 })?;
+        round_trips(&Protection { replica: p.0, replica_url: p.1, every_ms: p.2, keep: p.3, fence_ms: p.4, last_taken_ms: p.5 })?;
     }
 
     /// The defaults a body may leave out are what the types document.

@@ -66,8 +66,8 @@ pub struct Failovers {
     active: Mutex<BTreeSet<String>>,
     /// What each protected VM's agent was last told: (host, protection).
     pushed: Mutex<BTreeMap<String, (String, Protection)>>,
-    /// The last shipped checkpoint announced per VM.
-    shipped: Mutex<BTreeMap<String, String>>,
+    /// The last shipped checkpoint announced per VM: its id and when it was taken.
+    shipped: Mutex<BTreeMap<String, (String, u64)>>,
 }
 
 impl Failovers {
@@ -161,7 +161,7 @@ impl Failovers {
             })?,
         };
         let replica_url = view.hosts.get(&replica).map(|h| h.url.clone()).unwrap_or_default();
-        let p = Protection { replica: replica.clone(), replica_url, every_ms, keep, fence_ms: self.fence_ms };
+        let p = Protection { replica: replica.clone(), replica_url, every_ms, keep, fence_ms: self.fence_ms, last_taken_ms: None };
         self.view.agents().set_protection(h.url.clone(), vm.to_string(), p.clone()).await?;
         lock(&self.pushed).insert(vm.to_string(), (host.clone(), p.clone()));
         let v = self.view.update_vm(vm, |v| v.protection = Some(p.clone()))?;
@@ -437,10 +437,14 @@ impl Failovers {
         self.events.emit(Subject::Failover, vm, format!("VM {vm} on {host} is protected again, toward {replica}"), serde_json::Value::Null);
     }
 
-    /// Tells `vm`'s agent on `host` its protection, remembering it once told.
+    /// Tells `vm`'s agent on `host` its protection, remembering it once told. The
+    /// agent is also told when the VM's newest checkpoint on its replica was taken, so
+    /// its next one is due `every_ms` after that one, not after the VM arrived.
     async fn push(&self, vm: &str, host: &str, p: &Protection) {
         let Ok(h) = self.view.host(host) else { return };
-        match self.view.agents().set_protection(h.url, vm.to_string(), p.clone()).await {
+        let last_taken_ms = lock(&self.shipped).get(vm).map(|(_, taken)| *taken);
+        let told = Protection { last_taken_ms, ..p.clone() };
+        match self.view.agents().set_protection(h.url, vm.to_string(), told).await {
             Ok(_) => {
                 lock(&self.pushed).insert(vm.to_string(), (host.to_string(), p.clone()));
             }
@@ -474,7 +478,7 @@ impl Failovers {
                 self.push(&v.name, &host, &p).await;
             }
             if let Some(last) = v.protection_status.as_ref().and_then(|s| s.last.as_ref()) {
-                let new = lock(&self.shipped).insert(v.name.clone(), last.id.clone()).as_deref() != Some(last.id.as_str());
+                let new = lock(&self.shipped).insert(v.name.clone(), (last.id.clone(), last.taken_ms)).is_none_or(|(id, _)| id != last.id);
                 if new {
                     let bytes = last.shipped_bytes.map(|b| format!("{:.1} MiB shipped", b as f64 / 1048576.0)).unwrap_or_default();
                     let msg = format!(

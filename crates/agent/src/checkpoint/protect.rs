@@ -16,6 +16,18 @@ use walkabout_api::{CheckpointMethod, FileKind, Protection, ProtectionStatus, Vm
 /// Shortest time between checkpoints.
 const MIN_EVERY_MS: u64 = 500;
 
+/// How long until a protection's first checkpoint on this host, at `now_ms`: `every_ms`
+/// after the VM's newest checkpoint on its replica, wherever it was taken (at once if
+/// that has passed), or a full `every_ms` when none is known. A VM that moves more often
+/// than `every_ms` is thus still checkpointed: on arrival, when one is overdue.
+fn first_due(p: &Protection, now_ms: u64) -> Duration {
+    let due_ms = match p.last_taken_ms {
+        Some(taken) => taken.saturating_add(p.every_ms).saturating_sub(now_ms).min(p.every_ms),
+        None => p.every_ms,
+    };
+    Duration::from_millis(due_ms)
+}
+
 /// A protected VM's loop and its status.
 pub(crate) struct Running {
     /// Tells the loop to end after its current round (a checkpoint is never cut short:
@@ -110,9 +122,9 @@ impl Agent {
     }
 
     async fn protection_loop(&self, name: &str, p: Protection, mut stopped: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(Duration::from_millis(p.every_ms));
+        let every = Duration::from_millis(p.every_ms);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + first_due(&p, now_ms()), every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -175,5 +187,26 @@ impl Agent {
             tracing::warn!(vm = %name, id = %ck.id, error = %e, "cannot trim the disk chain; it grows until the next round");
         }
         Ok(ck)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every(ms: u64, last_taken_ms: Option<u64>) -> Protection {
+        Protection { replica: "h2".into(), replica_url: "https://h2".into(), every_ms: ms, keep: 2, fence_ms: 0, last_taken_ms }
+    }
+
+    #[test]
+    fn the_first_checkpoint_on_a_new_host_keeps_the_vms_own_clock() {
+        // Never checkpointed: a full period after the protection starts.
+        assert_eq!(first_due(&every(12_000, None), 100_000), Duration::from_millis(12_000));
+        // The last one 5 s ago (on another host): the next in 7 s, not 12.
+        assert_eq!(first_due(&every(12_000, Some(95_000)), 100_000), Duration::from_millis(7_000));
+        // Overdue (the VM kept moving): at once.
+        assert_eq!(first_due(&every(12_000, Some(60_000)), 100_000), Duration::ZERO);
+        // A clock ahead of this host's never delays it past one period.
+        assert_eq!(first_due(&every(12_000, Some(200_000)), 100_000), Duration::from_millis(12_000));
     }
 }
