@@ -12,7 +12,9 @@
 //!   fought over; if it ends at the step's destination the step is done; if it left the
 //!   drained host the step is moot; anywhere else, the plan is re-planned.
 //! - A failed migration counts against its VM; after [`ExecLimits::max_attempts`](walkabout_api::ExecLimits::max_attempts) the VM
-//!   is given up (pinned where it is) and reported with the reason. A step the executor
+//!   is given up (pinned where it is) and reported with the reason. A migration
+//!   cancelled on request (`POST /v1/migrations/{id}/cancel`, the console's "Cancel
+//!   migration") is not retried: its VM is given up at once, where it is. A step the executor
 //!   refuses to start (its destination filled up or went into maintenance) is no failed
 //!   migration: it is re-planned without counting. Re-plans only happen once no migration
 //!   of the plan runs (so the state they start from is settled), and at most
@@ -399,6 +401,24 @@ impl PlanRunner {
                     s.status = StepStatus::Cancelled;
                     s.reason = m.reason.clone();
                 }
+                // Cancelled on request, not by this plan (an operator's cancel of this
+                // one migration): the VM stays where it is, given up, not retried.
+                Phase::Cancelled => {
+                    s.status = StepStatus::Cancelled;
+                    let reason = m.reason.clone().unwrap_or_else(|| "cancelled".into());
+                    s.reason = Some(reason.clone());
+                    let (vm, from) = (s.vm.clone(), s.from.clone());
+                    if !rec.gave_up.contains(&vm) {
+                        rec.gave_up.push(vm.clone());
+                    }
+                    rec.problems.retain(|p| p.vm != vm);
+                    rec.problems.push(Problem { vm: vm.clone(), reason: format!("its migration was cancelled ({reason}); not retried") });
+                    messages.push(format!("migration of {vm} cancelled ({reason}); {vm} stays on {from}"));
+                    // The rest of the plan may have counted on this move: plan it again.
+                    if rec.pending().next().is_some() {
+                        replan = Some(format!("migration of {vm} cancelled"));
+                    }
+                }
                 _ => {
                     s.status = StepStatus::Failed;
                     let reason = m.reason.clone().unwrap_or_else(|| format!("{:?}", m.phase));
@@ -657,6 +677,31 @@ mod tests {
         let problem = p.problems.iter().find(|x| x.vm == "b").expect("b reported");
         assert!(problem.reason.contains("destination QEMU exited"), "{problem:?}");
         assert!(p.round >= 1, "the plan was re-planned");
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_migration_cancelled_on_request_is_not_retried_and_its_vm_stays() {
+        let fake = tight();
+        fake.state().polls = 1000;
+        let dir = temp("cancel-one");
+        let c = open(&dir, &fake, &["h1", "h2", "h3"]).await;
+        let p = c.move_vm("a", "h2").expect("move");
+        let mid = loop {
+            let m = c.migrations().into_iter().find(|m| m.vm == "a" && m.agent_id.is_some());
+            if let Some(m) = m {
+                break m.id;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(c.cancel_migration(&mid).await.expect("cancel").id, mid);
+        let p = wait_final(&c, &p.id).await;
+        assert_eq!(p.status, PlanStatus::Failed, "{p:?}");
+        let problem = p.problems.iter().find(|x| x.vm == "a").expect("a reported");
+        assert!(problem.reason.contains("cancelled") && problem.reason.contains("not retried"), "{problem:?}");
+        assert_eq!(fake.state().started.len(), 1, "the cancelled migration was retried: {:?}", fake.state().started);
+        assert_eq!(c.vm("a").expect("a").host.as_deref(), Some("h1"));
         c.stop();
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -137,9 +137,15 @@ impl Games {
         let g = self.clone();
         let id = w.id.clone();
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(opts.duration_ms);
+            let started = tokio::time::Instant::now();
+            let deadline = started + Duration::from_millis(opts.duration_ms);
             g.wander(&client, &id, deadline, opts).await;
-            g.end_walk(&client, &id, format!("walked for {} s", opts.duration_ms / 1000)).await;
+            let result = if g.walk(&id).is_ok_and(|w| w.status == WalkStatus::Stopped) {
+                format!("stopped after {} s", started.elapsed().as_secs())
+            } else {
+                format!("walked for {} s", opts.duration_ms / 1000)
+            };
+            g.end_walk(&client, &id, result).await;
         });
         Ok(w)
     }

@@ -1,7 +1,8 @@
 //! A small W3C WebDriver client for the console's tests: Debian's `chromedriver` driving
 //! its headless `chromium`. Only what the tests use: open a page, find elements, read
 //! text and attributes, click, drag with real pointer input (pointer down, moves, up,
-//! as a mouse would send them), run a script, take screenshots. Each call has a timeout.
+//! as a mouse would send them), type with real key events, run a script, take
+//! screenshots. Each call has a timeout.
 
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -187,6 +188,16 @@ impl Browser {
         }]});
         self.cmd("POST", "/actions", Some(actions)).unwrap_or_else(|e| panic!("press a key on {css}: {e}"));
         let _ = self.cmd("DELETE", "/actions", None);
+    }
+
+    /// Types `text` into the first element matching `css` with real key events, after
+    /// emptying it the way a person would (Ctrl+A, Backspace).
+    pub fn type_into(&self, css: &str, text: &str) {
+        let e = self.find(css).unwrap_or_else(|| panic!("nothing to type into: no {css}"));
+        // Control (pressed, then released by NULL), Backspace: WebDriver's key codes.
+        let keys = format!("\u{E009}a\u{E000}\u{E003}{text}");
+        self.cmd("POST", &format!("/element/{}/value", e.0), Some(json!({ "text": keys })))
+            .unwrap_or_else(|err| panic!("type {text:?} into {css}: {err}"));
     }
 
     /// Runs `script` (a function body; `arguments` holds `args`) and returns its value.

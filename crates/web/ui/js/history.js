@@ -43,10 +43,10 @@ export function renderChart(figure) {
       const total = m.total_ms ?? m.finished_ms - m.started_ms;
       const bx = x(m.started_ms);
       const bw = Math.max(2, x(m.started_ms + total) - bx);
-      return h('g', { class: `mig ${m.phase}`, 'data-migration': m.id },
+      return h('g', { class: `mig ${m.phase}`, 'data-migration': m.id, 'data-vm': m.vm, 'data-total-ms': total },
         h('rect', { x: bx, y: yT(total), width: bw, height: H - PAD.b - yT(total) },
           h('title', {}, `${m.id} ${m.vm} ${m.from} → ${m.to} ${m.phase} in ${ms(total)}${m.downtime_ms != null ? `, downtime ${ms(m.downtime_ms)}` : ''}`)),
-        downtimes(m).map(([kind, v], i) => h('circle', { cx: bx + bw / 2, cy: yD(v), r: 3, class: i ? 'observed' : 'qemu' },
+        downtimes(m).map(([kind, v], i) => h('circle', { cx: bx + bw / 2, cy: yD(v), r: 3, class: i ? 'observed' : 'qemu', 'data-kind': kind, 'data-ms': v },
           h('title', {}, `${m.vm}: ${kind} downtime ${ms(v)}`))));
     }));
 }
@@ -61,29 +61,38 @@ function downtimes(m) {
   return out;
 }
 
-/** Offers every host and VM in the filter, keeping the choice. */
-export function renderFilter(select) {
-  const want = ['', ...state.hosts.map((x) => `host:${x.name}`), ...state.vms.map((v) => `vm:${v.name}`)];
-  const have = [...select.options].map((o) => o.value);
+/** Offers every host and VM as a suggestion for the filter (`host h1`, `vm a`). */
+export function renderFilter(list) {
+  const want = [...state.hosts.map((x) => `host ${x.name}`), ...state.vms.map((v) => `vm ${v.name}`)];
+  const have = [...list.options].map((o) => o.value);
   if (want.join('\n') === have.join('\n')) return;
-  const keep = select.value;
-  fill(select, want.map((v) => h('option', { value: v }, v ? v.replace(':', ' ') : 'everything')));
-  select.value = want.includes(keep) ? keep : '';
+  fill(list, want.map((v) => h('option', { value: v })));
 }
 
-/** Fills the events table, newest first, with those about the filter's host or VM. */
-export function renderEvents(table, filter) {
-  const [kind, name] = filter ? filter.split(':') : [null, null];
-  const word = name ? new RegExp(`\\b${name.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\\b`) : null;
+/** What a filter's text asks for: `host NAME` or `vm NAME` (that host or VM), a bare
+ *  NAME (anything of that name), or nothing (every event). */
+function parseFilter(text) {
+  const t = String(text ?? '').trim();
+  if (!t) return null;
+  const m = /^(host|vm)\s+(\S+)$/i.exec(t);
+  return m ? { kind: m[1].toLowerCase(), name: m[2] } : { kind: null, name: t };
+}
+
+/** Fills the events table, newest first, with those about the filter's host or VM: its
+ *  own events, and those whose sentence names it. A filter nothing matches says so. */
+export function renderEvents(table, text) {
+  const f = parseFilter(text);
+  const word = f ? new RegExp(`(^|[^\\w])${f.name.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}($|[^\\w])`) : null;
   const rows = state.events
-    .filter((e) => !word || (e.name === name && e.subject === kind) || word.test(e.message))
+    .filter((e) => !f || (e.name === f.name && (!f.kind || e.subject === f.kind)) || word.test(e.message))
     .slice(-100)
     .reverse();
+  table.dataset.filter = f ? `${f.kind ?? ''}:${f.name}` : '';
   if (!rows.length) {
-    const none = filter ? `nothing about ${filter.replace(':', ' ')} yet` : 'no events yet';
-    fill(table.tBodies[0], h('tr.empty', {}, h('td', { colspan: 4 }, none)));
+    const none = f ? `no events about ${f.kind ? `${f.kind} ` : ''}“${f.name}”` : 'no events yet';
+    fill(table.tBodies[0], h('tr.empty', { 'data-empty': f ? 'filtered' : 'none' }, h('td', { colspan: 4 }, none)));
     return;
   }
-  fill(table.tBodies[0], rows.map((e) => h('tr', { 'data-seq': e.seq, 'data-subject': e.subject },
+  fill(table.tBodies[0], rows.map((e) => h('tr', { 'data-seq': e.seq, 'data-subject': e.subject, 'data-name': e.name },
     h('td', {}, clock(e.at_ms)), h('td', {}, e.subject), h('td', {}, e.name), h('td', {}, e.message))));
 }

@@ -65,7 +65,7 @@ function draw() {
   renderActivity($('activity'));
   renderGames();
   renderChart($('chart'));
-  renderFilter($('event-filter'));
+  renderFilter($('event-subjects'));
   renderEvents($('events'), $('event-filter').value);
 }
 
@@ -77,7 +77,7 @@ enableDrag($('board'), {
   onClick: (vm) => actions.select(vm),
   onDragChange: (on) => { dragging = on; if (!on) changed(); },
 });
-$('event-filter').addEventListener('change', () => renderEvents($('events'), $('event-filter').value));
+$('event-filter').addEventListener('input', () => renderEvents($('events'), $('event-filter').value));
 $('notice').addEventListener('click', () => report(null));
 document.addEventListener('keydown', (e) => { if (e.key === 'Escape' && state.selected) actions.select(null); });
 onChange(draw);

@@ -53,10 +53,10 @@ export function renderActivity(root) {
   const wEls = keyed(root.lists.walks, walks.map((w) => w.id), (id) => h('li', { 'data-walk': id }));
   for (const w of walks) {
     const hops = w.hops.length;
-    const worst = Math.max(0, ...w.hops.map((x) => x.downtime_ms ?? 0));
+    const downs = w.hops.filter((x) => typeof x.downtime_ms === 'number').map((x) => x.downtime_ms);
     fill(wEls.get(w.id),
       `${w.id}: ${w.kind.replace('_', ' ')} · ${w.status} · ${hops} hop(s)`,
-      hops ? ` · worst downtime ${ms(worst)}` : '',
+      downs.length ? ` · worst downtime ${ms(Math.max(...downs))}` : '',
       w.rounds?.length ? ` · round ${w.rounds.length}` : '',
       ` · started ${ago(w.started_ms)}`,
       w.result ? h('div.reason', {}, w.result) : '',

@@ -101,10 +101,11 @@ function render() {
       p.status === 'proposed' && p.lower_bound ? ` · no plan needs fewer than ${p.lower_bound}${p.optimal ? ' (this one is minimal)' : ''}` : '',
       p.round ? ` · re-planned ${p.round} time(s)` : ''),
     p.reason ? h('p.reason', {}, p.reason) : null,
-    p.steps.length ? steps(p) : (p.status === 'impossible' ? null : h('p', {}, 'Nothing to move: the goal already holds.')),
+    p.steps.length ? steps(p) : (p.status === 'impossible' ? null : h('p.nothing', {}, 'Nothing to move: the goal already holds.')),
     blocked(p.blocked ?? []),
     (p.problems ?? []).length ? h('div.problems', {}, h('h3', {}, 'Problems'), h('ul', {}, p.problems.map((x) => h('li', { 'data-vm': x.vm }, h('b', {}, x.vm), `: ${x.reason}`)))) : null);
-  confirm.hidden = !(p.status === 'proposed' && shown.run);
+  // An empty plan has nothing to run, except a drain's (it still takes the host out).
+  confirm.hidden = !(p.status === 'proposed' && shown.run && (current.length || p.goal?.goal === 'drain'));
   cancel.hidden = !(p.status === 'proposed' || p.status === 'running');
 }
 

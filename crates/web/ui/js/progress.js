@@ -29,6 +29,9 @@ export function renderProgress(el, m, passes, onCancel) {
   const pct = total ? Math.max(0, Math.min(100, Math.round(100 * (1 - p.remaining_bytes / total)))) : 0;
   el.dataset.migration = m.id;
   el.dataset.transferred = String(p.transferred_bytes ?? 0);
+  el.dataset.phase = m.phase;
+  el.dataset.pass = String(p.iteration ?? 0);
+  el.dataset.rate = String(p.transfer_rate_bps ?? 0);
   fill(P.head, h('b', {}, `→ ${m.to}`), ` · ${m.phase}`, p.iteration ? ` · pass ${p.iteration}` : '', p.throttle_pct ? ` · throttle ${p.throttle_pct}%` : '');
   P.bar.setAttribute('aria-valuenow', pct);
   P.bar.setAttribute('aria-label', `${m.vm}: pass ${p.iteration ?? 0} ${pct}% sent`);
@@ -40,8 +43,9 @@ export function renderProgress(el, m, passes, onCancel) {
     `${rate(p.transfer_rate_bps)} · dirty ${rate(p.dirty_rate_bps)}`,
     eta !== null ? ` · ETA ${ms(eta)}` : '',
     p.expected_downtime_ms ? ` · expect ${ms(p.expected_downtime_ms)} pause` : '');
-  fill(P.strategy, m.strategy ? [h('span.tag', {}, m.strategy.name), ' ', h('span', { title: m.strategy.reason }, gist(m.strategy.reason))] : '');
-  fill(P.switches, (m.switches ?? []).map((s) => h('li', {}, h('b', {}, `+${ms(s.at_ms)} → ${s.to}`), `: ${s.reason}`)));
+  fill(P.strategy, m.strategy ? [h('span.tag', {}, m.strategy.name), ' ', h('span.why', { title: m.strategy.reason }, gist(m.strategy.reason))] : '');
+  P.strategy.dataset.strategy = m.strategy?.name ?? '';
+  fill(P.switches, (m.switches ?? []).map((s) => h('li', { 'data-to': s.to }, h('b', {}, `+${ms(s.at_ms)} → ${s.to}`), `: ${s.reason}`)));
   P.cancel.hidden = !CANCELLABLE.has(m.phase);
 }
 
@@ -70,7 +74,11 @@ function drawPasses(svg, passes, total, current) {
 export function renderHop(el, m) {
   const extra = Object.entries(m)
     .filter(([k, v]) => k !== 'downtime_ms' && k.endsWith('downtime_ms') && typeof v === 'number')
-    .map(([k, v]) => ` · ${k.replace(/_downtime_ms$/, '').replace(/_/g, ' ')} ${ms(v)}`);
+    .map(([k, v]) => {
+      const kind = k.replace(/_downtime_ms$/, '');
+      return [' · ', h('span', { 'data-kind': kind, 'data-ms': v }, `${kind.replace(/_/g, ' ')} ${ms(v)}`)];
+    });
+  if (m.probe_error) extra.push([' · ', h('span.probe', { title: m.probe_error }, 'observed: probe failed')]);
   const done = m.phase === 'completed';
   fill(el,
     h('div.hop', { 'data-result': m.phase }, `${m.from} → ${m.to} · ${m.phase}`, m.total_ms != null ? ` in ${ms(m.total_ms)}` : '',
