@@ -54,8 +54,10 @@ fn render_failovers(s: &mut Scrape, failovers: &[Failover]) {
     for (result, r) in [("restored", FailoverResult::Restored), ("lost", FailoverResult::Lost), ("fencing", FailoverResult::Fencing)] {
         count(&ended, labels([("result", result)]), failovers.iter().filter(|f| f.result == r).count() as u64);
     }
-    let rpo = s.gauges("walkabout_cluster_failover_rpo_ms", "Recovery point of the VM's last restore: its host's loss minus its checkpoint");
-    let rto = s.gauges("walkabout_cluster_failover_rto_ms", "Recovery time of the VM's last restore: its host's loss to the guest running again");
+    let rpo =
+        s.gauges("walkabout_cluster_failover_rpo_ms", "Recovery point of the VM's last restore: its host's loss minus its checkpoint");
+    let rto =
+        s.gauges("walkabout_cluster_failover_rto_ms", "Recovery time of the VM's last restore: its host's loss to the guest running again");
     // Oldest first: a VM's later restore overwrites its earlier one.
     for f in failovers.iter().filter(|f| f.result == FailoverResult::Restored) {
         if let (Some(p), Some(t)) = (f.rpo_ms, f.rto_ms) {

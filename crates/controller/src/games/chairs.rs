@@ -9,9 +9,7 @@
 use super::{Games, TICK};
 use std::time::Duration;
 use tokio::time::Instant;
-use walkabout_api::{
-    ControllerClient, FailoverResult, Host, HostStatus, Maintenance, PlanStatus, Round, WalkOptions,
-};
+use walkabout_api::{ControllerClient, FailoverResult, Host, HostStatus, Maintenance, PlanStatus, Round, WalkOptions};
 
 /// Longest wait for the failovers of a host whose power was cut.
 const FAILOVER_WAIT: Duration = Duration::from_secs(180);
@@ -249,7 +247,9 @@ mod tests {
         assert!(result.contains(&p2), "{result}");
         // The survivors: the first cut host's p on h4, and the host never cut's p and u.
         let alive: BTreeSet<(String, Option<String>)> = w.survivors.iter().map(|s| (s.vm.clone(), s.host.clone())).collect();
-        for (vm, host) in [(format!("p{}", n(&first)), "h4"), (format!("p{}", n(survivor)), survivor), (format!("u{}", n(survivor)), survivor)] {
+        for (vm, host) in
+            [(format!("p{}", n(&first)), "h4"), (format!("p{}", n(survivor)), survivor), (format!("u{}", n(survivor)), survivor)]
+        {
             assert!(alive.contains(&(vm.clone(), Some(host.to_string()))), "{vm} on {host} not among the survivors: {alive:?}");
         }
         assert!(!alive.iter().any(|(vm, _)| *vm == p2 || (vm.starts_with('u') && !vm.ends_with(&n(survivor)))), "{alive:?}");
