@@ -544,7 +544,9 @@ mod controller_routes {
         (status = 202, body = WalkRecord), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
     fn start_walk() {}
 
-    /// Starts musical chairs: each round a host is drained and taken out of the cluster.
+    /// Starts musical chairs: each round a random host's power is cut (its protected VMs
+    /// come back from their replicas), or with `gentle` it is drained; either way it is
+    /// then taken out of the cluster, until the VMs no longer fit.
     #[utoipa::path(post, path = "/v1/games/musical-chairs", tag = "walks", request_body = WalkOptions, responses(
         (status = 202, body = WalkRecord), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
     fn start_musical_chairs() {}

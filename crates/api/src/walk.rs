@@ -73,7 +73,8 @@ pub struct Hop {
 pub struct Round {
     /// Round number, from 1.
     pub round: u32,
-    /// The host drained (and taken out of the game if the drain completed).
+    /// The host whose power was cut, or in the gentle game the host drained (and taken
+    /// out of the game if the drain completed).
     pub host: String,
     /// The drain's plan, if one was made.
     #[serde(default)]

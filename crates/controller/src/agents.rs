@@ -70,6 +70,14 @@ pub trait AgentApi: Send + Sync + 'static {
         let _ = (vm, req);
         unsupported(url, "replicas")
     }
+    /// `POST /v1/host/power-cut`: the agent kills its QEMUs and exits at once (musical
+    /// chairs, on agents that allow it).
+    /// Agent APIs without it (the simulator's) refuse it, not as a transport error: the
+    /// game must not take a refused cut for a host gone dark.
+    fn power_cut(&self, url: String) -> BoxFut<Result<(), ClientError>> {
+        let body = walkabout_api::ErrorBody::new(walkabout_api::ErrorKind::Other, format!("the agent API of {url} cannot cut its power"));
+        Box::pin(std::future::ready(Err(ClientError::Api { status: 501, body })))
+    }
 }
 
 /// The answer of an agent API that lacks `what` (the simulator's agents).
@@ -171,6 +179,9 @@ impl AgentApi for HttpAgents {
     fn restore_replica(&self, url: String, vm: String, req: RestoreRequest) -> BoxFut<Result<RestoreReply, ClientError>> {
         // Verifying the checkpoint's files and starting QEMU from its memory image.
         self.call(&url, Duration::from_secs(120), |c| async move { c.restore_replica(&vm, &req).await })
+    }
+    fn power_cut(&self, url: String) -> BoxFut<Result<(), ClientError>> {
+        self.call(&url, Duration::from_secs(10), |c| async move { c.power_cut().await })
     }
 }
 

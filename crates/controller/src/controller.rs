@@ -100,12 +100,13 @@ impl Cluster {
     pub async fn open_on(config: ControllerConfig, store: Arc<Store>, api: Arc<dyn AgentApi>) -> Result<Cluster, ControllerError> {
         let events = Arc::new(Events::new(store.clone()));
         let (shutdown, stop) = watch::channel(false);
-        let view = ClusterView::open_with(store.clone(), api, events.clone(), stop.clone(), config.vcpu_overcommit, config.poll_interval)?;
+        let view =
+            ClusterView::open_with(store.clone(), api.clone(), events.clone(), stop.clone(), config.vcpu_overcommit, config.poll_interval)?;
         let exec_config = ExecConfig { limits: config.limits, mode: config.mode, max_bandwidth_bps: config.max_bandwidth_bps };
         let exec = Executor::open(view.clone(), store.clone(), events.clone(), exec_config, stop.clone())?;
         let plans = PlanRunner::open(view.clone(), exec.clone(), store.clone(), events.clone(), stop.clone())?;
         let failovers = crate::failover::Failovers::open(view.clone(), exec.clone(), store, events.clone(), config.fence_ms, stop.clone())?;
-        let games = Games::new(events.clone(), stop);
+        let games = Games::new(events.clone(), stop, api);
         let balance = Arc::new(crate::balance::BalanceState::new(config.balance));
         let c = Cluster { view, exec, plans, games, events, shutdown: Arc::new(shutdown), balance, failovers };
         crate::balance::spawn(c.clone());

@@ -584,6 +584,31 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_corrupt_checkpoint_the_replica_passed_over_is_named_with_its_reason_in_the_failover_and_its_event() {
+        let fake = Fake::new(&[("h1", 1024), ("h2", 1024)], &[("a", 256, "h1")]);
+        let dir = temp("failover-corrupt");
+        let c = open_with(config(&dir), &fake, &["h1", "h2"]).await;
+        c.protect("a", &protect_to("h2")).await.expect("protect");
+        fake.state().replicas.entry(url("h2")).or_default().insert("a".into(), crate::now_ms());
+        let why = "a.2: memory file a.2.mem: sha256 checksum mismatch (truncated?)";
+        fake.state().passed_over.insert("a".into(), vec![why.into()]);
+
+        fake.state().down.push(url("h1"));
+        until("a is restored", || c.failovers().iter().any(|f| f.result == FailoverResult::Restored)).await;
+
+        let f = c.failovers().remove(0);
+        assert_eq!((f.checkpoint.as_deref(), f.skipped.as_slice()), (Some("a.1"), [why.to_string()].as_slice()), "{f:?}");
+        let events = c.events().since(0);
+        let said = events
+            .iter()
+            .find(|e| e.subject == walkabout_api::Subject::Failover && e.message.contains("runs on h2 from checkpoint a.1"))
+            .expect("the restore's event");
+        assert!(said.message.ends_with(&format!("; passed over: {why}")), "{}", said.message);
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_replica_falls_back_to_another_host_holding_a_checkpoint() {
         let fake = Fake::new(&[("h1", 1024), ("h2", 256), ("h3", 1024)], &[("a", 256, "h1")]);
         let dir = temp("failover-fallback");

@@ -1,6 +1,7 @@
 //! A fake cluster of agents for unit tests of the controller's logic: hosts with
 //! capacity, VMs, migrations that finish after a few polls (or fail, for chosen VMs),
-//! hosts that stop answering. Memory is held on both ends while a migration runs,
+//! hosts that stop answering (or whose power is cut), replicas holding checkpoints and
+//! restores from them. Memory is held on both ends while a migration runs,
 //! and an overfilling migration is refused, as the real agent does.
 
 use crate::agents::{AgentApi, BoxFut};
@@ -48,6 +49,13 @@ pub(crate) struct State {
     pub restores: Vec<(String, String, u64)>,
     /// Dirty rate each VM's agent reports, bytes/s (absent: not measured).
     pub dirty_bps: BTreeMap<String, u64>,
+    /// Whether telling an agent a VM's protection puts a checkpoint of it, taken then,
+    /// on its replica at once (as the agent's first shipped checkpoint would).
+    pub ship_on_protect: bool,
+    /// What a restore of each VM reports it passed over (e.g. a corrupt checkpoint).
+    pub passed_over: BTreeMap<String, Vec<String>>,
+    /// Every power cut asked, by URL (the host then answers no more).
+    pub power_cuts: Vec<String>,
 }
 
 impl State {
@@ -306,6 +314,9 @@ impl AgentApi for Fake {
             return ready(Err(refused(404, ErrorKind::NotFound, format!("no VM named `{vm}` at {u}"))));
         };
         let _ = at;
+        if s.ship_on_protect {
+            s.replicas.entry(p.replica_url.clone()).or_default().insert(vm.clone(), crate::now_ms());
+        }
         s.protections.insert(vm.clone(), (u, p));
         ready(Ok(vm_info(&s, &vm, mem)))
     }
@@ -356,10 +367,20 @@ impl AgentApi for Fake {
         let reply = walkabout_api::RestoreReply {
             vm: vm_info(&s, &vm, mem),
             checkpoint: checkpoint(&vm, mem, taken_ms),
-            skipped: vec![],
+            skipped: s.passed_over.get(&vm).cloned().unwrap_or_default(),
             restore_ms: 5,
         };
         ready(Ok(reply))
+    }
+
+    fn power_cut(&self, u: String) -> BoxFut<Result<(), ClientError>> {
+        if let Err(e) = self.check(&u) {
+            return ready(Err(e));
+        }
+        let mut s = self.state();
+        s.power_cuts.push(u.clone());
+        s.down.push(u);
+        ready(Ok(()))
     }
 
     fn cancel_migration(&self, _u: String, id: String) -> BoxFut<Result<(), ClientError>> {

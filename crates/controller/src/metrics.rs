@@ -1,6 +1,7 @@
 //! The controller's Prometheus metrics, in OpenMetrics text (`walkabout-metrics`): hosts
-//! up and their free memory, VMs known, migrations by result and under way, and the
-//! downtime the guests' users saw (migrations whose guest was probed).
+//! up and their free memory, VMs known, migrations by result and under way, the
+//! downtime the guests' users saw (migrations whose guest was probed), and failovers:
+//! by result, and each restored VM's RPO and RTO.
 
 use walkabout_api::{Failover, FailoverResult, Phase};
 use walkabout_metrics::{count, labels, set, Scrape};
@@ -46,27 +47,27 @@ pub fn render(hosts: &[HostSample<'_>], vms: usize, migrations: &[Phase], observ
     s.render()
 }
 
-/// Failovers by result, and the recovery point and time of the last and the worst
-/// restored one (oldest first in `failovers`).
+/// Failovers by result; per VM, the recovery point and time of its last restore; and
+/// the worst of each over all restores (`failovers` oldest first).
 fn render_failovers(s: &mut Scrape, failovers: &[Failover]) {
     let ended = s.counters("walkabout_cluster_failovers", "VMs of down hosts, by how their failover ended");
     for (result, r) in [("restored", FailoverResult::Restored), ("lost", FailoverResult::Lost), ("fencing", FailoverResult::Fencing)] {
         count(&ended, labels([("result", result)]), failovers.iter().filter(|f| f.result == r).count() as u64);
     }
-    let rpo: Vec<u64> = failovers.iter().filter_map(|f| f.rpo_ms).collect();
-    let rto: Vec<u64> = failovers.iter().filter_map(|f| f.rto_ms).collect();
-    s.gauge(
-        "walkabout_cluster_failover_rpo_last_ms",
-        "Recovery point of the last restored VM: its host's loss minus its checkpoint",
-        rpo.last().copied().unwrap_or(0),
-    );
-    s.gauge("walkabout_cluster_failover_rpo_max_ms", "Worst recovery point of a restored VM", rpo.iter().max().copied().unwrap_or(0));
-    s.gauge(
-        "walkabout_cluster_failover_rto_last_ms",
-        "Recovery time of the last restored VM: its host's loss to the guest running again",
-        rto.last().copied().unwrap_or(0),
-    );
-    s.gauge("walkabout_cluster_failover_rto_max_ms", "Worst recovery time of a restored VM", rto.iter().max().copied().unwrap_or(0));
+    let rpo =
+        s.gauges("walkabout_cluster_failover_rpo_ms", "Recovery point of the VM's last restore: its host's loss minus its checkpoint");
+    let rto =
+        s.gauges("walkabout_cluster_failover_rto_ms", "Recovery time of the VM's last restore: its host's loss to the guest running again");
+    // Oldest first: a VM's later restore overwrites its earlier one.
+    for f in failovers.iter().filter(|f| f.result == FailoverResult::Restored) {
+        if let (Some(p), Some(t)) = (f.rpo_ms, f.rto_ms) {
+            set(&rpo, labels([("vm", &f.vm)]), p);
+            set(&rto, labels([("vm", &f.vm)]), t);
+        }
+    }
+    let worst = |v: fn(&Failover) -> Option<u64>| failovers.iter().filter_map(v).max().unwrap_or(0);
+    s.gauge("walkabout_cluster_failover_rpo_max_ms", "Worst recovery point of a restored VM", worst(|f| f.rpo_ms));
+    s.gauge("walkabout_cluster_failover_rto_max_ms", "Worst recovery time of a restored VM", worst(|f| f.rto_ms));
 }
 
 #[cfg(test)]
@@ -97,5 +98,41 @@ mod tests {
         assert!(text.contains("walkabout_cluster_migrations_probed_total 2\n"), "{text}");
         assert!(text.contains("walkabout_cluster_observed_downtime_last_ms 180\n"), "{text}");
         assert!(text.contains("walkabout_cluster_observed_downtime_max_ms 420\n"), "{text}");
+    }
+
+    fn failover(vm: &str, result: FailoverResult, rpo_rto: Option<(u64, u64)>) -> Failover {
+        Failover {
+            id: format!("f-{vm}"),
+            vm: vm.into(),
+            from: "h1".into(),
+            to: rpo_rto.map(|_| "h2".into()),
+            result,
+            checkpoint: None,
+            skipped: vec![],
+            rpo_ms: rpo_rto.map(|r| r.0),
+            rto_ms: rpo_rto.map(|r| r.1),
+            lost_ms: 1,
+            finished_ms: Some(2),
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn each_restored_vm_has_the_rpo_and_rto_of_its_last_restore_and_the_worst_are_kept() {
+        let f = [
+            failover("a", FailoverResult::Restored, Some((3_000, 14_000))),
+            failover("b", FailoverResult::Restored, Some((1_200, 12_500))),
+            failover("c", FailoverResult::Lost, None),
+            failover("a", FailoverResult::Restored, Some((900, 11_000))),
+        ];
+        let text = render(&[], 0, &[], &[], &f);
+        assert!(text.contains("walkabout_cluster_failover_rpo_ms{vm=\"a\"} 900\n"), "{text}");
+        assert!(text.contains("walkabout_cluster_failover_rto_ms{vm=\"a\"} 11000\n"), "{text}");
+        assert!(text.contains("walkabout_cluster_failover_rpo_ms{vm=\"b\"} 1200\n"), "{text}");
+        assert!(text.contains("walkabout_cluster_failover_rto_ms{vm=\"b\"} 12500\n"), "{text}");
+        assert!(!text.contains("vm=\"c\""), "a lost VM has no RPO: {text}");
+        assert!(text.contains("walkabout_cluster_failover_rpo_max_ms 3000\n"), "{text}");
+        assert!(text.contains("walkabout_cluster_failover_rto_max_ms 14000\n"), "{text}");
+        assert!(text.contains("walkabout_cluster_failovers_total{result=\"restored\"} 3\n"), "{text}");
     }
 }

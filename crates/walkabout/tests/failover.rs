@@ -1,7 +1,8 @@
 //! Failover on real guests (256 MiB, TCG), through a real controller: a host killed
 //! with `kill -9` (its agent and its QEMUs) during a walk brings its protected VM back on the replica
 //! host from the last checkpoint (memory verifies, the heartbeat continues from
-//! the checkpoint's sequence, RPO and RTO reported); an agent whose controller goes
+//! the checkpoint's sequence, RPO and RTO in the failover, its event and the VM's
+//! metrics); an agent whose controller goes
 //! silent stops its protected VM itself once the fence time has passed; a host cut off
 //! the network (its namespace's link down, not killed) stops its VM before the
 //! controller restores it elsewhere, so the two consoles' heartbeats never overlap;
@@ -113,6 +114,17 @@ fn a_host_killed_with_its_qemus_during_a_walk_brings_its_protected_vm_back_on_th
     let (rpo, rto) = (f.rpo_ms.expect("RPO"), f.rto_ms.expect("RTO"));
     assert!(rto >= 10_000, "restored before the fence time: {f:?}");
     eprintln!("failover of fa ({from} died after a hop of the walk): RPO {rpo} ms, RTO {rto} ms, checkpoint {:?}", f.checkpoint);
+    // The RPO and RTO are the controller's event of the restore and its metrics for fa.
+    let events = ctl.call(|x| async move { x.recent_events(1000).await }).expect("the controller's events");
+    let said = events
+        .iter()
+        .filter(|e| e.subject == walkabout_api::Subject::Failover && e.name == "fa")
+        .find(|e| serde_json::from_value::<Failover>(e.data.clone()).is_ok_and(|x| x.id == f.id && x.result == FailoverResult::Restored))
+        .unwrap_or_else(|| panic!("no event of the restore of fa ({}) among the last 1000", f.id));
+    assert!(said.message.contains(&format!("(RPO {rpo} ms, RTO {rto} ms)")), "{}", said.message);
+    let metrics = ctl.call(|x| async move { x.metrics().await }).expect("the controller's metrics");
+    assert!(metrics.contains(&format!("walkabout_cluster_failover_rpo_ms{{vm=\"fa\"}} {rpo}\n")), "{metrics}");
+    assert!(metrics.contains(&format!("walkabout_cluster_failover_rto_ms{{vm=\"fa\"}} {rto}\n")), "{metrics}");
     let third = ["h1", "h2", "h3"].into_iter().find(|h| *h != from && *h != replica).expect("a third host");
     let (b, c) = (&hosts[index(&replica)], &hosts[index(third)]);
     let state = b.call(|x| async move { x.replica("fa").await }).expect("the replica's checkpoints");

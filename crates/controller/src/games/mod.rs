@@ -8,11 +8,13 @@
 //! their own records and reach the cluster the way any client does: through
 //! [`ControllerClient`] at the controller's own URL. A hop is `POST /v1/vms/{vm}/move`
 //! (a `place` plan the controller executes under its limits); a round of musical chairs
-//! is `POST /v1/hosts/{h}/drain`, then `DELETE /v1/hosts/{h}` once drained: taking a
+//! is a power cut of the host (its agent and QEMUs killed; the one call no controller
+//! route offers, made to the host's agent through the controller's agent API), or in
+//! the gentle game `POST /v1/hosts/{h}/drain`; then `DELETE /v1/hosts/{h}`: taking a
 //! host away is something the game asks for, not a maintenance state of the core. So the
 //! games obey every rule an operator's request does — nothing moves into a host in
-//! maintenance, a VM a drain means to move is not taken from it — and could move out of
-//! the process unchanged.
+//! maintenance, a VM a drain means to move is not taken from it — and, but for the
+//! power cut, could move out of the process unchanged.
 //!
 //! The controller's URL is the one given to [`Games::serve_at`] (by `serve` and
 //! `walkabout up`), else the address the game was requested at (the request's `Host`).
@@ -24,6 +26,7 @@ pub mod scotland;
 mod walk;
 pub mod will;
 
+use crate::agents::AgentApi;
 use crate::error::ControllerError;
 use crate::events::{Events, Subject};
 use crate::{lock, now_ms};
@@ -62,11 +65,15 @@ pub struct Games {
     player_moves: Mutex<BTreeMap<(String, String), PlayerMove>>,
     /// The Towers of Hanoi: how this controller is set up to play it.
     hanoi: Mutex<HanoiSetup>,
+    /// The agents' API, for the one call no controller route offers: musical chairs'
+    /// power cut.
+    agents: Arc<dyn AgentApi>,
 }
 
 impl Games {
-    /// No games yet; they announce themselves on `events` and end when `stop` turns true.
-    pub fn new(events: Arc<Events>, stop: watch::Receiver<bool>) -> Arc<Games> {
+    /// No games yet; they announce themselves on `events` and end when `stop` turns true;
+    /// musical chairs cuts a host's power through `agents`.
+    pub fn new(events: Arc<Events>, stop: watch::Receiver<bool>, agents: Arc<dyn AgentApi>) -> Arc<Games> {
         Arc::new(Games {
             client: Mutex::new(None),
             walks: Mutex::new(BTreeMap::new()),
@@ -76,6 +83,7 @@ impl Games {
             will: Mutex::default(),
             player_moves: Mutex::default(),
             hanoi: Mutex::default(),
+            agents,
         })
     }
 

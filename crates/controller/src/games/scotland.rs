@@ -921,7 +921,7 @@ mod tests {
     fn game_walk(dir: &std::path::Path, start: &Game, rounds: u32) -> (Arc<Games>, WalkRecord, tokio::sync::watch::Sender<bool>) {
         let store = Arc::new(crate::store::Store::open(&dir.join("events.redb")).expect("a store"));
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let games = Games::new(Arc::new(crate::events::Events::new(store)), stopped);
+        let games = Games::new(Arc::new(crate::events::Events::new(store)), stopped, Arc::new(crate::fake::Fake::default()));
         let w = games.new_walk(WalkKind::ScotlandYard);
         games.update_walk(&w.id, |w| {
             w.scotland = Some(ScotlandGame {

@@ -28,8 +28,11 @@ pub struct WalkArgs {
 /// `walkabout game ...`
 #[derive(clap::Subcommand)]
 pub enum GameCommand {
-    /// VMs circulate; each round a random host is drained and taken out of the cluster,
-    /// until the VMs no longer fit. Reports survivors and every hop's downtime.
+    /// VMs circulate; each round a random host's power is cut (its agent and QEMUs
+    /// killed): its protected VMs come back from their replicas, the others are lost.
+    /// Ends when the VMs no longer fit; reports survivors, each failover's RPO and RTO
+    /// and every hop's downtime. `--gentle`: each round's host is drained and taken out
+    /// of the cluster instead.
     MusicalChairs(GameArgs),
     /// Scotland Yard: detectives (bots, or you with `game move`) chase Mr X over a
     /// board of host links (taxi, bus, underground); every move is a live migration;
