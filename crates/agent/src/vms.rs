@@ -650,6 +650,9 @@ impl Agent {
                                 Err(_) => rec.state,
                             };
                         }
+                        // A record written before its QEMU started (an agent killed
+                        // then) has no pid yet: the pid file's is the one watched.
+                        rec.pid = Some(p.pid);
                         tracing::info!(vm = %name, pid = p.pid, state = ?rec.state, "re-attached to running VM");
                         self.watch(&name, q.clone(), p.clone());
                         vm.process = Some(p);
