@@ -148,6 +148,8 @@ pub(crate) struct Inner {
     pub(crate) will: crate::will::Will,
     /// Incoming VMs whose streams come through the tunnel route (`relay`).
     pub(crate) tunnels: crate::migration::relay::Tunnels,
+    /// The changes callers made here, with who made them.
+    pub(crate) audit: crate::audit::AuditLog,
 }
 
 /// The agent: owns the VMs of one host. Cheap to clone.
@@ -239,6 +241,7 @@ impl Agent {
                 replica_lock: tokio::sync::Mutex::new(()),
                 will: crate::will::Will::default(),
                 tunnels: crate::migration::relay::Tunnels::default(),
+                audit: crate::audit::AuditLog::default(),
             }),
         };
         agent.reattach().await?;

@@ -446,6 +446,10 @@ impl AgentClient {
     pub async fn will_requests(&self) -> Result<Vec<crate::WillRequest>, ClientError> {
         self.http.get("/v1/will").await
     }
+    /// `GET /v1/audit`: the last changes made on this agent, with who made them.
+    pub async fn audit(&self) -> Result<Vec<Event>, ClientError> {
+        self.http.get("/v1/audit").await
+    }
     /// `POST /v1/vms/{name}/will/answer`: writes the answer on the guest's port.
     pub async fn will_answer(&self, name: &str, answer: &crate::WillAnswer) -> Result<crate::WillAnswer, ClientError> {
         self.http.post(&format!("/v1/vms/{}/will/answer", seg(name)), Some(answer)).await

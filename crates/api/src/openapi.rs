@@ -292,6 +292,12 @@ mod agent_routes {
         (status = 409, description = "no checkpoint verifies, or the name is taken", body = ErrorBody), (status = 500, body = ErrorBody)))]
     fn restore_replica() {}
 
+    /// The last changes callers made on this agent (at most 256 since it started, oldest
+    /// first), each with who made it: events of subject `audit` whose `name` is the
+    /// caller's and whose `data` holds `who`, `role`, `method`, `path` and `status`.
+    #[utoipa::path(get, path = "/v1/audit", tag = "host", responses((status = 200, body = Vec<crate::event::Event>)))]
+    fn audit() {}
+
     /// Prometheus metrics (text exposition format).
     #[utoipa::path(get, path = "/metrics", tag = "metrics", responses((status = 200, content_type = "text/plain", body = String)))]
     fn metrics() {}
@@ -351,6 +357,7 @@ mod agent_routes {
         agent_routes::put_replica_file,
         agent_routes::commit_replica,
         agent_routes::restore_replica,
+        agent_routes::audit,
         agent_routes::metrics,
         agent_routes::openapi,
         agent_routes::power_cut
