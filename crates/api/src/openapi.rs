@@ -463,9 +463,12 @@ mod controller_routes {
         responses((status = 200, body = Host), (status = 404, body = ErrorBody)))]
     fn get_host() {}
 
-    /// Takes a host that runs no VM out of the cluster (it is no longer polled).
+    /// Takes a host out of the cluster: it is no longer polled, planned for or listed.
+    /// Refused (409, naming the VMs) while VMs run there, or, for a host that is down,
+    /// while its VMs' failovers have not ended; a lost VM keeps its record until deleted.
     #[utoipa::path(delete, path = "/v1/hosts/{name}", tag = "hosts", params(("name" = String, Path, description = "host name")),
-        responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        responses((status = 204), (status = 404, body = ErrorBody),
+        (status = 409, description = "VMs run there, or a down host's VMs are not settled", body = ErrorBody)))]
     fn remove_host() {}
 
     /// Maintenance: the host takes no new VMs and a drain plan empties it (executed at

@@ -48,6 +48,8 @@ pub(crate) struct State {
     pub restores: Vec<(String, String, u64)>,
     /// Dirty rate each VM's agent reports, bytes/s (absent: not measured).
     pub dirty_bps: BTreeMap<String, u64>,
+    /// Requests each URL was sent, answered or not.
+    pub asked: BTreeMap<String, u64>,
 }
 
 impl State {
@@ -161,6 +163,7 @@ fn ready<T: Send + 'static>(v: T) -> BoxFut<T> {
 
 impl Fake {
     fn check(&self, u: &str) -> Result<(), ClientError> {
+        *self.state().asked.entry(u.to_string()).or_default() += 1;
         if self.state().down.iter().any(|d| d == u) || !self.state().capacity.contains_key(u) {
             return Err(ClientError::Unreachable { url: u.into(), detail: "connection refused".into() });
         }
