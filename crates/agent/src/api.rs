@@ -26,6 +26,7 @@
 //! | PUT | /v1/replicas/{vm}/files/{file} | one checkpoint file (octet-stream), checksum verified |
 //! | POST | /v1/replicas/{vm}/checkpoints | commit a checkpoint's manifest, keep at most `keep` |
 //! | POST | /v1/replicas/{vm}/restore | restore the newest checkpoint that verifies (201) |
+//! | GET | /v1/audit | the last changes made here, with who made them (see `audit.rs`) |
 //! | GET | /metrics | Prometheus metrics |
 //! | POST | /v1/host/power-cut | kill every QEMU and the agent (`--allow-power-cut` only; see `fence.rs`) |
 //!
@@ -99,6 +100,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/replicas/{vm}/files/{file}", put(replica_file))
         .route("/v1/replicas/{vm}/checkpoints", post(commit_replica))
         .route("/v1/replicas/{vm}/restore", post(restore_replica))
+        .route("/v1/audit", get(audit))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/host/power-cut", post(crate::fence::power_cut))
@@ -259,6 +261,10 @@ fn default_max() -> u64 {
 
 async fn console(State(a): State<Agent>, Path(name): Path<String>, Query(q): Query<ConsoleQuery>) -> Response {
     reply(a.console(&name, q.offset, q.max.min(default_max())).await)
+}
+
+async fn audit(State(a): State<Agent>) -> Response {
+    Json(a.inner.audit.recent()).into_response()
 }
 
 async fn will_requests(State(a): State<Agent>) -> Response {
@@ -511,6 +517,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/replicas/{vm}/files/{file}"),
     ("POST", "/v1/replicas/{vm}/checkpoints"),
     ("POST", "/v1/replicas/{vm}/restore"),
+    ("GET", "/v1/audit"),
     ("GET", "/metrics"),
     ("GET", "/v1/openapi.json"),
     ("POST", "/v1/host/power-cut"),

@@ -4,6 +4,7 @@
 //! and holds other hosts' replicas (`checkpoint`), and restores VMs from them.
 
 pub mod api;
+pub mod audit;
 pub mod boot;
 pub mod checkpoint;
 pub mod console;
@@ -28,13 +29,16 @@ pub use vms::{Agent, AgentConfig, ConsoleChunk, StartError, VmInfo};
 
 /// Serves the agent's API on `listener` (TLS with client certificates, or plain HTTP
 /// on loopback when asked) until `shutdown` resolves, the trust policy enforced (see
-/// `walkabout_trust::policy`). VMs keep running after the agent stops; a restarted agent
-/// re-attaches to them.
+/// `walkabout_trust::policy`), every change recorded with who made it ([`audit`]). VMs
+/// keep running after the agent stops; a restarted agent re-attaches to them.
 pub async fn serve(
     agent: Agent,
     listener: walkabout_trust::Listener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     *vms::lock(&agent.inner.own_addr) = Some(listener.addr());
-    walkabout_trust::serve::serve(listener, api::router(agent), walkabout_trust::ServerKind::Agent, None, shutdown).await
+    let log = agent.clone();
+    let audit: walkabout_trust::serve::Audit =
+        std::sync::Arc::new(move |who, method, path, status| log.inner.audit.record(who, method, path, status));
+    walkabout_trust::serve::serve(listener, api::router(agent), walkabout_trust::ServerKind::Agent, Some(audit), shutdown).await
 }

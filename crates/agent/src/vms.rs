@@ -148,6 +148,8 @@ pub(crate) struct Inner {
     pub(crate) will: crate::will::Will,
     /// Incoming VMs whose streams come through the tunnel route (`relay`).
     pub(crate) tunnels: crate::migration::relay::Tunnels,
+    /// The changes callers made here, with who made them.
+    pub(crate) audit: crate::audit::AuditLog,
 }
 
 /// The agent: owns the VMs of one host. Cheap to clone.
@@ -239,6 +241,7 @@ impl Agent {
                 replica_lock: tokio::sync::Mutex::new(()),
                 will: crate::will::Will::default(),
                 tunnels: crate::migration::relay::Tunnels::default(),
+                audit: crate::audit::AuditLog::default(),
             }),
         };
         agent.reattach().await?;
@@ -650,6 +653,9 @@ impl Agent {
                                 Err(_) => rec.state,
                             };
                         }
+                        // A record written before its QEMU started (an agent killed
+                        // then) has no pid yet: the pid file's is the one watched.
+                        rec.pid = Some(p.pid);
                         tracing::info!(vm = %name, pid = p.pid, state = ?rec.state, "re-attached to running VM");
                         self.watch(&name, q.clone(), p.clone());
                         vm.process = Some(p);

@@ -24,6 +24,12 @@ use serde::Serialize;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+/// How long a client keeps an idle connection for its next request: less than the
+/// servers' header deadline (`walkabout_trust::serve::HEADER_TIMEOUT`, 20 s), after which
+/// a server closes an idle kept-alive connection, so that a request is never sent on a
+/// connection the server is closing.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// The TLS side of a client: a rustls configuration trusting the cluster CA and, for
 /// every route but the join, presenting this process's certificate (see the
 /// `walkabout-trust` crate, which builds it from an identity bundle).
@@ -168,7 +174,7 @@ impl Http {
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(ClientError::BadUrl { url: base, reason: EXPECTED.into() });
         }
-        let mut builder = reqwest::Client::builder().connect_timeout(opts.connect_timeout);
+        let mut builder = reqwest::Client::builder().connect_timeout(opts.connect_timeout).pool_idle_timeout(POOL_IDLE_TIMEOUT);
         if url.scheme() == "https" {
             let Some(tls) = tls.or_else(process_tls) else {
                 return Err(ClientError::BadUrl {
@@ -439,6 +445,10 @@ impl AgentClient {
     /// `GET /v1/will`: the free-will requests of this agent's guests awaiting an answer.
     pub async fn will_requests(&self) -> Result<Vec<crate::WillRequest>, ClientError> {
         self.http.get("/v1/will").await
+    }
+    /// `GET /v1/audit`: the last changes made on this agent, with who made them.
+    pub async fn audit(&self) -> Result<Vec<Event>, ClientError> {
+        self.http.get("/v1/audit").await
     }
     /// `POST /v1/vms/{name}/will/answer`: writes the answer on the guest's port.
     pub async fn will_answer(&self, name: &str, answer: &crate::WillAnswer) -> Result<crate::WillAnswer, ClientError> {

@@ -292,6 +292,12 @@ mod agent_routes {
         (status = 409, description = "no checkpoint verifies, or the name is taken", body = ErrorBody), (status = 500, body = ErrorBody)))]
     fn restore_replica() {}
 
+    /// The last changes callers made on this agent (at most 256 since it started, oldest
+    /// first), each with who made it: events of subject `audit` whose `name` is the
+    /// caller's and whose `data` holds `who`, `role`, `method`, `path` and `status`.
+    #[utoipa::path(get, path = "/v1/audit", tag = "host", responses((status = 200, body = Vec<crate::event::Event>)))]
+    fn audit() {}
+
     /// Prometheus metrics (text exposition format).
     #[utoipa::path(get, path = "/metrics", tag = "metrics", responses((status = 200, content_type = "text/plain", body = String)))]
     fn metrics() {}
@@ -351,6 +357,7 @@ mod agent_routes {
         agent_routes::put_replica_file,
         agent_routes::commit_replica,
         agent_routes::restore_replica,
+        agent_routes::audit,
         agent_routes::metrics,
         agent_routes::openapi,
         agent_routes::power_cut
@@ -456,9 +463,12 @@ mod controller_routes {
         responses((status = 200, body = Host), (status = 404, body = ErrorBody)))]
     fn get_host() {}
 
-    /// Takes a host that runs no VM out of the cluster (it is no longer polled).
+    /// Takes a host out of the cluster: it is no longer polled, planned for or listed.
+    /// Refused (409, naming the VMs) while VMs run there, or, for a host that is down,
+    /// while its VMs' failovers have not ended; a lost VM keeps its record until deleted.
     #[utoipa::path(delete, path = "/v1/hosts/{name}", tag = "hosts", params(("name" = String, Path, description = "host name")),
-        responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        responses((status = 204), (status = 404, body = ErrorBody),
+        (status = 409, description = "VMs run there, or a down host's VMs are not settled", body = ErrorBody)))]
     fn remove_host() {}
 
     /// Maintenance: the host takes no new VMs and a drain plan empties it (executed at

@@ -6,7 +6,7 @@
 //! | GET | /v1/cluster | summary: hosts, VMs, running plan, limits |
 //! | GET, PUT | /v1/balance | automatic balancing: level (manual, recommend, automatic), threshold, last moves |
 //! | GET, POST | /v1/hosts | list; register an agent `{"url", "name"?}` (201) |
-//! | GET, DELETE | /v1/hosts/{name} | one host: status (down since when, why), maintenance, capacity, VMs; remove a host without VMs |
+//! | GET, DELETE | /v1/hosts/{name} | one host: status (down since when, why), maintenance, capacity, VMs; remove it (none of its VMs running or awaiting failover) |
 //! | POST | /v1/hosts/{name}/drain | maintenance + drain plan, executed (202 plan); 409 with per-VM reasons if impossible |
 //! | POST | /v1/hosts/{name}/undrain | back in service (cancels its drain) |
 //! | GET, POST | /v1/vms | list; create `{"host"?, ...agent VM spec}` (201) |

@@ -590,16 +590,33 @@ impl ClusterView {
     }
 
     /// Takes a host out of the cluster: it is no longer polled, planned for or shown.
-    /// Refused while a VM runs there, or when `busy` says a migration involves it.
+    /// Refused while a VM runs there, while a VM of a host that is down is not settled
+    /// yet (unreachable: its failover restores it elsewhere or declares it lost), or when
+    /// `busy` says a migration involves it. A lost VM keeps its record (and its reason)
+    /// until it is deleted.
     pub fn remove_host(&self, name: &str, busy: Option<String>) -> Result<(), ControllerError> {
         {
             let mut view = lock(&self.view);
-            if !view.hosts.contains_key(name) {
+            let Some(host) = view.hosts.get(name) else {
                 return Err(ControllerError::not_found("host", name));
-            }
+            };
+            let down = host.status == HostStatus::Down;
             let vms: Vec<&str> = view.vms_on(name).map(|v| v.name.as_str()).collect();
             if !vms.is_empty() {
                 return Err(ControllerError::Conflict(format!("host {name} still runs {}: drain it first", vms.join(", "))));
+            }
+            let unsettled: Vec<&str> = view
+                .vms
+                .values()
+                .filter(|v| down && v.host.as_deref() == Some(name) && v.state == ClusterVmState::Unreachable)
+                .map(|v| v.name.as_str())
+                .collect();
+            if !unsettled.is_empty() {
+                return Err(ControllerError::Conflict(format!(
+                    "host {name} is down and its VMs {} are not settled yet (each protected one is restored elsewhere after \
+                     its fence time, any other is declared lost): wait for their failovers (`walkabout failover list`), then remove it",
+                    unsettled.join(", ")
+                )));
             }
             if let Some(why) = busy {
                 return Err(ControllerError::Conflict(why));
@@ -732,11 +749,15 @@ impl ClusterView {
             .ok_or_else(|| ControllerError::Conflict(format!("no named CPU model runs on all {} hosts in service", catalogs.len())))
     }
 
-    /// Deletes a VM on its host.
+    /// Deletes VM `name` on its host and forgets it. A VM whose host left the cluster,
+    /// or a lost VM of a host that is down, is only forgotten (no agent to ask; should
+    /// its host come back running it, its next poll shows it again).
     pub async fn delete_vm(&self, name: &str) -> Result<(), ControllerError> {
         let vm = self.vm(name)?;
-        if let Some(h) = vm.host.as_deref() {
-            let url = self.host(h)?.url;
+        let host = vm.host.as_deref().and_then(|h| self.host(h).ok());
+        let ask = host.filter(|h| !(h.status == HostStatus::Down && vm.state == ClusterVmState::Lost));
+        if let Some(h) = ask {
+            let url = h.url;
             match self.api.delete_vm(url, name.to_string()).await {
                 Ok(()) => {}
                 Err(e) if e.status() == Some(404) => {}

@@ -630,6 +630,59 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_removed_down_host_is_polled_no_more_and_its_lost_vm_is_forgotten_on_delete() {
+        let fake = Fake::new(&[("h1", 1024), ("h2", 1024)], &[("b", 256, "h1")]);
+        let dir = temp("remove-down");
+        let poll = Duration::from_millis(50);
+        let c = open_with(crate::ControllerConfig { poll_interval: poll, ..config(&dir) }, &fake, &["h1", "h2"]).await;
+        fake.state().down.push(url("h1"));
+        until("b is lost", || c.vm("b").is_ok_and(|v| v.state == ClusterVmState::Lost)).await;
+
+        c.remove_host("h1").expect("remove the down host");
+        let seq = c.events().since(0).last().map_or(0, |e| e.seq);
+        let asked = |fake: &Fake| fake.state().asked.get(&url("h1")).copied().unwrap_or(0);
+        let before = asked(&fake);
+        // Twenty poll intervals: a host still polled would be asked ten times or more.
+        tokio::time::sleep(poll * 20).await;
+        let after = asked(&fake);
+        let about_h1: Vec<String> = c.events().since(seq).into_iter().filter(|e| e.name == "h1").map(|e| e.message).collect();
+        let b = c.vm("b").expect("the lost VM keeps its record");
+        let deleted = c.delete_vm("b").await;
+
+        assert!(after - before <= 1, "h1 was asked {} times after its removal", after - before);
+        assert!(c.hosts().iter().all(|h| h.name != "h1"), "{:?}", c.hosts());
+        assert!(c.host("h1").is_err());
+        assert_eq!(about_h1, Vec::<String>::new());
+        assert!(b.reason.as_deref().is_some_and(|r| r.contains("not protected")), "{b:?}");
+        assert!(deleted.is_ok(), "a lost VM of a removed host cannot be deleted: {deleted:?}");
+        assert!(c.vm("b").is_err());
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_down_host_stays_while_its_vm_is_fenced_and_goes_once_it_is_restored() {
+        let fake = Fake::new(&[("h1", 1024), ("h2", 1024)], &[("a", 256, "h1")]);
+        let dir = temp("remove-fencing");
+        let c = open_with(config(&dir), &fake, &["h1", "h2"]).await;
+        c.protect("a", &protect_to("h2")).await.expect("protect");
+        fake.state().replicas.entry(url("h2")).or_default().insert("a".into(), crate::now_ms() - 6_000);
+        fake.state().down.push(url("h1"));
+        until("a failover is fencing", || c.failovers().iter().any(|f| f.result == FailoverResult::Fencing)).await;
+
+        let refused = c.remove_host("h1").expect_err("a down host whose VM is not settled");
+        until("a is restored", || c.failovers().iter().any(|f| f.result == FailoverResult::Restored)).await;
+        let removed = c.remove_host("h1");
+
+        let why = refused.to_string();
+        assert!(why.contains("its VMs a are not settled") && why.contains("walkabout failover list"), "{why}");
+        assert!(removed.is_ok(), "{removed:?}");
+        assert_eq!(c.vm("a").expect("a").host.as_deref(), Some("h2"));
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_vm_with_no_checkpoint_anywhere_is_lost_with_the_reason() {
         let fake = Fake::new(&[("h1", 1024), ("h2", 1024)], &[("a", 256, "h1")]);
         let dir = temp("failover-nocp");

@@ -56,6 +56,8 @@ pub(crate) struct State {
     pub passed_over: BTreeMap<String, Vec<String>>,
     /// Every power cut asked, by URL (the host then answers no more).
     pub power_cuts: Vec<String>,
+    /// Requests each URL was sent, answered or not.
+    pub asked: BTreeMap<String, u64>,
 }
 
 impl State {
@@ -169,6 +171,7 @@ fn ready<T: Send + 'static>(v: T) -> BoxFut<T> {
 
 impl Fake {
     fn check(&self, u: &str) -> Result<(), ClientError> {
+        *self.state().asked.entry(u.to_string()).or_default() += 1;
         if self.state().down.iter().any(|d| d == u) || !self.state().capacity.contains_key(u) {
             return Err(ClientError::Unreachable { url: u.into(), detail: "connection refused".into() });
         }

@@ -1,14 +1,18 @@
 //! Serving an axum router over mutual TLS, or over plain HTTP on loopback when asked.
 //!
-//! [`Listener`] accepts TCP connections in a task of its own, completes each TLS
-//! handshake within [`ListenerOptions::handshake_timeout`] (a stranger that opens a
-//! connection and says nothing holds nothing), reads the client certificate's
-//! [`Identity`] once, and hands axum the connection with its [`Peer`]. Every connection
-//! is closed after [`ListenerOptions::idle_timeout`] without a byte either way (a slow
-//! client cannot hold a connection by sending headers one byte a minute... it can, but
-//! only for that long between bytes). A route that turns its connection into a stream
-//! living as long as something else (the agent's migration tunnels) lifts that limit
-//! through the request's [`IdleLimit`] and ends the stream itself.
+//! [`Listener`] accepts TCP connections in a task of its own, at most
+//! [`ListenerOptions::max_connections`] open at once (one more is closed as soon as it is
+//! accepted, and logged), completes each TLS handshake within
+//! [`ListenerOptions::handshake_timeout`] (a stranger that opens a connection and says
+//! nothing holds nothing), reads the client certificate's [`Identity`] once, and hands
+//! the connection with its [`Peer`] to HTTP/1.1 (hyper). A request's headers must arrive
+//! whole within [`ListenerOptions::header_timeout`] (a slow client sending headers one
+//! byte at a time is cut then, however steady its trickle), and every connection is
+//! closed after [`ListenerOptions::idle_timeout`] without a byte either way. A route that
+//! turns its connection into a stream living as long as something else (the agent's
+//! migration tunnels) lifts the idle limit through the request's [`IdleLimit`] and ends
+//! the stream itself; its headers came whole before, and the stream keeps its place
+//! among the listener's connections until it closes.
 //!
 //! [`serve`] adds the middleware that enforces [`crate::policy`]: 401 without an
 //! identity, 403 for a role that may not, 413 for a body over [`MAX_BODY`]; and it
@@ -21,7 +25,6 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::serve::IncomingStream;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +33,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use walkabout_api::{ErrorBody, ErrorKind};
 
 /// The largest request body either server reads (413 beyond it).
@@ -45,11 +49,28 @@ pub struct ListenerOptions {
     pub handshake_timeout: Duration,
     /// Longest a connection may stay without a byte read or written.
     pub idle_timeout: Duration,
+    /// Longest a client may take to send a request's headers, counted from when the
+    /// server starts reading them (on a kept-alive connection, from its previous answer:
+    /// an idle kept-alive connection is closed after this long too).
+    pub header_timeout: Duration,
+    /// Most connections open at once, TLS handshakes and upgraded streams included; one
+    /// more is closed as soon as it is accepted.
+    pub max_connections: usize,
 }
+
+/// [`ListenerOptions::header_timeout`] by default. Clients of `walkabout-api` keep idle
+/// connections for less ([`walkabout_api::client::POOL_IDLE_TIMEOUT`]), so that a pooled
+/// connection is not closed under a request just being sent.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Default for ListenerOptions {
     fn default() -> Self {
-        ListenerOptions { handshake_timeout: Duration::from_secs(10), idle_timeout: Duration::from_secs(120) }
+        ListenerOptions {
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            header_timeout: HEADER_TIMEOUT,
+            max_connections: 512,
+        }
     }
 }
 
@@ -93,12 +114,6 @@ impl PartialEq for IdleLimit {
 
 impl Eq for IdleLimit {}
 
-impl axum::extract::connect_info::Connected<IncomingStream<'_, Listener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, Listener>) -> Peer {
-        stream.remote_addr().clone()
-    }
-}
-
 /// Errors of binding a listener.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -115,13 +130,12 @@ pub enum ListenError {
     PlainNotLoopback(SocketAddr),
 }
 
-type Conn = IdleIo<Stream>;
-
 /// A listener serving TLS (with a [`rustls::ServerConfig`]) or plain HTTP on loopback.
 pub struct Listener {
     rx: tokio::sync::mpsc::Receiver<(Conn, Peer)>,
     local: SocketAddr,
     tls: bool,
+    opts: ListenerOptions,
 }
 
 impl Listener {
@@ -141,7 +155,7 @@ impl Listener {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let is_tls = tls.is_some();
         tokio::spawn(accept_loop(tcp, tls.map(tokio_rustls::TlsAcceptor::from), opts, tx));
-        Ok(Listener { rx, local, tls: is_tls })
+        Ok(Listener { rx, local, tls: is_tls, opts })
     }
 
     /// The URL clients use: `https://ADDR` or `http://ADDR`.
@@ -155,20 +169,24 @@ impl Listener {
     }
 }
 
-impl axum::serve::Listener for Listener {
-    type Io = Conn;
-    type Addr = Peer;
+/// Refusals of connections over the cap, logged at most every [`Refusals::EVERY`] (a
+/// flood of connections must not flood the log too).
+struct Refusals {
+    count: u64,
+    logged: Option<tokio::time::Instant>,
+}
 
-    async fn accept(&mut self) -> (Conn, Peer) {
-        match self.rx.recv().await {
-            Some(c) => c,
-            // The accept task ended (it does not, while this listener lives).
-            None => std::future::pending().await,
+impl Refusals {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn refused(&mut self, addr: SocketAddr, local: Option<SocketAddr>, max: usize) {
+        self.count += 1;
+        if self.logged.is_some_and(|t| t.elapsed() < Refusals::EVERY) {
+            return;
         }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Peer> {
-        Ok(Peer { addr: self.local, identity: None, idle: IdleLimit::default() })
+        self.logged = Some(tokio::time::Instant::now());
+        let port = local.map(|l| l.to_string()).unwrap_or_default();
+        tracing::warn!(peer = %addr, refused = self.count, "closed a connection to {port}: {max} connections are open already (the listener's cap)");
     }
 }
 
@@ -178,6 +196,9 @@ async fn accept_loop(
     opts: ListenerOptions,
     tx: tokio::sync::mpsc::Sender<(Conn, Peer)>,
 ) {
+    let slots = Arc::new(Semaphore::new(opts.max_connections));
+    let mut refusals = Refusals { count: 0, logged: None };
+    let local = tcp.local_addr().ok();
     loop {
         let (sock, addr) = tokio::select! {
             _ = tx.closed() => return, // the server stopped: close the port
@@ -189,6 +210,11 @@ async fn accept_loop(
                     continue;
                 }
             },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refusals.refused(addr, local, opts.max_connections);
+            drop(sock);
+            continue;
         };
         let _ = sock.set_nodelay(true);
         let tx = tx.clone();
@@ -211,9 +237,9 @@ async fn accept_loop(
                     }
                 },
             };
-            let conn = IdleIo::new(stream, opts.idle_timeout);
-            let idle = conn.limit();
-            let _ = tx.send((conn, Peer { addr, identity, idle })).await;
+            let io = IdleIo::new(stream, opts.idle_timeout);
+            let idle = io.limit();
+            let _ = tx.send((Conn { io, _slot: slot }, Peer { addr, identity, idle })).await;
         });
     }
 }
@@ -266,6 +292,31 @@ impl AsyncWrite for Stream {
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
         }
+    }
+}
+
+/// An accepted connection: its stream under the idle limit, holding its place among the
+/// listener's connections until it is dropped (after an upgrade, by the upgraded stream).
+struct Conn {
+    io: IdleIo<Stream>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -463,7 +514,74 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router.layer(axum::middleware::from_fn_with_state(Guard { server, audit, sessions: None }, guard));
-    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(shutdown).await
+    serve_router(listener, app, shutdown).await
+}
+
+/// Serves `app` on `listener`'s connections until `shutdown`, then lets the connections
+/// finish what they are answering and waits for them.
+async fn serve_router(listener: Listener, app: axum::Router, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    let Listener { mut rx, opts, .. } = listener;
+    // `stopping` tells the connections to finish; `open` is held by each until it ends.
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let (open_tx, open) = tokio::sync::watch::channel(());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (conn, peer) = tokio::select! {
+            c = rx.recv() => match c {
+                Some(c) => c,
+                // The accept task ended (it does not while `rx` lives).
+                None => break,
+            },
+            () = &mut shutdown => break,
+        };
+        tokio::spawn(serve_connection(conn, peer, app.clone(), opts.header_timeout, stopping.clone(), open.clone()));
+    }
+    // Dropping the receiver closes the port (the accept task ends).
+    drop(rx);
+    let _ = stopping_tx.send(true);
+    drop(open);
+    open_tx.closed().await;
+    Ok(())
+}
+
+/// Serves one connection over HTTP/1.1 (upgrades allowed), each request carrying its
+/// [`Peer`] as axum's `ConnectInfo`; its request headers must come whole within
+/// `header_timeout`.
+async fn serve_connection(
+    conn: Conn,
+    peer: Peer,
+    app: axum::Router,
+    header_timeout: Duration,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    _open: tokio::sync::watch::Receiver<()>,
+) {
+    use tower::ServiceExt;
+    let addr = peer.addr;
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer.clone()));
+        app.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout);
+    let mut conn = std::pin::pin!(http.serve_connection(hyper_util::rt::TokioIo::new(conn), service).with_upgrades());
+    let stop = async move {
+        // An error means the server is gone: stop too.
+        let _ = stopping.wait_for(|s| *s).await;
+    };
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    match ended {
+        Ok(()) => {}
+        Err(e) if e.is_timeout() => {
+            tracing::debug!(peer = %addr, "closed a connection whose request headers took longer than {header_timeout:?}")
+        }
+        Err(e) => tracing::debug!(peer = %addr, "connection ended: {e}"),
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -505,7 +623,7 @@ pub async fn serve_console(
     let app = router
         .route(LOGIN_PATH, axum::routing::get(login).with_state(sessions))
         .layer(axum::middleware::from_fn_with_state(guard_state, guard));
-    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(shutdown).await
+    serve_router(listener, app, shutdown).await
 }
 
 #[cfg(test)]
@@ -515,7 +633,11 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_connection_is_closed() {
-        let opts = ListenerOptions { handshake_timeout: Duration::from_millis(200), idle_timeout: Duration::from_millis(300) };
+        let opts = ListenerOptions {
+            handshake_timeout: Duration::from_millis(200),
+            idle_timeout: Duration::from_millis(300),
+            ..ListenerOptions::default()
+        };
         let l = Listener::bind("127.0.0.1:0", None, opts).await.expect("bind");
         let addr = l.addr();
         let router = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
@@ -525,6 +647,87 @@ mod tests {
         // Say nothing: the server hangs up after the idle limit.
         let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("closed in time");
         assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+
+    /// A plain server of `GET /` ("hi") with `opts`.
+    async fn hello(opts: ListenerOptions) -> SocketAddr {
+        let l = Listener::bind("127.0.0.1:0", None, opts).await.expect("bind");
+        let addr = l.addr();
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
+        tokio::spawn(serve(l, router, ServerKind::Agent, None, std::future::pending()));
+        addr
+    }
+
+    /// `GET /` on `s`, a kept-alive connection: the answer's first bytes (empty when
+    /// the server closed the connection instead).
+    async fn get_on(s: &mut TcpStream) -> String {
+        use tokio::io::AsyncWriteExt;
+        if s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.is_err() {
+            return String::new();
+        }
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+            _ => String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_trickling_its_headers_is_cut_at_the_header_deadline() {
+        use tokio::io::AsyncWriteExt;
+        let header_timeout = Duration::from_millis(500);
+        let addr = hello(ListenerOptions { header_timeout, idle_timeout: Duration::from_secs(30), ..ListenerOptions::default() }).await;
+        let s = TcpStream::connect(addr).await.expect("connect");
+        let (mut rd, mut wr) = s.into_split();
+        let started = tokio::time::Instant::now();
+        // One byte every 50 ms: never idle, never done.
+        let trickle = tokio::spawn(async move {
+            for b in b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: ".iter().chain(std::iter::repeat(&b'a')) {
+                if wr.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let mut out = vec![];
+        let closed = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut out)).await;
+        let took = started.elapsed();
+        trickle.abort();
+
+        assert!(closed.is_ok(), "a trickling client held its connection for 10 s");
+        assert!(took >= header_timeout, "closed after {took:?}, before the deadline");
+        assert!(!String::from_utf8_lossy(&out).contains(" 200 "), "{}", String::from_utf8_lossy(&out));
+    }
+
+    #[tokio::test]
+    async fn a_connection_over_the_cap_is_closed_while_the_others_are_served() {
+        let addr = hello(ListenerOptions { max_connections: 2, ..ListenerOptions::default() }).await;
+        let mut first = TcpStream::connect(addr).await.expect("connect");
+        let mut second = TcpStream::connect(addr).await.expect("connect");
+        let first_served = get_on(&mut first).await;
+        let second_served = get_on(&mut second).await;
+        let mut third = TcpStream::connect(addr).await.expect("connect");
+        let third_served = get_on(&mut third).await;
+        let mut buf = [0u8; 16];
+        let third_closed = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf)).await;
+        let first_again = get_on(&mut first).await;
+        drop(second);
+        // Its place frees once the server has seen it close.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let later = loop {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            let answer = get_on(&mut s).await;
+            if !answer.is_empty() || tokio::time::Instant::now() > deadline {
+                break answer;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+
+        assert!(first_served.starts_with("HTTP/1.1 200") && second_served.starts_with("HTTP/1.1 200"), "{first_served} {second_served}");
+        assert_eq!(third_served, "", "the connection over the cap was served");
+        assert!(matches!(third_closed, Ok(Ok(0) | Err(_))), "the connection over the cap stayed open: {third_closed:?}");
+        assert!(first_again.starts_with("HTTP/1.1 200"), "{first_again}");
+        assert!(later.starts_with("HTTP/1.1 200"), "a closed connection kept its place: {later}");
     }
 
     #[tokio::test]

@@ -43,7 +43,7 @@ enum Command {
     /// CPU models across hosts: the cluster baseline.
     #[command(subcommand)]
     Cpu(cli::cpu::CpuCommand),
-    /// Hosts: what one offers (from its agent); the cluster's hosts, drain, undrain.
+    /// Hosts: what one offers (from its agent); the cluster's hosts, drain, undrain, remove.
     #[command(subcommand)]
     Host(cli::host::HostCommand),
     /// Build and inspect the guest image (kernel + initramfs).

@@ -1,11 +1,12 @@
 //! The agent runs real Linux guests under QEMU: boot, heartbeats, pause/resume, stop,
-//! re-attach after an agent restart, and clear errors for bad input.
+//! re-attach after an agent restart (also one killed while QEMU starts), and clear errors
+//! for bad input.
 
 mod common;
 
 use common::AgentProc;
 use std::time::Duration;
-use walkabout_api::{Accel, VmInfo, VmState};
+use walkabout_api::{Accel, VmInfo, VmSpec, VmState};
 use walkabout_testbed::{alive, TempDir};
 
 #[test]
@@ -82,7 +83,8 @@ fn a_restarted_agent_reattaches_to_the_vm_that_kept_running() {
 
 #[test]
 fn bad_input_gets_a_specific_error_and_other_vms_keep_running() {
-    let agent = AgentProc::start(&["--capacity", "1G"]);
+    let boot = TempDir::new("bootdir").expect("temp dir");
+    let agent = AgentProc::start(&["--capacity", "1G", "--boot-dir", boot.path().to_str().expect("utf8")]);
     agent.create(&["--name", "ok", "--memory", "256M"]);
     let seq0 = agent.wait_heartbeats("ok", 3).guest.last_seq.expect("seq");
 
@@ -100,6 +102,46 @@ fn bad_input_gets_a_specific_error_and_other_vms_keep_running() {
     let e = agent.cli_fails(&["vm", "create", "--name", "k", "--memory", "256M", "--kernel", fake.to_str().expect("utf8")]);
     // Outside the image catalog and the boot directories: refused before it is opened.
     assert!(e.contains("is not a file of the agent's image catalog or boot directories"), "{e}");
+
+    // Option strings in a machine type or CPU model never reach QEMU: 422 naming the field.
+    for (field, value) in [
+        ("machine type", "q35,accel=kvm"),
+        ("machine type", "pc,memory-backend=m0"),
+        ("CPU model", "host,+vmx"),
+        ("CPU model", "max,-pdpe1gb"),
+    ] {
+        let name = format!("opt{}", value.len());
+        let mut spec = VmSpec::new(&name, 128);
+        if field == "machine type" {
+            spec.machine = Some(value.into());
+        } else {
+            spec.cpu_model = Some(value.into());
+        }
+        let e = agent.call(|c| async move { c.create_vm(&spec).await }).expect_err("an option string refused");
+        assert_eq!((e.status(), e.kind()), (Some(422), Some(walkabout_api::ErrorKind::InvalidSpec)), "{e}");
+        assert!(e.to_string().contains(&format!("{field} {value:?}")), "{e}");
+        assert_eq!(qemus_named(&name), Vec::<i64>::new(), "a QEMU started for {value}");
+    }
+    // A FIFO where a kernel may be: refused without opening it, the agent answering on.
+    let fifo = boot.path().join("vmlinuz");
+    let c_path = std::ffi::CString::new(fifo.to_str().expect("utf8")).expect("a path");
+    // SAFETY: mkfifo(3) on a NUL-terminated path of our temporary directory; the result
+    // is checked.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo {}", fifo.display());
+    let client = agent.client();
+    let spec = VmSpec { kernel: Some(fifo.clone()), ..VmSpec::new("fifo", 128) };
+    let creating = std::thread::spawn(move || common::block_on(None, move || async move { client.create_vm(&spec).await }));
+    let meanwhile = agent.host_info();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !creating.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(creating.is_finished(), "POST /v1/vms with the FIFO {} as kernel hangs", fifo.display());
+    let e = creating.join().expect("the create's thread").expect_err("a FIFO kernel refused");
+    assert_eq!(e.status(), Some(422), "{e}");
+    assert!(e.to_string().contains("is not a file of the agent's image catalog or boot directories"), "{e}");
+    assert!(meanwhile.vms >= 1, "{meanwhile:?}");
+    assert_eq!(qemus_named("fifo"), Vec::<i64>::new());
 
     let v = agent.wait_heartbeats("ok", seq0 + 10);
     assert_eq!(v.record.state, VmState::Running, "{v:?}");
@@ -166,4 +208,83 @@ fn an_agent_killed_while_it_probes_cpu_models_leaves_no_probe_qemu_behind() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!alive(probe), "the CPU probe QEMU {probe} outlived its killed agent");
+}
+
+/// Live QEMUs (`qemu-system-*` as their program) started with `-name NAME`.
+fn qemus_named(name: &str) -> Vec<i64> {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return vec![] };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i64>().ok()))
+        .filter(|pid| alive(*pid))
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let qemu = args.first().is_some_and(|a| a.rsplit('/').next().unwrap_or_default().starts_with("qemu-system"));
+            qemu && args.windows(2).any(|w| w[0] == "-name" && w[1] == name)
+        })
+        .collect()
+}
+
+/// The real QEMU on `PATH`.
+fn qemu_on_path() -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join("qemu-system-x86_64")).find(|p| p.is_file()).expect("qemu-system-x86_64 on PATH")
+}
+
+#[test]
+fn an_agent_killed_while_qemu_starts_knows_that_qemu_when_it_comes_back() {
+    // The agent waits for QEMU's launcher to return (QEMU has daemonized) before it
+    // records the pid and answers. This launcher returns 5 s after QEMU: the kill lands
+    // after QEMU runs with its pid file and before the create answers, every time.
+    let dir = TempDir::new("slowlaunch").expect("temp dir");
+    let launcher = dir.path().join("qemu-system-x86_64");
+    let script =
+        format!("#!/bin/sh\n{} \"$@\"\nrc=$?\ncase \" $* \" in *\" -daemonize \"*) sleep 5 ;; esac\nexit $rc\n", qemu_on_path().display());
+    std::fs::write(&launcher, script).expect("write the launcher");
+    std::process::Command::new("chmod").args(["+x", launcher.to_str().expect("utf8")]).status().expect("chmod");
+    let name = format!("orphan{}", std::process::id());
+    let mut agent = AgentProc::start(&["--qemu", launcher.to_str().expect("utf8")]);
+    let client = agent.client();
+    let spec = VmSpec::new(&name, 128);
+    let creating = std::thread::spawn(move || common::block_on(None, move || async move { client.create_vm(&spec).await }));
+    let pid_file = agent.data.join("vms").join(&name).join("qemu.pid");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let qemu: i64 = loop {
+        let pid = std::fs::read_to_string(&pid_file).ok().and_then(|p| p.trim().parse().ok());
+        if let Some(pid) = pid.filter(|p| alive(*p)) {
+            break pid;
+        }
+        assert!(std::time::Instant::now() < deadline, "QEMU of {name} never wrote {}", pid_file.display());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+
+    agent.kill();
+    let answer = creating.join().expect("the create's thread");
+    agent.restart().expect("restart the agent");
+    let v = agent.try_info(&name);
+    let running = qemus_named(&name);
+
+    assert!(answer.is_err(), "the create answered before the agent was killed: {answer:?}");
+    let v = v.unwrap_or_else(|| panic!("the restarted agent does not know the VM whose QEMU {qemu} runs: {running:?}"));
+    if v.record.state == VmState::Running {
+        assert_eq!(v.record.pid, Some(i32::try_from(qemu).expect("pid")), "{v:?}");
+        assert_eq!(running, vec![qemu], "QEMUs named {} besides the adopted one", v.record.spec.name);
+        // Adopted and watched: its QEMU ending is seen.
+        walkabout_testbed::kill9(qemu);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let v = loop {
+            let v = agent.info(&name);
+            if v.record.state == VmState::Stopped || std::time::Instant::now() > deadline {
+                break v;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(v.record.state, VmState::Stopped, "the adopted VM's QEMU was killed but the agent still says: {v:?}");
+        assert!(v.record.reason.as_deref().is_some_and(|r| r.contains("QEMU exited")), "{v:?}");
+    } else {
+        assert!(v.record.reason.is_some(), "not running and no reason why: {v:?}");
+        assert!(running.is_empty(), "QEMU {running:?} runs for a VM the agent reports {:?}", v.record.state);
+    }
+    agent.call(|c| async move { c.delete_vm(&name).await }).expect("delete the VM");
 }

@@ -3,7 +3,9 @@
 //! (401); a viewer changes nothing (403); a host certificate only reaches host-to-host
 //! routes; the stolen-VM attempt (an unauthenticated `POST /v1/migrations` naming a fake
 //! destination) fails and the VM keeps running; a host joins with a single-use token;
-//! every change is in the controller's event log with who made it.
+//! every change is in the controller's event log with who made it, and an agent's own
+//! changes in its audit (`GET /v1/audit`). `walkabout ca init`
+//! and `walkabout user add`, run as the CLI, make credentials a controller takes.
 
 mod common;
 
@@ -155,6 +157,14 @@ fn the_stolen_vm_attempt_fails_and_the_vm_keeps_running() {
         assert_eq!(op.vm("prize").await.expect("the VM").record.state, VmState::Running);
         assert!(op.migrations().await.expect("migrations").is_empty(), "a migration was started");
         op.delete_vm("prize").await.expect("delete");
+        // The agent recorded each change with who made it; the refused attempts changed
+        // nothing and are not among them.
+        let changes: Vec<String> = op.audit().await.expect("the agent's audit").into_iter().map(|e| e.message).collect();
+        assert_eq!(
+            changes,
+            ["alice (operator): POST /v1/vms -> 201", "alice (operator): DELETE /v1/vms/prize -> 204"],
+            "the agent's record of changes"
+        );
     });
 }
 
@@ -260,4 +270,75 @@ fn a_vm_migrates_between_two_tls_agents_whose_certificates_are_their_only_creden
         assert_eq!(dst.vm("mover").await.expect("at h2").record.state, VmState::Running);
         dst.delete_vm("mover").await.expect("delete");
     });
+}
+
+/// `walkabout ARGS` (the CLI itself), logging warnings only.
+fn walkabout(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin()).args(args).env("WALKABOUT_LOG", "warn").output().expect("run walkabout")
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn ca_init_and_user_add_make_credentials_a_controller_takes_by_role() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = walkabout_testbed::TempDir::new("cli-ca").expect("dir");
+    let ca_dir = dir.path().join("ca");
+    let ca = ca_dir.to_str().expect("utf8");
+    let (alice, victor) = (dir.path().join("alice.pem"), dir.path().join("victor.pem"));
+    let (alice_s, victor_s) = (alice.to_str().expect("utf8"), victor.to_str().expect("utf8"));
+
+    let init = walkabout(&["ca", "init", "--dir", ca, "--cluster", "testers"]);
+    let ca_cert = std::fs::read_to_string(ca_dir.join("ca.crt")).unwrap_or_default();
+    let key_mode = std::fs::metadata(ca_dir.join("ca.key")).map(|m| m.permissions().mode() & 0o777).unwrap_or(0o777);
+    let again = walkabout(&["ca", "init", "--dir", ca]);
+    let operator = walkabout(&["user", "add", "alice", "--role", "operator", "--ca-dir", ca, "--out", alice_s]);
+    let viewer = walkabout(&["user", "add", "victor", "--role", "viewer", "--ca-dir", ca, "--out", victor_s]);
+    let over = walkabout(&["user", "add", "alice", "--role", "viewer", "--ca-dir", ca, "--out", alice_s]);
+    let bad_name = walkabout(&["user", "add", "al ice", "--role", "viewer", "--ca-dir", ca, "--out", "/dev/null/x.pem"]);
+
+    assert!(init.status.success() && String::from_utf8_lossy(&init.stdout).contains("cluster CA created in"), "{init:?}");
+    assert!(ca_cert.contains("BEGIN CERTIFICATE"), "{ca_cert}");
+    assert_eq!(key_mode & 0o077, 0, "ca.key is readable by others: {key_mode:o}");
+    assert!(!again.status.success() && stderr(&again).contains("refusing to overwrite"), "{again:?}");
+    assert!(operator.status.success() && viewer.status.success(), "{operator:?} {viewer:?}");
+    let a = Bundle::load(&alice).expect("alice's credentials");
+    let v = Bundle::load(&victor).expect("victor's credentials");
+    let (a_id, v_id) = (a.identity().expect("alice"), v.identity().expect("victor"));
+    assert_eq!((a_id.name.as_str(), a_id.role, v_id.name.as_str(), v_id.role), ("alice", Role::Operator, "victor", Role::Viewer));
+    assert_eq!((a.ca_pem.trim(), v.ca_pem.trim()), (ca_cert.trim(), ca_cert.trim()));
+    assert!(!over.status.success() && stderr(&over).contains("refusing to overwrite"), "{over:?}");
+    assert!(Bundle::load(&alice).expect("alice's, still").identity().expect("alice").role == Role::Operator);
+    assert!(!bad_name.status.success() && stderr(&bad_name).contains("invalid name"), "{bad_name:?}");
+
+    // A controller serving with that CA (and a host whose agent is gone): the operator
+    // changes, the viewer only reads.
+    let mut spec = ControllerSpec::new(bin(), &[]).tls(&ca_dir, &alice);
+    spec.agents.push("h9=https://127.0.0.1:9".into());
+    let ctl = Controller::start(spec).expect("a controller with the new CA");
+    let as_user = |id: &str, args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["--controller", &ctl.url, "--identity", id]);
+        walkabout(&a)
+    };
+    let token = as_user(alice_s, &["host", "token", "h7", "--output", "json"]);
+    let listed = as_user(victor_s, &["host", "list", "--output", "json"]);
+    let refused = as_user(victor_s, &["host", "token", "h8"]);
+    let not_removed = as_user(victor_s, &["host", "remove", "h9"]);
+    let removed = as_user(alice_s, &["host", "remove", "h9"]);
+    let listed_after = as_user(victor_s, &["host", "list", "--output", "json"]);
+    let removed_again = as_user(alice_s, &["host", "remove", "h9"]);
+    let hosts = |o: &std::process::Output| -> Vec<String> {
+        let hosts: Vec<walkabout_api::Host> = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {o:?}"));
+        hosts.into_iter().map(|h| h.name).collect()
+    };
+    assert!(token.status.success() && String::from_utf8_lossy(&token.stdout).contains("\"token\""), "{token:?}");
+    assert!(!refused.status.success() && stderr(&refused).contains("victor (viewer) may only read"), "{refused:?}");
+    assert_eq!(hosts(&listed), ["h9"]);
+    assert!(!not_removed.status.success() && stderr(&not_removed).contains("victor (viewer) may only read"), "{not_removed:?}");
+    assert!(removed.status.success() && String::from_utf8_lossy(&removed.stdout).contains("host h9 removed"), "{removed:?}");
+    assert_eq!(hosts(&listed_after), Vec::<String>::new());
+    assert!(!removed_again.status.success() && stderr(&removed_again).contains("h9"), "{removed_again:?}");
 }

@@ -561,7 +561,13 @@ mod tests {
         config.kernel = Some(dir.join("no-kernel"));
         let agent = crate::vms::Agent::start(config).await.expect("agent");
         let idle = Duration::from_millis(300);
-        let opts = walkabout_trust::ListenerOptions { handshake_timeout: Duration::from_secs(1), idle_timeout: idle };
+        // The header deadline as short: a tunnel, its headers sent, outlives it too.
+        let opts = walkabout_trust::ListenerOptions {
+            handshake_timeout: Duration::from_secs(1),
+            idle_timeout: idle,
+            header_timeout: idle,
+            ..walkabout_trust::ListenerOptions::default()
+        };
         let listener = walkabout_trust::Listener::bind("127.0.0.1:0", None, opts).await.expect("listener");
         let (url, addr) = (listener.url(), listener.addr());
         tokio::spawn(crate::serve(agent.clone(), listener, std::future::pending()));

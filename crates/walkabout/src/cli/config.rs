@@ -141,4 +141,42 @@ mod tests {
         let e = flags("listen = ", "y.toml").expect_err("bad toml");
         assert!(e.to_string().contains("y.toml"), "{e}");
     }
+
+    /// `dist/NAME` as shipped, and with its commented-out examples (`# key = value`)
+    /// turned on: the command line each stands for.
+    fn shipped(name: &str) -> [Vec<OsString>; 2] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist").join(name);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let examples: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')) => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let command = name.trim_end_matches(".toml");
+        [text, examples].map(|t| {
+            let mut args: Vec<OsString> = vec!["walkabout".into(), command.into()];
+            args.extend(flags(&t, name).unwrap_or_else(|e| panic!("{e}")).into_iter().map(OsString::from));
+            args
+        })
+    }
+
+    #[test]
+    fn the_shipped_configs_parse_as_the_daemons_command_lines() {
+        use clap::Parser;
+        let [agent, agent_examples] = shipped("agent.toml");
+        let [controller, controller_examples] = shipped("controller.toml");
+        let parse = |args: Vec<OsString>| crate::Cli::try_parse_from(&args).map_err(|e| format!("{args:?}: {e}"));
+
+        let a = parse(agent).expect("dist/agent.toml");
+        let c = parse(controller).expect("dist/controller.toml");
+        let refused: Vec<String> = [parse(agent_examples), parse(controller_examples)].into_iter().filter_map(Result::err).collect();
+
+        assert!(matches!(a.command, crate::Command::Agent(_)));
+        assert_eq!(a.identity.as_deref(), Some(std::path::Path::new("/etc/walkabout/host.pem")));
+        assert!(matches!(c.command, crate::Command::Controller(_)));
+        assert_eq!(refused, Vec::<String>::new(), "a commented-out example is not an option");
+    }
 }

@@ -25,6 +25,15 @@ pub enum HostCommand {
     Drain(HostAction),
     /// Take a host out of maintenance (cancels its drain if one runs).
     Undrain(HostAction),
+    /// Take a host out of the cluster: no longer polled, planned for or listed. Refused
+    /// while VMs run there (drain it first) or, for a host that is down, until its VMs'
+    /// failovers have ended (a lost VM keeps its record until `walkabout vm delete`).
+    Remove {
+        #[command(flatten)]
+        ctl: super::cluster::CtlArgs,
+        /// The host's name (`walkabout host list`).
+        host: String,
+    },
     /// Ask the controller for a short-lived, single-use token for one host to join the
     /// cluster with (`walkabout host join` on that host). Operators only.
     Token {
@@ -79,6 +88,7 @@ pub fn run(cmd: HostCommand) -> anyhow::Result<ExitCode> {
         HostCommand::List(c) => return runtime()?.block_on(list(c)),
         HostCommand::Drain(a) => return runtime()?.block_on(drain(a)),
         HostCommand::Undrain(a) => return runtime()?.block_on(undrain(a)),
+        HostCommand::Remove { ctl, host } => return runtime()?.block_on(remove(ctl, host)),
         HostCommand::Token { ctl, host, ttl } => return runtime()?.block_on(token(ctl, host, ttl)),
         HostCommand::Join { controller, host, token, ca_cert, addresses, out } => {
             return runtime()?.block_on(join(JoinArgs { controller, host, token, ca_cert, addresses, out }))
@@ -202,6 +212,15 @@ async fn join(a: JoinArgs) -> anyhow::Result<ExitCode> {
     let id = bundle.identity()?;
     bundle.save(&out)?;
     println!("{} joined as {id}: identity in {} (walkabout agent --identity {})", clean(&a.host), out.display(), out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn remove(ctl: super::cluster::CtlArgs, host: String) -> anyhow::Result<ExitCode> {
+    client::controller(&ctl.controller)?.remove_host(&host).await?;
+    match ctl.output {
+        Output::Json => print_json(&serde_json::json!({ "removed": host }))?,
+        Output::Text => println!("host {} removed from the cluster", clean(&host)),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
