@@ -214,6 +214,13 @@ fn host_facts() -> HostFacts {
     HostFacts { cores, busy_cores, single_stream_bps: walkabout_migrate::policy::SINGLE_STREAM_BPS }
 }
 
+/// The policy a migration starts with, and the dirty-rate sample it still waits on
+/// (a disk copy's, read once its mirrors are in sync).
+struct Chosen {
+    policy: Policy,
+    late_sample: Option<DirtySample>,
+}
+
 /// One outgoing migration: the VM's QEMU, the destination, this agent's books, and
 /// what the migration was asked to do.
 pub(crate) struct Driver<Q, P, A> {
@@ -370,7 +377,8 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             None => None,
         };
         let alive = Liveness::now(mirrors.as_ref().map(|m| storage::MirrorHealth::new(m.ids(), job_events)));
-        let result = self.move_data(&reply.uri, &listen_host, policy, late_sample, mirrors.as_ref(), &alive, cancel).await;
+        let chosen = Chosen { policy, late_sample };
+        let result = self.move_data(&reply.uri, &listen_host, chosen, mirrors.as_ref(), &alive, cancel).await;
         let outcome = match result {
             Ok(o) => o,
             Err(e) => {
@@ -495,8 +503,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
         &self,
         uri: &str,
         listen_host: &str,
-        policy: Policy,
-        late_sample: Option<DirtySample>,
+        chosen: Chosen,
         mirrors: Option<&storage::Mirrors>,
         alive: &Liveness,
         mut cancel: watch::Receiver<bool>,
@@ -551,6 +558,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
                 let disk_ms = u64::try_from(copying.elapsed().as_millis()).unwrap_or(u64::MAX);
                 self.agent.update(|r| r.timings.disk_ms = Some(disk_ms));
             }
+            let Chosen { policy, late_sample } = chosen;
             let policy = match late_sample {
                 // The sample a disk copy took while its mirrors ran: the policy sees it
                 // now, within the stream the destination was prepared for.
