@@ -176,13 +176,14 @@ pub struct Protection {
     /// controller (self-fencing); the controller restores it elsewhere only after
     /// this long since its host's last contact, ms.
     pub fence_ms: u64,
-    /// When the VM's newest checkpoint on its replica was taken, ms since the Unix
-    /// epoch, wherever the VM ran then: the next is due `every_ms` after it (at once if
-    /// that has passed), so a VM that moves more often than `every_ms` is checkpointed
-    /// all the same. The controller sets it when it tells a VM's new host; absent, the
-    /// first checkpoint comes `every_ms` after the protection starts.
+    /// The instant the VM's checkpoint clock counts from, ms since the Unix epoch: when
+    /// its newest checkpoint on the replica was taken (wherever the VM ran then), or when
+    /// its protection began if none was yet. The next checkpoint is due `every_ms` after
+    /// it (at once if that has passed), so a VM that moves more often than `every_ms` is
+    /// checkpointed all the same. Set by the controller; absent, the first checkpoint
+    /// comes `every_ms` after this agent starts the protection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_taken_ms: Option<u64>,
+    pub clock_from_ms: Option<u64>,
 }
 
 /// How a protected VM's checkpoints are going (in [`VmInfo`] on its agent).

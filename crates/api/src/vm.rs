@@ -331,7 +331,7 @@ mod tests {
                 every_ms: 1000,
                 keep: 2,
                 fence_ms: 5000,
-                last_taken_ms: None,
+                clock_from_ms: None,
             }),
         };
         let status = crate::checkpoint::ProtectionStatus { checkpoints: 3, ..Default::default() };

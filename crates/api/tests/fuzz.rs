@@ -331,7 +331,7 @@ proptest! {
         round_trips(&RestoreRequest { name })?;
         round_trips(&FileUpload { sha256, encoding: if extents { Encoding::Extents } else { Encoding::Whole }, base })?;
         round_trips(&ProtectVm { replica, every_ms, keep: keep_opt })?;
-        round_trips(&Protection { replica: p.0, replica_url: p.1, every_ms: p.2, keep: p.3, fence_ms: p.4, last_taken_ms: p.5 })?;
+        round_trips(&Protection { replica: p.0, replica_url: p.1, every_ms: p.2, keep: p.3, fence_ms: p.4, clock_from_ms: p.5 })?;
     }
 
     /// The defaults a body may leave out are what the types document.

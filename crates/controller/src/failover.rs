@@ -66,7 +66,9 @@ pub struct Failovers {
     active: Mutex<BTreeSet<String>>,
     /// What each protected VM's agent was last told: (host, protection).
     pushed: Mutex<BTreeMap<String, (String, Protection)>>,
-    /// The last shipped checkpoint announced per VM: its id and when it was taken.
+    /// Per protected VM, the last shipped checkpoint announced (its id; empty before
+    /// the first) and the instant the VM's checkpoint clock counts from: when that
+    /// checkpoint was taken, or when the protection began.
     shipped: Mutex<BTreeMap<String, (String, u64)>>,
 }
 
@@ -161,8 +163,11 @@ impl Failovers {
             })?,
         };
         let replica_url = view.hosts.get(&replica).map(|h| h.url.clone()).unwrap_or_default();
-        let p = Protection { replica: replica.clone(), replica_url, every_ms, keep, fence_ms: self.fence_ms, last_taken_ms: None };
-        self.view.agents().set_protection(h.url.clone(), vm.to_string(), p.clone()).await?;
+        let p = Protection { replica: replica.clone(), replica_url, every_ms, keep, fence_ms: self.fence_ms, clock_from_ms: None };
+        // The VM's checkpoint clock starts now, unless an earlier protection left one.
+        let now = now_ms();
+        let clock_from_ms = Some(lock(&self.shipped).entry(vm.to_string()).or_insert_with(|| (String::new(), now)).1);
+        self.view.agents().set_protection(h.url.clone(), vm.to_string(), Protection { clock_from_ms, ..p.clone() }).await?;
         lock(&self.pushed).insert(vm.to_string(), (host.clone(), p.clone()));
         let v = self.view.update_vm(vm, |v| v.protection = Some(p.clone()))?;
         let msg = format!(
@@ -442,8 +447,8 @@ impl Failovers {
     /// its next one is due `every_ms` after that one, not after the VM arrived.
     async fn push(&self, vm: &str, host: &str, p: &Protection) {
         let Ok(h) = self.view.host(host) else { return };
-        let last_taken_ms = lock(&self.shipped).get(vm).map(|(_, taken)| *taken);
-        let told = Protection { last_taken_ms, ..p.clone() };
+        let clock_from_ms = lock(&self.shipped).get(vm).map(|(_, taken)| *taken);
+        let told = Protection { clock_from_ms, ..p.clone() };
         match self.view.agents().set_protection(h.url, vm.to_string(), told).await {
             Ok(_) => {
                 lock(&self.pushed).insert(vm.to_string(), (host.to_string(), p.clone()));
@@ -579,6 +584,26 @@ mod tests {
         assert_eq!((a.host.as_deref(), a.state), (Some("h2"), ClusterVmState::Running));
         let p = fake.state().protections.get("a").cloned().expect("protected again");
         assert_eq!((p.0.as_str(), p.1.replica.as_str()), (url("h2").as_str(), "h3"), "re-protected from h2 toward h3");
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_protected_vm_that_moves_keeps_its_checkpoint_clock_on_its_new_host() {
+        let fake = Fake::new(&[("h1", 1024), ("h2", 1024), ("h3", 1024)], &[("a", 256, "h1")]);
+        let dir = temp("failover-clock");
+        let c = open_with(config(&dir), &fake, &["h1", "h2", "h3"]).await;
+        let before = crate::now_ms();
+        c.protect("a", &protect_to("h3")).await.expect("protect");
+        let told = |host: &str| fake.state().protections.get("a").filter(|(u, _)| *u == url(host)).map(|(_, p)| p.clock_from_ms);
+        let started = told("h1").flatten().expect("h1 was told the clock");
+        assert!(started >= before, "the clock starts with the protection");
+        // The VM moves (a walk's hop) before its first checkpoint: h2 is told the same
+        // clock, so the checkpoint is due every_ms after the protection began, not
+        // after the move.
+        fake.state().vms.insert("a".into(), (url("h2"), 256));
+        until("h2 is told the protection", || told("h2").is_some()).await;
+        assert_eq!(told("h2"), Some(Some(started)));
         c.stop();
         std::fs::remove_dir_all(&dir).ok();
     }

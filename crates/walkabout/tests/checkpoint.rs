@@ -153,7 +153,7 @@ fn a_protected_vms_replica_keeps_at_most_keep_checkpoints_and_layers() {
     let b = AgentProc::start(&[]);
     two_disk_vm(&a, "pk");
     // No controller here: fencing off (0), or the agent would stop the VM after fence_ms.
-    let p = Protection { replica: "b".into(), replica_url: b.url.clone(), every_ms: 2000, keep: 2, fence_ms: 0, last_taken_ms: None };
+    let p = Protection { replica: "b".into(), replica_url: b.url.clone(), every_ms: 2000, keep: 2, fence_ms: 0, clock_from_ms: None };
     let own = Protection { replica_url: a.url.clone(), ..p.clone() };
     let err = a.call(|c| async move { c.protect("pk", &own).await }).expect_err("toward itself");
     assert!(err.to_string().contains("this agent"), "{err}");

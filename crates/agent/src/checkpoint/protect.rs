@@ -17,11 +17,12 @@ use walkabout_api::{CheckpointMethod, FileKind, Protection, ProtectionStatus, Vm
 const MIN_EVERY_MS: u64 = 500;
 
 /// How long until a protection's first checkpoint on this host, at `now_ms`: `every_ms`
-/// after the VM's newest checkpoint on its replica, wherever it was taken (at once if
-/// that has passed), or a full `every_ms` when none is known. A VM that moves more often
-/// than `every_ms` is thus still checkpointed: on arrival, when one is overdue.
+/// after the VM's checkpoint clock (its newest checkpoint on the replica, wherever it
+/// was taken, or the protection's start), at once if that has passed, or a full
+/// `every_ms` when no clock was given. A VM that moves more often than `every_ms` is
+/// thus still checkpointed: on arrival, when one is overdue.
 fn first_due(p: &Protection, now_ms: u64) -> Duration {
-    let due_ms = match p.last_taken_ms {
+    let due_ms = match p.clock_from_ms {
         Some(taken) => taken.saturating_add(p.every_ms).saturating_sub(now_ms).min(p.every_ms),
         None => p.every_ms,
     };
@@ -194,8 +195,8 @@ impl Agent {
 mod tests {
     use super::*;
 
-    fn every(ms: u64, last_taken_ms: Option<u64>) -> Protection {
-        Protection { replica: "h2".into(), replica_url: "https://h2".into(), every_ms: ms, keep: 2, fence_ms: 0, last_taken_ms }
+    fn every(ms: u64, clock_from_ms: Option<u64>) -> Protection {
+        Protection { replica: "h2".into(), replica_url: "https://h2".into(), every_ms: ms, keep: 2, fence_ms: 0, clock_from_ms }
     }
 
     #[test]
