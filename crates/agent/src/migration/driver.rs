@@ -214,6 +214,18 @@ fn host_facts() -> HostFacts {
     HostFacts { cores, busy_cores, single_stream_bps: walkabout_migrate::policy::SINGLE_STREAM_BPS }
 }
 
+/// Returns when QEMU announces a block job in sync (`BLOCK_JOB_READY`); never if its
+/// event stream has ended.
+async fn job_ready(events: &mut tokio::sync::broadcast::Receiver<walkabout_qemu::Event>) {
+    loop {
+        match events.recv().await {
+            Ok(ev) if ev.event == "BLOCK_JOB_READY" => return,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}
+
 /// The policy a migration starts with, and the dirty-rate sample it still waits on
 /// (a disk copy's, read once its mirrors are in sync).
 struct Chosen {
@@ -593,6 +605,7 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
     async fn mirror_until_ready(&self, m: &storage::Mirrors, alive: &Liveness, cancel: &mut watch::Receiver<bool>) -> Result<(), Ended> {
         let rec = &self.record;
         let fail = |reason: String| Ended { phase: Phase::Failed, reason, past_switchover: false };
+        let mut events = self.qmp.events();
         loop {
             if *cancel.borrow_and_update() {
                 return Err(Ended { phase: Phase::Cancelled, reason: CANCELLED_BY_REQUEST.into(), past_switchover: false });
@@ -614,6 +627,8 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
             }
             tokio::select! {
                 _ = tokio::time::sleep(MIRROR_POLL) => {}
+                // QEMU said a job is in sync: look at once, not at the next poll.
+                () = job_ready(&mut events) => {}
                 r = cancel.changed() => if r.is_err() { tokio::time::sleep(MIRROR_POLL).await },
             }
         }
