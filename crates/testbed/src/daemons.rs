@@ -339,6 +339,11 @@ impl Controller {
         Ok(())
     }
 
+    /// The controller's pid while it runs.
+    pub fn pid(&self) -> Option<i64> {
+        self.daemon.as_ref().and_then(Daemon::pid)
+    }
+
     /// Kills the controller (SIGKILL); agents and VMs carry on.
     pub fn kill(&mut self) {
         if let Some(mut d) = self.daemon.take() {

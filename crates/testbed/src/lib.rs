@@ -27,7 +27,9 @@ pub use etcd::Etcd;
 pub use files::{read_url, session_root, write_atomic, TempDir};
 pub use local::{LocalCluster, LocalOptions};
 pub use net::{enter_netns, BridgeNet, GuestNet, NetPair};
-pub use process::{alive, free_ports, kill9, kill_qemus, processes_mentioning, qemu_pids, wait_gone, Daemon, KillOnDrop};
+pub use process::{
+    alive, free_ports, kill9, kill_qemus, pause, processes_mentioning, qemu_pids, resume, stopped, wait_gone, Daemon, KillOnDrop,
+};
 pub use sites::TwoSites;
 pub use trust::TestCa;
 pub use up::UpSession;

@@ -25,6 +25,48 @@ pub fn signal(pid: i64, sig: i32) -> bool {
     unsafe { libc::kill(pid, sig) == 0 }
 }
 
+/// The state letter of each thread of `pid` (`/proc/PID/task/*/stat`: `R`, `S`, `T`...);
+/// empty when the process is gone.
+fn thread_states(pid: i64) -> Vec<char> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return vec![] };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .filter_map(|s| s.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()))
+        .collect()
+}
+
+/// Whether every thread of `pid` is stopped (by a signal, `T`, or a tracer, `t`): no
+/// code of it runs until it is continued.
+pub fn stopped(pid: i64) -> bool {
+    let states = thread_states(pid);
+    !states.is_empty() && states.iter().all(|c| matches!(c, 'T' | 't'))
+}
+
+/// Stops `pid` (SIGSTOP) and waits up to `limit` until every thread of it has stopped;
+/// true once they have. `kill(2)` only queues the signal: each thread stops when the
+/// scheduler next runs it, so on a busy machine a "paused" server may still answer
+/// requests for a while after the signal was sent.
+pub fn pause(pid: i64, limit: Duration) -> bool {
+    if !signal(pid, libc::SIGSTOP) {
+        return false;
+    }
+    let start = Instant::now();
+    while !stopped(pid) {
+        if start.elapsed() > limit || !alive(pid) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// Continues a process [`pause`] stopped (SIGCONT); false when the signal could not be
+/// sent.
+pub fn resume(pid: i64) -> bool {
+    signal(pid, libc::SIGCONT)
+}
+
 /// `kill -9 pid`.
 pub fn kill9(pid: i64) -> bool {
     signal(pid, libc::SIGKILL)
@@ -215,6 +257,29 @@ mod tests {
         assert!(kill9(pid));
         let _ = child.wait();
         assert!(!alive(pid));
+    }
+
+    #[test]
+    fn a_paused_process_has_every_thread_stopped_until_it_is_resumed() {
+        let child = Command::new("sleep").arg("30").spawn().expect("sleep");
+        let mut child = KillOnDrop(child);
+        let pid = i64::from(child.0.id());
+        assert!(!stopped(pid));
+
+        let paused = pause(pid, Duration::from_secs(10));
+        let while_paused = stopped(pid);
+        let resumed = resume(pid);
+        let start = Instant::now();
+        while stopped(pid) && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let after = stopped(pid);
+        let _ = child.0.kill();
+        let _ = child.0.wait();
+
+        assert!(paused && while_paused, "{:?}", thread_states(pid));
+        assert!(resumed && !after);
+        assert!(!pause(pid, Duration::from_secs(1)), "a process that is gone cannot be paused");
     }
 
     #[test]

@@ -45,10 +45,22 @@ impl Ha {
 
     /// The leader as etcd says, once one has opened its cluster (answers 200).
     fn wait_leader(&self, limit: Duration) -> (usize, Leader) {
+        self.wait_leader_after(0, limit)
+    }
+
+    /// The leader elected after `old` (a higher epoch), once it has opened its cluster.
+    /// `old` is never taken for it: etcd names it until its lease lapses, and a leader
+    /// just stopped or killed may still answer for a moment after the signal was sent.
+    fn wait_new_leader(&self, old: &Leader, limit: Duration) -> (usize, Leader) {
+        self.wait_leader_after(old.epoch, limit)
+    }
+
+    /// The first leader of an epoch above `epoch` that answers 200.
+    fn wait_leader_after(&self, epoch: u64, limit: Duration) -> (usize, Leader) {
         let start = Instant::now();
         loop {
             let leader = block_on(None, || self.etcd.leader()).expect("read the leader");
-            if let Some(l) = leader {
+            if let Some(l) = leader.filter(|l| l.epoch > epoch) {
                 if let Some(i) = self.controllers.iter().position(|c| c.url == l.url) {
                     if status_of(&self.controllers[i].url, "/v1/cluster").0 == 200 {
                         return (i, l);
@@ -107,7 +119,7 @@ fn the_leader_killed_mid_plan_is_replaced_within_seconds_and_its_plan_completes_
 
     ha.controllers[first].kill();
     let killed = Instant::now();
-    let (second, new) = ha.wait_leader(Duration::from_secs(30));
+    let (second, new) = ha.wait_new_leader(&old, Duration::from_secs(30));
     let failover = killed.elapsed();
     let plan = ha.controllers[second].wait_plan(&id, 240);
 
@@ -135,7 +147,7 @@ fn an_agent_refuses_the_deposed_leaders_epoch_and_starts_nothing() {
     let (first, old) = ha.wait_leader(Duration::from_secs(60));
     ha.controllers[first].wait_vms(1);
     ha.controllers[first].kill();
-    let (_, new) = ha.wait_leader(Duration::from_secs(30));
+    let (_, new) = ha.wait_new_leader(&old, Duration::from_secs(30));
     // The new leader polls every agent: each has now seen its epoch.
     std::thread::sleep(Duration::from_secs(2));
     let h1 = &ha.agents[0];
@@ -164,14 +176,14 @@ fn a_leader_paused_past_its_lease_wakes_as_a_follower_and_the_new_leaders_plan_r
     let ha = Ha::start(2);
     let (first, old) = ha.wait_leader(Duration::from_secs(60));
     ha.controllers[first].wait_vms(2);
-    let data = ha.controllers[first].data.to_string_lossy().into_owned();
-    let pid = *walkabout_testbed::processes_mentioning(&data).first().expect("the leader's pid");
-    assert!(walkabout_testbed::process::signal(pid, libc::SIGSTOP));
+    let pid = ha.controllers[first].pid().expect("the leader runs");
+    // Every thread stopped, not just the signal sent: until then the leader still serves.
+    assert!(walkabout_testbed::pause(pid, Duration::from_secs(10)), "the leader (pid {pid}) did not stop");
 
-    let (second, new) = ha.wait_leader(Duration::from_secs(60));
+    let (second, new) = ha.wait_new_leader(&old, Duration::from_secs(60));
     let id = ha.controllers[second].json_as::<PlanRecord>(&["host", "drain", "h1", "--no-wait"]).id;
     ha.controllers[second].wait_running_step(&id);
-    assert!(walkabout_testbed::process::signal(pid, libc::SIGCONT));
+    assert!(walkabout_testbed::resume(pid));
     let plan = ha.controllers[second].wait_plan(&id, 240);
     std::thread::sleep(Duration::from_secs(2));
     let (woken, location, _) = status_of(&ha.controllers[first].url, "/v1/hosts");
