@@ -54,8 +54,9 @@ pub struct HaConfig {
 
 /// What a controller is now, read by every request.
 struct Role {
-    /// The leader's API while this controller leads and its cluster is open.
-    api: RwLock<Option<Router>>,
+    /// The leader's API while this controller leads and its cluster is open, with the
+    /// term it leads in (whose lease must still hold for a request to be served).
+    api: RwLock<Option<(Router, Leadership)>>,
     etcd: Etcd,
     url: String,
     /// The CA that signs hosts' joins while this controller leads.
@@ -148,7 +149,7 @@ async fn lead(
     if let Err(e) = cluster.games().serve_at(&role.url) {
         tracing::warn!(error = %e, "the games cannot reach this controller");
     }
-    *write(&role.api) = Some(crate::api::router_with_trust(cluster.clone(), role.trust.clone()));
+    *write(&role.api) = Some((crate::api::router_with_trust(cluster.clone(), role.trust.clone()), term.clone()));
     tracing::info!(epoch = term.epoch, url = %role.url, hosts = cluster.hosts().len(), "leading the cluster");
     let stopping = tokio::select! {
         _ = term.lost() => {
@@ -162,7 +163,7 @@ async fn lead(
     stopping
 }
 
-fn write(lock: &RwLock<Option<Router>>) -> std::sync::RwLockWriteGuard<'_, Option<Router>> {
+fn write(lock: &RwLock<Option<(Router, Leadership)>>) -> std::sync::RwLockWriteGuard<'_, Option<(Router, Leadership)>> {
     lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -170,7 +171,9 @@ fn write(lock: &RwLock<Option<Router>>) -> std::sync::RwLockWriteGuard<'_, Optio
 /// (307, the body saying why), or 503 while no controller leads.
 async fn dispatch(State(role): State<Arc<Role>>, req: Request) -> Response {
     let api = role.api.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    if let Some(api) = api {
+    // A controller woken from a pause past its lease answers as a follower at once,
+    // before its keep-alive notices: another may lead by now.
+    if let Some((api, _)) = api.filter(|(_, term)| term.is_current()) {
         return match api.oneshot(req).await {
             Ok(r) => r,
             Err(never) => match never {},

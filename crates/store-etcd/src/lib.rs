@@ -99,6 +99,10 @@ pub struct Leadership {
     pub epoch: u64,
     lease: i64,
     lost: watch::Receiver<bool>,
+    /// When the last renewal that etcd granted was sent: the lease holds until `ttl`
+    /// after it at least.
+    renewed: Arc<Mutex<Instant>>,
+    ttl: Duration,
 }
 
 impl Leadership {
@@ -115,6 +119,15 @@ impl Leadership {
     /// Whether the lease is known lost.
     pub fn is_lost(&self) -> bool {
         *self.lost.borrow()
+    }
+
+    /// Whether this process may still act as leader now: its lease is not known lost
+    /// and a renewal etcd granted was sent less than a TTL ago. A process that was
+    /// paused (SIGSTOP, a VM stall) past its TTL is no leader on waking, before its
+    /// keep-alive task has run to notice: the monotonic clock ran on meanwhile.
+    pub fn is_current(&self) -> bool {
+        let renewed = *self.renewed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        !self.is_lost() && renewed.elapsed() < self.ttl
     }
 }
 
@@ -235,7 +248,8 @@ impl Etcd {
         loop {
             let grant = self.call(move |mut c| async move { c.lease_grant(ttl_s, None).await }).await;
             let lease = grant.map_err(|e| self.failed("take a lease", e))?.id();
-            let lost = self.keep_alive(lease, ttl);
+            let renewed = Arc::new(Mutex::new(Instant::now()));
+            let lost = self.keep_alive(lease, ttl, renewed.clone());
             loop {
                 if *lost.borrow() {
                     break; // the lease lapsed while waiting: take a new one
@@ -250,7 +264,7 @@ impl Etcd {
                         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
                         let epoch = u64::try_from(revision).unwrap_or(0);
                         tracing::info!(epoch, lease, "this controller leads");
-                        return Ok(Leadership { epoch, lease, lost });
+                        return Ok(Leadership { epoch, lease, lost, renewed, ttl });
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "campaign: etcd did not answer; retrying"),
@@ -263,10 +277,12 @@ impl Etcd {
     /// Keeps `lease` alive every third of `ttl` on the connection's runtime; the
     /// returned signal turns `true` once etcd says the lease is gone, or once no renewal
     /// succeeded for a whole `ttl`.
-    fn keep_alive(&self, lease: i64, ttl: Duration) -> watch::Receiver<bool> {
+    fn keep_alive(&self, lease: i64, ttl: Duration, renewed: Arc<Mutex<Instant>>) -> watch::Receiver<bool> {
         let (tx, rx) = watch::channel(false);
         let client = self.inner.client.clone();
         self.inner.rt.spawn(async move {
+            // The lease was granted before this starts: counting from now errs late by
+            // the grant's round trip only until the first renewal.
             let mut last_ok = Instant::now();
             let mut stream = None;
             loop {
@@ -283,13 +299,19 @@ impl Etcd {
                     stream = tokio::time::timeout(ttl / 3, c.lease_keep_alive(lease)).await.ok().and_then(Result::ok);
                 }
                 if let Some((keeper, answers)) = stream.as_mut() {
-                    let renewed = tokio::time::timeout(ttl / 3, async {
+                    // Counted from the sending: etcd extends the lease when it gets the
+                    // request, so its TTL runs out no later than `ttl` after this.
+                    let sent = Instant::now();
+                    let answer = tokio::time::timeout(ttl / 3, async {
                         keeper.keep_alive().await?;
                         answers.message().await
                     })
                     .await;
-                    match renewed {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => last_ok = Instant::now(),
+                    match answer {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                            last_ok = sent;
+                            *renewed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = sent;
+                        }
                         Ok(Ok(Some(_))) => {
                             tracing::warn!(lease, "etcd says the lease expired: leadership lost");
                             let _ = tx.send(true);

@@ -184,6 +184,9 @@ fn a_leader_paused_past_its_lease_wakes_as_a_follower_and_the_new_leaders_plan_r
     let id = ha.controllers[second].json_as::<PlanRecord>(&["host", "drain", "h1", "--no-wait"]).id;
     ha.controllers[second].wait_running_step(&id);
     assert!(walkabout_testbed::resume(pid));
+    // Its very first answer on waking is a follower's: its lease ran out while it was
+    // stopped, whether or not its keep-alive has run yet to notice.
+    let (waking, _, _) = status_of(&ha.controllers[first].url, "/v1/hosts");
     let plan = ha.controllers[second].wait_plan(&id, 240);
     std::thread::sleep(Duration::from_secs(2));
     let (woken, location, _) = status_of(&ha.controllers[first].url, "/v1/hosts");
@@ -191,6 +194,7 @@ fn a_leader_paused_past_its_lease_wakes_as_a_follower_and_the_new_leaders_plan_r
     assert_ne!(second, first);
     assert!(new.epoch > old.epoch);
     assert_eq!(plan.status, PlanStatus::Completed, "{plan:?}\n{}", ha.controllers[second].log());
+    assert_eq!(waking, 307, "the old leader served as leader on waking, past its lease");
     assert_eq!((woken, location), (307, Some(format!("{}/v1/hosts", new.url))), "the old leader follows now");
     assert!(ha.controllers[first].log().contains("lost the leadership"), "{}", ha.controllers[first].log());
     let migs = ha.agent_migrations();
