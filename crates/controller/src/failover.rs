@@ -759,6 +759,29 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_whose_restore_finds_no_room_forwards_its_checkpoint() {
+        let fake = Fake::new(&[("h1", 1024), ("h2", 1024), ("h3", 1024)], &[("a", 256, "h1")]);
+        let dir = temp("failover-forward-refused");
+        let c = open_with(config(&dir), &fake, &["h1", "h2", "h3"]).await;
+        c.protect("a", &protect_to("h2")).await.expect("protect");
+        fake.state().replicas.entry(url("h2")).or_default().insert("a".into(), crate::now_ms());
+        // The view gives h2 room, but its restore says there is none.
+        fake.state().restore_full.push(url("h2"));
+
+        fake.state().down.push(url("h1"));
+        until("a failover ends", || c.failovers().iter().any(|f| f.finished_ms.is_some())).await;
+
+        let f = c.failovers().remove(0);
+        assert_eq!((f.result, f.to.as_deref()), (FailoverResult::Restored, Some("h3")), "{f:?}");
+        assert_eq!(fake.state().forwards, [("a".to_string(), url("h2"), url("h3"))]);
+        let reason = f.reason.clone().unwrap_or_default();
+        assert!(reason.contains("forwarded from its replica h2 to h3") && reason.contains("restore on h2 failed"), "{reason}");
+        assert!(f.rpo_ms.is_some() && f.rto_ms.is_some(), "{f:?}");
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_replica_with_nowhere_to_forward_to_loses_the_vm_saying_why() {
         let fake = Fake::new(&[("h1", 1024), ("h2", 256), ("h3", 128)], &[("a", 256, "h1")]);
         let dir = temp("failover-forward-none");

@@ -47,6 +47,9 @@ pub(crate) struct State {
     pub replicas: BTreeMap<String, BTreeMap<String, u64>>,
     /// Every restore asked: (VM, URL, when, ms since the epoch).
     pub restores: Vec<(String, String, u64)>,
+    /// Agents whose restores answer `insufficient_memory` whatever their room (their
+    /// memory taken by something the controller does not see), by URL.
+    pub restore_full: Vec<String>,
     /// Every checkpoint forwarded between replicas: (VM, from URL, to URL).
     pub forwards: Vec<(String, String, String)>,
     /// Dirty rate each VM's agent reports, bytes/s (absent: not measured).
@@ -364,7 +367,7 @@ impl AgentApi for Fake {
         };
         let mem = s.vms.get(&vm).map_or(256, |(_, m)| *m);
         let cap = s.capacity.get(&u).copied().unwrap_or(0);
-        if used(&s, &u) + mem > cap {
+        if used(&s, &u) + mem > cap || s.restore_full.contains(&u) {
             return ready(Err(refused(409, ErrorKind::InsufficientMemory, format!("{vm} would overfill {u}"))));
         }
         s.restores.push((vm.clone(), u.clone(), crate::now_ms()));
