@@ -26,6 +26,7 @@
 //! | PUT | /v1/replicas/{vm}/files/{file} | one checkpoint file (octet-stream), checksum verified |
 //! | POST | /v1/replicas/{vm}/checkpoints | commit a checkpoint's manifest, keep at most `keep` |
 //! | POST | /v1/replicas/{vm}/restore | restore the newest checkpoint that verifies (201) |
+//! | POST | /v1/replicas/{vm}/forward | send the newest checkpoint that verifies to another agent (controller, operators) |
 //! | GET | /v1/audit | the last changes made here, with who made them (see `audit.rs`) |
 //! | GET | /metrics | Prometheus metrics |
 //! | POST | /v1/host/power-cut | kill every QEMU and the agent (`--allow-power-cut` only; see `fence.rs`) |
@@ -50,8 +51,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use std::sync::{Arc, Mutex};
 use walkabout_api::{
-    CheckpointRequest, CommitCheckpoint, CommitRequest, ErrorBody, ErrorKind, FileUpload, IncomingRequest, MigrationRequest, Protection,
-    RecoverRequest, RestoreRequest, EPOCH_HEADER,
+    CheckpointRequest, CommitCheckpoint, CommitRequest, ErrorBody, ErrorKind, FileUpload, ForwardReplica, IncomingRequest,
+    MigrationRequest, Protection, RecoverRequest, RestoreRequest, EPOCH_HEADER,
 };
 
 impl IntoResponse for AgentError {
@@ -100,6 +101,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/replicas/{vm}/files/{file}", put(replica_file))
         .route("/v1/replicas/{vm}/checkpoints", post(commit_replica))
         .route("/v1/replicas/{vm}/restore", post(restore_replica))
+        .route("/v1/replicas/{vm}/forward", post(forward_replica))
         .route("/v1/audit", get(audit))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
@@ -461,6 +463,13 @@ async fn commit_replica(State(a): State<Agent>, Path(vm): Path<String>, b: Body<
     }
 }
 
+async fn forward_replica(State(a): State<Agent>, Path(vm): Path<String>, b: Body<ForwardReplica>) -> Response {
+    match body(b, "forward request") {
+        Ok(req) => reply(a.forward_replica(&vm, req).await),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn restore_replica(State(a): State<Agent>, Path(vm): Path<String>, b: OptionalBody<RestoreRequest>) -> Response {
     match optional_body(b, "restore request") {
         Ok(req) => created(a.restore_replica(&vm, req).await),
@@ -517,6 +526,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/replicas/{vm}/files/{file}"),
     ("POST", "/v1/replicas/{vm}/checkpoints"),
     ("POST", "/v1/replicas/{vm}/restore"),
+    ("POST", "/v1/replicas/{vm}/forward"),
     ("GET", "/v1/audit"),
     ("GET", "/metrics"),
     ("GET", "/v1/openapi.json"),

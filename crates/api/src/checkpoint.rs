@@ -250,6 +250,18 @@ pub struct CommitCheckpoint {
     pub keep: u32,
 }
 
+/// `POST /v1/replicas/{vm}/forward`: the replica sends the VM's newest checkpoint that
+/// verifies (its files and the disk layers below them) to another agent, which commits
+/// it as a replica of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ForwardReplica {
+    /// The agent to send it to (never this one).
+    pub to_url: String,
+    /// Checkpoints that agent keeps of the VM (0: all).
+    #[serde(default)]
+    pub keep: u32,
+}
+
 /// `POST /v1/vms/{name}/protect` on the controller: protect a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ProtectVm {

@@ -6,8 +6,8 @@
 //! [`ErrorBody`]; match on its [`ErrorKind`], not on the sentence.
 
 use crate::checkpoint::{
-    Checkpoint, CheckpointFile, CheckpointRequest, CommitCheckpoint, Encoding, FileUpload, Protection, ReplicaState, RestoreReply,
-    RestoreRequest,
+    Checkpoint, CheckpointFile, CheckpointRequest, CommitCheckpoint, Encoding, FileUpload, ForwardReplica, Protection, ReplicaState,
+    RestoreReply, RestoreRequest,
 };
 use crate::cluster::{AddHost, BalanceConfig, BalanceStatus, ClusterMigration, ClusterSummary, ClusterVm, CreateVm, Host, MoveVm};
 use crate::error::{ErrorBody, ErrorKind};
@@ -532,6 +532,11 @@ impl AgentClient {
     /// `POST /v1/replicas/{vm}/checkpoints`: commits a checkpoint whose files arrived.
     pub async fn commit_replica(&self, vm: &str, req: &CommitCheckpoint) -> Result<ReplicaState, ClientError> {
         self.http.post(&format!("/v1/replicas/{}/checkpoints", seg(vm)), Some(req)).await
+    }
+    /// `POST /v1/replicas/{vm}/forward` (controller and operators only): sends `vm`'s
+    /// newest checkpoint that verifies to another agent; returns it as forwarded.
+    pub async fn forward_replica(&self, vm: &str, req: &ForwardReplica) -> Result<Checkpoint, ClientError> {
+        self.http.post(&format!("/v1/replicas/{}/forward", seg(vm)), Some(req)).await
     }
     /// `POST /v1/replicas/{vm}/restore`: starts `vm` from its newest checkpoint that verifies.
     pub async fn restore_replica(&self, vm: &str, req: &RestoreRequest) -> Result<RestoreReply, ClientError> {

@@ -65,7 +65,7 @@ pub const EPOCH_HEADER: &str = "x-walkabout-epoch";
 
 pub use checkpoint::{
     Checkpoint, CheckpointFile, CheckpointMethod, CheckpointRequest, CommitCheckpoint, Encoding, Failover, FailoverResult, FileKind,
-    FileUpload, ProtectVm, Protection, ProtectionStatus, ReplicaState, RestoreReply, RestoreRequest, CONTROLLER_HEADER,
+    FileUpload, ForwardReplica, ProtectVm, Protection, ProtectionStatus, ReplicaState, RestoreReply, RestoreRequest, CONTROLLER_HEADER,
 };
 pub use client::{AgentClient, ClientError, ClientOptions, ControllerClient};
 pub use cluster::{

@@ -75,7 +75,8 @@ pub fn routes(doc: &utoipa::openapi::OpenApi) -> Vec<(String, String)> {
 
 mod agent_routes {
     use crate::checkpoint::{
-        Checkpoint, CheckpointFile, CheckpointRequest, CommitCheckpoint, Encoding, Protection, ReplicaState, RestoreReply, RestoreRequest,
+        Checkpoint, CheckpointFile, CheckpointRequest, CommitCheckpoint, Encoding, ForwardReplica, Protection, ReplicaState, RestoreReply,
+        RestoreRequest,
     };
     use crate::error::ErrorBody;
     use crate::host::{CpuCatalog, HostInfo};
@@ -292,6 +293,18 @@ mod agent_routes {
         (status = 409, description = "no checkpoint verifies, or the name is taken", body = ErrorBody), (status = 500, body = ErrorBody)))]
     fn restore_replica() {}
 
+    /// Controller and operators only (not host to host): sends the VM's newest
+    /// checkpoint whose files still verify (re-hashed now), with the disk layers of the
+    /// older checkpoints it stands on, to the agent at `to_url`, which verifies each file
+    /// on arrival and commits it as a replica; returns the checkpoint forwarded
+    /// (`shipped_bytes`: what was sent). A failover uses it when the replica cannot run
+    /// the VM itself.
+    #[utoipa::path(post, path = "/v1/replicas/{vm}/forward", tag = "replicas", params(("vm" = String, Path, description = "VM name")),
+        request_body = ForwardReplica, responses((status = 200, body = Checkpoint), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "no checkpoint verifies", body = ErrorBody), (status = 502, description = "the other agent refused or failed", body = ErrorBody),
+        (status = 500, body = ErrorBody)))]
+    fn forward_replica() {}
+
     /// The last changes callers made on this agent (at most 256 since it started, oldest
     /// first), each with who made it: events of subject `audit` whose `name` is the
     /// caller's and whose `data` holds `who`, `role`, `method`, `path` and `status`.
@@ -357,6 +370,7 @@ mod agent_routes {
         agent_routes::put_replica_file,
         agent_routes::commit_replica,
         agent_routes::restore_replica,
+        agent_routes::forward_replica,
         agent_routes::audit,
         agent_routes::metrics,
         agent_routes::openapi,

@@ -7,8 +7,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 use walkabout_api::{
-    AgentClient, ClientError, ClientOptions, CpuCatalog, HostInfo, MigrationRecord, MigrationRequest, Protection, ReplicaState,
-    RestoreReply, RestoreRequest, VmInfo, VmSpec,
+    AgentClient, Checkpoint, ClientError, ClientOptions, CpuCatalog, ForwardReplica, HostInfo, MigrationRecord, MigrationRequest,
+    Protection, ReplicaState, RestoreReply, RestoreRequest, VmInfo, VmSpec,
 };
 
 /// A boxed future, for the object-safe [`AgentApi`].
@@ -67,6 +67,12 @@ pub trait AgentApi: Send + Sync + 'static {
     }
     /// `POST /v1/replicas/{vm}/restore`: runs `vm` from the newest good checkpoint held.
     fn restore_replica(&self, url: String, vm: String, req: RestoreRequest) -> BoxFut<Result<RestoreReply, ClientError>> {
+        let _ = (vm, req);
+        unsupported(url, "replicas")
+    }
+    /// `POST /v1/replicas/{vm}/forward`: the replica at `url` sends `vm`'s newest good
+    /// checkpoint to the agent at `req.to_url`, which then holds it as a replica.
+    fn forward_replica(&self, url: String, vm: String, req: ForwardReplica) -> BoxFut<Result<Checkpoint, ClientError>> {
         let _ = (vm, req);
         unsupported(url, "replicas")
     }
@@ -179,6 +185,10 @@ impl AgentApi for HttpAgents {
     fn restore_replica(&self, url: String, vm: String, req: RestoreRequest) -> BoxFut<Result<RestoreReply, ClientError>> {
         // Verifying the checkpoint's files and starting QEMU from its memory image.
         self.call(&url, Duration::from_secs(120), |c| async move { c.restore_replica(&vm, &req).await })
+    }
+    fn forward_replica(&self, url: String, vm: String, req: ForwardReplica) -> BoxFut<Result<Checkpoint, ClientError>> {
+        // Re-hashing the chain, then sending a memory image and disk layers host to host.
+        self.call(&url, Duration::from_secs(600), |c| async move { c.forward_replica(&vm, &req).await })
     }
     fn power_cut(&self, url: String) -> BoxFut<Result<(), ClientError>> {
         self.call(&url, Duration::from_secs(10), |c| async move { c.power_cut().await })

@@ -14,7 +14,9 @@
 //!  T + fence    h1's agent, if it still runs but cannot hear the controller, has
 //!               killed the VM's QEMU itself (its last controller request was <= T)
 //!  T + fence + margin
-//!               restore on the replica (or another host that holds a checkpoint):
+//!               restore on the replica (or another host that holds a checkpoint;
+//!               if the replica is up but full, it forwards its newest good
+//!               checkpoint to the host with the most room, which restores it):
 //!               the VM runs there; RPO = T - checkpoint instant, RTO = now - T;
 //!               protected again toward a new replica (never its new host)
 //!  h1 comes back: its stopped copy is not the VM (ignored in the view) and is deleted
@@ -337,13 +339,31 @@ impl Failovers {
         };
         let mut why = vec![];
         let mut restored: Option<(String, RestoreReply)> = None;
+        // The replica is up but has no room (by the view, or its restore said so).
+        let mut replica_full = self
+            .view
+            .read(|view| view.hosts.get(&p.replica).is_some_and(|h| h.status == HostStatus::Up && view.free_mib(&h.name) < v.memory_mib));
+        let mut tried = vec![];
         for (host, url) in self.candidates(&f, &p, v.memory_mib, &mut why).await {
             match self.view.agents().restore_replica(url, f.vm.clone(), RestoreRequest::default()).await {
                 Ok(r) => {
                     restored = Some((host, r));
                     break;
                 }
-                Err(e) => why.push(format!("restore on {host} failed: {e}")),
+                Err(e) => {
+                    replica_full |= host == p.replica && e.kind() == Some(walkabout_api::ErrorKind::InsufficientMemory);
+                    why.push(format!("restore on {host} failed: {e}"));
+                    tried.push(host);
+                }
+            }
+        }
+        if restored.is_none() && replica_full {
+            match self.forward(&f, &p, v.memory_mib, &tried).await {
+                Ok((to, reply, note)) => {
+                    why.insert(0, note);
+                    restored = Some((to, reply));
+                }
+                Err(e) => why.push(e),
             }
         }
         let Some((to, reply)) = restored else {
@@ -369,8 +389,9 @@ impl Failovers {
             v.reason = Some(format!("restored from checkpoint {} after {} went down", reply.checkpoint.id, f.from));
         });
         let skipped = if f.skipped.is_empty() { String::new() } else { format!("; passed over: {}", f.skipped.join("; ")) };
+        let reason = f.reason.as_deref().map(|r| format!("; {r}")).unwrap_or_default();
         let msg = format!(
-            "failover {} of VM {}: runs on {to} from checkpoint {} (RPO {} ms, RTO {} ms){skipped}",
+            "failover {} of VM {}: runs on {to} from checkpoint {} (RPO {} ms, RTO {} ms){skipped}{reason}",
             f.id,
             f.vm,
             reply.checkpoint.id,
@@ -413,9 +434,54 @@ impl Failovers {
             }
         }
         if out.is_empty() && holders == 0 {
-            why.push("no other host with room holds a checkpoint of it (checkpoints are not copied between replicas)".into());
+            why.push("no other host with room holds a checkpoint of it".into());
         }
         out
+    }
+
+    /// When the replica of failover `f`'s VM is up but has no room for it: has the
+    /// replica forward its newest good checkpoint to the up host in service with the
+    /// most free memory that fits the VM (not the replica, the lost host, nor one of
+    /// `tried`), and restores it there. Returns that host, the restore's reply and a
+    /// sentence saying what was forwarded where and why; or why it could not.
+    async fn forward(&self, f: &Failover, p: &Protection, mib: u64, tried: &[String]) -> Result<(String, RestoreReply, String), String> {
+        let view = self.view.snapshot();
+        let replica_url = view.hosts.get(&p.replica).map(|h| h.url.clone()).unwrap_or_default();
+        let target = view
+            .hosts
+            .values()
+            .filter(|h| h.name != p.replica && h.name != f.from && !tried.contains(&h.name))
+            .filter(|h| h.accepts_vms() && view.free_mib(&h.name) >= mib)
+            .max_by_key(|h| (view.free_mib(&h.name), std::cmp::Reverse(h.name.clone())))
+            .ok_or_else(|| {
+                format!("its replica {} has no room and no other host has {mib} MiB free to forward its checkpoint to", p.replica)
+            })?;
+        let (to, to_url) = (target.name.clone(), target.url.clone());
+        let req = walkabout_api::ForwardReplica { to_url: to_url.clone(), keep: p.keep };
+        let ck = self
+            .view
+            .agents()
+            .forward_replica(replica_url, f.vm.clone(), req)
+            .await
+            .map_err(|e| format!("forwarding its checkpoint from its replica {} to {to} failed: {e}", p.replica))?;
+        let sent = ck.shipped_bytes.map(|b| format!(", {:.1} MiB sent", b as f64 / 1048576.0)).unwrap_or_default();
+        let note = format!(
+            "checkpoint {} was forwarded from its replica {} to {to}{sent}, because the replica has no room for it ({mib} MiB)",
+            ck.id, p.replica
+        );
+        self.events.emit(
+            Subject::Failover,
+            &f.vm,
+            format!("failover {} of VM {}: {note}", f.id, f.vm),
+            serde_json::to_value(&ck).unwrap_or_default(),
+        );
+        let reply = self
+            .view
+            .agents()
+            .restore_replica(to_url, f.vm.clone(), RestoreRequest::default())
+            .await
+            .map_err(|e| format!("{note}; the restore there failed: {e}"))?;
+        Ok((to, reply, note))
     }
 
     /// Protects `vm`, now on `host`, toward a new replica (never `host`, nor the host it
@@ -650,6 +716,88 @@ mod tests {
         assert_eq!((f.result, f.to.as_deref()), (FailoverResult::Restored, Some("h3")), "{f:?}");
         assert!(f.reason.as_deref().is_some_and(|r| r.contains("replica host h2 has 0 MiB free")), "{f:?}");
         assert_eq!(c.vm("a").expect("a").host.as_deref(), Some("h3"));
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_replica_forwards_its_checkpoint_to_the_host_with_the_most_room_which_restores_it() {
+        let fake = Fake::new(&[("h1", 1024), ("h2", 256), ("h3", 512), ("h4", 1024)], &[("a", 256, "h1")]);
+        let dir = temp("failover-forward");
+        let c = open_with(config(&dir), &fake, &["h1", "h2", "h3", "h4"]).await;
+        c.protect("a", &protect_to("h2")).await.expect("protect");
+        let taken = crate::now_ms() - 6_000;
+        // Only the replica holds a checkpoint of a, and another VM fills it.
+        fake.state().replicas.entry(url("h2")).or_default().insert("a".into(), taken);
+        fake.state().vms.insert("b".into(), (url("h2"), 256));
+
+        fake.state().down.push(url("h1"));
+        until("a failover ends", || c.failovers().iter().any(|f| f.finished_ms.is_some())).await;
+
+        let f = c.failovers().remove(0);
+        assert_eq!((f.result, f.to.as_deref()), (FailoverResult::Restored, Some("h4")), "{f:?}");
+        assert_eq!(fake.state().forwards, [("a".to_string(), url("h2"), url("h4"))]);
+        let restores = fake.state().restores.clone();
+        assert_eq!(restores.iter().map(|r| r.1.clone()).collect::<Vec<_>>(), [url("h4")], "{restores:?}");
+        assert_eq!((f.checkpoint.as_deref(), f.rpo_ms), (Some("a.1"), Some(f.lost_ms - taken)), "{f:?}");
+        assert!(f.rto_ms.is_some_and(|r| r >= 5_000), "{f:?}");
+        let reason = f.reason.clone().unwrap_or_default();
+        assert!(reason.contains("checkpoint a.1 was forwarded from its replica h2 to h4"), "{reason}");
+        assert!(reason.contains("replica host h2 has 0 MiB free, 256 MiB needed"), "{reason}");
+        let events = c.events().since(0);
+        let said = events
+            .iter()
+            .find(|e| e.subject == walkabout_api::Subject::Failover && e.message.contains("runs on h4 from checkpoint a.1"))
+            .expect("the restore's event");
+        assert!(said.message.contains("forwarded from its replica h2 to h4"), "{}", said.message);
+        assert_eq!(c.vm("a").expect("a").host.as_deref(), Some("h4"));
+        // Protected again from its new host, toward the replica it had.
+        until("a is protected again", || fake.state().protections.get("a").is_some_and(|(u, _)| *u == url("h4"))).await;
+        assert_eq!(fake.state().protections.get("a").map(|(_, p)| p.replica.clone()).as_deref(), Some("h2"));
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_whose_restore_finds_no_room_forwards_its_checkpoint() {
+        let fake = Fake::new(&[("h1", 1024), ("h2", 1024), ("h3", 1024)], &[("a", 256, "h1")]);
+        let dir = temp("failover-forward-refused");
+        let c = open_with(config(&dir), &fake, &["h1", "h2", "h3"]).await;
+        c.protect("a", &protect_to("h2")).await.expect("protect");
+        fake.state().replicas.entry(url("h2")).or_default().insert("a".into(), crate::now_ms());
+        // The view gives h2 room, but its restore says there is none.
+        fake.state().restore_full.push(url("h2"));
+
+        fake.state().down.push(url("h1"));
+        until("a failover ends", || c.failovers().iter().any(|f| f.finished_ms.is_some())).await;
+
+        let f = c.failovers().remove(0);
+        assert_eq!((f.result, f.to.as_deref()), (FailoverResult::Restored, Some("h3")), "{f:?}");
+        assert_eq!(fake.state().forwards, [("a".to_string(), url("h2"), url("h3"))]);
+        let reason = f.reason.clone().unwrap_or_default();
+        assert!(reason.contains("forwarded from its replica h2 to h3") && reason.contains("restore on h2 failed"), "{reason}");
+        assert!(f.rpo_ms.is_some() && f.rto_ms.is_some(), "{f:?}");
+        c.stop();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_replica_with_nowhere_to_forward_to_loses_the_vm_saying_why() {
+        let fake = Fake::new(&[("h1", 1024), ("h2", 256), ("h3", 128)], &[("a", 256, "h1")]);
+        let dir = temp("failover-forward-none");
+        let c = open_with(config(&dir), &fake, &["h1", "h2", "h3"]).await;
+        c.protect("a", &protect_to("h2")).await.expect("protect");
+        fake.state().replicas.entry(url("h2")).or_default().insert("a".into(), crate::now_ms());
+        fake.state().vms.insert("b".into(), (url("h2"), 256));
+
+        fake.state().down.push(url("h1"));
+        until("a failover ends", || c.failovers().iter().any(|f| f.finished_ms.is_some())).await;
+
+        let f = c.failovers().remove(0);
+        assert_eq!(f.result, FailoverResult::Lost, "{f:?}");
+        assert!(fake.state().forwards.is_empty());
+        let reason = f.reason.clone().unwrap_or_default();
+        assert!(reason.contains("its replica h2 has no room and no other host has 256 MiB free to forward its checkpoint to"), "{reason}");
         c.stop();
         std::fs::remove_dir_all(&dir).ok();
     }

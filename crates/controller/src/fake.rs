@@ -47,6 +47,11 @@ pub(crate) struct State {
     pub replicas: BTreeMap<String, BTreeMap<String, u64>>,
     /// Every restore asked: (VM, URL, when, ms since the epoch).
     pub restores: Vec<(String, String, u64)>,
+    /// Agents whose restores answer `insufficient_memory` whatever their room (their
+    /// memory taken by something the controller does not see), by URL.
+    pub restore_full: Vec<String>,
+    /// Every checkpoint forwarded between replicas: (VM, from URL, to URL).
+    pub forwards: Vec<(String, String, String)>,
     /// Dirty rate each VM's agent reports, bytes/s (absent: not measured).
     pub dirty_bps: BTreeMap<String, u64>,
     /// Whether telling an agent a VM's protection puts a checkpoint of it, taken then,
@@ -362,7 +367,7 @@ impl AgentApi for Fake {
         };
         let mem = s.vms.get(&vm).map_or(256, |(_, m)| *m);
         let cap = s.capacity.get(&u).copied().unwrap_or(0);
-        if used(&s, &u) + mem > cap {
+        if used(&s, &u) + mem > cap || s.restore_full.contains(&u) {
             return ready(Err(refused(409, ErrorKind::InsufficientMemory, format!("{vm} would overfill {u}"))));
         }
         s.restores.push((vm.clone(), u.clone(), crate::now_ms()));
@@ -374,6 +379,25 @@ impl AgentApi for Fake {
             restore_ms: 5,
         };
         ready(Ok(reply))
+    }
+
+    fn forward_replica(
+        &self,
+        u: String,
+        vm: String,
+        req: walkabout_api::ForwardReplica,
+    ) -> BoxFut<Result<walkabout_api::Checkpoint, ClientError>> {
+        if let Err(e) = self.check(&u).and_then(|()| self.check(&req.to_url)) {
+            return ready(Err(e));
+        }
+        let mut s = self.state();
+        let Some(taken_ms) = s.replicas.get(&u).and_then(|r| r.get(&vm)).copied() else {
+            return ready(Err(refused(404, ErrorKind::NotFound, format!("no replica of `{vm}` at {u}"))));
+        };
+        let mem = s.vms.get(&vm).map_or(256, |(_, m)| *m);
+        s.replicas.entry(req.to_url.clone()).or_default().insert(vm.clone(), taken_ms);
+        s.forwards.push((vm.clone(), u, req.to_url));
+        ready(Ok(walkabout_api::Checkpoint { shipped_bytes: Some(mem << 20), ..checkpoint(&vm, mem, taken_ms) }))
     }
 
     fn power_cut(&self, u: String) -> BoxFut<Result<(), ClientError>> {

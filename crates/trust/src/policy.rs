@@ -6,7 +6,9 @@
 //! - An operator and the controller may do everything.
 //! - A host (an agent's certificate) may only use the routes agents use between
 //!   themselves: on an agent, `/v1/incoming...`, `/v1/replicas...` (checkpoints shipped
-//!   to a replica) and reading `/v1/host`; nothing on the controller.
+//!   to a replica) but not `POST /v1/replicas/{vm}/forward` (which makes the agent send
+//!   a VM's memory to a URL of the caller's choosing: the controller's and operators'
+//!   only), and reading `/v1/host`; nothing on the controller.
 //!
 //! Plain HTTP on loopback (asked for with `--insecure-loopback`) bypasses this: it is
 //! for tests and a single machine.
@@ -42,12 +44,18 @@ fn reads(method: &str) -> bool {
     matches!(method, "GET" | "HEAD")
 }
 
+/// Whether `path` is a replica's forward route (`/v1/replicas/{vm}/forward`, or below
+/// it), which no host certificate may call.
+fn is_forward(path: &str) -> bool {
+    path.strip_prefix("/v1/replicas/").is_some_and(|rest| rest.split('/').nth(1) == Some("forward"))
+}
+
 /// Whether a host certificate may call `method path` on an agent.
 fn host_to_host(method: &str, path: &str) -> bool {
     path == "/v1/incoming"
         || path.starts_with("/v1/incoming/")
         || path == "/v1/replicas"
-        || path.starts_with("/v1/replicas/")
+        || (path.starts_with("/v1/replicas/") && !is_forward(path))
         || (reads(method) && matches!(path, "/v1/host" | "/v1/host/cpu"))
 }
 
@@ -129,6 +137,14 @@ mod tests {
             assert_eq!(decide(ServerKind::Agent, Some(&h), m, p), Decision::Allow, "{m} {p}");
         }
         assert!(matches!(decide(ServerKind::Agent, Some(&h), "POST", "/v1/vms/vm1/checkpoint"), Decision::Forbidden(_)));
+        // Forwarding sends a VM's memory where the caller says: not for a host.
+        for p in ["/v1/replicas/vm1/forward", "/v1/replicas/vm1/forward/", "/v1/replicas/forward/forward"] {
+            assert!(matches!(decide(ServerKind::Agent, Some(&h), "POST", p), Decision::Forbidden(_)), "{p}");
+        }
+        for r in [Role::Controller, Role::Operator] {
+            assert_eq!(decide(ServerKind::Agent, Some(&id(r)), "POST", "/v1/replicas/vm1/forward"), Decision::Allow);
+        }
+        assert!(matches!(decide(ServerKind::Agent, Some(&id(Role::Viewer)), "POST", "/v1/replicas/vm1/forward"), Decision::Forbidden(_)));
         assert!(matches!(decide(ServerKind::Agent, Some(&h), "PUT", "/v1/vms/vm1/protection"), Decision::Forbidden(_)));
         assert!(matches!(decide(ServerKind::Controller, Some(&h), "GET", "/v1/replicas"), Decision::Forbidden(_)));
     }

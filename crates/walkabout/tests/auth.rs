@@ -111,8 +111,11 @@ fn every_route_refuses_strangers_and_viewers_change_nothing() {
                 if !is_change(m) && matches!(s, 401 | 403) {
                     wrong.push(format!("{what} {m} {p} as a viewer: {s} (a viewer reads)"));
                 }
-                // Host to host: migrations in, replicas of checkpoints, reading the host.
+                // Host to host: migrations in, replicas of checkpoints (but not forwarding
+                // one, which sends a VM's memory where the caller says), reading the host.
+                let forward = p.starts_with("/v1/replicas/") && p.ends_with("/forward");
                 let host_route = *what == "agent"
+                    && !forward
                     && (p.starts_with("/v1/incoming") || p.starts_with("/v1/replicas") || (!is_change(m) && p.starts_with("/v1/host")));
                 let s = status(&host, base, m, p).await;
                 if !host_route && s != 403 {

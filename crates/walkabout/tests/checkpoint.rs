@@ -1,7 +1,8 @@
 //! Checkpoints on real guests (256 MiB, TCG): a VM with two disks checkpointed twice,
 //! shipped to another agent and restored there (its heartbeat continues from the
 //! checkpoint's sequence, memory and disk verify); a corrupt checkpoint on a replica
-//! passed over for the previous one; a protected VM's replica never deeper than `keep`,
+//! passed over for the previous one, which the replica also forwards to a third agent
+//! that restores it; a protected VM's replica never deeper than `keep`,
 //! nor the running VM's own chain (its active overlay over `keep` layers once each
 //! shipment's merge is done), the replica's newest checkpoint restoring afterwards.
 
@@ -11,7 +12,9 @@ use common::AgentProc;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use walkabout_api::{Checkpoint, CheckpointMethod, CheckpointRequest, FileKind, Protection, RestoreReply, RestoreRequest, VmInfo};
+use walkabout_api::{
+    Checkpoint, CheckpointMethod, CheckpointRequest, FileKind, ForwardReplica, Protection, RestoreReply, RestoreRequest, VmInfo,
+};
 
 const WORKLOAD: &str = "dirty:32:8,disk:8:8";
 
@@ -145,6 +148,23 @@ fn a_corrupt_checkpoint_on_a_replica_is_passed_over_for_the_previous_one_with_th
     let v = runs_clean(&b, "cc", 10);
     assert!(v.guest.last_seq > cks[0].guest.last_seq, "{:?}", v.guest);
     b.cli(&["vm", "delete", "cc"]);
+
+    // The replica forwards the checkpoint its restore chose (the corrupt ones passed over
+    // again) to a third agent, which restores it: the same guest, verified there.
+    let c = AgentProc::start(&[]);
+    let req = ForwardReplica { to_url: c.url.clone(), keep: 2 };
+    let fwd = b.call(|cl| async move { cl.with_timeout(SLOW).forward_replica("cc", &req).await }).expect("forward");
+    assert_eq!(fwd.id, cks[0].id, "{fwd:?}");
+    assert!(fwd.shipped_bytes.is_some_and(|n| n > 0), "{fwd:?}");
+    let held = c.call(|cl| async move { cl.replica("cc").await }).expect("held");
+    assert_eq!(held.checkpoints.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), [cks[0].id.as_str()], "{held:?}");
+    let r = c
+        .call(|cl| async move { cl.with_timeout(SLOW).restore_replica("cc", &RestoreRequest::default()).await })
+        .expect("restore the forwarded checkpoint");
+    assert_eq!((r.checkpoint.id.as_str(), r.skipped.len()), (cks[0].id.as_str(), 0), "{r:?}");
+    let v = runs_clean(&c, "cc", 10);
+    assert!(v.guest.last_seq > cks[0].guest.last_seq, "{:?}", v.guest);
+    c.cli(&["vm", "delete", "cc"]);
 }
 
 #[test]

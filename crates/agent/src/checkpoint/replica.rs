@@ -14,7 +14,8 @@ use crate::vms::Agent;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use walkabout_api::{
-    Checkpoint, CheckpointFile, CommitCheckpoint, Encoding, FileKind, FileUpload, ReplicaState, RestoreReply, RestoreRequest,
+    AgentClient, Checkpoint, CheckpointFile, ClientOptions, CommitCheckpoint, Encoding, FileKind, FileUpload, ForwardReplica, ReplicaState,
+    RestoreReply, RestoreRequest,
 };
 
 /// Largest file a replica accepts (memory images and disk layers).
@@ -266,6 +267,80 @@ impl Agent {
         next.parent = None;
         tracing::info!(vm = %old.vm, dropped = %old.id, base = %next.id, "replica merged its oldest checkpoint away");
         Ok(())
+    }
+
+    /// The newest checkpoint of `vm` held here whose files, and the disk layers of the
+    /// older checkpoints it stands on, verify now: that checkpoint with all those files
+    /// (each once), and each newer one passed over with why. The caller holds the
+    /// replica lock.
+    fn newest_verified(&self, vm: &str, state: &ReplicaState) -> (Option<Checkpoint>, Vec<String>) {
+        let dir = self.replica_dir(vm);
+        let mut skipped = vec![];
+        for (k, ck) in state.checkpoints.iter().enumerate().rev() {
+            let mut files: Vec<CheckpointFile> = vec![];
+            let older = state.checkpoints[..k].iter().flat_map(|c| c.files.iter().filter(|f| f.kind != FileKind::Memory));
+            for f in older.chain(ck.files.iter()) {
+                files.retain(|h| h.name != f.name);
+                files.push(f.clone());
+            }
+            let chain = Checkpoint { files, ..ck.clone() };
+            match verify(&dir, &chain) {
+                Ok(()) => return (Some(chain), skipped),
+                Err(why) => {
+                    tracing::warn!(vm, checkpoint = %ck.id, reason = %why, "replica checkpoint skipped");
+                    skipped.push(format!("{}: {why}", ck.id));
+                }
+            }
+        }
+        (None, skipped)
+    }
+
+    /// Sends `vm`'s newest checkpoint that verifies here (its files and the disk layers
+    /// below them, as a restore here would use) to the agent at `req.to_url`, the way a
+    /// primary ships one: only the files that agent lacks, each verified there on
+    /// arrival, then committed there keeping `req.keep`. Returns the checkpoint as
+    /// forwarded, `shipped_bytes` what was sent.
+    pub async fn forward_replica(&self, vm: &str, req: ForwardReplica) -> Result<Checkpoint, AgentError> {
+        Self::check_vm_name(vm)?;
+        let to = req.to_url.trim().to_string();
+        if self.is_own_url(&to) {
+            return Err(AgentError::InvalidRequest { reason: format!("cannot forward the replica of {vm} to this agent itself ({to})") });
+        }
+        // Chosen and verified under the lock; sent without it (a file merged meanwhile
+        // fails its checksum on arrival, so nothing wrong is committed there).
+        let ck = {
+            let _g = self.inner.replica_lock.lock().await;
+            let state = self.replica(vm)?;
+            let (ck, skipped) = files::heavy(|| self.newest_verified(vm, &state));
+            ck.ok_or_else(|| AgentError::NoUsableCheckpoint {
+                vm: vm.into(),
+                why: if skipped.is_empty() { "it holds no committed checkpoint".into() } else { skipped.join("; ") },
+            })?
+        };
+        let fail = |reason: String| AgentError::Ship { id: ck.id.clone(), to: to.clone(), reason };
+        let opts =
+            ClientOptions { connect_timeout: std::time::Duration::from_secs(5), request_timeout: std::time::Duration::from_secs(300) };
+        let client = AgentClient::new(&to, opts).map_err(|e| fail(e.to_string()))?;
+        let held = match client.replica(vm).await {
+            Ok(r) => r,
+            Err(e) if e.status() == Some(404) => ReplicaState { vm: vm.into(), ..Default::default() },
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        let dir = self.replica_dir(vm);
+        let mut sent = 0u64;
+        for f in &ck.files {
+            if held.files.iter().any(|h| h.name == f.name && h.sha256 == f.sha256) {
+                continue;
+            }
+            let path = file_in(&dir, &f.name)?;
+            let body = files::encode_extents(&path).map_err(|e| fail(format!("reading {}: {e}", path.display())))?;
+            sent += body.len() as u64;
+            let upload = FileUpload { sha256: f.sha256.clone(), encoding: Encoding::Extents, base: None };
+            client.put_replica_file(vm, &f.name, &upload, body).await.map_err(|e| fail(format!("file {}: {e}", f.name)))?;
+        }
+        client.commit_replica(vm, &CommitCheckpoint { checkpoint: ck.clone(), keep: req.keep }).await.map_err(|e| fail(e.to_string()))?;
+        tracing::info!(vm, id = %ck.id, to = %to, bytes = sent, "replica checkpoint forwarded");
+        Ok(Checkpoint { shipped_bytes: Some(sent), ..ck })
     }
 
     /// Restores `vm` from the newest checkpoint whose files (and the layers below them)
