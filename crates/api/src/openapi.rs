@@ -301,6 +301,7 @@ mod agent_routes {
     /// the VM itself.
     #[utoipa::path(post, path = "/v1/replicas/{vm}/forward", tag = "replicas", params(("vm" = String, Path, description = "VM name")),
         request_body = ForwardReplica, responses((status = 200, body = Checkpoint), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, description = "a body that is not a forward request", body = ErrorBody),
         (status = 409, description = "no checkpoint verifies", body = ErrorBody), (status = 502, description = "the other agent refused or failed", body = ErrorBody),
         (status = 500, body = ErrorBody)))]
     fn forward_replica() {}

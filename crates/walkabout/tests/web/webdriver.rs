@@ -125,13 +125,17 @@ impl Browser {
             .map(String::from)
     }
 
-    /// Clicks the first element matching `css` (which must exist). The page redraws
-    /// cards from the event stream, so the element found may be replaced before the
-    /// click lands ("stale element reference"): then it is found again and clicked.
+    /// Clicks the first element matching `css` (which must exist), scrolled first to the
+    /// middle of the window: at its top the page's sticky bar would take the click
+    /// ("element click intercepted"), as WebDriver scrolls only what is out of view.
+    /// The page redraws cards from the event stream, so the element found may be
+    /// replaced before the click lands ("stale element reference"): then it is found
+    /// again and clicked.
     pub fn click(&self, css: &str) {
         let mut tries = 0;
         loop {
             let e = self.find(css).unwrap_or_else(|| panic!("nothing to click: no {css}"));
+            self.script("document.querySelector(arguments[0])?.scrollIntoView({block: 'center', inline: 'center'});", json!([css]));
             match self.cmd("POST", &format!("/element/{}/click", e.0), None) {
                 Ok(_) => return,
                 Err(err) if err.contains("stale element") && tries < STALE_RETRIES => tries += 1,
