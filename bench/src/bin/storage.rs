@@ -142,13 +142,19 @@ fn workload_area_mib(wl: &str) -> u64 {
     wl.split(',').find_map(|p| p.strip_prefix("disk:")?.split(':').next()?.parse().ok()).unwrap_or(0)
 }
 
-/// A qcow2 of `disk_mib` with `fill_mib` written (a pattern per 64 MiB), from the end of
-/// the workload's area `skip_mib` on.
+/// MiB written past the guest disk workload's area of `wl` (kept blank: the workload
+/// takes any other content there for a corrupt block), at most `fill_mib`.
+fn written_mib(disk_mib: u64, fill_mib: u64, wl: &str) -> u64 {
+    fill_mib.min(disk_mib.saturating_sub(workload_area_mib(wl)))
+}
+
+/// A qcow2 of `disk_mib` whose first `skip_mib` stay blank (the guest disk workload's
+/// area) and whose next `fill_mib` are written, each 64 MiB with its own pattern.
 fn make_disk(path: &Path, disk_mib: u64, fill_mib: u64, skip_mib: u64) -> Result<()> {
     let p = path.to_str().context("utf-8 path")?;
     run("qemu-img", &["create", "-q", "-f", "qcow2", p, &format!("{disk_mib}M")])?;
-    let mut off = skip_mib.min(disk_mib.saturating_sub(fill_mib));
-    let fill_mib = off + fill_mib;
+    let mut off = skip_mib.min(disk_mib);
+    let fill_mib = (off + fill_mib).min(disk_mib);
     while off < fill_mib {
         let len = (fill_mib - off).min(64);
         run("qemu-io", &["-f", "qcow2", "-c", &format!("write -P {} {off}M {len}M", 0x40 + off / 64), p])?;
@@ -708,7 +714,7 @@ fn main() -> Result<()> {
             let label = format!(
                 "{} MiB disk ({} MiB written), {wl}, link {}",
                 args.disk_mib,
-                args.fill_mib,
+                written_mib(args.disk_mib, args.fill_mib, wl),
                 bw.map(|b| format!("{b} MiB/s")).unwrap_or("unlimited".into())
             );
             eprintln!("[{label}] ({:.0} s in)", started.elapsed().as_secs_f64());
@@ -717,7 +723,7 @@ fn main() -> Result<()> {
             let cmp = compare(&wa, &pe);
             eprintln!("  compare: {cmp}");
             cells.push(json!({
-                "disk_mib": args.disk_mib, "written_mib": args.fill_mib, "workload": wl,
+                "disk_mib": args.disk_mib, "written_mib": written_mib(args.disk_mib, args.fill_mib, wl), "workload": wl,
                 "bandwidth": bw.map(|b| json!(b)).unwrap_or(json!("default")),
                 "walkabout": wa, "libvirt_way": pe, "compare": cmp,
             }));
