@@ -168,8 +168,8 @@ impl Failovers {
         let p = Protection { replica: replica.clone(), replica_url, every_ms, keep, fence_ms: self.fence_ms, clock_from_ms: None };
         // The VM's checkpoint clock starts now, unless an earlier protection left one.
         let now = now_ms();
-        let clock_from_ms = Some(lock(&self.shipped).entry(vm.to_string()).or_insert_with(|| (String::new(), now)).1);
-        self.view.agents().set_protection(h.url.clone(), vm.to_string(), Protection { clock_from_ms, ..p.clone() }).await?;
+        lock(&self.shipped).entry(vm.to_string()).or_insert_with(|| (String::new(), now));
+        self.view.agents().set_protection(h.url.clone(), vm.to_string(), self.with_clock(vm, &p)).await?;
         lock(&self.pushed).insert(vm.to_string(), (host.clone(), p.clone()));
         let v = self.view.update_vm(vm, |v| v.protection = Some(p.clone()))?;
         let msg = format!(
@@ -447,13 +447,9 @@ impl Failovers {
     async fn forward(&self, f: &Failover, p: &Protection, mib: u64, tried: &[String]) -> Result<(String, RestoreReply, String), String> {
         let view = self.view.snapshot();
         let replica_url = view.hosts.get(&p.replica).map(|h| h.url.clone()).unwrap_or_default();
-        let target = view
-            .hosts
-            .values()
-            .filter(|h| h.name != p.replica && h.name != f.from && !tried.contains(&h.name))
-            .filter(|h| h.accepts_vms() && view.free_mib(&h.name) >= mib)
-            .max_by_key(|h| (view.free_mib(&h.name), std::cmp::Reverse(h.name.clone())))
-            .ok_or_else(|| {
+        let exclude: Vec<&str> = [p.replica.as_str(), f.from.as_str()].into_iter().chain(tried.iter().map(String::as_str)).collect();
+        let target =
+            choose_replica(&view, mib, &exclude).filter(|h| view.free_mib(h) >= mib).and_then(|h| view.hosts.get(&h)).ok_or_else(|| {
                 format!("its replica {} has no room and no other host has {mib} MiB free to forward its checkpoint to", p.replica)
             })?;
         let (to, to_url) = (target.name.clone(), target.url.clone());
@@ -508,14 +504,17 @@ impl Failovers {
         self.events.emit(Subject::Failover, vm, format!("VM {vm} on {host} is protected again, toward {replica}"), serde_json::Value::Null);
     }
 
+    /// `p` as an agent is told it: with the instant `vm`'s checkpoint clock counts from.
+    fn with_clock(&self, vm: &str, p: &Protection) -> Protection {
+        Protection { clock_from_ms: lock(&self.shipped).get(vm).map(|(_, from)| *from), ..p.clone() }
+    }
+
     /// Tells `vm`'s agent on `host` its protection, remembering it once told. The
     /// agent is also told when the VM's newest checkpoint on its replica was taken, so
     /// its next one is due `every_ms` after that one, not after the VM arrived.
     async fn push(&self, vm: &str, host: &str, p: &Protection) {
         let Ok(h) = self.view.host(host) else { return };
-        let clock_from_ms = lock(&self.shipped).get(vm).map(|(_, taken)| *taken);
-        let told = Protection { clock_from_ms, ..p.clone() };
-        match self.view.agents().set_protection(h.url, vm.to_string(), told).await {
+        match self.view.agents().set_protection(h.url, vm.to_string(), self.with_clock(vm, p)).await {
             Ok(_) => {
                 lock(&self.pushed).insert(vm.to_string(), (host.to_string(), p.clone()));
             }

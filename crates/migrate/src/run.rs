@@ -231,13 +231,6 @@ pub async fn recover_incoming(qmp: &impl MigrationQmp, listen_host: &str) -> Res
     }
 }
 
-/// Measures the guest's dirty rate over `ms` milliseconds (QEMU's page sampling),
-/// in bytes/s; `None` if QEMU could not measure it.
-pub async fn measure_dirty_rate(qmp: &impl MigrationQmp, ms: u64) -> Option<u64> {
-    let sample = DirtySample::start(qmp, ms).await?;
-    sample.read(qmp).await
-}
-
 /// A dirty-rate measurement under way in QEMU (`calc-dirty-rate` runs on its own
 /// thread): started early, read when its figure is needed, so the wait overlaps other
 /// work (a disk copy, before the memory stream that needs it).

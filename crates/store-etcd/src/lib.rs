@@ -246,9 +246,11 @@ impl Etcd {
     pub async fn campaign(&self, url: &str, ttl: Duration) -> Result<Leadership, EtcdError> {
         let ttl_s = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         loop {
+            // The lease runs from etcd's grant, which comes after this instant.
+            let asked = Instant::now();
             let grant = self.call(move |mut c| async move { c.lease_grant(ttl_s, None).await }).await;
             let lease = grant.map_err(|e| self.failed("take a lease", e))?.id();
-            let renewed = Arc::new(Mutex::new(Instant::now()));
+            let renewed = Arc::new(Mutex::new(asked));
             let lost = self.keep_alive(lease, ttl, renewed.clone());
             loop {
                 if *lost.borrow() {
@@ -274,22 +276,21 @@ impl Etcd {
         }
     }
 
-    /// Keeps `lease` alive every third of `ttl` on the connection's runtime; the
-    /// returned signal turns `true` once etcd says the lease is gone, or once no renewal
-    /// succeeded for a whole `ttl`.
+    /// Keeps `lease` alive every third of `ttl` on the connection's runtime, setting
+    /// `renewed` to when each renewal etcd granted was sent; the returned signal turns
+    /// `true` once etcd says the lease is gone, or once no renewal succeeded for a
+    /// whole `ttl` since `renewed`.
     fn keep_alive(&self, lease: i64, ttl: Duration, renewed: Arc<Mutex<Instant>>) -> watch::Receiver<bool> {
         let (tx, rx) = watch::channel(false);
         let client = self.inner.client.clone();
         self.inner.rt.spawn(async move {
-            // The lease was granted before this starts: counting from now errs late by
-            // the grant's round trip only until the first renewal.
-            let mut last_ok = Instant::now();
+            let last_ok = || *renewed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let mut stream = None;
             loop {
                 if tx.is_closed() {
                     return; // nobody holds the term any more
                 }
-                if last_ok.elapsed() >= ttl {
+                if last_ok().elapsed() >= ttl {
                     tracing::warn!(lease, "lease not renewed for its whole TTL: leadership lost");
                     let _ = tx.send(true);
                     return;
@@ -308,10 +309,7 @@ impl Etcd {
                     })
                     .await;
                     match answer {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => {
-                            last_ok = sent;
-                            *renewed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = sent;
-                        }
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => *renewed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = sent,
                         Ok(Ok(Some(_))) => {
                             tracing::warn!(lease, "etcd says the lease expired: leadership lost");
                             let _ = tx.send(true);

@@ -466,11 +466,12 @@ impl<Q: MigrationQmp, P: PeerAgent, A: AgentSide> Driver<Q, P, A> {
     fn policy(&self, dirty: Option<u64>, may_copy: bool) -> Policy {
         let rec = &self.record;
         let guest_bytes = self.spec.memory_mib << 20;
-        let mut policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty).tuned(&rec.tuning, &host_facts());
-        if may_copy && policy.strategy().postcopy_ready {
-            policy = Policy::new(walkabout_api::Mode::Precopy, rec.limits, guest_bytes, dirty).tuned(&rec.tuning, &host_facts());
+        let host = host_facts();
+        let policy = Policy::new(rec.mode, rec.limits, guest_bytes, dirty).tuned(&rec.tuning, &host);
+        match may_copy && policy.strategy().postcopy_ready {
+            true => Policy::new(walkabout_api::Mode::Precopy, rec.limits, guest_bytes, dirty).tuned(&rec.tuning, &host),
+            false => policy,
         }
-        policy
     }
 
     /// Asks the destination to confirm that the VM runs there; while it cannot be
